@@ -1,0 +1,1 @@
+//! Kernel loading and boot-time guest memory layout.

@@ -1,0 +1,1 @@
+//! vCPU configuration: CPUID templates and boot registers.

@@ -1,0 +1,53 @@
+//! Allowlist of a vCPU thread once its vCPU is configured.
+//!
+//! The thread runs `KVM_RUN`, emulates port and MMIO exits of the legacy devices (the serial
+//! port writes to its output descriptor, exits are signalled to the event loop through an
+//! eventfd), saves and restores its own register state for snapshots and takes the kick
+//! signal. It opens nothing, creates no socket and starts no program.
+
+use crate::kvm;
+use crate::{allow, arg_in, thread_runtime, Error, Rules};
+
+const ROLE: &str = "vcpu";
+
+/// Syscalls of a vCPU thread.
+pub fn rules() -> Result<Rules, Error> {
+    let mut rules = thread_runtime(ROLE)?;
+    rules.extend(allow(&[
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_rt_sigtimedwait,
+    ]));
+    rules.push(arg_in(
+        ROLE,
+        libc::SYS_ioctl,
+        1,
+        &[
+            kvm::KVM_RUN(),
+            kvm::KVM_GET_REGS(),
+            kvm::KVM_SET_REGS(),
+            kvm::KVM_GET_SREGS(),
+            kvm::KVM_SET_SREGS(),
+            kvm::KVM_GET_FPU(),
+            kvm::KVM_SET_FPU(),
+            kvm::KVM_GET_MSRS(),
+            kvm::KVM_SET_MSRS(),
+            kvm::KVM_GET_LAPIC(),
+            kvm::KVM_SET_LAPIC(),
+            kvm::KVM_GET_CPUID2(),
+            kvm::KVM_GET_MP_STATE(),
+            kvm::KVM_SET_MP_STATE(),
+            kvm::KVM_GET_VCPU_EVENTS(),
+            kvm::KVM_SET_VCPU_EVENTS(),
+            kvm::KVM_GET_DEBUGREGS(),
+            kvm::KVM_SET_DEBUGREGS(),
+            kvm::KVM_GET_XSAVE(),
+            kvm::KVM_SET_XSAVE(),
+            kvm::KVM_GET_XCRS(),
+            kvm::KVM_SET_XCRS(),
+            kvm::KVM_KVMCLOCK_CTRL(),
+        ],
+    )?);
+    Ok(rules)
+}

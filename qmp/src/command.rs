@@ -1,0 +1,208 @@
+//! Typed QMP commands and the validation of the request envelope.
+//!
+//! A request is `{"execute": NAME, "arguments": {...}, "id": ANY}`. Validation happens in the
+//! same order as QEMU's dispatcher: the envelope first ([`parse_envelope`]), then the command
+//! name, then the arguments ([`Command::parse`]). Adding a command with arguments means adding
+//! a variant holding a `#[derive(Deserialize)] #[serde(deny_unknown_fields)]` struct, a line
+//! in [`Command::parse`] calling [`from_arguments`], and its name in [`COMMANDS`].
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::arguments::from_arguments;
+use crate::error::QmpError;
+
+/// Every command Citadel understands, in the order `query-commands` lists them.
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-status",
+    "query-cpus",
+    "query-hotpluggable-cpus",
+    "stop",
+    "cont",
+    "quit",
+    "system_reset",
+    "query-version",
+    "query-commands",
+];
+
+/// Every command name, for `query-commands`.
+pub fn command_names() -> &'static [&'static str] {
+    COMMANDS
+}
+
+/// A command with its typed arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Capability negotiation; `enable` lists the capabilities the client asks for.
+    QmpCapabilities {
+        /// Requested capabilities (QEMU knows only "oob", which Citadel does not offer).
+        enable: Vec<String>,
+    },
+    /// Run state of the VM.
+    QueryStatus,
+    /// vCPUs with their host thread ids.
+    QueryCpus,
+    /// vCPU slots.
+    QueryHotpluggableCpus,
+    /// Pause all vCPUs.
+    Stop,
+    /// Resume all vCPUs.
+    Cont,
+    /// Terminate the VM.
+    Quit,
+    /// Reset the VM.
+    SystemReset,
+    /// Version of the monitor.
+    QueryVersion,
+    /// Names of all commands.
+    QueryCommands,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapabilitiesArgs {
+    #[serde(default)]
+    enable: Vec<String>,
+}
+
+/// Arguments of commands that take none: any member is unexpected.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+impl Command {
+    /// Builds the command `name` from its `arguments` (absent means `{}`).
+    pub fn parse(name: &str, arguments: Option<Map<String, Value>>) -> Result<Self, QmpError> {
+        let command = match name {
+            "qmp_capabilities" => {
+                let args: CapabilitiesArgs = from_arguments(arguments)?;
+                return Ok(Command::QmpCapabilities {
+                    enable: args.enable,
+                });
+            }
+            "query-status" => Command::QueryStatus,
+            "query-cpus" => Command::QueryCpus,
+            "query-hotpluggable-cpus" => Command::QueryHotpluggableCpus,
+            "stop" => Command::Stop,
+            "cont" => Command::Cont,
+            "quit" => Command::Quit,
+            "system_reset" => Command::SystemReset,
+            "query-version" => Command::QueryVersion,
+            "query-commands" => Command::QueryCommands,
+            _ => return Err(QmpError::command_not_found(name)),
+        };
+        from_arguments::<NoArgs>(arguments)?;
+        Ok(command)
+    }
+
+    /// The command's wire name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::QmpCapabilities { .. } => "qmp_capabilities",
+            Command::QueryStatus => "query-status",
+            Command::QueryCpus => "query-cpus",
+            Command::QueryHotpluggableCpus => "query-hotpluggable-cpus",
+            Command::Stop => "stop",
+            Command::Cont => "cont",
+            Command::Quit => "quit",
+            Command::SystemReset => "system_reset",
+            Command::QueryVersion => "query-version",
+            Command::QueryCommands => "query-commands",
+        }
+    }
+}
+
+/// A validated request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The client's `id`, any JSON value, to be echoed verbatim in the reply.
+    pub id: Option<Value>,
+    /// The command to run.
+    pub command: Command,
+}
+
+/// A request that was refused, with the `id` to echo if the request carried one.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{error}")]
+pub struct RequestError {
+    /// The client's `id`, if the input was an object with one.
+    pub id: Option<Value>,
+    /// What was wrong.
+    pub error: QmpError,
+}
+
+/// A request whose envelope is well formed but whose command is not yet looked up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The client's `id`.
+    pub id: Option<Value>,
+    /// The `execute` member.
+    pub name: String,
+    /// The `arguments` member, if present.
+    pub arguments: Option<Map<String, Value>>,
+}
+
+/// Checks the request envelope like QEMU: a JSON object whose only members are `execute`
+/// (a string, required), `arguments` (an object) and `id` (anything).
+pub fn parse_envelope(v: Value) -> Result<Envelope, RequestError> {
+    let Value::Object(mut members) = v else {
+        return Err(RequestError {
+            id: None,
+            error: QmpError::generic("QMP input must be a JSON object"),
+        });
+    };
+    let id = members.remove("id");
+    let fail = |id: Option<Value>, desc: String| RequestError {
+        id,
+        error: QmpError::generic(desc),
+    };
+    let mut name = None;
+    let mut arguments = None;
+    for (key, value) in members {
+        match key.as_str() {
+            "execute" => match value {
+                Value::String(s) => name = Some(s),
+                _ => {
+                    return Err(fail(
+                        id,
+                        "QMP input member 'execute' must be a string".into(),
+                    ))
+                }
+            },
+            "arguments" => match value {
+                Value::Object(m) => arguments = Some(m),
+                _ => {
+                    return Err(fail(
+                        id,
+                        "QMP input member 'arguments' must be an object".into(),
+                    ))
+                }
+            },
+            _ => return Err(fail(id, format!("QMP input member '{key}' is unexpected"))),
+        }
+    }
+    match name {
+        Some(name) => Ok(Envelope {
+            id,
+            name,
+            arguments,
+        }),
+        None => Err(fail(id, "QMP input lacks member 'execute'".into())),
+    }
+}
+
+/// Validates a request fully: envelope, command name and arguments.
+pub fn parse_request(v: Value) -> Result<Request, RequestError> {
+    let envelope = parse_envelope(v)?;
+    match Command::parse(&envelope.name, envelope.arguments) {
+        Ok(command) => Ok(Request {
+            id: envelope.id,
+            command,
+        }),
+        Err(error) => Err(RequestError {
+            id: envelope.id,
+            error,
+        }),
+    }
+}

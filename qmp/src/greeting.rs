@@ -1,0 +1,30 @@
+//! The greeting a QMP server sends as soon as a client connects.
+
+use serde::Serialize;
+
+use crate::reply::VersionInfo;
+
+#[derive(Serialize)]
+struct Greeting {
+    #[serde(rename = "QMP")]
+    qmp: Banner,
+}
+
+#[derive(Serialize)]
+struct Banner {
+    version: VersionInfo,
+    capabilities: [&'static str; 0],
+}
+
+/// `{"QMP":{"version":{"qemu":{"micro":m,"minor":n,"major":M},"package":""},"capabilities":[]}}`
+/// followed by "\r\n". No capability is offered: Citadel has no out-of-band execution.
+pub fn greeting(major: u32, minor: u32, micro: u32) -> String {
+    let greeting = Greeting {
+        qmp: Banner {
+            version: VersionInfo::new(major, minor, micro),
+            capabilities: [],
+        },
+    };
+    // Integers and empty strings always serialise.
+    serde_json::to_string(&greeting).unwrap_or_default() + "\r\n"
+}

@@ -1,0 +1,87 @@
+//! Per-connection capability negotiation.
+
+use serde_json::{json, Value};
+
+use crate::command::{parse_envelope, Command, Request};
+use crate::error::{ErrorClass, QmpError};
+use crate::framing::FrameError;
+use crate::reply;
+
+/// The state of one client connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    negotiated: bool,
+}
+
+/// What to do with one frame from the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Send this line back; nothing else to do.
+    Reply(String),
+    /// Execute this request and reply with its result.
+    Dispatch(Request),
+}
+
+impl Session {
+    /// A connection that has just been greeted.
+    pub fn new() -> Self {
+        Session::default()
+    }
+
+    /// True once `qmp_capabilities` succeeded; events go only to negotiated clients.
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Handles one frame from the decoder.
+    pub fn handle(&mut self, frame: Result<Value, FrameError>) -> Outcome {
+        let value = match frame {
+            Ok(value) => value,
+            Err(e) => return Outcome::Reply(reply::error(None, &QmpError::generic(e.to_string()))),
+        };
+        let envelope = match parse_envelope(value) {
+            Ok(envelope) => envelope,
+            Err(e) => return Outcome::Reply(reply::error(e.id.as_ref(), &e.error)),
+        };
+        let id = envelope.id;
+        // Before negotiation only qmp_capabilities exists, as in QEMU.
+        if !self.negotiated && envelope.name != "qmp_capabilities" {
+            let err = QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            );
+            return Outcome::Reply(reply::error(id.as_ref(), &err));
+        }
+        let command = match Command::parse(&envelope.name, envelope.arguments) {
+            Ok(command) => command,
+            Err(err) => return Outcome::Reply(reply::error(id.as_ref(), &err)),
+        };
+        match command {
+            Command::QmpCapabilities { enable } => Outcome::Reply(match self.negotiate(&enable) {
+                Ok(()) => reply::success(id.as_ref(), json!({})),
+                Err(err) => reply::error(id.as_ref(), &err),
+            }),
+            command => Outcome::Dispatch(Request { id, command }),
+        }
+    }
+
+    fn negotiate(&mut self, enable: &[String]) -> Result<(), QmpError> {
+        if self.negotiated {
+            return Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Capabilities negotiation is already complete, command ignored",
+            ));
+        }
+        // Every request fails: the first capability named decides the message.
+        if let Some(cap) = enable.first() {
+            // "oob" is QEMU's only capability; Citadel executes every command in order.
+            return Err(if cap == "oob" {
+                QmpError::generic(format!("Capability '{cap}' not available"))
+            } else {
+                QmpError::unaccepted_value("enable[0]", cap)
+            });
+        }
+        self.negotiated = true;
+        Ok(())
+    }
+}

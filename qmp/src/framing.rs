@@ -338,6 +338,14 @@ impl Decoder {
                         show(b)
                     ))
                 }
+                // Bytes that never occur in UTF-8. Refusing them even inside a string makes
+                // 0xFF a reliable way for a client to resynchronise, as with QEMU's lexer.
+                0xc0 | 0xc1 | 0xf5..=0xff => {
+                    return Err(format!(
+                        "JSON parse error, invalid UTF-8 {} in string",
+                        show(b)
+                    ))
+                }
                 _ => Escape::None,
             },
             Escape::Backslash => match b {

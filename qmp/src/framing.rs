@@ -7,7 +7,11 @@
 //! `max_object_bytes` of one value. After an error it skips input up to the next `{`, which is
 //! where the next command can begin, so one bad line does not poison the connection (QEMU's
 //! lexer likewise resets on error; a client can force a resynchronisation by sending a byte
-//! that is invalid outside a string, such as 0xFF, followed by its next command).
+//! that is never valid UTF-8, such as 0xFF, followed by its next command).
+//!
+//! Like QEMU, the decoder also accepts single-quoted strings (`{'execute':'stop'}`), which
+//! are handy when typing commands by hand; they are rewritten to standard JSON as they are
+//! buffered.
 
 use serde_json::Value;
 
@@ -58,8 +62,10 @@ enum Escape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token {
     None,
+    /// A string delimited by `quote` (`"` or `'`).
     Str {
         key: bool,
+        quote: u8,
         escape: Escape,
     },
     /// Digits, sign, dot and exponent; serde_json checks the exact number grammar.
@@ -84,6 +90,39 @@ enum Mode {
     Recovering,
 }
 
+/// The bytes to buffer for the byte just scanned: usually the byte itself, but single-quoted
+/// strings are rewritten into double-quoted ones on the way in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Emit {
+    bytes: [u8; 2],
+    len: u8,
+}
+
+impl Emit {
+    const NOTHING: Emit = Emit {
+        bytes: [0; 2],
+        len: 0,
+    };
+
+    fn one(b: u8) -> Self {
+        Emit {
+            bytes: [b, 0],
+            len: 1,
+        }
+    }
+
+    fn two(a: u8, b: u8) -> Self {
+        Emit {
+            bytes: [a, b],
+            len: 2,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 /// Result of feeding one byte to the syntax checker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -105,6 +144,8 @@ pub struct Decoder {
     token: Token,
     /// Open containers, `{` or `[`, innermost last.
     stack: Vec<u8>,
+    /// What the last scanned byte contributes to `buf`.
+    emit: Emit,
     buf: Vec<u8>,
 }
 
@@ -117,6 +158,7 @@ impl Decoder {
             expect: Expect::Value,
             token: Token::None,
             stack: Vec::new(),
+            emit: Emit::NOTHING,
             buf: Vec::new(),
         }
     }
@@ -154,9 +196,9 @@ impl Decoder {
             self.buf.clear();
         }
         match self.scan(b) {
-            Ok(Step::More) => self.keep(b, out),
+            Ok(Step::More) => self.keep(out),
             Ok(Step::Done) => {
-                self.keep(b, out);
+                self.keep(out);
                 self.finish(out);
             }
             Ok(Step::DoneBefore) => {
@@ -178,19 +220,21 @@ impl Decoder {
         }
     }
 
-    /// Buffers a byte of the current value, or switches to discarding it once it is too big.
-    fn keep(&mut self, b: u8, out: &mut Vec<Result<Value, FrameError>>) {
+    /// Buffers what the scanned byte contributes to the current value, or switches to
+    /// discarding the value once it is too big.
+    fn keep(&mut self, out: &mut Vec<Result<Value, FrameError>>) {
         if self.mode != Mode::Value {
             return;
         }
-        if self.buf.len() >= self.limit {
+        let emit = self.emit;
+        if self.buf.len() + emit.as_slice().len() > self.limit {
             out.push(Err(FrameError::TooLarge { limit: self.limit }));
             self.mode = Mode::Oversized;
             // Give the memory back: an oversized value must not pin the limit's worth of heap.
             self.buf = Vec::new();
             return;
         }
-        self.buf.push(b);
+        self.buf.extend_from_slice(emit.as_slice());
     }
 
     /// Ends the current value and hands it over, unless it was discarded as oversized.
@@ -208,8 +252,9 @@ impl Decoder {
 
     /// Advances the syntax checker by one byte of a value.
     fn scan(&mut self, b: u8) -> Result<Step, String> {
+        self.emit = Emit::one(b);
         match self.token {
-            Token::Str { key, escape } => return self.scan_string(b, key, escape),
+            Token::Str { key, quote, escape } => return self.scan_string(b, key, quote, escape),
             Token::Number => {
                 if matches!(b, b'0'..=b'9' | b'+' | b'-' | b'.' | b'e' | b'E') {
                     return Ok(Step::More);
@@ -262,11 +307,13 @@ impl Decoder {
                 self.open(b)?;
                 self.expect = Expect::ValueOrClose;
             }
-            (Expect::Value | Expect::ValueOrClose, b'"') => {
+            (Expect::Value | Expect::ValueOrClose, b'"' | b'\'') => {
                 self.token = Token::Str {
                     key: false,
+                    quote: b,
                     escape: Escape::None,
                 };
+                self.emit = Emit::one(b'"');
             }
             (Expect::Value | Expect::ValueOrClose, b'-' | b'0'..=b'9') => {
                 self.token = Token::Number;
@@ -292,11 +339,13 @@ impl Decoder {
                 self.stack.pop();
                 return Ok(self.value_end());
             }
-            (Expect::KeyOrClose | Expect::Key, b'"') => {
+            (Expect::KeyOrClose | Expect::Key, b'"' | b'\'') => {
                 self.token = Token::Str {
                     key: true,
+                    quote: b,
                     escape: Escape::None,
                 };
+                self.emit = Emit::one(b'"');
             }
             (Expect::Colon, b':') => self.expect = Expect::Value,
             (Expect::CommaOrClose, b',') => {
@@ -320,10 +369,11 @@ impl Decoder {
         Ok(Step::More)
     }
 
-    fn scan_string(&mut self, b: u8, key: bool, escape: Escape) -> Result<Step, String> {
+    fn scan_string(&mut self, b: u8, key: bool, quote: u8, escape: Escape) -> Result<Step, String> {
         let escape = match escape {
             Escape::None => match b {
-                b'"' => {
+                _ if b == quote => {
+                    self.emit = Emit::one(b'"');
                     self.token = Token::None;
                     if key {
                         self.expect = Expect::Colon;
@@ -331,7 +381,16 @@ impl Decoder {
                     }
                     return Ok(self.value_end());
                 }
-                b'\\' => Escape::Backslash,
+                b'\\' => {
+                    // Written once the escaped character shows whether it needs rewriting.
+                    self.emit = Emit::NOTHING;
+                    Escape::Backslash
+                }
+                b'"' => {
+                    // Only reached inside a single-quoted string.
+                    self.emit = Emit::two(b'\\', b'"');
+                    Escape::None
+                }
                 0..=0x1f => {
                     return Err(format!(
                         "JSON parse error, control character {} in string",
@@ -349,8 +408,15 @@ impl Decoder {
                 _ => Escape::None,
             },
             Escape::Backslash => match b {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Escape::None,
-                b'u' => Escape::Hex(4),
+                b'\'' => Escape::None,
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                    self.emit = Emit::two(b'\\', b);
+                    Escape::None
+                }
+                b'u' => {
+                    self.emit = Emit::two(b'\\', b);
+                    Escape::Hex(4)
+                }
                 _ => {
                     return Err(format!(
                         "JSON parse error, invalid escape sequence in string, found {}",
@@ -372,7 +438,7 @@ impl Decoder {
                 }
             }
         };
-        self.token = Token::Str { key, escape };
+        self.token = Token::Str { key, quote, escape };
         Ok(Step::More)
     }
 

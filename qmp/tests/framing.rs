@@ -23,6 +23,7 @@ const STREAM: &str = concat!(
     "\r\n  {\"execute\": \"query-status\", \"id\": {\"a\": [1, 2, {\"b\": null}]}}\n",
     "{\"execute\":\"x\",\"arguments\":{\"s\":\"br{ace}s [and] \\\"quotes\\\" \\\\\",\"n\":-1.5e3}}",
     "\t{\"k\":\"\\u00e9\\n\",\"t\":true,\"f\":false,\"z\":null,\"e\":[],\"o\":{}}",
+    "{'execute':'it\\'s \"quoted\"\\n', \"id\": ['a\\\\b', \"c'd\\'\"]}",
 );
 
 fn expected_stream() -> Vec<Value> {
@@ -31,6 +32,7 @@ fn expected_stream() -> Vec<Value> {
         json!({"execute": "query-status", "id": {"a": [1, 2, {"b": null}]}}),
         json!({"execute": "x", "arguments": {"s": "br{ace}s [and] \"quotes\" \\", "n": -1.5e3}}),
         json!({"k": "é\n", "t": true, "f": false, "z": null, "e": [], "o": {}}),
+        json!({"execute": "it's \"quoted\"\n", "id": ["a\\b", "c'd'"]}),
     ]
 }
 
@@ -91,6 +93,23 @@ fn incomplete_object_waits_for_more() {
         ok_values(d.feed(b"op\"}")),
         vec![json!({"execute": "stop"})]
     );
+}
+
+#[test]
+fn single_quoted_strings_like_qemu() {
+    let got = ok_values(decode(
+        b"{'execute':'qmp_capabilities'}{'execute': 'stop', 'id': 'a\\'b\\u0041\"'}",
+    ));
+    assert_eq!(
+        got,
+        vec![
+            json!({"execute": "qmp_capabilities"}),
+            json!({"execute": "stop", "id": "a'bA\""}),
+        ]
+    );
+    let got = decode(b"{'execute': 'unterminated\"}\n{'execute':'cont'}");
+    assert!(malformed(&got[0]), "{got:?}");
+    assert_eq!(got.last().unwrap(), &Ok(json!({"execute": "cont"})));
 }
 
 #[test]

@@ -386,3 +386,70 @@ fn conversation_over_a_byte_stream() {
         }
     );
 }
+
+/// xorshift64*: deterministic, so a failing round reproduces.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Random mixtures of valid requests, broken requests and noise: every frame gets exactly
+/// one outcome, every reply is one JSON line with `return` or `error`, valid commands keep
+/// working, and the session never panics.
+#[test]
+fn random_traffic_always_gets_well_formed_answers() {
+    let pieces: &[&[u8]] = &[
+        b"{\"execute\":\"qmp_capabilities\"}",
+        b"{\"execute\":\"query-status\",\"id\":1}",
+        b"{\"execute\":\"stop\",\"arguments\":{\"x\":[1,{}]}}",
+        b"{'execute':'cont','id':['a']}",
+        b"{\"execute\":7}",
+        b"{\"id\":{}}",
+        b"[]",
+        b"\"str\"",
+        b"{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[\"oob\"]}}",
+        b"{\"execute\":",
+        b"}",
+        b"\xff",
+        b"\\u",
+        b"{\"a\":\"",
+        b" \r\n",
+        b"nul",
+        b"12",
+    ];
+    let mut state = 0x1234_5678_9abc_def0u64;
+    for round in 0..500 {
+        let mut stream = Vec::new();
+        for _ in 0..(next(&mut state) % 12) {
+            stream.extend_from_slice(pieces[(next(&mut state) % pieces.len() as u64) as usize]);
+        }
+        // Whatever came before, this always gets through and is answered.
+        stream.extend_from_slice(b"\xff{\"execute\":\"qmp_capabilities\",\"id\":\"last\"}");
+        let mut decoder = Decoder::new(128);
+        let mut session = Session::new();
+        let mut last = None;
+        let mut rest = &stream[..];
+        while !rest.is_empty() {
+            let n = 1 + (next(&mut state) as usize % rest.len().min(16));
+            for frame in decoder.feed(&rest[..n]) {
+                let outcome = session.handle(frame);
+                if let Outcome::Reply(text) = &outcome {
+                    assert!(text.ends_with("\r\n") && text.matches('\n').count() == 1);
+                    let v: Value = serde_json::from_str(text).expect("reply is JSON");
+                    let obj = v.as_object().expect("reply is an object");
+                    assert!(
+                        obj.contains_key("return") ^ obj.contains_key("error"),
+                        "round {round}: {text}"
+                    );
+                }
+                last = Some(outcome);
+            }
+            rest = &rest[n..];
+        }
+        let last = line(last.expect("at least the final command is answered"));
+        assert_eq!(last["id"], json!("last"), "round {round}: {last}");
+        assert!(session.negotiated(), "round {round}");
+    }
+}

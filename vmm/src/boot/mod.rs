@@ -1,1 +1,423 @@
 //! Kernel loading and boot-time guest memory layout.
+//!
+//! [`load`] puts a kernel (ELF vmlinux or bzImage), its command line and initrd into guest
+//! RAM, writes the boot parameters for the entry protocol the kernel supports (PVH when the
+//! ELF carries a PVH note, else the 64-bit Linux boot protocol) and the MP table, and says
+//! where the boot vCPU starts. Only the pages these structures occupy are touched.
+
+pub mod layout;
+pub mod mptable;
+pub mod params;
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{setup_header, XLF_KERNEL_64};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{self, BzImage, KernelLoader, KernelLoaderResult};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use params::InitrdPlacement;
+
+/// What to boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootSource {
+    /// ELF vmlinux (PVH note or 64-bit entry) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Where and how the boot vCPU starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// 64-bit Linux boot protocol: long mode, identity-mapped page tables, RSI = zero page.
+    Linux64 {
+        /// First instruction.
+        entry: GuestAddress,
+        /// Linux `boot_params`.
+        zero_page: GuestAddress,
+    },
+    /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
+    Pvh {
+        /// First instruction.
+        entry: GuestAddress,
+        /// `hvm_start_info`.
+        start_info: GuestAddress,
+    },
+}
+
+/// Errors while loading a kernel and its boot data.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The vCPU count is out of range.
+    #[error("invalid vCPU count {0}: must be between 1 and {max}", max = layout::MAX_VCPUS)]
+    VcpuCount(u8),
+    /// The kernel file cannot be opened or read.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        /// The kernel file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel file is not a kernel Citadel can boot.
+    #[error("kernel {path} is not bootable: {why}")]
+    KernelFormat {
+        /// The kernel file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// linux-loader refused the kernel or could not copy it into guest RAM.
+    #[error("cannot load kernel {path}: {source}")]
+    KernelLoad {
+        /// The kernel file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: loader::Error,
+    },
+    /// The kernel needs more RAM below the MMIO gap than the guest has.
+    #[error("kernel {path} does not fit in guest RAM: it needs memory up to {end:#x}, but RAM below 4 GiB ends at {ram_end:#x}")]
+    KernelTooLarge {
+        /// The kernel file.
+        path: PathBuf,
+        /// End of the memory the kernel needs.
+        end: u64,
+        /// End of low RAM.
+        ram_end: u64,
+    },
+    /// The command line is too long.
+    #[error("kernel command line is {len} bytes, at most {max} are allowed")]
+    CmdlineTooLong {
+        /// Its length, without the NUL terminator.
+        len: usize,
+        /// The largest length accepted.
+        max: usize,
+    },
+    /// The command line has a character the kernel cannot take.
+    #[error("kernel command line has a character that is not printable ASCII at byte {0}")]
+    CmdlineCharacter(usize),
+    /// The command line could not be parsed or written.
+    #[error("cannot write the kernel command line: {0}")]
+    Cmdline(String),
+    /// The initrd file cannot be opened or read.
+    #[error("cannot read initrd {path}: {source}")]
+    InitrdRead {
+        /// The initrd file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The initrd file is empty.
+    #[error("initrd {0} is empty")]
+    InitrdEmpty(PathBuf),
+    /// The initrd does not fit between the kernel and the top of low RAM.
+    #[error("initrd {path} ({size} bytes) does not fit in guest RAM between the kernel end {kernel_end:#x} and {limit:#x}")]
+    InitrdTooLarge {
+        /// The initrd file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// End of the kernel.
+        kernel_end: u64,
+        /// Highest address the initrd may reach.
+        limit: u64,
+    },
+    /// Copying the initrd into guest RAM failed.
+    #[error("cannot copy initrd {path} into guest RAM: {source}")]
+    InitrdCopy {
+        /// The initrd file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Writing the zero page or PVH start info failed.
+    #[error("cannot write the boot parameters: {0}")]
+    BootParams(#[source] linux_loader::configurator::Error),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+}
+
+const PAGE_SIZE: u64 = 4096;
+/// Offset of `startup_64` from the start of a bzImage's protected-mode kernel.
+const BZIMAGE_STARTUP_64_OFFSET: u64 = 0x200;
+/// Offset of the setup header in a bzImage, and of its "HdrS" magic.
+const BZIMAGE_HDRS_OFFSET: u64 = 0x202;
+/// Boot protocol version from which the setup header carries `cmdline_size`.
+const BOOT_PROTOCOL_CMDLINE_SIZE: u16 = 0x206;
+const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
+const ELFCLASS64: u8 = 2;
+const EM_X86_64: u16 = 62;
+
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Loads the kernel, command line, initrd, boot parameters and MP table for `num_cpus` vCPUs
+/// into `mem`, and returns where the boot vCPU starts.
+///
+/// An ELF vmlinux with a PVH note boots through PVH; without one, or for a bzImage, through
+/// the 64-bit Linux boot protocol. The initrd goes at the top of RAM below the MMIO gap (and
+/// below the kernel's `initrd_addr_max`), page-aligned. Every error names the file at fault.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    src: &BootSource,
+    num_cpus: u8,
+) -> Result<EntryPoint, BootError> {
+    if num_cpus == 0 || num_cpus > layout::MAX_VCPUS {
+        return Err(BootError::VcpuCount(num_cpus));
+    }
+    let cmdline = parse_cmdline(&src.cmdline)?;
+    let ram_end = low_ram_end(mem);
+
+    let kernel_path = &src.kernel;
+    let kernel_err = |source| BootError::KernelRead {
+        path: kernel_path.clone(),
+        source,
+    };
+    let mut kernel = open_regular(kernel_path).map_err(kernel_err)?;
+    let format = kernel_format(&mut kernel, kernel_path)?;
+    let loaded = match format {
+        KernelFormat::Elf => Elf::load(mem, None, &mut kernel, Some(layout::HIMEM_START)),
+        KernelFormat::BzImage => BzImage::load(mem, None, &mut kernel, Some(layout::HIMEM_START)),
+    }
+    .map_err(|source| BootError::KernelLoad {
+        path: kernel_path.clone(),
+        source,
+    })?;
+
+    let kernel_end = kernel_footprint_end(&loaded);
+    if kernel_end > ram_end {
+        return Err(BootError::KernelTooLarge {
+            path: kernel_path.clone(),
+            end: kernel_end,
+            ram_end,
+        });
+    }
+    if let Some(hdr) = &loaded.setup_header {
+        check_bzimage(hdr, kernel_path, cmdline_len(&cmdline)?)?;
+    }
+
+    linux_loader::loader::load_cmdline(mem, layout::CMDLINE_START, &cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+
+    let initrd_limit = match &loaded.setup_header {
+        // initrd_addr_max is the address of the last byte the initrd may occupy.
+        Some(hdr) if hdr.initrd_addr_max != 0 => ram_end.min(u64::from(hdr.initrd_addr_max) + 1),
+        _ => ram_end,
+    };
+    let initrd = match &src.initrd {
+        Some(path) => Some(load_initrd(mem, path, kernel_end, initrd_limit)?),
+        None => None,
+    };
+
+    let map = params::memory_map(ram_size(mem));
+    let pvh_entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
+        _ => None,
+    };
+    let entry = match (pvh_entry, &loaded.setup_header) {
+        (Some(entry), _) => {
+            params::write_pvh_start_info(mem, initrd, &map).map_err(BootError::BootParams)?;
+            EntryPoint::Pvh {
+                entry,
+                start_info: layout::PVH_INFO_START,
+            }
+        }
+        (None, header) => {
+            params::write_zero_page(mem, *header, cmdline_len(&cmdline)?, initrd, &map)
+                .map_err(BootError::BootParams)?;
+            let entry = if header.is_some() {
+                loaded.kernel_load.unchecked_add(BZIMAGE_STARTUP_64_OFFSET)
+            } else {
+                loaded.kernel_load
+            };
+            EntryPoint::Linux64 {
+                entry,
+                zero_page: layout::ZERO_PAGE_START,
+            }
+        }
+    };
+
+    mptable::write(mem, num_cpus)?;
+    log::debug!(
+        "loaded kernel {} ({:#x}..{:#x}), entry {:?}",
+        kernel_path.display(),
+        loaded.kernel_load.raw_value(),
+        kernel_end,
+        entry
+    );
+    Ok(entry)
+}
+
+fn open_regular(path: &Path) -> io::Result<File> {
+    let file = File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// Tells an ELF from a bzImage by their magic numbers, so the error for anything else is about
+/// the file rather than about whichever loader happened to be tried last.
+fn kernel_format(kernel: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
+    let read_err = |source| BootError::KernelRead {
+        path: path.to_path_buf(),
+        source,
+    };
+    let format_err = |why| BootError::KernelFormat {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut ident = [0u8; 20];
+    let n = read_up_to(kernel, &mut ident).map_err(read_err)?;
+    if n >= 4 && ident[..4] == ELF_MAGIC {
+        if n < ident.len() {
+            return Err(format_err("truncated ELF header"));
+        }
+        if ident[4] != ELFCLASS64 || u16::from_le_bytes([ident[18], ident[19]]) != EM_X86_64 {
+            return Err(format_err("ELF file is not a 64-bit x86-64 image"));
+        }
+        return Ok(KernelFormat::Elf);
+    }
+    kernel
+        .seek(SeekFrom::Start(BZIMAGE_HDRS_OFFSET))
+        .map_err(read_err)?;
+    let mut magic = [0u8; 4];
+    let n = read_up_to(kernel, &mut magic).map_err(read_err)?;
+    if n == magic.len() && &magic == b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(format_err("neither an ELF vmlinux nor a bzImage"))
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// End of the memory the kernel occupies once running. A bzImage decompresses itself and
+/// needs `init_size` bytes from where it runs: `pref_address` for a relocatable kernel loaded
+/// below it, else its load address.
+fn kernel_footprint_end(loaded: &KernelLoaderResult) -> u64 {
+    match &loaded.setup_header {
+        Some(hdr) => {
+            let start = loaded.kernel_load.raw_value().max(hdr.pref_address);
+            let needed = start.saturating_add(u64::from(hdr.init_size));
+            needed.max(loaded.kernel_end)
+        }
+        None => loaded.kernel_end,
+    }
+}
+
+fn check_bzimage(hdr: &setup_header, path: &Path, cmdline_len: usize) -> Result<(), BootError> {
+    if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::KernelFormat {
+            path: path.to_path_buf(),
+            why: "bzImage has no 64-bit entry point",
+        });
+    }
+    let version = hdr.version;
+    let max = hdr.cmdline_size as usize;
+    if version >= BOOT_PROTOCOL_CMDLINE_SIZE && cmdline_len > max {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline_len,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn parse_cmdline(raw: &str) -> Result<Cmdline, BootError> {
+    let max = layout::CMDLINE_MAX_SIZE - 1;
+    if raw.len() > max {
+        return Err(BootError::CmdlineTooLong {
+            len: raw.len(),
+            max,
+        });
+    }
+    if let Some(pos) = raw
+        .bytes()
+        .position(|b| !(b == b' ' || b.is_ascii_graphic()))
+    {
+        return Err(BootError::CmdlineCharacter(pos));
+    }
+    Cmdline::try_from(raw, layout::CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))
+}
+
+fn cmdline_len(cmdline: &Cmdline) -> Result<usize, BootError> {
+    cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(|e| BootError::Cmdline(e.to_string()))
+}
+
+/// End (exclusive) of the RAM region starting at 0.
+fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.find_region(GuestAddress(0))
+        .map_or(0, vm_memory::GuestMemoryRegion::len)
+}
+
+fn ram_size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
+}
+
+/// Copies the initrd at the highest page-aligned address that keeps it below `limit`, straight
+/// from the file into guest RAM.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<InitrdPlacement, BootError> {
+    let read_err = |source| BootError::InitrdRead {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = open_regular(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    if size == 0 {
+        return Err(BootError::InitrdEmpty(path.to_path_buf()));
+    }
+    let lowest = kernel_end.next_multiple_of(PAGE_SIZE);
+    let start = limit
+        .checked_sub(size)
+        .map(|s| s & !(PAGE_SIZE - 1))
+        .filter(|&s| s >= lowest)
+        .ok_or_else(|| BootError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+            kernel_end,
+            limit,
+        })?;
+    let addr = GuestAddress(start);
+    // `size` < `limit` <= 3 GiB here, so it fits in usize.
+    mem.read_exact_volatile_from(addr, &mut file, size as usize)
+        .map_err(|source| BootError::InitrdCopy {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(InitrdPlacement { addr, size })
+}

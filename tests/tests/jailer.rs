@@ -1,0 +1,812 @@
+//! citadel-jailer, checked from outside as an operator would: the jailed process's
+//! /proc/<pid>/status, namespaces, root, cgroups and limits, the jail's files, and every
+//! refusal the jailer owes (unsafe copy destinations, bad ids and paths, tiny limits).
+//!
+//! Most tests jail busybox (a static binary, `busybox-static`) so that the jail itself is
+//! tested whatever state the VMM is in; one test jails the real `citadel` and talks QMP to it.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const UID: u32 = 41234;
+const GID: u32 = 41235;
+const BUSYBOX: &str = "/bin/busybox";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn jailer() -> PathBuf {
+    citadel_tests::binary("citadel-jailer")
+}
+
+/// Why this test cannot run here, if it cannot.
+fn missing_prerequisite() -> Option<(&'static str, bool)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(("the jailer needs root", false));
+    }
+    if !Path::new(BUSYBOX).exists() {
+        return Some(("/bin/busybox (busybox-static) is not installed", true));
+    }
+    None
+}
+
+macro_rules! require {
+    ($name:expr) => {
+        if let Some((why, required)) = missing_prerequisite() {
+            citadel_tests::skip($name, why, required);
+            return;
+        }
+    };
+}
+
+/// One jail: a unique base directory, id and parent cgroup, and whatever process it holds.
+/// Dropping it kills the jailed process and removes the jail and its cgroups.
+struct Jail {
+    base: PathBuf,
+    id: String,
+    parent_cgroup: String,
+    children: Vec<Child>,
+}
+
+impl Jail {
+    fn new(tag: &str) -> Jail {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let unique = format!("{}-{n}", std::process::id());
+        let base = std::env::temp_dir().join(format!("citadel-jailer-test-{unique}"));
+        fs::create_dir_all(&base).expect("create base");
+        Jail {
+            base,
+            id: format!("{tag}-{unique}"),
+            parent_cgroup: format!("citadel-test-{unique}"),
+            children: Vec::new(),
+        }
+    }
+
+    fn id_dir(&self) -> PathBuf {
+        self.base.join("citadel").join(&self.id)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.id_dir().join("root")
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.id_dir().join("citadel.pid")
+    }
+
+    /// The jailer command with this jail's id, base and cgroup parent, then `extra`.
+    fn command(&self, exec: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(jailer());
+        cmd.args(["--id", &self.id, "--exec-file"])
+            .arg(exec)
+            .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+            .arg("--chroot-base-dir")
+            .arg(&self.base)
+            .args(["--parent-cgroup", &self.parent_cgroup])
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, exec: &Path, extra: &[&str]) -> Output {
+        self.command(exec, extra).output().expect("run jailer")
+    }
+
+    /// Waits for the pid file to hold a pid.
+    fn wait_pid(&self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = fs::read_to_string(self.pid_file()) {
+                if let Ok(pid) = text.trim().parse() {
+                    return pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no pid in {}",
+                self.pid_file().display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill_jailed(&self) {
+        if let Ok(text) = fs::read_to_string(self.pid_file()) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                // SAFETY: kill takes integers; the pid came from our own jail's pid file.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                wait_gone(pid);
+            }
+        }
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        self.kill_jailed();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.base);
+        for (leaf, parent) in cgroup_dirs(&self.parent_cgroup, &self.id) {
+            // The last task may take a moment to leave after being killed.
+            for _ in 0..50 {
+                if !leaf.exists() || fs::remove_dir(&leaf).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = fs::remove_dir(&parent);
+        }
+    }
+}
+
+/// Host directories `(jail cgroup, its parent)` in each v1 hierarchy the test process is in,
+/// beneath the test process's own cgroup, as the jailer makes them.
+fn cgroup_dirs(parent: &str, id: &str) -> Vec<(PathBuf, PathBuf)> {
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    own.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            parts.next()?;
+            let controllers = parts.next()?;
+            let path = parts.next()?.trim_start_matches('/');
+            let first = controllers.split(',').next().filter(|c| !c.is_empty())?;
+            let dir = Path::new("/sys/fs/cgroup").join(controllers);
+            let dir = if dir.exists() {
+                dir
+            } else {
+                Path::new("/sys/fs/cgroup").join(first)
+            };
+            let parent_dir = dir.join(path).join(parent);
+            Some((parent_dir.join(id), parent_dir))
+        })
+        .collect()
+}
+
+fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if status.contains("State:\tZ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn namespace(pid: &str, ns: &str) -> PathBuf {
+    fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("read ns link")
+}
+
+fn stderr_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// The jailer failed with exactly one line on stderr that starts with `prefix`.
+fn assert_clean_failure(out: &Output, prefix: &str) {
+    let err = stderr_line(out);
+    assert!(!out.status.success(), "jailer succeeded, stderr: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit status {:?}: {err}",
+        out.status
+    );
+    assert_eq!(err.lines().count(), 1, "more than one line: {err}");
+    assert!(
+        err.starts_with(&format!("citadel-jailer: {prefix}")),
+        "expected `citadel-jailer: {prefix}...`, got: {err}"
+    );
+}
+
+#[test]
+fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
+    require!("jailed_process_is_confined_in_every_way_the_operator_can_see");
+    let jail = Jail::new("confined");
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &[
+            "--new-netns",
+            "--new-pid-ns",
+            "--userns",
+            "--daemonize",
+            "--cgroup",
+            "memory.limit_in_bytes=67108864",
+            "--cgroup",
+            "pids.max=17",
+            "--resource-limit",
+            "no-file=123",
+            "--resource-limit",
+            "fsize=1048576",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
+    let pid = jail.wait_pid();
+
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
+    assert_eq!(
+        status_field(pid, "Gid"),
+        format!("{GID}\t{GID}\t{GID}\t{GID}")
+    );
+    assert_eq!(status_field(pid, "Groups"), "");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
+    }
+    // PID 1 of its own PID namespace.
+    let nspid = status_field(pid, "NSpid");
+    assert_eq!(nspid, format!("{pid}\t1"));
+
+    let me = std::process::id().to_string();
+    for ns in ["mnt", "ipc", "uts", "net", "pid", "user"] {
+        assert_ne!(
+            namespace(&pid.to_string(), ns),
+            namespace(&me, ns),
+            "{ns} namespace shared"
+        );
+    }
+    let uid_map = fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        [&*UID.to_string(), &*UID.to_string(), "1"]
+    );
+    let gid_map = fs::read_to_string(format!("/proc/{pid}/gid_map")).unwrap();
+    assert_eq!(
+        gid_map.split_whitespace().collect::<Vec<_>>(),
+        [&*GID.to_string(), &*GID.to_string(), "1"]
+    );
+
+    // Its root is the jail: exactly the executable and /dev.
+    let proc_root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut entries: Vec<String> = fs::read_dir(&proc_root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["busybox", "dev"]);
+    let jailed_exe = fs::metadata(proc_root.join("busybox")).unwrap();
+    assert_eq!((jailed_exe.uid(), jailed_exe.gid()), (UID, GID));
+    assert_eq!(
+        fs::metadata(proc_root.join("busybox")).unwrap().ino(),
+        fs::metadata(jail.root().join("busybox")).unwrap().ino()
+    );
+
+    // /dev holds only the four nodes, 0600, and its folders are 0700, all owned by uid:gid.
+    let mut devs: Vec<String> = Vec::new();
+    for (rel, major, minor) in [
+        ("kvm", 10, 232),
+        ("net/tun", 10, 200),
+        ("urandom", 1, 9),
+        ("null", 1, 3),
+    ] {
+        let meta = fs::metadata(proc_root.join("dev").join(rel)).unwrap();
+        assert_eq!(
+            meta.mode() & libc::S_IFMT,
+            libc::S_IFCHR,
+            "{rel} is not a char device"
+        );
+        assert_eq!(meta.mode() & 0o7777, 0o600, "{rel} mode");
+        assert_eq!((meta.uid(), meta.gid()), (UID, GID), "{rel} owner");
+        assert_eq!(meta.rdev(), libc::makedev(major, minor), "{rel} numbers");
+        devs.push(rel.to_string());
+    }
+    let mut listed: Vec<String> = fs::read_dir(proc_root.join("dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["kvm", "net", "null", "urandom"]);
+    for dir in [
+        proc_root.join("dev"),
+        proc_root.join("dev/net"),
+        jail.root(),
+    ] {
+        let meta = fs::metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o700, "{} mode", dir.display());
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (UID, GID),
+            "{} owner",
+            dir.display()
+        );
+    }
+
+    // Cgroups: beneath the test's own, holding the values, with the process in them.
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let suffix = format!("/{}/{}", jail.parent_cgroup, jail.id);
+    for controller in ["memory", "pids"] {
+        let line = cgroup
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == controller))
+            })
+            .unwrap_or_else(|| panic!("no {controller} line in {cgroup}"));
+        assert!(line.ends_with(&suffix), "{controller} cgroup {line}");
+    }
+    let dirs = cgroup_dirs(&jail.parent_cgroup, &jail.id);
+    let memory = dirs
+        .iter()
+        .find(|(leaf, _)| leaf.starts_with("/sys/fs/cgroup/memory"))
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(memory.0.join("memory.limit_in_bytes"))
+            .unwrap()
+            .trim(),
+        "67108864"
+    );
+    let pids = dirs
+        .iter()
+        .find(|(leaf, _)| leaf.starts_with("/sys/fs/cgroup/pids"))
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(pids.0.join("pids.max")).unwrap().trim(),
+        "17"
+    );
+    let procs = fs::read_to_string(memory.0.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|p| p == pid.to_string()),
+        "{pid} not in {procs}"
+    );
+
+    // Resource limits.
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(limit("Max open files"), ["123", "123"]);
+    assert_eq!(limit("Max file size"), ["1048576", "1048576"]);
+
+    // The environment is empty and only stdio is open (to /dev/null, daemonized).
+    assert_eq!(fs::read(format!("/proc/{pid}/environ")).unwrap(), b"");
+    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    assert_eq!(fds, ["0", "1", "2"]);
+    assert!(jail.children.is_empty());
+    jail.kill_jailed();
+}
+
+#[test]
+fn inherited_descriptors_and_environment_do_not_reach_the_jail() {
+    require!("inherited_descriptors_and_environment_do_not_reach_the_jail");
+    let mut jail = Jail::new("sanitize");
+    let mut cmd = jail.command(Path::new(BUSYBOX), &["--", "sleep", "1000"]);
+    cmd.env("SECRET", "leaked-secret")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the hook only calls dup2, which is async-signal-safe, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            // A descriptor without close-on-exec, as a careless caller would leave open.
+            if libc::dup2(2, 9) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    jail.children.push(cmd.spawn().expect("spawn jailer"));
+    let pid = jail.wait_pid();
+    assert_eq!(fs::read(format!("/proc/{pid}/environ")).unwrap(), b"");
+    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    assert_eq!(
+        fds,
+        ["0", "1", "2"],
+        "inherited descriptors reached the jail"
+    );
+}
+
+#[test]
+fn symlink_at_the_copy_destination_is_refused() {
+    require!("symlink_at_the_copy_destination_is_refused");
+    let jail = Jail::new("symlink");
+    let victim = jail.base.join("victim");
+    fs::write(&victim, b"host file").unwrap();
+    fs::create_dir_all(jail.root()).unwrap();
+    std::os::unix::fs::symlink(&victim, jail.root().join("busybox")).unwrap();
+    let out = jail.run(Path::new(BUSYBOX), &["--", "true"]);
+    assert_clean_failure(&out, "copy: ");
+    assert!(
+        stderr_line(&out).contains("symlink"),
+        "{}",
+        stderr_line(&out)
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"host file");
+    assert!(!jail.pid_file().exists());
+}
+
+#[test]
+fn hard_link_at_the_copy_destination_is_refused() {
+    require!("hard_link_at_the_copy_destination_is_refused");
+    let jail = Jail::new("hardlink");
+    let victim = jail.base.join("victim");
+    fs::write(&victim, b"host file").unwrap();
+    fs::create_dir_all(jail.root()).unwrap();
+    fs::hard_link(&victim, jail.root().join("busybox")).unwrap();
+    let out = jail.run(Path::new(BUSYBOX), &["--", "true"]);
+    assert_clean_failure(&out, "copy: ");
+    assert!(
+        stderr_line(&out).contains("hard link"),
+        "{}",
+        stderr_line(&out)
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"host file");
+    assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o644);
+}
+
+#[test]
+fn bad_ids_and_paths_are_refused_before_anything_is_created() {
+    require!("bad_ids_and_paths_are_refused_before_anything_is_created");
+    let jail = Jail::new("badargs");
+    let long = "x".repeat(65);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--id".into(), "../evil".into()], "arguments: --id"),
+        (vec!["--id".into(), "a/b".into()], "arguments: --id"),
+        (vec!["--id".into(), long.clone()], "arguments: --id"),
+        (vec!["--id".into(), "".into()], "arguments: --id"),
+        (
+            vec!["--exec-file".into(), "busybox".into()],
+            "arguments: --exec-file",
+        ),
+        (
+            vec!["--exec-file".into(), "/bin/../bin/busybox".into()],
+            "arguments: --exec-file",
+        ),
+        (
+            vec!["--chroot-base-dir".into(), "/tmp/../etc".into()],
+            "arguments: --chroot-base-dir",
+        ),
+        (
+            vec!["--parent-cgroup".into(), "/abs".into()],
+            "arguments: --parent-cgroup",
+        ),
+        (
+            vec!["--parent-cgroup".into(), "a/../../b".into()],
+            "arguments: --parent-cgroup",
+        ),
+        (
+            vec!["--cgroup".into(), "../../memory.limit_in_bytes=1".into()],
+            "arguments: --cgroup",
+        ),
+        (
+            vec!["--netns".into(), "/run/netns/../../proc/1/ns/net".into()],
+            "arguments: --netns",
+        ),
+        (
+            vec!["--resource-limit".into(), "nproc=3".into()],
+            "arguments: --resource-limit",
+        ),
+        (vec!["--bogus".into()], "arguments: unknown argument"),
+    ];
+    for (extra, prefix) in cases {
+        // Later flags override the fixture's, so each case tests one bad value.
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = jail.run(Path::new(BUSYBOX), &extra);
+        assert_clean_failure(&out, prefix);
+    }
+    assert!(
+        !jail.base.join("citadel").exists(),
+        "a refused command line created files"
+    );
+}
+
+#[test]
+fn too_small_no_file_limit_fails_cleanly() {
+    require!("too_small_no_file_limit_fails_cleanly");
+    let jail = Jail::new("nofile");
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &["--resource-limit", "no-file=3", "--", "true"],
+    );
+    assert_clean_failure(&out, "arguments: --resource-limit no-file=3 is too small");
+    assert!(!jail.base.join("citadel").exists());
+}
+
+#[test]
+fn a_failed_jail_leaves_nothing_a_retry_trips_over() {
+    require!("a_failed_jail_leaves_nothing_a_retry_trips_over");
+    let jail = Jail::new("retry");
+    // Fails at the cgroup step, after the copy.
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &["--cgroup", "nosuch.max=1", "--", "true"],
+    );
+    assert_clean_failure(&out, "cgroup: ");
+    assert!(
+        !jail.base.join("citadel").exists(),
+        "half-built jail left behind"
+    );
+    // Fails at the netns step, after the copy: the retry starts from scratch.
+    let missing_netns = jail.base.join("no-such-netns");
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &[
+            "--cgroup",
+            "pids.max=20",
+            "--netns",
+            missing_netns.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+    );
+    assert_clean_failure(&out, "netns: open ");
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &["--cgroup", "pids.max=20", "--", "true"],
+    );
+    assert!(out.status.success(), "retry failed: {}", stderr_line(&out));
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &["--cgroup", "pids.max=20", "--", "true"],
+    );
+    assert!(
+        out.status.success(),
+        "second run over a finished jail failed: {}",
+        stderr_line(&out)
+    );
+}
+
+#[test]
+fn exit_code_and_errors_after_the_fork_reach_the_operator() {
+    require!("exit_code_and_errors_after_the_fork_reach_the_operator");
+    let jail = Jail::new("exitcode");
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &["--new-pid-ns", "--", "sh", "-c", "exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", stderr_line(&out));
+    // Landlock refuses to run a binary the jailed process wrote itself.
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &[
+            "--landlock",
+            "--",
+            "sh",
+            "-c",
+            "busybox cp /busybox /copy && /copy true",
+        ],
+    );
+    assert!(!out.status.success(), "a copied binary ran under Landlock");
+    assert!(
+        stderr_line(&out).contains("Permission denied"),
+        "{}",
+        stderr_line(&out)
+    );
+    let out = jail.run(Path::new(BUSYBOX), &["--landlock", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+}
+
+#[test]
+fn pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination() {
+    require!("pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination");
+    for daemonize in [false, true] {
+        for pid_ns in [false, true] {
+            let mut jail = Jail::new("pidfile");
+            let mut extra = Vec::new();
+            if daemonize {
+                extra.push("--daemonize");
+            }
+            if pid_ns {
+                extra.push("--new-pid-ns");
+            }
+            extra.extend(["--", "sleep", "1000"]);
+            let mut cmd = jail.command(Path::new(BUSYBOX), &extra);
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+            let what = format!("daemonize={daemonize} new-pid-ns={pid_ns}");
+            let mut child = cmd.spawn().expect("spawn jailer");
+            if daemonize {
+                let status = child.wait().unwrap();
+                assert!(status.success(), "{what}: jailer failed");
+            }
+            let pid = jail.wait_pid();
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+            assert_eq!(
+                cmdline, b"busybox\0sleep\x001000\0",
+                "{what}: pid file points elsewhere"
+            );
+            if !daemonize && !pid_ns {
+                assert_eq!(pid as u32, child.id(), "{what}: the jailer execs in place");
+            }
+            jail.children.push(child);
+            // SAFETY: kill takes integers; pid is our jailed process.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "{what}");
+            if let Some(child) = jail.children.last_mut() {
+                if !daemonize {
+                    let status = child.wait().unwrap();
+                    assert!(!status.success(), "{what}: killed VMM reported success");
+                }
+            }
+            wait_gone(pid);
+            let state = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            assert!(
+                state.is_empty() || state.contains("State:\tZ"),
+                "{what}: still alive"
+            );
+        }
+    }
+}
+
+/// Reads one JSON object per line from a QMP socket.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "QMP socket {}: {e}",
+                        path.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Sends a command and returns its reply, skipping events.
+    fn execute(&mut self, command: &str) -> serde_json::Value {
+        writeln!(self.writer, "{{\"execute\":\"{command}\"}}").unwrap();
+        loop {
+            let msg = self.read();
+            if msg.get("event").is_none() {
+                return msg;
+            }
+        }
+    }
+}
+
+#[test]
+fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
+    require!("jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail");
+    let citadel = citadel_tests::profile_dir().join("citadel");
+    let idle = citadel_tests::profile_dir()
+        .parent()
+        .map(|p| p.join("guest").join("idle.elf"))
+        .unwrap();
+    if !citadel.exists() || !idle.exists() {
+        citadel_tests::skip(
+            "jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail",
+            "citadel or guest/idle.elf not built (cargo build -p citadel; make -C guest)",
+            true,
+        );
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        citadel_tests::skip(
+            "jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail",
+            "no /dev/kvm",
+            false,
+        );
+        return;
+    }
+    let jail = Jail::new("citadel");
+    // The operator places the kernel in the jail before starting it, as with Firecracker.
+    fs::create_dir_all(jail.root()).unwrap();
+    fs::copy(&idle, jail.root().join("idle.elf")).unwrap();
+    fs::set_permissions(
+        jail.root().join("idle.elf"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = jail.run(
+        &citadel,
+        &[
+            "--new-pid-ns",
+            "--new-netns",
+            "--daemonize",
+            "--cgroup",
+            "pids.max=64",
+            "--",
+            "-machine",
+            "microvm",
+            "-kernel",
+            "/idle.elf",
+            "-m",
+            "64",
+            "-smp",
+            "2",
+            "-serial",
+            "null",
+            "-qmp",
+            "unix:/qmp.sock,server,nowait",
+        ],
+    );
+    assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
+    let pid = jail.wait_pid();
+    let mut qmp = Qmp::connect(&jail.root().join("qmp.sock"));
+    let greeting = qmp.read();
+    assert!(
+        greeting["QMP"]["version"].is_object(),
+        "greeting {greeting}"
+    );
+    assert!(qmp.execute("qmp_capabilities")["return"].is_object());
+    let status = qmp.execute("query-status");
+    assert_eq!(status["return"]["running"], true, "{status}");
+
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
+    }
+    let tasks: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        tasks.len() >= 3,
+        "expected the event loop and two vCPU threads: {tasks:?}"
+    );
+    for task in &tasks {
+        let status = fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+        assert!(
+            status.contains("Seccomp:\t2"),
+            "task {task} is not filtered:\n{status}"
+        );
+        assert!(status.contains("NoNewPrivs:\t1"), "task {task}");
+    }
+    let me = std::process::id().to_string();
+    for ns in ["mnt", "ipc", "uts", "net", "pid"] {
+        assert_ne!(namespace(&pid.to_string(), ns), namespace(&me, ns), "{ns}");
+    }
+    assert!(qmp.execute("quit").get("return").is_some());
+    wait_gone(pid);
+}

@@ -1,8 +1,99 @@
-//! Allowlist of the citadel-blk backend process.
+//! Allowlist of the citadel-blk backend process once it serves frontends.
+//!
+//! By then the image is open, the listening socket is bound (or the connected socket adopted),
+//! the epoll sets, eventfds and signalfd exist. The process accepts frontends one at a time,
+//! receives their memory tables and eventfds over SCM_RIGHTS, maps guest memory, moves data
+//! between the rings and the image with positioned reads and writes, creates the inflight
+//! memfd, and starts one worker thread per queue. It never opens a path, never creates a
+//! socket, never executes anything and issues no ioctl at all.
 
-use crate::{Error, Rules};
+use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+
+use crate::{allow, arg_in, thread_runtime, Error, Rules};
+
+const ROLE: &str = "blk";
+
+fn condition(arg: u8, value: u64) -> Result<SeccompCondition, Error> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .map_err(|source| Error::Rule { role: ROLE, source })
+}
 
 /// Syscalls citadel-blk needs once it serves its frontend.
 pub fn rules() -> Result<Rules, Error> {
-    Ok(vec![])
+    let mut rules = thread_runtime(ROLE)?;
+    rules.extend(allow(&[
+        // Event loops of the main thread and the queue workers (created before lockdown).
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        // Worker threads start after lockdown, inheriting the filter.
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        // glibc installs its internal SIGSETXID handler when the first thread starts.
+        libc::SYS_rt_sigaction,
+        // glibc sizes its malloc arenas from the CPU count when a new thread first allocates.
+        libc::SYS_sched_getaffinity,
+        // Frontend connections and vhost-user messages with their descriptors.
+        libc::SYS_accept4,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        // Kicks, calls, signalfd, logs.
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_writev,
+        // The image.
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_fdatasync,
+        libc::SYS_fallocate,
+        // Size checks of memory-table and inflight descriptors.
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        // The inflight area handed to the frontend.
+        libc::SYS_memfd_create,
+        libc::SYS_ftruncate,
+    ]));
+    // Descriptor flags (O_NONBLOCK on eventfds), memfd seals; no F_DUPFD, no locks.
+    rules.push(arg_in(
+        ROLE,
+        libc::SYS_fcntl,
+        1,
+        &[
+            libc::F_GETFD as u64,
+            libc::F_SETFD as u64,
+            libc::F_GETFL as u64,
+            libc::F_SETFL as u64,
+            libc::F_GET_SEALS as u64,
+            libc::F_ADD_SEALS as u64,
+        ],
+    )?);
+    // Thread names only.
+    rules.push(arg_in(
+        ROLE,
+        libc::SYS_prctl,
+        0,
+        &[libc::PR_SET_NAME as u64],
+    )?);
+    // The per-message receive timeout on a frontend socket; no other socket option.
+    let rcvtimeo = SeccompRule::new(vec![
+        condition(1, libc::SOL_SOCKET as u64)?,
+        condition(2, libc::SO_RCVTIMEO as u64)?,
+    ])
+    .map_err(|source| Error::Rule { role: ROLE, source })?;
+    rules.push((libc::SYS_setsockopt, vec![rcvtimeo]));
+    // Threads only: a clone without CLONE_THREAD would be a new process. clone3 passes its
+    // flags in memory, where seccomp cannot look, so it stays allowed for the Rust runtime.
+    let thread_only = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        libc::CLONE_THREAD as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|source| Error::Rule { role: ROLE, source })?;
+    rules.push((libc::SYS_clone, vec![thread_only]));
+    rules.extend(allow(&[libc::SYS_clone3]));
+    Ok(rules)
 }

@@ -63,3 +63,4 @@ pub fn skip(test: &str, why: &str, required: bool) {
     }
     eprintln!("SKIPPED {test}: {why}");
 }
+pub mod vm;

@@ -4,5 +4,13 @@
 //! backend processes.
 
 pub mod boot;
+pub mod cli;
 pub mod cpu;
+pub mod daemon;
+pub mod devices;
+pub mod lockdown;
+pub mod machine;
 pub mod memory;
+pub mod monitor;
+pub mod qmp_server;
+pub mod vcpu;

@@ -1,1 +1,198 @@
-fn main() {}
+//! `citadel`: the VMM binary.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use citadel::boot::BootSource;
+use citadel::cli::{self, CliError, Config, SerialTarget};
+use citadel::daemon::{self, PidFile};
+use citadel::devices::legacy::{Discard, SerialOut};
+use citadel::lockdown;
+use citadel::machine::{Machine, MachineSpec, MachineWiring};
+use citadel::monitor::{Channels, Monitor};
+use citadel::vcpu;
+
+/// Anything that stops the VMM before or while running, as one line for the user.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    #[error("serial output {path}: {source}")]
+    Serial {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("log file {path}: {source}")]
+    Log {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Monitor(#[from] citadel::monitor::MonitorError),
+    #[error(transparent)]
+    Machine(#[from] citadel::machine::MachineError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Lockdown(#[from] lockdown::LockdownError),
+}
+
+fn init_logging(config: &Config) -> Result<(), RunError> {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if let Some(path) = &config.log_file {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| RunError::Log {
+                path: path.display().to_string(),
+                source,
+            })?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    builder.init();
+    Ok(())
+}
+
+fn serial_output(target: &SerialTarget) -> Result<SerialOut, RunError> {
+    Ok(match target {
+        SerialTarget::Stdio => {
+            Box::new(daemon::dup_stdout().map_err(|source| RunError::Serial {
+                path: "stdout".into(),
+                source,
+            })?)
+        }
+        SerialTarget::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| RunError::Serial {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+        ),
+        SerialTarget::None => Box::new(Discard),
+    })
+}
+
+fn run(config: Config) -> Result<i32, RunError> {
+    let readiness = if config.daemonize {
+        Some(daemon::daemonize()?)
+    } else {
+        None
+    };
+    build_and_run(&config, readiness)
+}
+
+fn build_and_run(
+    config: &Config,
+    mut readiness: Option<daemon::Readiness>,
+) -> Result<i32, RunError> {
+    let setup = || -> Result<(Monitor, Option<PidFile>), RunError> {
+        let serial_out = serial_output(&config.serial)?;
+        let qmp = config.qmp.as_deref().map(Monitor::bind_qmp).transpose()?;
+        let channels = Channels::new()?;
+        let (events_tx, events_rx) = mpsc::channel();
+        vcpu::register_kick_handler()?;
+        let boot = BootSource {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: config.vcpus,
+            mem_bytes: config.mem_bytes,
+            cpu_template: config.cpu_template,
+        };
+        let mode = config.seccomp;
+        let removable: Vec<PathBuf> = [config.qmp.as_deref(), config.pidfile.as_deref()]
+            .into_iter()
+            .flatten()
+            .map(|p| match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        let wiring = MachineWiring {
+            serial_out,
+            reset: channels
+                .reset
+                .try_clone()
+                .map_err(citadel::monitor::MonitorError::Io)?,
+            events: events_tx,
+            events_ready: channels
+                .vcpu_ready
+                .try_clone()
+                .map_err(citadel::monitor::MonitorError::Io)?,
+            vcpu_lockdown: Box::new(move |_| {
+                Box::new(move || lockdown::vcpu_thread(mode).map_err(|e| e.to_string()))
+            }),
+            before_vcpu_threads: Box::new(move || {
+                let dirs: Vec<&Path> = removable.iter().map(PathBuf::as_path).collect();
+                lockdown::confine_process(&dirs).map_err(|e| e.to_string())
+            }),
+        };
+        let machine = Machine::create(&spec, wiring)?;
+        let monitor = Monitor::new(
+            machine,
+            channels,
+            events_rx,
+            qmp,
+            config.serial == SerialTarget::Stdio,
+        )?;
+        let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
+        lockdown::event_loop_thread(mode)?;
+        Ok((monitor, pidfile))
+    };
+    let (monitor, _pidfile) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(r) = readiness.take() {
+                r.failed(&e.to_string());
+            }
+            return Err(e);
+        }
+    };
+    if let Some(r) = readiness.take() {
+        r.ready();
+    }
+    let reason = monitor.run()?;
+    if let citadel::monitor::ExitReason::Fatal(why) = &reason {
+        eprintln!("citadel: {why}");
+    }
+    Ok(reason.exit_code())
+}
+
+fn main() -> ExitCode {
+    let config = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(CliError::Help) => {
+            println!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(CliError::Version) => {
+            println!("citadel {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("citadel: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = init_logging(&config) {
+        eprintln!("citadel: {e}");
+        return ExitCode::from(1);
+    }
+    match run(config) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("citadel: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

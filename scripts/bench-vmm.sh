@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Start latency (exec -> "citadel-guest: ready" on serial), VMM memory overhead and QMP round
+# trip of citadel, with QEMU's microvm booting the same guest in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q -p citadel-tests
+cargo bench -q -p citadel --bench startup

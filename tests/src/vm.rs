@@ -1,0 +1,284 @@
+//! Running a `citadel` process for a test: its serial output collected line by line, a QMP
+//! client that separates replies from events, and cleanup on every path.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A unique scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/citadel-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "citadel-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running citadel process, killed on drop.
+pub struct Vm {
+    child: Option<Child>,
+    serial: Receiver<String>,
+    seen: Vec<String>,
+    /// The QMP socket path.
+    pub qmp_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Vm {
+    /// Starts `citadel -machine microvm -kernel <kernel> -qmp unix:<tmp>,server,nowait
+    /// -serial stdio` plus `extra` arguments.
+    pub fn start(kernel: &Path, extra: &[&str]) -> Vm {
+        let dir = TempDir::new("vm");
+        let qmp_path = dir.path().join("qmp.sock");
+        let mut cmd = Command::new(crate::binary("citadel"));
+        cmd.arg("-machine")
+            .arg("microvm")
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-qmp")
+            .arg(format!("unix:{},server,nowait", qmp_path.display()))
+            .arg("-serial")
+            .arg("stdio")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn citadel");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Vm {
+            child: Some(child),
+            serial: rx,
+            seen: Vec::new(),
+            qmp_path,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for a serial line containing `needle`; panics with everything seen on timeout.
+    pub fn wait_serial(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.serial.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no serial line containing {needle:?} within {timeout:?}; seen: {:#?}",
+                    self.seen
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "citadel exited before printing {needle:?}; seen: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Serial lines received within `window`, without waiting for anything in particular.
+    pub fn serial_lines_for(&mut self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut lines = Vec::new();
+        while let Ok(line) = self
+            .serial
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// Connects a QMP client, waiting for the socket to appear.
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path, Duration::from_secs(10))
+    }
+
+    /// The citadel process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits for the process to exit and returns its exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "citadel did not exit in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A blocking QMP client that keeps events apart from replies.
+pub struct Qmp {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    /// Events received so far and not yet taken.
+    pub events: Vec<Value>,
+    /// The greeting.
+    pub greeting: Value,
+}
+
+impl Qmp {
+    /// Connects (retrying until the socket exists) and reads the greeting, without
+    /// negotiating.
+    pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "QMP connect {}: {e}",
+                        path.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut qmp = Qmp {
+            stream,
+            reader,
+            events: Vec::new(),
+            greeting: Value::Null,
+        };
+        qmp.greeting = qmp.read_value().expect("greeting");
+        qmp
+    }
+
+    /// Connects and negotiates capabilities.
+    pub fn negotiated(path: &Path) -> Qmp {
+        let mut qmp = Qmp::connect(path, Duration::from_secs(10));
+        let r = qmp.execute("qmp_capabilities", None);
+        assert_eq!(r, serde_json::json!({"return": {}}), "negotiation");
+        qmp
+    }
+
+    /// Reads one JSON object (one line).
+    pub fn read_value(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("QMP sent invalid JSON {line:?}: {e}")),
+            ),
+        }
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("QMP write");
+    }
+
+    /// Sends raw bytes, reporting failure instead of panicking (for clients the VMM may drop).
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads until a reply (not an event) arrives; events are stored in `self.events`.
+    pub fn read_reply(&mut self) -> Value {
+        loop {
+            let v = self
+                .read_value()
+                .expect("QMP connection closed before a reply");
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Executes a command and returns its whole reply object.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Value {
+        let mut msg = serde_json::json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let text = serde_json::to_string(&msg).expect("encode");
+        self.send_raw(text.as_bytes());
+        self.read_reply()
+    }
+
+    /// Waits for an event named `name` (already received ones count), and removes it.
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return self.events.remove(i);
+            }
+            let v = self
+                .read_value()
+                .unwrap_or_else(|| panic!("QMP closed before event {name}"));
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// Reads whatever remains until the peer closes (used after `quit`).
+    pub fn read_to_end(&mut self) -> String {
+        let mut rest = String::new();
+        let _ = self.reader.read_to_string(&mut rest);
+        rest
+    }
+}

@@ -1,0 +1,249 @@
+//! The lifecycle transcript of the "Managing VMs" guide, against a real citadel process booting
+//! the guest test programs, observed on the serial port, the QMP socket and /proc.
+
+use std::time::Duration;
+
+use citadel_tests::guest_program;
+use citadel_tests::vm::{Qmp, Vm};
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(20);
+
+fn counter_of(line: &str) -> Option<u64> {
+    line.split("counter=").nth(1)?.trim().parse().ok()
+}
+
+fn assert_timestamp(event: &Value) {
+    let ts = &event["timestamp"];
+    assert!(ts["seconds"].as_u64().unwrap() > 1_600_000_000, "{event}");
+    assert!(ts["microseconds"].as_u64().unwrap() < 1_000_000, "{event}");
+}
+
+#[test]
+fn guide_lifecycle_transcript() {
+    let mut vm = Vm::start(&guest_program("counter"), &["-smp", "2", "-m", "64"]);
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    vm.wait_serial("counter=", BOOT);
+
+    let mut qmp = Qmp::connect(&vm.qmp_path, Duration::from_secs(5));
+    assert!(qmp.greeting["QMP"]["version"]["qemu"]["major"].is_u64());
+    assert_eq!(qmp.greeting["QMP"]["version"]["package"], "");
+    assert_eq!(qmp.greeting["QMP"]["capabilities"], json!([]));
+    assert_eq!(qmp.execute("qmp_capabilities", None), json!({"return": {}}));
+
+    assert_eq!(
+        qmp.execute("query-status", None),
+        json!({"return": {"running": true, "singlestep": false, "status": "running"}})
+    );
+
+    // query-cpus: one entry per vCPU, each thread id a real task of the citadel process.
+    let cpus = qmp.execute("query-cpus", None);
+    let list = cpus["return"].as_array().expect("query-cpus list");
+    assert_eq!(list.len(), 2);
+    for (i, cpu) in list.iter().enumerate() {
+        assert_eq!(cpu["CPU"], i);
+        assert_eq!(cpu["arch"], "x86");
+        assert_eq!(cpu["current"], i == 0);
+        assert!(cpu["halted"].is_boolean());
+        assert_eq!(cpu["qom_path"], format!("/machine/unattached/device[{i}]"));
+        assert_eq!(cpu["props"]["core-id"], i);
+        let tid = cpu["thread_id"].as_u64().expect("thread_id");
+        let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", vm.pid()))
+            .expect("vCPU thread id is a task of citadel");
+        assert_eq!(comm.trim(), format!("vcpu{i}"));
+    }
+    let hot = qmp.execute("query-hotpluggable-cpus", None);
+    assert_eq!(hot["return"].as_array().unwrap().len(), 2);
+    assert_eq!(hot["return"][0]["type"], "host-x86-cpu");
+    assert_eq!(hot["return"][0]["vcpus-count"], 1);
+
+    // stop: the STOP event comes before the return, and the guest's counter freezes.
+    qmp.send_raw(br#"{"execute":"stop"}"#);
+    let first = qmp.read_value().unwrap();
+    assert_eq!(first["event"], "STOP", "STOP precedes the reply");
+    assert_timestamp(&first);
+    assert_eq!(qmp.read_reply(), json!({"return": {}}));
+    assert_eq!(
+        qmp.execute("query-status", None),
+        json!({"return": {"running": false, "singlestep": false, "status": "paused"}})
+    );
+    // Lines already in flight may still arrive; after that nothing moves.
+    vm.serial_lines_for(Duration::from_millis(200));
+    let while_paused = vm.serial_lines_for(Duration::from_millis(800));
+    assert!(
+        while_paused.is_empty(),
+        "guest ran while paused: {while_paused:?}"
+    );
+
+    // cont: RESUME, then the counter moves on from where it stopped.
+    qmp.send_raw(br#"{"execute":"cont"}"#);
+    let first = qmp.read_value().unwrap();
+    assert_eq!(first["event"], "RESUME");
+    assert_timestamp(&first);
+    assert_eq!(qmp.read_reply(), json!({"return": {}}));
+    let line = vm.wait_serial("counter=", Duration::from_secs(10));
+    assert!(counter_of(&line).is_some(), "{line}");
+    assert_eq!(
+        qmp.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+
+    // quit: the return, then SHUTDOWN, then the process exits 0.
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    let shutdown = qmp.wait_event("SHUTDOWN");
+    assert_eq!(
+        shutdown["data"],
+        json!({"guest": false, "reason": "host-qmp-quit"})
+    );
+    assert_timestamp(&shutdown);
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!vm.qmp_path.exists(), "QMP socket removed at exit");
+}
+
+#[test]
+fn qmp_protocol_errors_keep_the_connection() {
+    let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    let mut qmp = Qmp::connect(&vm.qmp_path, Duration::from_secs(5));
+
+    // Before negotiation only qmp_capabilities is accepted.
+    let r = qmp.execute("query-status", None);
+    assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+
+    // Two commands in one write, the second split over two writes; numeric and object ids.
+    qmp.send_raw(br#"{"execute":"qmp_capabilities","id":1}{"execute":"query-st"#);
+    assert_eq!(qmp.read_reply(), json!({"return": {}, "id": 1}));
+    qmp.send_raw(br#"atus","id":{"a":[1,2]}}"#);
+    let r = qmp.read_reply();
+    assert_eq!(r["id"], json!({"a": [1, 2]}));
+    assert_eq!(r["return"]["status"], "running");
+
+    // Malformed JSON gets an error and the connection stays usable.
+    qmp.send_raw(b"{\"execute\": nonsense}\n");
+    let r = qmp.read_reply();
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    let r = qmp.execute("query-version", None);
+    assert!(r["return"]["qemu"]["major"].is_u64(), "{r}");
+
+    // Unknown command, unexpected argument.
+    let r = qmp.execute("no-such-command", None);
+    assert_eq!(r["error"]["class"], "CommandNotFound");
+    let r = qmp.execute("query-status", Some(json!({"bogus": 1})));
+    assert_eq!(r["error"]["class"], "GenericError");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("bogus"),
+        "{r}"
+    );
+
+    // query-commands lists what we accept.
+    let r = qmp.execute("query-commands", None);
+    let names: Vec<&str> = r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in ["query-status", "stop", "cont", "quit", "query-cpus"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+
+    // An oversized object is refused without taking the connection down.
+    let mut big = b"{\"execute\":\"query-status\",\"id\":\"".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 1 << 20));
+    big.extend(b"\"}");
+    qmp.send_raw(&big);
+    let r = qmp.read_reply();
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    let r = qmp.execute("query-status", None);
+    assert_eq!(r["return"]["status"], "running", "{r}");
+}
+
+#[test]
+fn events_reach_every_client_and_a_stalled_client_blocks_nothing() {
+    let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    let mut a = Qmp::negotiated(&vm.qmp_path);
+    let mut b = Qmp::negotiated(&vm.qmp_path);
+    // A client that never reads: flood it with commands whose replies pile up.
+    let mut stalled = Qmp::negotiated(&vm.qmp_path);
+    let flood = br#"{"execute":"query-commands"}"#.repeat(4000);
+    let writer = std::thread::spawn(move || {
+        // The VMM drops this client once its unread output passes the cap; the write then
+        // fails, which is expected.
+        let _ = stalled.try_send_raw(&flood);
+    });
+
+    assert_eq!(a.execute("stop", None), json!({"return": {}}));
+    assert_eq!(a.wait_event("STOP")["event"], "STOP");
+    assert_eq!(b.wait_event("STOP")["event"], "STOP");
+    assert_eq!(b.execute("cont", None), json!({"return": {}}));
+    assert_eq!(a.wait_event("RESUME")["event"], "RESUME");
+    assert_eq!(b.wait_event("RESUME")["event"], "RESUME");
+    writer.join().unwrap();
+    assert_eq!(
+        a.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+}
+
+#[test]
+fn guest_reset_ends_the_vm_with_shutdown_event() {
+    let mut vm = Vm::start(&guest_program("reset"), &["-m", "32"]);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    vm.wait_serial("citadel-guest: resetting", BOOT);
+    let ev = qmp.wait_event("SHUTDOWN");
+    assert_eq!(ev["data"], json!({"guest": true, "reason": "guest-reset"}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn kernel_command_line_reaches_the_guest() {
+    let mut vm = Vm::start(
+        &guest_program("cmdline"),
+        &["-m", "32", "-append", "console=ttyS0 citadel.test=42"],
+    );
+    let line = vm.wait_serial("citadel-guest: cmdline=", BOOT);
+    assert!(
+        line.ends_with("cmdline=console=ttyS0 citadel.test=42"),
+        "{line}"
+    );
+}
+
+#[test]
+fn smp_brings_up_every_vcpu() {
+    let mut vm = Vm::start(&guest_program("smp"), &["-m", "32", "-smp", "4"]);
+    let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
+    assert!(line.ends_with("cpus=4"), "{line}");
+    let line = vm.wait_serial("citadel-guest: mptable-cpus=", BOOT);
+    assert!(line.ends_with("mptable-cpus=4"), "{line}");
+}
+
+#[test]
+fn bad_command_lines_fail_before_anything_is_created() {
+    let bin = citadel_tests::binary("citadel");
+    let cases: &[&[&str]] = &[
+        &["-bogus"],
+        &["-machine", "microvm"],
+        &["-machine", "microvm", "-kernel", "/k", "-m", "12X"],
+        &["-machine", "microvm", "-kernel", "/k", "-smp", "0"],
+        &[
+            "-machine",
+            "microvm",
+            "-kernel",
+            "/k",
+            "-qmp",
+            "tcp:1,server",
+        ],
+        &["-machine", "microvm", "-kernel", "/nonexistent/kernel"],
+    ];
+    for args in cases {
+        let out = std::process::Command::new(&bin)
+            .args(*args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("citadel: "), "{args:?}: {err}");
+    }
+}

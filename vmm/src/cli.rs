@@ -1,0 +1,503 @@
+//! Command line in StratoVirt's (and QEMU's) syntax: single-dash options, comma-separated
+//! sub-options, sizes in MiB unless suffixed.
+//!
+//! Everything is validated here, before any resource is created, so that a bad command line
+//! costs nothing and reports one line.
+
+use std::path::PathBuf;
+
+use crate::cpu::CpuTemplate;
+
+/// Largest vCPU count accepted; the MP table and APIC ids are 8-bit.
+pub const MAX_VCPUS: u8 = 254;
+
+/// A parsed and validated command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `-name`: shown in logs.
+    pub name: Option<String>,
+    /// `-kernel`.
+    pub kernel: PathBuf,
+    /// `-initrd`.
+    pub initrd: Option<PathBuf>,
+    /// `-append`.
+    pub cmdline: String,
+    /// `-smp`.
+    pub vcpus: u8,
+    /// `-m`, in bytes.
+    pub mem_bytes: u64,
+    /// `-cpu`.
+    pub cpu_template: CpuTemplate,
+    /// `-qmp unix:PATH,server,nowait`.
+    pub qmp: Option<PathBuf>,
+    /// `-serial`.
+    pub serial: SerialTarget,
+    /// `-D`: log file instead of stderr.
+    pub log_file: Option<PathBuf>,
+    /// `-daemonize`.
+    pub daemonize: bool,
+    /// `-pidfile`.
+    pub pidfile: Option<PathBuf>,
+    /// `-seccomp kill|log`: what a syscall outside a thread's allowlist does.
+    pub seccomp: citadel_seccomp::Mode,
+}
+
+/// Where the COM1 serial port goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    /// The monitor's own stdin/stdout.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Output discarded.
+    None,
+}
+
+/// A command line that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    /// An option nobody knows.
+    #[error("unknown option '{0}' (see `citadel -help`)")]
+    Unknown(String),
+    /// An option given without its value.
+    #[error("option '{0}' needs a value")]
+    MissingValue(String),
+    /// A value that does not parse.
+    #[error("invalid value '{value}' for '{option}': {why}")]
+    Invalid {
+        /// The option.
+        option: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A required option is absent.
+    #[error("missing required option '{0}'")]
+    Required(&'static str),
+    /// A known option or value that Citadel does not implement yet.
+    #[error("{0} is not supported by this version of citadel")]
+    Unsupported(String),
+    /// `-help` was asked for.
+    #[error("help requested")]
+    Help,
+    /// `-version` was asked for.
+    #[error("version requested")]
+    Version,
+}
+
+/// Usage text printed by `-help`.
+pub const USAGE: &str = "\
+usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
+               [-smp N] [-m SIZE] [-cpu host|baseline] [-qmp unix:PATH,server,nowait]
+               [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
+               [-daemonize] [-pidfile PATH] [-seccomp kill|log]
+SIZE is in MiB unless suffixed with K, M or G.";
+
+fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
+    CliError::Invalid {
+        option: option.to_string(),
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Parses a memory size: a plain number is MiB; K, M, G (optionally followed by `B` or `iB`)
+/// are binary multiples.
+pub fn parse_size(option: &str, value: &str) -> Result<u64, CliError> {
+    let trimmed = value.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(split);
+    if digits.is_empty() {
+        return Err(invalid(option, value, "expected a number"));
+    }
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| invalid(option, value, "number out of range"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => 20,
+        "K" | "KB" | "KIB" => 10,
+        "G" | "GB" | "GIB" => 30,
+        _ => {
+            return Err(invalid(
+                option,
+                value,
+                "unknown size suffix (use K, M or G)",
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| invalid(option, value, "size out of range"))
+}
+
+/// Splits `a,b=c,d` into the leading positional part and `key=value` pairs.
+fn split_options(value: &str) -> (&str, Vec<(&str, Option<&str>)>) {
+    let mut parts = value.split(',');
+    let head = parts.next().unwrap_or("");
+    let rest = parts
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (p, None),
+        })
+        .collect();
+    (head, rest)
+}
+
+fn parse_machine(value: &str) -> Result<(), CliError> {
+    let (head, opts) = split_options(value);
+    let mut machine = head;
+    for (key, val) in opts {
+        match (key, val) {
+            ("type", Some(v)) => machine = v,
+            // Accepted for compatibility with StratoVirt command lines; Citadel has no
+            // alternative to either.
+            ("dump-guest-core" | "mem-share", Some(_)) => {}
+            _ => {
+                return Err(invalid(
+                    "-machine",
+                    value,
+                    format!("unknown property '{key}'"),
+                ))
+            }
+        }
+    }
+    match machine {
+        "microvm" => Ok(()),
+        "q35" | "pc" | "standard_vm" => {
+            Err(CliError::Unsupported(format!("machine type '{machine}'")))
+        }
+        _ => Err(invalid(
+            "-machine",
+            value,
+            "unknown machine type (expected microvm)",
+        )),
+    }
+}
+
+fn parse_smp(value: &str) -> Result<u8, CliError> {
+    let (head, opts) = split_options(value);
+    let mut cpus: Option<&str> = (!head.is_empty()).then_some(head);
+    for (key, val) in opts {
+        match (key, val) {
+            ("cpus", Some(v)) => cpus = Some(v),
+            ("maxcpus" | "sockets" | "dies" | "clusters" | "cores" | "threads", Some(v)) => {
+                v.parse::<u32>()
+                    .map_err(|_| invalid("-smp", value, format!("'{key}' must be a number")))?;
+            }
+            _ => return Err(invalid("-smp", value, format!("unknown property '{key}'"))),
+        }
+    }
+    let cpus = cpus.ok_or_else(|| invalid("-smp", value, "no CPU count"))?;
+    let n: u32 = cpus
+        .parse()
+        .map_err(|_| invalid("-smp", value, "expected a CPU count"))?;
+    if n == 0 || n > u32::from(MAX_VCPUS) {
+        return Err(invalid(
+            "-smp",
+            value,
+            format!("CPU count must be between 1 and {MAX_VCPUS}"),
+        ));
+    }
+    Ok(n as u8)
+}
+
+fn parse_qmp(value: &str) -> Result<PathBuf, CliError> {
+    let (head, opts) = split_options(value);
+    let path = head
+        .strip_prefix("unix:")
+        .ok_or_else(|| invalid("-qmp", value, "only unix:PATH sockets are supported"))?;
+    if path.is_empty() {
+        return Err(invalid("-qmp", value, "empty socket path"));
+    }
+    let mut server = false;
+    for (key, val) in opts {
+        match (key, val) {
+            ("server", None | Some("on")) => server = true,
+            ("nowait", None) | ("wait", Some("off")) => {}
+            ("wait", Some("on")) => {
+                return Err(CliError::Unsupported("-qmp with wait=on".to_string()))
+            }
+            _ => return Err(invalid("-qmp", value, format!("unknown property '{key}'"))),
+        }
+    }
+    if !server {
+        return Err(invalid(
+            "-qmp",
+            value,
+            "citadel listens for QMP clients: add ',server,nowait'",
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn parse_serial(value: &str) -> Result<SerialTarget, CliError> {
+    match value {
+        "stdio" => Ok(SerialTarget::Stdio),
+        "none" | "null" => Ok(SerialTarget::None),
+        _ => match value.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialTarget::File(PathBuf::from(path))),
+            _ => Err(invalid(
+                "-serial",
+                value,
+                "expected stdio, file:PATH or none",
+            )),
+        },
+    }
+}
+
+fn non_empty_path(option: &str, value: &str) -> Result<PathBuf, CliError> {
+    if value.is_empty() {
+        return Err(invalid(option, value, "empty path"));
+    }
+    Ok(PathBuf::from(value))
+}
+
+/// Parses the arguments after the program name.
+pub fn parse<I, S>(args: I) -> Result<Config, CliError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut args = args.into_iter().map(Into::into);
+    let mut machine_seen = false;
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut cmdline = String::new();
+    let mut vcpus = 1u8;
+    let mut mem_bytes = 256u64 << 20;
+    let mut cpu_template = CpuTemplate::Host;
+    let mut qmp = None;
+    let mut serial = SerialTarget::None;
+    let mut log_file = None;
+    let mut daemonize = false;
+    let mut pidfile = None;
+    let mut name = None;
+    let mut seccomp = citadel_seccomp::Mode::Kill;
+
+    while let Some(arg) = args.next() {
+        // QEMU accepts `--opt` as well as `-opt`.
+        let option = match arg.strip_prefix("--") {
+            Some(rest) if arg.len() > 2 => format!("-{rest}"),
+            _ => arg.clone(),
+        };
+        let mut value = |opt: &str| {
+            args.next()
+                .ok_or_else(|| CliError::MissingValue(opt.into()))
+        };
+        match option.as_str() {
+            "-h" | "-help" => return Err(CliError::Help),
+            "-version" => return Err(CliError::Version),
+            "-machine" | "-M" => {
+                parse_machine(&value(&option)?)?;
+                machine_seen = true;
+            }
+            "-kernel" => kernel = Some(non_empty_path(&option, &value(&option)?)?),
+            "-initrd" => initrd = Some(non_empty_path(&option, &value(&option)?)?),
+            "-append" => cmdline = value(&option)?,
+            "-smp" => vcpus = parse_smp(&value(&option)?)?,
+            "-m" => {
+                let v = value(&option)?;
+                let (head, opts) = split_options(&v);
+                if let Some((key, _)) = opts.first() {
+                    return Err(invalid("-m", &v, format!("unknown property '{key}'")));
+                }
+                let head = head.strip_prefix("size=").unwrap_or(head);
+                mem_bytes = parse_size("-m", head)?;
+            }
+            "-cpu" => {
+                let v = value(&option)?;
+                cpu_template = v
+                    .parse()
+                    .map_err(|_| invalid("-cpu", &v, "expected host or baseline"))?;
+            }
+            "-qmp" => qmp = Some(parse_qmp(&value(&option)?)?),
+            "-serial" => serial = parse_serial(&value(&option)?)?,
+            "-D" => log_file = Some(non_empty_path(&option, &value(&option)?)?),
+            "-daemonize" => daemonize = true,
+            "-pidfile" => pidfile = Some(non_empty_path(&option, &value(&option)?)?),
+            "-name" => name = Some(value(&option)?),
+            "-seccomp" => {
+                let v = value(&option)?;
+                seccomp = v
+                    .parse()
+                    .map_err(|_| invalid("-seccomp", &v, "expected kill or log"))?;
+            }
+            "-drive" | "-device" | "-netdev" | "-chardev" | "-incoming" | "-object" => {
+                return Err(CliError::Unsupported(format!("option '{option}'")))
+            }
+            _ => return Err(CliError::Unknown(arg)),
+        }
+    }
+
+    if !machine_seen {
+        return Err(CliError::Required("-machine"));
+    }
+    let kernel = kernel.ok_or(CliError::Required("-kernel"))?;
+    if daemonize && serial == SerialTarget::Stdio {
+        return Err(invalid(
+            "-serial",
+            "stdio",
+            "stdio is not available with -daemonize",
+        ));
+    }
+    Ok(Config {
+        name,
+        kernel,
+        initrd,
+        cmdline,
+        vcpus,
+        mem_bytes,
+        cpu_template,
+        qmp,
+        serial,
+        log_file,
+        daemonize,
+        pidfile,
+        seccomp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec!["-machine", "microvm", "-kernel", "/k"]
+    }
+
+    fn with(extra: &[&'static str]) -> Result<Config, CliError> {
+        let mut v = base();
+        v.extend_from_slice(extra);
+        parse(v)
+    }
+
+    #[test]
+    fn guide_command_line() {
+        let c = parse([
+            "-machine",
+            "microvm",
+            "-kernel",
+            "/path/to/kernel",
+            "-append",
+            "console=ttyS0 reboot=k panic=1",
+            "-initrd",
+            "/path/to/initrd",
+            "-smp",
+            "4",
+            "-m",
+            "1024",
+            "-qmp",
+            "unix:/tmp/stratovirt.socket,server,nowait",
+            "-serial",
+            "stdio",
+        ])
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/path/to/kernel"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/path/to/initrd")));
+        assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=1");
+        assert_eq!(c.vcpus, 4);
+        assert_eq!(c.mem_bytes, 1024 << 20);
+        assert_eq!(c.qmp, Some(PathBuf::from("/tmp/stratovirt.socket")));
+        assert_eq!(c.serial, SerialTarget::Stdio);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("-m", "64").unwrap(), 64 << 20);
+        assert_eq!(parse_size("-m", "65536K").unwrap(), 64 << 20);
+        assert_eq!(parse_size("-m", "512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("-m", "2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("-m", "2g").unwrap(), 2 << 30);
+        assert!(parse_size("-m", "").is_err());
+        assert!(parse_size("-m", "12T").is_err());
+        assert!(parse_size("-m", "G").is_err());
+        assert!(parse_size("-m", "-5").is_err());
+        assert!(parse_size("-m", "99999999999999999999").is_err());
+        assert!(parse_size("-m", "17179869184G").is_err());
+        assert_eq!(with(&["-m", "size=128M"]).unwrap().mem_bytes, 128 << 20);
+    }
+
+    #[test]
+    fn smp_forms() {
+        assert_eq!(with(&["-smp", "2"]).unwrap().vcpus, 2);
+        assert_eq!(with(&["-smp", "cpus=3"]).unwrap().vcpus, 3);
+        assert_eq!(with(&["-smp", "2,maxcpus=2,sockets=1"]).unwrap().vcpus, 2);
+        assert!(with(&["-smp", "0"]).is_err());
+        assert!(with(&["-smp", "255"]).is_err());
+        assert!(with(&["-smp", "x"]).is_err());
+        assert!(with(&["-smp", "2,bogus=1"]).is_err());
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        assert_eq!(
+            with(&["-bogus"]).unwrap_err(),
+            CliError::Unknown("-bogus".into())
+        );
+        assert_eq!(
+            with(&["-m"]).unwrap_err(),
+            CliError::MissingValue("-m".into())
+        );
+        assert_eq!(
+            parse(["-kernel", "/k"]).unwrap_err(),
+            CliError::Required("-machine")
+        );
+        assert_eq!(
+            parse(["-machine", "microvm"]).unwrap_err(),
+            CliError::Required("-kernel")
+        );
+        assert!(matches!(
+            with(&["-machine", "q35"]).unwrap_err(),
+            CliError::Unsupported(_)
+        ));
+        assert!(matches!(
+            with(&["-qmp", "tcp:1234,server"]).unwrap_err(),
+            CliError::Invalid { .. }
+        ));
+        assert!(matches!(
+            with(&["-qmp", "unix:/x"]).unwrap_err(),
+            CliError::Invalid { .. }
+        ));
+        assert!(matches!(
+            with(&["-serial", "pty"]).unwrap_err(),
+            CliError::Invalid { .. }
+        ));
+        assert!(matches!(
+            with(&["-cpu", "max"]).unwrap_err(),
+            CliError::Invalid { .. }
+        ));
+        assert!(matches!(
+            with(&["-drive", "file=x,id=y"]).unwrap_err(),
+            CliError::Unsupported(_)
+        ));
+        assert!(with(&["-daemonize", "-serial", "stdio"]).is_err());
+    }
+
+    #[test]
+    fn double_dash_and_misc() {
+        let c = with(&[
+            "--serial",
+            "file:/tmp/s.log",
+            "-name",
+            "vm1",
+            "-D",
+            "/tmp/l",
+            "-pidfile",
+            "/tmp/p",
+            "-daemonize",
+            "-cpu",
+            "baseline",
+            "-seccomp",
+            "log",
+        ])
+        .unwrap();
+        assert_eq!(c.serial, SerialTarget::File("/tmp/s.log".into()));
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        assert!(c.daemonize);
+        assert_eq!(c.cpu_template, CpuTemplate::Baseline);
+        assert_eq!(c.seccomp, citadel_seccomp::Mode::Log);
+    }
+}

@@ -1,0 +1,4 @@
+//! Devices the monitor itself emulates, and the MMIO transport that device processes attach
+//! to. Device I/O itself is served by backend processes.
+
+pub mod legacy;

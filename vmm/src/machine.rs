@@ -1,0 +1,222 @@
+//! The microvm machine: the KVM VM with its in-kernel irqchip and PIT, guest RAM, the boot
+//! image, the legacy devices and one thread per vCPU.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Barrier};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootSource};
+use crate::cpu::{self, CpuTemplate};
+use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
+use crate::memory::{self, GuestRam};
+use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
+
+/// Guest-physical address of the 3-page TSS region KVM needs on Intel hosts; inside the
+/// 32-bit MMIO gap, below the IOAPIC and LAPIC windows.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors while building or driving the machine. Each names the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// /dev/kvm could not be used.
+    #[error("opening /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    /// The running kernel's KVM is too old.
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApi(i32),
+    /// A KVM ioctl failed during setup.
+    #[error("{step}: {source}")]
+    Setup {
+        /// The setup step.
+        step: &'static str,
+        /// What KVM said.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Loading the kernel.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// vCPU configuration.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// vCPU threads.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The process could not be confined before the vCPU threads start.
+    #[error("{0}")]
+    Lockdown(String),
+    /// An eventfd could not be created or duplicated.
+    #[error("creating an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// What the machine is built from.
+pub struct MachineSpec<'a> {
+    /// Kernel, initrd, command line.
+    pub boot: &'a BootSource,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// CPUID template.
+    pub cpu_template: CpuTemplate,
+}
+
+/// How the machine talks back to the event loop.
+pub struct MachineWiring {
+    /// Guest serial output.
+    pub serial_out: SerialOut,
+    /// Signalled when the guest pulses the i8042 reset line.
+    pub reset: EventFd,
+    /// vCPU terminal events.
+    pub events: Sender<VcpuEvent>,
+    /// Signalled after each vCPU event.
+    pub events_ready: EventFd,
+    /// Builds the per-thread lockdown step each vCPU thread runs before entering the guest.
+    pub vcpu_lockdown: Box<dyn Fn(u8) -> ThreadLockdown>,
+    /// Runs once the VM is built and before the vCPU threads exist, so that process-wide
+    /// restrictions (Landlock, no_new_privs) are inherited by every vCPU thread.
+    pub before_vcpu_threads: Box<dyn FnOnce() -> Result<(), String>>,
+}
+
+/// A built machine whose vCPU threads wait to be started.
+pub struct Machine {
+    // Field order is drop order: vCPU threads stop before the VM and memory go away.
+    vcpus: Vec<Vcpu>,
+    devices: Arc<LegacyDevices>,
+    start: Arc<Barrier>,
+    _vm: VmFd,
+    _ram: GuestRam,
+    _kvm: Kvm,
+}
+
+fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Setup { step, source }
+}
+
+impl Machine {
+    /// Creates the VM, loads the kernel and spawns the vCPU threads (parked until
+    /// [`Machine::start`]).
+    pub fn create(spec: &MachineSpec<'_>, wiring: MachineWiring) -> Result<Machine, MachineError> {
+        let kvm = Kvm::new().map_err(MachineError::Kvm)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(MachineError::KvmApi(api));
+        }
+        let vm = kvm.create_vm().map_err(setup("creating the VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(setup("setting the TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(setup("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(setup("creating the PIT"))?;
+
+        let ram = memory::create_guest_ram(spec.mem_bytes)?;
+        memory::register(&vm, &ram)?;
+        let entry = boot::load(&ram.memory, spec.boot, spec.vcpus)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(setup("wiring the serial interrupt"))?;
+        let devices = Arc::new(LegacyDevices::new(
+            serial_irq,
+            wiring.reset,
+            wiring.serial_out,
+        ));
+
+        let mut fds = Vec::with_capacity(usize::from(spec.vcpus));
+        for index in 0..spec.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(setup("creating a vCPU"))?;
+            let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
+            cpu::configure(&fd, &ram.memory, &entry, index, &cpuid)?;
+            fds.push(fd);
+        }
+        (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
+
+        let start = Arc::new(Barrier::new(usize::from(spec.vcpus) + 1));
+        let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
+        for (index, fd) in (0..spec.vcpus).zip(fds) {
+            let ctx = VcpuContext {
+                devices: devices.clone(),
+                events: wiring.events.clone(),
+                events_ready: wiring
+                    .events_ready
+                    .try_clone()
+                    .map_err(MachineError::EventFd)?,
+                start: start.clone(),
+                lockdown: (wiring.vcpu_lockdown)(index),
+            };
+            vcpus.push(Vcpu::spawn(index, fd, ctx)?);
+        }
+        Ok(Machine {
+            vcpus,
+            devices,
+            start,
+            _vm: vm,
+            _ram: ram,
+            _kvm: kvm,
+        })
+    }
+
+    /// Lets every vCPU enter the guest.
+    pub fn start(&self) {
+        self.start.wait();
+    }
+
+    /// Stops every vCPU; returns once none is executing guest code.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        for v in &self.vcpus {
+            if let Err(e) = v.pause() {
+                // Leave no vCPU half-stopped: a failed stop resumes the ones already paused.
+                self.resume();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.resume();
+        }
+    }
+
+    /// Thread ids and halted state of every vCPU.
+    pub fn vcpu_info(&self) -> Result<Vec<VcpuInfo>, VcpuError> {
+        self.vcpus.iter().map(Vcpu::info).collect()
+    }
+
+    /// Host thread ids of the vCPUs, in index order.
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        self.vcpus.iter().map(Vcpu::tid).collect()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The legacy devices (for serial input).
+    pub fn devices(&self) -> &LegacyDevices {
+        &self.devices
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        self.devices.flush_serial();
+    }
+}

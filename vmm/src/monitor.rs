@@ -1,0 +1,441 @@
+//! The monitor: owns the machine and its run state, executes QMP commands, and runs the event
+//! loop that serves QMP clients, serial input, guest reset requests, vCPU events and host
+//! signals on one thread.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use citadel_qmp::command::{command_names, Command, Request};
+use citadel_qmp::error::QmpError;
+use citadel_qmp::event::{Event, ShutdownReason};
+use citadel_qmp::reply::{
+    CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, VersionInfo,
+};
+use serde_json::Value;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::machine::Machine;
+use crate::qmp_server::{QmpServer, Response, VERSION};
+use crate::vcpu::VcpuEvent;
+
+const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_RESET: u64 = 2;
+const TOKEN_VCPU: u64 = 3;
+const TOKEN_STDIN: u64 = 4;
+const TOKEN_QMP_LISTENER: u64 = 5;
+const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
+
+/// How long queued QMP output may take to drain at exit.
+const EXIT_DRAIN: Duration = Duration::from_millis(200);
+
+/// Why the VM ended; decides the exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// `quit` over QMP.
+    Quit,
+    /// SIGTERM, SIGINT or SIGHUP.
+    Signal(i32),
+    /// The guest reset or powered off the machine.
+    Guest(ShutdownReason),
+    /// KVM could not run the guest.
+    Fatal(String),
+}
+
+impl ExitReason {
+    /// The process exit code: 0 for orderly ends, 1 when the VM failed.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::Fatal(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// Errors that stop the event loop itself.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// epoll or an eventfd failed.
+    #[error("event loop: {0}")]
+    Io(#[from] std::io::Error),
+    /// The QMP socket could not be set up.
+    #[error(transparent)]
+    Qmp(#[from] crate::qmp_server::ServerError),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_exit_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    LAST_SIGNAL.store(num, Ordering::SeqCst);
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live local of the right
+        // size; the eventfd outlives the handler's registration (it is owned by the Monitor
+        // for the life of the process).
+        unsafe {
+            libc::write(fd, (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+/// The event loop's sources, created before the machine so that the machine can be wired
+/// to them.
+pub struct Channels {
+    /// Signalled on guest reset (i8042).
+    pub reset: EventFd,
+    /// Signalled when a vCPU event is queued.
+    pub vcpu_ready: EventFd,
+    /// Host signal notifications.
+    signal: EventFd,
+}
+
+impl Channels {
+    /// Creates the eventfds.
+    pub fn new() -> Result<Channels, MonitorError> {
+        Ok(Channels {
+            reset: EventFd::new(libc::EFD_NONBLOCK)?,
+            vcpu_ready: EventFd::new(libc::EFD_NONBLOCK)?,
+            signal: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+}
+
+/// The monitor and its event loop.
+pub struct Monitor {
+    machine: Machine,
+    state: RunState,
+    exit: Option<ExitReason>,
+    epoll: Epoll,
+    qmp: Option<QmpServer>,
+    channels: Channels,
+    vcpu_events: Receiver<VcpuEvent>,
+    stdin: Option<RawFd>,
+    pending_input: Vec<u8>,
+}
+
+impl Monitor {
+    /// Sets up the event loop around a built machine. `qmp_path` is where clients connect;
+    /// `serial_stdin` says whether host stdin feeds the guest's UART.
+    pub fn new(
+        machine: Machine,
+        channels: Channels,
+        vcpu_events: Receiver<VcpuEvent>,
+        qmp: Option<(QmpServer, Epoll)>,
+        serial_stdin: bool,
+    ) -> Result<Monitor, MonitorError> {
+        let (qmp, epoll) = match qmp {
+            Some((server, epoll)) => (Some(server), epoll),
+            None => (None, Epoll::new()?),
+        };
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(channels.signal.as_raw_fd(), TOKEN_SIGNAL)?;
+        add(channels.reset.as_raw_fd(), TOKEN_RESET)?;
+        add(channels.vcpu_ready.as_raw_fd(), TOKEN_VCPU)?;
+        let stdin = if serial_stdin {
+            // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
+            match add(libc::STDIN_FILENO, TOKEN_STDIN) {
+                Ok(()) => Some(libc::STDIN_FILENO),
+                Err(e) => {
+                    log::debug!("serial input disabled: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        SIGNAL_FD.store(channels.signal.as_raw_fd(), Ordering::SeqCst);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            vmm_sys_util::signal::register_signal_handler(sig, on_exit_signal)
+                .map_err(MonitorError::Signal)?;
+        }
+        Ok(Monitor {
+            machine,
+            state: RunState::Running,
+            exit: None,
+            epoll,
+            qmp,
+            channels,
+            vcpu_events,
+            stdin,
+            pending_input: Vec::new(),
+        })
+    }
+
+    /// Creates the epoll set and binds the QMP socket in it; done before the machine exists
+    /// so that a bad socket path fails early.
+    pub fn bind_qmp(path: &std::path::Path) -> Result<(QmpServer, Epoll), MonitorError> {
+        let epoll = Epoll::new()?;
+        let server = QmpServer::bind(path, &epoll, TOKEN_QMP_LISTENER, TOKEN_QMP_FIRST_CLIENT)?;
+        Ok((server, epoll))
+    }
+
+    /// Starts the guest and serves events until the VM ends.
+    pub fn run(mut self) -> Result<ExitReason, MonitorError> {
+        self.machine.start();
+        let mut events = vec![EpollEvent::default(); 32];
+        while self.exit.is_none() {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for ev in &events[..n] {
+                self.dispatch(ev.data(), ev.event_set());
+                if self.exit.is_some() {
+                    break;
+                }
+            }
+        }
+        let reason = self.exit.take().unwrap_or(ExitReason::Quit);
+        self.finish(&reason);
+        Ok(reason)
+    }
+
+    fn dispatch(&mut self, token: u64, set: EventSet) {
+        match token {
+            TOKEN_SIGNAL => {
+                // Drain the counter; the value is irrelevant.
+                let _ = self.channels.signal.read();
+                let sig = LAST_SIGNAL.load(Ordering::SeqCst);
+                log::info!("signal {sig}: shutting down");
+                self.end(
+                    ExitReason::Signal(sig),
+                    Event::shutdown(false, ShutdownReason::HostSignal),
+                );
+            }
+            TOKEN_RESET => {
+                let _ = self.channels.reset.read();
+                log::info!("guest requested a reset through the i8042");
+                self.end(
+                    ExitReason::Guest(ShutdownReason::GuestReset),
+                    Event::shutdown(true, ShutdownReason::GuestReset),
+                );
+            }
+            TOKEN_VCPU => {
+                let _ = self.channels.vcpu_ready.read();
+                while let Ok(ev) = self.vcpu_events.try_recv() {
+                    self.on_vcpu_event(ev);
+                }
+            }
+            TOKEN_STDIN => self.on_stdin(set),
+            _ => {
+                let Some(server) = self.qmp.as_mut() else {
+                    return;
+                };
+                if server.owns(token) {
+                    let machine = &self.machine;
+                    let state = &mut self.state;
+                    let exit = &mut self.exit;
+                    server.on_ready(&self.epoll, token, set, &mut |req| {
+                        execute(machine, state, exit, req)
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_vcpu_event(&mut self, ev: VcpuEvent) {
+        match ev {
+            VcpuEvent::GuestReset => self.end(
+                ExitReason::Guest(ShutdownReason::GuestReset),
+                Event::shutdown(true, ShutdownReason::GuestReset),
+            ),
+            VcpuEvent::GuestShutdown => self.end(
+                ExitReason::Guest(ShutdownReason::GuestShutdown),
+                Event::shutdown(true, ShutdownReason::GuestShutdown),
+            ),
+            VcpuEvent::Fatal { index, reason } => {
+                log::error!("vCPU {index}: {reason}");
+                self.end(
+                    ExitReason::Fatal(format!("vCPU {index}: {reason}")),
+                    Event::shutdown(true, ShutdownReason::GuestPanic),
+                );
+            }
+        }
+    }
+
+    fn end(&mut self, reason: ExitReason, event: Event) {
+        if self.exit.is_some() {
+            return;
+        }
+        if let Some(server) = self.qmp.as_mut() {
+            server.broadcast(&event);
+        }
+        self.exit = Some(reason);
+    }
+
+    fn on_stdin(&mut self, set: EventSet) {
+        let Some(fd) = self.stdin else { return };
+        if set.intersects(EventSet::IN) && self.pending_input.is_empty() {
+            let mut buf = [0u8; 64];
+            // SAFETY: fd 0 stays open for the life of the process; ManuallyDrop keeps the
+            // temporary File from closing it.
+            let mut file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    self.stop_stdin();
+                    return;
+                }
+                Ok(n) => self.pending_input.extend_from_slice(&buf[..n]),
+            }
+        } else if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            self.stop_stdin();
+            return;
+        }
+        let taken = self.machine.devices().serial_input(&self.pending_input);
+        self.pending_input.drain(..taken);
+    }
+
+    fn stop_stdin(&mut self) {
+        if let Some(fd) = self.stdin.take() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    fn finish(&mut self, reason: &ExitReason) {
+        log::info!("VM ends: {reason:?}");
+        self.machine.shutdown();
+        if let Some(server) = self.qmp.as_mut() {
+            server.flush_all(&self.epoll);
+            server.drain(EXIT_DRAIN);
+        }
+    }
+}
+
+/// Executes one negotiated QMP command.
+fn execute(
+    machine: &Machine,
+    state: &mut RunState,
+    exit: &mut Option<ExitReason>,
+    req: &Request,
+) -> Response {
+    match &req.command {
+        Command::QmpCapabilities { .. } => Response::reply(Ok(Value::Object(Default::default()))),
+        Command::QueryStatus => Response::reply(to_value(&StatusInfo {
+            running: *state == RunState::Running,
+            singlestep: false,
+            status: *state,
+        })),
+        Command::QueryCpus => Response::reply(
+            machine
+                .vcpu_info()
+                .map_err(|e| QmpError::generic(e.to_string()))
+                .and_then(|infos| {
+                    let cpus: Vec<CpuInfo> = infos
+                        .iter()
+                        .map(|i| CpuInfo {
+                            cpu: u32::from(i.index),
+                            arch: "x86".to_string(),
+                            current: i.index == 0,
+                            halted: i.halted,
+                            props: props(i.index),
+                            qom_path: qom_path(i.index),
+                            thread_id: i.tid,
+                        })
+                        .collect();
+                    to_value(&cpus)
+                }),
+        ),
+        Command::QueryHotpluggableCpus => {
+            let cpus: Vec<HotpluggableCpu> = (0..machine.vcpu_count() as u8)
+                .map(|i| HotpluggableCpu {
+                    props: props(i),
+                    qom_path: qom_path(i),
+                    cpu_type: "host-x86-cpu".to_string(),
+                    vcpus_count: 1,
+                })
+                .collect();
+            Response::reply(to_value(&cpus))
+        }
+        Command::Stop => {
+            if *state != RunState::Running {
+                return Response::reply(Ok(empty()));
+            }
+            match machine.pause() {
+                Ok(()) => {
+                    *state = RunState::Paused;
+                    Response {
+                        events_before: vec![Event::stop()],
+                        result: Ok(empty()),
+                        events_after: Vec::new(),
+                    }
+                }
+                Err(e) => Response::reply(Err(QmpError::generic(e.to_string()))),
+            }
+        }
+        Command::Cont => {
+            if *state != RunState::Paused {
+                return Response::reply(Ok(empty()));
+            }
+            machine.resume();
+            *state = RunState::Running;
+            Response {
+                events_before: vec![Event::resume()],
+                result: Ok(empty()),
+                events_after: Vec::new(),
+            }
+        }
+        Command::Quit => {
+            *exit = Some(ExitReason::Quit);
+            Response {
+                events_before: Vec::new(),
+                result: Ok(empty()),
+                events_after: vec![Event::shutdown(false, ShutdownReason::HostQmpQuit)],
+            }
+        }
+        Command::SystemReset => Response::reply(Err(QmpError::generic(
+            "system_reset is not supported by citadel yet: a guest reset ends the VM",
+        ))),
+        Command::QueryVersion => {
+            let (major, minor, micro) = VERSION;
+            Response::reply(to_value(&VersionInfo::new(major, minor, micro)))
+        }
+        Command::QueryCommands => {
+            let list: Vec<CommandInfo> = command_names()
+                .iter()
+                .map(|n| CommandInfo {
+                    name: (*n).to_string(),
+                })
+                .collect();
+            Response::reply(to_value(&list))
+        }
+    }
+}
+
+fn empty() -> Value {
+    Value::Object(Default::default())
+}
+
+fn props(index: u8) -> CpuProps {
+    CpuProps {
+        core_id: u32::from(index),
+        socket_id: 0,
+        thread_id: 0,
+    }
+}
+
+fn qom_path(index: u8) -> String {
+    format!("/machine/unattached/device[{index}]")
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, QmpError> {
+    serde_json::to_value(v).map_err(|e| QmpError::generic(format!("encoding reply: {e}")))
+}

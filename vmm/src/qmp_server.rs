@@ -1,0 +1,406 @@
+//! The QMP server: a Unix socket listener, any number of clients, non-blocking I/O driven by
+//! the event loop's epoll.
+//!
+//! Protocol handling (framing, negotiation, parsing, reply shapes) is the `citadel-qmp`
+//! crate's; this module only moves bytes. A client that stops reading never blocks the VMM:
+//! its pending output is capped and the client is dropped when it overflows. Events raised
+//! while no client is negotiated are kept (bounded) and delivered to the next client that
+//! negotiates, so a `SHUTDOWN` or `STOP` is not lost between two connections.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use citadel_qmp::command::Request;
+use citadel_qmp::error::QmpError;
+use citadel_qmp::event::Event;
+use citadel_qmp::framing::Decoder;
+use citadel_qmp::session::{Outcome, Session};
+use citadel_qmp::{greeting, reply};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// Largest JSON object a client may send.
+const MAX_OBJECT_BYTES: usize = 256 * 1024;
+/// Largest amount of unsent output kept for one client before it is dropped.
+const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
+/// Events kept while no client is negotiated.
+const MAX_BACKLOG_EVENTS: usize = 128;
+/// Read chunk.
+const READ_CHUNK: usize = 16 * 1024;
+/// Version reported in the greeting and by `query-version`.
+pub const VERSION: (u32, u32, u32) = (0, 1, 0);
+
+/// What the VMM does with one command.
+pub struct Response {
+    /// Events raised before the reply is sent (QEMU sends `STOP` before `stop`'s return).
+    pub events_before: Vec<Event>,
+    /// The reply.
+    pub result: Result<serde_json::Value, QmpError>,
+    /// Events raised after the reply (`SHUTDOWN` follows `quit`'s return).
+    pub events_after: Vec<Event>,
+}
+
+impl Response {
+    /// A reply with no events.
+    pub fn reply(result: Result<serde_json::Value, QmpError>) -> Self {
+        Response {
+            events_before: Vec::new(),
+            result,
+            events_after: Vec::new(),
+        }
+    }
+}
+
+/// Errors of the QMP listener itself (clients' errors only drop that client).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path is taken by something that is not a socket.
+    #[error("QMP socket {path}: exists and is not a socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Creating or registering the listener failed.
+    #[error("QMP socket {path}: {source}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+}
+
+struct Client {
+    stream: UnixStream,
+    decoder: Decoder,
+    session: Session,
+    out: VecDeque<u8>,
+    want_write: bool,
+}
+
+/// The listener and its clients. Epoll tokens at or above `first_token` belong to clients.
+pub struct QmpServer {
+    listener: UnixListener,
+    path: PathBuf,
+    listener_token: u64,
+    next_token: u64,
+    clients: BTreeMap<u64, Client>,
+    backlog: VecDeque<String>,
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted
+}
+
+impl QmpServer {
+    /// Binds `path` (replacing a stale socket there, as QEMU does) and registers the listener
+    /// with `epoll` under `listener_token`; clients get tokens from `first_client_token` up.
+    pub fn bind(
+        path: &Path,
+        epoll: &Epoll,
+        listener_token: u64,
+        first_client_token: u64,
+    ) -> Result<QmpServer, ServerError> {
+        let err = |source| ServerError::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+            Ok(_) => {
+                return Err(ServerError::NotASocket {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(err)?;
+        listener.set_nonblocking(true).map_err(err)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, listener_token),
+            )
+            .map_err(err)?;
+        Ok(QmpServer {
+            listener,
+            path: path.to_path_buf(),
+            listener_token,
+            next_token: first_client_token,
+            clients: BTreeMap::new(),
+            backlog: VecDeque::new(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `token` is the listener's or one of the clients'.
+    pub fn owns(&self, token: u64) -> bool {
+        token == self.listener_token || self.clients.contains_key(&token)
+    }
+
+    /// Handles readiness of the listener or of a client. `handle` executes a command.
+    pub fn on_ready(
+        &mut self,
+        epoll: &Epoll,
+        token: u64,
+        events: EventSet,
+        handle: &mut dyn FnMut(&Request) -> Response,
+    ) {
+        if token == self.listener_token {
+            self.accept_all(epoll);
+            return;
+        }
+        let mut drop_it = events.intersects(EventSet::ERROR);
+        if events.contains(EventSet::OUT) {
+            drop_it |= !self.flush_client(epoll, token);
+        }
+        if !drop_it && events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP)
+        {
+            drop_it = !self.read_client(epoll, token, handle);
+        }
+        if drop_it {
+            self.drop_client(epoll, token);
+        }
+    }
+
+    fn accept_all(&mut self, epoll: &Epoll) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if would_block(&e) => return,
+                Err(e) => {
+                    log::warn!("QMP accept: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("QMP client: {e}");
+                continue;
+            }
+            let token = self.next_token;
+            self.next_token += 1;
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                stream.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, token),
+            ) {
+                log::warn!("QMP client: {e}");
+                continue;
+            }
+            let mut client = Client {
+                stream,
+                decoder: Decoder::new(MAX_OBJECT_BYTES),
+                session: Session::new(),
+                out: VecDeque::new(),
+                want_write: false,
+            };
+            let (major, minor, micro) = VERSION;
+            client
+                .out
+                .extend(greeting::greeting(major, minor, micro).as_bytes());
+            self.clients.insert(token, client);
+            log::debug!("QMP client {token} connected");
+            if !self.flush_client(epoll, token) {
+                self.drop_client(epoll, token);
+            }
+        }
+    }
+
+    /// Reads what the client sent and answers it. Returns false when the client is gone.
+    fn read_client(
+        &mut self,
+        epoll: &Epoll,
+        token: u64,
+        handle: &mut dyn FnMut(&Request) -> Response,
+    ) -> bool {
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            let Some(client) = self.clients.get_mut(&token) else {
+                return false;
+            };
+            let n = match client.stream.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => n,
+                Err(e) if would_block(&e) => return true,
+                Err(e) => {
+                    log::debug!("QMP client {token}: {e}");
+                    return false;
+                }
+            };
+            let frames = client.decoder.feed(&buf[..n]);
+            for frame in frames {
+                let Some(client) = self.clients.get_mut(&token) else {
+                    return false;
+                };
+                let was_negotiated = client.session.negotiated();
+                match client.session.handle(frame) {
+                    Outcome::Reply(line) => {
+                        client.out.extend(line.as_bytes());
+                        if !was_negotiated && client.session.negotiated() {
+                            let backlog: Vec<String> = self.backlog.drain(..).collect();
+                            if let Some(c) = self.clients.get_mut(&token) {
+                                for line in backlog {
+                                    c.out.extend(line.as_bytes());
+                                }
+                            }
+                        }
+                    }
+                    Outcome::Dispatch(request) => {
+                        let response = handle(&request);
+                        for event in &response.events_before {
+                            self.broadcast(event);
+                        }
+                        let line = match &response.result {
+                            Ok(value) => reply::success(request.id.as_ref(), value.clone()),
+                            Err(err) => reply::error(request.id.as_ref(), err),
+                        };
+                        if let Some(c) = self.clients.get_mut(&token) {
+                            c.out.extend(line.as_bytes());
+                        }
+                        for event in &response.events_after {
+                            self.broadcast(event);
+                        }
+                    }
+                }
+            }
+            if !self.flush_all(epoll) {
+                return self.clients.contains_key(&token);
+            }
+        }
+    }
+
+    /// Queues `event` for every negotiated client, or for the backlog when there is none.
+    pub fn broadcast(&mut self, event: &Event) {
+        let line = event.to_line(SystemTime::now());
+        let mut delivered = false;
+        for client in self.clients.values_mut() {
+            if client.session.negotiated() {
+                client.out.extend(line.as_bytes());
+                delivered = true;
+            }
+        }
+        if !delivered {
+            if self.backlog.len() == MAX_BACKLOG_EVENTS {
+                self.backlog.pop_front();
+            }
+            self.backlog.push_back(line);
+        }
+    }
+
+    /// Writes pending output of every client, dropping those that overflow or fail.
+    /// Returns false if any client was dropped.
+    pub fn flush_all(&mut self, epoll: &Epoll) -> bool {
+        let tokens: Vec<u64> = self.clients.keys().copied().collect();
+        let mut all_ok = true;
+        for token in tokens {
+            if !self.flush_client(epoll, token) {
+                self.drop_client(epoll, token);
+                all_ok = false;
+            }
+        }
+        all_ok
+    }
+
+    /// Writes as much pending output as the socket takes. Returns false when the client must
+    /// be dropped.
+    fn flush_client(&mut self, epoll: &Epoll, token: u64) -> bool {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return false;
+        };
+        while !client.out.is_empty() {
+            let (front, _) = client.out.as_slices();
+            match client.stream.write(front) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    client.out.drain(..n);
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    log::debug!("QMP client {token}: {e}");
+                    return false;
+                }
+            }
+        }
+        if client.out.len() > MAX_PENDING_OUTPUT {
+            log::warn!(
+                "QMP client {token} is not reading its replies ({} bytes pending): disconnecting it",
+                client.out.len()
+            );
+            return false;
+        }
+        let want_write = !client.out.is_empty();
+        if want_write != client.want_write {
+            let mut set = EventSet::IN | EventSet::READ_HANG_UP;
+            if want_write {
+                set |= EventSet::OUT;
+            }
+            if epoll
+                .ctl(
+                    ControlOperation::Modify,
+                    client.stream.as_raw_fd(),
+                    EpollEvent::new(set, token),
+                )
+                .is_err()
+            {
+                return false;
+            }
+            client.want_write = want_write;
+        }
+        true
+    }
+
+    fn drop_client(&mut self, epoll: &Epoll, token: u64) {
+        if let Some(client) = self.clients.remove(&token) {
+            // The fd is closed right after; a failed removal changes nothing.
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                client.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            log::debug!("QMP client {token} disconnected");
+        }
+    }
+
+    /// Tries, for at most `limit`, to deliver everything still queued (used before exit so
+    /// that the reply to `quit` and the `SHUTDOWN` event reach the clients).
+    pub fn drain(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for client in self.clients.values_mut() {
+            // Blocking writes with a timeout: the process is about to exit anyway.
+            if client.stream.set_nonblocking(false).is_err() {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || client
+                    .stream
+                    .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+                    .is_err()
+            {
+                continue;
+            }
+            let pending: Vec<u8> = client.out.drain(..).collect();
+            if let Err(e) = client.stream.write_all(&pending) {
+                log::debug!("QMP: undelivered output at exit: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for QmpServer {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::debug!("removing {}: {e}", self.path.display());
+        }
+    }
+}

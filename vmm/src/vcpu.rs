@@ -1,0 +1,458 @@
+//! vCPU threads: one host thread per vCPU, running `KVM_RUN` and dispatching its exits, with
+//! a control point between runs where the thread can be paused, queried or told to exit.
+//!
+//! The controller (the event loop) never touches a vCPU fd: it sets a request in the shared
+//! state and kicks the thread with a signal, which makes `KVM_RUN` return `EINTR`. Because a
+//! kick can land just before the thread enters `KVM_RUN` (and a halted guest may then sleep
+//! there indefinitely), the controller repeats the kick until the thread acknowledges.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Barrier, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MP_STATE_HALTED;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::legacy::LegacyDevices;
+
+/// How long one kick waits for an acknowledgement before kicking again.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// How long a controller request may take before it is reported as failed.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+// KVM_SYSTEM_EVENT_* types of a KVM_EXIT_SYSTEM_EVENT.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// The signal that kicks a vCPU out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: being delivered is what interrupts KVM_RUN.
+}
+
+/// Installs the kick handler. Must run once before any vCPU thread starts.
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::Signal)
+}
+
+/// Something a vCPU thread reports to the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest asked for a reset (i8042 is reported separately; this is a triple fault or
+    /// a PSCI-style system event).
+    GuestReset,
+    /// The guest powered off.
+    GuestShutdown,
+    /// KVM could not run the guest any more.
+    Fatal {
+        /// Which vCPU.
+        index: u8,
+        /// What happened, one line.
+        reason: String,
+    },
+}
+
+/// Errors of vCPU management.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("registering the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// The vCPU thread could not be created.
+    #[error("spawning vCPU {index} thread: {source}")]
+    Spawn {
+        /// Which vCPU.
+        index: u8,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A vCPU did not acknowledge a request in time.
+    #[error("vCPU {index} did not {what} within {REQUEST_DEADLINE:?}")]
+    Timeout {
+        /// Which vCPU.
+        index: u8,
+        /// The request.
+        what: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Exit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Starting,
+    Running,
+    Paused,
+    Exited,
+}
+
+#[derive(Debug)]
+struct State {
+    want: Want,
+    at: At,
+    tid: i32,
+    halted: bool,
+    refresh_wanted: u64,
+    refresh_done: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A step a thread runs on itself before it handles untrusted input (installing its seccomp
+/// filter); the error is one line for the user.
+pub type ThreadLockdown = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// What a vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    /// Port-I/O devices.
+    pub devices: Arc<LegacyDevices>,
+    /// Where terminal events go.
+    pub events: Sender<VcpuEvent>,
+    /// Signalled whenever an event is sent, to wake the event loop.
+    pub events_ready: EventFd,
+    /// Released by the controller once every thread may enter the guest.
+    pub start: Arc<Barrier>,
+    /// Runs on the thread after `start` and before the first `KVM_RUN`: it installs the
+    /// thread's seccomp filter. A failure stops the VM before any guest instruction runs.
+    pub lockdown: ThreadLockdown,
+}
+
+/// The controller's handle on one vCPU thread.
+pub struct Vcpu {
+    index: u8,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A snapshot of one vCPU for `query-cpus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuInfo {
+    /// vCPU index.
+    pub index: u8,
+    /// Host thread id.
+    pub tid: i32,
+    /// Whether the vCPU is in the halted state (waiting for an interrupt).
+    pub halted: bool,
+}
+
+impl Vcpu {
+    /// Starts the thread for `fd`. It waits on `ctx.start` before entering the guest.
+    pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<Vcpu, VcpuError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                want: Want::Run,
+                at: At::Starting,
+                tid: 0,
+                halted: false,
+                refresh_wanted: 0,
+                refresh_done: 0,
+            }),
+            cond: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || thread_main(index, fd, ctx, &thread_shared))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        let vcpu = Vcpu {
+            index,
+            shared,
+            thread: Some(thread),
+        };
+        // The thread id must be known before anyone can ask for it.
+        let mut st = vcpu.shared.lock();
+        while st.tid == 0 && st.at != At::Exited {
+            st = vcpu.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(st);
+        Ok(vcpu)
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread_t comes from a JoinHandle we still hold, so the thread has
+            // not been joined and the id is valid; the kick signal has a handler installed
+            // (register_kick_handler) so it cannot terminate the process.
+            unsafe {
+                libc::pthread_kill(t.as_pthread_t(), kick_signal());
+            }
+        }
+    }
+
+    /// Kicks until `done` holds or the deadline passes.
+    fn wait_until(
+        &self,
+        what: &'static str,
+        done: impl Fn(&State) -> bool,
+    ) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut st = self.shared.lock();
+        while !done(&st) {
+            if st.at == At::Exited {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VcpuError::Timeout {
+                    index: self.index,
+                    what,
+                });
+            }
+            drop(st);
+            self.kick();
+            st = self.shared.lock();
+            if done(&st) {
+                break;
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, KICK_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Stops the vCPU and returns once it is out of the guest.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.shared.lock().want = Want::Pause;
+        self.wait_until("pause", |s| s.at == At::Paused)
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let mut st = self.shared.lock();
+        if st.want == Want::Pause {
+            st.want = Want::Run;
+            self.shared.cond.notify_all();
+        }
+    }
+
+    /// The vCPU's thread id and current halted state (refreshed from KVM).
+    pub fn info(&self) -> Result<VcpuInfo, VcpuError> {
+        let wanted = {
+            let mut st = self.shared.lock();
+            st.refresh_wanted += 1;
+            self.shared.cond.notify_all();
+            st.refresh_wanted
+        };
+        self.wait_until("report its state", |s| s.refresh_done >= wanted)?;
+        let st = self.shared.lock();
+        Ok(VcpuInfo {
+            index: self.index,
+            tid: st.tid,
+            halted: st.halted,
+        })
+    }
+
+    /// The host thread id.
+    pub fn tid(&self) -> i32 {
+        self.shared.lock().tid
+    }
+
+    /// Tells the thread to leave and joins it.
+    pub fn stop(&mut self) {
+        self.shared.lock().want = Want::Exit;
+        self.shared.cond.notify_all();
+        if let Err(e) = self.wait_until("exit", |s| s.at == At::Exited) {
+            log::warn!("{e}");
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("vCPU {} thread panicked", self.index);
+            }
+        }
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+fn is_halted(fd: &VcpuFd) -> bool {
+    fd.get_mp_state()
+        .map(|s| s.mp_state == KVM_MP_STATE_HALTED)
+        .unwrap_or(false)
+}
+
+/// The control point: handles state refreshes, parks while paused, and says whether to exit.
+fn control_point(fd: &VcpuFd, shared: &Shared) -> bool {
+    let mut st = shared.lock();
+    loop {
+        if st.refresh_done < st.refresh_wanted {
+            st.halted = is_halted(fd);
+            st.refresh_done = st.refresh_wanted;
+            shared.cond.notify_all();
+        }
+        match st.want {
+            Want::Exit => return false,
+            Want::Run => {
+                st.at = At::Running;
+                return true;
+            }
+            Want::Pause => {
+                if st.at != At::Paused {
+                    st.halted = is_halted(fd);
+                    st.at = At::Paused;
+                    shared.cond.notify_all();
+                }
+                st = shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+}
+
+/// Outcome of one KVM_RUN.
+enum Step {
+    Continue,
+    Stop(VcpuEvent),
+}
+
+fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices) -> Step {
+    match fd.run() {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            devices.pio_write(port, data);
+            Step::Continue
+        }
+        Ok(VcpuExit::IoIn(port, data)) => {
+            devices.pio_read(port, data);
+            Step::Continue
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            log::debug!("vCPU {index}: read of unmapped MMIO {addr:#x}");
+            data.fill(0xff);
+            Step::Continue
+        }
+        Ok(VcpuExit::MmioWrite(addr, _)) => {
+            log::debug!("vCPU {index}: write to unmapped MMIO {addr:#x}");
+            Step::Continue
+        }
+        Ok(VcpuExit::Shutdown) => {
+            // A triple fault: on a PC this resets the machine.
+            log::info!("vCPU {index}: triple fault, treating it as a reset request");
+            Step::Stop(VcpuEvent::GuestReset)
+        }
+        Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+            SYSTEM_EVENT_SHUTDOWN => Step::Stop(VcpuEvent::GuestShutdown),
+            SYSTEM_EVENT_RESET => Step::Stop(VcpuEvent::GuestReset),
+            other => {
+                log::warn!("vCPU {index}: ignoring system event {other}");
+                Step::Continue
+            }
+        },
+        Ok(VcpuExit::Hlt) => Step::Continue,
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(VcpuEvent::Fatal {
+            index,
+            reason: format!("KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+        }),
+        Ok(VcpuExit::InternalError) => {
+            let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` member
+            // of the kvm_run union is the one KVM filled in.
+            let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            Step::Stop(VcpuEvent::Fatal {
+                index,
+                reason: format!("KVM internal error, suberror {suberror}, rip {rip:#x}"),
+            })
+        }
+        Ok(other) => {
+            log::warn!("vCPU {index}: unhandled exit {other:?}");
+            Step::Continue
+        }
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            fd.set_kvm_immediate_exit(0);
+            Step::Continue
+        }
+        Err(e) => Step::Stop(VcpuEvent::Fatal {
+            index,
+            reason: format!("KVM_RUN failed: {e}"),
+        }),
+    }
+}
+
+fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
+    {
+        let mut st = shared.lock();
+        st.tid = current_tid();
+        shared.cond.notify_all();
+    }
+    ctx.start.wait();
+    let VcpuContext {
+        devices,
+        events,
+        events_ready,
+        start: _,
+        lockdown,
+    } = ctx;
+    if let Err(reason) = lockdown() {
+        send_event(&events, &events_ready, VcpuEvent::Fatal { index, reason });
+        park_until_exit(shared);
+        return;
+    }
+    while control_point(&fd, shared) {
+        if let Step::Stop(event) = run_once(index, &mut fd, &devices) {
+            send_event(&events, &events_ready, event);
+            park_until_exit(shared);
+            break;
+        }
+    }
+    let mut st = shared.lock();
+    st.at = At::Exited;
+    shared.cond.notify_all();
+}
+
+fn send_event(events: &Sender<VcpuEvent>, ready: &EventFd, event: VcpuEvent) {
+    if events.send(event).is_ok() {
+        if let Err(e) = ready.write(1) {
+            log::error!("waking the event loop: {e}");
+        }
+    }
+}
+
+/// After a terminal event the guest must not run again; the thread waits to be told to exit
+/// while still answering state queries.
+fn park_until_exit(shared: &Shared) {
+    let mut st = shared.lock();
+    st.at = At::Paused;
+    shared.cond.notify_all();
+    while st.want != Want::Exit {
+        if st.refresh_done < st.refresh_wanted {
+            st.refresh_done = st.refresh_wanted;
+            shared.cond.notify_all();
+        }
+        st = shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.at = At::Exited;
+    shared.cond.notify_all();
+}

@@ -194,6 +194,29 @@ pub(crate) fn arg_in(
     Ok((syscall, rules))
 }
 
+/// An entry allowing `syscall` only when its arguments match one of `alternatives`, each a
+/// list of `(argument index, value)` pairs that must all hold.
+pub(crate) fn args_match(
+    role: &'static str,
+    syscall: libc::c_long,
+    alternatives: &[&[(u8, u64)]],
+) -> Result<(i64, Vec<SeccompRule>), Error> {
+    let rules = alternatives
+        .iter()
+        .map(|conditions| {
+            conditions
+                .iter()
+                .map(|&(arg, value)| {
+                    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(SeccompRule::new)
+                .map_err(|source| Error::Rule { role, source })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok((syscall, rules))
+}
+
 /// An entry allowing `syscall` only when the bits `mask` of argument `arg` are all clear.
 pub(crate) fn arg_clear(
     role: &'static str,

@@ -19,6 +19,9 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_writev,
         libc::SYS_rt_sigtimedwait,
     ]));
+    // Rust's standard library checks with F_GETFD that a descriptor is still open before it
+    // closes it (debug builds), which a vCPU thread does with its vCPU fd when it exits.
+    rules.push(arg_in(ROLE, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64])?);
     rules.push(arg_in(
         ROLE,
         libc::SYS_ioctl,

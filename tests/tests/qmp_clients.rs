@@ -21,7 +21,7 @@ fn have(cmd: &str, probe: &[&str]) -> bool {
 
 const PYTHON_CLIENT: &str = r#"
 import asyncio, sys
-from qemu.qmp import QMPClient, EventListener
+from qemu.qmp import QMPClient
 
 async def main(path):
     qmp = QMPClient("citadel-test")
@@ -30,7 +30,7 @@ async def main(path):
     assert status == {"running": True, "singlestep": False, "status": "running"}, status
     cpus = await qmp.execute("query-cpus")
     assert len(cpus) == 1 and cpus[0]["thread_id"] > 0, cpus
-    with qmp.listen(EventListener(("STOP", "RESUME"))) as listener:
+    with qmp.listener(("STOP", "RESUME")) as listener:
         await qmp.execute("stop")
         ev = await asyncio.wait_for(listener.get(), 10)
         assert ev["event"] == "STOP", ev
@@ -43,7 +43,7 @@ async def main(path):
         raise SystemExit("unknown command accepted")
     except Exception as e:
         assert "CommandNotFound" in repr(e) or "has not been found" in str(e), repr(e)
-    with qmp.listen(EventListener("SHUTDOWN")) as listener:
+    with qmp.listener("SHUTDOWN") as listener:
         await qmp.execute("quit")
         ev = await asyncio.wait_for(listener.get(), 10)
         assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}, ev

@@ -133,10 +133,14 @@ pub fn parse_size(option: &str, value: &str) -> Result<u64, CliError> {
         .ok_or_else(|| invalid(option, value, "size out of range"))
 }
 
-/// Splits `a,b=c,d` into the leading positional part and `key=value` pairs.
+/// Splits `a,b=c,d` into the leading positional part (empty when the first part is itself a
+/// `key=value`) and the `key=value` pairs.
 fn split_options(value: &str) -> (&str, Vec<(&str, Option<&str>)>) {
-    let mut parts = value.split(',');
-    let head = parts.next().unwrap_or("");
+    let mut parts = value.split(',').peekable();
+    let head = match parts.peek() {
+        Some(first) if !first.contains('=') => parts.next().unwrap_or(""),
+        _ => "",
+    };
     let rest = parts
         .map(|p| match p.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -301,11 +305,15 @@ where
             "-m" => {
                 let v = value(&option)?;
                 let (head, opts) = split_options(&v);
-                if let Some((key, _)) = opts.first() {
-                    return Err(invalid("-m", &v, format!("unknown property '{key}'")));
+                let mut size = (!head.is_empty()).then_some(head);
+                for (key, val) in opts {
+                    match (key, val) {
+                        ("size", Some(s)) => size = Some(s),
+                        _ => return Err(invalid("-m", &v, format!("unknown property '{key}'"))),
+                    }
                 }
-                let head = head.strip_prefix("size=").unwrap_or(head);
-                mem_bytes = parse_size("-m", head)?;
+                let size = size.ok_or_else(|| invalid("-m", &v, "no size"))?;
+                mem_bytes = parse_size("-m", size)?;
             }
             "-cpu" => {
                 let v = value(&option)?;
@@ -418,6 +426,13 @@ mod tests {
         assert!(parse_size("-m", "99999999999999999999").is_err());
         assert!(parse_size("-m", "17179869184G").is_err());
         assert_eq!(with(&["-m", "size=128M"]).unwrap().mem_bytes, 128 << 20);
+        assert!(with(&["-m", "64,slots=2"]).is_err());
+        assert_eq!(
+            parse(["-machine", "type=microvm", "-kernel", "/k"])
+                .unwrap()
+                .kernel,
+            PathBuf::from("/k")
+        );
     }
 
     #[test]
@@ -429,6 +444,7 @@ mod tests {
         assert!(with(&["-smp", "255"]).is_err());
         assert!(with(&["-smp", "x"]).is_err());
         assert!(with(&["-smp", "2,bogus=1"]).is_err());
+        assert!(with(&["-smp", "cpus=x"]).is_err());
     }
 
     #[test]

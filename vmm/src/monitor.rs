@@ -312,11 +312,12 @@ impl Monitor {
 
     fn finish(&mut self, reason: &ExitReason) {
         log::info!("VM ends: {reason:?}");
-        self.machine.shutdown();
+        // Clients hear about the end before anything else is torn down.
         if let Some(server) = self.qmp.as_mut() {
             server.flush_all(&self.epoll);
             server.drain(EXIT_DRAIN);
         }
+        self.machine.shutdown();
     }
 }
 

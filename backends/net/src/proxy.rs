@@ -34,6 +34,8 @@ const MAX_PAYLOAD: usize = 0x1000;
 const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_MEM_TABLE: u32 = 5;
+const REQ_ADD_MEM_REG: u32 = 37;
 const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 
@@ -62,6 +64,14 @@ pub enum ProxyError {
         req: u32,
         /// Announced size.
         size: u32,
+    },
+    /// A memory region the backend would map is not backed by its file.
+    #[error("memory region {index}: {why}")]
+    BadRegion {
+        /// Region number in the message.
+        index: usize,
+        /// What is wrong with it.
+        why: String,
     },
     /// The peer closed the connection in the middle of a message.
     #[error("{dir}: connection closed inside a message")]
@@ -144,6 +154,53 @@ fn recv_message(sock: &UnixStream, dir: &'static str) -> Result<Option<Message>,
             _ => io_err(e),
         })?;
     Ok(Some(Message { bytes, fds }))
+}
+
+/// Refuses memory tables whose regions reach past the end of their file (or are not backed by
+/// a regular file): the request handler maps them as given, and the first guest access past
+/// the end of the file would kill the backend with SIGBUS.
+fn check_memory_regions(msg: &Message) -> Result<(), ProxyError> {
+    let payload = msg.payload();
+    let (count, regions) = match msg.request() {
+        REQ_SET_MEM_TABLE if payload.len() >= 8 => (
+            u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize,
+            &payload[8..],
+        ),
+        REQ_ADD_MEM_REG if payload.len() >= 8 => (1, &payload[8..]),
+        // Malformed sizes are refused by the request handler itself.
+        _ => return Ok(()),
+    };
+    let u64_at = |b: &[u8], at: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(v)
+    };
+    for (index, (region, file)) in regions
+        .chunks_exact(32)
+        .take(count)
+        .zip(&msg.fds)
+        .enumerate()
+    {
+        let bad = |why: String| ProxyError::BadRegion { index, why };
+        let size = u64_at(region, 8);
+        let offset = u64_at(region, 24);
+        let meta = file
+            .metadata()
+            .map_err(|e| bad(format!("fstat of its fd: {e}")))?;
+        if !meta.file_type().is_file() {
+            return Err(bad("its fd is not a regular file or memfd".into()));
+        }
+        let end = offset
+            .checked_add(size)
+            .ok_or_else(|| bad(format!("offset {offset:#x} + size {size:#x} overflows")))?;
+        if end > meta.len() {
+            return Err(bad(format!(
+                "offset {offset:#x} + size {size:#x} is past the end of its {:#x}-byte file",
+                meta.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn send_message(
@@ -326,6 +383,7 @@ fn relay_from_frontend(
     const DIR: &str = "frontend request";
     let mut quirk = EnableQuirk::new(num_queues);
     while let Some(msg) = recv_message(from, DIR)? {
+        check_memory_regions(&msg)?;
         match quirk.on_message(msg.request(), msg.flags(), msg.payload()) {
             Action::Forward => send_message(to, &msg.bytes, &msg.fds, DIR)?,
             Action::Absorb(ack) => {

@@ -1,0 +1,762 @@
+//! citadel-net against a hostile vhost-user frontend: a raw client sends oversized and
+//! malformed messages, memory tables that do not match their files, early SET_VRING_ENABLE
+//! with bad values, descriptor chains pointing outside guest memory, short virtio-net headers
+//! and RX buffers too small for a frame. The backend must refuse or count each one and keep
+//! serving well-behaved frontends afterwards.
+//!
+//! The well-behaved part sends SET_VRING_ENABLE before SET_FEATURES, in the order Debian's
+//! QEMU 7.2 uses, and checks that the rings then work.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use citadel_tests::{binary, skip};
+
+const TEST: &str = "net_hostile";
+const MAC: [u8; 6] = [0x02, 0xc1, 0x7a, 0xde, 0x00, 0x01];
+
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_OWNER: u32 = 3;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_BASE: u32 = 10;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const SET_VRING_ENABLE: u32 = 18;
+const GET_CONFIG: u32 = 24;
+
+const NEED_REPLY: u32 = 0x8;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+const VERSION_1: u64 = 1 << 32;
+const PROTO_REPLY_ACK: u64 = 1 << 3;
+const PROTO_CONFIG: u64 = 1 << 9;
+
+/// Guest memory of the fake guest.
+const MEM_SIZE: usize = 1 << 20;
+/// Where the frontend pretends to have guest memory mapped (vhost-user ring addresses are
+/// frontend virtual addresses).
+const USER_BASE: u64 = 0x7f00_0000_0000;
+const QSIZE: u16 = 16;
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct NetNs(String);
+
+impl NetNs {
+    fn create(name: String) -> NetNs {
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add")
+            .success();
+        assert!(ok, "ip netns add {name} failed");
+        NetNs(name)
+    }
+
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    fn output(&self, args: &[&str]) -> String {
+        let out = self.exec(args).output().expect("run in netns");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{tag}{}x{:x}", std::process::id(), nanos & 0xffff)
+}
+
+/// A raw vhost-user frontend.
+struct Frontend {
+    sock: UnixStream,
+}
+
+impl Frontend {
+    fn connect(path: &Path) -> Frontend {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(sock) => {
+                    sock.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    return Frontend { sock };
+                }
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("connecting to {}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn send_raw(&self, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        let space = if fds.is_empty() {
+            0
+        } else {
+            // SAFETY: CMSG_SPACE only computes a size.
+            unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) as usize }
+        };
+        let mut control = vec![0u8; space];
+        // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            // SAFETY: the control buffer is CMSG_SPACE(fds) bytes, so the first header and
+            // its data fit; the copy writes exactly size_of_val(fds) bytes into it.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(cmsg),
+                    std::mem::size_of_val(fds),
+                );
+            }
+        }
+        // SAFETY: `msg` describes valid buffers for the duration of the call.
+        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        assert_eq!(n as usize, bytes.len(), "short sendmsg");
+        Ok(())
+    }
+
+    fn send(&self, req: u32, flags: u32, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&req.to_le_bytes());
+        bytes.extend_from_slice(&(0x1 | flags).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        self.send_raw(&bytes, fds)
+    }
+
+    /// Reads one reply: (request, payload).
+    fn recv(&mut self) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut hdr = [0u8; 12];
+        self.sock.read_exact(&mut hdr)?;
+        let req = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+        assert!(size <= 4096, "reply of {size} bytes");
+        let mut payload = vec![0u8; size];
+        self.sock.read_exact(&mut payload)?;
+        Ok((req, payload))
+    }
+
+    fn get_u64(&mut self, req: u32) -> u64 {
+        self.send(req, 0, &[], &[]).expect("send");
+        let (r, p) = self.recv().expect("reply");
+        assert_eq!(r, req);
+        u64::from_le_bytes(p[..8].try_into().unwrap())
+    }
+
+    fn set_u64(&self, req: u32, v: u64) {
+        self.send(req, 0, &v.to_le_bytes(), &[]).expect("send");
+    }
+
+    /// Sends a request with NEED_REPLY and returns the ack status (0 = success).
+    fn acked(&mut self, req: u32, payload: &[u8]) -> u64 {
+        self.send(req, NEED_REPLY, payload, &[]).expect("send");
+        let (r, p) = self.recv().expect("ack");
+        assert_eq!(r, req, "ack for another request");
+        u64::from_le_bytes(p[..8].try_into().unwrap())
+    }
+
+    /// True when the backend closes the connection within the read timeout.
+    fn closed_by_backend(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.sock.read(&mut b), Ok(0))
+            || matches!(self.sock.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    }
+
+    /// The negotiation up to SET_FEATURES, enabling the rings before SET_FEATURES as QEMU 7.2
+    /// does. Returns the features offered.
+    fn negotiate(&mut self) -> u64 {
+        let offered = self.get_u64(GET_FEATURES);
+        assert_ne!(offered & PROTOCOL_FEATURES, 0, "{offered:#x}");
+        assert_ne!(offered & VERSION_1, 0, "{offered:#x}");
+        self.send(SET_OWNER, 0, &[], &[]).expect("set owner");
+        let proto = self.get_u64(GET_PROTOCOL_FEATURES);
+        assert_ne!(proto & PROTO_REPLY_ACK, 0, "{proto:#x}");
+        self.set_u64(
+            SET_PROTOCOL_FEATURES,
+            proto & (PROTO_REPLY_ACK | PROTO_CONFIG),
+        );
+        for index in 0..2u32 {
+            assert_eq!(self.acked(SET_VRING_ENABLE, &state(index, 1)), 0);
+        }
+        assert_eq!(
+            self.acked(SET_FEATURES, &(VERSION_1 | PROTOCOL_FEATURES).to_le_bytes()),
+            0
+        );
+        offered
+    }
+
+    fn config(&mut self) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&0u32.to_le_bytes());
+        p.extend_from_slice(&10u32.to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
+        p.extend_from_slice(&[0u8; 10]);
+        self.send(GET_CONFIG, 0, &p, &[]).expect("get config");
+        let (r, reply) = self.recv().expect("config reply");
+        assert_eq!(r, GET_CONFIG);
+        reply[12..].to_vec()
+    }
+}
+
+fn state(index: u32, num: u32) -> Vec<u8> {
+    let mut v = index.to_le_bytes().to_vec();
+    v.extend_from_slice(&num.to_le_bytes());
+    v
+}
+
+/// Shared guest memory: a memfd mapped into the test.
+struct GuestMem {
+    fd: OwnedFd,
+    ptr: *mut u8,
+}
+
+impl GuestMem {
+    fn new() -> GuestMem {
+        // SAFETY: memfd_create with a valid C string.
+        let fd = unsafe { libc::memfd_create(c"citadel-net-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: the fd was just created and is owned here only.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our memfd.
+        assert_eq!(
+            unsafe { libc::ftruncate(fd.as_raw_fd(), MEM_SIZE as i64) },
+            0
+        );
+        // SAFETY: a fresh shared mapping of the whole memfd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        GuestMem {
+            fd,
+            ptr: ptr.cast(),
+        }
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) {
+        assert!(gpa as usize + data.len() <= MEM_SIZE);
+        // SAFETY: bounds checked above; the mapping lives as long as self.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
+        };
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut v = vec![0u8; len];
+        // SAFETY: bounds checked above; the mapping lives as long as self. The backend may
+        // write concurrently; volatile reads of plain bytes are fine for a test.
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize + i)) };
+        }
+        v
+    }
+
+    fn u16_at(&self, gpa: u64) -> u16 {
+        let b = self.read(gpa, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    fn table(&self, size: u64, offset: u64) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
+        p.extend_from_slice(&0u64.to_le_bytes());
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&USER_BASE.to_le_bytes());
+        p.extend_from_slice(&offset.to_le_bytes());
+        p
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), MEM_SIZE) };
+    }
+}
+
+/// Ring layout of queue `q`: descriptor table, avail ring, used ring.
+fn ring(q: u64) -> (u64, u64, u64) {
+    let base = 0x1000 + q * 0x1000;
+    (base, base + 0x400, base + 0x800)
+}
+
+struct Queue {
+    index: u32,
+    kick: OwnedFd,
+    call: OwnedFd,
+    avail: u16,
+}
+
+fn eventfd() -> OwnedFd {
+    // SAFETY: plain eventfd creation.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: owned here only.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn setup_queue(f: &Frontend, index: u32) -> Queue {
+    let (desc, avail, used) = ring(index as u64);
+    f.send(SET_VRING_NUM, 0, &state(index, QSIZE as u32), &[])
+        .unwrap();
+    f.send(SET_VRING_BASE, 0, &state(index, 0), &[]).unwrap();
+    let mut addr = Vec::new();
+    addr.extend_from_slice(&index.to_le_bytes());
+    addr.extend_from_slice(&0u32.to_le_bytes());
+    addr.extend_from_slice(&(USER_BASE + desc).to_le_bytes());
+    addr.extend_from_slice(&(USER_BASE + used).to_le_bytes());
+    addr.extend_from_slice(&(USER_BASE + avail).to_le_bytes());
+    addr.extend_from_slice(&0u64.to_le_bytes());
+    f.send(SET_VRING_ADDR, 0, &addr, &[]).unwrap();
+    let call = eventfd();
+    f.send(
+        SET_VRING_CALL,
+        0,
+        &(index as u64).to_le_bytes(),
+        &[call.as_raw_fd()],
+    )
+    .unwrap();
+    let kick = eventfd();
+    f.send(
+        SET_VRING_KICK,
+        0,
+        &(index as u64).to_le_bytes(),
+        &[kick.as_raw_fd()],
+    )
+    .unwrap();
+    Queue {
+        index,
+        kick,
+        call,
+        avail: 0,
+    }
+}
+
+impl Queue {
+    /// Publishes a one-descriptor chain at descriptor slot `slot`.
+    fn push(&mut self, mem: &GuestMem, slot: u16, addr: u64, len: u32, writable: bool) {
+        let (desc, avail, _) = ring(self.index as u64);
+        let mut d = Vec::new();
+        d.extend_from_slice(&addr.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&(if writable { 2u16 } else { 0 }).to_le_bytes());
+        d.extend_from_slice(&0u16.to_le_bytes());
+        mem.write(desc + 16 * slot as u64, &d);
+        mem.write(
+            avail + 4 + 2 * (self.avail % QSIZE) as u64,
+            &slot.to_le_bytes(),
+        );
+        self.avail = self.avail.wrapping_add(1);
+        mem.write(avail + 2, &self.avail.to_le_bytes());
+    }
+
+    fn kick(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a live buffer to our eventfd.
+        let n = unsafe { libc::write(self.kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+    }
+
+    fn used_idx(&self, mem: &GuestMem) -> u16 {
+        mem.u16_at(ring(self.index as u64).2 + 2)
+    }
+
+    /// (id, len) of used element `n`.
+    fn used(&self, mem: &GuestMem, n: u16) -> (u32, u32) {
+        let e = mem.read(ring(self.index as u64).2 + 4 + 8 * (n % QSIZE) as u64, 8);
+        (
+            u32::from_le_bytes(e[0..4].try_into().unwrap()),
+            u32::from_le_bytes(e[4..8].try_into().unwrap()),
+        )
+    }
+
+    fn wait_used(&self, mem: &GuestMem, n: u16, t: Duration) -> bool {
+        let deadline = Instant::now() + t;
+        while Instant::now() < deadline {
+            if self.used_idx(mem) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    fn was_called(&self) -> bool {
+        let mut v = [0u8; 8];
+        // SAFETY: reading 8 bytes into a live buffer from our non-blocking eventfd.
+        unsafe { libc::read(self.call.as_raw_fd(), v.as_mut_ptr().cast(), 8) == 8 }
+    }
+}
+
+struct Backend {
+    child: Reaped,
+    log: mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+impl Backend {
+    fn alive(&mut self) -> bool {
+        self.child.0.try_wait().expect("poll backend").is_none()
+    }
+
+    fn stats(&mut self) -> String {
+        self.lines.extend(self.log.try_iter());
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.lines.push(line.clone());
+                    if line.contains("] stats:") {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no stats line after SIGUSR1: {:#?}", self.lines);
+    }
+}
+
+fn counter(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {line}"))
+}
+
+#[test]
+fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(
+            TEST,
+            "needs root and /dev/net/tun for the tap and netns",
+            false,
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("citadel-net-hostile-"));
+    fs::create_dir_all(&dir).expect("scratch dir");
+    let scratch = Scratch(dir);
+    let ns = NetNs::create(unique("cnh"));
+    let tap = "cnh0";
+    let socket = scratch.0.join("net.sock");
+    let mac = MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut cmd = ns.exec(&[
+        binary("citadel-net").to_str().expect("utf-8"),
+        "--socket",
+        socket.to_str().expect("utf-8"),
+        "--tap",
+        tap,
+        "--mac",
+        &mac,
+    ]);
+    cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
+    let mut child = Reaped(cmd.spawn().expect("start citadel-net"));
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut backend = Backend {
+        child,
+        log,
+        lines: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ns.output(&["ip", "addr", "add", "10.78.0.1/24", "dev", tap]);
+    ns.output(&["ip", "link", "set", tap, "up"]);
+
+    // 1. A header announcing a payload larger than any vhost-user message.
+    let mut f = Frontend::connect(&socket);
+    let mut huge = Vec::new();
+    huge.extend_from_slice(&SET_MEM_TABLE.to_le_bytes());
+    huge.extend_from_slice(&1u32.to_le_bytes());
+    huge.extend_from_slice(&0x10_0000u32.to_le_bytes());
+    f.send_raw(&huge, &[]).expect("send");
+    assert!(f.closed_by_backend(), "oversized message was not refused");
+    assert!(backend.alive());
+
+    // 2. A truncated message, then a hang-up.
+    let f = Frontend::connect(&socket);
+    f.send_raw(&GET_FEATURES.to_le_bytes()[..3], &[])
+        .expect("send");
+    drop(f);
+
+    // 3. Memory tables that do not match their files.
+    let mem = GuestMem::new();
+    for (size, offset, what) in [
+        (2 * MEM_SIZE as u64, 0, "region past the end of the memfd"),
+        (
+            MEM_SIZE as u64,
+            4096,
+            "offset pushes the region past the end",
+        ),
+        (u64::MAX, 1, "offset + size overflows"),
+    ] {
+        let mut f = Frontend::connect(&socket);
+        f.negotiate();
+        f.send(
+            SET_MEM_TABLE,
+            0,
+            &mem.table(size, offset),
+            &[mem.fd.as_raw_fd()],
+        )
+        .expect("send");
+        assert!(f.closed_by_backend(), "bad memory table accepted: {what}");
+        assert!(backend.alive(), "backend died on: {what}");
+    }
+    // A table whose region count does not match its fds, and one without any fd.
+    for (count, fds) in [(9u32, vec![mem.fd.as_raw_fd()]), (1, vec![])] {
+        let mut f = Frontend::connect(&socket);
+        f.negotiate();
+        let mut table = mem.table(MEM_SIZE as u64, 0);
+        table[..4].copy_from_slice(&count.to_le_bytes());
+        f.send(SET_MEM_TABLE, 0, &table, &fds).expect("send");
+        assert!(
+            f.closed_by_backend(),
+            "table with {count} regions and {} fds accepted",
+            fds.len()
+        );
+        assert!(backend.alive());
+    }
+
+    // 4. Early SET_VRING_ENABLE with an index or state that does not exist is refused.
+    let mut f = Frontend::connect(&socket);
+    f.get_u64(GET_FEATURES);
+    f.send(SET_OWNER, 0, &[], &[]).unwrap();
+    f.set_u64(SET_PROTOCOL_FEATURES, PROTO_REPLY_ACK | PROTO_CONFIG);
+    assert_eq!(
+        f.acked(SET_VRING_ENABLE, &state(99, 1)),
+        1,
+        "ring 99 enabled"
+    );
+    assert_eq!(
+        f.acked(SET_VRING_ENABLE, &state(0, 7)),
+        1,
+        "state 7 accepted"
+    );
+    drop(f);
+
+    // 5. A well-behaved frontend (QEMU 7.2 order), then hostile descriptor chains.
+    let before = backend.stats();
+    let mut f = Frontend::connect(&socket);
+    f.negotiate();
+    assert_eq!(
+        f.config(),
+        [&MAC[..], &[1, 0, 1, 0]].concat(),
+        "config space"
+    );
+    f.send(
+        SET_MEM_TABLE,
+        NEED_REPLY,
+        &mem.table(MEM_SIZE as u64, 0),
+        &[mem.fd.as_raw_fd()],
+    )
+    .unwrap();
+    assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);
+    let mut rx = setup_queue(&f, 0);
+    let mut tx = setup_queue(&f, 1);
+
+    // TX: a chain outside guest memory, a short header, then a good frame.
+    let frame_gpa = 0x10000u64;
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&MAC);
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(&[0x5a; 46]);
+    mem.write(frame_gpa, &frame);
+    // Read before publishing: the worker may process the ring before the kick arrives.
+    let tap_rx_before: u64 = ns
+        .output(&[
+            "cat",
+            &format!("/sys/class/net/{tap}/statistics/rx_packets"),
+        ])
+        .trim()
+        .parse()
+        .expect("tap counter");
+    tx.push(&mem, 0, 0xdead_0000_0000, 100, false);
+    tx.push(&mem, 1, frame_gpa, 4, false);
+    tx.push(&mem, 2, frame_gpa, frame.len() as u32, false);
+    tx.kick();
+    assert!(
+        tx.wait_used(&mem, 3, Duration::from_secs(10)),
+        "TX chains not returned"
+    );
+    for n in 0..3 {
+        assert_eq!(tx.used(&mem, n), (n as u32, 0), "used element {n}");
+    }
+    assert!(tx.was_called(), "no TX interrupt");
+    let tap_rx_after: u64 = ns
+        .output(&[
+            "cat",
+            &format!("/sys/class/net/{tap}/statistics/rx_packets"),
+        ])
+        .trim()
+        .parse()
+        .expect("tap counter");
+    assert_eq!(
+        tap_rx_after,
+        tap_rx_before + 1,
+        "the good frame did not reach the tap"
+    );
+
+    // RX: a buffer outside guest memory, one too small for a frame, then a good one. The host
+    // pings a neighbour behind the tap, so frames arrive.
+    rx.push(&mem, 0, 0xdead_0000_0000, 2048, true);
+    rx.push(&mem, 1, 0x20000, 20, true);
+    rx.push(&mem, 2, 0x30000, 2048, true);
+    rx.kick();
+    let mut ping = Reaped(
+        ns.exec(&["ping", "-c", "5", "-i", "0.5", "-W", "1", "10.78.0.2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ping"),
+    );
+    let got = rx.wait_used(&mem, 3, Duration::from_secs(15));
+    let _ = ping.0.kill();
+    assert!(got, "RX buffers not used: {}", rx.used_idx(&mem));
+    assert_eq!(rx.used(&mem, 0), (0, 0), "RX chain outside memory");
+    assert_eq!(rx.used(&mem, 1), (1, 0), "RX buffer too small");
+    let (id, len) = rx.used(&mem, 2);
+    assert_eq!(id, 2);
+    assert!(len >= 12 + 42, "RX frame of {len} bytes");
+    // The frame (ARP, or IPv6 neighbour discovery of the freshly raised tap) comes from the
+    // host's side of the tap.
+    let tap_mac: Vec<u8> = ns
+        .output(&["cat", &format!("/sys/class/net/{tap}/address")])
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    let got = mem.read(0x30000, len as usize);
+    assert_eq!(
+        &got[12 + 6..12 + 12],
+        &tap_mac[..],
+        "source MAC: {got:02x?}"
+    );
+    assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+    assert!(rx.was_called(), "no RX interrupt");
+
+    let after = backend.stats();
+    assert!(
+        counter(&after, "errors") >= counter(&before, "errors") + 2,
+        "{after}"
+    );
+    assert!(
+        counter(&after, "tx_drops") > counter(&before, "tx_drops"),
+        "{after}"
+    );
+    assert!(
+        counter(&after, "tx_packets") > counter(&before, "tx_packets"),
+        "{after}"
+    );
+    assert!(
+        counter(&after, "rx_drops") > counter(&before, "rx_drops"),
+        "{after}"
+    );
+    assert!(
+        counter(&after, "rx_packets") > counter(&before, "rx_packets"),
+        "{after}"
+    );
+    drop(f);
+
+    // 6. After all that, the next frontend is served normally.
+    let mut f = Frontend::connect(&socket);
+    f.negotiate();
+    assert_eq!(f.config()[..6], MAC);
+    drop(f);
+    assert!(backend.alive(), "backend died: {:#?}", backend.lines);
+
+    // SIGTERM ends it cleanly, with its counters.
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(backend.child.0.id() as i32, libc::SIGTERM) };
+    let status = backend.child.0.wait().expect("wait backend");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    let rest: Vec<String> = backend.log.try_iter().collect();
+    let _ = std::io::stderr().flush();
+    assert!(rest.iter().any(|l| l.contains("stats:")), "{rest:#?}");
+}

@@ -8,6 +8,8 @@
 pub mod layout;
 pub mod mptable;
 pub mod params;
+#[cfg(test)]
+pub(crate) mod test_kernel;
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -420,4 +422,326 @@ fn load_initrd(
             source,
         })?;
     Ok(InitrdPlacement { addr, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_kernel::{self, BzImageSpec, ElfSpec, LOAD_ADDR};
+    use super::*;
+    use linux_loader::loader::bootparam::boot_params;
+    use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
+    use vm_memory::Bytes;
+
+    fn ram(size: u64) -> GuestMemoryMmap {
+        crate::memory::create_guest_ram(size).unwrap().memory
+    }
+
+    fn source(kernel: &Path) -> BootSource {
+        BootSource {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: "console=ttyS0 reboot=k panic=1".to_string(),
+        }
+    }
+
+    fn cmdline_in(mem: &GuestMemoryMmap) -> String {
+        let mut buf = vec![0u8; layout::CMDLINE_MAX_SIZE];
+        mem.read_slice(&mut buf, layout::CMDLINE_START).unwrap();
+        let end = buf.iter().position(|&b| b == 0).expect("NUL-terminated");
+        String::from_utf8(buf[..end].to_vec()).unwrap()
+    }
+
+    fn code_in(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; test_kernel::probe_code().len()];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn elf_with_pvh_note_boots_through_pvh() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let mem = ram(32 << 20);
+        let src = source(kernel.as_path());
+        let entry = load(&mem, &src, 3).unwrap();
+        assert_eq!(
+            entry,
+            EntryPoint::Pvh {
+                entry: GuestAddress(LOAD_ADDR),
+                start_info: layout::PVH_INFO_START
+            }
+        );
+        assert_eq!(code_in(&mem, LOAD_ADDR), test_kernel::probe_code());
+        let info: hvm_start_info = mem.read_obj(layout::PVH_INFO_START).unwrap();
+        assert_eq!(info.magic, 0x336e_c578);
+        assert_eq!(info.cmdline_paddr, layout::CMDLINE_START.0);
+        assert_eq!(info.memmap_entries, 2);
+        assert_eq!(info.nr_modules, 0);
+        assert_eq!(cmdline_in(&mem), src.cmdline);
+        assert_eq!(mptable::tests::parse(&mem).cpus.len(), 3);
+    }
+
+    #[test]
+    fn elf_without_note_uses_the_64_bit_linux_entry() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        let mem = ram(32 << 20);
+        let entry = load(&mem, &source(kernel.as_path()), 1).unwrap();
+        assert_eq!(
+            entry,
+            EntryPoint::Linux64 {
+                entry: GuestAddress(LOAD_ADDR),
+                zero_page: layout::ZERO_PAGE_START
+            }
+        );
+        let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.header }, 0x5372_6448);
+        assert_eq!({ hdr.cmd_line_ptr }, layout::CMDLINE_START.0 as u32);
+        assert_eq!(params.e820_entries, 2);
+        assert_eq!(mptable::tests::parse(&mem).cpus.len(), 1);
+    }
+
+    #[test]
+    fn bzimage_enters_at_startup_64_with_its_own_header() {
+        let kernel = test_kernel::file(&test_kernel::bzimage(&BzImageSpec::default()));
+        let mem = ram(64 << 20);
+        let entry = load(&mem, &source(kernel.as_path()), 2).unwrap();
+        assert_eq!(
+            entry,
+            EntryPoint::Linux64 {
+                entry: GuestAddress(LOAD_ADDR + 0x200),
+                zero_page: layout::ZERO_PAGE_START
+            }
+        );
+        assert_eq!(code_in(&mem, LOAD_ADDR + 0x200), test_kernel::probe_code());
+        let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.header }, 0x5372_6448);
+        assert_eq!({ hdr.version }, 0x20f);
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.cmdline_size }, 2047);
+        assert_eq!({ hdr.code32_start }, LOAD_ADDR as u32);
+    }
+
+    #[test]
+    fn bzimage_without_64_bit_entry_is_refused() {
+        let kernel = test_kernel::file(&test_kernel::bzimage(&BzImageSpec {
+            kernel_64: false,
+            ..Default::default()
+        }));
+        let err = load(&ram(32 << 20), &source(kernel.as_path()), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelFormat { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains(&kernel.as_path().display().to_string()));
+    }
+
+    #[test]
+    fn bzimage_needing_more_memory_than_ram_is_refused() {
+        let kernel = test_kernel::file(&test_kernel::bzimage(&BzImageSpec {
+            init_size: 64 << 20,
+            ..Default::default()
+        }));
+        let err = load(&ram(32 << 20), &source(kernel.as_path()), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn bzimage_cmdline_limit_is_honoured() {
+        let kernel = test_kernel::file(&test_kernel::bzimage(&BzImageSpec {
+            cmdline_size: 16,
+            ..Default::default()
+        }));
+        let mut src = source(kernel.as_path());
+        src.cmdline = "x".repeat(17);
+        let err = load(&ram(32 << 20), &src, 1).unwrap_err();
+        assert!(
+            matches!(err, BootError::CmdlineTooLong { len: 17, max: 16 }),
+            "{err}"
+        );
+        src.cmdline = "x".repeat(16);
+        load(&ram(32 << 20), &src, 1).unwrap();
+    }
+
+    #[test]
+    fn cmdline_too_long_or_not_printable_is_refused() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        let mem = ram(32 << 20);
+        let mut src = source(kernel.as_path());
+
+        src.cmdline = "a".repeat(layout::CMDLINE_MAX_SIZE);
+        let err = load(&mem, &src, 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::CmdlineTooLong {
+                    len: 2048,
+                    max: 2047
+                }
+            ),
+            "{err}"
+        );
+
+        src.cmdline = "a".repeat(layout::CMDLINE_MAX_SIZE - 1);
+        load(&mem, &src, 1).unwrap();
+        assert_eq!(cmdline_in(&mem), src.cmdline);
+
+        src.cmdline = "console=ttyS0\nroot=/dev/vda".to_string();
+        let err = load(&mem, &src, 1).unwrap_err();
+        assert!(matches!(err, BootError::CmdlineCharacter(13)), "{err}");
+
+        src.cmdline = String::new();
+        load(&mem, &src, 1).unwrap();
+        assert_eq!(cmdline_in(&mem), "");
+    }
+
+    #[test]
+    fn missing_empty_and_garbage_kernels_are_refused_by_name() {
+        let mem = ram(32 << 20);
+        let missing = std::env::temp_dir().join("citadel-boot-test-does-not-exist");
+        let err = load(&mem, &source(&missing), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelRead { .. }), "{err}");
+        assert!(err.to_string().contains("citadel-boot-test-does-not-exist"));
+
+        let dir = load(&mem, &source(&std::env::temp_dir()), 1).unwrap_err();
+        assert!(matches!(dir, BootError::KernelRead { .. }), "{dir}");
+
+        let empty = test_kernel::file(b"");
+        let garbage = test_kernel::file(&[0x5a; 4096]);
+        for f in [&empty, &garbage] {
+            let err = load(&mem, &source(f.as_path()), 1).unwrap_err();
+            assert!(matches!(err, BootError::KernelFormat { .. }), "{err}");
+            assert!(err.to_string().contains(&f.as_path().display().to_string()));
+        }
+
+        let elf32 = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            class: 1,
+            ..Default::default()
+        }));
+        let err = load(&mem, &source(elf32.as_path()), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelFormat { .. }), "{err}");
+
+        let mut truncated = test_kernel::elf(&ElfSpec::default());
+        truncated.truncate(0x1004);
+        let truncated = test_kernel::file(&truncated);
+        let err = load(&mem, &source(truncated.as_path()), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelLoad { .. }), "{err}");
+    }
+
+    #[test]
+    fn kernel_larger_than_ram_is_refused() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            bss: 64 << 20,
+            ..Default::default()
+        }));
+        let err = load(&ram(32 << 20), &source(kernel.as_path()), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn initrd_goes_page_aligned_to_the_top_of_low_ram() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let initrd = test_kernel::file(&content);
+        let size = 64u64 << 20;
+        let mem = ram(size);
+        let mut src = source(kernel.as_path());
+        src.initrd = Some(initrd.as_path().to_path_buf());
+        load(&mem, &src, 1).unwrap();
+
+        let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
+        let (addr, len) = (
+            u64::from(params.hdr.ramdisk_image),
+            u64::from(params.hdr.ramdisk_size),
+        );
+        assert_eq!(len, content.len() as u64);
+        assert_eq!(addr % 4096, 0);
+        assert!(addr + len <= size && addr + len + 4096 > size, "{addr:#x}");
+        let mut back = vec![0u8; content.len()];
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert_eq!(back, content);
+    }
+
+    #[test]
+    fn pvh_initrd_is_a_module() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let initrd = test_kernel::file(&[7u8; 5000]);
+        let mem = ram(32 << 20);
+        let mut src = source(kernel.as_path());
+        src.initrd = Some(initrd.as_path().to_path_buf());
+        load(&mem, &src, 1).unwrap();
+        let info: hvm_start_info = mem.read_obj(layout::PVH_INFO_START).unwrap();
+        assert_eq!(info.nr_modules, 1);
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!(module.size, 5000);
+        assert_eq!(module.paddr, (32 << 20) - 8192);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(module.paddr + 4999))
+                .unwrap(),
+            7
+        );
+    }
+
+    #[test]
+    fn initrd_stays_below_the_gap_and_initrd_addr_max() {
+        let kernel = test_kernel::file(&test_kernel::bzimage(&BzImageSpec {
+            initrd_addr_max: 0x37ff_ffff,
+            ..Default::default()
+        }));
+        let initrd = test_kernel::file(&[1u8; 4096]);
+        let mut src = source(kernel.as_path());
+        src.initrd = Some(initrd.as_path().to_path_buf());
+        let mem = ram((4u64 << 30) + (16 << 20));
+        load(&mem, &src, 1).unwrap();
+        let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
+        assert_eq!({ params.hdr.ramdisk_image }, 0x3800_0000 - 4096);
+        assert_eq!(params.e820_entries, 3);
+
+        let plain = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        src.kernel = plain.as_path().to_path_buf();
+        load(&mem, &src, 1).unwrap();
+        let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
+        assert_eq!(
+            u64::from(params.hdr.ramdisk_image),
+            layout::MMIO_GAP_START - 4096
+        );
+    }
+
+    #[test]
+    fn initrd_that_does_not_fit_or_is_missing_is_refused_by_name() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        let mut src = source(kernel.as_path());
+        let big = test_kernel::file(&vec![0u8; 32 << 20]);
+        src.initrd = Some(big.as_path().to_path_buf());
+        let err = load(&ram(32 << 20), &src, 1).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains(&big.as_path().display().to_string()));
+
+        let empty = test_kernel::file(b"");
+        src.initrd = Some(empty.as_path().to_path_buf());
+        let err = load(&ram(32 << 20), &src, 1).unwrap_err();
+        assert!(matches!(err, BootError::InitrdEmpty(_)), "{err}");
+
+        src.initrd = Some(std::env::temp_dir().join("citadel-boot-test-no-initrd"));
+        let err = load(&ram(32 << 20), &src, 1).unwrap_err();
+        assert!(matches!(err, BootError::InitrdRead { .. }), "{err}");
+        assert!(err.to_string().contains("citadel-boot-test-no-initrd"));
+    }
+
+    #[test]
+    fn vcpu_count_is_checked() {
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        let mem = ram(32 << 20);
+        for n in [0u8, 255] {
+            let err = load(&mem, &source(kernel.as_path()), n).unwrap_err();
+            assert!(matches!(err, BootError::VcpuCount(_)), "{err}");
+        }
+    }
 }

@@ -292,6 +292,222 @@ fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::test_kernel::{self, BzImageSpec, ElfSpec, LOAD_ADDR, MODE_32, MODE_64};
+    use crate::boot::{self, BootSource};
+    use crate::cpu::{cpuid, CpuTemplate};
+    use crate::memory::{self, GuestRam};
+    use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_UNINITIALIZED};
+    use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+    use std::collections::BTreeMap;
+
+    struct Booted {
+        kvm: Kvm,
+        vm: VmFd,
+        ram: GuestRam,
+        entry: EntryPoint,
+        _kernel: vmm_sys_util::tempfile::TempFile,
+    }
+
+    /// Loads `kernel` into a fresh VM with an in-kernel irqchip, or `None` without /dev/kvm.
+    fn boot(kernel: &[u8], num_cpus: u8) -> Option<Booted> {
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                eprintln!("skipped: /dev/kvm is not available: {e}");
+                return None;
+            }
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let ram = memory::create_guest_ram(32 << 20).unwrap();
+        memory::register(&vm, &ram).unwrap();
+        let file = test_kernel::file(kernel);
+        let src = BootSource {
+            kernel: file.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        };
+        let entry = boot::load(&ram.memory, &src, num_cpus).unwrap();
+        Some(Booted {
+            kvm,
+            vm,
+            ram,
+            entry,
+            _kernel: file,
+        })
+    }
+
+    /// Runs the probe code to its last port write and returns port → value.
+    fn run_probe(vcpu: &mut VcpuFd) -> BTreeMap<u16, u32> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..32 {
+            match vcpu.run().unwrap() {
+                VcpuExit::IoOut(port, data) => {
+                    assert_eq!(data.len(), 4);
+                    seen.insert(port, u32::from_le_bytes(data.try_into().unwrap()));
+                    if port == test_kernel::PORT_DONE {
+                        return seen;
+                    }
+                }
+                other => panic!("unexpected exit {other:?} after {seen:x?}"),
+            }
+        }
+        panic!("probe did not finish: {seen:x?}");
+    }
+
+    #[test]
+    fn linux64_boot_vcpu_starts_in_long_mode_at_the_entry() {
+        let Some(b) = boot(&test_kernel::elf(&ElfSpec::default()), 2) else {
+            return;
+        };
+        let mut vcpu = b.vm.create_vcpu(0).unwrap();
+        let cpuid = cpuid(&b.kvm, CpuTemplate::Baseline, 0, 2).unwrap();
+        configure(&vcpu, &b.ram.memory, &b.entry, 0, &cpuid).unwrap();
+
+        let regs = vcpu.get_regs().unwrap();
+        assert_eq!(regs.rip, LOAD_ADDR);
+        assert_eq!(regs.rsi, layout::ZERO_PAGE_START.0);
+        assert_eq!(regs.rsp, layout::BOOT_STACK_POINTER.0);
+        assert_eq!(regs.rflags, RFLAGS_RESERVED);
+        let sregs = vcpu.get_sregs().unwrap();
+        assert_eq!(sregs.cr3, layout::PML4_START.0);
+        assert_ne!(sregs.cr0 & CR0_PG, 0);
+        assert_ne!(sregs.cr0 & CR0_PE, 0);
+        assert_ne!(sregs.cr4 & CR4_PAE, 0);
+        assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert_eq!((sregs.cs.selector, sregs.cs.l), (0x10, 1));
+        assert_eq!(sregs.ds.selector, 0x18);
+        assert_eq!(sregs.gdt.base, layout::GDT_START.0);
+
+        let seen = run_probe(&mut vcpu);
+        assert_eq!(seen[&test_kernel::PORT_MODE], MODE_64);
+        assert_eq!(seen[&0x11], layout::ZERO_PAGE_START.0 as u32);
+        assert_eq!(seen[&0x13], layout::BOOT_STACK_POINTER.0 as u32);
+        assert_eq!(
+            seen[&0x14], 0x5372_6448,
+            "the zero page is readable through the page tables"
+        );
+    }
+
+    #[test]
+    fn bzimage_boot_vcpu_reads_its_setup_header() {
+        let Some(b) = boot(&test_kernel::bzimage(&BzImageSpec::default()), 1) else {
+            return;
+        };
+        let mut vcpu = b.vm.create_vcpu(0).unwrap();
+        let cpuid = cpuid(&b.kvm, CpuTemplate::Host, 0, 1).unwrap();
+        configure(&vcpu, &b.ram.memory, &b.entry, 0, &cpuid).unwrap();
+        assert_eq!(vcpu.get_regs().unwrap().rip, LOAD_ADDR + 0x200);
+        let seen = run_probe(&mut vcpu);
+        assert_eq!(seen[&test_kernel::PORT_MODE], MODE_64);
+        assert_eq!(seen[&0x14], 0x5372_6448);
+    }
+
+    #[test]
+    fn pvh_boot_vcpu_starts_in_flat_protected_mode() {
+        let spec = ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        };
+        let Some(b) = boot(&test_kernel::elf(&spec), 1) else {
+            return;
+        };
+        let mut vcpu = b.vm.create_vcpu(0).unwrap();
+        let cpuid = cpuid(&b.kvm, CpuTemplate::Host, 0, 1).unwrap();
+        configure(&vcpu, &b.ram.memory, &b.entry, 0, &cpuid).unwrap();
+
+        let regs = vcpu.get_regs().unwrap();
+        assert_eq!(regs.rip, LOAD_ADDR);
+        assert_eq!(regs.rbx, layout::PVH_INFO_START.0);
+        let sregs = vcpu.get_sregs().unwrap();
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!(sregs.efer & EFER_LMA, 0);
+        assert_eq!(
+            (sregs.cs.db, sregs.cs.l, sregs.cs.limit),
+            (1, 0, 0xffff_ffff)
+        );
+        assert_eq!((sregs.ss.base, sregs.ss.limit), (0, 0xffff_ffff));
+
+        let seen = run_probe(&mut vcpu);
+        assert_eq!(seen[&test_kernel::PORT_MODE], MODE_32);
+        assert_eq!(seen[&0x12], layout::PVH_INFO_START.0 as u32);
+        assert_eq!(seen[&0x15], 0x336e_c578, "hvm_start_info magic");
+    }
+
+    #[test]
+    fn application_processors_wait_for_sipi_with_cpuid_msrs_and_lapic_set() {
+        let Some(b) = boot(&test_kernel::elf(&ElfSpec::default()), 2) else {
+            return;
+        };
+        let bsp = b.vm.create_vcpu(0).unwrap();
+        let ap = b.vm.create_vcpu(1).unwrap();
+        let reset_regs = ap.get_regs().unwrap();
+        let reset_sregs = ap.get_sregs().unwrap();
+        for (index, vcpu) in [(0u8, &bsp), (1, &ap)] {
+            let cpuid = cpuid(&b.kvm, CpuTemplate::Baseline, index, 2).unwrap();
+            configure(vcpu, &b.ram.memory, &b.entry, index, &cpuid).unwrap();
+        }
+
+        assert_eq!(
+            ap.get_mp_state().unwrap().mp_state,
+            KVM_MP_STATE_UNINITIALIZED
+        );
+        assert_eq!(ap.get_regs().unwrap().rip, reset_regs.rip);
+        let sregs = ap.get_sregs().unwrap();
+        assert_eq!(
+            (sregs.cr0, sregs.cs.selector),
+            (reset_sregs.cr0, reset_sregs.cs.selector)
+        );
+
+        let set = ap.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let leaf1 = set.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ebx >> 24, 1, "APIC id of vCPU 1");
+        assert_eq!(
+            leaf1.ecx & (1 << 13),
+            0,
+            "CX16 hidden by the baseline template"
+        );
+
+        let mut msrs = Msrs::from_entries(&[
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        assert_eq!(ap.get_msrs(&mut msrs).unwrap(), 2);
+        assert_ne!(msrs.as_slice()[0].data & MISC_ENABLE_FAST_STRING, 0);
+        assert_eq!(msrs.as_slice()[1].data, MTRR_ENABLE_WB_DEFAULT);
+
+        for vcpu in [&bsp, &ap] {
+            let lapic = vcpu.get_lapic().unwrap();
+            let read =
+                |off: usize| u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[off + i] as u8));
+            assert_eq!((read(APIC_LVT_LINT0) >> 8) & 7, APIC_MODE_EXTINT);
+            assert_eq!((read(APIC_LVT_LINT1) >> 8) & 7, APIC_MODE_NMI);
+        }
+    }
+
+    #[test]
+    fn configure_without_irqchip_names_the_cause() {
+        let Ok(kvm) = Kvm::new() else {
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let ram = memory::create_guest_ram(16 << 20).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let cpuid = cpuid(&kvm, CpuTemplate::Host, 0, 1).unwrap();
+        let entry = EntryPoint::Pvh {
+            entry: GuestAddress(LOAD_ADDR),
+            start_info: layout::PVH_INFO_START,
+        };
+        let err = configure(&vcpu, &ram.memory, &entry, 0, &cpuid).unwrap_err();
+        assert!(err.to_string().contains("irqchip"), "{err}");
+    }
 
     #[test]
     fn gdt_entries_decode_to_flat_segments() {

@@ -80,3 +80,100 @@ pub fn rules() -> Result<Rules, Error> {
     rules.extend(allow(&[libc::SYS_clone3]));
     Ok(rules)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{compile, Mode, Role};
+
+    /// Runs `body` in a forked child under the net filter; returns the child's wait status.
+    fn confined(body: fn() -> i32) -> i32 {
+        let program = compile(Role::Net, Mode::Kill).expect("net policy compiles");
+        // SAFETY: the child makes raw syscalls only (prctl, seccomp install, `body`) and leaves
+        // with _exit; the parent just waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: plain prctl and _exit in the forked child.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    libc::_exit(100);
+                }
+            }
+            if seccompiler::apply_filter(&program).is_err() {
+                // SAFETY: leaving the forked child.
+                unsafe { libc::_exit(101) };
+            }
+            let code = body();
+            // SAFETY: leaving the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid status pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    #[test]
+    fn forbidden_syscalls_kill_the_backend() {
+        let cases: [(&str, fn() -> i32); 5] = [
+            ("open", || {
+                // SAFETY: raw syscall with a valid C string.
+                unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
+                0
+            }),
+            ("inet socket", || {
+                // SAFETY: raw syscall without pointers.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                0
+            }),
+            ("TUNSETIFF", || {
+                // SAFETY: the filter decides before the kernel reads the (null) argument.
+                unsafe { libc::ioctl(-1, libc::TUNSETIFF, 0) };
+                0
+            }),
+            ("fork", || {
+                // SAFETY: raw clone without CLONE_THREAD; a child, if any, exits at once.
+                let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+                if pid == 0 {
+                    // SAFETY: leaving the grandchild.
+                    unsafe { libc::_exit(0) };
+                }
+                0
+            }),
+            ("execve", || {
+                let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+                // SAFETY: valid, null-terminated argv and null envp.
+                unsafe { libc::execve(argv[0], argv.as_ptr(), std::ptr::null()) };
+                0
+            }),
+        ];
+        for (what, body) in cases {
+            let status = confined(body);
+            assert!(killed_by_sigsys(status), "{what}: status {status:#x}");
+        }
+    }
+
+    #[test]
+    fn what_the_backend_needs_is_allowed() {
+        let status = confined(|| {
+            // SAFETY: the ioctl reaches the kernel and fails with EBADF on fd -1.
+            let rc = unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD, 0) };
+            // SAFETY: a Unix socket, closed right away.
+            let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            if rc != -1 || fd < 0 {
+                return 1;
+            }
+            // SAFETY: closing the socket we created.
+            unsafe { libc::close(fd) };
+            0
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+    }
+}

@@ -113,13 +113,16 @@ mod tests {
         status
     }
 
+    /// A named body to run under the filter.
+    type Case = (&'static str, fn() -> i32);
+
     fn killed_by_sigsys(status: i32) -> bool {
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
     }
 
     #[test]
     fn forbidden_syscalls_kill_the_backend() {
-        let cases: [(&str, fn() -> i32); 5] = [
+        let cases: [Case; 5] = [
             ("open", || {
                 // SAFETY: raw syscall with a valid C string.
                 unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) };

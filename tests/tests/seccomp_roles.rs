@@ -1,0 +1,421 @@
+//! Seccomp roles of a running `citadel`, checked from outside.
+//!
+//! Every task of the VMM must carry a filter, the VM must keep working under them (QMP, vCPU
+//! exits, pause and resume, quit), and a forbidden syscall made by any thread must kill the
+//! whole process with SIGSYS. The forbidden syscalls are made the way injected code would make
+//! them: the test stops a thread with ptrace, points it back at the `syscall` instruction it
+//! was blocked in, with another syscall number and arguments, and lets it run. An allowed
+//! syscall injected the same way leaves the VM running, which shows the deaths come from the
+//! filters and not from the injection.
+//!
+//! The same checks on each role's allowlist in isolation (fork, install, call) are unit tests
+//! of the citadel-seccomp crate.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A running citadel with a QMP connection; killed on drop.
+struct Vmm {
+    child: Child,
+    qmp: BufReader<UnixStream>,
+    writer: UnixStream,
+    dir: PathBuf,
+}
+
+fn prerequisites(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let citadel = citadel_tests::profile_dir().join("citadel");
+    let guest = citadel_tests::profile_dir()
+        .parent()
+        .map(|p| p.join("guest").join("smp.elf"))?;
+    if !citadel.exists() || !guest.exists() {
+        citadel_tests::skip(
+            test,
+            "citadel or guest/smp.elf not built (cargo build -p citadel; make -C guest)",
+            true,
+        );
+        return None;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        citadel_tests::skip(test, "no /dev/kvm", false);
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        citadel_tests::skip(test, "ptrace of the VMM needs root", false);
+        return None;
+    }
+    Some((citadel, guest))
+}
+
+impl Vmm {
+    fn start(citadel: &Path, guest: &Path) -> Vmm {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("citadel-seccomp-roles-{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("qmp.sock");
+        let child = Command::new(citadel)
+            .args(["-machine", "microvm", "-kernel"])
+            .arg(guest)
+            .args(["-m", "64", "-smp", "2", "-serial", "null", "-qmp"])
+            .arg(format!("unix:{},server,nowait", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start citadel");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP socket: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut vmm = Vmm {
+            child,
+            qmp: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            dir,
+        };
+        assert!(vmm.read()["QMP"].is_object());
+        assert!(vmm.execute("qmp_capabilities")["return"].is_object());
+        vmm
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.qmp.read_line(&mut line).expect("read QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    fn execute(&mut self, command: &str) -> serde_json::Value {
+        writeln!(self.writer, "{{\"execute\":\"{command}\"}}").unwrap();
+        loop {
+            let msg = self.read();
+            if msg.get("event").is_none() {
+                return msg;
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Thread ids of the vCPUs, from QMP.
+    fn vcpu_threads(&mut self) -> Vec<i32> {
+        let cpus = self.execute("query-cpus");
+        cpus["return"]
+            .as_array()
+            .expect("query-cpus list")
+            .iter()
+            .map(|cpu| cpu["thread_id"].as_i64().expect("thread_id") as i32)
+            .collect()
+    }
+
+    /// Waits for the VMM to end and returns the signal that killed it, if any.
+    fn wait_signal(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.signal();
+            }
+            assert!(Instant::now() < deadline, "VMM still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A syscall to inject: number and up to three arguments.
+#[derive(Clone, Copy, Debug)]
+struct Syscall {
+    name: &'static str,
+    nr: i64,
+    args: [u64; 3],
+}
+
+const EXECVE: Syscall = Syscall {
+    name: "execve",
+    nr: libc::SYS_execve,
+    args: [0, 0, 0],
+};
+const INET_SOCKET: Syscall = Syscall {
+    name: "socket(AF_INET)",
+    nr: libc::SYS_socket,
+    args: [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0],
+};
+const PTRACE: Syscall = Syscall {
+    name: "ptrace(PTRACE_TRACEME)",
+    nr: libc::SYS_ptrace,
+    args: [libc::PTRACE_TRACEME as u64, 0, 0],
+};
+/// KVM_CREATE_VM on descriptor 0: the event loop may use some KVM ioctls, never this one.
+const CREATE_VM: Syscall = Syscall {
+    name: "ioctl(KVM_CREATE_VM)",
+    nr: libc::SYS_ioctl,
+    args: [0, 0xae01, 0],
+};
+const GETPID: Syscall = Syscall {
+    name: "getpid",
+    nr: libc::SYS_getpid,
+    args: [0, 0, 0],
+};
+
+fn ptrace_call(request: libc::c_uint, tid: i32, addr: u64, data: u64) -> i64 {
+    // SAFETY: the requests passed here take plain integers as address and data.
+    unsafe {
+        libc::ptrace(
+            request,
+            tid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    }
+}
+
+fn get_regs(tid: i32) -> libc::user_regs_struct {
+    // SAFETY: user_regs_struct is plain integers; zeroed is a valid value.
+    let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: GETREGS writes one user_regs_struct to the live `regs`.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGS,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            &mut regs as *mut libc::user_regs_struct,
+        )
+    };
+    assert_eq!(ret, 0, "GETREGS {tid}");
+    regs
+}
+
+fn set_regs(tid: i32, regs: &libc::user_regs_struct) {
+    // SAFETY: SETREGS reads one user_regs_struct from the live `regs`.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGS,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            regs as *const libc::user_regs_struct,
+        )
+    };
+    assert_eq!(ret, 0, "SETREGS {tid}");
+}
+
+fn wait_stop(tid: i32) {
+    let mut status = 0;
+    // SAFETY: waits for a traced thread with a valid status pointer.
+    let ret = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+    assert_eq!(ret, tid, "waitpid on traced thread {tid}");
+    assert!(
+        libc::WIFSTOPPED(status),
+        "thread {tid} not stopped: {status:#x}"
+    );
+}
+
+/// Seizes thread `tid` and stops it inside a syscall, right after its `syscall` instruction.
+/// Returns its registers.
+fn stop_in_syscall(tid: i32) -> libc::user_regs_struct {
+    assert_eq!(ptrace_call(libc::PTRACE_SEIZE, tid, 0, 0), 0, "seize {tid}");
+    for _ in 0..100 {
+        assert_eq!(
+            ptrace_call(libc::PTRACE_INTERRUPT, tid, 0, 0),
+            0,
+            "interrupt {tid}"
+        );
+        wait_stop(tid);
+        let regs = get_regs(tid);
+        // Only a thread stopped inside a syscall sits right after a `syscall` instruction.
+        if regs.orig_rax as i64 >= 0 {
+            let word = ptrace_call(libc::PTRACE_PEEKTEXT, tid, regs.rip - 2, 0) as u64;
+            if word & 0xffff == 0x050f {
+                return regs;
+            }
+        }
+        assert_eq!(ptrace_call(libc::PTRACE_CONT, tid, 0, 0), 0);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("thread {tid} never caught inside a syscall");
+}
+
+/// Registers that make the thread execute `call` from the `syscall` instruction at rip - 2.
+fn with_call(mut regs: libc::user_regs_struct, call: Syscall) -> libc::user_regs_struct {
+    regs.rip -= 2;
+    // No restart of the interrupted syscall on the way back to user space.
+    regs.orig_rax = u64::MAX;
+    regs.rax = call.nr as u64;
+    regs.rdi = call.args[0];
+    regs.rsi = call.args[1];
+    regs.rdx = call.args[2];
+    regs
+}
+
+/// Makes thread `tid` execute `call` from the `syscall` instruction it is blocked in, then
+/// releases it.
+fn inject(tid: i32, call: Syscall) {
+    let regs = stop_in_syscall(tid);
+    set_regs(tid, &with_call(regs, call));
+    assert_eq!(ptrace_call(libc::PTRACE_DETACH, tid, 0, 0), 0);
+}
+
+/// Like `inject`, but runs the thread only through `call`, returns its result and puts the
+/// thread back into the syscall it was interrupted in.
+fn inject_and_restore(tid: i32, call: Syscall) -> i64 {
+    let saved = stop_in_syscall(tid);
+    set_regs(tid, &with_call(saved, call));
+    for _ in 0..2 {
+        // Entry, then exit of the injected syscall.
+        assert_eq!(ptrace_call(libc::PTRACE_SYSCALL, tid, 0, 0), 0);
+        wait_stop(tid);
+    }
+    let result = get_regs(tid).rax as i64;
+    let mut restart = saved;
+    restart.rip -= 2;
+    restart.rax = saved.orig_rax;
+    restart.orig_rax = u64::MAX;
+    set_regs(tid, &restart);
+    assert_eq!(ptrace_call(libc::PTRACE_DETACH, tid, 0, 0), 0);
+    result
+}
+
+fn assert_killed(citadel: &Path, guest: &Path, role: &str, call: Syscall, on_vcpu: bool) {
+    let mut vmm = Vmm::start(citadel, guest);
+    let tid = if on_vcpu {
+        vmm.vcpu_threads()[0]
+    } else {
+        vmm.pid()
+    };
+    inject(tid, call);
+    let signal = vmm.wait_signal();
+    assert_eq!(
+        signal,
+        Some(libc::SIGSYS),
+        "{} on the {role} thread: expected the VMM to die of SIGSYS",
+        call.name
+    );
+}
+
+fn task_status(pid: i32) -> Vec<(String, String)> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| {
+            let tid = e.unwrap().file_name().to_string_lossy().into_owned();
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            (tid, status)
+        })
+        .collect()
+}
+
+#[test]
+fn every_thread_is_filtered_and_the_vm_keeps_working() {
+    let test = "every_thread_is_filtered_and_the_vm_keeps_working";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    let mut vmm = Vmm::start(&citadel, &guest);
+    let vcpus = vmm.vcpu_threads();
+    assert_eq!(vcpus.len(), 2);
+    let tasks = task_status(vmm.pid());
+    for vcpu in &vcpus {
+        assert!(
+            tasks.iter().any(|(tid, _)| *tid == vcpu.to_string()),
+            "vCPU {vcpu} is not a task"
+        );
+    }
+    for (tid, status) in &tasks {
+        assert!(
+            status.contains("Seccomp:\t2\n"),
+            "task {tid} unfiltered:\n{status}"
+        );
+        assert!(status.contains("NoNewPrivs:\t1\n"), "task {tid}");
+    }
+    // The filtered VMM still does its job: pause, resume, report, quit cleanly.
+    for command in [
+        "stop",
+        "cont",
+        "query-status",
+        "query-hotpluggable-cpus",
+        "query-cpus",
+    ] {
+        let reply = vmm.execute(command);
+        assert!(reply.get("return").is_some(), "{command}: {reply}");
+    }
+    assert_eq!(vmm.execute("query-status")["return"]["running"], true);
+    assert!(vmm.execute("quit").get("return").is_some());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = vmm.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "VMM did not quit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "quit under the filters: {status:?}");
+}
+
+#[test]
+fn forbidden_syscalls_on_a_vcpu_thread_kill_the_vmm() {
+    let test = "forbidden_syscalls_on_a_vcpu_thread_kill_the_vmm";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    for call in [EXECVE, INET_SOCKET, PTRACE, CREATE_VM] {
+        assert_killed(&citadel, &guest, "vcpu", call, true);
+    }
+}
+
+#[test]
+fn forbidden_syscalls_on_the_event_loop_kill_the_vmm() {
+    let test = "forbidden_syscalls_on_the_event_loop_kill_the_vmm";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    for call in [EXECVE, INET_SOCKET, PTRACE, CREATE_VM] {
+        assert_killed(&citadel, &guest, "event loop", call, false);
+    }
+}
+
+#[test]
+fn an_allowed_syscall_injected_the_same_way_is_harmless() {
+    let test = "an_allowed_syscall_injected_the_same_way_is_harmless";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    let mut vmm = Vmm::start(&citadel, &guest);
+    let vcpu = vmm.vcpu_threads()[0];
+    let pid = i64::from(vmm.pid());
+    assert_eq!(
+        inject_and_restore(vcpu, GETPID),
+        pid,
+        "getpid on a vCPU thread"
+    );
+    assert_eq!(
+        inject_and_restore(vmm.pid(), GETPID),
+        pid,
+        "getpid on the event loop"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
+    assert_eq!(vmm.execute("query-status")["return"]["running"], true);
+}

@@ -63,4 +63,5 @@ pub fn skip(test: &str, why: &str, required: bool) {
     }
     eprintln!("SKIPPED {test}: {why}");
 }
+pub mod kernel;
 pub mod vm;

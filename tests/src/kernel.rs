@@ -1,0 +1,262 @@
+//! The project's guest kernel (built by `scripts/guest-kernel.sh`), initramfs images that run
+//! a test's own script inside the guest, and a process whose standard output is a guest's
+//! serial console (QEMU or Citadel with `-serial stdio`).
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A built guest kernel: the cache directory and the files in it.
+#[derive(Debug, Clone)]
+pub struct GuestKernel {
+    /// `${CITADEL_CACHE_DIR:-$HOME/.cache/citadel}/kernel-<hash>`.
+    pub dir: PathBuf,
+    /// ELF kernel with the PVH entry note.
+    pub vmlinux: PathBuf,
+    /// The same kernel in the Linux boot protocol's bzImage format.
+    pub bzimage: PathBuf,
+    /// gzip newc initramfs: busybox and Citadel's `/init`.
+    pub initramfs: PathBuf,
+}
+
+/// The guest kernel if `scripts/guest-kernel.sh` has built it for the current sources, `None`
+/// otherwise (build it with `scripts/guest-kernel.sh`; it takes minutes).
+pub fn guest_kernel() -> Option<GuestKernel> {
+    let output = Command::new(crate::workspace_root().join("scripts/guest-kernel.sh"))
+        .arg("--path")
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let dir = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+    let kernel = GuestKernel {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+        dir,
+    };
+    [&kernel.vmlinux, &kernel.bzimage, &kernel.initramfs]
+        .iter()
+        .all(|path| path.is_file())
+        .then_some(kernel)
+}
+
+/// Writes `out`: the initramfs `base` followed by an uncompressed newc archive holding
+/// `/test.sh` (mode 0755) with `script` as its content. Citadel's `/init` runs that script
+/// with `sh`, prints `citadel-init: done rc=<status>` and powers the guest off.
+pub fn initramfs_with_script(base: &Path, script: &str, out: &Path) -> io::Result<()> {
+    let mut image = std::fs::read(base)?;
+    // The kernel looks for an archive header only at 4-byte aligned offsets of the whole
+    // image, and skips the zero bytes in between.
+    image.resize(image.len().next_multiple_of(4), 0);
+    append_newc_entry(&mut image, 1, "test.sh", 0o100_755, script.as_bytes())?;
+    append_newc_entry(&mut image, 0, "TRAILER!!!", 0, &[])?;
+    let mut file = File::create(out)?;
+    file.write_all(&image)?;
+    file.sync_all()
+}
+
+/// Appends one "070701" (newc) cpio entry. Header and data are each padded to 4 bytes,
+/// counted from the start of `image`, which is where the kernel's parser counts from.
+fn append_newc_entry(
+    image: &mut Vec<u8>,
+    ino: u32,
+    name: &str,
+    mode: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    let too_big = |_| io::Error::new(io::ErrorKind::InvalidInput, "cpio entry over 4 GiB");
+    let fields = [
+        ino,
+        mode,
+        0, // uid
+        0, // gid
+        1, // nlink
+        0, // mtime
+        u32::try_from(data.len()).map_err(too_big)?,
+        0, // devmajor
+        0, // devminor
+        0, // rdevmajor
+        0, // rdevminor
+        u32::try_from(name.len() + 1).map_err(too_big)?,
+        0, // check
+    ];
+    image.extend_from_slice(b"070701");
+    for field in fields {
+        image.extend_from_slice(format!("{field:08x}").as_bytes());
+    }
+    image.extend_from_slice(name.as_bytes());
+    image.push(0);
+    image.resize(image.len().next_multiple_of(4), 0);
+    image.extend_from_slice(data);
+    image.resize(image.len().next_multiple_of(4), 0);
+    Ok(())
+}
+
+/// `qemu-system-x86_64` from `PATH`, if installed.
+pub fn qemu() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("qemu-system-x86_64"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// True when `/dev/kvm` can be opened for reading and writing.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// True when the host CPU has hardware virtualization (vmx or svm), i.e. a Linux guest can
+/// run user space under KVM here.
+pub fn hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|line| line.starts_with("flags"))
+            .any(|line| line.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    })
+}
+
+/// A process whose standard output carries a guest's serial console, read line by line.
+/// Killed and reaped on drop, including when the test panics.
+pub struct ConsoleProcess {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ConsoleProcess {
+    /// Spawns `command` with stdout piped (the console) and stderr collected for reports.
+    pub fn spawn(mut command: Command) -> io::Result<ConsoleProcess> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut raw = Vec::new();
+            // Console output is not necessarily UTF-8; a lossy line is still searchable.
+            while matches!(reader.read_until(b'\n', &mut raw), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&raw);
+                if tx
+                    .send(line.trim_end_matches(['\r', '\n']).to_string())
+                    .is_err()
+                {
+                    break;
+                }
+                raw.clear();
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("stderr buffer")
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        Ok(ConsoleProcess {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for a console line containing `needle` and returns it. Lines
+    /// read on the way are kept for `transcript`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_any(&[needle], timeout).map(|(_, line)| line)
+    }
+
+    /// Waits for a line containing any of `needles`; returns the index of the needle found
+    /// and the line.
+    pub fn wait_for_any(&mut self, needles: &[&str], timeout: Duration) -> Option<(usize, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Some(i) = needles.iter().position(|n| line.contains(n)) {
+                        return Some((i, line));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return None
+                }
+            }
+        }
+    }
+
+    /// All console lines that arrive within `window` (fewer if the console closes).
+    pub fn lines_for(&mut self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut got = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    got.push(line);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        got
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code (`None` if it is still
+    /// running or was killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything seen so far: console lines, then the process's stderr, for assertion
+    /// messages.
+    pub fn transcript(&self) -> String {
+        let stderr = self.stderr.lock().expect("stderr buffer");
+        format!(
+            "--- console ---\n{}\n--- stderr ---\n{}",
+            self.seen.join("\n"),
+            String::from_utf8_lossy(&stderr)
+        )
+    }
+}
+
+impl Drop for ConsoleProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -760,3 +760,153 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     let _ = std::io::stderr().flush();
     assert!(rest.iter().any(|l| l.contains("stats:")), "{rest:#?}");
 }
+
+/// Opens a fresh tap queue in the test's own network namespace (it disappears with the fd).
+fn open_tap(name: &str) -> OwnedFd {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes the live, correctly laid out ifreq.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    assert_eq!(
+        rc,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    OwnedFd::from(file)
+}
+
+/// Starts citadel-net with `fds` placed at descriptors 3, 4, ... of the child.
+fn spawn_with_fds(args: &[&str], fds: &[RawFd]) -> Child {
+    use std::os::unix::process::CommandExt;
+    let fds = fds.to_vec();
+    let mut cmd = Command::new(binary("citadel-net"));
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) run between fork and exec. The sources
+    // are first moved above the targets so that no dup2 overwrites a source still needed.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut moved = Vec::new();
+            for &fd in &fds {
+                let high = libc::fcntl(fd, libc::F_DUPFD, 100);
+                if high < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                moved.push(high);
+            }
+            for (i, &fd) in moved.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("start citadel-net")
+}
+
+#[test]
+fn inherited_socket_and_tap_fds_serve_one_frontend_then_exit() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(TEST, "needs root and /dev/net/tun for the tap", false);
+        return;
+    }
+    let tap = open_tap(&format!("cnf{}", std::process::id() % 100_000));
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let mac = MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut child = Reaped(spawn_with_fds(
+        &["--fd", "3", "--tap-fd", "4", "--mac", &mac],
+        &[theirs.as_raw_fd(), tap.as_raw_fd()],
+    ));
+    drop(theirs);
+    drop(tap);
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut f = Frontend { sock: ours };
+    f.negotiate();
+    assert_eq!(f.config(), [&MAC[..], &[1, 0, 1, 0]].concat());
+    let status = fs::read_to_string(format!("/proc/{}/status", child.0.id())).expect("status");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.0.try_wait().expect("poll") {
+            break s.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend did not exit after its frontend"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("] stats: rx_packets="), "{err}");
+}
+
+#[test]
+fn bad_arguments_and_bad_fds_fail_with_one_line() {
+    for (args, code) in [
+        (vec!["--tap", "x"], 2),
+        (
+            vec!["--socket", "/nonexistent/x", "--tap", "x", "--queues", "99"],
+            2,
+        ),
+        (
+            vec!["--fd", "3", "--tap", "x", "--mac", "01:02:03:04:05:06"],
+            2,
+        ),
+        (vec!["--fd", "3", "--tap-fd", "3"], 2),
+        (vec!["--frobnicate"], 2),
+        // Descriptors that are not what they claim to be.
+        (vec!["--fd", "3", "--tap-fd", "4"], 1),
+        (vec!["--fd", "40", "--tap-fd", "41"], 1),
+    ] {
+        let devnull = fs::File::open("/dev/null").expect("/dev/null");
+        let (_ours, theirs) = UnixStream::pair().expect("socketpair");
+        let child = spawn_with_fds(&args, &[theirs.as_raw_fd(), devnull.as_raw_fd()]);
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("citadel-net:") || first.contains("ERROR"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = Command::new(binary("citadel-net"))
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--tap-fd"));
+}

@@ -150,7 +150,16 @@ impl TapQueue {
     /// # Safety
     /// `fd` must be an open fd that nothing else in the process owns or will close.
     pub unsafe fn from_inherited_fd(fd: RawFd) -> Result<TapQueue, TapError> {
-        // SAFETY: ownership of `fd` is transferred to us by the caller's contract.
+        // A number that names no open fd must not become a File (closing it later would close
+        // whatever reuses the number).
+        // SAFETY: F_GETFD only inspects the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(TapError::NotTap {
+                fd,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is open, and ownership is transferred to us by the caller's contract.
         let file = unsafe { File::from_raw_fd(fd) };
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],

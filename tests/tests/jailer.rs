@@ -810,3 +810,37 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     assert!(qmp.execute("quit").get("return").is_some());
     wait_gone(pid);
 }
+
+#[test]
+fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
+    require!("backends_are_copied_next_to_the_vmm_and_may_run_under_landlock");
+    let jail = Jail::new("backends");
+    let host_bin = jail.base.join("bin");
+    fs::create_dir_all(&host_bin).unwrap();
+    // busybox runs as busybox under any name starting with "busybox".
+    let blk = host_bin.join("busybox-blk");
+    fs::copy(BUSYBOX, &blk).unwrap();
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &[
+            "--backend-file",
+            blk.to_str().unwrap(),
+            "--landlock",
+            "--",
+            "sh",
+            "-c",
+            "/busybox-blk true && busybox ls -1 /",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let mut names: Vec<&str> = listing.lines().collect();
+    names.sort();
+    assert_eq!(names, ["busybox", "busybox-blk", "dev"]);
+    let copied = fs::metadata(jail.root().join("busybox-blk")).unwrap();
+    assert_eq!(
+        (copied.uid(), copied.gid(), copied.mode() & 0o7777),
+        (UID, GID, 0o500)
+    );
+    assert_eq!(copied.nlink(), 1);
+}

@@ -40,6 +40,7 @@ const PROTOCOL_FEATURES: u64 = 1 << 30;
 const VERSION_1: u64 = 1 << 32;
 const PROTO_REPLY_ACK: u64 = 1 << 3;
 const PROTO_CONFIG: u64 = 1 << 9;
+const PROTO_MQ: u64 = 1;
 
 /// Guest memory of the fake guest.
 const MEM_SIZE: usize = 1 << 20;
@@ -225,6 +226,10 @@ impl Frontend {
     /// The negotiation up to SET_FEATURES, enabling the rings before SET_FEATURES as QEMU 7.2
     /// does. Returns the features offered.
     fn negotiate(&mut self) -> u64 {
+        self.negotiate_rings(2)
+    }
+
+    fn negotiate_rings(&mut self, rings: u32) -> u64 {
         let offered = self.get_u64(GET_FEATURES);
         assert_ne!(offered & PROTOCOL_FEATURES, 0, "{offered:#x}");
         assert_ne!(offered & VERSION_1, 0, "{offered:#x}");
@@ -233,9 +238,9 @@ impl Frontend {
         assert_ne!(proto & PROTO_REPLY_ACK, 0, "{proto:#x}");
         self.set_u64(
             SET_PROTOCOL_FEATURES,
-            proto & (PROTO_REPLY_ACK | PROTO_CONFIG),
+            proto & (PROTO_MQ | PROTO_REPLY_ACK | PROTO_CONFIG),
         );
-        for index in 0..2u32 {
+        for index in 0..rings {
             assert_eq!(self.acked(SET_VRING_ENABLE, &state(index, 1)), 0);
         }
         assert_eq!(
@@ -909,4 +914,76 @@ fn bad_arguments_and_bad_fds_fail_with_one_line() {
         .expect("run --help");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--tap-fd"));
+}
+
+#[test]
+fn two_queue_pairs_each_reach_the_multiqueue_tap() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(
+            TEST,
+            "needs root and /dev/net/tun for the tap and netns",
+            false,
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("citadel-net-mq-"));
+    fs::create_dir_all(&dir).expect("scratch dir");
+    let scratch = Scratch(dir);
+    let ns = NetNs::create(unique("cnm"));
+    let tap = "cnm0";
+    let socket = scratch.0.join("net.sock");
+    let mut cmd = ns.exec(&[
+        binary("citadel-net").to_str().expect("utf-8"),
+        "--socket",
+        socket.to_str().expect("utf-8"),
+        "--tap",
+        tap,
+        "--queues",
+        "2",
+    ]);
+    cmd.stderr(Stdio::null());
+    let _child = Reaped(cmd.spawn().expect("start citadel-net"));
+    let mut f = Frontend::connect(&socket);
+    ns.output(&["ip", "link", "set", tap, "up"]);
+    let offered = f.negotiate_rings(4);
+    assert_ne!(offered & (1 << 22), 0, "MQ not offered: {offered:#x}");
+    assert_eq!(f.get_u64(17), 4, "GET_QUEUE_NUM");
+    assert_eq!(f.config()[8..10], [2, 0], "max_virtqueue_pairs");
+    let mem = GuestMem::new();
+    f.send(
+        SET_MEM_TABLE,
+        NEED_REPLY,
+        &mem.table(MEM_SIZE as u64, 0),
+        &[mem.fd.as_raw_fd()],
+    )
+    .unwrap();
+    assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);
+    let queues: Vec<Queue> = (0..4).map(|i| setup_queue(&f, i)).collect();
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&MAC);
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(&[0x5a; 46]);
+    mem.write(0x10000, &frame);
+    let counter = || -> u64 {
+        ns.output(&[
+            "cat",
+            &format!("/sys/class/net/{tap}/statistics/rx_packets"),
+        ])
+        .trim()
+        .parse()
+        .expect("tap counter")
+    };
+    let before = counter();
+    let mut queues = queues;
+    for q in [1usize, 3] {
+        queues[q].push(&mem, 0, 0x10000, frame.len() as u32, false);
+        queues[q].kick();
+        assert!(
+            queues[q].wait_used(&mem, 1, Duration::from_secs(10)),
+            "TX ring {q} not served"
+        );
+    }
+    assert_eq!(counter(), before + 2, "frames of both pairs on the tap");
 }

@@ -55,12 +55,14 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_memfd_create,
         libc::SYS_ftruncate,
     ]));
-    // Descriptor flags (O_NONBLOCK on eventfds), memfd seals; no F_DUPFD, no locks.
+    // Descriptor flags (O_NONBLOCK on eventfds), memfd seals, the close-on-exec duplicate of
+    // the inflight memfd; no locks, no plain F_DUPFD.
     rules.push(arg_in(
         ROLE,
         libc::SYS_fcntl,
         1,
         &[
+            libc::F_DUPFD_CLOEXEC as u64,
             libc::F_GETFD as u64,
             libc::F_SETFD as u64,
             libc::F_GETFL as u64,

@@ -1,0 +1,1032 @@
+//! citadel-blk against a frontend that speaks raw vhost-user: first a well-behaved session
+//! that writes and reads the image through a split ring, then malformed messages, bad memory
+//! tables, wrong sizes and descriptor chains pointing outside guest memory. The backend must
+//! refuse each one, stay alive, and serve a well-behaved frontend afterwards.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use citadel_tests::vm::TempDir;
+
+// vhost-user requests.
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_OWNER: u32 = 3;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_BASE: u32 = 10;
+const GET_VRING_BASE: u32 = 11;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_QUEUE_NUM: u32 = 17;
+const SET_VRING_ENABLE: u32 = 18;
+const GET_CONFIG: u32 = 24;
+const GET_INFLIGHT_FD: u32 = 31;
+
+const VERSION: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
+
+const F_VERSION_1: u64 = 1 << 32;
+const F_PROTOCOL: u64 = 1 << 30;
+const F_INDIRECT: u64 = 1 << 28;
+const PF_MQ: u64 = 1 << 0;
+const PF_REPLY_ACK: u64 = 1 << 3;
+const PF_CONFIG: u64 = 1 << 9;
+const PF_INFLIGHT: u64 = 1 << 12;
+
+const MEM_SIZE: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+
+const IMAGE_SECTORS: u64 = 2048;
+
+/// A citadel-blk process killed on drop.
+struct Backend {
+    child: Child,
+    socket: PathBuf,
+    image: PathBuf,
+    _dir: TempDir,
+}
+
+impl Backend {
+    fn start(extra: &[&str]) -> Backend {
+        let dir = TempDir::new("blk-hostile");
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; (IMAGE_SECTORS * 512) as usize]).unwrap();
+        let socket = dir.path().join("blk.sock");
+        let child = Command::new(citadel_tests::binary("citadel-blk"))
+            .arg("--image")
+            .arg(&image)
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn citadel-blk");
+        let backend = Backend {
+            child,
+            socket,
+            image,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&backend.socket).is_err() {
+            assert!(Instant::now() < deadline, "citadel-blk never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // That probe connection was a frontend that left at once: the backend must go back
+        // to accepting.
+        backend
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn connect(&self) -> Frontend {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => return Frontend::new(s),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "connect: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let exited = self.child.try_wait().ok().flatten();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("citadel-blk exit status before cleanup: {exited:?}");
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            eprintln!("citadel-blk stderr:\n{err}");
+        }
+    }
+}
+
+fn eventfd() -> OwnedFd {
+    // SAFETY: plain eventfd creation; the result is checked and then owned.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: fresh descriptor owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Guest memory: a memfd mapped in the test.
+struct Memory {
+    fd: OwnedFd,
+    ptr: *mut u8,
+}
+
+impl Memory {
+    fn new(len: usize) -> Memory {
+        // SAFETY: valid C string, constant flags; the result is checked and owned.
+        let fd = unsafe { libc::memfd_create(c"blk-hostile".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: resizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+        // SAFETY: shared mapping of the whole memfd; checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Memory {
+            fd,
+            ptr: ptr.cast(),
+        }
+    }
+
+    fn uaddr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
+        // SAFETY: the range was checked against the mapping's length above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
+        };
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut out = vec![0u8; len];
+        // SAFETY: the range was checked against the mapping's length above.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), out.as_mut_ptr(), len) };
+        out
+    }
+
+    fn u16_at(&self, gpa: u64) -> u16 {
+        u16::from_le_bytes(self.read(gpa, 2).try_into().unwrap())
+    }
+
+    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = Vec::with_capacity(16);
+        d.extend_from_slice(&addr.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        self.write(DESC + u64::from(index) * 16, &d);
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), MEM_SIZE) };
+    }
+}
+
+/// A raw vhost-user frontend.
+struct Frontend {
+    sock: UnixStream,
+}
+
+impl Frontend {
+    fn new(sock: UnixStream) -> Frontend {
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Frontend { sock }
+    }
+
+    fn send(&mut self, req: u32, flags: u32, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        let mut msg = Vec::with_capacity(12 + payload.len());
+        msg.extend_from_slice(&req.to_le_bytes());
+        msg.extend_from_slice(&(VERSION | flags).to_le_bytes());
+        msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        msg.extend_from_slice(payload);
+        self.send_raw(&msg, fds)
+    }
+
+    fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+        let mut control = vec![0u8; space.max(1)];
+        // SAFETY: msghdr is plain data; every pointer set below stays valid during sendmsg.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        if !fds.is_empty() {
+            hdr.msg_control = control.as_mut_ptr().cast();
+            hdr.msg_controllen = space;
+            // SAFETY: the control buffer is CMSG_SPACE bytes for fds.len() descriptors.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(cmsg),
+                    fds.len() * 4,
+                );
+            }
+        }
+        // SAFETY: `hdr` describes valid buffers for the duration of the call.
+        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        assert_eq!(n as usize, bytes.len());
+        Ok(())
+    }
+
+    /// Reads one reply; returns (request, payload, attached descriptors).
+    fn recv(&mut self) -> std::io::Result<(u32, Vec<u8>, Vec<OwnedFd>)> {
+        let mut head = [0u8; 12];
+        let mut iov = libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        };
+        let mut control = [0u8; 64];
+        // SAFETY: msghdr is plain data; the buffers outlive the call.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = control.len();
+        // SAFETY: `hdr` describes valid buffers.
+        let n = unsafe { libc::recvmsg(self.sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if n as usize != head.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("short reply header ({n} bytes)"),
+            ));
+        }
+        let mut fds = Vec::new();
+        // SAFETY: walking the control messages the kernel filled in.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                    for i in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&hdr, cmsg);
+            }
+        }
+        let req = u32::from_le_bytes(head[0..4].try_into().unwrap());
+        let flags = u32::from_le_bytes(head[4..8].try_into().unwrap());
+        assert_ne!(flags & REPLY, 0, "reply flag missing");
+        let size = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; size];
+        self.sock.read_exact(&mut payload)?;
+        Ok((req, payload, fds))
+    }
+
+    fn get_u64(&mut self, req: u32) -> u64 {
+        self.send(req, 0, &[], &[]).unwrap();
+        let (r, payload, _) = self.recv().unwrap();
+        assert_eq!(r, req);
+        u64::from_le_bytes(payload[..8].try_into().unwrap())
+    }
+
+    /// Sends a request that asks for an ack; returns true when the backend accepted it.
+    fn acked(&mut self, req: u32, payload: &[u8], fds: &[RawFd]) -> bool {
+        self.send(req, NEED_REPLY, payload, fds).unwrap();
+        let (r, p, _) = self.recv().expect("ack");
+        assert_eq!(r, req);
+        u64::from_le_bytes(p[..8].try_into().unwrap()) == 0
+    }
+
+    fn negotiate(&mut self) -> u64 {
+        let features = self.get_u64(GET_FEATURES);
+        let protocol = self.get_u64(GET_PROTOCOL_FEATURES);
+        assert_eq!(
+            protocol & (PF_MQ | PF_CONFIG | PF_INFLIGHT),
+            PF_MQ | PF_CONFIG | PF_INFLIGHT
+        );
+        self.send(
+            SET_PROTOCOL_FEATURES,
+            0,
+            &(PF_REPLY_ACK | PF_MQ | PF_CONFIG).to_le_bytes(),
+            &[],
+        )
+        .unwrap();
+        self.send(SET_OWNER, 0, &[], &[]).unwrap();
+        assert!(self.acked(
+            SET_FEATURES,
+            &(F_VERSION_1 | F_PROTOCOL | F_INDIRECT).to_le_bytes(),
+            &[]
+        ));
+        features
+    }
+
+    fn mem_table(&mut self, regions: &[(u64, u64, u64, u64)], fds: &[RawFd]) -> bool {
+        let mut p = Vec::new();
+        p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
+        for (gpa, size, uaddr, off) in regions {
+            for v in [gpa, size, uaddr, off] {
+                p.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.acked(SET_MEM_TABLE, &p, fds)
+    }
+
+    fn vring_state(&mut self, req: u32, index: u32, num: u32) -> bool {
+        let mut p = index.to_le_bytes().to_vec();
+        p.extend_from_slice(&num.to_le_bytes());
+        self.acked(req, &p, &[])
+    }
+
+    fn vring_addr(&mut self, index: u32, desc: u64, used: u64, avail: u64) -> bool {
+        let mut p = index.to_le_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_le_bytes());
+        for v in [desc, used, avail, 0u64] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        self.acked(SET_VRING_ADDR, &p, &[])
+    }
+
+    fn vring_fd(&mut self, req: u32, index: u64, fd: RawFd) -> bool {
+        self.acked(req, &index.to_le_bytes(), &[fd])
+    }
+}
+
+/// A frontend with memory and queue 0 set up.
+struct Session {
+    fe: Frontend,
+    mem: Memory,
+    kick: OwnedFd,
+    call: OwnedFd,
+    next_avail: u16,
+}
+
+impl Session {
+    fn open(backend: &Backend) -> Session {
+        let mut fe = backend.connect();
+        fe.negotiate();
+        let mem = Memory::new(MEM_SIZE);
+        assert!(fe.mem_table(
+            &[(0, MEM_SIZE as u64, mem.uaddr(), 0)],
+            &[mem.fd.as_raw_fd()]
+        ));
+        assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+        let u = mem.uaddr();
+        assert!(fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
+        assert!(fe.vring_state(SET_VRING_BASE, 0, 0));
+        let kick = eventfd();
+        let call = eventfd();
+        assert!(fe.vring_fd(SET_VRING_CALL, 0, call.as_raw_fd()));
+        assert!(fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd()));
+        assert!(fe.vring_state(SET_VRING_ENABLE, 0, 1));
+        Session {
+            fe,
+            mem,
+            kick,
+            call,
+            next_avail: 0,
+        }
+    }
+
+    /// Makes the chain starting at `head` available, kicks, and waits for the used entry.
+    /// Returns (used length, status byte at `status_gpa`).
+    fn submit(&mut self, head: u16, status_gpa: u64) -> (u32, u8) {
+        let used_before = self.mem.u16_at(USED + 2);
+        let slot = self.next_avail % QSIZE;
+        self.mem
+            .write(AVAIL + 4 + u64::from(slot) * 2, &head.to_le_bytes());
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.mem.write(AVAIL + 2, &self.next_avail.to_le_bytes());
+        self.mem.write(status_gpa, &[0xee]);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our own eventfd.
+        assert_eq!(
+            unsafe { libc::write(self.kick.as_raw_fd(), one.as_ptr().cast(), 8) },
+            8
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.mem.u16_at(USED + 2) == used_before {
+            assert!(Instant::now() < deadline, "request never completed");
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let mut buf = [0u8; 8];
+            // SAFETY: draining our own non-blocking eventfd.
+            unsafe { libc::read(self.call.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        }
+        let idx = u64::from(used_before % QSIZE);
+        let elem = self.mem.read(USED + 4 + idx * 8, 8);
+        let id = u32::from_le_bytes(elem[0..4].try_into().unwrap());
+        assert_eq!(id, u32::from(head), "used entry for another chain");
+        let len = u32::from_le_bytes(elem[4..8].try_into().unwrap());
+        (len, self.mem.read(status_gpa, 1)[0])
+    }
+
+    fn header(&self, gpa: u64, kind: u32, sector: u64) {
+        let mut h = kind.to_le_bytes().to_vec();
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        self.mem.write(gpa, &h);
+    }
+
+    /// Writes `data` at `sector` through a three-descriptor chain.
+    fn write(&mut self, sector: u64, data: &[u8]) -> (u32, u8) {
+        self.header(0x8000, 1, sector);
+        self.mem.write(0x10000, data);
+        self.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+        self.mem.desc(1, 0x10000, data.len() as u32, DESC_F_NEXT, 2);
+        self.mem.desc(2, 0x9000, 1, DESC_F_WRITE, 0);
+        self.submit(0, 0x9000)
+    }
+
+    /// Reads `len` bytes at `sector`.
+    fn read(&mut self, sector: u64, len: u32) -> (u32, u8, Vec<u8>) {
+        self.header(0x8000, 0, sector);
+        self.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+        self.mem
+            .desc(1, 0x20000, len, DESC_F_NEXT | DESC_F_WRITE, 2);
+        self.mem.desc(2, 0x9000, 1, DESC_F_WRITE, 0);
+        let (used, status) = self.submit(0, 0x9000);
+        (used, status, self.mem.read(0x20000, len as usize))
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn image_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    std::fs::read(path).unwrap()[offset as usize..offset as usize + len].to_vec()
+}
+
+/// Asserts that a fresh frontend can still write and read back.
+fn still_serves(backend: &mut Backend, seed: u8) {
+    assert!(backend.alive(), "citadel-blk died");
+    let mut s = Session::open(backend);
+    let data = pattern(seed, 4096);
+    assert_eq!(s.write(100, &data), (1, 0));
+    assert_eq!(image_bytes(&backend.image, 100 * 512, 4096), data);
+    let (used, status, back) = s.read(100, 4096);
+    assert_eq!((used, status), (4097, 0));
+    assert_eq!(back, data);
+}
+
+fn backend_built() -> bool {
+    citadel_tests::profile_dir().join("citadel-blk").exists()
+}
+
+#[test]
+fn well_behaved_frontend_reads_writes_and_sees_config() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let mut backend = Backend::start(&["--num-queues", "2", "--serial", "hostile-serial"]);
+    let status = backend.status();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+
+    let mut fe = backend.connect();
+    let features = fe.negotiate();
+    assert_ne!(features & F_VERSION_1, 0);
+    assert_eq!(fe.get_u64(GET_QUEUE_NUM), 2);
+    // GET_CONFIG: capacity, then the queue count at offset 34.
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&60u32.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&[0u8; 60]);
+    fe.send(GET_CONFIG, 0, &p, &[]).unwrap();
+    let (_, cfg, _) = fe.recv().unwrap();
+    assert_eq!(cfg.len(), 12 + 60);
+    let cfg = &cfg[12..];
+    assert_eq!(
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap()),
+        IMAGE_SECTORS
+    );
+    assert_eq!(u16::from_le_bytes(cfg[34..36].try_into().unwrap()), 2);
+    drop(fe);
+
+    let mut s = Session::open(&backend);
+    let data = pattern(3, 8192);
+    assert_eq!(s.write(8, &data), (1, 0));
+    assert_eq!(image_bytes(&backend.image, 8 * 512, 8192), data);
+    let (used, status, back) = s.read(8, 8192);
+    assert_eq!((used, status), (8193, 0));
+    assert_eq!(back, data);
+
+    // GET_ID through an indirect table: header, 20-byte id buffer, status.
+    s.header(0x8000, 8, 0);
+    let table = 0x30000u64;
+    let entry = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = addr.to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        s.mem.write(table + i * 16, &d);
+    };
+    entry(0, 0x8000, 16, DESC_F_NEXT, 1);
+    entry(1, 0x20000, 20, DESC_F_NEXT | DESC_F_WRITE, 2);
+    entry(2, 0x9000, 1, DESC_F_WRITE, 0);
+    s.mem.desc(3, table, 48, DESC_F_INDIRECT, 0);
+    assert_eq!(s.submit(3, 0x9000), (21, 0));
+    assert_eq!(&s.mem.read(0x20000, 14), b"hostile-serial");
+
+    // Flush and an unknown request type.
+    s.header(0x8000, 4, 0);
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 2);
+    s.mem.desc(2, 0x9000, 1, DESC_F_WRITE, 0);
+    assert_eq!(s.submit(0, 0x9000), (1, 0));
+    s.header(0x8000, 77, 0);
+    assert_eq!(s.submit(0, 0x9000), (1, 2), "unknown type answers UNSUPP");
+
+    // GET_VRING_BASE stops the ring and reports where it stopped.
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u32.to_le_bytes());
+    s.fe.send(GET_VRING_BASE, 0, &p, &[]).unwrap();
+    let (_, base, _) = s.fe.recv().unwrap();
+    assert_eq!(
+        u32::from_le_bytes(base[4..8].try_into().unwrap()),
+        u32::from(s.next_avail)
+    );
+
+    // Inflight area: a sealed memfd of the advertised size.
+    let mut p = 0u64.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&QSIZE.to_le_bytes());
+    p.extend_from_slice(&[0u8; 4]);
+    // One frontend at a time: the next one is served once this one leaves.
+    drop(s);
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.send(
+        SET_PROTOCOL_FEATURES,
+        0,
+        &(PF_INFLIGHT | PF_MQ).to_le_bytes(),
+        &[],
+    )
+    .unwrap();
+    fe.send(GET_INFLIGHT_FD, 0, &p, &[]).unwrap();
+    let (req, reply, fds) = fe.recv().unwrap();
+    assert_eq!(req, GET_INFLIGHT_FD);
+    assert_eq!(fds.len(), 1, "inflight reply carries one descriptor");
+    let size = u64::from_le_bytes(reply[0..8].try_into().unwrap());
+    let file = std::fs::File::from(fds.into_iter().next().unwrap());
+    assert!(size > 0 && file.metadata().unwrap().len() >= size);
+    drop(fe);
+    still_serves(&mut backend, 9);
+}
+
+#[test]
+fn malformed_messages_are_refused_and_the_backend_keeps_serving() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let mut backend = Backend::start(&[]);
+
+    // An unknown request code, then garbage that is not even a header.
+    let mut fe = backend.connect();
+    let _ = fe.send(9999, NEED_REPLY, &[1, 2, 3], &[]);
+    let _ = fe.send_raw(&[0xff; 7], &[]);
+    drop(fe);
+    still_serves(&mut backend, 1);
+
+    // A header announcing a huge payload that never comes.
+    let mut fe = backend.connect();
+    let mut raw = GET_FEATURES.to_le_bytes().to_vec();
+    raw.extend_from_slice(&VERSION.to_le_bytes());
+    raw.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+    let _ = fe.send_raw(&raw, &[]);
+    drop(fe);
+    still_serves(&mut backend, 2);
+
+    // A wrong body size for a fixed-size request, and descriptors on a message that takes none.
+    let mut fe = backend.connect();
+    fe.negotiate();
+    let _ = fe.send(SET_VRING_NUM, NEED_REPLY, &[1, 2, 3], &[]);
+    let efd = eventfd();
+    let _ = fe.send(GET_QUEUE_NUM, 0, &[], &[efd.as_raw_fd()]);
+    drop(fe);
+    still_serves(&mut backend, 3);
+
+    // Bad memory tables: larger than the memfd, more regions than descriptors, overlapping,
+    // overflowing, zero-sized, not a regular file. Each is refused and the connection lives on.
+    let mut fe = backend.connect();
+    fe.negotiate();
+    let mem = Memory::new(MEM_SIZE);
+    let fd = mem.fd.as_raw_fd();
+    let u = mem.uaddr();
+    let big = MEM_SIZE as u64 * 4;
+    assert!(
+        !fe.mem_table(&[(0, big, u, 0)], &[fd]),
+        "region beyond the memfd"
+    );
+    assert!(
+        !fe.mem_table(&[(0, 0x1000, u, MEM_SIZE as u64)], &[fd]),
+        "offset at the end"
+    );
+    let half = MEM_SIZE as u64 / 2;
+    assert!(
+        !fe.mem_table(
+            &[(0, half, u, 0), (0x1000, half, u + half, half)],
+            &[fd, fd]
+        ),
+        "overlapping regions"
+    );
+    let efd = eventfd();
+    assert!(
+        !fe.mem_table(&[(0, 0x1000, u, 0)], &[efd.as_raw_fd()]),
+        "eventfd as memory"
+    );
+    // Vring setup against a good table but with bad numbers.
+    assert!(fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[fd]));
+    assert!(
+        !fe.vring_state(SET_VRING_NUM, 0, 1000),
+        "size not a power of two"
+    );
+    assert!(
+        !fe.vring_state(SET_VRING_NUM, 0, 4096),
+        "size above the maximum"
+    );
+    assert!(
+        !fe.vring_state(SET_VRING_NUM, 7, 16),
+        "queue index out of range"
+    );
+    assert!(
+        !fe.vring_state(SET_VRING_BASE, 0, 0x1_0000),
+        "base beyond u16"
+    );
+    assert!(
+        !fe.vring_addr(0, 0x10, 0x20, 0x30),
+        "ring addresses outside the table"
+    );
+    assert!(fe.vring_state(SET_VRING_NUM, 0, 16));
+    // Rings placed at the very end of memory so that they overrun it: the queue refuses to start.
+    assert!(fe.vring_addr(0, u + MEM_SIZE as u64 - 16, u + USED, u + AVAIL));
+    let kick = eventfd();
+    assert!(
+        !fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd()),
+        "descriptor table overruns memory"
+    );
+    // A kick without a descriptor (polling mode) is refused too.
+    assert!(!fe.acked(SET_VRING_KICK, &(0x100u64).to_le_bytes(), &[]));
+    // GET_CONFIG beyond the config space: an empty answer.
+    let mut p = 200u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&8u32.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&[0u8; 8]);
+    fe.send(GET_CONFIG, 0, &p, &[]).unwrap();
+    let (_, cfg, _) = fe.recv().unwrap();
+    assert_eq!(
+        cfg.len(),
+        12,
+        "config read beyond the space returns no payload"
+    );
+    // A message cut in the middle, then the peer goes away.
+    let _ = fe.send_raw(&SET_FEATURES.to_le_bytes(), &[]);
+    drop(fe);
+    still_serves(&mut backend, 4);
+
+    // A region whose guest range overflows: refused (a negative ack or a dropped frontend).
+    let mut fe = backend.connect();
+    fe.negotiate();
+    let mut p = 1u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u32.to_le_bytes());
+    for v in [u64::MAX - 10, 0x1000, u, 0] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    fe.send(SET_MEM_TABLE, NEED_REPLY, &p, &[fd]).unwrap();
+    if let Ok((_, ack, _)) = fe.recv() {
+        assert_ne!(ack, 0u64.to_le_bytes(), "overflowing region accepted");
+    }
+    drop(fe);
+    drop(mem);
+    still_serves(&mut backend, 8);
+}
+
+#[test]
+fn hostile_descriptor_chains_fail_with_ioerr_or_are_dropped() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let mut backend = Backend::start(&[]);
+    let mut s = Session::open(&backend);
+    let beyond = MEM_SIZE as u64 + 0x1000;
+
+    // Data buffer outside guest memory: IOERR, nothing written to the image.
+    s.header(0x8000, 1, 0);
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+    s.mem.desc(1, beyond, 4096, DESC_F_NEXT, 2);
+    s.mem.desc(2, 0x9000, 1, DESC_F_WRITE, 0);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    // Data buffer straddling the end of memory.
+    s.mem.desc(
+        1,
+        MEM_SIZE as u64 - 512,
+        4096,
+        DESC_F_NEXT | DESC_F_WRITE,
+        2,
+    );
+    s.header(0x8000, 0, 0);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    // Sector range beyond the capacity, and one that overflows.
+    s.header(0x8000, 1, IMAGE_SECTORS - 1);
+    s.mem.desc(1, 0x10000, 4096, DESC_F_NEXT, 2);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    s.header(0x8000, 1, u64::MAX - 2);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    // Length not a multiple of 512.
+    s.header(0x8000, 1, 0);
+    s.mem.desc(1, 0x10000, 100, DESC_F_NEXT, 2);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    // Header shorter than 16 bytes.
+    s.mem.desc(0, 0x8000, 8, DESC_F_NEXT, 2);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    // Write-only data before the header (wrong direction order).
+    s.mem.desc(0, 0x10000, 512, DESC_F_NEXT | DESC_F_WRITE, 1);
+    s.mem.desc(1, 0x8000, 16, DESC_F_NEXT, 2);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    // Status byte outside memory: the chain is returned with length 0.
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 2);
+    s.mem.desc(2, beyond, 1, DESC_F_WRITE, 0);
+    s.header(0x8000, 4, 0);
+    assert_eq!(s.submit(0, 0x9000).0, 0);
+    // A descriptor loop (1 -> 1): cut short, dropped.
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+    s.mem.desc(1, 0x9000, 1, DESC_F_NEXT | DESC_F_WRITE, 1);
+    assert_eq!(s.submit(0, 0x9000).0, 0);
+    // A next index beyond the queue size.
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 200);
+    assert_eq!(s.submit(0, 0x9000).0, 0);
+    // Indirect table outside memory, with a length that is not a multiple of 16, and nested.
+    s.mem.desc(4, beyond, 48, DESC_F_INDIRECT, 0);
+    assert_eq!(s.submit(4, 0x9000).0, 0);
+    s.mem.desc(4, 0x30000, 47, DESC_F_INDIRECT, 0);
+    assert_eq!(s.submit(4, 0x9000).0, 0);
+    let nested = {
+        let mut d = 0x30000u64.to_le_bytes().to_vec();
+        d.extend_from_slice(&16u32.to_le_bytes());
+        d.extend_from_slice(&DESC_F_INDIRECT.to_le_bytes());
+        d.extend_from_slice(&0u16.to_le_bytes());
+        d
+    };
+    s.mem.write(0x30000, &nested);
+    s.mem.desc(4, 0x30000, 16, DESC_F_INDIRECT, 0);
+    assert_eq!(s.submit(4, 0x9000).0, 0);
+    // Discard with too many segments and with unknown flags.
+    s.header(0x8000, 11, 0);
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+    s.mem.desc(1, 0x10000, 16 * 64, DESC_F_NEXT, 2);
+    s.mem.desc(2, 0x9000, 1, DESC_F_WRITE, 0);
+    assert_eq!(s.submit(0, 0x9000), (1, 1));
+    let mut seg = 0u64.to_le_bytes().to_vec();
+    seg.extend_from_slice(&8u32.to_le_bytes());
+    seg.extend_from_slice(&0x8000_0000u32.to_le_bytes());
+    s.mem.write(0x10000, &seg);
+    s.mem.desc(1, 0x10000, 16, DESC_F_NEXT, 2);
+    assert_eq!(s.submit(0, 0x9000), (1, 2));
+    // An avail index far ahead of the ring: nothing is processed, nothing crashes.
+    s.mem
+        .write(AVAIL + 2, &(s.next_avail.wrapping_add(1000)).to_le_bytes());
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing 8 bytes to our own eventfd.
+    unsafe { libc::write(s.kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(backend.alive());
+    drop(s);
+
+    // Nothing above touched the image.
+    assert!(std::fs::read(&backend.image)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    still_serves(&mut backend, 5);
+}
+
+#[test]
+fn fd_mode_serves_one_frontend_then_exits_zero() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let dir = TempDir::new("blk-fd");
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: valid out-array of two ints; the descriptors are owned below.
+    assert_eq!(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: fresh descriptors from socketpair.
+    let (ours, theirs) = unsafe {
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    // Our end must not leak into the child.
+    // SAFETY: F_SETFD on our own descriptor.
+    unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let image_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    // The image descriptor is inherited too (--image-fd), without CLOEXEC.
+    // SAFETY: duplicating our own descriptor without CLOEXEC.
+    let image_fd = unsafe { OwnedFd::from_raw_fd(libc::dup(image_file.as_raw_fd())) };
+    let mut child = Command::new(citadel_tests::binary("citadel-blk"))
+        .arg("--image-fd")
+        .arg(image_fd.as_raw_fd().to_string())
+        .arg("--fd")
+        .arg(theirs.as_raw_fd().to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    drop(theirs);
+    drop(image_fd);
+    let guard = Kill(&mut child);
+    let mut s = Session {
+        fe: Frontend::new(ours),
+        mem: Memory::new(MEM_SIZE),
+        kick: eventfd(),
+        call: eventfd(),
+        next_avail: 0,
+    };
+    s.fe.negotiate();
+    let (fd, u) = (s.mem.fd.as_raw_fd(), s.mem.uaddr());
+    assert!(s.fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[fd]));
+    assert!(s.fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+    assert!(s.fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
+    let (kick, call) = (s.kick.as_raw_fd(), s.call.as_raw_fd());
+    assert!(s.fe.vring_fd(SET_VRING_CALL, 0, call));
+    assert!(s.fe.vring_fd(SET_VRING_KICK, 0, kick));
+    assert!(s.fe.vring_state(SET_VRING_ENABLE, 0, 1));
+    let data = pattern(7, 1024);
+    assert_eq!(s.write(2, &data), (1, 0));
+    assert_eq!(image_bytes(&image, 1024, 1024), data);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = guard.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "citadel-blk did not exit after its frontend left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    guard
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("stats: requests=1 reads=0 writes=1"), "{err}");
+}
+
+#[test]
+fn bad_arguments_exit_with_one_line() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(citadel_tests::binary("citadel-blk"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--image"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, err) = run(&["--image", "/x", "--socket", "/y", "--num-queues", "99"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--num-queues"), "{err}");
+    let (code, err) = run(&[
+        "--image",
+        "/nonexistent/citadel.img",
+        "--socket",
+        "/tmp/never.sock",
+    ]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/citadel.img"), "{err}");
+    let (code, err) = run(&["--image", "/dev/null", "--fd", "250"]);
+    assert_eq!(code, Some(1), "{err}");
+}
+
+#[test]
+fn sigterm_exits_zero_with_stats_and_sigusr1_prints_them() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let mut backend = Backend::start(&[]);
+    still_serves(&mut backend, 6);
+    let pid = backend.child.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = backend.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    backend
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let stats: Vec<_> = err
+        .lines()
+        .filter(|l| l.contains("stats: requests="))
+        .collect();
+    assert_eq!(stats.len(), 2, "{err}");
+    assert!(
+        stats[1].contains("requests=2 reads=1 writes=1") && stats[1].contains("written_bytes=4096"),
+        "{err}"
+    );
+}

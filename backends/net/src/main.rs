@@ -341,7 +341,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("citadel-net: {e}\n{USAGE}");
+            eprintln!("citadel-net: {e} (see --help)");
             return ExitCode::from(2);
         }
     };

@@ -99,3 +99,118 @@ pub fn rules() -> Result<Rules, Error> {
     rules.extend(allow(&[libc::SYS_clone3]));
     Ok(rules)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{compile, Mode, Role};
+
+    /// Runs `body` in a forked child under the blk filter; returns the child's wait status.
+    fn confined(body: fn() -> i32) -> i32 {
+        let program = compile(Role::Blk, Mode::Kill).expect("blk policy compiles");
+        // SAFETY: the child makes only raw syscalls (prctl, seccomp install, `body`) and
+        // leaves with _exit; the parent just waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: plain prctl and _exit calls in the forked child.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    libc::_exit(100);
+                }
+                if seccompiler::apply_filter(&program).is_err() {
+                    libc::_exit(101);
+                }
+                libc::_exit(body());
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid status pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    fn killed(what: &str, body: fn() -> i32) {
+        let status = confined(body);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{what}: expected death by SIGSYS, got status {status:#x}"
+        );
+    }
+
+    fn allowed(what: &str, body: fn() -> i32) {
+        let status = confined(body);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{what}: expected a normal exit, got status {status:#x}"
+        );
+    }
+
+    #[test]
+    fn blk_cannot_open_paths_make_sockets_ioctl_or_exec() {
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("openat", || unsafe {
+            libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/etc/passwd".as_ptr(), 0) as i32
+        });
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("socket(AF_UNIX)", || unsafe {
+            libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) as i32
+        });
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("ioctl(TCGETS)", || unsafe {
+            libc::syscall(libc::SYS_ioctl, 0, libc::TCGETS, 0) as i32
+        });
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("execve", || unsafe {
+            libc::syscall(
+                libc::SYS_execve,
+                c"/bin/true".as_ptr(),
+                std::ptr::null::<*const libc::c_char>(),
+                std::ptr::null::<*const libc::c_char>(),
+            ) as i32
+        });
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("setsockopt(SO_SNDBUF)", || unsafe {
+            libc::syscall(
+                libc::SYS_setsockopt,
+                -1,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                0,
+                0,
+            ) as i32
+        });
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("fcntl(F_SETLK)", || unsafe {
+            libc::syscall(libc::SYS_fcntl, -1, libc::F_SETLK, 0) as i32
+        });
+        // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
+        killed("clone without CLONE_THREAD", || unsafe {
+            libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) as i32
+        });
+    }
+
+    #[test]
+    fn blk_keeps_its_data_path() {
+        // Each call fails with EBADF on descriptor -1 but reaches the kernel.
+        // SAFETY: raw syscalls on descriptor -1 with a valid one-byte buffer, in the child.
+        allowed("pread64/pwrite64/fdatasync/fallocate", || unsafe {
+            let mut b = [0u8; 1];
+            let calls = [
+                libc::syscall(libc::SYS_pread64, -1, b.as_mut_ptr(), 1, 0),
+                libc::syscall(libc::SYS_pwrite64, -1, b.as_ptr(), 1, 0),
+                libc::syscall(libc::SYS_fdatasync, -1),
+                libc::syscall(libc::SYS_fallocate, -1, 0, 0, 512),
+                libc::syscall(
+                    libc::SYS_setsockopt,
+                    -1,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    0,
+                    0,
+                ),
+                libc::syscall(libc::SYS_fcntl, -1, libc::F_GETFL),
+            ];
+            i32::from(calls.iter().any(|&rc| rc != -1))
+        });
+    }
+}

@@ -72,14 +72,13 @@ impl Session {
                 "Capabilities negotiation is already complete, command ignored",
             ));
         }
-        // Every request fails: the first capability named decides the message.
-        if let Some(cap) = enable.first() {
-            // "oob" is QEMU's only capability; Citadel executes every command in order.
-            return Err(if cap == "oob" {
-                QmpError::generic(format!("Capability '{cap}' not available"))
-            } else {
-                QmpError::unaccepted_value("enable[0]", cap)
-            });
+        // As in QEMU, names outside the capability enumeration are refused first; "oob", its
+        // only member, is refused next because Citadel executes every command in order.
+        if let Some((i, cap)) = enable.iter().enumerate().find(|(_, cap)| *cap != "oob") {
+            return Err(QmpError::unaccepted_value(&format!("enable[{i}]"), cap));
+        }
+        if !enable.is_empty() {
+            return Err(QmpError::generic("Capability 'oob' not available"));
         }
         self.negotiated = true;
         Ok(())

@@ -111,6 +111,16 @@ fn unavailable_capabilities_are_refused() {
     );
     assert!(!s.negotiated());
     let r = line(s.handle(Ok(
+        json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob", "oob", "x"]}}),
+    )));
+    assert_eq!(
+        r,
+        error(
+            "GenericError",
+            "Parameter 'enable[2]' does not accept value 'x'"
+        )
+    );
+    let r = line(s.handle(Ok(
         json!({"execute": "qmp_capabilities", "arguments": {"enable": "oob"}}),
     )));
     assert_eq!(

@@ -1,0 +1,100 @@
+//! The device-to-driver notification state of one transport: the irqfd that raises the guest
+//! interrupt, the InterruptStatus bits that tell the driver why, and the configuration
+//! generation that lets it read a consistent configuration.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use vmm_sys_util::eventfd::EventFd;
+
+/// InterruptStatus bit: a queue's used ring was updated.
+pub const INT_VRING: u32 = VIRTIO_MMIO_INT_VRING;
+/// InterruptStatus bit: the device configuration changed.
+pub const INT_CONFIG: u32 = VIRTIO_MMIO_INT_CONFIG;
+
+/// Interrupt line of one virtio-mmio transport, shared by the transport (which exposes the
+/// status to the driver) and the device (which raises it).
+///
+/// The irqfd is registered with KVM against the slot's GSI, so signalling it injects the guest
+/// interrupt without the vCPU threads being involved.
+#[derive(Debug)]
+pub struct Interrupt {
+    irqfd: EventFd,
+    status: AtomicU32,
+    vring_external: AtomicBool,
+    config_generation: AtomicU32,
+}
+
+impl Interrupt {
+    /// Wraps the eventfd that the VMM registers as a KVM irqfd for this transport's GSI.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            irqfd,
+            status: AtomicU32::new(0),
+            vring_external: AtomicBool::new(false),
+            config_generation: AtomicU32::new(0),
+        }
+    }
+
+    /// The irqfd. A vhost-user frontend hands it (duplicated) to its backend as the call fd of
+    /// every queue, after calling [`Interrupt::set_vring_signalled_externally`].
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Tells the driver that a used ring was updated.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        // The bit goes first: the driver's handler reads it as soon as the interrupt lands.
+        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// Tells the driver that the device configuration changed (balloon target, disk
+    /// capacity, link state…). Bumps the configuration generation first, so a driver that
+    /// was reading the configuration across the change sees a different generation and reads
+    /// it again.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// Declares that used-ring interrupts are raised by someone writing the irqfd directly (a
+    /// vhost-user backend's call fd is this irqfd), so the transport never learns of them.
+    /// While set, InterruptStatus always reports [`INT_VRING`]: the driver then checks its used
+    /// rings on every interrupt of the line. A check that finds nothing costs a little; a
+    /// status without the bit would make the driver ignore the interrupt and lose completions.
+    /// Cleared by a device reset.
+    pub fn set_vring_signalled_externally(&self, external: bool) {
+        self.vring_external.store(external, Ordering::SeqCst);
+    }
+
+    /// The InterruptStatus register.
+    pub(super) fn status(&self) -> u32 {
+        let external = if self.vring_external.load(Ordering::SeqCst) {
+            INT_VRING
+        } else {
+            0
+        };
+        self.status.load(Ordering::SeqCst) | external
+    }
+
+    /// InterruptACK: clears the acknowledged bits. Unknown bits are ignored.
+    pub(super) fn acknowledge(&self, bits: u32) {
+        self.status
+            .fetch_and(!(bits & (INT_VRING | INT_CONFIG)), Ordering::SeqCst);
+    }
+
+    /// The ConfigGeneration register.
+    pub(super) fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// Device reset: no interrupt pending, no external signaller. The generation keeps
+    /// counting, so it never repeats a value a driver may still hold.
+    pub(super) fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.vring_external.store(false, Ordering::SeqCst);
+    }
+}

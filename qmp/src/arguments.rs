@@ -4,8 +4,10 @@
 //!
 //! - "Parameter 'x' is missing"
 //! - "Parameter 'x' is unexpected" (argument structs must use `#[serde(deny_unknown_fields)]`)
-//! - "Invalid parameter type for 'x', expected: <string|boolean|integer|number|array|object>"
-//! - "Parameter 'x' expects <uint8_t|...>" for integers out of the target type's range
+//! - `Invalid parameter type for 'x', expected: <type>`, the type being one of `string`,
+//!   `boolean`, `integer`, `number`, `array`, `object`
+//! - `Parameter 'x' expects <C type>` (`uint8_t`, `int32_t`...) for integers outside the
+//!   target type's range
 //! - "Parameter 'x' does not accept value 'v'" for unknown enumeration values
 //!
 //! All of them are `GenericError`.
@@ -33,7 +35,7 @@ pub fn from_arguments<T: DeserializeOwned>(
 }
 
 /// A deserialisation error, before it is turned into QEMU's text.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum ArgError {
     /// Member missing; `qualified` once the enclosing struct's path was prepended.
     Missing { name: String, qualified: bool },
@@ -109,23 +111,7 @@ impl ArgError {
 
 impl fmt::Display for ArgError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Display is only needed by serde's Error bound; QMP clients see `into_qmp`'s text.
-        let text = match self {
-            ArgError::Custom(msg) => msg.clone(),
-            ArgError::Missing { name, .. } => format!("Parameter '{name}' is missing"),
-            ArgError::Unexpected { name, .. } => format!("Parameter '{name}' is unexpected"),
-            ArgError::InvalidType { name, expected } => {
-                format!("Invalid parameter type for '{name}', expected: {expected}")
-            }
-            ArgError::OutOfRange { name, expects } => {
-                format!("Parameter '{name}' expects {expects}")
-            }
-            ArgError::UnknownVariant { name, value } => format!(
-                "Parameter '{}' does not accept value '{value}'",
-                name.as_deref().unwrap_or("null")
-            ),
-        };
-        f.write_str(&text)
+        f.write_str(&self.clone().into_qmp().desc)
     }
 }
 
@@ -189,13 +175,12 @@ impl ArgDeserializer {
                 .or_else(|| n.as_u64().map(i128::from)),
             _ => return Err(self.invalid_type("integer")),
         };
-        let out_of_range = || ArgError::OutOfRange {
-            name: self.display_path(),
-            expects,
-        };
         // A fractional or huge number is a number, but not an integer.
         let n = n.ok_or_else(|| self.invalid_type("integer"))?;
-        T::try_from(n).map_err(|_| out_of_range())
+        T::try_from(n).map_err(|_| ArgError::OutOfRange {
+            name: self.display_path(),
+            expects,
+        })
     }
 }
 

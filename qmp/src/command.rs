@@ -4,7 +4,8 @@
 //! same order as QEMU's dispatcher: the envelope first ([`parse_envelope`]), then the command
 //! name, then the arguments ([`Command::parse`]). Adding a command with arguments means adding
 //! a variant holding a `#[derive(Deserialize)] #[serde(deny_unknown_fields)]` struct, a line
-//! in [`Command::parse`] calling [`from_arguments`], and its name in [`COMMANDS`].
+//! in [`Command::parse`] calling [`from_arguments`], and its name in the list behind
+//! [`command_names`].
 
 use serde::Deserialize;
 use serde_json::{Map, Value};

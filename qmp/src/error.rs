@@ -97,14 +97,14 @@ impl QmpError {
         Self::generic(format!("Parameter '{name}' is unexpected"))
     }
 
-    /// QEMU's "Invalid parameter type for 'x', expected: <type>".
+    /// QEMU's `Invalid parameter type for 'x', expected: <type>`.
     pub fn invalid_parameter_type(name: &str, expected: &str) -> Self {
         Self::generic(format!(
             "Invalid parameter type for '{name}', expected: {expected}"
         ))
     }
 
-    /// QEMU's "Parameter 'x' expects <what>", for values of the right type but out of range.
+    /// QEMU's `Parameter 'x' expects <what>`, for values of the right type but out of range.
     pub fn invalid_parameter_value(name: &str, expects: &str) -> Self {
         Self::generic(format!("Parameter '{name}' expects {expects}"))
     }

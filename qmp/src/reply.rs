@@ -122,7 +122,7 @@ pub struct CpuInfo {
     pub halted: bool,
     /// Topology position.
     pub props: CpuProps,
-    /// QOM path, e.g. "/machine/unattached/device[0]".
+    /// QOM path, e.g. `/machine/unattached/device[0]`.
     pub qom_path: String,
     /// Host thread id (TID) of the vCPU thread.
     pub thread_id: i32,

@@ -165,7 +165,6 @@ impl<D: VirtioDevice> State<D> {
             VIRTIO_MMIO_QUEUE_READY => self
                 .selected_queue()
                 .map_or(0, |q| u32::from(q.config.ready)),
-            VIRTIO_MMIO_INTERRUPT_STATUS => interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => interrupt.config_generation(),
             // No shared memory regions: a length of -1 says so; the base reads the same.
@@ -194,7 +193,6 @@ impl<D: VirtioDevice> State<D> {
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
             VIRTIO_MMIO_QUEUE_NUM => self.write_queue_size(value),
             VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(value),
-            VIRTIO_MMIO_INTERRUPT_ACK => interrupt.acknowledge(value),
             VIRTIO_MMIO_STATUS => self.write_status(value, interrupt, notify),
             VIRTIO_MMIO_QUEUE_DESC_LOW => self.write_queue_addr(QueueAddr::Desc, false, value),
             VIRTIO_MMIO_QUEUE_DESC_HIGH => self.write_queue_addr(QueueAddr::Desc, true, value),
@@ -538,7 +536,12 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmioTransport<D> {
         }
         match register(offset, data.len()) {
             Some(reg) => {
-                let value = self.lock().read_register(reg, &self.interrupt);
+                // The interrupt handler's register is read on every interrupt: it never waits
+                // for the lock, which an activation may hold while it talks to a backend.
+                let value = match reg {
+                    VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+                    _ => self.lock().read_register(reg, &self.interrupt),
+                };
                 data.copy_from_slice(&value.to_le_bytes());
             }
             None => {
@@ -567,13 +570,14 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmioTransport<D> {
             return;
         };
         let value = u32::from_le_bytes(bytes);
-        // The same path as the KVM ioeventfd, without taking the lock.
-        if reg == VIRTIO_MMIO_QUEUE_NOTIFY {
-            self.notify_queue(value);
-            return;
+        match reg {
+            // The same path as the KVM ioeventfd, without taking the lock.
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify_queue(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            _ => self
+                .lock()
+                .write_register(reg, value, &self.interrupt, &self.notify),
         }
-        self.lock()
-            .write_register(reg, value, &self.interrupt, &self.notify);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The transport driven the way a guest driver drives it, against a small recording device.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_NOTIFICATION_DATA,
@@ -37,6 +37,9 @@ struct TestDevice {
     features: u64,
     config: Vec<u8>,
     fail_activation: bool,
+    /// When set, activation announces itself on the first channel and then waits on the
+    /// second, the way a frontend waits for its backend.
+    gate: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
 }
 
 impl VirtioDevice for TestDevice {
@@ -63,6 +66,10 @@ impl VirtioDevice for TestDevice {
         if self.fail_activation {
             return Err(ActivateError::Device("backend refused".into()));
         }
+        if let Some((entered, release)) = &self.gate {
+            entered.send(()).unwrap();
+            release.recv().unwrap();
+        }
         self.record.lock().unwrap().activations.push(params);
         Ok(())
     }
@@ -84,6 +91,7 @@ fn device_with(max_sizes: &[u16], features: u64) -> (TestDevice, Arc<Mutex<Recor
         features,
         config: CONFIG.to_vec(),
         fail_activation: false,
+        gate: None,
     };
     (device, record)
 }
@@ -728,6 +736,36 @@ fn externally_signalled_rings_always_report_the_vring_bit() {
     interrupt.set_vring_signalled_externally(false);
     f.w32(VIRTIO_MMIO_INTERRUPT_ACK, INT_CONFIG);
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn interrupt_handling_and_kicks_do_not_wait_for_a_slow_activation() {
+    let (mut device, record) = device_with(&[16], DEVICE_FEATURES);
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    device.gate = Some((entered_tx, release_rx));
+    let f = Arc::new(Fixture {
+        transport: VirtioMmioTransport::new(device, new_interrupt()).unwrap(),
+        record,
+    });
+    assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
+    f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    let activating = {
+        let f = Arc::clone(&f);
+        std::thread::spawn(move || f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK))
+    };
+    entered_rx.recv().unwrap();
+    // The activation holds the transport; another vCPU still takes its interrupt and kicks.
+    f.transport.interrupt().signal_used_queue().unwrap();
+    assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
+    f.w32(VIRTIO_MMIO_INTERRUPT_ACK, INT_VRING);
+    assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    f.w32(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    release_tx.send(()).unwrap();
+    activating.join().unwrap();
+    assert_eq!(f.status(), S_DRIVER_OK);
+    let record = f.record.lock().unwrap();
+    assert_eq!(record.activations[0].notify[0].read().unwrap(), 1);
 }
 
 #[test]

@@ -326,7 +326,7 @@ sleep 3
         .arg("-device")
         // DESIGN.md quirk (a): QEMU 7.2's MSI-X path crashes with vhost-user-net under TCG.
         .arg(format!(
-            "virtio-net-pci,netdev=net0,mac={GUEST_MAC},vectors=0"
+            "virtio-net-pci,netdev=net0,mac={GUEST_MAC},vectors=0,romfile="
         ))
         .arg("-kernel")
         .arg(kernel.join("bzImage"))

@@ -202,6 +202,8 @@ impl NetBackend {
                         Stats::add(&stats.tx_bytes, (len - hdr_len) as u64);
                     }
                     Ok(false) => Stats::bump(&stats.tx_drops),
+                    // The tap is down: the frame is lost as on a cable without link.
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => Stats::bump(&stats.tx_drops),
                     Err(e) => {
                         log::debug!("tx: tap write: {e}");
                         Stats::bump(&stats.errors);

@@ -220,7 +220,10 @@ fn serve(config: &Arc<NetConfig>, frontend: UnixStream) -> Result<(), ConnError>
         let served = daemon.wait();
         let relayed = relay.stop();
         match served {
-            Ok(()) => {}
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => {}
             Err(e) => log::warn!("frontend refused: {e}"),
         }
         relayed.map_err(ConnError::from)

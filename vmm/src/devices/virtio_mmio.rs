@@ -132,7 +132,7 @@ struct State<D> {
     queues: Vec<QueueState>,
 }
 
-/// Which queue address register half a write targets.
+/// The ring area a queue address register sets.
 #[derive(Clone, Copy)]
 enum QueueAddr {
     Desc,

@@ -46,6 +46,31 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Lets one transport type hold any device, chosen at run time (a hotplugged disk or NIC).
+impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
+        (**self).activate(params)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+}
+
 /// One queue as the driver configured it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueConfig {

@@ -812,6 +812,21 @@ fn devices_with_unusable_queues_are_refused() {
 }
 
 #[test]
+fn boxed_devices_of_any_kind_fit_one_transport_type() {
+    let (device, record) = device_with(&[16], DEVICE_FEATURES);
+    let boxed: Box<dyn VirtioDevice> = Box::new(device);
+    let transport = VirtioMmioTransport::new(boxed, new_interrupt()).unwrap();
+    let mut data = [0; 4];
+    transport.read(u64::from(VIRTIO_MMIO_DEVICE_ID), &mut data);
+    assert_eq!(u32::from_le_bytes(data), DEVICE_TYPE);
+    transport.read(CONFIG_SPACE_OFFSET, &mut data);
+    assert_eq!(data, [0x10, 0x11, 0x12, 0x13]);
+    transport.write(u64::from(VIRTIO_MMIO_STATUS), &S_ACK.to_le_bytes());
+    transport.write(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
+    assert_eq!(record.lock().unwrap().resets, 1);
+}
+
+#[test]
 fn kernel_command_line_device_strings() {
     assert_eq!(
         cmdline_slot(0, 5).unwrap(),

@@ -2,3 +2,5 @@
 //! to. Device I/O itself is served by backend processes.
 
 pub mod legacy;
+pub mod mmio_bus;
+pub mod virtio_mmio;

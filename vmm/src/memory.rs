@@ -178,6 +178,10 @@ fn sealed_memfd(size: u64) -> Result<File, MemoryError> {
 }
 
 /// Registers every region of `ram` with KVM, region `i` in slot `i`.
+///
+/// Call it right after creating the VM, before `KVM_SET_TSS_ADDR`, `KVM_CREATE_IRQCHIP` and
+/// `KVM_CREATE_PIT2`: measured on a nested host, registering RAM once the in-kernel irqchip
+/// exists costs 7-10 ms per slot, before it about 0.1 ms.
 pub fn register(vm: &VmFd, ram: &GuestRam) -> Result<(), MemoryError> {
     for (slot, region) in ram.memory.iter().enumerate() {
         let slot = slot as u32;

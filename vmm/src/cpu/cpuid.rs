@@ -8,6 +8,7 @@ use kvm_bindings::{
     kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::Kvm;
+use std::sync::OnceLock;
 
 use super::{CpuError, CpuTemplate};
 use crate::boot::layout;
@@ -161,6 +162,19 @@ pub fn cpuid(kvm: &Kvm, template: CpuTemplate, index: u8, num_cpus: u8) -> Resul
     if num_cpus == 0 || num_cpus > layout::MAX_VCPUS || index >= num_cpus {
         return Err(CpuError::InvalidVcpu { index, num_cpus });
     }
+    let mut entries = supported_entries(kvm, index)?.to_vec();
+    adjust(&mut entries, template, index, num_cpus);
+    CpuId::from_entries(&entries).map_err(|_| CpuError::CpuidTooLarge(entries.len()))
+}
+
+/// KVM's supported CPUID, fetched once per process: it depends only on the host CPU and the
+/// KVM module, and fetching it costs hundreds of microseconds on nested hosts, where each
+/// host `cpuid` the kernel executes is a VM exit.
+fn supported_entries(kvm: &Kvm, index: u8) -> Result<&'static [kvm_cpuid_entry2], CpuError> {
+    static SUPPORTED: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
+    if let Some(entries) = SUPPORTED.get() {
+        return Ok(entries);
+    }
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| CpuError::Kvm {
@@ -168,9 +182,7 @@ pub fn cpuid(kvm: &Kvm, template: CpuTemplate, index: u8, num_cpus: u8) -> Resul
             index,
             source,
         })?;
-    let mut entries = supported.as_slice().to_vec();
-    adjust(&mut entries, template, index, num_cpus);
-    CpuId::from_entries(&entries).map_err(|_| CpuError::CpuidTooLarge(entries.len()))
+    Ok(SUPPORTED.get_or_init(|| supported.as_slice().to_vec()))
 }
 
 /// Applies topology, hypervisor identification and the template to KVM's supported entries.

@@ -138,14 +138,17 @@ fn plan(
             wanted.iter().all(|c| offered.contains(c.as_str()))
         })
     });
-    let use_v2 = match version {
-        Some(2) if !v2_has_all => return Err(Error::refused(
+    if version == Some(2) && !v2_has_all {
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        return Err(Error::refused(
             Step::Cgroup,
             format!(
-                "cgroup v2 asked for, but the unified hierarchy of this process does not offer {}",
-                wanted.iter().cloned().collect::<Vec<_>>().join(",")
+                "cgroup v2 asked for, but this process's unified hierarchy lacks {}",
+                wanted.join(",")
             ),
-        )),
+        ));
+    }
+    let use_v2 = match version {
         Some(2) => true,
         Some(_) => false,
         None => v2_has_all,

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::cli::{Limit, Options, Pattern};
 use crate::cpu::{cpu_time, CpuError, Process};
 use crate::device::{BlkDevice, DeviceError, DeviceRequest, QueueSetup};
+use crate::histogram::Histogram;
 use crate::memory::{MemoryError, SharedMemory, MAX_MEMORY};
 use crate::ring::{align_up, Buffer, RingError, RingLayout, SplitRing};
 
@@ -109,6 +110,8 @@ pub struct JobReport {
     pub elapsed: Duration,
     /// Sum of per-I/O latencies (submission to reaping).
     pub latency_sum: Duration,
+    /// Distribution of per-I/O latencies.
+    pub latency: Histogram,
     /// CPU time the backend used during the measurement.
     pub backend_cpu: Option<Duration>,
     /// CPU time this process used during the measurement.
@@ -223,10 +226,11 @@ struct Slot {
     submitted: Instant,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct PhaseStats {
     ios: u64,
     latency_sum: Duration,
+    latency: Histogram,
     elapsed: Duration,
 }
 
@@ -369,8 +373,10 @@ impl<'a> Worker<'a> {
                     status,
                 });
             }
+            let latency = now.saturating_duration_since(slot.submitted);
             stats.ios += 1;
-            stats.latency_sum += now.saturating_duration_since(slot.submitted);
+            stats.latency_sum += latency;
+            stats.latency.record(latency);
             self.free_slots.push(index);
             reaped += 1;
         }
@@ -568,6 +574,7 @@ pub fn run(options: &Options) -> Result<JobReport, JobError> {
         let stats = result?;
         total_stats.ios += stats.ios;
         total_stats.latency_sum += stats.latency_sum;
+        total_stats.latency.merge(&stats.latency);
         total_stats.elapsed = total_stats.elapsed.max(stats.elapsed);
     }
     let ((bench_before, backend_before), (bench_after, backend_after)) = cpu?;
@@ -579,6 +586,7 @@ pub fn run(options: &Options) -> Result<JobReport, JobError> {
         bytes: total_stats.ios * u64::from(options.block_size),
         elapsed: total_stats.elapsed,
         latency_sum: total_stats.latency_sum,
+        latency: total_stats.latency,
         backend_cpu: backend_before
             .zip(backend_after)
             .map(|(b, a)| a.saturating_sub(b)),

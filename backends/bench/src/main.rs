@@ -5,6 +5,7 @@
 mod cli;
 mod cpu;
 mod device;
+mod histogram;
 mod job;
 mod memory;
 mod ring;
@@ -49,6 +50,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Latency percentiles reported, as fractions.
+const PERCENTILES: [f64; 3] = [0.5, 0.99, 0.999];
+
 /// Figures derived from a job's report.
 struct Summary<'a> {
     options: &'a Options,
@@ -57,6 +61,7 @@ struct Summary<'a> {
     iops: f64,
     mb_per_s: f64,
     latency_us: f64,
+    percentiles_us: [Option<f64>; 3],
     backend_us_per_io: Option<f64>,
     backend_cpu_percent: Option<f64>,
     bench_us_per_io: f64,
@@ -74,6 +79,8 @@ impl<'a> Summary<'a> {
             iops: per_second(report.ios as f64),
             mb_per_s: per_second(report.bytes as f64) / 1e6,
             latency_us: report.latency_sum.as_secs_f64() * 1e6 / ios,
+            percentiles_us: PERCENTILES
+                .map(|q| report.latency.quantile(q).map(|d| d.as_secs_f64() * 1e6)),
             backend_us_per_io: report.backend_cpu.map(|c| c.as_secs_f64() * 1e6 / ios),
             backend_cpu_percent: report
                 .backend_cpu
@@ -89,7 +96,7 @@ impl<'a> Summary<'a> {
             _ => "backend CPU not measured (no --backend-pid)".to_string(),
         };
         format!(
-            "{}: {} bs={} iodepth={} queues={}{}: {:.0} IOPS, {:.1} MB/s, {:.1} µs mean latency, {}, bench {:.2} µs CPU/IO, {} I/Os in {:.2} s",
+            "{}: {} bs={} iodepth={} queues={}{}: {:.0} IOPS, {:.1} MB/s, latency µs mean {:.1} p50 {} p99 {} p99.9 {}, {}, bench {:.2} µs CPU/IO, {} I/Os in {:.2} s",
             o.label,
             o.pattern.name(),
             o.block_size,
@@ -99,6 +106,9 @@ impl<'a> Summary<'a> {
             self.iops,
             self.mb_per_s,
             self.latency_us,
+            fmt_us(self.percentiles_us[0]),
+            fmt_us(self.percentiles_us[1]),
+            fmt_us(self.percentiles_us[2]),
             backend,
             self.bench_us_per_io,
             self.report.ios,
@@ -125,6 +135,9 @@ impl<'a> Summary<'a> {
             "iops": self.iops,
             "mb_per_s": self.mb_per_s,
             "lat_mean_us": self.latency_us,
+            "lat_p50_us": self.percentiles_us[0],
+            "lat_p99_us": self.percentiles_us[1],
+            "lat_p999_us": self.percentiles_us[2],
             "backend_pid": o.backend_pid,
             "backend_cpu_us_per_io": self.backend_us_per_io,
             "backend_cpu_percent": self.backend_cpu_percent,
@@ -132,4 +145,8 @@ impl<'a> Summary<'a> {
         })
         .to_string()
     }
+}
+
+fn fmt_us(us: Option<f64>) -> String {
+    us.map_or_else(|| "-".to_string(), |us| format!("{us:.1}"))
 }

@@ -280,7 +280,7 @@ fn cgroup_setting(value: &str) -> Result<(String, String), Error> {
         .is_some_and(|(controller, rest)| !controller.is_empty() && !rest.is_empty())
         && file
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
     if !file_ok {
         return Err(refused(format!(
             "--cgroup {file:?}: expected a controller file such as memory.max (no / or ..)"

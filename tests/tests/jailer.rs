@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 const UID: u32 = 41234;
 const GID: u32 = 41235;
 const BUSYBOX: &str = "/bin/busybox";
+/// Where this host mounts the cgroup v2 hierarchy (hybrid layout).
+const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -158,12 +160,16 @@ fn cgroup_dirs(parent: &str, id: &str) -> Vec<(PathBuf, PathBuf)> {
             parts.next()?;
             let controllers = parts.next()?;
             let path = parts.next()?.trim_start_matches('/');
-            let first = controllers.split(',').next().filter(|c| !c.is_empty())?;
-            let dir = Path::new("/sys/fs/cgroup").join(controllers);
-            let dir = if dir.exists() {
-                dir
-            } else {
-                Path::new("/sys/fs/cgroup").join(first)
+            let dir = match controllers.split(',').next() {
+                Some("") | None => PathBuf::from(UNIFIED),
+                Some(first) => {
+                    let dir = Path::new("/sys/fs/cgroup").join(controllers);
+                    if dir.exists() {
+                        dir
+                    } else {
+                        Path::new("/sys/fs/cgroup").join(first)
+                    }
+                }
             };
             let parent_dir = dir.join(path).join(parent);
             Some((parent_dir.join(id), parent_dir))
@@ -843,4 +849,93 @@ fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
         (UID, GID, 0o500)
     );
     assert_eq!(copied.nlink(), 1);
+}
+
+#[test]
+fn cgroup_v2_is_used_when_it_offers_the_controllers_and_v1_otherwise() {
+    require!("cgroup_v2_is_used_when_it_offers_the_controllers_and_v1_otherwise");
+    let offered =
+        fs::read_to_string(Path::new(UNIFIED).join("cgroup.controllers")).unwrap_or_default();
+    let own_v2 = fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(String::from));
+    let usable = offered.split_whitespace().any(|c| c == "hugetlb")
+        && own_v2.as_deref() == Some("/")
+        && Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
+    if !usable {
+        citadel_tests::skip(
+            "cgroup_v2_is_used_when_it_offers_the_controllers_and_v1_otherwise",
+            "needs the hybrid layout with hugetlb on the v2 hierarchy and this process in its root",
+            false,
+        );
+        return;
+    }
+    let jail = Jail::new("cgv2");
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &[
+            "--daemonize",
+            "--cgroup",
+            "hugetlb.2MB.max=0",
+            "--cgroup",
+            "pids.max=9",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    // pids is not on v2 here, so the whole set falls back to v1, where hugetlb is not mounted.
+    assert_clean_failure(
+        &out,
+        "cgroup: no cgroup v1 hierarchy has the hugetlb controller",
+    );
+    let out = jail.run(
+        Path::new(BUSYBOX),
+        &[
+            "--daemonize",
+            "--cgroup",
+            "hugetlb.2MB.max=0",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let pid = jail.wait_pid();
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let expected = format!("0::/{}/{}", jail.parent_cgroup, jail.id);
+    assert!(cgroup.lines().any(|l| l == expected), "{cgroup}");
+    let leaf = Path::new(UNIFIED).join(&jail.parent_cgroup).join(&jail.id);
+    assert_eq!(
+        fs::read_to_string(leaf.join("hugetlb.2MB.max"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let control = fs::read_to_string(
+        Path::new(UNIFIED)
+            .join(&jail.parent_cgroup)
+            .join("cgroup.subtree_control"),
+    )
+    .unwrap();
+    assert!(
+        control.split_whitespace().any(|c| c == "hugetlb"),
+        "{control}"
+    );
+    jail.kill_jailed();
+    if !offered.split_whitespace().any(|c| c == "pids") {
+        let out = jail.run(
+            Path::new(BUSYBOX),
+            &[
+                "--cgroup-version",
+                "2",
+                "--cgroup",
+                "pids.max=9",
+                "--",
+                "true",
+            ],
+        );
+        assert_clean_failure(&out, "cgroup: cgroup v2 asked for");
+    }
 }

@@ -13,9 +13,10 @@
 //!
 //! With `--new-pid-ns` the VMM is PID 1 of the new namespace, so when it exits the kernel
 //! kills whatever it started. Without `--daemonize` the jailer stays in the foreground as its
-//! parent, unprivileged, and exits with its exit code; with `--daemonize` it returns once the
-//! VMM has been executed. In every case `<base>/citadel/<id>/citadel.pid` holds the VMM's pid
-//! as seen from the jailer's PID namespace.
+//! parent, unprivileged, passes termination signals on to it and exits with its exit code;
+//! with `--daemonize` it returns once the VMM has been executed. In every case
+//! `<base>/citadel/<id>/citadel.pid` holds the VMM's pid as seen from the jailer's PID
+//! namespace.
 
 mod cgroup;
 mod cli;
@@ -163,6 +164,7 @@ fn stay_as_parent(
         // SAFETY: ends the intermediate process without running the jail guards.
         unsafe { libc::_exit(0) };
     }
+    process::forward_signals(child)?;
     privileges::drop_to(args.uid, args.gid)?;
     privileges::no_new_privs()?;
     let failure = status.wait();

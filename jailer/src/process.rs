@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::error::{check, Error, Step};
 
@@ -221,4 +222,47 @@ pub fn open_proc() -> Result<OwnedFd, Error> {
     check(fd, Step::Userns, "open /proc")?;
     // SAFETY: open just returned this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The VMM that a foreground jailer forwards termination signals to.
+static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+
+/// Signals an operator sends to the jailer to stop or poke the VMM.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+extern "C" fn forward(signal: libc::c_int) {
+    let pid = FORWARD_TO.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe and takes integers only.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Makes the waiting jailer pass termination signals on to `child`, so that stopping the
+/// jailer stops the VMM it waits for.
+pub fn forward_signals(child: libc::pid_t) -> Result<(), Error> {
+    FORWARD_TO.store(child, Ordering::SeqCst);
+    for signal in FORWARDED {
+        // SAFETY: installs a handler that only calls kill; the sigaction struct is fully
+        // initialised (zeroed, then handler and empty mask set) and outlives the call.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            check(
+                libc::sigaction(signal, &action, std::ptr::null_mut()),
+                Step::Process,
+                "install signal forwarding",
+            )?;
+        }
+    }
+    Ok(())
 }

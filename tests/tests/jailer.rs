@@ -939,3 +939,37 @@ fn cgroup_v2_is_used_when_it_offers_the_controllers_and_v1_otherwise() {
         assert_clean_failure(&out, "cgroup: cgroup v2 asked for");
     }
 }
+
+#[test]
+fn a_foreground_jailer_passes_sigterm_on_to_the_pid_namespace() {
+    require!("a_foreground_jailer_passes_sigterm_on_to_the_pid_namespace");
+    let mut jail = Jail::new("forward");
+    let script = "trap 'exit 3' TERM; while :; do /busybox sleep 0.05; done";
+    let mut cmd = jail.command(
+        Path::new(BUSYBOX),
+        &["--new-pid-ns", "--", "sh", "-c", script],
+    );
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    jail.children.push(cmd.spawn().expect("spawn jailer"));
+    let pid = jail.wait_pid();
+    // The trap must be installed before the signal arrives: wait until a sleep has started.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .is_ok_and(|c| c.trim().is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the jailed shell never ran its loop"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let jailer = &mut jail.children[0];
+    // SAFETY: kill takes integers; this is our own child.
+    assert_eq!(unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) }, 0);
+    let status = jailer.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "jailer did not hand SIGTERM on: {status:?}"
+    );
+}

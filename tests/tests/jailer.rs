@@ -754,6 +754,8 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
         &citadel,
         &[
             "--new-pid-ns",
+            "--userns",
+            "--landlock",
             "--new-netns",
             "--daemonize",
             "--cgroup",
@@ -810,7 +812,7 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
         assert!(status.contains("NoNewPrivs:\t1"), "task {task}");
     }
     let me = std::process::id().to_string();
-    for ns in ["mnt", "ipc", "uts", "net", "pid"] {
+    for ns in ["mnt", "ipc", "uts", "net", "pid", "user"] {
         assert_ne!(namespace(&pid.to_string(), ns), namespace(&me, ns), "{ns}");
     }
     assert!(qmp.execute("quit").get("return").is_some());

@@ -207,10 +207,10 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
         );
         return;
     }
-    if !have("qemu-system-x86_64") || !have("ncat") || !have("ip") {
+    if !have("qemu-system-x86_64") || !have("ip") || !have("busybox") {
         skip(
             TEST,
-            "qemu-system-x86_64, ncat or ip is not installed",
+            "qemu-system-x86_64, ip or busybox is not installed",
             true,
         );
         return;
@@ -267,8 +267,11 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
     ns.run(&["ip", "link", "set", tap, "up"]);
     ns.run(&["ip", "link", "set", "lo", "up"]);
 
-    // Host ends of the transfers.
-    let host_file = scratch.0.join("h2g");
+    // Host end of the transfers: an HTTP server in the namespace. busybox wget checks the
+    // Content-Length, so a short transfer fails instead of passing silently.
+    let www = scratch.0.join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let host_file = www.join("h2g");
     let mut random = vec![0u8; 2 << 20];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut random))
@@ -276,22 +279,16 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
     fs::write(&host_file, &random).expect("write host file");
     let host_sum = sha256(&host_file);
     let received = scratch.0.join("g2h");
-    let recv = ns
-        .exec(&["ncat", "-l", "10.77.0.1", "5001", "--recv-only"])
-        .stdout(fs::File::create(&received).expect("create g2h"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ncat receiver");
-    let _recv = Reaped(recv);
-    let send = ns
-        .exec(&["ncat", "-l", "10.77.0.1", "5002", "--send-only"])
-        .stdin(fs::File::open(&host_file).expect("open h2g"))
+    let httpd = ns
+        .exec(&["busybox", "httpd", "-f", "-p", "10.77.0.1:8081", "-h"])
+        .arg(&www)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start ncat sender");
-    let _send = Reaped(send);
+        .expect("start httpd");
+    let _httpd = Reaped(httpd);
 
+    // The guest fetches the host's file, then serves its own until the host says it has it.
     let script = r#"
 ip link set lo up
 ip link set eth0 up
@@ -299,12 +296,13 @@ ip addr add 10.77.0.2/24 dev eth0
 echo "MAC $(cat /sys/class/net/eth0/address)"
 ping -c 3 -W 5 10.77.0.1 && echo GUEST-PING-OK
 echo GUEST-UP
-dd if=/dev/urandom of=/g2h bs=1024 count=2048 2>/dev/null
-echo "G2H-SHA $(sha256sum /g2h)"
-timeout 120 nc 10.77.0.1 5001 < /g2h
-timeout 120 nc 10.77.0.1 5002 < /dev/null > /h2g
-echo "H2G-SHA $(sha256sum /h2g)"
-sleep 3
+wget -q -O /h2g http://10.77.0.1:8081/h2g && echo "H2G-SHA $(sha256sum /h2g)"
+mkdir -p /www
+dd if=/dev/urandom of=/www/g2h bs=1024 count=2048 2>/dev/null
+echo "G2H-SHA $(sha256sum /www/g2h)"
+httpd -p 8082 -h /www
+echo G2H-READY
+timeout 120 sh -c 'until wget -q -O /dev/null http://10.77.0.1:8081/fetched; do sleep 1; done'
 "#;
     let initrd = scratch.0.join("initrd");
     initramfs_with_script(&kernel.join("initramfs.cpio.gz"), script, &initrd);
@@ -345,10 +343,19 @@ sleep 3
     let up = wait_for(&serial, &mut out, "GUEST-UP", Duration::from_secs(120));
     let host_ping = up
         && ns
-            .exec(&["ping", "-c", "3", "-W", "5", "10.77.0.2"])
+            .exec(&["busybox", "ping", "-c", "3", "-W", "5", "10.77.0.2"])
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
+    let ready = wait_for(&serial, &mut out, "G2H-READY", Duration::from_secs(300));
+    let fetched = ready
+        && ns
+            .exec(&["busybox", "wget", "-q", "-O"])
+            .arg(&received)
+            .arg("http://10.77.0.2:8082/g2h")
+            .status()
+            .is_ok_and(|s| s.success());
+    fs::write(www.join("fetched"), b"yes").expect("write marker");
     let done = wait_for(
         &serial,
         &mut out,
@@ -373,6 +380,8 @@ sleep 3
         "guest could not ping the host\n{context}"
     );
     assert!(host_ping, "host could not ping the guest\n{context}");
+    assert!(ready, "guest never served its file\n{context}");
+    assert!(fetched, "host could not fetch the guest's file\n{context}");
     assert!(done, "guest script did not finish\n{context}");
 
     let guest_sum_of = |tag: &str| {
@@ -386,7 +395,8 @@ sleep 3
     assert_eq!(
         guest_sum_of("G2H-SHA "),
         sha256(&received),
-        "guest-to-host data differs\n{context}"
+        "guest-to-host data differs ({} bytes received)\n{context}",
+        fs::metadata(&received).map(|m| m.len()).unwrap_or(0)
     );
     assert_eq!(
         guest_sum_of("H2G-SHA "),

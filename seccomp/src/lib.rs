@@ -88,16 +88,6 @@ impl Role {
     }
 }
 
-impl std::str::FromStr for Role {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.name() == s)
-            .ok_or_else(|| Error::BadRole(s.to_string()))
-    }
-}
-
 /// What a syscall outside the allowlist does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -149,9 +139,6 @@ pub enum Error {
     /// An unknown mode name.
     #[error("unknown seccomp mode {0:?} (expected kill or log)")]
     BadMode(String),
-    /// An unknown role name.
-    #[error("unknown seccomp role {0:?} (expected vmm, vcpu, launcher, blk or net)")]
-    BadRole(String),
 }
 
 /// Merges a table that may name a syscall more than once: the rules of each entry are

@@ -196,11 +196,6 @@ impl Jail {
         }
         Ok(file)
     }
-
-    /// Keeps everything: the jail is in use from now on.
-    pub fn disarm(&mut self) {
-        self.armed = false;
-    }
 }
 
 impl Drop for Jail {
@@ -225,10 +220,14 @@ fn c(s: &str) -> CString {
     CString::new(s).expect("static strings have no NUL")
 }
 
-/// Enters new mount, IPC and UTS namespaces, makes `root` the root of the mount namespace
-/// (old root detached), and builds `/dev` on a fresh tmpfs holding only the jail's devices.
-pub fn enter(root: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+/// Enters new mount, IPC and UTS namespaces, makes the jail root the root of the mount
+/// namespace (old root detached), and builds `/dev` on a fresh tmpfs holding only the jail's
+/// devices. From the pivot on, host paths no longer resolve, so the jail is kept as it is
+/// whatever happens next (a retry reuses it).
+pub fn enter(jail: &mut Jail, uid: u32, gid: u32) -> Result<(), Error> {
     let step = Step::Mount;
+    let root = jail.root.clone();
+    let root = root.as_path();
     let root_c = path_c(root)?;
     // SAFETY: unshare, mount, chdir, pivot_root and umount2 take NUL-terminated strings that
     // outlive the calls or NULL where the kernel accepts NULL; no memory is shared with them.
@@ -292,6 +291,7 @@ pub fn enter(root: &Path, uid: u32, gid: u32) -> Result<(), Error> {
                 io::Error::last_os_error(),
             ));
         }
+        jail.armed = false;
         check(
             libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
             step,

@@ -97,8 +97,7 @@ fn run() -> Result<i32, Error> {
     } else {
         None
     };
-    jail::enter(&jail.root, uid, gid)?;
-    jail.disarm();
+    jail::enter(&mut jail, uid, gid)?;
     if let Some(proc_dir) = proc_dir {
         process::enter_user_namespace(&proc_dir, uid, gid)?;
     }

@@ -14,7 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use citadel_tests::{binary, skip, workspace_root};
+use citadel_tests::kernel::{guest_kernel, initramfs_with_script};
+use citadel_tests::{binary, skip};
 
 const TEST: &str = "net_qemu";
 const GUEST_MAC: &str = "52:54:00:c1:7a:de";
@@ -81,60 +82,6 @@ fn unique(tag: &str) -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{tag}{}x{:x}", std::process::id(), nanos & 0xffff)
-}
-
-/// The guest kernel directory, if scripts/guest-kernel.sh has built it.
-fn guest_kernel() -> Option<PathBuf> {
-    let out = Command::new(workspace_root().join("scripts/guest-kernel.sh"))
-        .arg("--path")
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    (dir.join("bzImage").exists() && dir.join("initramfs.cpio.gz").exists()).then_some(dir)
-}
-
-/// Appends a newc cpio archive holding `/test.sh` to the base initramfs (the kernel unpacks
-/// concatenated archives in order).
-fn initramfs_with_script(base: &Path, script: &str, out: &Path) {
-    fn entry(buf: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-        let namesize = name.len() + 1;
-        let header = format!(
-            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            1,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            0,
-            0,
-            namesize,
-            0
-        );
-        buf.extend_from_slice(header.as_bytes());
-        buf.extend_from_slice(name.as_bytes());
-        buf.push(0);
-        while !buf.len().is_multiple_of(4) {
-            buf.push(0);
-        }
-        buf.extend_from_slice(data);
-        while !buf.len().is_multiple_of(4) {
-            buf.push(0);
-        }
-    }
-    let mut image = fs::read(base).expect("read base initramfs");
-    while !image.len().is_multiple_of(4) {
-        image.push(0);
-    }
-    entry(&mut image, "test.sh", 0o100755, script.as_bytes());
-    entry(&mut image, "TRAILER!!!", 0, &[]);
-    fs::write(out, image).expect("write initramfs");
 }
 
 fn sha256(path: &Path) -> String {
@@ -305,7 +252,7 @@ echo G2H-READY
 timeout 120 sh -c 'until wget -q -O /dev/null http://10.77.0.1:8081/fetched; do sleep 1; done'
 "#;
     let initrd = scratch.0.join("initrd");
-    initramfs_with_script(&kernel.join("initramfs.cpio.gz"), script, &initrd);
+    initramfs_with_script(&kernel.initramfs, script, &initrd).expect("write initramfs");
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-m", "256M", "-smp", "1"])
@@ -327,7 +274,7 @@ timeout 120 sh -c 'until wget -q -O /dev/null http://10.77.0.1:8081/fetched; do 
             "virtio-net-pci,netdev=net0,mac={GUEST_MAC},vectors=0,romfile="
         ))
         .arg("-kernel")
-        .arg(kernel.join("bzImage"))
+        .arg(&kernel.bzimage)
         .arg("-initrd")
         .arg(&initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet"])

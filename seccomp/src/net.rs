@@ -54,7 +54,7 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_fstat,
         libc::SYS_newfstatat,
         libc::SYS_statx,
-        // Stats line on exit.
+        // abort() on a fatal error raises SIGABRT through tgkill.
         libc::SYS_tgkill,
     ]));
     // Unix sockets only: the internal channel between the relay and the request handler.

@@ -199,6 +199,14 @@ fn check_memory_regions(msg: &Message) -> Result<(), ProxyError> {
                 meta.len()
             )));
         }
+        // SAFETY: F_GET_SEALS only reads the seals of an fd we hold.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            log::warn!(
+                "memory region {index} is not sealed against shrinking; a frontend that \
+                 truncates it makes the backend fault"
+            );
+        }
     }
     Ok(())
 }

@@ -177,12 +177,19 @@ fn sealed_memfd(size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
-/// Registers every region of `ram` with KVM, region `i` in slot `i`.
+/// Registers every region of `ram` with KVM, region `i` in slot `i`. Registered RAM stays
+/// mapped until the process exits, even if `ram` is dropped.
 ///
 /// Call it right after creating the VM, before `KVM_SET_TSS_ADDR`, `KVM_CREATE_IRQCHIP` and
 /// `KVM_CREATE_PIT2`: measured on a nested host, registering RAM once the in-kernel irqchip
 /// exists costs 7-10 ms per slot, before it about 0.1 ms.
 pub fn register(vm: &VmFd, ram: &GuestRam) -> Result<(), MemoryError> {
+    // KVM keeps using these host addresses for as long as the VM exists, and the VM (held
+    // alive by its fd and every vCPU fd) can outlive `ram`. Unmapping them then would let the
+    // guest reach whatever the monitor maps there next, so registered RAM is never unmapped:
+    // one reference to each region is leaked here and the mappings last until the process
+    // exits. A monitor process runs one VM, so nothing is lost.
+    std::mem::forget(ram.memory.clone());
     for (slot, region) in ram.memory.iter().enumerate() {
         let slot = slot as u32;
         let mem_region = kvm_userspace_memory_region {
@@ -192,9 +199,9 @@ pub fn register(vm: &VmFd, ram: &GuestRam) -> Result<(), MemoryError> {
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the host range is a live mapping of exactly `memory_size` bytes owned by
-        // `ram.memory`, which the caller keeps alive as long as the VM (the lead's VM object
-        // owns both). KVM only accesses it through the guest.
+        // SAFETY: the host range is a mapping of exactly `memory_size` bytes that stays
+        // mapped until the process exits (its reference was leaked above), so KVM can never
+        // reach memory that is not guest RAM through it.
         unsafe { vm.set_user_memory_region(mem_region) }.map_err(|source| {
             MemoryError::Register {
                 slot,

@@ -252,6 +252,13 @@ pub fn load(
         }
     };
 
+    let (EntryPoint::Pvh { entry: first, .. } | EntryPoint::Linux64 { entry: first, .. }) = entry;
+    if first.raw_value() >= ram_end {
+        return Err(BootError::KernelFormat {
+            path: kernel_path.clone(),
+            why: "its entry point is outside guest RAM",
+        });
+    }
     mptable::write(mem, num_cpus)?;
     log::debug!(
         "loaded kernel {} ({:#x}..{:#x}), entry {:?}",
@@ -628,6 +635,21 @@ mod tests {
         let truncated = test_kernel::file(&truncated);
         let err = load(&mem, &source(truncated.as_path()), 1).unwrap_err();
         assert!(matches!(err, BootError::KernelLoad { .. }), "{err}");
+    }
+
+    #[test]
+    fn entry_point_outside_ram_is_refused() {
+        let mut image = test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        });
+        // Point the PVH note's descriptor (the last 8 bytes) past the end of RAM.
+        let len = image.len();
+        image[len - 8..].copy_from_slice(&(64u64 << 20).to_le_bytes());
+        let kernel = test_kernel::file(&image);
+        let err = load(&ram(32 << 20), &source(kernel.as_path()), 1).unwrap_err();
+        assert!(matches!(err, BootError::KernelFormat { .. }), "{err}");
+        assert!(err.to_string().contains("entry point"), "{err}");
     }
 
     #[test]

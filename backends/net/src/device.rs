@@ -486,3 +486,131 @@ impl NetBackend {
         self.config.taps[i].as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const QSIZE: u16 = 16;
+    const HDR: usize = 12;
+
+    /// A guest with 1 MiB of memory and an RX ring whose available buffers are `bufs`.
+    fn rx_ring(bufs: &[(u64, u32)]) -> (Mem, VringRwLock<Mem>, (u64, u64, u64)) {
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap);
+        let guard = mem.memory();
+        let mock = MockSplitQueue::create(&*guard, GuestAddress(0), QSIZE);
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .map(|&(addr, len)| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let addrs = (
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        );
+        let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring.set_queue_info(addrs.0, addrs.1, addrs.2).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        (mem, vring, addrs)
+    }
+
+    fn used(mem: &Mem, used_ring: u64) -> Vec<(u32, u32)> {
+        let m = mem.memory();
+        let idx: u16 = m.read_obj(GuestAddress(used_ring + 2)).unwrap();
+        (0..idx as u64)
+            .map(|i| {
+                let at = used_ring + 4 + 8 * i;
+                (
+                    m.read_obj(GuestAddress(at)).unwrap(),
+                    m.read_obj(GuestAddress(at + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn frame(len: usize) -> Vec<u8> {
+        (0..HDR + len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn mergeable_frame_spreads_over_buffers_and_counts_them() {
+        let (mem, vring, (_, _, used_ring)) =
+            rx_ring(&[(0x4_0000, 1500), (0x5_0000, 1500), (0x6_0000, 1500)]);
+        let stats = Stats::default();
+        let mut f = frame(3000);
+        let guard = mem.memory();
+        let r = deliver(&mut vring.get_mut(), &guard, &mut f, HDR, true, &stats).unwrap();
+        assert!(matches!(r, Delivery::Delivered));
+        assert_eq!(used(&mem, used_ring), [(0, 1500), (1, 1500), (2, 12)]);
+        let mut got = vec![0u8; 3012];
+        guard
+            .read_slice(&mut got[..1500], GuestAddress(0x4_0000))
+            .unwrap();
+        guard
+            .read_slice(&mut got[1500..3000], GuestAddress(0x5_0000))
+            .unwrap();
+        guard
+            .read_slice(&mut got[3000..], GuestAddress(0x6_0000))
+            .unwrap();
+        assert_eq!(&got[10..12], &3u16.to_le_bytes(), "num_buffers");
+        assert_eq!(&got[HDR..], &f[HDR..]);
+    }
+
+    #[test]
+    fn too_few_mergeable_buffers_leave_the_ring_untouched() {
+        let (mem, vring, (_, _, used_ring)) = rx_ring(&[(0x4_0000, 1000), (0x5_0000, 1000)]);
+        let stats = Stats::default();
+        let mut f = frame(3000);
+        let guard = mem.memory();
+        let r = deliver(&mut vring.get_mut(), &guard, &mut f, HDR, true, &stats).unwrap();
+        assert!(matches!(r, Delivery::NoBuffers));
+        assert!(used(&mem, used_ring).is_empty());
+        assert_eq!(vring.queue_next_avail(), 0, "buffers given back");
+    }
+
+    #[test]
+    fn oversized_frame_without_merging_is_dropped() {
+        let (mem, vring, (_, _, used_ring)) = rx_ring(&[(0x4_0000, 1000), (0x5_0000, 4000)]);
+        let stats = Stats::default();
+        let mut f = frame(3000);
+        let guard = mem.memory();
+        let r = deliver(&mut vring.get_mut(), &guard, &mut f, HDR, false, &stats).unwrap();
+        assert!(matches!(r, Delivery::Dropped));
+        assert_eq!(used(&mem, used_ring), [(0, 0)]);
+        // The next frame takes the next buffer whole.
+        let r = deliver(&mut vring.get_mut(), &guard, &mut f, HDR, false, &stats).unwrap();
+        assert!(matches!(r, Delivery::Delivered));
+        assert_eq!(used(&mem, used_ring), [(0, 0), (1, 3012)]);
+        let mut hdr = [0u8; HDR];
+        guard.read_slice(&mut hdr, GuestAddress(0x5_0000)).unwrap();
+        assert_eq!(&hdr[10..12], &1u16.to_le_bytes(), "num_buffers");
+    }
+
+    #[test]
+    fn buffer_outside_guest_memory_is_returned_unused() {
+        let (mem, vring, (_, _, used_ring)) = rx_ring(&[(0xdead_0000, 4000)]);
+        let stats = Stats::default();
+        let mut f = frame(100);
+        let guard = mem.memory();
+        let r = deliver(&mut vring.get_mut(), &guard, &mut f, HDR, true, &stats).unwrap();
+        assert!(matches!(r, Delivery::Dropped));
+        assert_eq!(used(&mem, used_ring), [(0, 0)]);
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
+    }
+}

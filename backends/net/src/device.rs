@@ -7,7 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -51,14 +51,17 @@ pub struct NetConfig {
 struct Pair {
     /// A frame read from the tap that did not fit into the RX buffers available at the time.
     pending: Option<usize>,
-    buf: Vec<u8>,
+    /// Frame read from the tap (the pending one, if any).
+    rx_buf: Vec<u8>,
+    /// Frame gathered from a TX chain.
+    tx_buf: Vec<u8>,
 }
 
 /// The vhost-user-net device for one frontend connection.
 pub struct NetBackend {
     config: Arc<NetConfig>,
     mem: Mutex<Option<Mem>>,
-    acked: std::sync::atomic::AtomicU64,
+    acked: AtomicU64,
     event_idx: AtomicBool,
     hdr_len: AtomicUsize,
     pairs: Vec<Mutex<Pair>>,
@@ -102,14 +105,15 @@ impl NetBackend {
             .map(|_| {
                 Mutex::new(Pair {
                     pending: None,
-                    buf: vec![0; MAX_HDR + MAX_FRAME],
+                    rx_buf: vec![0; MAX_HDR + MAX_FRAME],
+                    tx_buf: vec![0; MAX_HDR + MAX_FRAME],
                 })
             })
             .collect();
         NetBackend {
             config,
             mem: Mutex::new(None),
-            acked: std::sync::atomic::AtomicU64::new(0),
+            acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             hdr_len: AtomicUsize::new(10),
             pairs,
@@ -120,6 +124,11 @@ impl NetBackend {
     /// the rings and the exit event).
     pub fn tap_event_id(&self) -> u64 {
         self.num_queues() as u64 + 1
+    }
+
+    /// The tap fd of queue pair `i`, for registration with worker `i`'s epoll.
+    pub fn tap_fd(&self, i: usize) -> std::os::fd::RawFd {
+        self.config.taps[i].as_raw_fd()
     }
 
     /// Counts the frames still waiting for guest buffers as dropped when the frontend leaves.
@@ -170,7 +179,8 @@ impl NetBackend {
         let tap = &self.config.taps[index];
         let stats = &self.config.stats;
         let hdr_len = self.hdr_len.load(Ordering::Acquire);
-        let mut buf = vec![0u8; hdr_len + MAX_FRAME];
+        let mut pair = self.pairs[index].lock().unwrap_or_else(|e| e.into_inner());
+        let buf = &mut pair.tx_buf;
         self.drive(vring, |state, mem| {
             let mut used_any = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
@@ -237,7 +247,7 @@ impl NetBackend {
                             dry = true;
                             break;
                         }
-                        match tap.read_frame(&mut pair.buf) {
+                        match tap.read_frame(&mut pair.rx_buf) {
                             Ok(Some(n)) if n >= hdr_len => n,
                             Ok(Some(n)) => {
                                 log::debug!("rx: short frame of {n} bytes from the tap");
@@ -253,7 +263,14 @@ impl NetBackend {
                         }
                     }
                 };
-                match deliver(state, mem, &mut pair.buf[..len], hdr_len, mergeable, stats)? {
+                match deliver(
+                    state,
+                    mem,
+                    &mut pair.rx_buf[..len],
+                    hdr_len,
+                    mergeable,
+                    stats,
+                )? {
                     Delivery::Delivered => {
                         used_any = true;
                         Stats::bump(&stats.rx_packets);
@@ -477,13 +494,6 @@ impl VhostUserBackend for NetBackend {
             _ => return Err(DeviceError::UnknownEvent(device_event, thread_id).into()),
         }
         Ok(())
-    }
-}
-
-impl NetBackend {
-    /// The tap fd of queue pair `i`, for registration with worker `i`'s epoll.
-    pub fn tap_fd(&self, i: usize) -> std::os::fd::RawFd {
-        self.config.taps[i].as_raw_fd()
     }
 }
 

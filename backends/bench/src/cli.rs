@@ -30,6 +30,7 @@ the backend's CPU time per I/O.
   --backend-pid PID    backend process whose CPU time is charged per I/O
   --event-idx          negotiate VIRTIO_RING_F_EVENT_IDX
   --queue-size N       descriptors per queue, a power of two (default: fits iodepth, >= 128)
+  --timeout S          give up when a queue sees no completion for S seconds (default 30)
   --seed N             seed of the random offsets (default 1)
   --label NAME         name of the backend in the output (default: the socket path)
   -h, --help           this text";
@@ -130,6 +131,8 @@ pub struct Options {
     pub event_idx: bool,
     /// Descriptors per queue.
     pub queue_size: u16,
+    /// Longest wait for a completion before the backend is declared stuck.
+    pub timeout: Duration,
     /// Seed for random offsets.
     pub seed: u64,
     /// Backend name in the output.
@@ -197,6 +200,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut event_idx = false;
     let mut queue_size = None;
     let mut seed = 1u64;
+    let mut timeout = Duration::from_secs(30);
     let mut label = None;
 
     let mut args = args.into_iter();
@@ -303,6 +307,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 }
                 queue_size = Some(n);
             }
+            "--timeout" => {
+                let v = value()?;
+                timeout = parse_seconds("--timeout", &v)?;
+                if timeout < Duration::from_millis(1) {
+                    return Err(invalid("--timeout", &v, "must be at least 0.001"));
+                }
+            }
             "--seed" => seed = parse_int("--seed", &value()?)?,
             "--label" => label = Some(value()?),
             _ => return Err(CliError::Unknown(arg)),
@@ -345,6 +356,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         backend_pid,
         event_idx,
         queue_size,
+        timeout,
         seed,
         label,
     })))
@@ -371,6 +383,7 @@ mod tests {
         assert_eq!(o.limit, Limit::Time(Duration::from_secs(5)));
         assert_eq!(o.queue_size, 128);
         assert_eq!(o.label, "/tmp/s");
+        assert_eq!(o.timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -393,6 +406,8 @@ mod tests {
             "--event-idx",
             "--label",
             "qsd",
+            "--timeout",
+            "2.5",
         ])
         .unwrap();
         assert_eq!(o.pattern, Pattern::SeqRead);
@@ -405,6 +420,7 @@ mod tests {
         assert!(o.event_idx);
         assert_eq!(o.queue_size, 256, "64 requests of 3 descriptors");
         assert_eq!(o.label, "qsd");
+        assert_eq!(o.timeout, Duration::from_millis(2500));
     }
 
     #[test]
@@ -433,6 +449,13 @@ mod tests {
         assert!(matches!(
             run(&["--socket", "s", "--iodepth", "64", "--queue-size", "128"]),
             Err(CliError::QueueTooSmall { needed: 192, .. })
+        ));
+        assert!(matches!(
+            run(&["--socket", "s", "--timeout", "0"]),
+            Err(CliError::Invalid {
+                option: "--timeout",
+                ..
+            })
         ));
         assert!(matches!(
             run(&["--socket", "s", "--queue-size", "100"]),

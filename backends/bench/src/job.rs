@@ -17,8 +17,6 @@ use crate::histogram::Histogram;
 use crate::memory::{MemoryError, SharedMemory, MAX_MEMORY};
 use crate::ring::{align_up, Buffer, RingError, RingLayout, SplitRing};
 
-/// How long a queue waits for any completion before declaring the backend stuck.
-const COMPLETION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes reserved per request for its header (16 bytes) and status byte.
 const HEADER_STRIDE: u64 = 32;
 const STATUS_OFFSET: u64 = 16;
@@ -73,12 +71,14 @@ pub enum JobError {
         source: io::Error,
     },
     /// The backend stopped completing requests.
-    #[error("queue {queue}: no completion from the backend within {}s with {in_flight} requests in flight", COMPLETION_TIMEOUT.as_secs())]
+    #[error("queue {queue}: no completion from the backend within {:.3} s with {in_flight} requests in flight", timeout.as_secs_f64())]
     Stalled {
         /// Queue index.
         queue: u16,
         /// Requests outstanding.
         in_flight: u16,
+        /// How long the queue waited.
+        timeout: Duration,
     },
     /// The disk is smaller than one I/O.
     #[error("the disk ({capacity} bytes) is smaller than one {block_size}-byte I/O")]
@@ -247,6 +247,7 @@ struct Worker<'a> {
     offsets: Offsets,
     pattern: Pattern,
     block_size: u32,
+    timeout: Duration,
 }
 
 impl<'a> Worker<'a> {
@@ -289,6 +290,7 @@ impl<'a> Worker<'a> {
             offsets,
             pattern: options.pattern,
             block_size: options.block_size,
+            timeout: options.timeout,
         })
     }
 
@@ -389,7 +391,8 @@ impl<'a> Worker<'a> {
             events: libc::POLLIN,
             revents: 0,
         };
-        let timeout_ms = COMPLETION_TIMEOUT.as_millis() as libc::c_int;
+        let timeout_ms =
+            libc::c_int::try_from(self.timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         loop {
             // SAFETY: `pfd` is a valid pollfd for the duration of the call and the count
             // passed is 1, matching it; the call eventfd stays open while `self` lives.
@@ -409,6 +412,7 @@ impl<'a> Worker<'a> {
                 return Err(JobError::Stalled {
                     queue: self.queue,
                     in_flight: self.ring.in_flight(),
+                    timeout: self.timeout,
                 });
             }
             break;

@@ -29,6 +29,8 @@ enum Fault {
     LengthTooLong,
     /// Completes the first request correctly but with an I/O error status.
     IoError,
+    /// Takes requests and never completes them.
+    Silent,
 }
 
 #[derive(Clone)]
@@ -58,6 +60,7 @@ impl HostileBlk {
             let head = chain.head_index();
             let status = chain.last().expect("chain has descriptors").addr();
             let (id, len) = match self.fault {
+                Fault::Silent => continue,
                 Fault::IdOutOfRange => (u32::from(size) + 3, 1),
                 Fault::LengthTooLong => (u32::from(head), 1 << 20),
                 Fault::IoError => {
@@ -154,13 +157,14 @@ fn start(test: &str, fault: Fault) -> PathBuf {
 
 /// Runs the benchmark against the faulty backend; returns its stderr after checking it
 /// failed with exit status 1, printed nothing on stdout and said one line.
-fn run_against(test: &str, fault: Fault) -> String {
+fn run_against(test: &str, fault: Fault, extra: &[&str]) -> String {
     let socket = start(test, fault);
     let started = Instant::now();
     let out = Command::new(BENCH)
         .arg("--socket")
         .arg(&socket)
         .args(["--iodepth", "4", "--ios", "100"])
+        .args(extra)
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&socket);
@@ -180,7 +184,7 @@ fn run_against(test: &str, fault: Fault) -> String {
 
 #[test]
 fn used_id_outside_the_queue_is_reported() {
-    let stderr = run_against("id-out-of-range", Fault::IdOutOfRange);
+    let stderr = run_against("id-out-of-range", Fault::IdOutOfRange, &[]);
     assert!(
         stderr.contains("queue 0: backend returned used id 131"),
         "{stderr}"
@@ -189,14 +193,25 @@ fn used_id_outside_the_queue_is_reported() {
 
 #[test]
 fn used_length_beyond_the_buffers_is_reported() {
-    let stderr = run_against("length-too-long", Fault::LengthTooLong);
+    let stderr = run_against("length-too-long", Fault::LengthTooLong, &[]);
     assert!(stderr.contains("bytes written to chain"), "{stderr}");
     assert!(stderr.contains("1048576"), "{stderr}");
 }
 
 #[test]
 fn error_status_is_reported_with_its_sector() {
-    let stderr = run_against("io-error", Fault::IoError);
+    let stderr = run_against("io-error", Fault::IoError, &[]);
     assert!(stderr.contains("completed with status 1"), "{stderr}");
     assert!(stderr.contains("at sector"), "{stderr}");
+}
+
+#[test]
+fn a_backend_that_never_completes_is_reported_after_the_timeout() {
+    let stderr = run_against("silent", Fault::Silent, &["--timeout", "0.5"]);
+    assert!(
+        stderr.contains(
+            "queue 0: no completion from the backend within 0.500 s with 4 requests in flight"
+        ),
+        "{stderr}"
+    );
 }

@@ -370,7 +370,11 @@ fn eventfd() -> OwnedFd {
 }
 
 fn setup_queue(f: &Frontend, index: u32) -> Queue {
-    let (desc, avail, used) = ring(index as u64);
+    setup_queue_at(f, index, ring(index as u64))
+}
+
+/// Sets queue `index` up with its rings at the given guest addresses.
+fn setup_queue_at(f: &Frontend, index: u32, (desc, avail, used): (u64, u64, u64)) -> Queue {
     f.send(SET_VRING_NUM, 0, &state(index, QSIZE as u32), &[])
         .unwrap();
     f.send(SET_VRING_BASE, 0, &state(index, 0), &[]).unwrap();
@@ -633,7 +637,39 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     );
     drop(f);
 
-    // 5. A well-behaved frontend (QEMU 7.2 order), then hostile descriptor chains.
+    // 5. A used ring that runs off the end of guest memory: the queue stops, the process and
+    //    the next frontends do not.
+    // Separate memory, so that nothing of this ring is left for the next frontend.
+    let mem5 = GuestMem::new();
+    let mut f = Frontend::connect(&socket);
+    f.negotiate();
+    f.send(
+        SET_MEM_TABLE,
+        NEED_REPLY,
+        &mem5.table(MEM_SIZE as u64, 0),
+        &[mem5.fd.as_raw_fd()],
+    )
+    .unwrap();
+    assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);
+    let (desc, avail, _) = ring(1);
+    let mut tx = setup_queue_at(&f, 1, (desc, avail, MEM_SIZE as u64 - 8));
+    tx.push(&mem5, 0, 0x10000, 64, false);
+    tx.kick();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&backend.stats(), "errors") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broken used ring was not reported"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        backend.alive(),
+        "backend died on a used ring outside memory"
+    );
+    drop(f);
+
+    // 6. A well-behaved frontend (QEMU 7.2 order), then hostile descriptor chains.
     let before = backend.stats();
     let mut f = Frontend::connect(&socket);
     f.negotiate();
@@ -747,7 +783,8 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     let after = backend.stats();
     assert!(
         counter(&after, "errors") >= counter(&before, "errors") + 2,
-        "{after}"
+        "{after}\n{:#?}",
+        backend.lines
     );
     assert!(
         counter(&after, "tx_drops") > counter(&before, "tx_drops"),
@@ -767,7 +804,7 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     );
     drop(f);
 
-    // 6. After all that, the next frontend is served normally.
+    // 7. After all that, the next frontend is served normally.
     let mut f = Frontend::connect(&socket);
     f.negotiate();
     assert_eq!(f.config()[..6], MAC);

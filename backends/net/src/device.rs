@@ -473,27 +473,44 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        self.dispatch(device_event, vrings, thread_id).map_err(|e| {
+            // The worker of this pair stops for the rest of the connection; say so.
+            log::error!("queue pair {thread_id} stopped: {e}");
+            Stats::bump(&self.config.stats.errors);
+            e.into()
+        })
+    }
+}
+
+impl NetBackend {
+    fn dispatch(
+        &self,
+        device_event: u16,
+        vrings: &[VringRwLock<Mem>],
+        thread_id: usize,
+    ) -> Result<(), DeviceError> {
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
-            return Err(DeviceError::UnknownEvent(device_event, thread_id).into());
+            return Err(DeviceError::UnknownEvent(device_event, thread_id));
         };
         if thread_id >= self.pairs.len() {
-            return Err(DeviceError::UnknownEvent(device_event, thread_id).into());
+            return Err(DeviceError::UnknownEvent(device_event, thread_id));
         }
         match u64::from(device_event) {
-            0 => self.process_rx(thread_id, rx)?,
+            0 => self.process_rx(thread_id, rx),
             1 => {
                 self.process_tx(thread_id, tx)?;
                 // The guest may have been waiting on RX buffers filled meanwhile.
-                self.process_rx(thread_id, rx)?;
+                self.process_rx(thread_id, rx)
             }
             id if id == self.tap_event_id() => {
                 if rx.get_ref().is_enabled() && rx.get_ref().get_queue().ready() {
-                    self.process_rx(thread_id, rx)?;
+                    self.process_rx(thread_id, rx)
+                } else {
+                    Ok(())
                 }
             }
-            _ => return Err(DeviceError::UnknownEvent(device_event, thread_id).into()),
+            _ => Err(DeviceError::UnknownEvent(device_event, thread_id)),
         }
-        Ok(())
     }
 }
 

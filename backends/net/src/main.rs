@@ -356,3 +356,24 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn internal_channel_connects_and_notices_a_second_client() {
+        let (listener, mut client) = internal_channel().unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        assert!(!has_pending(&listener));
+        // Another process finding the abstract name would queue behind us, and be noticed.
+        let addr = listener.local_addr().unwrap();
+        let _intruder = UnixStream::connect_addr(&addr).unwrap();
+        assert!(has_pending(&listener));
+    }
+}

@@ -29,6 +29,7 @@ const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_ENABLE: u32 = 18;
 const GET_CONFIG: u32 = 24;
 const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
 
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
@@ -1029,4 +1030,120 @@ fn sigterm_exits_zero_with_stats_and_sigusr1_prints_them() {
         stats[1].contains("requests=2 reads=1 writes=1") && stats[1].contains("written_bytes=4096"),
         "{err}"
     );
+}
+
+/// Negotiates with INFLIGHT_SHMFD and sets up queue 0 with the given inflight area and base.
+fn inflight_session(
+    backend: &Backend,
+    mem: Memory,
+    area: &std::fs::File,
+    size: u64,
+    base: u32,
+) -> Session {
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.get_u64(GET_PROTOCOL_FEATURES);
+    let protocol = PF_REPLY_ACK | PF_MQ | PF_CONFIG | PF_INFLIGHT;
+    fe.send(SET_PROTOCOL_FEATURES, 0, &protocol.to_le_bytes(), &[])
+        .unwrap();
+    fe.send(SET_OWNER, 0, &[], &[]).unwrap();
+    assert!(fe.acked(SET_FEATURES, &(F_VERSION_1 | F_PROTOCOL).to_le_bytes(), &[]));
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&QSIZE.to_le_bytes());
+    p.extend_from_slice(&[0u8; 4]);
+    assert!(fe.acked(SET_INFLIGHT_FD, &p, &[area.as_raw_fd()]));
+    let u = mem.uaddr();
+    assert!(fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[mem.fd.as_raw_fd()]));
+    assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+    assert!(fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
+    assert!(fe.vring_state(SET_VRING_BASE, 0, base));
+    let (kick, call) = (eventfd(), eventfd());
+    assert!(fe.vring_fd(SET_VRING_CALL, 0, call.as_raw_fd()));
+    assert!(fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd()));
+    assert!(fe.vring_state(SET_VRING_ENABLE, 0, 1));
+    Session {
+        fe,
+        mem,
+        kick,
+        call,
+        next_avail: base as u16,
+    }
+}
+
+#[test]
+fn inflight_area_resumes_an_interrupted_request() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let mut backend = Backend::start(&[]);
+    // The backend creates the area; the frontend keeps it across backend restarts.
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.send(
+        SET_PROTOCOL_FEATURES,
+        0,
+        &(PF_INFLIGHT | PF_MQ).to_le_bytes(),
+        &[],
+    )
+    .unwrap();
+    let mut p = 0u64.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&QSIZE.to_le_bytes());
+    p.extend_from_slice(&[0u8; 4]);
+    fe.send(GET_INFLIGHT_FD, 0, &p, &[]).unwrap();
+    let (_, reply, fds) = fe.recv().unwrap();
+    drop(fe);
+    let size = u64::from_le_bytes(reply[0..8].try_into().unwrap());
+    let area = std::fs::File::from(fds.into_iter().next().expect("inflight descriptor"));
+
+    // First backend life: one write completes normally (avail 0 -> used 1).
+    let mut s = inflight_session(&backend, Memory::new(MEM_SIZE), &area, size, 0);
+    let first = pattern(1, 512);
+    assert_eq!(s.write(10, &first), (1, 0));
+    // The guest queues a second write at avail position 1; the backend "dies" while executing
+    // it. Its record says so: in flight, head 0, avail position 1, used index 1 when taken.
+    let second = pattern(2, 1024);
+    s.header(0x8000, 1, 20);
+    s.mem.write(0x10000, &second);
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+    s.mem.desc(1, 0x10000, 1024, DESC_F_NEXT, 2);
+    s.mem.desc(2, 0x9000, 1, DESC_F_WRITE, 0);
+    s.mem.write(0x9000, &[0xee]);
+    s.mem.write(AVAIL + 4 + 2, &0u16.to_le_bytes());
+    s.mem.write(AVAIL + 2, &2u16.to_le_bytes());
+    let mut record = b"CBIF".to_vec();
+    for v in [1u16, 0, 1, 1] {
+        record.extend_from_slice(&v.to_le_bytes());
+    }
+    use std::os::unix::fs::FileExt;
+    area.write_all_at(&record, 0).unwrap();
+    // The frontend connection goes away with the "dead" backend; guest memory stays.
+    let Session { fe, mem, .. } = s;
+    drop(fe);
+
+    // The next backend life is told a base past the interrupted request (as a frontend that
+    // lost track would say). It must resume at avail position 1 anyway, without a kick.
+    let s = inflight_session(&backend, mem, &area, size, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.mem.u16_at(USED + 2) != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "interrupted request was not resumed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let elem = s.mem.read(USED + 4 + 8, 8);
+    assert_eq!(u32::from_le_bytes(elem[0..4].try_into().unwrap()), 0);
+    assert_eq!(s.mem.read(0x9000, 1)[0], 0, "resumed request status");
+    assert_eq!(image_bytes(&backend.image, 10 * 512, 512), first);
+    assert_eq!(image_bytes(&backend.image, 20 * 512, 1024), second);
+    drop(s);
+    still_serves(&mut backend, 10);
 }

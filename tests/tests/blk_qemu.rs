@@ -131,8 +131,9 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn guest_writes_reads_discards_over_two_queues() {
-    let Some((guest, qemu)) = prerequisites("guest_writes_reads_discards_over_two_queues") else {
+fn guest_writes_reads_discards_over_two_direct_queues() {
+    let Some((guest, qemu)) = prerequisites("guest_writes_reads_discards_over_two_direct_queues")
+    else {
         return;
     };
     let dir = TempDir::new("blk-qemu");
@@ -143,13 +144,14 @@ fn guest_writes_reads_discards_over_two_queues() {
     let backend = start_backend(
         &image,
         &socket,
-        &["--num-queues", "2", "--serial", "citadel-q2"],
+        &["--num-queues", "2", "--serial", "citadel-q2", "--direct"],
     );
     let script = r#"
 set -e
 echo "QUEUES=$(ls /sys/block/vda/mq | wc -l)"
 echo "SECTORS=$(cat /sys/block/vda/size)"
 echo "SERIAL=$(cat /sys/block/vda/serial)"
+echo "BS=$(cat /sys/block/vda/queue/logical_block_size)"
 yes citadel-blk-pattern | head -c 1048576 > /tmp/pat
 dd if=/tmp/pat of=/dev/vda bs=4096 seek=256 conv=fsync 2>/dev/null
 sync
@@ -168,6 +170,7 @@ head -c 1048576 /dev/zero | cmp - /tmp/z && echo ZERO-OK
         "QUEUES=2",
         &format!("SECTORS={}", IMAGE_LEN / 512),
         "SERIAL=citadel-q2",
+        "BS=4096",
         "PATTERN-OK",
         "DISCARD-OK",
         "ZERO-OK",

@@ -254,6 +254,10 @@ impl Device {
                 st.queue.disable_notification(&*mem)?;
             }
             loop {
+                // A guest that keeps its ring full must not hold up an exit.
+                if self.exiting.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let next_avail = st.queue.next_avail();
                 let Some(chain) = st.queue.pop_descriptor_chain(&*mem) else {
                     break;

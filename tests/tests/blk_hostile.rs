@@ -533,6 +533,24 @@ fn well_behaved_frontend_reads_writes_and_sees_config() {
     let status = backend.status();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", backend.child.id())).unwrap();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(limit("Max core file size"), "0 0", "{limits}");
+    assert_eq!(limit("Max locked memory"), "0 0", "{limits}");
+    assert_eq!(limit("Max open files"), "72 72", "{limits}");
 
     let mut fe = backend.connect();
     let features = fe.negotiate();

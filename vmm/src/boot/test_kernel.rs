@@ -1,5 +1,5 @@
 //! Tiny kernels for tests, built in memory: an x86-64 ELF with or without a PVH note, and a
-//! bzImage with a 64-bit entry. Their code runs identically in 32-bit protected mode and in
+//! bzImage with a 64-bit entry. Their default code runs identically in 32-bit protected mode and in
 //! 64-bit mode and reports, through port writes, which mode it runs in and what the boot
 //! registers and boot structures hold:
 //!
@@ -52,6 +52,27 @@ pub fn probe_code() -> Vec<u8> {
     ]
 }
 
+/// Code that reports what the guest's own `cpuid` says: leaf 1 ECX on port 0x20, leaf 1 EBX
+/// on 0x21, leaf 7.0 EBX on 0x22, then writes [`PORT_DONE`].
+pub fn cpuid_code() -> Vec<u8> {
+    vec![
+        0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+        0x31, 0xc9, // xor ecx, ecx
+        0x0f, 0xa2, // cpuid
+        0x89, 0xc8, // mov eax, ecx
+        0xe7, 0x20, // out 0x20, eax
+        0x89, 0xd8, // mov eax, ebx
+        0xe7, 0x21, // out 0x21, eax
+        0xb8, 0x07, 0x00, 0x00, 0x00, // mov eax, 7
+        0x31, 0xc9, // xor ecx, ecx
+        0x0f, 0xa2, // cpuid
+        0x89, 0xd8, // mov eax, ebx
+        0xe7, 0x22, // out 0x22, eax
+        0xe7, 0x16, // out 0x16, eax
+        0xf4, // hlt
+    ]
+}
+
 /// Options for [`elf`].
 pub struct ElfSpec {
     /// Add a Xen PVH entry note pointing at the code.
@@ -60,6 +81,8 @@ pub struct ElfSpec {
     pub bss: u64,
     /// ELF class byte (2 = 64-bit).
     pub class: u8,
+    /// The code to load; [`probe_code`] when `None`.
+    pub code: Option<Vec<u8>>,
 }
 
 impl Default for ElfSpec {
@@ -68,13 +91,14 @@ impl Default for ElfSpec {
             pvh_note: false,
             bss: 0,
             class: 2,
+            code: None,
         }
     }
 }
 
 /// An ELF executable with the probe code at [`LOAD_ADDR`], entry at the code.
 pub fn elf(spec: &ElfSpec) -> Vec<u8> {
-    let code = probe_code();
+    let code = spec.code.clone().unwrap_or_else(probe_code);
     let code_off = 0x1000u64;
     let note_off = code_off + code.len().next_multiple_of(4) as u64;
     let mut note = Vec::new();

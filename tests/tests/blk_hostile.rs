@@ -1165,3 +1165,86 @@ fn inflight_area_resumes_an_interrupted_request() {
     drop(s);
     still_serves(&mut backend, 10);
 }
+
+/// Proves from outside that the running backend's filter kills it: the test attaches with
+/// ptrace to the main thread (asleep in epoll_wait), rewinds it onto its `syscall`
+/// instruction with the registers of `socket(AF_INET, SOCK_STREAM, 0)`, and lets it go. The
+/// allowlist has no `socket`, so the process must die of SIGSYS.
+#[test]
+fn forbidden_syscall_in_the_running_backend_is_killed_by_sigsys() {
+    if !backend_built() {
+        return citadel_tests::skip(
+            "blk_hostile",
+            "citadel-blk not built (cargo build -p citadel-blk)",
+            true,
+        );
+    }
+    let mut backend = Backend::start(&[]);
+    still_serves(&mut backend, 11);
+    let pid = backend.child.id() as libc::pid_t;
+    // SAFETY (ptrace and waitpid calls below): they act on our own child process and pass
+    // valid pointers to locals for the register set and the status.
+    unsafe {
+        if libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) != 0 {
+            let err = std::io::Error::last_os_error();
+            return citadel_tests::skip(
+                "blk_hostile",
+                &format!("ptrace is not permitted here: {err}"),
+                false,
+            );
+        }
+        // Catch the main thread asleep in epoll_wait (it may be finishing the last session).
+        let mut regs: libc::user_regs_struct = std::mem::zeroed();
+        let mut attempts = 0;
+        let at = loop {
+            attempts += 1;
+            assert!(attempts < 100, "main thread never seen waiting in epoll");
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+            assert!(libc::WIFSTOPPED(status), "not stopped: {status:#x}");
+            assert_eq!(libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs), 0);
+            let nr = regs.orig_rax as i64;
+            // The two bytes before the resume address are the `syscall` instruction (0f 05).
+            let at = regs.rip - 2;
+            let word = libc::ptrace(libc::PTRACE_PEEKTEXT, pid, at, 0) as u64;
+            if (nr == libc::SYS_epoll_wait || nr == libc::SYS_epoll_pwait)
+                && word & 0xffff == 0x050f
+            {
+                break at;
+            }
+            assert_eq!(libc::ptrace(libc::PTRACE_CONT, pid, 0, 0), 0);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        regs.rip = at;
+        regs.rax = libc::SYS_socket as u64;
+        regs.orig_rax = u64::MAX;
+        regs.rdi = libc::AF_INET as u64;
+        regs.rsi = libc::SOCK_STREAM as u64;
+        regs.rdx = 0;
+        assert_eq!(libc::ptrace(libc::PTRACE_SETREGS, pid, 0, &regs), 0);
+        assert_eq!(libc::ptrace(libc::PTRACE_CONT, pid, 0, 0), 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "backend survived a forbidden syscall"
+            );
+            let mut status = 0;
+            let got = libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG);
+            if got == pid && libc::WIFSIGNALED(status) {
+                assert_eq!(
+                    libc::WTERMSIG(status),
+                    libc::SIGSYS,
+                    "killed by another signal"
+                );
+                break;
+            }
+            if got == pid && libc::WIFSTOPPED(status) {
+                // Any other stop (e.g. a signal) is passed on unchanged.
+                libc::ptrace(libc::PTRACE_CONT, pid, 0, (status >> 8) & 0xff);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

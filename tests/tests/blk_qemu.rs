@@ -253,7 +253,7 @@ fn backend_restart_keeps_every_acknowledged_write() {
     // fsync of the device, i.e. after the backend acknowledged the write and the flush.
     let script = r#"
 i=1
-while [ $i -le 60 ]; do
+while [ $i -le 150 ]; do
   printf 'record-%04d' $i | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync 2>/dev/null || { echo "FAIL $i"; exit 1; }
   echo "ACK $i"
   i=$((i+1))
@@ -301,7 +301,7 @@ done
         .filter_map(|l| l.trim().strip_prefix("ACK "))
         .filter_map(|n| n.trim().parse().ok())
         .collect();
-    assert_eq!(acked.len(), 60, "{out}");
+    assert_eq!(acked.len(), 150, "{out}");
     let bytes = std::fs::read(&image).unwrap();
     for i in acked {
         let at = i as usize * 4096;

@@ -111,8 +111,18 @@ impl Backend {
         }
     }
 
+    /// `/proc/<pid>/status` once the sandbox is up. The socket accepts connections (into the
+    /// backlog) from bind time, slightly before the lockdown that precedes serving them.
     fn status(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+            if status.contains("Seccomp:\t2") || Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -253,6 +253,12 @@ impl Device {
             if st.queue.event_idx_enabled() {
                 st.queue.disable_notification(&*mem)?;
             }
+            // A guest claiming more new entries than the ring holds has broken the ring;
+            // checking here also keeps virtio-queue from logging the same error on every kick.
+            let avail = st.queue.avail_idx(&*mem, Ordering::Acquire)?;
+            if avail.0.wrapping_sub(st.queue.next_avail()) > st.queue.size() {
+                return Err(virtio_queue::Error::InvalidAvailRingIndex);
+            }
             loop {
                 // A guest that keeps its ring full must not hold up an exit.
                 if self.exiting.load(Ordering::Relaxed) {

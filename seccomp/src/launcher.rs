@@ -10,7 +10,7 @@
 //! the backend tables are merged in: a backend can never do more than the launcher could.
 
 use crate::kvm;
-use crate::{allow, arg_in, blk, net, thread_runtime, Error, Rules};
+use crate::{allow, arg_in, args_match, blk, net, thread_runtime, Error, Rules};
 
 const ROLE: &str = "launcher";
 
@@ -56,7 +56,27 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_readlink,
         libc::SYS_getuid,
         libc::SYS_sched_getaffinity,
+        // What a backend does before its own filter: event sources, then sandboxing itself.
+        libc::SYS_epoll_create1,
+        libc::SYS_eventfd2,
+        libc::SYS_signalfd4,
+        libc::SYS_getsockopt,
+        libc::SYS_capget,
+        libc::SYS_capset,
+        libc::SYS_landlock_create_ruleset,
+        libc::SYS_landlock_add_rule,
+        libc::SYS_landlock_restrict_self,
+        libc::SYS_seccomp,
     ]));
+    let level = libc::SOL_SOCKET as u64;
+    rules.push(args_match(
+        ROLE,
+        libc::SYS_setsockopt,
+        &[
+            &[(1, level), (2, libc::SO_SNDTIMEO as u64)],
+            &[(1, level), (2, libc::SO_RCVTIMEO as u64)],
+        ],
+    )?);
     rules.push(arg_in(
         ROLE,
         libc::SYS_socketpair,

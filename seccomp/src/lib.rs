@@ -496,6 +496,88 @@ mod tests {
         });
     }
 
+    /// citadel-blk, started the way the launcher starts it (an image path and a connected
+    /// socket), must get through its own start-up and sandboxing under the launcher's filter,
+    /// which it inherits across execve, and exit 0 when the frontend hangs up.
+    #[test]
+    fn a_backend_starts_and_stops_under_the_launchers_filter() {
+        let exe = std::env::current_exe().expect("current_exe");
+        let Some(blk) = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .map(|profile| profile.join("citadel-blk"))
+            .filter(|blk| blk.exists())
+        else {
+            // CI builds the whole workspace before testing, so there the binary must exist.
+            assert!(
+                std::env::var_os("CI").is_none_or(|v| v != "true" && v != "1"),
+                "citadel-blk not built"
+            );
+            eprintln!("SKIPPED a_backend_starts_and_stops_under_the_launchers_filter: citadel-blk not built (cargo build -p citadel-blk)");
+            return;
+        };
+        let image = std::env::temp_dir().join(format!(
+            "citadel-seccomp-launcher-{}.img",
+            std::process::id()
+        ));
+        std::fs::write(&image, vec![0u8; 1 << 20]).expect("write image");
+        let mut pair = [0; 2];
+        // SAFETY: pair points to two writable ints.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
+            0
+        );
+        let path = std::ffi::CString::new(blk.as_os_str().as_encoded_bytes()).unwrap();
+        let image_arg = std::ffi::CString::new(image.as_os_str().as_encoded_bytes()).unwrap();
+        let fd_arg = std::ffi::CString::new(pair[1].to_string()).unwrap();
+        let args = [
+            path.clone(),
+            c"--image".to_owned(),
+            image_arg,
+            c"--fd".to_owned(),
+            fd_arg,
+        ];
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let envp = [c"RUST_LOG=error".as_ptr(), std::ptr::null()];
+        let program = compile(Role::Launcher, Mode::Kill).expect("policy compiles");
+        // SAFETY: the child only closes a descriptor, installs the prepared filter and execs
+        // with arrays built before the fork; the parent keeps its own end.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: raw syscalls on prepared data in the forked child.
+            unsafe {
+                libc::close(pair[0]);
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || seccompiler::apply_filter(&program).is_err()
+                {
+                    libc::_exit(100);
+                }
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                libc::_exit(101);
+            }
+        }
+        // SAFETY: closing our copies: the child's end, then ours, which hangs up on the backend.
+        unsafe {
+            libc::close(pair[1]);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            libc::close(pair[0]);
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid status pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let _ = std::fs::remove_file(&image);
+        assert!(
+            !(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS),
+            "citadel-blk was killed by the launcher's filter"
+        );
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "citadel-blk under the launcher's filter: wait status {status:#x}"
+        );
+    }
+
     #[test]
     fn log_mode_lets_a_forbidden_syscall_through() {
         let program = compile(Role::Vcpu, Mode::Log).expect("policy compiles");

@@ -211,6 +211,12 @@ fn run_qemu_tcg(
     let code = console.wait_exit(TCG_TIMEOUT);
     assert_eq!(code, Some(0), "{}", console.transcript());
     check_disk_after_run(&disk);
+    // Without citadel.no_int3_selftest the kernel behaves as upstream Linux.
+    assert!(
+        !console.transcript().contains("int3 self-test skipped"),
+        "{}",
+        console.transcript()
+    );
 }
 
 #[test]
@@ -296,6 +302,12 @@ fn citadel_boots_guest_kernel_to_run_init() {
     let mut console = ConsoleProcess::spawn(command).expect("spawn citadel");
 
     expect(&mut console, "Linux version 6.1", EMULATED_KVM_TIMEOUT);
+    // The kernel patch honours the parameter (and only then skips the self-test).
+    expect(
+        &mut console,
+        "int3 self-test skipped (citadel.no_int3_selftest)",
+        EMULATED_KVM_TIMEOUT,
+    );
     expect(&mut console, "Run /init", EMULATED_KVM_TIMEOUT);
     if hardware_virtualization() {
         expect(&mut console, "citadel-init: start", EMULATED_KVM_TIMEOUT);

@@ -1,6 +1,6 @@
 //! The guest test programs (guest/) booted by QEMU's microvm machine through their PVH entry:
 //! this proves the programs themselves, independently of Citadel. KVM is used when
-//! `/dev/kvm` works, TCG otherwise.
+//! `/dev/kvm` works, TCG otherwise (or as `CITADEL_QEMU_ACCEL` says).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -40,6 +40,12 @@ struct Guest {
     _scratch: Scratch,
 }
 
+/// KVM when `/dev/kvm` works, else TCG; `CITADEL_QEMU_ACCEL` overrides (e.g. `tcg`).
+fn accel() -> String {
+    std::env::var("CITADEL_QEMU_ACCEL")
+        .unwrap_or_else(|_| if kvm_usable() { "kvm" } else { "tcg" }.to_string())
+}
+
 fn boot(test: &str, program: &str, extra: &[&str]) -> Option<Guest> {
     let Some(qemu) = qemu() else {
         skip(test, "qemu-system-x86_64 is not installed", true);
@@ -50,7 +56,7 @@ fn boot(test: &str, program: &str, extra: &[&str]) -> Option<Guest> {
     let mut command = Command::new(qemu);
     command
         .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off"])
-        .args(["-accel", if kvm_usable() { "kvm" } else { "tcg" }])
+        .args(["-accel", &accel()])
         .args([
             "-m",
             "64",

@@ -258,14 +258,25 @@ fn qemu_tcg_boots_bzimage_on_q35_with_virtio_pci() {
             "pcie-root-port,id=rp0,chassis=1,slot=1",
             "-device",
             "virtio-blk-pci,bus=rp0,drive=disk0",
+            "-device",
+            "virtio-balloon-pci",
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0",
         ],
         &guest.bzimage,
         "echo citadel-test: slots=$(ls /sys/bus/pci/slots)\n\
-         grep -q PCI-MSI /proc/interrupts && echo citadel-test: msi=yes\n",
+         grep -q PCI-MSI /proc/interrupts && echo citadel-test: msi=yes\n\
+         ls -d /sys/bus/virtio/drivers/virtio_balloon/virtio* >/dev/null && \
+         echo citadel-test: balloon=bound\n\
+         ip link set eth0 up && echo citadel-test: eth0=up\n",
         &[
             "pciehp: Slot #1",
             "citadel-test: slots=1",
             "citadel-test: msi=yes",
+            "citadel-test: balloon=bound",
+            "citadel-test: eth0=up",
         ],
     );
 }

@@ -260,3 +260,48 @@ impl Drop for ConsoleProcess {
         let _ = self.child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The appended archive, read back by GNU cpio: one executable test.sh holding the script.
+    #[test]
+    fn appended_archive_is_newc_with_an_executable_test_script() {
+        let dir = std::env::temp_dir().join(format!("citadel-initramfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base");
+        let out = dir.join("out");
+        // An odd length forces padding before the appended archive.
+        std::fs::write(&base, b"base!").unwrap();
+        let script = "echo one\nexit 3\n";
+        initramfs_with_script(&base, script, &out).unwrap();
+        let image = std::fs::read(&out).unwrap();
+        assert_eq!(&image[..5], b"base!");
+        assert_eq!(&image[5..8], &[0, 0, 0]);
+        assert_eq!(&image[8..14], b"070701");
+        assert_eq!(image.len() % 4, 0);
+        let archive = dir.join("archive.cpio");
+        std::fs::write(&archive, &image[8..]).unwrap();
+
+        let cpio = |args: &[&str]| {
+            Command::new("cpio")
+                .args(args)
+                .stdin(File::open(&archive).unwrap())
+                .output()
+        };
+        let Ok(listing) = cpio(&["-itv", "--quiet"]) else {
+            crate::skip("initramfs cpio check", "cpio is not installed", false);
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        };
+        let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+        assert!(
+            listing.starts_with("-rwxr-xr-x") && listing.trim_end().ends_with(" test.sh"),
+            "{listing}"
+        );
+        let content = cpio(&["-i", "--to-stdout", "--quiet", "test.sh"]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&content.stdout), script);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

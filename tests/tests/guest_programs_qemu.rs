@@ -46,7 +46,13 @@ fn accel() -> String {
         .unwrap_or_else(|_| if kvm_usable() { "kvm" } else { "tcg" }.to_string())
 }
 
+const MICROVM: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=off";
+
 fn boot(test: &str, program: &str, extra: &[&str]) -> Option<Guest> {
+    boot_machine(test, MICROVM, program, extra)
+}
+
+fn boot_machine(test: &str, machine: &str, program: &str, extra: &[&str]) -> Option<Guest> {
     let Some(qemu) = qemu() else {
         skip(test, "qemu-system-x86_64 is not installed", true);
         return None;
@@ -55,7 +61,7 @@ fn boot(test: &str, program: &str, extra: &[&str]) -> Option<Guest> {
     let qmp_path = scratch.0.join("qmp.sock");
     let mut command = Command::new(qemu);
     command
-        .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off"])
+        .args(["-M", machine])
         .args(["-accel", &accel()])
         .args([
             "-m",
@@ -270,4 +276,52 @@ fn reset_reports_when_nothing_resets() {
     };
     guest.expect_line("citadel-guest: resetting");
     guest.expect_line("citadel-guest: reset-failed");
+}
+
+#[test]
+fn virtio_blk_reads_sector_zero_over_virtio_mmio() {
+    let scratch = Scratch::new("virtio_blk_disk");
+    let disk = scratch.0.join("disk.img");
+    let marker = b"citadel-sector-zero-marker";
+    let mut image = vec![0u8; 1 << 20];
+    image[..marker.len()].copy_from_slice(marker);
+    std::fs::write(&disk, image).expect("write disk image");
+    let drive = format!("file={},if=none,id=disk0,format=raw", disk.display());
+    // Without ACPI, QEMU announces its virtio-mmio devices on the kernel command line, which
+    // is where the program (like Linux) finds them; a virtio-rng device comes first so the
+    // block device is not simply the first slot.
+    let machine = format!("{MICROVM},acpi=off");
+    let extra = [
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-device",
+        "virtio-rng-device",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-device,drive=disk0",
+    ];
+    let Some(mut guest) = boot_machine("virtio_blk", &machine, "virtio_blk", &extra) else {
+        return;
+    };
+    guest.expect_line("citadel-guest: entry=pvh");
+    assert_eq!(
+        guest.expect_line("citadel-guest: virtio-mmio devices="),
+        "citadel-guest: virtio-mmio devices=2"
+    );
+    guest.expect_line("version=2 device=4");
+    guest.expect_line("version=2 device=2");
+    assert_eq!(
+        guest.expect_line("citadel-guest: virtio-blk capacity="),
+        "citadel-guest: virtio-blk capacity=2048"
+    );
+    let line = guest.expect_line("citadel-guest: virtio-blk status=");
+    assert_eq!(
+        line,
+        format!(
+            "citadel-guest: virtio-blk status=0 sector0={}......",
+            String::from_utf8_lossy(marker)
+        )
+    );
+    guest.expect_line("citadel-guest: done");
 }

@@ -247,3 +247,75 @@ fn bad_command_lines_fail_before_anything_is_created() {
         assert!(err.starts_with("citadel: "), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn daemonize_returns_once_the_vm_is_up_and_the_pid_file_allows_a_kill() {
+    let dir = citadel_tests::vm::TempDir::new("daemon");
+    let pidfile = dir.path().join("citadel.pid");
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let out = std::process::Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "32", "-daemonize", "-kernel"])
+        .arg(guest_program("idle"))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", sock.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // The parent returned only after the VM was built: the pid file and socket exist now.
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file written before the parent returns")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(sock.exists());
+    let mut qmp = Qmp::negotiated(&sock);
+    assert_eq!(
+        qmp.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+    let deadline = std::time::Instant::now() + BOOT;
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("citadel-guest: ready")
+    {
+        assert!(std::time::Instant::now() < deadline, "guest never ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: plain kill(2) on the pid the daemon wrote.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let ev = qmp.wait_event("SHUTDOWN");
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pidfile.exists() {
+        assert!(std::time::Instant::now() < deadline, "pid file not removed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn daemonize_reports_a_failed_start_to_the_caller() {
+    let dir = citadel_tests::vm::TempDir::new("daemon-fail");
+    let out = std::process::Command::new(citadel_tests::binary("citadel"))
+        .args([
+            "-machine",
+            "microvm",
+            "-daemonize",
+            "-serial",
+            "none",
+            "-kernel",
+            "/nonexistent/vmlinux",
+        ])
+        .arg("-pidfile")
+        .arg(dir.path().join("pid"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

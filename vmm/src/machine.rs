@@ -2,7 +2,7 @@
 //! image, the legacy devices and one thread per vCPU.
 
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -89,7 +89,6 @@ pub struct Machine {
     // Field order is drop order: vCPU threads stop before the VM and memory go away.
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
-    start: Arc<Barrier>,
     _vm: VmFd,
     _ram: GuestRam,
     _kvm: Kvm,
@@ -143,7 +142,6 @@ impl Machine {
         }
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
-        let start = Arc::new(Barrier::new(usize::from(spec.vcpus) + 1));
         let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
         for (index, fd) in (0..spec.vcpus).zip(fds) {
             let ctx = VcpuContext {
@@ -153,7 +151,6 @@ impl Machine {
                     .events_ready
                     .try_clone()
                     .map_err(MachineError::EventFd)?,
-                start: start.clone(),
                 lockdown: (wiring.vcpu_lockdown)(index),
             };
             vcpus.push(Vcpu::spawn(index, fd, ctx)?);
@@ -161,7 +158,6 @@ impl Machine {
         Ok(Machine {
             vcpus,
             devices,
-            start,
             _vm: vm,
             _ram: ram,
             _kvm: kvm,
@@ -170,7 +166,9 @@ impl Machine {
 
     /// Lets every vCPU enter the guest.
     pub fn start(&self) {
-        self.start.wait();
+        for v in &self.vcpus {
+            v.release();
+        }
     }
 
     /// Stops every vCPU; returns once none is executing guest code.

@@ -94,6 +94,8 @@ fn build_and_run(
 ) -> Result<i32, RunError> {
     let setup = || -> Result<(Monitor, Option<PidFile>), RunError> {
         let serial_out = serial_output(&config.serial)?;
+        // Written before the process is confined: afterwards it may create no file.
+        let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
         let qmp = config.qmp.as_deref().map(Monitor::bind_qmp).transpose()?;
         let channels = Channels::new()?;
         let (events_tx, events_rx) = mpsc::channel();
@@ -145,7 +147,6 @@ fn build_and_run(
             qmp,
             config.serial == SerialTarget::Stdio,
         )?;
-        let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
         lockdown::event_loop_thread(mode)?;
         Ok((monitor, pidfile))
     };

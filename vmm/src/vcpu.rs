@@ -8,7 +8,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Barrier, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,8 @@ pub enum VcpuError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
+    /// Not released yet: the thread waits before entering the guest.
+    Hold,
     Run,
     Pause,
     Exit,
@@ -132,9 +134,7 @@ pub struct VcpuContext {
     pub events: Sender<VcpuEvent>,
     /// Signalled whenever an event is sent, to wake the event loop.
     pub events_ready: EventFd,
-    /// Released by the controller once every thread may enter the guest.
-    pub start: Arc<Barrier>,
-    /// Runs on the thread after `start` and before the first `KVM_RUN`: it installs the
+    /// Runs on the thread once released and before the first `KVM_RUN`: it installs the
     /// thread's seccomp filter. A failure stops the VM before any guest instruction runs.
     pub lockdown: ThreadLockdown,
 }
@@ -158,11 +158,11 @@ pub struct VcpuInfo {
 }
 
 impl Vcpu {
-    /// Starts the thread for `fd`. It waits on `ctx.start` before entering the guest.
+    /// Starts the thread for `fd`. It waits for [`Vcpu::release`] before entering the guest.
     pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<Vcpu, VcpuError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                want: Want::Run,
+                want: Want::Hold,
                 at: At::Starting,
                 tid: 0,
                 halted: false,
@@ -241,6 +241,15 @@ impl Vcpu {
         self.wait_until("pause", |s| s.at == At::Paused)
     }
 
+    /// Lets a vCPU that has not run yet enter the guest.
+    pub fn release(&self) {
+        let mut st = self.shared.lock();
+        if st.want == Want::Hold {
+            st.want = Want::Run;
+            self.shared.cond.notify_all();
+        }
+    }
+
     /// Lets a paused vCPU run again.
     pub fn resume(&self) {
         let mut st = self.shared.lock();
@@ -317,7 +326,7 @@ fn control_point(fd: &VcpuFd, shared: &Shared) -> bool {
         }
         match st.want {
             Want::Exit => return false,
-            Want::Run => {
+            Want::Run | Want::Hold => {
                 st.at = At::Running;
                 return true;
             }
@@ -407,14 +416,18 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         st.tid = current_tid();
         shared.cond.notify_all();
     }
-    ctx.start.wait();
     let VcpuContext {
         devices,
         events,
         events_ready,
-        start: _,
         lockdown,
     } = ctx;
+    if !wait_for_release(shared) {
+        let mut st = shared.lock();
+        st.at = At::Exited;
+        shared.cond.notify_all();
+        return;
+    }
     if let Err(reason) = lockdown() {
         send_event(&events, &events_ready, VcpuEvent::Fatal { index, reason });
         park_until_exit(shared);
@@ -430,6 +443,15 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
     let mut st = shared.lock();
     st.at = At::Exited;
     shared.cond.notify_all();
+}
+
+/// Waits until the controller releases the thread (true) or tells it to exit first (false).
+fn wait_for_release(shared: &Shared) -> bool {
+    let mut st = shared.lock();
+    while st.want == Want::Hold {
+        st = shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.want != Want::Exit
 }
 
 fn send_event(events: &Sender<VcpuEvent>, ready: &EventFd, event: VcpuEvent) {

@@ -10,7 +10,8 @@
 #   scripts/guest-kernel.sh          build if needed (silent unless it builds)
 #   scripts/guest-kernel.sh --path   print the cache directory; exit 1 if it is not built
 #
-# Needs: linux-source-6.1, busybox-static, gcc, make, flex, bison, bc, libelf-dev, libssl-dev.
+# Needs: linux-source-6.1, busybox-static, gcc, make, flex, bison, bc, xz-utils, perl,
+# libelf-dev, libssl-dev, and patch or git.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,7 +52,7 @@ case "${1:-}" in
 	;;
 "") ;;
 -h | --help)
-	sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
 	exit 0
 	;;
 *) die "unknown argument '$1' (use --path or no argument)" ;;
@@ -59,6 +60,19 @@ esac
 
 is_built && exit 0
 
+need() {
+	command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install $2)"
+}
+need make make
+need gcc gcc
+need flex flex
+need bison bison
+need bc bc
+need xz xz-utils
+need gzip gzip
+need perl perl
+command -v patch >/dev/null 2>&1 || command -v git >/dev/null 2>&1 ||
+	die "neither patch nor git found (apt-get install patch)"
 [ -f "$source_tarball" ] || die "$source_tarball not found (apt-get install linux-source-6.1)"
 [ -x "$busybox" ] || die "$busybox not found (apt-get install busybox-static)"
 file_type="$(od -An -tx1 -N4 "$busybox" | tr -d ' ')"
@@ -76,11 +90,22 @@ rm -rf "$work" "$out"
 mkdir -p "$work" "$out"
 echo "guest-kernel: building Linux guest kernel into $out (log: $log)" >&2
 
+# patch(1) is not in every minimal install; git apply does the same job. The ceiling keeps
+# git from treating a repository around the cache directory as the target.
+apply_patch() {
+	if command -v patch >/dev/null 2>&1; then
+		patch -d "$work" -p1 --forward --batch <"$1"
+	else
+		(cd "$work" && GIT_CEILING_DIRECTORIES="$(dirname "$work")" git apply -p1 "$1")
+	fi
+}
+
 build() {
 	echo "== unpacking $source_tarball"
 	tar -xJf "$source_tarball" -C "$work" --strip-components=1
-	for patch in "$files_dir"/*.patch; do
-		patch -d "$work" -p1 --forward --batch <"$patch"
+	local fix
+	for fix in "$files_dir"/*.patch; do
+		apply_patch "$fix"
 	done
 
 	echo "== configuring"

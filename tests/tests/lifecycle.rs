@@ -188,8 +188,18 @@ fn events_reach_every_client_and_a_stalled_client_blocks_nothing() {
 
 #[test]
 fn guest_reset_ends_the_vm_with_shutdown_event() {
-    let mut vm = Vm::start(&guest_program("reset"), &["-m", "32"]);
+    // -S keeps the guest from resetting before the client is there to see it.
+    let mut vm = Vm::start(&guest_program("reset"), &["-m", "32", "-S"]);
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute("query-status", None)["return"],
+        json!({"running": false, "singlestep": false, "status": "prelaunch"})
+    );
+    assert!(
+        vm.serial_lines_for(Duration::from_millis(300)).is_empty(),
+        "no guest code runs before cont"
+    );
+    assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
     vm.wait_serial("citadel-guest: resetting", BOOT);
     let ev = qmp.wait_event("SHUTDOWN");
     assert_eq!(ev["data"], json!({"guest": true, "reason": "guest-reset"}));

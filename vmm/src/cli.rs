@@ -40,6 +40,8 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     /// `-seccomp kill|log`: what a syscall outside a thread's allowlist does.
     pub seccomp: citadel_seccomp::Mode,
+    /// `-S`: build the VM but keep its vCPUs stopped until `cont`.
+    pub start_paused: bool,
 }
 
 /// Where the COM1 serial port goes.
@@ -91,7 +93,7 @@ pub const USAGE: &str = "\
 usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-smp N] [-m SIZE] [-cpu host|baseline] [-qmp unix:PATH,server,nowait]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
-               [-daemonize] [-pidfile PATH] [-seccomp kill|log]
+               [-daemonize] [-pidfile PATH] [-seccomp kill|log] [-S]
 SIZE is in MiB unless suffixed with K, M or G.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -280,6 +282,7 @@ where
     let mut pidfile = None;
     let mut name = None;
     let mut seccomp = citadel_seccomp::Mode::Kill;
+    let mut start_paused = false;
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -325,6 +328,7 @@ where
             "-serial" => serial = parse_serial(&value(&option)?)?,
             "-D" => log_file = Some(non_empty_path(&option, &value(&option)?)?),
             "-daemonize" => daemonize = true,
+            "-S" => start_paused = true,
             "-pidfile" => pidfile = Some(non_empty_path(&option, &value(&option)?)?),
             "-name" => name = Some(value(&option)?),
             "-seccomp" => {
@@ -365,6 +369,7 @@ where
         daemonize,
         pidfile,
         seccomp,
+        start_paused,
     })
 }
 
@@ -508,8 +513,10 @@ mod tests {
             "baseline",
             "-seccomp",
             "log",
+            "-S",
         ])
         .unwrap();
+        assert!(c.start_paused);
         assert_eq!(c.serial, SerialTarget::File("/tmp/s.log".into()));
         assert_eq!(c.name.as_deref(), Some("vm1"));
         assert!(c.daemonize);

@@ -146,6 +146,7 @@ fn build_and_run(
             events_rx,
             qmp,
             config.serial == SerialTarget::Stdio,
+            config.start_paused,
         )?;
         lockdown::event_loop_thread(mode)?;
         Ok((monitor, pidfile))

@@ -130,6 +130,7 @@ impl Monitor {
         vcpu_events: Receiver<VcpuEvent>,
         qmp: Option<(QmpServer, Epoll)>,
         serial_stdin: bool,
+        start_paused: bool,
     ) -> Result<Monitor, MonitorError> {
         let (qmp, epoll) = match qmp {
             Some((server, epoll)) => (Some(server), epoll),
@@ -164,7 +165,11 @@ impl Monitor {
         }
         Ok(Monitor {
             machine,
-            state: RunState::Running,
+            state: if start_paused {
+                RunState::Prelaunch
+            } else {
+                RunState::Running
+            },
             exit: None,
             epoll,
             qmp,
@@ -185,7 +190,9 @@ impl Monitor {
 
     /// Starts the guest and serves events until the VM ends.
     pub fn run(mut self) -> Result<ExitReason, MonitorError> {
-        self.machine.start();
+        if self.state == RunState::Running {
+            self.machine.start();
+        }
         let mut events = vec![EpollEvent::default(); 32];
         while self.exit.is_none() {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -383,10 +390,11 @@ fn execute(
             }
         }
         Command::Cont => {
-            if *state != RunState::Paused {
-                return Response::reply(Ok(empty()));
+            match *state {
+                RunState::Paused => machine.resume(),
+                RunState::Prelaunch => machine.start(),
+                _ => return Response::reply(Ok(empty())),
             }
-            machine.resume();
             *state = RunState::Running;
             Response {
                 events_before: vec![Event::resume()],

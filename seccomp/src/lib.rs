@@ -240,22 +240,48 @@ pub fn compile(role: Role, mode: Mode) -> Result<BpfProgram, Error> {
     })
 }
 
+/// A role's filter compiled ahead of time, so that a thread about to handle untrusted input
+/// installs it with a single syscall (compiling takes longer than installing).
+#[derive(Debug, Clone)]
+pub struct CompiledFilter {
+    role: Role,
+    mode: Mode,
+    program: BpfProgram,
+}
+
+impl CompiledFilter {
+    /// Compiles the allowlist of `role`.
+    pub fn new(role: Role, mode: Mode) -> Result<Self, Error> {
+        Ok(CompiledFilter {
+            role,
+            mode,
+            program: compile(role, mode)?,
+        })
+    }
+
+    /// Installs the filter on the calling thread.
+    ///
+    /// The caller must already have set no_new_privs (or hold CAP_SYS_ADMIN).
+    pub fn install(&self) -> Result<(), Error> {
+        seccompiler::apply_filter(&self.program).map_err(|source| Error::Install {
+            role: self.role.name(),
+            source,
+        })?;
+        log::info!(
+            "seccomp: {} filter installed ({} instructions, mode {:?})",
+            self.role.name(),
+            self.program.len(),
+            self.mode
+        );
+        Ok(())
+    }
+}
+
 /// Compiles and installs the allowlist of `role` on the calling thread.
 ///
 /// The caller must already have set no_new_privs (or hold CAP_SYS_ADMIN).
 pub fn apply_to_current_thread(role: Role, mode: Mode) -> Result<(), Error> {
-    let program = compile(role, mode)?;
-    seccompiler::apply_filter(&program).map_err(|source| Error::Install {
-        role: role.name(),
-        source,
-    })?;
-    log::info!(
-        "seccomp: {} filter installed ({} instructions, mode {:?})",
-        role.name(),
-        program.len(),
-        mode
-    );
-    Ok(())
+    CompiledFilter::new(role, mode)?.install()
 }
 
 /// What any Rust thread of Citadel needs to keep running: memory allocation (never

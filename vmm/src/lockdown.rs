@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use citadel_seccomp::{Mode, Role};
+use citadel_seccomp::{CompiledFilter, Mode, Role};
 use landlock::{
     Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
     RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
@@ -67,10 +67,9 @@ pub fn confine_process(removable_dirs: &[&Path]) -> Result<(), LockdownError> {
     Ok(())
 }
 
-/// Installs the vCPU allowlist on the calling vCPU thread.
-pub fn vcpu_thread(mode: Mode) -> Result<(), LockdownError> {
-    citadel_seccomp::apply_to_current_thread(Role::Vcpu, mode)?;
-    Ok(())
+/// Compiles the vCPU allowlist once, for every vCPU thread to install on itself.
+pub fn vcpu_filter(mode: Mode) -> Result<CompiledFilter, LockdownError> {
+    Ok(CompiledFilter::new(Role::Vcpu, mode)?)
 }
 
 /// Installs the event-loop allowlist on the calling (main) thread.

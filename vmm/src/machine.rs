@@ -5,12 +5,13 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSource};
 use crate::cpu::{self, CpuTemplate};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
+use crate::devices::mmio_bus::MmioBus;
 use crate::memory::{self, GuestRam};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
@@ -89,6 +90,7 @@ pub struct Machine {
     // Field order is drop order: vCPU threads stop before the VM and memory go away.
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
+    mmio: Arc<MmioBus>,
     _vm: VmFd,
     _ram: GuestRam,
     _kvm: Kvm,
@@ -96,6 +98,13 @@ pub struct Machine {
 
 fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
     move |source| MachineError::Setup { step, source }
+}
+
+/// Joins a setup thread, carrying a panic over to the caller.
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 impl Machine {
@@ -110,17 +119,25 @@ impl Machine {
         let vm = kvm.create_vm().map_err(setup("creating the VM"))?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(setup("setting the TSS address"))?;
-        vm.create_irq_chip()
-            .map_err(setup("creating the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(setup("creating the PIT"))?;
-
         let ram = memory::create_guest_ram(spec.mem_bytes)?;
-        memory::register(&vm, &ram)?;
-        let entry = boot::load(&ram.memory, spec.boot, spec.vcpus)?;
+
+        // Registering guest memory and creating the irqchip each wait for an SRCU grace
+        // period, several ms apiece on a nested host, and depend on nothing else. Both run
+        // while this thread loads the kernel, which writes guest memory through our own
+        // mapping only. vCPUs are created after the irqchip (their local APIC lives in it).
+        let (registered, vcpu_fds, entry) = std::thread::scope(|scope| {
+            let registration = scope.spawn(|| memory::register(&vm, &ram));
+            let chips = scope.spawn(|| Self::create_chips_and_vcpus(&vm, spec.vcpus));
+            let entry = boot::load(&ram.memory, spec.boot, spec.vcpus);
+            (join(registration), join(chips), entry)
+        });
+        registered?;
+        let fds = vcpu_fds?;
+        let entry = entry?;
+        for (index, fd) in (0..spec.vcpus).zip(&fds) {
+            let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
+            cpu::configure(fd, &ram.memory, &entry, index, &cpuid)?;
+        }
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
@@ -131,21 +148,14 @@ impl Machine {
             wiring.serial_out,
         ));
 
-        let mut fds = Vec::with_capacity(usize::from(spec.vcpus));
-        for index in 0..spec.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(setup("creating a vCPU"))?;
-            let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
-            cpu::configure(&fd, &ram.memory, &entry, index, &cpuid)?;
-            fds.push(fd);
-        }
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
+        let mmio = Arc::new(MmioBus::new());
         for (index, fd) in (0..spec.vcpus).zip(fds) {
             let ctx = VcpuContext {
                 devices: devices.clone(),
+                mmio: mmio.clone(),
                 events: wiring.events.clone(),
                 events_ready: wiring
                     .events_ready
@@ -158,10 +168,28 @@ impl Machine {
         Ok(Machine {
             vcpus,
             devices,
+            mmio,
             _vm: vm,
             _ram: ram,
             _kvm: kvm,
         })
+    }
+
+    /// Creates the in-kernel irqchip and PIT, then the vCPUs.
+    fn create_chips_and_vcpus(vm: &VmFd, vcpus: u8) -> Result<Vec<VcpuFd>, MachineError> {
+        vm.create_irq_chip()
+            .map_err(setup("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(setup("creating the PIT"))?;
+        (0..vcpus)
+            .map(|index| {
+                vm.create_vcpu(u64::from(index))
+                    .map_err(setup("creating a vCPU"))
+            })
+            .collect()
     }
 
     /// Lets every vCPU enter the guest.
@@ -208,6 +236,11 @@ impl Machine {
     /// The legacy devices (for serial input).
     pub fn devices(&self) -> &LegacyDevices {
         &self.devices
+    }
+
+    /// The MMIO bus virtio-mmio transports are attached to.
+    pub fn mmio_bus(&self) -> &Arc<MmioBus> {
+        &self.mmio
     }
 
     /// Stops and joins every vCPU thread.

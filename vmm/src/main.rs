@@ -112,6 +112,7 @@ fn build_and_run(
             cpu_template: config.cpu_template,
         };
         let mode = config.seccomp;
+        let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);
         let removable: Vec<PathBuf> = [config.qmp.as_deref(), config.pidfile.as_deref()]
             .into_iter()
             .flatten()
@@ -132,7 +133,8 @@ fn build_and_run(
                 .try_clone()
                 .map_err(citadel::monitor::MonitorError::Io)?,
             vcpu_lockdown: Box::new(move |_| {
-                Box::new(move || lockdown::vcpu_thread(mode).map_err(|e| e.to_string()))
+                let filter = vcpu_filter.clone();
+                Box::new(move || filter.install().map_err(|e| e.to_string()))
             }),
             before_vcpu_threads: Box::new(move || {
                 let dirs: Vec<&Path> = removable.iter().map(PathBuf::as_path).collect();

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::legacy::LegacyDevices;
+use crate::devices::mmio_bus::MmioBus;
 
 /// How long one kick waits for an acknowledgement before kicking again.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
@@ -130,6 +131,8 @@ pub type ThreadLockdown = Box<dyn FnOnce() -> Result<(), String> + Send>;
 pub struct VcpuContext {
     /// Port-I/O devices.
     pub devices: Arc<LegacyDevices>,
+    /// MMIO devices (virtio-mmio transports).
+    pub mmio: Arc<MmioBus>,
     /// Where terminal events go.
     pub events: Sender<VcpuEvent>,
     /// Signalled whenever an event is sent, to wake the event loop.
@@ -176,18 +179,11 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || thread_main(index, fd, ctx, &thread_shared))
             .map_err(|source| VcpuError::Spawn { index, source })?;
-        let vcpu = Vcpu {
+        Ok(Vcpu {
             index,
             shared,
             thread: Some(thread),
-        };
-        // The thread id must be known before anyone can ask for it.
-        let mut st = vcpu.shared.lock();
-        while st.tid == 0 && st.at != At::Exited {
-            st = vcpu.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        drop(st);
-        Ok(vcpu)
+        })
     }
 
     fn kick(&self) {
@@ -268,17 +264,22 @@ impl Vcpu {
             st.refresh_wanted
         };
         self.wait_until("report its state", |s| s.refresh_done >= wanted)?;
+        let tid = self.tid();
         let st = self.shared.lock();
         Ok(VcpuInfo {
             index: self.index,
-            tid: st.tid,
+            tid,
             halted: st.halted,
         })
     }
 
-    /// The host thread id.
+    /// The host thread id (waits for a thread just spawned to record it).
     pub fn tid(&self) -> i32 {
-        self.shared.lock().tid
+        let mut st = self.shared.lock();
+        while st.tid == 0 && st.at != At::Exited {
+            st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.tid
     }
 
     /// Tells the thread to leave and joins it.
@@ -348,7 +349,7 @@ enum Step {
     Stop(VcpuEvent),
 }
 
-fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices) -> Step {
+fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices, mmio: &MmioBus) -> Step {
     match fd.run() {
         Ok(VcpuExit::IoOut(port, data)) => {
             devices.pio_write(port, data);
@@ -359,12 +360,15 @@ fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices) -> Step {
             Step::Continue
         }
         Ok(VcpuExit::MmioRead(addr, data)) => {
-            log::debug!("vCPU {index}: read of unmapped MMIO {addr:#x}");
-            data.fill(0xff);
+            if !mmio.read(addr, data) {
+                log::debug!("vCPU {index}: read of unmapped MMIO {addr:#x}");
+            }
             Step::Continue
         }
-        Ok(VcpuExit::MmioWrite(addr, _)) => {
-            log::debug!("vCPU {index}: write to unmapped MMIO {addr:#x}");
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            if !mmio.write(addr, data) {
+                log::debug!("vCPU {index}: write to unmapped MMIO {addr:#x}");
+            }
             Step::Continue
         }
         Ok(VcpuExit::Shutdown) => {
@@ -418,6 +422,7 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
     }
     let VcpuContext {
         devices,
+        mmio,
         events,
         events_ready,
         lockdown,
@@ -434,7 +439,7 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         return;
     }
     while control_point(&fd, shared) {
-        if let Step::Stop(event) = run_once(index, &mut fd, &devices) {
+        if let Step::Stop(event) = run_once(index, &mut fd, &devices, &mmio) {
             send_event(&events, &events_ready, event);
             park_until_exit(shared);
             break;

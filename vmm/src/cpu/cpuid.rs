@@ -114,6 +114,18 @@ pub(crate) const BASELINE_HIDDEN: &[(u32, u32, Reg, u32)] = &[
             | bit(12), // fast short REP CMPSB/SCASB
     ),
     (
+        0x4000_0001,
+        0,
+        Reg::Eax,
+        // KVM paravirtual features that work through the VMCALL hypercall: measured on a
+        // nested host, a Linux AP sending its first paravirtual IPI hangs in VMCALL and the
+        // boot stalls; without them Linux uses the APIC and plain HLT/PAUSE and brings all
+        // vCPUs up.
+        bit(7) // KVM_FEATURE_PV_UNHALT (KVM_HC_KICK_CPU)
+            | bit(11) // KVM_FEATURE_PV_SEND_IPI (KVM_HC_SEND_IPI)
+            | bit(13), // KVM_FEATURE_PV_SCHED_YIELD (KVM_HC_SCHED_YIELD)
+    ),
+    (
         0x8000_0001,
         0,
         Reg::Ecx,

@@ -23,7 +23,8 @@ pub enum CpuTemplate {
     /// A conservative x86-64 feature set: no SMAP/SMEP/UMIP, no XSAVE family (hence no
     /// AVX/AVX2/AVX-512/AMX/MPX/PKU), no FMA/F16C, CX16, POPCNT, MOVBE, AES, PCLMULQDQ,
     /// RDRAND/RDSEED, SHA, BMI1/2, ERMS/FSRM, ADX, LZCNT/ABM, PCID/INVPCID, FSGSBASE, RDPID,
-    /// CLFLUSHOPT, CLWB, SSE4.1/4.2, SSSE3. Guests behave the same across hosts of
+    /// CLFLUSHOPT, CLWB, SSE4.1/4.2, SSSE3, and no hypercall-based KVM paravirtual features
+    /// (PV IPIs, PV spinlock kicks, PV yield). Guests behave the same across hosts of
     /// different generations, and hosts whose instruction emulator lacks those instructions
     /// can still run them.
     Baseline,

@@ -283,6 +283,12 @@ fn inject(tid: i32, call: Syscall) {
 /// thread back into the syscall it was interrupted in.
 fn inject_and_restore(tid: i32, call: Syscall) -> i64 {
     let saved = stop_in_syscall(tid);
+    run_and_restore(tid, saved, call)
+}
+
+/// Runs `call` on the stopped thread `tid` (stopped with `saved` registers), returns its
+/// result and puts the thread back into the syscall it was interrupted in.
+fn run_and_restore(tid: i32, saved: libc::user_regs_struct, call: Syscall) -> i64 {
     set_regs(tid, &with_call(saved, call));
     for _ in 0..2 {
         // Entry, then exit of the injected syscall.
@@ -297,6 +303,32 @@ fn inject_and_restore(tid: i32, call: Syscall) -> i64 {
     set_regs(tid, &restart);
     assert_eq!(ptrace_call(libc::PTRACE_DETACH, tid, 0, 0), 0);
     result
+}
+
+/// Stops `tid` in a syscall, writes `path` (NUL-terminated) below its stack pointer, where
+/// nothing live is kept while it waits in the kernel, and makes it call
+/// `openat(AT_FDCWD, path, O_RDONLY)`. Returns the result and resumes the thread.
+fn inject_open_and_restore(tid: i32, path: &str) -> i64 {
+    let saved = stop_in_syscall(tid);
+    let addr = (saved.rsp - 1024) & !7;
+    let mut bytes = path.as_bytes().to_vec();
+    bytes.push(0);
+    for (i, chunk) in bytes.chunks(8).enumerate() {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        let at = addr + 8 * i as u64;
+        assert_eq!(
+            ptrace_call(libc::PTRACE_POKEDATA, tid, at, u64::from_ne_bytes(word)),
+            0,
+            "poke {at:#x}"
+        );
+    }
+    let open = Syscall {
+        name: "openat",
+        nr: libc::SYS_openat,
+        args: [libc::AT_FDCWD as u64, addr, libc::O_RDONLY as u64],
+    };
+    run_and_restore(tid, saved, open)
 }
 
 fn assert_killed(citadel: &Path, guest: &Path, role: &str, call: Syscall, on_vcpu: bool) {
@@ -417,5 +449,23 @@ fn an_allowed_syscall_injected_the_same_way_is_harmless() {
     );
     std::thread::sleep(Duration::from_millis(100));
     assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
+    assert_eq!(vmm.execute("query-status")["return"]["running"], true);
+}
+
+#[test]
+fn landlock_keeps_the_running_vmm_from_opening_any_path() {
+    let test = "landlock_keeps_the_running_vmm_from_opening_any_path";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    let mut vmm = Vmm::start(&citadel, &guest);
+    // The event loop's allowlist keeps openat (for snapshots); Landlock is what refuses it.
+    for path in ["/etc/hostname", guest.to_str().unwrap(), "/dev/kvm"] {
+        assert_eq!(
+            inject_open_and_restore(vmm.pid(), path),
+            -i64::from(libc::EACCES),
+            "openat({path}) on the event loop"
+        );
+    }
     assert_eq!(vmm.execute("query-status")["return"]["running"], true);
 }

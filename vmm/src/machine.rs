@@ -117,21 +117,21 @@ impl Machine {
             return Err(MachineError::KvmApi(api));
         }
         let vm = kvm.create_vm().map_err(setup("creating the VM"))?;
+        // Memory goes in before anything else: once the VM has in-kernel devices, every
+        // memslot change waits for an SRCU grace period (several ms on a nested host), while
+        // on an empty VM it is nearly free.
+        let ram = memory::create_guest_ram(spec.mem_bytes)?;
+        memory::register(&vm, &ram)?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(setup("setting the TSS address"))?;
-        let ram = memory::create_guest_ram(spec.mem_bytes)?;
 
-        // Registering guest memory and creating the irqchip each wait for an SRCU grace
-        // period, several ms apiece on a nested host, and depend on nothing else. Both run
-        // while this thread loads the kernel, which writes guest memory through our own
-        // mapping only. vCPUs are created after the irqchip (their local APIC lives in it).
-        let (registered, vcpu_fds, entry) = std::thread::scope(|scope| {
-            let registration = scope.spawn(|| memory::register(&vm, &ram));
+        // The irqchip, PIT and vCPUs are created while this thread loads the kernel, which
+        // only writes guest memory through our own mapping.
+        let (vcpu_fds, entry) = std::thread::scope(|scope| {
             let chips = scope.spawn(|| Self::create_chips_and_vcpus(&vm, spec.vcpus));
             let entry = boot::load(&ram.memory, spec.boot, spec.vcpus);
-            (join(registration), join(chips), entry)
+            (join(chips), entry)
         });
-        registered?;
         let fds = vcpu_fds?;
         let entry = entry?;
         for (index, fd) in (0..spec.vcpus).zip(&fds) {

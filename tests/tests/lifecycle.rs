@@ -329,3 +329,43 @@ fn daemonize_reports_a_failed_start_to_the_caller() {
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn system_reset_reboots_the_guest_from_its_kernel() {
+    let mut vm = Vm::start(&guest_program("smp"), &["-m", "32", "-smp", "2"]);
+    let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
+    assert!(line.ends_with("cpus=2"), "{line}");
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+
+    qmp.send_raw(br#"{"execute":"system_reset","id":"r1"}"#);
+    let first = qmp.read_value().unwrap();
+    assert_eq!(first["event"], "RESET", "RESET precedes the reply");
+    assert_eq!(
+        first["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    assert_timestamp(&first);
+    assert_eq!(qmp.read_reply(), json!({"return": {}, "id": "r1"}));
+
+    // The guest boots again: the boot vCPU from the kernel entry, the other one through
+    // INIT/SIPI, which only works if it was put back into wait-for-SIPI.
+    vm.wait_serial("citadel-guest: entry=", BOOT);
+    let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
+    assert!(line.ends_with("cpus=2"), "{line}");
+    assert_eq!(
+        qmp.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+
+    // A paused VM is reset and stays paused until cont.
+    assert_eq!(qmp.execute("stop", None), json!({"return": {}}));
+    assert_eq!(qmp.execute("system_reset", None), json!({"return": {}}));
+    assert!(
+        vm.serial_lines_for(Duration::from_millis(300)).is_empty(),
+        "guest ran while paused"
+    );
+    assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
+    vm.wait_serial("citadel-guest: entry=", BOOT);
+    let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
+    assert!(line.ends_with("cpus=2"), "{line}");
+}

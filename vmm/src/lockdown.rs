@@ -40,8 +40,12 @@ pub enum LockdownError {
 
 /// Sets no_new_privs and confines the whole process with Landlock: no filesystem access by
 /// path and no TCP, except removing entries from `removable_dirs` (where the VMM created its
-/// QMP socket and pid file, which it deletes at exit). Call before any thread is spawned.
-pub fn confine_process(removable_dirs: &[&Path]) -> Result<(), LockdownError> {
+/// QMP socket and pid file, which it deletes at exit) and reading `readable_files` (the
+/// kernel and initrd, loaded again by `system_reset`). Call before any thread is spawned.
+pub fn confine_process(
+    removable_dirs: &[&Path],
+    readable_files: &[&Path],
+) -> Result<(), LockdownError> {
     citadel_sandbox::set_no_new_privs()?;
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
@@ -55,6 +59,13 @@ pub fn confine_process(removable_dirs: &[&Path]) -> Result<(), LockdownError> {
             source,
         })?;
         ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::RemoveFile))?;
+    }
+    for file in readable_files {
+        let fd = PathFd::new(file).map_err(|source| LockdownError::LandlockPath {
+            path: file.display().to_string(),
+            source,
+        })?;
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::ReadFile))?;
     }
     let status = ruleset.restrict_self()?;
     match status.ruleset {

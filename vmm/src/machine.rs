@@ -4,12 +4,12 @@
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootSource};
-use crate::cpu::{self, CpuTemplate};
+use crate::boot::{self, BootSource, EntryPoint};
+use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::mmio_bus::MmioBus;
 use crate::memory::{self, GuestRam};
@@ -51,6 +51,9 @@ pub enum MachineError {
     /// The process could not be confined before the vCPU threads start.
     #[error("{0}")]
     Lockdown(String),
+    /// The kernel file no longer matches the one the machine booted.
+    #[error("reset: {0} changed since boot (different entry point)")]
+    KernelChanged(String),
     /// An eventfd could not be created or duplicated.
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
@@ -91,9 +94,49 @@ pub struct Machine {
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
     mmio: Arc<MmioBus>,
-    _vm: VmFd,
-    _ram: GuestRam,
+    vm: VmFd,
+    ram: GuestRam,
     _kvm: Kvm,
+    boot: BootSource,
+    entry: EntryPoint,
+    chips: ChipState,
+}
+
+/// The in-kernel PICs, IOAPIC and PIT as they were when the machine was built.
+struct ChipState {
+    irqchips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+// KVM_IRQCHIP_* chip ids: both 8259 PICs and the IOAPIC.
+const IRQCHIP_IDS: [u32; 3] = [0, 1, 2];
+
+impl ChipState {
+    fn save(vm: &VmFd) -> Result<ChipState, MachineError> {
+        let irqchips = IRQCHIP_IDS
+            .iter()
+            .map(|&chip_id| {
+                let mut chip = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                vm.get_irqchip(&mut chip)
+                    .map(|()| chip)
+                    .map_err(setup("saving the irqchip state"))
+            })
+            .collect::<Result<_, _>>()?;
+        let pit = vm.get_pit2().map_err(setup("saving the PIT state"))?;
+        Ok(ChipState { irqchips, pit })
+    }
+
+    fn restore(&self, vm: &VmFd) -> Result<(), MachineError> {
+        for chip in &self.irqchips {
+            vm.set_irqchip(chip)
+                .map_err(setup("restoring the irqchip state"))?;
+        }
+        vm.set_pit2(&self.pit)
+            .map_err(setup("restoring the PIT state"))
+    }
 }
 
 fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
@@ -134,10 +177,13 @@ impl Machine {
         });
         let fds = vcpu_fds?;
         let entry = entry?;
+        let mut boot_states = Vec::with_capacity(fds.len());
         for (index, fd) in (0..spec.vcpus).zip(&fds) {
             let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
             cpu::configure(fd, &ram.memory, &entry, index, &cpuid)?;
+            boot_states.push(VcpuState::save(fd, index)?);
         }
+        let chips = ChipState::save(&vm)?;
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
@@ -152,8 +198,9 @@ impl Machine {
 
         let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
         let mmio = Arc::new(MmioBus::new());
-        for (index, fd) in (0..spec.vcpus).zip(fds) {
+        for ((index, fd), boot_state) in (0..spec.vcpus).zip(fds).zip(boot_states) {
             let ctx = VcpuContext {
+                boot_state,
                 devices: devices.clone(),
                 mmio: mmio.clone(),
                 events: wiring.events.clone(),
@@ -169,9 +216,12 @@ impl Machine {
             vcpus,
             devices,
             mmio,
-            _vm: vm,
-            _ram: ram,
+            vm,
+            ram,
             _kvm: kvm,
+            boot: spec.boot.clone(),
+            entry,
+            chips,
         })
     }
 
@@ -207,6 +257,26 @@ impl Machine {
                 self.resume();
                 return Err(e);
             }
+        }
+        Ok(())
+    }
+
+    /// Puts the paused machine back into its boot state: the kernel, boot data and boot
+    /// tables written again into guest memory (the rest of memory is left as it is, as on a
+    /// real reset), the interrupt controllers and timer as built, and every vCPU's registers,
+    /// local APIC and MSRs as configured for boot. The files are read again, so a kernel
+    /// replaced on disk in the meantime is refused rather than booted half-old.
+    pub fn reset(&self) -> Result<(), MachineError> {
+        let entry = boot::load(&self.ram.memory, &self.boot, self.vcpus.len() as u8)?;
+        if entry != self.entry {
+            return Err(MachineError::KernelChanged(
+                self.boot.kernel.display().to_string(),
+            ));
+        }
+        cpu::rewrite_boot_tables(&self.ram.memory, &entry)?;
+        self.chips.restore(&self.vm)?;
+        for v in &self.vcpus {
+            v.reset()?;
         }
         Ok(())
     }

@@ -112,6 +112,9 @@ fn build_and_run(
             cpu_template: config.cpu_template,
         };
         let mode = config.seccomp;
+        let readable: Vec<PathBuf> = std::iter::once(config.kernel.clone())
+            .chain(config.initrd.clone())
+            .collect();
         let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);
         let removable: Vec<PathBuf> = [config.qmp.as_deref(), config.pidfile.as_deref()]
             .into_iter()
@@ -138,7 +141,8 @@ fn build_and_run(
             }),
             before_vcpu_threads: Box::new(move || {
                 let dirs: Vec<&Path> = removable.iter().map(PathBuf::as_path).collect();
-                lockdown::confine_process(&dirs).map_err(|e| e.to_string())
+                let files: Vec<&Path> = readable.iter().map(PathBuf::as_path).collect();
+                lockdown::confine_process(&dirs, &files).map_err(|e| e.to_string())
             }),
         };
         let machine = Machine::create(&spec, wiring)?;

@@ -410,9 +410,35 @@ fn execute(
                 events_after: vec![Event::shutdown(false, ShutdownReason::HostQmpQuit)],
             }
         }
-        Command::SystemReset => Response::reply(Err(QmpError::generic(
-            "system_reset is not supported by citadel yet: a guest reset ends the VM",
-        ))),
+        Command::SystemReset => {
+            let event = Event::reset(false, ShutdownReason::HostQmpSystemReset);
+            // Before the first `cont` (-S) the guest has not run: there is nothing to undo.
+            if *state == RunState::Prelaunch {
+                return Response {
+                    events_before: vec![event],
+                    result: Ok(empty()),
+                    events_after: Vec::new(),
+                };
+            }
+            let was_running = *state == RunState::Running;
+            if was_running {
+                if let Err(e) = machine.pause() {
+                    return Response::reply(Err(QmpError::generic(e.to_string())));
+                }
+            }
+            let reset = machine.reset();
+            if was_running {
+                machine.resume();
+            }
+            match reset {
+                Ok(()) => Response {
+                    events_before: vec![event],
+                    result: Ok(empty()),
+                    events_after: Vec::new(),
+                },
+                Err(e) => Response::reply(Err(QmpError::generic(e.to_string()))),
+            }
+        }
         Command::QueryVersion => {
             let (major, minor, micro) = VERSION;
             Response::reply(to_value(&VersionInfo::new(major, minor, micro)))

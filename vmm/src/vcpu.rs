@@ -17,6 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::cpu::VcpuState;
 use crate::devices::legacy::LegacyDevices;
 use crate::devices::mmio_bus::MmioBus;
 
@@ -74,6 +75,17 @@ pub enum VcpuError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A vCPU could not be put back into its boot state.
+    #[error("resetting vCPU {index}: {reason}")]
+    Reset {
+        /// Which vCPU.
+        index: u8,
+        /// What failed.
+        reason: String,
+    },
+    /// A vCPU was asked to reset while running.
+    #[error("vCPU {0} must be paused to be reset")]
+    NotPaused(u8),
     /// A vCPU did not acknowledge a request in time.
     #[error("vCPU {index} did not {what} within {REQUEST_DEADLINE:?}")]
     Timeout {
@@ -109,6 +121,9 @@ struct State {
     halted: bool,
     refresh_wanted: u64,
     refresh_done: u64,
+    reset_wanted: u64,
+    reset_done: u64,
+    reset_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -140,6 +155,8 @@ pub struct VcpuContext {
     /// Runs on the thread once released and before the first `KVM_RUN`: it installs the
     /// thread's seccomp filter. A failure stops the VM before any guest instruction runs.
     pub lockdown: ThreadLockdown,
+    /// The state the vCPU boots with, put back on reset.
+    pub boot_state: VcpuState,
 }
 
 /// The controller's handle on one vCPU thread.
@@ -171,6 +188,9 @@ impl Vcpu {
                 halted: false,
                 refresh_wanted: 0,
                 refresh_done: 0,
+                reset_wanted: 0,
+                reset_done: 0,
+                reset_error: None,
             }),
             cond: Condvar::new(),
         });
@@ -273,6 +293,28 @@ impl Vcpu {
         })
     }
 
+    /// Puts the paused vCPU back into its boot state.
+    pub fn reset(&self) -> Result<(), VcpuError> {
+        let wanted = {
+            let mut st = self.shared.lock();
+            if st.at != At::Paused {
+                return Err(VcpuError::NotPaused(self.index));
+            }
+            st.reset_wanted += 1;
+            st.reset_error = None;
+            self.shared.cond.notify_all();
+            st.reset_wanted
+        };
+        self.wait_until("reset", |s| s.reset_done >= wanted)?;
+        match self.shared.lock().reset_error.take() {
+            Some(reason) => Err(VcpuError::Reset {
+                index: self.index,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The host thread id (waits for a thread just spawned to record it).
     pub fn tid(&self) -> i32 {
         let mut st = self.shared.lock();
@@ -317,9 +359,14 @@ fn is_halted(fd: &VcpuFd) -> bool {
 }
 
 /// The control point: handles state refreshes, parks while paused, and says whether to exit.
-fn control_point(fd: &VcpuFd, shared: &Shared) -> bool {
+fn control_point(index: u8, fd: &VcpuFd, boot_state: &VcpuState, shared: &Shared) -> bool {
     let mut st = shared.lock();
     loop {
+        if st.reset_done < st.reset_wanted {
+            st.reset_error = boot_state.restore(fd, index).err().map(|e| e.to_string());
+            st.reset_done = st.reset_wanted;
+            shared.cond.notify_all();
+        }
         if st.refresh_done < st.refresh_wanted {
             st.halted = is_halted(fd);
             st.refresh_done = st.refresh_wanted;
@@ -426,6 +473,7 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         events,
         events_ready,
         lockdown,
+        boot_state,
     } = ctx;
     if !wait_for_release(shared) {
         let mut st = shared.lock();
@@ -438,7 +486,7 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         park_until_exit(shared);
         return;
     }
-    while control_point(&fd, shared) {
+    while control_point(index, &fd, &boot_state, shared) {
         if let Step::Stop(event) = run_once(index, &mut fd, &devices, &mmio) {
             send_event(&events, &events_ready, event);
             park_until_exit(shared);
@@ -476,6 +524,11 @@ fn park_until_exit(shared: &Shared) {
     while st.want != Want::Exit {
         if st.refresh_done < st.refresh_wanted {
             st.refresh_done = st.refresh_wanted;
+            shared.cond.notify_all();
+        }
+        if st.reset_done < st.reset_wanted {
+            st.reset_error = Some("the vCPU has stopped for good".to_string());
+            st.reset_done = st.reset_wanted;
             shared.cond.notify_all();
         }
         st = shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());

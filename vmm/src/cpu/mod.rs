@@ -7,12 +7,14 @@
 
 mod cpuid;
 mod regs;
+mod state;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use self::cpuid::cpuid;
-pub use self::regs::configure;
+pub use self::regs::{configure, rewrite_boot_tables};
+pub use self::state::VcpuState;
 
 /// Which CPU features the guest sees.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

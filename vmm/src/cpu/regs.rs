@@ -131,6 +131,21 @@ pub fn configure(
     Ok(())
 }
 
+/// Writes again the boot-time tables `configure` put in guest memory for `entry` (GDT, IDT
+/// and, for the 64-bit entry, the identity page tables), for a reset guest whose memory no
+/// longer holds them. The boot vCPU's saved registers already point at them.
+pub fn rewrite_boot_tables(mem: &GuestMemoryMmap, entry: &EntryPoint) -> Result<(), CpuError> {
+    // Only the memory matters here; the descriptor-table registers were saved at boot.
+    let mut scratch = kvm_sregs::default();
+    match entry {
+        EntryPoint::Linux64 { .. } => {
+            write_gdt_idt(mem, GDT_CODE64, &mut scratch)?;
+            write_page_tables(mem)
+        }
+        EntryPoint::Pvh { .. } => write_gdt_idt(mem, GDT_CODE32, &mut scratch),
+    }
+}
+
 fn set_msrs(vcpu: &VcpuFd, index: u8) -> Result<(), CpuError> {
     let values = [
         (MSR_IA32_SYSENTER_CS, 0),

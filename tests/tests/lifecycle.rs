@@ -204,6 +204,12 @@ fn guest_reset_ends_the_vm_with_shutdown_event() {
     let ev = qmp.wait_event("SHUTDOWN");
     assert_eq!(ev["data"], json!({"guest": true, "reason": "guest-reset"}));
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    // The vCPU stopped at the reset write: the guest's fallback message never ran.
+    let after = vm.serial_lines_for(Duration::from_millis(100));
+    assert!(
+        !after.iter().any(|l| l.contains("reset-failed")),
+        "{after:?}"
+    );
 }
 
 #[test]

@@ -75,8 +75,6 @@ pub struct MachineSpec<'a> {
 pub struct MachineWiring {
     /// Guest serial output.
     pub serial_out: SerialOut,
-    /// Signalled when the guest pulses the i8042 reset line.
-    pub reset: EventFd,
     /// vCPU terminal events.
     pub events: Sender<VcpuEvent>,
     /// Signalled after each vCPU event.
@@ -188,11 +186,7 @@ impl Machine {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(setup("wiring the serial interrupt"))?;
-        let devices = Arc::new(LegacyDevices::new(
-            serial_irq,
-            wiring.reset,
-            wiring.serial_out,
-        ));
+        let devices = Arc::new(LegacyDevices::new(serial_irq, wiring.serial_out));
 
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 

@@ -126,10 +126,6 @@ fn build_and_run(
             .collect();
         let wiring = MachineWiring {
             serial_out,
-            reset: channels
-                .reset
-                .try_clone()
-                .map_err(citadel::monitor::MonitorError::Io)?,
             events: events_tx,
             events_ready: channels
                 .vcpu_ready

@@ -23,7 +23,6 @@ use crate::qmp_server::{QmpServer, Response, VERSION};
 use crate::vcpu::VcpuEvent;
 
 const TOKEN_SIGNAL: u64 = 1;
-const TOKEN_RESET: u64 = 2;
 const TOKEN_VCPU: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_QMP_LISTENER: u64 = 5;
@@ -89,8 +88,6 @@ extern "C" fn on_exit_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
 /// The event loop's sources, created before the machine so that the machine can be wired
 /// to them.
 pub struct Channels {
-    /// Signalled on guest reset (i8042).
-    pub reset: EventFd,
     /// Signalled when a vCPU event is queued.
     pub vcpu_ready: EventFd,
     /// Host signal notifications.
@@ -101,7 +98,6 @@ impl Channels {
     /// Creates the eventfds.
     pub fn new() -> Result<Channels, MonitorError> {
         Ok(Channels {
-            reset: EventFd::new(libc::EFD_NONBLOCK)?,
             vcpu_ready: EventFd::new(libc::EFD_NONBLOCK)?,
             signal: EventFd::new(libc::EFD_NONBLOCK)?,
         })
@@ -144,7 +140,6 @@ impl Monitor {
             )
         };
         add(channels.signal.as_raw_fd(), TOKEN_SIGNAL)?;
-        add(channels.reset.as_raw_fd(), TOKEN_RESET)?;
         add(channels.vcpu_ready.as_raw_fd(), TOKEN_VCPU)?;
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
@@ -222,14 +217,6 @@ impl Monitor {
                 self.end(
                     ExitReason::Signal(sig),
                     Event::shutdown(false, ShutdownReason::HostSignal),
-                );
-            }
-            TOKEN_RESET => {
-                let _ = self.channels.reset.read();
-                log::info!("guest requested a reset through the i8042");
-                self.end(
-                    ExitReason::Guest(ShutdownReason::GuestReset),
-                    Event::shutdown(true, ShutdownReason::GuestReset),
                 );
             }
             TOKEN_VCPU => {

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::cpu::VcpuState;
-use crate::devices::legacy::LegacyDevices;
+use crate::devices::legacy::{LegacyDevices, PioOutcome};
 use crate::devices::mmio_bus::MmioBus;
 
 /// How long one kick waits for an acknowledgement before kicking again.
@@ -47,8 +47,7 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
 /// Something a vCPU thread reports to the controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
-    /// The guest asked for a reset (i8042 is reported separately; this is a triple fault or
-    /// a PSCI-style system event).
+    /// The guest asked for a reset (i8042 reset line, triple fault, or a system event).
     GuestReset,
     /// The guest powered off.
     GuestShutdown,
@@ -398,10 +397,13 @@ enum Step {
 
 fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices, mmio: &MmioBus) -> Step {
     match fd.run() {
-        Ok(VcpuExit::IoOut(port, data)) => {
-            devices.pio_write(port, data);
-            Step::Continue
-        }
+        Ok(VcpuExit::IoOut(port, data)) => match devices.pio_write(port, data) {
+            PioOutcome::Continue => Step::Continue,
+            PioOutcome::ResetRequested => {
+                log::info!("vCPU {index}: guest requested a reset through the i8042");
+                Step::Stop(VcpuEvent::GuestReset)
+            }
+        },
         Ok(VcpuExit::IoIn(port, data)) => {
             devices.pio_read(port, data);
             Step::Continue

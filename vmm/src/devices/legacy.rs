@@ -2,6 +2,7 @@
 //! reset line), both from vm-superio, and the dispatch of port-I/O exits to them.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vm_superio::{I8042Device, Serial, Trigger};
@@ -16,8 +17,7 @@ pub const COM1_IRQ: u32 = 4;
 const I8042_DATA: u16 = 0x60;
 const I8042_COMMAND: u16 = 0x64;
 
-/// An eventfd that vm-superio devices can signal: the serial interrupt (bound to an irqfd)
-/// or the reset request (watched by the event loop).
+/// An eventfd the UART signals for its interrupt (bound to an irqfd).
 pub struct EventFdTrigger(pub EventFd);
 
 impl Trigger for EventFdTrigger {
@@ -27,13 +27,35 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Latched when the guest pulses the i8042 reset line, and read back by the vCPU that did it,
+/// so that this vCPU stops right at the write instead of running on until told to.
+#[derive(Default)]
+pub struct ResetLatch(AtomicBool);
+
+impl Trigger for ResetLatch {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// What a port write asks of the vCPU that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PioOutcome {
+    /// Carry on.
+    Continue,
+    /// The guest asked for a machine reset.
+    ResetRequested,
+}
+
 /// Where the guest's serial output goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
 /// The port-I/O devices of the machine, shared by every vCPU thread.
 pub struct LegacyDevices {
     serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>>,
-    i8042: Mutex<I8042Device<EventFdTrigger>>,
+    i8042: Mutex<I8042Device<ResetLatch>>,
 }
 
 /// A writer that does nothing: `-serial none`.
@@ -49,12 +71,11 @@ impl Write for Discard {
 }
 
 impl LegacyDevices {
-    /// Builds the devices. `serial_irq` is signalled when the UART raises its interrupt;
-    /// `reset` when the guest pulses the i8042 reset line.
-    pub fn new(serial_irq: EventFd, reset: EventFd, serial_out: SerialOut) -> Self {
+    /// Builds the devices. `serial_irq` is signalled when the UART raises its interrupt.
+    pub fn new(serial_irq: EventFd, serial_out: SerialOut) -> Self {
         LegacyDevices {
             serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), serial_out)),
-            i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset))),
+            i8042: Mutex::new(I8042Device::new(ResetLatch::default())),
         }
     }
 
@@ -78,8 +99,10 @@ impl LegacyDevices {
     }
 
     /// Handles a port write. Writes to ports nobody decodes are dropped.
-    pub fn pio_write(&self, port: u16, data: &[u8]) {
-        let [value] = data else { return };
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        let [value] = data else {
+            return PioOutcome::Continue;
+        };
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
@@ -89,12 +112,15 @@ impl LegacyDevices {
             }
             I8042_DATA | I8042_COMMAND => {
                 let mut i8042 = self.i8042.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = i8042.write((port - I8042_DATA) as u8, *value) {
-                    log::warn!("i8042: {e}");
+                // The latch's trigger cannot fail.
+                let _ = i8042.write((port - I8042_DATA) as u8, *value);
+                if i8042.reset_evt().0.swap(false, Ordering::SeqCst) {
+                    return PioOutcome::ResetRequested;
                 }
             }
             _ => {}
         }
+        PioOutcome::Continue
     }
 
     /// Feeds host input to the UART's receive FIFO; returns how many bytes it took (the FIFO
@@ -141,18 +167,16 @@ mod tests {
         }
     }
 
-    fn devices() -> (LegacyDevices, EventFd, Capture) {
+    fn devices() -> (LegacyDevices, Capture) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let reset_probe = reset.try_clone().unwrap();
         let out = Capture::default();
-        let d = LegacyDevices::new(irq, reset, Box::new(out.clone()));
-        (d, reset_probe, out)
+        let d = LegacyDevices::new(irq, Box::new(out.clone()));
+        (d, out)
     }
 
     #[test]
     fn serial_output_reaches_writer() {
-        let (d, _, out) = devices();
+        let (d, out) = devices();
         for b in b"hi\n" {
             d.pio_write(COM1_BASE, &[*b]);
         }
@@ -160,16 +184,20 @@ mod tests {
     }
 
     #[test]
-    fn i8042_reset_signals_event() {
-        let (d, reset, _) = devices();
-        assert!(reset.read().is_err(), "no reset before the guest asks");
-        d.pio_write(I8042_COMMAND, &[0xfe]);
-        assert_eq!(reset.read().unwrap(), 1);
+    fn i8042_reset_is_reported_to_the_writing_vcpu_once() {
+        let (d, _) = devices();
+        assert_eq!(d.pio_write(I8042_COMMAND, &[0xd1]), PioOutcome::Continue);
+        assert_eq!(d.pio_write(I8042_DATA, &[0xfe]), PioOutcome::Continue);
+        assert_eq!(
+            d.pio_write(I8042_COMMAND, &[0xfe]),
+            PioOutcome::ResetRequested
+        );
+        assert_eq!(d.pio_write(COM1_BASE, b"x"), PioOutcome::Continue);
     }
 
     #[test]
     fn unknown_ports_read_all_ones() {
-        let (d, _, _) = devices();
+        let (d, _) = devices();
         let mut data = [0u8; 4];
         d.pio_read(0x1234, &mut data);
         assert_eq!(data, [0xff; 4]);
@@ -182,7 +210,7 @@ mod tests {
 
     #[test]
     fn serial_input_is_bounded_by_fifo() {
-        let (d, _, _) = devices();
+        let (d, _) = devices();
         let big = vec![b'x'; 1000];
         let taken = d.serial_input(&big);
         assert!(taken > 0 && taken < big.len());

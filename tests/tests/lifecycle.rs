@@ -358,6 +358,8 @@ fn system_reset_reboots_the_guest_from_its_kernel() {
     vm.wait_serial("citadel-guest: entry=", BOOT);
     let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
     assert!(line.ends_with("cpus=2"), "{line}");
+    // The program's last line: nothing is in flight once it is seen.
+    vm.wait_serial("citadel-guest: mptable-cpus=", BOOT);
     assert_eq!(
         qmp.execute("query-status", None)["return"]["status"],
         "running"

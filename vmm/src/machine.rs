@@ -141,13 +141,6 @@ fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
     move |source| MachineError::Setup { step, source }
 }
 
-/// Joins a setup thread, carrying a panic over to the caller.
-fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    handle
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-}
-
 impl Machine {
     /// Creates the VM, loads the kernel and spawns the vCPU threads (parked until
     /// [`Machine::start`]).
@@ -166,15 +159,10 @@ impl Machine {
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(setup("setting the TSS address"))?;
 
-        // The irqchip, PIT and vCPUs are created while this thread loads the kernel, which
-        // only writes guest memory through our own mapping.
-        let (vcpu_fds, entry) = std::thread::scope(|scope| {
-            let chips = scope.spawn(|| Self::create_chips_and_vcpus(&vm, spec.vcpus));
-            let entry = boot::load(&ram.memory, spec.boot, spec.vcpus);
-            (join(chips), entry)
-        });
-        let fds = vcpu_fds?;
-        let entry = entry?;
+        // Sequential on purpose: with memory registered first, each step takes microseconds,
+        // less than waking a helper thread on a nested host.
+        let fds = Self::create_chips_and_vcpus(&vm, spec.vcpus)?;
+        let entry = boot::load(&ram.memory, spec.boot, spec.vcpus)?;
         let mut boot_states = Vec::with_capacity(fds.len());
         for (index, fd) in (0..spec.vcpus).zip(&fds) {
             let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;

@@ -246,8 +246,14 @@ fn stop_in_syscall(tid: i32) -> libc::user_regs_struct {
         );
         wait_stop(tid);
         let regs = get_regs(tid);
-        // Only a thread stopped inside a syscall sits right after a `syscall` instruction.
-        if regs.orig_rax as i64 >= 0 {
+        // Only a thread stopped inside a blocking syscall sits right after a `syscall`
+        // instruction with the kernel's restart code in rax; one stopped just after a syscall
+        // that completed has its result there instead, and re-running that syscall on restore
+        // would repeat it (a second send of the same QMP reply, say). KVM_RUN reports EINTR
+        // itself, and citadel runs it again after EINTR anyway.
+        let rax = regs.rax as i64;
+        let restartable = matches!(-rax, 4 | 512 | 513 | 514 | 516);
+        if regs.orig_rax as i64 >= 0 && restartable {
             let word = ptrace_call(libc::PTRACE_PEEKTEXT, tid, regs.rip - 2, 0) as u64;
             if word & 0xffff == 0x050f {
                 return regs;
@@ -449,7 +455,8 @@ fn an_allowed_syscall_injected_the_same_way_is_harmless() {
     );
     std::thread::sleep(Duration::from_millis(100));
     assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
-    assert_eq!(vmm.execute("query-status")["return"]["running"], true);
+    let status = vmm.execute("query-status");
+    assert_eq!(status["return"]["running"], true, "{status}");
 }
 
 #[test]
@@ -473,5 +480,6 @@ fn landlock_keeps_the_running_vmm_from_opening_any_path() {
         inject_open_and_restore(vmm.pid(), guest.to_str().unwrap()) >= 0,
         "the kernel stays readable"
     );
-    assert_eq!(vmm.execute("query-status")["return"]["running"], true);
+    let status = vmm.execute("query-status");
+    assert_eq!(status["return"]["running"], true, "{status}");
 }

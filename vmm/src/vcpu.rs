@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MP_STATE_HALTED;
+use kvm_bindings::{KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -351,9 +351,16 @@ fn current_tid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+/// Whether the vCPU executes nothing until an interrupt or a startup IPI arrives: halted, or
+/// an application processor still waiting for INIT/SIPI (QEMU reports those as halted too).
 fn is_halted(fd: &VcpuFd) -> bool {
     fd.get_mp_state()
-        .map(|s| s.mp_state == KVM_MP_STATE_HALTED)
+        .map(|s| {
+            matches!(
+                s.mp_state,
+                KVM_MP_STATE_HALTED | KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED
+            )
+        })
         .unwrap_or(false)
 }
 

@@ -83,4 +83,15 @@ pub fn skipped_list() -> PathBuf {
         .join("skipped-tests.txt")
 }
 pub mod kernel;
+pub mod netns;
 pub mod vm;
+
+/// A child process killed and reaped on every path out of a test, panics included.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

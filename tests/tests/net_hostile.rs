@@ -16,7 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use citadel_tests::{binary, skip};
+use citadel_tests::netns::{unique, NetNs};
+use citadel_tests::{binary, skip, Reaped};
 
 const TEST: &str = "net_hostile";
 const MAC: [u8; 6] = [0x02, 0xc1, 0x7a, 0xde, 0x00, 0x01];
@@ -49,65 +50,12 @@ const MEM_SIZE: usize = 1 << 20;
 const USER_BASE: u64 = 0x7f00_0000_0000;
 const QSIZE: u16 = 16;
 
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct NetNs(String);
-
-impl NetNs {
-    fn create(name: String) -> NetNs {
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip netns add")
-            .success();
-        assert!(ok, "ip netns add {name} failed");
-        NetNs(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
-    fn output(&self, args: &[&str]) -> String {
-        let out = self.exec(args).output().expect("run in netns");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 struct Scratch(PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
-}
-
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{tag}{}x{:x}", std::process::id(), nanos & 0xffff)
 }
 
 /// A raw vhost-user frontend.

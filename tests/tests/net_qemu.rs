@@ -10,62 +10,16 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use citadel_tests::kernel::{guest_kernel, initramfs_with_script};
-use citadel_tests::{binary, skip};
+use citadel_tests::netns::{unique, NetNs};
+use citadel_tests::{binary, skip, Reaped};
 
 const TEST: &str = "net_qemu";
 const GUEST_MAC: &str = "52:54:00:c1:7a:de";
-
-/// Kills and reaps a child process on every path out of the test.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A network namespace that exists for the lifetime of the guard.
-struct NetNs(String);
-
-impl NetNs {
-    fn create(name: String) -> NetNs {
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip netns add")
-            .success();
-        assert!(ok, "ip netns add {name} failed");
-        NetNs(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
-    fn run(&self, args: &[&str]) {
-        let out = self.exec(args).output().expect("run in netns");
-        assert!(
-            out.status.success(),
-            "{args:?} in {}: {}",
-            self.0,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// A scratch directory removed at the end of the test.
 struct Scratch(PathBuf);
@@ -74,14 +28,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
-}
-
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{tag}{}x{:x}", std::process::id(), nanos & 0xffff)
 }
 
 fn sha256(path: &Path) -> String {
@@ -210,9 +156,9 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
     // `ip netns exec` execs the backend, so the pid is the backend's.
     assert_eq!(status_of("NoNewPrivs:").as_deref(), Some("1"), "{status}");
     assert_eq!(status_of("Seccomp:").as_deref(), Some("2"), "{status}");
-    ns.run(&["ip", "addr", "add", "10.77.0.1/24", "dev", tap]);
-    ns.run(&["ip", "link", "set", tap, "up"]);
-    ns.run(&["ip", "link", "set", "lo", "up"]);
+    ns.output(&["ip", "addr", "add", "10.77.0.1/24", "dev", tap]);
+    ns.output(&["ip", "link", "set", tap, "up"]);
+    ns.output(&["ip", "link", "set", "lo", "up"]);
 
     // Host end of the transfers: an HTTP server in the namespace. busybox wget checks the
     // Content-Length, so a short transfer fails instead of passing silently.

@@ -6,9 +6,9 @@
 //! tested whatever state the VMM is in; one test jails the real `citadel` and talks QMP to it.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+
+use citadel_tests::vm::Qmp;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -668,55 +668,6 @@ fn pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination() {
     }
 }
 
-/// Reads one JSON object per line from a QMP socket.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "QMP socket {}: {e}",
-                        path.display()
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    fn read(&mut self) -> serde_json::Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("read QMP");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
-    }
-
-    /// Sends a command and returns its reply, skipping events.
-    fn execute(&mut self, command: &str) -> serde_json::Value {
-        writeln!(self.writer, "{{\"execute\":\"{command}\"}}").unwrap();
-        loop {
-            let msg = self.read();
-            if msg.get("event").is_none() {
-                return msg;
-            }
-        }
-    }
-}
-
 #[test]
 fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     require!("jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail");
@@ -777,14 +728,14 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     );
     assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
     let pid = jail.wait_pid();
-    let mut qmp = Qmp::connect(&jail.root().join("qmp.sock"));
-    let greeting = qmp.read();
+    let mut qmp = Qmp::connect(&jail.root().join("qmp.sock"), Duration::from_secs(20));
+    let greeting = qmp.greeting.clone();
     assert!(
         greeting["QMP"]["version"].is_object(),
         "greeting {greeting}"
     );
-    assert!(qmp.execute("qmp_capabilities")["return"].is_object());
-    let status = qmp.execute("query-status");
+    assert!(qmp.execute("qmp_capabilities", None)["return"].is_object());
+    let status = qmp.execute("query-status", None);
     assert_eq!(status["return"]["running"], true, "{status}");
 
     assert_eq!(
@@ -815,7 +766,7 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     for ns in ["mnt", "ipc", "uts", "net", "pid", "user"] {
         assert_ne!(namespace(&pid.to_string(), ns), namespace(&me, ns), "{ns}");
     }
-    assert!(qmp.execute("quit").get("return").is_some());
+    assert!(qmp.execute("quit", None).get("return").is_some());
     wait_gone(pid);
 }
 

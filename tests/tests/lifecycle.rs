@@ -203,6 +203,11 @@ fn guest_reset_ends_the_vm_with_shutdown_event() {
         vm.serial_lines_for(Duration::from_millis(300)).is_empty(),
         "no guest code runs before cont"
     );
+    // Every thread already carries its filter, the waiting vCPU included.
+    for task in std::fs::read_dir(format!("/proc/{}/task", vm.pid())).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(status.contains("Seccomp:\t2"), "{status}");
+    }
     assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
     vm.wait_serial("citadel-guest: resetting", BOOT);
     let ev = qmp.wait_event("SHUTDOWN");

@@ -224,6 +224,12 @@ impl Machine {
             .collect()
     }
 
+    /// Returns once every vCPU thread has installed its seccomp filter, so that no thread is
+    /// seen unfiltered once QMP clients are served.
+    pub fn wait_locked_down(&self) -> Result<(), VcpuError> {
+        self.vcpus.iter().try_for_each(Vcpu::wait_locked_down)
+    }
+
     /// Lets every vCPU enter the guest.
     pub fn start(&self) {
         for v in &self.vcpus {

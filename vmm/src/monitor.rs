@@ -63,6 +63,9 @@ pub enum MonitorError {
     /// The QMP socket could not be set up.
     #[error(transparent)]
     Qmp(#[from] crate::qmp_server::ServerError),
+    /// The vCPUs could not be started.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -188,6 +191,7 @@ impl Monitor {
         if self.state == RunState::Running {
             self.machine.start();
         }
+        self.machine.wait_locked_down()?;
         let mut events = vec![EpollEvent::default(); 32];
         while self.exit.is_none() {
             let n = match self.epoll.wait(-1, &mut events) {

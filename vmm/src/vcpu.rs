@@ -123,6 +123,7 @@ struct State {
     reset_wanted: u64,
     reset_done: u64,
     reset_error: Option<String>,
+    locked_down: bool,
 }
 
 #[derive(Debug)]
@@ -190,6 +191,7 @@ impl Vcpu {
                 reset_wanted: 0,
                 reset_done: 0,
                 reset_error: None,
+                locked_down: false,
             }),
             cond: Condvar::new(),
         });
@@ -263,6 +265,28 @@ impl Vcpu {
             st.want = Want::Run;
             self.shared.cond.notify_all();
         }
+    }
+
+    /// Waits until the thread has installed its seccomp filter (or has stopped).
+    pub fn wait_locked_down(&self) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let mut st = self.shared.lock();
+        while !st.locked_down && st.at == At::Starting {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(VcpuError::Timeout {
+                    index: self.index,
+                    what: "start",
+                });
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     /// Lets a paused vCPU run again.
@@ -484,15 +508,22 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         lockdown,
         boot_state,
     } = ctx;
+    // The filter goes on first: the thread is never seen unfiltered once the VM is built,
+    // even while it waits for `cont` under -S.
+    if let Err(reason) = lockdown() {
+        send_event(&events, &events_ready, VcpuEvent::Fatal { index, reason });
+        park_until_exit(shared);
+        return;
+    }
+    {
+        let mut st = shared.lock();
+        st.locked_down = true;
+        shared.cond.notify_all();
+    }
     if !wait_for_release(shared) {
         let mut st = shared.lock();
         st.at = At::Exited;
         shared.cond.notify_all();
-        return;
-    }
-    if let Err(reason) = lockdown() {
-        send_event(&events, &events_ready, VcpuEvent::Fatal { index, reason });
-        park_until_exit(shared);
         return;
     }
     while control_point(index, &fd, &boot_state, shared) {

@@ -93,6 +93,13 @@ fn build_and_run(
     mut readiness: Option<daemon::Readiness>,
 ) -> Result<i32, RunError> {
     let setup = || -> Result<(Monitor, Option<PidFile>), RunError> {
+        log::info!(
+            "starting VM {} ({} vCPUs, {} MiB, kernel {})",
+            config.name.as_deref().unwrap_or("(unnamed)"),
+            config.vcpus,
+            config.mem_bytes >> 20,
+            config.kernel.display()
+        );
         let serial_out = serial_output(&config.serial)?;
         // Written before the process is confined: afterwards it may create no file.
         let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;

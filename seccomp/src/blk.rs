@@ -102,31 +102,11 @@ pub fn rules() -> Result<Rules, Error> {
 
 #[cfg(test)]
 mod tests {
-    use crate::{compile, Mode, Role};
+    use crate::Role;
 
-    /// Runs `body` in a forked child under the blk filter; returns the child's wait status.
+    /// Runs `body` in a forked child under the blk filter; returns the wait status.
     fn confined(body: fn() -> i32) -> i32 {
-        let program = compile(Role::Blk, Mode::Kill).expect("blk policy compiles");
-        // SAFETY: the child makes only raw syscalls (prctl, seccomp install, `body`) and
-        // leaves with _exit; the parent just waits for it.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: plain prctl and _exit calls in the forked child.
-            unsafe {
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    libc::_exit(100);
-                }
-                if seccompiler::apply_filter(&program).is_err() {
-                    libc::_exit(101);
-                }
-                libc::_exit(body());
-            }
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child with a valid status pointer.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        status
+        crate::tests::run_confined(Role::Blk, body)
     }
 
     fn killed(what: &str, body: fn() -> i32) {

@@ -325,7 +325,7 @@ mod tests {
 
     /// Runs `body` in a forked child under `role`'s filter and returns the child's wait status.
     /// The program is compiled before the fork so that the child only makes raw syscalls.
-    fn run_confined(role: Role, body: fn() -> i32) -> i32 {
+    pub(crate) fn run_confined(role: Role, body: fn() -> i32) -> i32 {
         let program = compile(role, Mode::Kill).expect("policy compiles");
         // SAFETY: the child only calls prctl, the seccomp install (no allocation) and `body`,
         // which makes raw syscalls, then leaves with _exit; the parent just waits for it.

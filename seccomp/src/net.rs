@@ -83,34 +83,11 @@ pub fn rules() -> Result<Rules, Error> {
 
 #[cfg(test)]
 mod tests {
-    use crate::{compile, Mode, Role};
+    use crate::Role;
 
-    /// Runs `body` in a forked child under the net filter; returns the child's wait status.
+    /// Runs `body` in a forked child under the net filter; returns the wait status.
     fn confined(body: fn() -> i32) -> i32 {
-        let program = compile(Role::Net, Mode::Kill).expect("net policy compiles");
-        // SAFETY: the child makes raw syscalls only (prctl, seccomp install, `body`) and leaves
-        // with _exit; the parent just waits for it.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: plain prctl and _exit in the forked child.
-            unsafe {
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    libc::_exit(100);
-                }
-            }
-            if seccompiler::apply_filter(&program).is_err() {
-                // SAFETY: leaving the forked child.
-                unsafe { libc::_exit(101) };
-            }
-            let code = body();
-            // SAFETY: leaving the forked child.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child with a valid status pointer.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        status
+        crate::tests::run_confined(Role::Net, body)
     }
 
     /// A named body to run under the filter.

@@ -12,21 +12,20 @@
 //! of the citadel-seccomp crate.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use citadel_tests::vm::Qmp;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A running citadel with a QMP connection; killed on drop.
 struct Vmm {
     child: Child,
-    qmp: BufReader<UnixStream>,
-    writer: UnixStream,
+    qmp: Qmp,
     dir: PathBuf,
 }
 
@@ -71,44 +70,14 @@ impl Vmm {
             .stdout(Stdio::null())
             .spawn()
             .expect("start citadel");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(&socket) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP socket: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut vmm = Vmm {
-            child,
-            qmp: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-            dir,
-        };
-        assert!(vmm.read()["QMP"].is_object());
-        assert!(vmm.execute("qmp_capabilities")["return"].is_object());
-        vmm
-    }
-
-    fn read(&mut self) -> serde_json::Value {
-        let mut line = String::new();
-        self.qmp.read_line(&mut line).expect("read QMP");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20));
+        assert!(qmp.greeting["QMP"].is_object());
+        assert!(qmp.execute("qmp_capabilities", None)["return"].is_object());
+        Vmm { child, qmp, dir }
     }
 
     fn execute(&mut self, command: &str) -> serde_json::Value {
-        writeln!(self.writer, "{{\"execute\":\"{command}\"}}").unwrap();
-        loop {
-            let msg = self.read();
-            if msg.get("event").is_none() {
-                return msg;
-            }
-        }
+        self.qmp.execute(command, None)
     }
 
     fn pid(&self) -> i32 {

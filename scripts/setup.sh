@@ -26,5 +26,9 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
     python3 -m pip install -q qemu.qmp 2>/dev/null ||
         python3 -m pip install -q --break-system-packages qemu.qmp
 fi
+# pyenv only exposes a new console script (qmp-shell) after a rehash.
+if command -v pyenv >/dev/null; then
+    pyenv rehash
+fi
 
 scripts/guest-kernel.sh

@@ -82,7 +82,9 @@ fn qemu_python_library_drives_the_lifecycle() {
 
 #[test]
 fn qmp_shell_talks_to_citadel() {
-    if !have("qmp-shell", &["--help"]) {
+    // The module behind pip's `qmp-shell` script, run through python3 so that a console
+    // script missing from PATH (pyenv without a rehash, say) does not matter.
+    if !have("python3", &["-m", "qemu.qmp.qmp_shell", "--help"]) {
         citadel_tests::skip(
             "qmp_shell_talks_to_citadel",
             "qmp-shell (from pip qemu.qmp) is not installed",
@@ -92,7 +94,8 @@ fn qmp_shell_talks_to_citadel() {
     }
     let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
     vm.wait_serial("citadel-guest: ready", BOOT);
-    let mut shell = Command::new("qmp-shell")
+    let mut shell = Command::new("python3")
+        .args(["-m", "qemu.qmp.qmp_shell"])
         .arg(&vm.qmp_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -31,6 +31,10 @@ const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
 const MAX_BACKLOG_EVENTS: usize = 128;
 /// Read chunk.
 const READ_CHUNK: usize = 16 * 1024;
+/// Chunks read from one client per readiness event. The listener is level-triggered, so what
+/// is left is read on the next round, after the other clients and the VM's own events: a
+/// client that never stops sending cannot hold the event loop.
+const READS_PER_EVENT: usize = 8;
 /// Version reported in the greeting and by `query-version`.
 pub const VERSION: (u32, u32, u32) = (0, 1, 0);
 
@@ -224,7 +228,7 @@ impl QmpServer {
         handle: &mut dyn FnMut(&Request) -> Response,
     ) -> bool {
         let mut buf = [0u8; READ_CHUNK];
-        loop {
+        for _ in 0..READS_PER_EVENT {
             let Some(client) = self.clients.get_mut(&token) else {
                 return false;
             };
@@ -277,6 +281,7 @@ impl QmpServer {
                 return self.clients.contains_key(&token);
             }
         }
+        true
     }
 
     /// Queues `event` for every negotiated client, or for the backlog when there is none.

@@ -7,6 +7,7 @@
 //! there indefinitely), the controller repeats the kick until the thread acknowledges.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -130,11 +131,23 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     cond: Condvar,
+    /// Set (under the lock) whenever the controller changes `state`; lets the vCPU skip the
+    /// lock on every exit when nothing was asked of it.
+    attention: AtomicBool,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the state for the vCPU thread and tells it so.
+    fn request<T>(&self, change: impl FnOnce(&mut State) -> T) -> T {
+        let mut st = self.lock();
+        let out = change(&mut st);
+        self.attention.store(true, Ordering::Release);
+        self.cond.notify_all();
+        out
     }
 }
 
@@ -194,6 +207,8 @@ impl Vcpu {
                 locked_down: false,
             }),
             cond: Condvar::new(),
+            // The first pass through the control point records that the thread runs.
+            attention: AtomicBool::new(true),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -254,17 +269,17 @@ impl Vcpu {
 
     /// Stops the vCPU and returns once it is out of the guest.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.shared.lock().want = Want::Pause;
+        self.shared.request(|st| st.want = Want::Pause);
         self.wait_until("pause", |s| s.at == At::Paused)
     }
 
     /// Lets a vCPU that has not run yet enter the guest.
     pub fn release(&self) {
-        let mut st = self.shared.lock();
-        if st.want == Want::Hold {
-            st.want = Want::Run;
-            self.shared.cond.notify_all();
-        }
+        self.shared.request(|st| {
+            if st.want == Want::Hold {
+                st.want = Want::Run;
+            }
+        });
     }
 
     /// Waits until the thread has installed its seccomp filter (or has stopped).
@@ -291,21 +306,19 @@ impl Vcpu {
 
     /// Lets a paused vCPU run again.
     pub fn resume(&self) {
-        let mut st = self.shared.lock();
-        if st.want == Want::Pause {
-            st.want = Want::Run;
-            self.shared.cond.notify_all();
-        }
+        self.shared.request(|st| {
+            if st.want == Want::Pause {
+                st.want = Want::Run;
+            }
+        });
     }
 
     /// The vCPU's thread id and current halted state (refreshed from KVM).
     pub fn info(&self) -> Result<VcpuInfo, VcpuError> {
-        let wanted = {
-            let mut st = self.shared.lock();
+        let wanted = self.shared.request(|st| {
             st.refresh_wanted += 1;
-            self.shared.cond.notify_all();
             st.refresh_wanted
-        };
+        });
         self.wait_until("report its state", |s| s.refresh_done >= wanted)?;
         let tid = self.tid();
         let st = self.shared.lock();
@@ -318,16 +331,17 @@ impl Vcpu {
 
     /// Puts the paused vCPU back into its boot state.
     pub fn reset(&self) -> Result<(), VcpuError> {
-        let wanted = {
-            let mut st = self.shared.lock();
-            if st.at != At::Paused {
-                return Err(VcpuError::NotPaused(self.index));
-            }
-            st.reset_wanted += 1;
-            st.reset_error = None;
-            self.shared.cond.notify_all();
-            st.reset_wanted
-        };
+        let wanted = self
+            .shared
+            .request(|st| {
+                if st.at != At::Paused {
+                    return None;
+                }
+                st.reset_wanted += 1;
+                st.reset_error = None;
+                Some(st.reset_wanted)
+            })
+            .ok_or(VcpuError::NotPaused(self.index))?;
         self.wait_until("reset", |s| s.reset_done >= wanted)?;
         match self.shared.lock().reset_error.take() {
             Some(reason) => Err(VcpuError::Reset {
@@ -349,8 +363,7 @@ impl Vcpu {
 
     /// Tells the thread to leave and joins it.
     pub fn stop(&mut self) {
-        self.shared.lock().want = Want::Exit;
-        self.shared.cond.notify_all();
+        self.shared.request(|st| st.want = Want::Exit);
         if let Err(e) = self.wait_until("exit", |s| s.at == At::Exited) {
             log::warn!("{e}");
         }
@@ -390,8 +403,15 @@ fn is_halted(fd: &VcpuFd) -> bool {
 
 /// The control point: handles state refreshes, parks while paused, and says whether to exit.
 fn control_point(index: u8, fd: &VcpuFd, boot_state: &VcpuState, shared: &Shared) -> bool {
+    // Runs on every exit: only take the lock when the controller asked for something.
+    if !shared.attention.load(Ordering::Acquire) {
+        return true;
+    }
     let mut st = shared.lock();
     loop {
+        // Cleared under the lock before the state is read: a request made from here on sets
+        // it again.
+        shared.attention.store(false, Ordering::Relaxed);
         if st.reset_done < st.reset_wanted {
             st.reset_error = boot_state.restore(fd, index).err().map(|e| e.to_string());
             st.reset_done = st.reset_wanted;

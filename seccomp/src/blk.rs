@@ -7,16 +7,9 @@
 //! memfd, and starts one worker thread per queue. It never opens a path, never creates a
 //! socket, never executes anything and issues no ioctl at all.
 
-use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-
-use crate::{allow, arg_in, thread_runtime, Error, Rules};
+use crate::{allow, arg_in, socket_options, thread_runtime, threads_only, Error, Rules};
 
 const ROLE: &str = "blk";
-
-fn condition(arg: u8, value: u64) -> Result<SeccompCondition, Error> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-        .map_err(|source| Error::Rule { role: ROLE, source })
-}
 
 /// Syscalls citadel-blk needs once it serves its frontend.
 pub fn rules() -> Result<Rules, Error> {
@@ -79,24 +72,9 @@ pub fn rules() -> Result<Rules, Error> {
         &[libc::PR_SET_NAME as u64],
     )?);
     // The per-message receive timeout on a frontend socket; no other socket option.
-    let rcvtimeo = SeccompRule::new(vec![
-        condition(1, libc::SOL_SOCKET as u64)?,
-        condition(2, libc::SO_RCVTIMEO as u64)?,
-    ])
-    .map_err(|source| Error::Rule { role: ROLE, source })?;
-    rules.push((libc::SYS_setsockopt, vec![rcvtimeo]));
-    // Threads only: a clone without CLONE_THREAD would be a new process. clone3 passes its
-    // flags in memory, where seccomp cannot look, so it stays allowed for the Rust runtime.
-    let thread_only = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
-        libc::CLONE_THREAD as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|source| Error::Rule { role: ROLE, source })?;
-    rules.push((libc::SYS_clone, vec![thread_only]));
-    rules.extend(allow(&[libc::SYS_clone3]));
+    rules.push(socket_options(ROLE, &[libc::SO_RCVTIMEO])?);
+    // Worker threads, never processes.
+    rules.extend(threads_only(ROLE)?);
     Ok(rules)
 }
 

@@ -10,7 +10,7 @@
 //! the backend tables are merged in: a backend can never do more than the launcher could.
 
 use crate::kvm;
-use crate::{allow, arg_in, args_match, blk, net, thread_runtime, Error, Rules};
+use crate::{allow, arg_in, blk, net, socket_options, thread_runtime, Error, Rules};
 
 const ROLE: &str = "launcher";
 
@@ -68,14 +68,9 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_landlock_restrict_self,
         libc::SYS_seccomp,
     ]));
-    let level = libc::SOL_SOCKET as u64;
-    rules.push(args_match(
+    rules.push(socket_options(
         ROLE,
-        libc::SYS_setsockopt,
-        &[
-            &[(1, level), (2, libc::SO_SNDTIMEO as u64)],
-            &[(1, level), (2, libc::SO_RCVTIMEO as u64)],
-        ],
+        &[libc::SO_SNDTIMEO, libc::SO_RCVTIMEO],
     )?);
     rules.push(arg_in(
         ROLE,

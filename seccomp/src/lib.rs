@@ -181,29 +181,6 @@ pub(crate) fn arg_in(
     Ok((syscall, rules))
 }
 
-/// An entry allowing `syscall` only when its arguments match one of `alternatives`, each a
-/// list of `(argument index, value)` pairs that must all hold.
-pub(crate) fn args_match(
-    role: &'static str,
-    syscall: libc::c_long,
-    alternatives: &[&[(u8, u64)]],
-) -> Result<(i64, Vec<SeccompRule>), Error> {
-    let rules = alternatives
-        .iter()
-        .map(|conditions| {
-            conditions
-                .iter()
-                .map(|&(arg, value)| {
-                    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .and_then(SeccompRule::new)
-                .map_err(|source| Error::Rule { role, source })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    Ok((syscall, rules))
-}
-
 /// An entry allowing `syscall` only when the bits `mask` of argument `arg` are all clear.
 pub(crate) fn arg_clear(
     role: &'static str,
@@ -220,6 +197,50 @@ pub(crate) fn arg_clear(
     .and_then(|condition| SeccompRule::new(vec![condition]))
     .map_err(|source| Error::Rule { role, source })?;
     Ok((syscall, vec![rule]))
+}
+
+/// Entries allowing new threads and never new processes: `clone` only with `CLONE_THREAD`
+/// set. `clone3` passes its flags in memory, where seccomp cannot look, so it stays allowed for
+/// the Rust runtime's thread spawning.
+pub(crate) fn threads_only(role: &'static str) -> Result<Rules, Error> {
+    let thread = libc::CLONE_THREAD as u64;
+    let rule = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
+    )
+    .and_then(|condition| SeccompRule::new(vec![condition]))
+    .map_err(|source| Error::Rule { role, source })?;
+    Ok(vec![
+        (libc::SYS_clone, vec![rule]),
+        (libc::SYS_clone3, Vec::new()),
+    ])
+}
+
+/// An entry allowing `setsockopt` only for the `SOL_SOCKET` options in `options` (the
+/// per-connection timeouts), and no other socket option.
+///
+/// Level and option name are C `int`s, of which the kernel reads the low 32 bits only, so only
+/// those are compared: a caller passing them through a variadic `syscall()` may leave the upper
+/// half undefined.
+pub(crate) fn socket_options(
+    role: &'static str,
+    options: &[libc::c_int],
+) -> Result<(i64, Vec<SeccompRule>), Error> {
+    let int_eq = |arg: u8, value: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value as u64)
+    };
+    let rules = options
+        .iter()
+        .map(|&option| {
+            int_eq(1, libc::SOL_SOCKET)
+                .and_then(|level| Ok(vec![level, int_eq(2, option)?]))
+                .and_then(SeccompRule::new)
+                .map_err(|source| Error::Rule { role, source })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok((libc::SYS_setsockopt, rules))
 }
 
 /// Compiles the allowlist of `role` into a BPF program.

@@ -7,9 +7,7 @@
 //! two that re-tune the tap when the guest acknowledges features. It never opens a file,
 //! never starts a program and never opens anything but Unix sockets.
 
-use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-
-use crate::{allow, arg_in, thread_runtime, Error, Rules};
+use crate::{allow, arg_in, thread_runtime, threads_only, Error, Rules};
 
 const ROLE: &str = "net";
 
@@ -66,18 +64,8 @@ pub fn rules() -> Result<Rules, Error> {
         1,
         &[libc::TUNSETOFFLOAD, libc::TUNSETVNETHDRSZ],
     )?);
-    // Threads only: a clone without CLONE_THREAD would be a new process. clone3 passes its
-    // flags in memory, where seccomp cannot look, so it stays allowed for the Rust runtime.
-    let thread_only = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
-        libc::CLONE_THREAD as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|source| Error::Rule { role: ROLE, source })?;
-    rules.push((libc::SYS_clone, vec![thread_only]));
-    rules.extend(allow(&[libc::SYS_clone3]));
+    // Worker threads, never processes.
+    rules.extend(threads_only(ROLE)?);
     Ok(rules)
 }
 

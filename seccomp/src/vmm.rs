@@ -6,7 +6,7 @@
 //! never creates a VM or a vCPU, never starts a program and never opens a network socket.
 
 use crate::kvm;
-use crate::{allow, arg_in, args_match, thread_runtime, Error, Rules};
+use crate::{allow, arg_in, socket_options, thread_runtime, Error, Rules};
 
 const ROLE: &str = "vmm";
 
@@ -61,14 +61,9 @@ pub fn rules() -> Result<Rules, Error> {
     // External vhost-user backends are reached over Unix sockets only.
     rules.push(arg_in(ROLE, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?);
     // Send and receive timeouts on QMP connections, nothing else.
-    let level = libc::SOL_SOCKET as u64;
-    rules.push(args_match(
+    rules.push(socket_options(
         ROLE,
-        libc::SYS_setsockopt,
-        &[
-            &[(1, level), (2, libc::SO_SNDTIMEO as u64)],
-            &[(1, level), (2, libc::SO_RCVTIMEO as u64)],
-        ],
+        &[libc::SO_SNDTIMEO, libc::SO_RCVTIMEO],
     )?);
     rules.push(arg_in(
         ROLE,

@@ -386,3 +386,31 @@ fn system_reset_reboots_the_guest_from_its_kernel() {
     let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
     assert!(line.ends_with("cpus=2"), "{line}");
 }
+
+#[test]
+fn qmp_connections_beyond_the_limit_are_closed_and_the_rest_keep_working() {
+    let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    let mut clients: Vec<Qmp> = (0..16).map(|_| Qmp::negotiated(&vm.qmp_path)).collect();
+    // The 17th is accepted by the kernel, then closed by citadel without a greeting.
+    let extra = std::os::unix::net::UnixStream::connect(&vm.qmp_path).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(std::io::Read::read(&mut &extra, &mut buf).unwrap(), 0);
+    for qmp in &mut clients {
+        assert_eq!(
+            qmp.execute("query-status", None)["return"]["status"],
+            "running"
+        );
+    }
+    // A slot freed by a client that leaves is usable again.
+    clients.pop();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut again = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        again.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+}

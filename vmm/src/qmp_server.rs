@@ -27,6 +27,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 const MAX_OBJECT_BYTES: usize = 256 * 1024;
 /// Largest amount of unsent output kept for one client before it is dropped.
 const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
+/// Clients served at once. Each may hold up to MAX_OBJECT_BYTES of input and
+/// MAX_PENDING_OUTPUT of replies, so the count bounds the memory peers can pin; more
+/// connections are closed as soon as they are accepted.
+const MAX_CLIENTS: usize = 16;
 /// Events kept while no client is negotiated.
 const MAX_BACKLOG_EVENTS: usize = 128;
 /// Read chunk.
@@ -187,6 +191,10 @@ impl QmpServer {
                     return;
                 }
             };
+            if self.clients.len() >= MAX_CLIENTS {
+                log::warn!("QMP: {MAX_CLIENTS} clients already connected, refusing another");
+                continue;
+            }
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("QMP client: {e}");
                 continue;

@@ -91,7 +91,6 @@ pub struct Machine {
     // Field order is drop order: vCPU threads stop before the VM and memory go away.
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
-    mmio: Arc<MmioBus>,
     vm: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -197,7 +196,6 @@ impl Machine {
         Ok(Machine {
             vcpus,
             devices,
-            mmio,
             vm,
             ram,
             _kvm: kvm,
@@ -281,11 +279,6 @@ impl Machine {
         self.vcpus.iter().map(Vcpu::info).collect()
     }
 
-    /// Host thread ids of the vCPUs, in index order.
-    pub fn vcpu_tids(&self) -> Vec<i32> {
-        self.vcpus.iter().map(Vcpu::tid).collect()
-    }
-
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
@@ -294,11 +287,6 @@ impl Machine {
     /// The legacy devices (for serial input).
     pub fn devices(&self) -> &LegacyDevices {
         &self.devices
-    }
-
-    /// The MMIO bus virtio-mmio transports are attached to.
-    pub fn mmio_bus(&self) -> &Arc<MmioBus> {
-        &self.mmio
     }
 
     /// Stops and joins every vCPU thread.

@@ -146,11 +146,6 @@ impl QmpServer {
         })
     }
 
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Whether `token` is the listener's or one of the clients'.
     pub fn owns(&self, token: u64) -> bool {
         token == self.listener_token || self.clients.contains_key(&token)

@@ -15,7 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -185,40 +185,10 @@ impl NetBackend {
             let mut used_any = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
-                used_any = true;
+                transmit(chain, mem, buf, hdr_len, tap, stats);
+                // Only now: once the used entry is published the guest may reuse the buffers.
                 state.add_used(head, 0)?;
-                let mut reader = match chain.reader(mem) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log::debug!("tx: bad descriptor chain {head}: {e}");
-                        Stats::bump(&stats.errors);
-                        continue;
-                    }
-                };
-                let len = reader.available_bytes();
-                if len < hdr_len || len > hdr_len + MAX_FRAME {
-                    log::debug!("tx: frame of {len} bytes dropped (header {hdr_len})");
-                    Stats::bump(&stats.tx_drops);
-                    continue;
-                }
-                if let Err(e) = reader.read_exact(&mut buf[..len]) {
-                    log::debug!("tx: reading chain {head}: {e}");
-                    Stats::bump(&stats.errors);
-                    continue;
-                }
-                match tap.write_frame(&buf[..len]) {
-                    Ok(true) => {
-                        Stats::bump(&stats.tx_packets);
-                        Stats::add(&stats.tx_bytes, (len - hdr_len) as u64);
-                    }
-                    Ok(false) => Stats::bump(&stats.tx_drops),
-                    // The tap is down: the frame is lost as on a cable without link.
-                    Err(e) if e.raw_os_error() == Some(libc::EIO) => Stats::bump(&stats.tx_drops),
-                    Err(e) => {
-                        log::debug!("tx: tap write: {e}");
-                        Stats::bump(&stats.errors);
-                    }
-                }
+                used_any = true;
             }
             if used_any && state.needs_notification()? {
                 state.signal_used_queue().map_err(DeviceError::Signal)?;
@@ -292,6 +262,51 @@ impl NetBackend {
             }
             Ok(dry)
         })
+    }
+}
+
+/// Copies the frame of one TX chain out of guest memory into `buf` and writes it to the tap.
+/// A chain that is malformed or of an impossible length is counted and skipped.
+fn transmit(
+    chain: DescriptorChain<MemGuard>,
+    mem: &MemGuard,
+    buf: &mut [u8],
+    hdr_len: usize,
+    tap: &TapQueue,
+    stats: &Stats,
+) {
+    let head = chain.head_index();
+    let mut reader = match chain.reader(mem) {
+        Ok(r) => r,
+        Err(e) => {
+            log::debug!("tx: bad descriptor chain {head}: {e}");
+            Stats::bump(&stats.errors);
+            return;
+        }
+    };
+    let len = reader.available_bytes();
+    if len < hdr_len || len > hdr_len + MAX_FRAME {
+        log::debug!("tx: frame of {len} bytes dropped (header {hdr_len})");
+        Stats::bump(&stats.tx_drops);
+        return;
+    }
+    if let Err(e) = reader.read_exact(&mut buf[..len]) {
+        log::debug!("tx: reading chain {head}: {e}");
+        Stats::bump(&stats.errors);
+        return;
+    }
+    match tap.write_frame(&buf[..len]) {
+        Ok(true) => {
+            Stats::bump(&stats.tx_packets);
+            Stats::add(&stats.tx_bytes, (len - hdr_len) as u64);
+        }
+        Ok(false) => Stats::bump(&stats.tx_drops),
+        // The tap is down: the frame is lost as on a cable without link.
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => Stats::bump(&stats.tx_drops),
+        Err(e) => {
+            log::debug!("tx: tap write: {e}");
+            Stats::bump(&stats.errors);
+        }
     }
 }
 

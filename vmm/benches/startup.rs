@@ -153,6 +153,41 @@ fn qmp_round_trips(sock: &Path) -> Vec<Duration> {
     times
 }
 
+/// citadel booting `kernel` with 64 MiB, serial to `serial`, QMP on `sock`.
+fn citadel_command(citadel: &str, kernel: &Path, serial: &str, sock: &Path) -> Command {
+    let mut c = Command::new(citadel);
+    c.args([
+        "-machine", "microvm", "-m", "64", "-serial", serial, "-kernel",
+    ])
+    .arg(kernel)
+    .arg("-qmp")
+    .arg(format!("unix:{},server,nowait", sock.display()));
+    c
+}
+
+/// The peer: QEMU's microvm with as little firmware and as few devices as it allows.
+fn qemu_command(kernel: &Path, serial: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        serial,
+        "-kernel",
+    ])
+    .arg(kernel);
+    c
+}
+
 fn report_qmp(label: &str, sorted: &[Duration]) {
     println!(
         "QMP query-status round trip, {label:<20} over {} requests: p50 {:.1} us, p99 {:.1} us",
@@ -219,14 +254,7 @@ fn main() {
 
     println!("guest: {} ({} runs each, median)", idle.display(), RUNS);
     let (cw, cc, _) = run_series("citadel", || {
-        let mut c = Command::new(citadel);
-        c.args([
-            "-machine", "microvm", "-m", "64", "-serial", "stdio", "-kernel",
-        ])
-        .arg(&idle)
-        .arg("-qmp")
-        .arg(format!("unix:{},server,nowait", sock.display()));
-        c
+        citadel_command(citadel, &idle, "stdio", &sock)
     });
     let qemu = Command::new("qemu-system-x86_64")
         .arg("--version")
@@ -234,25 +262,7 @@ fn main() {
         .is_ok();
     if qemu {
         let (qw, qc, _) = run_series("qemu-system-x86_64 -M microvm", || {
-            let mut c = Command::new("qemu-system-x86_64");
-            c.args([
-                "-M",
-                "microvm,x-option-roms=off,isa-serial=on,rtc=off",
-                "-enable-kvm",
-                "-cpu",
-                "host",
-                "-m",
-                "64",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-kernel",
-            ])
-            .arg(&idle);
-            c
+            qemu_command(&idle, "stdio")
         });
         println!(
             "ratio citadel/qemu: wall {:.2}x, cpu {:.2}x",
@@ -272,13 +282,7 @@ fn main() {
         micros(percentile(&floor, 0.5)),
         micros(percentile(&floor, 0.99))
     );
-    let mut child = Command::new(citadel)
-        .args([
-            "-machine", "microvm", "-m", "64", "-serial", "none", "-kernel",
-        ])
-        .arg(&idle)
-        .arg("-qmp")
-        .arg(format!("unix:{},server,nowait", sock.display()))
+    let mut child = citadel_command(citadel, &idle, "none", &sock)
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn citadel");
@@ -287,22 +291,7 @@ fn main() {
     report_qmp("citadel", &ours);
     if qemu {
         let _ = std::fs::remove_file(&sock);
-        let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,x-option-roms=off,isa-serial=on,rtc=off",
-                "-enable-kvm",
-                "-m",
-                "64",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "none",
-                "-kernel",
-            ])
-            .arg(&idle)
+        let mut child = qemu_command(&idle, "none")
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .stdout(Stdio::null())

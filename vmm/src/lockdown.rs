@@ -53,19 +53,16 @@ pub fn confine_process(
         .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
         .scope(Scope::from_all(LANDLOCK_ABI))?
         .create()?;
-    for dir in removable_dirs {
-        let fd = PathFd::new(dir).map_err(|source| LockdownError::LandlockPath {
-            path: dir.display().to_string(),
+    let grants = removable_dirs
+        .iter()
+        .map(|dir| (dir, AccessFs::RemoveFile))
+        .chain(readable_files.iter().map(|file| (file, AccessFs::ReadFile)));
+    for (path, access) in grants {
+        let fd = PathFd::new(path).map_err(|source| LockdownError::LandlockPath {
+            path: path.display().to_string(),
             source,
         })?;
-        ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::RemoveFile))?;
-    }
-    for file in readable_files {
-        let fd = PathFd::new(file).map_err(|source| LockdownError::LandlockPath {
-            path: file.display().to_string(),
-            source,
-        })?;
-        ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::ReadFile))?;
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
     }
     let status = ruleset.restrict_self()?;
     match status.ruleset {

@@ -284,24 +284,7 @@ impl Vcpu {
 
     /// Waits until the thread has installed its seccomp filter (or has stopped).
     pub fn wait_locked_down(&self) -> Result<(), VcpuError> {
-        let deadline = Instant::now() + REQUEST_DEADLINE;
-        let mut st = self.shared.lock();
-        while !st.locked_down && st.at == At::Starting {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(VcpuError::Timeout {
-                    index: self.index,
-                    what: "start",
-                });
-            }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
+        self.wait_until("start", |s| s.locked_down || s.at != At::Starting)
     }
 
     /// Lets a paused vCPU run again.

@@ -247,37 +247,35 @@ impl TapQueue {
 
     /// Reads one frame (header included). `Ok(None)` when the tap has nothing queued.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
+        nonblocking(|| {
             // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
-            let n =
-                unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(Some(n as usize));
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(err),
-            }
-        }
+            unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
+        })
     }
 
     /// Writes one frame (header included). `Ok(false)` when the tap queue is full.
     pub fn write_frame(&self, frame: &[u8]) -> io::Result<bool> {
-        loop {
+        let written = nonblocking(|| {
             // SAFETY: `frame` is a valid readable buffer of `frame.len()` bytes.
-            let n =
-                unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-            if n >= 0 {
-                return Ok(true);
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(false),
-                _ => return Err(err),
-            }
+            unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) }
+        })?;
+        Ok(written.is_some())
+    }
+}
+
+/// Runs a read or write on the non-blocking tap, again when a signal interrupted it.
+/// `Ok(None)` when the tap would block.
+fn nonblocking(mut call: impl FnMut() -> isize) -> io::Result<Option<usize>> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(err),
         }
     }
 }

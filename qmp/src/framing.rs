@@ -62,9 +62,9 @@ enum Escape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token {
     None,
-    /// A string delimited by `quote` (`"` or `'`).
+    /// A string delimited by `quote` (`"` or `'`); it is a key when `expect` asks for one,
+    /// since `expect` only moves on once the string ends.
     Str {
-        key: bool,
         quote: u8,
         escape: Escape,
     },
@@ -189,6 +189,8 @@ impl Decoder {
             if is_whitespace(b) {
                 return;
             }
+            // The one place per-value state is reset: finishing or abandoning a value only
+            // changes `mode`, and every path back to a value passes through here.
             self.mode = Mode::Value;
             self.expect = Expect::Value;
             self.token = Token::None;
@@ -211,9 +213,6 @@ impl Decoder {
                     out.push(Err(FrameError::Malformed(msg)));
                 }
                 self.mode = Mode::Recovering;
-                self.buf.clear();
-                self.stack.clear();
-                self.token = Token::None;
                 // The offending byte may itself be the start of the next command.
                 self.step(b, out);
             }
@@ -245,8 +244,6 @@ impl Decoder {
                     .map_err(|e| FrameError::Malformed(format!("JSON parse error, {e}"))),
             );
         }
-        self.buf.clear();
-        self.stack.clear();
         self.mode = Mode::Idle;
     }
 
@@ -254,7 +251,7 @@ impl Decoder {
     fn scan(&mut self, b: u8) -> Result<Step, String> {
         self.emit = Emit::one(b);
         match self.token {
-            Token::Str { key, quote, escape } => return self.scan_string(b, key, quote, escape),
+            Token::Str { quote, escape } => return self.scan_string(b, quote, escape),
             Token::Number => {
                 if matches!(b, b'0'..=b'9' | b'+' | b'-' | b'.' | b'e' | b'E') {
                     return Ok(Step::More);
@@ -307,14 +304,6 @@ impl Decoder {
                 self.open(b)?;
                 self.expect = Expect::ValueOrClose;
             }
-            (Expect::Value | Expect::ValueOrClose, b'"' | b'\'') => {
-                self.token = Token::Str {
-                    key: false,
-                    quote: b,
-                    escape: Escape::None,
-                };
-                self.emit = Emit::one(b'"');
-            }
             (Expect::Value | Expect::ValueOrClose, b'-' | b'0'..=b'9') => {
                 self.token = Token::Number;
             }
@@ -339,9 +328,11 @@ impl Decoder {
                 self.stack.pop();
                 return Ok(self.value_end());
             }
-            (Expect::KeyOrClose | Expect::Key, b'"' | b'\'') => {
+            (
+                Expect::Value | Expect::ValueOrClose | Expect::KeyOrClose | Expect::Key,
+                b'"' | b'\'',
+            ) => {
                 self.token = Token::Str {
-                    key: true,
                     quote: b,
                     escape: Escape::None,
                 };
@@ -369,13 +360,13 @@ impl Decoder {
         Ok(Step::More)
     }
 
-    fn scan_string(&mut self, b: u8, key: bool, quote: u8, escape: Escape) -> Result<Step, String> {
+    fn scan_string(&mut self, b: u8, quote: u8, escape: Escape) -> Result<Step, String> {
         let escape = match escape {
             Escape::None => match b {
                 _ if b == quote => {
                     self.emit = Emit::one(b'"');
                     self.token = Token::None;
-                    if key {
+                    if matches!(self.expect, Expect::Key | Expect::KeyOrClose) {
                         self.expect = Expect::Colon;
                         return Ok(Step::More);
                     }
@@ -438,7 +429,7 @@ impl Decoder {
                 }
             }
         };
-        self.token = Token::Str { key, quote, escape };
+        self.token = Token::Str { quote, escape };
         Ok(Step::More)
     }
 

@@ -78,6 +78,14 @@ pub enum Error {
     /// A failure reported by a forked jailer process over the status pipe, already formatted.
     #[error("{0}")]
     Reported(String),
+    /// A step carried out by `citadel-sandbox` failed; its error names what was being done.
+    #[error("{step}: {source}")]
+    Sandbox {
+        /// The step.
+        step: Step,
+        /// What the sandbox reported.
+        source: citadel_sandbox::Error,
+    },
     /// Something was refused on purpose (bad argument, unsafe file at a destination...).
     #[error("{step}: {message}")]
     Refused {
@@ -106,6 +114,11 @@ impl Error {
             what,
             source: io::Error::last_os_error(),
         }
+    }
+
+    /// Wraps a `citadel-sandbox` failure, naming the step it happened in.
+    pub fn sandbox(step: Step) -> impl FnOnce(citadel_sandbox::Error) -> Error {
+        move |source| Error::Sandbox { step, source }
     }
 
     /// A deliberate refusal.

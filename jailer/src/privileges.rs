@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use caps::CapSet;
+use citadel_sandbox::Limit;
 use landlock::{
     Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
     RulesetStatus, Scope, ABI,
@@ -41,44 +42,22 @@ pub fn network(netns: &Netns) -> Result<(), Error> {
     Ok(())
 }
 
-fn set_rlimit(
-    resource: libc::__rlimit_resource_t,
-    value: u64,
-    what: &'static str,
-) -> Result<(), Error> {
-    let limit = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
-    };
-    // SAFETY: points to a live rlimit for the duration of the call.
-    check(
-        unsafe { libc::setrlimit(resource, &limit) },
-        Step::Rlimit,
-        what,
-    )?;
-    Ok(())
-}
-
 /// Sets RLIMIT_NOFILE and, when asked, RLIMIT_FSIZE (soft and hard).
 pub fn rlimits(no_file: u64, fsize: Option<u64>) -> Result<(), Error> {
-    set_rlimit(libc::RLIMIT_NOFILE, no_file, "set no-file limit")?;
-    if let Some(fsize) = fsize {
-        set_rlimit(libc::RLIMIT_FSIZE, fsize, "set fsize limit")?;
+    let limits = std::iter::once(Limit::OpenFiles(no_file)).chain(fsize.map(Limit::FileSize));
+    for limit in limits {
+        citadel_sandbox::set_limit(limit).map_err(Error::sandbox(Step::Rlimit))?;
     }
     Ok(())
-}
-
-fn caps_error(what: &'static str, e: caps::errors::CapsError) -> Error {
-    Error::refused(Step::Privileges, format!("{what}: {e}"))
 }
 
 /// Becomes uid:gid with no supplementary groups and no capability in any set, for good.
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), Error> {
     let step = Step::Privileges;
-    // The bounding set can only be emptied while CAP_SETPCAP is still held.
-    caps::clear(None, CapSet::Bounding).map_err(|e| caps_error("clear bounding set", e))?;
-    caps::clear(None, CapSet::Ambient).map_err(|e| caps_error("clear ambient set", e))?;
-    caps::clear(None, CapSet::Inheritable).map_err(|e| caps_error("clear inheritable set", e))?;
+    // The bounding set can only be emptied while CAP_SETPCAP is held, which the change of uid
+    // ends; the sandbox empties it only when it still can, and a jail must never keep one.
+    caps::clear(None, CapSet::Bounding)
+        .map_err(|e| Error::refused(step, format!("clear bounding set: {e}")))?;
     // SAFETY: setgroups with a zero count reads no memory; the id calls take plain integers.
     unsafe {
         check(
@@ -89,22 +68,14 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), Error> {
         check(libc::setresgid(gid, gid, gid), step, "set gid")?;
         check(libc::setresuid(uid, uid, uid), step, "set uid")?;
     }
-    // A change from uid 0 already empties them; a jail asked to run as uid 0 must not keep any.
-    caps::clear(None, CapSet::Effective).map_err(|e| caps_error("clear effective set", e))?;
-    caps::clear(None, CapSet::Permitted).map_err(|e| caps_error("clear permitted set", e))?;
-    Ok(())
+    // A change from uid 0 already empties most sets; a jail asked to run as uid 0 keeps none.
+    citadel_sandbox::drop_capabilities().map_err(Error::sandbox(step))
 }
 
 /// Sets no_new_privs: nothing executed from now on can gain privileges (setuid bits, file
 /// capabilities), and seccomp filters can be installed without privileges.
 pub fn no_new_privs() -> Result<(), Error> {
-    // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        Step::Privileges,
-        "set no_new_privs",
-    )?;
-    Ok(())
+    citadel_sandbox::set_no_new_privs().map_err(Error::sandbox(Step::Privileges))
 }
 
 fn landlock_error(e: impl std::fmt::Display) -> Error {

@@ -84,6 +84,7 @@ pub fn skipped_list() -> PathBuf {
 }
 pub mod kernel;
 pub mod netns;
+pub mod vhost_user;
 pub mod vm;
 
 /// A child process killed and reaped on every path out of a test, panics included.

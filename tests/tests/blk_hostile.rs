@@ -12,28 +12,12 @@ use std::time::{Duration, Instant};
 
 use citadel_tests::vm::TempDir;
 
-// vhost-user requests.
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
-const SET_OWNER: u32 = 3;
-const SET_MEM_TABLE: u32 = 5;
-const SET_VRING_NUM: u32 = 8;
-const SET_VRING_ADDR: u32 = 9;
-const SET_VRING_BASE: u32 = 10;
-const GET_VRING_BASE: u32 = 11;
-const SET_VRING_KICK: u32 = 12;
-const SET_VRING_CALL: u32 = 13;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_QUEUE_NUM: u32 = 17;
-const SET_VRING_ENABLE: u32 = 18;
-const GET_CONFIG: u32 = 24;
-const GET_INFLIGHT_FD: u32 = 31;
-const SET_INFLIGHT_FD: u32 = 32;
-
-const VERSION: u32 = 0x1;
-const REPLY: u32 = 0x4;
-const NEED_REPLY: u32 = 0x8;
+use citadel_tests::vhost_user::{
+    eventfd, Frontend, GuestMemory as Memory, GET_CONFIG, GET_FEATURES, GET_INFLIGHT_FD,
+    GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES,
+    SET_INFLIGHT_FD, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
+    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
+};
 
 const F_VERSION_1: u64 = 1 << 32;
 const F_PROTOCOL: u64 = 1 << 30;
@@ -99,16 +83,7 @@ impl Backend {
     }
 
     fn connect(&self) -> Frontend {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match UnixStream::connect(&self.socket) {
-                Ok(s) => return Frontend::new(s),
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "connect: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
+        Frontend::connect(&self.socket)
     }
 
     /// `/proc/<pid>/status` once the sandbox is up. The socket accepts connections (into the
@@ -142,71 +117,12 @@ impl Drop for Backend {
     }
 }
 
-fn eventfd() -> OwnedFd {
-    // SAFETY: plain eventfd creation; the result is checked and then owned.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    assert!(fd >= 0);
-    // SAFETY: fresh descriptor owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// Queue 0's descriptor table, at DESC in guest memory.
+trait DescTable {
+    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16);
 }
 
-/// Guest memory: a memfd mapped in the test.
-struct Memory {
-    fd: OwnedFd,
-    ptr: *mut u8,
-}
-
-impl Memory {
-    fn new(len: usize) -> Memory {
-        // SAFETY: valid C string, constant flags; the result is checked and owned.
-        let fd = unsafe { libc::memfd_create(c"blk-hostile".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: resizing our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
-        // SAFETY: shared mapping of the whole memfd; checked against MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Memory {
-            fd,
-            ptr: ptr.cast(),
-        }
-    }
-
-    fn uaddr(&self) -> u64 {
-        self.ptr as u64
-    }
-
-    fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
-        // SAFETY: the range was checked against the mapping's length above.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
-        };
-    }
-
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        let mut out = vec![0u8; len];
-        // SAFETY: the range was checked against the mapping's length above.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), out.as_mut_ptr(), len) };
-        out
-    }
-
-    fn u16_at(&self, gpa: u64) -> u16 {
-        u16::from_le_bytes(self.read(gpa, 2).try_into().unwrap())
-    }
-
+impl DescTable for Memory {
     fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let mut d = Vec::with_capacity(16);
         d.extend_from_slice(&addr.to_le_bytes());
@@ -217,133 +133,20 @@ impl Memory {
     }
 }
 
-impl Drop for Memory {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), MEM_SIZE) };
-    }
+/// The vhost-user-blk steps of a frontend on top of the raw messages.
+trait BlkFrontend {
+    fn acked(&mut self, req: u32, payload: &[u8], fds: &[RawFd]) -> bool;
+    fn negotiate(&mut self) -> u64;
+    fn mem_table(&mut self, regions: &[(u64, u64, u64, u64)], fds: &[RawFd]) -> bool;
+    fn vring_state(&mut self, req: u32, index: u32, num: u32) -> bool;
+    fn vring_addr(&mut self, index: u32, desc: u64, used: u64, avail: u64) -> bool;
+    fn vring_fd(&mut self, req: u32, index: u64, fd: RawFd) -> bool;
 }
 
-/// A raw vhost-user frontend.
-struct Frontend {
-    sock: UnixStream,
-}
-
-impl Frontend {
-    fn new(sock: UnixStream) -> Frontend {
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Frontend { sock }
-    }
-
-    fn send(&mut self, req: u32, flags: u32, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        let mut msg = Vec::with_capacity(12 + payload.len());
-        msg.extend_from_slice(&req.to_le_bytes());
-        msg.extend_from_slice(&(VERSION | flags).to_le_bytes());
-        msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        msg.extend_from_slice(payload);
-        self.send_raw(&msg, fds)
-    }
-
-    fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len(),
-        };
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
-        let mut control = vec![0u8; space.max(1)];
-        // SAFETY: msghdr is plain data; every pointer set below stays valid during sendmsg.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        if !fds.is_empty() {
-            hdr.msg_control = control.as_mut_ptr().cast();
-            hdr.msg_controllen = space;
-            // SAFETY: the control buffer is CMSG_SPACE bytes for fds.len() descriptors.
-            unsafe {
-                let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr().cast::<u8>(),
-                    libc::CMSG_DATA(cmsg),
-                    fds.len() * 4,
-                );
-            }
-        }
-        // SAFETY: `hdr` describes valid buffers for the duration of the call.
-        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        assert_eq!(n as usize, bytes.len());
-        Ok(())
-    }
-
-    /// Reads one reply; returns (request, payload, attached descriptors).
-    fn recv(&mut self) -> std::io::Result<(u32, Vec<u8>, Vec<OwnedFd>)> {
-        let mut head = [0u8; 12];
-        let mut iov = libc::iovec {
-            iov_base: head.as_mut_ptr().cast(),
-            iov_len: head.len(),
-        };
-        let mut control = [0u8; 64];
-        // SAFETY: msghdr is plain data; the buffers outlive the call.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = control.len();
-        // SAFETY: `hdr` describes valid buffers.
-        let n = unsafe { libc::recvmsg(self.sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if n as usize != head.len() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("short reply header ({n} bytes)"),
-            ));
-        }
-        let mut fds = Vec::new();
-        // SAFETY: walking the control messages the kernel filled in.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&hdr);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
-                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                    for i in 0..count {
-                        fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&hdr, cmsg);
-            }
-        }
-        let req = u32::from_le_bytes(head[0..4].try_into().unwrap());
-        let flags = u32::from_le_bytes(head[4..8].try_into().unwrap());
-        assert_ne!(flags & REPLY, 0, "reply flag missing");
-        let size = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
-        let mut payload = vec![0u8; size];
-        self.sock.read_exact(&mut payload)?;
-        Ok((req, payload, fds))
-    }
-
-    fn get_u64(&mut self, req: u32) -> u64 {
-        self.send(req, 0, &[], &[]).unwrap();
-        let (r, payload, _) = self.recv().unwrap();
-        assert_eq!(r, req);
-        u64::from_le_bytes(payload[..8].try_into().unwrap())
-    }
-
+impl BlkFrontend for Frontend {
     /// Sends a request that asks for an ack; returns true when the backend accepted it.
     fn acked(&mut self, req: u32, payload: &[u8], fds: &[RawFd]) -> bool {
-        self.send(req, NEED_REPLY, payload, fds).unwrap();
-        let (r, p, _) = self.recv().expect("ack");
-        assert_eq!(r, req);
-        u64::from_le_bytes(p[..8].try_into().unwrap()) == 0
+        self.ack(req, payload, fds) == 0
     }
 
     fn negotiate(&mut self) -> u64 {
@@ -415,10 +218,7 @@ impl Session {
         let mut fe = backend.connect();
         fe.negotiate();
         let mem = Memory::new(MEM_SIZE);
-        assert!(fe.mem_table(
-            &[(0, MEM_SIZE as u64, mem.uaddr(), 0)],
-            &[mem.fd.as_raw_fd()]
-        ));
+        assert!(fe.mem_table(&[(0, MEM_SIZE as u64, mem.uaddr(), 0)], &[mem.fd()]));
         assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
         let u = mem.uaddr();
         assert!(fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
@@ -665,14 +465,14 @@ fn malformed_messages_are_refused_and_the_backend_keeps_serving() {
     let mut backend = Backend::start(&[]);
 
     // An unknown request code, then garbage that is not even a header.
-    let mut fe = backend.connect();
+    let fe = backend.connect();
     let _ = fe.send(9999, NEED_REPLY, &[1, 2, 3], &[]);
     let _ = fe.send_raw(&[0xff; 7], &[]);
     drop(fe);
     still_serves(&mut backend, 1);
 
     // A header announcing a huge payload that never comes.
-    let mut fe = backend.connect();
+    let fe = backend.connect();
     let mut raw = GET_FEATURES.to_le_bytes().to_vec();
     raw.extend_from_slice(&VERSION.to_le_bytes());
     raw.extend_from_slice(&0x1000_0000u32.to_le_bytes());
@@ -694,7 +494,7 @@ fn malformed_messages_are_refused_and_the_backend_keeps_serving() {
     let mut fe = backend.connect();
     fe.negotiate();
     let mem = Memory::new(MEM_SIZE);
-    let fd = mem.fd.as_raw_fd();
+    let fd = mem.fd();
     let u = mem.uaddr();
     let big = MEM_SIZE as u64 * 4;
     assert!(
@@ -949,7 +749,7 @@ fn fd_mode_serves_one_frontend_then_exits_zero() {
         next_avail: 0,
     };
     s.fe.negotiate();
-    let (fd, u) = (s.mem.fd.as_raw_fd(), s.mem.uaddr());
+    let (fd, u) = (s.mem.fd(), s.mem.uaddr());
     assert!(s.fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[fd]));
     assert!(s.fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
     assert!(s.fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
@@ -1083,7 +883,7 @@ fn inflight_session(
     p.extend_from_slice(&[0u8; 4]);
     assert!(fe.acked(SET_INFLIGHT_FD, &p, &[area.as_raw_fd()]));
     let u = mem.uaddr();
-    assert!(fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[mem.fd.as_raw_fd()]));
+    assert!(fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[mem.fd()]));
     assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
     assert!(fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
     assert!(fe.vring_state(SET_VRING_BASE, 0, base));

@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,26 +17,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use citadel_tests::netns::{unique, NetNs};
+use citadel_tests::vhost_user::{
+    eventfd, Frontend, GuestMemory, GET_CONFIG, GET_FEATURES, GET_PROTOCOL_FEATURES, NEED_REPLY,
+    SET_FEATURES, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE,
+    SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
+};
 use citadel_tests::{binary, skip, Reaped};
 
 const TEST: &str = "net_hostile";
 const MAC: [u8; 6] = [0x02, 0xc1, 0x7a, 0xde, 0x00, 0x01];
 
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
-const SET_OWNER: u32 = 3;
-const SET_MEM_TABLE: u32 = 5;
-const SET_VRING_NUM: u32 = 8;
-const SET_VRING_ADDR: u32 = 9;
-const SET_VRING_BASE: u32 = 10;
-const SET_VRING_KICK: u32 = 12;
-const SET_VRING_CALL: u32 = 13;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const SET_VRING_ENABLE: u32 = 18;
-const GET_CONFIG: u32 = 24;
-
-const NEED_REPLY: u32 = 0x8;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 const VERSION_1: u64 = 1 << 32;
 const PROTO_REPLY_ACK: u64 = 1 << 3;
@@ -58,110 +48,24 @@ impl Drop for Scratch {
     }
 }
 
-/// A raw vhost-user frontend.
-struct Frontend {
-    sock: UnixStream,
+/// The vhost-user-net steps of a frontend on top of the raw messages.
+trait NetFrontend {
+    fn set_u64(&self, req: u32, v: u64);
+    fn acked(&mut self, req: u32, payload: &[u8]) -> u64;
+    fn closed_by_backend(&mut self) -> bool;
+    fn negotiate(&mut self) -> u64;
+    fn negotiate_rings(&mut self, rings: u32) -> u64;
+    fn config(&mut self) -> Vec<u8>;
 }
 
-impl Frontend {
-    fn connect(path: &Path) -> Frontend {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match UnixStream::connect(path) {
-                Ok(sock) => {
-                    sock.set_read_timeout(Some(Duration::from_secs(10)))
-                        .expect("timeout");
-                    return Frontend { sock };
-                }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("connecting to {}: {e}", path.display()),
-            }
-        }
-    }
-
-    fn send_raw(&self, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len(),
-        };
-        let space = if fds.is_empty() {
-            0
-        } else {
-            // SAFETY: CMSG_SPACE only computes a size.
-            unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) as usize }
-        };
-        let mut control = vec![0u8; space];
-        // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if !fds.is_empty() {
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            // SAFETY: the control buffer is CMSG_SPACE(fds) bytes, so the first header and
-            // its data fit; the copy writes exactly size_of_val(fds) bytes into it.
-            unsafe {
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr().cast::<u8>(),
-                    libc::CMSG_DATA(cmsg),
-                    std::mem::size_of_val(fds),
-                );
-            }
-        }
-        // SAFETY: `msg` describes valid buffers for the duration of the call.
-        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        assert_eq!(n as usize, bytes.len(), "short sendmsg");
-        Ok(())
-    }
-
-    fn send(&self, req: u32, flags: u32, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&req.to_le_bytes());
-        bytes.extend_from_slice(&(0x1 | flags).to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        self.send_raw(&bytes, fds)
-    }
-
-    /// Reads one reply: (request, payload).
-    fn recv(&mut self) -> std::io::Result<(u32, Vec<u8>)> {
-        let mut hdr = [0u8; 12];
-        self.sock.read_exact(&mut hdr)?;
-        let req = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-        assert!(size <= 4096, "reply of {size} bytes");
-        let mut payload = vec![0u8; size];
-        self.sock.read_exact(&mut payload)?;
-        Ok((req, payload))
-    }
-
-    fn get_u64(&mut self, req: u32) -> u64 {
-        self.send(req, 0, &[], &[]).expect("send");
-        let (r, p) = self.recv().expect("reply");
-        assert_eq!(r, req);
-        u64::from_le_bytes(p[..8].try_into().unwrap())
-    }
-
+impl NetFrontend for Frontend {
     fn set_u64(&self, req: u32, v: u64) {
         self.send(req, 0, &v.to_le_bytes(), &[]).expect("send");
     }
 
     /// Sends a request with NEED_REPLY and returns the ack status (0 = success).
     fn acked(&mut self, req: u32, payload: &[u8]) -> u64 {
-        self.send(req, NEED_REPLY, payload, &[]).expect("send");
-        let (r, p) = self.recv().expect("ack");
-        assert_eq!(r, req, "ack for another request");
-        u64::from_le_bytes(p[..8].try_into().unwrap())
+        self.ack(req, payload, &[])
     }
 
     /// True when the backend closes the connection within the read timeout.
@@ -205,7 +109,7 @@ impl Frontend {
         p.extend_from_slice(&0u32.to_le_bytes());
         p.extend_from_slice(&[0u8; 10]);
         self.send(GET_CONFIG, 0, &p, &[]).expect("get config");
-        let (r, reply) = self.recv().expect("config reply");
+        let (r, reply, _) = self.recv().expect("config reply");
         assert_eq!(r, GET_CONFIG);
         reply[12..].to_vec()
     }
@@ -217,83 +121,16 @@ fn state(index: u32, num: u32) -> Vec<u8> {
     v
 }
 
-/// Shared guest memory: a memfd mapped into the test.
-struct GuestMem {
-    fd: OwnedFd,
-    ptr: *mut u8,
-}
-
-impl GuestMem {
-    fn new() -> GuestMem {
-        // SAFETY: memfd_create with a valid C string.
-        let fd = unsafe { libc::memfd_create(c"citadel-net-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: the fd was just created and is owned here only.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our memfd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), MEM_SIZE as i64) },
-            0
-        );
-        // SAFETY: a fresh shared mapping of the whole memfd.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        GuestMem {
-            fd,
-            ptr: ptr.cast(),
-        }
-    }
-
-    fn write(&self, gpa: u64, data: &[u8]) {
-        assert!(gpa as usize + data.len() <= MEM_SIZE);
-        // SAFETY: bounds checked above; the mapping lives as long as self.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa as usize), data.len())
-        };
-    }
-
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        let mut v = vec![0u8; len];
-        // SAFETY: bounds checked above; the mapping lives as long as self. The backend may
-        // write concurrently; volatile reads of plain bytes are fine for a test.
-        for (i, b) in v.iter_mut().enumerate() {
-            *b = unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize + i)) };
-        }
-        v
-    }
-
-    fn u16_at(&self, gpa: u64) -> u16 {
-        let b = self.read(gpa, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-
-    fn table(&self, size: u64, offset: u64) -> Vec<u8> {
-        let mut p = Vec::new();
-        p.extend_from_slice(&1u32.to_le_bytes());
-        p.extend_from_slice(&0u32.to_le_bytes());
-        p.extend_from_slice(&0u64.to_le_bytes());
-        p.extend_from_slice(&size.to_le_bytes());
-        p.extend_from_slice(&USER_BASE.to_le_bytes());
-        p.extend_from_slice(&offset.to_le_bytes());
-        p
-    }
-}
-
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.ptr.cast(), MEM_SIZE) };
-    }
+/// A SET_MEM_TABLE payload: one region at guest address 0, mapped at USER_BASE.
+fn table(size: u64, offset: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&size.to_le_bytes());
+    p.extend_from_slice(&USER_BASE.to_le_bytes());
+    p.extend_from_slice(&offset.to_le_bytes());
+    p
 }
 
 /// Ring layout of queue `q`: descriptor table, avail ring, used ring.
@@ -307,14 +144,6 @@ struct Queue {
     kick: OwnedFd,
     call: OwnedFd,
     avail: u16,
-}
-
-fn eventfd() -> OwnedFd {
-    // SAFETY: plain eventfd creation.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    assert!(fd >= 0);
-    // SAFETY: owned here only.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 fn setup_queue(f: &Frontend, index: u32) -> Queue {
@@ -360,7 +189,7 @@ fn setup_queue_at(f: &Frontend, index: u32, (desc, avail, used): (u64, u64, u64)
 
 impl Queue {
     /// Publishes a one-descriptor chain at descriptor slot `slot`.
-    fn push(&mut self, mem: &GuestMem, slot: u16, addr: u64, len: u32, writable: bool) {
+    fn push(&mut self, mem: &GuestMemory, slot: u16, addr: u64, len: u32, writable: bool) {
         let (desc, avail, _) = ring(self.index as u64);
         let mut d = Vec::new();
         d.extend_from_slice(&addr.to_le_bytes());
@@ -383,12 +212,12 @@ impl Queue {
         assert_eq!(n, 8);
     }
 
-    fn used_idx(&self, mem: &GuestMem) -> u16 {
+    fn used_idx(&self, mem: &GuestMemory) -> u16 {
         mem.u16_at(ring(self.index as u64).2 + 2)
     }
 
     /// (id, len) of used element `n`.
-    fn used(&self, mem: &GuestMem, n: u16) -> (u32, u32) {
+    fn used(&self, mem: &GuestMemory, n: u16) -> (u32, u32) {
         let e = mem.read(ring(self.index as u64).2 + 4 + 8 * (n % QSIZE) as u64, 8);
         (
             u32::from_le_bytes(e[0..4].try_into().unwrap()),
@@ -396,7 +225,7 @@ impl Queue {
         )
     }
 
-    fn wait_used(&self, mem: &GuestMem, n: u16, t: Duration) -> bool {
+    fn wait_used(&self, mem: &GuestMemory, n: u16, t: Duration) -> bool {
         let deadline = Instant::now() + t;
         while Instant::now() < deadline {
             if self.used_idx(mem) >= n {
@@ -531,7 +360,7 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     drop(f);
 
     // 3. Memory tables that do not match their files.
-    let mem = GuestMem::new();
+    let mem = GuestMemory::new(MEM_SIZE);
     for (size, offset, what) in [
         (2 * MEM_SIZE as u64, 0, "region past the end of the memfd"),
         (
@@ -543,21 +372,16 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     ] {
         let mut f = Frontend::connect(&socket);
         f.negotiate();
-        f.send(
-            SET_MEM_TABLE,
-            0,
-            &mem.table(size, offset),
-            &[mem.fd.as_raw_fd()],
-        )
-        .expect("send");
+        f.send(SET_MEM_TABLE, 0, &table(size, offset), &[mem.fd()])
+            .expect("send");
         assert!(f.closed_by_backend(), "bad memory table accepted: {what}");
         assert!(backend.alive(), "backend died on: {what}");
     }
     // A table whose region count does not match its fds, and one without any fd.
-    for (count, fds) in [(9u32, vec![mem.fd.as_raw_fd()]), (1, vec![])] {
+    for (count, fds) in [(9u32, vec![mem.fd()]), (1, vec![])] {
         let mut f = Frontend::connect(&socket);
         f.negotiate();
-        let mut table = mem.table(MEM_SIZE as u64, 0);
+        let mut table = table(MEM_SIZE as u64, 0);
         table[..4].copy_from_slice(&count.to_le_bytes());
         f.send(SET_MEM_TABLE, 0, &table, &fds).expect("send");
         assert!(
@@ -588,14 +412,14 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     // 5. A used ring that runs off the end of guest memory: the queue stops, the process and
     //    the next frontends do not.
     // Separate memory, so that nothing of this ring is left for the next frontend.
-    let mem5 = GuestMem::new();
+    let mem5 = GuestMemory::new(MEM_SIZE);
     let mut f = Frontend::connect(&socket);
     f.negotiate();
     f.send(
         SET_MEM_TABLE,
         NEED_REPLY,
-        &mem5.table(MEM_SIZE as u64, 0),
-        &[mem5.fd.as_raw_fd()],
+        &table(MEM_SIZE as u64, 0),
+        &[mem5.fd()],
     )
     .unwrap();
     assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);
@@ -629,8 +453,8 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     f.send(
         SET_MEM_TABLE,
         NEED_REPLY,
-        &mem.table(MEM_SIZE as u64, 0),
-        &[mem.fd.as_raw_fd()],
+        &table(MEM_SIZE as u64, 0),
+        &[mem.fd()],
     )
     .unwrap();
     assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);
@@ -954,12 +778,12 @@ fn two_queue_pairs_each_reach_the_multiqueue_tap() {
     assert_ne!(offered & (1 << 22), 0, "MQ not offered: {offered:#x}");
     assert_eq!(f.get_u64(17), 4, "GET_QUEUE_NUM");
     assert_eq!(f.config()[8..10], [2, 0], "max_virtqueue_pairs");
-    let mem = GuestMem::new();
+    let mem = GuestMemory::new(MEM_SIZE);
     f.send(
         SET_MEM_TABLE,
         NEED_REPLY,
-        &mem.table(MEM_SIZE as u64, 0),
-        &[mem.fd.as_raw_fd()],
+        &table(MEM_SIZE as u64, 0),
+        &[mem.fd()],
     )
     .unwrap();
     assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);

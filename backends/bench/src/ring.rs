@@ -277,20 +277,25 @@ impl SplitRing {
                 free: self.free.len(),
             });
         }
+        // The chain is the top of the free stack, head on top. It is read in place, not
+        // collected, because this runs once per request of the measured I/O; it leaves the
+        // stack only once every descriptor is written, so a failed write loses none.
         let start = self.free.len() - buffers.len();
-        let indices: Vec<u16> = self.free.drain(start..).rev().collect();
-        let head = indices[0];
+        let chain = &self.free[start..];
+        let head = chain[chain.len() - 1];
         let mut writable = 0u64;
-        for (pos, (buffer, &index)) in buffers.iter().zip(&indices).enumerate() {
+        for (pos, buffer) in buffers.iter().enumerate() {
+            let rest = chain.len() - 1 - pos;
+            let index = chain[rest];
             let mut flags = 0u16;
             if buffer.device_writable {
                 flags |= VRING_DESC_F_WRITE as u16;
                 writable += u64::from(buffer.len);
             }
-            let next = match indices.get(pos + 1) {
-                Some(&n) => {
+            let next = match rest.checked_sub(1) {
+                Some(below) => {
                     flags |= VRING_DESC_F_NEXT as u16;
-                    n
+                    chain[below]
                 }
                 None => 0,
             };
@@ -299,6 +304,7 @@ impl SplitRing {
             let addr = self.layout.desc(index);
             mem.write_obj(desc, addr).map_err(mem_err(addr))?;
         }
+        self.free.truncate(start);
         self.chain_len[usize::from(head)] = buffers.len() as u16;
         self.writable[usize::from(head)] = writable;
 

@@ -326,18 +326,23 @@ fn still_serves(backend: &mut Backend, seed: u8) {
     assert_eq!(back, data);
 }
 
-fn backend_built() -> bool {
-    citadel_tests::profile_dir().join("citadel-blk").exists()
-}
-
-#[test]
-fn well_behaved_frontend_reads_writes_and_sees_config() {
-    if !backend_built() {
-        return citadel_tests::skip(
+/// True (and the test reported as skipped) when citadel-blk has not been built.
+fn backend_missing() -> bool {
+    let missing = !citadel_tests::profile_dir().join("citadel-blk").exists();
+    if missing {
+        citadel_tests::skip(
             "blk_hostile",
             "citadel-blk not built (cargo build -p citadel-blk)",
             true,
         );
+    }
+    missing
+}
+
+#[test]
+fn well_behaved_frontend_reads_writes_and_sees_config() {
+    if backend_missing() {
+        return;
     }
     let mut backend = Backend::start(&["--num-queues", "2", "--serial", "hostile-serial"]);
     let status = backend.status();
@@ -455,12 +460,8 @@ fn well_behaved_frontend_reads_writes_and_sees_config() {
 
 #[test]
 fn malformed_messages_are_refused_and_the_backend_keeps_serving() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let mut backend = Backend::start(&[]);
 
@@ -586,12 +587,8 @@ fn malformed_messages_are_refused_and_the_backend_keeps_serving() {
 
 #[test]
 fn hostile_descriptor_chains_fail_with_ioerr_or_are_dropped() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let mut backend = Backend::start(&[]);
     let mut s = Session::open(&backend);
@@ -689,12 +686,8 @@ fn hostile_descriptor_chains_fail_with_ioerr_or_are_dropped() {
 
 #[test]
 fn fd_mode_serves_one_frontend_then_exits_zero() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let dir = TempDir::new("blk-fd");
     let image = dir.path().join("disk.img");
@@ -786,12 +779,8 @@ fn fd_mode_serves_one_frontend_then_exits_zero() {
 
 #[test]
 fn bad_arguments_exit_with_one_line() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let run = |args: &[&str]| {
         let out = Command::new(citadel_tests::binary("citadel-blk"))
@@ -824,12 +813,8 @@ fn bad_arguments_exit_with_one_line() {
 
 #[test]
 fn sigterm_exits_zero_with_stats_and_sigusr1_prints_them() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let mut backend = Backend::start(&[]);
     still_serves(&mut backend, 6);
@@ -902,12 +887,8 @@ fn inflight_session(
 
 #[test]
 fn inflight_area_resumes_an_interrupted_request() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let mut backend = Backend::start(&[]);
     // The backend creates the area; the frontend keeps it across backend restarts.
@@ -982,12 +963,8 @@ fn inflight_area_resumes_an_interrupted_request() {
 /// allowlist has no `socket`, so the process must die of SIGSYS.
 #[test]
 fn forbidden_syscall_in_the_running_backend_is_killed_by_sigsys() {
-    if !backend_built() {
-        return citadel_tests::skip(
-            "blk_hostile",
-            "citadel-blk not built (cargo build -p citadel-blk)",
-            true,
-        );
+    if backend_missing() {
+        return;
     }
     let mut backend = Backend::start(&[]);
     still_serves(&mut backend, 11);

@@ -219,14 +219,14 @@ impl BlkDevice {
         if config.len() < BLK_CONFIG_LEN {
             return Err(DeviceError::ShortConfig(config.len()));
         }
-        let capacity_sectors = read_u64(&config, CONFIG_CAPACITY);
+        let capacity_sectors = u64::from_le_bytes(field(&config, CONFIG_CAPACITY));
         if capacity_sectors == 0 {
             return Err(DeviceError::EmptyDisk);
         }
         let block_size = (features & (1 << VIRTIO_BLK_F_BLK_SIZE) != 0)
-            .then(|| read_u32(&config, CONFIG_BLK_SIZE));
+            .then(|| u32::from_le_bytes(field(&config, CONFIG_BLK_SIZE)));
         if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
-            let num_queues = read_u16(&config, CONFIG_NUM_QUEUES);
+            let num_queues = u16::from_le_bytes(field(&config, CONFIG_NUM_QUEUES));
             if num_queues < req.queues {
                 return Err(DeviceError::TooFewQueues {
                     asked: req.queues,
@@ -317,20 +317,10 @@ impl BlkDevice {
     }
 }
 
-// The readers below are only called on a config buffer whose length was checked against
-// BLK_CONFIG_LEN, which covers every offset they are given.
-fn read_u64(config: &[u8], offset: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&config[offset..offset + 8]);
-    u64::from_le_bytes(bytes)
-}
-
-fn read_u32(config: &[u8], offset: usize) -> u32 {
-    let mut bytes = [0u8; 4];
-    bytes.copy_from_slice(&config[offset..offset + 4]);
-    u32::from_le_bytes(bytes)
-}
-
-fn read_u16(config: &[u8], offset: usize) -> u16 {
-    u16::from_le_bytes([config[offset], config[offset + 1]])
+/// The `N` bytes of a config-space field. Only called on a config buffer whose length was
+/// checked against BLK_CONFIG_LEN, which covers every field read.
+fn field<const N: usize>(config: &[u8], offset: usize) -> [u8; N] {
+    let mut bytes = [0u8; N];
+    bytes.copy_from_slice(&config[offset..offset + N]);
+    bytes
 }

@@ -83,25 +83,31 @@ pub enum ProxyError {
 
 /// One vhost-user message with the fds that came with it.
 struct Message {
+    /// Request code from the header.
+    request: u32,
+    /// Flags from the header.
+    flags: u32,
+    /// The whole message, header included, as received.
     bytes: Vec<u8>,
     fds: Vec<File>,
 }
 
 impl Message {
-    fn field(&self, at: usize) -> u32 {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.bytes[at..at + 4]);
-        u32::from_le_bytes(b)
-    }
-    fn request(&self) -> u32 {
-        self.field(0)
-    }
-    fn flags(&self) -> u32 {
-        self.field(4)
-    }
     fn payload(&self) -> &[u8] {
         &self.bytes[HDR_LEN..]
     }
+}
+
+/// The little-endian u32 at byte `at` of `b`, or `None` when `b` is too short.
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    let bytes = b.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// The little-endian u64 at byte `at` of `b`, or `None` when `b` is too short.
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    let bytes = b.get(at..at.checked_add(8)?)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Reads one message; `Ok(None)` on a clean end of stream between messages.
@@ -140,10 +146,14 @@ fn recv_message(sock: &UnixStream, dir: &'static str) -> Result<Option<Message>,
                 _ => io_err(e),
             })?;
     }
-    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let [request, flags, size] =
+        [0, 4, 8].map(|at| u32::from_le_bytes([hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]]));
     if size as usize > MAX_PAYLOAD {
-        let req = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        return Err(ProxyError::Oversized { dir, req, size });
+        return Err(ProxyError::Oversized {
+            dir,
+            req: request,
+            size,
+        });
     }
     let mut bytes = vec![0u8; HDR_LEN + size as usize];
     bytes[..HDR_LEN].copy_from_slice(&hdr);
@@ -153,7 +163,12 @@ fn recv_message(sock: &UnixStream, dir: &'static str) -> Result<Option<Message>,
             io::ErrorKind::UnexpectedEof => ProxyError::Truncated { dir },
             _ => io_err(e),
         })?;
-    Ok(Some(Message { bytes, fds }))
+    Ok(Some(Message {
+        request,
+        flags,
+        bytes,
+        fds,
+    }))
 }
 
 /// Refuses memory tables whose regions reach past the end of their file (or are not backed by
@@ -161,19 +176,11 @@ fn recv_message(sock: &UnixStream, dir: &'static str) -> Result<Option<Message>,
 /// the end of the file would kill the backend with SIGBUS.
 fn check_memory_regions(msg: &Message) -> Result<(), ProxyError> {
     let payload = msg.payload();
-    let (count, regions) = match msg.request() {
-        REQ_SET_MEM_TABLE if payload.len() >= 8 => (
-            u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize,
-            &payload[8..],
-        ),
-        REQ_ADD_MEM_REG if payload.len() >= 8 => (1, &payload[8..]),
+    let (count, regions) = match (msg.request, payload.get(8..)) {
+        (REQ_SET_MEM_TABLE, Some(regions)) => (u32_at(payload, 0).unwrap_or(0) as usize, regions),
+        (REQ_ADD_MEM_REG, Some(regions)) => (1, regions),
         // Malformed sizes are refused by the request handler itself.
         _ => return Ok(()),
-    };
-    let u64_at = |b: &[u8], at: usize| {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&b[at..at + 8]);
-        u64::from_le_bytes(v)
     };
     for (index, (region, file)) in regions
         .chunks_exact(32)
@@ -182,8 +189,9 @@ fn check_memory_regions(msg: &Message) -> Result<(), ProxyError> {
         .enumerate()
     {
         let bad = |why: String| ProxyError::BadRegion { index, why };
-        let size = u64_at(region, 8);
-        let offset = u64_at(region, 24);
+        // chunks_exact hands out 32-byte regions, so both fields are there.
+        let size = u64_at(region, 8).unwrap_or(0);
+        let offset = u64_at(region, 24).unwrap_or(0);
         let meta = file
             .metadata()
             .map_err(|e| bad(format!("fstat of its fd: {e}")))?;
@@ -274,19 +282,15 @@ impl EnableQuirk {
 
     /// Decides what to do with a frontend message of `request` type.
     pub fn on_message(&mut self, request: u32, flags: u32, payload: &[u8]) -> Action {
-        let u64_at = |b: &[u8]| {
-            b.get(..8)
-                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-        };
         match request {
             REQ_SET_PROTOCOL_FEATURES => {
-                if let Some(v) = u64_at(payload) {
+                if let Some(v) = u64_at(payload, 0) {
                     self.reply_ack = v & PROTOCOL_F_REPLY_ACK != 0;
                 }
                 Action::Forward
             }
             REQ_SET_FEATURES => {
-                let Some(features) = u64_at(payload) else {
+                let Some(features) = u64_at(payload, 0) else {
                     return Action::Forward;
                 };
                 let acked = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
@@ -304,14 +308,8 @@ impl EnableQuirk {
             }
             REQ_SET_VRING_ENABLE if !self.protocol_acked => {
                 let need_reply = self.reply_ack && flags & FLAG_NEED_REPLY != 0;
-                let state = payload.get(..8).map(|b| {
-                    (
-                        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-                    )
-                });
-                match state {
-                    Some((index, num)) if index < self.num_queues && num <= 1 => {
+                match (u32_at(payload, 0), u32_at(payload, 4)) {
+                    (Some(index), Some(num)) if index < self.num_queues && num <= 1 => {
                         log::debug!("deferring SET_VRING_ENABLE {index}={num} until SET_FEATURES");
                         self.deferred.insert(index, num);
                         Action::Absorb(need_reply.then_some(0))
@@ -392,11 +390,11 @@ fn relay_from_frontend(
     let mut quirk = EnableQuirk::new(num_queues);
     while let Some(msg) = recv_message(from, DIR)? {
         check_memory_regions(&msg)?;
-        match quirk.on_message(msg.request(), msg.flags(), msg.payload()) {
+        match quirk.on_message(msg.request, msg.flags, msg.payload()) {
             Action::Forward => send_message(to, &msg.bytes, &msg.fds, DIR)?,
             Action::Absorb(ack) => {
                 if let Some(status) = ack {
-                    let mut out = header(msg.request(), FLAG_VERSION | FLAG_REPLY, 8);
+                    let mut out = header(msg.request, FLAG_VERSION | FLAG_REPLY, 8);
                     out.extend_from_slice(&status.to_le_bytes());
                     let f = reply.lock().unwrap_or_else(|e| e.into_inner());
                     send_message(&f, &out, &[], DIR)?;

@@ -11,7 +11,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use citadel_tests::vhost_user::{
     SET_FEATURES, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE,
     SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
 };
+use citadel_tests::vm::TempDir;
 use citadel_tests::{binary, skip, Reaped};
 
 const TEST: &str = "net_hostile";
@@ -39,14 +40,6 @@ const MEM_SIZE: usize = 1 << 20;
 /// frontend virtual addresses).
 const USER_BASE: u64 = 0x7f00_0000_0000;
 const QSIZE: u16 = 16;
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The vhost-user-net steps of a frontend on top of the raw messages.
 trait NetFrontend {
@@ -300,12 +293,10 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
         skip(TEST, "busybox (for ping) is not installed", true);
         return;
     }
-    let dir = std::env::temp_dir().join(unique("citadel-net-hostile-"));
-    fs::create_dir_all(&dir).expect("scratch dir");
-    let scratch = Scratch(dir);
+    let scratch = TempDir::new("net-hostile");
     let ns = NetNs::create(unique("cnh"));
     let tap = "cnh0";
-    let socket = scratch.0.join("net.sock");
+    let socket = scratch.path().join("net.sock");
     let mac = MAC
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -755,12 +746,10 @@ fn two_queue_pairs_each_reach_the_multiqueue_tap() {
         );
         return;
     }
-    let dir = std::env::temp_dir().join(unique("citadel-net-mq-"));
-    fs::create_dir_all(&dir).expect("scratch dir");
-    let scratch = Scratch(dir);
+    let scratch = TempDir::new("net-mq");
     let ns = NetNs::create(unique("cnm"));
     let tap = "cnm0";
-    let socket = scratch.0.join("net.sock");
+    let socket = scratch.path().join("net.sock");
     let mut cmd = ns.exec(&[
         binary("citadel-net").to_str().expect("utf-8"),
         "--socket",

@@ -9,26 +9,18 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use citadel_tests::kernel::{guest_kernel, initramfs_with_script};
 use citadel_tests::netns::{unique, NetNs};
+use citadel_tests::vm::TempDir;
 use citadel_tests::{binary, skip, Reaped};
 
 const TEST: &str = "net_qemu";
 const GUEST_MAC: &str = "52:54:00:c1:7a:de";
-
-/// A scratch directory removed at the end of the test.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
@@ -117,12 +109,10 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
         return;
     };
 
-    let dir = std::env::temp_dir().join(unique("citadel-net-qemu-"));
-    fs::create_dir_all(&dir).expect("scratch dir");
-    let scratch = Scratch(dir.clone());
+    let scratch = TempDir::new("net-qemu");
     let ns = NetNs::create(unique("cnq"));
     let tap = "cnq0";
-    let socket = scratch.0.join("net.sock");
+    let socket = scratch.path().join("net.sock");
 
     let mut backend = ns.exec(&[
         binary("citadel-net").to_str().expect("utf-8 path"),
@@ -162,7 +152,7 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
 
     // Host end of the transfers: an HTTP server in the namespace. busybox wget checks the
     // Content-Length, so a short transfer fails instead of passing silently.
-    let www = scratch.0.join("www");
+    let www = scratch.path().join("www");
     fs::create_dir_all(&www).expect("www dir");
     let host_file = www.join("h2g");
     let mut random = vec![0u8; 2 << 20];
@@ -171,7 +161,7 @@ fn qemu_guest_and_host_exchange_data_through_citadel_net() {
         .expect("random data");
     fs::write(&host_file, &random).expect("write host file");
     let host_sum = sha256(&host_file);
-    let received = scratch.0.join("g2h");
+    let received = scratch.path().join("g2h");
     let httpd = ns
         .exec(&["busybox", "httpd", "-f", "-p", "10.77.0.1:8081", "-h"])
         .arg(&www)
@@ -197,7 +187,7 @@ httpd -p 8082 -h /www
 echo G2H-READY
 timeout 120 sh -c 'until wget -q -O /dev/null http://10.77.0.1:8081/fetched; do sleep 1; done'
 "#;
-    let initrd = scratch.0.join("initrd");
+    let initrd = scratch.path().join("initrd");
     initramfs_with_script(&kernel.initramfs, script, &initrd).expect("write initramfs");
 
     let mut qemu = Command::new("qemu-system-x86_64");

@@ -100,6 +100,16 @@ impl Jail {
         self.command(exec, extra).output().expect("run jailer")
     }
 
+    /// The jailer command that jails busybox.
+    fn busybox_command(&self, extra: &[&str]) -> Command {
+        self.command(Path::new(BUSYBOX), extra)
+    }
+
+    /// Runs the jailer on busybox to completion.
+    fn run_busybox(&self, extra: &[&str]) -> Output {
+        self.run(Path::new(BUSYBOX), extra)
+    }
+
     /// Waits for the pid file to hold a pid.
     fn wait_pid(&self) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -202,6 +212,51 @@ fn namespace(pid: &str, ns: &str) -> PathBuf {
     fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("read ns link")
 }
 
+/// The names in a directory, sorted.
+fn dir_names(dir: impl AsRef<Path>) -> Vec<String> {
+    let dir = dir.as_ref();
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The process runs as `UID`, with no_new_privs and every capability set empty.
+fn assert_unprivileged(pid: i32) {
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
+    }
+}
+
+/// The process shares none of the namespaces the jailer creates with the test process.
+fn assert_own_namespaces(pid: i32) {
+    let me = std::process::id().to_string();
+    for ns in ["mnt", "ipc", "uts", "net", "pid", "user"] {
+        assert_ne!(
+            namespace(&pid.to_string(), ns),
+            namespace(&me, ns),
+            "{ns} namespace shared"
+        );
+    }
+}
+
+/// The process has an empty environment and only descriptors 0, 1 and 2 open.
+fn assert_bare_environment_and_stdio_only(pid: i32) {
+    assert_eq!(fs::read(format!("/proc/{pid}/environ")).unwrap(), b"");
+    assert_eq!(
+        dir_names(format!("/proc/{pid}/fd")),
+        ["0", "1", "2"],
+        "inherited descriptors reached the jail"
+    );
+}
+
 fn stderr_line(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_string()
 }
@@ -227,54 +282,37 @@ fn assert_clean_failure(out: &Output, prefix: &str) {
 fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
     require!("jailed_process_is_confined_in_every_way_the_operator_can_see");
     let jail = Jail::new("confined");
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &[
-            "--new-netns",
-            "--new-pid-ns",
-            "--userns",
-            "--daemonize",
-            "--cgroup",
-            "memory.limit_in_bytes=67108864",
-            "--cgroup",
-            "pids.max=17",
-            "--resource-limit",
-            "no-file=123",
-            "--resource-limit",
-            "fsize=1048576",
-            "--",
-            "sleep",
-            "1000",
-        ],
-    );
+    let out = jail.run_busybox(&[
+        "--new-netns",
+        "--new-pid-ns",
+        "--userns",
+        "--daemonize",
+        "--cgroup",
+        "memory.limit_in_bytes=67108864",
+        "--cgroup",
+        "pids.max=17",
+        "--resource-limit",
+        "no-file=123",
+        "--resource-limit",
+        "fsize=1048576",
+        "--",
+        "sleep",
+        "1000",
+    ]);
     assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
     let pid = jail.wait_pid();
 
-    assert_eq!(
-        status_field(pid, "Uid"),
-        format!("{UID}\t{UID}\t{UID}\t{UID}")
-    );
+    assert_unprivileged(pid);
     assert_eq!(
         status_field(pid, "Gid"),
         format!("{GID}\t{GID}\t{GID}\t{GID}")
     );
     assert_eq!(status_field(pid, "Groups"), "");
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
-    }
     // PID 1 of its own PID namespace.
     let nspid = status_field(pid, "NSpid");
     assert_eq!(nspid, format!("{pid}\t1"));
 
-    let me = std::process::id().to_string();
-    for ns in ["mnt", "ipc", "uts", "net", "pid", "user"] {
-        assert_ne!(
-            namespace(&pid.to_string(), ns),
-            namespace(&me, ns),
-            "{ns} namespace shared"
-        );
-    }
+    assert_own_namespaces(pid);
     let uid_map = fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
     assert_eq!(
         uid_map.split_whitespace().collect::<Vec<_>>(),
@@ -288,12 +326,7 @@ fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
 
     // Its root is the jail: exactly the executable and /dev.
     let proc_root = PathBuf::from(format!("/proc/{pid}/root"));
-    let mut entries: Vec<String> = fs::read_dir(&proc_root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    entries.sort();
-    assert_eq!(entries, ["busybox", "dev"]);
+    assert_eq!(dir_names(&proc_root), ["busybox", "dev"]);
     let jailed_exe = fs::metadata(proc_root.join("busybox")).unwrap();
     assert_eq!((jailed_exe.uid(), jailed_exe.gid()), (UID, GID));
     assert_eq!(
@@ -320,12 +353,10 @@ fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
         assert_eq!(meta.rdev(), libc::makedev(major, minor), "{rel} numbers");
         devs.push(rel.to_string());
     }
-    let mut listed: Vec<String> = fs::read_dir(proc_root.join("dev"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    listed.sort();
-    assert_eq!(listed, ["kvm", "net", "null", "urandom"]);
+    assert_eq!(
+        dir_names(proc_root.join("dev")),
+        ["kvm", "net", "null", "urandom"]
+    );
     for dir in [
         proc_root.join("dev"),
         proc_root.join("dev/net"),
@@ -394,13 +425,7 @@ fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
     assert_eq!(limit("Max file size"), ["1048576", "1048576"]);
 
     // The environment is empty and only stdio is open (to /dev/null, daemonized).
-    assert_eq!(fs::read(format!("/proc/{pid}/environ")).unwrap(), b"");
-    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    fds.sort();
-    assert_eq!(fds, ["0", "1", "2"]);
+    assert_bare_environment_and_stdio_only(pid);
     assert!(jail.children.is_empty());
     jail.kill_jailed();
 }
@@ -409,7 +434,7 @@ fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
 fn inherited_descriptors_and_environment_do_not_reach_the_jail() {
     require!("inherited_descriptors_and_environment_do_not_reach_the_jail");
     let mut jail = Jail::new("sanitize");
-    let mut cmd = jail.command(Path::new(BUSYBOX), &["--", "sleep", "1000"]);
+    let mut cmd = jail.busybox_command(&["--", "sleep", "1000"]);
     cmd.env("SECRET", "leaked-secret")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -425,54 +450,45 @@ fn inherited_descriptors_and_environment_do_not_reach_the_jail() {
     }
     jail.children.push(cmd.spawn().expect("spawn jailer"));
     let pid = jail.wait_pid();
-    assert_eq!(fs::read(format!("/proc/{pid}/environ")).unwrap(), b"");
-    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    fds.sort();
-    assert_eq!(
-        fds,
-        ["0", "1", "2"],
-        "inherited descriptors reached the jail"
-    );
+    assert_bare_environment_and_stdio_only(pid);
+}
+
+/// Puts a link (made by `link(host file, destination)`) to a host file where the jailer copies
+/// busybox to, and checks that the jailer refuses the copy naming `kind`, leaving the host
+/// file's contents alone. Returns the jail and the host file for further checks.
+fn refused_link_at_copy_destination(
+    tag: &str,
+    kind: &str,
+    link: fn(&Path, &Path) -> std::io::Result<()>,
+) -> (Jail, PathBuf) {
+    let jail = Jail::new(tag);
+    let victim = jail.base.join("victim");
+    fs::write(&victim, b"host file").unwrap();
+    fs::create_dir_all(jail.root()).unwrap();
+    link(&victim, &jail.root().join("busybox")).unwrap();
+    let out = jail.run_busybox(&["--", "true"]);
+    assert_clean_failure(&out, "copy: ");
+    assert!(stderr_line(&out).contains(kind), "{}", stderr_line(&out));
+    assert_eq!(fs::read(&victim).unwrap(), b"host file");
+    (jail, victim)
 }
 
 #[test]
 fn symlink_at_the_copy_destination_is_refused() {
     require!("symlink_at_the_copy_destination_is_refused");
-    let jail = Jail::new("symlink");
-    let victim = jail.base.join("victim");
-    fs::write(&victim, b"host file").unwrap();
-    fs::create_dir_all(jail.root()).unwrap();
-    std::os::unix::fs::symlink(&victim, jail.root().join("busybox")).unwrap();
-    let out = jail.run(Path::new(BUSYBOX), &["--", "true"]);
-    assert_clean_failure(&out, "copy: ");
-    assert!(
-        stderr_line(&out).contains("symlink"),
-        "{}",
-        stderr_line(&out)
-    );
-    assert_eq!(fs::read(&victim).unwrap(), b"host file");
+    let (jail, _) = refused_link_at_copy_destination("symlink", "symlink", |victim, dest| {
+        std::os::unix::fs::symlink(victim, dest)
+    });
     assert!(!jail.pid_file().exists());
 }
 
 #[test]
 fn hard_link_at_the_copy_destination_is_refused() {
     require!("hard_link_at_the_copy_destination_is_refused");
-    let jail = Jail::new("hardlink");
-    let victim = jail.base.join("victim");
-    fs::write(&victim, b"host file").unwrap();
-    fs::create_dir_all(jail.root()).unwrap();
-    fs::hard_link(&victim, jail.root().join("busybox")).unwrap();
-    let out = jail.run(Path::new(BUSYBOX), &["--", "true"]);
-    assert_clean_failure(&out, "copy: ");
-    assert!(
-        stderr_line(&out).contains("hard link"),
-        "{}",
-        stderr_line(&out)
-    );
-    assert_eq!(fs::read(&victim).unwrap(), b"host file");
+    let (_jail, victim) =
+        refused_link_at_copy_destination("hardlink", "hard link", |victim, dest| {
+            fs::hard_link(victim, dest)
+        });
     assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o644);
 }
 
@@ -481,51 +497,27 @@ fn bad_ids_and_paths_are_refused_before_anything_is_created() {
     require!("bad_ids_and_paths_are_refused_before_anything_is_created");
     let jail = Jail::new("badargs");
     let long = "x".repeat(65);
-    let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--id".into(), "../evil".into()], "arguments: --id"),
-        (vec!["--id".into(), "a/b".into()], "arguments: --id"),
-        (vec!["--id".into(), long.clone()], "arguments: --id"),
-        (vec!["--id".into(), "".into()], "arguments: --id"),
-        (
-            vec!["--exec-file".into(), "busybox".into()],
-            "arguments: --exec-file",
-        ),
-        (
-            vec!["--exec-file".into(), "/bin/../bin/busybox".into()],
-            "arguments: --exec-file",
-        ),
-        (
-            vec!["--chroot-base-dir".into(), "/tmp/../etc".into()],
-            "arguments: --chroot-base-dir",
-        ),
-        (
-            vec!["--parent-cgroup".into(), "/abs".into()],
-            "arguments: --parent-cgroup",
-        ),
-        (
-            vec!["--parent-cgroup".into(), "a/../../b".into()],
-            "arguments: --parent-cgroup",
-        ),
-        (
-            vec!["--cgroup".into(), "../../memory.limit_in_bytes=1".into()],
-            "arguments: --cgroup",
-        ),
-        (
-            vec!["--netns".into(), "/run/netns/../../proc/1/ns/net".into()],
-            "arguments: --netns",
-        ),
-        (
-            vec!["--resource-limit".into(), "nproc=3".into()],
-            "arguments: --resource-limit",
-        ),
-        (vec!["--bogus".into()], "arguments: unknown argument"),
+    let cases = [
+        ("--id", "../evil"),
+        ("--id", "a/b"),
+        ("--id", long.as_str()),
+        ("--id", ""),
+        ("--exec-file", "busybox"),
+        ("--exec-file", "/bin/../bin/busybox"),
+        ("--chroot-base-dir", "/tmp/../etc"),
+        ("--parent-cgroup", "/abs"),
+        ("--parent-cgroup", "a/../../b"),
+        ("--cgroup", "../../memory.limit_in_bytes=1"),
+        ("--netns", "/run/netns/../../proc/1/ns/net"),
+        ("--resource-limit", "nproc=3"),
     ];
-    for (extra, prefix) in cases {
+    for (flag, value) in cases {
         // Later flags override the fixture's, so each case tests one bad value.
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let out = jail.run(Path::new(BUSYBOX), &extra);
-        assert_clean_failure(&out, prefix);
+        let out = jail.run_busybox(&[flag, value]);
+        assert_clean_failure(&out, &format!("arguments: {flag}"));
     }
+    let out = jail.run_busybox(&["--bogus"]);
+    assert_clean_failure(&out, "arguments: unknown argument");
     assert!(
         !jail.base.join("citadel").exists(),
         "a refused command line created files"
@@ -536,10 +528,7 @@ fn bad_ids_and_paths_are_refused_before_anything_is_created() {
 fn too_small_no_file_limit_fails_cleanly() {
     require!("too_small_no_file_limit_fails_cleanly");
     let jail = Jail::new("nofile");
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &["--resource-limit", "no-file=3", "--", "true"],
-    );
+    let out = jail.run_busybox(&["--resource-limit", "no-file=3", "--", "true"]);
     assert_clean_failure(&out, "arguments: --resource-limit no-file=3 is too small");
     assert!(!jail.base.join("citadel").exists());
 }
@@ -549,10 +538,7 @@ fn a_failed_jail_leaves_nothing_a_retry_trips_over() {
     require!("a_failed_jail_leaves_nothing_a_retry_trips_over");
     let jail = Jail::new("retry");
     // Fails at the cgroup step, after the copy.
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &["--cgroup", "nosuch.max=1", "--", "true"],
-    );
+    let out = jail.run_busybox(&["--cgroup", "nosuch.max=1", "--", "true"]);
     assert_clean_failure(&out, "cgroup: ");
     assert!(
         !jail.base.join("citadel").exists(),
@@ -560,27 +546,18 @@ fn a_failed_jail_leaves_nothing_a_retry_trips_over() {
     );
     // Fails at the netns step, after the copy: the retry starts from scratch.
     let missing_netns = jail.base.join("no-such-netns");
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &[
-            "--cgroup",
-            "pids.max=20",
-            "--netns",
-            missing_netns.to_str().unwrap(),
-            "--",
-            "true",
-        ],
-    );
+    let out = jail.run_busybox(&[
+        "--cgroup",
+        "pids.max=20",
+        "--netns",
+        missing_netns.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
     assert_clean_failure(&out, "netns: open ");
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &["--cgroup", "pids.max=20", "--", "true"],
-    );
+    let out = jail.run_busybox(&["--cgroup", "pids.max=20", "--", "true"]);
     assert!(out.status.success(), "retry failed: {}", stderr_line(&out));
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &["--cgroup", "pids.max=20", "--", "true"],
-    );
+    let out = jail.run_busybox(&["--cgroup", "pids.max=20", "--", "true"]);
     assert!(
         out.status.success(),
         "second run over a finished jail failed: {}",
@@ -592,29 +569,23 @@ fn a_failed_jail_leaves_nothing_a_retry_trips_over() {
 fn exit_code_and_errors_after_the_fork_reach_the_operator() {
     require!("exit_code_and_errors_after_the_fork_reach_the_operator");
     let jail = Jail::new("exitcode");
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &["--new-pid-ns", "--", "sh", "-c", "exit 7"],
-    );
+    let out = jail.run_busybox(&["--new-pid-ns", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr_line(&out));
     // Landlock refuses to run a binary the jailed process wrote itself.
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &[
-            "--landlock",
-            "--",
-            "sh",
-            "-c",
-            "busybox cp /busybox /copy && /copy true",
-        ],
-    );
+    let out = jail.run_busybox(&[
+        "--landlock",
+        "--",
+        "sh",
+        "-c",
+        "busybox cp /busybox /copy && /copy true",
+    ]);
     assert!(!out.status.success(), "a copied binary ran under Landlock");
     assert!(
         stderr_line(&out).contains("Permission denied"),
         "{}",
         stderr_line(&out)
     );
-    let out = jail.run(Path::new(BUSYBOX), &["--landlock", "--", "true"]);
+    let out = jail.run_busybox(&["--landlock", "--", "true"]);
     assert!(out.status.success(), "{}", stderr_line(&out));
 }
 
@@ -632,7 +603,7 @@ fn pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination() {
                 extra.push("--new-pid-ns");
             }
             extra.extend(["--", "sleep", "1000"]);
-            let mut cmd = jail.command(Path::new(BUSYBOX), &extra);
+            let mut cmd = jail.busybox_command(&extra);
             cmd.stdout(Stdio::null()).stderr(Stdio::piped());
             let what = format!("daemonize={daemonize} new-pid-ns={pid_ns}");
             let mut child = cmd.spawn().expect("spawn jailer");
@@ -738,18 +709,8 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     let status = qmp.execute("query-status", None);
     assert_eq!(status["return"]["running"], true, "{status}");
 
-    assert_eq!(
-        status_field(pid, "Uid"),
-        format!("{UID}\t{UID}\t{UID}\t{UID}")
-    );
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
-    }
-    let tasks: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    assert_unprivileged(pid);
+    let tasks = dir_names(format!("/proc/{pid}/task"));
     assert!(
         tasks.len() >= 3,
         "expected the event loop and two vCPU threads: {tasks:?}"
@@ -762,10 +723,7 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
         );
         assert!(status.contains("NoNewPrivs:\t1"), "task {task}");
     }
-    let me = std::process::id().to_string();
-    for ns in ["mnt", "ipc", "uts", "net", "pid", "user"] {
-        assert_ne!(namespace(&pid.to_string(), ns), namespace(&me, ns), "{ns}");
-    }
+    assert_own_namespaces(pid);
     assert!(qmp.execute("quit", None).get("return").is_some());
     wait_gone(pid);
 }
@@ -779,18 +737,15 @@ fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
     // busybox runs as busybox under any name starting with "busybox".
     let blk = host_bin.join("busybox-blk");
     fs::copy(BUSYBOX, &blk).unwrap();
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &[
-            "--backend-file",
-            blk.to_str().unwrap(),
-            "--landlock",
-            "--",
-            "sh",
-            "-c",
-            "/busybox-blk true && busybox ls -1 /",
-        ],
-    );
+    let out = jail.run_busybox(&[
+        "--backend-file",
+        blk.to_str().unwrap(),
+        "--landlock",
+        "--",
+        "sh",
+        "-c",
+        "/busybox-blk true && busybox ls -1 /",
+    ]);
     assert!(out.status.success(), "{}", stderr_line(&out));
     let listing = String::from_utf8_lossy(&out.stdout);
     let mut names: Vec<&str> = listing.lines().collect();
@@ -825,35 +780,29 @@ fn cgroup_v2_is_used_when_it_offers_the_controllers_and_v1_otherwise() {
         return;
     }
     let jail = Jail::new("cgv2");
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &[
-            "--daemonize",
-            "--cgroup",
-            "hugetlb.2MB.max=0",
-            "--cgroup",
-            "pids.max=9",
-            "--",
-            "sleep",
-            "1000",
-        ],
-    );
+    let out = jail.run_busybox(&[
+        "--daemonize",
+        "--cgroup",
+        "hugetlb.2MB.max=0",
+        "--cgroup",
+        "pids.max=9",
+        "--",
+        "sleep",
+        "1000",
+    ]);
     // pids is not on v2 here, so the whole set falls back to v1, where hugetlb is not mounted.
     assert_clean_failure(
         &out,
         "cgroup: no cgroup v1 hierarchy has the hugetlb controller",
     );
-    let out = jail.run(
-        Path::new(BUSYBOX),
-        &[
-            "--daemonize",
-            "--cgroup",
-            "hugetlb.2MB.max=0",
-            "--",
-            "sleep",
-            "1000",
-        ],
-    );
+    let out = jail.run_busybox(&[
+        "--daemonize",
+        "--cgroup",
+        "hugetlb.2MB.max=0",
+        "--",
+        "sleep",
+        "1000",
+    ]);
     assert!(out.status.success(), "{}", stderr_line(&out));
     let pid = jail.wait_pid();
     let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -878,17 +827,14 @@ fn cgroup_v2_is_used_when_it_offers_the_controllers_and_v1_otherwise() {
     );
     jail.kill_jailed();
     if !offered.split_whitespace().any(|c| c == "pids") {
-        let out = jail.run(
-            Path::new(BUSYBOX),
-            &[
-                "--cgroup-version",
-                "2",
-                "--cgroup",
-                "pids.max=9",
-                "--",
-                "true",
-            ],
-        );
+        let out = jail.run_busybox(&[
+            "--cgroup-version",
+            "2",
+            "--cgroup",
+            "pids.max=9",
+            "--",
+            "true",
+        ]);
         assert_clean_failure(&out, "cgroup: cgroup v2 asked for");
     }
 }
@@ -898,10 +844,7 @@ fn a_foreground_jailer_passes_sigterm_on_to_the_pid_namespace() {
     require!("a_foreground_jailer_passes_sigterm_on_to_the_pid_namespace");
     let mut jail = Jail::new("forward");
     let script = "trap 'exit 3' TERM; while :; do /busybox sleep 0.05; done";
-    let mut cmd = jail.command(
-        Path::new(BUSYBOX),
-        &["--new-pid-ns", "--", "sh", "-c", script],
-    );
+    let mut cmd = jail.busybox_command(&["--new-pid-ns", "--", "sh", "-c", script]);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     jail.children.push(cmd.spawn().expect("spawn jailer"));
     let pid = jail.wait_pid();

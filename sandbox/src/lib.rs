@@ -13,9 +13,12 @@
 //! The seccomp filter is installed separately, by the `citadel-seccomp` crate, as the very
 //! last step, because it forbids the syscalls used here.
 
+use std::path::Path;
+
+pub use landlock::AccessFs;
 use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetStatus,
-    Scope, ABI,
+    Access, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 /// Landlock ABI that Citadel's rulesets are written against.
@@ -78,6 +81,14 @@ pub enum Error {
     /// Building or applying the Landlock ruleset failed.
     #[error("applying the Landlock ruleset: {0}")]
     Landlock(#[from] landlock::RulesetError),
+    /// A path to keep access to could not be opened for its Landlock rule.
+    #[error("Landlock rule for {path}: {source}")]
+    LandlockPath {
+        /// The path.
+        path: String,
+        /// What landlock said.
+        source: landlock::PathFdError,
+    },
     /// Landlock is required but the kernel does not enforce it.
     #[error("Landlock is required but this kernel does not enforce it")]
     LandlockUnavailable,
@@ -110,13 +121,28 @@ pub fn set_no_new_privs() -> Result<(), Error> {
 /// and scopes signals and abstract Unix sockets to the sandbox. Already open descriptors keep
 /// working; nothing new can be opened by path.
 pub fn deny_filesystem_and_network() -> Result<LandlockEnforcement, Error> {
-    let status = Ruleset::default()
+    restrict_filesystem_and_network(&[])
+}
+
+/// Like [`deny_filesystem_and_network`], but keeps the rights `grants` names: each entry allows
+/// `access` on a file, or beneath a directory.
+pub fn restrict_filesystem_and_network(
+    grants: &[(&Path, AccessFs)],
+) -> Result<LandlockEnforcement, Error> {
+    let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
         .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
         .scope(Scope::from_all(LANDLOCK_ABI))?
-        .create()?
-        .restrict_self()?;
+        .create()?;
+    for &(path, access) in grants {
+        let fd = PathFd::new(path).map_err(|source| Error::LandlockPath {
+            path: path.display().to_string(),
+            source,
+        })?;
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
+    }
+    let status = ruleset.restrict_self()?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => LandlockEnforcement::Full,
         RulesetStatus::PartiallyEnforced => LandlockEnforcement::Partial,

@@ -7,32 +7,15 @@
 
 use std::path::Path;
 
+use citadel_sandbox::{AccessFs, LandlockEnforcement};
 use citadel_seccomp::{CompiledFilter, Mode, Role};
-use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
-    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
-};
-
-/// The Landlock ABI the VMM's ruleset is written against; older kernels enforce what they can.
-const LANDLOCK_ABI: ABI = ABI::V6;
 
 /// Errors while locking down.
 #[derive(Debug, thiserror::Error)]
 pub enum LockdownError {
-    /// no_new_privs could not be set.
+    /// no_new_privs or Landlock could not be applied.
     #[error("lockdown: {0}")]
     Sandbox(#[from] citadel_sandbox::Error),
-    /// The Landlock ruleset could not be built or applied.
-    #[error("lockdown: Landlock: {0}")]
-    Landlock(#[from] landlock::RulesetError),
-    /// A directory the VMM must keep could not be opened.
-    #[error("lockdown: Landlock rule for {path}: {source}")]
-    LandlockPath {
-        /// The directory.
-        path: String,
-        /// What landlock said.
-        source: landlock::PathFdError,
-    },
     /// A seccomp filter could not be installed.
     #[error("lockdown: {0}")]
     Seccomp(#[from] citadel_seccomp::Error),
@@ -47,30 +30,21 @@ pub fn confine_process(
     readable_files: &[&Path],
 ) -> Result<(), LockdownError> {
     citadel_sandbox::set_no_new_privs()?;
-    let mut ruleset = Ruleset::default()
-        .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
-        .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
-        .scope(Scope::from_all(LANDLOCK_ABI))?
-        .create()?;
-    let grants = removable_dirs
+    let grants: Vec<(&Path, AccessFs)> = removable_dirs
         .iter()
-        .map(|dir| (dir, AccessFs::RemoveFile))
-        .chain(readable_files.iter().map(|file| (file, AccessFs::ReadFile)));
-    for (path, access) in grants {
-        let fd = PathFd::new(path).map_err(|source| LockdownError::LandlockPath {
-            path: path.display().to_string(),
-            source,
-        })?;
-        ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
-    }
-    let status = ruleset.restrict_self()?;
-    match status.ruleset {
-        RulesetStatus::FullyEnforced => log::info!("landlock: fully enforced"),
-        RulesetStatus::PartiallyEnforced => {
+        .map(|&dir| (dir, AccessFs::RemoveFile))
+        .chain(
+            readable_files
+                .iter()
+                .map(|&file| (file, AccessFs::ReadFile)),
+        )
+        .collect();
+    match citadel_sandbox::restrict_filesystem_and_network(&grants)? {
+        LandlockEnforcement::Full => log::info!("landlock: fully enforced"),
+        LandlockEnforcement::Partial => {
             log::info!("landlock: partially enforced (older kernel ABI)")
         }
-        RulesetStatus::NotEnforced => log::warn!("landlock: not supported by this kernel"),
+        LandlockEnforcement::None => log::warn!("landlock: not supported by this kernel"),
     }
     Ok(())
 }

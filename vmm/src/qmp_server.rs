@@ -249,16 +249,19 @@ impl QmpServer {
                 let Some(client) = self.clients.get_mut(&token) else {
                     return false;
                 };
+                // Malformed input can cost a reply per couple of bytes: stop answering a peer
+                // that does not read them before its backlog outgrows the cap.
+                if client.out.len() > MAX_PENDING_OUTPUT {
+                    log::warn!("QMP client {token} is not reading its replies: disconnecting it");
+                    return false;
+                }
                 let was_negotiated = client.session.negotiated();
                 match client.session.handle(frame) {
                     Outcome::Reply(line) => {
                         client.out.extend(line.as_bytes());
                         if !was_negotiated && client.session.negotiated() {
-                            let backlog: Vec<String> = self.backlog.drain(..).collect();
-                            if let Some(c) = self.clients.get_mut(&token) {
-                                for line in backlog {
-                                    c.out.extend(line.as_bytes());
-                                }
+                            for line in self.backlog.drain(..) {
+                                client.out.extend(line.as_bytes());
                             }
                         }
                     }

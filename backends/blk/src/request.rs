@@ -291,6 +291,10 @@ fn execute<M: GuestMemory>(
             if !in_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(Failure::Layout("read length not a multiple of 512"));
             }
+            // The used-ring length cannot report more, so refuse before any I/O.
+            let used_len = u32::try_from(in_len)
+                .ok()
+                .ok_or(Failure::Layout("read longer than 4 GiB"))?;
             let mut offset = check_range(disk, sector, in_len / SECTOR_SIZE)?;
             let buf = bounce.as_mut_slice();
             let mut pos = 0u64;
@@ -303,7 +307,7 @@ fn execute<M: GuestMemory>(
             }
             Stats::add(&stats.reads, 1);
             Stats::add(&stats.read_bytes, in_len);
-            u32::try_from(in_len).map_err(|_| Failure::Layout("read longer than 4 GiB"))
+            Ok(used_len)
         }
         T_OUT => {
             if in_len != 0 {
@@ -608,5 +612,44 @@ mod tests {
             ]),
             (1, S_UNSUPP)
         );
+    }
+
+    #[test]
+    fn read_too_long_for_the_used_ring_fails_before_touching_guest_memory() {
+        // 1022 descriptors of 8 MiB each ask for ~8 GiB, which the u32 used length cannot
+        // report; the image is large enough that only that limit refuses the request.
+        const BIG_MEM: u64 = 8 << 20;
+        let path = std::env::temp_dir().join(format!(
+            "citadel-blk-req-big-{}-{:?}.img",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(16 << 30)
+            .unwrap();
+        let disk = Disk::open(&ImageSource::Path(path.clone()), false, false);
+        let _ = std::fs::remove_file(&path);
+        let disk = disk.unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG_MEM as usize)]).unwrap();
+        mem.write_obj(T_IN, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0u64, GuestAddress(0x1008)).unwrap();
+        mem.write_slice(&[0xaa; 512], GuestAddress(0)).unwrap();
+        let mut descs = vec![d(0x1000, 16, false, true)];
+        descs.extend((0..MAX_SEGMENTS - 2).map(|_| d(0, BIG_MEM as u32, true, true)));
+        descs.push(d(0x3000, 1, true, false));
+        let stats = Stats::default();
+        let dev = Device {
+            disk: &disk,
+            serial: None,
+            stats: &stats,
+        };
+        let used = handle(descs.into_iter(), &mem, &dev, &mut Scratch::default());
+        assert_eq!(used, 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), S_IOERR);
+        let mut data = [0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(0)).unwrap();
+        assert!(data.iter().all(|&b| b == 0xaa), "guest memory overwritten");
     }
 }

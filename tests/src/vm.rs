@@ -4,11 +4,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::kernel::ConsoleProcess;
 
 /// A unique scratch directory removed on drop.
 pub struct TempDir(PathBuf);
@@ -39,11 +40,9 @@ impl Drop for TempDir {
     }
 }
 
-/// A running citadel process, killed on drop.
+/// A running citadel process with its serial console, killed on drop.
 pub struct Vm {
-    child: Option<Child>,
-    serial: Receiver<String>,
-    seen: Vec<String>,
+    console: ConsoleProcess,
     /// The QMP socket path.
     pub qmp_path: PathBuf,
     _dir: TempDir,
@@ -64,25 +63,9 @@ impl Vm {
             .arg(format!("unix:{},server,nowait", qmp_path.display()))
             .arg("-serial")
             .arg("stdio")
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn citadel");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+            .args(extra);
         Vm {
-            child: Some(child),
-            serial: rx,
-            seen: Vec::new(),
+            console: ConsoleProcess::spawn(cmd).expect("spawn citadel"),
             qmp_path,
             _dir: dir,
         }
@@ -90,40 +73,17 @@ impl Vm {
 
     /// Waits for a serial line containing `needle`; panics with everything seen on timeout.
     pub fn wait_serial(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.serial.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no serial line containing {needle:?} within {timeout:?}; seen: {:#?}",
-                    self.seen
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "citadel exited before printing {needle:?}; seen: {:#?}",
-                    self.seen
-                ),
-            }
-        }
+        self.console.wait_for(needle, timeout).unwrap_or_else(|| {
+            panic!(
+                "no serial line containing {needle:?} within {timeout:?}\n{}",
+                self.console.transcript()
+            )
+        })
     }
 
     /// Serial lines received within `window`, without waiting for anything in particular.
     pub fn serial_lines_for(&mut self, window: Duration) -> Vec<String> {
-        let deadline = Instant::now() + window;
-        let mut lines = Vec::new();
-        while let Ok(line) = self
-            .serial
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(line.clone());
-            lines.push(line);
-        }
-        lines
+        self.console.lines_for(window)
     }
 
     /// Connects a QMP client, waiting for the socket to appear.
@@ -133,33 +93,13 @@ impl Vm {
 
     /// The citadel process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.console.pid()
     }
 
-    /// Waits for the process to exit and returns its exit code (None if killed by a signal).
+    /// Waits up to `timeout` for the process to exit; its exit code (`None` if it is still
+    /// running or was killed by a signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("running");
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "citadel did not exit in {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.console.wait_exit(timeout)
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use citadel_tests::kernel::{
     guest_kernel, hardware_virtualization, initramfs_with_script, qemu, ConsoleProcess, GuestKernel,
 };
+use citadel_tests::vm::TempDir;
 use citadel_tests::{binary, skip};
 
 /// QEMU with TCG reaches user space in about a second; leave room for a loaded host.
@@ -32,27 +33,6 @@ const DISCARD_LEN: usize = 64 * 1024;
 /// Where the guest writes GUEST_MARKER for the host to find after the run.
 const GUEST_WRITE_OFFSET: usize = 4096;
 const GUEST_MARKER: &str = "written-by-the-guest";
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("citadel-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn kernel_or_skip(test: &str) -> Option<GuestKernel> {
     let kernel = guest_kernel();
@@ -149,14 +129,14 @@ fn run_qemu_tcg(
     let Some(guest) = kernel_or_skip(test) else {
         return;
     };
-    let scratch = Scratch::new(test);
-    let disk = scratch.path("disk.img");
+    let scratch = TempDir::new(test);
+    let disk = scratch.path().join("disk.img");
     make_disk(&disk);
     let script = format!(
         "echo citadel-test: kernel $(uname -r)\n{}{extra_script}exit 7\n",
         disk_script("/dev/vda")
     );
-    let initramfs = scratch.path("initramfs.cpio.gz");
+    let initramfs = scratch.path().join("initramfs.cpio.gz");
     initramfs_with_script(&guest.initramfs, &script, &initramfs).expect("write initramfs");
 
     let mut command = Command::new(qemu);
@@ -287,15 +267,15 @@ fn citadel_boots_guest_kernel_to_run_init() {
     let Some(guest) = kernel_or_skip(test) else {
         return;
     };
-    let scratch = Scratch::new(test);
-    let initramfs = scratch.path("initramfs.cpio.gz");
+    let scratch = TempDir::new(test);
+    let initramfs = scratch.path().join("initramfs.cpio.gz");
     initramfs_with_script(
         &guest.initramfs,
         "echo citadel-test: user space runs\n",
         &initramfs,
     )
     .expect("write initramfs");
-    let qmp = scratch.path("qmp.sock");
+    let qmp = scratch.path().join("qmp.sock");
 
     let mut command = Command::new(binary("citadel"));
     command

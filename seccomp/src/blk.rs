@@ -7,7 +7,10 @@
 //! memfd, and starts one worker thread per queue. It never opens a path, never creates a
 //! socket, never executes anything and issues no ioctl at all.
 
-use crate::{allow, arg_in, socket_options, thread_runtime, threads_only, Error, Rules};
+use crate::{
+    allow, descriptor_control, socket_options, thread_names, thread_runtime, threads_only, Error,
+    Rules,
+};
 
 const ROLE: &str = "blk";
 
@@ -48,29 +51,9 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_memfd_create,
         libc::SYS_ftruncate,
     ]));
-    // Descriptor flags (O_NONBLOCK on eventfds), memfd seals, the close-on-exec duplicate of
-    // the inflight memfd; no locks, no plain F_DUPFD.
-    rules.push(arg_in(
-        ROLE,
-        libc::SYS_fcntl,
-        1,
-        &[
-            libc::F_DUPFD_CLOEXEC as u64,
-            libc::F_GETFD as u64,
-            libc::F_SETFD as u64,
-            libc::F_GETFL as u64,
-            libc::F_SETFL as u64,
-            libc::F_GET_SEALS as u64,
-            libc::F_ADD_SEALS as u64,
-        ],
-    )?);
-    // Thread names only.
-    rules.push(arg_in(
-        ROLE,
-        libc::SYS_prctl,
-        0,
-        &[libc::PR_SET_NAME as u64],
-    )?);
+    // Sealing the inflight memfd handed to the frontend.
+    rules.push(descriptor_control(ROLE, &[libc::F_ADD_SEALS])?);
+    rules.push(thread_names(ROLE)?);
     // The per-message receive timeout on a frontend socket; no other socket option.
     rules.push(socket_options(ROLE, &[libc::SO_RCVTIMEO])?);
     // Worker threads, never processes.

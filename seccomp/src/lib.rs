@@ -243,6 +243,34 @@ pub(crate) fn socket_options(
     Ok((libc::SYS_setsockopt, rules))
 }
 
+/// An entry allowing `prctl` only to name the calling thread, which the Rust runtime does for
+/// every named thread it starts.
+pub(crate) fn thread_names(role: &'static str) -> Result<(i64, Vec<SeccompRule>), Error> {
+    arg_in(role, libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64])
+}
+
+/// An entry allowing `fcntl` for descriptor and status flags (O_NONBLOCK on eventfds),
+/// close-on-exec duplicates and reading memfd seals, plus the commands in `extra`; never
+/// locks, leases, owners, signals or a plain `F_DUPFD`.
+pub(crate) fn descriptor_control(
+    role: &'static str,
+    extra: &[libc::c_int],
+) -> Result<(i64, Vec<SeccompRule>), Error> {
+    let commands: Vec<u64> = [
+        libc::F_DUPFD_CLOEXEC,
+        libc::F_GETFD,
+        libc::F_SETFD,
+        libc::F_GETFL,
+        libc::F_SETFL,
+        libc::F_GET_SEALS,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|&command| command as u64)
+    .collect();
+    arg_in(role, libc::SYS_fcntl, 1, &commands)
+}
+
 /// Compiles the allowlist of `role` into a BPF program.
 pub fn compile(role: Role, mode: Mode) -> Result<BpfProgram, Error> {
     let map = merge(role.rules()?);

@@ -7,7 +7,9 @@
 //! two that re-tune the tap when the guest acknowledges features. It never opens a file,
 //! never starts a program and never opens anything but Unix sockets.
 
-use crate::{allow, arg_in, thread_runtime, threads_only, Error, Rules};
+use crate::{
+    allow, arg_in, descriptor_control, thread_names, thread_runtime, threads_only, Error, Rules,
+};
 
 const ROLE: &str = "net";
 
@@ -25,7 +27,6 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_ppoll,
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
-        libc::SYS_prctl,
         libc::SYS_sched_getaffinity,
         libc::SYS_rt_sigtimedwait,
         libc::SYS_rt_sigaction,
@@ -41,7 +42,6 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_sendto,
         libc::SYS_sendmsg,
         libc::SYS_shutdown,
-        libc::SYS_fcntl,
         libc::SYS_dup,
         // Frames and eventfds.
         libc::SYS_read,
@@ -64,6 +64,9 @@ pub fn rules() -> Result<Rules, Error> {
         1,
         &[libc::TUNSETOFFLOAD, libc::TUNSETVNETHDRSZ],
     )?);
+    // Descriptor flags and close-on-exec duplicates, memfd seals of the memory table.
+    rules.push(descriptor_control(ROLE, &[])?);
+    rules.push(thread_names(ROLE)?);
     // Worker threads, never processes.
     rules.extend(threads_only(ROLE)?);
     Ok(rules)
@@ -87,7 +90,7 @@ mod tests {
 
     #[test]
     fn forbidden_syscalls_kill_the_backend() {
-        let cases: [Case; 5] = [
+        let cases: [Case; 7] = [
             ("open", || {
                 // SAFETY: raw syscall with a valid C string.
                 unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
@@ -112,6 +115,16 @@ mod tests {
                 }
                 0
             }),
+            ("prctl(PR_SET_DUMPABLE)", || {
+                // SAFETY: integer arguments only; the filter decides first.
+                unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+                0
+            }),
+            ("fcntl(F_SETLK)", || {
+                // SAFETY: the filter decides before the kernel reads the (null) lock argument.
+                unsafe { libc::fcntl(-1, libc::F_SETLK, 0) };
+                0
+            }),
             ("execve", || {
                 let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
                 // SAFETY: valid, null-terminated argv and null envp.
@@ -134,6 +147,16 @@ mod tests {
             let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             if rc != -1 || fd < 0 {
                 return 1;
+            }
+            // SAFETY: F_GETFL takes no pointer; PR_SET_NAME reads a NUL-terminated name.
+            let (flags, named) = unsafe {
+                (
+                    libc::fcntl(fd, libc::F_GETFL),
+                    libc::prctl(libc::PR_SET_NAME, c"net-test".as_ptr(), 0, 0, 0),
+                )
+            };
+            if flags < 0 || named != 0 {
+                return 2;
             }
             // SAFETY: closing the socket we created.
             unsafe { libc::close(fd) };

@@ -296,4 +296,17 @@ impl Frontend {
         assert_eq!(r, req, "ack for another request");
         u64::from_le_bytes(p[..8].try_into().unwrap())
     }
+
+    /// Sends GET_CONFIG for `size` bytes at `offset`; returns the reply payload: the echoed
+    /// 12-byte offset/size/flags header, then the configuration bytes.
+    pub fn get_config(&mut self, offset: u32, size: u32) -> Vec<u8> {
+        let mut p = offset.to_le_bytes().to_vec();
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
+        p.resize(p.len() + size as usize, 0);
+        self.send(GET_CONFIG, 0, &p, &[]).expect("send");
+        let (r, reply, _) = self.recv().expect("config reply");
+        assert_eq!(r, GET_CONFIG, "reply to another request");
+        reply
+    }
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use citadel_tests::vm::TempDir;
 
 use citadel_tests::vhost_user::{
-    eventfd, Frontend, GuestMemory as Memory, GET_CONFIG, GET_FEATURES, GET_INFLIGHT_FD,
-    GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES,
-    SET_INFLIGHT_FD, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
-    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
+    eventfd, Frontend, GuestMemory as Memory, GET_FEATURES, GET_INFLIGHT_FD, GET_PROTOCOL_FEATURES,
+    GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE,
+    SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
+    SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
 };
 
 const F_VERSION_1: u64 = 1 << 32;
@@ -117,19 +117,23 @@ impl Drop for Backend {
     }
 }
 
-/// Queue 0's descriptor table, at DESC in guest memory.
+/// Descriptor tables in guest memory: queue 0's at DESC, indirect ones anywhere.
 trait DescTable {
-    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16);
+    fn desc_at(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16);
+
+    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.desc_at(DESC, index, addr, len, flags, next);
+    }
 }
 
 impl DescTable for Memory {
-    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    fn desc_at(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let mut d = Vec::with_capacity(16);
         d.extend_from_slice(&addr.to_le_bytes());
         d.extend_from_slice(&len.to_le_bytes());
         d.extend_from_slice(&flags.to_le_bytes());
         d.extend_from_slice(&next.to_le_bytes());
-        self.write(DESC + u64::from(index) * 16, &d);
+        self.write(table + u64::from(index) * 16, &d);
     }
 }
 
@@ -372,12 +376,7 @@ fn well_behaved_frontend_reads_writes_and_sees_config() {
     assert_ne!(features & F_VERSION_1, 0);
     assert_eq!(fe.get_u64(GET_QUEUE_NUM), 2);
     // GET_CONFIG: capacity, then the queue count at offset 34.
-    let mut p = 0u32.to_le_bytes().to_vec();
-    p.extend_from_slice(&60u32.to_le_bytes());
-    p.extend_from_slice(&0u32.to_le_bytes());
-    p.extend_from_slice(&[0u8; 60]);
-    fe.send(GET_CONFIG, 0, &p, &[]).unwrap();
-    let (_, cfg, _) = fe.recv().unwrap();
+    let cfg = fe.get_config(0, 60);
     assert_eq!(cfg.len(), 12 + 60);
     let cfg = &cfg[12..];
     assert_eq!(
@@ -398,16 +397,10 @@ fn well_behaved_frontend_reads_writes_and_sees_config() {
     // GET_ID through an indirect table: header, 20-byte id buffer, status.
     s.header(0x8000, 8, 0);
     let table = 0x30000u64;
-    let entry = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-        let mut d = addr.to_le_bytes().to_vec();
-        d.extend_from_slice(&len.to_le_bytes());
-        d.extend_from_slice(&flags.to_le_bytes());
-        d.extend_from_slice(&next.to_le_bytes());
-        s.mem.write(table + i * 16, &d);
-    };
-    entry(0, 0x8000, 16, DESC_F_NEXT, 1);
-    entry(1, 0x20000, 20, DESC_F_NEXT | DESC_F_WRITE, 2);
-    entry(2, 0x9000, 1, DESC_F_WRITE, 0);
+    s.mem.desc_at(table, 0, 0x8000, 16, DESC_F_NEXT, 1);
+    s.mem
+        .desc_at(table, 1, 0x20000, 20, DESC_F_NEXT | DESC_F_WRITE, 2);
+    s.mem.desc_at(table, 2, 0x9000, 1, DESC_F_WRITE, 0);
     s.mem.desc(3, table, 48, DESC_F_INDIRECT, 0);
     assert_eq!(s.submit(3, 0x9000), (21, 0));
     assert_eq!(&s.mem.read(0x20000, 14), b"hostile-serial");
@@ -552,12 +545,7 @@ fn malformed_messages_are_refused_and_the_backend_keeps_serving() {
     // A kick without a descriptor (polling mode) is refused too.
     assert!(!fe.acked(SET_VRING_KICK, &(0x100u64).to_le_bytes(), &[]));
     // GET_CONFIG beyond the config space: an empty answer.
-    let mut p = 200u32.to_le_bytes().to_vec();
-    p.extend_from_slice(&8u32.to_le_bytes());
-    p.extend_from_slice(&0u32.to_le_bytes());
-    p.extend_from_slice(&[0u8; 8]);
-    fe.send(GET_CONFIG, 0, &p, &[]).unwrap();
-    let (_, cfg, _) = fe.recv().unwrap();
+    let cfg = fe.get_config(200, 8);
     assert_eq!(
         cfg.len(),
         12,

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use citadel_tests::netns::{unique, NetNs};
 use citadel_tests::vhost_user::{
-    eventfd, Frontend, GuestMemory, GET_CONFIG, GET_FEATURES, GET_PROTOCOL_FEATURES, NEED_REPLY,
-    SET_FEATURES, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE,
+    eventfd, Frontend, GuestMemory, GET_FEATURES, GET_PROTOCOL_FEATURES, NEED_REPLY, SET_FEATURES,
+    SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE,
     SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
 };
 use citadel_tests::vm::TempDir;
@@ -96,15 +96,7 @@ impl NetFrontend for Frontend {
     }
 
     fn config(&mut self) -> Vec<u8> {
-        let mut p = Vec::new();
-        p.extend_from_slice(&0u32.to_le_bytes());
-        p.extend_from_slice(&10u32.to_le_bytes());
-        p.extend_from_slice(&0u32.to_le_bytes());
-        p.extend_from_slice(&[0u8; 10]);
-        self.send(GET_CONFIG, 0, &p, &[]).expect("get config");
-        let (r, reply, _) = self.recv().expect("config reply");
-        assert_eq!(r, GET_CONFIG);
-        reply[12..].to_vec()
+        self.get_config(0, 10)[12..].to_vec()
     }
 }
 

@@ -149,21 +149,11 @@ fn setup_queue_at(f: &Frontend, index: u32, (desc, avail, used): (u64, u64, u64)
     addr.extend_from_slice(&0u64.to_le_bytes());
     f.send(SET_VRING_ADDR, 0, &addr, &[]).unwrap();
     let call = eventfd();
-    f.send(
-        SET_VRING_CALL,
-        0,
-        &(index as u64).to_le_bytes(),
-        &[call.as_raw_fd()],
-    )
-    .unwrap();
     let kick = eventfd();
-    f.send(
-        SET_VRING_KICK,
-        0,
-        &(index as u64).to_le_bytes(),
-        &[kick.as_raw_fd()],
-    )
-    .unwrap();
+    for (req, fd) in [(SET_VRING_CALL, &call), (SET_VRING_KICK, &kick)] {
+        f.send(req, 0, &u64::from(index).to_le_bytes(), &[fd.as_raw_fd()])
+            .unwrap();
+    }
     Queue {
         index,
         kick,

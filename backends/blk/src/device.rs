@@ -362,6 +362,23 @@ fn build_config(disk: &Disk, cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
     c
 }
 
+/// Makes a kick or call descriptor non-blocking, so a worker never waits on the frontend.
+fn nonblocking(file: &File) -> Result<(), VhostError> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only the status flags change.
+    let rc = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(VhostError::ReqHandlerError(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 fn refuse<T>(why: &'static str) -> Result<T, VhostError> {
     Err(VhostError::InvalidOperation(why))
 }
@@ -586,15 +603,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let Some(kick) = fd else {
             return refuse("polling mode (no kick descriptor) is not supported");
         };
-        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only the status flags change.
-        unsafe {
-            let flags = libc::fcntl(kick.as_raw_fd(), libc::F_GETFL);
-            if flags < 0
-                || libc::fcntl(kick.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
-            {
-                return Err(VhostError::ReqHandlerError(std::io::Error::last_os_error()));
-            }
-        }
+        nonblocking(&kick)?;
         self.slot(index.into())?;
         // A new kick descriptor restarts the queue with it.
         self.dev.stop_queue(index.into());
@@ -604,14 +613,10 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<(), VhostError> {
         let slot = self.slot(index.into())?;
+        // A call descriptor that could block (a pipe nobody reads) would stall the worker
+        // while it holds the queue.
         if let Some(call) = fd.as_ref() {
-            // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only the status flags change.
-            unsafe {
-                let flags = libc::fcntl(call.as_raw_fd(), libc::F_GETFL);
-                if flags >= 0 {
-                    libc::fcntl(call.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-                }
-            }
+            nonblocking(call)?;
         }
         lock(&slot.state).call = fd;
         Ok(())

@@ -249,6 +249,10 @@ impl Device {
         };
         let st = &mut *st;
         let mut used_any = false;
+        // A guest that refills its ring as fast as it is drained must not keep the queue
+        // locked against the frontend's messages (GET_VRING_BASE waits for it): after one
+        // ring's worth of requests the worker lets go and comes back through its epoll.
+        let mut budget = st.queue.size();
         let result: Result<(), virtio_queue::Error> = (|| loop {
             if st.queue.event_idx_enabled() {
                 st.queue.disable_notification(&*mem)?;
@@ -264,6 +268,13 @@ impl Device {
                 if self.exiting.load(Ordering::Relaxed) {
                     return Ok(());
                 }
+                if budget == 0 {
+                    // Notifications may be off (EVENT_IDX): the worker's own wake-up
+                    // brings it back to the rest of the ring.
+                    let _ = slot.wake.write(1);
+                    return Ok(());
+                }
+                budget -= 1;
                 let next_avail = st.queue.next_avail();
                 let Some(chain) = st.queue.pop_descriptor_chain(&*mem) else {
                     break;

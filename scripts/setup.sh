@@ -32,3 +32,5 @@ if command -v pyenv >/dev/null; then
 fi
 
 scripts/guest-kernel.sh
+# The nested-KVM lab's L1 kernel (Debian's cloud kernel and its kvm-amd, vfio and tun modules).
+scripts/lab-kernel.sh

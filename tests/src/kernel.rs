@@ -55,48 +55,11 @@ pub fn initramfs_with_script(base: &Path, script: &str, out: &Path) -> io::Resul
     // The kernel looks for an archive header only at 4-byte aligned offsets of the whole
     // image, and skips the zero bytes in between.
     image.resize(image.len().next_multiple_of(4), 0);
-    append_newc_entry(&mut image, 1, "test.sh", 0o100_755, script.as_bytes())?;
-    append_newc_entry(&mut image, 0, "TRAILER!!!", 0, &[])?;
+    crate::cpio::append_newc_entry(&mut image, 1, "test.sh", 0o100_755, script.as_bytes())?;
+    crate::cpio::append_newc_entry(&mut image, 0, "TRAILER!!!", 0, &[])?;
     let mut file = File::create(out)?;
     file.write_all(&image)?;
     file.sync_all()
-}
-
-/// Appends one "070701" (newc) cpio entry. Header and data are each padded to 4 bytes,
-/// counted from the start of `image`, which is where the kernel's parser counts from.
-fn append_newc_entry(
-    image: &mut Vec<u8>,
-    ino: u32,
-    name: &str,
-    mode: u32,
-    data: &[u8],
-) -> io::Result<()> {
-    let too_big = |_| io::Error::new(io::ErrorKind::InvalidInput, "cpio entry over 4 GiB");
-    let fields = [
-        ino,
-        mode,
-        0, // uid
-        0, // gid
-        1, // nlink
-        0, // mtime
-        u32::try_from(data.len()).map_err(too_big)?,
-        0, // devmajor
-        0, // devminor
-        0, // rdevmajor
-        0, // rdevminor
-        u32::try_from(name.len() + 1).map_err(too_big)?,
-        0, // check
-    ];
-    image.extend_from_slice(b"070701");
-    for field in fields {
-        image.extend_from_slice(format!("{field:08x}").as_bytes());
-    }
-    image.extend_from_slice(name.as_bytes());
-    image.push(0);
-    image.resize(image.len().next_multiple_of(4), 0);
-    image.extend_from_slice(data);
-    image.resize(image.len().next_multiple_of(4), 0);
-    Ok(())
 }
 
 /// `qemu-system-x86_64` from `PATH`, if installed.
@@ -114,16 +77,6 @@ pub fn kvm_usable() -> bool {
         .write(true)
         .open("/dev/kvm")
         .is_ok()
-}
-
-/// True when the host CPU has hardware virtualization (vmx or svm), i.e. a Linux guest can
-/// run user space under KVM here.
-pub fn hardware_virtualization() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
-        info.lines()
-            .filter(|line| line.starts_with("flags"))
-            .any(|line| line.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-    })
 }
 
 /// A process whose standard output carries a guest's serial console, read line by line.

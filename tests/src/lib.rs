@@ -82,7 +82,9 @@ pub fn skipped_list() -> PathBuf {
         .expect("profile dir has a parent")
         .join("skipped-tests.txt")
 }
+pub mod cpio;
 pub mod kernel;
+pub mod lab;
 pub mod netns;
 pub mod vhost_user;
 pub mod vm;

@@ -1,29 +1,19 @@
 //! The project's guest kernel and initramfs (scripts/guest-kernel.sh): booted by QEMU with TCG
-//! to user space on both machine types, with a test script run by the guest's /init; and
-//! booted by Citadel, which on this kind of host (no hardware virtualization) gets as far as
-//! starting init.
+//! to user space on both machine types, with a test script run by the guest's /init. Citadel
+//! boots the same kernel in the nested-KVM lab (tests/lab.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use citadel_tests::kernel::{
-    guest_kernel, hardware_virtualization, initramfs_with_script, qemu, ConsoleProcess, GuestKernel,
+    guest_kernel, initramfs_with_script, qemu, ConsoleProcess, GuestKernel,
 };
+use citadel_tests::skip;
 use citadel_tests::vm::TempDir;
-use citadel_tests::{binary, skip};
 
 /// QEMU with TCG reaches user space in about a second; leave room for a loaded host.
 const TCG_TIMEOUT: Duration = Duration::from_secs(120);
-/// Under KVM on a host without VMX/SVM the kernel runs through an instruction emulator and
-/// reaches init after about two minutes.
-const EMULATED_KVM_TIMEOUT: Duration = Duration::from_secs(480);
-
-/// CPU features Linux must not use where KVM emulates guest instructions in software, and
-/// the boot-time int3 self-test that trips the same emulator (see DESIGN.md).
-const CONSERVATIVE_CPU_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,popcnt,avx,avx2,\
-avx512f,bmi1,bmi2,erms,fsrm,movbe,aes,pclmulqdq,rdrand,rdseed,sha_ni,xsave,fma,f16c,sse4_1,\
-sse4_2,ssse3,pcid,invpcid,fsgsbase,rdpid,clflushopt,clwb,adx,abm,lzcnt citadel.no_int3_selftest";
 
 const DISK_MARKER: &[u8] = b"citadel-disk-marker";
 const DISK_SIZE: usize = 1 << 20;
@@ -259,65 +249,4 @@ fn qemu_tcg_boots_bzimage_on_q35_with_virtio_pci() {
             "citadel-test: eth0=up",
         ],
     );
-}
-
-#[test]
-fn citadel_boots_guest_kernel_to_run_init() {
-    let test = "citadel_linux_boot";
-    let Some(guest) = kernel_or_skip(test) else {
-        return;
-    };
-    let scratch = TempDir::new(test);
-    let initramfs = scratch.path().join("initramfs.cpio.gz");
-    initramfs_with_script(
-        &guest.initramfs,
-        "echo citadel-test: user space runs\n",
-        &initramfs,
-    )
-    .expect("write initramfs");
-    let qmp = scratch.path().join("qmp.sock");
-
-    let mut command = Command::new(binary("citadel"));
-    command
-        .args(["-machine", "microvm", "-kernel"])
-        .arg(&guest.vmlinux)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 {CONSERVATIVE_CPU_CMDLINE}"))
-        .args([
-            "-m", "128", "-smp", "1", "-cpu", "baseline", "-serial", "stdio",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server,nowait", qmp.display()));
-    let mut console = ConsoleProcess::spawn(command).expect("spawn citadel");
-
-    expect(&mut console, "Linux version 6.1", EMULATED_KVM_TIMEOUT);
-    // The kernel patch honours the parameter (and only then skips the self-test).
-    expect(
-        &mut console,
-        "int3 self-test skipped (citadel.no_int3_selftest)",
-        EMULATED_KVM_TIMEOUT,
-    );
-    expect(&mut console, "Run /init", EMULATED_KVM_TIMEOUT);
-    if hardware_virtualization() {
-        expect(&mut console, "citadel-init: start", EMULATED_KVM_TIMEOUT);
-        expect(
-            &mut console,
-            "citadel-test: user space runs",
-            EMULATED_KVM_TIMEOUT,
-        );
-        expect(
-            &mut console,
-            "citadel-init: done rc=0",
-            EMULATED_KVM_TIMEOUT,
-        );
-    } else {
-        skip(
-            test,
-            "no hardware virtualization (vmx/svm): the kernel reached init, but user space \
-             cannot run under this host's emulated KVM",
-            false,
-        );
-    }
 }

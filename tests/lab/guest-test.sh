@@ -1,0 +1,27 @@
+# The lab guest's (L2) test script, run by the guest initramfs's /init. It reports what the
+# guest sees of its machine, then does what `lab.mode=` on its command line asks.
+mode=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.mode=//p')
+echo "guest: nproc=$(nproc)"
+echo "guest: memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
+echo "guest: cmdline=$(cat /proc/cmdline)"
+echo "guest: vendor=$(sed -n 's/^vendor_id[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+echo "guest: flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+dmesg | grep -E 'WARNING|BUG|Call Trace' | sed 's/^/guest: dmesg-problem: /'
+echo "guest: dmesg-problems=$(dmesg | grep -cE 'WARNING|BUG|Call Trace')"
+echo "guest: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+echo "guest: user space up"
+case "$mode" in
+counter)
+	i=0
+	while :; do
+		echo "guest: tick $i $(cut -d' ' -f1 /proc/uptime)"
+		i=$((i + 1))
+		usleep 100000
+	done
+	;;
+reboot)
+	reboot -f
+	;;
+esac
+echo "guest: end"
+exec sleep 1000000

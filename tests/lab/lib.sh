@@ -1,0 +1,80 @@
+# Helpers for lab scenarios (sourced in L1's busybox sh). A scenario runs Citadel (L2), drives
+# it with citadel-qmp, and reports with `result KEY VALUE`; the test on the host asserts the
+# results. Every L2 serial line reaches L1's console as `[L2 NAME] ...` and every QMP exchange
+# as `[qmp NAME >] ...` / `[qmp NAME <] ...`.
+
+GUEST=/lab/guest
+
+# result KEY VALUE: one line the host-side test reads.
+result() {
+	echo "lab-result: $SCENARIO $1=$2"
+}
+
+# Milliseconds since L1 booted.
+now_ms() {
+	awk '{ printf "%d", $1 * 1000 }' /proc/uptime
+}
+
+# l2_start NAME COMMAND...: runs COMMAND (citadel with -serial stdio, or the jailer) in the
+# background; its output is tagged on the console and kept in /tmp/NAME.log. Sets L2_PID.
+l2_start() {
+	name=$1
+	shift
+	rm -f "/tmp/$name.log" "/tmp/$name.fifo"
+	: >"/tmp/$name.log"
+	mkfifo "/tmp/$name.fifo"
+	(tr -d '\r' <"/tmp/$name.fifo" | while IFS= read -r line; do
+		echo "$line" >>"/tmp/$name.log"
+		echo "[L2 $name] $line"
+	done) &
+	"$@" >"/tmp/$name.fifo" 2>&1 &
+	L2_PID=$!
+}
+
+# l2_wait NAME TEXT SECONDS: waits until NAME's output has a line containing TEXT.
+l2_wait() {
+	deadline=$(($(now_ms) + $3 * 1000))
+	while ! grep -qF -- "$2" "/tmp/$1.log"; do
+		if [ "$(now_ms)" -ge "$deadline" ]; then
+			echo "lab: timed out after $3 s waiting for '$2' from $1"
+			return 1
+		fi
+		usleep 20000
+	done
+}
+
+# l2_count NAME TEXT: how many lines of NAME's output contain TEXT.
+l2_count() {
+	grep -cF -- "$2" "/tmp/$1.log"
+}
+
+# l2_value NAME KEY: the value of the last `guest: KEY=value` line of NAME's output.
+l2_value() {
+	sed -n "s/^guest: $2=//p" "/tmp/$1.log" | tail -n1
+}
+
+# qmp NAME STEP...: citadel-qmp against /tmp/NAME.qmp (see citadel-qmp for the steps).
+qmp() {
+	name=$1
+	shift
+	citadel-qmp --tag "qmp $name" --timeout 30 "/tmp/$name.qmp" "$@"
+}
+
+# exited PID SECONDS: waits for PID to end; true if it did.
+exited() {
+	deadline=$(($(now_ms) + $2 * 1000))
+	while [ -d "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; do
+		[ "$(now_ms)" -ge "$deadline" ] && return 1
+		usleep 20000
+	done
+}
+
+# boot_guest NAME KERNEL SMP MEMORY_MIB MODE [EXTRA CITADEL ARGS...]: boots the guest
+# initramfs under Citadel; MODE selects what the guest's test script does (see guest-test.sh).
+boot_guest() {
+	name=$1 kernel=$2 smp=$3 mem=$4 mode=$5
+	shift 5
+	l2_start "$name" citadel -machine microvm -kernel "$kernel" -initrd $GUEST/initramfs.cpio.gz \
+		-append "console=ttyS0 panic=-1 lab.mode=$mode" -smp "$smp" -m "$mem" \
+		-qmp "unix:/tmp/$name.qmp,server,nowait" -serial stdio "$@"
+}

@@ -1,0 +1,450 @@
+//! The nested-KVM lab: full Linux guests under Citadel on a host whose own KVM cannot run
+//! Linux user space.
+//!
+//! QEMU with TCG emulates AMD SVM with nested paging, so a QEMU-TCG q35 machine (the lab's
+//! first level, L1) running Debian's cloud kernel loads `kvm-amd` and offers a real
+//! `/dev/kvm`. The lab boots L1 from an initramfs that carries Citadel's static binaries, the
+//! project's guest kernel and guest initramfs (the second level, L2), the scenario scripts in
+//! `tests/lab/scenarios/` and their helpers; L1's `/init` runs the scenarios it is asked for,
+//! each under a time limit, and powers off. L1's console comes back line by line: L1's own
+//! lines, every L2 serial line (`[L2 NAME] ...`) and every QMP exchange (`[qmp NAME >] ...`),
+//! plus the results each scenario reports (`lab-result: SCENARIO KEY=VALUE`), which the tests
+//! assert.
+//!
+//! Prerequisites, all installed or cached by `scripts/setup.sh`: `qemu-system-x86_64`, the L1
+//! kernel (`scripts/lab-kernel.sh`), the guest kernel (`scripts/guest-kernel.sh`), busybox
+//! (static) and the workspace's binaries (`cargo build --workspace`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cpio::append_newc_entry;
+use crate::kernel::{guest_kernel, initramfs_with_script, qemu, ConsoleProcess};
+use crate::vm::TempDir;
+
+/// The binaries the lab carries into L1 (in `/lab/bin`).
+const BINARIES: &[&str] = &[
+    "citadel",
+    "citadel-jailer",
+    "citadel-blk",
+    "citadel-net",
+    "citadel-qmp",
+];
+
+/// Modules L1 loads, relative to `lib/modules/<release>/kernel/`.
+const MODULES: &[&str] = &[
+    "virt/lib/irqbypass.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+    "drivers/net/tun.ko",
+    "drivers/vfio/vfio.ko",
+    "drivers/vfio/vfio_virqfd.ko",
+    "drivers/vfio/vfio_iommu_type1.ko",
+    "drivers/vfio/pci/vfio-pci-core.ko",
+    "drivers/vfio/pci/vfio-pci.ko",
+];
+
+/// What the lab machine looks like.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// L1's RAM in MiB.
+    pub memory_mib: u32,
+    /// L1's CPUs.
+    pub cpus: u32,
+    /// Adds QEMU's intel-iommu and `edu` PCI device, bound to vfio-pci inside L1.
+    pub vfio: bool,
+    /// Time limit of each scenario inside L1.
+    pub scenario_timeout: Duration,
+    /// Time limit of the whole run, L1 boot included.
+    pub timeout: Duration,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            memory_mib: 2048,
+            cpus: 2,
+            vfio: false,
+            scenario_timeout: Duration::from_secs(240),
+            timeout: Duration::from_secs(1200),
+        }
+    }
+}
+
+/// Why the lab could not run.
+#[derive(Debug)]
+pub enum LabError {
+    /// Something the lab needs is not installed or built here.
+    Missing(String),
+    /// Building the L1 initramfs or running QEMU failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for LabError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabError::Missing(what) => write!(f, "the lab cannot start: {what}"),
+            LabError::Failed(what) => write!(f, "the lab failed: {what}"),
+        }
+    }
+}
+
+/// What one scenario reported.
+#[derive(Clone, Debug, Default)]
+pub struct ScenarioOutcome {
+    /// Its exit status inside L1 (124 when its time limit ended it), `None` if it never ended.
+    pub rc: Option<i32>,
+    /// `KEY=VALUE` results in the order reported.
+    pub results: Vec<(String, String)>,
+    /// Every console line between its begin and end markers.
+    pub lines: Vec<String>,
+}
+
+impl ScenarioOutcome {
+    /// The last value reported for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.results
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The scenario's console lines, for assertion messages.
+    pub fn transcript(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+/// One lab boot: what each scenario reported, and the whole console.
+#[derive(Debug)]
+pub struct LabRun {
+    /// Every console line, L1's own prefixed with `[L1] `.
+    pub transcript: Vec<String>,
+    /// Scenario name to outcome.
+    pub scenarios: BTreeMap<String, ScenarioOutcome>,
+    /// From QEMU's start to L1's first line of user space.
+    pub l1_boot: Option<Duration>,
+    /// From QEMU's start to its exit.
+    pub total: Duration,
+}
+
+impl LabRun {
+    /// The outcome of `name`, or a panic that shows the console.
+    pub fn scenario(&self, name: &str) -> &ScenarioOutcome {
+        self.scenarios.get(name).unwrap_or_else(|| {
+            panic!(
+                "scenario {name} did not run in the lab\n{}",
+                self.transcript.join("\n")
+            )
+        })
+    }
+}
+
+/// A prepared lab: the L1 kernel and an initramfs with everything the scenarios need.
+pub struct Lab {
+    options: LabOptions,
+    qemu: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    _dir: TempDir,
+}
+
+impl Lab {
+    /// Checks the prerequisites and builds the L1 initramfs.
+    pub fn prepare(options: LabOptions) -> Result<Lab, LabError> {
+        let qemu = qemu().ok_or_else(|| {
+            LabError::Missing("qemu-system-x86_64 is not installed (scripts/setup.sh)".into())
+        })?;
+        let l1 = lab_kernel_dir()?;
+        let guest = guest_kernel().ok_or_else(|| {
+            LabError::Missing("the guest kernel is not built (scripts/guest-kernel.sh)".into())
+        })?;
+        let busybox = Path::new("/bin/busybox");
+        if !busybox.is_file() {
+            return Err(LabError::Missing(
+                "/bin/busybox is not installed (busybox-static)".into(),
+            ));
+        }
+        let dir = TempDir::new("lab");
+        let failed = |what: &str, e: io::Error| LabError::Failed(format!("{what}: {e}"));
+
+        let guest_initramfs = dir.path().join("guest-initramfs.cpio.gz");
+        let lab_files = crate::workspace_root().join("tests/lab");
+        let guest_script = read(&lab_files.join("guest-test.sh"))?;
+        initramfs_with_script(
+            &guest.initramfs,
+            &String::from_utf8_lossy(&guest_script),
+            &guest_initramfs,
+        )
+        .map_err(|e| failed("writing the guest initramfs", e))?;
+
+        let release = String::from_utf8_lossy(&read(&l1.join("release"))?)
+            .trim()
+            .to_string();
+        let mut archive = Archive::default();
+        for d in [
+            "bin",
+            "lab",
+            "lab/bin",
+            "lab/guest",
+            "lab/stock",
+            "lab/scenarios",
+            "lib",
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "srv",
+        ] {
+            archive.dir(d)?;
+        }
+        archive.file("bin/busybox", 0o755, &read(busybox)?)?;
+        archive.file("init", 0o755, &read(&lab_files.join("init"))?)?;
+        archive.file("lab/lib.sh", 0o644, &read(&lab_files.join("lib.sh"))?)?;
+        for entry in std::fs::read_dir(lab_files.join("scenarios"))
+            .map_err(|e| failed("listing tests/lab/scenarios", e))?
+        {
+            let path = entry
+                .map_err(|e| failed("listing tests/lab/scenarios", e))?
+                .path();
+            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                archive.file(&format!("lab/scenarios/{name}"), 0o644, &read(&path)?)?;
+            }
+        }
+        for name in BINARIES {
+            let stripped = dir.path().join(name);
+            strip(&crate::binary(name), &stripped)?;
+            archive.file(&format!("lab/bin/{name}"), 0o755, &read(&stripped)?)?;
+        }
+        archive.file("lab/guest/vmlinux", 0o644, &read(&guest.vmlinux)?)?;
+        archive.file("lab/guest/bzImage", 0o644, &read(&guest.bzimage)?)?;
+        archive.file(
+            "lab/guest/initramfs.cpio.gz",
+            0o644,
+            &read(&guest_initramfs)?,
+        )?;
+        // L2's stock kernel is L1's own: Debian's unmodified cloud kernel.
+        archive.file("lab/stock/vmlinuz", 0o644, &read(&l1.join("vmlinuz"))?)?;
+        let module_root = format!("lib/modules/{release}/kernel");
+        // Every folder above a module, parents first (a parent sorts before its children).
+        let folders: std::collections::BTreeSet<PathBuf> = MODULES
+            .iter()
+            .flat_map(|m| {
+                Path::new(&module_root)
+                    .join(m)
+                    .ancestors()
+                    .skip(1)
+                    .map(Path::to_path_buf)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|p| !p.as_os_str().is_empty() && p != Path::new("lib"))
+            .collect();
+        for folder in &folders {
+            archive.dir(&folder.to_string_lossy())?;
+        }
+        for module in MODULES {
+            let source = l1.join(&module_root).join(module);
+            archive.file(&format!("{module_root}/{module}"), 0o644, &read(&source)?)?;
+        }
+        let initramfs = dir.path().join("l1-initramfs.cpio");
+        std::fs::write(&initramfs, archive.finish()?)
+            .map_err(|e| failed("writing the L1 initramfs", e))?;
+
+        Ok(Lab {
+            options,
+            qemu,
+            kernel: l1.join("vmlinuz"),
+            initramfs,
+            _dir: dir,
+        })
+    }
+
+    /// QEMU's command line for L1 running `scenarios` (none: an interactive shell).
+    pub fn command(&self, scenarios: &[&str]) -> Command {
+        let o = &self.options;
+        let mut append = format!(
+            "console=ttyS0 panic=-1 loglevel=4 lab.scenarios={} lab.scenario_timeout={}",
+            scenarios.join(","),
+            o.scenario_timeout.as_secs().max(1)
+        );
+        let mut command = Command::new(&self.qemu);
+        command
+            .args(["-M", "q35,accel=tcg", "-cpu", "max"])
+            .args(["-m", &o.memory_mib.to_string()])
+            .args(["-smp", &o.cpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .arg("-no-reboot")
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initramfs);
+        if o.vfio {
+            command.args(["-device", "intel-iommu,intremap=on", "-device", "edu"]);
+            append.push_str(" intel_iommu=on lab.vfio=1");
+        }
+        command.arg("-append").arg(append);
+        command
+    }
+
+    /// Boots L1, runs `scenarios` in order, and collects what they reported.
+    pub fn run(&self, scenarios: &[&str]) -> Result<LabRun, LabError> {
+        let mut command = self.command(scenarios);
+        command.args(["-serial", "stdio"]);
+        let started = Instant::now();
+        let mut console = ConsoleProcess::spawn(command)
+            .map_err(|e| LabError::Failed(format!("starting QEMU: {e}")))?;
+        let mut run = LabRun {
+            transcript: Vec::new(),
+            scenarios: BTreeMap::new(),
+            l1_boot: None,
+            total: Duration::ZERO,
+        };
+        let deadline = started + self.options.timeout;
+        let mut current: Option<String> = None;
+        let mut done = false;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let lines = console.lines_for(left.min(Duration::from_millis(200)));
+            for line in lines {
+                if run.l1_boot.is_none() && line.starts_with("lab: L1 up") {
+                    run.l1_boot = Some(started.elapsed());
+                }
+                let tagged = if line.starts_with('[') {
+                    line.clone()
+                } else {
+                    format!("[L1] {line}")
+                };
+                run.transcript.push(tagged.clone());
+                if let Some(name) = line.strip_prefix("lab-scenario: begin ") {
+                    let name = name.trim().to_string();
+                    run.scenarios
+                        .insert(name.clone(), ScenarioOutcome::default());
+                    current = Some(name);
+                    continue;
+                }
+                if let Some(rest) = line.strip_prefix("lab-scenario: end ") {
+                    if let Some(outcome) = current.as_ref().and_then(|c| run.scenarios.get_mut(c)) {
+                        outcome.rc = rest
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix("rc="))
+                            .and_then(|rc| rc.parse().ok());
+                    }
+                    current = None;
+                    continue;
+                }
+                if line.starts_with("lab: done") {
+                    done = true;
+                }
+                let Some(outcome) = current.as_ref().and_then(|c| run.scenarios.get_mut(c)) else {
+                    continue;
+                };
+                outcome.lines.push(tagged);
+                if let Some(rest) = line.strip_prefix("lab-result: ") {
+                    if let Some((_, kv)) = rest.split_once(' ') {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        outcome.results.push((k.to_string(), v.to_string()));
+                    }
+                }
+            }
+            if let Some(code) = console.wait_exit(Duration::ZERO) {
+                run.transcript
+                    .push(format!("[lab] QEMU exited with {code}"));
+                break;
+            }
+            if done && console.wait_exit(Duration::from_secs(10)).is_some() {
+                break;
+            }
+        }
+        run.total = started.elapsed();
+        if !done {
+            let mut why = String::from("L1 did not finish its scenarios");
+            if Instant::now() >= deadline {
+                let _ = write!(why, " within {:?}", self.options.timeout);
+            }
+            let _ = write!(
+                why,
+                "\n{}\n{}",
+                run.transcript.join("\n"),
+                console.transcript()
+            );
+            return Err(LabError::Failed(why));
+        }
+        if !run.transcript.iter().any(|l| l.contains("lab: kvm ready")) {
+            return Err(LabError::Failed(format!(
+                "L1 has no /dev/kvm\n{}",
+                run.transcript.join("\n")
+            )));
+        }
+        Ok(run)
+    }
+}
+
+/// The cached L1 kernel directory (`scripts/lab-kernel.sh --path`).
+fn lab_kernel_dir() -> Result<PathBuf, LabError> {
+    let output = Command::new(crate::workspace_root().join("scripts/lab-kernel.sh"))
+        .arg("--path")
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| LabError::Missing(format!("running scripts/lab-kernel.sh: {e}")))?;
+    let dir = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if !output.status.success() || dir.is_empty() {
+        return Err(LabError::Missing(
+            "the L1 kernel is not fetched (scripts/lab-kernel.sh)".into(),
+        ));
+    }
+    Ok(PathBuf::from(dir))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, LabError> {
+    std::fs::read(path).map_err(|e| LabError::Failed(format!("reading {}: {e}", path.display())))
+}
+
+/// Copies `from` to `to` without debug information: the lab's initramfs is unpacked by an
+/// emulated CPU, so every megabyte costs boot time.
+fn strip(from: &Path, to: &Path) -> Result<(), LabError> {
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        _ => std::fs::copy(from, to)
+            .map(|_| ())
+            .map_err(|e| LabError::Failed(format!("copying {}: {e}", from.display()))),
+    }
+}
+
+/// A newc archive under construction.
+#[derive(Default)]
+struct Archive {
+    image: Vec<u8>,
+    next_ino: u32,
+}
+
+impl Archive {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> Result<(), LabError> {
+        self.next_ino += 1;
+        append_newc_entry(&mut self.image, self.next_ino, name, mode, data)
+            .map_err(|e| LabError::Failed(format!("adding {name} to the initramfs: {e}")))
+    }
+
+    fn dir(&mut self, name: &str) -> Result<(), LabError> {
+        self.entry(name, 0o040_755, &[])
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> Result<(), LabError> {
+        self.entry(name, 0o100_000 | perm, data)
+    }
+
+    fn finish(mut self) -> Result<Vec<u8>, LabError> {
+        append_newc_entry(&mut self.image, 0, "TRAILER!!!", 0, &[])
+            .map_err(|e| LabError::Failed(format!("closing the initramfs: {e}")))?;
+        Ok(self.image)
+    }
+}

@@ -1,0 +1,284 @@
+//! Full Linux guests under Citadel, in the nested-KVM lab (see `citadel_tests::lab`): the
+//! project's guest kernel and Debian's stock cloud kernel boot to user space with 1, 2 and 4
+//! vCPUs, the VM lifecycle works against a live user space, the jailer confines a VM running
+//! Linux, and CPU templates reach the guest's own /proc/cpuinfo.
+//!
+//! All scenarios share one lab boot, started by the first test that needs it.
+
+use std::sync::OnceLock;
+
+use citadel_tests::lab::{Lab, LabError, LabOptions, LabRun, ScenarioOutcome};
+use citadel_tests::skip;
+
+const SCENARIOS: &[&str] = &[
+    "boot-smp",
+    "lifecycle",
+    "guest-reboot",
+    "jailer",
+    "cpu-template",
+    "stock-kernel",
+];
+
+/// RAM given to every lab guest (`-m 256` in the scenarios).
+const GUEST_RAM_KB: u64 = 256 * 1024;
+
+fn lab() -> Option<&'static LabRun> {
+    static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let lab = Lab::prepare(LabOptions::default())?;
+        let run = lab.run(SCENARIOS)?;
+        let transcript = citadel_tests::profile_dir()
+            .parent()
+            .expect("profile dir has a parent")
+            .join("lab-transcript.txt");
+        let _ = std::fs::write(&transcript, run.transcript.join("\n"));
+        eprintln!(
+            "lab: L1 boot {:?}, whole run {:?}, transcript in {}",
+            run.l1_boot,
+            run.total,
+            transcript.display()
+        );
+        Ok(run)
+    });
+    match run {
+        Ok(run) => Some(run),
+        Err(LabError::Missing(why)) => {
+            skip("lab", why, true);
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The scenario's outcome, which must have ended by itself with status 0.
+fn scenario(name: &str) -> Option<&'static ScenarioOutcome> {
+    let outcome = lab()?.scenario(name);
+    assert_eq!(
+        outcome.rc,
+        Some(0),
+        "scenario {name} did not finish cleanly\n{}",
+        outcome.transcript()
+    );
+    Some(outcome)
+}
+
+fn value<'a>(outcome: &'a ScenarioOutcome, key: &str) -> &'a str {
+    outcome
+        .get(key)
+        .unwrap_or_else(|| panic!("no result {key}\n{}", outcome.transcript()))
+}
+
+/// What every boot scenario checks for one VM: user space reached, the guest sees the vCPUs,
+/// RAM and command line it was given, its log is free of kernel warnings, and QMP quit ends it.
+fn check_boot(outcome: &ScenarioOutcome, vm: &str, smp: u32) {
+    let ctx = || format!("VM {vm}\n{}", outcome.transcript());
+    assert!(outcome.get(&format!("{vm}.boot_ms")).is_some(), "{}", ctx());
+    assert_eq!(
+        value(outcome, &format!("{vm}.nproc")),
+        smp.to_string(),
+        "{}",
+        ctx()
+    );
+    let mem: u64 = value(outcome, &format!("{vm}.memtotal_kb"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", ctx()));
+    // The kernel keeps its own image and reserved areas out of MemTotal, but no more than a
+    // fifth of a small guest, and never reports more than it was given.
+    assert!(
+        mem <= GUEST_RAM_KB && mem >= GUEST_RAM_KB * 4 / 5,
+        "MemTotal {mem} kB for a {GUEST_RAM_KB} kB guest\n{}",
+        ctx()
+    );
+    let cmdline = value(outcome, &format!("{vm}.cmdline"));
+    assert!(
+        cmdline.contains("console=ttyS0 panic=-1 lab.mode=report"),
+        "{cmdline}\n{}",
+        ctx()
+    );
+    assert_eq!(
+        value(outcome, &format!("{vm}.dmesg-problems")),
+        "0",
+        "{}",
+        ctx()
+    );
+    assert_eq!(value(outcome, &format!("{vm}.exited")), "yes", "{}", ctx());
+}
+
+#[test]
+fn guest_kernel_boots_to_user_space_with_1_2_and_4_vcpus() {
+    let Some(outcome) = scenario("boot-smp") else {
+        return;
+    };
+    for smp in [1, 2, 4] {
+        check_boot(outcome, &format!("smp{smp}"), smp);
+    }
+}
+
+#[test]
+fn debian_stock_kernel_boots_to_user_space_with_1_2_and_4_vcpus() {
+    let Some(outcome) = scenario("stock-kernel") else {
+        return;
+    };
+    for smp in [1, 2, 4] {
+        let vm = format!("stock{smp}");
+        check_boot(outcome, &vm, smp);
+        assert_eq!(
+            value(outcome, &format!("{vm}.kernel-warnings")),
+            "0",
+            "{}",
+            outcome.transcript()
+        );
+    }
+}
+
+#[test]
+fn stop_freezes_and_cont_resumes_a_live_user_space() {
+    let Some(outcome) = scenario("lifecycle") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    assert_eq!(value(outcome, "stop"), "ok", "{}", t());
+    assert_eq!(value(outcome, "ticks-while-stopped"), "0", "{}", t());
+    assert_eq!(value(outcome, "cont"), "ok", "{}", t());
+    assert_eq!(value(outcome, "ticks-after-cont"), "yes", "{}", t());
+    // The guest's clock does not run away across the pause: between the last tick before
+    // `stop` and the first after `cont` its uptime moves by no more than the real time that
+    // passed (the pause plus the ticks' own period and slack), and it does move.
+    let across: i64 = value(outcome, "guest-ms-across-pause").parse().unwrap();
+    let paused: i64 = value(outcome, "paused-ms").parse().unwrap();
+    assert!(
+        across > 0 && across <= paused + 2000,
+        "guest uptime moved {across} ms across a {paused} ms pause\n{}",
+        t()
+    );
+}
+
+#[test]
+fn query_cpus_thread_ids_are_live_threads_of_citadel() {
+    let Some(outcome) = scenario("lifecycle") else {
+        return;
+    };
+    let ids = value(outcome, "cpu-thread-ids");
+    assert_eq!(
+        ids.split_whitespace().count(),
+        2,
+        "{}",
+        outcome.transcript()
+    );
+    assert_eq!(
+        value(outcome, "live-cpu-threads"),
+        "2",
+        "{}",
+        outcome.transcript()
+    );
+}
+
+#[test]
+fn system_reset_reboots_linux_to_user_space_twice_in_a_row() {
+    let Some(outcome) = scenario("lifecycle") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    assert_eq!(value(outcome, "reset1.qmp"), "ok", "{}", t());
+    assert_eq!(value(outcome, "reset1.boots"), "2", "{}", t());
+    assert_eq!(value(outcome, "reset2.qmp"), "ok", "{}", t());
+    assert_eq!(value(outcome, "reset2.boots"), "3", "{}", t());
+    assert_eq!(value(outcome, "exited"), "yes", "{}", t());
+}
+
+#[test]
+fn guest_reboot_ends_citadel_with_a_guest_reset_shutdown() {
+    let Some(outcome) = scenario("guest-reboot") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    assert_eq!(value(outcome, "reboot.exit-code"), "0", "{}", t());
+    let shutdown = value(outcome, "reboot.shutdown");
+    assert!(
+        shutdown.contains(r#""guest":true"#) && shutdown.contains(r#""reason":"guest-reset""#),
+        "{shutdown}\n{}",
+        t()
+    );
+}
+
+#[test]
+fn quit_during_linux_boot_ends_citadel_cleanly() {
+    let Some(outcome) = scenario("guest-reboot") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    assert_eq!(value(outcome, "midboot.exit-code"), "0", "{}", t());
+    let shutdown = value(outcome, "midboot.shutdown");
+    assert!(
+        shutdown.contains(r#""reason":"host-qmp-quit""#),
+        "{shutdown}\n{}",
+        t()
+    );
+}
+
+#[test]
+fn jailer_confines_citadel_running_linux() {
+    let Some(outcome) = scenario("jailer") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    assert_eq!(value(outcome, "user-space"), "yes", "{}", t());
+    // PID 1 of its own PID namespace, unprivileged, in six namespaces of its own.
+    let nspid: Vec<&str> = value(outcome, "nspid").split_whitespace().collect();
+    assert_eq!(nspid.len(), 2, "{}", t());
+    assert_eq!(nspid[1], "1", "{}", t());
+    assert_eq!(value(outcome, "uid"), "1000 1000 1000 1000", "{}", t());
+    assert_eq!(value(outcome, "no-new-privs"), "1", "{}", t());
+    assert_eq!(value(outcome, "cap-eff"), "0000000000000000", "{}", t());
+    assert_eq!(value(outcome, "own-namespaces"), "6", "{}", t());
+    // The event loop and two vCPU threads at least, every one of them filtered.
+    let threads: u32 = value(outcome, "threads").parse().unwrap();
+    assert!(threads >= 3, "{}", t());
+    assert_eq!(
+        value(outcome, "filtered-threads"),
+        threads.to_string(),
+        "{}",
+        t()
+    );
+    assert_eq!(value(outcome, "exited"), "yes", "{}", t());
+}
+
+/// /proc/cpuinfo names of features the baseline template hides (a subset of its list, the
+/// ones QEMU's TCG `-cpu max` offers L1 and so L1's KVM can pass on).
+const BASELINE_HIDDEN_FLAGS: &[&str] = &["ssse3", "sse4_1", "sse4_2", "popcnt", "pcid", "movbe"];
+
+#[test]
+fn cpu_templates_reach_the_guests_own_cpuinfo() {
+    let Some(outcome) = scenario("cpu-template") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    let host: Vec<&str> = value(outcome, "host.flags").split_whitespace().collect();
+    let baseline: Vec<&str> = value(outcome, "baseline.flags")
+        .split_whitespace()
+        .collect();
+    assert!(host.contains(&"hypervisor"), "{}", t());
+    assert!(baseline.contains(&"sse2"), "{}", t());
+    let offered: Vec<&&str> = BASELINE_HIDDEN_FLAGS
+        .iter()
+        .filter(|f| host.contains(f))
+        .collect();
+    assert!(
+        !offered.is_empty(),
+        "the host template offers none of {BASELINE_HIDDEN_FLAGS:?}\n{}",
+        t()
+    );
+    for flag in offered {
+        assert!(
+            !baseline.contains(flag),
+            "baseline guest sees {flag}\n{}",
+            t()
+        );
+    }
+    // Both guests see the L1 CPU's vendor (QEMU's TCG `max` CPU is an AMD one, which is what
+    // kvm-amd needs), and boot without kernel warnings.
+    assert_eq!(value(outcome, "host.vendor"), "AuthenticAMD", "{}", t());
+    assert_eq!(value(outcome, "baseline.vendor"), "AuthenticAMD", "{}", t());
+    assert_eq!(value(outcome, "host.dmesg-problems"), "0", "{}", t());
+    assert_eq!(value(outcome, "baseline.dmesg-problems"), "0", "{}", t());
+}

@@ -8,6 +8,7 @@ echo "guest: vendor=$(sed -n 's/^vendor_id[[:space:]]*: //p' /proc/cpuinfo | hea
 echo "guest: flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 dmesg | grep -E 'WARNING|BUG|Call Trace' | sed 's/^/guest: dmesg-problem: /'
 echo "guest: dmesg-problems=$(dmesg | grep -cE 'WARNING|BUG|Call Trace')"
+echo "guest: uptime=$(cut -d" " -f1 /proc/uptime)"
 echo "guest: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 echo "guest: user space up"
 case "$mode" in

@@ -3,15 +3,17 @@
 
 use std::path::PathBuf;
 
-/// The cargo profile directory (`target/debug` or `target/release`) this test binary was
+/// The cargo profile directory (`target/debug` or `target/release`) this test or binary was
 /// built into, found from the running executable so that any `CARGO_TARGET_DIR` works.
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // <target>/<profile>/deps/<test>-<hash>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in <target>/<profile>/deps")
-        .to_path_buf()
+    // Tests are <target>/<profile>/deps/<test>-<hash>; binaries <target>/<profile>/<name>.
+    let dir = exe.parent().expect("executable has a parent folder");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary (`citadel`, `citadel-blk`, ...). Panics with a hint when it

@@ -9,6 +9,5 @@ for smp in 1 2 4; do
 	for key in nproc memtotal_kb cmdline dmesg-problems clocksource; do
 		result $vm.$key "$(l2_value $vm $key)"
 	done
-	qmp $vm '{"execute":"quit"}' >/dev/null
-	exited $L2_PID 10 && result $vm.exited yes
+	stop_guest $vm
 done

@@ -9,8 +9,5 @@ for smp in 1 2 4; do
 	for key in nproc memtotal_kb cmdline dmesg-problems clocksource; do
 		result $vm.$key "$(l2_value $vm $key)"
 	done
-	grep -F 'WARNING' /tmp/$vm.log | head -n3 | sed "s/^/lab: $vm kernel warning: /"
-	result $vm.kernel-warnings "$(grep -cE 'WARNING|Call Trace' /tmp/$vm.log)"
-	qmp $vm '{"execute":"quit"}' >/dev/null
-	exited $L2_PID 10 && result $vm.exited yes
+	stop_guest $vm
 done

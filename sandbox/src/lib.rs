@@ -12,6 +12,10 @@
 //!
 //! The seccomp filter is installed separately, by the `citadel-seccomp` crate, as the very
 //! last step, because it forbids the syscalls used here.
+//!
+//! [`unix_socket`] holds what a backend needs to meet only its own frontend.
+
+pub mod unix_socket;
 
 use std::path::Path;
 

@@ -243,6 +243,19 @@ pub(crate) fn socket_options(
     Ok((libc::SYS_setsockopt, rules))
 }
 
+/// An entry allowing `getsockopt` only to read a connected peer's credentials
+/// (`SOL_SOCKET`/`SO_PEERCRED`), which a backend checks on every frontend it accepts.
+pub(crate) fn peer_credentials(role: &'static str) -> Result<(i64, Vec<SeccompRule>), Error> {
+    let int_eq = |arg: u8, value: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value as u64)
+    };
+    let rule = int_eq(1, libc::SOL_SOCKET)
+        .and_then(|level| Ok(vec![level, int_eq(2, libc::SO_PEERCRED)?]))
+        .and_then(SeccompRule::new)
+        .map_err(|source| Error::Rule { role, source })?;
+    Ok((libc::SYS_getsockopt, vec![rule]))
+}
+
 /// An entry allowing `prctl` only to name the calling thread, which the Rust runtime does for
 /// every named thread it starts.
 pub(crate) fn thread_names(role: &'static str) -> Result<(i64, Vec<SeccompRule>), Error> {

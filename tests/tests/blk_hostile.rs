@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use citadel_tests::vm::TempDir;
 
 use citadel_tests::vhost_user::{
-    eventfd, Frontend, GuestMemory as Memory, GET_FEATURES, GET_INFLIGHT_FD, GET_PROTOCOL_FEATURES,
-    GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE,
-    SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
-    SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
+    eventfd, ForeignFrontend, ForeignOutcome, Frontend, GuestMemory as Memory, GET_FEATURES,
+    GET_INFLIGHT_FD, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY,
+    SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
+    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
 };
 
 const F_VERSION_1: u64 = 1 << 32;
@@ -48,11 +48,27 @@ struct Backend {
 
 impl Backend {
     fn start(extra: &[&str]) -> Backend {
+        Backend::start_under_umask(extra, None)
+    }
+
+    /// Starts the backend with `umask` set (when given) in the child before exec.
+    fn start_under_umask(extra: &[&str], umask: Option<libc::mode_t>) -> Backend {
+        use std::os::unix::process::CommandExt;
         let dir = TempDir::new("blk-hostile");
         let image = dir.path().join("disk.img");
         std::fs::write(&image, vec![0u8; (IMAGE_SECTORS * 512) as usize]).unwrap();
         let socket = dir.path().join("blk.sock");
-        let child = Command::new(citadel_tests::binary("citadel-blk"))
+        let mut cmd = Command::new(citadel_tests::binary("citadel-blk"));
+        if let Some(mask) = umask {
+            // SAFETY: umask is async-signal-safe and touches only the child's own mask.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--image")
             .arg(&image)
             .arg("--socket")
@@ -1022,4 +1038,82 @@ fn forbidden_syscall_in_the_running_backend_is_killed_by_sigsys() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Sends SIGTERM, waits for the exit and returns everything the backend logged.
+fn stop_and_log(backend: &mut Backend) -> String {
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(backend.child.id() as i32, libc::SIGTERM) };
+    let status = backend.child.wait().unwrap();
+    assert!(status.success(), "citadel-blk exit status {status:?}");
+    let mut err = String::new();
+    backend
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+/// The uid and gid a foreign frontend runs as.
+const NOBODY: u32 = 65534;
+
+#[test]
+fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if backend_missing() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        citadel_tests::skip(
+            "blk_hostile::only_the_allowed_uid",
+            "needs root to act as a second uid",
+            false,
+        );
+        return;
+    }
+    let mut backend = Backend::start_under_umask(&[], Some(0));
+    let dir = backend.socket.parent().unwrap().to_path_buf();
+    // The directory lets anyone through, so only the socket's own mode stands in the way.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let meta = std::fs::symlink_metadata(&backend.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
+    assert_eq!(
+        ForeignFrontend::spawn(&backend.socket, NOBODY, NOBODY).outcome(),
+        ForeignOutcome::ConnectFailed(libc::EACCES)
+    );
+
+    // With the file opened up, the credential check still keeps the foreign uid out, and
+    // the frontend being served does not notice.
+    let mut first = Session::open(&backend);
+    std::fs::set_permissions(&backend.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let foreign = ForeignFrontend::spawn(&backend.socket, NOBODY, NOBODY);
+    let data = pattern(7, 4096);
+    assert_eq!(first.write(10, &data), (1, 0));
+    assert_eq!(first.read(10, 4096), (4097, 0, data));
+    drop(first);
+    assert_eq!(foreign.outcome(), ForeignOutcome::ClosedWithoutReply);
+    still_serves(&mut backend, 8);
+    let log = stop_and_log(&mut backend);
+    assert!(
+        log.contains("refused a connection: peer pid")
+            && log.contains(&format!(
+                "uid {NOBODY} gid {NOBODY} is not an allowed frontend"
+            )),
+        "no refusal logged:\n{log}"
+    );
+
+    // --allow-uid widens the set: the same foreign process is now served.
+    let wide = Backend::start_under_umask(&["--allow-uid", &NOBODY.to_string()], Some(0));
+    let dir = wide.socket.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&wide.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        ForeignFrontend::spawn(&wide.socket, NOBODY, NOBODY).outcome(),
+        ForeignOutcome::Answered
+    );
 }

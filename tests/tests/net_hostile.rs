@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use citadel_tests::netns::{unique, NetNs};
 use citadel_tests::vhost_user::{
-    eventfd, Frontend, GuestMemory, GET_FEATURES, GET_PROTOCOL_FEATURES, NEED_REPLY, SET_FEATURES,
-    SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE,
-    SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
+    eventfd, ForeignFrontend, ForeignOutcome, Frontend, GuestMemory, GET_FEATURES,
+    GET_PROTOCOL_FEATURES, NEED_REPLY, SET_FEATURES, SET_MEM_TABLE, SET_OWNER,
+    SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE,
+    SET_VRING_KICK, SET_VRING_NUM,
 };
 use citadel_tests::vm::TempDir;
 use citadel_tests::{binary, skip, Reaped};
@@ -785,4 +786,113 @@ fn two_queue_pairs_each_reach_the_multiqueue_tap() {
         );
     }
     assert_eq!(counter(), before + 2, "frames of both pairs on the tap");
+}
+
+/// The uid and gid a foreign frontend runs as.
+const NOBODY: u32 = 65534;
+
+/// Starts citadel-net on `socket` under umask 0 with `extra` arguments; stderr is piped.
+fn start_under_umask_0(ns: &NetNs, socket: &Path, tap: &str, extra: &[&str]) -> Reaped {
+    use std::os::unix::process::CommandExt;
+    let mut args = vec![
+        binary("citadel-net").to_str().expect("utf-8").to_string(),
+        "--socket".into(),
+        socket.to_str().expect("utf-8").into(),
+        "--tap".into(),
+        tap.into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = ns.exec(&args);
+    cmd.stderr(Stdio::piped());
+    // SAFETY: umask is async-signal-safe and touches only the child's own mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let child = Reaped(cmd.spawn().expect("start citadel-net"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "citadel-net never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(
+            TEST,
+            "needs root and /dev/net/tun for the tap and netns",
+            false,
+        );
+        return;
+    }
+    let scratch = TempDir::new("net-peer");
+    // Anyone may pass through the directory, so only the socket's own mode stands in the way.
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let ns = NetNs::create(unique("cnp"));
+    let socket = scratch.path().join("net.sock");
+    let mut child = start_under_umask_0(&ns, &socket, "cnp0", &[]);
+    let meta = fs::symlink_metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
+    assert_eq!(
+        ForeignFrontend::spawn(&socket, NOBODY, NOBODY).outcome(),
+        ForeignOutcome::ConnectFailed(libc::EACCES)
+    );
+
+    // With the file opened up, the credential check still keeps the foreign uid out, and
+    // the frontend being served does not notice.
+    let mut first = Frontend::connect(&socket);
+    first.negotiate();
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let foreign = ForeignFrontend::spawn(&socket, NOBODY, NOBODY);
+    assert_ne!(first.get_u64(GET_FEATURES) & VERSION_1, 0);
+    assert_eq!(first.config().len(), 10, "config space");
+    drop(first);
+    assert_eq!(foreign.outcome(), ForeignOutcome::ClosedWithoutReply);
+    let mut next = Frontend::connect(&socket);
+    next.negotiate();
+    drop(next);
+
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().expect("wait citadel-net");
+    assert!(status.success(), "citadel-net exit status {status:?}");
+    let mut log = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("read log");
+    assert!(
+        log.contains("refused a connection: peer pid")
+            && log.contains(&format!(
+                "uid {NOBODY} gid {NOBODY} is not an allowed frontend"
+            )),
+        "no refusal logged:\n{log}"
+    );
+
+    // --allow-uid widens the set: the same foreign process is now served.
+    let wide_socket = scratch.path().join("wide.sock");
+    let wide_ns = NetNs::create(unique("cnw"));
+    let _wide = start_under_umask_0(
+        &wide_ns,
+        &wide_socket,
+        "cnw0",
+        &["--allow-uid", &NOBODY.to_string()],
+    );
+    fs::set_permissions(&wide_socket, fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        ForeignFrontend::spawn(&wide_socket, NOBODY, NOBODY).outcome(),
+        ForeignOutcome::Answered
+    );
 }

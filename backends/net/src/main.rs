@@ -17,6 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -32,11 +33,8 @@ use crate::tap::{TapError, TapQueue};
 enum Error {
     #[error("tap: {0}")]
     Tap(#[from] TapError),
-    #[error("listening on {path}: {source}")]
-    Listen {
-        path: String,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("vhost-user socket fd {fd}: {source}")]
     SocketFd { fd: RawFd, source: io::Error },
     #[error("sandbox: {0}")]
@@ -272,16 +270,14 @@ fn run(args: Args) -> Result<(), Error> {
         stats: stats.clone(),
     });
     enum Source {
-        Listen(Listener),
+        Listen(UnixListener, PeerPolicy),
         Once(UnixStream),
     }
     let source = match &args.frontend {
-        Frontend::Socket(path) => {
-            Source::Listen(Listener::new(path, true).map_err(|source| Error::Listen {
-                path: path.display().to_string(),
-                source,
-            })?)
-        }
+        Frontend::Socket(path) => Source::Listen(
+            listen_private(path)?,
+            PeerPolicy::own_uid_and(&args.allow_uids, &args.allow_gids),
+        ),
         Frontend::Fd(fd) => {
             // SAFETY: F_GETFD only inspects the descriptor table.
             if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
@@ -315,14 +311,16 @@ fn run(args: Args) -> Result<(), Error> {
                 log::error!("{e}");
             }
         }
-        Source::Listen(listener) => loop {
-            let Some(stream) = listener
-                .accept()
-                .map_err(|e| Error::Accept(io::Error::other(e)))?
-            else {
-                continue;
-            };
-            log::info!("frontend connected");
+        Source::Listen(listener, peers) => loop {
+            let (stream, _) = listener.accept().map_err(Error::Accept)?;
+            // Dropping the stream closes it before a single byte is read or answered.
+            match peers.check(&stream) {
+                Ok(peer) => log::info!("frontend connected ({peer})"),
+                Err(e) => {
+                    log::warn!("refused a connection: {e}");
+                    continue;
+                }
+            }
             if let Err(e) = serve(&config, stream) {
                 log::error!("{e}");
             }

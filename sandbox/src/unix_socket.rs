@@ -32,6 +32,11 @@ pub struct ListenError {
 /// A socket left at `path` by an earlier run is replaced; any other kind of file is refused.
 /// The directory is not created: put the socket in a directory only its users can enter.
 pub fn listen_private(path: &Path) -> Result<UnixListener, ListenError> {
+    listen(path, 0o600)
+}
+
+/// Like [`listen_private`], with the permission bits `mode` (at most 0o777) instead of 0600.
+pub fn listen(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     let err = |source| ListenError {
         path: path.to_path_buf(),
         source,
@@ -72,10 +77,11 @@ pub fn listen_private(path: &Path) -> Result<UnixListener, ListenError> {
     // SAFETY: `fd` was just created and nothing else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(fd) };
     // The socket file takes its mode from the umask at bind time, and chmod after bind would
-    // leave a window with the wider mode, so bind under a umask that leaves only 0600. The
-    // umask is per process: callers bind before they start threads that create files.
+    // leave a window with the wider mode, so bind under a umask that leaves exactly `mode`.
+    // The umask is per process: callers bind before they start threads that create files.
+    let mask = 0o777 & !(mode & 0o777);
     // SAFETY: umask only swaps the process's file creation mask.
-    let previous = unsafe { libc::umask(0o177) };
+    let previous = unsafe { libc::umask(mask as libc::mode_t) };
     // SAFETY: `addr` is an initialised sockaddr_un and the length is its size.
     let bound = unsafe {
         libc::bind(
@@ -218,6 +224,10 @@ mod tests {
         assert_eq!((peer.pid, peer.uid, peer.gid), me);
         assert!(PeerPolicy::own_uid_and(&[], &[]).check(&accepted).is_ok());
         drop(client);
+        drop(listener);
+        let _group = listen(&path, 0o660).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o660);
         let file = dir.join("f");
         std::fs::write(&file, b"x").unwrap();
         assert!(listen_private(&file).is_err());

@@ -82,6 +82,7 @@ pub fn skipped_list() -> PathBuf {
         .expect("profile dir has a parent")
         .join("skipped-tests.txt")
 }
+pub mod foreign;
 pub mod kernel;
 pub mod netns;
 pub mod vhost_user;

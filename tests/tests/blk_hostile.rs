@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use citadel_tests::foreign::{ForeignClient, ForeignOutcome, NOBODY};
 use citadel_tests::vm::TempDir;
 
 use citadel_tests::vhost_user::{
-    eventfd, ForeignFrontend, ForeignOutcome, Frontend, GuestMemory as Memory, GET_FEATURES,
-    GET_INFLIGHT_FD, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY,
-    SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
+    eventfd, get_features_request, Frontend, GuestMemory as Memory, GET_FEATURES, GET_INFLIGHT_FD,
+    GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES,
+    SET_INFLIGHT_FD, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
     SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
 };
 
@@ -1057,9 +1058,6 @@ fn stop_and_log(backend: &mut Backend) -> String {
     err
 }
 
-/// The uid and gid a foreign frontend runs as.
-const NOBODY: u32 = 65534;
-
 #[test]
 fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -1083,7 +1081,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
     assert_eq!(
-        ForeignFrontend::spawn(&backend.socket, NOBODY, NOBODY).outcome(),
+        ForeignClient::spawn(&backend.socket, NOBODY, NOBODY, &get_features_request()).outcome(),
         ForeignOutcome::ConnectFailed(libc::EACCES)
     );
 
@@ -1091,7 +1089,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     // the frontend being served does not notice.
     let mut first = Session::open(&backend);
     std::fs::set_permissions(&backend.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let foreign = ForeignFrontend::spawn(&backend.socket, NOBODY, NOBODY);
+    let foreign = ForeignClient::spawn(&backend.socket, NOBODY, NOBODY, &get_features_request());
     let data = pattern(7, 4096);
     assert_eq!(first.write(10, &data), (1, 0));
     assert_eq!(first.read(10, 4096), (4097, 0, data));
@@ -1113,7 +1111,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&wide.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(
-        ForeignFrontend::spawn(&wide.socket, NOBODY, NOBODY).outcome(),
+        ForeignClient::spawn(&wide.socket, NOBODY, NOBODY, &get_features_request()).outcome(),
         ForeignOutcome::Answered
     );
 }

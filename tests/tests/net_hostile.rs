@@ -16,12 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use citadel_tests::foreign::{ForeignClient, ForeignOutcome, NOBODY};
 use citadel_tests::netns::{unique, NetNs};
 use citadel_tests::vhost_user::{
-    eventfd, ForeignFrontend, ForeignOutcome, Frontend, GuestMemory, GET_FEATURES,
-    GET_PROTOCOL_FEATURES, NEED_REPLY, SET_FEATURES, SET_MEM_TABLE, SET_OWNER,
-    SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE,
-    SET_VRING_KICK, SET_VRING_NUM,
+    eventfd, get_features_request, Frontend, GuestMemory, GET_FEATURES, GET_PROTOCOL_FEATURES,
+    NEED_REPLY, SET_FEATURES, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
+    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
 };
 use citadel_tests::vm::TempDir;
 use citadel_tests::{binary, skip, Reaped};
@@ -788,9 +788,6 @@ fn two_queue_pairs_each_reach_the_multiqueue_tap() {
     assert_eq!(counter(), before + 2, "frames of both pairs on the tap");
 }
 
-/// The uid and gid a foreign frontend runs as.
-const NOBODY: u32 = 65534;
-
 /// Starts citadel-net on `socket` under umask 0 with `extra` arguments; stderr is piped.
 fn start_under_umask_0(ns: &NetNs, socket: &Path, tap: &str, extra: &[&str]) -> Reaped {
     use std::os::unix::process::CommandExt;
@@ -843,7 +840,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
     assert_eq!(
-        ForeignFrontend::spawn(&socket, NOBODY, NOBODY).outcome(),
+        ForeignClient::spawn(&socket, NOBODY, NOBODY, &get_features_request()).outcome(),
         ForeignOutcome::ConnectFailed(libc::EACCES)
     );
 
@@ -852,7 +849,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     let mut first = Frontend::connect(&socket);
     first.negotiate();
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
-    let foreign = ForeignFrontend::spawn(&socket, NOBODY, NOBODY);
+    let foreign = ForeignClient::spawn(&socket, NOBODY, NOBODY, &get_features_request());
     assert_ne!(first.get_u64(GET_FEATURES) & VERSION_1, 0);
     assert_eq!(first.config().len(), 10, "config space");
     drop(first);
@@ -892,7 +889,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     );
     fs::set_permissions(&wide_socket, fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(
-        ForeignFrontend::spawn(&wide_socket, NOBODY, NOBODY).outcome(),
+        ForeignClient::spawn(&wide_socket, NOBODY, NOBODY, &get_features_request()).outcome(),
         ForeignOutcome::Answered
     );
 }

@@ -103,7 +103,11 @@ fn build_and_run(
         let serial_out = serial_output(&config.serial)?;
         // Written before the process is confined: afterwards it may create no file.
         let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
-        let qmp = config.qmp.as_deref().map(Monitor::bind_qmp).transpose()?;
+        let qmp = config
+            .qmp
+            .as_deref()
+            .map(|path| Monitor::bind_qmp(path, config.qmp_mode))
+            .transpose()?;
         let channels = Channels::new()?;
         let (events_tx, events_rx) = mpsc::channel();
         vcpu::register_kick_handler()?;

@@ -180,9 +180,15 @@ impl Monitor {
 
     /// Creates the epoll set and binds the QMP socket in it; done before the machine exists
     /// so that a bad socket path fails early.
-    pub fn bind_qmp(path: &std::path::Path) -> Result<(QmpServer, Epoll), MonitorError> {
+    pub fn bind_qmp(path: &std::path::Path, mode: u32) -> Result<(QmpServer, Epoll), MonitorError> {
         let epoll = Epoll::new()?;
-        let server = QmpServer::bind(path, &epoll, TOKEN_QMP_LISTENER, TOKEN_QMP_FIRST_CLIENT)?;
+        let server = QmpServer::bind(
+            path,
+            mode,
+            &epoll,
+            TOKEN_QMP_LISTENER,
+            TOKEN_QMP_FIRST_CLIENT,
+        )?;
         Ok((server, epoll))
     }
 

@@ -13,8 +13,10 @@
 //! The seccomp filter is installed separately, by the `citadel-seccomp` crate, as the very
 //! last step, because it forbids the syscalls used here.
 //!
-//! [`unix_socket`] holds what a backend needs to meet only its own frontend.
+//! [`unix_socket`] holds what a backend needs to meet only its own frontend, [`core_dump`] what
+//! keeps guest memory out of core files.
 
+pub mod core_dump;
 pub mod unix_socket;
 
 use std::path::Path;

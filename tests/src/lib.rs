@@ -85,6 +85,7 @@ pub fn skipped_list() -> PathBuf {
 pub mod foreign;
 pub mod kernel;
 pub mod netns;
+pub mod procfs;
 pub mod vhost_user;
 pub mod vm;
 

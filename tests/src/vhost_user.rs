@@ -42,6 +42,13 @@ pub const GET_INFLIGHT_FD: u32 = 31;
 /// See [`GET_FEATURES`].
 pub const SET_INFLIGHT_FD: u32 = 32;
 
+/// Feature bit: vhost-user protocol features are negotiated.
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Feature bit: virtio 1.0.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// Protocol feature bit: the backend acks requests that ask for it.
+pub const PF_REPLY_ACK: u64 = 1 << 3;
+
 /// Header flag: protocol version 1, set on every message.
 pub const VERSION: u32 = 0x1;
 /// Header flag: this message is a reply.
@@ -100,6 +107,11 @@ impl GuestMemory {
     /// The memfd, to pass in SET_MEM_TABLE.
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.len
     }
 
     /// Where the memory is mapped in this process: the frontend address of guest address 0.
@@ -295,6 +307,26 @@ impl Frontend {
         let (r, p, _) = self.recv().expect("ack");
         assert_eq!(r, req, "ack for another request");
         u64::from_le_bytes(p[..8].try_into().unwrap())
+    }
+
+    /// Negotiates what every backend offers (VERSION_1, protocol features with REPLY_ACK),
+    /// then sends `mem` as a one-region table at guest address 0 with `fd` as its descriptor.
+    /// Returns SET_MEM_TABLE's ack status (0 = accepted).
+    pub fn share_memory(&mut self, mem: &GuestMemory, fd: RawFd) -> u64 {
+        let features = self.get_u64(GET_FEATURES);
+        self.send(SET_OWNER, 0, &[], &[]).expect("send");
+        let protocol = self.get_u64(GET_PROTOCOL_FEATURES);
+        assert_ne!(protocol & PF_REPLY_ACK, 0, "REPLY_ACK not offered");
+        self.send(SET_PROTOCOL_FEATURES, 0, &PF_REPLY_ACK.to_le_bytes(), &[])
+            .expect("send");
+        let acked = features & (F_VERSION_1 | F_PROTOCOL_FEATURES);
+        assert_eq!(self.ack(SET_FEATURES, &acked.to_le_bytes(), &[]), 0);
+        let mut table = 1u32.to_le_bytes().to_vec();
+        table.extend_from_slice(&0u32.to_le_bytes());
+        for v in [0, mem.size() as u64, mem.uaddr(), 0] {
+            table.extend_from_slice(&v.to_le_bytes());
+        }
+        self.ack(SET_MEM_TABLE, &table, &[fd])
     }
 
     /// Sends GET_CONFIG for `size` bytes at `offset`; returns the reply payload: the echoed

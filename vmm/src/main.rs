@@ -184,6 +184,11 @@ fn build_and_run(
 }
 
 fn main() -> ExitCode {
+    // First of all, so that no crash, even during setup, writes guest data to a core file.
+    if let Err(e) = citadel_sandbox::core_dump::disable_core_dumps() {
+        eprintln!("citadel: {e}");
+        return ExitCode::from(1);
+    }
     let config = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(CliError::Help) => {

@@ -53,6 +53,14 @@ pub enum MemoryError {
         /// What failed.
         why: String,
     },
+    /// The mapping could not be excluded from core dumps.
+    #[error("memory region {index}: excluding it from core dumps: {source}")]
+    DontDump {
+        /// Region index.
+        index: usize,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
     /// Regions overlap in guest physical space.
     #[error("memory regions overlap: {0}")]
     Overlap(String),
@@ -103,6 +111,8 @@ impl MemoryTable {
                     index,
                     why: e.to_string(),
                 })?;
+            citadel_sandbox::core_dump::exclude_from_core_dumps(mmap.as_ptr(), mmap.size())
+                .map_err(|source| MemoryError::DontDump { index, source })?;
             let guest = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
                 .ok_or(MemoryError::Range(index))?;
             mapped.push(guest);

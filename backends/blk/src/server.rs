@@ -182,7 +182,6 @@ pub fn run(args: Args) -> Result<(), ServerError> {
 
     citadel_sandbox::restrict_self(&citadel_sandbox::Policy {
         limits: vec![
-            citadel_sandbox::Limit::CoreSize(0),
             citadel_sandbox::Limit::LockedMemory(0),
             citadel_sandbox::Limit::OpenFiles(64 + 4 * u64::from(args.num_queues)),
         ],

@@ -249,7 +249,8 @@ fn sandbox(args: &Args) -> Result<(), Error> {
     use citadel_sandbox::{Limit, Policy};
     let policy = Policy {
         // No RLIMIT_FSIZE: stderr may be a regular file, and the backend creates no files.
-        limits: vec![Limit::OpenFiles(1024), Limit::CoreSize(0)],
+        // RLIMIT_CORE is 0 since main() started.
+        limits: vec![Limit::OpenFiles(1024)],
         require_landlock: false,
     };
     citadel_sandbox::restrict_self(&policy)?;
@@ -332,6 +333,11 @@ fn run(args: Args) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    // First of all, so that no crash, even during setup, writes guest data to a core file.
+    if let Err(e) = citadel_sandbox::core_dump::disable_core_dumps() {
+        eprintln!("citadel-net: {e}");
+        return ExitCode::FAILURE;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();

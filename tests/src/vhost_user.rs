@@ -69,6 +69,8 @@ pub fn eventfd() -> OwnedFd {
 }
 
 /// Guest memory: a memfd mapped shared into the test, so the backend sees the same bytes.
+/// Sealed against shrinking and growing, as Citadel's and QEMU's guest memory is, unless made
+/// with [`GuestMemory::unsealed`].
 pub struct GuestMemory {
     fd: OwnedFd,
     ptr: *mut u8,
@@ -76,10 +78,25 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
-    /// `len` bytes of zeroed guest memory.
+    /// `len` bytes of zeroed guest memory, sealed against shrinking and growing.
     pub fn new(len: usize) -> GuestMemory {
+        let mem = GuestMemory::unsealed(len);
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_ADD_SEALS with constant flags on our own memfd.
+        let rc = unsafe { libc::fcntl(mem.fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(rc, 0, "sealing: {}", std::io::Error::last_os_error());
+        mem
+    }
+
+    /// `len` bytes of zeroed guest memory whose memfd anyone holding it may still resize.
+    pub fn unsealed(len: usize) -> GuestMemory {
         // SAFETY: valid C string, constant flags; the result is checked and owned.
-        let fd = unsafe { libc::memfd_create(c"citadel-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"citadel-test-guest".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };

@@ -1115,3 +1115,80 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
         ForeignOutcome::Answered
     );
 }
+
+/// Shrinks the memfd behind `mem` to nothing. The test must not touch `mem` afterwards: its
+/// own mapping would fault too.
+fn truncate(mem: &Memory) {
+    // SAFETY: resizing a memfd this test owns; nothing reads its mapping afterwards.
+    assert_eq!(unsafe { libc::ftruncate(mem.fd(), 0) }, 0);
+}
+
+/// SET_INFLIGHT_FD for one queue with an area of `size` bytes in `fd`; true when accepted.
+fn set_inflight(backend: &Backend, fd: RawFd, size: u64) -> bool {
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.get_u64(GET_PROTOCOL_FEATURES);
+    let protocol = PF_REPLY_ACK | PF_MQ | PF_INFLIGHT;
+    fe.send(SET_PROTOCOL_FEATURES, 0, &protocol.to_le_bytes(), &[])
+        .unwrap();
+    fe.send(SET_OWNER, 0, &[], &[]).unwrap();
+    assert!(fe.acked(SET_FEATURES, &(F_VERSION_1 | F_PROTOCOL).to_le_bytes(), &[]));
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&QSIZE.to_le_bytes());
+    p.extend_from_slice(&[0u8; 4]);
+    fe.acked(SET_INFLIGHT_FD, &p, &[fd])
+}
+
+#[test]
+fn unsealed_memory_is_refused_and_a_truncating_frontend_cannot_kill_the_backend() {
+    if backend_missing() {
+        return;
+    }
+    let mut backend = Backend::start(&[]);
+    let mut fe = backend.connect();
+    fe.negotiate();
+    let unsealed = Memory::unsealed(MEM_SIZE);
+    let u = unsealed.uaddr();
+    assert!(
+        !fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[unsealed.fd()]),
+        "a memory table in an unsealed memfd was accepted"
+    );
+    // The frontend shrinks its file and drives a queue at it anyway: with no table mapped,
+    // the backend has nothing that could fault.
+    truncate(&unsealed);
+    assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+    assert!(
+        !fe.vring_addr(0, u + DESC, u + USED, u + AVAIL),
+        "ring addresses accepted without memory"
+    );
+    let kick = eventfd();
+    fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd());
+    fe.vring_state(SET_VRING_ENABLE, 0, 1);
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing 8 bytes to our own eventfd.
+    unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(backend.alive(), "citadel-blk died");
+    drop(fe);
+    // The inflight area is held to the same rule.
+    let area = Memory::unsealed(4096);
+    assert!(
+        !set_inflight(&backend, area.fd(), 4096),
+        "an unsealed inflight area was accepted"
+    );
+    still_serves(&mut backend, 9);
+
+    // --allow-unsealed-memory takes both, with the risk its help text states.
+    let wide = Backend::start(&["--allow-unsealed-memory"]);
+    let mut fe = wide.connect();
+    fe.negotiate();
+    let unsealed = Memory::unsealed(MEM_SIZE);
+    assert!(fe.mem_table(
+        &[(0, MEM_SIZE as u64, unsealed.uaddr(), 0)],
+        &[unsealed.fd()]
+    ));
+    drop(fe);
+    assert!(set_inflight(&wide, area.fd(), 4096));
+}

@@ -893,3 +893,72 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
         ForeignOutcome::Answered
     );
 }
+
+#[test]
+fn unsealed_memory_is_refused_and_a_truncating_frontend_cannot_kill_the_backend() {
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(
+            TEST,
+            "needs root and /dev/net/tun for the tap and netns",
+            false,
+        );
+        return;
+    }
+    let scratch = TempDir::new("net-unsealed");
+    let ns = NetNs::create(unique("cnu"));
+    let socket = scratch.path().join("net.sock");
+    let start = |socket: &Path, tap: &str, extra: &[&str]| {
+        let mut args = vec![
+            binary("citadel-net").to_str().expect("utf-8").to_string(),
+            "--socket".into(),
+            socket.to_str().expect("utf-8").into(),
+            "--tap".into(),
+            tap.into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = ns.exec(&args);
+        cmd.stderr(Stdio::null());
+        Reaped(cmd.spawn().expect("start citadel-net"))
+    };
+    let mut child = start(&socket, "cnu0", &[]);
+    let mut f = Frontend::connect(&socket);
+    f.negotiate();
+    let unsealed = GuestMemory::unsealed(MEM_SIZE);
+    f.send(
+        SET_MEM_TABLE,
+        0,
+        &table(MEM_SIZE as u64, 0),
+        &[unsealed.fd()],
+    )
+    .expect("send");
+    assert!(
+        f.closed_by_backend(),
+        "a memory table in an unsealed memfd was accepted"
+    );
+    // Shrinking the file now reaches nothing of the backend's. The test does not touch its
+    // own mapping afterwards either.
+    // SAFETY: resizing a memfd this test owns.
+    assert_eq!(unsafe { libc::ftruncate(unsealed.fd(), 0) }, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(status) = child.0.try_wait().expect("poll backend") {
+        panic!(
+            "citadel-net died: {status:?} (signal {:?})",
+            status.signal()
+        );
+    }
+    // A frontend with sealed memory is served.
+    let mut f = Frontend::connect(&socket);
+    let sealed = GuestMemory::new(MEM_SIZE);
+    assert_eq!(f.share_memory(&sealed, sealed.fd()), 0);
+    drop(f);
+
+    // --allow-unsealed-memory maps it, with the risk its help text states.
+    let wide_socket = scratch.path().join("wide.sock");
+    let _wide = start(&wide_socket, "cnu1", &["--allow-unsealed-memory"]);
+    let mut f = Frontend::connect(&wide_socket);
+    let unsealed = GuestMemory::unsealed(MEM_SIZE);
+    assert_eq!(f.share_memory(&unsealed, unsealed.fd()), 0);
+}

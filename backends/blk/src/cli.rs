@@ -46,6 +46,8 @@ pub struct Args {
     pub allow_uids: Vec<u32>,
     /// Gids whose processes may connect (`--socket` only).
     pub allow_gids: Vec<u32>,
+    /// Map memory files the frontend has not sealed against shrinking.
+    pub allow_unsealed_memory: bool,
 }
 
 /// What the command line asked for.
@@ -109,6 +111,9 @@ Serves a raw disk image as a vhost-user-blk device.
   --allow-uid N       with --socket, also serve frontends running as uid N (repeatable);
                       by default only the backend's own uid is served
   --allow-gid N       with --socket, also serve frontends whose gid is N (repeatable)
+  --allow-unsealed-memory
+                      also map guest memory and inflight files not sealed against shrinking
+                      (F_SEAL_SHRINK); a frontend that truncates one kills the backend (SIGBUS)
   -h, --help          print this text
 
 The --socket file is created with mode 0600; a connecting process whose uid or gid is not
@@ -157,6 +162,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let mut seccomp = None;
     let mut allow_uids = Vec::new();
     let mut allow_gids = Vec::new();
+    let mut allow_unsealed_memory = false;
 
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -217,6 +223,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 connection = Some(Connection::Fd(parse_fd("--fd", &v)?));
             }
             "--readonly" => readonly = true,
+            "--allow-unsealed-memory" => allow_unsealed_memory = true,
             "--direct" => direct = true,
             "--num-queues" => {
                 let v = value!("--num-queues");
@@ -316,6 +323,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         seccomp: seccomp.unwrap_or_default(),
         allow_uids,
         allow_gids,
+        allow_unsealed_memory,
     }))
 }
 
@@ -338,6 +346,9 @@ mod tests {
         assert_eq!((a.num_queues, a.queue_size, a.block_size), (1, 256, 512));
         assert!(!a.readonly && !a.direct);
         assert!(a.allow_uids.is_empty() && a.allow_gids.is_empty());
+        assert!(!a.allow_unsealed_memory);
+        let u = run(&["--image", "/i", "--fd", "5", "--allow-unsealed-memory"]).unwrap();
+        assert!(u.allow_unsealed_memory);
         let w = run(&[
             "--image",
             "/i",

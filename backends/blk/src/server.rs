@@ -11,6 +11,7 @@ use std::time::Duration;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use citadel_sandbox::memory_file::MemoryFilePolicy;
 use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
 
 use crate::cli::{Args, Connection as ConnectionArg};
@@ -162,6 +163,11 @@ pub fn run(args: Args) -> Result<(), ServerError> {
             queue_size: args.queue_size,
             block_size: args.block_size,
             serial: args.serial.clone(),
+            memory_files: if args.allow_unsealed_memory {
+                MemoryFilePolicy::AllowUnsealed
+            } else {
+                MemoryFilePolicy::SealedOnly
+            },
         },
     )?);
     let endpoint = match &args.connection {

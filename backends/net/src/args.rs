@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage: citadel-net (--socket PATH | --fd N) (--tap NAME | --tap-fd N[,N...])
                    [--queues PAIRS] [--mac XX:XX:XX:XX:XX:XX] [--seccomp kill|log]
-                   [--allow-uid N]... [--allow-gid N]...
+                   [--allow-uid N]... [--allow-gid N]... [--allow-unsealed-memory]
 
   --socket PATH    listen on PATH for vhost-user frontends, one at a time
   --fd N           serve the already-connected vhost-user socket N, then exit
@@ -19,6 +19,9 @@ usage: citadel-net (--socket PATH | --fd N) (--tap NAME | --tap-fd N[,N...])
   --allow-uid N    with --socket, also serve frontends running as uid N (repeatable);
                    by default only the backend's own uid is served
   --allow-gid N    with --socket, also serve frontends whose gid is N (repeatable)
+  --allow-unsealed-memory
+                   also map guest memory files not sealed against shrinking (F_SEAL_SHRINK);
+                   a frontend that truncates one kills the backend (SIGBUS)
 
 The --socket file is created with mode 0600; a connecting process whose uid or gid is not
 allowed is logged and disconnected before it can send a message.
@@ -61,6 +64,8 @@ pub struct Args {
     pub allow_uids: Vec<u32>,
     /// Gids whose processes may connect (`--socket` only).
     pub allow_gids: Vec<u32>,
+    /// Map memory files the frontend has not sealed against shrinking.
+    pub allow_unsealed_memory: bool,
 }
 
 /// A bad command line, reported in one line.
@@ -143,6 +148,7 @@ impl Args {
         let mut seccomp = None;
         let mut allow_uids = Vec::new();
         let mut allow_gids = Vec::new();
+        let mut allow_unsealed_memory = false;
         let mut it = args.into_iter();
         while let Some(arg) = it.next() {
             let (key, inline) = match arg.split_once('=') {
@@ -209,6 +215,7 @@ impl Args {
                         why: "expected kill or log",
                     })?);
                 }
+                "--allow-unsealed-memory" => allow_unsealed_memory = true,
                 "--allow-uid" => allow_uids.push(parse_id("--allow-uid", &value("--allow-uid")?)?),
                 "--allow-gid" => allow_gids.push(parse_id("--allow-gid", &value("--allow-gid")?)?),
                 _ => return Err(ArgError::Unknown(arg)),
@@ -257,6 +264,7 @@ impl Args {
             seccomp: seccomp.unwrap_or_default(),
             allow_uids,
             allow_gids,
+            allow_unsealed_memory,
         })
     }
 }
@@ -280,6 +288,12 @@ mod tests {
         assert_eq!(a.tap, TapSource::Fds(vec![4, 5]));
         assert_eq!(a.seccomp, citadel_seccomp::Mode::Log);
         assert!(a.allow_uids.is_empty() && a.allow_gids.is_empty());
+        assert!(!a.allow_unsealed_memory);
+        assert!(
+            parse("--fd 3 --tap t --allow-unsealed-memory")
+                .unwrap()
+                .allow_unsealed_memory
+        );
         let a = parse("--socket /s --tap t --allow-uid 1000 --allow-uid=7 --allow-gid 50").unwrap();
         assert_eq!((a.allow_uids, a.allow_gids), (vec![1000, 7], vec![50]));
     }

@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use citadel_sandbox::memory_file::MemoryFilePolicy;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -47,6 +48,8 @@ pub struct NetConfig {
     pub taps: Vec<TapQueue>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Which files may back guest memory.
+    pub memory_files: MemoryFilePolicy,
 }
 
 /// Per queue pair state kept between events.

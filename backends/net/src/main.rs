@@ -17,6 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use citadel_sandbox::memory_file::MemoryFilePolicy;
 use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
@@ -213,8 +214,9 @@ fn serve(config: &Arc<NetConfig>, frontend: UnixStream) -> Result<(), ConnError>
         }
         drop(listener);
         drop(watch);
-        let relay = proxy::Relay::start(frontend, client, backend.num_queues())
-            .map_err(ConnError::Channel)?;
+        let relay =
+            proxy::Relay::start(frontend, client, backend.num_queues(), config.memory_files)
+                .map_err(ConnError::Channel)?;
         let served = daemon.wait();
         let relayed = relay.stop();
         match served {
@@ -269,6 +271,11 @@ fn run(args: Args) -> Result<(), Error> {
         mac,
         taps,
         stats: stats.clone(),
+        memory_files: if args.allow_unsealed_memory {
+            MemoryFilePolicy::AllowUnsealed
+        } else {
+            MemoryFilePolicy::SealedOnly
+        },
     });
     enum Source {
         Listen(UnixListener, PeerPolicy),

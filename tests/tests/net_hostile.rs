@@ -788,8 +788,9 @@ fn two_queue_pairs_each_reach_the_multiqueue_tap() {
     assert_eq!(counter(), before + 2, "frames of both pairs on the tap");
 }
 
-/// Starts citadel-net on `socket` under umask 0 with `extra` arguments; stderr is piped.
-fn start_under_umask_0(ns: &NetNs, socket: &Path, tap: &str, extra: &[&str]) -> Reaped {
+/// Starts citadel-net in `ns` on `socket` and `tap` with `extra` arguments, under umask 0 (its
+/// socket must be private anyway), with stderr piped; returns once the socket exists.
+fn start_backend(ns: &NetNs, socket: &Path, tap: &str, extra: &[&str]) -> Reaped {
     use std::os::unix::process::CommandExt;
     let mut args = vec![
         binary("citadel-net").to_str().expect("utf-8").to_string(),
@@ -835,7 +836,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let ns = NetNs::create(unique("cnp"));
     let socket = scratch.path().join("net.sock");
-    let mut child = start_under_umask_0(&ns, &socket, "cnp0", &[]);
+    let mut child = start_backend(&ns, &socket, "cnp0", &[]);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
@@ -881,7 +882,7 @@ fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
     // --allow-uid widens the set: the same foreign process is now served.
     let wide_socket = scratch.path().join("wide.sock");
     let wide_ns = NetNs::create(unique("cnw"));
-    let _wide = start_under_umask_0(
+    let _wide = start_backend(
         &wide_ns,
         &wide_socket,
         "cnw0",
@@ -909,21 +910,7 @@ fn unsealed_memory_is_refused_and_a_truncating_frontend_cannot_kill_the_backend(
     let scratch = TempDir::new("net-unsealed");
     let ns = NetNs::create(unique("cnu"));
     let socket = scratch.path().join("net.sock");
-    let start = |socket: &Path, tap: &str, extra: &[&str]| {
-        let mut args = vec![
-            binary("citadel-net").to_str().expect("utf-8").to_string(),
-            "--socket".into(),
-            socket.to_str().expect("utf-8").into(),
-            "--tap".into(),
-            tap.into(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut cmd = ns.exec(&args);
-        cmd.stderr(Stdio::null());
-        Reaped(cmd.spawn().expect("start citadel-net"))
-    };
-    let mut child = start(&socket, "cnu0", &[]);
+    let mut child = start_backend(&ns, &socket, "cnu0", &[]);
     let mut f = Frontend::connect(&socket);
     f.negotiate();
     let unsealed = GuestMemory::unsealed(MEM_SIZE);
@@ -957,7 +944,7 @@ fn unsealed_memory_is_refused_and_a_truncating_frontend_cannot_kill_the_backend(
 
     // --allow-unsealed-memory maps it, with the risk its help text states.
     let wide_socket = scratch.path().join("wide.sock");
-    let _wide = start(&wide_socket, "cnu1", &["--allow-unsealed-memory"]);
+    let _wide = start_backend(&ns, &wide_socket, "cnu1", &["--allow-unsealed-memory"]);
     let mut f = Frontend::connect(&wide_socket);
     let unsealed = GuestMemory::unsealed(MEM_SIZE);
     assert_eq!(f.share_memory(&unsealed, unsealed.fd()), 0);

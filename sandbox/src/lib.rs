@@ -12,6 +12,14 @@
 //!
 //! The seccomp filter is installed separately, by the `citadel-seccomp` crate, as the very
 //! last step, because it forbids the syscalls used here.
+//!
+//! [`unix_socket`] holds what a backend needs to meet only its own frontend, [`core_dump`] what
+//! keeps guest memory out of core files, [`memory_file`] the checks on files a peer hands over
+//! to be mapped.
+
+pub mod core_dump;
+pub mod memory_file;
+pub mod unix_socket;
 
 use std::path::Path;
 

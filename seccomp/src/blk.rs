@@ -8,8 +8,8 @@
 //! socket, never executes anything and issues no ioctl at all.
 
 use crate::{
-    allow, descriptor_control, socket_options, thread_names, thread_runtime, threads_only, Error,
-    Rules,
+    allow, descriptor_control, peer_credentials, socket_options, thread_names, thread_runtime,
+    threads_only, Error, Rules,
 };
 
 const ROLE: &str = "blk";
@@ -54,6 +54,8 @@ pub fn rules() -> Result<Rules, Error> {
     // Sealing the inflight memfd handed to the frontend.
     rules.push(descriptor_control(ROLE, &[libc::F_ADD_SEALS])?);
     rules.push(thread_names(ROLE)?);
+    // Who connected: frontends are checked against the allowed uids and gids.
+    rules.push(peer_credentials(ROLE)?);
     // The per-message receive timeout on a frontend socket; no other socket option.
     rules.push(socket_options(ROLE, &[libc::SO_RCVTIMEO])?);
     // Worker threads, never processes.

@@ -69,15 +69,6 @@ pub const FIONBIO: u64 = libc::FIONBIO;
 /// Sets close-on-exec (Rust's std uses it on descriptors it duplicates).
 pub const FIOCLEX: u64 = libc::FIOCLEX;
 
-/// Attaches a tap device (`/dev/net/tun`) to an interface.
-pub const TUNSETIFF: u64 = 0x4004_54ca;
-/// Sets the tap's offload flags.
-pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
-/// Sets the tap's virtio-net header size.
-pub const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
-/// Reads back the tap's interface flags.
-pub const TUNGETIFF: u64 = 0x8004_54d2;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +86,5 @@ mod tests {
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
         assert_eq!(KVM_SIGNAL_MSI(), 0x4020_aea5);
-        assert_eq!(TUNSETIFF, 0x4004_54ca);
     }
 }

@@ -8,7 +8,8 @@
 //! never starts a program and never opens anything but Unix sockets.
 
 use crate::{
-    allow, arg_in, descriptor_control, thread_names, thread_runtime, threads_only, Error, Rules,
+    allow, arg_in, descriptor_control, peer_credentials, thread_names, thread_runtime,
+    threads_only, Error, Rules,
 };
 
 const ROLE: &str = "net";
@@ -67,6 +68,8 @@ pub fn rules() -> Result<Rules, Error> {
     // Descriptor flags and close-on-exec duplicates, memfd seals of the memory table.
     rules.push(descriptor_control(ROLE, &[])?);
     rules.push(thread_names(ROLE)?);
+    // Who connected: frontends are checked against the allowed uids and gids.
+    rules.push(peer_credentials(ROLE)?);
     // Worker threads, never processes.
     rules.extend(threads_only(ROLE)?);
     Ok(rules)

@@ -54,7 +54,7 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_ftruncate,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
-        // Pausing vCPUs and reaping the launcher at shutdown.
+        // Pausing vCPUs, and reaping device processes at shutdown.
         libc::SYS_tgkill,
         libc::SYS_wait4,
     ]));

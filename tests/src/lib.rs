@@ -85,9 +85,11 @@ pub fn skipped_list() -> PathBuf {
         .join("skipped-tests.txt")
 }
 pub mod cpio;
+pub mod foreign;
 pub mod kernel;
 pub mod lab;
 pub mod netns;
+pub mod procfs;
 pub mod vhost_user;
 pub mod vm;
 

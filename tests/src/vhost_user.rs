@@ -42,6 +42,13 @@ pub const GET_INFLIGHT_FD: u32 = 31;
 /// See [`GET_FEATURES`].
 pub const SET_INFLIGHT_FD: u32 = 32;
 
+/// Feature bit: vhost-user protocol features are negotiated.
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Feature bit: virtio 1.0.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// Protocol feature bit: the backend acks requests that ask for it.
+pub const PF_REPLY_ACK: u64 = 1 << 3;
+
 /// Header flag: protocol version 1, set on every message.
 pub const VERSION: u32 = 0x1;
 /// Header flag: this message is a reply.
@@ -62,6 +69,8 @@ pub fn eventfd() -> OwnedFd {
 }
 
 /// Guest memory: a memfd mapped shared into the test, so the backend sees the same bytes.
+/// Sealed against shrinking and growing, as Citadel's and QEMU's guest memory is, unless made
+/// with [`GuestMemory::unsealed`].
 pub struct GuestMemory {
     fd: OwnedFd,
     ptr: *mut u8,
@@ -69,10 +78,25 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
-    /// `len` bytes of zeroed guest memory.
+    /// `len` bytes of zeroed guest memory, sealed against shrinking and growing.
     pub fn new(len: usize) -> GuestMemory {
+        let mem = GuestMemory::unsealed(len);
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_ADD_SEALS with constant flags on our own memfd.
+        let rc = unsafe { libc::fcntl(mem.fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(rc, 0, "sealing: {}", std::io::Error::last_os_error());
+        mem
+    }
+
+    /// `len` bytes of zeroed guest memory whose memfd anyone holding it may still resize.
+    pub fn unsealed(len: usize) -> GuestMemory {
         // SAFETY: valid C string, constant flags; the result is checked and owned.
-        let fd = unsafe { libc::memfd_create(c"citadel-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"citadel-test-guest".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -100,6 +124,11 @@ impl GuestMemory {
     /// The memfd, to pass in SET_MEM_TABLE.
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.len
     }
 
     /// Where the memory is mapped in this process: the frontend address of guest address 0.
@@ -297,6 +326,26 @@ impl Frontend {
         u64::from_le_bytes(p[..8].try_into().unwrap())
     }
 
+    /// Negotiates what every backend offers (VERSION_1, protocol features with REPLY_ACK),
+    /// then sends `mem` as a one-region table at guest address 0 with `fd` as its descriptor.
+    /// Returns SET_MEM_TABLE's ack status (0 = accepted).
+    pub fn share_memory(&mut self, mem: &GuestMemory, fd: RawFd) -> u64 {
+        let features = self.get_u64(GET_FEATURES);
+        self.send(SET_OWNER, 0, &[], &[]).expect("send");
+        let protocol = self.get_u64(GET_PROTOCOL_FEATURES);
+        assert_ne!(protocol & PF_REPLY_ACK, 0, "REPLY_ACK not offered");
+        self.send(SET_PROTOCOL_FEATURES, 0, &PF_REPLY_ACK.to_le_bytes(), &[])
+            .expect("send");
+        let acked = features & (F_VERSION_1 | F_PROTOCOL_FEATURES);
+        assert_eq!(self.ack(SET_FEATURES, &acked.to_le_bytes(), &[]), 0);
+        let mut table = 1u32.to_le_bytes().to_vec();
+        table.extend_from_slice(&0u32.to_le_bytes());
+        for v in [0, mem.size() as u64, mem.uaddr(), 0] {
+            table.extend_from_slice(&v.to_le_bytes());
+        }
+        self.ack(SET_MEM_TABLE, &table, &[fd])
+    }
+
     /// Sends GET_CONFIG for `size` bytes at `offset`; returns the reply payload: the echoed
     /// 12-byte offset/size/flags header, then the configuration bytes.
     pub fn get_config(&mut self, offset: u32, size: u32) -> Vec<u8> {
@@ -309,4 +358,12 @@ impl Frontend {
         assert_eq!(r, GET_CONFIG, "reply to another request");
         reply
     }
+}
+
+/// A GET_FEATURES request as raw bytes, for clients that do not speak vhost-user otherwise.
+pub fn get_features_request() -> Vec<u8> {
+    let mut msg = GET_FEATURES.to_le_bytes().to_vec();
+    msg.extend_from_slice(&VERSION.to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    msg
 }

@@ -52,15 +52,39 @@ impl Vm {
     /// Starts `citadel -machine microvm -kernel <kernel> -qmp unix:<tmp>,server,nowait
     /// -serial stdio` plus `extra` arguments.
     pub fn start(kernel: &Path, extra: &[&str]) -> Vm {
+        Vm::start_with(kernel, extra, "", None)
+    }
+
+    /// Like [`Vm::start`], with `qmp_options` appended to the `-qmp` value and, when given,
+    /// `umask` set in the child before exec.
+    pub fn start_with(
+        kernel: &Path,
+        extra: &[&str],
+        qmp_options: &str,
+        umask: Option<libc::mode_t>,
+    ) -> Vm {
+        use std::os::unix::process::CommandExt;
         let dir = TempDir::new("vm");
         let qmp_path = dir.path().join("qmp.sock");
         let mut cmd = Command::new(crate::binary("citadel"));
+        if let Some(mask) = umask {
+            // SAFETY: umask is async-signal-safe and changes only the child's own mask.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("-machine")
             .arg("microvm")
             .arg("-kernel")
             .arg(kernel)
             .arg("-qmp")
-            .arg(format!("unix:{},server,nowait", qmp_path.display()))
+            .arg(format!(
+                "unix:{},server,nowait{qmp_options}",
+                qmp_path.display()
+            ))
             .arg("-serial")
             .arg("stdio")
             .args(extra);

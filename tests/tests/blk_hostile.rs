@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use citadel_tests::foreign::{ForeignClient, ForeignOutcome, NOBODY};
 use citadel_tests::vm::TempDir;
 
 use citadel_tests::vhost_user::{
-    eventfd, Frontend, GuestMemory as Memory, GET_FEATURES, GET_INFLIGHT_FD, GET_PROTOCOL_FEATURES,
-    GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE,
-    SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
-    SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
+    eventfd, get_features_request, Frontend, GuestMemory as Memory, GET_FEATURES, GET_INFLIGHT_FD,
+    GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_VRING_BASE, NEED_REPLY, SET_FEATURES,
+    SET_INFLIGHT_FD, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
+    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM, VERSION,
 };
 
 const F_VERSION_1: u64 = 1 << 32;
@@ -48,11 +49,27 @@ struct Backend {
 
 impl Backend {
     fn start(extra: &[&str]) -> Backend {
+        Backend::start_under_umask(extra, None)
+    }
+
+    /// Starts the backend with `umask` set (when given) in the child before exec.
+    fn start_under_umask(extra: &[&str], umask: Option<libc::mode_t>) -> Backend {
+        use std::os::unix::process::CommandExt;
         let dir = TempDir::new("blk-hostile");
         let image = dir.path().join("disk.img");
         std::fs::write(&image, vec![0u8; (IMAGE_SECTORS * 512) as usize]).unwrap();
         let socket = dir.path().join("blk.sock");
-        let child = Command::new(citadel_tests::binary("citadel-blk"))
+        let mut cmd = Command::new(citadel_tests::binary("citadel-blk"));
+        if let Some(mask) = umask {
+            // SAFETY: umask is async-signal-safe and touches only the child's own mask.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--image")
             .arg(&image)
             .arg("--socket")
@@ -1022,4 +1039,156 @@ fn forbidden_syscall_in_the_running_backend_is_killed_by_sigsys() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Sends SIGTERM, waits for the exit and returns everything the backend logged.
+fn stop_and_log(backend: &mut Backend) -> String {
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(backend.child.id() as i32, libc::SIGTERM) };
+    let status = backend.child.wait().unwrap();
+    assert!(status.success(), "citadel-blk exit status {status:?}");
+    let mut err = String::new();
+    backend
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+#[test]
+fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if backend_missing() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        citadel_tests::skip(
+            "blk_hostile::only_the_allowed_uid",
+            "needs root to act as a second uid",
+            false,
+        );
+        return;
+    }
+    let mut backend = Backend::start_under_umask(&[], Some(0));
+    let dir = backend.socket.parent().unwrap().to_path_buf();
+    // The directory lets anyone through, so only the socket's own mode stands in the way.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let meta = std::fs::symlink_metadata(&backend.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
+    assert_eq!(
+        ForeignClient::spawn(&backend.socket, NOBODY, NOBODY, &get_features_request()).outcome(),
+        ForeignOutcome::ConnectFailed(libc::EACCES)
+    );
+
+    // With the file opened up, the credential check still keeps the foreign uid out, and
+    // the frontend being served does not notice.
+    let mut first = Session::open(&backend);
+    std::fs::set_permissions(&backend.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let foreign = ForeignClient::spawn(&backend.socket, NOBODY, NOBODY, &get_features_request());
+    let data = pattern(7, 4096);
+    assert_eq!(first.write(10, &data), (1, 0));
+    assert_eq!(first.read(10, 4096), (4097, 0, data));
+    drop(first);
+    assert_eq!(foreign.outcome(), ForeignOutcome::ClosedWithoutReply);
+    still_serves(&mut backend, 8);
+    let log = stop_and_log(&mut backend);
+    assert!(
+        log.contains("refused a connection: peer pid")
+            && log.contains(&format!(
+                "uid {NOBODY} gid {NOBODY} is not an allowed frontend"
+            )),
+        "no refusal logged:\n{log}"
+    );
+
+    // --allow-uid widens the set: the same foreign process is now served.
+    let wide = Backend::start_under_umask(&["--allow-uid", &NOBODY.to_string()], Some(0));
+    let dir = wide.socket.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&wide.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        ForeignClient::spawn(&wide.socket, NOBODY, NOBODY, &get_features_request()).outcome(),
+        ForeignOutcome::Answered
+    );
+}
+
+/// Shrinks the memfd behind `mem` to nothing. The test must not touch `mem` afterwards: its
+/// own mapping would fault too.
+fn truncate(mem: &Memory) {
+    // SAFETY: resizing a memfd this test owns; nothing reads its mapping afterwards.
+    assert_eq!(unsafe { libc::ftruncate(mem.fd(), 0) }, 0);
+}
+
+/// SET_INFLIGHT_FD for one queue with an area of `size` bytes in `fd`; true when accepted.
+fn set_inflight(backend: &Backend, fd: RawFd, size: u64) -> bool {
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.get_u64(GET_PROTOCOL_FEATURES);
+    let protocol = PF_REPLY_ACK | PF_MQ | PF_INFLIGHT;
+    fe.send(SET_PROTOCOL_FEATURES, 0, &protocol.to_le_bytes(), &[])
+        .unwrap();
+    fe.send(SET_OWNER, 0, &[], &[]).unwrap();
+    assert!(fe.acked(SET_FEATURES, &(F_VERSION_1 | F_PROTOCOL).to_le_bytes(), &[]));
+    let mut p = size.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&QSIZE.to_le_bytes());
+    p.extend_from_slice(&[0u8; 4]);
+    fe.acked(SET_INFLIGHT_FD, &p, &[fd])
+}
+
+#[test]
+fn unsealed_memory_is_refused_and_a_truncating_frontend_cannot_kill_the_backend() {
+    if backend_missing() {
+        return;
+    }
+    let mut backend = Backend::start(&[]);
+    let mut fe = backend.connect();
+    fe.negotiate();
+    let unsealed = Memory::unsealed(MEM_SIZE);
+    let u = unsealed.uaddr();
+    assert!(
+        !fe.mem_table(&[(0, MEM_SIZE as u64, u, 0)], &[unsealed.fd()]),
+        "a memory table in an unsealed memfd was accepted"
+    );
+    // The frontend shrinks its file and drives a queue at it anyway: with no table mapped,
+    // the backend has nothing that could fault.
+    truncate(&unsealed);
+    assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+    assert!(
+        !fe.vring_addr(0, u + DESC, u + USED, u + AVAIL),
+        "ring addresses accepted without memory"
+    );
+    let kick = eventfd();
+    fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd());
+    fe.vring_state(SET_VRING_ENABLE, 0, 1);
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing 8 bytes to our own eventfd.
+    unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(backend.alive(), "citadel-blk died");
+    drop(fe);
+    // The inflight area is held to the same rule.
+    let area = Memory::unsealed(4096);
+    assert!(
+        !set_inflight(&backend, area.fd(), 4096),
+        "an unsealed inflight area was accepted"
+    );
+    still_serves(&mut backend, 9);
+
+    // --allow-unsealed-memory takes both, with the risk its help text states.
+    let wide = Backend::start(&["--allow-unsealed-memory"]);
+    let mut fe = wide.connect();
+    fe.negotiate();
+    let unsealed = Memory::unsealed(MEM_SIZE);
+    assert!(fe.mem_table(
+        &[(0, MEM_SIZE as u64, unsealed.uaddr(), 0)],
+        &[unsealed.fd()]
+    ));
+    drop(fe);
+    assert!(set_inflight(&wide, area.fd(), 4096));
 }

@@ -414,3 +414,63 @@ fn qmp_connections_beyond_the_limit_are_closed_and_the_rest_keep_working() {
         "running"
     );
 }
+
+#[test]
+fn a_kvm_internal_error_stops_the_vm_in_the_internal_error_state() {
+    let log_dir = citadel_tests::vm::TempDir::new("internal-error-log");
+    let log = log_dir.path().join("citadel.log");
+    let log_arg = log.to_str().expect("utf-8 path");
+    // internal_error.elf jumps to 512 MiB, where this VM has no memory: KVM cannot emulate
+    // the instruction fetch and exits with KVM_EXIT_INTERNAL_ERROR.
+    let mut vm = Vm::start(
+        &guest_program("internal_error"),
+        &["-m", "64", "-D", log_arg],
+    );
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    let deadline = std::time::Instant::now() + BOOT;
+    let status = loop {
+        let status = qmp.execute("query-status", None);
+        if status["return"]["status"] != "running" {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest kept running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status,
+        json!({"return": {"running": false, "singlestep": false, "status": "internal-error"}})
+    );
+    let stop = qmp.wait_event("STOP");
+    assert_timestamp(&stop);
+    assert!(
+        qmp.events.iter().all(|e| e["event"] != "SHUTDOWN"),
+        "{:?}",
+        qmp.events
+    );
+    // The VM stays for inspection: the vCPUs still answer, `cont` is refused.
+    assert_eq!(
+        qmp.execute("query-cpus", None)["return"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let cont = qmp.execute("cont", None);
+    assert_eq!(cont["error"]["class"], "GenericError", "{cont}");
+    assert_eq!(
+        qmp.execute("query-status", None)["return"]["status"],
+        "internal-error"
+    );
+    let logged = std::fs::read_to_string(&log).expect("read the log file");
+    assert!(
+        logged.contains(
+            "vCPU 0: KVM_EXIT_INTERNAL_ERROR: emulation failure (suberror 1) at rip 0x20000000"
+        ),
+        "exit reason not logged:\n{logged}"
+    );
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -16,11 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use citadel_tests::foreign::{ForeignClient, ForeignOutcome, NOBODY};
 use citadel_tests::netns::{unique, NetNs};
 use citadel_tests::vhost_user::{
-    eventfd, Frontend, GuestMemory, GET_FEATURES, GET_PROTOCOL_FEATURES, NEED_REPLY, SET_FEATURES,
-    SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_BASE,
-    SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
+    eventfd, get_features_request, Frontend, GuestMemory, GET_FEATURES, GET_PROTOCOL_FEATURES,
+    NEED_REPLY, SET_FEATURES, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
+    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_KICK, SET_VRING_NUM,
 };
 use citadel_tests::vm::TempDir;
 use citadel_tests::{binary, skip, Reaped};
@@ -785,4 +786,166 @@ fn two_queue_pairs_each_reach_the_multiqueue_tap() {
         );
     }
     assert_eq!(counter(), before + 2, "frames of both pairs on the tap");
+}
+
+/// Starts citadel-net in `ns` on `socket` and `tap` with `extra` arguments, under umask 0 (its
+/// socket must be private anyway), with stderr piped; returns once the socket exists.
+fn start_backend(ns: &NetNs, socket: &Path, tap: &str, extra: &[&str]) -> Reaped {
+    use std::os::unix::process::CommandExt;
+    let mut args = vec![
+        binary("citadel-net").to_str().expect("utf-8").to_string(),
+        "--socket".into(),
+        socket.to_str().expect("utf-8").into(),
+        "--tap".into(),
+        tap.into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = ns.exec(&args);
+    cmd.stderr(Stdio::piped());
+    // SAFETY: umask is async-signal-safe and touches only the child's own mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let child = Reaped(cmd.spawn().expect("start citadel-net"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "citadel-net never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn only_the_allowed_uid_becomes_the_frontend_and_the_socket_is_0600() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(
+            TEST,
+            "needs root and /dev/net/tun for the tap and netns",
+            false,
+        );
+        return;
+    }
+    let scratch = TempDir::new("net-peer");
+    // Anyone may pass through the directory, so only the socket's own mode stands in the way.
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let ns = NetNs::create(unique("cnp"));
+    let socket = scratch.path().join("net.sock");
+    let mut child = start_backend(&ns, &socket, "cnp0", &[]);
+    let meta = fs::symlink_metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o7777, 0o600, "socket mode under umask 0");
+    assert_eq!(
+        ForeignClient::spawn(&socket, NOBODY, NOBODY, &get_features_request()).outcome(),
+        ForeignOutcome::ConnectFailed(libc::EACCES)
+    );
+
+    // With the file opened up, the credential check still keeps the foreign uid out, and
+    // the frontend being served does not notice.
+    let mut first = Frontend::connect(&socket);
+    first.negotiate();
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let foreign = ForeignClient::spawn(&socket, NOBODY, NOBODY, &get_features_request());
+    assert_ne!(first.get_u64(GET_FEATURES) & VERSION_1, 0);
+    assert_eq!(first.config().len(), 10, "config space");
+    drop(first);
+    assert_eq!(foreign.outcome(), ForeignOutcome::ClosedWithoutReply);
+    let mut next = Frontend::connect(&socket);
+    next.negotiate();
+    drop(next);
+
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().expect("wait citadel-net");
+    assert!(status.success(), "citadel-net exit status {status:?}");
+    let mut log = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("read log");
+    assert!(
+        log.contains("refused a connection: peer pid")
+            && log.contains(&format!(
+                "uid {NOBODY} gid {NOBODY} is not an allowed frontend"
+            )),
+        "no refusal logged:\n{log}"
+    );
+
+    // --allow-uid widens the set: the same foreign process is now served.
+    let wide_socket = scratch.path().join("wide.sock");
+    let wide_ns = NetNs::create(unique("cnw"));
+    let _wide = start_backend(
+        &wide_ns,
+        &wide_socket,
+        "cnw0",
+        &["--allow-uid", &NOBODY.to_string()],
+    );
+    fs::set_permissions(&wide_socket, fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        ForeignClient::spawn(&wide_socket, NOBODY, NOBODY, &get_features_request()).outcome(),
+        ForeignOutcome::Answered
+    );
+}
+
+#[test]
+fn unsealed_memory_is_refused_and_a_truncating_frontend_cannot_kill_the_backend() {
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        skip(
+            TEST,
+            "needs root and /dev/net/tun for the tap and netns",
+            false,
+        );
+        return;
+    }
+    let scratch = TempDir::new("net-unsealed");
+    let ns = NetNs::create(unique("cnu"));
+    let socket = scratch.path().join("net.sock");
+    let mut child = start_backend(&ns, &socket, "cnu0", &[]);
+    let mut f = Frontend::connect(&socket);
+    f.negotiate();
+    let unsealed = GuestMemory::unsealed(MEM_SIZE);
+    f.send(
+        SET_MEM_TABLE,
+        0,
+        &table(MEM_SIZE as u64, 0),
+        &[unsealed.fd()],
+    )
+    .expect("send");
+    assert!(
+        f.closed_by_backend(),
+        "a memory table in an unsealed memfd was accepted"
+    );
+    // Shrinking the file now reaches nothing of the backend's. The test does not touch its
+    // own mapping afterwards either.
+    // SAFETY: resizing a memfd this test owns.
+    assert_eq!(unsafe { libc::ftruncate(unsealed.fd(), 0) }, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(status) = child.0.try_wait().expect("poll backend") {
+        panic!(
+            "citadel-net died: {status:?} (signal {:?})",
+            status.signal()
+        );
+    }
+    // A frontend with sealed memory is served.
+    let mut f = Frontend::connect(&socket);
+    let sealed = GuestMemory::new(MEM_SIZE);
+    assert_eq!(f.share_memory(&sealed, sealed.fd()), 0);
+    drop(f);
+
+    // --allow-unsealed-memory maps it, with the risk its help text states.
+    let wide_socket = scratch.path().join("wide.sock");
+    let _wide = start_backend(&ns, &wide_socket, "cnu1", &["--allow-unsealed-memory"]);
+    let mut f = Frontend::connect(&wide_socket);
+    let unsealed = GuestMemory::unsealed(MEM_SIZE);
+    assert_eq!(f.share_memory(&unsealed, unsealed.fd()), 0);
 }

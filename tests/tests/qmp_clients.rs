@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use citadel_tests::foreign::{ForeignClient, ForeignOutcome, NOBODY};
 use citadel_tests::guest_program;
 use citadel_tests::vm::Vm;
 
@@ -156,4 +157,63 @@ fn ncat_by_hand() {
     assert_eq!(lines[4]["event"], "SHUTDOWN");
     assert!(text.contains("\r\n"), "QEMU-style CRLF line ends");
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// The QMP socket of a VM started under umask 0 with `qmp_options`, reachable through its
+/// directory by anyone, so that only the socket's own mode decides.
+fn vm_under_umask_0(qmp_options: &str) -> Vm {
+    use std::os::unix::fs::PermissionsExt;
+    let vm = Vm::start_with(&guest_program("idle"), &[], qmp_options, Some(0));
+    let dir = vm.qmp_path.parent().expect("socket directory");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The greeting arrives once the socket is listening.
+    vm.qmp();
+    vm
+}
+
+fn socket_mode(vm: &Vm) -> u32 {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::symlink_metadata(&vm.qmp_path).unwrap();
+    assert!(meta.file_type().is_socket());
+    meta.mode() & 0o7777
+}
+
+#[test]
+fn qmp_socket_is_0600_whatever_the_umask_and_mode_widens_it() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        citadel_tests::skip(
+            "qmp_clients::qmp_socket_is_0600",
+            "needs root to act as a second uid",
+            false,
+        );
+        return;
+    }
+    let request = br#"{"execute":"qmp_capabilities"}"#;
+    let private = vm_under_umask_0("");
+    assert_eq!(
+        socket_mode(&private),
+        0o600,
+        "QMP socket mode under umask 0"
+    );
+    assert_eq!(
+        ForeignClient::spawn(&private.qmp_path, NOBODY, NOBODY, request).outcome(),
+        ForeignOutcome::ConnectFailed(libc::EACCES)
+    );
+    // The owner is still served after the refusal.
+    let mut qmp = private.qmp();
+    assert_eq!(
+        qmp.execute("qmp_capabilities", None),
+        serde_json::json!({"return": {}})
+    );
+
+    let open = vm_under_umask_0(",mode=0666");
+    assert_eq!(socket_mode(&open), 0o666);
+    assert_eq!(
+        ForeignClient::spawn(&open.qmp_path, NOBODY, NOBODY, request).outcome(),
+        ForeignOutcome::Answered,
+        "mode=0666 lets another uid have the greeting"
+    );
+    let group = vm_under_umask_0(",mode=0660");
+    assert_eq!(socket_mode(&group), 0o660);
 }

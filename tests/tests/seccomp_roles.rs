@@ -280,14 +280,12 @@ fn run_and_restore(tid: i32, saved: libc::user_regs_struct, call: Syscall) -> i6
     result
 }
 
-/// Stops `tid` in a syscall, writes `path` (NUL-terminated) below its stack pointer, where
-/// nothing live is kept while it waits in the kernel, and makes it call
-/// `openat(AT_FDCWD, path, O_RDONLY)`. Returns the result and resumes the thread.
-fn inject_open_and_restore(tid: i32, path: &str) -> i64 {
+/// Stops `tid` in a syscall, writes `bytes` below its stack pointer, where nothing live is
+/// kept while it waits in the kernel, and makes it run the call `make` builds from their
+/// address. Returns the result and resumes the thread.
+fn inject_with_memory_and_restore(tid: i32, bytes: &[u8], make: impl Fn(u64) -> Syscall) -> i64 {
     let saved = stop_in_syscall(tid);
     let addr = (saved.rsp - 1024) & !7;
-    let mut bytes = path.as_bytes().to_vec();
-    bytes.push(0);
     for (i, chunk) in bytes.chunks(8).enumerate() {
         let mut word = [0u8; 8];
         word[..chunk.len()].copy_from_slice(chunk);
@@ -298,12 +296,44 @@ fn inject_open_and_restore(tid: i32, path: &str) -> i64 {
             "poke {at:#x}"
         );
     }
-    let open = Syscall {
+    run_and_restore(tid, saved, make(addr))
+}
+
+/// Makes `tid` call `openat(AT_FDCWD, path, O_RDONLY)`; returns the result.
+fn inject_open_and_restore(tid: i32, path: &str) -> i64 {
+    let mut bytes = path.as_bytes().to_vec();
+    bytes.push(0);
+    inject_with_memory_and_restore(tid, &bytes, |addr| Syscall {
         name: "openat",
         nr: libc::SYS_openat,
         args: [libc::AT_FDCWD as u64, addr, libc::O_RDONLY as u64],
-    };
-    run_and_restore(tid, saved, open)
+    })
+}
+
+/// Makes `tid` call `clone3` for a plain new process (first-version `struct clone_args`,
+/// exit signal SIGCHLD); returns the result.
+fn inject_clone3_and_restore(tid: i32) -> i64 {
+    let mut args = [0u64; 8];
+    args[4] = libc::SIGCHLD as u64;
+    let bytes: Vec<u8> = args.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    inject_with_memory_and_restore(tid, &bytes, |addr| Syscall {
+        name: "clone3",
+        nr: libc::SYS_clone3,
+        args: [addr, 64, 0],
+    })
+}
+
+/// Child processes of any task of `pid`, from /proc/<pid>/task/*/children.
+fn children(pid: i32) -> String {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| {
+            let tid = e.unwrap().file_name().to_string_lossy().into_owned();
+            fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).ok()
+        })
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 fn assert_killed(citadel: &Path, guest: &Path, role: &str, call: Syscall, on_vcpu: bool) {
@@ -422,6 +452,28 @@ fn an_allowed_syscall_injected_the_same_way_is_harmless() {
         pid,
         "getpid on the event loop"
     );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
+    let status = vmm.execute("query-status");
+    assert_eq!(status["return"]["running"], true, "{status}");
+}
+
+#[test]
+fn clone3_returns_enosys_on_every_thread_and_creates_no_process() {
+    let test = "clone3_returns_enosys_on_every_thread_and_creates_no_process";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    let mut vmm = Vmm::start(&citadel, &guest);
+    let vcpu = vmm.vcpu_threads()[0];
+    let enosys = -i64::from(libc::ENOSYS);
+    assert_eq!(inject_clone3_and_restore(vcpu), enosys, "clone3 on a vCPU");
+    assert_eq!(
+        inject_clone3_and_restore(vmm.pid()),
+        enosys,
+        "clone3 on the event loop"
+    );
+    assert_eq!(children(vmm.pid()), "", "clone3 created a process");
     std::thread::sleep(Duration::from_millis(100));
     assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
     let status = vmm.execute("query-status");

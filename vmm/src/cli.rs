@@ -30,6 +30,8 @@ pub struct Config {
     pub cpu_template: CpuTemplate,
     /// `-qmp unix:PATH,server,nowait`.
     pub qmp: Option<PathBuf>,
+    /// `-qmp ...,mode=OCTAL`: permission bits of the QMP socket file (default 0600).
+    pub qmp_mode: u32,
     /// `-serial`.
     pub serial: SerialTarget,
     /// `-D`: log file instead of stderr.
@@ -91,10 +93,12 @@ pub enum CliError {
 /// Usage text printed by `-help`.
 pub const USAGE: &str = "\
 usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
-               [-smp N] [-m SIZE] [-cpu host|baseline] [-qmp unix:PATH,server,nowait]
+               [-smp N] [-m SIZE] [-cpu host|baseline]
+               [-qmp unix:PATH,server,nowait[,mode=0600|0660|0666]]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
                [-daemonize] [-pidfile PATH] [-seccomp kill|log] [-S]
-SIZE is in MiB unless suffixed with K, M or G.";
+SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
+(only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
     CliError::Invalid {
@@ -210,7 +214,11 @@ fn parse_smp(value: &str) -> Result<u8, CliError> {
     Ok(n as u8)
 }
 
-fn parse_qmp(value: &str) -> Result<PathBuf, CliError> {
+/// Default mode of the QMP socket file: only the VMM's own uid (and root) can connect.
+pub const QMP_DEFAULT_MODE: u32 = 0o600;
+
+/// Parses `-qmp unix:PATH,server,nowait[,mode=OCTAL]` into the path and the socket mode.
+fn parse_qmp(value: &str) -> Result<(PathBuf, u32), CliError> {
     let (head, opts) = split_options(value);
     let path = head
         .strip_prefix("unix:")
@@ -219,9 +227,21 @@ fn parse_qmp(value: &str) -> Result<PathBuf, CliError> {
         return Err(invalid("-qmp", value, "empty socket path"));
     }
     let mut server = false;
+    let mut mode = None;
     for (key, val) in opts {
         match (key, val) {
             ("server", None | Some("on")) => server = true,
+            ("mode", Some(m)) => {
+                if mode.is_some() {
+                    return Err(invalid("-qmp", value, "mode given twice"));
+                }
+                // Read and write are what connect needs; execute bits mean nothing on a
+                // socket, and the owner always keeps access.
+                mode = match u32::from_str_radix(m, 8) {
+                    Ok(bits @ (0o600 | 0o660 | 0o666)) => Some(bits),
+                    _ => return Err(invalid("-qmp", value, "mode must be 0600, 0660 or 0666")),
+                };
+            }
             ("nowait", None) | ("wait", Some("off")) => {}
             ("wait", Some("on")) => {
                 return Err(CliError::Unsupported("-qmp with wait=on".to_string()))
@@ -236,7 +256,7 @@ fn parse_qmp(value: &str) -> Result<PathBuf, CliError> {
             "citadel listens for QMP clients: add ',server,nowait'",
         ));
     }
-    Ok(PathBuf::from(path))
+    Ok((PathBuf::from(path), mode.unwrap_or(QMP_DEFAULT_MODE)))
 }
 
 fn parse_serial(value: &str) -> Result<SerialTarget, CliError> {
@@ -363,7 +383,8 @@ where
         vcpus,
         mem_bytes,
         cpu_template,
-        qmp,
+        qmp_mode: qmp.as_ref().map_or(QMP_DEFAULT_MODE, |(_, mode)| *mode),
+        qmp: qmp.map(|(path, _)| path),
         serial,
         log_file,
         daemonize,
@@ -414,6 +435,7 @@ mod tests {
         assert_eq!(c.vcpus, 4);
         assert_eq!(c.mem_bytes, 1024 << 20);
         assert_eq!(c.qmp, Some(PathBuf::from("/tmp/stratovirt.socket")));
+        assert_eq!(c.qmp_mode, 0o600);
         assert_eq!(c.serial, SerialTarget::Stdio);
     }
 
@@ -482,6 +504,20 @@ mod tests {
             with(&["-qmp", "unix:/x"]).unwrap_err(),
             CliError::Invalid { .. }
         ));
+        for bad in [
+            "unix:/x,server,nowait,mode=0777",
+            "unix:/x,server,nowait,mode=0644",
+            "unix:/x,server,nowait,mode=0400",
+            "unix:/x,server,nowait,mode=rw",
+            "unix:/x,server,nowait,mode=0660,mode=0666",
+        ] {
+            assert!(
+                matches!(with(&["-qmp", bad]).unwrap_err(), CliError::Invalid { .. }),
+                "{bad} accepted"
+            );
+        }
+        let c = with(&["-qmp", "unix:/x,server,nowait,mode=0660"]).unwrap();
+        assert_eq!((c.qmp, c.qmp_mode), (Some(PathBuf::from("/x")), 0o660));
         assert!(matches!(
             with(&["-serial", "pty"]).unwrap_err(),
             CliError::Invalid { .. }

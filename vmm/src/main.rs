@@ -103,7 +103,11 @@ fn build_and_run(
         let serial_out = serial_output(&config.serial)?;
         // Written before the process is confined: afterwards it may create no file.
         let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
-        let qmp = config.qmp.as_deref().map(Monitor::bind_qmp).transpose()?;
+        let qmp = config
+            .qmp
+            .as_deref()
+            .map(|path| Monitor::bind_qmp(path, config.qmp_mode))
+            .transpose()?;
         let channels = Channels::new()?;
         let (events_tx, events_rx) = mpsc::channel();
         vcpu::register_kick_handler()?;
@@ -180,6 +184,11 @@ fn build_and_run(
 }
 
 fn main() -> ExitCode {
+    // First of all, so that no crash, even during setup, writes guest data to a core file.
+    if let Err(e) = citadel_sandbox::core_dump::disable_core_dumps() {
+        eprintln!("citadel: {e}");
+        return ExitCode::from(1);
+    }
     let config = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(CliError::Help) => {

@@ -60,6 +60,15 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// Excluding a region from core dumps failed.
+    #[error("cannot exclude guest RAM at {addr:#x} from core dumps: {source}")]
+    DontDump {
+        /// Guest address of the region.
+        addr: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// The regions could not be assembled into guest memory.
     #[error("cannot assemble guest RAM regions: {0}")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
@@ -131,6 +140,12 @@ pub fn create_guest_ram(size_bytes: u64) -> Result<GuestRam, MemoryError> {
                     len,
                     source,
                 }
+            })?;
+        // Guest RAM never reaches a core file, whatever the limits of the process.
+        citadel_sandbox::core_dump::exclude_from_core_dumps(mapping.as_ptr(), mapping.size())
+            .map_err(|source| MemoryError::DontDump {
+                addr: addr.raw_value(),
+                source,
             })?;
         // `from_file` refuses nothing about the guest base; an overflowing base is impossible
         // with sizes capped at MAX_RAM_SIZE, but it is still reported rather than assumed.

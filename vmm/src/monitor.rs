@@ -180,9 +180,15 @@ impl Monitor {
 
     /// Creates the epoll set and binds the QMP socket in it; done before the machine exists
     /// so that a bad socket path fails early.
-    pub fn bind_qmp(path: &std::path::Path) -> Result<(QmpServer, Epoll), MonitorError> {
+    pub fn bind_qmp(path: &std::path::Path, mode: u32) -> Result<(QmpServer, Epoll), MonitorError> {
         let epoll = Epoll::new()?;
-        let server = QmpServer::bind(path, &epoll, TOKEN_QMP_LISTENER, TOKEN_QMP_FIRST_CLIENT)?;
+        let server = QmpServer::bind(
+            path,
+            mode,
+            &epoll,
+            TOKEN_QMP_LISTENER,
+            TOKEN_QMP_FIRST_CLIENT,
+        )?;
         Ok((server, epoll))
     }
 
@@ -256,12 +262,33 @@ impl Monitor {
                 ExitReason::Guest(ShutdownReason::GuestShutdown),
                 Event::shutdown(true, ShutdownReason::GuestShutdown),
             ),
+            VcpuEvent::InternalError { index, reason } => self.internal_error(index, &reason),
             VcpuEvent::Fatal { index, reason } => {
                 log::error!("vCPU {index}: {reason}");
                 self.end(
                     ExitReason::Fatal(format!("vCPU {index}: {reason}")),
                     Event::shutdown(true, ShutdownReason::GuestPanic),
                 );
+            }
+        }
+    }
+
+    /// As QEMU does: the VM stops in the `internal-error` state (STOP event) and stays there,
+    /// for the management to inspect and quit; `cont` is refused.
+    fn internal_error(&mut self, index: u8, reason: &str) {
+        log::error!("vCPU {index}: {reason}; VM stopped in the internal-error state");
+        if let Err(e) = self.machine.pause() {
+            self.end(
+                ExitReason::Fatal(format!("vCPU {index}: {reason}; stopping the VM: {e}")),
+                Event::shutdown(false, ShutdownReason::HostError),
+            );
+            return;
+        }
+        let was_running = self.state == RunState::Running;
+        self.state = RunState::InternalError;
+        if was_running {
+            if let Some(server) = self.qmp.as_mut() {
+                server.broadcast(&Event::stop());
             }
         }
     }
@@ -384,6 +411,12 @@ fn execute(
             match *state {
                 RunState::Paused => machine.resume(),
                 RunState::Prelaunch => machine.start(),
+                // QEMU's answer: the vCPU that failed cannot go on.
+                RunState::InternalError => {
+                    return Response::reply(Err(QmpError::generic(
+                        "Resetting the Virtual Machine is required",
+                    )))
+                }
                 _ => return Response::reply(Ok(empty())),
             }
             *state = RunState::Running;

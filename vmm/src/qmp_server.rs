@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -66,13 +65,10 @@ impl Response {
 /// Errors of the QMP listener itself (clients' errors only drop that client).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The socket path is taken by something that is not a socket.
-    #[error("QMP socket {path}: exists and is not a socket")]
-    NotASocket {
-        /// The path.
-        path: PathBuf,
-    },
-    /// Creating or registering the listener failed.
+    /// Creating the socket failed.
+    #[error("QMP socket: {0}")]
+    Bind(#[from] citadel_sandbox::unix_socket::ListenError),
+    /// Registering the listener failed.
     #[error("QMP socket {path}: {source}")]
     Listen {
         /// The path.
@@ -105,10 +101,12 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 impl QmpServer {
-    /// Binds `path` (replacing a stale socket there, as QEMU does) and registers the listener
-    /// with `epoll` under `listener_token`; clients get tokens from `first_client_token` up.
+    /// Binds `path` with permission bits `mode` whatever the umask (replacing a stale socket
+    /// there, as QEMU does) and registers the listener with `epoll` under `listener_token`;
+    /// clients get tokens from `first_client_token` up.
     pub fn bind(
         path: &Path,
+        mode: u32,
         epoll: &Epoll,
         listener_token: u64,
         first_client_token: u64,
@@ -117,17 +115,7 @@ impl QmpServer {
             path: path.to_path_buf(),
             source,
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-            Ok(_) => {
-                return Err(ServerError::NotASocket {
-                    path: path.to_path_buf(),
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
-        let listener = UnixListener::bind(path).map_err(err)?;
+        let listener = citadel_sandbox::unix_socket::listen(path, mode)?;
         listener.set_nonblocking(true).map_err(err)?;
         epoll
             .ctl(

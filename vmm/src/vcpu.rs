@@ -52,7 +52,16 @@ pub enum VcpuEvent {
     GuestReset,
     /// The guest powered off.
     GuestShutdown,
-    /// KVM could not run the guest any more.
+    /// KVM stopped the vCPU: a `KVM_EXIT_INTERNAL_ERROR` (such as an instruction its
+    /// emulator cannot handle), a failed VM entry, or `KVM_RUN` itself failing. QEMU stops the
+    /// VM in the `internal-error` run state for these; the vCPU never runs again.
+    InternalError {
+        /// Which vCPU.
+        index: u8,
+        /// The exit and what KVM said about it, one line.
+        reason: String,
+    },
+    /// The vCPU thread could not be set up (its seccomp filter failed to install).
     Fatal {
         /// Which vCPU.
         index: u8,
@@ -468,18 +477,20 @@ fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices, mmio: &MmioBus)
             }
         },
         Ok(VcpuExit::Hlt) => Step::Continue,
-        Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(VcpuEvent::Fatal {
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(VcpuEvent::InternalError {
             index,
-            reason: format!("KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+            reason: format!(
+                "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host cpu {cpu}"
+            ),
         }),
         Ok(VcpuExit::InternalError) => {
             let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
             // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` member
             // of the kvm_run union is the one KVM filled in.
             let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-            Step::Stop(VcpuEvent::Fatal {
+            Step::Stop(VcpuEvent::InternalError {
                 index,
-                reason: format!("KVM internal error, suberror {suberror}, rip {rip:#x}"),
+                reason: internal_error_reason(suberror, rip),
             })
         }
         Ok(other) => {
@@ -490,11 +501,23 @@ fn run_once(index: u8, fd: &mut VcpuFd, devices: &LegacyDevices, mmio: &MmioBus)
             fd.set_kvm_immediate_exit(0);
             Step::Continue
         }
-        Err(e) => Step::Stop(VcpuEvent::Fatal {
+        Err(e) => Step::Stop(VcpuEvent::InternalError {
             index,
             reason: format!("KVM_RUN failed: {e}"),
         }),
     }
+}
+
+/// One line for a `KVM_EXIT_INTERNAL_ERROR`, naming the suberrors of the KVM API.
+fn internal_error_reason(suberror: u32, rip: u64) -> String {
+    let what = match suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "event delivery failure",
+        4 => "unexpected exit reason",
+        _ => "unknown suberror",
+    };
+    format!("KVM_EXIT_INTERNAL_ERROR: {what} (suberror {suberror}) at rip {rip:#x}")
 }
 
 fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {

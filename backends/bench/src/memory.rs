@@ -4,7 +4,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -30,6 +30,9 @@ pub enum MemoryError {
         /// The I/O error.
         source: io::Error,
     },
+    /// Sealing the memfd failed.
+    #[error("sealing the guest memory memfd failed: {0}")]
+    Seal(io::Error),
     /// Mapping the memfd failed.
     #[error("mapping the guest memory failed: {0}")]
     Map(vm_memory::mmap::FromRangesError),
@@ -52,7 +55,9 @@ impl SharedMemory {
         let name: &CStr = c"citadel-vu-bench";
         // SAFETY: `name` is a valid NUL-terminated string that outlives the call, and the
         // flags are a valid combination; the call has no other memory effects.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(MemoryError::Memfd(io::Error::last_os_error()));
         }
@@ -61,6 +66,12 @@ impl SharedMemory {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
+        // Citadel's backends map only memory sealed against shrinking, as a VMM's guest RAM is.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_ADD_SEALS with constant flags on the memfd this function owns.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(MemoryError::Seal(io::Error::last_os_error()));
+        }
         // `size` is at most MAX_MEMORY, so it fits in usize on the 64-bit hosts Citadel runs on.
         let len = size as usize;
         let mem = GuestMemoryMmap::from_ranges_with_files([(

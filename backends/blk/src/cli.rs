@@ -42,6 +42,12 @@ pub struct Args {
     pub serial: Option<String>,
     /// What a syscall outside the seccomp allowlist does.
     pub seccomp: citadel_seccomp::Mode,
+    /// Uids allowed to connect besides the backend's own (`--socket` only).
+    pub allow_uids: Vec<u32>,
+    /// Gids whose processes may connect (`--socket` only).
+    pub allow_gids: Vec<u32>,
+    /// Map memory files the frontend has not sealed against shrinking.
+    pub allow_unsealed_memory: bool,
 }
 
 /// What the command line asked for.
@@ -102,8 +108,16 @@ Serves a raw disk image as a vhost-user-blk device.
                       default 512, or 4096 with --direct)
   --serial STRING     serial number reported by GET_ID (at most 20 bytes)
   --seccomp MODE      kill (default) or log: what a syscall outside the allowlist does
+  --allow-uid N       with --socket, also serve frontends running as uid N (repeatable);
+                      by default only the backend's own uid is served
+  --allow-gid N       with --socket, also serve frontends whose gid is N (repeatable)
+  --allow-unsealed-memory
+                      also map guest memory and inflight files not sealed against shrinking
+                      (F_SEAL_SHRINK); a frontend that truncates one kills the backend (SIGBUS)
   -h, --help          print this text
 
+The --socket file is created with mode 0600; a connecting process whose uid or gid is not
+allowed is logged and disconnected before it can send a message.
 Logs go to stderr (RUST_LOG sets the level, default info). SIGUSR1 prints the counters,
 SIGTERM exits cleanly.";
 
@@ -146,6 +160,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let mut block_size = None;
     let mut serial = None;
     let mut seccomp = None;
+    let mut allow_uids = Vec::new();
+    let mut allow_gids = Vec::new();
+    let mut allow_unsealed_memory = false;
 
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -206,6 +223,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 connection = Some(Connection::Fd(parse_fd("--fd", &v)?));
             }
             "--readonly" => readonly = true,
+            "--allow-unsealed-memory" => allow_unsealed_memory = true,
             "--direct" => direct = true,
             "--num-queues" => {
                 let v = value!("--num-queues");
@@ -263,6 +281,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 })?;
                 set_once(&mut seccomp, "--seccomp", mode)?;
             }
+            "--allow-uid" => {
+                let v = value!("--allow-uid");
+                allow_uids.push(parse_number("--allow-uid", &v)?);
+            }
+            "--allow-gid" => {
+                let v = value!("--allow-gid");
+                allow_gids.push(parse_number("--allow-gid", &v)?);
+            }
             _ => return Err(UsageError::Unknown(arg)),
         }
     }
@@ -277,6 +303,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             ));
         }
     }
+    if matches!(connection, Connection::Fd(_)) {
+        if !allow_uids.is_empty() {
+            return Err(UsageError::Conflict("--allow-uid", "--fd"));
+        }
+        if !allow_gids.is_empty() {
+            return Err(UsageError::Conflict("--allow-gid", "--fd"));
+        }
+    }
     Ok(Command::Run(Args {
         image,
         connection,
@@ -287,6 +321,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         block_size: block_size.unwrap_or(if direct { 4096 } else { 512 }),
         serial,
         seccomp: seccomp.unwrap_or_default(),
+        allow_uids,
+        allow_gids,
+        allow_unsealed_memory,
     }))
 }
 
@@ -308,6 +345,23 @@ mod tests {
         assert_eq!(a.connection, Connection::Listen("/tmp/s".into()));
         assert_eq!((a.num_queues, a.queue_size, a.block_size), (1, 256, 512));
         assert!(!a.readonly && !a.direct);
+        assert!(a.allow_uids.is_empty() && a.allow_gids.is_empty());
+        assert!(!a.allow_unsealed_memory);
+        let u = run(&["--image", "/i", "--fd", "5", "--allow-unsealed-memory"]).unwrap();
+        assert!(u.allow_unsealed_memory);
+        let w = run(&[
+            "--image",
+            "/i",
+            "--socket",
+            "/s",
+            "--allow-uid",
+            "1000",
+            "--allow-uid=1001",
+            "--allow-gid",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!((w.allow_uids, w.allow_gids), (vec![1000, 1001], vec![50]));
         let d = run(&["--image-fd", "5", "--fd", "6", "--direct", "--readonly"]).unwrap();
         assert_eq!(d.block_size, 4096);
         assert!(d.readonly);
@@ -339,6 +393,14 @@ mod tests {
             run(&["--image", "/i", "--image-fd", "4", "--fd", "5"]).unwrap_err(),
             UsageError::Conflict("--image", "--image-fd")
         );
+        assert_eq!(
+            run(&["--image", "/i", "--fd", "5", "--allow-uid", "7"]).unwrap_err(),
+            UsageError::Conflict("--allow-uid", "--fd")
+        );
+        assert!(matches!(
+            run(&["--image", "/i", "--socket", "/s", "--allow-gid", "-1"]),
+            Err(UsageError::BadValue { .. })
+        ));
         assert_eq!(
             run(&["--image", "/i", "--fd", "5", "--bogus"]).unwrap_err(),
             UsageError::Unknown("--bogus".into())

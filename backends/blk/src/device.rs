@@ -24,6 +24,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::Disk;
+use citadel_sandbox::memory_file::MemoryFilePolicy;
+
 use crate::inflight::{InflightQueue, InflightRegion};
 use crate::memory::MemoryTable;
 use crate::request::{self, Scratch, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
@@ -47,6 +49,8 @@ pub struct DeviceConfig {
     pub block_size: u32,
     /// GET_ID answer.
     pub serial: Option<String>,
+    /// Which files may back guest memory and the inflight area.
+    pub memory_files: MemoryFilePolicy,
 }
 
 /// Everything that outlives a frontend connection: the image, counters, guest memory and
@@ -61,6 +65,7 @@ pub struct Device {
     config: [u8; CONFIG_LEN],
     features: u64,
     queue_size: u16,
+    memory_files: MemoryFilePolicy,
     exiting: AtomicBool,
 }
 
@@ -178,6 +183,7 @@ impl Device {
             config,
             features,
             queue_size: cfg.queue_size,
+            memory_files: cfg.memory_files,
             exiting: AtomicBool::new(false),
         })
     }
@@ -538,7 +544,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if postcopy_listening.is_some() {
             return refuse("postcopy is not supported");
         }
-        let table = MemoryTable::new(ctx, files).map_err(|e| bad_input(e.to_string()))?;
+        let table = MemoryTable::new(ctx, files, self.dev.memory_files)
+            .map_err(|e| bad_input(e.to_string()))?;
         self.dev
             .mem
             .lock()
@@ -733,6 +740,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             inflight.mmap_offset,
             inflight.mmap_size,
             usize::from(inflight.num_queues),
+            self.dev.memory_files,
         )
         .map_err(|e| bad_input(e.to_string()))?;
         self.inflight = Some(region);

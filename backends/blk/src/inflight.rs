@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
+use citadel_sandbox::memory_file::{check_memory_file, MemoryFileError, MemoryFilePolicy};
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"CBIF");
@@ -41,9 +42,10 @@ pub enum InflightError {
         /// num_queues from the message.
         queues: usize,
     },
-    /// The descriptor is shorter than the area.
-    #[error("inflight descriptor is {0} bytes, shorter than the area")]
-    Short(u64),
+    /// The descriptor cannot back the area (not a regular file, too short, or not sealed
+    /// against shrinking).
+    #[error("inflight descriptor: {0}")]
+    File(#[from] MemoryFileError),
     /// mmap failed.
     #[error("mapping inflight area: {0}")]
     Map(String),
@@ -91,16 +93,17 @@ impl InflightRegion {
             return Err(InflightError::Create(std::io::Error::last_os_error()));
         }
         let dup = file.try_clone().map_err(InflightError::Create)?;
-        let region = Self::map(dup, 0, len as u64, queues)?;
+        let region = Self::map(dup, 0, len as u64, queues, MemoryFilePolicy::SealedOnly)?;
         Ok((region, file))
     }
 
-    /// Maps an area handed back by the frontend.
+    /// Maps an area handed back by the frontend; `policy` says which files may back it.
     pub fn map(
         file: File,
         offset: u64,
         size: u64,
         queues: usize,
+        policy: MemoryFilePolicy,
     ) -> Result<InflightRegion, InflightError> {
         let geometry = InflightError::Geometry {
             size,
@@ -116,10 +119,7 @@ impl InflightRegion {
         else {
             return Err(geometry);
         };
-        let meta = file.metadata().map_err(InflightError::Create)?;
-        if !meta.is_file() || meta.len() < end {
-            return Err(InflightError::Short(meta.len()));
-        }
+        check_memory_file(&file, end, policy)?;
         let map = MmapRegion::from_file(FileOffset::new(file, offset), area_len(queues))
             .map_err(|e| InflightError::Map(e.to_string()))?;
         Ok(InflightRegion {
@@ -207,6 +207,8 @@ impl InflightQueue {
 mod tests {
     use super::*;
 
+    const SEALED: MemoryFilePolicy = MemoryFilePolicy::SealedOnly;
+
     #[test]
     fn records_survive_a_remap() {
         let (region, file) = InflightRegion::create(2).unwrap();
@@ -214,7 +216,7 @@ mod tests {
         assert!(region.queue(2).is_none());
         assert_eq!(q1.resume_point(0), None);
         q1.begin(7, 40, 39);
-        let again = InflightRegion::map(file, 0, region.len() as u64, 2).unwrap();
+        let again = InflightRegion::map(file, 0, region.len() as u64, 2, SEALED).unwrap();
         let r1 = again.queue(1).unwrap();
         assert_eq!(r1.head(), 7);
         assert_eq!(r1.resume_point(39), Some(40));
@@ -227,9 +229,27 @@ mod tests {
     #[test]
     fn bad_geometry_is_refused() {
         let (_region, file) = InflightRegion::create(1).unwrap();
-        assert!(InflightRegion::map(file.try_clone().unwrap(), 0, 4096, 0).is_err());
-        assert!(InflightRegion::map(file.try_clone().unwrap(), 4096, 4096, 1).is_err());
-        assert!(InflightRegion::map(file.try_clone().unwrap(), u64::MAX, 4096, 1).is_err());
-        assert!(InflightRegion::map(file, 0, 64, 100).is_err());
+        assert!(InflightRegion::map(file.try_clone().unwrap(), 0, 4096, 0, SEALED).is_err());
+        assert!(InflightRegion::map(file.try_clone().unwrap(), 4096, 4096, 1, SEALED).is_err());
+        assert!(InflightRegion::map(file.try_clone().unwrap(), u64::MAX, 4096, 1, SEALED).is_err());
+        assert!(InflightRegion::map(file, 0, 64, 100, SEALED).is_err());
+    }
+
+    #[test]
+    fn an_unsealed_area_is_refused_unless_allowed() {
+        let (region, sealed) = InflightRegion::create(1).unwrap();
+        // SAFETY: valid name and flags; the result is checked and then owned.
+        let fd = unsafe { libc::memfd_create(c"inflight-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh descriptor owned by nobody else.
+        let plain = unsafe { File::from_raw_fd(fd) };
+        plain.set_len(region.len() as u64).unwrap();
+        let len = region.len() as u64;
+        assert!(matches!(
+            InflightRegion::map(plain.try_clone().unwrap(), 0, len, 1, SEALED),
+            Err(InflightError::File(MemoryFileError::Unsealed))
+        ));
+        assert!(InflightRegion::map(plain, 0, len, 1, MemoryFilePolicy::AllowUnsealed).is_ok());
+        assert!(InflightRegion::map(sealed, 0, len, 1, SEALED).is_ok());
     }
 }

@@ -15,6 +15,11 @@ mod stats;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // First of all, so that no crash, even during setup, writes guest data to a core file.
+    if let Err(e) = citadel_sandbox::core_dump::disable_core_dumps() {
+        eprintln!("citadel-blk: error: {e}");
+        return ExitCode::from(1);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();

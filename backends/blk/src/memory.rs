@@ -2,8 +2,8 @@
 //! virtual addresses (used for ring addresses) to guest physical addresses.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
+use citadel_sandbox::memory_file::{check_memory_file, MemoryFileError, MemoryFilePolicy};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -24,26 +24,14 @@ pub enum MemoryError {
     /// A region's numbers overflow or are empty.
     #[error("memory region {0}: empty or overflowing range")]
     Range(usize),
-    /// The descriptor is not a regular file or memfd.
-    #[error("memory region {0}: descriptor is not a regular file or memfd")]
-    NotRegular(usize),
-    /// The file is shorter than the region claims; touching it would raise SIGBUS.
-    #[error("memory region {index}: file is {file_len} bytes but the region needs {needed}")]
-    Short {
+    /// The descriptor cannot back the region: not a regular file, too short, or not sealed
+    /// against shrinking (any of which would let the frontend raise SIGBUS here).
+    #[error("memory region {index}: {source}")]
+    File {
         /// Region index.
         index: usize,
-        /// File size.
-        file_len: u64,
-        /// Offset + size of the region.
-        needed: u64,
-    },
-    /// fstat failed.
-    #[error("memory region {index}: fstat: {source}")]
-    Stat {
-        /// Region index.
-        index: usize,
-        /// What the kernel said.
-        source: std::io::Error,
+        /// What is wrong with it.
+        source: MemoryFileError,
     },
     /// mmap failed.
     #[error("memory region {index}: mmap: {why}")]
@@ -52,6 +40,14 @@ pub enum MemoryError {
         index: usize,
         /// What failed.
         why: String,
+    },
+    /// The mapping could not be excluded from core dumps.
+    #[error("memory region {index}: excluding it from core dumps: {source}")]
+    DontDump {
+        /// Region index.
+        index: usize,
+        /// What the kernel said.
+        source: std::io::Error,
     },
     /// Regions overlap in guest physical space.
     #[error("memory regions overlap: {0}")]
@@ -74,8 +70,12 @@ pub struct MemoryTable {
 }
 
 impl MemoryTable {
-    /// Validates and maps a SET_MEM_TABLE message.
-    pub fn new(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, MemoryError> {
+    /// Validates and maps a SET_MEM_TABLE message; `policy` says which files may back it.
+    pub fn new(
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        policy: MemoryFilePolicy,
+    ) -> Result<Self, MemoryError> {
         if regions.len() != files.len() || regions.is_empty() || regions.len() > MAX_REGIONS {
             return Err(MemoryError::Count {
                 regions: regions.len(),
@@ -96,13 +96,16 @@ impl MemoryTable {
             if size == 0 || usize::try_from(size).is_err() || i64::try_from(needed).is_err() {
                 return Err(MemoryError::Range(index));
             }
-            check_backing(index, &file, needed)?;
+            check_memory_file(&file, needed, policy)
+                .map_err(|source| MemoryError::File { index, source })?;
             let mmap = region
                 .mmap_region::<()>(file)
                 .map_err(|e| MemoryError::Map {
                     index,
                     why: e.to_string(),
                 })?;
+            citadel_sandbox::core_dump::exclude_from_core_dumps(mmap.as_ptr(), mmap.size())
+                .map_err(|source| MemoryError::DontDump { index, source })?;
             let guest = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
                 .ok_or(MemoryError::Range(index))?;
             mapped.push(guest);
@@ -124,35 +127,4 @@ impl MemoryTable {
             (off < m.size).then(|| m.guest_addr + off)
         })
     }
-}
-
-/// Refuses descriptors whose size cannot back the region: mapping past the end of a file
-/// would turn later guest accesses into SIGBUS in the backend.
-fn check_backing(index: usize, file: &File, needed: u64) -> Result<(), MemoryError> {
-    // SAFETY: `st` is a properly sized out-buffer for fstat and `file` is open.
-    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-    // SAFETY: see above; the kernel fills `st`.
-    if unsafe { libc::fstat64(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(MemoryError::Stat {
-            index,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(MemoryError::NotRegular(index));
-    }
-    let file_len = st.st_size as u64;
-    if file_len < needed {
-        return Err(MemoryError::Short {
-            index,
-            file_len,
-            needed,
-        });
-    }
-    // SAFETY: F_GET_SEALS only reads the seal set of an open descriptor.
-    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-        log::debug!("memory region {index} is not sealed against shrinking");
-    }
-    Ok(())
 }

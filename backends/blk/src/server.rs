@@ -11,6 +11,9 @@ use std::time::Duration;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use citadel_sandbox::memory_file::MemoryFilePolicy;
+use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
+
 use crate::cli::{Args, Connection as ConnectionArg};
 use crate::device::{Connection, Device, DeviceConfig, DeviceError};
 use crate::disk::{Disk, DiskError};
@@ -30,13 +33,8 @@ pub enum ServerError {
     #[error(transparent)]
     Device(#[from] DeviceError),
     /// Binding the listening socket failed.
-    #[error("listening on {path}: {source}")]
-    Listen {
-        /// The socket path.
-        path: std::path::PathBuf,
-        /// What the kernel said.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// The inherited connection descriptor is unusable.
     #[error("connection descriptor {fd}: {why}")]
     BadFd {
@@ -154,28 +152,6 @@ fn adopt_stream(fd: RawFd) -> Result<UnixStream, ServerError> {
     Ok(unsafe { UnixStream::from_raw_fd(fd) })
 }
 
-fn listen(path: &std::path::Path) -> Result<UnixListener, ServerError> {
-    let err = |source| ServerError::Listen {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) => {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                return Err(err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "path exists and is not a socket",
-                )));
-            }
-            std::fs::remove_file(path).map_err(err)?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    UnixListener::bind(path).map_err(err)
-}
-
 /// Runs the backend to completion.
 pub fn run(args: Args) -> Result<(), ServerError> {
     let disk = Disk::open(&args.image, args.readonly, args.direct)?;
@@ -187,12 +163,19 @@ pub fn run(args: Args) -> Result<(), ServerError> {
             queue_size: args.queue_size,
             block_size: args.block_size,
             serial: args.serial.clone(),
+            memory_files: if args.allow_unsealed_memory {
+                MemoryFilePolicy::AllowUnsealed
+            } else {
+                MemoryFilePolicy::SealedOnly
+            },
         },
     )?);
     let endpoint = match &args.connection {
-        ConnectionArg::Listen(path) => Endpoint::Listener(listen(path)?),
+        ConnectionArg::Listen(path) => Endpoint::Listener(listen_private(path)?),
         ConnectionArg::Fd(fd) => Endpoint::Stream(adopt_stream(*fd)?),
     };
+    // Built before lockdown: the filter does not allow asking for the process's own uid.
+    let peers = PeerPolicy::own_uid_and(&args.allow_uids, &args.allow_gids);
     let mut signals = signal_fd()?;
     let epoll = Epoll::new().map_err(sys("epoll_create"))?;
     epoll
@@ -205,7 +188,6 @@ pub fn run(args: Args) -> Result<(), ServerError> {
 
     citadel_sandbox::restrict_self(&citadel_sandbox::Policy {
         limits: vec![
-            citadel_sandbox::Limit::CoreSize(0),
             citadel_sandbox::Limit::LockedMemory(0),
             citadel_sandbox::Limit::OpenFiles(64 + 4 * u64::from(args.num_queues)),
         ],
@@ -227,7 +209,7 @@ pub fn run(args: Args) -> Result<(), ServerError> {
 
     let result = match endpoint {
         Endpoint::Stream(stream) => serve(&dev, &epoll, &mut signals, stream).map(|_| ()),
-        Endpoint::Listener(listener) => accept_loop(&dev, &epoll, &mut signals, listener),
+        Endpoint::Listener(listener) => accept_loop(&dev, &epoll, &mut signals, listener, &peers),
     };
     dev.stop_workers();
     for w in workers {
@@ -242,6 +224,7 @@ fn accept_loop(
     epoll: &Epoll,
     signals: &mut File,
     listener: UnixListener,
+    peers: &PeerPolicy,
 ) -> Result<(), ServerError> {
     epoll
         .ctl(
@@ -266,7 +249,14 @@ fn accept_loop(
             }
             match listener.accept() {
                 Ok((stream, _)) => {
-                    log::info!("frontend connected");
+                    // Dropping the stream closes it before a single byte is read or answered.
+                    match peers.check(&stream) {
+                        Ok(peer) => log::info!("frontend connected ({peer})"),
+                        Err(e) => {
+                            log::warn!("refused a connection: {e}");
+                            continue;
+                        }
+                    }
                     // The listener stays out of the epoll set while a frontend is served, so
                     // that the next one waits in the backlog.
                     let _ = epoll.ctl(

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage: citadel-net (--socket PATH | --fd N) (--tap NAME | --tap-fd N[,N...])
                    [--queues PAIRS] [--mac XX:XX:XX:XX:XX:XX] [--seccomp kill|log]
+                   [--allow-uid N]... [--allow-gid N]... [--allow-unsealed-memory]
 
   --socket PATH    listen on PATH for vhost-user frontends, one at a time
   --fd N           serve the already-connected vhost-user socket N, then exit
@@ -15,6 +16,15 @@ usage: citadel-net (--socket PATH | --fd N) (--tap NAME | --tap-fd N[,N...])
   --queues PAIRS   number of RX/TX queue pairs with --tap (default 1)
   --mac ADDR       MAC address in the config space (default: random, locally administered)
   --seccomp MODE   kill (default) or log: what a syscall outside the allowlist does
+  --allow-uid N    with --socket, also serve frontends running as uid N (repeatable);
+                   by default only the backend's own uid is served
+  --allow-gid N    with --socket, also serve frontends whose gid is N (repeatable)
+  --allow-unsealed-memory
+                   also map guest memory files not sealed against shrinking (F_SEAL_SHRINK);
+                   a frontend that truncates one kills the backend (SIGBUS)
+
+The --socket file is created with mode 0600; a connecting process whose uid or gid is not
+allowed is logged and disconnected before it can send a message.
 
 SIGUSR1 logs the counters; SIGTERM and SIGINT log them and exit.";
 
@@ -50,6 +60,12 @@ pub struct Args {
     pub mac: Option<[u8; 6]>,
     /// Seccomp mode.
     pub seccomp: citadel_seccomp::Mode,
+    /// Uids allowed to connect besides the backend's own (`--socket` only).
+    pub allow_uids: Vec<u32>,
+    /// Gids whose processes may connect (`--socket` only).
+    pub allow_gids: Vec<u32>,
+    /// Map memory files the frontend has not sealed against shrinking.
+    pub allow_unsealed_memory: bool,
 }
 
 /// A bad command line, reported in one line.
@@ -90,6 +106,14 @@ fn parse_fd(what: &'static str, value: &str) -> Result<RawFd, ArgError> {
     }
 }
 
+fn parse_id(what: &'static str, value: &str) -> Result<u32, ArgError> {
+    value.parse().map_err(|_| ArgError::BadValue {
+        what,
+        value: value.to_string(),
+        why: "expected a numeric id",
+    })
+}
+
 fn parse_mac(value: &str) -> Result<[u8; 6], ArgError> {
     let bad = |why| ArgError::BadValue {
         what: "--mac",
@@ -122,6 +146,9 @@ impl Args {
         let mut queues = None;
         let mut mac = None;
         let mut seccomp = None;
+        let mut allow_uids = Vec::new();
+        let mut allow_gids = Vec::new();
+        let mut allow_unsealed_memory = false;
         let mut it = args.into_iter();
         while let Some(arg) = it.next() {
             let (key, inline) = match arg.split_once('=') {
@@ -188,6 +215,9 @@ impl Args {
                         why: "expected kill or log",
                     })?);
                 }
+                "--allow-unsealed-memory" => allow_unsealed_memory = true,
+                "--allow-uid" => allow_uids.push(parse_id("--allow-uid", &value("--allow-uid")?)?),
+                "--allow-gid" => allow_gids.push(parse_id("--allow-gid", &value("--allow-gid")?)?),
                 _ => return Err(ArgError::Unknown(arg)),
             }
         }
@@ -218,6 +248,12 @@ impl Args {
             (Frontend::Fd(f), TapSource::Fds(t)) => t.contains(f),
             _ => false,
         };
+        if matches!(frontend, Frontend::Fd(_)) && !(allow_uids.is_empty() && allow_gids.is_empty())
+        {
+            return Err(ArgError::Conflict(
+                "--allow-uid and --allow-gid apply to --socket only",
+            ));
+        }
         if fds_clash {
             return Err(ArgError::Conflict("--fd and --tap-fd name the same fd"));
         }
@@ -226,6 +262,9 @@ impl Args {
             tap,
             mac,
             seccomp: seccomp.unwrap_or_default(),
+            allow_uids,
+            allow_gids,
+            allow_unsealed_memory,
         })
     }
 }
@@ -248,6 +287,15 @@ mod tests {
         assert_eq!(a.frontend, Frontend::Fd(3));
         assert_eq!(a.tap, TapSource::Fds(vec![4, 5]));
         assert_eq!(a.seccomp, citadel_seccomp::Mode::Log);
+        assert!(a.allow_uids.is_empty() && a.allow_gids.is_empty());
+        assert!(!a.allow_unsealed_memory);
+        assert!(
+            parse("--fd 3 --tap t --allow-unsealed-memory")
+                .unwrap()
+                .allow_unsealed_memory
+        );
+        let a = parse("--socket /s --tap t --allow-uid 1000 --allow-uid=7 --allow-gid 50").unwrap();
+        assert_eq!((a.allow_uids, a.allow_gids), (vec![1000, 7], vec![50]));
     }
 
     #[test]
@@ -270,6 +318,8 @@ mod tests {
             "--socket a --tap t --seccomp off",
             "--socket a --tap t --bogus",
             "--socket",
+            "--fd 3 --tap t --allow-uid 7",
+            "--socket a --tap t --allow-gid x",
         ] {
             assert!(parse(line).is_err(), "{line:?} was accepted");
         }

@@ -10,13 +10,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use citadel_sandbox::memory_file::MemoryFilePolicy;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -45,6 +48,8 @@ pub struct NetConfig {
     pub taps: Vec<TapQueue>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Which files may back guest memory.
+    pub memory_files: MemoryFilePolicy,
 }
 
 /// Per queue pair state kept between events.
@@ -463,6 +468,11 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        // The request handler mapped the frontend's regions; guest memory stays out of core
+        // files whatever the limits of the process.
+        for region in mem.memory().iter() {
+            citadel_sandbox::core_dump::exclude_from_core_dumps(region.as_ptr(), region.size())?;
+        }
         *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }

@@ -17,6 +17,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use citadel_sandbox::memory_file::MemoryFilePolicy;
+use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -32,11 +34,8 @@ use crate::tap::{TapError, TapQueue};
 enum Error {
     #[error("tap: {0}")]
     Tap(#[from] TapError),
-    #[error("listening on {path}: {source}")]
-    Listen {
-        path: String,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("vhost-user socket fd {fd}: {source}")]
     SocketFd { fd: RawFd, source: io::Error },
     #[error("sandbox: {0}")]
@@ -215,8 +214,9 @@ fn serve(config: &Arc<NetConfig>, frontend: UnixStream) -> Result<(), ConnError>
         }
         drop(listener);
         drop(watch);
-        let relay = proxy::Relay::start(frontend, client, backend.num_queues())
-            .map_err(ConnError::Channel)?;
+        let relay =
+            proxy::Relay::start(frontend, client, backend.num_queues(), config.memory_files)
+                .map_err(ConnError::Channel)?;
         let served = daemon.wait();
         let relayed = relay.stop();
         match served {
@@ -251,7 +251,8 @@ fn sandbox(args: &Args) -> Result<(), Error> {
     use citadel_sandbox::{Limit, Policy};
     let policy = Policy {
         // No RLIMIT_FSIZE: stderr may be a regular file, and the backend creates no files.
-        limits: vec![Limit::OpenFiles(1024), Limit::CoreSize(0)],
+        // RLIMIT_CORE is 0 since main() started.
+        limits: vec![Limit::OpenFiles(1024)],
         require_landlock: false,
     };
     citadel_sandbox::restrict_self(&policy)?;
@@ -270,18 +271,21 @@ fn run(args: Args) -> Result<(), Error> {
         mac,
         taps,
         stats: stats.clone(),
+        memory_files: if args.allow_unsealed_memory {
+            MemoryFilePolicy::AllowUnsealed
+        } else {
+            MemoryFilePolicy::SealedOnly
+        },
     });
     enum Source {
-        Listen(Listener),
+        Listen(UnixListener, PeerPolicy),
         Once(UnixStream),
     }
     let source = match &args.frontend {
-        Frontend::Socket(path) => {
-            Source::Listen(Listener::new(path, true).map_err(|source| Error::Listen {
-                path: path.display().to_string(),
-                source,
-            })?)
-        }
+        Frontend::Socket(path) => Source::Listen(
+            listen_private(path)?,
+            PeerPolicy::own_uid_and(&args.allow_uids, &args.allow_gids),
+        ),
         Frontend::Fd(fd) => {
             // SAFETY: F_GETFD only inspects the descriptor table.
             if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
@@ -315,14 +319,16 @@ fn run(args: Args) -> Result<(), Error> {
                 log::error!("{e}");
             }
         }
-        Source::Listen(listener) => loop {
-            let Some(stream) = listener
-                .accept()
-                .map_err(|e| Error::Accept(io::Error::other(e)))?
-            else {
-                continue;
-            };
-            log::info!("frontend connected");
+        Source::Listen(listener, peers) => loop {
+            let (stream, _) = listener.accept().map_err(Error::Accept)?;
+            // Dropping the stream closes it before a single byte is read or answered.
+            match peers.check(&stream) {
+                Ok(peer) => log::info!("frontend connected ({peer})"),
+                Err(e) => {
+                    log::warn!("refused a connection: {e}");
+                    continue;
+                }
+            }
             if let Err(e) = serve(&config, stream) {
                 log::error!("{e}");
             }
@@ -334,6 +340,11 @@ fn run(args: Args) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    // First of all, so that no crash, even during setup, writes guest data to a core file.
+    if let Err(e) = citadel_sandbox::core_dump::disable_core_dumps() {
+        eprintln!("citadel-net: {e}");
+        return ExitCode::FAILURE;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();

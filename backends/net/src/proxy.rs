@@ -23,6 +23,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use citadel_sandbox::memory_file::{check_memory_file, MemoryFilePolicy};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -171,10 +172,11 @@ fn recv_message(sock: &UnixStream, dir: &'static str) -> Result<Option<Message>,
     }))
 }
 
-/// Refuses memory tables whose regions reach past the end of their file (or are not backed by
-/// a regular file): the request handler maps them as given, and the first guest access past
-/// the end of the file would kill the backend with SIGBUS.
-fn check_memory_regions(msg: &Message) -> Result<(), ProxyError> {
+/// Refuses memory tables whose regions reach past the end of their file, are not backed by a
+/// regular file, or (under [`MemoryFilePolicy::SealedOnly`]) by a file the frontend could
+/// still shrink: the request handler maps them as given, and the first guest access past the
+/// end of the file would kill the backend with SIGBUS.
+fn check_memory_regions(msg: &Message, policy: MemoryFilePolicy) -> Result<(), ProxyError> {
     let payload = msg.payload();
     let (count, regions) = match (msg.request, payload.get(8..)) {
         (REQ_SET_MEM_TABLE, Some(regions)) => (u32_at(payload, 0).unwrap_or(0) as usize, regions),
@@ -192,29 +194,10 @@ fn check_memory_regions(msg: &Message) -> Result<(), ProxyError> {
         // chunks_exact hands out 32-byte regions, so both fields are there.
         let size = u64_at(region, 8).unwrap_or(0);
         let offset = u64_at(region, 24).unwrap_or(0);
-        let meta = file
-            .metadata()
-            .map_err(|e| bad(format!("fstat of its fd: {e}")))?;
-        if !meta.file_type().is_file() {
-            return Err(bad("its fd is not a regular file or memfd".into()));
-        }
         let end = offset
             .checked_add(size)
             .ok_or_else(|| bad(format!("offset {offset:#x} + size {size:#x} overflows")))?;
-        if end > meta.len() {
-            return Err(bad(format!(
-                "offset {offset:#x} + size {size:#x} is past the end of its {:#x}-byte file",
-                meta.len()
-            )));
-        }
-        // SAFETY: F_GET_SEALS only reads the seals of an fd we hold.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            log::warn!(
-                "memory region {index} is not sealed against shrinking; a frontend that \
-                 truncates it makes the backend fault"
-            );
-        }
+        check_memory_file(file, end, policy).map_err(|e| bad(e.to_string()))?;
     }
     Ok(())
 }
@@ -338,6 +321,7 @@ impl Relay {
         frontend: UnixStream,
         handler: UnixStream,
         num_queues: usize,
+        memory_files: MemoryFilePolicy,
     ) -> io::Result<Relay> {
         let front_tx = Arc::new(Mutex::new(frontend.try_clone()?));
         let (f_in, h_out) = (frontend.try_clone()?, handler.try_clone()?);
@@ -345,7 +329,7 @@ impl Relay {
         let down = std::thread::Builder::new()
             .name("vu-relay-in".into())
             .spawn(move || {
-                let r = relay_from_frontend(&f_in, &h_out, &front_tx, num_queues);
+                let r = relay_from_frontend(&f_in, &h_out, &front_tx, num_queues, memory_files);
                 let _ = h_out.shutdown(Shutdown::Both);
                 r
             })?;
@@ -385,11 +369,12 @@ fn relay_from_frontend(
     to: &UnixStream,
     reply: &Mutex<UnixStream>,
     num_queues: usize,
+    memory_files: MemoryFilePolicy,
 ) -> Result<(), ProxyError> {
     const DIR: &str = "frontend request";
     let mut quirk = EnableQuirk::new(num_queues);
     while let Some(msg) = recv_message(from, DIR)? {
-        check_memory_regions(&msg)?;
+        check_memory_regions(&msg, memory_files)?;
         match quirk.on_message(msg.request, msg.flags, msg.payload()) {
             Action::Forward => send_message(to, &msg.bytes, &msg.fds, DIR)?,
             Action::Absorb(ack) => {

@@ -10,6 +10,8 @@ dmesg | grep -E 'WARNING|BUG|Call Trace' | sed 's/^/guest: dmesg-problem: /'
 echo "guest: dmesg-problems=$(dmesg | grep -cE 'WARNING|BUG|Call Trace')"
 echo "guest: uptime=$(cut -d" " -f1 /proc/uptime)"
 echo "guest: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+# Where the boot spent its time: every kernel message that came 0.3 s or more after the one before.
+dmesg | awk -F'[][]' '{ t = $2 + 0; if (NR > 1 && t - prev >= 0.3) printf "guest: slow-step %.2f s before: %s\n", t - prev, $3; prev = t }'
 echo "guest: user space up"
 case "$mode" in
 counter)

@@ -90,3 +90,8 @@ stop_guest() {
 		result "$1.exit-code" $?
 	fi
 }
+
+# shutdown_data FILE: the data of the SHUTDOWN event in a citadel-qmp transcript.
+shutdown_data() {
+	grep -F '"event":"SHUTDOWN"' "$1" | grep -o '"data":{[^}]*}' | head -n1
+}

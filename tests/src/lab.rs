@@ -69,8 +69,8 @@ impl Default for LabOptions {
             memory_mib: 2048,
             cpus: 2,
             vfio: false,
-            scenario_timeout: Duration::from_secs(240),
-            timeout: Duration::from_secs(1200),
+            scenario_timeout: Duration::from_secs(420),
+            timeout: Duration::from_secs(1800),
         }
     }
 }

@@ -140,7 +140,7 @@ fn stop_freezes_and_cont_resumes_a_live_user_space() {
     let across: i64 = value(outcome, "guest-ms-across-pause").parse().unwrap();
     let paused: i64 = value(outcome, "paused-ms").parse().unwrap();
     assert!(
-        across > 0 && across <= paused + 2000,
+        across > 0 && across <= paused + 1000,
         "guest uptime moved {across} ms across a {paused} ms pause\n{}",
         t()
     );

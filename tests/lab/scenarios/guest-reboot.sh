@@ -8,17 +8,17 @@ if exited $pid 90; then
 	result reboot.exit-code $?
 fi
 sleep 0.2
-result reboot.shutdown "$(grep -o '"event":"SHUTDOWN","data":{[^}]*}' /tmp/$vm.events)"
+result reboot.shutdown "$(shutdown_data /tmp/$vm.events)"
 
 vm=midboot
 boot_guest $vm $GUEST/vmlinux 1 256 report
 pid=$L2_PID
 l2_wait $vm "Linux version" 30
-qmp $vm '{"execute":"quit"}' >/tmp/$vm.events
+qmp $vm '{"execute":"quit"}' wait-event:SHUTDOWN >/tmp/$vm.events
 start=$(now_ms)
 if exited $pid 10; then
 	wait $pid
 	result midboot.exit-code $?
 	result midboot.exit-ms $(($(now_ms) - start))
 fi
-result midboot.shutdown "$(grep -o '"event":"SHUTDOWN","data":{[^}]*}' /tmp/$vm.events)"
+result midboot.shutdown "$(shutdown_data /tmp/$vm.events)"

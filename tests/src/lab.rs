@@ -61,6 +61,9 @@ pub struct LabOptions {
     pub scenario_timeout: Duration,
     /// Time limit of the whole run, L1 boot included.
     pub timeout: Duration,
+    /// Carries this host's `qemu-system-x86_64` (with its libraries and x86 firmware) into L1
+    /// as `/usr/bin/qemu-system-x86_64`, as a peer for benchmarks.
+    pub with_qemu: bool,
 }
 
 impl Default for LabOptions {
@@ -71,6 +74,7 @@ impl Default for LabOptions {
             vfio: false,
             scenario_timeout: Duration::from_secs(420),
             timeout: Duration::from_secs(1800),
+            with_qemu: false,
         }
     }
 }
@@ -231,25 +235,12 @@ impl Lab {
         // L2's stock kernel is L1's own: Debian's unmodified cloud kernel.
         archive.file("lab/stock/vmlinuz", 0o644, &read(&l1.join("vmlinuz"))?)?;
         let module_root = format!("lib/modules/{release}/kernel");
-        // Every folder above a module, parents first (a parent sorts before its children).
-        let folders: std::collections::BTreeSet<PathBuf> = MODULES
-            .iter()
-            .flat_map(|m| {
-                Path::new(&module_root)
-                    .join(m)
-                    .ancestors()
-                    .skip(1)
-                    .map(Path::to_path_buf)
-                    .collect::<Vec<_>>()
-            })
-            .filter(|p| !p.as_os_str().is_empty() && p != Path::new("lib"))
-            .collect();
-        for folder in &folders {
-            archive.dir(&folder.to_string_lossy())?;
-        }
         for module in MODULES {
             let source = l1.join(&module_root).join(module);
             archive.file(&format!("{module_root}/{module}"), 0o644, &read(&source)?)?;
+        }
+        if options.with_qemu {
+            add_qemu(&mut archive, &qemu)?;
         }
         let initramfs = dir.path().join("l1-initramfs.cpio");
         std::fs::write(&initramfs, archive.finish()?)
@@ -420,11 +411,12 @@ fn strip(from: &Path, to: &Path) -> Result<(), LabError> {
     }
 }
 
-/// A newc archive under construction.
+/// A newc archive under construction. Folders are added once, parents before children.
 #[derive(Default)]
 struct Archive {
     image: Vec<u8>,
     next_ino: u32,
+    folders: std::collections::BTreeSet<String>,
 }
 
 impl Archive {
@@ -435,10 +427,22 @@ impl Archive {
     }
 
     fn dir(&mut self, name: &str) -> Result<(), LabError> {
+        let name = name.trim_matches('/');
+        if name.is_empty() || self.folders.contains(name) {
+            return Ok(());
+        }
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.folders.insert(name.to_string());
         self.entry(name, 0o040_755, &[])
     }
 
     fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> Result<(), LabError> {
+        let name = name.trim_start_matches('/');
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            self.dir(parent)?;
+        }
         self.entry(name, 0o100_000 | perm, data)
     }
 
@@ -447,4 +451,45 @@ impl Archive {
             .map_err(|e| LabError::Failed(format!("closing the initramfs: {e}")))?;
         Ok(self.image)
     }
+}
+
+/// Firmware QEMU's microvm machine loads when it boots a kernel directly.
+const QEMU_FIRMWARE: &[&str] = &[
+    "bios-microvm.bin",
+    "pvh.bin",
+    "linuxboot_dma.bin",
+    "kvmvapic.bin",
+];
+
+/// Adds `qemu` at /usr/bin/qemu-system-x86_64 with every library `ldd` names, at the same
+/// paths, and its microvm firmware.
+fn add_qemu(archive: &mut Archive, qemu: &Path) -> Result<(), LabError> {
+    let output = Command::new("ldd")
+        .arg(qemu)
+        .output()
+        .map_err(|e| LabError::Missing(format!("running ldd on {}: {e}", qemu.display())))?;
+    if !output.status.success() {
+        return Err(LabError::Failed(format!(
+            "ldd {}: {}",
+            qemu.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    // Lines are "name => /path (addr)" or "/path (addr)" for the dynamic loader.
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(path) = path {
+            let data = read(&path)?;
+            archive.file(&path.to_string_lossy(), 0o755, &data)?;
+        }
+    }
+    archive.file("usr/bin/qemu-system-x86_64", 0o755, &read(qemu)?)?;
+    for firmware in QEMU_FIRMWARE {
+        let path = Path::new("/usr/share/qemu").join(firmware);
+        archive.file(&path.to_string_lossy(), 0o644, &read(&path)?)?;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! `citadel-lab`: the nested-KVM lab by hand.
 //!
 //! ```text
-//! citadel-lab [--vfio] [--memory MIB] [--cpus N] [SCENARIO...]
+//! citadel-lab [--vfio] [--with-qemu] [--memory MIB] [--cpus N] [SCENARIO...]
 //! ```
 //!
 //! Without scenarios it boots the lab's first level (L1) with a shell on this terminal: Citadel's
@@ -9,6 +9,7 @@
 //! Debian's stock kernel in `/lab/stock`, and `. /lab/lib.sh` brings the scenario helpers
 //! (`boot_guest`, `qmp`, ...). Exit the shell to power L1 off. With scenarios (names of
 //! `tests/lab/scenarios/*.sh`) it runs them and prints the tagged console and their results.
+//! `--with-qemu` carries this host's QEMU into L1 (`scripts/bench-lab.sh` compares with it).
 
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use citadel_tests::lab::{Lab, LabOptions};
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "citadel-lab: {why}\nusage: citadel-lab [--vfio] [--memory MIB] [--cpus N] [SCENARIO...]"
+        "citadel-lab: {why}\nusage: citadel-lab [--vfio] [--with-qemu] [--memory MIB] [--cpus N] [SCENARIO...]"
     );
     ExitCode::from(2)
 }
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         };
         match arg.as_str() {
             "--vfio" => options.vfio = true,
+            "--with-qemu" => options.with_qemu = true,
             "--memory" => match number("--memory") {
                 Ok(n) => options.memory_mib = n,
                 Err(e) => return usage(&e),

@@ -102,7 +102,6 @@ struct Target {
 pub struct Cgroups {
     targets: Vec<Target>,
     created: Vec<PathBuf>,
-    armed: bool,
 }
 
 /// The controller a setting belongs to: the part of the file name before the first dot.
@@ -212,7 +211,6 @@ impl Cgroups {
         let mut cgroups = Cgroups {
             targets: Vec::new(),
             created: Vec::new(),
-            armed: true,
         };
         if settings.is_empty() {
             return Ok(cgroups);
@@ -270,25 +268,41 @@ impl Cgroups {
     }
 
     /// Moves the calling process into every jail cgroup. Children inherit them.
-    pub fn enter(&mut self) -> Result<(), Error> {
+    pub fn enter(&self) -> Result<(), Error> {
         let pid = std::process::id().to_string();
         for target in &self.targets {
             let procs = target.leaf.join("cgroup.procs");
             fs::write(&procs, &pid)
                 .map_err(|e| Error::path(Step::Cgroup, "move into", &procs, e))?;
         }
-        self.armed = false;
         Ok(())
+    }
+
+    /// Gives up removing anything: the cgroups are in use.
+    pub fn keep(&mut self) {
+        self.created.clear();
     }
 }
 
+/// How long a cgroup whose last task is exiting may stay busy before its removal is given up.
+const BUSY_RETRIES: u32 = 200;
+
 impl Drop for Cgroups {
+    /// Removes the cgroups this run created, deepest first. The caller has reaped every process
+    /// that was in them; a task still leaving makes the kernel answer EBUSY for a moment.
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
         for dir in self.created.iter().rev() {
-            if let Err(e) = fs::remove_dir(dir) {
+            let mut tries = 0;
+            let result = loop {
+                match fs::remove_dir(dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < BUSY_RETRIES => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    other => break other,
+                }
+            };
+            if let Err(e) = result {
                 log::warn!(
                     "could not remove cgroup {} after a failure: {e}",
                     dir.display()

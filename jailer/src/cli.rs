@@ -18,7 +18,7 @@ pub const MIN_NO_FILE: u64 = 32;
 const USAGE: &str = "usage: citadel-jailer --id ID --exec-file PATH --uid UID --gid GID \
 [--backend-file PATH]... [--chroot-base-dir DIR] [--netns PATH | --new-netns] [--new-pid-ns] \
 [--userns] [--cgroup-version 1|2] [--parent-cgroup P] [--cgroup FILE=VALUE]... \
-[--resource-limit fsize=N|no-file=N]... [--daemonize] [--landlock] -- <citadel arguments>";
+[--resource-limit fsize=N|no-file=N]... [--daemonize | --keep-stdio] [--landlock] -- <citadel arguments>";
 
 /// Which network namespace the jail gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,9 @@ pub struct Args {
     pub fsize: Option<u64>,
     /// Detach from the terminal and session.
     pub daemonize: bool,
+    /// Hand the caller's stdin, stdout and stderr to the VMM (foreground only); by default
+    /// they are the jail's /dev/null.
+    pub keep_stdio: bool,
     /// Confine the VMM's filesystem access to the jail with Landlock.
     pub landlock: bool,
     /// Arguments passed to the VMM.
@@ -90,6 +93,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
     let mut no_file = DEFAULT_NO_FILE;
     let mut fsize = None;
     let mut daemonize = false;
+    let mut keep_stdio = false;
     let mut landlock = false;
     let mut vmm_args = Vec::new();
 
@@ -128,6 +132,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
             "--new-pid-ns" => new_pid_ns = true,
             "--userns" => userns = true,
             "--daemonize" => daemonize = true,
+            "--keep-stdio" => keep_stdio = true,
             "--landlock" => landlock = true,
             "--cgroup-version" => {
                 let v = utf8(&flag, value(&flag)?)?;
@@ -164,6 +169,11 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
         }
     }
 
+    if daemonize && keep_stdio {
+        return Err(refused(
+            "--keep-stdio and --daemonize exclude each other: a daemon has no terminal",
+        ));
+    }
     let id = id.ok_or_else(|| refused(format!("--id is required; {USAGE}")))?;
     validate_id(&id)?;
     let exec_file =
@@ -201,6 +211,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
         no_file,
         fsize,
         daemonize,
+        keep_stdio,
         landlock,
         vmm_args,
     })

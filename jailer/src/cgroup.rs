@@ -203,8 +203,13 @@ fn plan(
 impl Cgroups {
     /// Creates the jail's cgroups (`<own cgroup>/<relative>`) and writes `settings` into them.
     /// The process is not moved yet.
+    ///
+    /// `default_pids_max`, when given, is placed in a plan of its own, so that the hierarchy
+    /// the pids controller lives in does not decide where the operator's settings go (on a
+    /// hybrid host, v2 for those and v1 for pids).
     pub fn create(
         settings: &[(String, String)],
+        default_pids_max: Option<u32>,
         version: Option<u8>,
         relative: &Path,
     ) -> Result<Cgroups, Error> {
@@ -212,12 +217,39 @@ impl Cgroups {
             targets: Vec::new(),
             created: Vec::new(),
         };
-        if settings.is_empty() {
+        if settings.is_empty() && default_pids_max.is_none() {
             return Ok(cgroups);
         }
         let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
         let proc_cgroup = read(Path::new("/proc/self/cgroup"))?;
-        cgroups.targets = plan(settings, version, relative, &mountinfo, &proc_cgroup)?;
+        if !settings.is_empty() {
+            cgroups.targets = plan(settings, version, relative, &mountinfo, &proc_cgroup)?;
+        }
+        if let Some(max) = default_pids_max {
+            let pids = [("pids.max".to_string(), max.to_string())];
+            let extra = plan(&pids, version, relative, &mountinfo, &proc_cgroup).map_err(|e| {
+                let why = match e {
+                    Error::Refused { message, .. } => message,
+                    other => other.to_string(),
+                };
+                Error::refused(
+                    Step::Cgroup,
+                    format!(
+                        "{why} (the default pids.max={max}; --no-pids-limit runs without a \
+                         pids limit)"
+                    ),
+                )
+            })?;
+            for target in extra {
+                match cgroups.targets.iter_mut().find(|t| t.leaf == target.leaf) {
+                    Some(same) => {
+                        same.files.extend(target.files);
+                        same.controllers.extend(target.controllers);
+                    }
+                    None => cgroups.targets.push(target),
+                }
+            }
+        }
         for target in cgroups.targets.clone() {
             cgroups.build(&target)?;
         }

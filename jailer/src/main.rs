@@ -89,6 +89,7 @@ fn run() -> Result<i32, Error> {
     let pid_file = jail.open_pid_file()?;
     let mut cgroups = Cgroups::create(
         &args.cgroups,
+        args.default_pids_max,
         args.cgroup_version,
         &args.parent_cgroup.join(&args.id),
     )?;
@@ -137,9 +138,7 @@ fn jail_side(
     status: &mut StatusPipe,
 ) -> Result<Infallible, Error> {
     let (uid, gid) = (args.uid, args.gid);
-    if let Some(netns) = &args.netns {
-        privileges::network(netns)?;
-    }
+    privileges::network(&args.netns)?;
     privileges::rlimits(args.no_file, args.fsize)?;
     cgroups.enter()?;
     let proc_dir = if args.userns {

@@ -1076,3 +1076,54 @@ fn stdio_is_dev_null_in_the_jail_and_the_jailer_holds_nothing_open() {
     assert!(out.status.success(), "{}", stderr_line(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through\n");
 }
+
+#[test]
+fn by_default_the_jail_has_its_own_network_and_a_pids_limit() {
+    require!("by_default_the_jail_has_its_own_network_and_a_pids_limit");
+    let pids_leaf = |jail: &Jail| {
+        cgroup_dirs(&jail.parent_cgroup, &jail.id)
+            .into_iter()
+            .map(|(leaf, _)| leaf)
+            .find(|leaf| leaf.starts_with("/sys/fs/cgroup/pids"))
+    };
+    let jail = Jail::new("defaults");
+    let out = jail.run_busybox(&["--daemonize", "--", "sleep", "1000"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let pid = jail.wait_pid();
+    let me = std::process::id().to_string();
+    assert_ne!(
+        namespace(&pid.to_string(), "net"),
+        namespace(&me, "net"),
+        "the host's network namespace is shared by default"
+    );
+    let Some(leaf) = pids_leaf(&jail) else {
+        citadel_tests::skip(
+            "by_default_the_jail_has_its_own_network_and_a_pids_limit",
+            "no cgroup v1 pids hierarchy on this host",
+            false,
+        );
+        return;
+    };
+    assert_eq!(
+        fs::read_to_string(leaf.join("pids.max")).unwrap().trim(),
+        "1024"
+    );
+    let procs = fs::read_to_string(leaf.join("cgroup.procs")).unwrap();
+    assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+    jail.kill_jailed();
+
+    // The explicit opt-outs: the host's network namespace, no pids cgroup.
+    let shared = Jail::new("optout");
+    let out = shared.run_busybox(&[
+        "--daemonize",
+        "--host-netns",
+        "--no-pids-limit",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let pid = shared.wait_pid();
+    assert_eq!(namespace(&pid.to_string(), "net"), namespace(&me, "net"));
+    assert!(pids_leaf(&shared).is_some_and(|leaf| !leaf.exists()));
+}

@@ -189,6 +189,10 @@ fn stay_as_parent(args: &Args, child: libc::pid_t, mut pid_file: std::fs::File) 
         return 1;
     }
     drop(pid_file);
+    // SAFETY: close_range takes integers. This process only waits and then leaves with
+    // _exit, so the descriptors inherited from the jailer (the jail's directories, held as
+    // OwnedFd by a value that is never used or dropped here) are not touched again.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     if args.daemonize {
         return 0;
     }

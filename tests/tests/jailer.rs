@@ -1070,6 +1070,23 @@ fn stdio_is_dev_null_in_the_jail_and_the_jailer_holds_nothing_open() {
         );
     }
 
+    // With a PID namespace, the process waiting as the VMM's parent holds nothing either.
+    let mut pidns = Jail::new("stdiopidns");
+    let mut cmd = pidns.busybox_command(&["--new-pid-ns", "--", "sleep", "1000"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    pidns.children.push(cmd.spawn().expect("spawn jailer"));
+    let pid = pidns.wait_pid();
+    let parent = status_field(pid, "PPid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fds = dir_names(format!("/proc/{parent}/fd"));
+        if fds == ["0", "1", "2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the VMM's parent holds {fds:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
     // --keep-stdio hands the caller's descriptors on.
     let kept = Jail::new("keepstdio");
     let out = kept.run_busybox(&["--keep-stdio", "--", "echo", "through"]);

@@ -4,19 +4,26 @@
 //! and the path or value involved:
 //!
 //! 1. close inherited descriptors above 2, clear the environment, validate the arguments;
-//! 2. create `<base>/citadel/<id>/root` and copy the VMM and its backends in;
-//! 3. join or create the network namespace, set rlimits, create the cgroups and move in;
-//! 4. new mount, IPC and UTS namespaces, pivot_root into the jail, a minimal `/dev`;
-//! 5. optionally a user namespace, optionally a PID namespace in which the VMM is PID 1;
-//! 6. drop to uid:gid with every capability set empty, no_new_privs, optionally Landlock and
-//!    daemonizing, then exec.
+//! 2. walk to `<base>/citadel/<id>/root` by descriptor, creating what is missing, and copy the
+//!    VMM and its backends in (root-owned, 0555); open the pid file; create the cgroups and
+//!    write their values;
+//! 3. fork: the child enters the network namespace (a new one unless told otherwise), sets
+//!    rlimits and moves into the cgroups;
+//! 4. new mount, IPC and UTS namespaces, the executables bind-mounted read-only, pivot_root
+//!    into the jail, a minimal `/dev`;
+//! 5. optionally a user namespace, optionally daemonizing, optionally a PID namespace in which
+//!    the VMM is PID 1;
+//! 6. drop to uid:gid with every capability set empty, no_new_privs, stdio to `/dev/null`
+//!    unless kept, optionally Landlock, then exec.
 //!
-//! With `--new-pid-ns` the VMM is PID 1 of the new namespace, so when it exits the kernel
-//! kills whatever it started. Without `--daemonize` the jailer stays in the foreground as its
-//! parent, unprivileged, passes termination signals on to it and exits with its exit code;
-//! with `--daemonize` it returns once the VMM has been executed. In every case
-//! `<base>/citadel/<id>/citadel.pid` holds the VMM's pid as seen from the jailer's PID
-//! namespace.
+//! The jailer process itself never leaves the host's namespaces: it waits until the child has
+//! executed the VMM or reported a failure, and on a failure removes everything this run created
+//! before reporting it. With `--new-pid-ns` the VMM is PID 1 of the new namespace, so when it
+//! exits the kernel kills whatever it started. Without `--daemonize` the jailer stays in the
+//! foreground as the VMM's parent, unprivileged once the VMM runs, passes termination signals
+//! on to it and exits with its exit code; with `--daemonize` it returns once the VMM has been
+//! executed. In every case `<base>/citadel/<id>/citadel.pid` holds the VMM's pid as seen from
+//! the jailer's PID namespace.
 
 mod cgroup;
 mod cli;

@@ -1002,6 +1002,25 @@ fn the_jailed_uid_cannot_rewrite_or_replace_the_executables() {
 }
 
 #[test]
+fn an_invalid_cgroup_value_leaves_no_cgroup_and_no_jail() {
+    require!("an_invalid_cgroup_value_leaves_no_cgroup_and_no_jail");
+    let jail = Jail::new("badvalue");
+    // The directories are made, then the kernel refuses the value.
+    let out = jail.run_busybox(&["--cgroup", "pids.max=bogus", "--", "true"]);
+    assert_clean_failure(&out, "cgroup: write ");
+    assert!(
+        stderr_line(&out).ends_with("pids.max: Invalid argument (os error 22)"),
+        "{}",
+        stderr_line(&out)
+    );
+    assert!(!jail.base.join("citadel").exists(), "jail left behind");
+    for (leaf, parent) in cgroup_dirs(&jail.parent_cgroup, &jail.id) {
+        assert!(!leaf.exists(), "cgroup {} left", leaf.display());
+        assert!(!parent.exists(), "cgroup {} left", parent.display());
+    }
+}
+
+#[test]
 fn a_failure_after_the_cgroup_move_and_the_pivot_leaves_nothing() {
     require!("a_failure_after_the_cgroup_move_and_the_pivot_leaves_nothing");
     for extra in [&[][..], &["--new-pid-ns"][..], &["--daemonize"][..]] {

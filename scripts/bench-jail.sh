@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Startup cost of the jail: time from exec to the QMP greeting for `citadel` alone, for
-# `citadel-jailer -- citadel` with the default jail, and with every optional isolation on
-# (new network, PID and user namespaces, a cgroup, Landlock). Median of RUNS runs each.
+# `citadel-jailer -- citadel` with the opt-outs (host network namespace, no pids cgroup), with
+# the default jail (new network namespace, pids cgroup), and with every optional isolation on
+# (PID and user namespaces, Landlock). Median of RUNS runs each.
 #
 #   scripts/bench-jail.sh                 # release build, 30 runs
 #   PROFILE=debug RUNS=20 scripts/bench-jail.sh
@@ -125,9 +126,12 @@ def cleanup_cgroups():
 
 cases = [
     ("citadel alone", lambda i: run_alone(i)),
-    ("citadel-jailer -- citadel (default jail)", lambda i: run_jailed(f"d{i}", [])),
-    ("citadel-jailer -- citadel (netns, pidns, userns, cgroup, landlock)",
-     lambda i: run_jailed(f"f{i}", ["--new-netns", "--new-pid-ns", "--userns", "--landlock",
+    ("citadel-jailer -- citadel (--host-netns --no-pids-limit)",
+     lambda i: run_jailed(f"o{i}", ["--host-netns", "--no-pids-limit"])),
+    ("citadel-jailer -- citadel (default jail: new netns, pids cgroup)",
+     lambda i: run_jailed(f"d{i}", [])),
+    ("citadel-jailer -- citadel (default + pidns, userns, landlock)",
+     lambda i: run_jailed(f"f{i}", ["--new-pid-ns", "--userns", "--landlock",
                                     "--cgroup", "pids.max=64"])),
 ]
 try:

@@ -102,7 +102,6 @@ struct Target {
 pub struct Cgroups {
     targets: Vec<Target>,
     created: Vec<PathBuf>,
-    armed: bool,
 }
 
 /// The controller a setting belongs to: the part of the file name before the first dot.
@@ -204,22 +203,53 @@ fn plan(
 impl Cgroups {
     /// Creates the jail's cgroups (`<own cgroup>/<relative>`) and writes `settings` into them.
     /// The process is not moved yet.
+    ///
+    /// `default_pids_max`, when given, is placed in a plan of its own, so that the hierarchy
+    /// the pids controller lives in does not decide where the operator's settings go (on a
+    /// hybrid host, v2 for those and v1 for pids).
     pub fn create(
         settings: &[(String, String)],
+        default_pids_max: Option<u32>,
         version: Option<u8>,
         relative: &Path,
     ) -> Result<Cgroups, Error> {
         let mut cgroups = Cgroups {
             targets: Vec::new(),
             created: Vec::new(),
-            armed: true,
         };
-        if settings.is_empty() {
+        if settings.is_empty() && default_pids_max.is_none() {
             return Ok(cgroups);
         }
         let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
         let proc_cgroup = read(Path::new("/proc/self/cgroup"))?;
-        cgroups.targets = plan(settings, version, relative, &mountinfo, &proc_cgroup)?;
+        if !settings.is_empty() {
+            cgroups.targets = plan(settings, version, relative, &mountinfo, &proc_cgroup)?;
+        }
+        if let Some(max) = default_pids_max {
+            let pids = [("pids.max".to_string(), max.to_string())];
+            let extra = plan(&pids, version, relative, &mountinfo, &proc_cgroup).map_err(|e| {
+                let why = match e {
+                    Error::Refused { message, .. } => message,
+                    other => other.to_string(),
+                };
+                Error::refused(
+                    Step::Cgroup,
+                    format!(
+                        "{why} (the default pids.max={max}; --no-pids-limit runs without a \
+                         pids limit)"
+                    ),
+                )
+            })?;
+            for target in extra {
+                match cgroups.targets.iter_mut().find(|t| t.leaf == target.leaf) {
+                    Some(same) => {
+                        same.files.extend(target.files);
+                        same.controllers.extend(target.controllers);
+                    }
+                    None => cgroups.targets.push(target),
+                }
+            }
+        }
         for target in cgroups.targets.clone() {
             cgroups.build(&target)?;
         }
@@ -270,25 +300,41 @@ impl Cgroups {
     }
 
     /// Moves the calling process into every jail cgroup. Children inherit them.
-    pub fn enter(&mut self) -> Result<(), Error> {
+    pub fn enter(&self) -> Result<(), Error> {
         let pid = std::process::id().to_string();
         for target in &self.targets {
             let procs = target.leaf.join("cgroup.procs");
             fs::write(&procs, &pid)
                 .map_err(|e| Error::path(Step::Cgroup, "move into", &procs, e))?;
         }
-        self.armed = false;
         Ok(())
+    }
+
+    /// Gives up removing anything: the cgroups are in use.
+    pub fn keep(&mut self) {
+        self.created.clear();
     }
 }
 
+/// How long a cgroup whose last task is exiting may stay busy before its removal is given up.
+const BUSY_RETRIES: u32 = 200;
+
 impl Drop for Cgroups {
+    /// Removes the cgroups this run created, deepest first. The caller has reaped every process
+    /// that was in them; a task still leaving makes the kernel answer EBUSY for a moment.
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
         for dir in self.created.iter().rev() {
-            if let Err(e) = fs::remove_dir(dir) {
+            let mut tries = 0;
+            let result = loop {
+                match fs::remove_dir(dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < BUSY_RETRIES => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    other => break other,
+                }
+            };
+            if let Err(e) = result {
                 log::warn!(
                     "could not remove cgroup {} after a failure: {e}",
                     dir.display()

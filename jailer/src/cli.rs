@@ -11,22 +11,29 @@ pub const DEFAULT_BASE: &str = "/srv/jailer";
 pub const DEFAULT_PARENT_CGROUP: &str = "citadel";
 /// Default open-file limit of the jailed process.
 pub const DEFAULT_NO_FILE: u64 = 2048;
+/// `pids.max` of the jail's cgroup unless `--cgroup pids.max=N` or `--no-pids-limit` says
+/// otherwise: room for the VMM's threads (one per vCPU, up to 254, plus the event loop) and
+/// its backends, and no fork bomb.
+pub const DEFAULT_PIDS_MAX: u32 = 1024;
 /// Below this many descriptors the VMM cannot even build a VM (KVM, VM and vCPU fds, epoll,
 /// eventfds, the QMP socket, the launcher channel), so smaller limits are refused up front.
 pub const MIN_NO_FILE: u64 = 32;
 
 const USAGE: &str = "usage: citadel-jailer --id ID --exec-file PATH --uid UID --gid GID \
-[--backend-file PATH]... [--chroot-base-dir DIR] [--netns PATH | --new-netns] [--new-pid-ns] \
-[--userns] [--cgroup-version 1|2] [--parent-cgroup P] [--cgroup FILE=VALUE]... \
-[--resource-limit fsize=N|no-file=N]... [--daemonize] [--landlock] -- <citadel arguments>";
+[--backend-file PATH]... [--chroot-base-dir DIR] [--netns PATH | --new-netns | --host-netns] \
+[--new-pid-ns] [--userns] [--cgroup-version 1|2] [--parent-cgroup P] [--cgroup FILE=VALUE]... \
+[--no-pids-limit] \
+[--resource-limit fsize=N|no-file=N]... [--daemonize | --keep-stdio] [--landlock] -- <citadel arguments>";
 
 /// Which network namespace the jail gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Netns {
     /// Join the namespace bound at this path (e.g. `/var/run/netns/NAME`).
     Join(PathBuf),
-    /// Create a new, empty one.
+    /// Create a new, empty one (the default).
     New,
+    /// Keep the jailer's own (`--host-netns`): the VMM shares the host's network.
+    Host,
 }
 
 /// The validated command line.
@@ -44,8 +51,8 @@ pub struct Args {
     pub gid: u32,
     /// Jails live in `<base>/citadel/<id>/root`.
     pub base: PathBuf,
-    /// Network namespace choice; `None` keeps the jailer's.
-    pub netns: Option<Netns>,
+    /// Network namespace choice; a new, empty one unless told otherwise.
+    pub netns: Netns,
     /// Start the VMM as PID 1 of a new PID namespace.
     pub new_pid_ns: bool,
     /// Run the VMM in a new user namespace mapping only uid and gid.
@@ -56,12 +63,18 @@ pub struct Args {
     pub parent_cgroup: PathBuf,
     /// Cgroup files to write, `(file, value)`, e.g. `("memory.limit_in_bytes", "1G")`.
     pub cgroups: Vec<(String, String)>,
+    /// `pids.max` to set in a cgroup of its own when `cgroups` names none; `None` with
+    /// `--no-pids-limit`.
+    pub default_pids_max: Option<u32>,
     /// RLIMIT_NOFILE.
     pub no_file: u64,
     /// RLIMIT_FSIZE, when asked.
     pub fsize: Option<u64>,
     /// Detach from the terminal and session.
     pub daemonize: bool,
+    /// Hand the caller's stdin, stdout and stderr to the VMM (foreground only); by default
+    /// they are the jail's /dev/null.
+    pub keep_stdio: bool,
     /// Confine the VMM's filesystem access to the jail with Landlock.
     pub landlock: bool,
     /// Arguments passed to the VMM.
@@ -82,6 +95,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
     let mut gid = None;
     let mut base = PathBuf::from(DEFAULT_BASE);
     let mut netns = None;
+    let mut netns_flags = 0;
+    let mut no_pids_limit = false;
     let mut new_pid_ns = false;
     let mut userns = false;
     let mut cgroup_version = None;
@@ -90,6 +105,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
     let mut no_file = DEFAULT_NO_FILE;
     let mut fsize = None;
     let mut daemonize = false;
+    let mut keep_stdio = false;
     let mut landlock = false;
     let mut vmm_args = Vec::new();
 
@@ -113,21 +129,19 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
             "--uid" => uid = Some(number(&flag, &utf8(&flag, value(&flag)?)?)?),
             "--gid" => gid = Some(number(&flag, &utf8(&flag, value(&flag)?)?)?),
             "--chroot-base-dir" => base = path_arg(&flag, value(&flag)?)?,
-            "--netns" => {
-                if netns == Some(Netns::New) {
-                    return Err(refused("--netns and --new-netns exclude each other"));
-                }
-                netns = Some(Netns::Join(path_arg(&flag, value(&flag)?)?));
-            }
-            "--new-netns" => {
-                if matches!(netns, Some(Netns::Join(_))) {
-                    return Err(refused("--netns and --new-netns exclude each other"));
-                }
-                netns = Some(Netns::New);
+            "--netns" | "--new-netns" | "--host-netns" => {
+                netns_flags += 1;
+                netns = Some(match flag.as_str() {
+                    "--netns" => Netns::Join(path_arg(&flag, value(&flag)?)?),
+                    "--new-netns" => Netns::New,
+                    _ => Netns::Host,
+                });
             }
             "--new-pid-ns" => new_pid_ns = true,
+            "--no-pids-limit" => no_pids_limit = true,
             "--userns" => userns = true,
             "--daemonize" => daemonize = true,
+            "--keep-stdio" => keep_stdio = true,
             "--landlock" => landlock = true,
             "--cgroup-version" => {
                 let v = utf8(&flag, value(&flag)?)?;
@@ -164,6 +178,23 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
         }
     }
 
+    if netns_flags > 1 {
+        return Err(refused(
+            "--netns, --new-netns and --host-netns exclude each other",
+        ));
+    }
+    let names_pids = cgroups.iter().any(|(file, _)| file.starts_with("pids."));
+    if no_pids_limit && names_pids {
+        return Err(refused(
+            "--no-pids-limit and --cgroup pids.* exclude each other",
+        ));
+    }
+    let default_pids_max = (!no_pids_limit && !names_pids).then_some(DEFAULT_PIDS_MAX);
+    if daemonize && keep_stdio {
+        return Err(refused(
+            "--keep-stdio and --daemonize exclude each other: a daemon has no terminal",
+        ));
+    }
     let id = id.ok_or_else(|| refused(format!("--id is required; {USAGE}")))?;
     validate_id(&id)?;
     let exec_file =
@@ -192,15 +223,17 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
         uid,
         gid,
         base,
-        netns,
+        netns: netns.unwrap_or(Netns::New),
         new_pid_ns,
         userns,
         cgroup_version,
         parent_cgroup,
         cgroups,
+        default_pids_max,
         no_file,
         fsize,
         daemonize,
+        keep_stdio,
         landlock,
         vmm_args,
     })
@@ -325,6 +358,10 @@ mod tests {
         assert_eq!(a.no_file, DEFAULT_NO_FILE);
         assert_eq!(a.base, PathBuf::from(DEFAULT_BASE));
         assert_eq!(a.parent_cgroup, PathBuf::from(DEFAULT_PARENT_CGROUP));
+        // The safe defaults: a new, empty network namespace, a pids limit, stdio to /dev/null.
+        assert_eq!(a.netns, Netns::New);
+        assert_eq!(a.default_pids_max, Some(DEFAULT_PIDS_MAX));
+        assert!(!a.keep_stdio);
         assert_eq!(
             a.vmm_args,
             vec![OsString::from("-machine"), "microvm".into()]
@@ -406,10 +443,38 @@ mod tests {
     }
 
     #[test]
+    fn the_pids_limit_is_the_default_unless_set_or_refused() {
+        let with = |extra: &[&'static str]| {
+            let mut list = BASIC.to_vec();
+            list.extend(extra);
+            args(&list)
+        };
+        assert_eq!(
+            with(&["--cgroup", "pids.max=7"]).unwrap().default_pids_max,
+            None
+        );
+        assert_eq!(with(&["--no-pids-limit"]).unwrap().default_pids_max, None);
+        assert!(with(&["--no-pids-limit", "--cgroup", "pids.max=7"]).is_err());
+        assert!(with(&["--daemonize", "--keep-stdio"]).is_err());
+    }
+
+    #[test]
     fn netns_choices_exclude_each_other_and_names_must_not_collide() {
+        for pair in [
+            ["--new-netns", "--netns"],
+            ["--host-netns", "--netns"],
+            ["--host-netns", "--new-netns"],
+        ] {
+            let mut list = BASIC.to_vec();
+            list.extend(pair);
+            if pair[1] == "--netns" {
+                list.push("/run/netns/x");
+            }
+            assert!(args(&list).is_err(), "{pair:?}");
+        }
         let mut list = BASIC.to_vec();
-        list.extend(["--new-netns", "--netns", "/run/netns/x"]);
-        assert!(args(&list).is_err());
+        list.push("--host-netns");
+        assert_eq!(args(&list).unwrap().netns, Netns::Host);
         let mut list = BASIC.to_vec();
         list.extend(["--backend-file", "/other/citadel"]);
         assert!(args(&list).is_err());

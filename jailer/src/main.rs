@@ -4,19 +4,26 @@
 //! and the path or value involved:
 //!
 //! 1. close inherited descriptors above 2, clear the environment, validate the arguments;
-//! 2. create `<base>/citadel/<id>/root` and copy the VMM and its backends in;
-//! 3. join or create the network namespace, set rlimits, create the cgroups and move in;
-//! 4. new mount, IPC and UTS namespaces, pivot_root into the jail, a minimal `/dev`;
-//! 5. optionally a user namespace, optionally a PID namespace in which the VMM is PID 1;
-//! 6. drop to uid:gid with every capability set empty, no_new_privs, optionally Landlock and
-//!    daemonizing, then exec.
+//! 2. walk to `<base>/citadel/<id>/root` by descriptor, creating what is missing, and copy the
+//!    VMM and its backends in (root-owned, 0555); open the pid file; create the cgroups and
+//!    write their values;
+//! 3. fork: the child enters the network namespace (a new one unless told otherwise), sets
+//!    rlimits and moves into the cgroups;
+//! 4. new mount, IPC and UTS namespaces, the executables bind-mounted read-only, pivot_root
+//!    into the jail, a minimal `/dev`;
+//! 5. optionally a user namespace, optionally daemonizing, optionally a PID namespace in which
+//!    the VMM is PID 1;
+//! 6. drop to uid:gid with every capability set empty, no_new_privs, stdio to `/dev/null`
+//!    unless kept, optionally Landlock, then exec.
 //!
-//! With `--new-pid-ns` the VMM is PID 1 of the new namespace, so when it exits the kernel
-//! kills whatever it started. Without `--daemonize` the jailer stays in the foreground as its
-//! parent, unprivileged, passes termination signals on to it and exits with its exit code;
-//! with `--daemonize` it returns once the VMM has been executed. In every case
-//! `<base>/citadel/<id>/citadel.pid` holds the VMM's pid as seen from the jailer's PID
-//! namespace.
+//! The jailer process itself never leaves the host's namespaces: it waits until the child has
+//! executed the VMM or reported a failure, and on a failure removes everything this run created
+//! before reporting it. With `--new-pid-ns` the VMM is PID 1 of the new namespace, so when it
+//! exits the kernel kills whatever it started. Without `--daemonize` the jailer stays in the
+//! foreground as the VMM's parent, unprivileged once the VMM runs, passes termination signals
+//! on to it and exits with its exit code; with `--daemonize` it returns once the VMM has been
+//! executed. In every case `<base>/citadel/<id>/citadel.pid` holds the VMM's pid as seen from
+//! the jailer's PID namespace.
 
 mod cgroup;
 mod cli;
@@ -65,8 +72,15 @@ fn sanitize() -> Result<(), Error> {
     Ok(())
 }
 
-/// Builds the jail and execs the VMM; returns only in a process that stays behind as a
-/// parent, with the exit code it should leave with.
+/// Builds the jail and execs the VMM; returns only in the jailer process, with the exit code
+/// it should leave with.
+///
+/// The jailer forks once the jail's files and cgroups exist: the child enters the namespaces
+/// and the cgroups and becomes the VMM, while the jailer stays outside, as root, until the
+/// child has executed the VMM (the close-on-exec status pipe reaches end of file) or reported
+/// a failure. On a failure it reaps every process the child started (it is their subreaper)
+/// and removes the cgroups and the jail files this run created, which it can, because it never
+/// left the host's namespaces; only then does it report.
 fn run() -> Result<i32, Error> {
     sanitize()?;
     let args = cli::parse(std::env::args_os().skip(1))?;
@@ -75,45 +89,78 @@ fn run() -> Result<i32, Error> {
     unsafe { libc::umask(0o077) };
 
     let mut jail = Jail::create(&args.base, &args.id, uid, gid)?;
-    let mut executables = vec![jail.copy_in(&args.exec_file, uid, gid)?];
+    let mut executables = vec![jail.copy_in(&args.exec_file)?];
     for backend in &args.backend_files {
-        executables.push(jail.copy_in(backend, uid, gid)?);
+        executables.push(jail.copy_in(backend)?);
     }
-    let mut pid_file = jail.open_pid_file()?;
-
-    if let Some(netns) = &args.netns {
-        privileges::network(netns)?;
-    }
-    privileges::rlimits(args.no_file, args.fsize)?;
+    let pid_file = jail.open_pid_file()?;
     let mut cgroups = Cgroups::create(
         &args.cgroups,
+        args.default_pids_max,
         args.cgroup_version,
         &args.parent_cgroup.join(&args.id),
     )?;
-    cgroups.enter()?;
 
+    let mut status = StatusPipe::new()?;
+    process::become_subreaper()?;
+    let child = process::fork()?;
+    if child == 0 {
+        status.become_writer();
+        let Err(e) = jail_side(&args, &jail, &cgroups, &executables, pid_file, &mut status);
+        status.report(&e.to_string());
+        // SAFETY: ends the forked child without running the jail guards, which belong to the
+        // jailer process.
+        unsafe { libc::_exit(1) };
+    }
+    // The pid file is the child's to write; the jailer keeps nothing it does not need.
+    drop(pid_file);
+    if let Some(message) = status.wait() {
+        process::reap_all();
+        drop(cgroups);
+        drop(jail);
+        return Err(Error::Reported(message));
+    }
+    jail.keep();
+    cgroups.keep();
+    drop(jail);
+    if args.daemonize {
+        // The child only forked the daemon and left.
+        process::wait_exit_code(child)?;
+        return Ok(0);
+    }
+    process::forward_signals(child)?;
+    privileges::drop_to(uid, gid)?;
+    privileges::no_new_privs()?;
+    process::wait_exit_code(child)
+}
+
+/// The forked child: namespaces, limits, cgroups, the pivot, the process structure, then
+/// [`finish`]. Returns only on failure, which the caller reports to the jailer.
+fn jail_side(
+    args: &Args,
+    jail: &Jail,
+    cgroups: &Cgroups,
+    executables: &[PathBuf],
+    mut pid_file: std::fs::File,
+    status: &mut StatusPipe,
+) -> Result<Infallible, Error> {
+    let (uid, gid) = (args.uid, args.gid);
+    privileges::network(&args.netns)?;
+    privileges::rlimits(args.no_file, args.fsize)?;
+    cgroups.enter()?;
     let proc_dir = if args.userns {
         Some(process::open_proc()?)
     } else {
         None
     };
-    jail::enter(&mut jail, uid, gid)?;
+    jail::enter(jail, executables, uid, gid)?;
     if let Some(proc_dir) = proc_dir {
         process::enter_user_namespace(&proc_dir, uid, gid)?;
     }
-
-    let mut status = StatusPipe::new()?;
-    let mut forked = false;
-    if args.daemonize {
-        if let Some(child) = process::daemonize()? {
-            let failure = status.wait();
-            process::wait_exit_code(child)?;
-            return match failure {
-                Some(message) => Err(Error::Reported(message)),
-                None => Ok(0),
-            };
-        }
-        forked = true;
+    if args.daemonize && process::daemonize()?.is_some() {
+        // The jailer waits on the status pipe and reaps the daemon if it fails.
+        // SAFETY: ends this intermediate process without running any destructor.
+        unsafe { libc::_exit(0) };
     }
     if args.new_pid_ns {
         // SAFETY: unshare takes no pointers; the next child is PID 1 of the new namespace.
@@ -124,59 +171,54 @@ fn run() -> Result<i32, Error> {
         )?;
         let child = process::fork()?;
         if child > 0 {
-            return stay_as_parent(&args, child, &mut pid_file, &mut status, forked);
+            // Only the VMM's side reports; this process must not hold the pipe open.
+            status.close();
+            let code = stay_as_parent(args, child, pid_file);
+            // SAFETY: ends the PID namespace's parent with the VMM's exit code.
+            unsafe { libc::_exit(code) };
         }
-        forked = true;
     } else {
         process::write_pid(&mut pid_file, std::process::id() as libc::pid_t)?;
     }
     drop(pid_file);
-    status.become_writer();
-
-    match finish(&args, &executables) {
-        Ok(never) => match never {},
-        Err(e) if forked => {
-            status.report(&e.to_string());
-            // SAFETY: ends a forked process whose failure has been reported to the waiter.
-            unsafe { libc::_exit(1) }
-        }
-        Err(e) => Err(e),
-    }
+    finish(args, executables)
 }
 
 /// The process left behind by the PID-namespace fork: it records the VMM's pid, then either
-/// exits (daemonized) or waits for the VMM unprivileged and hands on its exit code.
-fn stay_as_parent(
-    args: &Args,
-    child: libc::pid_t,
-    pid_file: &mut std::fs::File,
-    status: &mut StatusPipe,
-    forked: bool,
-) -> Result<i32, Error> {
-    if let Err(e) = process::write_pid(pid_file, child) {
+/// leaves (daemonized) or waits for the VMM unprivileged, passing signals on, and returns its
+/// exit code. Failures of the VMM's own last steps reach the jailer through the status pipe,
+/// which this process does not read.
+fn stay_as_parent(args: &Args, child: libc::pid_t, mut pid_file: std::fs::File) -> i32 {
+    if let Err(e) = process::write_pid(&mut pid_file, child) {
+        eprintln!("citadel-jailer: {e}");
         // SAFETY: kill takes integers; the child must not run without a pid file.
         unsafe { libc::kill(child, libc::SIGKILL) };
-        return Err(e);
+        return 1;
     }
-    if forked {
-        // Daemonized: the original jailer waits on the status pipe; nothing to do here.
-        // SAFETY: ends the intermediate process without running the jail guards.
-        unsafe { libc::_exit(0) };
+    drop(pid_file);
+    // SAFETY: close_range takes integers. This process only waits and then leaves with
+    // _exit, so the descriptors inherited from the jailer (the jail's directories, held as
+    // OwnedFd by a value that is never used or dropped here) are not touched again.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if args.daemonize {
+        return 0;
     }
-    process::forward_signals(child)?;
-    privileges::drop_to(args.uid, args.gid)?;
-    privileges::no_new_privs()?;
-    let failure = status.wait();
-    let code = process::wait_exit_code(child)?;
-    match failure {
-        Some(message) => Err(Error::Reported(message)),
-        None => Ok(code),
+    let waited = process::forward_signals(child)
+        .and_then(|()| privileges::drop_to(args.uid, args.gid))
+        .and_then(|()| privileges::no_new_privs())
+        .and_then(|()| process::wait_exit_code(child));
+    match waited {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("citadel-jailer: {e}");
+            1
+        }
     }
 }
 
 /// The last steps in the process that becomes the VMM.
 fn finish(args: &Args, executables: &[PathBuf]) -> Result<Infallible, Error> {
-    if args.daemonize {
+    if !args.keep_stdio {
         process::stdio_to_null()?;
     }
     privileges::drop_to(args.uid, args.gid)?;

@@ -15,9 +15,11 @@ use landlock::{
 use crate::cli::Netns;
 use crate::error::{check, Error, Step};
 
-/// Joins the namespace at `Netns::Join` or unshares into a new, empty one.
+/// Joins the namespace at `Netns::Join`, unshares into a new, empty one, or (`Netns::Host`)
+/// keeps the jailer's.
 pub fn network(netns: &Netns) -> Result<(), Error> {
     match netns {
+        Netns::Host => {}
         Netns::Join(path) => {
             let file = File::open(path).map_err(|e| Error::path(Step::Netns, "open", path, e))?;
             // SAFETY: setns on a descriptor we own; the kernel checks it is a network namespace.

@@ -51,6 +51,12 @@ impl StatusPipe {
         self.read = None;
     }
 
+    /// In a process that neither reports nor waits: drops both ends.
+    pub fn close(&mut self) {
+        self.read = None;
+        self.write = None;
+    }
+
     /// Sends a failure message (best effort: the reader may already be gone).
     pub fn report(&mut self, message: &str) {
         if let Some(write) = self.write.as_mut() {
@@ -64,6 +70,30 @@ pub fn fork() -> Result<libc::pid_t, Error> {
     // SAFETY: the jailer is single-threaded, so the child is a full copy with no lock held by
     // another thread.
     check(unsafe { libc::fork() }, Step::Process, "fork")
+}
+
+/// Makes the calling process the reaper of its orphaned descendants, so that the jailer can
+/// wait for every process a failed jail started (a daemonized one is a grandchild).
+pub fn become_subreaper() -> Result<(), Error> {
+    // SAFETY: prctl with integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        Step::Process,
+        "become a child subreaper",
+    )?;
+    Ok(())
+}
+
+/// Waits until no child (nor orphaned descendant, as a subreaper) is left.
+pub fn reap_all() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for any child with a valid status pointer.
+        let ret = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+        if ret < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
 }
 
 /// Waits for `pid` and returns its exit code (128 + signal number if it was killed).

@@ -30,7 +30,10 @@ use landlock::{
 };
 
 /// Landlock ABI that Citadel's rulesets are written against.
-const LANDLOCK_ABI: ABI = ABI::V6;
+pub const LANDLOCK_ABI: u32 = 6;
+
+/// `LANDLOCK_CREATE_RULESET_VERSION`: asks `landlock_create_ruleset` for the ABI version.
+const CREATE_RULESET_VERSION: libc::c_uint = 1;
 
 /// A resource limit to set (soft and hard limit alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +103,12 @@ pub enum Error {
     /// Landlock is required but the kernel does not enforce it.
     #[error("Landlock is required but this kernel does not enforce it")]
     LandlockUnavailable,
+    /// A Landlock ABI outside 1..=LANDLOCK_ABI was asked for.
+    #[error("Landlock ABI {0} is not one Citadel writes rulesets for (1 to {LANDLOCK_ABI})")]
+    LandlockAbi(u32),
+    /// The kernel did not enforce every right of the ABI asked for.
+    #[error("the kernel did not fully enforce the Landlock ruleset at ABI {0}")]
+    LandlockNotFullyEnforced(u32),
     /// `setrlimit` failed.
     #[error("setting {name} to {value}: {source}")]
     Rlimit {
@@ -125,6 +134,55 @@ pub fn set_no_new_privs() -> Result<(), Error> {
     Ok(())
 }
 
+/// The Landlock ABI version the running kernel offers, 0 when it has no Landlock (not built
+/// in, or not enabled at boot).
+pub fn kernel_landlock_abi() -> u32 {
+    // SAFETY: with a NULL attribute, a size of 0 and the VERSION flag, the kernel reads no
+    // memory and only returns a number (or -1 with errno).
+    let version = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(version).unwrap_or(0)
+}
+
+/// Applies the ruleset of [`restrict_filesystem_and_network`] at exactly Landlock ABI `abi`:
+/// every filesystem right that ABI knows is handled (granted only as `grants` say), TCP from
+/// ABI 4 and signal and abstract-socket scoping from ABI 6. Unlike the best-effort variant it
+/// fails when the kernel does not enforce every one of those rights, so that what the caller
+/// reports as enforced is enforced.
+pub fn restrict_at_abi(abi: u32, grants: &[(&Path, AccessFs)]) -> Result<(), Error> {
+    if !(1..=LANDLOCK_ABI).contains(&abi) {
+        return Err(Error::LandlockAbi(abi));
+    }
+    let level = ABI::from(abi as i32);
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(AccessFs::from_all(level))?;
+    if abi >= 4 {
+        ruleset = ruleset.handle_access(AccessNet::from_all(level))?;
+    }
+    if abi >= 6 {
+        ruleset = ruleset.scope(Scope::from_all(level))?;
+    }
+    let mut ruleset = ruleset.create()?;
+    for &(path, access) in grants {
+        let fd = PathFd::new(path).map_err(|source| Error::LandlockPath {
+            path: path.display().to_string(),
+            source,
+        })?;
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
+    }
+    match ruleset.restrict_self()?.ruleset {
+        RulesetStatus::FullyEnforced => Ok(()),
+        _ => Err(Error::LandlockNotFullyEnforced(abi)),
+    }
+}
+
 /// Applies a Landlock ruleset that handles every filesystem and TCP right and grants none,
 /// and scopes signals and abstract Unix sockets to the sandbox. Already open descriptors keep
 /// working; nothing new can be opened by path.
@@ -137,11 +195,12 @@ pub fn deny_filesystem_and_network() -> Result<LandlockEnforcement, Error> {
 pub fn restrict_filesystem_and_network(
     grants: &[(&Path, AccessFs)],
 ) -> Result<LandlockEnforcement, Error> {
+    let abi = ABI::from(LANDLOCK_ABI as i32);
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
-        .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
-        .scope(Scope::from_all(LANDLOCK_ABI))?
+        .handle_access(AccessFs::from_all(abi))?
+        .handle_access(AccessNet::from_all(abi))?
+        .scope(Scope::from_all(abi))?
         .create()?;
     for &(path, access) in grants {
         let fd = PathFd::new(path).map_err(|source| Error::LandlockPath {
@@ -264,6 +323,46 @@ mod tests {
             return;
         }
         assert_eq!(code, 0, "child reported failure code {code}");
+    }
+
+    #[test]
+    fn every_abi_up_to_the_kernels_denies_the_filesystem() {
+        let kernel = kernel_landlock_abi();
+        if kernel == 0 {
+            eprintln!("SKIPPED every_abi_up_to_the_kernels_denies_the_filesystem: no Landlock");
+            return;
+        }
+        for abi in 1..=kernel.min(LANDLOCK_ABI) {
+            let code = match abi {
+                1 => in_child(|| denies_after(1)),
+                2 => in_child(|| denies_after(2)),
+                3 => in_child(|| denies_after(3)),
+                4 => in_child(|| denies_after(4)),
+                5 => in_child(|| denies_after(5)),
+                _ => in_child(|| denies_after(6)),
+            };
+            assert_eq!(code, 0, "ABI {abi}: child reported failure code {code}");
+        }
+    }
+
+    fn denies_after(abi: u32) -> i32 {
+        if restrict_at_abi(abi, &[]).is_err() {
+            return 1;
+        }
+        match std::fs::File::open("/etc/hostname") {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => 0,
+            _ => 2,
+        }
+    }
+
+    #[test]
+    fn abis_citadel_does_not_write_rulesets_for_are_refused() {
+        for abi in [0, LANDLOCK_ABI + 1] {
+            assert!(matches!(
+                restrict_at_abi(abi, &[]),
+                Err(Error::LandlockAbi(n)) if n == abi
+            ));
+        }
     }
 
     #[test]

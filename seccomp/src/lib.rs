@@ -40,6 +40,8 @@ pub type Rules = Vec<(i64, Vec<SeccompRule>)>;
 pub enum Role {
     /// The VMM's event loop and QMP thread once the VM is built.
     Vmm,
+    /// The same without Landlock (`-sandbox landlock=off`): no syscall that takes a path.
+    VmmWithoutLandlock,
     /// A vCPU thread once its vCPU is configured.
     Vcpu,
     /// The citadel-blk vhost-user backend process.
@@ -50,12 +52,19 @@ pub enum Role {
 
 impl Role {
     /// Every role, in a fixed order (used by SECURITY.md's table and the tests).
-    pub const ALL: [Role; 4] = [Role::Vmm, Role::Vcpu, Role::Blk, Role::Net];
+    pub const ALL: [Role; 5] = [
+        Role::Vmm,
+        Role::VmmWithoutLandlock,
+        Role::Vcpu,
+        Role::Blk,
+        Role::Net,
+    ];
 
     /// Name used in logs and on command lines.
     pub fn name(self) -> &'static str {
         match self {
             Role::Vmm => "vmm",
+            Role::VmmWithoutLandlock => "vmm-without-landlock",
             Role::Vcpu => "vcpu",
             Role::Blk => "blk",
             Role::Net => "net",
@@ -66,6 +75,7 @@ impl Role {
     pub fn rules(self) -> Result<Rules, Error> {
         match self {
             Role::Vmm => vmm::rules(),
+            Role::VmmWithoutLandlock => vmm::rules_without_landlock(),
             Role::Vcpu => vcpu::rules(),
             Role::Blk => blk::rules(),
             Role::Net => net::rules(),
@@ -572,25 +582,147 @@ mod tests {
         });
     }
 
+    /// Like `run_confined`, but the filter is compiled in the child, for roles whose rules
+    /// name the process that installs them (the `vmm` roles' `tgkill`). glibc's malloc is
+    /// usable after fork, which compiling needs.
+    fn run_compiled_in_child(role: Role, body: fn() -> i32) -> i32 {
+        // SAFETY: the child compiles (allocating through glibc's fork-safe malloc), installs
+        // the filter, runs `body` and leaves with _exit; the parent just waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let Ok(program) = compile(role, Mode::Kill) else {
+                // SAFETY: ends the forked child.
+                unsafe { libc::_exit(102) };
+            };
+            // SAFETY: plain prctl and _exit calls in the forked child.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    libc::_exit(100);
+                }
+                if seccompiler::apply_filter(&program).is_err() {
+                    libc::_exit(101);
+                }
+                libc::_exit(body());
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid status pointer.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        status
+    }
+
+    /// A call made in the confined child; returns its exit code.
+    type Body = fn() -> i32;
+
+    fn assert_vmm_kills(role: Role, what: &str, body: fn() -> i32) {
+        let status = run_compiled_in_child(role, body);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{what} under the {} filter: expected death by SIGSYS, wait status {status:#x}",
+            role.name()
+        );
+    }
+
+    fn assert_vmm_allows(role: Role, what: &str, body: fn() -> i32) {
+        let status = run_compiled_in_child(role, body);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{what} under the {} filter: expected exit 0, wait status {status:#x}",
+            role.name()
+        );
+    }
+
+    /// Returns 0 when `result` is -1 with `errno`, i.e. the call reached the kernel.
+    fn failed_with(result: libc::c_long, errno: libc::c_int) -> i32 {
+        let last = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(result == -1 && last == Some(errno)))
+    }
+
     #[test]
     fn vmm_allows_what_the_event_loop_needs() {
-        assert_exits_cleanly(Role::Vmm, "epoll, eventfd, unix socket, irq ioctls", || {
-            // SAFETY: syscalls without pointers; the descriptors are closed before returning.
-            unsafe {
-                let epoll = libc::epoll_create1(libc::EPOLL_CLOEXEC);
-                let event = libc::eventfd(0, libc::EFD_NONBLOCK);
-                let unix = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                if epoll < 0 || event < 0 || unix < 0 {
-                    return 2;
+        for role in [Role::Vmm, Role::VmmWithoutLandlock] {
+            assert_vmm_allows(role, "epoll, reset ioctls, kicking its own thread", || {
+                // SAFETY: syscalls on invalid descriptors or on the calling thread itself,
+                // with no memory passed.
+                unsafe {
+                    let kick = libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0);
+                    if kick != 0 {
+                        return 3;
+                    }
+                    failed_with(
+                        libc::epoll_ctl(-1, libc::EPOLL_CTL_DEL, -1, std::ptr::null_mut()).into(),
+                        libc::EBADF,
+                    ) | ioctl_reaches_kernel(kvm::KVM_SET_IRQCHIP())
+                        | ioctl_reaches_kernel(kvm::KVM_SET_PIT2())
+                        | ioctl_reaches_kernel(kvm::FIONBIO)
                 }
-                libc::close(epoll);
-                libc::close(event);
-                libc::close(unix);
+            });
+        }
+        assert_vmm_allows(Role::Vmm, "unlink (Landlock confines it)", || {
+            // SAFETY: NUL-terminated path; nothing exists there.
+            let ret = unsafe { libc::unlink(c"/nonexistent/citadel-qmp.sock".as_ptr()) };
+            failed_with(ret.into(), libc::ENOENT)
+        });
+    }
+
+    #[test]
+    fn vmm_opens_nothing_connects_nowhere_and_signals_no_other_process() {
+        let forbidden: [(&str, Body); 8] = [
+            ("openat", || {
+                // SAFETY: NUL-terminated path, result unused.
+                unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+                0
+            }),
+            ("socket(AF_UNIX)", || {
+                // SAFETY: socket takes no pointers.
+                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+                0
+            }),
+            ("connect", || {
+                // SAFETY: invalid descriptor and no address; the filter decides first.
+                unsafe { libc::connect(-1, std::ptr::null(), 0) };
+                0
+            }),
+            ("ftruncate", || {
+                // SAFETY: invalid descriptor on purpose.
+                unsafe { libc::ftruncate(-1, 0) };
+                0
+            }),
+            ("mkdirat", || {
+                // SAFETY: NUL-terminated path, result unused.
+                unsafe { libc::mkdirat(libc::AT_FDCWD, c"/nonexistent/d".as_ptr(), 0o700) };
+                0
+            }),
+            ("tgkill(another process)", || {
+                // SAFETY: signal 0 to the parent's main thread: nothing is delivered.
+                unsafe {
+                    let parent = libc::getppid();
+                    libc::syscall(libc::SYS_tgkill, parent, parent, 0)
+                };
+                0
+            }),
+            ("kill", || {
+                // SAFETY: signal 0 to the parent: nothing is delivered.
+                unsafe { libc::kill(libc::getppid(), 0) };
+                0
+            }),
+            ("epoll_create1", || {
+                // SAFETY: no pointers; made before the filter in the VMM.
+                unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+                0
+            }),
+        ];
+        for role in [Role::Vmm, Role::VmmWithoutLandlock] {
+            for (what, body) in forbidden {
+                assert_vmm_kills(role, what, body);
             }
-            ioctl_reaches_kernel(kvm::KVM_IRQ_LINE())
-                | ioctl_reaches_kernel(kvm::KVM_IOEVENTFD())
-                | ioctl_reaches_kernel(kvm::KVM_IRQFD())
-                | ioctl_reaches_kernel(kvm::KVM_SET_USER_MEMORY_REGION())
+        }
+        assert_vmm_kills(Role::VmmWithoutLandlock, "unlink", || {
+            // SAFETY: NUL-terminated path; nothing exists there.
+            unsafe { libc::unlink(c"/nonexistent/citadel-qmp.sock".as_ptr()) };
+            0
         });
     }
 

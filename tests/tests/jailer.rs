@@ -327,8 +327,16 @@ fn jailed_process_is_confined_in_every_way_the_operator_can_see() {
     // Its root is the jail: exactly the executable and /dev.
     let proc_root = PathBuf::from(format!("/proc/{pid}/root"));
     assert_eq!(dir_names(&proc_root), ["busybox", "dev"]);
+    // Owned by root and writable by nobody: the jailed uid can neither rewrite nor chmod it.
     let jailed_exe = fs::metadata(proc_root.join("busybox")).unwrap();
-    assert_eq!((jailed_exe.uid(), jailed_exe.gid()), (UID, GID));
+    assert_eq!(
+        (
+            jailed_exe.uid(),
+            jailed_exe.gid(),
+            jailed_exe.mode() & 0o7777
+        ),
+        (0, 0, 0o555)
+    );
     assert_eq!(
         fs::metadata(proc_root.join("busybox")).unwrap().ino(),
         fs::metadata(jail.root().join("busybox")).unwrap().ino()
@@ -574,6 +582,7 @@ fn exit_code_and_errors_after_the_fork_reach_the_operator() {
     // Landlock refuses to run a binary the jailed process wrote itself.
     let out = jail.run_busybox(&[
         "--landlock",
+        "--keep-stdio",
         "--",
         "sh",
         "-c",
@@ -618,7 +627,11 @@ fn pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination() {
                 "{what}: pid file points elsewhere"
             );
             if !daemonize && !pid_ns {
-                assert_eq!(pid as u32, child.id(), "{what}: the jailer execs in place");
+                assert_eq!(
+                    status_field(pid, "PPid"),
+                    child.id().to_string(),
+                    "{what}: the jailer stays as the VMM's parent"
+                );
             }
             jail.children.push(child);
             // SAFETY: kill takes integers; pid is our jailed process.
@@ -741,6 +754,7 @@ fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
         "--backend-file",
         blk.to_str().unwrap(),
         "--landlock",
+        "--keep-stdio",
         "--",
         "sh",
         "-c",
@@ -754,7 +768,7 @@ fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
     let copied = fs::metadata(jail.root().join("busybox-blk")).unwrap();
     assert_eq!(
         (copied.uid(), copied.gid(), copied.mode() & 0o7777),
-        (UID, GID, 0o500)
+        (0, 0, 0o555)
     );
     assert_eq!(copied.nlink(), 1);
 }
@@ -868,4 +882,284 @@ fn a_foreground_jailer_passes_sigterm_on_to_the_pid_namespace() {
         Some(3),
         "jailer did not hand SIGTERM on: {status:?}"
     );
+}
+
+#[test]
+fn a_symlink_on_the_jail_path_is_refused_and_nothing_is_made_through_it() {
+    require!("a_symlink_on_the_jail_path_is_refused_and_nothing_is_made_through_it");
+    let jail = Jail::new("symlinkpath");
+    // `<base>/citadel` swapped for a symlink to another directory.
+    let elsewhere = jail.base.join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, jail.base.join("citadel")).unwrap();
+    let out = jail.run_busybox(&["--", "true"]);
+    assert_clean_failure(&out, "copy: ");
+    assert!(
+        stderr_line(&out).ends_with(&format!(
+            "{} is a symbolic link: refusing to follow it",
+            jail.base.join("citadel").display()
+        )),
+        "{}",
+        stderr_line(&out)
+    );
+    assert!(dir_names(&elsewhere).is_empty(), "the jail went through it");
+
+    // A symlink above the base: the base given through it is refused the same way.
+    let real = jail.base.join("real");
+    fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, jail.base.join("via")).unwrap();
+    let out = Command::new(jailer())
+        .args(["--id", &jail.id, "--exec-file", BUSYBOX])
+        .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+        .arg("--chroot-base-dir")
+        .arg(jail.base.join("via"))
+        .args(["--parent-cgroup", &jail.parent_cgroup, "--", "true"])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "copy: ");
+    assert!(
+        stderr_line(&out).contains("is a symbolic link"),
+        "{}",
+        stderr_line(&out)
+    );
+    assert!(dir_names(&real).is_empty(), "the jail went through it");
+}
+
+#[test]
+fn an_ancestor_others_can_write_or_own_is_refused() {
+    require!("an_ancestor_others_can_write_or_own_is_refused");
+    let jail = Jail::new("ancestor");
+    let shared = jail.base.join("shared");
+    fs::create_dir(&shared).unwrap();
+    let base = shared.join("jails");
+    for (mode, owner, why) in [
+        (0o775, 0, "writable by group or others (mode 0775)"),
+        (0o757, 0, "writable by group or others (mode 0757)"),
+        (0o755, UID, &*format!("owned by uid {UID}, not root")),
+    ] {
+        fs::set_permissions(&shared, fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&shared, Some(owner), None).unwrap();
+        let out = Command::new(jailer())
+            .args(["--id", &jail.id, "--exec-file", BUSYBOX])
+            .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+            .arg("--chroot-base-dir")
+            .arg(&base)
+            .args(["--parent-cgroup", &jail.parent_cgroup, "--", "true"])
+            .output()
+            .unwrap();
+        assert_clean_failure(&out, "copy: ");
+        assert_eq!(
+            stderr_line(&out),
+            format!(
+                "citadel-jailer: copy: {}: {why}: refusing to build a jail beneath it",
+                shared.display()
+            )
+        );
+        assert!(!base.exists(), "mode {mode:o}: the base was created");
+    }
+}
+
+#[test]
+fn the_jailed_uid_cannot_rewrite_or_replace_the_executables() {
+    require!("the_jailed_uid_cannot_rewrite_or_replace_the_executables");
+    let jail = Jail::new("readonly");
+    let host_bin = jail.base.join("bin");
+    fs::create_dir_all(&host_bin).unwrap();
+    let blk = host_bin.join("busybox-blk");
+    fs::copy(BUSYBOX, &blk).unwrap();
+    let original = fs::read(BUSYBOX).unwrap();
+    // Each attempt prints its exit status; every one must fail.
+    let script = "\
+        echo x > /busybox-blk; echo write=$?; \
+        echo x >> /busybox; echo append=$?; \
+        busybox chmod 0777 /busybox-blk; echo chmod=$?; \
+        busybox mv /busybox-blk /moved; echo rename=$?; \
+        busybox rm -f /busybox; echo unlink=$?; \
+        busybox cp /busybox /copy && busybox mv -f /copy /busybox-blk; echo replace=$?";
+    let out = jail.run_busybox(&[
+        "--backend-file",
+        blk.to_str().unwrap(),
+        "--keep-stdio",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for attempt in ["write", "append", "chmod", "rename", "unlink", "replace"] {
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{attempt}=")))
+            .unwrap_or_else(|| panic!("no {attempt} result in {stdout}"));
+        assert_ne!(line, "0", "{attempt} succeeded from inside the jail");
+    }
+    for name in ["busybox", "busybox-blk"] {
+        let path = jail.root().join(name);
+        assert_eq!(fs::read(&path).unwrap(), original, "{name} was changed");
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o555), "{name}");
+    }
+}
+
+#[test]
+fn an_invalid_cgroup_value_leaves_no_cgroup_and_no_jail() {
+    require!("an_invalid_cgroup_value_leaves_no_cgroup_and_no_jail");
+    let jail = Jail::new("badvalue");
+    // The directories are made, then the kernel refuses the value.
+    let out = jail.run_busybox(&["--cgroup", "pids.max=bogus", "--", "true"]);
+    assert_clean_failure(&out, "cgroup: write ");
+    assert!(
+        stderr_line(&out).ends_with("pids.max: Invalid argument (os error 22)"),
+        "{}",
+        stderr_line(&out)
+    );
+    assert!(!jail.base.join("citadel").exists(), "jail left behind");
+    for (leaf, parent) in cgroup_dirs(&jail.parent_cgroup, &jail.id) {
+        assert!(!leaf.exists(), "cgroup {} left", leaf.display());
+        assert!(!parent.exists(), "cgroup {} left", parent.display());
+    }
+}
+
+#[test]
+fn a_failure_after_the_cgroup_move_and_the_pivot_leaves_nothing() {
+    require!("a_failure_after_the_cgroup_move_and_the_pivot_leaves_nothing");
+    for extra in [&[][..], &["--new-pid-ns"][..], &["--daemonize"][..]] {
+        let jail = Jail::new("latefail");
+        let host_bin = jail.base.join("bin");
+        fs::create_dir_all(&host_bin).unwrap();
+        // A regular file that is no program: copied in fine, refused by execve, the very last
+        // step, after the cgroup move, the pivot and the privilege drop.
+        let bogus = host_bin.join("notaprogram");
+        fs::write(&bogus, b"neither ELF nor script\n").unwrap();
+        let mut args = extra.to_vec();
+        args.extend(["--cgroup", "pids.max=10", "--", "x"]);
+        let out = jail.run(&bogus, &args);
+        assert_clean_failure(&out, "exec: execve /notaprogram: ");
+        assert!(
+            !jail.base.join("citadel").exists(),
+            "{extra:?}: jail left behind: {:?}",
+            dir_names(jail.base.join("citadel"))
+        );
+        for (leaf, parent) in cgroup_dirs(&jail.parent_cgroup, &jail.id) {
+            assert!(!leaf.exists(), "{extra:?}: cgroup {} left", leaf.display());
+            assert!(
+                !parent.exists(),
+                "{extra:?}: cgroup {} left",
+                parent.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn stdio_is_dev_null_in_the_jail_and_the_jailer_holds_nothing_open() {
+    require!("stdio_is_dev_null_in_the_jail_and_the_jailer_holds_nothing_open");
+    let mut jail = Jail::new("stdio");
+    let mut cmd = jail.busybox_command(&["--", "sleep", "1000"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn jailer");
+    let jailer_pid = child.id();
+    jail.children.push(child);
+    let pid = jail.wait_pid();
+    for fd in 0..3 {
+        assert_eq!(
+            fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap(),
+            Path::new("/dev/null"),
+            "fd {fd} of the jailed process"
+        );
+    }
+    assert_eq!(dir_names(format!("/proc/{pid}/fd")), ["0", "1", "2"]);
+    // The jailer waiting in the foreground keeps only its own stdio: no pid file, no jail
+    // directory, no pipe.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fds = dir_names(format!("/proc/{jailer_pid}/fd"));
+        if fds == ["0", "1", "2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the jailer holds {fds:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for fd in 0..3 {
+        let target = fs::read_link(format!("/proc/{jailer_pid}/fd/{fd}")).unwrap();
+        assert!(
+            !target.starts_with(jail.id_dir()),
+            "jailer fd {fd} is {}",
+            target.display()
+        );
+    }
+
+    // With a PID namespace, the process waiting as the VMM's parent holds nothing either.
+    let mut pidns = Jail::new("stdiopidns");
+    let mut cmd = pidns.busybox_command(&["--new-pid-ns", "--", "sleep", "1000"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    pidns.children.push(cmd.spawn().expect("spawn jailer"));
+    let pid = pidns.wait_pid();
+    let parent = status_field(pid, "PPid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fds = dir_names(format!("/proc/{parent}/fd"));
+        if fds == ["0", "1", "2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the VMM's parent holds {fds:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // --keep-stdio hands the caller's descriptors on.
+    let kept = Jail::new("keepstdio");
+    let out = kept.run_busybox(&["--keep-stdio", "--", "echo", "through"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through\n");
+}
+
+#[test]
+fn by_default_the_jail_has_its_own_network_and_a_pids_limit() {
+    require!("by_default_the_jail_has_its_own_network_and_a_pids_limit");
+    let pids_leaf = |jail: &Jail| {
+        cgroup_dirs(&jail.parent_cgroup, &jail.id)
+            .into_iter()
+            .map(|(leaf, _)| leaf)
+            .find(|leaf| leaf.starts_with("/sys/fs/cgroup/pids"))
+    };
+    let jail = Jail::new("defaults");
+    let out = jail.run_busybox(&["--daemonize", "--", "sleep", "1000"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let pid = jail.wait_pid();
+    let me = std::process::id().to_string();
+    assert_ne!(
+        namespace(&pid.to_string(), "net"),
+        namespace(&me, "net"),
+        "the host's network namespace is shared by default"
+    );
+    let Some(leaf) = pids_leaf(&jail) else {
+        citadel_tests::skip(
+            "by_default_the_jail_has_its_own_network_and_a_pids_limit",
+            "no cgroup v1 pids hierarchy on this host",
+            false,
+        );
+        return;
+    };
+    assert_eq!(
+        fs::read_to_string(leaf.join("pids.max")).unwrap().trim(),
+        "1024"
+    );
+    let procs = fs::read_to_string(leaf.join("cgroup.procs")).unwrap();
+    assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+    jail.kill_jailed();
+
+    // The explicit opt-outs: the host's network namespace, no pids cgroup.
+    let shared = Jail::new("optout");
+    let out = shared.run_busybox(&[
+        "--daemonize",
+        "--host-netns",
+        "--no-pids-limit",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let pid = shared.wait_pid();
+    assert_eq!(namespace(&pid.to_string(), "net"), namespace(&me, "net"));
+    assert!(pids_leaf(&shared).is_some_and(|leaf| !leaf.exists()));
 }

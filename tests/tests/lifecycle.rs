@@ -388,6 +388,46 @@ fn system_reset_reboots_the_guest_from_its_kernel() {
 }
 
 #[test]
+fn system_reset_boots_the_kernel_it_started_with_or_ends_the_vm() {
+    let dir = citadel_tests::vm::TempDir::new("reset-kernel");
+    let kernel = dir.path().join("kernel.elf");
+    std::fs::copy(guest_program("smp"), &kernel).unwrap();
+    // A handle on the booted file, to modify it in place later.
+    let booted = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&kernel)
+        .unwrap();
+    let mut vm = Vm::start(&kernel, &["-m", "32", "-smp", "2"]);
+    vm.wait_serial("citadel-guest: mptable-cpus=", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+
+    // Another kernel renamed over the path: the reset still boots the file the VM started
+    // with (the smp program, not the idle one, which would print "ready").
+    let other = dir.path().join("other.elf");
+    std::fs::copy(guest_program("idle"), &other).unwrap();
+    std::fs::rename(&other, &kernel).unwrap();
+    assert_eq!(qmp.execute("system_reset", None), json!({"return": {}}));
+    let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
+    assert!(line.ends_with("cpus=2"), "{line}");
+    vm.wait_serial("citadel-guest: mptable-cpus=", BOOT);
+
+    // The booted file truncated in place: the reset is refused before anything is written
+    // into the guest, and the VM ends instead of running on.
+    booted.set_len(64).unwrap();
+    let reply = qmp.execute("system_reset", None);
+    let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("modified since boot"), "{reply}");
+    let ev = qmp.wait_event("SHUTDOWN");
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-error"}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(1));
+    let after: Vec<String> = vm.serial_lines_for(Duration::from_millis(100));
+    assert!(
+        !after.iter().any(|l| l.contains("citadel-guest: entry=")),
+        "the guest ran again: {after:?}"
+    );
+}
+
+#[test]
 fn qmp_connections_beyond_the_limit_are_closed_and_the_rest_keep_working() {
     let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
     vm.wait_serial("citadel-guest: ready", BOOT);

@@ -54,18 +54,28 @@ fn prerequisites(test: &str) -> Option<(PathBuf, PathBuf)> {
     Some((citadel, guest))
 }
 
+fn scratch_dir() -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir =
+        std::env::temp_dir().join(format!("citadel-seccomp-roles-{}-{n}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 impl Vmm {
     fn start(citadel: &Path, guest: &Path) -> Vmm {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("citadel-seccomp-roles-{}-{n}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        Vmm::start_with(citadel, guest, &[])
+    }
+
+    fn start_with(citadel: &Path, guest: &Path, extra: &[&str]) -> Vmm {
+        let dir = scratch_dir();
         let socket = dir.join("qmp.sock");
         let child = Command::new(citadel)
             .args(["-machine", "microvm", "-kernel"])
             .arg(guest)
             .args(["-m", "64", "-smp", "2", "-serial", "null", "-qmp"])
             .arg(format!("unix:{},server,nowait", socket.display()))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -144,6 +154,18 @@ const CREATE_VM: Syscall = Syscall {
     name: "ioctl(KVM_CREATE_VM)",
     nr: libc::SYS_ioctl,
     args: [0, 0xae01, 0],
+};
+/// openat with a NULL path: the filter decides before the kernel would read it.
+const OPENAT: Syscall = Syscall {
+    name: "openat",
+    nr: libc::SYS_openat,
+    args: [libc::AT_FDCWD as u64, 0, libc::O_RDONLY as u64],
+};
+/// Signal 0 to process 1: the event loop signals only its own threads.
+const TGKILL_OTHER: Syscall = Syscall {
+    name: "tgkill(1, 1, 0)",
+    nr: libc::SYS_tgkill,
+    args: [1, 1, 0],
 };
 const GETPID: Syscall = Syscall {
     name: "getpid",
@@ -299,14 +321,14 @@ fn inject_with_memory_and_restore(tid: i32, bytes: &[u8], make: impl Fn(u64) -> 
     run_and_restore(tid, saved, make(addr))
 }
 
-/// Makes `tid` call `openat(AT_FDCWD, path, O_RDONLY)`; returns the result.
-fn inject_open_and_restore(tid: i32, path: &str) -> i64 {
-    let mut bytes = path.as_bytes().to_vec();
+/// `unlink(path)` made by the event loop.
+fn inject_unlink(vmm: &Vmm, path: &Path) -> i64 {
+    let mut bytes = path.as_os_str().as_encoded_bytes().to_vec();
     bytes.push(0);
-    inject_with_memory_and_restore(tid, &bytes, |addr| Syscall {
-        name: "openat",
-        nr: libc::SYS_openat,
-        args: [libc::AT_FDCWD as u64, addr, libc::O_RDONLY as u64],
+    inject_with_memory_and_restore(vmm.pid(), &bytes, |addr| Syscall {
+        name: "unlink",
+        nr: libc::SYS_unlink,
+        args: [addr, 0, 0],
     })
 }
 
@@ -428,7 +450,7 @@ fn forbidden_syscalls_on_the_event_loop_kill_the_vmm() {
     let Some((citadel, guest)) = prerequisites(test) else {
         return;
     };
-    for call in [EXECVE, INET_SOCKET, PTRACE, CREATE_VM] {
+    for call in [EXECVE, INET_SOCKET, PTRACE, CREATE_VM, OPENAT, TGKILL_OTHER] {
         assert_killed(&citadel, &guest, "event loop", call, false);
     }
 }
@@ -481,26 +503,107 @@ fn clone3_returns_enosys_on_every_thread_and_creates_no_process() {
 }
 
 #[test]
-fn landlock_keeps_the_running_vmm_from_opening_any_path() {
-    let test = "landlock_keeps_the_running_vmm_from_opening_any_path";
+fn landlock_keeps_the_running_vmm_from_removing_files_outside_its_own_directories() {
+    let test = "landlock_keeps_the_running_vmm_from_removing_files_outside_its_own_directories";
     let Some((citadel, guest)) = prerequisites(test) else {
         return;
     };
-    let mut vmm = Vmm::start(&citadel, &guest);
-    // The event loop's allowlist keeps openat (for snapshots); Landlock is what refuses it.
-    let neighbour = guest.with_file_name("idle.elf");
-    for path in ["/etc/hostname", neighbour.to_str().unwrap(), "/dev/kvm"] {
+    // At the kernel's own ABI, and capped at ABI 1 (Linux 5.13) as on an older kernel: the
+    // event loop's one path syscall, unlink, is confined the same way at every level.
+    for extra in [&[][..], &["-sandbox", "landlock=on,landlock-abi=1"][..]] {
+        let mut vmm = Vmm::start_with(&citadel, &guest, extra);
+        let elsewhere = scratch_dir();
+        let victim = elsewhere.join("victim");
+        fs::write(&victim, b"host file").unwrap();
         assert_eq!(
-            inject_open_and_restore(vmm.pid(), path),
+            inject_unlink(&vmm, &victim),
             -i64::from(libc::EACCES),
-            "openat({path}) on the event loop"
+            "unlink outside the QMP socket's directory ({extra:?})"
         );
+        assert!(victim.exists(), "{extra:?}: the file is gone");
+        // The grant it keeps: its own directory, where the QMP socket lives.
+        let own = vmm.dir.join("stale");
+        fs::write(&own, b"").unwrap();
+        assert_eq!(inject_unlink(&vmm, &own), 0, "unlink in its own directory");
+        let status = vmm.execute("query-status");
+        assert_eq!(status["return"]["running"], true, "{extra:?}: {status}");
+        let _ = fs::remove_dir_all(&elsewhere);
     }
-    // The one exception: the kernel itself, which system_reset loads again.
+}
+
+#[test]
+fn without_landlock_the_event_loop_may_not_remove_any_file() {
+    let test = "without_landlock_the_event_loop_may_not_remove_any_file";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    // Turned off explicitly, the VM runs, quits cleanly and leaves its socket behind, since
+    // the stricter allowlist has no unlink.
+    let mut vmm = Vmm::start_with(&citadel, &guest, &["-sandbox", "landlock=off"]);
+    assert_eq!(vmm.execute("query-status")["return"]["running"], true);
+    assert!(vmm.execute("quit").get("return").is_some());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = vmm.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "VMM did not quit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(
-        inject_open_and_restore(vmm.pid(), guest.to_str().unwrap()) >= 0,
-        "the kernel stays readable"
+        vmm.dir.join("qmp.sock").exists(),
+        "socket removed without unlink?"
     );
-    let status = vmm.execute("query-status");
-    assert_eq!(status["return"]["running"], true, "{status}");
+
+    // And an unlink made by injected code kills it.
+    let mut vmm = Vmm::start_with(&citadel, &guest, &["-sandbox", "landlock=off"]);
+    let victim = vmm.dir.join("victim");
+    fs::write(&victim, b"").unwrap();
+    let saved = stop_in_syscall(vmm.pid());
+    let unlink = Syscall {
+        name: "unlink",
+        nr: libc::SYS_unlink,
+        args: [0, 0, 0],
+    };
+    set_regs(vmm.pid(), &with_call(saved, unlink));
+    assert_eq!(ptrace_call(libc::PTRACE_DETACH, vmm.pid(), 0, 0), 0);
+    assert_eq!(vmm.wait_signal(), Some(libc::SIGSYS));
+    assert!(victim.exists());
+}
+
+#[test]
+fn without_landlock_citadel_refuses_to_start_unless_told() {
+    let test = "without_landlock_citadel_refuses_to_start_unless_told";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    // landlock-abi=0 makes this kernel look like one without Landlock: the cap can lower what
+    // is enforced, never skip it, so this is a refusal, before any file is created.
+    let dir = scratch_dir();
+    let socket = dir.join("qmp.sock");
+    let out = Command::new(&citadel)
+        .args(["-machine", "microvm", "-kernel"])
+        .arg(&guest)
+        .args(["-m", "64", "-serial", "null", "-sandbox", "landlock-abi=0"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", socket.display()))
+        .arg("-pidfile")
+        .arg(dir.join("pid"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run citadel");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("Landlock is not available") && stderr.contains("-sandbox landlock=off"),
+        "{stderr}"
+    );
+    assert!(dir_is_empty(&dir), "citadel left files behind");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn dir_is_empty(dir: &Path) -> bool {
+    fs::read_dir(dir).unwrap().next().is_none()
 }

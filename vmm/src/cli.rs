@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use crate::cpu::CpuTemplate;
+use crate::lockdown::LandlockChoice;
 
 /// Largest vCPU count accepted; the MP table and APIC ids are 8-bit.
 pub const MAX_VCPUS: u8 = 254;
@@ -44,6 +45,8 @@ pub struct Config {
     pub seccomp: citadel_seccomp::Mode,
     /// `-S`: build the VM but keep its vCPUs stopped until `cont`.
     pub start_paused: bool,
+    /// `-sandbox landlock=on|off[,landlock-abi=N]`: whether Landlock is required.
+    pub landlock: LandlockChoice,
 }
 
 /// Where the COM1 serial port goes.
@@ -97,8 +100,11 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-qmp unix:PATH,server,nowait[,mode=0600|0660|0666]]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
                [-daemonize] [-pidfile PATH] [-seccomp kill|log] [-S]
+               [-sandbox landlock=on|off[,landlock-abi=N]]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
-(only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.";
+(only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
+Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
+testing older kernels).";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
     CliError::Invalid {
@@ -303,6 +309,7 @@ where
     let mut name = None;
     let mut seccomp = citadel_seccomp::Mode::Kill;
     let mut start_paused = false;
+    let mut landlock = LandlockChoice::Required;
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -357,6 +364,7 @@ where
                     .parse()
                     .map_err(|_| invalid("-seccomp", &v, "expected kill or log"))?;
             }
+            "-sandbox" => landlock = parse_sandbox(&value(&option)?)?,
             "-drive" | "-device" | "-netdev" | "-chardev" | "-incoming" | "-object" => {
                 return Err(CliError::Unsupported(format!("option '{option}'")))
             }
@@ -391,7 +399,43 @@ where
         pidfile,
         seccomp,
         start_paused,
+        landlock,
     })
+}
+
+/// `-sandbox landlock=on|off[,landlock-abi=N]`. The cap only makes sense with Landlock on.
+fn parse_sandbox(v: &str) -> Result<LandlockChoice, CliError> {
+    let mut on = true;
+    let mut cap = None;
+    for part in v.split(',') {
+        match part.split_once('=') {
+            Some(("landlock", "on")) => on = true,
+            Some(("landlock", "off")) => on = false,
+            Some(("landlock-abi", n)) => {
+                let n: u32 = n
+                    .parse()
+                    .map_err(|_| invalid("-sandbox", v, "landlock-abi expects a number"))?;
+                cap = Some(n);
+            }
+            _ => {
+                return Err(invalid(
+                    "-sandbox",
+                    v,
+                    "expected landlock=on|off[,landlock-abi=N]",
+                ))
+            }
+        }
+    }
+    match (on, cap) {
+        (true, None) => Ok(LandlockChoice::Required),
+        (true, Some(n)) => Ok(LandlockChoice::AtMost(n)),
+        (false, None) => Ok(LandlockChoice::Off),
+        (false, Some(_)) => Err(invalid(
+            "-sandbox",
+            v,
+            "landlock-abi only applies with landlock=on",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -558,5 +602,29 @@ mod tests {
         assert!(c.daemonize);
         assert_eq!(c.cpu_template, CpuTemplate::Baseline);
         assert_eq!(c.seccomp, citadel_seccomp::Mode::Log);
+    }
+
+    #[test]
+    fn sandbox_choices() {
+        assert_eq!(with(&[]).unwrap().landlock, LandlockChoice::Required);
+        let landlock = |v: &'static str| with(&["-sandbox", v]).map(|c| c.landlock);
+        assert_eq!(landlock("landlock=on"), Ok(LandlockChoice::Required));
+        assert_eq!(landlock("landlock=off"), Ok(LandlockChoice::Off));
+        assert_eq!(
+            landlock("landlock=on,landlock-abi=3"),
+            Ok(LandlockChoice::AtMost(3))
+        );
+        assert_eq!(landlock("landlock-abi=0"), Ok(LandlockChoice::AtMost(0)));
+        for bad in [
+            "landlock=off,landlock-abi=3",
+            "landlock=maybe",
+            "on",
+            "landlock-abi=x",
+        ] {
+            assert!(
+                matches!(landlock(bad), Err(CliError::Invalid { .. })),
+                "{bad}"
+            );
+        }
     }
 }

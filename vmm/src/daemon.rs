@@ -127,8 +127,8 @@ fn wait_for_daemon(mut read_end: File) -> ! {
     std::process::exit(code)
 }
 
-/// A pid file removed when dropped.
-pub struct PidFile(PathBuf);
+/// A pid file removed when dropped, unless kept.
+pub struct PidFile(Option<PathBuf>);
 
 impl PidFile {
     /// Writes our pid to `path`.
@@ -139,13 +139,20 @@ impl PidFile {
         };
         let mut f = File::create(path).map_err(err)?;
         writeln!(f, "{}", std::process::id()).map_err(err)?;
-        Ok(PidFile(path.to_path_buf()))
+        Ok(PidFile(Some(path.to_path_buf())))
+    }
+
+    /// Leaves the file in place at exit (a VMM that may not unlink anything).
+    pub fn keep(&mut self) {
+        self.0 = None;
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use kvm_bindings::{kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootSource, EntryPoint};
+use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::mmio_bus::MmioBus;
@@ -54,9 +54,87 @@ pub enum MachineError {
     /// The kernel file no longer matches the one the machine booted.
     #[error("reset: {0} changed since boot (different entry point)")]
     KernelChanged(String),
+    /// A boot file held open since start was modified in place.
+    #[error("reset: {0} was modified since boot; refusing to boot it")]
+    BootFileModified(String),
+    /// A boot file held open since start could not be examined.
+    #[error("reset: examining {path}: {source}")]
+    BootFileStat {
+        /// The file.
+        path: String,
+        /// What fstat said.
+        source: std::io::Error,
+    },
     /// An eventfd could not be created or duplicated.
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
+}
+
+/// What tells that a file held open was written: every write or truncation moves its
+/// modification time (the change time would also move when the file is merely unlinked or
+/// renamed over, which does not change what the held descriptor reads). Someone able to write
+/// the file and set its modification time back goes unnoticed, which is why the kernel should
+/// not be writable by the VMM's uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    size: i64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(file: &std::fs::File, path: &std::path::Path) -> Result<FileStamp, MachineError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `stat` is plain integers, so all-zero is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // The fstat syscall itself: std's metadata() uses statx and glibc's fstat() uses
+        // newfstatat, both of which take a path and are not in the running VMM's allowlist.
+        // SAFETY: fstat on a descriptor we own, writing one `stat` into the live `st`.
+        let ret = unsafe { libc::syscall(libc::SYS_fstat, file.as_raw_fd(), &mut st) };
+        if ret != 0 {
+            return Err(MachineError::BootFileStat {
+                path: path.display().to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(FileStamp {
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+        })
+    }
+}
+
+/// The boot files held open since start, with the stamps they had when the machine was built.
+struct HeldBootFiles {
+    files: BootFiles,
+    stamps: Vec<FileStamp>,
+}
+
+impl HeldBootFiles {
+    fn open(src: &BootSource) -> Result<HeldBootFiles, MachineError> {
+        let files = BootFiles::open(src)?;
+        let stamps = Self::stamp(&files, src)?;
+        Ok(HeldBootFiles { files, stamps })
+    }
+
+    fn stamp(files: &BootFiles, src: &BootSource) -> Result<Vec<FileStamp>, MachineError> {
+        let mut stamps = vec![FileStamp::of(&files.kernel, &src.kernel)?];
+        if let (Some(file), Some(path)) = (&files.initrd, &src.initrd) {
+            stamps.push(FileStamp::of(file, path)?);
+        }
+        Ok(stamps)
+    }
+
+    /// Refuses when a file was written since the machine was built.
+    fn check_unchanged(&self, src: &BootSource) -> Result<(), MachineError> {
+        let now = Self::stamp(&self.files, src)?;
+        let paths = std::iter::once(&src.kernel).chain(src.initrd.as_ref());
+        for ((then, now), path) in self.stamps.iter().zip(&now).zip(paths) {
+            if then != now {
+                return Err(MachineError::BootFileModified(path.display().to_string()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the machine is built from.
@@ -95,6 +173,7 @@ pub struct Machine {
     ram: GuestRam,
     _kvm: Kvm,
     boot: BootSource,
+    boot_files: HeldBootFiles,
     entry: EntryPoint,
     chips: ChipState,
 }
@@ -161,7 +240,8 @@ impl Machine {
         // Sequential on purpose: with memory registered first, each step takes microseconds,
         // less than waking a helper thread on a nested host.
         let fds = Self::create_chips_and_vcpus(&vm, spec.vcpus)?;
-        let entry = boot::load(&ram.memory, spec.boot, spec.vcpus)?;
+        let boot_files = HeldBootFiles::open(spec.boot)?;
+        let entry = boot::load_from(&ram.memory, spec.boot, &boot_files.files, spec.vcpus)?;
         let mut boot_states = Vec::with_capacity(fds.len());
         for (index, fd) in (0..spec.vcpus).zip(&fds) {
             let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
@@ -200,6 +280,7 @@ impl Machine {
             ram,
             _kvm: kvm,
             boot: spec.boot.clone(),
+            boot_files,
             entry,
             chips,
         })
@@ -250,10 +331,19 @@ impl Machine {
     /// Puts the paused machine back into its boot state: the kernel, boot data and boot
     /// tables written again into guest memory (the rest of memory is left as it is, as on a
     /// real reset), the interrupt controllers and timer as built, and every vCPU's registers,
-    /// local APIC and MSRs as configured for boot. The files are read again, so a kernel
-    /// replaced on disk in the meantime is refused rather than booted half-old.
+    /// local APIC and MSRs as configured for boot.
+    ///
+    /// The kernel and initrd are the files opened at start, so a file replaced on disk since
+    /// then does not change what boots; one modified in place is refused before anything is
+    /// written. After an error the machine may be half reset and must not run again.
     pub fn reset(&self) -> Result<(), MachineError> {
-        let entry = boot::load(&self.ram.memory, &self.boot, self.vcpus.len() as u8)?;
+        self.boot_files.check_unchanged(&self.boot)?;
+        let entry = boot::load_from(
+            &self.ram.memory,
+            &self.boot,
+            &self.boot_files.files,
+            self.vcpus.len() as u8,
+        )?;
         if entry != self.entry {
             return Err(MachineError::KernelChanged(
                 self.boot.kernel.display().to_string(),

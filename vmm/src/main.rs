@@ -93,6 +93,8 @@ fn build_and_run(
     mut readiness: Option<daemon::Readiness>,
 ) -> Result<i32, RunError> {
     let setup = || -> Result<(Monitor, Option<PidFile>), RunError> {
+        // Decided before anything is created, so that a refusal leaves nothing behind.
+        let plan = lockdown::plan(citadel_sandbox::kernel_landlock_abi(), config.landlock)?;
         log::info!(
             "starting VM {} ({} vCPUs, {} MiB, kernel {})",
             config.name.as_deref().unwrap_or("(unnamed)"),
@@ -102,12 +104,18 @@ fn build_and_run(
         );
         let serial_out = serial_output(&config.serial)?;
         // Written before the process is confined: afterwards it may create no file.
-        let pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
-        let qmp = config
+        let mut pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
+        let mut qmp = config
             .qmp
             .as_deref()
             .map(|path| Monitor::bind_qmp(path, config.qmp_mode))
             .transpose()?;
+        if !plan.removes_its_files() {
+            pidfile.iter_mut().for_each(PidFile::keep);
+            if let Some((server, _)) = qmp.as_mut() {
+                server.keep_socket_file();
+            }
+        }
         let channels = Channels::new()?;
         let (events_tx, events_rx) = mpsc::channel();
         vcpu::register_kick_handler()?;
@@ -123,9 +131,6 @@ fn build_and_run(
             cpu_template: config.cpu_template,
         };
         let mode = config.seccomp;
-        let readable: Vec<PathBuf> = std::iter::once(config.kernel.clone())
-            .chain(config.initrd.clone())
-            .collect();
         let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);
         let removable: Vec<PathBuf> = [config.qmp.as_deref(), config.pidfile.as_deref()]
             .into_iter()
@@ -148,8 +153,7 @@ fn build_and_run(
             }),
             before_vcpu_threads: Box::new(move || {
                 let dirs: Vec<&Path> = removable.iter().map(PathBuf::as_path).collect();
-                let files: Vec<&Path> = readable.iter().map(PathBuf::as_path).collect();
-                lockdown::confine_process(&dirs, &files).map_err(|e| e.to_string())
+                lockdown::confine_process(&plan, &dirs).map_err(|e| e.to_string())
             }),
         };
         let machine = Machine::create(&spec, wiring)?;
@@ -161,7 +165,7 @@ fn build_and_run(
             config.serial == SerialTarget::Stdio,
             config.start_paused,
         )?;
-        lockdown::event_loop_thread(mode)?;
+        lockdown::event_loop_thread(&plan, mode)?;
         Ok((monitor, pidfile))
     };
     let (monitor, _pidfile) = match setup() {

@@ -450,17 +450,29 @@ fn execute(
                     return Response::reply(Err(QmpError::generic(e.to_string())));
                 }
             }
-            let reset = machine.reset();
-            if was_running {
-                machine.resume();
-            }
-            match reset {
-                Ok(()) => Response {
-                    events_before: vec![event],
-                    result: Ok(empty()),
-                    events_after: Vec::new(),
-                },
-                Err(e) => Response::reply(Err(QmpError::generic(e.to_string()))),
+            match machine.reset() {
+                Ok(()) => {
+                    if was_running {
+                        machine.resume();
+                    }
+                    Response {
+                        events_before: vec![event],
+                        result: Ok(empty()),
+                        events_after: Vec::new(),
+                    }
+                }
+                Err(e) => {
+                    // The guest may be half reset (or its kernel is no longer the one it was
+                    // started with): it must not run again, so the VM ends, its vCPUs never
+                    // resumed.
+                    log::error!("system_reset failed, ending the VM: {e}");
+                    *exit = Some(ExitReason::Fatal(format!("system_reset failed: {e}")));
+                    Response {
+                        events_before: Vec::new(),
+                        result: Err(QmpError::generic(e.to_string())),
+                        events_after: vec![Event::shutdown(false, ShutdownReason::HostError)],
+                    }
+                }
             }
         }
         Command::QueryVersion => {

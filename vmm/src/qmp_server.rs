@@ -94,6 +94,7 @@ pub struct QmpServer {
     next_token: u64,
     clients: BTreeMap<u64, Client>,
     backlog: VecDeque<String>,
+    remove_at_exit: bool,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -131,6 +132,7 @@ impl QmpServer {
             next_token: first_client_token,
             clients: BTreeMap::new(),
             backlog: VecDeque::new(),
+            remove_at_exit: true,
         })
     }
 
@@ -396,8 +398,18 @@ impl QmpServer {
     }
 }
 
+impl QmpServer {
+    /// Leaves the socket file in place at exit (a VMM that may not unlink anything).
+    pub fn keep_socket_file(&mut self) {
+        self.remove_at_exit = false;
+    }
+}
+
 impl Drop for QmpServer {
     fn drop(&mut self) {
+        if !self.remove_at_exit {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.path) {
             log::debug!("removing {}: {e}", self.path.display());
         }

@@ -34,6 +34,46 @@ pub struct BootSource {
     pub cmdline: String,
 }
 
+/// The kernel and initrd, opened once at start and kept open, so that every (re)boot reads
+/// the files the VM was started with, whatever happens to their paths later, and a confined
+/// VMM needs no access to them by path.
+#[derive(Debug)]
+pub struct BootFiles {
+    /// The kernel.
+    pub kernel: File,
+    /// The initrd, if any.
+    pub initrd: Option<File>,
+}
+
+impl BootFiles {
+    /// Opens the files `src` names (regular files only).
+    pub fn open(src: &BootSource) -> Result<BootFiles, BootError> {
+        let kernel = open_regular(&src.kernel).map_err(|source| BootError::KernelRead {
+            path: src.kernel.clone(),
+            source,
+        })?;
+        let initrd = src
+            .initrd
+            .as_ref()
+            .map(|path| {
+                open_regular(path).map_err(|source| BootError::InitrdRead {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(BootFiles { kernel, initrd })
+    }
+}
+
+/// A private handle on `file` read from its start: a duplicate shares the file offset, which
+/// is rewound because every load reads the file from the beginning.
+fn rewound(file: &File) -> io::Result<File> {
+    let mut dup = file.try_clone()?;
+    dup.seek(SeekFrom::Start(0))?;
+    Ok(dup)
+}
+
 /// Where and how the boot vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryPoint {
@@ -177,6 +217,17 @@ pub fn load(
     src: &BootSource,
     num_cpus: u8,
 ) -> Result<EntryPoint, BootError> {
+    load_from(mem, src, &BootFiles::open(src)?, num_cpus)
+}
+
+/// Like [`load`], from files opened beforehand with [`BootFiles::open`]; the paths in `src`
+/// only name them in errors.
+pub fn load_from(
+    mem: &GuestMemoryMmap,
+    src: &BootSource,
+    files: &BootFiles,
+    num_cpus: u8,
+) -> Result<EntryPoint, BootError> {
     if num_cpus == 0 || num_cpus > layout::MAX_VCPUS {
         return Err(BootError::VcpuCount(num_cpus));
     }
@@ -188,7 +239,7 @@ pub fn load(
         path: kernel_path.clone(),
         source,
     };
-    let mut kernel = open_regular(kernel_path).map_err(kernel_err)?;
+    let mut kernel = rewound(&files.kernel).map_err(kernel_err)?;
     let format = kernel_format(&mut kernel, kernel_path)?;
     let loaded = match format {
         KernelFormat::Elf => Elf::load(mem, None, &mut kernel, Some(layout::HIMEM_START)),
@@ -219,9 +270,9 @@ pub fn load(
         Some(hdr) if hdr.initrd_addr_max != 0 => ram_end.min(u64::from(hdr.initrd_addr_max) + 1),
         _ => ram_end,
     };
-    let initrd = match &src.initrd {
-        Some(path) => Some(load_initrd(mem, path, kernel_end, initrd_limit)?),
-        None => None,
+    let initrd = match (&src.initrd, &files.initrd) {
+        (Some(path), Some(file)) => Some(load_initrd(mem, path, file, kernel_end, initrd_limit)?),
+        _ => None,
     };
 
     let map = params::memory_map(ram_size(mem));
@@ -398,6 +449,7 @@ fn ram_size(mem: &GuestMemoryMmap) -> u64 {
 fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
+    file: &File,
     kernel_end: u64,
     limit: u64,
 ) -> Result<InitrdPlacement, BootError> {
@@ -405,8 +457,10 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = open_regular(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
+    let mut file = rewound(file).map_err(read_err)?;
+    // The size by seeking rather than fstat: a reset runs where only the seek is allowed.
+    let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     if size == 0 {
         return Err(BootError::InitrdEmpty(path.to_path_buf()));
     }

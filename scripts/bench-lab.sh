@@ -10,7 +10,11 @@ scripts/guest-kernel.sh
 scripts/lab-kernel.sh
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
-"${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/debug/citadel-lab" --with-qemu bench-boot >"$out"
+if ! "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/debug/citadel-lab" --with-qemu bench-boot >"$out"; then
+    grep -v '^\[L2 ' "$out" | tail -n 60
+    echo "bench-lab: the benchmark scenario failed (output above)" >&2
+    exit 1
+fi
 awk -F= '
     /^  (citadel|qemu)\.(ms|peak_kb)=/ { key = substr($1, 3); v[key] = v[key] " " $2 }
     /^L1 boot/ { l1 = $0 }

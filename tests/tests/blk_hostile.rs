@@ -1490,3 +1490,83 @@ fn a_ring_of_maximal_requests_keeps_get_vring_base_and_sigterm_prompt() {
     assert!(used < FULL_QSIZE, "the worker finished the ring first");
     assert!(waited <= bound, "exit took {waited:?} (bound {bound:?})");
 }
+
+#[test]
+fn set_vring_enable_before_set_features_is_kept_until_the_features_are_acked() {
+    if backend_missing() {
+        return;
+    }
+    let mut backend = Backend::start(&[]);
+    // QEMU 7.2's order: rings enabled before SET_FEATURES, never again after.
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.get_u64(GET_PROTOCOL_FEATURES);
+    fe.send(SET_PROTOCOL_FEATURES, 0, &PF_REPLY_ACK.to_le_bytes(), &[])
+        .unwrap();
+    fe.send(SET_OWNER, 0, &[], &[]).unwrap();
+    assert!(
+        fe.vring_state(SET_VRING_ENABLE, 0, 1),
+        "early enable refused"
+    );
+    assert!(
+        !fe.vring_state(SET_VRING_ENABLE, 0, 2),
+        "early enable with a state other than 0 or 1 accepted"
+    );
+    assert!(fe.acked(SET_FEATURES, &(F_VERSION_1 | F_PROTOCOL).to_le_bytes(), &[]));
+    let mem = Memory::new(MEM_SIZE);
+    assert!(fe.mem_table(&[(0, MEM_SIZE as u64, mem.uaddr(), 0)], &[mem.fd()]));
+    assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+    let u = mem.uaddr();
+    assert!(fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
+    assert!(fe.vring_state(SET_VRING_BASE, 0, 0));
+    let kick = eventfd();
+    let call = eventfd();
+    assert!(fe.vring_fd(SET_VRING_CALL, 0, call.as_raw_fd()));
+    assert!(fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd()));
+    let mut s = Session {
+        fe,
+        mem,
+        kick,
+        call,
+        next_avail: 0,
+    };
+    // No SET_VRING_ENABLE since SET_FEATURES: the early one enabled the ring.
+    let data = pattern(11, 4096);
+    assert_eq!(s.write(16, &data), (1, 0));
+    assert_eq!(image_bytes(&backend.image, 16 * 512, 4096), data);
+    drop(s);
+
+    // An early disable is kept the same way: the ring stays stopped after SET_FEATURES.
+    let mut fe = backend.connect();
+    fe.get_u64(GET_FEATURES);
+    fe.send(SET_PROTOCOL_FEATURES, 0, &PF_REPLY_ACK.to_le_bytes(), &[])
+        .unwrap();
+    assert!(fe.vring_state(SET_VRING_ENABLE, 0, 0));
+    assert!(fe.acked(SET_FEATURES, &(F_VERSION_1 | F_PROTOCOL).to_le_bytes(), &[]));
+    let mem = Memory::new(MEM_SIZE);
+    assert!(fe.mem_table(&[(0, MEM_SIZE as u64, mem.uaddr(), 0)], &[mem.fd()]));
+    assert!(fe.vring_state(SET_VRING_NUM, 0, QSIZE.into()));
+    let u = mem.uaddr();
+    assert!(fe.vring_addr(0, u + DESC, u + USED, u + AVAIL));
+    let kick = eventfd();
+    assert!(fe.vring_fd(SET_VRING_KICK, 0, kick.as_raw_fd()));
+    let s = Session {
+        fe,
+        mem,
+        kick,
+        call: eventfd(),
+        next_avail: 0,
+    };
+    s.header(0x8000, 4, 0);
+    s.mem.desc(0, 0x8000, 16, DESC_F_NEXT, 1);
+    s.mem.desc(1, 0x9000, 1, DESC_F_WRITE, 0);
+    s.mem.write(AVAIL + 4, &0u16.to_le_bytes());
+    s.mem.write(AVAIL + 2, &1u16.to_le_bytes());
+    s.kick();
+    // The only way to see that nothing happens is to give it time: a served flush takes
+    // microseconds (the first part of this test).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.mem.u16_at(USED + 2), 0, "a disabled ring was served");
+    drop(s);
+    still_serves(&mut backend, 12);
+}

@@ -28,9 +28,9 @@ use crate::disk::Disk;
 use citadel_sandbox::memory_file::MemoryFilePolicy;
 
 use crate::inflight::{InflightQueue, InflightRegion};
-use crate::memory::MemoryTable;
 use crate::request::{self, Limits, Scratch, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use crate::stats::Stats;
+use citadel_vhost_user::memory::MemoryTable;
 
 /// vhost-user's own feature bit: rings start disabled and are enabled by SET_VRING_ENABLE.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;

@@ -31,6 +31,7 @@ use crate::inflight::{InflightQueue, InflightRegion};
 use crate::request::{self, Limits, Scratch, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use crate::stats::Stats;
 use citadel_vhost_user::memory::MemoryTable;
+use citadel_vhost_user::refusal::{bad_input, nonblocking, refuse};
 
 /// vhost-user's own feature bit: rings start disabled and are enabled by SET_VRING_ENABLE.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -254,6 +255,11 @@ impl Device {
             .collect()
     }
 
+    /// Number of request queues.
+    pub fn num_queues(&self) -> u32 {
+        self.queues.len() as u32
+    }
+
     /// Asks every worker to return.
     pub fn stop_workers(&self) {
         self.exiting.store(true, Ordering::SeqCst);
@@ -443,31 +449,6 @@ fn build_config(disk: &Disk, cfg: &DeviceConfig, limits: &Limits) -> [u8; CONFIG
     put(52, &MAX_DISCARD_SEG.to_le_bytes());
     put(56, &[1]);
     c
-}
-
-/// Makes a kick or call descriptor non-blocking, so a worker never waits on the frontend.
-fn nonblocking(file: &File) -> Result<(), VhostError> {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only the status flags change.
-    let rc = unsafe {
-        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 {
-            flags
-        } else {
-            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
-        }
-    };
-    if rc < 0 {
-        return Err(VhostError::ReqHandlerError(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn refuse<T>(why: &'static str) -> Result<T, VhostError> {
-    Err(VhostError::InvalidOperation(why))
-}
-
-fn bad_input(why: String) -> VhostError {
-    VhostError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
 }
 
 /// The state of one frontend connection; dropping it resets the device.

@@ -301,7 +301,7 @@ fn serve(
         )
         .map_err(sys("epoll_ctl"))?;
     let conn = Arc::new(Mutex::new(Connection::new(Arc::clone(dev))));
-    let mut handler = match Session::new(stream, conn) {
+    let mut handler = match Session::new(stream, conn, dev.num_queues()) {
         Ok(session) => session,
         Err(e) => {
             log::warn!("dropping the frontend: duplicating its socket: {e}");

@@ -4,4 +4,5 @@
 //! QEMU 7.2 sends before SET_FEATURES ([`session`]).
 
 pub mod memory;
+pub mod refusal;
 pub mod session;

@@ -42,10 +42,6 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
 
-/// Most distinct rings whose early state is remembered; enough for any device Citadel serves,
-/// and a bound on what a frontend can make the session store.
-pub const MAX_EARLY_RINGS: usize = 256;
-
 /// Whether an error from one message leaves the stream in step, so the next message can be
 /// read. Refusals made after the whole message was consumed do; framing errors do not.
 pub fn recoverable(e: &VhostError) -> bool {
@@ -71,6 +67,8 @@ pub struct Session<S: VhostUserBackendReqHandler> {
     protocol_acked: bool,
     /// The last SET_PROTOCOL_FEATURES acked REPLY_ACK.
     reply_ack: bool,
+    /// Number of rings of the device: early states for others are refused.
+    rings: u32,
     /// Enable states received before PROTOCOL_FEATURES was acked, by ring index.
     early: BTreeMap<u32, bool>,
 }
@@ -105,8 +103,8 @@ impl Peeked {
 }
 
 impl<S: VhostUserBackendReqHandler> Session<S> {
-    /// Serves `stream` with `backend`.
-    pub fn new(stream: UnixStream, backend: Arc<S>) -> std::io::Result<Self> {
+    /// Serves `stream` with `backend`, a device of `rings` rings.
+    pub fn new(stream: UnixStream, backend: Arc<S>, rings: u32) -> std::io::Result<Self> {
         let own = stream.try_clone()?;
         Ok(Session {
             handler: BackendReqHandler::from_stream(stream, Arc::clone(&backend)),
@@ -115,11 +113,12 @@ impl<S: VhostUserBackendReqHandler> Session<S> {
             features_read: false,
             protocol_acked: false,
             reply_ack: false,
+            rings,
             early: BTreeMap::new(),
         })
     }
 
-    /// Reads, handles and answers one message. Call it when the socket is readable.
+    /// Waits for the next message, then reads, handles and answers it.
     pub fn handle_request(&mut self) -> Result<(), VhostError> {
         let peeked = self.peek();
         let request = peeked.request();
@@ -147,7 +146,9 @@ impl<S: VhostUserBackendReqHandler> Session<S> {
         result
     }
 
-    /// The start of the next message, without consuming it or its descriptors.
+    /// The start of the next message, once some of it has arrived, without consuming it or its
+    /// descriptors. Nothing (an empty peek) on end of file or a socket error, which the
+    /// dispatcher then meets and reports.
     fn peek(&self) -> Peeked {
         let mut peeked = Peeked {
             bytes: [0; PEEK_LEN],
@@ -161,14 +162,13 @@ impl<S: VhostUserBackendReqHandler> Session<S> {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
-        // SAFETY: `msg` points at one iovec over `peeked.bytes`, valid for the call. Without a
-        // control buffer a peek leaves the descriptors queued for the dispatcher's read.
-        let n = unsafe {
-            libc::recvmsg(
-                self.stream.as_raw_fd(),
-                &mut msg,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
+        let n = loop {
+            // SAFETY: `msg` points at one iovec over `peeked.bytes`, valid for the call. Without
+            // a control buffer a peek leaves the descriptors queued for the dispatcher's read.
+            let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_PEEK) };
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
         };
         peeked.len = usize::try_from(n).unwrap_or(0);
         peeked
@@ -188,7 +188,7 @@ impl<S: VhostUserBackendReqHandler> Session<S> {
             _ => Err(VhostError::InvalidParam),
         };
         let result = enable.and_then(|enable| {
-            if self.early.len() >= MAX_EARLY_RINGS && !self.early.contains_key(&index) {
+            if index >= self.rings {
                 return Err(VhostError::InvalidParam);
             }
             log::debug!("ring {index}: SET_VRING_ENABLE {enable} before SET_FEATURES, deferred");

@@ -446,6 +446,17 @@ fn hostile_frontends_are_refused_and_the_backend_keeps_serving() {
     assert_eq!(f.recv().expect("mem table ack").1[..8], [0; 8]);
     let mut rx = setup_queue(&f, 0);
     let mut tx = setup_queue(&f, 1);
+    // A running ring keeps its size and base.
+    assert_ne!(
+        f.acked(SET_VRING_NUM, &state(1, 8)),
+        0,
+        "SET_VRING_NUM on a running ring accepted"
+    );
+    assert_ne!(
+        f.acked(SET_VRING_BASE, &state(1, 5)),
+        0,
+        "SET_VRING_BASE on a running ring accepted"
+    );
 
     // TX: a chain outside guest memory, a short header, then a good frame.
     let frame_gpa = 0x10000u64;

@@ -123,6 +123,20 @@ impl Connection {
             .ok_or(VhostError::InvalidParam)
     }
 
+    /// Ring `index`, provided it is stopped: its size, addresses and base change only then,
+    /// never under its worker.
+    fn stopped_vring(
+        &self,
+        index: u32,
+        what: &'static str,
+    ) -> Result<&VringRwLock<Mem>, VhostError> {
+        let vring = self.vring(index)?;
+        if vring.get_ref().get_queue().ready() {
+            return refuse(what);
+        }
+        Ok(vring)
+    }
+
     fn guest_addr(&self, frontend_addr: u64, what: &str) -> Result<u64, VhostError> {
         self.table
             .as_ref()
@@ -138,7 +152,11 @@ impl Connection {
     /// and enabled, and takes it out otherwise.
     fn update_watch(&mut self, index: usize) -> Result<(), VhostError> {
         let epoll = &self.workers[index / 2].epoll;
-        let data = if index.is_multiple_of(2) { RX_KICK } else { TX_KICK };
+        let data = if index.is_multiple_of(2) {
+            RX_KICK
+        } else {
+            TX_KICK
+        };
         if let Some(fd) = self.watched[index].take() {
             // The descriptor may be closed already, which removed it from the set.
             let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -308,7 +326,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<(), VhostError> {
-        let vring = self.vring(index)?;
+        let vring = self.stopped_vring(index, "SET_VRING_NUM on a running ring")?;
         match u16::try_from(num) {
             Ok(n) if n.is_power_of_two() && n <= QUEUE_SIZE => {
                 vring.set_queue_size(n);
@@ -332,7 +350,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let desc = self.guest_addr(descriptor, "descriptor table")?;
         let avail = self.guest_addr(available, "avail ring")?;
         let used = self.guest_addr(used, "used ring")?;
-        let vring = self.vring(index)?;
+        let vring = self.stopped_vring(index, "SET_VRING_ADDR on a running ring")?;
         vring
             .set_queue_info(desc, avail, used)
             .map_err(|e| bad_input(format!("ring {index}: {e}")))?;
@@ -346,7 +364,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<(), VhostError> {
         let base = u16::try_from(base).map_err(|_| VhostError::InvalidParam)?;
-        self.vring(index)?.set_queue_next_avail(base);
+        self.stopped_vring(index, "SET_VRING_BASE on a running ring")?
+            .set_queue_next_avail(base);
         Ok(())
     }
 

@@ -1,11 +1,11 @@
 //! Allowlist of the citadel-net backend process once it serves frontends.
 //!
-//! By then the tap queues are open and the listening socket (if any) is bound. The process
-//! accepts frontends, relays their vhost-user messages (descriptors travel in SCM_RIGHTS),
-//! maps the guest memory they send, moves frames between the rings and the tap with plain
-//! reads and writes, and starts worker threads for each connection. Its only ioctls are the
-//! two that re-tune the tap when the guest acknowledges features. It never opens a file,
-//! never starts a program and never opens anything but Unix sockets.
+//! By then the tap queues are open and the listening socket (if any) is bound and listening.
+//! The process accepts frontends, reads their vhost-user messages (descriptors travel in
+//! SCM_RIGHTS), maps the guest memory they send, moves frames between the rings and the tap
+//! with plain reads and writes, and starts worker threads for each connection. Its only ioctls
+//! are the two that re-tune the tap when the guest acknowledges features. It never opens a
+//! file, never starts a program and never creates, binds or connects a socket.
 
 use crate::{
     allow, arg_in, descriptor_control, peer_credentials, thread_names, thread_runtime,
@@ -31,19 +31,12 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_sched_getaffinity,
         libc::SYS_rt_sigtimedwait,
         libc::SYS_rt_sigaction,
-        // Frontends, the relay and its internal channel to the request handler.
+        // Frontend connections and vhost-user messages with their descriptors.
         libc::SYS_accept,
         libc::SYS_accept4,
-        libc::SYS_bind,
-        libc::SYS_listen,
-        libc::SYS_connect,
-        libc::SYS_getsockname,
         libc::SYS_recvfrom,
         libc::SYS_recvmsg,
-        libc::SYS_sendto,
         libc::SYS_sendmsg,
-        libc::SYS_shutdown,
-        libc::SYS_dup,
         // Frames and eventfds.
         libc::SYS_read,
         libc::SYS_readv,
@@ -56,8 +49,6 @@ pub fn rules() -> Result<Rules, Error> {
         // abort() on a fatal error raises SIGABRT through tgkill.
         libc::SYS_tgkill,
     ]));
-    // Unix sockets only: the internal channel between the relay and the request handler.
-    rules.push(arg_in(ROLE, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?);
     // The tap is re-tuned when the guest acknowledges features; nothing else.
     rules.push(arg_in(
         ROLE,
@@ -93,7 +84,7 @@ mod tests {
 
     #[test]
     fn forbidden_syscalls_kill_the_backend() {
-        let cases: [Case; 7] = [
+        let cases: [Case; 11] = [
             ("open", || {
                 // SAFETY: raw syscall with a valid C string.
                 unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
@@ -102,6 +93,26 @@ mod tests {
             ("inet socket", || {
                 // SAFETY: raw syscall without pointers.
                 unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                0
+            }),
+            ("unix socket", || {
+                // SAFETY: raw syscall without pointers.
+                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+                0
+            }),
+            ("bind", || {
+                // SAFETY: the filter decides before the kernel reads the (null) address.
+                unsafe { libc::bind(-1, std::ptr::null(), 0) };
+                0
+            }),
+            ("connect", || {
+                // SAFETY: the filter decides before the kernel reads the (null) address.
+                unsafe { libc::connect(-1, std::ptr::null(), 0) };
+                0
+            }),
+            ("sendto", || {
+                // SAFETY: the filter decides before the kernel reads the (null) buffer.
+                unsafe { libc::sendto(-1, std::ptr::null(), 0, 0, std::ptr::null(), 0) };
                 0
             }),
             ("TUNSETIFF", || {
@@ -146,8 +157,8 @@ mod tests {
         let status = confined(|| {
             // SAFETY: the ioctl reaches the kernel and fails with EBADF on fd -1.
             let rc = unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD, 0) };
-            // SAFETY: a Unix socket, closed right away.
-            let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            // SAFETY: an eventfd (a worker's exit event), closed right away.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             if rc != -1 || fd < 0 {
                 return 1;
             }
@@ -161,7 +172,7 @@ mod tests {
             if flags < 0 || named != 0 {
                 return 2;
             }
-            // SAFETY: closing the socket we created.
+            // SAFETY: closing the eventfd we created.
             unsafe { libc::close(fd) };
             0
         });

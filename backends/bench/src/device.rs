@@ -8,7 +8,9 @@ use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VringConfigData};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SIZE_MAX,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +22,7 @@ use crate::ring::RingLayout;
 /// write-zeroes, which every vhost-user-blk backend in use serves.
 const BLK_CONFIG_LEN: usize = 60;
 const CONFIG_CAPACITY: usize = 0;
+const CONFIG_SIZE_MAX: usize = 8;
 const CONFIG_BLK_SIZE: usize = 20;
 const CONFIG_NUM_QUEUES: usize = 34;
 
@@ -100,6 +103,8 @@ pub struct DiskInfo {
     pub capacity_sectors: u64,
     /// Logical block size, when the backend reports one.
     pub block_size: Option<u32>,
+    /// Most bytes one data descriptor may carry, when the backend reports it.
+    pub size_max: Option<u32>,
     /// Virtio features acked.
     pub features: u64,
 }
@@ -166,6 +171,9 @@ impl BlkDevice {
             }
             features |= 1 << VIRTIO_BLK_F_MQ;
         }
+        if has(VIRTIO_BLK_F_SIZE_MAX) {
+            features |= 1 << VIRTIO_BLK_F_SIZE_MAX;
+        }
         if has(VIRTIO_BLK_F_BLK_SIZE) {
             features |= 1 << VIRTIO_BLK_F_BLK_SIZE;
         }
@@ -223,6 +231,8 @@ impl BlkDevice {
         if capacity_sectors == 0 {
             return Err(DeviceError::EmptyDisk);
         }
+        let size_max = (features & (1 << VIRTIO_BLK_F_SIZE_MAX) != 0)
+            .then(|| u32::from_le_bytes(field(&config, CONFIG_SIZE_MAX)));
         let block_size = (features & (1 << VIRTIO_BLK_F_BLK_SIZE) != 0)
             .then(|| u32::from_le_bytes(field(&config, CONFIG_BLK_SIZE)));
         if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
@@ -247,6 +257,7 @@ impl BlkDevice {
             info: DiskInfo {
                 capacity_sectors,
                 block_size,
+                size_max,
                 features,
             },
             queues: req.queues,

@@ -88,6 +88,14 @@ pub enum JobError {
         /// `--bs`.
         block_size: u32,
     },
+    /// One I/O is larger than the backend accepts in one descriptor.
+    #[error("--bs {block_size} is larger than the disk's size_max of {size_max} bytes")]
+    BeyondSizeMax {
+        /// `--bs`.
+        block_size: u32,
+        /// What the backend advertises.
+        size_max: u32,
+    },
     /// The memory layout does not fit.
     #[error("the job's rings and buffers need more than {MAX_MEMORY} bytes of memory")]
     LayoutTooLarge,
@@ -487,6 +495,14 @@ pub fn run(options: &Options) -> Result<JobReport, JobError> {
         return Err(JobError::DiskTooSmall {
             capacity,
             block_size: options.block_size,
+        });
+    }
+    // Each I/O is one data descriptor: beyond size_max the backend may refuse every one.
+    // QEMU's storage daemon offers the feature with a size_max of 0, meaning no limit.
+    if let Some(size_max) = info.size_max.filter(|m| *m != 0 && options.block_size > *m) {
+        return Err(JobError::BeyondSizeMax {
+            block_size: options.block_size,
+            size_max,
         });
     }
     if let Some(bs) = info.block_size {

@@ -309,6 +309,25 @@ fn writes_to_a_read_only_export_are_refused_with_one_line() {
 }
 
 #[test]
+fn an_io_beyond_size_max_is_refused_before_the_job_starts() {
+    let test = "an_io_beyond_size_max_is_refused_before_the_job_starts";
+    let scratch = Scratch::new("citadel-size-max");
+    let disk = scratch.disk(0);
+    let Some(backend) = start_citadel_blk(test, &scratch, &disk) else {
+        return;
+    };
+    let out = bench(
+        &backend,
+        &["--pattern", "randwrite", "--bs", "1m", "--ios", "10"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("size_max"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(fs::read(&disk).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
 fn a_missing_socket_is_reported_with_its_path() {
     let scratch = Scratch::new("nosock");
     let socket = scratch.path("absent.sock");

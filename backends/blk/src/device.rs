@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,9 +28,10 @@ use crate::disk::Disk;
 use citadel_sandbox::memory_file::MemoryFilePolicy;
 
 use crate::inflight::{InflightQueue, InflightRegion};
-use crate::memory::MemoryTable;
-use crate::request::{self, Scratch, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use crate::request::{self, Limits, Scratch, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use crate::stats::Stats;
+use citadel_vhost_user::memory::MemoryTable;
+use citadel_vhost_user::refusal::{bad_input, nonblocking, refuse};
 
 /// vhost-user's own feature bit: rings start disabled and are enabled by SET_VRING_ENABLE.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -63,6 +65,7 @@ pub struct Device {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     queues: Vec<QueueSlot>,
     config: [u8; CONFIG_LEN],
+    limits: Limits,
     features: u64,
     queue_size: u16,
     memory_files: MemoryFilePolicy,
@@ -71,8 +74,52 @@ pub struct Device {
 
 struct QueueSlot {
     state: Mutex<QueueState>,
+    /// Held by the frontend's message handler while it waits for or holds `state`, so that a
+    /// worker that gave `state` up for it waits here instead of taking it straight back.
+    handler_gate: Mutex<()>,
+    /// The handler is waiting for `state`: the worker lets go after its current request.
+    handler_waiting: AtomicBool,
     epoll: Epoll,
     wake: EventFd,
+}
+
+/// The queue state as the message handler holds it; see [`QueueSlot::handler_lock`].
+struct HandlerGuard<'a> {
+    // Field order is drop order: the state is released before the gate.
+    state: MutexGuard<'a, QueueState>,
+    _gate: MutexGuard<'a, ()>,
+}
+
+impl Deref for HandlerGuard<'_> {
+    type Target = QueueState;
+    fn deref(&self) -> &QueueState {
+        &self.state
+    }
+}
+
+impl DerefMut for HandlerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut QueueState {
+        &mut self.state
+    }
+}
+
+impl QueueSlot {
+    /// Locks the queue for the frontend's message handler. A worker holds the lock while it
+    /// serves requests; seeing `handler_waiting` it lets go after the request in hand, so the
+    /// handler (GET_VRING_BASE in particular) waits for at most one request, not a ring's worth.
+    fn handler_lock(&self) -> HandlerGuard<'_> {
+        let gate = self.handler_gate.lock().unwrap_or_else(|p| p.into_inner());
+        self.handler_waiting.store(true, Ordering::SeqCst);
+        let state = lock(&self.state);
+        self.handler_waiting.store(false, Ordering::SeqCst);
+        HandlerGuard { state, _gate: gate }
+    }
+
+    /// Called by a worker that gave the queue up to the handler: returns once the handler is
+    /// done with it.
+    fn wait_for_handler(&self) {
+        drop(self.handler_gate.lock().unwrap_or_else(|p| p.into_inner()));
+    }
 }
 
 struct QueueState {
@@ -128,6 +175,7 @@ impl Device {
         let mut features = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH
@@ -138,7 +186,8 @@ impl Device {
         } else {
             features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let config = build_config(&disk, cfg);
+        let limits = Limits::for_queue_size(cfg.queue_size);
+        let config = build_config(&disk, cfg, &limits);
         let serial = cfg.serial.as_ref().map(|s| {
             let mut id = [0u8; ID_LEN];
             let n = s.len().min(ID_LEN);
@@ -170,6 +219,8 @@ impl Device {
                     protocol_features: false,
                     inflight: None,
                 }),
+                handler_gate: Mutex::new(()),
+                handler_waiting: AtomicBool::new(false),
                 epoll,
                 wake,
             });
@@ -181,6 +232,7 @@ impl Device {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             queues,
             config,
+            limits,
             features,
             queue_size: cfg.queue_size,
             memory_files: cfg.memory_files,
@@ -201,6 +253,11 @@ impl Device {
                     .map_err(|source| DeviceError::Spawn { queue, source })
             })
             .collect()
+    }
+
+    /// Number of request queues.
+    pub fn num_queues(&self) -> u32 {
+        self.queues.len() as u32
     }
 
     /// Asks every worker to return.
@@ -231,12 +288,14 @@ impl Device {
                     let _ = slot.wake.read();
                 }
             }
-            self.process(index, &mut scratch);
+            if self.process(index, &mut scratch) == Turn::Yielded {
+                slot.wait_for_handler();
+            }
         }
     }
 
     /// Drains the queue's avail ring and signals the guest if it asked for it.
-    fn process(&self, index: usize, scratch: &mut Scratch) {
+    fn process(&self, index: usize, scratch: &mut Scratch) -> Turn {
         let slot = &self.queues[index];
         let mut st = lock(&slot.state);
         if let Some(kick) = st.kick.as_mut() {
@@ -245,13 +304,14 @@ impl Device {
             let _ = kick.read(&mut buf);
         }
         if !st.runnable() {
-            return;
+            return Turn::Done;
         }
         let mem = self.mem.memory();
         let dev = request::Device {
             disk: &self.disk,
             serial: self.serial,
             stats: &self.stats,
+            limits: self.limits,
         };
         let st = &mut *st;
         let mut used_any = false;
@@ -259,6 +319,7 @@ impl Device {
         // locked against the frontend's messages (GET_VRING_BASE waits for it): after one
         // ring's worth of requests the worker lets go and comes back through its epoll.
         let mut budget = st.queue.size();
+        let mut turn = Turn::Done;
         let result: Result<(), virtio_queue::Error> = (|| loop {
             if st.queue.event_idx_enabled() {
                 st.queue.disable_notification(&*mem)?;
@@ -274,7 +335,11 @@ impl Device {
                 if self.exiting.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                if budget == 0 {
+                // The handler waits for the queue for at most the request in hand.
+                if slot.handler_waiting.load(Ordering::SeqCst) {
+                    turn = Turn::Yielded;
+                }
+                if budget == 0 || turn == Turn::Yielded {
                     // Notifications may be off (EVENT_IDX): the worker's own wake-up
                     // brings it back to the rest of the ring.
                     let _ = slot.wake.write(1);
@@ -312,11 +377,12 @@ impl Device {
                 Err(e) => log::warn!("queue {index}: reading the used event: {e}"),
             }
         }
+        turn
     }
 
     fn stop_queue(&self, index: usize) -> u16 {
         let slot = &self.queues[index];
-        let mut st = lock(&slot.state);
+        let mut st = slot.handler_lock();
         if let Some(kick) = st.kick.take() {
             let _ = slot.epoll.ctl(
                 ControlOperation::Delete,
@@ -333,7 +399,7 @@ impl Device {
     fn reset(&self) {
         for (index, slot) in self.queues.iter().enumerate() {
             self.stop_queue(index);
-            let mut st = lock(&slot.state);
+            let mut st = slot.handler_lock();
             st.queue.reset();
             st.call = None;
             st.enabled = false;
@@ -348,6 +414,15 @@ impl Device {
     }
 }
 
+/// How a worker's turn on its queue ended.
+#[derive(PartialEq, Eq)]
+enum Turn {
+    /// The ring is drained, stopped, or the turn's budget is spent.
+    Done,
+    /// The message handler asked for the queue in the middle of the ring.
+    Yielded,
+}
+
 fn signal(call: Option<&File>, index: usize) {
     if let Some(mut call) = call {
         if let Err(e) = call.write_all(&1u64.to_ne_bytes()) {
@@ -358,15 +433,12 @@ fn signal(call: Option<&File>, index: usize) {
     }
 }
 
-fn build_config(disk: &Disk, cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
+fn build_config(disk: &Disk, cfg: &DeviceConfig, limits: &Limits) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
     put(0, &disk.capacity().to_le_bytes());
-    // size_max (8) is not advertised; seg_max leaves room for header and status.
-    put(
-        12,
-        &u32::from(cfg.queue_size.saturating_sub(2).max(1)).to_le_bytes(),
-    );
+    put(8, &limits.size_max.to_le_bytes());
+    put(12, &limits.seg_max.to_le_bytes());
     put(20, &cfg.block_size.to_le_bytes());
     put(34, &cfg.num_queues.to_le_bytes());
     let sectors_per_block = cfg.block_size / 512;
@@ -377,31 +449,6 @@ fn build_config(disk: &Disk, cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
     put(52, &MAX_DISCARD_SEG.to_le_bytes());
     put(56, &[1]);
     c
-}
-
-/// Makes a kick or call descriptor non-blocking, so a worker never waits on the frontend.
-fn nonblocking(file: &File) -> Result<(), VhostError> {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only the status flags change.
-    let rc = unsafe {
-        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 {
-            flags
-        } else {
-            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
-        }
-    };
-    if rc < 0 {
-        return Err(VhostError::ReqHandlerError(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn refuse<T>(why: &'static str) -> Result<T, VhostError> {
-    Err(VhostError::InvalidOperation(why))
-}
-
-fn bad_input(why: String) -> VhostError {
-    VhostError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
 }
 
 /// The state of one frontend connection; dropping it resets the device.
@@ -448,7 +495,7 @@ impl Connection {
     fn start_queue(&mut self, index: u32) -> Result<(), VhostError> {
         let slot = self.slot(index)?;
         let mem = self.dev.mem.memory();
-        let mut st = lock(&slot.state);
+        let mut st = slot.handler_lock();
         if st.started || st.kick.is_none() {
             return Ok(());
         }
@@ -558,7 +605,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<(), VhostError> {
         let max = self.dev.queue_size;
         let slot = self.slot(index)?;
-        let mut st = lock(&slot.state);
+        let mut st = slot.handler_lock();
         if st.started {
             return refuse("SET_VRING_NUM on a running queue");
         }
@@ -586,7 +633,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let avail = self.guest_addr(available, "avail ring")?;
         let used = self.guest_addr(used, "used ring")?;
         let slot = self.slot(index)?;
-        let mut st = lock(&slot.state);
+        let mut st = slot.handler_lock();
         if st.started {
             return refuse("SET_VRING_ADDR on a running queue");
         }
@@ -602,7 +649,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<(), VhostError> {
         let slot = self.slot(index)?;
-        let mut st = lock(&slot.state);
+        let mut st = slot.handler_lock();
         if st.started {
             return refuse("SET_VRING_BASE on a running queue");
         }
@@ -625,7 +672,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.slot(index.into())?;
         // A new kick descriptor restarts the queue with it.
         self.dev.stop_queue(index.into());
-        lock(&self.dev.queues[usize::from(index)].state).kick = Some(kick);
+        self.dev.queues[usize::from(index)].handler_lock().kick = Some(kick);
         self.start_queue(index.into())
     }
 
@@ -636,7 +683,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         if let Some(call) = fd.as_ref() {
             nonblocking(call)?;
         }
-        lock(&slot.state).call = fd;
+        slot.handler_lock().call = fd;
         Ok(())
     }
 
@@ -667,7 +714,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<(), VhostError> {
         let slot = self.slot(index)?;
-        lock(&slot.state).enabled = enable;
+        slot.handler_lock().enabled = enable;
         // Enabling lets a started queue run: wake its worker to look at the ring.
         let _ = slot.wake.write(1);
         Ok(())

@@ -7,7 +7,6 @@ mod cli;
 mod device;
 mod disk;
 mod inflight;
-mod memory;
 mod request;
 mod server;
 mod stats;

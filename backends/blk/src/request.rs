@@ -40,6 +40,33 @@ pub const MAX_DISCARD_SEG: u32 = 32;
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// Size of the per-queue bounce buffer: the largest piece moved with one pread/pwrite.
 pub const BOUNCE_LEN: usize = 1 << 20;
+/// Most data bytes one descriptor may carry (advertised as `size_max`).
+pub const SIZE_MAX: u32 = 64 << 10;
+/// Upper bound of the advertised `seg_max`, whatever the queue size: with [`SIZE_MAX`] it
+/// caps one request at 254 × 64 KiB (15.9 MiB), so that one request occupies a worker, and
+/// keeps GET_VRING_BASE or SIGTERM waiting, for milliseconds rather than seconds.
+pub const SEG_MAX_CAP: u32 = 254;
+
+/// The per-request bounds the device advertises and enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most data bytes in one descriptor (`size_max`).
+    pub size_max: u32,
+    /// Most descriptors carrying data in one request (`seg_max`).
+    pub seg_max: u32,
+}
+
+impl Limits {
+    /// The limits of a device whose queues hold at most `queue_size` descriptors: a chain of
+    /// `seg_max` data descriptors plus header and status fits in the ring without indirect
+    /// descriptors.
+    pub fn for_queue_size(queue_size: u16) -> Limits {
+        Limits {
+            size_max: SIZE_MAX,
+            seg_max: u32::from(queue_size.saturating_sub(2)).clamp(1, SEG_MAX_CAP),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Segment {
@@ -72,6 +99,8 @@ pub struct Device<'a> {
     pub serial: Option<[u8; ID_LEN]>,
     /// Counters.
     pub stats: &'a Stats,
+    /// Advertised bounds of one request.
+    pub limits: Limits,
 }
 
 /// Why a request failed; logged at debug level, answered with IOERR or UNSUPP.
@@ -81,6 +110,10 @@ enum Failure {
     BadAddress,
     #[error("readable descriptor after a writable one")]
     Direction,
+    #[error("descriptor with {len} data bytes, more than size_max {max}")]
+    SegmentTooLarge { len: u64, max: u32 },
+    #[error("more than seg_max {max} data descriptors")]
+    TooManySegments { max: u32 },
     #[error("request layout: {0}")]
     Layout(&'static str),
     #[error("sectors {sector}+{count} beyond capacity {capacity}")]
@@ -159,7 +192,9 @@ pub fn handle<M: GuestMemory>(
         Stats::add(&dev.stats.errors, 1);
         return 0;
     };
-    let result = shape.and_then(|()| execute(mem, dev, scratch));
+    let result = shape
+        .and_then(|()| check_limits(&scratch.readable, &scratch.writable, &dev.limits))
+        .and_then(|()| execute(mem, dev, scratch));
     let (status, data_len) = match result {
         Ok(len) => (S_OK, len),
         Err(f) => {
@@ -190,6 +225,46 @@ fn access(desc: &Descriptor) -> Permissions {
 
 fn total(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Refuses a request whose data breaks the advertised `size_max` or `seg_max`, before any
+/// byte of the image or of guest memory is touched. Together the two rules bound the whole
+/// request to `seg_max` × `size_max` bytes. Data is what lies between the 16-byte header and the
+/// status byte; the header and status may share descriptors with it in any framing, so each
+/// descriptor is judged by the data bytes it carries.
+fn check_limits(
+    readable: &[Segment],
+    writable: &[Segment],
+    limits: &Limits,
+) -> Result<(), Failure> {
+    let mut segments = 0u32;
+    let mut check = |segs: &[Segment], data_start: u64, data_end: u64| {
+        let mut pos = 0u64;
+        for seg in segs {
+            let end = pos + u64::from(seg.len);
+            let data = end.min(data_end).saturating_sub(pos.max(data_start));
+            pos = end;
+            if data == 0 {
+                continue;
+            }
+            if data > u64::from(limits.size_max) {
+                return Err(Failure::SegmentTooLarge {
+                    len: data,
+                    max: limits.size_max,
+                });
+            }
+            segments += 1;
+            if segments > limits.seg_max {
+                return Err(Failure::TooManySegments {
+                    max: limits.seg_max,
+                });
+            }
+        }
+        Ok(())
+    };
+    // Lengths are u32 and a chain holds at most MAX_SEGMENTS of them: the sums cannot overflow.
+    check(readable, HEADER_LEN, total(readable))?;
+    check(writable, 0, total(writable).saturating_sub(1))
 }
 
 /// Copies `out.len()` bytes of the stream formed by `segs`, starting `skip` bytes in.
@@ -403,23 +478,30 @@ mod tests {
         mem: GuestMemoryMmap,
         disk: Disk,
         stats: Stats,
+        limits: Limits,
         path: std::path::PathBuf,
     }
 
     impl Fixture {
         fn new(readonly: bool) -> Fixture {
+            Fixture::with_sectors(readonly, 64)
+        }
+
+        /// An image of `sectors` sectors of 0x5a, and the limits of a 256-entry queue.
+        fn with_sectors(readonly: bool, sectors: usize) -> Fixture {
             let path = std::env::temp_dir().join(format!(
                 "citadel-blk-req-{}-{:?}.img",
                 std::process::id(),
                 std::thread::current().id()
             ));
-            std::fs::write(&path, vec![0x5au8; 64 * 512]).unwrap();
+            std::fs::write(&path, vec![0x5au8; sectors * 512]).unwrap();
             let disk = Disk::open(&ImageSource::Path(path.clone()), readonly, false).unwrap();
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
             Fixture {
                 mem,
                 disk,
                 stats: Stats::default(),
+                limits: Limits::for_queue_size(256),
                 path,
             }
         }
@@ -429,6 +511,7 @@ mod tests {
                 disk: &self.disk,
                 serial: Some(*b"citadel-serial\0\0\0\0\0\0"),
                 stats: &self.stats,
+                limits: self.limits,
             };
             let mut scratch = Scratch::default();
             let used = handle(descs.iter().copied(), &self.mem, &dev, &mut scratch);
@@ -615,41 +698,108 @@ mod tests {
     }
 
     #[test]
-    fn read_too_long_for_the_used_ring_fails_before_touching_guest_memory() {
-        // 1022 descriptors of 8 MiB each ask for ~8 GiB, which the u32 used length cannot
-        // report; the image is large enough that only that limit refuses the request.
-        const BIG_MEM: u64 = 8 << 20;
-        let path = std::env::temp_dir().join(format!(
-            "citadel-blk-req-big-{}-{:?}.img",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(16 << 30)
+    fn limits_follow_the_queue_size_up_to_the_cap() {
+        assert_eq!(Limits::for_queue_size(1).seg_max, 1);
+        assert_eq!(Limits::for_queue_size(16).seg_max, 14);
+        assert_eq!(Limits::for_queue_size(256).seg_max, 254);
+        let big = Limits::for_queue_size(1024);
+        assert_eq!((big.seg_max, big.size_max), (SEG_MAX_CAP, SIZE_MAX));
+    }
+
+    #[test]
+    fn size_max_bounds_the_data_of_each_descriptor_in_any_framing() {
+        let max = SIZE_MAX as usize;
+        let f = Fixture::with_sectors(false, 2 * max / 512);
+        let data = 0x10000u64;
+        f.mem
+            .write_slice(&vec![0xaa; 2 * max], GuestAddress(data))
             .unwrap();
-        let disk = Disk::open(&ImageSource::Path(path.clone()), false, false);
-        let _ = std::fs::remove_file(&path);
-        let disk = disk.unwrap();
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG_MEM as usize)]).unwrap();
-        mem.write_obj(T_IN, GuestAddress(0x1000)).unwrap();
-        mem.write_obj(0u64, GuestAddress(0x1008)).unwrap();
-        mem.write_slice(&[0xaa; 512], GuestAddress(0)).unwrap();
-        let mut descs = vec![d(0x1000, 16, false, true)];
-        descs.extend((0..MAX_SEGMENTS - 2).map(|_| d(0, BIG_MEM as u32, true, true)));
-        descs.push(d(0x3000, 1, true, false));
-        let stats = Stats::default();
-        let dev = Device {
-            disk: &disk,
-            serial: None,
-            stats: &stats,
+        // Exactly size_max in one descriptor, and size_max of data sharing a descriptor with
+        // the header or with the status byte: accepted.
+        f.header(0x1000, T_IN, 0);
+        assert_eq!(
+            f.run(&[
+                d(0x1000, 16, false, true),
+                d(data, SIZE_MAX, true, true),
+                d(0x3000, 1, true, false)
+            ]),
+            (SIZE_MAX + 1, S_OK)
+        );
+        f.header(data - 16, T_OUT, 0);
+        assert_eq!(
+            f.run(&[
+                d(data - 16, 16 + SIZE_MAX, false, true),
+                d(0x3000, 1, true, false)
+            ]),
+            (1, S_OK)
+        );
+        f.header(0x1000, T_IN, 0);
+        assert_eq!(
+            f.run(&[
+                d(0x1000, 16, false, true),
+                d(data, SIZE_MAX + 1, true, false)
+            ]),
+            (SIZE_MAX + 1, S_OK)
+        );
+        // One sector more: IOERR, and neither the image nor guest memory changes.
+        let image = std::fs::read(&f.path).unwrap();
+        f.mem
+            .write_slice(&vec![0xbb; 2 * max], GuestAddress(data))
+            .unwrap();
+        f.header(0x1000, T_IN, 0);
+        assert_eq!(
+            f.run(&[
+                d(0x1000, 16, false, true),
+                d(data, SIZE_MAX + 512, true, true),
+                d(0x3000, 1, true, false)
+            ]),
+            (1, S_IOERR)
+        );
+        f.header(0x1000, T_OUT, 0);
+        assert_eq!(
+            f.run(&[
+                d(0x1000, 16, false, true),
+                d(data, SIZE_MAX + 512, false, true),
+                d(0x3000, 1, true, false)
+            ]),
+            (1, S_IOERR)
+        );
+        assert_eq!(std::fs::read(&f.path).unwrap(), image, "image changed");
+        let mut back = vec![0u8; 2 * max];
+        f.mem.read_slice(&mut back, GuestAddress(data)).unwrap();
+        assert!(back.iter().all(|&b| b == 0xbb), "guest memory changed");
+    }
+
+    #[test]
+    fn seg_max_bounds_the_data_descriptors_of_a_request() {
+        let f = Fixture::with_sectors(false, 512);
+        let seg_max = f.limits.seg_max as usize;
+        f.mem
+            .write_slice(&[0xcc; 512], GuestAddress(0x4000))
+            .unwrap();
+        let chain = |segments: usize, write: bool| {
+            let mut c = vec![d(0x1000, 16, false, true)];
+            // Empty descriptors carry no data and do not count.
+            c.push(d(0x4000, 0, write, true));
+            c.extend((0..segments).map(|_| d(0x4000, 512, write, true)));
+            c.push(d(0x3000, 1, true, false));
+            c
         };
-        let used = handle(descs.into_iter(), &mem, &dev, &mut Scratch::default());
-        assert_eq!(used, 1);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), S_IOERR);
-        let mut data = [0u8; 512];
-        mem.read_slice(&mut data, GuestAddress(0)).unwrap();
-        assert!(data.iter().all(|&b| b == 0xaa), "guest memory overwritten");
+        f.header(0x1000, T_OUT, 0);
+        assert_eq!(f.run(&chain(seg_max, false)), (1, S_OK));
+        let image = std::fs::read(&f.path).unwrap();
+        assert!(image[..seg_max * 512].iter().all(|&b| b == 0xcc));
+        f.mem
+            .write_slice(&[0xdd; 512], GuestAddress(0x4000))
+            .unwrap();
+        f.header(0x1000, T_OUT, 0);
+        assert_eq!(f.run(&chain(seg_max + 1, false)), (1, S_IOERR));
+        f.header(0x1000, T_IN, 0);
+        assert_eq!(f.run(&chain(seg_max + 1, true)), (1, S_IOERR));
+        assert_eq!(std::fs::read(&f.path).unwrap(), image, "image changed");
+        let mut back = [0u8; 512];
+        f.mem.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+        assert!(back.iter().all(|&b| b == 0xdd), "guest memory changed");
+        assert_eq!(f.stats.errors.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }

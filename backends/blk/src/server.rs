@@ -8,11 +8,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+use vhost::vhost_user::Error as VhostError;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use citadel_sandbox::memory_file::MemoryFilePolicy;
 use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
+use citadel_vhost_user::session::{recoverable, Session};
 
 use crate::cli::{Args, Connection as ConnectionArg};
 use crate::device::{Connection, Device, DeviceConfig, DeviceError};
@@ -282,19 +283,6 @@ fn accept_loop(
     }
 }
 
-/// Whether an error from one message leaves the stream in step, so the next message can be
-/// read. Refusals made after the whole message was consumed do; framing errors do not.
-fn recoverable(e: &VhostError) -> bool {
-    matches!(
-        e,
-        VhostError::InvalidParam
-            | VhostError::InvalidOperation(_)
-            | VhostError::InactiveFeature(_)
-            | VhostError::InactiveOperation(_)
-            | VhostError::ReqHandlerError(_)
-    )
-}
-
 fn serve(
     dev: &Arc<Device>,
     epoll: &Epoll,
@@ -313,7 +301,14 @@ fn serve(
         )
         .map_err(sys("epoll_ctl"))?;
     let conn = Arc::new(Mutex::new(Connection::new(Arc::clone(dev))));
-    let mut handler = BackendReqHandler::from_stream(stream, conn);
+    let mut handler = match Session::new(stream, conn, dev.num_queues()) {
+        Ok(session) => session,
+        Err(e) => {
+            log::warn!("dropping the frontend: duplicating its socket: {e}");
+            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            return Ok(Ending::Disconnected);
+        }
+    };
     let mut events = [EpollEvent::default(); 2];
     let ending = 'outer: loop {
         let n = match epoll.wait(-1, &mut events) {

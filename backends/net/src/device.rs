@@ -10,20 +10,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
 use citadel_sandbox::memory_file::MemoryFilePolicy;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use crate::stats::Stats;
 use crate::tap::{Offloads, TapQueue};
@@ -33,10 +29,11 @@ use crate::tap::{Offloads, TapQueue};
 const MAX_FRAME: usize = 65535 + 14;
 /// Largest virtio-net header (virtio_net_hdr_v1).
 const MAX_HDR: usize = 12;
-/// Ring size offered to the frontend.
-const QUEUE_SIZE: usize = 1024;
+/// Largest ring size accepted from the frontend.
+pub const QUEUE_SIZE: u16 = 1024;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// Guest memory as the rings and the data path see it; replaced on each memory table.
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// What the device is: its MAC and its tap queues, which outlive frontend connections.
@@ -65,7 +62,7 @@ struct Pair {
 /// The vhost-user-net device for one frontend connection.
 pub struct NetBackend {
     config: Arc<NetConfig>,
-    mem: Mutex<Option<Mem>>,
+    mem: Mem,
     acked: AtomicU64,
     event_idx: AtomicBool,
     hdr_len: AtomicUsize,
@@ -76,24 +73,12 @@ pub struct NetBackend {
 /// own (the guest's mistakes are counted, not returned).
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// An event id we never registered.
-    #[error("unexpected event {0} on queue pair {1}")]
-    UnknownEvent(u16, usize),
-    /// Guest memory is not mapped yet.
-    #[error("queue event before the memory table")]
-    NoMemory,
     /// The queue structures themselves are unusable.
     #[error("virtqueue: {0}")]
     Queue(#[from] virtio_queue::Error),
     /// Interrupting the guest failed.
     #[error("signalling the guest: {0}")]
     Signal(#[source] io::Error),
-}
-
-impl From<DeviceError> for io::Error {
-    fn from(e: DeviceError) -> io::Error {
-        io::Error::other(e.to_string())
-    }
 }
 
 /// Outcome of trying to hand one frame to the guest.
@@ -104,8 +89,8 @@ enum Delivery {
 }
 
 impl NetBackend {
-    /// A fresh device state for a new frontend connection.
-    pub fn new(config: Arc<NetConfig>) -> Self {
+    /// A fresh device state for a new frontend connection, seeing guest memory through `mem`.
+    pub fn new(config: Arc<NetConfig>, mem: Mem) -> Self {
         let pairs = (0..config.taps.len())
             .map(|_| {
                 Mutex::new(Pair {
@@ -117,7 +102,7 @@ impl NetBackend {
             .collect();
         NetBackend {
             config,
-            mem: Mutex::new(None),
+            mem,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             hdr_len: AtomicUsize::new(10),
@@ -125,15 +110,14 @@ impl NetBackend {
         }
     }
 
-    /// Event id of the tap of each worker thread (ids up to the number of queues are taken by
-    /// the rings and the exit event).
-    pub fn tap_event_id(&self) -> u64 {
-        self.num_queues() as u64 + 1
-    }
-
     /// The tap fd of queue pair `i`, for registration with worker `i`'s epoll.
     pub fn tap_fd(&self, i: usize) -> std::os::fd::RawFd {
         self.config.taps[i].as_raw_fd()
+    }
+
+    /// Number of queue pairs.
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
     }
 
     /// Counts the frames still waiting for guest buffers as dropped when the frontend leaves.
@@ -144,13 +128,6 @@ impl NetBackend {
                 Stats::bump(&self.config.stats.rx_drops);
             }
         }
-    }
-
-    fn memory(&self) -> Result<MemGuard, DeviceError> {
-        let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        mem.as_ref()
-            .map(|m| m.memory())
-            .ok_or(DeviceError::NoMemory)
     }
 
     fn has(&self, bit: u32) -> bool {
@@ -165,7 +142,7 @@ impl NetBackend {
         vring: &VringRwLock<Mem>,
         mut work: impl FnMut(&mut VringState<Mem>, &MemGuard) -> Result<bool, DeviceError>,
     ) -> Result<(), DeviceError> {
-        let mem = self.memory()?;
+        let mem = self.mem.memory();
         let mut state = vring.get_mut();
         if self.event_idx.load(Ordering::Acquire) {
             loop {
@@ -383,19 +360,15 @@ fn deliver(
     Ok(Delivery::Delivered)
 }
 
-impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock<Mem>;
-
-    fn num_queues(&self) -> usize {
+/// What the frontend's message handler asks of the device.
+impl NetBackend {
+    /// Number of rings: an RX and a TX ring per pair.
+    pub fn num_queues(&self) -> usize {
         self.pairs.len() * 2
     }
 
-    fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
+    /// Virtio and vhost-user feature bits offered.
+    pub fn features(&self) -> u64 {
         let mut bits = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -417,7 +390,8 @@ impl VhostUserBackend for NetBackend {
         bits
     }
 
-    fn acked_features(&self, features: u64) {
+    /// Takes the features the frontend acked, and re-tunes the taps for them.
+    pub fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Release);
         let hdr_len = if features & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF) != 0 {
             12
@@ -442,17 +416,20 @@ impl VhostUserBackend for NetBackend {
         log::info!("features acked {features:#x}: header {hdr_len} bytes, offloads {offloads:?}");
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+    /// vhost-user protocol features offered.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
     }
 
-    fn set_event_idx(&self, enabled: bool) {
+    /// Whether the rings use EVENT_IDX notification suppression.
+    pub fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    /// `size` bytes of the virtio-net config space from `offset`.
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut space = [0u8; 10];
         space[..6].copy_from_slice(&self.config.mac);
         space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
@@ -466,75 +443,57 @@ impl VhostUserBackend for NetBackend {
         }
         out
     }
+}
 
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        // The request handler mapped the frontend's regions; guest memory stays out of core
-        // files whatever the limits of the process.
-        for region in mem.memory().iter() {
-            citadel_sandbox::core_dump::exclude_from_core_dumps(region.as_ptr(), region.size())?;
-        }
-        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem);
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.pairs.len()).map(|i| 0b11u64 << (2 * i)).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                log::error!("creating a worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Self::Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        self.dispatch(device_event, vrings, thread_id).map_err(|e| {
-            // The worker of this pair stops for the rest of the connection; say so.
-            log::error!("queue pair {thread_id} stopped: {e}");
-            Stats::bump(&self.config.stats.errors);
-            e.into()
-        })
-    }
+/// Events of a queue pair's worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairEvent {
+    /// The RX ring was kicked: the guest added receive buffers.
+    RxKick,
+    /// The TX ring was kicked: the guest has frames to send.
+    TxKick,
+    /// The tap has frames for the guest.
+    Tap,
 }
 
 impl NetBackend {
+    /// Serves one event of queue pair `pair` (below [`Self::pairs`]), whose rings are `rx` and
+    /// `tx`. An error means the pair cannot go on for the rest of the connection.
+    pub fn handle_event(
+        &self,
+        event: PairEvent,
+        pair: usize,
+        rx: &VringRwLock<Mem>,
+        tx: &VringRwLock<Mem>,
+    ) -> Result<(), DeviceError> {
+        self.dispatch(event, pair, rx, tx).inspect_err(|e| {
+            // The worker of this pair stops for the rest of the connection; say so.
+            log::error!("queue pair {pair} stopped: {e}");
+            Stats::bump(&self.config.stats.errors);
+        })
+    }
+
     fn dispatch(
         &self,
-        device_event: u16,
-        vrings: &[VringRwLock<Mem>],
+        event: PairEvent,
         thread_id: usize,
+        rx: &VringRwLock<Mem>,
+        tx: &VringRwLock<Mem>,
     ) -> Result<(), DeviceError> {
-        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
-            return Err(DeviceError::UnknownEvent(device_event, thread_id));
-        };
-        if thread_id >= self.pairs.len() {
-            return Err(DeviceError::UnknownEvent(device_event, thread_id));
-        }
-        match u64::from(device_event) {
-            0 => self.process_rx(thread_id, rx),
-            1 => {
+        match event {
+            PairEvent::RxKick => self.process_rx(thread_id, rx),
+            PairEvent::TxKick => {
                 self.process_tx(thread_id, tx)?;
                 // The guest may have been waiting on RX buffers filled meanwhile.
                 self.process_rx(thread_id, rx)
             }
-            id if id == self.tap_event_id() => {
+            PairEvent::Tap => {
                 if rx.get_ref().is_enabled() && rx.get_ref().get_queue().ready() {
                     self.process_rx(thread_id, rx)
                 } else {
                     Ok(())
                 }
             }
-            _ => Err(DeviceError::UnknownEvent(device_event, thread_id)),
         }
     }
 }

@@ -6,26 +6,24 @@
 
 mod args;
 mod device;
-mod proxy;
+mod handler;
 mod stats;
 mod tap;
 
 use std::io;
-use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use citadel_sandbox::memory_file::MemoryFilePolicy;
 use citadel_sandbox::unix_socket::{listen_private, ListenError, PeerPolicy};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use citadel_vhost_user::session::{recoverable, Session};
+use vhost::vhost_user::Error as VhostError;
 
 use crate::args::{ArgError, Args, Frontend, TapSource, USAGE};
-use crate::device::{NetBackend, NetConfig};
+use crate::device::NetConfig;
+use crate::handler::Connection;
 use crate::stats::Stats;
 use crate::tap::{TapError, TapQueue};
 
@@ -53,16 +51,10 @@ enum Error {
 /// Errors of one frontend connection; logged, and the backend goes on to the next one.
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
-    #[error("starting the device: {0}")]
-    Daemon(String),
-    #[error("internal vhost-user channel: {0}")]
-    Channel(io::Error),
-    #[error("internal vhost-user channel was connected by another process")]
-    Hijacked,
-    #[error("registering the tap with worker {0}: {1}")]
-    Register(usize, io::Error),
-    #[error("relay: {0}")]
-    Relay(#[from] proxy::ProxyError),
+    #[error("starting the queue pair workers: {0}")]
+    Workers(io::Error),
+    #[error("duplicating the frontend socket: {0}")]
+    Socket(io::Error),
 }
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
@@ -128,111 +120,23 @@ fn random_mac() -> Result<[u8; 6], Error> {
     Ok(mac)
 }
 
-/// A listening socket bound to a kernel-chosen abstract address and a client connected to it:
-/// the vhost-user-backend daemon accepts through a `Listener`, and this gives it one without
-/// any filesystem access.
-fn internal_channel() -> io::Result<(UnixListener, UnixStream)> {
-    let cvt = |rc: libc::c_int| {
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    };
-    // SAFETY: plain socket creation; the returned fd is owned by the UnixListener below.
-    let lfd =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `lfd` was just created and is owned by nothing else.
-    let listener = unsafe { UnixListener::from_raw_fd(lfd) };
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    // Binding with only the family asks the kernel for a unique abstract name (autobind).
-    // SAFETY: `addr` is a valid sockaddr_un and the length covers its family field.
-    cvt(unsafe {
-        libc::bind(
-            lfd,
-            (&addr as *const libc::sockaddr_un).cast(),
-            size_of::<libc::sa_family_t>() as libc::socklen_t,
-        )
-    })?;
-    // SAFETY: `lfd` is a bound socket.
-    cvt(unsafe { libc::listen(lfd, 1) })?;
-    let mut len = size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: `addr` has room for `len` bytes; the kernel writes the bound address there.
-    cvt(unsafe { libc::getsockname(lfd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) })?;
-    // SAFETY: plain socket creation; the fd is owned by the UnixStream below.
-    let cfd =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `cfd` was just created and is owned by nothing else.
-    let client = unsafe { UnixStream::from_raw_fd(cfd) };
-    // SAFETY: `addr`/`len` are exactly what getsockname returned for the listener.
-    cvt(unsafe { libc::connect(cfd, (&addr as *const libc::sockaddr_un).cast(), len) })?;
-    Ok((listener, client))
-}
-
-/// True when a connection is waiting on `listener` (after ours was accepted, that means some
-/// other process connected too, and may have been accepted instead of us).
-fn has_pending(listener: &UnixListener) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc != 0
-}
-
 /// Serves one frontend connection to its end.
 fn serve(config: &Arc<NetConfig>, frontend: UnixStream) -> Result<(), ConnError> {
-    let backend = Arc::new(NetBackend::new(config.clone()));
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("citadel-net".into(), backend.clone(), mem)
-        .map_err(|e| ConnError::Daemon(e.to_string()))?;
-    let handlers = daemon.get_epoll_handlers();
-    for (i, handler) in handlers.iter().enumerate() {
-        handler
-            .register_listener(
-                backend.tap_fd(i),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                backend.tap_event_id(),
-            )
-            .map_err(|e| ConnError::Register(i, e))?;
-    }
-    let result = (|| {
-        let (unix_listener, client) = internal_channel().map_err(ConnError::Channel)?;
-        let watch = unix_listener.try_clone().map_err(ConnError::Channel)?;
-        let mut listener = Listener::from(unix_listener);
-        daemon
-            .start(&mut listener)
-            .map_err(|e| ConnError::Daemon(e.to_string()))?;
-        if has_pending(&watch) {
-            daemon.request_shutdown();
-            let _ = daemon.wait();
-            return Err(ConnError::Hijacked);
+    let conn = Connection::new(config.clone()).map_err(ConnError::Workers)?;
+    let rings = conn.rings();
+    let mut session =
+        Session::new(frontend, Arc::new(Mutex::new(conn)), rings).map_err(ConnError::Socket)?;
+    loop {
+        match session.handle_request() {
+            Ok(()) => {}
+            Err(VhostError::Disconnected | VhostError::PartialMessage) => return Ok(()),
+            Err(e) if recoverable(&e) => log::warn!("refused a frontend request: {e}"),
+            Err(e) => {
+                log::warn!("dropping the frontend: {e}");
+                return Ok(());
+            }
         }
-        drop(listener);
-        drop(watch);
-        let relay =
-            proxy::Relay::start(frontend, client, backend.num_queues(), config.memory_files)
-                .map_err(ConnError::Channel)?;
-        let served = daemon.wait();
-        let relayed = relay.stop();
-        match served {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => {}
-            Err(e) => log::warn!("frontend refused: {e}"),
-        }
-        relayed.map_err(ConnError::from)
-    })();
-    for handler in &handlers {
-        handler.send_exit_event();
     }
-    backend.discard_pending();
-    result
 }
 
 fn open_taps(source: &TapSource) -> Result<Vec<TapQueue>, Error> {
@@ -365,26 +269,5 @@ fn main() -> ExitCode {
             log::error!("{e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    #[test]
-    fn internal_channel_connects_and_notices_a_second_client() {
-        let (listener, mut client) = internal_channel().unwrap();
-        let (mut accepted, _) = listener.accept().unwrap();
-        client.write_all(b"ping").unwrap();
-        let mut buf = [0u8; 4];
-        accepted.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
-        assert!(!has_pending(&listener));
-        // Another process finding the abstract name would queue behind us, and be noticed.
-        let addr = listener.local_addr().unwrap();
-        let _intruder = UnixStream::connect_addr(&addr).unwrap();
-        assert!(has_pending(&listener));
     }
 }

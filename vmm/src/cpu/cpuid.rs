@@ -417,7 +417,7 @@ fn extended_components(mask: u64) -> impl Iterator<Item = u32> {
 fn xsave_standard_size(entries: &[kvm_cpuid_entry2], mask: u64) -> u32 {
     extended_components(mask)
         .filter_map(|i| xsave_entry(entries, i))
-        .map(|c| c.ebx + c.eax)
+        .map(|c| c.ebx.saturating_add(c.eax))
         .fold(XSAVE_LEGACY_AREA_SIZE, u32::max)
 }
 
@@ -428,11 +428,11 @@ fn xsave_compacted_size(entries: &[kvm_cpuid_entry2], mask: u64) -> u32 {
         .filter_map(|i| xsave_entry(entries, i))
         .fold(XSAVE_LEGACY_AREA_SIZE, |end, c| {
             let start = if c.ecx & XSAVE_ALIGNED64_BIT != 0 {
-                end.next_multiple_of(64)
+                end.checked_next_multiple_of(64).unwrap_or(u32::MAX)
             } else {
                 end
             };
-            start + c.eax
+            start.saturating_add(c.eax)
         })
 }
 

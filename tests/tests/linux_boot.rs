@@ -293,6 +293,17 @@ fn citadel_boots_guest_kernel_to_run_init() {
     let mut console = ConsoleProcess::spawn(command).expect("spawn citadel");
 
     expect(&mut console, "Linux version 6.1", EMULATED_KVM_TIMEOUT);
+    // The kernel finds Citadel's ACPI tables and takes its CPUs and IOAPIC from the MADT.
+    expect(
+        &mut console,
+        "ACPI: RSDP 0x00000000000E0000",
+        EMULATED_KVM_TIMEOUT,
+    );
+    expect(
+        &mut console,
+        "Using ACPI (MADT) for SMP configuration information",
+        EMULATED_KVM_TIMEOUT,
+    );
     // The kernel patch honours the parameter (and only then skips the self-test).
     expect(
         &mut console,

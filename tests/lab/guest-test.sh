@@ -8,6 +8,7 @@ echo "guest: vendor=$(sed -n 's/^vendor_id[[:space:]]*: //p' /proc/cpuinfo | hea
 echo "guest: flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 dmesg | grep -E 'WARNING|BUG|Call Trace' | sed 's/^/guest: dmesg-problem: /'
 echo "guest: dmesg-problems=$(dmesg | grep -cE 'WARNING|BUG|Call Trace')"
+echo "guest: acpi-madt=$(dmesg | grep -c 'Using ACPI (MADT) for SMP configuration information')"
 echo "guest: uptime=$(cut -d" " -f1 /proc/uptime)"
 echo "guest: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 # Where the boot spent its time: every kernel message that came 0.3 s or more after the one before.

@@ -6,7 +6,7 @@ for smp in 1 2 4; do
 	boot_guest $vm $GUEST/vmlinux $smp 256 report
 	l2_wait $vm "guest: user space up" 60 && result $vm.boot_ms $(($(now_ms) - start))
 	l2_wait $vm "guest: end" 10
-	for key in nproc memtotal_kb cmdline dmesg-problems clocksource; do
+	for key in nproc memtotal_kb cmdline dmesg-problems clocksource acpi-madt; do
 		result $vm.$key "$(l2_value $vm $key)"
 	done
 	stop_guest $vm

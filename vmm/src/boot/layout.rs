@@ -6,7 +6,7 @@
 //! 0x0000_6800  PVH memory map           0x0000_7000  Linux zero page (boot_params)
 //! 0x0000_8ff0  boot stack (grows down)  0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD
 //! 0x0002_0000  kernel command line      0x0009_fc00  .. 0x0010_0000  not RAM for the guest
-//! 0x000f_0000  MP floating pointer + MP configuration table
+//! 0x000e_0000  ACPI tables, RSDP first  0x000f_0000  MP floating pointer + configuration table
 //! 0x0010_0000  HIMEM_START: kernel, then free RAM, initrd at the top of low RAM
 //! 0xc000_0000  .. 0x1_0000_0000  32-bit MMIO gap (virtio-mmio slots, PCIe ECAM, IOAPIC, LAPIC)
 //! 0x1_0000_0000  RAM above the gap when the guest has more than 3 GiB
@@ -54,6 +54,13 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// End of the conventional RAM the guest is told about below 1 MiB: the EBDA and the legacy
 /// video/BIOS area above it are reported as not RAM.
 pub const EBDA_START: GuestAddress = GuestAddress(0x9_fc00);
+
+/// ACPI tables: the RSDP at the start, where the legacy scan of 0xE0000..0x100000 finds it
+/// (16-byte aligned), then the XSDT, FADT, MADT and DSDT. Like the MP table above it, the area
+/// is reported to the guest as reserved, never as RAM.
+pub const ACPI_START: GuestAddress = GuestAddress(0xe_0000);
+/// Room for the ACPI tables: up to the MP table.
+pub const ACPI_MAX_SIZE: usize = 0x1_0000;
 
 /// MP floating pointer, followed by the MP configuration table. It lives in the BIOS area
 /// (0xF0000..0x100000), which Linux and other MP-spec guests scan and which is never reported
@@ -134,6 +141,10 @@ const _: () = {
     // The boot stack grows down from just below the page tables, above the zero page.
     assert!(BOOT_STACK_POINTER.0 < PML4_START.0);
     assert!(BOOT_STACK_POINTER.0 > ZERO_PAGE_START.0 + 0x1000);
+    // Both boot table areas sit in the BIOS area, ACPI below the MP table.
+    assert!(ACPI_START.0 >= EBDA_START.0 && ACPI_START.0 & 0xf == 0);
+    assert!(ACPI_START.0 + ACPI_MAX_SIZE as u64 <= MPTABLE_START.0);
+    assert!(MPTABLE_START.0 + MPTABLE_MAX_SIZE as u64 <= HIMEM_START.0);
     assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START);
     assert!(PCI_MMIO32_BASE + PCI_MMIO32_SIZE <= PCIE_ECAM_BASE);
     assert!(PCIE_ECAM_BASE + PCIE_ECAM_SIZE <= IOAPIC_START);
@@ -172,7 +183,7 @@ mod tests {
 
     #[test]
     fn fixed_addresses_do_not_overlap_and_stay_out_of_ram_holes() {
-        let ranges: [(u64, u64); 11] = [
+        let ranges: [(u64, u64); 12] = [
             (GDT_START.0, 6 * 8),
             (IDT_START.0, 8),
             (PVH_INFO_START.0, 56),
@@ -183,6 +194,7 @@ mod tests {
             (PDPTE_START.0, 0x1000),
             (PDE_START.0, 0x1000),
             (CMDLINE_START.0, CMDLINE_MAX_SIZE as u64),
+            (ACPI_START.0, ACPI_MAX_SIZE as u64),
             (MPTABLE_START.0, MPTABLE_MAX_SIZE as u64),
         ];
         for (i, a) in ranges.iter().enumerate() {

@@ -2,9 +2,11 @@
 //!
 //! [`load`] puts a kernel (ELF vmlinux or bzImage), its command line and initrd into guest
 //! RAM, writes the boot parameters for the entry protocol the kernel supports (PVH when the
-//! ELF carries a PVH note, else the 64-bit Linux boot protocol) and the MP table, and says
-//! where the boot vCPU starts. Only the pages these structures occupy are touched.
+//! ELF carries a PVH note, else the 64-bit Linux boot protocol), the ACPI tables and the MP
+//! table (for kernels built without ACPI), and says where the boot vCPU starts. Only the pages
+//! these structures occupy are touched.
 
+pub mod acpi;
 pub mod layout;
 pub mod mptable;
 pub mod params;
@@ -188,6 +190,9 @@ pub enum BootError {
     /// Writing the MP table failed.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// Writing the ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 const PAGE_SIZE: u64 = 4096;
@@ -206,8 +211,9 @@ enum KernelFormat {
     BzImage,
 }
 
-/// Loads the kernel, command line, initrd, boot parameters and MP table for `num_cpus` vCPUs
-/// into `mem`, and returns where the boot vCPU starts.
+/// Loads the kernel, command line, initrd, boot parameters, ACPI tables and MP table for
+/// `num_cpus` vCPUs into `mem`, and returns where the boot vCPU starts. `system_reset` calls
+/// this again, so every boot structure is rewritten the same way as at boot.
 ///
 /// An ELF vmlinux with a PVH note boots through PVH; without one, or for a bzImage, through
 /// the 64-bit Linux boot protocol. The initrd goes at the top of RAM below the MMIO gap (and
@@ -275,6 +281,7 @@ pub fn load_from(
         _ => None,
     };
 
+    let rsdp = acpi::write(mem, num_cpus, &[])?;
     let map = params::memory_map(ram_size(mem));
     let pvh_entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
@@ -282,14 +289,14 @@ pub fn load_from(
     };
     let entry = match (pvh_entry, &loaded.setup_header) {
         (Some(entry), _) => {
-            params::write_pvh_start_info(mem, initrd, &map).map_err(BootError::BootParams)?;
+            params::write_pvh_start_info(mem, initrd, &map, rsdp).map_err(BootError::BootParams)?;
             EntryPoint::Pvh {
                 entry,
                 start_info: layout::PVH_INFO_START,
             }
         }
         (None, header) => {
-            params::write_zero_page(mem, *header, cmdline_len(&cmdline)?, initrd, &map)
+            params::write_zero_page(mem, *header, cmdline_len(&cmdline)?, initrd, &map, rsdp)
                 .map_err(BootError::BootParams)?;
             let entry = if header.is_some() {
                 loaded.kernel_load.unchecked_add(BZIMAGE_STARTUP_64_OFFSET)
@@ -538,10 +545,13 @@ mod tests {
         let info: hvm_start_info = mem.read_obj(layout::PVH_INFO_START).unwrap();
         assert_eq!(info.magic, 0x336e_c578);
         assert_eq!(info.cmdline_paddr, layout::CMDLINE_START.0);
-        assert_eq!(info.memmap_entries, 2);
+        assert_eq!(info.memmap_entries, 3);
         assert_eq!(info.nr_modules, 0);
         assert_eq!(cmdline_in(&mem), src.cmdline);
         assert_eq!(mptable::tests::parse(&mem).cpus.len(), 3);
+        let tables = acpi::tests::parse(&mem);
+        assert_eq!(tables.lapics.len(), 3);
+        assert_eq!(info.rsdp_paddr, tables.rsdp);
     }
 
     #[test]
@@ -560,8 +570,11 @@ mod tests {
         let hdr = params.hdr;
         assert_eq!({ hdr.header }, 0x5372_6448);
         assert_eq!({ hdr.cmd_line_ptr }, layout::CMDLINE_START.0 as u32);
-        assert_eq!(params.e820_entries, 2);
+        assert_eq!(params.e820_entries, 3);
         assert_eq!(mptable::tests::parse(&mem).cpus.len(), 1);
+        let tables = acpi::tests::parse(&mem);
+        assert_eq!(tables.lapics.len(), 1);
+        assert_eq!({ params.acpi_rsdp_addr }, tables.rsdp);
     }
 
     #[test]
@@ -584,6 +597,38 @@ mod tests {
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.cmdline_size }, 2047);
         assert_eq!({ hdr.code32_start }, LOAD_ADDR as u32);
+        let tables = acpi::tests::parse(&mem);
+        assert_eq!(tables.lapics.len(), 2);
+        assert_eq!({ params.acpi_rsdp_addr }, tables.rsdp);
+    }
+
+    #[test]
+    fn loading_again_rewrites_clobbered_boot_tables() {
+        // system_reset goes through `load` again: a guest that scribbled over its ACPI and MP
+        // tables gets them back as they were at boot.
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
+        let mem = ram(32 << 20);
+        let src = source(kernel.as_path());
+        load(&mem, &src, 4).unwrap();
+        let mut before = vec![0u8; 0x2_0000];
+        mem.read_slice(&mut before, layout::ACPI_START).unwrap();
+        mem.write_slice(&[0xa5; 0x2_0000], layout::ACPI_START)
+            .unwrap();
+        load(&mem, &src, 4).unwrap();
+        let mut after = vec![0u8; 0x2_0000];
+        mem.read_slice(&mut after, layout::ACPI_START).unwrap();
+        let tables = acpi::tests::parse(&mem);
+        assert_eq!(tables.lapics.len(), 4);
+        assert_eq!(mptable::tests::parse(&mem).cpus.len(), 4);
+        let written = |b: &[u8]| b.iter().filter(|&&x| x != 0xa5).count();
+        assert!(written(&after) > 0);
+        // Every byte of the tables is back (the gaps between them stay as the guest left
+        // them, as on a real reset).
+        for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+            if *b != 0xa5 {
+                assert_eq!(a, b, "byte {i:#x}");
+            }
+        }
     }
 
     #[test]
@@ -776,7 +821,7 @@ mod tests {
         load(&mem, &src, 1).unwrap();
         let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
         assert_eq!({ params.hdr.ramdisk_image }, 0x3800_0000 - 4096);
-        assert_eq!(params.e820_entries, 3);
+        assert_eq!(params.e820_entries, 4);
 
         let plain = test_kernel::file(&test_kernel::elf(&ElfSpec::default()));
         src.kernel = plain.as_path().to_path_buf();

@@ -16,6 +16,8 @@ use super::layout;
 
 /// E820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
+/// E820 type of memory the guest must leave alone.
+pub const E820_RESERVED: u32 = 2;
 /// `boot_flag` every Linux setup header carries.
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 /// "HdrS".
@@ -30,13 +32,20 @@ const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 /// A memory map entry: (start, size, E820 type).
 pub type MemoryMapEntry = (u64, u64, u32);
 
-/// The RAM the guest is told about for `ram_size` bytes: conventional memory below the EBDA,
-/// RAM from 1 MiB to the MMIO gap (or the end of RAM), and RAM above 4 GiB. The legacy area
-/// between the EBDA and 1 MiB holds the MP table and is never reported as RAM.
+/// The memory map the guest is told about for `ram_size` bytes: conventional memory below the
+/// EBDA, RAM from 1 MiB to the MMIO gap (or the end of RAM), and RAM above 4 GiB. The legacy
+/// area between the EBDA and 1 MiB is never reported as RAM; the part of it holding the ACPI
+/// and MP tables is reported as reserved, as firmware does, so that nothing is placed over
+/// the tables.
 pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
     let low_end = layout::low_ram_end(ram_size);
     let mut map = vec![
         (0, layout::EBDA_START.0, E820_RAM),
+        (
+            layout::ACPI_START.0,
+            layout::HIMEM_START.0 - layout::ACPI_START.0,
+            E820_RESERVED,
+        ),
         (
             layout::HIMEM_START.0,
             low_end - layout::HIMEM_START.0,
@@ -65,15 +74,20 @@ pub struct InitrdPlacement {
 /// Writes the Linux zero page at [`layout::ZERO_PAGE_START`].
 ///
 /// `header` is the bzImage's own setup header; for an ELF vmlinux, which has none, a minimal
-/// valid header is made up.
+/// valid header is made up. `rsdp` is the ACPI root pointer, handed over directly so that the
+/// kernel need not scan the BIOS area for it.
 pub fn write_zero_page(
     mem: &GuestMemoryMmap,
     header: Option<setup_header>,
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
     map: &[MemoryMapEntry],
+    rsdp: GuestAddress,
 ) -> Result<(), linux_loader::configurator::Error> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.raw_value(),
+        ..Default::default()
+    };
     match header {
         Some(hdr) => params.hdr = hdr,
         None => {
@@ -102,11 +116,12 @@ pub fn write_zero_page(
 
 /// Writes the PVH `hvm_start_info` at [`layout::PVH_INFO_START`], the memory map table at
 /// [`layout::PVH_MEMMAP_START`] and, with an initrd, a one-entry module list at
-/// [`layout::PVH_MODLIST_START`].
+/// [`layout::PVH_MODLIST_START`]. `rsdp` is the ACPI root pointer.
 pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<InitrdPlacement>,
     map: &[MemoryMapEntry],
+    rsdp: GuestAddress,
 ) -> Result<(), linux_loader::configurator::Error> {
     let memmap: Vec<hvm_memmap_table_entry> = map
         .iter()
@@ -122,6 +137,7 @@ pub fn write_pvh_start_info(
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
         cmdline_paddr: layout::CMDLINE_START.raw_value(),
+        rsdp_paddr: rsdp.raw_value(),
         memmap_paddr: layout::PVH_MEMMAP_START.raw_value(),
         memmap_entries: memmap.len() as u32,
         ..Default::default()
@@ -152,7 +168,7 @@ mod tests {
     use vm_memory::{ByteValued, Bytes};
 
     fn ram_total(map: &[MemoryMapEntry]) -> u64 {
-        map.iter().map(|e| e.1).sum()
+        map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum()
     }
 
     #[test]
@@ -163,25 +179,49 @@ mod tests {
             map,
             vec![
                 (0, 0x9_fc00, E820_RAM),
+                (0xe_0000, 0x2_0000, E820_RESERVED),
                 (0x10_0000, size - 0x10_0000, E820_RAM)
             ]
         );
     }
 
     #[test]
+    fn boot_tables_are_reserved_and_never_ram() {
+        for size in [16u64 << 20, 3 << 30, 6 << 30] {
+            let map = memory_map(size);
+            for (start, len) in [
+                (layout::ACPI_START.0, layout::ACPI_MAX_SIZE as u64),
+                (layout::MPTABLE_START.0, layout::MPTABLE_MAX_SIZE as u64),
+            ] {
+                assert!(
+                    map.iter()
+                        .filter(|e| e.2 == E820_RAM)
+                        .all(|e| e.0 + e.1 <= start || e.0 >= start + len),
+                    "{start:#x} is in RAM: {map:x?}"
+                );
+                assert!(
+                    map.iter()
+                        .any(|e| e.2 == E820_RESERVED && e.0 <= start && e.0 + e.1 >= start + len),
+                    "{start:#x} is not reserved: {map:x?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn memory_map_for_exactly_three_gib() {
         let map = memory_map(3 << 30);
-        assert_eq!(map.len(), 2);
-        assert_eq!(map[1], (0x10_0000, 0xc000_0000 - 0x10_0000, E820_RAM));
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[2], (0x10_0000, 0xc000_0000 - 0x10_0000, E820_RAM));
     }
 
     #[test]
     fn memory_map_across_the_gap() {
         for size in [(3u64 << 30) + 4096, 4 << 30, (6 << 30) + (2 << 20)] {
             let map = memory_map(size);
-            assert_eq!(map.len(), 3, "{size:#x}");
-            assert_eq!(map[1], (0x10_0000, 0xc000_0000 - 0x10_0000, E820_RAM));
-            assert_eq!(map[2], (0x1_0000_0000, size - 0xc000_0000, E820_RAM));
+            assert_eq!(map.len(), 4, "{size:#x}");
+            assert_eq!(map[2], (0x10_0000, 0xc000_0000 - 0x10_0000, E820_RAM));
+            assert_eq!(map[3], (0x1_0000_0000, size - 0xc000_0000, E820_RAM));
             // Everything but the legacy hole below 1 MiB is reported.
             assert_eq!(ram_total(&map), size - (0x10_0000 - 0x9_fc00));
             for e in &map {
@@ -202,7 +242,7 @@ mod tests {
             addr: GuestAddress(0x3f0_0000),
             size: 0x1234,
         };
-        write_zero_page(&mem, None, 11, Some(initrd), &map).unwrap();
+        write_zero_page(&mem, None, 11, Some(initrd), &map, GuestAddress(0xe_0000)).unwrap();
         let params: boot_params = mem.read_obj(layout::ZERO_PAGE_START).unwrap();
         let hdr = params.hdr;
         assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
@@ -212,10 +252,15 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, 11);
         assert_eq!({ hdr.ramdisk_image }, 0x3f0_0000);
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
-        assert_eq!(params.e820_entries, 2);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!(params.e820_entries, 3);
         let e820 = params.e820_table;
-        let e1 = e820[1];
-        assert_eq!(({ e1.addr }, { e1.size }, { e1.r#type }), map[1]);
+        for (entry, expected) in e820.iter().zip(&map) {
+            assert_eq!(
+                ({ entry.addr }, { entry.size }, { entry.r#type }),
+                *expected
+            );
+        }
         assert_eq!(params.as_slice().len(), 4096);
     }
 
@@ -227,20 +272,22 @@ mod tests {
             addr: GuestAddress(0x3f0_0000),
             size: 0x1234,
         };
-        write_pvh_start_info(&mem, Some(initrd), &map).unwrap();
+        let rsdp = GuestAddress(0xe_0000);
+        write_pvh_start_info(&mem, Some(initrd), &map, rsdp).unwrap();
         let info: hvm_start_info = mem.read_obj(layout::PVH_INFO_START).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.version, 1);
         assert_eq!(info.cmdline_paddr, 0x2_0000);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         assert_eq!(info.nr_modules, 1);
-        assert_eq!(info.memmap_entries, 2);
+        assert_eq!(info.memmap_entries, 3);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x3f0_0000, 0x1234));
         let second: hvm_memmap_table_entry =
             mem.read_obj(GuestAddress(info.memmap_paddr + 24)).unwrap();
         assert_eq!((second.addr, second.size, second.type_), map[1]);
 
-        write_pvh_start_info(&mem, None, &map).unwrap();
+        write_pvh_start_info(&mem, None, &map, rsdp).unwrap();
         let info: hvm_start_info = mem.read_obj(layout::PVH_INFO_START).unwrap();
         assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
     }

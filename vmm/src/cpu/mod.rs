@@ -1,7 +1,8 @@
 //! vCPU configuration: CPUID templates and boot registers.
 //!
 //! [`cpuid`] builds the CPUID table a vCPU gets (KVM's supported set, the vCPU's topology,
-//! and for [`CpuTemplate::Baseline`] a conservative feature set); [`configure`] loads it into
+//! the TSC-deadline timer when KVM emulates it, for [`CpuTemplate::Baseline`] a conservative
+//! feature set, and an XSAVE leaf that matches the features left); [`configure`] loads it into
 //! the vCPU with the MSRs, FPU and local APIC setup, and puts the boot vCPU at the kernel's
 //! entry point.
 

@@ -538,6 +538,11 @@ mod tests {
         // CX16 is one bit every KVM host, nested or not, hides when asked to (DESIGN.md: on
         // nested hosts some other cleared bits still show through to the guest).
         assert_eq!(leaf1_ecx & (1 << 13), 0, "CX16");
+        assert_eq!(
+            leaf1_ecx & (1 << 24) != 0,
+            b.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+            "TSC-deadline timer"
+        );
     }
 
     #[test]

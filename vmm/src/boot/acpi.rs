@@ -1,0 +1,422 @@
+//! ACPI tables of the microvm machine: how a guest kernel built without MP-table support (most
+//! distribution kernels) learns about its vCPUs, the IOAPIC and the serial port.
+//!
+//! Written at [`layout::ACPI_START`], each table 16-byte aligned: the RSDP (ACPI 2.0, pointing
+//! at the XSDT), the DSDT, a hardware-reduced FADT (no PM timer, no SCI, no fixed-feature
+//! hardware), the MADT and the XSDT listing the FADT and MADT. The tables themselves come from
+//! the rust-vmm `acpi_tables` crate; this module decides what goes into them and where.
+//!
+//! The MADT says what the MP table says: APIC id `i` for vCPU `i`, the IOAPIC with the id
+//! after the last vCPU and GSI base 0. ISA IRQ n reaches IOAPIC pin n (KVM's default
+//! routing, which the MP table also declares), which is what ACPI assumes for every ISA IRQ
+//! without an interrupt source override, so there are none.
+
+use acpi_tables::aml::{self, Device, EISAName, Interrupt, Name, ResourceTemplate, Scope, IO};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{layout, mptable};
+use crate::devices::legacy::{COM1_BASE, COM1_IRQ};
+
+/// Errors while writing the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The vCPU count is out of range.
+    #[error("cannot describe {0} vCPUs in ACPI: the MADT supports 1 to {max}", max = layout::MAX_VCPUS)]
+    VcpuCount(u8),
+    /// The tables do not fit in the space reserved for them.
+    #[error("ACPI tables of {0} bytes exceed their {max}-byte area", max = layout::ACPI_MAX_SIZE)]
+    TooLarge(usize),
+    /// Guest memory refused the write.
+    #[error("cannot write the ACPI tables at {addr:#x}: {source}")]
+    Write {
+        /// Where the tables were to go.
+        addr: u64,
+        /// The underlying error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// OEM id in every table header.
+const OEM_ID: [u8; 6] = *b"CITADL";
+/// OEM table id in every table header.
+const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
+const OEM_REVISION: u32 = 1;
+/// DSDT revision 2: AML integers are 64 bits wide.
+const DSDT_REVISION: u8 = 2;
+/// Length of an ACPI table header; a table without body is just this.
+const SDT_HEADER_SIZE: u32 = 36;
+/// IA-PC boot architecture flags (FADT `IAPC_BOOT_ARCH`). "Legacy devices" and "8042" stay
+/// clear: there are no ISA devices to probe besides COM1 (described in the DSDT), and the
+/// i8042 exists only for its reset line, so the keyboard driver need not probe it.
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+/// Alignment of each table in guest memory; the RSDP needs 16 for the legacy scan.
+const TABLE_ALIGN: usize = 16;
+/// Number of COM1 registers.
+const COM1_PORTS: u8 = 8;
+
+/// Writes the ACPI tables for `num_cpus` vCPUs at [`layout::ACPI_START`] and returns the
+/// address of the RSDP. `devices` are extra AML device objects placed in the DSDT's `\_SB`
+/// scope after COM1 (for instance one per virtio-mmio slot).
+pub fn write(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    devices: &[&dyn Aml],
+) -> Result<GuestAddress, AcpiError> {
+    if num_cpus == 0 || num_cpus > layout::MAX_VCPUS {
+        return Err(AcpiError::VcpuCount(num_cpus));
+    }
+    let start = layout::ACPI_START;
+    let mut image = TableImage::default();
+    // The RSDP goes first so that it sits at the aligned start of the scanned area; its XSDT
+    // address is only known once the other tables are placed, so it is filled in last.
+    let rsdp_offset = image.reserve(Rsdp::len());
+    let dsdt = image.place(&dsdt(devices));
+    let fadt = image.place(&fadt(start.0 + dsdt as u64));
+    let madt = image.place(&madt(num_cpus));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(start.0 + fadt as u64);
+    xsdt.add_entry(start.0 + madt as u64);
+    let xsdt = image.place(&xsdt);
+    image.fill(rsdp_offset, &Rsdp::new(OEM_ID, start.0 + xsdt as u64));
+
+    let bytes = image.bytes;
+    if bytes.len() > layout::ACPI_MAX_SIZE {
+        return Err(AcpiError::TooLarge(bytes.len()));
+    }
+    // Checked up front so that a partial set of tables is never left in guest memory.
+    let write_err = |source| AcpiError::Write {
+        addr: start.0,
+        source,
+    };
+    if !mem.check_range(start, bytes.len()) {
+        return Err(write_err(vm_memory::GuestMemoryError::InvalidGuestAddress(
+            start,
+        )));
+    }
+    mem.write_slice(&bytes, start).map_err(write_err)?;
+    Ok(GuestAddress(start.0 + rsdp_offset as u64))
+}
+
+/// The tables laid out one after the other, each at an aligned offset.
+#[derive(Default)]
+struct TableImage {
+    bytes: Vec<u8>,
+}
+
+impl TableImage {
+    /// Reserves `len` zero bytes at the next aligned offset and returns that offset.
+    fn reserve(&mut self, len: usize) -> usize {
+        let offset = self.bytes.len().next_multiple_of(TABLE_ALIGN);
+        self.bytes.resize(offset + len, 0);
+        offset
+    }
+
+    /// Appends `table` at the next aligned offset and returns that offset.
+    fn place(&mut self, table: &dyn Aml) -> usize {
+        let offset = self.bytes.len().next_multiple_of(TABLE_ALIGN);
+        self.bytes.resize(offset, 0);
+        table.to_aml_bytes(&mut self.bytes);
+        offset
+    }
+
+    /// Overwrites the space reserved at `offset` with `table`.
+    fn fill(&mut self, offset: usize, table: &dyn Aml) {
+        let mut data = Vec::new();
+        table.to_aml_bytes(&mut data);
+        self.bytes[offset..offset + data.len()].copy_from_slice(&data);
+    }
+}
+
+/// The DSDT: COM1 (a 16550-compatible UART, PNP0501) and `devices` in `\_SB`.
+fn dsdt(devices: &[&dyn Aml]) -> Sdt {
+    let hid = EISAName::new("PNP0501");
+    let hid = Name::new("_HID".into(), &hid);
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let ports = IO::new(COM1_BASE, COM1_BASE, 1, COM1_PORTS);
+    // Edge-triggered, active high, exclusive: an ISA interrupt, as the MP table declares it.
+    let irq = Interrupt::new(true, true, false, false, COM1_IRQ);
+    let resources = ResourceTemplate::new(vec![&ports, &irq]);
+    let crs = Name::new("_CRS".into(), &resources);
+    let com1 = Device::new("COM1".into(), vec![&hid, &uid, &crs]);
+
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend_from_slice(devices);
+    let sb = Scope::new("\\_SB_".into(), children);
+
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        SDT_HEADER_SIZE,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    let mut body = Vec::new();
+    sb.to_aml_bytes(&mut body);
+    dsdt.append_slice(&body);
+    dsdt
+}
+
+/// A hardware-reduced FADT pointing at the DSDT at `dsdt_addr`.
+fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        // No PM timer, SCI, GPE or PM1 blocks: the guest uses its LAPIC timer, TSC and
+        // kvmclock, and does not look for the legacy PIC or PIT either.
+        .flag(Flags::HwReducedAcpi)
+        // There is no fixed-feature power or sleep button (hardware-reduced platforms have
+        // none): these flags say so.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    fadt.finalize()
+}
+
+/// The MADT: one enabled local APIC per vCPU (APIC id and processor UID = vCPU index) and the
+/// IOAPIC.
+fn madt(num_cpus: u8) -> MADT {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(layout::LAPIC_START as u32),
+    );
+    for cpu in 0..num_cpus {
+        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(
+        mptable::ioapic_id(num_cpus),
+        layout::IOAPIC_START as u32,
+        0,
+    ));
+    madt
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// What a guest learns from the ACPI tables it finds in memory.
+    #[derive(Debug, PartialEq)]
+    pub(crate) struct Parsed {
+        /// Where the RSDP was found by the legacy scan.
+        pub rsdp: u64,
+        /// (processor UID, APIC id, flags) of each MADT local APIC entry.
+        pub lapics: Vec<(u8, u8, u32)>,
+        /// (id, address, GSI base) of each MADT IOAPIC entry.
+        pub ioapics: Vec<(u8, u32, u32)>,
+        /// Local APIC address in the MADT.
+        pub lapic_addr: u32,
+        /// FADT flags.
+        pub fadt_flags: u32,
+        /// FADT IA-PC boot architecture flags.
+        pub iapc_boot_arch: u16,
+        /// The DSDT's AML (after the header).
+        pub dsdt_aml: Vec<u8>,
+    }
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// Reads the table at `addr` with signature `sig`, checking its length and checksum.
+    fn table(mem: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
+        let mut header = [0u8; 36];
+        mem.read_slice(&mut header, GuestAddress(addr)).unwrap();
+        assert_eq!(&header[0..4], sig, "table at {addr:#x}");
+        let len = u32_at(&header, 4) as usize;
+        assert!(len >= 36, "{sig:?} length {len}");
+        let mut data = vec![0u8; len];
+        mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+        assert_eq!(sum(&data), 0, "{} checksum", String::from_utf8_lossy(sig));
+        assert_eq!(&data[10..16], b"CITADL");
+        data
+    }
+
+    /// Finds the RSDP the way Linux's legacy scan does (16-byte steps over 0xE0000..0x100000)
+    /// and follows it to every table, checking each signature, length and checksum.
+    pub(crate) fn parse(mem: &GuestMemoryMmap) -> Parsed {
+        let mut bios = vec![0u8; 0x2_0000];
+        mem.read_slice(&mut bios, GuestAddress(0xe_0000)).unwrap();
+        let off = (0..bios.len())
+            .step_by(16)
+            .find(|&o| &bios[o..o + 8] == b"RSD PTR ")
+            .expect("no RSDP in 0xE0000..0x100000");
+        let rsdp = &bios[off..off + 36];
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP ACPI 1.0 checksum");
+        assert_eq!(rsdp[15], 2, "RSDP revision");
+        assert_eq!(u32_at(rsdp, 20), 36, "RSDP length");
+        assert_eq!(sum(rsdp), 0, "RSDP extended checksum");
+
+        let xsdt = table(mem, u64_at(rsdp, 24), b"XSDT");
+        let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
+        assert_eq!(entries.len(), 2, "XSDT lists the FADT and MADT");
+        let fadt = table(mem, entries[0], b"FACP");
+        let madt = table(mem, entries[1], b"APIC");
+
+        assert_eq!(u32_at(&fadt, 40), 0, "32-bit DSDT pointer unused");
+        let dsdt = table(mem, u64_at(&fadt, 140), b"DSDT");
+        assert_eq!(fadt[8], 6, "FADT major revision");
+
+        let mut parsed = Parsed {
+            rsdp: 0xe_0000 + off as u64,
+            lapics: vec![],
+            ioapics: vec![],
+            lapic_addr: u32_at(&madt, 36),
+            fadt_flags: u32_at(&fadt, 112),
+            iapc_boot_arch: u16::from_le_bytes([fadt[109], fadt[110]]),
+            dsdt_aml: dsdt[36..].to_vec(),
+        };
+        let mut at = 44;
+        while at < madt.len() {
+            let (kind, len) = (madt[at], usize::from(madt[at + 1]));
+            let entry = &madt[at..at + len];
+            match kind {
+                0 => {
+                    assert_eq!(len, 8);
+                    parsed.lapics.push((entry[2], entry[3], u32_at(entry, 4)));
+                }
+                1 => {
+                    assert_eq!(len, 12);
+                    parsed
+                        .ioapics
+                        .push((entry[2], u32_at(entry, 4), u32_at(entry, 8)));
+                }
+                other => panic!("unexpected MADT entry type {other}"),
+            }
+            at += len;
+        }
+        assert_eq!(at, madt.len(), "MADT entries fill the table exactly");
+        parsed
+    }
+
+    fn ram() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn tables_parse_back_for_several_cpu_counts() {
+        let mem = ram();
+        for n in [1u8, 2, 7, 64, layout::MAX_VCPUS] {
+            let rsdp = write(&mem, n, &[]).unwrap();
+            let parsed = parse(&mem);
+            assert_eq!(parsed.rsdp, rsdp.0);
+            assert_eq!(parsed.rsdp % 16, 0);
+            let expected: Vec<_> = (0..n).map(|i| (i, i, 1)).collect();
+            assert_eq!(parsed.lapics, expected, "{n} vCPUs");
+            assert_eq!(
+                parsed.ioapics,
+                vec![(n, layout::IOAPIC_START as u32, 0)],
+                "IOAPIC id after the last vCPU, as in the MP table"
+            );
+            assert_eq!(parsed.lapic_addr, layout::LAPIC_START as u32);
+        }
+    }
+
+    #[test]
+    fn madt_agrees_with_the_mp_table() {
+        let mem = ram();
+        write(&mem, 5, &[]).unwrap();
+        mptable::write(&mem, 5).unwrap();
+        let acpi = parse(&mem);
+        let mp = mptable::tests::parse(&mem);
+        let mp_ids: Vec<u8> = mp.cpus.iter().map(|c| c.0).collect();
+        let acpi_ids: Vec<u8> = acpi.lapics.iter().map(|c| c.1).collect();
+        assert_eq!(acpi_ids, mp_ids);
+        assert_eq!((acpi.ioapics[0].0, acpi.ioapics[0].1), mp.ioapic);
+        assert_eq!(acpi.lapic_addr, mp.lapic);
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_without_legacy_devices() {
+        let mem = ram();
+        write(&mem, 1, &[]).unwrap();
+        let parsed = parse(&mem);
+        assert_ne!(parsed.fadt_flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        // No 8042 (bit 1) and no legacy ISA devices (bit 0) to probe; no VGA, no CMOS RTC.
+        assert_eq!(parsed.iapc_boot_arch & 0b11, 0);
+        assert_eq!(parsed.iapc_boot_arch & (1 << 2 | 1 << 5), 1 << 2 | 1 << 5);
+    }
+
+    #[test]
+    fn dsdt_describes_com1_in_the_system_bus() {
+        let mem = ram();
+        write(&mem, 1, &[]).unwrap();
+        let aml = parse(&mem).dsdt_aml;
+        // Scope (\_SB_) opens the AML.
+        assert_eq!(aml[0], 0x10, "ScopeOp");
+        assert!(contains(&aml, b"\\_SB_"));
+        assert!(contains(&aml, b"COM1"));
+        // _HID is EISAID("PNP0501"): the DWord 0x0105D041.
+        assert!(contains(&aml, b"_HID\x0c\x41\xd0\x05\x01"), "{aml:x?}");
+        // I/O port descriptor: decodes 16 bits, 0x3f8..0x3f8, 8 ports.
+        assert!(contains(
+            &aml,
+            &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
+        ));
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive, IRQ 4.
+        assert!(contains(
+            &aml,
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]
+        ));
+    }
+
+    #[test]
+    fn extra_devices_land_in_the_dsdt() {
+        let mem = ram();
+        let hid = Name::new("_HID".into(), &"LNRO0005");
+        let dev = Device::new("V000".into(), vec![&hid]);
+        write(&mem, 2, &[&dev]).unwrap();
+        let aml = parse(&mem).dsdt_aml;
+        let mut dev_aml = Vec::new();
+        dev.to_aml_bytes(&mut dev_aml);
+        assert!(contains(&aml, &dev_aml));
+        assert!(contains(&aml, b"LNRO0005\0"));
+    }
+
+    #[test]
+    fn refuses_bad_cpu_counts_and_memory_without_the_bios_area() {
+        let mem = ram();
+        assert!(matches!(write(&mem, 0, &[]), Err(AcpiError::VcpuCount(0))));
+        assert!(matches!(
+            write(&mem, 255, &[]),
+            Err(AcpiError::VcpuCount(255))
+        ));
+        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
+        assert!(matches!(
+            write(&small, 1, &[]),
+            Err(AcpiError::Write { .. })
+        ));
+    }
+
+    #[test]
+    fn too_many_devices_are_refused_not_truncated() {
+        let mem = ram();
+        let blob = "X".repeat(layout::ACPI_MAX_SIZE);
+        let name = Name::new("BLOB".into(), &blob);
+        let err = write(&mem, 1, &[&name]).unwrap_err();
+        assert!(matches!(err, AcpiError::TooLarge(_)), "{err}");
+    }
+}

@@ -13,4 +13,6 @@ pub mod machine;
 pub mod memory;
 pub mod monitor;
 pub mod qmp_server;
+#[cfg(test)]
+mod test_kvm;
 pub mod vcpu;

@@ -318,8 +318,7 @@ mod tests {
 
     #[test]
     fn kvm_accepts_the_regions() {
-        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("skipped: /dev/kvm is not available");
+        let Some(kvm) = crate::test_kvm::kvm_or_skip("memory::kvm_accepts_the_regions") else {
             return;
         };
         let vm = kvm.create_vm().unwrap();

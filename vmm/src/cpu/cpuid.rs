@@ -547,13 +547,7 @@ mod tests {
     use super::*;
 
     fn kvm() -> Option<Kvm> {
-        match Kvm::new() {
-            Ok(kvm) => Some(kvm),
-            Err(e) => {
-                eprintln!("skipped: /dev/kvm is not available: {e}");
-                None
-            }
-        }
+        crate::test_kvm::kvm_or_skip("cpu::cpuid tests")
     }
 
     fn find(cpuid: &CpuId, function: u32, index: u32) -> Option<kvm_cpuid_entry2> {

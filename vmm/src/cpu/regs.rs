@@ -325,13 +325,7 @@ mod tests {
 
     /// Loads `kernel` into a fresh VM with an in-kernel irqchip, or `None` without /dev/kvm.
     fn boot(kernel: &[u8], num_cpus: u8) -> Option<Booted> {
-        let kvm = match Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipped: /dev/kvm is not available: {e}");
-                return None;
-            }
-        };
+        let kvm = crate::test_kvm::kvm_or_skip("cpu::regs tests")?;
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let ram = memory::create_guest_ram(32 << 20).unwrap();
@@ -547,7 +541,9 @@ mod tests {
 
     #[test]
     fn configure_without_irqchip_names_the_cause() {
-        let Ok(kvm) = Kvm::new() else {
+        let Some(kvm) =
+            crate::test_kvm::kvm_or_skip("cpu::regs::configure_without_irqchip_names_the_cause")
+        else {
             return;
         };
         let vm = kvm.create_vm().unwrap();

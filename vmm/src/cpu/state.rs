@@ -122,11 +122,14 @@ impl VcpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_ioctls::Kvm;
 
     #[test]
     fn restore_undoes_what_the_guest_changed() {
-        let kvm = Kvm::new().expect("/dev/kvm");
+        let Some(kvm) =
+            crate::test_kvm::kvm_or_skip("cpu::state::restore_undoes_what_the_guest_changed")
+        else {
+            return;
+        };
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();

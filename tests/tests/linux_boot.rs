@@ -20,10 +20,16 @@ const TCG_TIMEOUT: Duration = Duration::from_secs(120);
 const EMULATED_KVM_TIMEOUT: Duration = Duration::from_secs(480);
 
 /// CPU features Linux must not use where KVM emulates guest instructions in software, and
-/// the boot-time int3 self-test that trips the same emulator (see DESIGN.md).
+/// the boot-time int3 self-test that trips the same emulator (see DESIGN.md). Also the
+/// TSC-deadline timer: there the guest runs several times slower than real time, and until
+/// it switches to high-resolution timers Linux drives its periodic tick from that one-shot
+/// timer, replaying each missed tick in a loop (tick_handle_periodic) that then never
+/// catches up with the clock; in the local APIC's periodic mode it handles one tick per
+/// interrupt.
 const CONSERVATIVE_CPU_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,popcnt,avx,avx2,\
 avx512f,bmi1,bmi2,erms,fsrm,movbe,aes,pclmulqdq,rdrand,rdseed,sha_ni,xsave,fma,f16c,sse4_1,\
-sse4_2,ssse3,pcid,invpcid,fsgsbase,rdpid,clflushopt,clwb,adx,abm,lzcnt citadel.no_int3_selftest";
+sse4_2,ssse3,pcid,invpcid,fsgsbase,rdpid,clflushopt,clwb,adx,abm,lzcnt citadel.no_int3_selftest \
+lapic=notscdeadline";
 
 const DISK_MARKER: &[u8] = b"citadel-disk-marker";
 const DISK_SIZE: usize = 1 << 20;

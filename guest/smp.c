@@ -1,8 +1,8 @@
 /*
- * smp: counts the processors the VMM announced in its MP table, wakes the application
- * processors with INIT-SIPI-SIPI into a real-mode trampoline below 1 MiB, and counts those
- * that check in. Each AP adds itself to a counter inside the trampoline page with
- * `lock xadd`, then halts.
+ * smp: counts the processors the VMM announced in its ACPI MADT and in its MP table, wakes
+ * the application processors with INIT-SIPI-SIPI into a real-mode trampoline below 1 MiB,
+ * and counts those that check in. Each AP adds itself to a counter inside the trampoline
+ * page with `lock xadd`, then halts.
  */
 #include "guest.h"
 
@@ -21,6 +21,16 @@
 /* Upper bounds that keep a corrupt table from sending the scan anywhere. */
 #define MP_MAX_ENTRIES 1024
 #define MP_MAX_TABLE_LEN 0x10000
+#define ACPI_MAX_TABLE_LEN 0x10000
+#define ACPI_MAX_TABLES 64
+/* ACPI tables are followed only inside the identity-mapped first GiB. */
+#define ACPI_ADDR_LIMIT 0x40000000UL
+
+/* Table signatures as little-endian words: "RSD ", "PTR ", "XSDT", "APIC". */
+#define SIG_RSD 0x20445352
+#define SIG_PTR 0x20525450
+#define SIG_XSDT 0x54445358
+#define SIG_MADT 0x43495041
 
 /* Timer period while waiting: 1 ms. */
 #define TICK_US 1000
@@ -119,6 +129,77 @@ static u64 mp_count_cpus(void)
 	return cpus;
 }
 
+/* Finds the ACPI RSDP (16-byte aligned, "RSD PTR ", ACPI 1.0 checksum) in the BIOS area. */
+static u64 rsdp_find(void)
+{
+	u64 a;
+
+	for (a = 0xe0000; a + 20 <= 0x100000; a += 16) {
+		if (*(volatile u32 *)a == SIG_RSD && *(volatile u32 *)(a + 4) == SIG_PTR &&
+		    checksum_ok(a, 20))
+			return a;
+	}
+	return 0;
+}
+
+/* Length of the ACPI table at `addr` if it has signature `sig` and sums to zero, else 0. */
+static u64 acpi_table_len(u64 addr, u32 sig)
+{
+	u64 len;
+
+	if (addr == 0 || addr + 36 > ACPI_ADDR_LIMIT || *(volatile u32 *)addr != sig)
+		return 0;
+	len = *(volatile u32 *)(addr + 4);
+	if (len < 36 || len > ACPI_MAX_TABLE_LEN || addr + len > ACPI_ADDR_LIMIT ||
+	    !checksum_ok(addr, len))
+		return 0;
+	return len;
+}
+
+/*
+ * Number of enabled local APIC entries in the MADT the RSDP leads to (ACPI 2.0: through
+ * the XSDT); 0 when absent. Every table on the way must pass its checksum.
+ */
+static u64 acpi_count_cpus(void)
+{
+	u64 rsdp = rsdp_find();
+	u64 xsdt, xsdt_len, madt = 0, madt_len = 0, i, p, end, cpus = 0, seen = 0;
+
+	if (!rsdp) {
+		report("acpi=absent");
+		return 0;
+	}
+	xsdt = *(volatile u64 *)(rsdp + 24);
+	if (*(volatile u8 *)(rsdp + 15) < 2 || !checksum_ok(rsdp, 36) ||
+	    !(xsdt_len = acpi_table_len(xsdt, SIG_XSDT))) {
+		report("acpi=bad-xsdt");
+		return 0;
+	}
+	for (i = 0; i < (xsdt_len - 36) / 8 && i < ACPI_MAX_TABLES && !madt_len; i++) {
+		madt = *(volatile u64 *)(xsdt + 36 + 8 * i);
+		madt_len = acpi_table_len(madt, SIG_MADT);
+	}
+	if (!madt_len) {
+		report("acpi=no-madt");
+		return 0;
+	}
+	p = madt + 44;
+	end = madt + madt_len;
+	while (p + 2 <= end && seen++ < MP_MAX_ENTRIES) {
+		u8 type = *(volatile u8 *)p, len = *(volatile u8 *)(p + 1);
+
+		if (len < 2 || p + len > end) {
+			report("acpi=bad-madt");
+			break;
+		}
+		/* Processor local APIC: flags bit 0 = enabled. */
+		if (type == 0 && len >= 8 && (*(volatile u32 *)(p + 4) & 1))
+			cpus++;
+		p += len;
+	}
+	return cpus;
+}
+
 static void icr_send(u32 low)
 {
 	mmio_write32(LAPIC_BASE + LAPIC_ICR_HIGH, 0);
@@ -138,9 +219,10 @@ static void sleep_ms(u64 ms)
 void guest_main(void)
 {
 	volatile u16 *checked_in;
-	u64 expected_aps, mp_cpus, deadline;
+	u64 expected_aps, acpi_cpus, mp_cpus, deadline;
 
 	report_entry();
+	acpi_cpus = acpi_count_cpus();
 	mp_cpus = mp_count_cpus();
 	expected_aps = mp_cpus > 1 ? mp_cpus - 1 : 0;
 
@@ -165,6 +247,7 @@ void guest_main(void)
 		__asm__ volatile("sti; hlt; cli");
 
 	report_dec("cpus", 1 + *checked_in);
+	report_dec("acpi-cpus", acpi_cpus);
 	report_dec("mptable-cpus", mp_cpus);
 	halt_forever();
 }

@@ -239,6 +239,8 @@ fn smp_brings_up_every_vcpu() {
     let mut vm = Vm::start(&guest_program("smp"), &["-m", "32", "-smp", "4"]);
     let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
     assert!(line.ends_with("cpus=4"), "{line}");
+    let line = vm.wait_serial("citadel-guest: acpi-cpus=", BOOT);
+    assert!(line.ends_with("acpi-cpus=4"), "{line}");
     let line = vm.wait_serial("citadel-guest: mptable-cpus=", BOOT);
     assert!(line.ends_with("mptable-cpus=4"), "{line}");
 }
@@ -367,6 +369,9 @@ fn system_reset_reboots_the_guest_from_its_kernel() {
     vm.wait_serial("citadel-guest: entry=", BOOT);
     let line = vm.wait_serial("citadel-guest: cpus=", BOOT);
     assert!(line.ends_with("cpus=2"), "{line}");
+    // The boot tables are there again, checksums and all.
+    let line = vm.wait_serial("citadel-guest: acpi-cpus=", BOOT);
+    assert!(line.ends_with("acpi-cpus=2"), "{line}");
     // The program's last line: nothing is in flight once it is seen.
     vm.wait_serial("citadel-guest: mptable-cpus=", BOOT);
     assert_eq!(

@@ -6,7 +6,8 @@ echo "guest: memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/memin
 echo "guest: cmdline=$(cat /proc/cmdline)"
 echo "guest: vendor=$(sed -n 's/^vendor_id[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 echo "guest: flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
-dmesg | grep -E 'WARNING|BUG|Call Trace' | sed 's/^/guest: dmesg-problem: /'
+# The line before a warning says what is wrong (XSAVE consistency problems among them).
+dmesg | grep -B1 -E 'WARNING|BUG|Call Trace' | sed 's/^/guest: dmesg-problem: /'
 echo "guest: dmesg-problems=$(dmesg | grep -cE 'WARNING|BUG|Call Trace')"
 echo "guest: acpi-madt=$(dmesg | grep -c 'Using ACPI (MADT) for SMP configuration information')"
 echo "guest: uptime=$(cut -d" " -f1 /proc/uptime)"

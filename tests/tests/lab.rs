@@ -22,15 +22,38 @@ const SCENARIOS: &[&str] = &[
 /// RAM given to every lab guest (`-m 256` in the scenarios).
 const GUEST_RAM_KB: u64 = 256 * 1024;
 
+/// Scenarios of the lab's VFIO variant, a boot of its own.
+const VFIO_SCENARIOS: &[&str] = &["vfio-edu"];
+
 fn lab() -> Option<&'static LabRun> {
     static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
-    let run = RUN.get_or_init(|| {
-        let lab = Lab::prepare(LabOptions::default())?;
-        let run = lab.run(SCENARIOS)?;
+    boot(&RUN, LabOptions::default(), SCENARIOS, "lab-transcript.txt")
+}
+
+fn vfio_lab() -> Option<&'static LabRun> {
+    static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
+    let options = LabOptions {
+        vfio: true,
+        ..LabOptions::default()
+    };
+    boot(&RUN, options, VFIO_SCENARIOS, "lab-vfio-transcript.txt")
+}
+
+/// Boots the lab once for all the tests that share `run`, keeping its transcript in the target
+/// directory.
+fn boot(
+    run: &'static OnceLock<Result<LabRun, LabError>>,
+    options: LabOptions,
+    scenarios: &[&str],
+    transcript_name: &str,
+) -> Option<&'static LabRun> {
+    let run = run.get_or_init(|| {
+        let lab = Lab::prepare(options)?;
+        let run = lab.run(scenarios)?;
         let transcript = citadel_tests::profile_dir()
             .parent()
             .expect("profile dir has a parent")
-            .join("lab-transcript.txt");
+            .join(transcript_name);
         let _ = std::fs::write(&transcript, run.transcript.join("\n"));
         eprintln!(
             "lab: L1 boot {:?}, whole run {:?}, transcript in {}",
@@ -52,7 +75,11 @@ fn lab() -> Option<&'static LabRun> {
 
 /// The scenario's outcome, which must have ended by itself with status 0.
 fn scenario(name: &str) -> Option<&'static ScenarioOutcome> {
-    let outcome = lab()?.scenario(name);
+    finished(lab()?, name)
+}
+
+fn finished<'a>(run: &'a LabRun, name: &str) -> Option<&'a ScenarioOutcome> {
+    let outcome = run.scenario(name);
     assert_eq!(
         outcome.rc,
         Some(0),
@@ -274,4 +301,16 @@ fn cpu_templates_reach_the_guests_own_cpuinfo() {
     assert_eq!(value(outcome, "baseline.vendor"), "AuthenticAMD", "{}", t());
     assert_eq!(value(outcome, "host.dmesg-problems"), "0", "{}", t());
     assert_eq!(value(outcome, "baseline.dmesg-problems"), "0", "{}", t());
+}
+
+#[test]
+fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
+    let Some(outcome) = vfio_lab().and_then(|run| finished(run, "vfio-edu")) else {
+        return;
+    };
+    let t = || outcome.transcript();
+    assert_eq!(value(outcome, "edu-driver"), "vfio-pci", "{}", t());
+    assert!(!value(outcome, "edu-group").is_empty(), "{}", t());
+    assert_eq!(value(outcome, "group-node"), "yes", "{}", t());
+    assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
 }

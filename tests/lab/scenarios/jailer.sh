@@ -8,7 +8,7 @@ cp $GUEST/vmlinux $GUEST/initramfs.cpio.gz $root/
 l2_start jail citadel-jailer --id $id --exec-file /lab/bin/citadel --uid 1000 --gid 1000 \
 	--new-pid-ns --new-netns --userns --landlock --keep-stdio -- \
 	-machine microvm -kernel /vmlinux -initrd /initramfs.cpio.gz \
-	-append "console=ttyS0 panic=-1 lab.mode=report" -smp 2 -m 256 \
+	-append "console=ttyS0 panic=-1 quiet lab.mode=report" -smp 2 -m 256 \
 	-qmp unix:/qmp.sock,server,nowait -serial stdio
 l2_wait jail "guest: user space up" 90 && result user-space yes
 pid=$(cat /srv/jailer/citadel/$id/citadel.pid 2>/dev/null)

@@ -1,0 +1,145 @@
+//! Feeds citadel-blk's vhost-user request handler (its `Connection`, behind the vhost crate's
+//! request dispatcher, as the backend serves a frontend) with a hostile frontend session: any
+//! messages, framing and payloads, a sealed memfd as guest memory (and an unsealed one it must
+//! refuse), kick and call eventfds, guest memory written between messages, and kicks that the
+//! device's queue workers serve from that memory.
+//!
+//! Checks that nothing panics or touches memory out of bounds, in the handler or in the queue
+//! workers, and that the handler keeps answering until the frontend breaks the framing.
+//!
+//! Run with `scripts/fuzz.sh`, or from `backends/blk/fuzz` with `cargo fuzz run vhost_user`.
+
+#![no_main]
+
+// citadel-blk is a binary crate: its modules are compiled into this target, at the crate
+// root where their `crate::` paths expect them.
+#[allow(dead_code)]
+#[path = "../../src/cli.rs"]
+mod cli;
+#[allow(dead_code)]
+#[path = "../../src/device.rs"]
+mod device;
+#[allow(dead_code)]
+#[path = "../../src/disk.rs"]
+mod disk;
+#[allow(dead_code)]
+#[path = "../../src/inflight.rs"]
+mod inflight;
+#[allow(dead_code)]
+#[path = "../../src/memory.rs"]
+mod memory;
+#[allow(dead_code)]
+#[path = "../../src/request.rs"]
+mod request;
+#[allow(dead_code)]
+#[path = "../../src/stats.rs"]
+mod stats;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use citadel_sandbox::memory_file::MemoryFilePolicy;
+use citadel_tests::vhost_user_script::{decode, Session, Step};
+use libfuzzer_sys::fuzz_target;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+
+use crate::cli::ImageSource;
+use crate::device::{Connection, Device, DeviceConfig};
+use crate::disk::Disk;
+
+/// Most kicks per input that wait for the workers (each may wait for a call).
+const MAX_WAITED_KICKS: usize = 4;
+
+/// The device outlives connections, as in the backend: one for the whole run, with its
+/// queue workers started once.
+fn device() -> &'static Arc<Device> {
+    static DEVICE: OnceLock<Arc<Device>> = OnceLock::new();
+    DEVICE.get_or_init(|| {
+        // SAFETY: valid C string, constant flags; the result is checked and then owned.
+        let fd =
+            unsafe { libc::memfd_create(c"citadel-blk-fuzz-disk".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fresh descriptor owned by nobody else.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(&[0x5a; 64 * 512]).unwrap();
+        let disk = Disk::open(&ImageSource::Fd(file.into_raw_fd()), false, false).unwrap();
+        let dev = Arc::new(
+            Device::new(
+                disk,
+                &DeviceConfig {
+                    num_queues: 2,
+                    queue_size: 256,
+                    block_size: 512,
+                    serial: Some("citadel-fuzz".into()),
+                    memory_files: MemoryFilePolicy::SealedOnly,
+                },
+            )
+            .unwrap(),
+        );
+        // The workers run for the life of the process, as in the backend.
+        std::mem::forget(dev.spawn_workers().unwrap());
+        dev
+    })
+}
+
+/// Bytes waiting to be read on `fd`.
+fn pending(fd: i32) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a pointer to a live int.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc < 0 {
+        0
+    } else {
+        n as usize
+    }
+}
+
+/// Whether the backend's server keeps reading after this error (it refused one request but
+/// the stream is still in step), as citadel-blk's serving loop decides.
+fn recoverable(e: &VhostError) -> bool {
+    matches!(
+        e,
+        VhostError::InvalidParam
+            | VhostError::InvalidOperation(_)
+            | VhostError::InactiveFeature(_)
+            | VhostError::InactiveOperation(_)
+            | VhostError::ReqHandlerError(_)
+    )
+}
+
+fuzz_target!(|data: &[u8]| {
+    let steps = decode(data);
+    let dev = device();
+    let (frontend, backend) = UnixStream::pair().unwrap();
+    // Everything a message holds is sent before the handler reads it, so a non-blocking
+    // socket only runs dry when the frontend announced more than it sent.
+    backend.set_nonblocking(true).unwrap();
+    let backend_fd = backend.as_raw_fd();
+    let session = Session::new(frontend);
+    let conn = Arc::new(Mutex::new(Connection::new(Arc::clone(dev))));
+    let mut handler = BackendReqHandler::from_stream(backend, conn);
+    let mut waited_kicks = 0;
+    'session: for step in &steps {
+        session.perform(step);
+        match step {
+            Step::Message { .. } => {
+                while pending(backend_fd) > 0 {
+                    match handler.handle_request() {
+                        Ok(()) => {}
+                        Err(e) if recoverable(&e) => {}
+                        Err(_) => break 'session,
+                    }
+                    session.drain_replies();
+                }
+            }
+            Step::Kick if waited_kicks < MAX_WAITED_KICKS => {
+                waited_kicks += 1;
+                session.wait_call(2);
+            }
+            _ => {}
+        }
+    }
+});

@@ -7,7 +7,7 @@
 //! Checks that nothing panics or touches memory out of bounds, in the handler or in the queue
 //! workers, and that the handler keeps answering until the frontend breaks the framing.
 //!
-//! Run with `scripts/fuzz.sh`, or from `backends/blk/fuzz` with `cargo fuzz run vhost_user`.
+//! Run with `scripts/fuzz.sh`, or from `backends/blk/fuzz` with `cargo fuzz run blk_vhost_user`.
 
 #![no_main]
 
@@ -80,7 +80,8 @@ fn device() -> &'static Arc<Device> {
             .unwrap(),
         );
         // The workers run for the life of the process, as in the backend.
-        std::mem::forget(dev.spawn_workers().unwrap());
+        static WORKERS: OnceLock<Vec<std::thread::JoinHandle<()>>> = OnceLock::new();
+        WORKERS.get_or_init(|| dev.spawn_workers().unwrap());
         dev
     })
 }

@@ -135,7 +135,10 @@ fn run_session(session: &mut Session, frame: Result<Value, citadel_qmp::FrameErr
             );
             assert_eq!(request.id, id);
             assert_eq!(parse_request(sent).as_ref(), Ok(&request));
-            check_reply(&reply::success(request.id.as_ref(), Value::Null), id.as_ref());
+            check_reply(
+                &reply::success(request.id.as_ref(), Value::Null),
+                id.as_ref(),
+            );
         }
     }
 }

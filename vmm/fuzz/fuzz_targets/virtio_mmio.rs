@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use citadel::devices::mmio_bus::MmioBus;
 use citadel::devices::virtio_mmio::{
-    read_config_bytes, ActivateError, ActivateParams, Interrupt, VirtioDevice,
-    VirtioMmioTransport, CONFIG_SPACE_OFFSET,
+    read_config_bytes, ActivateError, ActivateParams, Interrupt, VirtioDevice, VirtioMmioTransport,
+    CONFIG_SPACE_OFFSET,
 };
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_config::{
@@ -132,7 +132,11 @@ fn check_activation(params: &ActivateParams, offered: u64, max_sizes: &[u16]) {
         if !q.ready {
             continue;
         }
-        assert!(q.size != 0 && q.size <= max, "queue size {} (max {max})", q.size);
+        assert!(
+            q.size != 0 && q.size <= max,
+            "queue size {} (max {max})",
+            q.size
+        );
         assert!(packed || q.size.is_power_of_two());
         assert_eq!(q.desc % 16, 0);
         if !packed {
@@ -210,7 +214,8 @@ fuzz_target!(|data: &[u8]| {
                 let _ = interrupt.signal_used_queue();
             }
             _ => {
-                let _ = transport.update_config(|d| d.config[usize::from(value[0]) % CONFIG_LEN] = value[1]);
+                let _ = transport
+                    .update_config(|d| d.config[usize::from(value[0]) % CONFIG_LEN] = value[1]);
             }
         }
     }

@@ -37,6 +37,7 @@ mod stats;
 
 use std::fs::File;
 use std::io::Write;
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -52,6 +53,8 @@ use crate::disk::Disk;
 
 /// Most kicks per input that wait for the workers (each may wait for a call).
 const MAX_WAITED_KICKS: usize = 4;
+/// Largest payload the vhost crate accepts; a header announcing more is refused at once.
+const MAX_PAYLOAD: usize = 0x1000;
 
 /// The device outlives connections, as in the backend: one for the whole run, with its
 /// queue workers started once.
@@ -86,6 +89,32 @@ fn device() -> &'static Arc<Device> {
     })
 }
 
+/// Whether a whole message waits on `fd`, or at least a header the handler refuses without
+/// reading further (a payload larger than any message). The vhost crate retries a short read
+/// until the rest arrives, so the handler is only called when it will not wait.
+fn message_ready(fd: i32) -> bool {
+    let mut header = [0u8; 12];
+    // SAFETY: peeks into a live buffer of the given length on our own socket.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            header.as_mut_ptr().cast(),
+            header.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != header.len() as isize {
+        return false;
+    }
+    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    let mut waiting: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a pointer to a live int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut waiting) } < 0 {
+        return false;
+    }
+    size > MAX_PAYLOAD || waiting as usize >= header.len() + size
+}
+
 /// Bytes waiting to be read on `fd`.
 fn pending(fd: i32) -> usize {
     let mut n: libc::c_int = 0;
@@ -115,25 +144,32 @@ fuzz_target!(|data: &[u8]| {
     let steps = decode(data);
     let dev = device();
     let (frontend, backend) = UnixStream::pair().unwrap();
-    // Everything a message holds is sent before the handler reads it, so a non-blocking
-    // socket only runs dry when the frontend announced more than it sent.
+    // Non-blocking, so that the end of the stream reads as such; the handler is only called
+    // when a whole message waits (see `message_ready`).
     backend.set_nonblocking(true).unwrap();
     let backend_fd = backend.as_raw_fd();
     let session = Session::new(frontend);
     let conn = Arc::new(Mutex::new(Connection::new(Arc::clone(dev))));
     let mut handler = BackendReqHandler::from_stream(backend, conn);
+    let serve = |handler: &mut BackendReqHandler<Mutex<Connection>>, ready: fn(i32) -> bool| {
+        while ready(backend_fd) {
+            match handler.handle_request() {
+                Ok(()) => {}
+                Err(e) if recoverable(&e) => {}
+                // The backend drops a frontend that broke the framing.
+                Err(_) => return false,
+            }
+            session.drain_replies();
+        }
+        true
+    };
     let mut waited_kicks = 0;
-    'session: for step in &steps {
+    for step in &steps {
         session.perform(step);
         match step {
             Step::Message { .. } => {
-                while pending(backend_fd) > 0 {
-                    match handler.handle_request() {
-                        Ok(()) => {}
-                        Err(e) if recoverable(&e) => {}
-                        Err(_) => break 'session,
-                    }
-                    session.drain_replies();
+                if !serve(&mut handler, message_ready) {
+                    return;
                 }
             }
             Step::Kick if waited_kicks < MAX_WAITED_KICKS => {
@@ -143,4 +179,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
     }
+    // The frontend leaves: whatever is left is read up to the end of the stream.
+    let _ = session.frontend.sock.shutdown(Shutdown::Write);
+    serve(&mut handler, |fd| pending(fd) > 0);
 });

@@ -136,7 +136,10 @@ fuzz_target!(|data: &[u8]| {
                 .map(|d| u64::from(d.len()))
                 .sum();
             let len = request::handle(chain, &mem, &dev, scratch);
-            assert!(u64::from(len) <= writable, "used {len} of {writable} writable bytes");
+            assert!(
+                u64::from(len) <= writable,
+                "used {len} of {writable} writable bytes"
+            );
             if queue.add_used(&mem, head, len).is_err() {
                 break;
             }

@@ -110,7 +110,14 @@ fn channel() -> (UnixListener, UnixStream) {
 fn receive(net: &OwnedFd, frame: &[u8]) {
     use std::os::fd::AsRawFd;
     // SAFETY: sends from a live buffer of the given length on our own socket.
-    unsafe { libc::send(net.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
+    unsafe {
+        libc::send(
+            net.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
 }
 
 /// Reads every frame the backend transmitted and checks its size.

@@ -133,7 +133,8 @@ pub struct Session {
 impl Session {
     /// A session on the frontend end of a connected socket.
     pub fn new(sock: UnixStream) -> Session {
-        sock.set_nonblocking(true).expect("non-blocking frontend socket");
+        sock.set_nonblocking(true)
+            .expect("non-blocking frontend socket");
         Session {
             frontend: Frontend { sock },
             memory: GuestMemory::new(MEMORY_LEN),

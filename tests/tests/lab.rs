@@ -85,7 +85,7 @@ fn check_boot(outcome: &ScenarioOutcome, vm: &str, smp: u32) {
     // The kernel keeps its own image and reserved areas out of MemTotal, but no more than a
     // fifth of a small guest, and never reports more than it was given.
     assert!(
-        mem <= GUEST_RAM_KB && mem >= GUEST_RAM_KB * 4 / 5,
+        (GUEST_RAM_KB * 4 / 5..=GUEST_RAM_KB).contains(&mem),
         "MemTotal {mem} kB for a {GUEST_RAM_KB} kB guest\n{}",
         ctx()
     );

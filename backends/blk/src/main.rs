@@ -11,6 +11,7 @@ mod memory;
 mod request;
 mod server;
 mod stats;
+mod watchdog;
 
 use std::process::ExitCode;
 

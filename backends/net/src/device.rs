@@ -6,7 +6,7 @@
 //! is checked; a bad element is counted and returned to the guest unused, never trusted.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -70,6 +70,8 @@ pub struct NetBackend {
     event_idx: AtomicBool,
     hdr_len: AtomicUsize,
     pairs: Vec<Mutex<Pair>>,
+    /// Exit-event descriptors handed to vhost-user-backend, which never closes them.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 /// Why handling an event failed; ends the worker thread, so only for broken invariants of our
@@ -122,6 +124,7 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             hdr_len: AtomicUsize::new(10),
             pairs,
+            exit_consumers: Mutex::new(Vec::new()),
         }
     }
 
@@ -134,6 +137,27 @@ impl NetBackend {
     /// The tap fd of queue pair `i`, for registration with worker `i`'s epoll.
     pub fn tap_fd(&self, i: usize) -> std::os::fd::RawFd {
         self.config.taps[i].as_raw_fd()
+    }
+
+    /// Closes the exit-event descriptors of this connection's workers. vhost-user-backend 0.24
+    /// registers each in its worker's epoll set as a raw descriptor and never closes it, so
+    /// without this every frontend connection would leak one descriptor per queue pair, until
+    /// the backend, whose descriptor limit is small, could accept no frontend at all.
+    ///
+    /// # Safety
+    /// The daemon serving this backend must have been dropped (its worker threads joined) and
+    /// its epoll handlers too: then nothing uses those descriptors any more.
+    pub unsafe fn close_exit_events(&self) {
+        let mut consumers = self
+            .exit_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for fd in consumers.drain(..) {
+            // SAFETY: vhost-user-backend gave up the descriptor with `into_raw_fd` and keeps
+            // only its number in an epoll set that, by the caller's contract, is closed;
+            // nothing else owns it, so taking ownership here closes it exactly once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     /// Counts the frames still waiting for guest buffers as dropped when the frontend leaves.
@@ -483,7 +507,15 @@ impl VhostUserBackend for NetBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok((consumer, notifier)) => {
+                // vhost-user-backend 0.24 turns the consumer into a raw descriptor for its
+                // worker's epoll set and never closes it; see `close_exit_events`.
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
             Err(e) => {
                 log::error!("creating a worker exit event: {e}");
                 None

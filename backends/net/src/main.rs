@@ -191,16 +191,16 @@ fn serve(config: &Arc<NetConfig>, frontend: UnixStream) -> Result<(), ConnError>
     let mut daemon = VhostUserDaemon::new("citadel-net".into(), backend.clone(), mem)
         .map_err(|e| ConnError::Daemon(e.to_string()))?;
     let handlers = daemon.get_epoll_handlers();
-    for (i, handler) in handlers.iter().enumerate() {
-        handler
-            .register_listener(
-                backend.tap_fd(i),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                backend.tap_event_id(),
-            )
-            .map_err(|e| ConnError::Register(i, e))?;
-    }
     let result = (|| {
+        for (i, handler) in handlers.iter().enumerate() {
+            handler
+                .register_listener(
+                    backend.tap_fd(i),
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    backend.tap_event_id(),
+                )
+                .map_err(|e| ConnError::Register(i, e))?;
+        }
         let (unix_listener, client) = internal_channel().map_err(ConnError::Channel)?;
         let watch = unix_listener.try_clone().map_err(ConnError::Channel)?;
         let mut listener = Listener::from(unix_listener);
@@ -232,6 +232,11 @@ fn serve(config: &Arc<NetConfig>, frontend: UnixStream) -> Result<(), ConnError>
         handler.send_exit_event();
     }
     backend.discard_pending();
+    // Dropping the daemon joins its workers; dropping the handlers closes their epoll sets.
+    drop(daemon);
+    drop(handlers);
+    // SAFETY: the daemon and its epoll handlers are gone.
+    unsafe { backend.close_exit_events() };
     result
 }
 
@@ -386,5 +391,42 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _intruder = UnixStream::connect_addr(&addr).unwrap();
         assert!(has_pending(&listener));
+    }
+
+    /// Eventfds open in this process.
+    fn eventfds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy() == "anon_inode:[eventfd]")
+            .count()
+    }
+
+    #[test]
+    fn frontend_connections_leave_no_descriptor_behind() {
+        let (tap, _network) = UnixStream::pair().unwrap();
+        let config = Arc::new(NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            taps: vec![TapQueue::from_frame_socket(std::fs::File::from(
+                std::os::fd::OwnedFd::from(tap),
+            ))],
+            stats: Arc::new(Stats::default()),
+            memory_files: MemoryFilePolicy::SealedOnly,
+        });
+        const CONNECTIONS: usize = 32;
+        let before = eventfds();
+        for _ in 0..CONNECTIONS {
+            // A frontend that leaves at once; the connection is served to its end.
+            let (frontend, peer) = UnixStream::pair().unwrap();
+            drop(peer);
+            let _ = serve(&config, frontend);
+        }
+        // Each connection used to keep one eventfd per queue pair; other tests running
+        // meanwhile may hold a few of their own.
+        let grown = eventfds().saturating_sub(before);
+        assert!(
+            grown < CONNECTIONS / 2,
+            "{grown} eventfds left after {CONNECTIONS} connections"
+        );
     }
 }

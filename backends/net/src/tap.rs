@@ -197,9 +197,10 @@ impl TapQueue {
     }
 
     /// A queue over a descriptor that passes frames whole, like a tap: one end of a
-    /// `SOCK_SEQPACKET` socket pair, whose other end plays the network. Only for the fuzz
-    /// targets, which run without a tap device; the tap ioctls fail on it and are logged.
-    #[cfg(fuzzing)]
+    /// `SOCK_SEQPACKET` socket pair, whose other end plays the network. Only for tests and
+    /// the fuzz targets, which run without a tap device; the tap ioctls fail on it and are
+    /// logged.
+    #[cfg(any(test, fuzzing))]
     pub fn from_frame_socket(file: File) -> TapQueue {
         TapQueue { file }
     }

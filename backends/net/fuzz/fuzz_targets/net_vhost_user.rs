@@ -190,5 +190,11 @@ fuzz_target!(|data: &[u8]| {
         handler.send_exit_event();
     }
     backend.discard_pending();
+    // As citadel-net ends a connection: workers joined, epoll sets closed, then the exit
+    // events the library leaves open closed.
+    drop(daemon);
+    drop(handlers);
+    // SAFETY: the daemon and its epoll handlers are gone.
+    unsafe { backend.close_exit_events() };
     drain_transmitted(&fixture.net);
 });

@@ -1,5 +1,6 @@
-//! Feeds citadel-blk's vhost-user request handler (its `Connection`, behind the vhost crate's
-//! request dispatcher, as the backend serves a frontend) with a hostile frontend session: any
+//! Feeds citadel-blk's vhost-user request handler (its `Connection`, behind the shared
+//! `citadel-vhost-user` session and the vhost crate's request dispatcher, as the backend serves
+//! a frontend) with a hostile frontend session: any
 //! messages, framing and payloads, a sealed memfd as guest memory (and an unsealed one it must
 //! refuse), kick and call eventfds, guest memory written between messages, and kicks that the
 //! device's queue workers serve from that memory.
@@ -26,9 +27,6 @@ mod disk;
 #[path = "../../src/inflight.rs"]
 mod inflight;
 #[allow(dead_code)]
-#[path = "../../src/memory.rs"]
-mod memory;
-#[allow(dead_code)]
 #[path = "../../src/request.rs"]
 mod request;
 #[allow(dead_code)]
@@ -44,8 +42,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use citadel_sandbox::memory_file::MemoryFilePolicy;
 use citadel_tests::vhost_user_script::{decode, Session, Step};
+use citadel_vhost_user::session::{recoverable, Session as Served};
 use libfuzzer_sys::fuzz_target;
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::cli::ImageSource;
 use crate::device::{Connection, Device, DeviceConfig};
@@ -127,19 +125,6 @@ fn pending(fd: i32) -> usize {
     }
 }
 
-/// Whether the backend's server keeps reading after this error (it refused one request but
-/// the stream is still in step), as citadel-blk's serving loop decides.
-fn recoverable(e: &VhostError) -> bool {
-    matches!(
-        e,
-        VhostError::InvalidParam
-            | VhostError::InvalidOperation(_)
-            | VhostError::InactiveFeature(_)
-            | VhostError::InactiveOperation(_)
-            | VhostError::ReqHandlerError(_)
-    )
-}
-
 fuzz_target!(|data: &[u8]| {
     let steps = decode(data);
     let dev = device();
@@ -150,8 +135,8 @@ fuzz_target!(|data: &[u8]| {
     let backend_fd = backend.as_raw_fd();
     let session = Session::new(frontend);
     let conn = Arc::new(Mutex::new(Connection::new(Arc::clone(dev))));
-    let mut handler = BackendReqHandler::from_stream(backend, conn);
-    let serve = |handler: &mut BackendReqHandler<Mutex<Connection>>, ready: fn(i32) -> bool| {
+    let mut handler = Served::new(backend, conn, dev.num_queues()).unwrap();
+    let serve = |handler: &mut Served<Mutex<Connection>>, ready: fn(i32) -> bool| {
         while ready(backend_fd) {
             match handler.handle_request() {
                 Ok(()) => {}

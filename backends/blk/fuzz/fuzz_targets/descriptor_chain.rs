@@ -45,7 +45,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::cli::ImageSource;
 use crate::disk::Disk;
-use crate::request::Scratch;
+use crate::request::{Limits, Scratch};
 use crate::stats::Stats;
 
 const DESC: u64 = 0x0;
@@ -105,6 +105,8 @@ fuzz_target!(|data: &[u8]| {
         disk: &disk,
         serial,
         stats: &stats,
+        // As a device whose queues hold `size` descriptors advertises and enforces.
+        limits: Limits::for_queue_size(size),
     };
     let mut queue = Queue::new(128).unwrap();
     queue.set_size(size);

@@ -1,7 +1,8 @@
 //! Serves a hostile frontend session with citadel-net's own stack, as the backend serves a
-//! connection: the message relay (its framing, memory-region checks and SET_VRING_ENABLE
-//! quirk), vhost-user-backend's daemon around citadel-net's `NetBackend`, and the queue
-//! worker moving frames between the guest's rings and a tap. The session is any messages,
+//! connection: the shared `citadel-vhost-user` session (early SET_VRING_ENABLE) and the vhost
+//! crate's dispatcher in front of citadel-net's message handler (`handler::Connection`: memory
+//! table, rings, features), and the queue-pair worker moving frames between the guest's rings
+//! and a tap. The session is any messages,
 //! framing and payloads, a sealed memfd as guest memory (and an unsealed one that must be
 //! refused), kick and call eventfds, guest memory written between messages, and kicks. The tap
 //! is one end of a SOCK_SEQPACKET pair: frames the input puts on the other end reach the RX
@@ -20,8 +21,8 @@
 #[path = "../../src/device.rs"]
 mod device;
 #[allow(dead_code)]
-#[path = "../../src/proxy.rs"]
-mod proxy;
+#[path = "../../src/handler.rs"]
+mod handler;
 #[allow(dead_code)]
 #[path = "../../src/stats.rs"]
 mod stats;
@@ -31,20 +32,17 @@ mod tap;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use citadel_sandbox::memory_file::MemoryFilePolicy;
 use citadel_tests::vhost_user_script::{decode, Session, Step};
+use citadel_vhost_user::session::{recoverable, Session as Served};
 use libfuzzer_sys::fuzz_target;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::Error as VhostError;
 
-use crate::device::{NetBackend, NetConfig};
+use crate::device::NetConfig;
+use crate::handler::Connection;
 use crate::stats::Stats;
 use crate::tap::TapQueue;
 
@@ -91,19 +89,20 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// A listener on a fresh abstract address and a client connected to it: the daemon accepts
-/// its connection through a listener, and this needs no file system.
-fn channel() -> (UnixListener, UnixStream) {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "citadel-net-fuzz-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let addr = SocketAddr::from_abstract_name(name).unwrap();
-    let listener = UnixListener::bind_addr(&addr).unwrap();
-    let client = UnixStream::connect_addr(&addr).unwrap();
-    (listener, client)
+/// Serves the frontend's messages until it leaves or breaks the framing, as citadel-net's
+/// `serve` does; dropping the connection at the end stops and joins its workers.
+fn serve(config: &Arc<NetConfig>, stream: UnixStream) {
+    let conn = Connection::new(Arc::clone(config)).unwrap();
+    let rings = conn.rings();
+    let mut session = Served::new(stream, Arc::new(Mutex::new(conn)), rings).unwrap();
+    loop {
+        match session.handle_request() {
+            Ok(()) => {}
+            Err(VhostError::Disconnected | VhostError::PartialMessage) => return,
+            Err(e) if recoverable(&e) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Sends `frame` to the backend through the tap, if the tap has room.
@@ -149,29 +148,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let steps = decode(rest);
     let fixture = fixture();
-    let backend = Arc::new(NetBackend::new(Arc::clone(&fixture.config)));
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("citadel-net-fuzz".into(), backend.clone(), mem).unwrap();
-    let handlers = daemon.get_epoll_handlers();
-    for (i, handler) in handlers.iter().enumerate() {
-        handler
-            .register_listener(
-                backend.tap_fd(i),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                backend.tap_event_id(),
-            )
-            .unwrap();
-    }
-    let (listener, client) = channel();
-    daemon.start(&mut Listener::from(listener)).unwrap();
-    let (frontend, relay_end) = UnixStream::pair().unwrap();
-    let relay = proxy::Relay::start(
-        relay_end,
-        client,
-        backend.num_queues(),
-        MemoryFilePolicy::SealedOnly,
-    )
-    .unwrap();
+    let (frontend, backend) = UnixStream::pair().unwrap();
+    let config = Arc::clone(&fixture.config);
+    let server = std::thread::spawn(move || serve(&config, backend));
     let session = Session::new(frontend);
     receive(&fixture.net, &vec![0u8; usize::from(frame_len) * 8]);
     let mut waited_kicks = 0;
@@ -183,18 +162,8 @@ fuzz_target!(|data: &[u8]| {
         }
         session.drain_replies();
     }
+    // The frontend leaves; the server reads what is left up to the end of the stream.
     drop(session);
-    let _ = daemon.wait();
-    let _ = relay.stop();
-    for handler in &handlers {
-        handler.send_exit_event();
-    }
-    backend.discard_pending();
-    // As citadel-net ends a connection: workers joined, epoll sets closed, then the exit
-    // events the library leaves open closed.
-    drop(daemon);
-    drop(handlers);
-    // SAFETY: the daemon and its epoll handlers are gone.
-    unsafe { backend.close_exit_events() };
+    server.join().unwrap();
     drain_transmitted(&fixture.net);
 });

@@ -8,8 +8,8 @@
 //! socket, never executes anything and issues no ioctl at all.
 
 use crate::{
-    allow, descriptor_control, peer_credentials, socket_options, thread_names, thread_runtime,
-    threads_only, Error, Rules,
+    allow, descriptor_control, peer_credentials, thread_names, thread_runtime, threads_only, Error,
+    Rules,
 };
 
 const ROLE: &str = "blk";
@@ -56,8 +56,6 @@ pub fn rules() -> Result<Rules, Error> {
     rules.push(thread_names(ROLE)?);
     // Who connected: frontends are checked against the allowed uids and gids.
     rules.push(peer_credentials(ROLE)?);
-    // The per-message receive timeout on a frontend socket; no other socket option.
-    rules.push(socket_options(ROLE, &[libc::SO_RCVTIMEO])?);
     // Worker threads, never processes.
     rules.extend(threads_only(ROLE)?);
     Ok(rules)
@@ -112,12 +110,12 @@ mod tests {
             ) as i32
         });
         // SAFETY: a raw syscall with constant or null arguments, run in the forked child.
-        killed("setsockopt(SO_SNDBUF)", || unsafe {
+        killed("setsockopt(SO_RCVTIMEO)", || unsafe {
             libc::syscall(
                 libc::SYS_setsockopt,
                 -1,
                 libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
+                libc::SO_RCVTIMEO,
                 0,
                 0,
             ) as i32
@@ -143,14 +141,6 @@ mod tests {
                 libc::syscall(libc::SYS_pwrite64, -1, b.as_ptr(), 1, 0),
                 libc::syscall(libc::SYS_fdatasync, -1),
                 libc::syscall(libc::SYS_fallocate, -1, 0, 0, 512),
-                libc::syscall(
-                    libc::SYS_setsockopt,
-                    -1,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    0,
-                    0,
-                ),
                 libc::syscall(libc::SYS_fcntl, -1, libc::F_GETFL),
             ];
             i32::from(calls.iter().any(|&rc| rc != -1))

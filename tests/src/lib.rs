@@ -91,6 +91,7 @@ pub mod lab;
 pub mod netns;
 pub mod procfs;
 pub mod vhost_user;
+pub mod vhost_user_script;
 pub mod vm;
 
 /// A child process killed and reaped on every path out of a test, panics included.

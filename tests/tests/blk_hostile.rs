@@ -1570,3 +1570,33 @@ fn set_vring_enable_before_set_features_is_kept_until_the_features_are_acked() {
     drop(s);
     still_serves(&mut backend, 12);
 }
+
+/// A frontend that sends half a message header and then nothing is dropped after the
+/// backend's 10-second message timeout (its watchdog thread, running under the seccomp
+/// filter, shuts the socket down), and the backend serves the next frontend.
+#[test]
+fn a_frontend_stalled_inside_a_header_is_dropped_and_the_next_one_served() {
+    if backend_missing() {
+        return;
+    }
+    let mut backend = Backend::start(&[]);
+    let fe = backend.connect();
+    fe.send_raw(&GET_FEATURES.to_le_bytes()[..], &[]).unwrap();
+    fe.sock
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let got = (&fe.sock).read(&mut buf);
+    let waited = start.elapsed();
+    assert!(
+        matches!(got, Ok(0)),
+        "expected the backend to close the stalled connection, got {got:?} after {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(9),
+        "dropped after {waited:?}, before the message timeout"
+    );
+    drop(fe);
+    still_serves(&mut backend, 12);
+}

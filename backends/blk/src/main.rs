@@ -10,6 +10,7 @@ mod inflight;
 mod request;
 mod server;
 mod stats;
+mod watchdog;
 
 use std::process::ExitCode;
 

@@ -18,10 +18,12 @@ use citadel_vhost_user::session::{recoverable, Session};
 use crate::cli::{Args, Connection as ConnectionArg};
 use crate::device::{Connection, Device, DeviceConfig, DeviceError};
 use crate::disk::{Disk, DiskError};
+use crate::watchdog::Watchdog;
 
 const SIGNAL: u64 = 0;
 const PEER: u64 = 1;
-/// Longest a frontend may pause in the middle of a message before it is dropped.
+/// Longest one frontend request may take on the socket (the frontend pausing in the middle of
+/// a message, or not reading a reply) before the frontend is dropped.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Fatal errors; each is reported as one line and exit status 1.
@@ -209,7 +211,9 @@ pub fn run(args: Args) -> Result<(), ServerError> {
     );
 
     let result = match endpoint {
-        Endpoint::Stream(stream) => serve(&dev, &epoll, &mut signals, stream).map(|_| ()),
+        Endpoint::Stream(stream) => {
+            serve(&dev, &epoll, &mut signals, stream, MESSAGE_TIMEOUT).map(|_| ())
+        }
         Endpoint::Listener(listener) => accept_loop(&dev, &epoll, &mut signals, listener, &peers),
     };
     dev.stop_workers();
@@ -265,7 +269,7 @@ fn accept_loop(
                         listener.as_raw_fd(),
                         EpollEvent::default(),
                     );
-                    let ending = serve(dev, epoll, signals, stream)?;
+                    let ending = serve(dev, epoll, signals, stream, MESSAGE_TIMEOUT)?;
                     if let Ending::Terminate = ending {
                         return Ok(());
                     }
@@ -288,10 +292,8 @@ fn serve(
     epoll: &Epoll,
     signals: &mut File,
     stream: UnixStream,
+    message_timeout: Duration,
 ) -> Result<Ending, ServerError> {
-    if let Err(e) = stream.set_read_timeout(Some(MESSAGE_TIMEOUT)) {
-        log::warn!("setting the message timeout: {e}");
-    }
     let fd = stream.as_raw_fd();
     epoll
         .ctl(
@@ -309,6 +311,9 @@ fn serve(
             return Ok(Ending::Disconnected);
         }
     };
+    // Declared after the session, so dropped (and its thread joined) while the socket it
+    // watches is still open.
+    let watchdog = Watchdog::start(fd, message_timeout).map_err(sys("starting the watchdog"))?;
     let mut events = [EpollEvent::default(); 2];
     let ending = 'outer: loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -323,8 +328,16 @@ fn serve(
                 }
                 continue;
             }
-            match handler.handle_request() {
+            let result = {
+                let _busy = watchdog.busy();
+                handler.handle_request()
+            };
+            match result {
                 Ok(()) => {}
+                Err(_) if watchdog.fired() => {
+                    log::info!("frontend dropped: stalled inside a request");
+                    break 'outer Ending::Disconnected;
+                }
                 Err(VhostError::Disconnected | VhostError::PartialMessage) => {
                     log::info!("frontend disconnected");
                     break 'outer Ending::Disconnected;
@@ -339,4 +352,64 @@ fn serve(
     };
     let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     Ok(ending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::ImageSource;
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    use std::time::Instant;
+
+    fn memfd(name: &std::ffi::CStr) -> File {
+        // SAFETY: valid C string, constant flags; the result is checked and then owned.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fresh descriptor owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_frontend_stalled_inside_a_message_is_dropped() {
+        let mut image = memfd(c"citadel-blk-test-disk");
+        image.write_all(&[0u8; 4096]).unwrap();
+        let disk = Disk::open(&ImageSource::Fd(image.into_raw_fd()), false, false).unwrap();
+        let dev = Arc::new(
+            Device::new(
+                disk,
+                &DeviceConfig {
+                    num_queues: 1,
+                    queue_size: 16,
+                    block_size: 512,
+                    serial: None,
+                    memory_files: MemoryFilePolicy::SealedOnly,
+                },
+            )
+            .unwrap(),
+        );
+        let (backend, mut frontend) = UnixStream::pair().unwrap();
+        // Half of a GET_FEATURES header, and nothing more: the vhost crate keeps reading until
+        // the header is complete, whatever the socket's timeout.
+        frontend.write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+        let (done, ended) = std::sync::mpsc::channel();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            let epoll = Epoll::new().unwrap();
+            let mut signals = memfd(c"citadel-blk-test-signals");
+            let ending = serve(
+                &dev,
+                &epoll,
+                &mut signals,
+                backend,
+                Duration::from_millis(300),
+            );
+            let _ = done.send(matches!(ending, Ok(Ending::Disconnected)));
+        });
+        let disconnected = ended
+            .recv_timeout(Duration::from_secs(20))
+            .expect("serving a stalled frontend never ended");
+        assert!(disconnected, "the frontend was not dropped as disconnected");
+        assert!(start.elapsed() >= Duration::from_millis(300));
+    }
 }

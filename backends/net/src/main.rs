@@ -271,3 +271,49 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Eventfds and epoll instances open in this process: what each queue pair's worker of a
+    /// connection holds.
+    fn worker_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| {
+                let target = target.to_string_lossy();
+                target == "anon_inode:[eventfd]" || target == "anon_inode:[eventpoll]"
+            })
+            .count()
+    }
+
+    #[test]
+    fn frontend_connections_leave_no_descriptor_behind() {
+        let (tap, _network) = UnixStream::pair().unwrap();
+        let config = Arc::new(NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            taps: vec![TapQueue::from_frame_socket(std::fs::File::from(
+                std::os::fd::OwnedFd::from(tap),
+            ))],
+            stats: Arc::new(Stats::default()),
+            memory_files: MemoryFilePolicy::SealedOnly,
+        });
+        const CONNECTIONS: usize = 32;
+        let before = worker_descriptors();
+        for _ in 0..CONNECTIONS {
+            // A frontend that leaves at once; the connection is served to its end.
+            let (frontend, peer) = UnixStream::pair().unwrap();
+            drop(peer);
+            serve(&config, frontend).unwrap();
+        }
+        // A leak keeps at least one descriptor per connection; other tests running meanwhile
+        // may hold a few of their own.
+        let grown = worker_descriptors().saturating_sub(before);
+        assert!(
+            grown < CONNECTIONS / 2,
+            "{grown} eventfds or epoll instances left after {CONNECTIONS} connections"
+        );
+    }
+}

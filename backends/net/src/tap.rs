@@ -196,6 +196,15 @@ impl TapQueue {
         Ok(tap)
     }
 
+    /// A queue over a descriptor that passes frames whole, like a tap: one end of a
+    /// `SOCK_SEQPACKET` socket pair, whose other end plays the network. Only for tests and
+    /// the fuzz targets, which run without a tap device; the tap ioctls fail on it and are
+    /// logged.
+    #[cfg(any(test, fuzzing))]
+    pub fn from_frame_socket(file: File) -> TapQueue {
+        TapQueue { file }
+    }
+
     /// Starts with no offloads (the guest has not accepted any yet) and the legacy 10-byte
     /// header; both are set again once the frontend acknowledges features.
     fn init(&self) -> Result<(), TapError> {

@@ -1,14 +1,20 @@
 //! Feeds arbitrary bytes, cut at places chosen by the input itself, through the decoder and
-//! the session, and every decoded object through the typed-argument parser. Checks that
-//! nothing panics, that every reply is exactly one JSON line with `return` or `error`, and
-//! that arguments which parse carry exactly the values sent.
+//! two sessions (one fresh, one already negotiated, so commands past negotiation are parsed
+//! too), every decoded object through the typed-argument parser, and every `arguments`
+//! object through the argument parsing of every command Citadel knows. Checks that
+//! nothing panics, that every reply is exactly one JSON line with `return` or `error` echoing
+//! the request's `id`, that a dispatched request is the command that was named, and that
+//! arguments which parse carry exactly the values sent.
 //!
-//! Run from `qmp/fuzz` with `cargo +nightly fuzz run decoder_session` (cargo-fuzz).
+//! Run with `scripts/fuzz.sh`, or from `qmp/fuzz` with `cargo fuzz run decoder_session`.
 
 #![no_main]
 
 use citadel_qmp::arguments::from_arguments;
+use citadel_qmp::command::{command_names, parse_request, Command};
+use citadel_qmp::error::ErrorClass;
 use citadel_qmp::framing::Decoder;
+use citadel_qmp::reply;
 use citadel_qmp::session::{Outcome, Session};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
@@ -85,13 +91,67 @@ fn check_parsed(args: &Args, members: &serde_json::Map<String, Value>) {
     assert_eq!(args.any.as_ref(), sent("any"));
 }
 
+/// A reply is one JSON line holding `return` or `error`, and the request's `id` if it had one.
+fn check_reply(line: &str, id: Option<&Value>) {
+    assert!(line.ends_with("\r\n"));
+    assert_eq!(line.matches('\n').count(), 1);
+    let v: Value = serde_json::from_str(line).expect("reply is JSON");
+    let obj = v.as_object().expect("reply is an object");
+    assert!(obj.contains_key("return") ^ obj.contains_key("error"));
+    if let Some(id) = id {
+        assert_eq!(obj.get("id"), Some(id), "reply echoes the id");
+    }
+}
+
+/// A frame's `arguments` as the arguments of every known command, and of a name no command
+/// has: a command that parses is the one named, a refusal of a known command is an argument
+/// error, an unknown name is refused as such whatever the arguments.
+fn check_commands(arguments: &serde_json::Map<String, Value>) {
+    for &name in command_names() {
+        match Command::parse(name, Some(arguments.clone())) {
+            Ok(command) => assert_eq!(command.name(), name),
+            Err(err) => assert_eq!(err.class, ErrorClass::GenericError, "{name}: {err:?}"),
+        }
+    }
+    let err = Command::parse("x-no-such-command", Some(arguments.clone()))
+        .expect_err("unknown commands are refused");
+    assert_eq!(err.class, ErrorClass::CommandNotFound);
+}
+
+/// Feeds one frame to a session and checks what comes out.
+fn run_session(session: &mut Session, frame: Result<Value, citadel_qmp::FrameError>) {
+    let sent = frame.as_ref().ok().cloned();
+    let id = sent.as_ref().and_then(|v| v.get("id")).cloned();
+    match session.handle(frame) {
+        Outcome::Reply(line) => check_reply(&line, id.as_ref()),
+        Outcome::Dispatch(request) => {
+            assert!(session.negotiated());
+            let sent = sent.expect("only a decoded value is dispatched");
+            assert_eq!(
+                Some(request.command.name()),
+                sent.get("execute").and_then(Value::as_str)
+            );
+            assert_eq!(request.id, id);
+            assert_eq!(parse_request(sent).as_ref(), Ok(&request));
+            check_reply(
+                &reply::success(request.id.as_ref(), Value::Null),
+                id.as_ref(),
+            );
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&first, mut rest)) = data.split_first() else {
         return;
     };
     let chunk = usize::from(first % 32) + 1;
     let mut decoder = Decoder::new(512);
-    let mut session = Session::new();
+    let mut fresh = Session::new();
+    let mut negotiated = Session::new();
+    let greeting = serde_json::json!({"execute": "qmp_capabilities"});
+    assert!(matches!(negotiated.handle(Ok(greeting)), Outcome::Reply(_)));
+    assert!(negotiated.negotiated());
     while !rest.is_empty() {
         let n = chunk.min(rest.len());
         for frame in decoder.feed(&rest[..n]) {
@@ -99,14 +159,12 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(args) = from_arguments::<Args>(Some(members.clone())) {
                     check_parsed(&args, members);
                 }
+                if let Some(Value::Object(arguments)) = members.get("arguments") {
+                    check_commands(arguments);
+                }
             }
-            if let Outcome::Reply(line) = session.handle(frame) {
-                assert!(line.ends_with("\r\n"));
-                assert_eq!(line.matches('\n').count(), 1);
-                let v: Value = serde_json::from_str(&line).expect("reply is JSON");
-                let obj = v.as_object().expect("reply is an object");
-                assert!(obj.contains_key("return") ^ obj.contains_key("error"));
-            }
+            run_session(&mut negotiated, frame.clone());
+            run_session(&mut fresh, frame);
         }
         rest = &rest[n..];
     }

@@ -2,5 +2,6 @@
 //! to. Device I/O itself is served by backend processes.
 
 pub mod legacy;
+pub mod manager;
 pub mod mmio_bus;
 pub mod virtio_mmio;

@@ -501,6 +501,13 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         Ok(result)
     }
 
+    /// Resets the device as if the driver had written 0 to Status: what a machine reset does
+    /// to every device, so that no backend keeps serving rings in memory the next boot
+    /// reuses.
+    pub fn reset(&self) {
+        self.lock().reset(&self.interrupt, &self.notify);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<D>> {
         // A panic elsewhere while holding the lock leaves registers that are each valid on
         // their own; keep serving the guest rather than poison every vCPU.

@@ -4,4 +4,5 @@
 pub mod legacy;
 pub mod manager;
 pub mod mmio_bus;
+pub mod vhost_user_blk;
 pub mod virtio_mmio;

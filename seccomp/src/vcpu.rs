@@ -24,6 +24,12 @@ pub fn rules() -> Result<Rules, Error> {
         // on the backend's already connected socket when the driver starts or resets a device.
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
+        // The deadline on those requests: a per-thread timer whose signal handler shuts the
+        // socket of a backend that does not answer down.
+        libc::SYS_timer_create,
+        libc::SYS_timer_settime,
+        libc::SYS_timer_delete,
+        libc::SYS_shutdown,
     ]));
     // Rust's standard library checks with F_GETFD that a descriptor is still open before it
     // closes it (debug builds), which a vCPU thread does with its vCPU fd when it exits. A

@@ -52,6 +52,12 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         // sockets, connected before the filter.
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
+        // Their deadline: a per-thread timer whose signal handler shuts a mute backend's
+        // socket down.
+        libc::SYS_timer_create,
+        libc::SYS_timer_settime,
+        libc::SYS_timer_delete,
+        libc::SYS_shutdown,
         // The kernel and initrd, held open since start, read again by `system_reset`.
         libc::SYS_lseek,
         libc::SYS_fstat,

@@ -38,6 +38,8 @@ enum RunError {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Lockdown(#[from] lockdown::LockdownError),
+    #[error("installing the vhost-user deadline signal handler: {0}")]
+    DeadlineSignal(std::io::Error),
     #[error(transparent)]
     Disk(#[from] citadel::devices::vhost_user_blk::VhostUserBlkError),
 }
@@ -107,6 +109,9 @@ fn build_and_run(
         );
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
+        if !config.disks.is_empty() {
+            citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
+        }
         let disks = config
             .disks
             .iter()

@@ -18,12 +18,13 @@
 //!
 //! The backend is a peer, not a part of the monitor: every reply is checked (feature bits
 //! against an allowlist, the configuration size and values) and every request is bounded by
-//! a socket timeout, so a stuck backend fails the device instead of blocking the vCPU that
-//! started it forever. A backend that fails a request is not used again: its connection is
+//! a deadline (see [`super::deadline`]), so a stuck backend fails the device instead of
+//! blocking the vCPU that started it forever. A backend that fails a request is not used again: its connection is
 //! in an unknown state, and the driver sees DEVICE_NEEDS_RESET.
 //!
 //! [`Interrupt::set_vring_signalled_externally`]: super::virtio_mmio::Interrupt::set_vring_signalled_externally
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -42,9 +43,11 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use super::deadline::Deadline;
 use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
 
-/// How long any one request may wait for the backend, sending or receiving.
+/// How long the requests of one step (connection, start, stop) may wait for the backend in
+/// all.
 pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// QueueNumMax offered to the driver: the default of citadel-blk's `--queue-size`. A backend
@@ -96,6 +99,14 @@ pub enum VhostUserBlkError {
         /// What the vhost crate reported.
         source: vhost::Error,
     },
+    /// The deadline on the backend's answers could not be armed.
+    #[error("vhost-user backend at {path}: cannot arm the reply deadline: {source}")]
+    Deadline {
+        /// The socket.
+        path: String,
+        /// What timer_create() or timer_settime() said.
+        source: std::io::Error,
+    },
     /// The backend's answers are unusable.
     #[error("vhost-user backend at {path}: {why}")]
     Backend {
@@ -110,6 +121,9 @@ pub enum VhostUserBlkError {
 pub struct VhostUserBlk {
     path: PathBuf,
     frontend: Frontend,
+    /// The connected socket, owned by `frontend`: what a deadline shuts down.
+    socket: RawFd,
+    timeout: Duration,
     /// Features offered to the driver: the backend's, through [`GUEST_FEATURES`].
     features: u64,
     /// The configuration space as the backend reported it at connection time.
@@ -137,21 +151,21 @@ impl std::fmt::Debug for VhostUserBlk {
 
 impl VhostUserBlk {
     /// Connects to the backend at `path` and negotiates what does not depend on the guest:
-    /// ownership, features, protocol features and the disk's configuration. Every request
-    /// waits at most `timeout`.
+    /// ownership, features, protocol features and the disk's configuration. This step, and
+    /// every later start or stop of the device, waits at most `timeout` for the backend
+    /// (the deadline signal handler must be registered, see
+    /// [`super::deadline::register_handler`]).
     pub fn connect(path: &Path, timeout: Duration) -> Result<VhostUserBlk, VhostUserBlkError> {
-        let connect_err = |source| VhostUserBlkError::Connect {
+        let stream = UnixStream::connect(path).map_err(|source| VhostUserBlkError::Connect {
             path: path.display().to_string(),
             source,
-        };
-        let stream = UnixStream::connect(path).map_err(connect_err)?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(connect_err)?;
+        })?;
+        let socket = stream.as_raw_fd();
         let mut dev = VhostUserBlk {
             path: path.to_path_buf(),
             frontend: Frontend::from_stream(stream, 1),
+            socket,
+            timeout,
             features: 0,
             config: Vec::new(),
             queue_max_sizes: [QUEUE_MAX_SIZE],
@@ -159,8 +173,17 @@ impl VhostUserBlk {
             started: Vec::new(),
             broken: false,
         };
+        let deadline = dev.deadline()?;
         dev.negotiate()?;
+        drop(deadline);
         Ok(dev)
+    }
+
+    fn deadline(&self) -> Result<Deadline, VhostUserBlkError> {
+        Deadline::arm(self.socket, self.timeout).map_err(|source| VhostUserBlkError::Deadline {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     fn negotiate(&mut self) -> Result<(), VhostUserBlkError> {
@@ -368,7 +391,8 @@ impl VirtioDevice for VhostUserBlk {
                 self.path.display()
             )));
         }
-        self.start(&params).map_err(|e| {
+        let result = self.deadline().and_then(|_deadline| self.start(&params));
+        result.map_err(|e| {
             self.broken = true;
             ActivateError::Device(e.to_string())
         })
@@ -379,7 +403,7 @@ impl VirtioDevice for VhostUserBlk {
             self.started.clear();
             return;
         }
-        if let Err(e) = self.stop() {
+        if let Err(e) = self.deadline().and_then(|_deadline| self.stop()) {
             log::warn!("vhost-user-blk: stopping the backend's rings: {e}");
             self.broken = true;
         }

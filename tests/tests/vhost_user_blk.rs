@@ -147,7 +147,10 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     assert_eq!(qmp.execute("system_reset", None), json!({"return": {}}));
     let line = vm.wait_serial("citadel-guest: virtio-blk write-readback status=", BOOT);
-    assert!(line.contains("status=0 sector1=citadel-guest-wrote"), "{line}");
+    assert!(
+        line.contains("status=0 sector1=citadel-guest-wrote"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -168,10 +171,7 @@ fn bad_disk_command_lines_fail_with_one_line_and_create_nothing() {
             vec!["-device".into(), "vhost-user-blk-device,chardev=c9".into()],
             "no -chardev with id 'c9'",
         ),
-        (
-            vec!["-chardev".into(), "socket,id=c0".into()],
-            "no path=",
-        ),
+        (vec!["-chardev".into(), "socket,id=c0".into()], "no path="),
         (
             vec![
                 "-chardev".into(),
@@ -235,6 +235,9 @@ fn a_backend_that_never_answers_fails_the_start_within_the_timeout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("SET_OWNER") || err.contains("GET_FEATURES"), "{err}");
+    assert!(
+        err.contains("SET_OWNER") || err.contains("GET_FEATURES"),
+        "{err}"
+    );
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
 }

@@ -520,16 +520,29 @@ fn resolve_devices(
         let chardev = chardevs
             .iter()
             .find(|c| c.id == dev.chardev)
-            .ok_or_else(|| invalid("-device", &dev.value, format!("no -chardev with id '{}'", dev.chardev)))?;
+            .ok_or_else(|| {
+                invalid(
+                    "-device",
+                    &dev.value,
+                    format!("no -chardev with id '{}'", dev.chardev),
+                )
+            })?;
         if devices[..i].iter().any(|d| d.chardev == dev.chardev) {
             return Err(invalid(
                 "-device",
                 &dev.value,
-                format!("chardev '{}' is already used by another device", dev.chardev),
+                format!(
+                    "chardev '{}' is already used by another device",
+                    dev.chardev
+                ),
             ));
         }
         if dev.id.is_some() && disks.iter().any(|d| d.id == dev.id) {
-            return Err(invalid("-device", &dev.value, "a device with this id already exists"));
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                "a device with this id already exists",
+            ));
         }
         disks.push(VhostUserBlkConfig {
             id: dev.id.clone(),
@@ -822,8 +835,10 @@ mod tests {
         ])
         .contains("already exists"));
         assert!(err(&["-device", "vhost-user-blk-device"]).ends_with("no chardev="));
-        assert!(err(&["-device", "vhost-user-blk-device,chardev=c0,num-queues=2"])
-            .contains("'num-queues'"));
+        assert!(
+            err(&["-device", "vhost-user-blk-device,chardev=c0,num-queues=2"])
+                .contains("'num-queues'")
+        );
         assert_eq!(
             err(&["-device", "virtio-net-device,netdev=n0"]),
             "device 'virtio-net-device' is not supported by this version of citadel"

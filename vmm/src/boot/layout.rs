@@ -88,7 +88,8 @@ pub const VIRTIO_MMIO_MAX_SLOTS: u64 = 64;
 /// edge-triggered, and edge-triggered lines cannot be shared safely, so each slot gets a line
 /// of its own and the number of virtio-mmio devices is the number of lines here, not the
 /// number of slots.
-pub const VIRTIO_MMIO_GSIS: [u32; 16] = [5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+pub const VIRTIO_MMIO_GSIS: [u32; 16] =
+    [5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 
 /// PCIe enhanced configuration space (ECAM) of the standard machine: 256 buses × 1 MiB.
 pub const PCIE_ECAM_BASE: u64 = 0xe000_0000;

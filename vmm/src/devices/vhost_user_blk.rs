@@ -216,7 +216,8 @@ impl VhostUserBlk {
                 "it does not offer VHOST_USER_PROTOCOL_F_CONFIG (needed to read the disk configuration)",
             ));
         }
-        let acked = protocol & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK);
+        let acked =
+            protocol & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK);
         self.frontend
             .set_protocol_features(acked)
             .map_err(self.request("SET_PROTOCOL_FEATURES"))?;
@@ -234,8 +235,8 @@ impl VhostUserBlk {
                 &[0u8; BLK_CONFIG_LEN],
             )
             .map_err(self.request("GET_CONFIG"))?;
-        let (features, config) = check_config(offered & GUEST_FEATURES, config)
-            .map_err(|why| self.backend(why))?;
+        let (features, config) =
+            check_config(offered & GUEST_FEATURES, config).map_err(|why| self.backend(why))?;
         self.features = features;
         self.config = config;
         log::info!(
@@ -425,16 +426,24 @@ fn check_config(mut features: u64, config: Vec<u8>) -> Result<(u64, Vec<u8>), St
     }
     // Capacity in bytes must fit in 64 bits, or the guest's size computations wrap.
     if capacity > u64::MAX >> 9 {
-        return Err(format!("it reports an impossible capacity of {capacity} sectors"));
+        return Err(format!(
+            "it reports an impossible capacity of {capacity} sectors"
+        ));
     }
     let u32_at = |offset| u32::from_le_bytes(field(&config, offset));
     let mut drop = |bit: u32, ok: bool, what: &str| {
         if features & (1 << bit) != 0 && !ok {
-            log::warn!("vhost-user-blk: backend reports an invalid {what}; not offered to the guest");
+            log::warn!(
+                "vhost-user-blk: backend reports an invalid {what}; not offered to the guest"
+            );
             features &= !(1 << bit);
         }
     };
-    drop(VIRTIO_BLK_F_SIZE_MAX, u32_at(CONFIG_SIZE_MAX) >= 512, "size_max");
+    drop(
+        VIRTIO_BLK_F_SIZE_MAX,
+        u32_at(CONFIG_SIZE_MAX) >= 512,
+        "size_max",
+    );
     drop(VIRTIO_BLK_F_SEG_MAX, u32_at(CONFIG_SEG_MAX) != 0, "seg_max");
     let blk_size = u32_at(CONFIG_BLK_SIZE);
     drop(
@@ -456,7 +465,9 @@ fn field<const N: usize>(config: &[u8], offset: usize) -> [u8; N] {
 }
 
 /// The SET_MEM_TABLE description of guest RAM: one entry per region, each with the memfd.
-fn memory_regions(memory: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, vhost::Error> {
+fn memory_regions(
+    memory: &GuestMemoryMmap,
+) -> Result<Vec<VhostUserMemoryRegionInfo>, vhost::Error> {
     memory
         .iter()
         .map(VhostUserMemoryRegionInfo::from_guest_region)
@@ -493,10 +504,17 @@ mod tests {
     #[test]
     fn invalid_fields_drop_their_features_and_bad_sizes_are_refused() {
         let (features, _) = check_config(GUEST_FEATURES, config(8, 0, 0, 1000)).unwrap();
-        for bit in [VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE] {
+        for bit in [
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+        ] {
             assert_eq!(features & (1 << bit), 0, "feature {bit} kept");
         }
-        assert_eq!(features & (1 << VIRTIO_BLK_F_FLUSH), 1 << VIRTIO_BLK_F_FLUSH);
+        assert_eq!(
+            features & (1 << VIRTIO_BLK_F_FLUSH),
+            1 << VIRTIO_BLK_F_FLUSH
+        );
         assert!(check_config(GUEST_FEATURES, config(0, 0, 0, 0))
             .unwrap_err()
             .contains("0 sectors"));
@@ -532,8 +550,8 @@ mod tests {
 
     #[test]
     fn a_refusing_socket_is_one_readable_error() {
-        let err = VhostUserBlk::connect(Path::new("/nonexistent/blk.sock"), BACKEND_TIMEOUT)
-            .unwrap_err();
+        let err =
+            VhostUserBlk::connect(Path::new("/nonexistent/blk.sock"), BACKEND_TIMEOUT).unwrap_err();
         assert_eq!(
             err.to_string(),
             "vhost-user socket /nonexistent/blk.sock: No such file or directory (os error 2)"

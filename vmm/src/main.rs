@@ -115,7 +115,14 @@ fn build_and_run(
         let disks = config
             .disks
             .iter()
-            .map(|d| VhostUserBlk::connect(&d.socket, BACKEND_TIMEOUT))
+            .map(|d| {
+                log::info!(
+                    "disk {}: connecting to its vhost-user backend at {}",
+                    d.id.as_deref().unwrap_or("(no id)"),
+                    d.socket.display()
+                );
+                VhostUserBlk::connect(&d.socket, BACKEND_TIMEOUT)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let serial_out = serial_output(&config.serial)?;
         // Written before the process is confined: afterwards it may create no file.

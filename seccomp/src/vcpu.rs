@@ -4,8 +4,8 @@
 //! port writes to its output descriptor, exits are signalled to the event loop through an
 //! eventfd), saves and restores its own register state for snapshots and takes the kick
 //! signal. It opens nothing, creates no socket and starts no program. When the guest driver
-//! starts or resets a vhost-user device, the vCPU that wrote the Status register talks to the
-//! device's backend over the socket connected at startup.
+//! resets a vhost-user device, the vCPU that wrote the Status register stops the backend's
+//! rings over the socket connected at startup (starting a device is the event loop's job).
 
 use crate::kvm;
 use crate::{allow, arg_in, thread_runtime, Error, Rules};
@@ -20,8 +20,8 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_write,
         libc::SYS_writev,
         libc::SYS_rt_sigtimedwait,
-        // vhost-user requests (with descriptors: memory table, kick and call eventfds) sent
-        // on the backend's already connected socket when the driver starts or resets a device.
+        // vhost-user requests sent on the backend's already connected socket when the driver
+        // resets a device: the reset is complete only once the backend stopped its rings.
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
         // The deadline on those requests: a per-thread timer whose signal handler shuts the
@@ -32,15 +32,8 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_shutdown,
     ]));
     // Rust's standard library checks with F_GETFD that a descriptor is still open before it
-    // closes it (debug builds), which a vCPU thread does with its vCPU fd when it exits. A
-    // transport starting a device hands it close-on-exec duplicates of the queue notify
-    // eventfds (F_DUPFD_CLOEXEC).
-    rules.push(arg_in(
-        ROLE,
-        libc::SYS_fcntl,
-        1,
-        &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64],
-    )?);
+    // closes it (debug builds), which a vCPU thread does with its vCPU fd when it exits.
+    rules.push(arg_in(ROLE, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64])?);
     rules.push(arg_in(
         ROLE,
         libc::SYS_ioctl,

@@ -48,8 +48,9 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         libc::SYS_writev,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
-        // system_reset stops the rings of every vhost-user device: requests on the backends'
-        // sockets, connected before the filter.
+        // vhost-user devices start here when their driver sets DRIVER_OK (memory table,
+        // rings, kick and call eventfds), and system_reset stops their rings: requests on the
+        // backends' sockets, connected before the filter.
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
         // Their deadline: a per-thread timer whose signal handler shuts a mute backend's

@@ -252,7 +252,7 @@ impl Machine {
         // less than waking a helper thread on a nested host.
         let fds = Self::create_chips_and_vcpus(&vm, spec.vcpus)?;
         // After the irqchip, which the slots' irqfds need.
-        let mut virtio = DeviceManager::new();
+        let mut virtio = DeviceManager::new().map_err(MachineError::EventFd)?;
         for mut disk in wiring.disks {
             disk.set_memory(&ram.memory)?;
             virtio.add_virtio_mmio(&vm, Box::new(disk))?;
@@ -402,6 +402,11 @@ impl Machine {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// The virtio devices (device starts are run by the event loop).
+    pub fn virtio(&self) -> &DeviceManager {
+        &self.virtio
     }
 
     /// The legacy devices (for serial input).

@@ -8,6 +8,11 @@
 //! before the vCPUs run: the running VMM never changes KVM's I/O or interrupt routing, so no
 //! thread needs `KVM_IOEVENTFD` or `KVM_IRQFD` once the seccomp filters are in.
 //!
+//! Devices start on the event loop: a driver's DRIVER_OK only signals
+//! [`DeviceManager::activation_event`], and the event loop calls
+//! [`DeviceManager::run_pending_activations`], so a vCPU never waits for a backend to take
+//! the memory table and rings.
+//!
 //! A device reaches its interrupt line only through the transport's [`Interrupt`] (an irqfd
 //! plus the status bits the driver reads), so a later PCI transport can hand devices MSI-X
 //! vectors behind the same interface.
@@ -39,7 +44,7 @@ pub enum DeviceManagerError {
     #[error(transparent)]
     Bus(#[from] MmioBusError),
     /// An eventfd could not be created.
-    #[error("creating the interrupt eventfd of virtio-mmio slot {slot}: {source}")]
+    #[error("creating the eventfds of virtio-mmio slot {slot}: {source}")]
     EventFd {
         /// The slot.
         slot: u64,
@@ -118,20 +123,32 @@ struct Slot {
 pub struct DeviceManager {
     mmio: Arc<MmioBus>,
     slots: Vec<Slot>,
-}
-
-impl Default for DeviceManager {
-    fn default() -> Self {
-        Self::new()
-    }
+    activation: EventFd,
 }
 
 impl DeviceManager {
     /// A machine with no devices yet.
-    pub fn new() -> Self {
-        DeviceManager {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(DeviceManager {
             mmio: Arc::new(MmioBus::new()),
             slots: Vec::new(),
+            activation: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Readable when a driver asked for a device to start; the event loop then calls
+    /// [`DeviceManager::run_pending_activations`].
+    pub fn activation_event(&self) -> &EventFd {
+        &self.activation
+    }
+
+    /// Starts every device whose driver set DRIVER_OK since the last call. Runs on the event
+    /// loop; each start is bounded by its device (a vhost-user device's backend deadline).
+    pub fn run_pending_activations(&self) {
+        // Drain first: a DRIVER_OK written while the slots are walked signals again.
+        let _ = self.activation.read();
+        for slot in &self.slots {
+            slot.transport.run_pending_activation();
         }
     }
 
@@ -164,10 +181,14 @@ impl DeviceManager {
         wiring
             .register_irqfd(&irqfd, gsi)
             .map_err(kvm("interrupt line"))?;
-        let transport = Arc::new(VirtioMmioTransport::new(
-            device,
-            Arc::new(Interrupt::new(irqfd)),
-        )?);
+        let activation = self
+            .activation
+            .try_clone()
+            .map_err(|source| DeviceManagerError::EventFd { slot, source })?;
+        let transport = Arc::new(
+            VirtioMmioTransport::new(device, Arc::new(Interrupt::new(irqfd)))?
+                .with_deferred_activation(activation),
+        );
         for (addr, datamatch, evt) in transport.notify_ioevents(info.base) {
             wiring
                 .register_ioevent(evt, addr, datamatch)
@@ -248,6 +269,7 @@ mod tests {
 
     struct Dummy {
         queues: Vec<u16>,
+        started: Arc<Mutex<usize>>,
     }
 
     impl VirtioDevice for Dummy {
@@ -265,6 +287,7 @@ mod tests {
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
         fn activate(&mut self, _params: ActivateParams) -> Result<(), ActivateError> {
+            *self.started.lock().unwrap() += 1;
             Ok(())
         }
         fn reset(&mut self) {}
@@ -273,13 +296,51 @@ mod tests {
     fn dummy(queues: usize) -> Box<dyn VirtioDevice> {
         Box::new(Dummy {
             queues: vec![128; queues],
+            started: Arc::default(),
         })
+    }
+
+    /// A driver's DRIVER_OK through the bus only signals the activation event; the device
+    /// starts when the event loop runs the pending activations.
+    #[test]
+    fn devices_start_when_the_event_loop_runs_pending_activations() {
+        let started = Arc::new(Mutex::new(0));
+        let mut manager = DeviceManager::new().unwrap();
+        let device = Box::new(Dummy {
+            queues: vec![16],
+            started: Arc::clone(&started),
+        });
+        manager
+            .add_virtio_mmio(&Recorder::default(), device)
+            .unwrap();
+        let bus = manager.mmio_bus();
+        let w32 = |reg: u32, value: u32| {
+            assert!(bus.write(0xd000_0000 + u64::from(reg), &value.to_le_bytes()))
+        };
+        use virtio_bindings::virtio_mmio::*;
+        w32(VIRTIO_MMIO_STATUS, 1);
+        w32(VIRTIO_MMIO_STATUS, 3);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w32(VIRTIO_MMIO_STATUS, 11);
+        w32(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x10000);
+        w32(VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x11000);
+        w32(VIRTIO_MMIO_QUEUE_USED_LOW, 0x12000);
+        w32(VIRTIO_MMIO_QUEUE_READY, 1);
+        w32(VIRTIO_MMIO_STATUS, 15);
+        assert_eq!(*started.lock().unwrap(), 0);
+        assert_eq!(manager.activation_event().read().unwrap(), 1);
+        manager.activation_event().write(1).unwrap();
+        manager.run_pending_activations();
+        assert_eq!(*started.lock().unwrap(), 1);
+        // The event was drained.
+        assert!(manager.activation_event().read().is_err());
     }
 
     #[test]
     fn devices_take_consecutive_slots_with_their_own_lines() {
         let wiring = Recorder::default();
-        let mut manager = DeviceManager::new();
+        let mut manager = DeviceManager::new().unwrap();
         let a = manager.add_virtio_mmio(&wiring, dummy(1)).unwrap();
         let b = manager.add_virtio_mmio(&wiring, dummy(2)).unwrap();
         assert_eq!(
@@ -324,7 +385,7 @@ mod tests {
     #[test]
     fn the_seventeenth_device_is_refused() {
         let wiring = Recorder::default();
-        let mut manager = DeviceManager::new();
+        let mut manager = DeviceManager::new().unwrap();
         for _ in 0..layout::VIRTIO_MMIO_GSIS.len() {
             manager.add_virtio_mmio(&wiring, dummy(1)).unwrap();
         }
@@ -344,7 +405,7 @@ mod tests {
             refuse_ioevents: true,
             ..Recorder::default()
         };
-        let mut manager = DeviceManager::new();
+        let mut manager = DeviceManager::new().unwrap();
         let err = manager.add_virtio_mmio(&refusing, dummy(1)).unwrap_err();
         assert!(
             err.to_string()

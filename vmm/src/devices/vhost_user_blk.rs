@@ -19,7 +19,8 @@
 //! The backend is a peer, not a part of the monitor: every reply is checked (feature bits
 //! against an allowlist, the configuration size and values) and every request is bounded by
 //! a deadline (see [`super::deadline`]), so a stuck backend fails the device instead of
-//! blocking the vCPU that started it forever. A backend that fails a request is not used again: its connection is
+//! blocking the thread that talks to it forever: the event loop when the device starts (the
+//! device manager defers starts there), the vCPU that resets it, the main thread at startup. A backend that fails a request is not used again: its connection is
 //! in an unknown state, and the driver sees DEVICE_NEEDS_RESET.
 //!
 //! [`Interrupt::set_vring_signalled_externally`]: super::virtio_mmio::Interrupt::set_vring_signalled_externally

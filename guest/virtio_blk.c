@@ -2,7 +2,8 @@
  * virtio_blk: finds the virtio-mmio devices announced on the command line
  * ("virtio_mmio.device=<size>@<base>:<irq>", as Linux reads them), reports each one, and
  * drives every block device the way a driver does: status handshake, VIRTIO_F_VERSION_1,
- * one virtqueue, and a read of sector 0 completed through the used ring (polled).
+ * one virtqueue, a read of sector 0, then a write of sector 1 and a read of it back, each
+ * completed through the used ring (polled).
  */
 #include "guest.h"
 
@@ -42,6 +43,8 @@
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
 #define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define WRITE_SECTOR 1
 
 #define QUEUE_SIZE 4
 #define MAX_DEVICES 8
@@ -87,6 +90,8 @@ static struct virtq_used used __attribute__((aligned(4)));
 static struct blk_req_header header;
 static u8 sector[512];
 static volatile u8 req_status;
+/* What the program writes to sector WRITE_SECTOR, repeated over the sector. */
+static const char write_pattern[] = "citadel-guest-wrote-sector-one.";
 
 static u32 reg_read(u64 base, u32 off)
 {
@@ -187,6 +192,53 @@ static int wait_used(u16 expected)
 	return 1;
 }
 
+/*
+ * Sends one request on descriptors 0-2 (header, the sector buffer, status) and waits until
+ * the used ring reaches used_idx. Reports and returns 0 on a timeout.
+ */
+static int blk_request(u64 base, u32 type, u64 sector_no, u16 used_idx)
+{
+	u16 data_flags = type == BLK_T_IN ? DESC_F_NEXT | DESC_F_WRITE : DESC_F_NEXT;
+
+	header.type = type;
+	header.sector = sector_no;
+	req_status = 0xff;
+	desc[0] = (struct virtq_desc){ (u64)&header, sizeof(header), DESC_F_NEXT, 1 };
+	desc[1] = (struct virtq_desc){ (u64)sector, sizeof(sector), data_flags, 2 };
+	desc[2] = (struct virtq_desc){ (u64)&req_status, 1, DESC_F_WRITE, 0 };
+	avail.ring[(used_idx - 1) % QUEUE_SIZE] = 0;
+	barrier();
+	avail.idx = used_idx;
+	barrier();
+	reg_write(base, REG_QUEUE_NOTIFY, 0);
+
+	if (!wait_used(used_idx)) {
+		report("virtio-blk error=timeout");
+		return 0;
+	}
+	barrier();
+	return 1;
+}
+
+/* Prints "<what><status><label><first 32 bytes of the sector buffer, printable>". */
+static void report_sector(const char *what, const char *label)
+{
+	int i;
+
+	serial_puts("citadel-guest: ");
+	serial_puts(what);
+	serial_put_dec(req_status);
+	serial_puts(label);
+	for (i = 0; i < 32; i++) {
+		char c[2] = { (char)sector[i], 0 };
+
+		if (c[0] < 0x20 || c[0] > 0x7e)
+			c[0] = '.';
+		serial_puts(c);
+	}
+	serial_puts("\n");
+}
+
 static void drive_blk(u64 base)
 {
 	u32 features_hi;
@@ -233,36 +285,22 @@ static void drive_blk(u64 base)
 	capacity = reg_read(base, REG_CONFIG) | (u64)reg_read(base, REG_CONFIG + 4) << 32;
 	report_dec("virtio-blk capacity", capacity);
 
-	header.type = BLK_T_IN;
-	header.sector = 0;
-	req_status = 0xff;
-	desc[0] = (struct virtq_desc){ (u64)&header, sizeof(header), DESC_F_NEXT, 1 };
-	desc[1] = (struct virtq_desc){ (u64)sector, sizeof(sector), DESC_F_NEXT | DESC_F_WRITE, 2 };
-	desc[2] = (struct virtq_desc){ (u64)&req_status, 1, DESC_F_WRITE, 0 };
-	avail.ring[0] = 0;
-	barrier();
-	avail.idx = 1;
-	barrier();
-	reg_write(base, REG_QUEUE_NOTIFY, 0);
-
-	if (!wait_used(1)) {
-		report("virtio-blk error=timeout");
+	if (!blk_request(base, BLK_T_IN, 0, 1))
 		return;
-	}
-	barrier();
+	report_dec("virtio-blk isr", reg_read(base, REG_INTERRUPT_STATUS));
 	reg_write(base, REG_INTERRUPT_ACK, reg_read(base, REG_INTERRUPT_STATUS));
+	report_sector("virtio-blk status=", " sector0=");
 
-	serial_puts("citadel-guest: virtio-blk status=");
-	serial_put_dec(req_status);
-	serial_puts(" sector0=");
-	for (i = 0; i < 32; i++) {
-		char c[2] = { (char)sector[i], 0 };
-
-		if (c[0] < 0x20 || c[0] > 0x7e)
-			c[0] = '.';
-		serial_puts(c);
-	}
-	serial_puts("\n");
+	for (i = 0; i < (int)sizeof(sector); i++)
+		sector[i] = (u8)write_pattern[i % (sizeof(write_pattern) - 1)];
+	if (!blk_request(base, BLK_T_OUT, WRITE_SECTOR, 2))
+		return;
+	report_dec("virtio-blk write status", req_status);
+	for (i = 0; i < (int)sizeof(sector); i++)
+		sector[i] = 0;
+	if (!blk_request(base, BLK_T_IN, WRITE_SECTOR, 3))
+		return;
+	report_sector("virtio-blk write-readback status=", " sector1=");
 }
 
 void guest_main(void)

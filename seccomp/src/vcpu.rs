@@ -3,7 +3,9 @@
 //! The thread runs `KVM_RUN`, emulates port and MMIO exits of the legacy devices (the serial
 //! port writes to its output descriptor, exits are signalled to the event loop through an
 //! eventfd), saves and restores its own register state for snapshots and takes the kick
-//! signal. It opens nothing, creates no socket and starts no program.
+//! signal. It opens nothing, creates no socket and starts no program. When the guest driver
+//! resets a vhost-user device, the vCPU that wrote the Status register stops the backend's
+//! rings over the socket connected at startup (starting a device is the event loop's job).
 
 use crate::kvm;
 use crate::{allow, arg_in, thread_runtime, Error, Rules};
@@ -18,6 +20,16 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_write,
         libc::SYS_writev,
         libc::SYS_rt_sigtimedwait,
+        // vhost-user requests sent on the backend's already connected socket when the driver
+        // resets a device: the reset is complete only once the backend stopped its rings.
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        // The deadline on those requests: a per-thread timer whose signal handler shuts the
+        // socket of a backend that does not answer down.
+        libc::SYS_timer_create,
+        libc::SYS_timer_settime,
+        libc::SYS_timer_delete,
+        libc::SYS_shutdown,
     ]));
     // Rust's standard library checks with F_GETFD that a descriptor is still open before it
     // closes it (debug builds), which a vCPU thread does with its vCPU fd when it exits.

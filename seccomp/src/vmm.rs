@@ -6,8 +6,10 @@
 //! a program, never opens a file or a socket of its own (the listening QMP socket and every
 //! descriptor it reads are made before the filter is installed) and never signals another
 //! process. The table was measured with `strace -f` on a VM taken through QMP `stop`, `cont`,
-//! `query-*`, `system_reset` and `quit`; features that need more (snapshots, external
-//! backends, hotplug) add their syscalls when they land.
+//! `query-*`, `system_reset` and `quit`; features that need more (snapshots, hotplug) add
+//! their syscalls when they land. vhost-user devices add `sendmsg`/`recvmsg` on sockets
+//! connected before the filter; their KVM ioeventfds and irqfds are registered at startup,
+//! so no KVM routing ioctl is allowed here.
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
@@ -46,6 +48,17 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         libc::SYS_writev,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
+        // vhost-user devices start here when their driver sets DRIVER_OK (memory table,
+        // rings, kick and call eventfds), and system_reset stops their rings: requests on the
+        // backends' sockets, connected before the filter.
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        // Their deadline: a per-thread timer whose signal handler shuts a mute backend's
+        // socket down.
+        libc::SYS_timer_create,
+        libc::SYS_timer_settime,
+        libc::SYS_timer_delete,
+        libc::SYS_shutdown,
         // The kernel and initrd, held open since start, read again by `system_reset`.
         libc::SYS_lseek,
         libc::SYS_fstat,

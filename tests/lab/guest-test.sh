@@ -27,6 +27,16 @@ counter)
 reboot)
 	reboot -f
 	;;
+disk)
+	# The first virtio disk: its first 24 bytes are the host's marker; the guest writes its
+	# own at 4096 and flushes it to the backend.
+	if [ ! -b /dev/vda ] && [ -r /sys/block/vda/dev ]; then
+		mknod /dev/vda b $(tr ':' ' ' </sys/block/vda/dev)
+	fi
+	echo "guest: disk-marker=$(dd if=/dev/vda bs=24 count=1 2>/dev/null)"
+	printf 'written-by-the-guest' | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
+	echo "guest: disk-write rc=$?"
+	;;
 esac
 echo "guest: end"
 exec sleep 1000000

@@ -326,5 +326,17 @@ fn virtio_blk_reads_sector_zero_over_virtio_mmio() {
             String::from_utf8_lossy(marker)
         )
     );
+    // The program's write of sector 1 reads back and is in the image: the same check the
+    // vhost-user-blk test makes against Citadel.
+    let pattern = b"citadel-guest-wrote-sector-one.";
+    let expected: Vec<u8> = pattern.iter().copied().cycle().take(512).collect();
+    assert_eq!(
+        guest.expect_line("citadel-guest: virtio-blk write-readback status="),
+        format!(
+            "citadel-guest: virtio-blk write-readback status=0 sector1={}",
+            String::from_utf8_lossy(&expected[..32])
+        )
+    );
     guest.expect_line("citadel-guest: done");
+    assert_eq!(&std::fs::read(&disk).unwrap()[512..1024], &expected[..]);
 }

@@ -17,6 +17,7 @@ const SCENARIOS: &[&str] = &[
     "jailer",
     "cpu-template",
     "stock-kernel",
+    "vhost-user-blk",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -313,4 +314,33 @@ fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
     assert!(!value(outcome, "edu-group").is_empty(), "{}", t());
     assert_eq!(value(outcome, "group-node"), "yes", "{}", t());
     assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
+}
+
+#[test]
+fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
+    let Some(outcome) = scenario("vhost-user-blk") else {
+        return;
+    };
+    let t = || outcome.transcript();
+    // The slot reaches Linux on its command line, after what the operator appended.
+    let cmdline = value(outcome, "disk.cmdline");
+    assert!(
+        cmdline.ends_with("virtio_mmio.device=4K@0xd0000000:5"),
+        "{cmdline}\n{}",
+        t()
+    );
+    assert_eq!(
+        value(outcome, "disk.marker"),
+        "citadel-lab-disk-marker!",
+        "{}",
+        t()
+    );
+    assert_eq!(value(outcome, "disk.write-rc"), "0", "{}", t());
+    assert_eq!(
+        value(outcome, "disk.image"),
+        "written-by-the-guest",
+        "{}",
+        t()
+    );
+    assert_eq!(value(outcome, "disk.exit-code"), "0", "{}", t());
 }

@@ -47,6 +47,31 @@ pub struct Config {
     pub start_paused: bool,
     /// `-sandbox landlock=on|off[,landlock-abi=N]`: whether Landlock is required.
     pub landlock: LandlockChoice,
+    /// `-device vhost-user-blk-device,chardev=ID`, in command-line order: the order of their
+    /// virtio-mmio slots.
+    pub disks: Vec<VhostUserBlkConfig>,
+}
+
+/// A disk served by a vhost-user backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserBlkConfig {
+    /// The device's `id=`, if given.
+    pub id: Option<String>,
+    /// The backend's socket, from the `-chardev socket,path=` the device names.
+    pub socket: PathBuf,
+}
+
+/// `-chardev socket,id=ID,path=PATH`: the client end of a Unix socket.
+struct Chardev {
+    id: String,
+    path: PathBuf,
+}
+
+/// `-device vhost-user-blk-device,chardev=ID[,id=DEV]` before its chardev is resolved.
+struct DeviceArg {
+    value: String,
+    id: Option<String>,
+    chardev: String,
 }
 
 /// Where the COM1 serial port goes.
@@ -101,10 +126,13 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
                [-daemonize] [-pidfile PATH] [-seccomp kill|log] [-S]
                [-sandbox landlock=on|off[,landlock-abi=N]]
+               [-chardev socket,id=ID,path=PATH
+                -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
-testing older kernels).";
+testing older kernels). Each vhost-user-blk device connects to its backend's socket at
+start and takes the next virtio-mmio slot (at most 16).";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
     CliError::Invalid {
@@ -310,6 +338,8 @@ where
     let mut seccomp = citadel_seccomp::Mode::Kill;
     let mut start_paused = false;
     let mut landlock = LandlockChoice::Required;
+    let mut chardevs: Vec<Chardev> = Vec::new();
+    let mut devices: Vec<DeviceArg> = Vec::new();
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -365,7 +395,19 @@ where
                     .map_err(|_| invalid("-seccomp", &v, "expected kill or log"))?;
             }
             "-sandbox" => landlock = parse_sandbox(&value(&option)?)?,
-            "-drive" | "-device" | "-netdev" | "-chardev" | "-incoming" | "-object" => {
+            "-chardev" => {
+                let chardev = parse_chardev(&value(&option)?)?;
+                if chardevs.iter().any(|c| c.id == chardev.id) {
+                    return Err(invalid(
+                        "-chardev",
+                        &chardev.id,
+                        "a chardev with this id already exists",
+                    ));
+                }
+                chardevs.push(chardev);
+            }
+            "-device" => devices.push(parse_device(&value(&option)?)?),
+            "-drive" | "-netdev" | "-incoming" | "-object" => {
                 return Err(CliError::Unsupported(format!("option '{option}'")))
             }
             _ => return Err(CliError::Unknown(arg)),
@@ -383,7 +425,9 @@ where
             "stdio is not available with -daemonize",
         ));
     }
+    let disks = resolve_devices(&devices, &chardevs)?;
     Ok(Config {
+        disks,
         name,
         kernel,
         initrd,
@@ -401,6 +445,111 @@ where
         start_paused,
         landlock,
     })
+}
+
+fn parse_chardev(v: &str) -> Result<Chardev, CliError> {
+    let (backend, opts) = split_options(v);
+    if backend != "socket" {
+        return Err(CliError::Unsupported(format!(
+            "chardev backend '{backend}' (only 'socket')"
+        )));
+    }
+    let (mut id, mut path) = (None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("path", Some(p)) => path = Some(non_empty_path("-chardev", p)?),
+            _ => {
+                return Err(invalid(
+                    "-chardev",
+                    v,
+                    format!("unknown or empty property '{key}' (expected socket,id=ID,path=PATH)"),
+                ))
+            }
+        }
+    }
+    Ok(Chardev {
+        id: id.ok_or_else(|| invalid("-chardev", v, "no id="))?,
+        path: path.ok_or_else(|| invalid("-chardev", v, "no path="))?,
+    })
+}
+
+fn parse_device(v: &str) -> Result<DeviceArg, CliError> {
+    let (driver, opts) = split_options(v);
+    if !matches!(driver, "vhost-user-blk-device" | "vhost-user-blk-mmio") {
+        return Err(CliError::Unsupported(format!("device '{driver}'")));
+    }
+    let (mut id, mut chardev) = (None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("chardev", Some(c)) if !c.is_empty() => chardev = Some(c.to_string()),
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!("unknown or empty property '{key}' (expected chardev=ID[,id=NAME])"),
+                ))
+            }
+        }
+    }
+    Ok(DeviceArg {
+        value: v.to_string(),
+        id,
+        chardev: chardev.ok_or_else(|| invalid("-device", v, "no chardev="))?,
+    })
+}
+
+/// Ties each device to its chardev: every chardev named must exist and serve one device
+/// only (a vhost-user connection carries one device), device ids must be unique, and there
+/// must be a slot for each.
+fn resolve_devices(
+    devices: &[DeviceArg],
+    chardevs: &[Chardev],
+) -> Result<Vec<VhostUserBlkConfig>, CliError> {
+    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len();
+    if devices.len() > max {
+        return Err(invalid(
+            "-device",
+            &devices[max].value,
+            format!("too many devices: the microvm machine has {max} virtio-mmio slots"),
+        ));
+    }
+    let mut disks: Vec<VhostUserBlkConfig> = Vec::with_capacity(devices.len());
+    for (i, dev) in devices.iter().enumerate() {
+        let chardev = chardevs
+            .iter()
+            .find(|c| c.id == dev.chardev)
+            .ok_or_else(|| {
+                invalid(
+                    "-device",
+                    &dev.value,
+                    format!("no -chardev with id '{}'", dev.chardev),
+                )
+            })?;
+        if devices[..i].iter().any(|d| d.chardev == dev.chardev) {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!(
+                    "chardev '{}' is already used by another device",
+                    dev.chardev
+                ),
+            ));
+        }
+        if dev.id.is_some() && disks.iter().any(|d| d.id == dev.id) {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                "a device with this id already exists",
+            ));
+        }
+        disks.push(VhostUserBlkConfig {
+            id: dev.id.clone(),
+            socket: chardev.path.clone(),
+        });
+    }
+    Ok(disks)
 }
 
 /// `-sandbox landlock=on|off[,landlock-abi=N]`. The cap only makes sense with Landlock on.
@@ -626,5 +775,118 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn vhost_user_blk_devices_resolve_their_chardevs_in_order() {
+        let c = with(&[
+            "-device",
+            "vhost-user-blk-device,chardev=c1,id=data",
+            "-chardev",
+            "socket,id=c0,path=/run/a.sock",
+            "-chardev",
+            "socket,path=/run/b.sock,id=c1",
+            "-device",
+            "vhost-user-blk-mmio,chardev=c0",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.disks,
+            vec![
+                VhostUserBlkConfig {
+                    id: Some("data".into()),
+                    socket: PathBuf::from("/run/b.sock")
+                },
+                VhostUserBlkConfig {
+                    id: None,
+                    socket: PathBuf::from("/run/a.sock")
+                },
+            ]
+        );
+        assert!(with(&[]).unwrap().disks.is_empty());
+    }
+
+    #[test]
+    fn bad_device_and_chardev_arguments_are_refused() {
+        let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
+        assert_eq!(
+            err(&["-device", "vhost-user-blk-device,chardev=c9"]),
+            "invalid value 'vhost-user-blk-device,chardev=c9' for '-device': no -chardev with id 'c9'"
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c0"]),
+            "invalid value 'socket,id=c0' for '-chardev': no path="
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c0,path="]),
+            "invalid value '' for '-chardev': empty path"
+        );
+        assert!(err(&["-chardev", "socket,path=/s"]).ends_with("no id="));
+        assert!(err(&["-chardev", "socket,id=c0,path=/s,server=on"]).contains("'server'"));
+        assert_eq!(
+            err(&["-chardev", "pty,id=c0"]),
+            "chardev backend 'pty' (only 'socket') is not supported by this version of citadel"
+        );
+        assert!(err(&[
+            "-chardev",
+            "socket,id=c0,path=/a",
+            "-chardev",
+            "socket,id=c0,path=/b"
+        ])
+        .contains("already exists"));
+        assert!(err(&["-device", "vhost-user-blk-device"]).ends_with("no chardev="));
+        assert!(
+            err(&["-device", "vhost-user-blk-device,chardev=c0,num-queues=2"])
+                .contains("'num-queues'")
+        );
+        assert_eq!(
+            err(&["-device", "virtio-net-device,netdev=n0"]),
+            "device 'virtio-net-device' is not supported by this version of citadel"
+        );
+        assert!(err(&[
+            "-chardev",
+            "socket,id=c0,path=/a",
+            "-device",
+            "vhost-user-blk-device,chardev=c0",
+            "-device",
+            "vhost-user-blk-device,chardev=c0"
+        ])
+        .contains("already used by another device"));
+        assert!(err(&[
+            "-chardev",
+            "socket,id=c0,path=/a",
+            "-chardev",
+            "socket,id=c1,path=/b",
+            "-device",
+            "vhost-user-blk-device,chardev=c0,id=d",
+            "-device",
+            "vhost-user-blk-device,chardev=c1,id=d"
+        ])
+        .contains("a device with this id already exists"));
+        for option in ["-drive", "-netdev"] {
+            assert!(matches!(
+                with(&[option, "id=x"]).unwrap_err(),
+                CliError::Unsupported(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn more_devices_than_slots_are_refused() {
+        let names: Vec<String> = (0..17).map(|i| format!("c{i}")).collect();
+        let mut args: Vec<String> = base().into_iter().map(String::from).collect();
+        for name in &names {
+            args.push("-chardev".into());
+            args.push(format!("socket,id={name},path=/s/{name}"));
+            args.push("-device".into());
+            args.push(format!("vhost-user-blk-device,chardev={name}"));
+        }
+        let err = parse(args.clone()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid value 'vhost-user-blk-device,chardev=c16' for '-device': too many devices: the microvm machine has 16 virtio-mmio slots"
+        );
+        args.truncate(args.len() - 4);
+        assert_eq!(parse(args).unwrap().disks.len(), 16);
     }
 }

@@ -11,7 +11,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
-use crate::devices::mmio_bus::MmioBus;
+use crate::devices::manager::{DeviceManager, DeviceManagerError};
+use crate::devices::vhost_user_blk::{VhostUserBlk, VhostUserBlkError};
 use crate::memory::{self, GuestRam};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
@@ -68,6 +69,12 @@ pub enum MachineError {
     /// An eventfd could not be created or duplicated.
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A device could not be attached.
+    #[error(transparent)]
+    Device(#[from] DeviceManagerError),
+    /// A vhost-user disk could not be given guest memory.
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserBlkError),
 }
 
 /// What tells that a file held open was written: every write or truncation moves its
@@ -162,6 +169,9 @@ pub struct MachineWiring {
     /// Runs once the VM is built and before the vCPU threads exist, so that process-wide
     /// restrictions (Landlock, no_new_privs) are inherited by every vCPU thread.
     pub before_vcpu_threads: Box<dyn FnOnce() -> Result<(), String>>,
+    /// Disks served by vhost-user backends, already connected; each takes the next
+    /// virtio-mmio slot.
+    pub disks: Vec<VhostUserBlk>,
 }
 
 /// A built machine whose vCPU threads wait to be started.
@@ -169,6 +179,7 @@ pub struct Machine {
     // Field order is drop order: vCPU threads stop before the VM and memory go away.
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
+    virtio: DeviceManager,
     vm: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -240,8 +251,23 @@ impl Machine {
         // Sequential on purpose: with memory registered first, each step takes microseconds,
         // less than waking a helper thread on a nested host.
         let fds = Self::create_chips_and_vcpus(&vm, spec.vcpus)?;
-        let boot_files = HeldBootFiles::open(spec.boot)?;
-        let entry = boot::load_from(&ram.memory, spec.boot, &boot_files.files, spec.vcpus)?;
+        // After the irqchip, which the slots' irqfds need.
+        let mut virtio = DeviceManager::new().map_err(MachineError::EventFd)?;
+        for mut disk in wiring.disks {
+            disk.set_memory(&ram.memory)?;
+            virtio.add_virtio_mmio(&vm, Box::new(disk))?;
+        }
+        // The guest learns of the slots from its command line; a reset boots the same line.
+        let mut boot = spec.boot.clone();
+        let declarations = virtio.kernel_cmdline();
+        if !declarations.is_empty() {
+            if !boot.cmdline.is_empty() {
+                boot.cmdline.push(' ');
+            }
+            boot.cmdline.push_str(&declarations);
+        }
+        let boot_files = HeldBootFiles::open(&boot)?;
+        let entry = boot::load_from(&ram.memory, &boot, &boot_files.files, spec.vcpus)?;
         let mut boot_states = Vec::with_capacity(fds.len());
         for (index, fd) in (0..spec.vcpus).zip(&fds) {
             let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
@@ -258,7 +284,7 @@ impl Machine {
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
-        let mmio = Arc::new(MmioBus::new());
+        let mmio = virtio.mmio_bus();
         for ((index, fd), boot_state) in (0..spec.vcpus).zip(fds).zip(boot_states) {
             let ctx = VcpuContext {
                 boot_state,
@@ -276,10 +302,11 @@ impl Machine {
         Ok(Machine {
             vcpus,
             devices,
+            virtio,
             vm,
             ram,
             _kvm: kvm,
-            boot: spec.boot.clone(),
+            boot,
             boot_files,
             entry,
             chips,
@@ -328,7 +355,8 @@ impl Machine {
         Ok(())
     }
 
-    /// Puts the paused machine back into its boot state: the kernel, boot data and boot
+    /// Puts the paused machine back into its boot state: every virtio device reset (its
+    /// backend stops using guest memory), the kernel, boot data and boot
     /// tables written again into guest memory (the rest of memory is left as it is, as on a
     /// real reset), the interrupt controllers and timer as built, and every vCPU's registers,
     /// local APIC and MSRs as configured for boot.
@@ -338,6 +366,8 @@ impl Machine {
     /// written. After an error the machine may be half reset and must not run again.
     pub fn reset(&self) -> Result<(), MachineError> {
         self.boot_files.check_unchanged(&self.boot)?;
+        // Before guest memory is written again: backends stop using the rings first.
+        self.virtio.reset();
         let entry = boot::load_from(
             &self.ram.memory,
             &self.boot,
@@ -372,6 +402,11 @@ impl Machine {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// The virtio devices (device starts are run by the event loop).
+    pub fn virtio(&self) -> &DeviceManager {
+        &self.virtio
     }
 
     /// The legacy devices (for serial input).

@@ -9,6 +9,7 @@ use citadel::boot::BootSource;
 use citadel::cli::{self, CliError, Config, SerialTarget};
 use citadel::daemon::{self, PidFile};
 use citadel::devices::legacy::{Discard, SerialOut};
+use citadel::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
 use citadel::lockdown;
 use citadel::machine::{Machine, MachineSpec, MachineWiring};
 use citadel::monitor::{Channels, Monitor};
@@ -37,6 +38,10 @@ enum RunError {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Lockdown(#[from] lockdown::LockdownError),
+    #[error("installing the vhost-user deadline signal handler: {0}")]
+    DeadlineSignal(std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] citadel::devices::vhost_user_blk::VhostUserBlkError),
 }
 
 fn init_logging(config: &Config) -> Result<(), RunError> {
@@ -102,6 +107,23 @@ fn build_and_run(
             config.mem_bytes >> 20,
             config.kernel.display()
         );
+        // Backends are reached before any file is made, so that one refusing leaves nothing
+        // behind, and before the process is confined: afterwards it may open no socket.
+        if !config.disks.is_empty() {
+            citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
+        }
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| {
+                log::info!(
+                    "disk {}: connecting to its vhost-user backend at {}",
+                    d.id.as_deref().unwrap_or("(no id)"),
+                    d.socket.display()
+                );
+                VhostUserBlk::connect(&d.socket, BACKEND_TIMEOUT)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let serial_out = serial_output(&config.serial)?;
         // Written before the process is confined: afterwards it may create no file.
         let mut pidfile = config.pidfile.as_deref().map(PidFile::create).transpose()?;
@@ -155,6 +177,7 @@ fn build_and_run(
                 let dirs: Vec<&Path> = removable.iter().map(PathBuf::as_path).collect();
                 lockdown::confine_process(&plan, &dirs).map_err(|e| e.to_string())
             }),
+            disks,
         };
         let machine = Machine::create(&spec, wiring)?;
         let monitor = Monitor::new(

@@ -26,6 +26,7 @@ const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_VCPU: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_QMP_LISTENER: u64 = 5;
+const TOKEN_DEVICE_START: u64 = 6;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -144,6 +145,10 @@ impl Monitor {
         };
         add(channels.signal.as_raw_fd(), TOKEN_SIGNAL)?;
         add(channels.vcpu_ready.as_raw_fd(), TOKEN_VCPU)?;
+        add(
+            machine.virtio().activation_event().as_raw_fd(),
+            TOKEN_DEVICE_START,
+        )?;
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -236,6 +241,7 @@ impl Monitor {
                 }
             }
             TOKEN_STDIN => self.on_stdin(set),
+            TOKEN_DEVICE_START => self.machine.virtio().run_pending_activations(),
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;

@@ -11,6 +11,10 @@
 //! 0xc000_0000  .. 0x1_0000_0000  32-bit MMIO gap (virtio-mmio slots, PCIe ECAM, IOAPIC, LAPIC)
 //! 0x1_0000_0000  RAM above the gap when the guest has more than 3 GiB
 //! ```
+//!
+//! Virtio-mmio slot `i` decodes `0xd000_0000 + i * 0x1000` (4 KiB) and raises GSI
+//! `VIRTIO_MMIO_GSIS[i]` (5, 6, 7, 10, 11, 13, 14, 15, 16..23): the IOAPIC pins no legacy
+//! device or ACPI uses, one per slot.
 
 use vm_memory::GuestAddress;
 
@@ -83,6 +87,17 @@ pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
 /// Number of virtio-mmio slots reserved in the gap.
 pub const VIRTIO_MMIO_MAX_SLOTS: u64 = 64;
 
+/// Interrupt lines (GSIs, which KVM's default routing wires to the IOAPIC pin of the same
+/// number) of the virtio-mmio slots: slot `i` raises `VIRTIO_MMIO_GSIS[i]`.
+///
+/// Left out: 0 (PIT), 1 (i8042 keyboard), 2 (PIC cascade), 3 and 4 (serial ports), 8 (RTC),
+/// 12 (i8042 mouse), and 9, where ACPI guests expect the SCI. The MP table declares every pin
+/// edge-triggered, and edge-triggered lines cannot be shared safely, so each slot gets a line
+/// of its own and the number of virtio-mmio devices is the number of lines here, not the
+/// number of slots.
+pub const VIRTIO_MMIO_GSIS: [u32; 16] =
+    [5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+
 /// PCIe enhanced configuration space (ECAM) of the standard machine: 256 buses × 1 MiB.
 pub const PCIE_ECAM_BASE: u64 = 0xe000_0000;
 /// Size of the PCIe ECAM window.
@@ -130,6 +145,13 @@ pub fn low_ram_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)
 }
 
+/// Base address and interrupt line of virtio-mmio slot `slot`, or `None` when the slot has no
+/// line of its own (see [`VIRTIO_MMIO_GSIS`]).
+pub fn virtio_mmio_slot_plan(slot: u64) -> Option<(GuestAddress, u32)> {
+    let gsi = *VIRTIO_MMIO_GSIS.get(usize::try_from(slot).ok()?)?;
+    Some((virtio_mmio_slot(slot)?, gsi))
+}
+
 /// Guest address of virtio-mmio slot `slot`, or `None` past the last slot.
 pub fn virtio_mmio_slot(slot: u64) -> Option<GuestAddress> {
     (slot < VIRTIO_MMIO_MAX_SLOTS)
@@ -149,6 +171,7 @@ const _: () = {
     assert!(PCI_MMIO32_BASE + PCI_MMIO32_SIZE <= PCIE_ECAM_BASE);
     assert!(PCIE_ECAM_BASE + PCIE_ECAM_SIZE <= IOAPIC_START);
     assert!(IOAPIC_START < LAPIC_START && LAPIC_START < MMIO_GAP_END);
+    assert!(VIRTIO_MMIO_GSIS.len() as u64 <= VIRTIO_MMIO_MAX_SLOTS);
 };
 
 #[cfg(test)]
@@ -214,5 +237,33 @@ mod tests {
         assert_eq!(virtio_mmio_slot(VIRTIO_MMIO_MAX_SLOTS), None);
         assert_eq!(virtio_mmio_slot(1), Some(GuestAddress(0xd000_1000)));
         assert!(last.0 + VIRTIO_MMIO_SLOT_SIZE <= PCI_MMIO32_BASE);
+    }
+
+    #[test]
+    fn virtio_mmio_slots_get_distinct_free_ioapic_pins() {
+        assert_eq!(
+            virtio_mmio_slot_plan(0),
+            Some((GuestAddress(0xd000_0000), 5))
+        );
+        assert_eq!(
+            virtio_mmio_slot_plan(3),
+            Some((GuestAddress(0xd000_3000), 10))
+        );
+        let last = VIRTIO_MMIO_GSIS.len() as u64 - 1;
+        assert_eq!(
+            virtio_mmio_slot_plan(last),
+            Some((GuestAddress(0xd000_f000), 23))
+        );
+        assert_eq!(virtio_mmio_slot_plan(last + 1), None);
+        assert_eq!(virtio_mmio_slot_plan(u64::MAX), None);
+        let mut seen = std::collections::BTreeSet::new();
+        for gsi in VIRTIO_MMIO_GSIS {
+            assert!(gsi < u32::from(IOAPIC_PINS), "{gsi} is not an IOAPIC pin");
+            assert!(
+                ![0, 1, 2, 3, 4, 8, 9, 12].contains(&gsi),
+                "{gsi} belongs to a legacy device"
+            );
+            assert!(seen.insert(gsi), "{gsi} is given twice");
+        }
     }
 }

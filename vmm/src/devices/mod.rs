@@ -1,6 +1,9 @@
 //! Devices the monitor itself emulates, and the MMIO transport that device processes attach
 //! to. Device I/O itself is served by backend processes.
 
+pub mod deadline;
 pub mod legacy;
+pub mod manager;
 pub mod mmio_bus;
+pub mod vhost_user_blk;
 pub mod virtio_mmio;

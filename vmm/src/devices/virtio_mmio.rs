@@ -130,6 +130,11 @@ struct State<D> {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<QueueState>,
+    /// Signalled when the driver set DRIVER_OK and the device waits to be started by
+    /// [`VirtioMmioTransport::run_pending_activation`]; `None` starts it on the spot.
+    activation: Option<EventFd>,
+    /// DRIVER_OK was set and the device has not been started yet.
+    pending: bool,
 }
 
 /// The ring area a queue address register sets.
@@ -343,18 +348,31 @@ impl<D: VirtioDevice> State<D> {
             }
             S_DRIVER_OK => {
                 self.status = value;
-                if let Err(e) = self.activate(interrupt, notify) {
-                    log::warn!(
-                        "virtio-mmio: device type {} not started: {e}",
-                        self.device.device_type()
-                    );
-                    self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                    if let Err(e) = interrupt.signal_config_change() {
-                        log::warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+                match &self.activation {
+                    Some(signal) => {
+                        self.pending = true;
+                        if let Err(e) = signal.write(1) {
+                            log::warn!("virtio-mmio: cannot hand the device start over: {e}");
+                        }
                     }
+                    None => self.start(interrupt, notify),
                 }
             }
             _ => self.status = value,
+        }
+    }
+
+    /// Starts the device; on failure tells the driver to reset it.
+    fn start(&mut self, interrupt: &Arc<Interrupt>, notify: &[EventFd]) {
+        if let Err(e) = self.activate(interrupt, notify) {
+            log::warn!(
+                "virtio-mmio: device type {} not started: {e}",
+                self.device.device_type()
+            );
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            if let Err(e) = interrupt.signal_config_change() {
+                log::warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+            }
         }
     }
 
@@ -391,6 +409,7 @@ impl<D: VirtioDevice> State<D> {
     fn reset(&mut self, interrupt: &Interrupt, notify: &[EventFd]) {
         self.device.reset();
         self.status = 0;
+        self.pending = false;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
@@ -470,10 +489,31 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
                 driver_features: 0,
                 queue_sel: 0,
                 queues,
+                activation: None,
+                pending: false,
             }),
             interrupt,
             notify,
         })
+    }
+
+    /// Defers starting the device: DRIVER_OK only records the request and signals `signal`,
+    /// and whoever waits on it calls [`VirtioMmioTransport::run_pending_activation`]. A
+    /// vhost-user device talks to its backend while it starts; deferred, that happens on the
+    /// event loop and the vCPU that wrote DRIVER_OK goes back to the guest at once. Kicks
+    /// in the meantime wait in the notify eventfds.
+    pub fn with_deferred_activation(self, signal: EventFd) -> Self {
+        self.lock().activation = Some(signal);
+        self
+    }
+
+    /// Starts the device if the driver set DRIVER_OK since the last call and has not reset
+    /// or failed it since.
+    pub fn run_pending_activation(&self) {
+        let mut state = self.lock();
+        if std::mem::take(&mut state.pending) && state.status == S_DRIVER_OK {
+            state.start(&self.interrupt, &self.notify);
+        }
     }
 
     /// The transport's interrupt, shared with the device.
@@ -499,6 +539,13 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         let result = change(&mut state.device);
         self.interrupt.signal_config_change()?;
         Ok(result)
+    }
+
+    /// Resets the device as if the driver had written 0 to Status: what a machine reset does
+    /// to every device, so that no backend keeps serving rings in memory the next boot
+    /// reuses.
+    pub fn reset(&self) {
+        self.lock().reset(&self.interrupt, &self.notify);
     }
 
     fn lock(&self) -> MutexGuard<'_, State<D>> {

@@ -936,3 +936,70 @@ fn arbitrary_accesses_never_panic() {
     assert_eq!(f.status(), 0);
     assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
 }
+
+/// With deferred activation, DRIVER_OK only signals; the device starts when the event loop
+/// runs the pending activation, and a reset or FAILED in between cancels it.
+#[test]
+fn deferred_activation_runs_later_and_a_reset_cancels_it() {
+    let (device, record) = device_with(&[16], DEVICE_FEATURES);
+    let signal = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let f = Fixture {
+        transport: VirtioMmioTransport::new(device, new_interrupt())
+            .unwrap()
+            .with_deferred_activation(signal.try_clone().unwrap()),
+        record,
+    };
+    assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
+    f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    assert_eq!(f.status(), S_DRIVER_OK);
+    assert_eq!(
+        f.activations(),
+        0,
+        "DRIVER_OK must not start the device itself"
+    );
+    assert_eq!(signal.read().unwrap(), 1);
+    f.transport.run_pending_activation();
+    assert_eq!(f.activations(), 1);
+    // Nothing pending any more: running again starts nothing.
+    f.transport.run_pending_activation();
+    assert_eq!(f.activations(), 1);
+
+    // A reset between DRIVER_OK and the event loop cancels the start.
+    f.w32(VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
+    f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    f.w32(VIRTIO_MMIO_STATUS, 0);
+    f.transport.run_pending_activation();
+    assert_eq!(f.activations(), 1);
+    // So does FAILED.
+    assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
+    f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED);
+    f.transport.run_pending_activation();
+    assert_eq!(f.activations(), 1);
+}
+
+/// A deferred activation that fails sets NEEDS_RESET and raises the configuration interrupt,
+/// as an immediate one does.
+#[test]
+fn deferred_activation_failure_sets_needs_reset() {
+    let (mut device, record) = device_with(&[16], DEVICE_FEATURES);
+    device.fail_activation = true;
+    let signal = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let f = Fixture {
+        transport: VirtioMmioTransport::new(device, new_interrupt())
+            .unwrap()
+            .with_deferred_activation(signal),
+        record,
+    };
+    assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
+    f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    assert_eq!(f.status(), S_DRIVER_OK);
+    f.transport.run_pending_activation();
+    assert_eq!(f.status(), S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET);
+    assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
+}

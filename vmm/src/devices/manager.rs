@@ -1,0 +1,422 @@
+//! The machine's devices beyond the legacy ISA ones: the MMIO bus the vCPUs dispatch to and
+//! the virtio-mmio slots on it, each with its address and interrupt line.
+//!
+//! Slot `i` sits at the address and raises the GSI that [`layout::virtio_mmio_slot_plan`]
+//! gives it; devices take slots in the order they are added, so the same command line always
+//! gives the guest the same layout. Everything KVM needs for a slot (the irqfd on its GSI, one
+//! ioeventfd per queue on its QueueNotify register) is registered when the device is added,
+//! before the vCPUs run: the running VMM never changes KVM's I/O or interrupt routing, so no
+//! thread needs `KVM_IOEVENTFD` or `KVM_IRQFD` once the seccomp filters are in.
+//!
+//! Devices start on the event loop: a driver's DRIVER_OK only signals
+//! [`DeviceManager::activation_event`], and the event loop calls
+//! [`DeviceManager::run_pending_activations`], so a vCPU never waits for a backend to take
+//! the memory table and rings.
+//!
+//! A device reaches its interrupt line only through the transport's [`Interrupt`] (an irqfd
+//! plus the status bits the driver reads), so a later PCI transport can hand devices MSI-X
+//! vectors behind the same interface.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mmio_bus::{MmioBus, MmioBusError};
+use super::virtio_mmio::{
+    cmdline_device, Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport,
+};
+use crate::boot::layout;
+
+/// Why a device could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    /// Every virtio-mmio slot with an interrupt line of its own is taken.
+    #[error(
+        "too many virtio devices: the microvm machine has {} virtio-mmio slots",
+        layout::VIRTIO_MMIO_GSIS.len()
+    )]
+    NoFreeSlot,
+    /// The transport refused the device.
+    #[error(transparent)]
+    Transport(#[from] VirtioMmioError),
+    /// The slot overlaps something already on the bus.
+    #[error(transparent)]
+    Bus(#[from] MmioBusError),
+    /// An eventfd could not be created.
+    #[error("creating the eventfds of virtio-mmio slot {slot}: {source}")]
+    EventFd {
+        /// The slot.
+        slot: u64,
+        /// What eventfd() said.
+        source: std::io::Error,
+    },
+    /// KVM refused the irqfd or an ioeventfd.
+    #[error("wiring virtio-mmio slot {slot} ({what}): {source}")]
+    Kvm {
+        /// The slot.
+        slot: u64,
+        /// What was being registered.
+        what: &'static str,
+        /// What KVM said.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Where a device was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// Slot index.
+    pub slot: u64,
+    /// Guest-physical base of the slot's registers.
+    pub base: u64,
+    /// The GSI (IOAPIC pin) the slot raises.
+    pub gsi: u32,
+}
+
+impl SlotInfo {
+    /// The slot as Linux's `virtio_mmio.device=` kernel parameter declares it.
+    pub fn cmdline(&self) -> String {
+        cmdline_device(self.base, layout::VIRTIO_MMIO_SLOT_SIZE, self.gsi)
+    }
+}
+
+/// A transport holding any virtio device.
+pub type Transport = VirtioMmioTransport<Box<dyn VirtioDevice>>;
+
+/// Registers the KVM side of a slot: the irqfd on its GSI and the queue notify ioeventfds.
+/// Implemented by the VM; tests record the calls instead.
+pub trait SlotWiring {
+    /// Makes a write to `irqfd` raise `gsi`.
+    fn register_irqfd(&self, irqfd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error>;
+    /// Makes a 4-byte guest write of `datamatch` to `addr` signal `evt` without a VM exit to
+    /// the VMM.
+    fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), kvm_ioctls::Error>;
+}
+
+impl SlotWiring for VmFd {
+    fn register_irqfd(&self, irqfd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        VmFd::register_irqfd(self, irqfd, gsi)
+    }
+
+    fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        VmFd::register_ioevent(self, evt, &IoEventAddress::Mmio(addr), datamatch)
+    }
+}
+
+struct Slot {
+    info: SlotInfo,
+    transport: Arc<Transport>,
+}
+
+/// Owns the MMIO bus and the virtio-mmio slots of one machine.
+pub struct DeviceManager {
+    mmio: Arc<MmioBus>,
+    slots: Vec<Slot>,
+    activation: EventFd,
+}
+
+impl DeviceManager {
+    /// A machine with no devices yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(DeviceManager {
+            mmio: Arc::new(MmioBus::new()),
+            slots: Vec::new(),
+            activation: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Readable when a driver asked for a device to start; the event loop then calls
+    /// [`DeviceManager::run_pending_activations`].
+    pub fn activation_event(&self) -> &EventFd {
+        &self.activation
+    }
+
+    /// Starts every device whose driver set DRIVER_OK since the last call. Runs on the event
+    /// loop; each start is bounded by its device (a vhost-user device's backend deadline).
+    pub fn run_pending_activations(&self) {
+        // Drain first: a DRIVER_OK written while the slots are walked signals again.
+        let _ = self.activation.read();
+        for slot in &self.slots {
+            slot.transport.run_pending_activation();
+        }
+    }
+
+    /// The bus every vCPU dispatches its MMIO exits to.
+    pub fn mmio_bus(&self) -> &Arc<MmioBus> {
+        &self.mmio
+    }
+
+    /// Puts `device` in the next free slot: wires its interrupt line and queue notifications
+    /// in KVM through `wiring`, then maps its registers. On error nothing is mapped and the
+    /// slot stays free; KVM registrations made before the failure are only undone when the
+    /// VM goes away, which is what the caller, still building the machine, then does.
+    pub fn add_virtio_mmio(
+        &mut self,
+        wiring: &dyn SlotWiring,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<SlotInfo, DeviceManagerError> {
+        let slot = self.slots.len() as u64;
+        let (base, gsi) =
+            layout::virtio_mmio_slot_plan(slot).ok_or(DeviceManagerError::NoFreeSlot)?;
+        let info = SlotInfo {
+            slot,
+            base: base.0,
+            gsi,
+        };
+        let device_type = device.device_type();
+        let kvm = |what| move |source| DeviceManagerError::Kvm { slot, what, source };
+        let irqfd = EventFd::new(EFD_NONBLOCK)
+            .map_err(|source| DeviceManagerError::EventFd { slot, source })?;
+        wiring
+            .register_irqfd(&irqfd, gsi)
+            .map_err(kvm("interrupt line"))?;
+        let activation = self
+            .activation
+            .try_clone()
+            .map_err(|source| DeviceManagerError::EventFd { slot, source })?;
+        let transport = Arc::new(
+            VirtioMmioTransport::new(device, Arc::new(Interrupt::new(irqfd)))?
+                .with_deferred_activation(activation),
+        );
+        for (addr, datamatch, evt) in transport.notify_ioevents(info.base) {
+            wiring
+                .register_ioevent(evt, addr, datamatch)
+                .map_err(kvm("queue notification"))?;
+        }
+        self.mmio.insert(
+            info.base,
+            layout::VIRTIO_MMIO_SLOT_SIZE,
+            Arc::clone(&transport) as _,
+        )?;
+        log::info!(
+            "virtio-mmio slot {slot}: device type {device_type} at {:#x}, GSI {gsi}",
+            info.base
+        );
+        self.slots.push(Slot { info, transport });
+        Ok(info)
+    }
+
+    /// Where every device sits, in slot order.
+    pub fn slots(&self) -> impl Iterator<Item = SlotInfo> + '_ {
+        self.slots.iter().map(|s| s.info)
+    }
+
+    /// The kernel command-line parameters that announce every slot to a Linux guest
+    /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), space-separated.
+    pub fn kernel_cmdline(&self) -> String {
+        self.slots()
+            .map(|s| s.cmdline())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Resets every device, as a machine reset does: backends stop their rings before the
+    /// next boot reuses the memory they pointed into.
+    pub fn reset(&self) {
+        for slot in &self.slots {
+            slot.transport.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio_mmio::{ActivateError, ActivateParams};
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+
+    /// Records what would have been registered with KVM.
+    #[derive(Default)]
+    struct Recorder {
+        irqfds: Mutex<Vec<(i32, u32)>>,
+        ioevents: Mutex<Vec<(i32, u64, u32)>>,
+        refuse_ioevents: bool,
+    }
+
+    impl SlotWiring for Recorder {
+        fn register_irqfd(&self, irqfd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+            self.irqfds.lock().unwrap().push((irqfd.as_raw_fd(), gsi));
+            Ok(())
+        }
+        fn register_ioevent(
+            &self,
+            evt: &EventFd,
+            addr: u64,
+            datamatch: u32,
+        ) -> Result<(), kvm_ioctls::Error> {
+            if self.refuse_ioevents {
+                return Err(kvm_ioctls::Error::new(libc::ENOSPC));
+            }
+            self.ioevents
+                .lock()
+                .unwrap()
+                .push((evt.as_raw_fd(), addr, datamatch));
+            Ok(())
+        }
+    }
+
+    struct Dummy {
+        queues: Vec<u16>,
+        started: Arc<Mutex<usize>>,
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.queues
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, _params: ActivateParams) -> Result<(), ActivateError> {
+            *self.started.lock().unwrap() += 1;
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn dummy(queues: usize) -> Box<dyn VirtioDevice> {
+        Box::new(Dummy {
+            queues: vec![128; queues],
+            started: Arc::default(),
+        })
+    }
+
+    /// A driver's DRIVER_OK through the bus only signals the activation event; the device
+    /// starts when the event loop runs the pending activations.
+    #[test]
+    fn devices_start_when_the_event_loop_runs_pending_activations() {
+        let started = Arc::new(Mutex::new(0));
+        let mut manager = DeviceManager::new().unwrap();
+        let device = Box::new(Dummy {
+            queues: vec![16],
+            started: Arc::clone(&started),
+        });
+        manager
+            .add_virtio_mmio(&Recorder::default(), device)
+            .unwrap();
+        let bus = manager.mmio_bus();
+        let w32 = |reg: u32, value: u32| {
+            assert!(bus.write(0xd000_0000 + u64::from(reg), &value.to_le_bytes()))
+        };
+        use virtio_bindings::virtio_mmio::*;
+        w32(VIRTIO_MMIO_STATUS, 1);
+        w32(VIRTIO_MMIO_STATUS, 3);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w32(VIRTIO_MMIO_STATUS, 11);
+        w32(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x10000);
+        w32(VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x11000);
+        w32(VIRTIO_MMIO_QUEUE_USED_LOW, 0x12000);
+        w32(VIRTIO_MMIO_QUEUE_READY, 1);
+        w32(VIRTIO_MMIO_STATUS, 15);
+        assert_eq!(*started.lock().unwrap(), 0);
+        assert_eq!(manager.activation_event().read().unwrap(), 1);
+        manager.activation_event().write(1).unwrap();
+        manager.run_pending_activations();
+        assert_eq!(*started.lock().unwrap(), 1);
+        // The event was drained.
+        assert!(manager.activation_event().read().is_err());
+    }
+
+    #[test]
+    fn devices_take_consecutive_slots_with_their_own_lines() {
+        let wiring = Recorder::default();
+        let mut manager = DeviceManager::new().unwrap();
+        let a = manager.add_virtio_mmio(&wiring, dummy(1)).unwrap();
+        let b = manager.add_virtio_mmio(&wiring, dummy(2)).unwrap();
+        assert_eq!(
+            (a, b),
+            (
+                SlotInfo {
+                    slot: 0,
+                    base: 0xd000_0000,
+                    gsi: 5
+                },
+                SlotInfo {
+                    slot: 1,
+                    base: 0xd000_1000,
+                    gsi: 6
+                }
+            )
+        );
+        let gsis: Vec<u32> = wiring.irqfds.lock().unwrap().iter().map(|i| i.1).collect();
+        assert_eq!(gsis, vec![5, 6]);
+        // One ioeventfd per queue on the slot's QueueNotify register, matching the queue index.
+        let ioevents: Vec<(u64, u32)> = wiring
+            .ioevents
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| (e.1, e.2))
+            .collect();
+        assert_eq!(
+            ioevents,
+            vec![(0xd000_0050, 0), (0xd000_1050, 0), (0xd000_1050, 1)]
+        );
+        assert_eq!(
+            manager.kernel_cmdline(),
+            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        // The registers are on the bus: the magic value reads back at each base.
+        let mut magic = [0u8; 4];
+        assert!(manager.mmio_bus().read(0xd000_1000, &mut magic));
+        assert_eq!(&magic, b"virt");
+    }
+
+    #[test]
+    fn the_seventeenth_device_is_refused() {
+        let wiring = Recorder::default();
+        let mut manager = DeviceManager::new().unwrap();
+        for _ in 0..layout::VIRTIO_MMIO_GSIS.len() {
+            manager.add_virtio_mmio(&wiring, dummy(1)).unwrap();
+        }
+        let err = manager.add_virtio_mmio(&wiring, dummy(1)).unwrap_err();
+        assert!(matches!(err, DeviceManagerError::NoFreeSlot), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "too many virtio devices: the microvm machine has 16 virtio-mmio slots"
+        );
+        assert_eq!(manager.slots().count(), 16);
+        assert_eq!(wiring.irqfds.lock().unwrap().len(), 16);
+    }
+
+    #[test]
+    fn a_slot_kvm_refuses_is_not_mapped_and_stays_free() {
+        let refusing = Recorder {
+            refuse_ioevents: true,
+            ..Recorder::default()
+        };
+        let mut manager = DeviceManager::new().unwrap();
+        let err = manager.add_virtio_mmio(&refusing, dummy(1)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("wiring virtio-mmio slot 0 (queue notification): "),
+            "{err}"
+        );
+        let mut data = [0u8; 4];
+        assert!(!manager.mmio_bus().read(0xd000_0000, &mut data));
+        let info = manager
+            .add_virtio_mmio(&Recorder::default(), dummy(1))
+            .unwrap();
+        assert_eq!(info.slot, 0);
+    }
+}

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 cargo build --workspace --quiet
 scripts/guest-kernel.sh
 scripts/lab-kernel.sh
-out="$(mktemp)"
-trap 'rm -f "$out"' EXIT
+# The whole transcript stays next to the build for a look at any run.
+out="${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/lab-bench-transcript.txt"
 if ! "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/debug/citadel-lab" --with-qemu bench-boot >"$out"; then
     grep -v '^\[L2 ' "$out" | tail -n 60
     echo "bench-lab: the benchmark scenario failed (output above)" >&2

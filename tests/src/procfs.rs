@@ -2,11 +2,17 @@
 
 /// The soft and hard "Max core file size" of `pid`, as written in /proc/<pid>/limits.
 pub fn core_file_limit(pid: u32) -> (String, String) {
+    limit(pid, "Max core file size")
+}
+
+/// The soft and hard values of the limit `name` ("Max file size", ...) of `pid`, as written in
+/// /proc/<pid>/limits.
+pub fn limit(pid: u32, name: &str) -> (String, String) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
     let line = limits
         .lines()
-        .find_map(|l| l.strip_prefix("Max core file size"))
-        .unwrap_or_else(|| panic!("no core limit in\n{limits}"));
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in\n{limits}"));
     let mut fields = line.split_whitespace();
     let soft = fields.next().expect("soft limit").to_string();
     let hard = fields.next().expect("hard limit").to_string();

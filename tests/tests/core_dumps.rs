@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use citadel_tests::netns::{unique, NetNs};
-use citadel_tests::procfs::{allow_own_core_dumps, core_file_limit, vm_flags_of};
+use citadel_tests::procfs::{allow_own_core_dumps, core_file_limit, limit, vm_flags_of};
 use citadel_tests::vhost_user::{Frontend, GuestMemory};
 use citadel_tests::vm::{TempDir, Vm};
 use citadel_tests::{binary, guest_program, skip, Reaped};
@@ -95,6 +95,9 @@ fn citadel_blk_writes_no_core_and_shared_guest_memory_is_not_dumpable() {
     );
     assert_eq!(core_file_limit(child.0.id()), zero_limit());
     assert_not_dumped(child.0.id(), "memfd:citadel-test-guest");
+    // Writes never extend the image, so no file can grow past it.
+    let size = (1u64 << 20).to_string();
+    assert_eq!(limit(child.0.id(), "Max file size"), (size.clone(), size));
 }
 
 #[test]

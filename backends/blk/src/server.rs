@@ -189,8 +189,15 @@ pub fn run(args: Args) -> Result<(), ServerError> {
         )
         .map_err(sys("epoll_ctl"))?;
 
+    // No request writes outside the image, so nothing may grow a file past it. A write that
+    // tried anyway fails with EFBIG instead of killing the backend with SIGXFSZ.
+    // SAFETY: SIG_IGN is a valid disposition for SIGXFSZ, and no handler is installed.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(sys("ignoring SIGXFSZ")(std::io::Error::last_os_error()));
+    }
     citadel_sandbox::restrict_self(&citadel_sandbox::Policy {
         limits: vec![
+            citadel_sandbox::Limit::FileSize(capacity * crate::disk::SECTOR_SIZE),
             citadel_sandbox::Limit::LockedMemory(0),
             citadel_sandbox::Limit::OpenFiles(64 + 4 * u64::from(args.num_queues)),
         ],

@@ -16,7 +16,7 @@ if ! "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/debug/citadel-lab" --
     exit 1
 fi
 awk -F= '
-    /^  (citadel|qemu)\.(ms|peak_kb)=/ { key = substr($1, 3); v[key] = v[key] " " $2 }
+    /^  (citadel|qemu)\.(ms|peak_kb|overhead_kb)=/ { key = substr($1, 3); v[key] = v[key] " " $2 }
     /^L1 boot/ { l1 = $0 }
     function median(list,    a, n, i, j, t) {
         n = split(list, a, " ")
@@ -29,5 +29,7 @@ awk -F= '
         printf "| | citadel | qemu -M microvm (KVM in L1) | ratio |\n| --- | --- | --- | --- |\n"
         printf "| exec to guest user space, median | %d ms | %d ms | %.2fx |\n", cm, qm, cm / qm
         printf "| peak RSS, median | %.1f MiB | %.1f MiB | %.2fx |\n", cr / 1024, qr / 1024, cr / qr
+        co = median(v["citadel.overhead_kb"]); qo = median(v["qemu.overhead_kb"])
+        printf "| memory besides guest RAM, median | %.1f MiB | %.1f MiB | %.2fx |\n", co / 1024, qo / 1024, co / qo
         printf "runs: citadel %s | qemu %s\n%s\n", v["citadel.ms"], v["qemu.ms"], l1
     }' "$out"

@@ -6,6 +6,13 @@ append="console=ttyS0 panic=-1 quiet lab.mode=report"
 peak_kb() {
 	sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status"
 }
+# status_kb PID FIELD: a kB field of /proc/PID/status.
+status_kb() {
+	sed -n "s/^$2:[[:space:]]*\([0-9]*\) kB/\1/p" "/proc/$1/status"
+}
+# Memory overhead: what the VMM holds besides guest RAM. Citadel's guest RAM is a shared memfd
+# (RssShmem), so its overhead is RssAnon + RssFile. QEMU's guest RAM is anonymous memory, so
+# its overhead is VmRSS less the guest RAM the same guest had touched under Citadel.
 i=0
 while [ $i -lt "$runs" ]; do
 	i=$((i + 1))
@@ -14,6 +21,8 @@ while [ $i -lt "$runs" ]; do
 	boot_guest $vm $GUEST/vmlinux 1 256 report
 	l2_wait $vm "guest: user space up" 120 && result citadel.ms $(($(now_ms) - start))
 	result citadel.peak_kb "$(peak_kb $L2_PID)"
+	guest_kb=$(status_kb $L2_PID RssShmem)
+	result citadel.overhead_kb $(($(status_kb $L2_PID RssAnon) + $(status_kb $L2_PID RssFile)))
 	stop_guest $vm
 
 	vm=qemu$i
@@ -24,5 +33,6 @@ while [ $i -lt "$runs" ]; do
 		-qmp "unix:/tmp/$vm.qmp,server,nowait"
 	l2_wait $vm "guest: user space up" 120 && result qemu.ms $(($(now_ms) - start))
 	result qemu.peak_kb "$(peak_kb $L2_PID)"
+	result qemu.overhead_kb $(($(status_kb $L2_PID VmRSS) - guest_kb))
 	stop_guest $vm
 done

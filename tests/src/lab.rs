@@ -289,9 +289,10 @@ impl Lab {
 
     /// Boots L1, runs `scenarios` in order, and collects what they reported.
     ///
-    /// L1's own kernel can die under QEMU's TCG (seen here: a stack-guard-page hit in its entry
-    /// code while a KVM vCPU thread ran, twice in about a hundred L2 boots, with QEMU's guests as
-    /// with Citadel's). That is the emulated lab failing, not the VMM under test: when L1
+    /// L1's own kernel can die under QEMU's TCG (seen here once in about a hundred L2 boots: a
+    /// stack-guard-page hit in its exception entry code while a KVM vCPU thread ran, in a lab
+    /// running QEMU's and Citadel's guests in turn). That is the emulated lab failing, not the
+    /// VMM under test: when L1
     /// panics, the lab boots once more and runs the scenario that was interrupted and those
     /// after it, and the transcript keeps both boots. A second panic fails the run.
     pub fn run(&self, scenarios: &[&str]) -> Result<LabRun, LabError> {

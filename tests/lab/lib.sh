@@ -95,3 +95,16 @@ stop_guest() {
 shutdown_data() {
 	grep -F '"event":"SHUTDOWN"' "$1" | grep -o '"data":{[^}]*}' | head -n1
 }
+
+# boot_and_report NAME KERNEL SMP SECONDS: boots KERNEL with SMP vCPUs and 256 MiB in report
+# mode, reports how long it took to reach user space and what the guest saw, then quits it.
+boot_and_report() {
+	start=$(now_ms)
+	boot_guest "$1" "$2" "$3" 256 report
+	l2_wait "$1" "guest: user space up" "$4" && result "$1.boot_ms" $(($(now_ms) - start))
+	l2_wait "$1" "guest: end" 10
+	for key in nproc memtotal_kb cmdline dmesg-problems clocksource acpi-madt; do
+		result "$1.$key" "$(l2_value "$1" $key)"
+	done
+	stop_guest "$1"
+}

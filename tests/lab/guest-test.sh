@@ -33,9 +33,15 @@ disk)
 	if [ ! -b /dev/vda ] && [ -r /sys/block/vda/dev ]; then
 		mknod /dev/vda b $(tr ':' ' ' </sys/block/vda/dev)
 	fi
-	echo "guest: disk-marker=$(dd if=/dev/vda bs=24 count=1 2>/dev/null)"
-	printf 'written-by-the-guest' | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
-	echo "guest: disk-write rc=$?"
+	if [ -b /dev/vda ]; then
+		echo "guest: disk-marker=$(dd if=/dev/vda bs=24 count=1 2>/dev/null)"
+		printf 'written-by-the-guest' | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
+		echo "guest: disk-write rc=$?"
+	else
+		# Say why: what the kernel logged about virtio devices.
+		dmesg | grep -iE 'virtio|vda' | sed 's/^/guest: virtio: /'
+		echo "guest: disk-write rc=no-disk"
+	fi
 	;;
 esac
 echo "guest: end"

@@ -4,6 +4,8 @@
 # as `[qmp NAME >] ...` / `[qmp NAME <] ...`.
 
 GUEST=/lab/guest
+# Citadel's info lines (a triple fault, a guest reset) go into the transcript too.
+export RUST_LOG="${RUST_LOG:-info}"
 
 # result KEY VALUE: one line the host-side test reads.
 result() {

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,6 +64,9 @@ pub struct LabOptions {
     /// Carries this host's `qemu-system-x86_64` (with its libraries and x86 firmware) into L1
     /// as `/usr/bin/qemu-system-x86_64`, as a peer for benchmarks.
     pub with_qemu: bool,
+    /// Appends every console line here as it arrives, so a long run can be followed
+    /// (`tail -f`) and a hung one read before it times out.
+    pub live_transcript: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -75,6 +78,7 @@ impl Default for LabOptions {
             scenario_timeout: Duration::from_secs(420),
             timeout: Duration::from_secs(1800),
             with_qemu: false,
+            live_transcript: None,
         }
     }
 }
@@ -327,6 +331,16 @@ impl Lab {
     }
 
     fn run_once(&self, scenarios: &[&str]) -> Result<Attempt, LabError> {
+        let mut live = match &self.options.live_transcript {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| LabError::Failed(format!("opening {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
         let mut command = self.command(scenarios);
         command.args(["-serial", "stdio"]);
         let started = Instant::now();
@@ -352,6 +366,9 @@ impl Lab {
                 } else {
                     format!("[L1] {line}")
                 };
+                if let Some(live) = live.as_mut() {
+                    let _ = writeln!(live, "{tagged}");
+                }
                 run.transcript.push(tagged.clone());
                 if let Some(name) = line.strip_prefix("lab-scenario: begin ") {
                     let name = name.trim().to_string();

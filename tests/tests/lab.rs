@@ -49,6 +49,16 @@ fn boot(
     transcript_name: &str,
 ) -> Option<&'static LabRun> {
     let run = run.get_or_init(|| {
+        let target = citadel_tests::profile_dir()
+            .parent()
+            .expect("profile dir has a parent")
+            .to_path_buf();
+        let live = target.join(format!("{transcript_name}.live"));
+        let _ = std::fs::remove_file(&live);
+        let options = LabOptions {
+            live_transcript: Some(live),
+            ..options
+        };
         let lab = Lab::prepare(options)?;
         let run = lab.run(scenarios)?;
         let transcript = citadel_tests::profile_dir()

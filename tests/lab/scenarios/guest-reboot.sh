@@ -13,7 +13,8 @@ result reboot.shutdown "$(shutdown_data /tmp/$vm.events)"
 vm=midboot
 boot_guest $vm $GUEST/vmlinux 1 256 report
 pid=$L2_PID
-l2_wait $vm "Linux version" 30
+# Citadel says when the VM is built and locked down; the kernel boots for seconds after that.
+l2_wait $vm "landlock: enforced" 30
 qmp $vm '{"execute":"quit"}' wait-event:SHUTDOWN >/tmp/$vm.events
 start=$(now_ms)
 if exited $pid 10; then

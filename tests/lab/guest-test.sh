@@ -33,6 +33,7 @@ disk)
 	if [ ! -b /dev/vda ] && [ -r /sys/block/vda/dev ]; then
 		mknod /dev/vda b $(tr ':' ' ' </sys/block/vda/dev)
 	fi
+	echo "guest: acpi-virtio=$(ls /sys/bus/acpi/devices | grep -c '^LNRO0005')"
 	if [ -b /dev/vda ]; then
 		echo "guest: disk-marker=$(dd if=/dev/vda bs=24 count=1 2>/dev/null)"
 		printf 'written-by-the-guest' | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null

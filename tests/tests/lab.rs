@@ -353,13 +353,8 @@ fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
 fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
     check_scenario("vhost-user-blk", |outcome| {
         let t = || outcome.transcript();
-        // The slot reaches Linux on its command line, after what the operator appended.
-        let cmdline = value(outcome, "disk.cmdline");
-        assert!(
-            cmdline.ends_with("virtio_mmio.device=4K@0xd0000000:5"),
-            "{cmdline}\n{}",
-            t()
-        );
+        // The slot reaches Linux through the DSDT, as an LNRO0005 device.
+        assert_eq!(value(outcome, "disk.acpi-virtio"), "1", "{}", t());
         assert_eq!(
             value(outcome, "disk.marker"),
             "citadel-lab-disk-marker!",

@@ -257,15 +257,9 @@ impl Machine {
             disk.set_memory(&ram.memory)?;
             virtio.add_virtio_mmio(&vm, Box::new(disk))?;
         }
-        // The guest learns of the slots from its command line; a reset boots the same line.
+        // The guest learns of the slots from the DSDT, which a reset writes again.
         let mut boot = spec.boot.clone();
-        let declarations = virtio.kernel_cmdline();
-        if !declarations.is_empty() {
-            if !boot.cmdline.is_empty() {
-                boot.cmdline.push(' ');
-            }
-            boot.cmdline.push_str(&declarations);
-        }
+        boot.virtio_mmio = virtio.acpi_nodes();
         let boot_files = HeldBootFiles::open(&boot)?;
         let entry = boot::load_from(&ram.memory, &boot, &boot_files.files, spec.vcpus)?;
         let mut boot_states = Vec::with_capacity(fds.len());

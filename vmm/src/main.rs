@@ -145,6 +145,7 @@ fn build_and_run(
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
             cmdline: config.cmdline.clone(),
+            virtio_mmio: Vec::new(),
         };
         let spec = MachineSpec {
             boot: &boot,

@@ -18,7 +18,7 @@ if l2_wait $vm "guest: disk-write rc=" 90; then
 	result disk.marker "$(l2_value $vm disk-marker)"
 	result disk.write-rc "$(sed -n 's/^guest: disk-write rc=//p' /tmp/$vm.log | tail -n1)"
 fi
-result disk.cmdline "$(l2_value $vm cmdline)"
+result disk.acpi-virtio "$(l2_value $vm acpi-virtio)"
 stop_guest $vm
 result disk.image "$(dd if=/tmp/disk.img bs=1 skip=4096 count=20 2>/dev/null)"
 kill $blk

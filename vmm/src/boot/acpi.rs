@@ -11,7 +11,9 @@
 //! routing, which the MP table also declares), which is what ACPI assumes for every ISA IRQ
 //! without an interrupt source override, so there are none.
 
-use acpi_tables::aml::{self, Device, EISAName, Interrupt, Name, ResourceTemplate, Scope, IO};
+use acpi_tables::aml::{
+    self, Device, EISAName, Interrupt, Memory32Fixed, Name, ResourceTemplate, Scope, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
@@ -165,6 +167,36 @@ fn dsdt(devices: &[&dyn Aml]) -> Sdt {
     sb.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt
+}
+
+/// A virtio-mmio slot as an ACPI device of `\_SB`: `LNRO0005` (the id Linux's virtio_mmio
+/// driver matches), its register window and its interrupt. With a hardware-reduced FADT Linux
+/// has no legacy interrupt lines pre-mapped, so a slot's GSI works only once ACPI declares it;
+/// a `virtio_mmio.device=` command-line declaration would name an unmapped IRQ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioMmioNode {
+    /// Slot index, the device's `_UID` and the last two hex digits of its name (`VRnn`).
+    pub index: u8,
+    /// Guest-physical base of its registers.
+    pub base: u32,
+    /// Size of its register window.
+    pub size: u32,
+    /// Its GSI: edge-triggered, active high, not shared, as its IOAPIC pin is programmed.
+    pub gsi: u32,
+}
+
+impl Aml for VirtioMmioNode {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let hid = Name::new("_HID".into(), &"LNRO0005");
+        let uid_value = u32::from(self.index);
+        let uid = Name::new("_UID".into(), &uid_value);
+        let window = Memory32Fixed::new(true, self.base, self.size);
+        let irq = Interrupt::new(true, true, false, false, self.gsi);
+        let resources = ResourceTemplate::new(vec![&window, &irq]);
+        let crs = Name::new("_CRS".into(), &resources);
+        let name = format!("VR{:02X}", self.index);
+        Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    }
 }
 
 /// A hardware-reduced FADT pointing at the DSDT at `dsdt_addr`.
@@ -358,6 +390,31 @@ pub(crate) mod tests {
         // No 8042 (bit 1) and no legacy ISA devices (bit 0) to probe; no VGA, no CMOS RTC.
         assert_eq!(parsed.iapc_boot_arch & 0b11, 0);
         assert_eq!(parsed.iapc_boot_arch & (1 << 2 | 1 << 5), 1 << 2 | 1 << 5);
+    }
+
+    #[test]
+    fn dsdt_declares_each_virtio_mmio_slot() {
+        let mem = ram();
+        let slot = VirtioMmioNode {
+            index: 1,
+            base: 0xd000_1000,
+            size: 0x1000,
+            gsi: 6,
+        };
+        write(&mem, 1, &[&slot]).unwrap();
+        let aml = parse(&mem).dsdt_aml;
+        assert!(contains(&aml, b"VR01"));
+        assert!(contains(&aml, b"LNRO0005"));
+        // Memory32Fixed descriptor (0x86, length 9, read-write) with the window.
+        let mut window = vec![0x86, 0x09, 0x00, 0x01];
+        window.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        window.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(contains(&aml, &window));
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive, GSI 6.
+        assert!(contains(
+            &aml,
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x06, 0x00, 0x00, 0x00]
+        ));
     }
 
     #[test]

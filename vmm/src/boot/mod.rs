@@ -34,6 +34,8 @@ pub struct BootSource {
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
+    /// The virtio-mmio slots, declared to the guest in the DSDT.
+    pub virtio_mmio: Vec<acpi::VirtioMmioNode>,
 }
 
 /// The kernel and initrd, opened once at start and kept open, so that every (re)boot reads
@@ -281,7 +283,12 @@ pub fn load_from(
         _ => None,
     };
 
-    let rsdp = acpi::write(mem, num_cpus, &[])?;
+    let nodes: Vec<&dyn acpi_tables::Aml> = src
+        .virtio_mmio
+        .iter()
+        .map(|n| n as &dyn acpi_tables::Aml)
+        .collect();
+    let rsdp = acpi::write(mem, num_cpus, &nodes)?;
     let map = params::memory_map(ram_size(mem));
     let pvh_entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
@@ -509,6 +516,7 @@ mod tests {
             kernel: kernel.to_path_buf(),
             initrd: None,
             cmdline: "console=ttyS0 reboot=k panic=1".to_string(),
+            virtio_mmio: Vec::new(),
         }
     }
 

@@ -335,6 +335,7 @@ mod tests {
             kernel: file.as_path().to_path_buf(),
             initrd: None,
             cmdline: "console=ttyS0".into(),
+            virtio_mmio: Vec::new(),
         };
         let entry = boot::load(&ram.memory, &src, num_cpus).unwrap();
         Some(Booted {

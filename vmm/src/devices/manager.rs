@@ -23,9 +23,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio_bus::{MmioBus, MmioBusError};
-use super::virtio_mmio::{
-    cmdline_device, Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport,
-};
+use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
 
 /// Why a device could not be attached.
@@ -75,9 +73,14 @@ pub struct SlotInfo {
 }
 
 impl SlotInfo {
-    /// The slot as Linux's `virtio_mmio.device=` kernel parameter declares it.
-    pub fn cmdline(&self) -> String {
-        cmdline_device(self.base, layout::VIRTIO_MMIO_SLOT_SIZE, self.gsi)
+    /// The slot as the DSDT declares it. Slots lie in the 32-bit MMIO gap, below 4 GiB.
+    pub fn acpi_node(&self) -> crate::boot::acpi::VirtioMmioNode {
+        crate::boot::acpi::VirtioMmioNode {
+            index: self.slot as u8,
+            base: self.base as u32,
+            size: layout::VIRTIO_MMIO_SLOT_SIZE as u32,
+            gsi: self.gsi,
+        }
     }
 }
 
@@ -212,13 +215,9 @@ impl DeviceManager {
         self.slots.iter().map(|s| s.info)
     }
 
-    /// The kernel command-line parameters that announce every slot to a Linux guest
-    /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), space-separated.
-    pub fn kernel_cmdline(&self) -> String {
-        self.slots()
-            .map(|s| s.cmdline())
-            .collect::<Vec<_>>()
-            .join(" ")
+    /// Every slot as the DSDT declares it to the guest.
+    pub fn acpi_nodes(&self) -> Vec<crate::boot::acpi::VirtioMmioNode> {
+        self.slots().map(|s| s.acpi_node()).collect()
     }
 
     /// Resets every device, as a machine reset does: backends stop their rings before the
@@ -372,9 +371,14 @@ mod tests {
             ioevents,
             vec![(0xd000_0050, 0), (0xd000_1050, 0), (0xd000_1050, 1)]
         );
+        let nodes: Vec<(u8, u32, u32, u32)> = manager
+            .acpi_nodes()
+            .iter()
+            .map(|n| (n.index, n.base, n.size, n.gsi))
+            .collect();
         assert_eq!(
-            manager.kernel_cmdline(),
-            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+            nodes,
+            vec![(0, 0xd000_0000, 0x1000, 5), (1, 0xd000_1000, 0x1000, 6)]
         );
         // The registers are on the bus: the magic value reads back at each base.
         let mut magic = [0u8; 4];

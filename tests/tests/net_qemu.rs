@@ -205,7 +205,7 @@ timeout 120 sh -c 'until wget -q -O /dev/null http://10.77.0.1:8081/fetched; do 
         .arg(format!("socket,id=vu0,path={}", socket.display()))
         .args(["-netdev", "vhost-user,id=net0,chardev=vu0"])
         .arg("-device")
-        // DESIGN.md quirk (a): QEMU 7.2's MSI-X path crashes with vhost-user-net under TCG.
+        // QEMU 7.2's MSI-X path crashes with vhost-user-net under TCG (seen here): no vectors.
         .arg(format!(
             "virtio-net-pci,netdev=net0,mac={GUEST_MAC},vectors=0,romfile="
         ))

@@ -530,7 +530,7 @@ mod tests {
         assert_eq!(leaf1_ebx >> 24, 1, "APIC id");
         assert_eq!((leaf1_ebx >> 16) & 0xff, 2, "logical processor count");
         assert_ne!(leaf1_ecx & (1 << 31), 0, "hypervisor bit");
-        // CX16 is one bit every KVM host, nested or not, hides when asked to (DESIGN.md: on
+        // CX16 is one bit every KVM host, nested or not, hides when asked to (measured: on
         // nested hosts some other cleared bits still show through to the guest).
         assert_eq!(leaf1_ecx & (1 << 13), 0, "CX16");
         assert_eq!(

@@ -468,8 +468,8 @@ mod tests {
         status
     }
 
-    fn assert_killed_by_sigsys(role: Role, what: &str, body: fn() -> i32) {
-        let status = run_confined(role, body);
+    /// Asserts that the confined child of `role` died of SIGSYS (wait status `status`).
+    fn assert_sigsys_status(role: Role, what: &str, status: i32) {
         assert!(
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
             "{what} under the {} filter: expected death by SIGSYS, wait status {status:#x}",
@@ -477,13 +477,21 @@ mod tests {
         );
     }
 
-    fn assert_exits_cleanly(role: Role, what: &str, body: fn() -> i32) {
-        let status = run_confined(role, body);
+    /// Asserts that the confined child of `role` exited with 0 (wait status `status`).
+    fn assert_clean_status(role: Role, what: &str, status: i32) {
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "{what} under the {} filter: expected exit 0, wait status {status:#x}",
             role.name()
         );
+    }
+
+    fn assert_killed_by_sigsys(role: Role, what: &str, body: fn() -> i32) {
+        assert_sigsys_status(role, what, run_confined(role, body));
+    }
+
+    fn assert_exits_cleanly(role: Role, what: &str, body: fn() -> i32) {
+        assert_clean_status(role, what, run_confined(role, body));
     }
 
     fn ptrace() -> i32 {
@@ -617,21 +625,11 @@ mod tests {
     type Body = fn() -> i32;
 
     fn assert_vmm_kills(role: Role, what: &str, body: fn() -> i32) {
-        let status = run_compiled_in_child(role, body);
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
-            "{what} under the {} filter: expected death by SIGSYS, wait status {status:#x}",
-            role.name()
-        );
+        assert_sigsys_status(role, what, run_compiled_in_child(role, body));
     }
 
     fn assert_vmm_allows(role: Role, what: &str, body: fn() -> i32) {
-        let status = run_compiled_in_child(role, body);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "{what} under the {} filter: expected exit 0, wait status {status:#x}",
-            role.name()
-        );
+        assert_clean_status(role, what, run_compiled_in_child(role, body));
     }
 
     /// Returns 0 when `result` is -1 with `errno`, i.e. the call reached the kernel.

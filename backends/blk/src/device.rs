@@ -794,44 +794,5 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Ok(())
     }
 
-    fn get_max_mem_slots(&mut self) -> Result<u64, VhostError> {
-        refuse("CONFIGURE_MEM_SLOTS is not supported")
-    }
-
-    fn add_mem_region(
-        &mut self,
-        _region: &VhostUserSingleMemoryRegion,
-        _fd: File,
-        _postcopy_listening: Option<bool>,
-    ) -> Result<Option<u64>, VhostError> {
-        refuse("CONFIGURE_MEM_SLOTS is not supported")
-    }
-
-    fn remove_mem_region(
-        &mut self,
-        _region: &VhostUserSingleMemoryRegion,
-    ) -> Result<(), VhostError> {
-        refuse("CONFIGURE_MEM_SLOTS is not supported")
-    }
-
-    fn set_device_state_fd(
-        &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
-    ) -> Result<Option<File>, VhostError> {
-        refuse("device state transfer is not supported")
-    }
-
-    fn check_device_state(&mut self) -> Result<(), VhostError> {
-        refuse("device state transfer is not supported")
-    }
-
-    fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig, VhostError> {
-        refuse("shared memory regions are not supported")
-    }
-
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<(), VhostError> {
-        refuse("dirty logging is not supported")
-    }
+    citadel_vhost_user::refuse_unsupported_requests!();
 }

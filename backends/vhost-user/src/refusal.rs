@@ -34,3 +34,53 @@ pub fn nonblocking(file: &File) -> Result<(), VhostError> {
     }
     Ok(())
 }
+
+/// The `VhostUserBackendReqHandlerMut` methods for requests neither backend supports
+/// (memory slots, device state transfer, shared memory regions, dirty logging), each refused
+/// with [`refuse`]. Expands inside the trait's `impl`; the caller has `File`, `VhostError` and
+/// the vhost-user message types in scope, as that impl needs them anyway.
+#[macro_export]
+macro_rules! refuse_unsupported_requests {
+    () => {
+        fn get_max_mem_slots(&mut self) -> Result<u64, VhostError> {
+            $crate::refusal::refuse("CONFIGURE_MEM_SLOTS is not supported")
+        }
+
+        fn add_mem_region(
+            &mut self,
+            _region: &VhostUserSingleMemoryRegion,
+            _fd: File,
+            _postcopy_listening: Option<bool>,
+        ) -> Result<Option<u64>, VhostError> {
+            $crate::refusal::refuse("CONFIGURE_MEM_SLOTS is not supported")
+        }
+
+        fn remove_mem_region(
+            &mut self,
+            _region: &VhostUserSingleMemoryRegion,
+        ) -> Result<(), VhostError> {
+            $crate::refusal::refuse("CONFIGURE_MEM_SLOTS is not supported")
+        }
+
+        fn set_device_state_fd(
+            &mut self,
+            _direction: VhostTransferStateDirection,
+            _phase: VhostTransferStatePhase,
+            _fd: File,
+        ) -> Result<Option<File>, VhostError> {
+            $crate::refusal::refuse("device state transfer is not supported")
+        }
+
+        fn check_device_state(&mut self) -> Result<(), VhostError> {
+            $crate::refusal::refuse("device state transfer is not supported")
+        }
+
+        fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig, VhostError> {
+            $crate::refusal::refuse("shared memory regions are not supported")
+        }
+
+        fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<(), VhostError> {
+            $crate::refusal::refuse("dirty logging is not supported")
+        }
+    };
+}

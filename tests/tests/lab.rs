@@ -5,7 +5,7 @@
 //!
 //! All scenarios share one lab boot, started by the first test that needs it.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use citadel_tests::lab::{Lab, LabError, LabOptions, LabRun, ScenarioOutcome};
 use citadel_tests::skip;
@@ -26,29 +26,40 @@ const GUEST_RAM_KB: u64 = 256 * 1024;
 /// Scenarios of the lab's VFIO variant, a boot of its own.
 const VFIO_SCENARIOS: &[&str] = &["vfio-edu"];
 
-fn lab() -> Option<&'static LabRun> {
+fn lab() -> Option<&'static Result<LabRun, LabError>> {
     static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
     boot(&RUN, LabOptions::default(), SCENARIOS, "lab-transcript.txt")
 }
 
-fn vfio_lab() -> Option<&'static LabRun> {
-    static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
-    let options = LabOptions {
+fn vfio_options() -> LabOptions {
+    LabOptions {
         vfio: true,
         ..LabOptions::default()
-    };
-    boot(&RUN, options, VFIO_SCENARIOS, "lab-vfio-transcript.txt")
+    }
 }
 
+fn vfio_lab() -> Option<&'static Result<LabRun, LabError>> {
+    static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
+    boot(&RUN, vfio_options(), VFIO_SCENARIOS, "lab-vfio-transcript.txt")
+}
+
+/// Held while a lab boots: two emulated labs at once on a small host only slow each other down
+/// and stretch every guest-visible timing in both.
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// Boots the lab once for all the tests that share `run`, keeping its transcript in the target
-/// directory.
+/// directory. `None` when the lab cannot run here at all (the test is then skipped, or fails in
+/// CI).
 fn boot(
     run: &'static OnceLock<Result<LabRun, LabError>>,
     options: LabOptions,
     scenarios: &[&str],
     transcript_name: &str,
-) -> Option<&'static LabRun> {
+) -> Option<&'static Result<LabRun, LabError>> {
     let run = run.get_or_init(|| {
+        let _one = ONE_LAB_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let target = citadel_tests::profile_dir()
             .parent()
             .expect("profile dir has a parent")
@@ -61,10 +72,7 @@ fn boot(
         };
         let lab = Lab::prepare(options)?;
         let run = lab.run(scenarios)?;
-        let transcript = citadel_tests::profile_dir()
-            .parent()
-            .expect("profile dir has a parent")
-            .join(transcript_name);
+        let transcript = target.join(transcript_name);
         let _ = std::fs::write(&transcript, run.transcript.join("\n"));
         eprintln!(
             "lab: L1 boot {:?}, whole run {:?}, transcript in {}",
@@ -74,36 +82,55 @@ fn boot(
         );
         Ok(run)
     });
-    match run {
-        Ok(run) => Some(run),
-        Err(LabError::Missing(why)) => {
-            skip("lab", why, true);
-            None
-        }
-        Err(e) => panic!("{e}"),
+    if let Err(LabError::Missing(why)) = run {
+        skip("lab", why, true);
+        return None;
     }
+    Some(run)
 }
 
 /// Runs `check` on the outcome of scenario `name` in the shared lab boot, which must have
 /// ended by itself with status 0.
 ///
 /// The lab is emulated, and QEMU's TCG emulation of nested SVM now and then corrupts L1's or a
-/// guest's state (L1 has died of a bad GS base in its page-fault entry; SMP guests have
-/// triple-faulted under the same Citadel that booted them fine a run before). So a scenario
-/// that fails is run once more in a lab boot of its own, saying so on stderr and keeping both
+/// guest's state (L1 has died of a bad GS base in its page-fault entry and of a corrupted stack
+/// while KVM reset a triple-faulted vCPU; SMP guests have triple-faulted under the same Citadel
+/// that booted them fine a run before). So a scenario that fails, or that the shared boot never
+/// reached, is run once more in a lab boot of its own, saying so on stderr and keeping both
 /// transcripts; it fails the test only if it fails again.
 fn check_scenario(name: &str, check: impl Fn(&ScenarioOutcome)) {
-    let Some(run) = lab() else {
+    check_in(lab, LabOptions::default(), name, check);
+}
+
+fn check_in(
+    shared: fn() -> Option<&'static Result<LabRun, LabError>>,
+    options: LabOptions,
+    name: &str,
+    check: impl Fn(&ScenarioOutcome),
+) {
+    let Some(run) = shared() else {
         return;
     };
-    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        check(finished(run, name).expect("the lab ran"))
-    }));
-    if first.is_ok() {
+    let first = match run {
+        Ok(run) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check(finished(run, name))
+        }))
+        .is_ok(),
+        Err(e) => {
+            eprintln!("lab: the shared lab boot failed: {e}");
+            false
+        }
+    };
+    if first {
         return;
     }
     eprintln!("lab: scenario {name} failed in the shared lab boot; running it again on its own");
-    let retry = Lab::prepare(LabOptions::default()).and_then(|lab| lab.run(&[name]));
+    let retry = {
+        let _one = ONE_LAB_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Lab::prepare(options).and_then(|lab| lab.run(&[name]))
+    };
     match retry {
         Ok(run) => {
             let transcript = citadel_tests::profile_dir()
@@ -111,14 +138,14 @@ fn check_scenario(name: &str, check: impl Fn(&ScenarioOutcome)) {
                 .expect("profile dir has a parent")
                 .join(format!("lab-retry-{name}.txt"));
             let _ = std::fs::write(&transcript, run.transcript.join("\n"));
-            check(finished(&run, name).expect("the lab ran"));
+            check(finished(&run, name));
             eprintln!("lab: scenario {name} passed on its second run");
         }
         Err(e) => panic!("{e}"),
     }
 }
 
-fn finished<'a>(run: &'a LabRun, name: &str) -> Option<&'a ScenarioOutcome> {
+fn finished<'a>(run: &'a LabRun, name: &str) -> &'a ScenarioOutcome {
     let outcome = run.scenario(name);
     assert_eq!(
         outcome.rc,
@@ -126,7 +153,7 @@ fn finished<'a>(run: &'a LabRun, name: &str) -> Option<&'a ScenarioOutcome> {
         "scenario {name} did not finish cleanly\n{}",
         outcome.transcript()
     );
-    Some(outcome)
+    outcome
 }
 
 fn value<'a>(outcome: &'a ScenarioOutcome, key: &str) -> &'a str {
@@ -339,14 +366,13 @@ fn cpu_templates_reach_the_guests_own_cpuinfo() {
 
 #[test]
 fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
-    let Some(outcome) = vfio_lab().and_then(|run| finished(run, "vfio-edu")) else {
-        return;
-    };
-    let t = || outcome.transcript();
-    assert_eq!(value(outcome, "edu-driver"), "vfio-pci", "{}", t());
-    assert!(!value(outcome, "edu-group").is_empty(), "{}", t());
-    assert_eq!(value(outcome, "group-node"), "yes", "{}", t());
-    assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
+    check_in(vfio_lab, vfio_options(), "vfio-edu", |outcome| {
+        let t = || outcome.transcript();
+        assert_eq!(value(outcome, "edu-driver"), "vfio-pci", "{}", t());
+        assert!(!value(outcome, "edu-group").is_empty(), "{}", t());
+        assert_eq!(value(outcome, "group-node"), "yes", "{}", t());
+        assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
+    });
 }
 
 #[test]

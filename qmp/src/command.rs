@@ -11,6 +11,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::arguments::from_arguments;
+use crate::device::{
+    BlockdevAdd, BlockdevAddArgs, BlockdevDelArgs, DeviceAdd, DeviceAddArgs, DeviceDelArgs,
+};
 use crate::error::QmpError;
 
 /// Every command Citadel understands, in the order `query-commands` lists them.
@@ -25,6 +28,11 @@ const COMMANDS: &[&str] = &[
     "system_reset",
     "query-version",
     "query-commands",
+    "blockdev-add",
+    "blockdev-del",
+    "device_add",
+    "device_del",
+    "query-block",
 ];
 
 /// Every command name, for `query-commands`.
@@ -58,6 +66,22 @@ pub enum Command {
     QueryVersion,
     /// Names of all commands.
     QueryCommands,
+    /// Start serving an image as a block node.
+    BlockdevAdd(BlockdevAdd),
+    /// Stop serving a block node that no device uses.
+    BlockdevDel {
+        /// The node.
+        node_name: String,
+    },
+    /// Attach a device.
+    DeviceAdd(DeviceAdd),
+    /// Detach a device.
+    DeviceDel {
+        /// The device's id.
+        id: String,
+    },
+    /// The block devices and what they serve.
+    QueryBlock,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +106,25 @@ impl Command {
                     enable: args.enable,
                 });
             }
+            "blockdev-add" => {
+                let args: BlockdevAddArgs = from_arguments(arguments)?;
+                return Ok(Command::BlockdevAdd(args.validate()?));
+            }
+            "blockdev-del" => {
+                let args: BlockdevDelArgs = from_arguments(arguments)?;
+                return Ok(Command::BlockdevDel {
+                    node_name: args.node_name,
+                });
+            }
+            "device_add" => {
+                let args: DeviceAddArgs = from_arguments(arguments)?;
+                return Ok(Command::DeviceAdd(args.validate()?));
+            }
+            "device_del" => {
+                let args: DeviceDelArgs = from_arguments(arguments)?;
+                return Ok(Command::DeviceDel { id: args.id });
+            }
+            "query-block" => Command::QueryBlock,
             "query-status" => Command::QueryStatus,
             "query-cpus" => Command::QueryCpus,
             "query-hotpluggable-cpus" => Command::QueryHotpluggableCpus,
@@ -110,6 +153,11 @@ impl Command {
             Command::SystemReset => "system_reset",
             Command::QueryVersion => "query-version",
             Command::QueryCommands => "query-commands",
+            Command::BlockdevAdd(_) => "blockdev-add",
+            Command::BlockdevDel { .. } => "blockdev-del",
+            Command::DeviceAdd(_) => "device_add",
+            Command::DeviceDel { .. } => "device_del",
+            Command::QueryBlock => "query-block",
         }
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod arguments;
 pub mod command;
+pub mod device;
 pub mod error;
 pub mod event;
 pub mod framing;

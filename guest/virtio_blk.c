@@ -1,9 +1,14 @@
 /*
  * virtio_blk: finds the virtio-mmio devices announced on the command line
  * ("virtio_mmio.device=<size>@<base>:<irq>", as Linux reads them), reports each one, and
- * drives every block device the way a driver does: status handshake, VIRTIO_F_VERSION_1,
+ * drives the first block device the way a driver does: status handshake, VIRTIO_F_VERSION_1,
  * one virtqueue, a read of sector 0, then a write of sector 1 and a read of it back, each
  * completed through the used ring (polled).
+ *
+ * With "hotplug" on the command line it treats the device as a hot-replace slot instead: it
+ * starts the empty slot, reads from it, waits for the configuration change of a plug, reads
+ * and writes the plugged disk, waits for the change of an unplug and reads the empty slot
+ * again, reporting the capacity and status at each step.
  */
 #include "guest.h"
 
@@ -49,6 +54,8 @@
 #define QUEUE_SIZE 4
 #define MAX_DEVICES 8
 #define IO_TIMEOUT_MS 5000
+#define PLUG_TIMEOUT_MS 60000
+#define ISR_CONFIG 2
 #define TICK_US 1000
 
 struct virtq_desc {
@@ -239,11 +246,10 @@ static void report_sector(const char *what, const char *label)
 	serial_puts("\n");
 }
 
-static void drive_blk(u64 base)
+/* Negotiates VIRTIO_F_VERSION_1 and starts queue 0; reports and returns 0 on a refusal. */
+static int start_blk(u64 base)
 {
 	u32 features_hi;
-	u64 capacity;
-	int i;
 
 	reg_write(base, REG_STATUS, 0);
 	reg_write(base, REG_STATUS, STATUS_ACKNOWLEDGE);
@@ -253,7 +259,7 @@ static void drive_blk(u64 base)
 	features_hi = reg_read(base, REG_DEVICE_FEATURES);
 	if (!(features_hi & VIRTIO_F_VERSION_1_WORD)) {
 		report("virtio-blk error=no-version-1");
-		return;
+		return 0;
 	}
 	/* Only VIRTIO_F_VERSION_1: the simplest driver a device must accept. */
 	reg_write(base, REG_DRIVER_FEATURES_SEL, 0);
@@ -263,13 +269,13 @@ static void drive_blk(u64 base)
 	reg_write(base, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
 	if (!(reg_read(base, REG_STATUS) & STATUS_FEATURES_OK)) {
 		report("virtio-blk error=features-rejected");
-		return;
+		return 0;
 	}
 
 	reg_write(base, REG_QUEUE_SEL, 0);
 	if (reg_read(base, REG_QUEUE_NUM_MAX) < QUEUE_SIZE) {
 		report("virtio-blk error=queue-too-small");
-		return;
+		return 0;
 	}
 	reg_write(base, REG_QUEUE_NUM, QUEUE_SIZE);
 	reg_write(base, REG_QUEUE_DESC_LOW, (u32)(u64)desc);
@@ -281,9 +287,30 @@ static void drive_blk(u64 base)
 	reg_write(base, REG_QUEUE_READY, 1);
 	reg_write(base, REG_STATUS,
 		  STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+	return 1;
+}
 
-	capacity = reg_read(base, REG_CONFIG) | (u64)reg_read(base, REG_CONFIG + 4) << 32;
-	report_dec("virtio-blk capacity", capacity);
+static u64 read_capacity(u64 base)
+{
+	return reg_read(base, REG_CONFIG) | (u64)reg_read(base, REG_CONFIG + 4) << 32;
+}
+
+/* Fills the sector buffer with the pattern the host checks in the image. */
+static void fill_pattern(void)
+{
+	int i;
+
+	for (i = 0; i < (int)sizeof(sector); i++)
+		sector[i] = (u8)write_pattern[i % (sizeof(write_pattern) - 1)];
+}
+
+static void drive_blk(u64 base)
+{
+	int i;
+
+	if (!start_blk(base))
+		return;
+	report_dec("virtio-blk capacity", read_capacity(base));
 
 	if (!blk_request(base, BLK_T_IN, 0, 1))
 		return;
@@ -291,8 +318,7 @@ static void drive_blk(u64 base)
 	reg_write(base, REG_INTERRUPT_ACK, reg_read(base, REG_INTERRUPT_STATUS));
 	report_sector("virtio-blk status=", " sector0=");
 
-	for (i = 0; i < (int)sizeof(sector); i++)
-		sector[i] = (u8)write_pattern[i % (sizeof(write_pattern) - 1)];
+	fill_pattern();
 	if (!blk_request(base, BLK_T_OUT, WRITE_SECTOR, 2))
 		return;
 	report_dec("virtio-blk write status", req_status);
@@ -303,10 +329,77 @@ static void drive_blk(u64 base)
 	report_sector("virtio-blk write-readback status=", " sector1=");
 }
 
+/* Waits, timer-driven, for a configuration-change interrupt, and acknowledges it. */
+static int wait_config_change(u64 base)
+{
+	u64 deadline = timer_ticks_now() + PLUG_TIMEOUT_MS;
+
+	while (!(reg_read(base, REG_INTERRUPT_STATUS) & ISR_CONFIG)) {
+		if (timer_ticks_now() >= deadline)
+			return 0;
+		__asm__ volatile("sti; hlt; cli");
+	}
+	reg_write(base, REG_INTERRUPT_ACK, ISR_CONFIG);
+	return 1;
+}
+
+static void hotplug_blk(u64 base)
+{
+	if (!start_blk(base))
+		return;
+	report_dec("hotplug empty capacity", read_capacity(base));
+	if (!blk_request(base, BLK_T_IN, 0, 1))
+		return;
+	report_dec("hotplug empty-read status", req_status);
+
+	report("hotplug waiting-for-plug");
+	if (!wait_config_change(base)) {
+		report("hotplug error=no-plug");
+		return;
+	}
+	report_dec("hotplug plugged capacity", read_capacity(base));
+	if (!blk_request(base, BLK_T_IN, 0, 2))
+		return;
+	report_sector("hotplug read status=", " sector0=");
+	fill_pattern();
+	if (!blk_request(base, BLK_T_OUT, WRITE_SECTOR, 3))
+		return;
+	report_dec("hotplug write status", req_status);
+
+	report("hotplug waiting-for-unplug");
+	if (!wait_config_change(base)) {
+		report("hotplug error=no-unplug");
+		return;
+	}
+	report_dec("hotplug unplugged capacity", read_capacity(base));
+	if (!blk_request(base, BLK_T_IN, 0, 4))
+		return;
+	report_dec("hotplug unplugged-read status", req_status);
+}
+
+static int has_word(const char *cmdline, const char *word)
+{
+	const char *p;
+	int len = 0;
+
+	while (word[len])
+		len++;
+	for (p = cmdline; *p; p++) {
+		if ((p == cmdline || p[-1] == ' ') && starts_with(p, word)) {
+			char after = p[len];
+
+			if (after == 0 || after == ' ')
+				return 1;
+		}
+	}
+	return 0;
+}
+
 void guest_main(void)
 {
 	u64 bases[MAX_DEVICES];
 	int n, i, blk_done = 0;
+	int hotplug = has_word(boot_cmdline(), "hotplug");
 
 	report_entry();
 	interrupts_init();
@@ -337,7 +430,10 @@ void guest_main(void)
 		if (device == VIRTIO_ID_BLOCK && version != 2) {
 			report("virtio-blk error=legacy-transport-unsupported");
 		} else if (device == VIRTIO_ID_BLOCK && !blk_done) {
-			drive_blk(base);
+			if (hotplug)
+				hotplug_blk(base);
+			else
+				drive_blk(base);
 			blk_done = 1;
 		}
 	}

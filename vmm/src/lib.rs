@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cpu;
 pub mod daemon;
 pub mod devices;
+pub mod hotplug;
 pub mod lockdown;
 pub mod machine;
 pub mod memory;

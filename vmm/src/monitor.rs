@@ -18,6 +18,7 @@ use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::hotplug::Hotplug;
 use crate::machine::Machine;
 use crate::qmp_server::{QmpServer, Response, VERSION};
 use crate::vcpu::VcpuEvent;
@@ -27,6 +28,7 @@ const TOKEN_VCPU: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_QMP_LISTENER: u64 = 5;
 const TOKEN_DEVICE_START: u64 = 6;
+const TOKEN_DISK_KICKS: u64 = 7;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -111,6 +113,7 @@ impl Channels {
 /// The monitor and its event loop.
 pub struct Monitor {
     machine: Machine,
+    hotplug: Hotplug,
     state: RunState,
     exit: Option<ExitReason>,
     epoll: Epoll,
@@ -126,6 +129,7 @@ impl Monitor {
     /// `serial_stdin` says whether host stdin feeds the guest's UART.
     pub fn new(
         machine: Machine,
+        hotplug: Hotplug,
         channels: Channels,
         vcpu_events: Receiver<VcpuEvent>,
         qmp: Option<(QmpServer, Epoll)>,
@@ -149,6 +153,7 @@ impl Monitor {
             machine.virtio().activation_event().as_raw_fd(),
             TOKEN_DEVICE_START,
         )?;
+        add(machine.virtio().disk_kicks_fd(), TOKEN_DISK_KICKS)?;
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -168,6 +173,7 @@ impl Monitor {
         }
         Ok(Monitor {
             machine,
+            hotplug,
             state: if start_paused {
                 RunState::Prelaunch
             } else {
@@ -242,16 +248,18 @@ impl Monitor {
             }
             TOKEN_STDIN => self.on_stdin(set),
             TOKEN_DEVICE_START => self.machine.virtio().run_pending_activations(),
+            TOKEN_DISK_KICKS => self.machine.virtio().serve_empty_disk_slots(),
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;
                 };
                 if server.owns(token) {
                     let machine = &self.machine;
+                    let hotplug = &mut self.hotplug;
                     let state = &mut self.state;
                     let exit = &mut self.exit;
                     server.on_ready(&self.epoll, token, set, &mut |req| {
-                        execute(machine, state, exit, req)
+                        execute(machine, hotplug, state, exit, req)
                     });
                 }
             }
@@ -355,6 +363,7 @@ impl Monitor {
 /// Executes one negotiated QMP command.
 fn execute(
     machine: &Machine,
+    hotplug: &mut Hotplug,
     state: &mut RunState,
     exit: &mut Option<ExitReason>,
     req: &Request,
@@ -485,6 +494,20 @@ fn execute(
             let (major, minor, micro) = VERSION;
             Response::reply(to_value(&VersionInfo::new(major, minor, micro)))
         }
+        Command::BlockdevAdd(add) => Response::reply(hotplug.blockdev_add(add)),
+        Command::BlockdevDel { node_name } => Response::reply(hotplug.blockdev_del(node_name)),
+        Command::DeviceAdd(add) => Response::reply(hotplug.device_add(machine.virtio(), add)),
+        // As on StratoVirt's lightweight machine, the device is gone before the reply: the
+        // event comes first.
+        Command::DeviceDel { id } => match hotplug.device_del(machine.virtio(), id) {
+            Ok(id) => Response {
+                events_before: vec![Event::device_deleted(&id, &id)],
+                result: Ok(empty()),
+                events_after: Vec::new(),
+            },
+            Err(e) => Response::reply(Err(e)),
+        },
+        Command::QueryBlock => Response::reply(Ok(hotplug.query_block(machine.virtio()))),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()
                 .iter()

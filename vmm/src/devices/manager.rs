@@ -22,6 +22,11 @@ use std::sync::Arc;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use std::os::fd::RawFd;
+
+use vm_memory::GuestMemoryMmap;
+
+use super::blk_slot::{BlkSlot, PluggedDisk, SlotError, SlotKicks};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
@@ -117,15 +122,48 @@ impl SlotWiring for VmFd {
     }
 }
 
+/// What the manager does to every slot, whatever its device.
+trait SlotControl: Send + Sync {
+    fn run_pending_activation(&self);
+    fn reset(&self);
+}
+
+impl<D: VirtioDevice> SlotControl for VirtioMmioTransport<D> {
+    fn run_pending_activation(&self) {
+        VirtioMmioTransport::run_pending_activation(self)
+    }
+
+    fn reset(&self) {
+        VirtioMmioTransport::reset(self)
+    }
+}
+
 struct Slot {
     info: SlotInfo,
-    transport: Arc<Transport>,
+    transport: Arc<dyn SlotControl>,
+}
+
+/// A hot-replace disk slot.
+struct DiskSlot {
+    info: SlotInfo,
+    transport: Arc<VirtioMmioTransport<BlkSlot>>,
+}
+
+/// What `query-block` shows of one disk slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSlotInfo {
+    /// The slot's number (`addr` in `device_add`).
+    pub addr: u64,
+    /// The plugged device's id and its node name.
+    pub plugged: Option<(String, String)>,
 }
 
 /// Owns the MMIO bus and the virtio-mmio slots of one machine.
 pub struct DeviceManager {
     mmio: Arc<MmioBus>,
     slots: Vec<Slot>,
+    disk_slots: Vec<DiskSlot>,
+    kicks: Arc<SlotKicks>,
     activation: EventFd,
 }
 
@@ -135,6 +173,8 @@ impl DeviceManager {
         Ok(DeviceManager {
             mmio: Arc::new(MmioBus::new()),
             slots: Vec::new(),
+            disk_slots: Vec::new(),
+            kicks: Arc::new(SlotKicks::new()?),
             activation: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -160,15 +200,38 @@ impl DeviceManager {
         &self.mmio
     }
 
-    /// Puts `device` in the next free slot: wires its interrupt line and queue notifications
-    /// in KVM through `wiring`, then maps its registers. On error nothing is mapped and the
-    /// slot stays free; KVM registrations made before the failure are only undone when the
-    /// VM goes away, which is what the caller, still building the machine, then does.
+    /// Puts `device` in the next free slot and wires it: its interrupt line, its queue
+    /// notifications, its place on the MMIO bus.
     pub fn add_virtio_mmio(
         &mut self,
         wiring: &dyn SlotWiring,
         device: Box<dyn VirtioDevice>,
     ) -> Result<SlotInfo, DeviceManagerError> {
+        self.place(wiring, device).map(|(info, _)| info)
+    }
+
+    /// Adds `count` empty hot-replace disk slots (see [`BlkSlot`]), numbered from 0 in the
+    /// order they are added: `device_add`'s `addr`.
+    pub fn add_disk_slots(
+        &mut self,
+        wiring: &dyn SlotWiring,
+        memory: &GuestMemoryMmap,
+        count: u64,
+    ) -> Result<(), DeviceManagerError> {
+        for _ in 0..count {
+            let index = self.disk_slots.len() as u64;
+            let slot = BlkSlot::new(index, memory.clone(), Arc::clone(&self.kicks));
+            let (info, transport) = self.place(wiring, slot)?;
+            self.disk_slots.push(DiskSlot { info, transport });
+        }
+        Ok(())
+    }
+
+    fn place<D: VirtioDevice + 'static>(
+        &mut self,
+        wiring: &dyn SlotWiring,
+        device: D,
+    ) -> Result<(SlotInfo, Arc<VirtioMmioTransport<D>>), DeviceManagerError> {
         let slot = self.slots.len() as u64;
         let (base, gsi) =
             layout::virtio_mmio_slot_plan(slot).ok_or(DeviceManagerError::NoFreeSlot)?;
@@ -206,11 +269,69 @@ impl DeviceManager {
             "virtio-mmio slot {slot}: device type {device_type} at {:#x}, GSI {gsi}",
             info.base
         );
-        self.slots.push(Slot { info, transport });
-        Ok(info)
+        self.slots.push(Slot {
+            info,
+            transport: Arc::clone(&transport) as _,
+        });
+        Ok((info, transport))
     }
 
-    /// Where every device sits, in slot order.
+    /// The disk slots and what is plugged into each.
+    pub fn disk_slots(&self) -> Vec<DiskSlotInfo> {
+        self.disk_slots
+            .iter()
+            .enumerate()
+            .map(|(addr, s)| DiskSlotInfo {
+                addr: addr as u64,
+                plugged: s.transport.with_device(|slot| {
+                    slot.disk()
+                        .map(|d| (d.device_id.clone(), d.node_name.clone()))
+                }),
+            })
+            .collect()
+    }
+
+    /// Plugs `disk` into disk slot `addr` and raises the slot's configuration change.
+    pub fn plug_disk(&self, addr: u64, disk: PluggedDisk) -> Result<(), SlotError> {
+        let Some(slot) = usize::try_from(addr).ok().and_then(|a| self.disk_slots.get(a)) else {
+            return Err(SlotError {
+                why: format!("Invalid addr for device {}", disk.device_id),
+                disk: Some(Box::new(disk)),
+            });
+        };
+        slot.transport.try_update_config(|s| s.plug(disk))
+    }
+
+    /// Takes the disk with device id `id` out of its slot and raises the slot's
+    /// configuration change.
+    pub fn unplug_disk(&self, id: &str) -> Option<PluggedDisk> {
+        self.disk_slots.iter().find_map(|slot| {
+            let ours = slot
+                .transport
+                .with_device(|s| s.disk().is_some_and(|d| d.device_id == id));
+            if !ours {
+                return None;
+            }
+            slot.transport
+                .try_update_config(|s| s.unplug().ok_or(()))
+                .ok()
+        })
+    }
+
+    /// What the event loop waits on for kicks of empty disk slots.
+    pub fn disk_kicks_fd(&self) -> RawFd {
+        self.kicks.as_raw_fd()
+    }
+
+    /// Answers the requests queued on empty disk slots.
+    pub fn serve_empty_disk_slots(&self) {
+        for index in self.kicks.ready() {
+            if let Some(slot) = usize::try_from(index).ok().and_then(|i| self.disk_slots.get(i)) {
+                slot.transport.with_device(BlkSlot::serve_empty_ring);
+            }
+        }
+    }
+
     pub fn slots(&self) -> impl Iterator<Item = SlotInfo> + '_ {
         self.slots.iter().map(|s| s.info)
     }

@@ -53,7 +53,7 @@ pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// QueueNumMax offered to the driver: the default of citadel-blk's `--queue-size`. A backend
 /// accepting less refuses SET_VRING_NUM for larger rings, which fails the activation.
-const QUEUE_MAX_SIZE: u16 = 256;
+pub const QUEUE_MAX_SIZE: u16 = 256;
 
 /// Bytes of `struct virtio_blk_config` read from the backend: every field up to and
 /// including the write-zeroes limits.
@@ -161,9 +161,19 @@ impl VhostUserBlk {
             path: path.display().to_string(),
             source,
         })?;
+        Self::from_stream(stream, path.to_path_buf(), timeout)
+    }
+
+    /// Negotiates as [`VhostUserBlk::connect`] does over an already connected socket (a
+    /// backend the launcher started); `peer` names the backend in logs and errors.
+    pub fn from_stream(
+        stream: UnixStream,
+        peer: PathBuf,
+        timeout: Duration,
+    ) -> Result<VhostUserBlk, VhostUserBlkError> {
         let socket = stream.as_raw_fd();
         let mut dev = VhostUserBlk {
-            path: path.to_path_buf(),
+            path: peer,
             frontend: Frontend::from_stream(stream, 1),
             socket,
             timeout,
@@ -277,7 +287,66 @@ impl VhostUserBlk {
         }
     }
 
-    fn start(&mut self, params: &ActivateParams) -> Result<(), VhostUserBlkError> {
+    /// Whether the disk can serve a hot-replace slot, whose driver negotiated the slot's
+    /// features and limits before the disk existed: the backend must offer every one of
+    /// them and accept requests as large as the slot allows.
+    pub fn check_fits_slot(&self) -> Result<(), String> {
+        use super::blk_slot::{SLOT_BLK_SIZE, SLOT_FEATURES, SLOT_SEG_MAX, SLOT_SIZE_MAX};
+        let missing = SLOT_FEATURES & !self.features;
+        if missing != 0 {
+            return Err(format!(
+                "the disk's backend lacks features the slot offers ({missing:#x})"
+            ));
+        }
+        let u32_at = |offset| u32::from_le_bytes(field(&self.config, offset));
+        if u32_at(CONFIG_SIZE_MAX) < SLOT_SIZE_MAX || u32_at(CONFIG_SEG_MAX) < SLOT_SEG_MAX {
+            return Err(format!(
+                "the disk's backend takes smaller requests (size_max {}, seg_max {}) than the slot allows ({SLOT_SIZE_MAX}, {SLOT_SEG_MAX})",
+                u32_at(CONFIG_SIZE_MAX),
+                u32_at(CONFIG_SEG_MAX)
+            ));
+        }
+        if u32_at(CONFIG_BLK_SIZE) != SLOT_BLK_SIZE {
+            return Err(format!(
+                "the disk's logical block size is {}, the slot's {SLOT_BLK_SIZE}",
+                u32_at(CONFIG_BLK_SIZE)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts the backend on the rings of `params`, each queue at the next available index
+    /// given in `bases` (0 for a ring the driver just set up), within the deadline. A failure
+    /// leaves the connection unusable.
+    pub fn start_at(
+        &mut self,
+        params: &ActivateParams,
+        bases: &[u16],
+    ) -> Result<(), VhostUserBlkError> {
+        if self.broken {
+            return Err(self.backend("it failed earlier and is not used again"));
+        }
+        let result = self.deadline().and_then(|_deadline| self.start(params, bases));
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Stops the backend's rings within the deadline and returns, per queue index, where each
+    /// stopped: the next available index the backend would have read.
+    pub fn stop_rings(&mut self) -> Result<Vec<(usize, u16)>, VhostUserBlkError> {
+        if self.broken {
+            return Err(self.backend("it failed earlier and is not used again"));
+        }
+        let result = self.deadline().and_then(|_deadline| self.stop());
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn start(&mut self, params: &ActivateParams, bases: &[u16]) -> Result<(), VhostUserBlkError> {
         let memory = self
             .memory
             .as_ref()
@@ -331,8 +400,9 @@ impl VhostUserBlk {
             self.frontend
                 .set_vring_addr(index, &ring)
                 .map_err(self.request("SET_VRING_ADDR"))?;
+            let base = bases.get(index).copied().unwrap_or(0);
             self.frontend
-                .set_vring_base(index, 0)
+                .set_vring_base(index, base)
                 .map_err(self.request("SET_VRING_BASE"))?;
             self.frontend
                 .set_vring_call(index, irqfd)
@@ -347,17 +417,23 @@ impl VhostUserBlk {
         Ok(())
     }
 
-    fn stop(&mut self) -> Result<(), VhostUserBlkError> {
+    fn stop(&mut self) -> Result<Vec<(usize, u16)>, VhostUserBlkError> {
+        let mut bases = Vec::new();
         for index in std::mem::take(&mut self.started) {
             self.frontend
                 .set_vring_enable(index, false)
                 .map_err(self.request("SET_VRING_ENABLE"))?;
             // Returns once the backend stopped the ring: no access to guest memory after it.
-            self.frontend
+            let base = self
+                .frontend
                 .get_vring_base(index)
                 .map_err(self.request("GET_VRING_BASE"))?;
+            // A ring index is 16 bits wide; a backend saying more is not believed.
+            let base = u16::try_from(base)
+                .map_err(|_| self.backend(format!("GET_VRING_BASE returned {base}")))?;
+            bases.push((index, base));
         }
-        Ok(())
+        Ok(bases)
     }
 }
 
@@ -393,11 +469,8 @@ impl VirtioDevice for VhostUserBlk {
                 self.path.display()
             )));
         }
-        let result = self.deadline().and_then(|_deadline| self.start(&params));
-        result.map_err(|e| {
-            self.broken = true;
-            ActivateError::Device(e.to_string())
-        })
+        self.start_at(&params, &[])
+            .map_err(|e| ActivateError::Device(e.to_string()))
     }
 
     fn reset(&mut self) {
@@ -405,9 +478,8 @@ impl VirtioDevice for VhostUserBlk {
             self.started.clear();
             return;
         }
-        if let Err(e) = self.deadline().and_then(|_deadline| self.stop()) {
+        if let Err(e) = self.stop_rings() {
             log::warn!("vhost-user-blk: stopping the backend's rings: {e}");
-            self.broken = true;
         }
     }
 }

@@ -541,6 +541,25 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         Ok(result)
     }
 
+    /// Changes the device with `change` and, if it succeeds, tells the driver its
+    /// configuration changed; a refused change raises nothing.
+    pub fn try_update_config<R, E>(
+        &self,
+        change: impl FnOnce(&mut D) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let mut state = self.lock();
+        let result = change(&mut state.device)?;
+        if let Err(e) = self.interrupt.signal_config_change() {
+            log::warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+        }
+        Ok(result)
+    }
+
+    /// Runs `f` on the device under the transport's lock, raising nothing.
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        f(&mut self.lock().device)
+    }
+
     /// Resets the device as if the driver had written 0 to Status: what a machine reset does
     /// to every device, so that no backend keeps serving rings in memory the next boot
     /// reuses.

@@ -1,0 +1,288 @@
+//! Disk hotplug over QMP on the lightweight machine, with StratoVirt's guide's commands:
+//! `blockdev-add` starts a citadel-blk process, `device_add` plugs it into a hot-replace slot
+//! the guest has driven since boot, `device_del` takes it out (DEVICE_DELETED before the
+//! return) and ends the process. The `virtio_blk` guest program in `hotplug` mode reports
+//! what a driver sees at each step; the bytes it writes are checked in the image.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use citadel_tests::guest_program;
+use citadel_tests::vm::{Qmp, TempDir, Vm};
+use serde_json::{json, Value};
+
+const STEP: Duration = Duration::from_secs(30);
+/// 1 MiB: 2048 sectors.
+const IMAGE_LEN: usize = 1 << 20;
+const MARKER: &[u8] = b"citadel-hotplugged-disk-sector0";
+const PATTERN: &[u8] = b"citadel-guest-wrote-sector-one.";
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut bytes = vec![0u8; IMAGE_LEN];
+    bytes[..MARKER.len()].copy_from_slice(MARKER);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// True (and the test reported as skipped) when the backend has not been built.
+fn backend_missing(test: &str) -> bool {
+    let missing = !citadel_tests::binary("citadel-blk").exists();
+    if missing {
+        citadel_tests::skip(test, "citadel-blk not built (cargo build --workspace)", true);
+    }
+    missing
+}
+
+/// Direct children of `pid`, from every thread's children list.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn status(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The citadel-blk processes under citadel `vm` (children of its launcher).
+fn backends(vm: u32) -> Vec<u32> {
+    children(vm)
+        .into_iter()
+        .flat_map(children)
+        .filter(|p| status(*p).is_some_and(|s| status_field(&s, "Name") == "citadel-blk"))
+        .collect()
+}
+
+/// Waits until `pid` no longer exists (reaped, not a zombie).
+fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Value {
+    qmp.execute(
+        "blockdev-add",
+        Some(json!({"node-name": node, "file": {"driver": "file", "filename": file},
+            "cache": {"direct": false}, "read-only": read_only})),
+    )
+}
+
+fn device_add(qmp: &mut Qmp, id: &str, addr: &str, drive: &str) -> Value {
+    qmp.execute(
+        "device_add",
+        Some(json!({"id": id, "driver": "virtio-blk-mmio", "addr": addr, "drive": drive})),
+    )
+}
+
+fn error_desc(reply: &Value) -> String {
+    reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error: {reply}"))
+        .to_string()
+}
+
+#[test]
+fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
+    if backend_missing("a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process")
+    {
+        return;
+    }
+    let dir = TempDir::new("hotplug");
+    let img = image(dir.path(), "disk.img");
+    // The guest program finds its slot on the command line: disk slot 0, pin 5.
+    let mut vm = Vm::start(
+        &guest_program("virtio_blk"),
+        &["-m", "32", "-append", "virtio_mmio.device=4K@0xd0000000:5 hotplug"],
+    );
+    let line = vm.wait_serial("citadel-guest: hotplug empty capacity=", STEP);
+    assert!(line.ends_with("capacity=0"), "{line}");
+    // The empty slot answers a read with an I/O error rather than never.
+    let line = vm.wait_serial("citadel-guest: hotplug empty-read status=", STEP);
+    assert!(line.ends_with("status=1"), "{line}");
+    vm.wait_serial("citadel-guest: hotplug waiting-for-plug", STEP);
+
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert!(backends(vm.pid()).is_empty());
+    assert_eq!(blockdev_add(&mut qmp, "drive-0", &img, false), json!({"return": {}}));
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "one citadel-blk after blockdev-add: {pids:?}");
+    let backend = pids[0];
+    assert_ne!(backend, vm.pid());
+    let st = status(backend).unwrap();
+    assert_eq!(status_field(&st, "Seccomp"), "2", "{st}");
+    assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{st}");
+    assert_eq!(device_add(&mut qmp, "drive-0", "0x0", "drive-0"), json!({"return": {}}));
+
+    let line = vm.wait_serial("citadel-guest: hotplug plugged capacity=", STEP);
+    assert!(line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)), "{line}");
+    let line = vm.wait_serial("citadel-guest: hotplug read status=", STEP);
+    assert_eq!(
+        line,
+        format!(
+            "citadel-guest: hotplug read status=0 sector0={}.",
+            String::from_utf8_lossy(MARKER)
+        )
+    );
+    let line = vm.wait_serial("citadel-guest: hotplug write status=", STEP);
+    assert!(line.ends_with("status=0"), "{line}");
+    vm.wait_serial("citadel-guest: hotplug waiting-for-unplug", STEP);
+    let written = std::fs::read(&img).unwrap()[512..1024].to_vec();
+    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
+    assert_eq!(written, expected);
+
+    let block = qmp.execute("query-block", None);
+    let slot0 = &block["return"][0];
+    assert_eq!(slot0["qdev"], "drive-0", "{block}");
+    assert_eq!(slot0["inserted"]["node-name"], "drive-0", "{block}");
+    assert_eq!(slot0["inserted"]["file"], json!(img), "{block}");
+    assert_eq!(slot0["inserted"]["ro"], false, "{block}");
+    assert!(block["return"][1].get("inserted").is_none(), "{block}");
+
+    // DEVICE_DELETED comes before the return, with the guide's data.
+    qmp.events.clear();
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "drive-0"}))),
+        json!({"return": {}})
+    );
+    let deleted: Vec<&Value> = qmp
+        .events
+        .iter()
+        .filter(|e| e["event"] == "DEVICE_DELETED")
+        .collect();
+    assert_eq!(deleted.len(), 1, "{:?}", qmp.events);
+    assert_eq!(deleted[0]["data"], json!({"device": "drive-0", "path": "drive-0"}));
+    assert!(
+        wait_gone(backend, Duration::from_secs(5)),
+        "citadel-blk[{backend}] outlived device_del"
+    );
+    let line = vm.wait_serial("citadel-guest: hotplug unplugged capacity=", STEP);
+    assert!(line.ends_with("capacity=0"), "{line}");
+    let line = vm.wait_serial("citadel-guest: hotplug unplugged-read status=", STEP);
+    assert!(line.ends_with("status=1"), "{line}");
+    // device_del released the node, as on StratoVirt's lightweight machine.
+    let reply = qmp.execute("blockdev-del", Some(json!({"node-name": "drive-0"})));
+    assert_eq!(
+        error_desc(&reply),
+        "Failed to find node with node-name='drive-0'"
+    );
+}
+
+#[test]
+fn refused_hotplug_commands_change_nothing() {
+    if backend_missing("refused_hotplug_commands_change_nothing") {
+        return;
+    }
+    let dir = TempDir::new("hotplug-bad");
+    let img = image(dir.path(), "disk.img");
+    let other = image(dir.path(), "other.img");
+    let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+
+    let missing = dir.path().join("missing.img");
+    let reply = blockdev_add(&mut qmp, "drive-0", &missing, false);
+    assert!(
+        error_desc(&reply).contains("No such file or directory"),
+        "{reply}"
+    );
+    assert!(backends(vm.pid()).is_empty());
+    let reply = device_add(&mut qmp, "drive-0", "0x0", "drive-0");
+    assert_eq!(error_desc(&reply), "Failed to find block node 'drive-0'");
+
+    assert_eq!(blockdev_add(&mut qmp, "drive-0", &img, false), json!({"return": {}}));
+    let reply = blockdev_add(&mut qmp, "drive-0", &other, false);
+    assert_eq!(error_desc(&reply), "drive-0 is already registered.");
+    assert_eq!(backends(vm.pid()).len(), 1);
+
+    for (addr, expected) in [
+        ("0x6", "Invalid addr for device drive-0"),
+        ("12", "Invalid addr for device drive-0"),
+        ("zz", "Invalid addr for device drive-0"),
+    ] {
+        let reply = device_add(&mut qmp, "drive-0", addr, "drive-0");
+        assert_eq!(error_desc(&reply), expected, "addr {addr}");
+    }
+    let reply = qmp.execute(
+        "device_add",
+        Some(json!({"id": "net-0", "driver": "virtio-net-pci", "addr": "0x0", "drive": "drive-0"})),
+    );
+    assert!(
+        error_desc(&reply).starts_with("Unsupported replaceable device type."),
+        "{reply}"
+    );
+    let reply = qmp.execute("device_del", Some(json!({"id": "nope"})));
+    assert_eq!(reply["error"]["class"], "DeviceNotFound", "{reply}");
+    assert_eq!(error_desc(&reply), "Device 'nope' not found");
+
+    // Plugged while the guest never drove the slot: the disk waits for the driver.
+    assert_eq!(device_add(&mut qmp, "disk-a", "1", "drive-0"), json!({"return": {}}));
+    let reply = device_add(&mut qmp, "disk-b", "0x2", "drive-0");
+    assert_eq!(
+        error_desc(&reply),
+        "Node 'drive-0' is already in use by device 'disk-a'"
+    );
+    assert_eq!(blockdev_add(&mut qmp, "drive-1", &other, true), json!({"return": {}}));
+    let reply = device_add(&mut qmp, "disk-b", "0x1", "drive-1");
+    assert_eq!(error_desc(&reply), "The slot 1 is occupied already.");
+    let reply = device_add(&mut qmp, "disk-a", "0x2", "drive-1");
+    assert_eq!(error_desc(&reply), "disk-a is already registered.");
+    let reply = qmp.execute("blockdev-del", Some(json!({"node-name": "drive-0"})));
+    assert_eq!(
+        error_desc(&reply),
+        "Node 'drive-0' is busy: device 'disk-a' uses it"
+    );
+
+    // Nothing above changed what is plugged.
+    let block = qmp.execute("query-block", None);
+    let plugged: Vec<(&str, &str)> = block["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s["qdev"].as_str()?,
+                s.get("inserted")?["node-name"].as_str()?,
+            ))
+        })
+        .collect();
+    assert_eq!(plugged, vec![("disk-a", "drive-0")], "{block}");
+
+    // A node no device uses ends with blockdev-del; quit ends the rest.
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_eq!(
+        qmp.execute("blockdev-del", Some(json!({"node-name": "drive-1"}))),
+        json!({"return": {}})
+    );
+    assert_eq!(backends(vm.pid()).len(), 1);
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    for pid in pids {
+        assert!(
+            wait_gone(pid, Duration::from_secs(5)),
+            "citadel-blk[{pid}] outlived the VM"
+        );
+    }
+}

@@ -1,0 +1,468 @@
+//! A hot-replace disk slot of the lightweight machine: a virtio-blk device that exists from
+//! boot, empty (capacity 0) until a disk served by a vhost-user backend is plugged into it.
+//!
+//! The guest's driver binds to the slot at boot and stays bound. Plugging hands the backend
+//! the rings the driver already set up, starting where the slot left them, and raises a
+//! configuration change: Linux reads the new capacity (`[vdb] new size: …`). Unplugging stops
+//! the backend's rings, takes them back and raises another change to capacity 0.
+//!
+//! Everything the driver reads at probe time is the slot's own and never changes: the
+//! features and the request limits (`size_max`, `seg_max`, `blk_size`). A disk plugs only
+//! into a slot whose limits its backend can honour (see
+//! [`VhostUserBlk::check_fits_slot`]). A read-only disk keeps the slot's features (the driver
+//! negotiated them once); its backend fails the guest's writes.
+//!
+//! While empty and started, the slot answers the requests on its ring itself, each with
+//! VIRTIO_BLK_S_IOERR: a driver reading an empty disk's serial number (udev does for every
+//! virtio disk) gets an error instead of waiting forever. Those kicks reach the event loop
+//! through [`SlotKicks`]; while a backend serves the ring they go to the backend only.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vhost_user_blk::{VhostUserBlk, QUEUE_MAX_SIZE};
+use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
+
+/// Features every slot offers: what citadel-blk always offers, minus what would need the
+/// configuration to change after probe.
+pub const SLOT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_BLK_F_SIZE_MAX)
+    | (1 << VIRTIO_BLK_F_SEG_MAX)
+    | (1 << VIRTIO_BLK_F_BLK_SIZE)
+    | (1 << VIRTIO_BLK_F_FLUSH);
+
+/// Most data bytes in one descriptor (`size_max`): citadel-blk's bound.
+pub const SLOT_SIZE_MAX: u32 = 64 << 10;
+/// Most data descriptors in one request (`seg_max`): citadel-blk's bound for a 256-entry
+/// ring.
+pub const SLOT_SEG_MAX: u32 = 254;
+/// Logical block size (`blk_size`).
+pub const SLOT_BLK_SIZE: u32 = 512;
+
+/// Bytes of the slot's configuration space: up to and including `blk_size`'s neighbours.
+const CONFIG_LEN: usize = 36;
+
+const S_IOERR: u8 = 1;
+
+/// Chains answered per kick before the slot yields the event loop and kicks itself again: a
+/// guest refilling the ring as fast as it is answered cannot keep the loop to itself.
+const MAX_CHAINS_PER_KICK: usize = 1024;
+
+/// The epoll set through which the event loop learns of kicks on empty, started slots. Only
+/// the event loop changes it (activation, plug and unplug run there).
+#[derive(Debug)]
+pub struct SlotKicks {
+    epoll: Epoll,
+}
+
+impl SlotKicks {
+    /// Creates the empty set.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(SlotKicks {
+            epoll: Epoll::new()?,
+        })
+    }
+
+    /// What the event loop waits on.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// The slots with pending kicks, by index.
+    pub fn ready(&self) -> Vec<u64> {
+        let mut events = [EpollEvent::default(); 16];
+        match self.epoll.wait(0, &mut events) {
+            Ok(n) => events[..n].iter().map(|e| e.data()).collect(),
+            Err(e) => {
+                log::warn!("disk slots: waiting for kicks: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn watch(&self, slot: u64, fd: RawFd) {
+        let added = self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, slot),
+        );
+        if let Err(e) = added {
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                log::warn!("disk slot {slot}: watching its queue: {e}");
+            }
+        }
+    }
+
+    fn unwatch(&self, slot: u64, fd: RawFd) {
+        let removed = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        if let Err(e) = removed {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::warn!("disk slot {slot}: unwatching its queue: {e}");
+            }
+        }
+    }
+}
+
+/// A disk ready to be plugged: a connected vhost-user-blk frontend and the names QMP knows
+/// it by.
+#[derive(Debug)]
+pub struct PluggedDisk {
+    /// The `device_add` id.
+    pub device_id: String,
+    /// The `blockdev-add` node name.
+    pub node_name: String,
+    /// The frontend.
+    pub disk: VhostUserBlk,
+}
+
+/// What the driver started.
+struct Running {
+    params: ActivateParams,
+    /// The ring, while the slot answers it itself.
+    empty: Option<Queue>,
+}
+
+/// A hot-replace virtio-blk slot.
+pub struct BlkSlot {
+    index: u64,
+    memory: GuestMemoryMmap,
+    kicks: Arc<SlotKicks>,
+    config: [u8; CONFIG_LEN],
+    queue_max_sizes: [u16; 1],
+    disk: Option<PluggedDisk>,
+    running: Option<Running>,
+    /// The queue's notify eventfd while it is in `kicks`: kept here, not borrowed from
+    /// `running`, because a reset (on a vCPU thread, which may not touch the epoll set) drops
+    /// `running` and the event loop must still find the descriptor to drain and unwatch.
+    watched: Option<EventFd>,
+}
+
+/// Why a disk could not be plugged or unplugged. The disk comes back when it is still usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{why}")]
+pub struct SlotError {
+    /// What went wrong, one line.
+    pub why: String,
+    /// The disk that was to be plugged, when the slot did not take it.
+    pub disk: Option<Box<PluggedDisk>>,
+}
+
+impl BlkSlot {
+    /// An empty slot, number `index`, whose driver rings live in `memory`.
+    pub fn new(index: u64, memory: GuestMemoryMmap, kicks: Arc<SlotKicks>) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        config[8..12].copy_from_slice(&SLOT_SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SLOT_SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&SLOT_BLK_SIZE.to_le_bytes());
+        BlkSlot {
+            index,
+            memory,
+            kicks,
+            config,
+            queue_max_sizes: [QUEUE_MAX_SIZE],
+            disk: None,
+            running: None,
+            watched: None,
+        }
+    }
+
+    /// Sends the queue's kicks to the event loop.
+    fn watch(&mut self, notify: &EventFd) {
+        self.unwatch();
+        match notify.try_clone() {
+            Ok(fd) => {
+                self.kicks.watch(self.index, fd.as_raw_fd());
+                self.watched = Some(fd);
+            }
+            Err(e) => log::warn!("disk slot {}: watching its queue: {e}", self.index),
+        }
+    }
+
+    /// Leaves the queue's kicks to whoever else reads the eventfd (the backend).
+    fn unwatch(&mut self) {
+        if let Some(fd) = self.watched.take() {
+            self.kicks.unwatch(self.index, fd.as_raw_fd());
+        }
+    }
+
+    /// The plugged disk, if any.
+    pub fn disk(&self) -> Option<&PluggedDisk> {
+        self.disk.as_ref()
+    }
+
+    /// Puts `plugged` behind the slot. If the driver has started the slot, the backend takes
+    /// the ring over where the slot left it. The caller raises the configuration change.
+    pub fn plug(&mut self, mut plugged: PluggedDisk) -> Result<(), SlotError> {
+        let refuse = |why: String, plugged| SlotError {
+            why,
+            disk: Some(Box::new(plugged)),
+        };
+        if self.disk.is_some() {
+            return Err(refuse(
+                format!("The slot {} is occupied already.", self.index),
+                plugged,
+            ));
+        }
+        if let Err(why) = plugged.disk.check_fits_slot() {
+            return Err(refuse(why, plugged));
+        }
+        if let Err(e) = plugged.disk.set_memory(&self.memory) {
+            return Err(refuse(e.to_string(), plugged));
+        }
+        let capacity = plugged.disk.capacity();
+        if let Some(running) = self.running.as_mut() {
+            if let Some(queue) = running.empty.as_ref() {
+                let base = queue.next_avail();
+                // From here on kicks belong to the backend; one written meanwhile stays in
+                // the eventfd and the backend sees it as soon as it polls.
+                if let Some(fd) = self.watched.take() {
+                    self.kicks.unwatch(self.index, fd.as_raw_fd());
+                }
+                if let Err(e) = plugged.disk.start_at(&running.params, &[base]) {
+                    if let Some(fd) = running.params.notify.first() {
+                        if let Ok(fd) = fd.try_clone() {
+                            self.kicks.watch(self.index, fd.as_raw_fd());
+                            self.watched = Some(fd);
+                        }
+                    }
+                    // The connection is unusable after a failed start: the disk is not
+                    // given back.
+                    return Err(SlotError {
+                        why: format!("starting the disk's backend: {e}"),
+                        disk: None,
+                    });
+                }
+                running.empty = None;
+            }
+        }
+        self.config[..8].copy_from_slice(&capacity.to_le_bytes());
+        log::info!(
+            "disk slot {}: {} ({}) plugged, {capacity} sectors",
+            self.index,
+            plugged.device_id,
+            plugged.node_name
+        );
+        self.disk = Some(plugged);
+        Ok(())
+    }
+
+    /// Takes the disk out, stopping its backend's rings first; the slot answers the ring
+    /// itself from where the backend stopped. The caller raises the configuration change.
+    pub fn unplug(&mut self) -> Option<PluggedDisk> {
+        let mut plugged = self.disk.take()?;
+        self.config[..8].fill(0);
+        let mut notify = None;
+        if let Some(running) = self.running.as_mut() {
+            if running.empty.is_none() {
+                // A backend that cannot say where it stopped is killed right after; the
+                // slot then answers everything it did not complete, from the used index on,
+                // so that no request of the driver waits forever.
+                let base = match plugged.disk.stop_rings() {
+                    Ok(bases) => bases.first().map(|b| b.1),
+                    Err(e) => {
+                        log::warn!(
+                            "disk slot {}: stopping {}'s rings: {e}",
+                            self.index,
+                            plugged.device_id
+                        );
+                        None
+                    }
+                };
+                running.empty = empty_queue(&self.memory, &running.params, Some(base));
+                running.params.interrupt.set_vring_signalled_externally(false);
+                notify = running.params.notify.first().and_then(|fd| fd.try_clone().ok());
+            }
+        }
+        if let Some(fd) = notify {
+            self.watch(&fd);
+            // Kicks that came while the backend stopped.
+            let _ = fd.write(1);
+        }
+        log::info!(
+            "disk slot {}: {} ({}) unplugged",
+            self.index,
+            plugged.device_id,
+            plugged.node_name
+        );
+        Some(plugged)
+    }
+
+    /// Answers what the driver queued on an empty slot. Called by the event loop when the
+    /// slot's queue was kicked.
+    pub fn serve_empty_ring(&mut self) {
+        let answering = self.running.as_ref().is_some_and(|r| r.empty.is_some());
+        if !answering {
+            // Reset (or plugged) since the kick: nothing to answer, and nothing to watch
+            // until the driver starts the slot again.
+            self.unwatch();
+            return;
+        }
+        let Some(fd) = self.watched.as_ref() else {
+            return;
+        };
+        let _ = fd.read();
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        let Some(queue) = running.empty.as_mut() else {
+            return;
+        };
+        let mem = &self.memory;
+        let mut answered = 0;
+        loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            while answered < MAX_CHAINS_PER_KICK {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let status = chain
+                    .filter(|d| d.is_write_only() && d.len() > 0)
+                    .last()
+                    .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1));
+                let written = status
+                    .is_some_and(|addr| mem.write_obj(S_IOERR, GuestAddress(addr)).is_ok());
+                if let Err(e) = queue.add_used(mem, head, u32::from(written)) {
+                    log::warn!("disk slot {}: answering a request: {e}", self.index);
+                    break;
+                }
+                answered += 1;
+            }
+            if answered >= MAX_CHAINS_PER_KICK {
+                let _ = fd.write(1);
+                break;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if answered > 0 && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = running.params.interrupt.signal_used_queue() {
+                log::warn!("disk slot {}: raising its interrupt: {e}", self.index);
+            }
+        }
+    }
+}
+
+/// The ring as the driver configured it, for the slot to answer from `base` on (the backend's
+/// stopping point; the start when `None`). The used index is read back from guest memory: the
+/// backend wrote it last.
+fn empty_queue(
+    memory: &GuestMemoryMmap,
+    params: &ActivateParams,
+    base: Option<Option<u16>>,
+) -> Option<Queue> {
+    let config = params.queues.first().filter(|q| q.ready)?;
+    let mut queue = Queue::new(QUEUE_MAX_SIZE).ok()?;
+    queue.set_size(config.size);
+    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+    let (lo, hi) = split(config.desc);
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(config.avail);
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(config.used);
+    queue.set_used_ring_address(lo, hi);
+    queue.set_event_idx(params.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+    queue.set_ready(true);
+    if !queue.is_valid(memory) {
+        return None;
+    }
+    if let Some(base) = base {
+        let used: u16 = memory
+            .read_obj(GuestAddress(config.used.checked_add(2)?))
+            .ok()?;
+        let used = u16::from_le(used);
+        queue.set_next_avail(base.unwrap_or(used));
+        queue.set_next_used(used);
+    }
+    Some(queue)
+}
+
+impl VirtioDevice for BlkSlot {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn features(&self) -> u64 {
+        SLOT_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "disk slot {}: {}-byte configuration write at {offset:#x} ignored",
+            self.index,
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
+        if self.disk.is_some() {
+            self.unwatch();
+        }
+        match self.disk.as_mut() {
+            Some(plugged) => {
+                plugged
+                    .disk
+                    .start_at(&params, &[0])
+                    .map_err(|e| ActivateError::Device(e.to_string()))?;
+                self.running = Some(Running {
+                    params,
+                    empty: None,
+                });
+            }
+            None => {
+                let queue = empty_queue(&self.memory, &params, None).ok_or(
+                    ActivateError::InvalidQueue {
+                        index: 0,
+                        reason: "the ring does not lie in guest RAM",
+                    },
+                )?;
+                params.interrupt.set_vring_signalled_externally(false);
+                if let Some(fd) = params.notify.first() {
+                    let fd = fd.try_clone().map_err(ActivateError::NotifyEventFd)?;
+                    self.watch(&fd);
+                }
+                self.running = Some(Running {
+                    params,
+                    empty: Some(queue),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(plugged) = self.disk.as_mut() {
+            if self.running.as_ref().is_some_and(|r| r.empty.is_none()) {
+                plugged.disk.reset();
+            }
+        }
+        self.running = None;
+    }
+}

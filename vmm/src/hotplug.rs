@@ -1,0 +1,260 @@
+//! Block hotplug over QMP on the lightweight machine: `blockdev-add` starts a `citadel-blk`
+//! through the launcher and connects a vhost-user frontend to it, `device_add` plugs it into
+//! a hot-replace disk slot, `device_del` takes it out and, as on StratoVirt's lightweight
+//! machine, releases the node and ends its backend process too (the guide never calls
+//! `blockdev-del` there); `blockdev-del` ends a node that no device uses.
+//!
+//! Every refusal leaves the registry, the slots and the processes as they were.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use citadel_launcher::{BlkSpec, ImageSource, Launcher};
+use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
+use citadel_qmp::error::QmpError;
+use serde_json::{json, Value};
+
+use crate::devices::blk_slot::PluggedDisk;
+use crate::devices::manager::DeviceManager;
+use crate::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
+
+/// Block nodes one VM may have at once: each is a process.
+pub const MAX_NODES: usize = 16;
+
+/// The device model of a hot-replace disk slot.
+const DISK_DRIVER: &str = "virtio-blk-mmio";
+
+/// A block node: an image served by a backend process.
+struct Node {
+    filename: String,
+    read_only: bool,
+    direct: bool,
+    pid: i32,
+    /// The frontend, while no device uses the node; a plugged disk lives in its slot.
+    disk: Option<VhostUserBlk>,
+    /// The device using the node.
+    device: Option<String>,
+}
+
+/// The block nodes and the launcher that starts their backends.
+pub struct Hotplug {
+    launcher: Result<Launcher, String>,
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Hotplug {
+    /// Hotplug through `launcher`, or refusing every `blockdev-add` with the reason there is
+    /// none.
+    pub fn new(launcher: Result<Launcher, String>) -> Self {
+        Hotplug {
+            launcher,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// `blockdev-add`.
+    pub fn blockdev_add(&mut self, add: &BlockdevAdd) -> Result<Value, QmpError> {
+        if self.nodes.contains_key(&add.node_name) {
+            return Err(QmpError::generic(format!(
+                "{} is already registered.",
+                add.node_name
+            )));
+        }
+        if self.nodes.len() >= MAX_NODES {
+            return Err(QmpError::generic(format!(
+                "Too many block nodes: at most {MAX_NODES}"
+            )));
+        }
+        let launcher = self.launcher.as_ref().map_err(|why| {
+            QmpError::generic(format!("Block hotplug is unavailable: {why}"))
+        })?;
+        let backend = launcher
+            .spawn_blk(BlkSpec {
+                id: add.node_name.clone(),
+                image: ImageSource::Path(PathBuf::from(&add.filename)),
+                read_only: add.read_only,
+                direct: add.direct,
+            })
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let peer = PathBuf::from(format!("citadel-blk[{}] ({})", backend.pid, add.node_name));
+        let disk = match VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT) {
+            Ok(disk) => disk,
+            Err(e) => {
+                stop(launcher, backend.pid);
+                return Err(QmpError::generic(e.to_string()));
+            }
+        };
+        log::info!(
+            "block node {}: {} served by citadel-blk[{}]{}",
+            add.node_name,
+            add.filename,
+            backend.pid,
+            if add.read_only { ", read-only" } else { "" }
+        );
+        self.nodes.insert(
+            add.node_name.clone(),
+            Node {
+                filename: add.filename.clone(),
+                read_only: add.read_only,
+                direct: add.direct,
+                pid: backend.pid,
+                disk: Some(disk),
+                device: None,
+            },
+        );
+        Ok(json!({}))
+    }
+
+    /// `blockdev-del`.
+    pub fn blockdev_del(&mut self, node_name: &str) -> Result<Value, QmpError> {
+        let node = self.nodes.get(node_name).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Failed to find node with node-name='{node_name}'"
+            ))
+        })?;
+        if let Some(device) = &node.device {
+            return Err(QmpError::generic(format!(
+                "Node '{node_name}' is busy: device '{device}' uses it"
+            )));
+        }
+        self.release(node_name);
+        Ok(json!({}))
+    }
+
+    /// `device_add`.
+    pub fn device_add(&mut self, devices: &DeviceManager, add: &DeviceAdd) -> Result<Value, QmpError> {
+        if add.driver != DISK_DRIVER {
+            return Err(QmpError::generic(format!(
+                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER})",
+                add.driver
+            )));
+        }
+        if add.netdev.is_some() {
+            return Err(QmpError::unexpected_parameter("netdev"));
+        }
+        let slots = devices.disk_slots();
+        if slots
+            .iter()
+            .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
+        {
+            return Err(QmpError::generic(format!("{} is already registered.", add.id)));
+        }
+        let addr = match add.slot() {
+            Some(addr) => addr?,
+            None => slots
+                .iter()
+                .find(|s| s.plugged.is_none())
+                .map(|s| s.addr)
+                .ok_or_else(|| QmpError::generic("Every disk slot is occupied"))?,
+        };
+        let slot = slots
+            .iter()
+            .find(|s| s.addr == addr)
+            .ok_or_else(|| QmpError::generic(format!("Invalid addr for device {}", add.id)))?;
+        if slot.plugged.is_some() {
+            return Err(QmpError::generic(format!(
+                "The slot {addr} is occupied already."
+            )));
+        }
+        let node_name = add
+            .drive
+            .as_deref()
+            .ok_or_else(|| QmpError::missing_parameter("drive"))?;
+        let node = self.nodes.get_mut(node_name).ok_or_else(|| {
+            QmpError::generic(format!("Failed to find block node '{node_name}'"))
+        })?;
+        if let Some(device) = &node.device {
+            return Err(QmpError::generic(format!(
+                "Node '{node_name}' is already in use by device '{device}'"
+            )));
+        }
+        let Some(disk) = node.disk.take() else {
+            return Err(QmpError::generic(format!(
+                "Node '{node_name}' has no usable backend"
+            )));
+        };
+        let plugged = PluggedDisk {
+            device_id: add.id.clone(),
+            node_name: node_name.to_string(),
+            disk,
+        };
+        match devices.plug_disk(addr, plugged) {
+            Ok(()) => {
+                node.device = Some(add.id.clone());
+                Ok(json!({}))
+            }
+            Err(e) => {
+                match e.disk {
+                    Some(plugged) => node.disk = Some(plugged.disk),
+                    // The backend failed while taking the ring: its connection is unusable,
+                    // so the node goes with it.
+                    None => self.release(node_name),
+                }
+                Err(QmpError::generic(e.why))
+            }
+        }
+    }
+
+    /// `device_del`: the disk leaves its slot and its node and backend process end. Returns
+    /// the id to announce in DEVICE_DELETED.
+    pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
+        let plugged = devices.unplug_disk(id).ok_or_else(|| QmpError::device_not_found(id))?;
+        drop(plugged.disk);
+        self.release(&plugged.node_name);
+        Ok(id.to_string())
+    }
+
+    /// `query-block`: one entry per disk slot, in QEMU's shape; a plugged slot has `inserted`.
+    pub fn query_block(&self, devices: &DeviceManager) -> Value {
+        let list: Vec<Value> = devices
+            .disk_slots()
+            .into_iter()
+            .map(|slot| {
+                let mut entry = json!({
+                    "device": "",
+                    "qdev": format!("disk-slot-{}", slot.addr),
+                    "locked": false,
+                    "removable": true,
+                    "type": "unknown",
+                });
+                if let Some((id, node_name)) = slot.plugged {
+                    let node = self.nodes.get(&node_name);
+                    entry["qdev"] = json!(id);
+                    entry["inserted"] = json!({
+                        "node-name": node_name,
+                        "file": node.map(|n| n.filename.as_str()).unwrap_or(""),
+                        "ro": node.is_some_and(|n| n.read_only),
+                        "drv": "raw",
+                        "encrypted": false,
+                        "backing_file_depth": 0,
+                        "detect_zeroes": "off",
+                        "cache": {
+                            "writeback": true,
+                            "direct": node.is_some_and(|n| n.direct),
+                            "no-flush": false,
+                        },
+                    });
+                }
+                entry
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// Ends node `node_name`'s backend process and forgets the node.
+    fn release(&mut self, node_name: &str) {
+        if let Some(node) = self.nodes.remove(node_name) {
+            drop(node.disk);
+            if let Ok(launcher) = &self.launcher {
+                stop(launcher, node.pid);
+            }
+            log::info!("block node {node_name}: released, citadel-blk[{}] ended", node.pid);
+        }
+    }
+}
+
+fn stop(launcher: &Launcher, pid: i32) {
+    if let Err(e) = launcher.stop(pid) {
+        log::warn!("stopping citadel-blk[{pid}]: {e}");
+    }
+}

@@ -28,6 +28,7 @@ use seccompiler::{
 
 pub mod blk;
 pub mod kvm;
+pub mod launcher;
 pub mod net;
 pub mod vcpu;
 pub mod vmm;
@@ -48,16 +49,20 @@ pub enum Role {
     Blk,
     /// The citadel-net vhost-user backend process.
     Net,
+    /// The device launcher, which starts citadel-blk and citadel-net: its own needs merged
+    /// with both backends', since its filter stays on them.
+    Launcher,
 }
 
 impl Role {
     /// Every role, in a fixed order (used by SECURITY.md's table and the tests).
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Vmm,
         Role::VmmWithoutLandlock,
         Role::Vcpu,
         Role::Blk,
         Role::Net,
+        Role::Launcher,
     ];
 
     /// Name used in logs and on command lines.
@@ -68,6 +73,7 @@ impl Role {
             Role::Vcpu => "vcpu",
             Role::Blk => "blk",
             Role::Net => "net",
+            Role::Launcher => "launcher",
         }
     }
 
@@ -79,6 +85,7 @@ impl Role {
             Role::Vcpu => vcpu::rules(),
             Role::Blk => blk::rules(),
             Role::Net => net::rules(),
+            Role::Launcher => launcher::rules(),
         }
     }
 

@@ -4,30 +4,16 @@
 //! one pair). Frames cross the tap with a virtio-net header in front of them, so checksum and
 //! segmentation offloads pass between guest and host kernel untouched.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Errors while opening or configuring the tap.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    /// `/dev/net/tun` could not be opened.
-    #[error("opening /dev/net/tun: {0}")]
-    OpenTun(#[source] io::Error),
-    /// The interface name does not fit into `ifr_name`.
-    #[error("tap name {0:?} is empty, too long (max 15 bytes) or contains a NUL")]
-    BadName(String),
-    /// TUNSETIFF refused to attach or create the interface.
-    #[error("attaching queue {queue} of tap {name:?}: {source}")]
-    Attach {
-        /// Interface name.
-        name: String,
-        /// Queue being attached.
-        queue: usize,
-        /// What the kernel said.
-        source: io::Error,
-    },
+    /// Attaching to the tap by name failed.
+    #[error(transparent)]
+    Open(#[from] citadel_tap::OpenError),
     /// An inherited fd is not a tap.
     #[error("fd {fd} is not a tap queue: {source}")]
     NotTap {
@@ -95,49 +81,12 @@ pub struct TapQueue {
     file: File,
 }
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 impl TapQueue {
     /// Opens `queues` queues of the tap called `name`, creating it if it does not exist.
     pub fn open_by_name(name: &str, queues: usize) -> Result<Vec<TapQueue>, TapError> {
-        let bytes = name.as_bytes();
-        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
-            return Err(TapError::BadName(name.to_string()));
-        }
-        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-        if queues > 1 {
-            flags |= libc::IFF_MULTI_QUEUE;
-        }
-        (0..queues)
-            .map(|queue| {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                    .open("/dev/net/tun")
-                    .map_err(TapError::OpenTun)?;
-                let mut req = IfReq {
-                    name: [0; libc::IFNAMSIZ],
-                    // The flag values all fit in 16 bits (the kernel's ifr_flags is a short).
-                    flags: flags as libc::c_short,
-                    _pad: [0; 22],
-                };
-                req.name[..bytes.len()].copy_from_slice(bytes);
-                // SAFETY: TUNSETIFF reads and writes a struct ifreq; `req` is a live,
-                // correctly sized and laid out ifreq owned by this frame.
-                let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-                if ret < 0 {
-                    return Err(TapError::Attach {
-                        name: name.to_string(),
-                        queue,
-                        source: io::Error::last_os_error(),
-                    });
-                }
+        citadel_tap::open_by_name(name, queues)?
+            .into_iter()
+            .map(|file| {
                 let tap = TapQueue { file };
                 tap.init()?;
                 Ok(tap)
@@ -161,11 +110,7 @@ impl TapQueue {
         }
         // SAFETY: `fd` is open, and ownership is transferred to us by the caller's contract.
         let file = unsafe { File::from_raw_fd(fd) };
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
+        let mut req = citadel_tap::IfReq::zeroed();
         // SAFETY: TUNGETIFF writes a struct ifreq into `req`, which is large enough and live.
         let ret = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) };
         if ret < 0 {
@@ -324,7 +269,7 @@ mod tests {
         for name in ["", "0123456789abcdef", "a\0b"] {
             assert!(matches!(
                 TapQueue::open_by_name(name, 1),
-                Err(TapError::BadName(_))
+                Err(TapError::Open(citadel_tap::OpenError::BadName(_)))
             ));
         }
     }

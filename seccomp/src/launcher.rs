@@ -13,9 +13,7 @@
 //! of the same syscall are alternatives. The backends' own filters then narrow them down
 //! again.
 
-use crate::{
-    allow, arg_in, blk, descriptor_control, net, thread_runtime, Error, Rules,
-};
+use crate::{allow, arg_in, blk, descriptor_control, net, thread_runtime, Error, Rules};
 
 const ROLE: &str = "launcher";
 
@@ -63,7 +61,12 @@ fn own() -> Result<Rules, Error> {
         libc::SYS_wait4,
     ]));
     // The vhost-user socket pair of each backend.
-    rules.push(arg_in(ROLE, libc::SYS_socketpair, 0, &[libc::AF_UNIX as u64])?);
+    rules.push(arg_in(
+        ROLE,
+        libc::SYS_socketpair,
+        0,
+        &[libc::AF_UNIX as u64],
+    )?);
     // A plain fork, never a thread or a new namespace.
     rules.push(arg_in(ROLE, libc::SYS_clone, 0, &[FORK_FLAGS])?);
     // Attaching a tap by name.

@@ -307,11 +307,11 @@ impl Lab {
                 .iter()
                 .copied()
                 .filter(|s| {
-                    !attempt
+                    attempt
                         .run
                         .scenarios
                         .get(*s)
-                        .is_some_and(|o| o.rc.is_some())
+                        .is_none_or(|o| o.rc.is_none())
                 })
                 .collect();
             let mut next = self.run_once(&remaining)?;

@@ -29,7 +29,11 @@ fn image(dir: &Path, name: &str) -> PathBuf {
 fn backend_missing(test: &str) -> bool {
     let missing = !citadel_tests::binary("citadel-blk").exists();
     if missing {
-        citadel_tests::skip(test, "citadel-blk not built (cargo build --workspace)", true);
+        citadel_tests::skip(
+            test,
+            "citadel-blk not built (cargo build --workspace)",
+            true,
+        );
     }
     missing
 }
@@ -42,7 +46,10 @@ fn children(pid: u32) -> Vec<u32> {
     };
     for task in tasks.flatten() {
         let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
     }
     out.sort_unstable();
     out.dedup();
@@ -85,8 +92,10 @@ fn wait_gone(pid: u32, timeout: Duration) -> bool {
 fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Value {
     qmp.execute(
         "blockdev-add",
-        Some(json!({"node-name": node, "file": {"driver": "file", "filename": file},
-            "cache": {"direct": false}, "read-only": read_only})),
+        Some(
+            json!({"node-name": node, "file": {"driver": "file", "filename": file},
+            "cache": {"direct": false}, "read-only": read_only}),
+        ),
     )
 }
 
@@ -115,7 +124,12 @@ fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
     // The guest program finds its slot on the command line: disk slot 0, pin 5.
     let mut vm = Vm::start(
         &guest_program("virtio_blk"),
-        &["-m", "32", "-append", "virtio_mmio.device=4K@0xd0000000:5 hotplug"],
+        &[
+            "-m",
+            "32",
+            "-append",
+            "virtio_mmio.device=4K@0xd0000000:5 hotplug",
+        ],
     );
     let line = vm.wait_serial("citadel-guest: hotplug empty capacity=", STEP);
     assert!(line.ends_with("capacity=0"), "{line}");
@@ -126,18 +140,31 @@ fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
 
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     assert!(backends(vm.pid()).is_empty());
-    assert_eq!(blockdev_add(&mut qmp, "drive-0", &img, false), json!({"return": {}}));
+    assert_eq!(
+        blockdev_add(&mut qmp, "drive-0", &img, false),
+        json!({"return": {}})
+    );
     let pids = backends(vm.pid());
-    assert_eq!(pids.len(), 1, "one citadel-blk after blockdev-add: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        1,
+        "one citadel-blk after blockdev-add: {pids:?}"
+    );
     let backend = pids[0];
     assert_ne!(backend, vm.pid());
     let st = status(backend).unwrap();
     assert_eq!(status_field(&st, "Seccomp"), "2", "{st}");
     assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{st}");
-    assert_eq!(device_add(&mut qmp, "drive-0", "0x0", "drive-0"), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "drive-0", "0x0", "drive-0"),
+        json!({"return": {}})
+    );
 
     let line = vm.wait_serial("citadel-guest: hotplug plugged capacity=", STEP);
-    assert!(line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)), "{line}");
+    assert!(
+        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
+        "{line}"
+    );
     let line = vm.wait_serial("citadel-guest: hotplug read status=", STEP);
     assert_eq!(
         line,
@@ -173,7 +200,10 @@ fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
         .filter(|e| e["event"] == "DEVICE_DELETED")
         .collect();
     assert_eq!(deleted.len(), 1, "{:?}", qmp.events);
-    assert_eq!(deleted[0]["data"], json!({"device": "drive-0", "path": "drive-0"}));
+    assert_eq!(
+        deleted[0]["data"],
+        json!({"device": "drive-0", "path": "drive-0"})
+    );
     assert!(
         wait_gone(backend, Duration::from_secs(5)),
         "citadel-blk[{backend}] outlived device_del"
@@ -211,7 +241,10 @@ fn refused_hotplug_commands_change_nothing() {
     let reply = device_add(&mut qmp, "drive-0", "0x0", "drive-0");
     assert_eq!(error_desc(&reply), "Failed to find block node 'drive-0'");
 
-    assert_eq!(blockdev_add(&mut qmp, "drive-0", &img, false), json!({"return": {}}));
+    assert_eq!(
+        blockdev_add(&mut qmp, "drive-0", &img, false),
+        json!({"return": {}})
+    );
     let reply = blockdev_add(&mut qmp, "drive-0", &other, false);
     assert_eq!(error_desc(&reply), "drive-0 is already registered.");
     assert_eq!(backends(vm.pid()).len(), 1);
@@ -237,13 +270,19 @@ fn refused_hotplug_commands_change_nothing() {
     assert_eq!(error_desc(&reply), "Device 'nope' not found");
 
     // Plugged while the guest never drove the slot: the disk waits for the driver.
-    assert_eq!(device_add(&mut qmp, "disk-a", "1", "drive-0"), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "disk-a", "1", "drive-0"),
+        json!({"return": {}})
+    );
     let reply = device_add(&mut qmp, "disk-b", "0x2", "drive-0");
     assert_eq!(
         error_desc(&reply),
         "Node 'drive-0' is already in use by device 'disk-a'"
     );
-    assert_eq!(blockdev_add(&mut qmp, "drive-1", &other, true), json!({"return": {}}));
+    assert_eq!(
+        blockdev_add(&mut qmp, "drive-1", &other, true),
+        json!({"return": {}})
+    );
     let reply = device_add(&mut qmp, "disk-b", "0x1", "drive-1");
     assert_eq!(error_desc(&reply), "The slot 1 is occupied already.");
     let reply = device_add(&mut qmp, "disk-a", "0x2", "drive-1");

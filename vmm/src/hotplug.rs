@@ -65,9 +65,10 @@ impl Hotplug {
                 "Too many block nodes: at most {MAX_NODES}"
             )));
         }
-        let launcher = self.launcher.as_ref().map_err(|why| {
-            QmpError::generic(format!("Block hotplug is unavailable: {why}"))
-        })?;
+        let launcher = self
+            .launcher
+            .as_ref()
+            .map_err(|why| QmpError::generic(format!("Block hotplug is unavailable: {why}")))?;
         let backend = launcher
             .spawn_blk(BlkSpec {
                 id: add.node_name.clone(),
@@ -108,9 +109,7 @@ impl Hotplug {
     /// `blockdev-del`.
     pub fn blockdev_del(&mut self, node_name: &str) -> Result<Value, QmpError> {
         let node = self.nodes.get(node_name).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Failed to find node with node-name='{node_name}'"
-            ))
+            QmpError::generic(format!("Failed to find node with node-name='{node_name}'"))
         })?;
         if let Some(device) = &node.device {
             return Err(QmpError::generic(format!(
@@ -122,7 +121,11 @@ impl Hotplug {
     }
 
     /// `device_add`.
-    pub fn device_add(&mut self, devices: &DeviceManager, add: &DeviceAdd) -> Result<Value, QmpError> {
+    pub fn device_add(
+        &mut self,
+        devices: &DeviceManager,
+        add: &DeviceAdd,
+    ) -> Result<Value, QmpError> {
         if add.driver != DISK_DRIVER {
             return Err(QmpError::generic(format!(
                 "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER})",
@@ -137,7 +140,10 @@ impl Hotplug {
             .iter()
             .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
         {
-            return Err(QmpError::generic(format!("{} is already registered.", add.id)));
+            return Err(QmpError::generic(format!(
+                "{} is already registered.",
+                add.id
+            )));
         }
         let addr = match add.slot() {
             Some(addr) => addr?,
@@ -160,9 +166,10 @@ impl Hotplug {
             .drive
             .as_deref()
             .ok_or_else(|| QmpError::missing_parameter("drive"))?;
-        let node = self.nodes.get_mut(node_name).ok_or_else(|| {
-            QmpError::generic(format!("Failed to find block node '{node_name}'"))
-        })?;
+        let node = self
+            .nodes
+            .get_mut(node_name)
+            .ok_or_else(|| QmpError::generic(format!("Failed to find block node '{node_name}'")))?;
         if let Some(device) = &node.device {
             return Err(QmpError::generic(format!(
                 "Node '{node_name}' is already in use by device '{device}'"
@@ -198,7 +205,9 @@ impl Hotplug {
     /// `device_del`: the disk leaves its slot and its node and backend process end. Returns
     /// the id to announce in DEVICE_DELETED.
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
-        let plugged = devices.unplug_disk(id).ok_or_else(|| QmpError::device_not_found(id))?;
+        let plugged = devices
+            .unplug_disk(id)
+            .ok_or_else(|| QmpError::device_not_found(id))?;
         drop(plugged.disk);
         self.release(&plugged.node_name);
         Ok(id.to_string())
@@ -248,7 +257,10 @@ impl Hotplug {
             if let Ok(launcher) = &self.launcher {
                 stop(launcher, node.pid);
             }
-            log::info!("block node {node_name}: released, citadel-blk[{}] ended", node.pid);
+            log::info!(
+                "block node {node_name}: released, citadel-blk[{}] ended",
+                node.pid
+            );
         }
     }
 }

@@ -10,10 +10,12 @@ use citadel::cli::{self, CliError, Config, SerialTarget};
 use citadel::daemon::{self, PidFile};
 use citadel::devices::legacy::{Discard, SerialOut};
 use citadel::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
-use citadel::lockdown;
+use citadel::hotplug::Hotplug;
+use citadel::lockdown::{self, LandlockChoice};
 use citadel::machine::{Machine, MachineSpec, MachineWiring};
 use citadel::monitor::{Channels, Monitor};
 use citadel::vcpu;
+use citadel_launcher::{Launcher, LauncherConfig};
 
 /// Anything that stops the VMM before or while running, as one line for the user.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,27 @@ fn serial_output(target: &SerialTarget) -> Result<SerialOut, RunError> {
     })
 }
 
+/// Starts the device launcher with the backends installed next to citadel's own executable.
+fn start_launcher(config: &Config) -> Result<Launcher, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot locate citadel's own executable: {e}"))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let blk_binary = dir.join("citadel-blk");
+    let net_binary = dir.join("citadel-net");
+    for binary in [&blk_binary, &net_binary] {
+        if !binary.is_file() {
+            return Err(format!("no backend binary at {}", binary.display()));
+        }
+    }
+    Launcher::start(LauncherConfig {
+        blk_binary,
+        net_binary,
+        seccomp_action: config.seccomp,
+        landlock: config.landlock != LandlockChoice::Off,
+    })
+    .map_err(|e| e.to_string())
+}
+
 fn run(config: Config) -> Result<i32, RunError> {
     let readiness = if config.daemonize {
         Some(daemon::daemonize()?)
@@ -107,11 +130,15 @@ fn build_and_run(
             config.mem_bytes >> 20,
             config.kernel.display()
         );
+        // Forked while the process is still single-threaded, before anything else is made.
+        let launcher = start_launcher(config);
+        if let Err(why) = &launcher {
+            log::warn!("block hotplug unavailable: {why}");
+        }
+        // Every disk slot may get a backend, whose answers are bounded by a deadline.
+        citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
-        if !config.disks.is_empty() {
-            citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
-        }
         let disks = config
             .disks
             .iter()
@@ -183,6 +210,7 @@ fn build_and_run(
         let machine = Machine::create(&spec, wiring)?;
         let monitor = Monitor::new(
             machine,
+            Hotplug::new(launcher),
             channels,
             events_rx,
             qmp,

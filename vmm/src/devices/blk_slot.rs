@@ -284,8 +284,15 @@ impl BlkSlot {
                     }
                 };
                 running.empty = empty_queue(&self.memory, &running.params, Some(base));
-                running.params.interrupt.set_vring_signalled_externally(false);
-                notify = running.params.notify.first().and_then(|fd| fd.try_clone().ok());
+                running
+                    .params
+                    .interrupt
+                    .set_vring_signalled_externally(false);
+                notify = running
+                    .params
+                    .notify
+                    .first()
+                    .and_then(|fd| fd.try_clone().ok());
             }
         }
         if let Some(fd) = notify {
@@ -337,8 +344,8 @@ impl BlkSlot {
                     .filter(|d| d.is_write_only() && d.len() > 0)
                     .last()
                     .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1));
-                let written = status
-                    .is_some_and(|addr| mem.write_obj(S_IOERR, GuestAddress(addr)).is_ok());
+                let written =
+                    status.is_some_and(|addr| mem.write_obj(S_IOERR, GuestAddress(addr)).is_ok());
                 if let Err(e) = queue.add_used(mem, head, u32::from(written)) {
                     log::warn!("disk slot {}: answering a request: {e}", self.index);
                     break;

@@ -145,7 +145,6 @@ struct Slot {
 
 /// A hot-replace disk slot.
 struct DiskSlot {
-    info: SlotInfo,
     transport: Arc<VirtioMmioTransport<BlkSlot>>,
 }
 
@@ -221,8 +220,8 @@ impl DeviceManager {
         for _ in 0..count {
             let index = self.disk_slots.len() as u64;
             let slot = BlkSlot::new(index, memory.clone(), Arc::clone(&self.kicks));
-            let (info, transport) = self.place(wiring, slot)?;
-            self.disk_slots.push(DiskSlot { info, transport });
+            let (_, transport) = self.place(wiring, slot)?;
+            self.disk_slots.push(DiskSlot { transport });
         }
         Ok(())
     }
@@ -293,7 +292,10 @@ impl DeviceManager {
 
     /// Plugs `disk` into disk slot `addr` and raises the slot's configuration change.
     pub fn plug_disk(&self, addr: u64, disk: PluggedDisk) -> Result<(), SlotError> {
-        let Some(slot) = usize::try_from(addr).ok().and_then(|a| self.disk_slots.get(a)) else {
+        let Some(slot) = usize::try_from(addr)
+            .ok()
+            .and_then(|a| self.disk_slots.get(a))
+        else {
             return Err(SlotError {
                 why: format!("Invalid addr for device {}", disk.device_id),
                 disk: Some(Box::new(disk)),
@@ -326,7 +328,10 @@ impl DeviceManager {
     /// Answers the requests queued on empty disk slots.
     pub fn serve_empty_disk_slots(&self) {
         for index in self.kicks.ready() {
-            if let Some(slot) = usize::try_from(index).ok().and_then(|i| self.disk_slots.get(i)) {
+            if let Some(slot) = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.disk_slots.get(i))
+            {
                 slot.transport.with_device(BlkSlot::serve_empty_ring);
             }
         }

@@ -326,7 +326,9 @@ impl VhostUserBlk {
         if self.broken {
             return Err(self.backend("it failed earlier and is not used again"));
         }
-        let result = self.deadline().and_then(|_deadline| self.start(params, bases));
+        let result = self
+            .deadline()
+            .and_then(|_deadline| self.start(params, bases));
         if result.is_err() {
             self.broken = true;
         }

@@ -15,6 +15,29 @@ echo "guest: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/curr
 # Where the boot spent its time: every kernel message that came 0.3 s or more after the one before.
 dmesg | awk -F'[][]' '{ t = $2 + 0; if (NR > 1 && t - prev >= 0.3) printf "guest: slow-step %.2f s before: %s\n", t - prev, $3; prev = t }'
 echo "guest: user space up"
+
+# disk_node NAME: makes /dev/NAME when devtmpfs has not.
+disk_node() {
+	if [ ! -b "/dev/$1" ] && [ -r "/sys/block/$1/dev" ]; then
+		mknod "/dev/$1" b $(tr ':' ' ' <"/sys/block/$1/dev")
+	fi
+}
+
+# disk_size NAME: the disk's size in 512-byte sectors ("none" without such a disk).
+disk_size() {
+	cat "/sys/block/$1/size" 2>/dev/null || echo none
+}
+
+# wait_size NAME TEST VALUE: waits up to 60 s until `[ size TEST VALUE ]` holds.
+wait_size() {
+	i=0
+	while ! [ "$(disk_size "$1")" "$2" "$3" ] && [ $i -lt 600 ]; do
+		usleep 100000
+		i=$((i + 1))
+	done
+}
+
+echo "guest: disks=$(ls /sys/block | grep -c '^vd')"
 case "$mode" in
 counter)
 	i=0
@@ -28,21 +51,52 @@ reboot)
 	reboot -f
 	;;
 disk)
-	# The first virtio disk: its first 24 bytes are the host's marker; the guest writes its
-	# own at 4096 and flushes it to the backend.
-	if [ ! -b /dev/vda ] && [ -r /sys/block/vda/dev ]; then
-		mknod /dev/vda b $(tr ':' ' ' </sys/block/vda/dev)
-	fi
+	# The first virtio disk that is not an empty hot-replace slot: its first 24 bytes are the
+	# host's marker; the guest writes its own at 4096 and flushes it to the backend.
 	echo "guest: acpi-virtio=$(ls /sys/bus/acpi/devices | grep -c '^LNRO0005')"
-	if [ -b /dev/vda ]; then
-		echo "guest: disk-marker=$(dd if=/dev/vda bs=24 count=1 2>/dev/null)"
-		printf 'written-by-the-guest' | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
+	disk=
+	for d in $(ls /sys/block | grep '^vd'); do
+		if [ "$(disk_size "$d")" != 0 ]; then
+			disk=$d
+			break
+		fi
+	done
+	echo "guest: disk-name=$disk"
+	[ -n "$disk" ] && disk_node "$disk"
+	if [ -n "$disk" ] && [ -b "/dev/$disk" ]; then
+		echo "guest: disk-marker=$(dd if=/dev/$disk bs=24 count=1 2>/dev/null)"
+		printf 'written-by-the-guest' | dd of=/dev/$disk bs=4096 seek=1 conv=fsync 2>/dev/null
 		echo "guest: disk-write rc=$?"
 	else
 		# Say why: what the kernel logged about virtio devices.
 		dmesg | grep -iE 'virtio|vda' | sed 's/^/guest: virtio: /'
 		echo "guest: disk-write rc=no-disk"
 	fi
+	;;
+hotplug)
+	# A disk hot-plugged into slot 1 (vdb): the guest sees its new size, reads the host's
+	# marker, makes a file system on it, writes a file and unmounts it; then it waits for the
+	# slot to empty again.
+	echo "guest: vdb-size-empty=$(disk_size vdb)"
+	echo "guest: hotplug waiting"
+	wait_size vdb -gt 0
+	echo "guest: vdb-size=$(disk_size vdb)"
+	echo "guest: vdb-new-size-messages=$(dmesg | grep -c 'vdb.*new size')"
+	disk_node vdb
+	echo "guest: vdb-marker=$(dd if=/dev/vdb bs=27 count=1 2>/dev/null)"
+	mke2fs -q /dev/vdb >/dev/null 2>&1
+	echo "guest: mkfs rc=$?"
+	mkdir -p /mnt
+	mount -t ext2 /dev/vdb /mnt
+	echo "guest: mount rc=$?"
+	echo citadel-lab-file-written-on-a-hot-plugged-disk >/mnt/file && sync
+	echo "guest: file-write rc=$?"
+	umount /mnt
+	echo "guest: umount rc=$?"
+	echo "guest: hotplug unplug-ready"
+	wait_size vdb -eq 0
+	echo "guest: vdb-size-after=$(disk_size vdb)"
+	echo "guest: hotplug unplugged"
 	;;
 esac
 echo "guest: end"

@@ -18,6 +18,7 @@ const SCENARIOS: &[&str] = &[
     "cpu-template",
     "stock-kernel",
     "vhost-user-blk",
+    "hotplug",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -400,5 +401,42 @@ fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
             t()
         );
         assert_eq!(value(outcome, "disk.exit-code"), "0", "{}", t());
+    });
+}
+
+#[test]
+fn linux_uses_a_disk_hot_plugged_over_qmp_and_lets_it_go() {
+    check_scenario("hotplug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        // Six hot-replace slots from boot, empty until something is plugged.
+        assert_eq!(v("disks"), "6", "{}", t());
+        assert_eq!(v("vdb-size-empty"), "0", "{}", t());
+        assert_eq!(v("add-returns"), "2", "{}", t());
+        // The disk is served by a process of its own, confined.
+        assert_eq!(v("backend-count"), "1", "{}", t());
+        assert_eq!(v("backend-seccomp"), "2", "{}", t());
+        assert_eq!(v("backend-no-new-privs"), "1", "{}", t());
+        // Linux took the configuration change: 64 MiB, announced in its log.
+        assert_eq!(v("vdb-size"), (64u64 << 20 >> 9).to_string(), "{}", t());
+        assert_eq!(v("vdb-new-size-messages"), "1", "{}", t());
+        assert_eq!(v("vdb-marker"), "citadel-lab-hotplug-marker!", "{}", t());
+        for step in ["mkfs", "mount", "file-write", "umount"] {
+            assert_eq!(v(step), "0", "{step}\n{}", t());
+        }
+        // device_del: the event before the return, with the guide's data, then the slot is
+        // empty again and the backend process is gone.
+        assert_eq!(v("del-order"), "DEVICE_DELETED \"return\":{} ", "{}", t());
+        assert_eq!(
+            v("del-data"),
+            r#""data":{"device":"drive-0","path":"drive-0"}"#,
+            "{}",
+            t()
+        );
+        assert_eq!(v("vdb-size-after"), "0", "{}", t());
+        assert_eq!(v("backend-gone"), "yes", "{}", t());
+        assert_eq!(v("hp.exit-code"), "0", "{}", t());
+        // What the guest wrote through the file system is in the image.
+        assert_eq!(v("image-file-bytes"), "1", "{}", t());
     });
 }

@@ -98,14 +98,18 @@ pub(crate) fn keep_only_control(control: OwnedFd) -> Result<(), ConfineError> {
         // SAFETY: dup2 onto stdin/stdout, which the launcher owns from now on (a no-op when
         // /dev/null already got that number).
         if unsafe { libc::dup2(null, target) } < 0 {
-            return Err(fail("redirecting stdin and stdout")(io::Error::last_os_error()));
+            return Err(fail("redirecting stdin and stdout")(
+                io::Error::last_os_error(),
+            ));
         }
     }
     // SAFETY: closes every descriptor above the control socket (the /dev/null descriptor too,
     // unless it is stdin or stdout); none is owned by an object still alive in this process,
     // which was just forked and owns nothing else.
     if unsafe { libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0) } < 0 {
-        return Err(fail("closing inherited descriptors")(io::Error::last_os_error()));
+        return Err(fail("closing inherited descriptors")(
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

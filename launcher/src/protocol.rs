@@ -160,9 +160,7 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
         return Ok(None);
     }
     if msg.msg_flags & libc::MSG_TRUNC != 0 || received > MAX_MESSAGE {
-        return Err(invalid(format!(
-            "message longer than {MAX_MESSAGE} bytes"
-        )));
+        return Err(invalid(format!("message longer than {MAX_MESSAGE} bytes")));
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(invalid(format!("more than {MAX_FDS} descriptors")));
@@ -303,7 +301,11 @@ mod tests {
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), payload);
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                payload,
+            );
             assert!(libc::sendmsg(a.as_raw_fd(), &msg, 0) > 0);
         }
         let err = recv::<Request>(b.as_fd()).unwrap_err();

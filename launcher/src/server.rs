@@ -184,8 +184,7 @@ impl Server<'_> {
                     (None, Ok(Some(fd))) => check_disk(fd)?,
                     _ => {
                         return Err(RequestError::Invalid(
-                            "spawn-blk needs exactly one of a path and an image descriptor"
-                                .into(),
+                            "spawn-blk needs exactly one of a path and an image descriptor".into(),
                         ))
                     }
                 };

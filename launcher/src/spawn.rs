@@ -61,9 +61,8 @@ pub(crate) fn spawn(
             source,
         }
     };
-    let path = CString::new(binary.as_os_str().as_bytes()).map_err(|_| SpawnError::Nul {
-        binary: name(),
-    })?;
+    let path = CString::new(binary.as_os_str().as_bytes())
+        .map_err(|_| SpawnError::Nul { binary: name() })?;
     let argv: Vec<CString> = std::iter::once(Ok(path.clone()))
         .chain(args.iter().map(|a| CString::new(a.as_str())))
         .collect::<Result<_, _>>()
@@ -79,9 +78,9 @@ pub(crate) fn spawn(
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     if fds.len() > MAX_DESCRIPTORS {
-        return Err(sys("handing over descriptors")(io::Error::from_raw_os_error(
-            libc::E2BIG,
-        )));
+        return Err(sys("handing over descriptors")(
+            io::Error::from_raw_os_error(libc::E2BIG),
+        ));
     }
     let (status_read, status_write) = pipe().map_err(sys("creating the status pipe"))?;
     // SAFETY: getpid has no preconditions.

@@ -97,10 +97,7 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         for name in ["", "0123456789abcdef", "a\0b"] {
-            assert!(matches!(
-                open_by_name(name, 1),
-                Err(OpenError::BadName(_))
-            ));
+            assert!(matches!(open_by_name(name, 1), Err(OpenError::BadName(_))));
         }
     }
 

@@ -151,3 +151,146 @@ fn socket_queries(options: &[libc::c_int]) -> Result<(i64, Vec<SeccompRule>), Er
         .collect::<Result<Vec<_>, Error>>()?;
     Ok((libc::SYS_getsockopt, rules))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FORK_FLAGS;
+    use crate::tests::run_confined;
+    use crate::Role;
+
+    fn killed(what: &str, body: fn() -> i32) {
+        let status = run_confined(Role::Launcher, body);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{what}: expected death by SIGSYS, got status {status:#x}"
+        );
+    }
+
+    fn allowed(what: &str, body: fn() -> i32) {
+        let status = run_confined(Role::Launcher, body);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{what}: expected a normal exit, got status {status:#x}"
+        );
+    }
+
+    /// A raw `clone` with `flags` and no new stack; a child, if one comes into being, leaves
+    /// at once with status 0. Returns 0 in the parent once the child is reaped.
+    fn clone_with(flags: u64) -> i32 {
+        // SAFETY: a clone without CLONE_VM: the child runs on a copy of this stack and only
+        // calls _exit.
+        let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
+        if pid == 0 {
+            // SAFETY: leaving the new child at once.
+            unsafe { libc::_exit(0) };
+        }
+        if pid < 0 {
+            return 1;
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child with a valid status pointer.
+        let waited = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        i32::from(waited != pid as i32 || status != 0)
+    }
+
+    #[test]
+    fn the_launcher_forks_but_makes_no_namespace_and_no_foreign_socket() {
+        allowed("fork", || clone_with(FORK_FLAGS));
+        killed("clone with CLONE_NEWUSER", || {
+            clone_with(FORK_FLAGS | libc::CLONE_NEWUSER as u64)
+        });
+        killed("clone with CLONE_NEWNS", || {
+            clone_with(FORK_FLAGS | libc::CLONE_NEWNS as u64)
+        });
+        killed("clone with CLONE_NEWNET", || {
+            clone_with(FORK_FLAGS | libc::CLONE_NEWNET as u64)
+        });
+        // The kernel would refuse a thread without CLONE_SIGHAND (EINVAL): only the filter
+        // can make this one die.
+        killed("thread with CLONE_NEWNET", || {
+            clone_with((libc::CLONE_THREAD | libc::CLONE_NEWNET) as u64)
+        });
+        killed("vfork-style clone sharing memory", || {
+            clone_with(FORK_FLAGS | libc::CLONE_VM as u64)
+        });
+        killed("socket(AF_INET)", || {
+            // SAFETY: socket takes no pointers.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            0
+        });
+        killed("socketpair(AF_INET)", || {
+            let mut fds = [0; 2];
+            // SAFETY: a valid two-descriptor array.
+            unsafe { libc::socketpair(libc::AF_INET, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+            0
+        });
+        killed("ptrace", || {
+            // SAFETY: PTRACE_TRACEME takes no pointers.
+            unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            0
+        });
+        killed("mount", || {
+            // SAFETY: NUL-terminated strings; the filter decides first.
+            unsafe {
+                libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            0
+        });
+        killed("mmap(PROT_EXEC)", || {
+            // SAFETY: an anonymous mapping request; the result is not used.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            0
+        });
+        killed("prctl(PR_SET_DUMPABLE)", || {
+            // SAFETY: integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+            0
+        });
+        killed("ioctl(TIOCSTI)", || {
+            // SAFETY: invalid descriptor, no memory passed; the filter decides first.
+            unsafe { libc::ioctl(-1, libc::TIOCSTI, 0) };
+            0
+        });
+    }
+
+    #[test]
+    fn the_launcher_opens_images_and_starts_programs() {
+        allowed(
+            "openat2, socketpair(AF_UNIX), TUNSETIFF, kill, wait4",
+            || {
+                let mut fds = [0; 2];
+                // SAFETY: raw syscalls with a valid descriptor array or invalid descriptors and
+                // null pointers, which the kernel refuses after the filter let them through.
+                unsafe {
+                    if libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr())
+                        != 0
+                    {
+                        return 1;
+                    }
+                    let calls = [
+                        libc::syscall(libc::SYS_openat2, -1, c"x".as_ptr(), 0, 0),
+                        libc::ioctl(-1, libc::TUNSETIFF, 0).into(),
+                        libc::kill(0x7fff_fff0, 0).into(),
+                        libc::syscall(libc::SYS_wait4, -1, 0, libc::WNOHANG, 0),
+                    ];
+                    i32::from(calls.iter().any(|&rc| rc != -1))
+                }
+            },
+        );
+    }
+}

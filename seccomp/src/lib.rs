@@ -215,15 +215,26 @@ pub(crate) fn arg_clear(
     Ok((syscall, vec![rule]))
 }
 
+/// The `clone` flags that make a new namespace. `CLONE_NEWTIME` is left out: its bit is part
+/// of the exit signal in `clone`'s flags and only means a namespace to `clone3` and `unshare`.
+pub const NEW_NAMESPACES: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u64;
+
 /// Entries allowing new threads and never new processes: `clone` only with `CLONE_THREAD`
-/// set. `clone3` is answered with ENOSYS before the allowlist is consulted (see
-/// [`compile`]), which makes glibc's `pthread_create` fall back to this `clone`.
+/// set and no namespace flag (a process holding CAP_SYS_ADMIN could otherwise give a thread
+/// namespaces of its own). `clone3` is answered with ENOSYS before the allowlist is consulted
+/// (see [`compile`]), which makes glibc's `pthread_create` fall back to this `clone`.
 pub(crate) fn threads_only(role: &'static str) -> Result<Rules, Error> {
     let thread = libc::CLONE_THREAD as u64;
     let rule = SeccompCondition::new(
         0,
         SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(thread),
+        SeccompCmpOp::MaskedEq(thread | NEW_NAMESPACES),
         thread,
     )
     .and_then(|condition| SeccompRule::new(vec![condition]))
@@ -799,7 +810,7 @@ mod tests {
 
     #[test]
     fn threads_still_start_where_the_role_allows_them() {
-        for role in [Role::Blk, Role::Net] {
+        for role in [Role::Blk, Role::Net, Role::Launcher] {
             assert_exits_cleanly(
                 role,
                 "pthread_create falling back to clone",

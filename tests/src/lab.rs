@@ -306,13 +306,7 @@ impl Lab {
             let remaining: Vec<&str> = scenarios
                 .iter()
                 .copied()
-                .filter(|s| {
-                    attempt
-                        .run
-                        .scenarios
-                        .get(*s)
-                        .is_none_or(|o| o.rc.is_none())
-                })
+                .filter(|s| attempt.run.scenarios.get(*s).is_none_or(|o| o.rc.is_none()))
                 .collect();
             let mut next = self.run_once(&remaining)?;
             boots += 1;

@@ -287,8 +287,9 @@ impl Launcher {
 
 impl Drop for Launcher {
     /// Closes the control socket, which makes the launcher stop its backends and exit, and
-    /// reaps it; one that has not exited within [`EXIT_GRACE`] is killed (its backends die
-    /// with it).
+    /// reaps it, waiting at most [`EXIT_GRACE`]. A launcher still running then is left to its
+    /// death signal, which the kernel sends when the VMM exits (its backends die with it):
+    /// the VMM's filter lets it reap without blocking, but not signal another process.
     fn drop(&mut self) {
         let control = self.lock();
         // SAFETY: shutdown on a socket this handle owns; it is closed when the handle goes.
@@ -307,13 +308,10 @@ impl Drop for Launcher {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        log::warn!("device launcher {} did not exit; killing it", self.pid);
-        let mut status = 0;
-        // SAFETY: signals and reaps our own child, not reaped yet.
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            libc::waitpid(self.pid, &mut status, 0);
-        }
+        log::warn!(
+            "device launcher {} did not exit within {EXIT_GRACE:?}; it ends with the VMM",
+            self.pid
+        );
     }
 }
 

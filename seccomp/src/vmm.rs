@@ -65,6 +65,8 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
     ]));
     rules.push(descriptor_control(role, &[])?);
     rules.push(own_threads_only(role)?);
+    // Reaping the device launcher at exit, never blocking: the VMM's only child.
+    rules.push(arg_in(role, libc::SYS_wait4, 2, &[libc::WNOHANG as u64])?);
     // Send and receive timeouts on QMP connections, nothing else.
     rules.push(socket_options(
         role,

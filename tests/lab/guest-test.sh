@@ -84,15 +84,17 @@ hotplug)
 	echo "guest: vdb-new-size-messages=$(dmesg | grep -c 'vdb.*new size')"
 	disk_node vdb
 	echo "guest: vdb-marker=$(dd if=/dev/vdb bs=27 count=1 2>/dev/null)"
-	mke2fs -q /dev/vdb >/dev/null 2>&1
-	echo "guest: mkfs rc=$?"
+	# busybox makes ext2, which Linux's ext4 driver mounts.
+	mke2fs -q /dev/vdb >/tmp/mkfs.out 2>&1
+	echo "guest: mkfs=$?"
 	mkdir -p /mnt
-	mount -t ext2 /dev/vdb /mnt
-	echo "guest: mount rc=$?"
+	mount -t ext4 /dev/vdb /mnt >>/tmp/mkfs.out 2>&1
+	echo "guest: mount=$?"
+	sed 's/^/guest: says: /' /tmp/mkfs.out
 	echo citadel-lab-file-written-on-a-hot-plugged-disk >/mnt/file && sync
-	echo "guest: file-write rc=$?"
+	echo "guest: file-write=$?"
 	umount /mnt
-	echo "guest: umount rc=$?"
+	echo "guest: umount=$?"
 	echo "guest: hotplug unplug-ready"
 	wait_size vdb -eq 0
 	echo "guest: vdb-size-after=$(disk_size vdb)"

@@ -19,18 +19,26 @@ now_ms() {
 
 # l2_start NAME COMMAND...: runs COMMAND (citadel with -serial stdio, or the jailer) in the
 # background; its output is tagged on the console and kept in /tmp/NAME.log. Sets L2_PID.
+# The guest's serial output (stdout) and Citadel's log (stderr) are read as two streams: a
+# log line written while the guest is in the middle of a line must not split that line.
 l2_start() {
 	name=$1
 	shift
-	rm -f "/tmp/$name.log" "/tmp/$name.fifo"
+	rm -f "/tmp/$name.log" "/tmp/$name.fifo" "/tmp/$name.err.fifo"
 	: >"/tmp/$name.log"
-	mkfifo "/tmp/$name.fifo"
-	(tr -d '\r' <"/tmp/$name.fifo" | while IFS= read -r line; do
-		echo "$line" >>"/tmp/$name.log"
-		echo "[L2 $name] $line"
-	done) &
-	"$@" >"/tmp/$name.fifo" 2>&1 &
+	mkfifo "/tmp/$name.fifo" "/tmp/$name.err.fifo"
+	l2_tag "$name" "/tmp/$name.fifo" &
+	l2_tag "$name" "/tmp/$name.err.fifo" &
+	"$@" >"/tmp/$name.fifo" 2>"/tmp/$name.err.fifo" &
 	L2_PID=$!
+}
+
+# l2_tag NAME FIFO: copies FIFO's lines to NAME's log and, tagged, to the console.
+l2_tag() {
+	tr -d '\r' <"$2" | while IFS= read -r line; do
+		echo "$line" >>"/tmp/$1.log"
+		echo "[L2 $1] $line"
+	done
 }
 
 # l2_wait NAME TEXT SECONDS: waits until NAME's output has a line containing TEXT.

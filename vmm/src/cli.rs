@@ -507,12 +507,15 @@ fn resolve_devices(
     devices: &[DeviceArg],
     chardevs: &[Chardev],
 ) -> Result<Vec<VhostUserBlkConfig>, CliError> {
-    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len();
+    let hot = crate::machine::DISK_SLOTS as usize;
+    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len() - hot;
     if devices.len() > max {
         return Err(invalid(
             "-device",
             &devices[max].value,
-            format!("too many devices: the microvm machine has {max} virtio-mmio slots"),
+            format!(
+                "too many devices: the microvm machine has {max} virtio-mmio slots besides its {hot} hot-replace disk slots"
+            ),
         ));
     }
     let mut disks: Vec<VhostUserBlkConfig> = Vec::with_capacity(devices.len());
@@ -873,7 +876,7 @@ mod tests {
 
     #[test]
     fn more_devices_than_slots_are_refused() {
-        let names: Vec<String> = (0..17).map(|i| format!("c{i}")).collect();
+        let names: Vec<String> = (0..11).map(|i| format!("c{i}")).collect();
         let mut args: Vec<String> = base().into_iter().map(String::from).collect();
         for name in &names {
             args.push("-chardev".into());
@@ -884,9 +887,9 @@ mod tests {
         let err = parse(args.clone()).unwrap_err().to_string();
         assert_eq!(
             err,
-            "invalid value 'vhost-user-blk-device,chardev=c16' for '-device': too many devices: the microvm machine has 16 virtio-mmio slots"
+            "invalid value 'vhost-user-blk-device,chardev=c10' for '-device': too many devices: the microvm machine has 10 virtio-mmio slots besides its 6 hot-replace disk slots"
         );
         args.truncate(args.len() - 4);
-        assert_eq!(parse(args).unwrap().disks.len(), 16);
+        assert_eq!(parse(args).unwrap().disks.len(), 10);
     }
 }

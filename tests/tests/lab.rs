@@ -327,6 +327,28 @@ fn jailer_confines_citadel_running_linux() {
             "{}",
             t()
         );
+        // A hot-plugged disk's backend: inside the same jail, unprivileged and filtered; a path
+        // climbing out of the jail resolves inside it (and finds nothing).
+        assert_eq!(value(outcome, "escape-refused"), "1", "{}", t());
+        assert_eq!(value(outcome, "hotplug-returns"), "2", "{}", t());
+        assert_eq!(value(outcome, "backend-found"), "yes", "{}", t());
+        assert_eq!(
+            value(outcome, "backend-uid"),
+            "1000 1000 1000 1000",
+            "{}",
+            t()
+        );
+        assert_eq!(value(outcome, "backend-seccomp"), "2", "{}", t());
+        assert_eq!(value(outcome, "backend-no-new-privs"), "1", "{}", t());
+        assert_eq!(
+            value(outcome, "backend-cap-eff"),
+            "0000000000000000",
+            "{}",
+            t()
+        );
+        assert_eq!(value(outcome, "backend-shared-namespaces"), "6", "{}", t());
+        assert_eq!(value(outcome, "backend-same-cgroup"), "yes", "{}", t());
+        assert_eq!(value(outcome, "backend-gone"), "yes", "{}", t());
         assert_eq!(value(outcome, "exited"), "yes", "{}", t());
     });
 }

@@ -473,3 +473,140 @@ impl VirtioDevice for BlkSlot {
         self.running = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio_mmio::{Interrupt, QueueConfig};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const HEADER: u64 = 0x4000;
+    const STATUS: u64 = 0x5000;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    struct Setup {
+        slot: BlkSlot,
+        memory: GuestMemoryMmap,
+        notify: EventFd,
+        irqfd: EventFd,
+    }
+
+    /// An empty slot whose driver started a 8-entry ring in fresh memory.
+    fn started() -> Setup {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let kicks = Arc::new(SlotKicks::new().unwrap());
+        let mut slot = BlkSlot::new(0, memory.clone(), kicks);
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let params = ActivateParams {
+            features: 1 << VIRTIO_F_VERSION_1,
+            queues: vec![QueueConfig {
+                size: 8,
+                desc: DESC,
+                avail: AVAIL,
+                used: USED,
+                ready: true,
+            }],
+            notify: vec![notify.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+        };
+        slot.activate(params).unwrap();
+        Setup {
+            slot,
+            memory,
+            notify,
+            irqfd,
+        }
+    }
+
+    fn descriptor(
+        memory: &GuestMemoryMmap,
+        index: u64,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = DESC + 16 * index;
+        memory.write_obj(addr, GuestAddress(at)).unwrap();
+        memory.write_obj(len, GuestAddress(at + 8)).unwrap();
+        memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        memory.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Offers the chain starting at `head` as the driver's `n`-th request and kicks.
+    fn offer(s: &Setup, n: u16, head: u16) {
+        s.memory
+            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 8)))
+            .unwrap();
+        s.memory.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+        s.notify.write(1).unwrap();
+    }
+
+    fn used(s: &Setup) -> (u16, u32, u32) {
+        let idx: u16 = s.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+        let last = u64::from(idx.wrapping_sub(1) % 8);
+        let id: u32 = s
+            .memory
+            .read_obj(GuestAddress(USED + 4 + 8 * last))
+            .unwrap();
+        let len: u32 = s
+            .memory
+            .read_obj(GuestAddress(USED + 8 + 8 * last))
+            .unwrap();
+        (idx, id, len)
+    }
+
+    #[test]
+    fn an_empty_slot_answers_every_request_with_an_io_error() {
+        let mut s = started();
+        let mut capacity = [0xffu8; 8];
+        s.slot.read_config(0, &mut capacity);
+        assert_eq!(capacity, [0; 8]);
+        descriptor(&s.memory, 0, HEADER, 16, F_NEXT, 1);
+        descriptor(&s.memory, 1, STATUS, 1, F_WRITE, 0);
+        s.memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        offer(&s, 0, 0);
+        s.slot.serve_empty_ring();
+        assert_eq!(used(&s), (1, 0, 1));
+        let status: u8 = s.memory.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(status, S_IOERR);
+        assert_eq!(s.irqfd.read().unwrap(), 1);
+        // The kick was consumed.
+        assert!(s.notify.read().is_err());
+    }
+
+    #[test]
+    fn a_request_without_a_writable_status_is_used_without_a_write() {
+        let mut s = started();
+        // Device-readable only, and a second chain whose status would wrap the address space.
+        descriptor(&s.memory, 0, STATUS, 1, 0, 0);
+        descriptor(&s.memory, 2, u64::MAX, 2, F_WRITE, 0);
+        s.memory.write_obj(0x7au8, GuestAddress(STATUS)).unwrap();
+        offer(&s, 0, 0);
+        s.slot.serve_empty_ring();
+        assert_eq!(used(&s), (1, 0, 0));
+        let status: u8 = s.memory.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(status, 0x7a);
+        offer(&s, 1, 2);
+        s.slot.serve_empty_ring();
+        assert_eq!(used(&s).0, 2);
+    }
+
+    #[test]
+    fn a_kick_after_a_reset_is_drained_and_the_queue_left_alone() {
+        let mut s = started();
+        descriptor(&s.memory, 0, HEADER, 16, F_NEXT, 1);
+        descriptor(&s.memory, 1, STATUS, 1, F_WRITE, 0);
+        offer(&s, 0, 0);
+        s.slot.reset();
+        s.slot.serve_empty_ring();
+        assert_eq!(used(&s).0, 0);
+        assert!(s.slot.watched.is_none());
+        assert!(s.slot.kicks.ready().is_empty());
+    }
+}

@@ -138,7 +138,9 @@ pub struct Launcher {
 
 impl Launcher {
     /// Forks the launcher process and waits until it has confined itself. The caller must
-    /// still be single-threaded: the child runs on after `fork` without `execve`.
+    /// still be single-threaded: the child runs on after `fork` without `execve`. The launcher
+    /// gets SIGKILL when the calling thread ends (`PR_SET_PDEATHSIG` follows the thread that
+    /// forked), so call this from the thread that lives as long as the VMM: its main thread.
     pub fn start(config: LauncherConfig) -> Result<Launcher, LauncherError> {
         for binary in [&config.blk_binary, &config.net_binary] {
             if !binary.is_absolute() {
@@ -286,34 +288,51 @@ impl Launcher {
 }
 
 impl Drop for Launcher {
-    /// Closes the control socket, which makes the launcher stop its backends and exit, and
-    /// reaps it; one that has not exited within [`EXIT_GRACE`] is killed (its backends die
-    /// with it).
+    /// Shuts the control socket down, which makes the launcher stop its backends and exit,
+    /// waits (at most [`EXIT_GRACE`]) for its end of the socket to close, which happens as it
+    /// exits, and reaps it; one still there after the grace is killed (its backends die with
+    /// it). The VMM-side syscalls are `shutdown`, `setsockopt(SO_RCVTIMEO)`, `recvmsg` and
+    /// `wait4`, plus `kill` for a launcher that does not exit in time.
     fn drop(&mut self) {
         let control = self.lock();
-        // SAFETY: shutdown on a socket this handle owns; it is closed when the handle goes.
-        unsafe { libc::shutdown(control.as_raw_fd(), libc::SHUT_RDWR) };
-        drop(control);
-        let deadline = Instant::now() + EXIT_GRACE;
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid on our own child with a valid status pointer.
-            let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-            if rc != 0 {
-                return;
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        log::warn!("device launcher {} did not exit; killing it", self.pid);
-        let mut status = 0;
-        // SAFETY: signals and reaps our own child, not reaped yet.
+        let fd = control.as_raw_fd();
+        let timeout = libc::timeval {
+            tv_sec: EXIT_GRACE.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: shutdown and setsockopt on a socket this handle owns, with a live timeval
+        // of the size given.
         unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            libc::waitpid(self.pid, &mut status, 0);
+            libc::shutdown(fd, libc::SHUT_WR);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
         }
+        let deadline = Instant::now() + EXIT_GRACE;
+        let exited = loop {
+            match protocol::recv::<Reply>(control.as_fd()) {
+                // End of file: the launcher is exiting.
+                Ok(None) => break true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                // A stray reply or a refused message: keep waiting for the end.
+                _ if Instant::now() < deadline => continue,
+                _ => break false,
+            }
+        };
+        drop(control);
+        if !exited {
+            log::warn!("device launcher {} did not exit; killing it", self.pid);
+            // SAFETY: signals our own child, not reaped yet.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        let mut status = 0;
+        // SAFETY: reaps our own child, which has closed its last descriptor (it is exiting)
+        // or has been killed.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
     }
 }
 
@@ -349,6 +368,7 @@ fn run_launcher(
     if unsafe { libc::getppid() } != vmm {
         return 1;
     }
+    reset_signal_dispositions();
     if let Err(e) = confine::keep_only_control(control) {
         log::error!("device launcher: {e}");
         return 1;
@@ -367,6 +387,20 @@ fn run_launcher(
             0
         }
         _ => 1,
+    }
+}
+
+/// Puts every signal the VMM may have a handler for back to its default action (a VMM handler
+/// running in the launcher would act on the VMM's state, not the launcher's). SIGPIPE stays
+/// ignored, as the Rust runtime set it: a closed stderr must not kill the launcher.
+fn reset_signal_dispositions() {
+    for signal in 1..=libc::SIGRTMAX() {
+        if matches!(signal, libc::SIGKILL | libc::SIGSTOP | libc::SIGPIPE) {
+            continue;
+        }
+        // SAFETY: SIG_DFL is a valid disposition for every catchable signal; the numbers
+        // the kernel refuses (those glibc reserves) only make the call fail.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
 }
 

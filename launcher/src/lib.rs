@@ -48,7 +48,8 @@ pub struct LauncherConfig {
 /// Where citadel-blk's image comes from.
 #[derive(Debug)]
 pub enum ImageSource {
-    /// A path the launcher opens, resolved with its "/" as the root.
+    /// A path the launcher opens, resolved with its "/" (the jail's root when jailed) as the
+    /// root; a relative path is taken from there too.
     Path(PathBuf),
     /// A descriptor already open.
     Fd(OwnedFd),
@@ -141,6 +142,8 @@ impl Launcher {
     /// still be single-threaded: the child runs on after `fork` without `execve`. The launcher
     /// gets SIGKILL when the calling thread ends (`PR_SET_PDEATHSIG` follows the thread that
     /// forked), so call this from the thread that lives as long as the VMM: its main thread.
+    /// Call it before guest memory is mapped too: a shared mapping made before the fork would
+    /// be shared with the launcher.
     pub fn start(config: LauncherConfig) -> Result<Launcher, LauncherError> {
         for binary in [&config.blk_binary, &config.net_binary] {
             if !binary.is_absolute() {
@@ -179,13 +182,13 @@ impl Launcher {
         };
         let control = launcher.lock();
         match receive(control.as_fd()) {
-            Ok((Reply::Ready { .. }, _)) => {}
+            Ok((Reply::Ready, _)) => {}
             Ok((Reply::Error { message }, _)) => {
                 return Err(LauncherError::Refused(format!(
                     "the device launcher could not confine itself: {message}"
                 )))
             }
-            Ok((other, _)) => return Err(LauncherError::Protocol(format!("{other:?}"))),
+            Ok((other, _)) => return Err(unexpected(other)),
             Err(e) => return Err(e),
         }
         drop(control);

@@ -379,10 +379,7 @@ pub(crate) fn announce(outcome: Result<(), String>) -> io::Result<()> {
     // SAFETY: CONTROL_FD is the control socket, open for the life of the launcher.
     let control = unsafe { BorrowedFd::borrow_raw(CONTROL_FD) };
     let reply = match outcome {
-        // SAFETY: getpid has no preconditions.
-        Ok(()) => Reply::Ready {
-            pid: unsafe { libc::getpid() },
-        },
+        Ok(()) => Reply::Ready,
         Err(message) => Reply::Error { message },
     };
     protocol::send(control.as_fd(), &reply, &[])

@@ -141,12 +141,24 @@ fn a_started_citadel_blk_serves_the_image_confined_under_both_filters() {
     assert_eq!(status_field(lpid, "Seccomp"), "2");
     assert_eq!(status_field(lpid, "Seccomp_filters"), "1");
     assert_eq!(status_field(lpid, "NoNewPrivs"), "1");
-    // The launcher holds its control socket and stdio, nothing of the test's.
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{lpid}/fd"))
+    // The launcher holds /dev/null as stdin and stdout, the test's stderr, its control socket
+    // and its signalfd: nothing else of the test's.
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{lpid}/fd"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            let e = e.unwrap();
+            let target = std::fs::read_link(e.path()).unwrap();
+            let fd = e.file_name().to_string_lossy().parse().unwrap();
+            (fd, target.to_string_lossy().into_owned())
+        })
         .collect();
-    assert!(fds.len() <= 5, "launcher descriptors: {fds:?}");
+    fds.sort();
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4], "launcher descriptors: {fds:?}");
+    assert_eq!(fds[0].1, "/dev/null");
+    assert_eq!(fds[1].1, "/dev/null");
+    assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
+    assert_eq!(fds[4].1, "anon_inode:[signalfd]");
 
     for read_only in [false, true] {
         let backend = launcher
@@ -172,6 +184,32 @@ fn a_started_citadel_blk_serves_the_image_confined_under_both_filters() {
         assert!(children(lpid).is_empty());
         drop(fe);
     }
+}
+
+#[test]
+fn log_mode_is_handed_on_to_the_backends() {
+    let scratch = Scratch::new();
+    let launcher = Launcher::start(LauncherConfig {
+        seccomp_action: citadel_seccomp::Mode::Log,
+        ..config()
+    })
+    .expect("launcher starts");
+    let backend = launcher.spawn_blk(blk(scratch.image(), true)).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", backend.pid)).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).skip(1).collect();
+    assert_eq!(
+        args,
+        [
+            &b"--fd"[..],
+            b"3",
+            b"--image-fd",
+            b"4",
+            b"--readonly",
+            b"--seccomp",
+            b"log",
+            b""
+        ]
+    );
 }
 
 #[test]

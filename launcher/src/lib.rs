@@ -131,6 +131,12 @@ const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// The VMM's handle on its launcher. Requests are serialised over one socket, so the handle
 /// can be shared between threads. Dropping it stops the launcher and all its backends.
+///
+/// On the VMM's side a request costs `sendmsg` and `recvmsg` only, which a confined event loop
+/// has. Dropping the handle also needs `shutdown`, `setsockopt(SO_RCVTIMEO)`, `wait4` and, for
+/// a launcher that does not exit in time, `kill`; a VMM whose filter lacks those should let
+/// the handle go with the process instead: its exit closes the socket just the same, and the
+/// launcher stops its backends and exits.
 #[derive(Debug)]
 pub struct Launcher {
     pid: i32,

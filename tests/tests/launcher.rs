@@ -490,3 +490,35 @@ fn the_launchers_landlock_rules_execute_the_backends_and_nothing_else() {
     );
     assert!(text.starts_with("usage: citadel-blk"), "{text}");
 }
+
+#[test]
+fn a_launcher_that_cannot_confine_itself_does_not_start() {
+    let relative = LauncherConfig {
+        blk_binary: PathBuf::from("citadel-blk"),
+        ..config()
+    };
+    assert_eq!(
+        Launcher::start(relative).unwrap_err().to_string(),
+        "device launcher: backend binary citadel-blk is not an absolute path"
+    );
+    if citadel_sandbox::kernel_landlock_abi() == 0 {
+        citadel_tests::skip(
+            "a_launcher_that_cannot_confine_itself_does_not_start (missing binary)",
+            "kernel without Landlock",
+            false,
+        );
+        return;
+    }
+    let missing = LauncherConfig {
+        net_binary: PathBuf::from("/nonexistent/citadel-net"),
+        ..config()
+    };
+    let message = Launcher::start(missing).unwrap_err().to_string();
+    assert!(
+        message.starts_with(
+            "the device launcher could not confine itself: sandbox: Landlock rule for /nonexistent/citadel-net:"
+        ),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+}

@@ -40,12 +40,7 @@ fn vfio_options() -> LabOptions {
 
 fn vfio_lab() -> Option<&'static Result<LabRun, LabError>> {
     static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
-    boot(
-        &RUN,
-        vfio_options(),
-        VFIO_SCENARIOS,
-        "lab-vfio-transcript.txt",
-    )
+    boot(&RUN, vfio_options(), VFIO_SCENARIOS, "lab-vfio-transcript.txt")
 }
 
 /// Held while a lab boots: two emulated labs at once on a small host only slow each other down
@@ -117,10 +112,10 @@ fn check_in(
         return;
     };
     let first = match run {
-        Ok(run) => {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(finished(run, name))))
-                .is_ok()
-        }
+        Ok(run) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check(finished(run, name))
+        }))
+        .is_ok(),
         Err(e) => {
             eprintln!("lab: the shared lab boot failed: {e}");
             false

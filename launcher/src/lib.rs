@@ -298,7 +298,7 @@ impl Launcher {
 
 impl Drop for Launcher {
     /// Shuts the control socket down, which makes the launcher stop its backends and exit,
-    /// waits (at most [`EXIT_GRACE`]) for its end of the socket to close, which happens as it
+    /// waits (at most 3 s) for its end of the socket to close, which happens as it
     /// exits, and reaps it; one still there after the grace is killed (its backends die with
     /// it). The VMM-side syscalls are `shutdown`, `setsockopt(SO_RCVTIMEO)`, `recvmsg` and
     /// `wait4`, plus `kill` for a launcher that does not exit in time.

@@ -48,7 +48,8 @@ pub struct LauncherConfig {
 /// Where citadel-blk's image comes from.
 #[derive(Debug)]
 pub enum ImageSource {
-    /// A path the launcher opens, resolved with its "/" as the root.
+    /// A path the launcher opens, resolved with its "/" (the jail's root when jailed) as the
+    /// root; a relative path is taken from there too.
     Path(PathBuf),
     /// A descriptor already open.
     Fd(OwnedFd),
@@ -130,6 +131,12 @@ const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// The VMM's handle on its launcher. Requests are serialised over one socket, so the handle
 /// can be shared between threads. Dropping it stops the launcher and all its backends.
+///
+/// On the VMM's side a request costs `sendmsg` and `recvmsg` only, which a confined event loop
+/// has. Dropping the handle also needs `shutdown`, `setsockopt(SO_RCVTIMEO)`, `wait4` and, for
+/// a launcher that does not exit in time, `kill`; a VMM whose filter lacks those should let
+/// the handle go with the process instead: its exit closes the socket just the same, and the
+/// launcher stops its backends and exits.
 #[derive(Debug)]
 pub struct Launcher {
     pid: i32,
@@ -138,7 +145,11 @@ pub struct Launcher {
 
 impl Launcher {
     /// Forks the launcher process and waits until it has confined itself. The caller must
-    /// still be single-threaded: the child runs on after `fork` without `execve`.
+    /// still be single-threaded: the child runs on after `fork` without `execve`. The launcher
+    /// gets SIGKILL when the calling thread ends (`PR_SET_PDEATHSIG` follows the thread that
+    /// forked), so call this from the thread that lives as long as the VMM: its main thread.
+    /// Call it before guest memory is mapped too: a shared mapping made before the fork would
+    /// be shared with the launcher.
     pub fn start(config: LauncherConfig) -> Result<Launcher, LauncherError> {
         for binary in [&config.blk_binary, &config.net_binary] {
             if !binary.is_absolute() {
@@ -177,13 +188,13 @@ impl Launcher {
         };
         let control = launcher.lock();
         match receive(control.as_fd()) {
-            Ok((Reply::Ready { .. }, _)) => {}
+            Ok((Reply::Ready, _)) => {}
             Ok((Reply::Error { message }, _)) => {
                 return Err(LauncherError::Refused(format!(
                     "the device launcher could not confine itself: {message}"
                 )))
             }
-            Ok((other, _)) => return Err(LauncherError::Protocol(format!("{other:?}"))),
+            Ok((other, _)) => return Err(unexpected(other)),
             Err(e) => return Err(e),
         }
         drop(control);
@@ -286,16 +297,43 @@ impl Launcher {
 }
 
 impl Drop for Launcher {
-    /// Closes the control socket, which makes the launcher stop its backends and exit, and
-    /// reaps it, waiting at most [`EXIT_GRACE`]. A launcher still running then is left to its
-    /// death signal, which the kernel sends when the VMM exits (its backends die with it):
-    /// the VMM's filter lets it reap without blocking, but not signal another process.
+    /// Shuts the control socket down, which makes the launcher stop its backends and exit,
+    /// waits (at most [`EXIT_GRACE`]) for its end of the socket to close, which happens as it
+    /// exits, and reaps it without blocking. A launcher still there after the grace is left to
+    /// its death signal, which the kernel sends when the VMM exits (its backends die with
+    /// it): the VMM's filter lets it reap with `WNOHANG` but not signal another process. The
+    /// VMM-side syscalls are `shutdown`, `setsockopt(SO_RCVTIMEO)`, `recvmsg` and `wait4`.
     fn drop(&mut self) {
         let control = self.lock();
-        // SAFETY: shutdown on a socket this handle owns; it is closed when the handle goes.
-        unsafe { libc::shutdown(control.as_raw_fd(), libc::SHUT_RDWR) };
-        drop(control);
+        let fd = control.as_raw_fd();
+        let timeout = libc::timeval {
+            tv_sec: EXIT_GRACE.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: shutdown and setsockopt on a socket this handle owns, with a live timeval
+        // of the size given.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_WR);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
         let deadline = Instant::now() + EXIT_GRACE;
+        loop {
+            match protocol::recv::<Reply>(control.as_fd()) {
+                // End of file: the launcher is exiting.
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // A stray reply or a refused message: keep waiting for the end.
+                _ if Instant::now() < deadline => continue,
+                _ => break,
+            }
+        }
+        drop(control);
         loop {
             let mut status = 0;
             // SAFETY: waitpid on our own child with a valid status pointer.
@@ -306,7 +344,7 @@ impl Drop for Launcher {
             if Instant::now() >= deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
         log::warn!(
             "device launcher {} did not exit within {EXIT_GRACE:?}; it ends with the VMM",
@@ -347,6 +385,7 @@ fn run_launcher(
     if unsafe { libc::getppid() } != vmm {
         return 1;
     }
+    reset_signal_dispositions();
     if let Err(e) = confine::keep_only_control(control) {
         log::error!("device launcher: {e}");
         return 1;
@@ -365,6 +404,20 @@ fn run_launcher(
             0
         }
         _ => 1,
+    }
+}
+
+/// Puts every signal the VMM may have a handler for back to its default action (a VMM handler
+/// running in the launcher would act on the VMM's state, not the launcher's). SIGPIPE stays
+/// ignored, as the Rust runtime set it: a closed stderr must not kill the launcher.
+fn reset_signal_dispositions() {
+    for signal in 1..=libc::SIGRTMAX() {
+        if matches!(signal, libc::SIGKILL | libc::SIGSTOP | libc::SIGPIPE) {
+            continue;
+        }
+        // SAFETY: SIG_DFL is a valid disposition for every catchable signal; the numbers
+        // the kernel refuses (those glibc reserves) only make the call fail.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
 }
 

@@ -53,10 +53,7 @@ pub enum Request {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Reply {
     /// The launcher is confined and waits for requests.
-    Ready {
-        /// Its process id as it sees it.
-        pid: i32,
-    },
+    Ready,
     /// A backend runs; its vhost-user socket comes along.
     Spawned {
         /// The backend's process id.

@@ -199,6 +199,11 @@ impl Server<'_> {
                 self.start(&id, binary, args, &[image])
             }
             Request::SpawnNet { id, tap, mac } => {
+                if mac.is_some_and(|mac| mac[0] & 1 != 0) {
+                    return Err(RequestError::Invalid(
+                        "a multicast address cannot be a NIC's MAC address".into(),
+                    ));
+                }
                 let queues: Vec<OwnedFd> = match (tap, fds.is_empty()) {
                     (Some(name), true) => citadel_tap::open_by_name(&name, 1)?
                         .into_iter()
@@ -259,7 +264,10 @@ impl Server<'_> {
             full.push("log".into());
         }
         let pid = spawn(binary, &full, &self.environment, &fds)?;
-        log::info!("launcher: {id}: {} started as pid {pid}", binary.display());
+        log::info!(
+            "launcher: {id:?}: {} started as pid {pid}",
+            binary.display()
+        );
         self.backends.insert(pid, id.to_string());
         Ok((Reply::Spawned { pid }, Some(frontend)))
     }
@@ -274,7 +282,7 @@ impl Server<'_> {
                 return;
             }
             let id = self.backends.remove(&pid).unwrap_or_default();
-            log::warn!("launcher: backend {pid} ({id}) exited, wait status {status:#x}");
+            log::warn!("launcher: backend {pid} ({id:?}) exited, wait status {status:#x}");
         }
     }
 
@@ -371,10 +379,7 @@ pub(crate) fn announce(outcome: Result<(), String>) -> io::Result<()> {
     // SAFETY: CONTROL_FD is the control socket, open for the life of the launcher.
     let control = unsafe { BorrowedFd::borrow_raw(CONTROL_FD) };
     let reply = match outcome {
-        // SAFETY: getpid has no preconditions.
-        Ok(()) => Reply::Ready {
-            pid: unsafe { libc::getpid() },
-        },
+        Ok(()) => Reply::Ready,
         Err(message) => Reply::Error { message },
     };
     protocol::send(control.as_fd(), &reply, &[])

@@ -141,12 +141,24 @@ fn a_started_citadel_blk_serves_the_image_confined_under_both_filters() {
     assert_eq!(status_field(lpid, "Seccomp"), "2");
     assert_eq!(status_field(lpid, "Seccomp_filters"), "1");
     assert_eq!(status_field(lpid, "NoNewPrivs"), "1");
-    // The launcher holds its control socket and stdio, nothing of the test's.
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{lpid}/fd"))
+    // The launcher holds /dev/null as stdin and stdout, the test's stderr, its control socket
+    // and its signalfd: nothing else of the test's.
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{lpid}/fd"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            let e = e.unwrap();
+            let target = std::fs::read_link(e.path()).unwrap();
+            let fd = e.file_name().to_string_lossy().parse().unwrap();
+            (fd, target.to_string_lossy().into_owned())
+        })
         .collect();
-    assert!(fds.len() <= 5, "launcher descriptors: {fds:?}");
+    fds.sort();
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4], "launcher descriptors: {fds:?}");
+    assert_eq!(fds[0].1, "/dev/null");
+    assert_eq!(fds[1].1, "/dev/null");
+    assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
+    assert_eq!(fds[4].1, "anon_inode:[signalfd]");
 
     for read_only in [false, true] {
         let backend = launcher
@@ -170,10 +182,34 @@ fn a_started_citadel_blk_serves_the_image_confined_under_both_filters() {
             "{pid} left behind"
         );
         assert!(children(lpid).is_empty());
-        // What the backend was told of its frontend's departure did not kill the launcher.
-        assert_eq!(status_field(lpid, "State").chars().next(), Some('S'));
         drop(fe);
     }
+}
+
+#[test]
+fn log_mode_is_handed_on_to_the_backends() {
+    let scratch = Scratch::new();
+    let launcher = Launcher::start(LauncherConfig {
+        seccomp_action: citadel_seccomp::Mode::Log,
+        ..config()
+    })
+    .expect("launcher starts");
+    let backend = launcher.spawn_blk(blk(scratch.image(), true)).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", backend.pid)).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).skip(1).collect();
+    assert_eq!(
+        args,
+        [
+            &b"--fd"[..],
+            b"3",
+            b"--image-fd",
+            b"4",
+            b"--readonly",
+            b"--seccomp",
+            b"log",
+            b""
+        ]
+    );
 }
 
 #[test]
@@ -367,6 +403,19 @@ fn a_started_citadel_net_serves_a_tap_confined_under_both_filters() {
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "Seccomp_filters"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // A MAC no NIC may have is refused before anything starts.
+    let before = children(launcher.pid()).len();
+    match launcher.spawn_net(NetSpec {
+        id: "net2".into(),
+        tap: TapSource::Name(name.clone()),
+        mac: Some([0x01, 0, 0x5e, 0, 0, 1]),
+    }) {
+        Err(LauncherError::Refused(m)) => {
+            assert_eq!(m, "a multicast address cannot be a NIC's MAC address")
+        }
+        other => panic!("multicast MAC: {other:?}"),
+    }
+    assert_eq!(children(launcher.pid()).len(), before);
     // A queue the VMM opened itself, handed over as a descriptor.
     let other = format!("cm{}", std::process::id() % 100_000);
     let fd = citadel_tap::open_by_name(&other, 1)
@@ -440,4 +489,36 @@ fn the_launchers_landlock_rules_execute_the_backends_and_nothing_else() {
         "child status {status:#x} (10: rules, 11: /bin/false not refused with EACCES, 12: blk refused)"
     );
     assert!(text.starts_with("usage: citadel-blk"), "{text}");
+}
+
+#[test]
+fn a_launcher_that_cannot_confine_itself_does_not_start() {
+    let relative = LauncherConfig {
+        blk_binary: PathBuf::from("citadel-blk"),
+        ..config()
+    };
+    assert_eq!(
+        Launcher::start(relative).unwrap_err().to_string(),
+        "device launcher: backend binary citadel-blk is not an absolute path"
+    );
+    if citadel_sandbox::kernel_landlock_abi() == 0 {
+        citadel_tests::skip(
+            "a_launcher_that_cannot_confine_itself_does_not_start (missing binary)",
+            "kernel without Landlock",
+            false,
+        );
+        return;
+    }
+    let missing = LauncherConfig {
+        net_binary: PathBuf::from("/nonexistent/citadel-net"),
+        ..config()
+    };
+    let message = Launcher::start(missing).unwrap_err().to_string();
+    assert!(
+        message.starts_with(
+            "the device launcher could not confine itself: sandbox: Landlock rule for /nonexistent/citadel-net:"
+        ),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
 }

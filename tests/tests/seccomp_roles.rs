@@ -8,6 +8,10 @@
 //! syscall injected the same way leaves the VM running, which shows the deaths come from the
 //! filters and not from the injection.
 //!
+//! The device launcher, started the way the VMM starts it, is checked the same way: a
+//! forbidden syscall injected into it kills it (and its backends with it), an allowed one and
+//! `clone3` (ENOSYS) leave it serving.
+//!
 //! The same checks on each role's allowlist in isolation (fork, install, call) are unit tests
 //! of the citadel-seccomp crate.
 
@@ -488,6 +492,9 @@ fn clone3_returns_enosys_on_every_thread_and_creates_no_process() {
     };
     let mut vmm = Vmm::start(&citadel, &guest);
     let vcpu = vmm.vcpu_threads()[0];
+    // The device launcher, forked before the filters went in, is the VMM's only child.
+    let launcher = children(vmm.pid());
+    assert_eq!(launcher.split_whitespace().count(), 1, "{launcher:?}");
     let enosys = -i64::from(libc::ENOSYS);
     assert_eq!(inject_clone3_and_restore(vcpu), enosys, "clone3 on a vCPU");
     assert_eq!(
@@ -495,7 +502,7 @@ fn clone3_returns_enosys_on_every_thread_and_creates_no_process() {
         enosys,
         "clone3 on the event loop"
     );
-    assert_eq!(children(vmm.pid()), "", "clone3 created a process");
+    assert_eq!(children(vmm.pid()), launcher, "clone3 created a process");
     std::thread::sleep(Duration::from_millis(100));
     assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
     let status = vmm.execute("query-status");
@@ -606,4 +613,99 @@ fn without_landlock_citadel_refuses_to_start_unless_told() {
 
 fn dir_is_empty(dir: &Path) -> bool {
     fs::read_dir(dir).unwrap().next().is_none()
+}
+
+/// A launcher started from this test, with one citadel-blk serving a 1 MiB scratch image.
+fn launcher_with_a_backend(
+    test: &str,
+) -> (
+    citadel_launcher::Launcher,
+    citadel_launcher::Backend,
+    PathBuf,
+) {
+    let dir = scratch_dir();
+    let image = dir.join("disk.raw");
+    fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let launcher = citadel_launcher::Launcher::start(citadel_launcher::LauncherConfig {
+        blk_binary: citadel_tests::binary("citadel-blk"),
+        net_binary: citadel_tests::binary("citadel-net"),
+        seccomp_action: citadel_seccomp::Mode::Kill,
+        landlock: true,
+    })
+    .unwrap_or_else(|e| panic!("{test}: starting the launcher: {e}"));
+    let backend = launcher
+        .spawn_blk(citadel_launcher::BlkSpec {
+            id: "disk0".into(),
+            image: citadel_launcher::ImageSource::Path(image),
+            read_only: true,
+            direct: false,
+        })
+        .unwrap_or_else(|e| panic!("{test}: starting citadel-blk: {e}"));
+    (launcher, backend, dir)
+}
+
+/// mount(NULL, NULL, NULL, 0, NULL): the filter decides before the kernel reads anything.
+const MOUNT: Syscall = Syscall {
+    name: "mount",
+    nr: libc::SYS_mount,
+    args: [0, 0, 0],
+};
+
+#[test]
+fn forbidden_syscalls_in_the_launcher_kill_it_and_its_backends() {
+    let test = "forbidden_syscalls_in_the_launcher_kill_it_and_its_backends";
+    for call in [INET_SOCKET, PTRACE, CREATE_VM, MOUNT] {
+        let (launcher, backend, dir) = launcher_with_a_backend(test);
+        let (pid, backend) = (launcher.pid(), backend.pid);
+        inject(pid, call);
+        let mut status = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // SAFETY: the launcher is this test's child; a valid status pointer.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} in the launcher: it is still running",
+                call.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{} in the launcher: expected death by SIGSYS, wait status {status:#x}",
+            call.name
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{backend}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !Path::new(&format!("/proc/{backend}")).exists(),
+            "citadel-blk {backend} outlived its launcher"
+        );
+        drop(launcher);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn the_launcher_survives_allowed_calls_and_gets_enosys_for_clone3() {
+    let test = "the_launcher_survives_allowed_calls_and_gets_enosys_for_clone3";
+    let (launcher, backend, dir) = launcher_with_a_backend(test);
+    let (pid, backend) = (launcher.pid(), backend.pid);
+    assert_eq!(inject_and_restore(pid, GETPID), i64::from(pid));
+    assert_eq!(
+        inject_clone3_and_restore(pid),
+        -i64::from(libc::ENOSYS),
+        "clone3 in the launcher"
+    );
+    assert_eq!(
+        children(pid),
+        backend.to_string(),
+        "clone3 created a process"
+    );
+    // Still serving requests.
+    launcher.stop(backend).expect("stop after the injections");
+    assert_eq!(children(pid), "");
+    drop(launcher);
+    fs::remove_dir_all(dir).unwrap();
 }

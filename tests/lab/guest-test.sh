@@ -1,6 +1,11 @@
 # The lab guest's (L2) test script, run by the guest initramfs's /init. It reports what the
 # guest sees of its machine, then does what `lab.mode=` on its command line asks.
 mode=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.mode=//p')
+# A distribution kernel's virtio drivers are modules: the stock kernel's initramfs carries
+# them in /modules, to be loaded in this order.
+for m in virtio virtio_ring virtio_mmio virtio_blk; do
+	[ -f "/modules/$m.ko" ] && insmod "/modules/$m.ko"
+done
 echo "guest: nproc=$(nproc)"
 echo "guest: memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
 echo "guest: cmdline=$(cat /proc/cmdline)"
@@ -73,10 +78,10 @@ disk)
 		echo "guest: disk-write rc=no-disk"
 	fi
 	;;
-hotplug)
+hotplug | hotplug-raw)
 	# A disk hot-plugged into slot 1 (vdb): the guest sees its new size, reads the host's
-	# marker, makes a file system on it, writes a file and unmounts it; then it waits for the
-	# slot to empty again.
+	# marker, makes a file system on it, writes a file and unmounts it (hotplug-raw: writes
+	# its own marker at 4096 instead); then it waits for the slot to empty again.
 	echo "guest: vdb-size-empty=$(disk_size vdb)"
 	echo "guest: hotplug waiting"
 	wait_size vdb -gt 0
@@ -84,6 +89,15 @@ hotplug)
 	echo "guest: vdb-new-size-messages=$(dmesg | grep -c 'vdb.*new size')"
 	disk_node vdb
 	echo "guest: vdb-marker=$(dd if=/dev/vdb bs=27 count=1 2>/dev/null)"
+	if [ "$mode" = hotplug-raw ]; then
+		printf 'written-by-the-guest' | dd of=/dev/vdb bs=4096 seek=1 conv=fsync 2>/dev/null
+		echo "guest: raw-write=$?"
+		echo "guest: hotplug unplug-ready"
+		wait_size vdb -eq 0
+		echo "guest: vdb-size-after=$(disk_size vdb)"
+		echo "guest: hotplug unplugged"
+		exec sleep 1000000
+	fi
 	# busybox makes ext2, which Linux's ext4 driver mounts.
 	mke2fs -q /dev/vdb >/tmp/mkfs.out 2>&1
 	echo "guest: mkfs=$?"

@@ -51,11 +51,35 @@ pub fn guest_kernel() -> Option<GuestKernel> {
 /// `/test.sh` (mode 0755) with `script` as its content. Citadel's `/init` runs that script
 /// with `sh`, prints `citadel-init: done rc=<status>` and powers the guest off.
 pub fn initramfs_with_script(base: &Path, script: &str, out: &Path) -> io::Result<()> {
+    initramfs_with_files(base, script, &[], out)
+}
+
+/// Like [`initramfs_with_script`], with `files` (path without the leading `/`, contents)
+/// added as well, mode 0644, each in a directory the archive creates.
+pub fn initramfs_with_files(
+    base: &Path,
+    script: &str,
+    files: &[(&str, &[u8])],
+    out: &Path,
+) -> io::Result<()> {
     let mut image = std::fs::read(base)?;
     // The kernel looks for an archive header only at 4-byte aligned offsets of the whole
     // image, and skips the zero bytes in between.
     image.resize(image.len().next_multiple_of(4), 0);
     crate::cpio::append_newc_entry(&mut image, 1, "test.sh", 0o100_755, script.as_bytes())?;
+    let mut ino = 2;
+    let mut dirs: Vec<&str> = Vec::new();
+    for (path, data) in files {
+        if let Some((dir, _)) = path.rsplit_once('/') {
+            if !dirs.contains(&dir) {
+                crate::cpio::append_newc_entry(&mut image, ino, dir, 0o040_755, &[])?;
+                ino += 1;
+                dirs.push(dir);
+            }
+        }
+        crate::cpio::append_newc_entry(&mut image, ino, path, 0o100_644, data)?;
+        ino += 1;
+    }
     crate::cpio::append_newc_entry(&mut image, 0, "TRAILER!!!", 0, &[])?;
     let mut file = File::create(out)?;
     file.write_all(&image)?;

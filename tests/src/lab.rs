@@ -23,7 +23,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cpio::append_newc_entry;
-use crate::kernel::{guest_kernel, initramfs_with_script, qemu, ConsoleProcess};
+use crate::kernel::{
+    guest_kernel, initramfs_with_files, initramfs_with_script, qemu, ConsoleProcess,
+};
 use crate::vm::TempDir;
 
 /// The binaries the lab carries into L1 (in `/lab/bin`).
@@ -46,6 +48,15 @@ const MODULES: &[&str] = &[
     "drivers/vfio/vfio_iommu_type1.ko",
     "drivers/vfio/pci/vfio-pci-core.ko",
     "drivers/vfio/pci/vfio-pci.ko",
+];
+
+/// Debian's own virtio modules, in load order, for its stock kernel as a guest (L2): its cloud
+/// kernel builds them as modules, and the guest initramfs has no module tree.
+const STOCK_GUEST_MODULES: &[&str] = &[
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/block/virtio_blk.ko",
 ];
 
 /// What the lab machine looks like.
@@ -194,6 +205,27 @@ impl Lab {
         let release = String::from_utf8_lossy(&read(&l1.join("release"))?)
             .trim()
             .to_string();
+        let module_root = format!("lib/modules/{release}/kernel");
+        // The stock kernel's guest initramfs: the same, with its virtio modules in /modules,
+        // which the guest's test script loads in the order given.
+        let stock_initramfs = dir.path().join("stock-initramfs.cpio.gz");
+        let mut stock_modules = Vec::new();
+        for module in STOCK_GUEST_MODULES {
+            let name = module.rsplit('/').next().unwrap_or(module);
+            let data = read(&l1.join(&module_root).join(module))?;
+            stock_modules.push((format!("modules/{name}"), data));
+        }
+        let files: Vec<(&str, &[u8])> = stock_modules
+            .iter()
+            .map(|(path, data)| (path.as_str(), data.as_slice()))
+            .collect();
+        initramfs_with_files(
+            &guest.initramfs,
+            &String::from_utf8_lossy(&guest_script),
+            &files,
+            &stock_initramfs,
+        )
+        .map_err(|e| failed("writing the stock kernel's guest initramfs", e))?;
         let mut archive = Archive::default();
         for d in [
             "bin",
@@ -238,7 +270,11 @@ impl Lab {
         )?;
         // L2's stock kernel is L1's own: Debian's unmodified cloud kernel.
         archive.file("lab/stock/vmlinuz", 0o644, &read(&l1.join("vmlinuz"))?)?;
-        let module_root = format!("lib/modules/{release}/kernel");
+        archive.file(
+            "lab/stock/initramfs.cpio.gz",
+            0o644,
+            &read(&stock_initramfs)?,
+        )?;
         for module in MODULES {
             let source = l1.join(&module_root).join(module);
             archive.file(&format!("{module_root}/{module}"), 0o644, &read(&source)?)?;

@@ -19,6 +19,7 @@ const SCENARIOS: &[&str] = &[
     "stock-kernel",
     "vhost-user-blk",
     "hotplug",
+    "stock-hotplug",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -460,5 +461,21 @@ fn linux_uses_a_disk_hot_plugged_over_qmp_and_lets_it_go() {
         assert_eq!(v("hp.exit-code"), "0", "{}", t());
         // What the guest wrote through the file system is in the image.
         assert_eq!(v("image-file-bytes"), "1", "{}", t());
+    });
+}
+
+#[test]
+fn debian_stock_kernel_finds_the_slots_through_acpi_and_uses_a_hot_plugged_disk() {
+    check_scenario("stock-hotplug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        assert_eq!(v("disks"), "6", "{}", t());
+        assert_eq!(v("add-returns"), "2", "{}", t());
+        assert_eq!(v("vdb-size"), (32u64 << 20 >> 9).to_string(), "{}", t());
+        assert_eq!(v("vdb-marker"), "citadel-lab-hotplug-marker!", "{}", t());
+        assert_eq!(v("raw-write"), "0", "{}", t());
+        assert_eq!(v("vdb-size-after"), "0", "{}", t());
+        assert_eq!(v("shp.exit-code"), "0", "{}", t());
+        assert_eq!(v("image"), "written-by-the-guest", "{}", t());
     });
 }

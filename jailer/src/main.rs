@@ -229,7 +229,9 @@ fn finish(args: &Args, executables: &[PathBuf]) -> Result<Infallible, Error> {
     let exe = &executables[0];
     let path = CString::new(exe.as_os_str().as_bytes())
         .map_err(|_| Error::refused(Step::Exec, format!("{} contains NUL", exe.display())))?;
-    let name: OsString = exe.file_name().map(OsString::from).unwrap_or_default();
+    // argv[0] is the executable's path in the jail: the VMM finds the backends next to it
+    // there, where /proc (and so /proc/self/exe) is not mounted.
+    let name: OsString = exe.as_os_str().to_os_string();
     let argv: Vec<CString> = std::iter::once(name)
         .chain(args.vmm_args.iter().cloned())
         .map(|arg| CString::new(arg.as_bytes()))

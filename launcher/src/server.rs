@@ -302,10 +302,14 @@ fn stop(pids: &[i32]) {
     }
     let deadline = Instant::now() + STOP_GRACE;
     let mut left: Vec<i32> = pids.to_vec();
+    // A backend exits within a millisecond or so of SIGTERM, and `device_del` waits for this:
+    // look often at first, then back off to 10 ms.
+    let mut pause = Duration::from_micros(100);
     while !left.is_empty() && Instant::now() < deadline {
         left.retain(|&pid| !reaped(pid, libc::WNOHANG));
         if !left.is_empty() {
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
     }
     for pid in left {

@@ -3,7 +3,7 @@
 mode=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.mode=//p')
 # A distribution kernel's virtio drivers are modules: the stock kernel's initramfs carries
 # them in /modules, to be loaded in this order.
-for m in virtio virtio_ring virtio_mmio virtio_blk; do
+for m in virtio_ring virtio virtio_mmio virtio_blk; do
 	[ -f "/modules/$m.ko" ] && insmod "/modules/$m.ko"
 done
 echo "guest: nproc=$(nproc)"

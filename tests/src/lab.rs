@@ -53,8 +53,8 @@ const MODULES: &[&str] = &[
 /// Debian's own virtio modules, in load order, for its stock kernel as a guest (L2): its cloud
 /// kernel builds them as modules, and the guest initramfs has no module tree.
 const STOCK_GUEST_MODULES: &[&str] = &[
-    "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
     "drivers/block/virtio_blk.ko",
 ];

@@ -623,7 +623,7 @@ fn pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination() {
             let pid = jail.wait_pid();
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
             assert_eq!(
-                cmdline, b"busybox\0sleep\x001000\0",
+                cmdline, b"/busybox\0sleep\x001000\0",
                 "{what}: pid file points elsewhere"
             );
             if !daemonize && !pid_ns {

@@ -408,8 +408,10 @@ fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
 fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
     check_scenario("vhost-user-blk", |outcome| {
         let t = || outcome.transcript();
-        // The slot reaches Linux through the DSDT, as an LNRO0005 device.
-        assert_eq!(value(outcome, "disk.acpi-virtio"), "1", "{}", t());
+        // Every slot reaches Linux through the DSDT as an LNRO0005 device: the six hot-replace
+        // disk slots and this disk's, the seventh, which Linux names vdg.
+        assert_eq!(value(outcome, "disk.acpi-virtio"), "7", "{}", t());
+        assert_eq!(value(outcome, "disk.name"), "vdg", "{}", t());
         assert_eq!(
             value(outcome, "disk.marker"),
             "citadel-lab-disk-marker!",

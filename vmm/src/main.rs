@@ -86,9 +86,18 @@ fn serial_output(target: &SerialTarget) -> Result<SerialOut, RunError> {
     })
 }
 
-/// Starts the device launcher with the backends installed next to citadel's own executable.
+/// Starts the device launcher with the backends installed next to citadel's own executable:
+/// `/proc/self/exe`, or where an absolute `argv[0]` says it is (in a jail, which has no /proc,
+/// the jailer passes the executable's path in the jail).
 fn start_launcher(config: &Config) -> Result<Launcher, String> {
     let exe = std::env::current_exe()
+        .or_else(|e| {
+            std::env::args_os()
+                .next()
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .ok_or(e)
+        })
         .map_err(|e| format!("cannot locate citadel's own executable: {e}"))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
     let blk_binary = dir.join("citadel-blk");

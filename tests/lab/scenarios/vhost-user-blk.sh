@@ -1,4 +1,5 @@
-# A disk served by citadel-blk in L1 reaches the Linux guest as /dev/vda through Citadel's
+# A disk served by citadel-blk in L1 reaches the Linux guest as /dev/vdg (after the six
+# hot-replace slots) through Citadel's
 # vhost-user-blk device: the guest reads the marker the host wrote and writes its own, which
 # L1 then finds in the image file.
 rm -f /tmp/disk.img /tmp/blk.sock
@@ -19,6 +20,7 @@ if l2_wait $vm "guest: disk-write rc=" 90; then
 	result disk.write-rc "$(sed -n 's/^guest: disk-write rc=//p' /tmp/$vm.log | tail -n1)"
 fi
 result disk.acpi-virtio "$(l2_value $vm acpi-virtio)"
+result disk.name "$(l2_value $vm disk-name)"
 stop_guest $vm
 result disk.image "$(dd if=/tmp/disk.img bs=1 skip=4096 count=20 2>/dev/null)"
 kill $blk

@@ -28,6 +28,8 @@ use serde_json::{json, Value};
 
 const STEP: Duration = Duration::from_secs(30);
 const IMAGE_LEN: usize = 1 << 20;
+/// Sector 0 of the image: what the guest must read through the first plugged backend.
+const MARKER: &str = "citadel-hotplug-bench-sector0";
 const GUEST_ARGS: [&str; 4] = [
     "-m",
     "32",
@@ -88,10 +90,20 @@ impl Jailed {
 
 impl Drop for Jailed {
     fn drop(&mut self) {
-        // The jailer passes SIGTERM on to the VMM; the console's own drop kills the jailer.
-        // SAFETY: kill(2) on the jailer's pid, a child of this process not yet reaped.
-        unsafe { libc::kill(self.console.pid() as libc::pid_t, libc::SIGTERM) };
-        self.console.wait_exit(Duration::from_secs(10));
+        // The jailer passes SIGTERM on to the VMM (SIGKILL, the console's own drop, would leave
+        // the VMM running). Once reaped, its pid may be another process's: only a process
+        // whose parent is this one is still the jailer.
+        let pid = self.console.pid();
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:").map(|v| v.trim().to_string()));
+        if ppid == Some(std::process::id().to_string()) {
+            // SAFETY: kill(2) on a child of this process; it has not been reaped, since its
+            // parent is still this process, so the pid is still the jailer's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            self.console.wait_exit(Duration::from_secs(10));
+        }
         remove_cgroups(&self.parent_cgroup, &self.id);
     }
 }
@@ -157,6 +169,9 @@ impl Target {
             .arg(citadel_tests::binary("citadel"))
             .arg("--backend-file")
             .arg(citadel_tests::binary("citadel-blk"))
+            // Citadel starts its launcher only with both backends next to it.
+            .arg("--backend-file")
+            .arg(citadel_tests::binary("citadel-net"))
             .args(["--uid", &JAIL_ID.to_string(), "--gid", &JAIL_ID.to_string()])
             .arg("--chroot-base-dir")
             .arg(base.path())
@@ -191,7 +206,9 @@ impl Target {
 }
 
 fn write_image(path: &Path) -> PathBuf {
-    std::fs::write(path, vec![0u8; IMAGE_LEN])
+    let mut bytes = vec![0u8; IMAGE_LEN];
+    bytes[..MARKER.len()].copy_from_slice(MARKER.as_bytes());
+    std::fs::write(path, bytes)
         .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     path.to_path_buf()
 }
@@ -207,8 +224,8 @@ fn timed(qmp: &mut Qmp, command: &str, arguments: Value) -> Result<Duration, Str
     Ok(took)
 }
 
-/// One hotplug round: the times of blockdev-add, device_add and device_del.
-fn round(qmp: &mut Qmp, img: &Path) -> Result<[Duration; 3], String> {
+/// `blockdev-add` and `device_add` of `img`: their times.
+fn plug(qmp: &mut Qmp, img: &Path) -> Result<[Duration; 2], String> {
     let add = timed(
         qmp,
         "blockdev-add",
@@ -220,9 +237,14 @@ fn round(qmp: &mut Qmp, img: &Path) -> Result<[Duration; 3], String> {
         "device_add",
         json!({"id": "drive-0", "driver": "virtio-blk-mmio", "addr": "0x0", "drive": "drive-0"}),
     )?;
-    let unplug = timed(qmp, "device_del", json!({"id": "drive-0"}))?;
+    Ok([add, plug])
+}
+
+/// `device_del`: its time.
+fn unplug(qmp: &mut Qmp) -> Result<Duration, String> {
+    let took = timed(qmp, "device_del", json!({"id": "drive-0"}))?;
     qmp.events.clear();
-    Ok([add, plug, unplug])
+    Ok(took)
 }
 
 /// Direct children of `pid`, from every thread's children list.
@@ -296,8 +318,15 @@ fn run(rounds: usize, jailer: bool) -> Result<(), String> {
         Target::Jailed(j) => j.vmm_pid()?,
     };
 
-    // The guest follows the first round; its driver keeps the slot started afterwards.
-    round(&mut qmp, &img)?;
+    // The guest follows the first round, one step at a time (it sees one configuration change
+    // per step); its driver keeps the slot started afterwards.
+    plug(&mut qmp, &img)?;
+    let line = target.wait_serial("citadel-guest: hotplug read status=")?;
+    if !line.contains(&format!("status=0 sector0={MARKER}")) {
+        return Err(format!("the guest could not read the plugged disk: {line}"));
+    }
+    target.wait_serial("citadel-guest: hotplug waiting-for-unplug")?;
+    unplug(&mut qmp)?;
     let line = target.wait_serial("citadel-guest: hotplug unplugged-read status=")?;
     if !line.ends_with("status=1") {
         return Err(format!("the guest saw the warm-up round wrong: {line}"));
@@ -308,7 +337,8 @@ fn run(rounds: usize, jailer: bool) -> Result<(), String> {
         settle(vmm);
         let floor = floor(&blk)?;
         settle(vmm);
-        let [add, plug, unplug] = round(&mut qmp, &img)?;
+        let [add, plug] = plug(&mut qmp, &img)?;
+        let unplug = unplug(&mut qmp)?;
         for (list, value) in series
             .iter_mut()
             .zip([add + plug, add, plug, unplug, floor])

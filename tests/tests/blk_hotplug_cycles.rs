@@ -151,7 +151,7 @@ fn unplug(qmp: &mut Qmp, cycle: usize) {
 fn cycle(qmp: &mut Qmp, img: &Path, spare: &Path, n: usize) {
     plug(qmp, img, n);
     unplug(qmp, n);
-    if n % UNPLUGGED_EVERY == 0 {
+    if n.is_multiple_of(UNPLUGGED_EVERY) {
         blockdev_add(qmp, "drive-1", spare, true, n);
         ok(qmp, "blockdev-del", json!({"node-name": "drive-1"}), n);
     }
@@ -182,7 +182,11 @@ fn assert_no_growth(who: &str, before: Usage, after: Usage) {
 fn a_thousand_hotplug_cycles_leave_citadel_and_its_launcher_as_they_were() {
     let test = "a_thousand_hotplug_cycles_leave_citadel_and_its_launcher_as_they_were";
     if !citadel_tests::binary("citadel-blk").exists() {
-        citadel_tests::skip(test, "citadel-blk not built (cargo build --workspace)", true);
+        citadel_tests::skip(
+            test,
+            "citadel-blk not built (cargo build --workspace)",
+            true,
+        );
         return;
     }
     let dir = TempDir::new("hotplug-cycles");
@@ -240,9 +244,9 @@ fn a_thousand_hotplug_cycles_leave_citadel_and_its_launcher_as_they_were() {
     assert_eq!(children(vm.pid()), vec![launcher], "citadel's children");
     let block = qmp.execute("query-block", None);
     assert!(
-        block["return"]
-            .as_array()
-            .is_some_and(|slots| slots.len() == 6 && slots.iter().all(|s| s.get("inserted").is_none())),
+        block["return"].as_array().is_some_and(
+            |slots| slots.len() == 6 && slots.iter().all(|s| s.get("inserted").is_none())
+        ),
         "{block}"
     );
     let vmm_after = usage(vm.pid());

@@ -71,7 +71,12 @@ impl Jailed {
 
     /// The VMM's pid, from the jailer's pid file.
     fn vmm_pid(&self) -> Result<u32, String> {
-        let file = self.base.path().join("citadel").join(&self.id).join("citadel.pid");
+        let file = self
+            .base
+            .path()
+            .join("citadel")
+            .join(&self.id)
+            .join("citadel.pid");
         let deadline = Instant::now() + STEP;
         loop {
             if let Some(pid) = std::fs::read_to_string(&file)
@@ -113,7 +118,8 @@ fn remove_cgroups(parent: &str, id: &str) {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     for line in own.lines() {
         let mut fields = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next())
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
         else {
             continue;
         };
@@ -208,8 +214,7 @@ impl Target {
 fn write_image(path: &Path) -> PathBuf {
     let mut bytes = vec![0u8; IMAGE_LEN];
     bytes[..MARKER.len()].copy_from_slice(MARKER.as_bytes());
-    std::fs::write(path, bytes)
-        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     path.to_path_buf()
 }
 
@@ -267,7 +272,11 @@ fn children(pid: u32) -> Vec<u32> {
 /// that a backend still ending does not share the CPUs with the next round.
 fn settle(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while children(pid).into_iter().flat_map(children).next().is_some()
+    while children(pid)
+        .into_iter()
+        .flat_map(children)
+        .next()
+        .is_some()
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(1));
@@ -385,7 +394,11 @@ fn run(rounds: usize, jailer: bool) -> Result<(), String> {
     println!(
         "  goal, median blockdev-add + device_add <= {} ms: {}",
         GOAL.as_millis(),
-        if plug_median <= GOAL { "met" } else { "not met" }
+        if plug_median <= GOAL {
+            "met"
+        } else {
+            "not met"
+        }
     );
     if qmp.execute("quit", None) != json!({"return": {}}) {
         return Err("quit refused".into());

@@ -14,8 +14,8 @@
 //! and the 90th percentile of each.
 //!
 //! `--jailer` runs Citadel under `citadel-jailer` (as root; new PID and user namespaces,
-//! Landlock, a new network namespace and a pids cgroup) with `citadel-blk` copied into the
-//! jail as a backend and the image placed in the jail.
+//! Landlock, a new network namespace and a pids cgroup) with the backends (`citadel-blk`,
+//! `citadel-net`) copied into the jail and the image placed in it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -176,6 +176,14 @@ impl VersionInfo {
             package: String::new(),
         }
     }
+
+    /// The same version with `package` naming the build that reports it.
+    pub fn with_package(self, package: impl Into<String>) -> Self {
+        VersionInfo {
+            package: package.into(),
+            ..self
+        }
+    }
 }
 
 /// One element of `query-commands`.

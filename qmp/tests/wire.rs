@@ -13,8 +13,12 @@ use serde_json::json;
 #[test]
 fn greeting_matches_the_reference() {
     assert_eq!(
-        greeting(4, 0, 1),
+        greeting(&VersionInfo::new(4, 0, 1)),
         "{\"QMP\":{\"version\":{\"qemu\":{\"micro\":1,\"minor\":0,\"major\":4},\"package\":\"\"},\"capabilities\":[]}}\r\n"
+    );
+    assert_eq!(
+        greeting(&VersionInfo::new(5, 0, 1).with_package("citadel-0.1.0")),
+        "{\"QMP\":{\"version\":{\"qemu\":{\"micro\":1,\"minor\":0,\"major\":5},\"package\":\"citadel-0.1.0\"},\"capabilities\":[]}}\r\n"
     );
 }
 

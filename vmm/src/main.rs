@@ -44,6 +44,10 @@ enum RunError {
     DeadlineSignal(std::io::Error),
     #[error(transparent)]
     Disk(#[from] citadel::devices::vhost_user_blk::VhostUserBlkError),
+    #[error(transparent)]
+    ColdPlug(#[from] citadel::hotplug::ColdPlugError),
+    #[error("the current directory, for relative -drive paths: {0}")]
+    CurrentDir(std::io::Error),
 }
 
 fn init_logging(config: &Config) -> Result<(), RunError> {
@@ -124,8 +128,13 @@ fn build_and_run(
         // Decided before anything is created, so that a refusal leaves nothing behind.
         let plan = lockdown::plan(citadel_sandbox::kernel_landlock_abi(), config.landlock)?;
         log::info!(
-            "starting VM {} ({} vCPUs, {} MiB, kernel {})",
+            "starting VM {}{} ({} vCPUs, {} MiB, kernel {})",
             config.name.as_deref().unwrap_or("(unnamed)"),
+            config
+                .uuid
+                .as_deref()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default(),
             config.vcpus,
             config.mem_bytes >> 20,
             config.kernel.display()
@@ -134,6 +143,13 @@ fn build_and_run(
         let launcher = start_launcher(config);
         if let Err(why) = &launcher {
             log::warn!("block hotplug unavailable: {why}");
+        }
+        let mut hotplug = Hotplug::new(launcher);
+        // The command line's drives start before any file is made, so that one refusing
+        // leaves nothing behind.
+        if !config.drives.is_empty() {
+            let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
+            hotplug.add_drives(&config.drives, &cwd)?;
         }
         // Every disk slot may get a backend, whose answers are bounded by a deadline.
         citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
@@ -208,9 +224,10 @@ fn build_and_run(
             disks,
         };
         let machine = Machine::create(&spec, wiring)?;
+        hotplug.cold_plug(machine.virtio(), &config.blk_devices)?;
         let monitor = Monitor::new(
             machine,
-            Hotplug::new(launcher),
+            hotplug,
             channels,
             events_rx,
             qmp,

@@ -11,16 +11,14 @@ use std::time::Duration;
 use citadel_qmp::command::{command_names, Command, Request};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::event::{Event, ShutdownReason};
-use citadel_qmp::reply::{
-    CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, VersionInfo,
-};
+use citadel_qmp::reply::{CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo};
 use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::hotplug::Hotplug;
 use crate::machine::Machine;
-use crate::qmp_server::{QmpServer, Response, VERSION};
+use crate::qmp_server::{QmpServer, Response};
 use crate::vcpu::VcpuEvent;
 
 const TOKEN_SIGNAL: u64 = 1;
@@ -490,10 +488,7 @@ fn execute(
                 }
             }
         }
-        Command::QueryVersion => {
-            let (major, minor, micro) = VERSION;
-            Response::reply(to_value(&VersionInfo::new(major, minor, micro)))
-        }
+        Command::QueryVersion => Response::reply(to_value(&crate::qmp_server::version())),
         Command::BlockdevAdd(add) => Response::reply(hotplug.blockdev_add(add)),
         Command::BlockdevDel { node_name } => Response::reply(hotplug.blockdev_del(node_name)),
         Command::DeviceAdd(add) => Response::reply(hotplug.device_add(machine.virtio(), add)),

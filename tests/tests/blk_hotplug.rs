@@ -5,9 +5,10 @@
 //! what a driver sees at each step; the bytes it writes are checked in the image.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use citadel_tests::guest_program;
+use citadel_tests::procfs::{blk_backends as backends, status, status_field, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -36,57 +37,6 @@ fn backend_missing(test: &str) -> bool {
         );
     }
     missing
-}
-
-/// Direct children of `pid`, from every thread's children list.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-fn status(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
-}
-
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The citadel-blk processes under citadel `vm` (children of its launcher).
-fn backends(vm: u32) -> Vec<u32> {
-    children(vm)
-        .into_iter()
-        .flat_map(children)
-        .filter(|p| status(*p).is_some_and(|s| status_field(&s, "Name") == "citadel-blk"))
-        .collect()
-}
-
-/// Waits until `pid` no longer exists (reaped, not a zombie).
-fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
 }
 
 fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Value {

@@ -703,13 +703,15 @@ fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
                     "serial= on virtio-blk-device".to_string(),
                 ))
             }
-            _ => return Err(invalid(
-                "-device",
-                v,
-                format!(
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
                     "unknown or empty property '{key}' (expected drive=ID[,id=NAME][,bootindex=N])"
                 ),
-            )),
+                ))
+            }
         }
     }
     Ok(BlkDeviceArg {

@@ -69,7 +69,9 @@ pub struct DriveConfig {
     pub file: PathBuf,
     /// Open the image read-only and fail the guest's writes.
     pub read_only: bool,
-    /// Bypass the host page cache (O_DIRECT); on unless `direct=off`, as in StratoVirt.
+    /// Bypass the host page cache (O_DIRECT) with `direct=on`. Off by default, as for
+    /// `blockdev-add`: a slot's logical block size is 512 bytes, and direct I/O on an image
+    /// whose file system aligns it to 4 KiB cannot serve one.
     pub direct: bool,
 }
 
@@ -183,7 +185,8 @@ SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mo
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
 start and takes the next virtio-mmio slot (at most 10). Each -drive starts a citadel-blk
-serving its image (direct=on, O_DIRECT, unless direct=off); each virtio-blk-device plugs a
+serving its image (through the page cache unless direct=on; flushes always reach the disk
+either way); each virtio-blk-device plugs a
 drive into the next of the 6 hot-replace disk slots before the guest starts, and device_del
 takes it out like a disk plugged over QMP. A -drive no device uses is a block node QMP's
 device_add can plug. -disable-seccomp is refused: use -seccomp log to log violations.";
@@ -657,7 +660,7 @@ fn parse_drive(v: &str) -> Result<DriveConfig, CliError> {
         return Err(invalid("-drive", v, format!("unknown property '{head}'")));
     }
     let (mut id, mut file) = (None, None);
-    let (mut read_only, mut direct) = (false, true);
+    let (mut read_only, mut direct) = (false, false);
     for (key, val) in opts {
         match (key, val) {
             ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
@@ -1144,7 +1147,7 @@ mod tests {
             "-device",
             "virtio-blk-device,drive=data,bootindex=1",
             "-drive",
-            "file=/images/spare.img,id=spare",
+            "file=/images/spare.img,id=spare,direct=on",
         ])
         .unwrap();
         assert_eq!(
@@ -1164,7 +1167,7 @@ mod tests {
                     id: "data".into(),
                     file: PathBuf::from("/images/data.img"),
                     read_only: false,
-                    direct: true,
+                    direct: false,
                 },
                 DriveConfig {
                     id: "spare".into(),

@@ -99,6 +99,21 @@ impl Hotplug {
                 direct: drive.direct,
             })
             .map_err(|e| refuse(e.desc))?;
+            // A node is only ever plugged into a slot: one that cannot fit is refused now,
+            // while a refusal still leaves nothing behind.
+            let fits = self
+                .nodes
+                .get(&drive.id)
+                .and_then(|node| node.disk.as_ref())
+                .map_or(Ok(()), VhostUserBlk::check_fits_slot);
+            if let Err(why) = fits {
+                self.release(&drive.id);
+                return Err(refuse(if drive.direct {
+                    format!("{why} (direct=on aligns I/O to the image's direct I/O block size)")
+                } else {
+                    why
+                }));
+            }
         }
         Ok(())
     }

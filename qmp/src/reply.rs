@@ -186,6 +186,19 @@ impl VersionInfo {
     }
 }
 
+/// Return value of `query-uuid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UuidInfo {
+    /// The UUID, all zeros when none was given (as QEMU answers).
+    #[serde(rename = "UUID")]
+    pub uuid: String,
+}
+
+impl UuidInfo {
+    /// The UUID QEMU reports for a VM started without one.
+    pub const NONE: &'static str = "00000000-0000-0000-0000-000000000000";
+}
+
 /// One element of `query-commands`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CommandInfo {

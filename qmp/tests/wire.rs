@@ -6,7 +6,8 @@ use citadel_qmp::error::{ErrorClass, QmpError};
 use citadel_qmp::event::{Event, ShutdownReason};
 use citadel_qmp::greeting::greeting;
 use citadel_qmp::reply::{
-    self, command_list, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, VersionInfo,
+    self, command_list, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, UuidInfo,
+    VersionInfo,
 };
 use serde_json::json;
 
@@ -208,6 +209,19 @@ fn query_hotpluggable_cpus_shape() {
             "\"qom-path\":\"/machine/unattached/device[0]\",\"type\":\"host-x86-cpu\",",
             "\"vcpus-count\":1}]}\r\n"
         )
+    );
+}
+
+#[test]
+fn query_uuid_shape() {
+    assert_eq!(
+        reply::success_with(
+            None,
+            &UuidInfo {
+                uuid: UuidInfo::NONE.to_string()
+            }
+        ),
+        "{\"return\":{\"UUID\":\"00000000-0000-0000-0000-000000000000\"}}\r\n"
     );
 }
 

@@ -209,6 +209,11 @@ fn kata_launch_line_and_qmp_session() {
         "{block}"
     );
 
+    assert_eq!(
+        qmp.execute("query-uuid", None),
+        json!({"return": {"UUID": UUID}})
+    );
+
     let cpus = qmp.execute("query-cpus", None);
     let cpus = cpus["return"].as_array().expect("query-cpus list");
     assert_eq!(cpus.len(), 1, "{cpus:?}");

@@ -132,6 +132,10 @@ fn qmp_protocol_errors_keep_the_connection() {
     qmp.send_raw(b"{\"execute\": nonsense}\n");
     let r = qmp.read_reply();
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert_eq!(
+        qmp.execute("query-uuid", None),
+        json!({"return": {"UUID": "00000000-0000-0000-0000-000000000000"}})
+    );
     let r = qmp.execute("query-version", None);
     assert_eq!(
         r["return"],

@@ -55,7 +55,7 @@ pub struct Config {
     /// `-device virtio-blk-device,drive=ID`, in command-line order: the order of the
     /// hot-replace disk slots they fill.
     pub blk_devices: Vec<BlkDeviceConfig>,
-    /// `-uuid`: the VM's UUID, shown in logs.
+    /// `-uuid`: the VM's UUID, shown in logs and by `query-uuid`.
     pub uuid: Option<String>,
 }
 

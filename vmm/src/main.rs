@@ -234,6 +234,10 @@ fn build_and_run(
             config.serial == SerialTarget::Stdio,
             config.start_paused,
         )?;
+        let monitor = match &config.uuid {
+            Some(uuid) => monitor.with_uuid(uuid.clone()),
+            None => monitor,
+        };
         lockdown::event_loop_thread(&plan, mode)?;
         Ok((monitor, pidfile))
     };

@@ -11,7 +11,9 @@ use std::time::Duration;
 use citadel_qmp::command::{command_names, Command, Request};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::event::{Event, ShutdownReason};
-use citadel_qmp::reply::{CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo};
+use citadel_qmp::reply::{
+    CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, UuidInfo,
+};
 use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -112,6 +114,8 @@ impl Channels {
 pub struct Monitor {
     machine: Machine,
     hotplug: Hotplug,
+    /// What `query-uuid` reports.
+    uuid: String,
     state: RunState,
     exit: Option<ExitReason>,
     epoll: Epoll,
@@ -172,6 +176,7 @@ impl Monitor {
         Ok(Monitor {
             machine,
             hotplug,
+            uuid: UuidInfo::NONE.to_string(),
             state: if start_paused {
                 RunState::Prelaunch
             } else {
@@ -185,6 +190,11 @@ impl Monitor {
             stdin,
             pending_input: Vec::new(),
         })
+    }
+
+    /// The monitor reporting `uuid` (`-uuid`) to `query-uuid`.
+    pub fn with_uuid(self, uuid: String) -> Monitor {
+        Monitor { uuid, ..self }
     }
 
     /// Creates the epoll set and binds the QMP socket in it; done before the machine exists
@@ -256,8 +266,9 @@ impl Monitor {
                     let hotplug = &mut self.hotplug;
                     let state = &mut self.state;
                     let exit = &mut self.exit;
+                    let uuid = self.uuid.as_str();
                     server.on_ready(&self.epoll, token, set, &mut |req| {
-                        execute(machine, hotplug, state, exit, req)
+                        execute(machine, hotplug, uuid, state, exit, req)
                     });
                 }
             }
@@ -362,6 +373,7 @@ impl Monitor {
 fn execute(
     machine: &Machine,
     hotplug: &mut Hotplug,
+    uuid: &str,
     state: &mut RunState,
     exit: &mut Option<ExitReason>,
     req: &Request,
@@ -488,6 +500,9 @@ fn execute(
                 }
             }
         }
+        Command::QueryUuid => Response::reply(to_value(&UuidInfo {
+            uuid: uuid.to_string(),
+        })),
         Command::QueryVersion => Response::reply(to_value(&crate::qmp_server::version())),
         Command::BlockdevAdd(add) => Response::reply(hotplug.blockdev_add(add)),
         Command::BlockdevDel { node_name } => Response::reply(hotplug.blockdev_del(node_name)),

@@ -475,7 +475,19 @@ where
                 }
             }
             "-drive" => {
-                let drive = parse_drive(&value(&option)?)?;
+                let v = value(&option)?;
+                let drive = parse_drive(&v)?;
+                // Each drive is a backend process.
+                if drives.len() == crate::hotplug::MAX_NODES {
+                    return Err(invalid(
+                        "-drive",
+                        &v,
+                        format!(
+                            "too many drives: a VM has at most {} block nodes",
+                            crate::hotplug::MAX_NODES
+                        ),
+                    ));
+                }
                 if drives.iter().any(|d| d.id == drive.id) {
                     return Err(invalid(
                         "-drive",
@@ -1279,7 +1291,7 @@ mod tests {
     }
 
     #[test]
-    fn at_most_six_blk_devices() {
+    fn at_most_six_blk_devices_and_sixteen_drives() {
         let mut args: Vec<String> = base().into_iter().map(String::from).collect();
         for i in 0..7 {
             args.push("-drive".into());
@@ -1292,7 +1304,17 @@ mod tests {
             "invalid value 'virtio-blk-device,drive=d6' for '-device': too many virtio-blk devices: the microvm machine has 6 hot-replace disk slots"
         );
         args.truncate(args.len() - 2);
-        let c = parse(args).unwrap();
+        let c = parse(args.clone()).unwrap();
         assert_eq!((c.drives.len(), c.blk_devices.len()), (7, 6));
+        for i in 7..17 {
+            args.push("-drive".into());
+            args.push(format!("id=d{i},file=/d{i}"));
+        }
+        assert_eq!(
+            parse(args.clone()).unwrap_err().to_string(),
+            "invalid value 'id=d16,file=/d16' for '-drive': too many drives: a VM has at most 16 block nodes"
+        );
+        args.truncate(args.len() - 2);
+        assert_eq!(parse(args).unwrap().drives.len(), 16);
     }
 }

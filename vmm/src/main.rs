@@ -144,6 +144,8 @@ fn build_and_run(
         if let Err(why) = &launcher {
             log::warn!("block hotplug unavailable: {why}");
         }
+        // Every disk slot may get a backend, whose answers are bounded by a deadline.
+        citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
         let mut hotplug = Hotplug::new(launcher);
         // The command line's drives start before any file is made, so that one refusing
         // leaves nothing behind.
@@ -151,8 +153,6 @@ fn build_and_run(
             let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
             hotplug.add_drives(&config.drives, &cwd)?;
         }
-        // Every disk slot may get a backend, whose answers are bounded by a deadline.
-        citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
         let disks = config

@@ -412,7 +412,8 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
 
 /// `direct=on` either serves the image with O_DIRECT or, where the file system aligns direct
 /// I/O to more than the slot's 512-byte blocks, is refused in one line before the VM is
-/// made: no pid file, no QMP socket, no backend holding the image.
+/// made: no pid file, no QMP socket, no backend holding the image. The image is named
+/// relative to citadel's current directory.
 #[test]
 fn direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made() {
     if backend_missing("direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made") {
@@ -429,7 +430,8 @@ fn direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made() {
         .args(["-machine", "microvm", "-m", "32", "-kernel"])
         .arg(guest_program("virtio_blk"))
         .args(["-append", "virtio_mmio.device=4K@0xd0000000:5", "-drive"])
-        .arg(format!("id=d0,file={},direct=on", img.display()))
+        .arg("id=d0,file=disk.img,direct=on")
+        .current_dir(dir.path())
         .args(["-device", "virtio-blk-device,drive=d0", "-serial"])
         .arg(format!("file:{}", serial.display()))
         .arg("-pidfile")

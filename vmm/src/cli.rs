@@ -184,12 +184,12 @@ SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mo
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
-start and takes the next virtio-mmio slot (at most 10). Each -drive starts a citadel-blk
-serving its image (through the page cache unless direct=on; flushes always reach the disk
-either way); each virtio-blk-device plugs a
-drive into the next of the 6 hot-replace disk slots before the guest starts, and device_del
-takes it out like a disk plugged over QMP. A -drive no device uses is a block node QMP's
-device_add can plug. -disable-seccomp is refused: use -seccomp log to log violations.";
+start and takes the next virtio-mmio slot (at most 10). Each -drive (at most 16) starts a
+citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
+disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
+disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
+-drive no device uses is a block node for QMP's device_add. -disable-seccomp is refused:
+-seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
     CliError::Invalid {

@@ -176,7 +176,18 @@ impl Server<'_> {
                 path,
                 read_only,
                 direct,
+                serial,
             } => {
+                // Checked before anything is opened: the request is untrusted.
+                if serial
+                    .as_deref()
+                    .is_some_and(|s| !protocol::valid_serial(s))
+                {
+                    return Err(RequestError::Invalid(format!(
+                        "a serial number is at most {} printable ASCII bytes",
+                        protocol::MAX_SERIAL_LEN
+                    )));
+                }
                 let image = match (path, single(fds)) {
                     (Some(path), Ok(None)) => OwnedFd::from(open_beneath(
                         Path::new("/"),
@@ -196,6 +207,10 @@ impl Server<'_> {
                 }
                 if direct {
                     args.push("--direct".into());
+                }
+                if let Some(serial) = serial {
+                    args.push("--serial".into());
+                    args.push(serial);
                 }
                 let binary = &self.config.blk_binary;
                 self.start(&id, binary, args, &[image])

@@ -301,7 +301,7 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
         "-device".into(),
         "virtio-blk-device,drive=drive-a,id=disk-a,bootindex=0".into(),
         "-device".into(),
-        "virtio-blk-device,drive=drive-b".into(),
+        "virtio-blk-device,drive=drive-b,serial=CITADEL B-0002".into(),
         "-append".into(),
         "virtio_mmio.device=4K@0xd0000000:5".into(),
     ];
@@ -359,6 +359,20 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
             "{flags:?}"
         );
     }
+
+    // The device's serial number is its backend's, for the guest's GET_ID.
+    let serial_of = |pid: u32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        args.windows(2)
+            .find(|w| w[0] == "--serial")
+            .map(|w| w[1].clone())
+    };
+    assert_eq!(serial_of(pid_b).as_deref(), Some("CITADEL B-0002"));
+    assert_eq!(serial_of(pid_a), None);
 
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     let block = qmp.execute("query-block", None);

@@ -83,6 +83,8 @@ pub struct BlkDeviceConfig {
     pub id: String,
     /// The `-drive` it serves.
     pub drive: String,
+    /// `serial=`: what the guest's GET_ID reads (`/sys/block/vda/serial`).
+    pub serial: Option<String>,
 }
 
 /// A disk served by a vhost-user backend.
@@ -100,11 +102,12 @@ struct Chardev {
     path: PathBuf,
 }
 
-/// `-device virtio-blk-device,drive=ID[,id=DEV]` before its drive is resolved.
+/// `-device virtio-blk-device,drive=ID[,id=DEV][,serial=S]` before its drive is resolved.
 struct BlkDeviceArg {
     value: String,
     id: Option<String>,
     drive: String,
+    serial: Option<String>,
 }
 
 /// `-device vhost-user-blk-device,chardev=ID[,id=DEV]` before its chardev is resolved.
@@ -177,7 +180,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-uuid UUID]
                [-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,if=none]
                        [,format=raw][,aio=native|io_uring|threads|off]]...
-               [-device virtio-blk-device,drive=ID[,id=NAME][,bootindex=N]]...
+               [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,bootindex=N]]...
                [-chardev socket,id=ID,path=PATH
                 -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
@@ -188,7 +191,8 @@ start and takes the next virtio-mmio slot (at most 10). Each -drive (at most 16)
 citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
 disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
 disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
--drive no device uses is a block node for QMP's device_add. -disable-seccomp is refused:
+-drive no device uses is a block node for QMP's device_add. serial= is at most 20
+printable ASCII bytes, read by the guest's GET_ID. -disable-seccomp is refused:
 -seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -706,24 +710,32 @@ fn parse_drive(v: &str) -> Result<DriveConfig, CliError> {
 
 fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
     let (_, opts) = split_options(v);
-    let (mut id, mut drive) = (None, None);
+    let (mut id, mut drive, mut serial) = (None, None, None);
     for (key, val) in opts {
         match (key, val) {
             ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
             ("drive", Some(d)) if !d.is_empty() => drive = Some(d.to_string()),
-            // The kernel is loaded directly: there is no firmware to choose a boot disk.
-            ("bootindex", Some(n)) if n.parse::<u32>().is_ok() => {}
+            ("serial", Some(s)) if citadel_launcher::protocol::valid_serial(s) => {
+                serial = Some(s.to_string())
+            }
             ("serial", Some(_)) => {
-                return Err(CliError::Unsupported(
-                    "serial= on virtio-blk-device".to_string(),
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
+                        "a serial number is at most {} printable ASCII bytes",
+                        citadel_launcher::protocol::MAX_SERIAL_LEN
+                    ),
                 ))
             }
+            // The kernel is loaded directly: there is no firmware to choose a boot disk.
+            ("bootindex", Some(n)) if n.parse::<u32>().is_ok() => {}
             _ => {
                 return Err(invalid(
                     "-device",
                     v,
                     format!(
-                    "unknown or empty property '{key}' (expected drive=ID[,id=NAME][,bootindex=N])"
+                    "unknown or empty property '{key}' (expected drive=ID[,id=NAME][,serial=S][,bootindex=N])"
                 ),
                 ))
             }
@@ -733,6 +745,7 @@ fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
         value: v.to_string(),
         id,
         drive: drive.ok_or_else(|| invalid("-device", v, "no drive="))?,
+        serial,
     })
 }
 
@@ -783,6 +796,7 @@ fn resolve_blk_devices(
         resolved.push(BlkDeviceConfig {
             id,
             drive: dev.drive.clone(),
+            serial: dev.serial.clone(),
         });
     }
     Ok(resolved)
@@ -1157,7 +1171,7 @@ mod tests {
             "-drive",
             "file=/images/data.img,id=data,if=none,format=raw,aio=native",
             "-device",
-            "virtio-blk-device,drive=data,bootindex=1",
+            "virtio-blk-device,drive=data,bootindex=1,serial=CITADEL DATA-01",
             "-drive",
             "file=/images/spare.img,id=spare,direct=on",
         ])
@@ -1194,11 +1208,13 @@ mod tests {
             vec![
                 BlkDeviceConfig {
                     id: "blk-rootfs".into(),
-                    drive: "rootfs".into()
+                    drive: "rootfs".into(),
+                    serial: None,
                 },
                 BlkDeviceConfig {
                     id: "data".into(),
-                    drive: "data".into()
+                    drive: "data".into(),
+                    serial: Some("CITADEL DATA-01".into()),
                 },
             ]
         );
@@ -1273,10 +1289,17 @@ mod tests {
                 "-drive",
                 "id=d0,file=/a",
                 "-device",
-                "virtio-blk-device,drive=d0,serial=s"
+                "virtio-blk-device,drive=d0,serial=twenty-one-bytes-long"
             ]),
-            "serial= on virtio-blk-device is not supported by this version of citadel"
+            "invalid value 'virtio-blk-device,drive=d0,serial=twenty-one-bytes-long' for '-device': a serial number is at most 20 printable ASCII bytes"
         );
+        assert!(err(&[
+            "-drive",
+            "id=d0,file=/a",
+            "-device",
+            "virtio-blk-device,drive=d0,serial=tab\there"
+        ])
+        .contains("printable ASCII"));
         for bad in [
             "7a1b2c3d",
             "7a1b2c3d-0000-4000-8000-00000000abcg",

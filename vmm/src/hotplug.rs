@@ -80,9 +80,15 @@ impl Hotplug {
     }
 
     /// Starts a backend for each of the command line's drives, in order, as `blockdev-add`
-    /// would; a relative image path is taken from `cwd`. On a refusal the caller drops the
-    /// whole `Hotplug`, which ends the launcher and every backend already started.
-    pub fn add_drives(&mut self, drives: &[DriveConfig], cwd: &Path) -> Result<(), ColdPlugError> {
+    /// would, with the serial number of the device in `disks` that uses it; a relative image
+    /// path is taken from `cwd`. On a refusal the caller drops the whole `Hotplug`, which
+    /// ends the launcher and every backend already started.
+    pub fn add_drives(
+        &mut self,
+        drives: &[DriveConfig],
+        disks: &[BlkDeviceConfig],
+        cwd: &Path,
+    ) -> Result<(), ColdPlugError> {
         for drive in drives {
             let refuse = |why: String| ColdPlugError::Drive {
                 id: drive.id.clone(),
@@ -92,13 +98,17 @@ impl Hotplug {
             let filename = path
                 .to_str()
                 .ok_or_else(|| refuse(format!("{} is not valid UTF-8", path.display())))?;
-            self.blockdev_add(&BlockdevAdd {
+            let serial = disks
+                .iter()
+                .find(|d| d.drive == drive.id)
+                .and_then(|d| d.serial.clone());
+            let add = BlockdevAdd {
                 node_name: drive.id.clone(),
                 filename: filename.to_string(),
                 read_only: drive.read_only,
                 direct: drive.direct,
-            })
-            .map_err(|e| refuse(e.desc))?;
+            };
+            self.add_node(&add, serial).map_err(|e| refuse(e.desc))?;
             // A node is only ever plugged into a slot: one that cannot fit is refused now,
             // while a refusal still leaves nothing behind.
             let fits = self
@@ -144,6 +154,11 @@ impl Hotplug {
 
     /// `blockdev-add`.
     pub fn blockdev_add(&mut self, add: &BlockdevAdd) -> Result<Value, QmpError> {
+        self.add_node(add, None)
+    }
+
+    /// Starts the backend of node `add`, answering the guest's GET_ID with `serial`.
+    fn add_node(&mut self, add: &BlockdevAdd, serial: Option<String>) -> Result<Value, QmpError> {
         if self.nodes.contains_key(&add.node_name) {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
@@ -165,6 +180,7 @@ impl Hotplug {
                 image: ImageSource::Path(PathBuf::from(&add.filename)),
                 read_only: add.read_only,
                 direct: add.direct,
+                serial,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
         let peer = PathBuf::from(format!("citadel-blk[{}] ({})", backend.pid, add.node_name));

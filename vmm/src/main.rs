@@ -151,7 +151,7 @@ fn build_and_run(
         // leaves nothing behind.
         if !config.drives.is_empty() {
             let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
-            hotplug.add_drives(&config.drives, &cwd)?;
+            hotplug.add_drives(&config.drives, &config.blk_devices, &cwd)?;
         }
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.

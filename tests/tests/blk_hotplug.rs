@@ -299,7 +299,7 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
         "-drive".into(),
         drive("spare", &spare, ",direct=off"),
         "-device".into(),
-        "virtio-blk-device,drive=drive-a,id=disk-a,bootindex=0".into(),
+        "virtio-blk-device,drive=drive-a,id=disk-a,bootindex=0,serial=CITADEL A-0001".into(),
         "-device".into(),
         "virtio-blk-device,drive=drive-b,serial=CITADEL B-0002".into(),
         "-append".into(),
@@ -324,6 +324,15 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
     );
     let line = vm.wait_serial("citadel-guest: virtio-blk write status=", STEP);
     assert!(line.ends_with("status=0"), "{line}");
+    // The guest's GET_ID reads the serial number the command line gave.
+    let line = vm.wait_serial("citadel-guest: virtio-blk id status=", STEP);
+    assert_eq!(
+        line,
+        format!(
+            "citadel-guest: virtio-blk id status=0 serial=CITADEL A-0001{}",
+            ".".repeat(18)
+        )
+    );
     vm.wait_serial("citadel-guest: done", STEP);
     let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
     assert_eq!(std::fs::read(&first).unwrap()[512..1024], expected[..]);
@@ -371,8 +380,9 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
             .find(|w| w[0] == "--serial")
             .map(|w| w[1].clone())
     };
+    assert_eq!(serial_of(pid_a).as_deref(), Some("CITADEL A-0001"));
     assert_eq!(serial_of(pid_b).as_deref(), Some("CITADEL B-0002"));
-    assert_eq!(serial_of(pid_a), None);
+    assert_eq!(serial_of(pid_spare), None);
 
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     let block = qmp.execute("query-block", None);

@@ -116,6 +116,12 @@ fn kata_launch_line_and_qmp_session() {
     assert!(!line.ends_with("status=0"), "{line}");
     let line = vm.wait_serial("citadel-guest: virtio-blk write-readback status=", STEP);
     assert!(line.ends_with(&".".repeat(32)), "{line}");
+    // No serial= on the device: GET_ID is unsupported (VIRTIO_BLK_S_UNSUPP).
+    let line = vm.wait_serial("citadel-guest: virtio-blk id status=", STEP);
+    assert!(
+        line.starts_with("citadel-guest: virtio-blk id status=2 "),
+        "{line}"
+    );
     vm.wait_serial("citadel-guest: done", STEP);
     let on_disk = std::fs::read(&rootfs).unwrap();
     assert_eq!(&on_disk[..MARKER.len()], MARKER);

@@ -70,7 +70,8 @@ fn kata_args(rootfs: &Path, log: &Path) -> Vec<String> {
     .collect()
 }
 
-fn deleted(qmp: &mut citadel_tests::vm::Qmp, id: &str) {
+/// `device_del` of `id`, answered, with its DEVICE_DELETED event.
+fn device_del(qmp: &mut citadel_tests::vm::Qmp, id: &str) {
     qmp.events.clear();
     assert_eq!(
         qmp.execute("device_del", Some(json!({"id": id}))),
@@ -193,13 +194,13 @@ fn kata_launch_line_and_qmp_session() {
     all.retain(|p| !backends.contains(p));
     let data_backend = all[0];
 
-    deleted(&mut qmp, "virtio-drive-data");
+    device_del(&mut qmp, "virtio-drive-data");
     assert!(
         wait_gone(data_backend, Duration::from_secs(5)),
         "citadel-blk[{data_backend}] outlived device_del"
     );
     // The cold-plugged root disk leaves the same way.
-    deleted(&mut qmp, "virtio-blk0");
+    device_del(&mut qmp, "virtio-blk0");
     assert!(
         wait_gone(backends[0], Duration::from_secs(5)),
         "citadel-blk[{}] outlived device_del",

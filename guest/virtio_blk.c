@@ -2,8 +2,8 @@
  * virtio_blk: finds the virtio-mmio devices announced on the command line
  * ("virtio_mmio.device=<size>@<base>:<irq>", as Linux reads them), reports each one, and
  * drives the first block device the way a driver does: status handshake, VIRTIO_F_VERSION_1,
- * one virtqueue, a read of sector 0, then a write of sector 1 and a read of it back, each
- * completed through the used ring (polled).
+ * one virtqueue, a read of sector 0, then a write of sector 1 and a read of it back, then
+ * the disk's serial number (GET_ID), each completed through the used ring (polled).
  *
  * With "hotplug" on the command line it treats the device as a hot-replace slot instead: it
  * starts the empty slot, reads from it, waits for the configuration change of a plug, reads
@@ -49,6 +49,7 @@
 #define DESC_F_WRITE 2
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
+#define BLK_T_GET_ID 8
 #define WRITE_SECTOR 1
 
 #define QUEUE_SIZE 4
@@ -205,7 +206,7 @@ static int wait_used(u16 expected)
  */
 static int blk_request(u64 base, u32 type, u64 sector_no, u16 used_idx)
 {
-	u16 data_flags = type == BLK_T_IN ? DESC_F_NEXT | DESC_F_WRITE : DESC_F_NEXT;
+	u16 data_flags = type == BLK_T_OUT ? DESC_F_NEXT : DESC_F_NEXT | DESC_F_WRITE;
 
 	header.type = type;
 	header.sector = sector_no;
@@ -327,6 +328,12 @@ static void drive_blk(u64 base)
 	if (!blk_request(base, BLK_T_IN, WRITE_SECTOR, 3))
 		return;
 	report_sector("virtio-blk write-readback status=", " sector1=");
+
+	for (i = 0; i < (int)sizeof(sector); i++)
+		sector[i] = 0;
+	if (!blk_request(base, BLK_T_GET_ID, 0, 4))
+		return;
+	report_sector("virtio-blk id status=", " serial=");
 }
 
 /* Waits, timer-driven, for a configuration-change interrupt, and acknowledges it. */

@@ -66,6 +66,9 @@ pub struct BlkSpec {
     pub read_only: bool,
     /// Open the image with O_DIRECT.
     pub direct: bool,
+    /// The disk's serial number, answered to the guest's GET_ID (see
+    /// [`protocol::valid_serial`]).
+    pub serial: Option<String>,
 }
 
 /// Where citadel-net's tap comes from.
@@ -231,6 +234,7 @@ impl Launcher {
             path,
             read_only: spec.read_only,
             direct: spec.direct,
+            serial: spec.serial.clone(),
         };
         self.spawn(&request, &fds)
     }

@@ -17,6 +17,15 @@ pub const MAX_MESSAGE: usize = 8192;
 /// 16), or one image, or one socket.
 pub const MAX_FDS: usize = 16;
 
+/// Longest serial number of a disk: the 20 bytes of virtio-blk's GET_ID.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// Whether `serial` can be a disk's serial number: at most [`MAX_SERIAL_LEN`] bytes of
+/// printable ASCII, spaces included.
+pub fn valid_serial(serial: &str) -> bool {
+    serial.len() <= MAX_SERIAL_LEN && serial.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
+
 /// A request from the VMM.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
@@ -31,6 +40,10 @@ pub enum Request {
         read_only: bool,
         /// Open the image with O_DIRECT.
         direct: bool,
+        /// The disk's serial number (GET_ID), at most [`MAX_SERIAL_LEN`] printable ASCII
+        /// bytes.
+        #[serde(default)]
+        serial: Option<String>,
     },
     /// Start citadel-net on the tap called `tap`, or else on the descriptors sent along.
     SpawnNet {

@@ -55,7 +55,7 @@ struct Server<'a> {
     config: &'a LauncherConfig,
     /// Backend pid → device id.
     backends: BTreeMap<i32, String>,
-    /// What every backend gets as its environment (its log level).
+    /// What every backend gets as its environment: the VMM's log level.
     environment: Vec<CString>,
 }
 
@@ -85,9 +85,11 @@ pub(crate) fn child_signals() -> io::Result<File> {
 pub(crate) fn serve(config: &LauncherConfig, mut signals: File) {
     // SAFETY: CONTROL_FD is the control socket, open for the life of the launcher.
     let control = unsafe { BorrowedFd::borrow_raw(CONTROL_FD) };
-    let environment = std::env::var("RUST_LOG")
+    // The VMM's level, whose default is warn: backends share its stderr, and a backend's
+    // start-up chatter must not bury the VMM's own one-line errors.
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_string());
+    let environment = CString::new(format!("RUST_LOG={level}"))
         .ok()
-        .and_then(|level| CString::new(format!("RUST_LOG={level}")).ok())
         .into_iter()
         .collect();
     let mut server = Server {
@@ -174,7 +176,18 @@ impl Server<'_> {
                 path,
                 read_only,
                 direct,
+                serial,
             } => {
+                // Checked before anything is opened: the request is untrusted.
+                if serial
+                    .as_deref()
+                    .is_some_and(|s| !protocol::valid_serial(s))
+                {
+                    return Err(RequestError::Invalid(format!(
+                        "a serial number is at most {} printable ASCII bytes",
+                        protocol::MAX_SERIAL_LEN
+                    )));
+                }
                 let image = match (path, single(fds)) {
                     (Some(path), Ok(None)) => OwnedFd::from(open_beneath(
                         Path::new("/"),
@@ -194,6 +207,10 @@ impl Server<'_> {
                 }
                 if direct {
                     args.push("--direct".into());
+                }
+                if let Some(serial) = serial {
+                    args.push("--serial".into());
+                    args.push(serial);
                 }
                 let binary = &self.config.blk_binary;
                 self.start(&id, binary, args, &[image])

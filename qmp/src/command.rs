@@ -33,6 +33,7 @@ const COMMANDS: &[&str] = &[
     "device_add",
     "device_del",
     "query-block",
+    "query-uuid",
 ];
 
 /// Every command name, for `query-commands`.
@@ -82,6 +83,8 @@ pub enum Command {
     },
     /// The block devices and what they serve.
     QueryBlock,
+    /// The VM's UUID.
+    QueryUuid,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +128,7 @@ impl Command {
                 return Ok(Command::DeviceDel { id: args.id });
             }
             "query-block" => Command::QueryBlock,
+            "query-uuid" => Command::QueryUuid,
             "query-status" => Command::QueryStatus,
             "query-cpus" => Command::QueryCpus,
             "query-hotpluggable-cpus" => Command::QueryHotpluggableCpus,
@@ -158,6 +162,7 @@ impl Command {
             Command::DeviceAdd(_) => "device_add",
             Command::DeviceDel { .. } => "device_del",
             Command::QueryBlock => "query-block",
+            Command::QueryUuid => "query-uuid",
         }
     }
 }

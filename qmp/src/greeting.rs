@@ -16,15 +16,15 @@ struct Banner {
     capabilities: [&'static str; 0],
 }
 
-/// `{"QMP":{"version":{"qemu":{"micro":m,"minor":n,"major":M},"package":""},"capabilities":[]}}`
+/// `{"QMP":{"version":{"qemu":{"micro":m,"minor":n,"major":M},"package":P},"capabilities":[]}}`
 /// followed by "\r\n". No capability is offered: Citadel has no out-of-band execution.
-pub fn greeting(major: u32, minor: u32, micro: u32) -> String {
+pub fn greeting(version: &VersionInfo) -> String {
     let greeting = Greeting {
         qmp: Banner {
-            version: VersionInfo::new(major, minor, micro),
+            version: version.clone(),
             capabilities: [],
         },
     };
-    // Integers and empty strings always serialise.
+    // Integers and strings always serialise.
     serde_json::to_string(&greeting).unwrap_or_default() + "\r\n"
 }

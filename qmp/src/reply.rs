@@ -176,6 +176,27 @@ impl VersionInfo {
             package: String::new(),
         }
     }
+
+    /// The same version with `package` naming the build that reports it.
+    pub fn with_package(self, package: impl Into<String>) -> Self {
+        VersionInfo {
+            package: package.into(),
+            ..self
+        }
+    }
+}
+
+/// Return value of `query-uuid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UuidInfo {
+    /// The UUID, all zeros when none was given (as QEMU answers).
+    #[serde(rename = "UUID")]
+    pub uuid: String,
+}
+
+impl UuidInfo {
+    /// The UUID QEMU reports for a VM started without one.
+    pub const NONE: &'static str = "00000000-0000-0000-0000-000000000000";
 }
 
 /// One element of `query-commands`.

@@ -160,6 +160,7 @@ fn every_command_dispatches_after_negotiation() {
         ("query-version", Command::QueryVersion),
         ("query-commands", Command::QueryCommands),
         ("query-block", Command::QueryBlock),
+        ("query-uuid", Command::QueryUuid),
     ];
     let mut s = negotiated();
     for (name, command) in expected.clone() {

@@ -6,15 +6,20 @@ use citadel_qmp::error::{ErrorClass, QmpError};
 use citadel_qmp::event::{Event, ShutdownReason};
 use citadel_qmp::greeting::greeting;
 use citadel_qmp::reply::{
-    self, command_list, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, VersionInfo,
+    self, command_list, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, UuidInfo,
+    VersionInfo,
 };
 use serde_json::json;
 
 #[test]
 fn greeting_matches_the_reference() {
     assert_eq!(
-        greeting(4, 0, 1),
+        greeting(&VersionInfo::new(4, 0, 1)),
         "{\"QMP\":{\"version\":{\"qemu\":{\"micro\":1,\"minor\":0,\"major\":4},\"package\":\"\"},\"capabilities\":[]}}\r\n"
+    );
+    assert_eq!(
+        greeting(&VersionInfo::new(5, 0, 1).with_package("citadel-0.1.0")),
+        "{\"QMP\":{\"version\":{\"qemu\":{\"micro\":1,\"minor\":0,\"major\":5},\"package\":\"citadel-0.1.0\"},\"capabilities\":[]}}\r\n"
     );
 }
 
@@ -204,6 +209,19 @@ fn query_hotpluggable_cpus_shape() {
             "\"qom-path\":\"/machine/unattached/device[0]\",\"type\":\"host-x86-cpu\",",
             "\"vcpus-count\":1}]}\r\n"
         )
+    );
+}
+
+#[test]
+fn query_uuid_shape() {
+    assert_eq!(
+        reply::success_with(
+            None,
+            &UuidInfo {
+                uuid: UuidInfo::NONE.to_string()
+            }
+        ),
+        "{\"return\":{\"UUID\":\"00000000-0000-0000-0000-000000000000\"}}\r\n"
     );
 }
 

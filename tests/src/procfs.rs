@@ -50,3 +50,90 @@ pub fn allow_own_core_dumps() -> bool {
     // SAFETY: a valid rlimit that outlives the call; only this process's limit changes.
     unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) == 0 }
 }
+
+/// Direct children of `pid`, from every thread's children list.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// /proc/<pid>/status, or `None` once the process is gone.
+pub fn status(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+/// The value of `key` in a /proc/<pid>/status text, empty when absent.
+pub fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The citadel-blk processes under citadel `vm` (children of its launcher).
+pub fn blk_backends(vm: u32) -> Vec<u32> {
+    children(vm)
+        .into_iter()
+        .flat_map(children)
+        .filter(|p| status(*p).is_some_and(|s| status_field(&s, "Name") == "citadel-blk"))
+        .collect()
+}
+
+/// Waits until `pid` no longer exists (reaped, not a zombie).
+pub fn wait_gone(pid: u32, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// The processes holding a descriptor open on `path`, whoever their parent.
+pub fn holders_of(path: &std::path::Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+            })
+        })
+        .collect()
+}
+
+/// The open flags (octal `flags:` of /proc/<pid>/fdinfo) of `pid`'s descriptors on `path`.
+pub fn open_flags_on(pid: u32, path: &std::path::Path) -> Vec<u32> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        .filter_map(|fd| {
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?))
+                    .ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .collect()
+}

@@ -5,9 +5,10 @@
 //! what a driver sees at each step; the bytes it writes are checked in the image.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use citadel_tests::guest_program;
+use citadel_tests::procfs::{blk_backends as backends, status, status_field, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -36,57 +37,6 @@ fn backend_missing(test: &str) -> bool {
         );
     }
     missing
-}
-
-/// Direct children of `pid`, from every thread's children list.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-fn status(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
-}
-
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The citadel-blk processes under citadel `vm` (children of its launcher).
-fn backends(vm: u32) -> Vec<u32> {
-    children(vm)
-        .into_iter()
-        .flat_map(children)
-        .filter(|p| status(*p).is_some_and(|s| status_field(&s, "Name") == "citadel-blk"))
-        .collect()
-}
-
-/// Waits until `pid` no longer exists (reaped, not a zombie).
-fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
 }
 
 fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Value {
@@ -324,4 +274,239 @@ fn refused_hotplug_commands_change_nothing() {
             "citadel-blk[{pid}] outlived the VM"
         );
     }
+}
+
+#[test]
+fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_ones() {
+    if backend_missing(
+        "disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_ones",
+    ) {
+        return;
+    }
+    let dir = TempDir::new("coldplug");
+    let first = image(dir.path(), "first.img");
+    let second = image(dir.path(), "second.img");
+    let spare = image(dir.path(), "spare.img");
+    let drive =
+        |id: &str, path: &Path, extra: &str| format!("id={id},file={}{extra}", path.display());
+    let args = [
+        "-m".to_string(),
+        "32".into(),
+        "-drive".into(),
+        drive("drive-a", &first, ""),
+        "-drive".into(),
+        drive("drive-b", &second, ",direct=off,readonly=off"),
+        "-drive".into(),
+        drive("spare", &spare, ",direct=off"),
+        "-device".into(),
+        "virtio-blk-device,drive=drive-a,id=disk-a,bootindex=0,serial=CITADEL A-0001".into(),
+        "-device".into(),
+        "virtio-blk-device,drive=drive-b,serial=CITADEL B-0002".into(),
+        "-append".into(),
+        "virtio_mmio.device=4K@0xd0000000:5".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vm::start(&guest_program("virtio_blk"), &args);
+
+    // The first device is in slot 0, with its capacity from the start.
+    let line = vm.wait_serial("citadel-guest: virtio-blk capacity=", STEP);
+    assert!(
+        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
+        "{line}"
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk status=", STEP);
+    assert_eq!(
+        line,
+        format!(
+            "citadel-guest: virtio-blk status=0 sector0={}.",
+            String::from_utf8_lossy(MARKER)
+        )
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk write status=", STEP);
+    assert!(line.ends_with("status=0"), "{line}");
+    // The guest's GET_ID reads the serial number the command line gave.
+    let line = vm.wait_serial("citadel-guest: virtio-blk id status=", STEP);
+    assert_eq!(
+        line,
+        format!(
+            "citadel-guest: virtio-blk id status=0 serial=CITADEL A-0001{}",
+            ".".repeat(18)
+        )
+    );
+    vm.wait_serial("citadel-guest: done", STEP);
+    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
+    assert_eq!(std::fs::read(&first).unwrap()[512..1024], expected[..]);
+    assert!(std::fs::read(&second).unwrap()[512..1024]
+        .iter()
+        .all(|&b| b == 0));
+
+    // One backend per drive, the unused one included; none bypasses the page cache unless
+    // told to.
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let holder = |path: &Path| {
+        let held: Vec<u32> = citadel_tests::procfs::holders_of(path)
+            .into_iter()
+            .filter(|p| pids.contains(p))
+            .collect();
+        assert_eq!(held.len(), 1, "{}: {held:?}", path.display());
+        held[0]
+    };
+    let (pid_a, pid_b, pid_spare) = (holder(&first), holder(&second), holder(&spare));
+    let flags = |pid: u32, path: &Path| citadel_tests::procfs::open_flags_on(pid, path);
+    for (pid, path) in [(pid_a, &first), (pid_b, &second)] {
+        let flags = flags(pid, path);
+        assert!(
+            !flags.is_empty(),
+            "citadel-blk[{pid}] has no descriptor on its image"
+        );
+        assert!(
+            flags
+                .iter()
+                .all(|f| *f as i32 & libc::O_DIRECT == 0
+                    && *f as i32 & libc::O_ACCMODE == libc::O_RDWR),
+            "{flags:?}"
+        );
+    }
+
+    // The device's serial number is its backend's, for the guest's GET_ID.
+    let serial_of = |pid: u32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        args.windows(2)
+            .find(|w| w[0] == "--serial")
+            .map(|w| w[1].clone())
+    };
+    assert_eq!(serial_of(pid_a).as_deref(), Some("CITADEL A-0001"));
+    assert_eq!(serial_of(pid_b).as_deref(), Some("CITADEL B-0002"));
+    assert_eq!(serial_of(pid_spare), None);
+
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    let block = qmp.execute("query-block", None);
+    let plugged: Vec<(&str, &str)> = block["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s["qdev"].as_str()?,
+                s.get("inserted")?["node-name"].as_str()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        plugged,
+        vec![("disk-a", "drive-a"), ("drive-b", "drive-b")],
+        "{block}"
+    );
+    assert_eq!(block["return"][0]["inserted"]["cache"]["direct"], false);
+
+    // A drive no device uses is a node device_add can plug; its slot is the next free one.
+    let reply = device_add(&mut qmp, "disk-a", "0x2", "spare");
+    assert_eq!(error_desc(&reply), "disk-a is already registered.");
+    assert_eq!(
+        device_add(&mut qmp, "disk-spare", "2", "spare"),
+        json!({"return": {}})
+    );
+    // The cold-plugged disks leave with device_del, under the id the command line gave.
+    for (id, pid) in [
+        ("drive-b", pid_b),
+        ("disk-a", pid_a),
+        ("disk-spare", pid_spare),
+    ] {
+        qmp.events.clear();
+        assert_eq!(
+            qmp.execute("device_del", Some(json!({"id": id}))),
+            json!({"return": {}})
+        );
+        let event = qmp.wait_event("DEVICE_DELETED");
+        assert_eq!(event["data"]["device"], id, "{event}");
+        assert!(
+            wait_gone(pid, Duration::from_secs(5)),
+            "citadel-blk[{pid}] outlived device_del {id}"
+        );
+    }
+    assert!(backends(vm.pid()).is_empty());
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// `direct=on` either serves the image with O_DIRECT or, where the file system aligns direct
+/// I/O to more than the slot's 512-byte blocks, is refused in one line before the VM is
+/// made: no pid file, no QMP socket, no backend holding the image. The image is named
+/// relative to citadel's current directory.
+#[test]
+fn direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made() {
+    if backend_missing("direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made") {
+        return;
+    }
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("coldplug-direct");
+    let img = image(dir.path(), "disk.img");
+    let serial = dir.path().join("serial.log");
+    let pidfile = dir.path().join("citadel.pid");
+    let socket = dir.path().join("qmp.sock");
+    let mut child = Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "32", "-kernel"])
+        .arg(guest_program("virtio_blk"))
+        .args(["-append", "virtio_mmio.device=4K@0xd0000000:5", "-drive"])
+        .arg("id=d0,file=disk.img,direct=on")
+        .current_dir(dir.path())
+        .args(["-device", "virtio-blk-device,drive=d0", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", socket.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            assert_eq!(status.code(), Some(1), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.starts_with("citadel: -drive d0: the disk's logical block size is ")
+                    && err
+                        .trim_end()
+                        .ends_with("(direct=on aligns I/O to the image's direct I/O block size)"),
+                "{err}"
+            );
+            assert!(!pidfile.exists() && !socket.exists());
+            assert!(citadel_tests::procfs::holders_of(&img).is_empty());
+            return;
+        }
+        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        if console.contains("citadel-guest: done") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{console}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let console = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        console.contains(&format!("virtio-blk capacity={}", IMAGE_LEN / 512)),
+        "{console}"
+    );
+    let pids = backends(child.id());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let flags = citadel_tests::procfs::open_flags_on(pids[0], &img);
+    assert!(
+        !flags.is_empty() && flags.iter().all(|f| *f as i32 & libc::O_DIRECT != 0),
+        "{flags:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -72,6 +72,7 @@ fn blk(image: PathBuf, read_only: bool) -> BlkSpec {
         image: ImageSource::Path(image),
         read_only,
         direct: false,
+        serial: None,
     }
 }
 
@@ -223,12 +224,40 @@ fn an_image_descriptor_is_served_as_given() {
             image: ImageSource::Fd(image.into()),
             read_only: true,
             direct: false,
+            serial: Some("CITADEL SN-0001".into()),
         })
         .expect("citadel-blk starts");
+    // The serial number reaches citadel-blk as its own argument.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", backend.pid)).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == b"--serial" && w[1] == b"CITADEL SN-0001"),
+        "{:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
     let mut fe = Frontend::new(backend.socket);
     let (features, capacity) = features_and_capacity(&mut fe);
     assert_eq!(capacity, IMAGE_BYTES / 512);
     assert_ne!(features & F_RO, 0);
+}
+
+#[test]
+fn a_bad_serial_number_is_refused_and_starts_nothing() {
+    let scratch = Scratch::new();
+    let launcher = Launcher::start(config()).expect("launcher starts");
+    for serial in ["twenty-one-bytes-long", "--image=/etc/x\n", "new\nline"] {
+        let mut spec = blk(scratch.image(), true);
+        spec.serial = Some(serial.to_string());
+        match launcher.spawn_blk(spec) {
+            Err(LauncherError::Refused(message)) => assert_eq!(
+                message, "a serial number is at most 20 printable ASCII bytes",
+                "{serial:?}"
+            ),
+            other => panic!("{serial:?}: {other:?}"),
+        }
+        assert!(children(launcher.pid()).is_empty(), "{serial:?}");
+    }
 }
 
 #[test]

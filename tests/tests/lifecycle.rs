@@ -26,8 +26,14 @@ fn guide_lifecycle_transcript() {
     vm.wait_serial("counter=", BOOT);
 
     let mut qmp = Qmp::connect(&vm.qmp_path, Duration::from_secs(5));
-    assert!(qmp.greeting["QMP"]["version"]["qemu"]["major"].is_u64());
-    assert_eq!(qmp.greeting["QMP"]["version"]["package"], "");
+    assert_eq!(
+        qmp.greeting["QMP"]["version"]["qemu"],
+        json!({"major": 5, "minor": 0, "micro": 1})
+    );
+    assert_eq!(
+        qmp.greeting["QMP"]["version"]["package"],
+        concat!("citadel-", env!("CARGO_PKG_VERSION"))
+    );
     assert_eq!(qmp.greeting["QMP"]["capabilities"], json!([]));
     assert_eq!(qmp.execute("qmp_capabilities", None), json!({"return": {}}));
 
@@ -126,8 +132,19 @@ fn qmp_protocol_errors_keep_the_connection() {
     qmp.send_raw(b"{\"execute\": nonsense}\n");
     let r = qmp.read_reply();
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert_eq!(
+        qmp.execute("query-uuid", None),
+        json!({"return": {"UUID": "00000000-0000-0000-0000-000000000000"}})
+    );
     let r = qmp.execute("query-version", None);
-    assert!(r["return"]["qemu"]["major"].is_u64(), "{r}");
+    assert_eq!(
+        r["return"],
+        json!({
+            "qemu": {"major": 5, "minor": 0, "micro": 1},
+            "package": concat!("citadel-", env!("CARGO_PKG_VERSION")),
+        }),
+        "{r}"
+    );
 
     // Unknown command, unexpected argument.
     let r = qmp.execute("no-such-command", None);

@@ -150,7 +150,14 @@ fn ncat_by_hand() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect();
-    assert!(lines[0].get("QMP").is_some(), "{text}");
+    assert_eq!(
+        lines[0]["QMP"]["version"],
+        serde_json::json!({
+            "qemu": {"major": 5, "minor": 0, "micro": 1},
+            "package": concat!("citadel-", env!("CARGO_PKG_VERSION")),
+        }),
+        "{text}"
+    );
     assert_eq!(lines[1], serde_json::json!({"return": {}}));
     assert_eq!(lines[2]["return"]["status"], "running");
     assert_eq!(lines[3], serde_json::json!({"return": {}}));

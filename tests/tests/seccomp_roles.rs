@@ -639,6 +639,7 @@ fn launcher_with_a_backend(
             image: citadel_launcher::ImageSource::Path(image),
             read_only: true,
             direct: false,
+            serial: None,
         })
         .unwrap_or_else(|e| panic!("{test}: starting citadel-blk: {e}"));
     (launcher, backend, dir)

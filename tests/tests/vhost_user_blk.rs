@@ -197,9 +197,13 @@ fn bad_disk_command_lines_fail_with_one_line_and_create_nothing() {
             "Connection refused",
         ),
         (
-            vec!["-drive".into(), "file=/x,if=none,id=d0".into()],
-            "not supported",
+            vec![
+                "-drive".into(),
+                "file=/nonexistent.img,if=none,id=d0".into(),
+            ],
+            "-drive d0: Could not open '/nonexistent.img': No such file or directory",
         ),
+        (vec!["-netdev".into(), "tap,id=n0".into()], "not supported"),
     ];
     for (extra, expected) in cases {
         let out = Command::new(citadel_tests::binary("citadel"))

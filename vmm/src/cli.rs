@@ -50,6 +50,41 @@ pub struct Config {
     /// `-device vhost-user-blk-device,chardev=ID`, in command-line order: the order of their
     /// virtio-mmio slots.
     pub disks: Vec<VhostUserBlkConfig>,
+    /// `-drive`: images served by backends the VMM starts, in command-line order.
+    pub drives: Vec<DriveConfig>,
+    /// `-device virtio-blk-device,drive=ID`, in command-line order: the order of the
+    /// hot-replace disk slots they fill.
+    pub blk_devices: Vec<BlkDeviceConfig>,
+    /// `-uuid`: the VM's UUID, shown in logs and by `query-uuid`.
+    pub uuid: Option<String>,
+}
+
+/// `-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off]`: an image the VMM has a
+/// `citadel-blk` serve, like a QMP `blockdev-add` at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// The node name devices refer to.
+    pub id: String,
+    /// The image, as given.
+    pub file: PathBuf,
+    /// Open the image read-only and fail the guest's writes.
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT) with `direct=on`. Off by default, as for
+    /// `blockdev-add`: a slot's logical block size is 512 bytes, and direct I/O on an image
+    /// whose file system aligns it to 4 KiB cannot serve one.
+    pub direct: bool,
+}
+
+/// `-device virtio-blk-device,drive=ID[,id=NAME]`: a drive cold-plugged into the next
+/// hot-replace disk slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkDeviceConfig {
+    /// The device id `device_del` takes: `id=`, or the drive's id.
+    pub id: String,
+    /// The `-drive` it serves.
+    pub drive: String,
+    /// `serial=`: what the guest's GET_ID reads (`/sys/block/vda/serial`).
+    pub serial: Option<String>,
 }
 
 /// A disk served by a vhost-user backend.
@@ -65,6 +100,14 @@ pub struct VhostUserBlkConfig {
 struct Chardev {
     id: String,
     path: PathBuf,
+}
+
+/// `-device virtio-blk-device,drive=ID[,id=DEV][,serial=S]` before its drive is resolved.
+struct BlkDeviceArg {
+    value: String,
+    id: Option<String>,
+    drive: String,
+    serial: Option<String>,
 }
 
 /// `-device vhost-user-blk-device,chardev=ID[,id=DEV]` before its chardev is resolved.
@@ -110,6 +153,14 @@ pub enum CliError {
     /// A known option or value that Citadel does not implement yet.
     #[error("{0} is not supported by this version of citadel")]
     Unsupported(String),
+    /// A known option Citadel refuses on principle.
+    #[error("option '{option}' is refused: {why}")]
+    Refused {
+        /// The option.
+        option: String,
+        /// Why, and what to use instead.
+        why: &'static str,
+    },
     /// `-help` was asked for.
     #[error("help requested")]
     Help,
@@ -126,13 +177,23 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
                [-daemonize] [-pidfile PATH] [-seccomp kill|log] [-S]
                [-sandbox landlock=on|off[,landlock-abi=N]]
+               [-uuid UUID]
+               [-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,if=none]
+                       [,format=raw][,aio=native|io_uring|threads|off]]...
+               [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,bootindex=N]]...
                [-chardev socket,id=ID,path=PATH
                 -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
-start and takes the next virtio-mmio slot (at most 16).";
+start and takes the next virtio-mmio slot (at most 10). Each -drive (at most 16) starts a
+citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
+disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
+disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
+-drive no device uses is a block node for QMP's device_add. serial= is at most 20
+printable ASCII bytes, read by the guest's GET_ID. -disable-seccomp is refused:
+-seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
     CliError::Invalid {
@@ -340,6 +401,9 @@ where
     let mut landlock = LandlockChoice::Required;
     let mut chardevs: Vec<Chardev> = Vec::new();
     let mut devices: Vec<DeviceArg> = Vec::new();
+    let mut drives: Vec<DriveConfig> = Vec::new();
+    let mut blk_devices: Vec<BlkDeviceArg> = Vec::new();
+    let mut uuid = None;
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -406,8 +470,46 @@ where
                 }
                 chardevs.push(chardev);
             }
-            "-device" => devices.push(parse_device(&value(&option)?)?),
-            "-drive" | "-netdev" | "-incoming" | "-object" => {
+            "-device" => {
+                let v = value(&option)?;
+                if split_options(&v).0 == "virtio-blk-device" {
+                    blk_devices.push(parse_blk_device(&v)?);
+                } else {
+                    devices.push(parse_device(&v)?);
+                }
+            }
+            "-drive" => {
+                let v = value(&option)?;
+                let drive = parse_drive(&v)?;
+                // Each drive is a backend process.
+                if drives.len() == crate::hotplug::MAX_NODES {
+                    return Err(invalid(
+                        "-drive",
+                        &v,
+                        format!(
+                            "too many drives: a VM has at most {} block nodes",
+                            crate::hotplug::MAX_NODES
+                        ),
+                    ));
+                }
+                if drives.iter().any(|d| d.id == drive.id) {
+                    return Err(invalid(
+                        "-drive",
+                        &drive.id,
+                        "a drive with this id already exists",
+                    ));
+                }
+                drives.push(drive);
+            }
+            "-uuid" => uuid = Some(parse_uuid(&value(&option)?)?),
+            "-disable-seccomp" => {
+                return Err(CliError::Refused {
+                    option,
+                    why: "citadel always runs under its seccomp filters; '-seccomp log' logs a \
+                          forbidden system call instead of killing the VMM",
+                })
+            }
+            "-netdev" | "-incoming" | "-object" => {
                 return Err(CliError::Unsupported(format!("option '{option}'")))
             }
             _ => return Err(CliError::Unknown(arg)),
@@ -426,8 +528,12 @@ where
         ));
     }
     let disks = resolve_devices(&devices, &chardevs)?;
+    let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     Ok(Config {
         disks,
+        drives,
+        blk_devices,
+        uuid,
         name,
         kernel,
         initrd,
@@ -553,6 +659,164 @@ fn resolve_devices(
         });
     }
     Ok(disks)
+}
+
+/// `on`/`off` (and QEMU's other spellings) of a boolean sub-option.
+fn on_off(option: &str, value: &str, key: &str, v: &str) -> Result<bool, CliError> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(invalid(option, value, format!("'{key}' must be on or off"))),
+    }
+}
+
+fn parse_drive(v: &str) -> Result<DriveConfig, CliError> {
+    let (head, opts) = split_options(v);
+    if !head.is_empty() {
+        return Err(invalid("-drive", v, format!("unknown property '{head}'")));
+    }
+    let (mut id, mut file) = (None, None);
+    let (mut read_only, mut direct) = (false, false);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("file", Some(f)) => file = Some(non_empty_path("-drive", f)?),
+            ("readonly", Some(b)) => read_only = on_off("-drive", v, key, b)?,
+            ("direct", Some(b)) => direct = on_off("-drive", v, key, b)?,
+            ("if", Some("none")) | ("format", Some("raw")) => {}
+            // citadel-blk picks its own I/O engine; the choice changes no data.
+            ("aio", Some("native" | "io_uring" | "threads" | "off")) => {}
+            ("if" | "format" | "aio", Some(other)) => {
+                return Err(CliError::Unsupported(format!("-drive {key}={other}")))
+            }
+            _ => {
+                return Err(invalid(
+                    "-drive",
+                    v,
+                    format!(
+                        "unknown or empty property '{key}' (expected file=PATH,id=ID[,readonly=on|off][,direct=on|off])"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(DriveConfig {
+        id: id.ok_or_else(|| invalid("-drive", v, "no id="))?,
+        file: file.ok_or_else(|| invalid("-drive", v, "no file="))?,
+        read_only,
+        direct,
+    })
+}
+
+fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
+    let (_, opts) = split_options(v);
+    let (mut id, mut drive, mut serial) = (None, None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("drive", Some(d)) if !d.is_empty() => drive = Some(d.to_string()),
+            ("serial", Some(s)) if citadel_launcher::protocol::valid_serial(s) => {
+                serial = Some(s.to_string())
+            }
+            ("serial", Some(_)) => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
+                        "a serial number is at most {} printable ASCII bytes",
+                        citadel_launcher::protocol::MAX_SERIAL_LEN
+                    ),
+                ))
+            }
+            // The kernel is loaded directly: there is no firmware to choose a boot disk.
+            ("bootindex", Some(n)) if n.parse::<u32>().is_ok() => {}
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
+                    "unknown or empty property '{key}' (expected drive=ID[,id=NAME][,serial=S][,bootindex=N])"
+                ),
+                ))
+            }
+        }
+    }
+    Ok(BlkDeviceArg {
+        value: v.to_string(),
+        id,
+        drive: drive.ok_or_else(|| invalid("-device", v, "no drive="))?,
+        serial,
+    })
+}
+
+/// Ties each virtio-blk device to its drive: the drive must exist and serve one device only,
+/// device ids must be unique (vhost-user devices' included), and each needs a hot-replace
+/// slot.
+fn resolve_blk_devices(
+    devices: &[BlkDeviceArg],
+    drives: &[DriveConfig],
+    vhost_user: &[VhostUserBlkConfig],
+) -> Result<Vec<BlkDeviceConfig>, CliError> {
+    let slots = crate::machine::DISK_SLOTS as usize;
+    if devices.len() > slots {
+        return Err(invalid(
+            "-device",
+            &devices[slots].value,
+            format!("too many virtio-blk devices: the microvm machine has {slots} hot-replace disk slots"),
+        ));
+    }
+    let mut resolved: Vec<BlkDeviceConfig> = Vec::with_capacity(devices.len());
+    for dev in devices {
+        if !drives.iter().any(|d| d.id == dev.drive) {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!("no -drive with id '{}'", dev.drive),
+            ));
+        }
+        if resolved.iter().any(|d| d.drive == dev.drive) {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!("drive '{}' is already used by another device", dev.drive),
+            ));
+        }
+        let id = dev.id.clone().unwrap_or_else(|| dev.drive.clone());
+        let taken = resolved.iter().any(|d| d.id == id)
+            || vhost_user
+                .iter()
+                .any(|d| d.id.as_deref() == Some(id.as_str()));
+        if taken {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!("a device with id '{id}' already exists"),
+            ));
+        }
+        resolved.push(BlkDeviceConfig {
+            id,
+            drive: dev.drive.clone(),
+            serial: dev.serial.clone(),
+        });
+    }
+    Ok(resolved)
+}
+
+/// `-uuid`: 32 hex digits in the 8-4-4-4-12 form, kept in lower case.
+fn parse_uuid(v: &str) -> Result<String, CliError> {
+    let groups: Vec<&str> = v.split('-').collect();
+    let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+    let hex = groups
+        .iter()
+        .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if lengths != [8, 4, 4, 4, 12] || !hex {
+        return Err(invalid(
+            "-uuid",
+            v,
+            "expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex digits)",
+        ));
+    }
+    Ok(v.to_ascii_lowercase())
 }
 
 /// `-sandbox landlock=on|off[,landlock-abi=N]`. The cap only makes sense with Landlock on.
@@ -722,10 +986,6 @@ mod tests {
             with(&["-cpu", "max"]).unwrap_err(),
             CliError::Invalid { .. }
         ));
-        assert!(matches!(
-            with(&["-drive", "file=x,id=y"]).unwrap_err(),
-            CliError::Unsupported(_)
-        ));
         assert!(with(&["-daemonize", "-serial", "stdio"]).is_err());
     }
 
@@ -866,12 +1126,10 @@ mod tests {
             "vhost-user-blk-device,chardev=c1,id=d"
         ])
         .contains("a device with this id already exists"));
-        for option in ["-drive", "-netdev"] {
-            assert!(matches!(
-                with(&[option, "id=x"]).unwrap_err(),
-                CliError::Unsupported(_)
-            ));
-        }
+        assert!(matches!(
+            with(&["-netdev", "id=x"]).unwrap_err(),
+            CliError::Unsupported(_)
+        ));
     }
 
     #[test]
@@ -891,5 +1149,195 @@ mod tests {
         );
         args.truncate(args.len() - 4);
         assert_eq!(parse(args).unwrap().disks.len(), 10);
+    }
+
+    #[test]
+    fn kata_launch_line_parses() {
+        let c = parse([
+            "-name",
+            "sandbox-4f2c",
+            "-uuid",
+            "7A1B2C3D-0000-4000-8000-00000000ABCD",
+            "-machine",
+            "type=microvm,dump-guest-core=off,mem-share=on",
+            "-kernel",
+            "/k",
+            "-D",
+            "/run/vc/log",
+            "-drive",
+            "id=rootfs,file=/images/root.img,readonly=on,direct=off",
+            "-device",
+            "virtio-blk-device,drive=rootfs,id=blk-rootfs",
+            "-drive",
+            "file=/images/data.img,id=data,if=none,format=raw,aio=native",
+            "-device",
+            "virtio-blk-device,drive=data,bootindex=1,serial=CITADEL DATA-01",
+            "-drive",
+            "file=/images/spare.img,id=spare,direct=on",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.uuid.as_deref(),
+            Some("7a1b2c3d-0000-4000-8000-00000000abcd")
+        );
+        assert_eq!(
+            c.drives,
+            vec![
+                DriveConfig {
+                    id: "rootfs".into(),
+                    file: PathBuf::from("/images/root.img"),
+                    read_only: true,
+                    direct: false,
+                },
+                DriveConfig {
+                    id: "data".into(),
+                    file: PathBuf::from("/images/data.img"),
+                    read_only: false,
+                    direct: false,
+                },
+                DriveConfig {
+                    id: "spare".into(),
+                    file: PathBuf::from("/images/spare.img"),
+                    read_only: false,
+                    direct: true,
+                },
+            ]
+        );
+        assert_eq!(
+            c.blk_devices,
+            vec![
+                BlkDeviceConfig {
+                    id: "blk-rootfs".into(),
+                    drive: "rootfs".into(),
+                    serial: None,
+                },
+                BlkDeviceConfig {
+                    id: "data".into(),
+                    drive: "data".into(),
+                    serial: Some("CITADEL DATA-01".into()),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_drives_and_blk_devices_are_refused() {
+        let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
+        assert_eq!(
+            err(&["-device", "virtio-blk-device,drive=d0"]),
+            "invalid value 'virtio-blk-device,drive=d0' for '-device': no -drive with id 'd0'"
+        );
+        assert!(err(&["-drive", "file=/a"]).ends_with("no id="));
+        assert!(err(&["-drive", "id=d0"]).ends_with("no file="));
+        assert!(err(&["-drive", "id=d0,file=/a,cache=none"]).contains("'cache'"));
+        assert!(err(&["-drive", "id=d0,file=/a,readonly=maybe"])
+            .contains("'readonly' must be on or off"));
+        assert_eq!(
+            err(&["-drive", "id=d0,file=/a,format=qcow2"]),
+            "-drive format=qcow2 is not supported by this version of citadel"
+        );
+        assert!(err(&["-drive", "id=d0,file=/a,if=virtio"]).contains("if=virtio"));
+        assert!(err(&["-drive", "id=d0,file=/a", "-drive", "id=d0,file=/b"])
+            .contains("a drive with this id already exists"));
+        assert!(err(&[
+            "-drive",
+            "id=d0,file=/a",
+            "-device",
+            "virtio-blk-device,drive=d0",
+            "-device",
+            "virtio-blk-device,drive=d0,id=other"
+        ])
+        .contains("drive 'd0' is already used by another device"));
+        assert!(err(&[
+            "-drive",
+            "id=d0,file=/a",
+            "-drive",
+            "id=d1,file=/b",
+            "-device",
+            "virtio-blk-device,drive=d0,id=x",
+            "-device",
+            "virtio-blk-device,drive=d1,id=x"
+        ])
+        .contains("a device with id 'x' already exists"));
+        assert!(err(&[
+            "-chardev",
+            "socket,id=c0,path=/s",
+            "-device",
+            "vhost-user-blk-device,chardev=c0,id=d0",
+            "-drive",
+            "id=d0,file=/a",
+            "-device",
+            "virtio-blk-device,drive=d0"
+        ])
+        .contains("a device with id 'd0' already exists"));
+        assert!(err(&[
+            "-drive",
+            "id=d0,file=/a",
+            "-device",
+            "virtio-blk-device,drive=d0,num-queues=2"
+        ])
+        .contains("'num-queues'"));
+        assert!(err(&[
+            "-drive",
+            "id=d0,file=/a",
+            "-device",
+            "virtio-blk-device,drive=d0,bootindex=x"
+        ])
+        .contains("'bootindex'"));
+        assert_eq!(
+            err(&[
+                "-drive",
+                "id=d0,file=/a",
+                "-device",
+                "virtio-blk-device,drive=d0,serial=twenty-one-bytes-long"
+            ]),
+            "invalid value 'virtio-blk-device,drive=d0,serial=twenty-one-bytes-long' for '-device': a serial number is at most 20 printable ASCII bytes"
+        );
+        assert!(err(&[
+            "-drive",
+            "id=d0,file=/a",
+            "-device",
+            "virtio-blk-device,drive=d0,serial=tab\there"
+        ])
+        .contains("printable ASCII"));
+        for bad in [
+            "7a1b2c3d",
+            "7a1b2c3d-0000-4000-8000-00000000abcg",
+            "7a1b2c3d00004000800000000000abcd",
+        ] {
+            assert!(err(&["-uuid", bad]).contains("'-uuid'"), "{bad}");
+        }
+        assert_eq!(
+            err(&["-disable-seccomp"]),
+            "option '-disable-seccomp' is refused: citadel always runs under its seccomp filters; '-seccomp log' logs a forbidden system call instead of killing the VMM"
+        );
+    }
+
+    #[test]
+    fn at_most_six_blk_devices_and_sixteen_drives() {
+        let mut args: Vec<String> = base().into_iter().map(String::from).collect();
+        for i in 0..7 {
+            args.push("-drive".into());
+            args.push(format!("id=d{i},file=/d{i}"));
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive=d{i}"));
+        }
+        assert_eq!(
+            parse(args.clone()).unwrap_err().to_string(),
+            "invalid value 'virtio-blk-device,drive=d6' for '-device': too many virtio-blk devices: the microvm machine has 6 hot-replace disk slots"
+        );
+        args.truncate(args.len() - 2);
+        let c = parse(args.clone()).unwrap();
+        assert_eq!((c.drives.len(), c.blk_devices.len()), (7, 6));
+        for i in 7..17 {
+            args.push("-drive".into());
+            args.push(format!("id=d{i},file=/d{i}"));
+        }
+        assert_eq!(
+            parse(args.clone()).unwrap_err().to_string(),
+            "invalid value 'id=d16,file=/d16' for '-drive': too many drives: a VM has at most 16 block nodes"
+        );
+        args.truncate(args.len() - 2);
+        assert_eq!(parse(args).unwrap().drives.len(), 16);
     }
 }

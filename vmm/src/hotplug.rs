@@ -4,16 +4,22 @@
 //! machine, releases the node and ends its backend process too (the guide never calls
 //! `blockdev-del` there); `blockdev-del` ends a node that no device uses.
 //!
+//! Disks on the command line take the same path: each `-drive` is a `blockdev-add` made
+//! before anything else is created, each `-device virtio-blk-device` a `device_add` into the
+//! next slot before the vCPUs run, so the guest finds the disk's capacity at probe and
+//! `device_del` takes it out like any other.
+//!
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use citadel_launcher::{BlkSpec, ImageSource, Launcher};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use serde_json::{json, Value};
 
+use crate::cli::{BlkDeviceConfig, DriveConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
@@ -36,6 +42,27 @@ struct Node {
     device: Option<String>,
 }
 
+/// A disk of the command line that could not be set up, as one line naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum ColdPlugError {
+    /// A `-drive` whose backend could not be started.
+    #[error("-drive {id}: {why}")]
+    Drive {
+        /// The drive's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A `-device virtio-blk-device` that could not be plugged.
+    #[error("-device virtio-blk-device {id}: {why}")]
+    Device {
+        /// The device's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+}
+
 /// The block nodes and the launcher that starts their backends.
 pub struct Hotplug {
     launcher: Result<Launcher, String>,
@@ -52,8 +79,86 @@ impl Hotplug {
         }
     }
 
+    /// Starts a backend for each of the command line's drives, in order, as `blockdev-add`
+    /// would, with the serial number of the device in `disks` that uses it; a relative image
+    /// path is taken from `cwd`. On a refusal the caller drops the whole `Hotplug`, which
+    /// ends the launcher and every backend already started.
+    pub fn add_drives(
+        &mut self,
+        drives: &[DriveConfig],
+        disks: &[BlkDeviceConfig],
+        cwd: &Path,
+    ) -> Result<(), ColdPlugError> {
+        for drive in drives {
+            let refuse = |why: String| ColdPlugError::Drive {
+                id: drive.id.clone(),
+                why,
+            };
+            let path = cwd.join(&drive.file);
+            let filename = path
+                .to_str()
+                .ok_or_else(|| refuse(format!("{} is not valid UTF-8", path.display())))?;
+            let serial = disks
+                .iter()
+                .find(|d| d.drive == drive.id)
+                .and_then(|d| d.serial.clone());
+            let add = BlockdevAdd {
+                node_name: drive.id.clone(),
+                filename: filename.to_string(),
+                read_only: drive.read_only,
+                direct: drive.direct,
+            };
+            self.add_node(&add, serial).map_err(|e| refuse(e.desc))?;
+            // A node is only ever plugged into a slot: one that cannot fit is refused now,
+            // while a refusal still leaves nothing behind.
+            let fits = self
+                .nodes
+                .get(&drive.id)
+                .and_then(|node| node.disk.as_ref())
+                .map_or(Ok(()), VhostUserBlk::check_fits_slot);
+            if let Err(why) = fits {
+                self.release(&drive.id);
+                return Err(refuse(if drive.direct {
+                    format!("{why} (direct=on aligns I/O to the image's direct I/O block size)")
+                } else {
+                    why
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Plugs the command line's virtio-blk devices into the disk slots in order, slot 0
+    /// first. Run before the vCPUs do: the guest's driver then finds each disk at probe.
+    pub fn cold_plug(
+        &mut self,
+        devices: &DeviceManager,
+        disks: &[BlkDeviceConfig],
+    ) -> Result<(), ColdPlugError> {
+        for (slot, disk) in disks.iter().enumerate() {
+            let add = DeviceAdd {
+                driver: DISK_DRIVER.to_string(),
+                id: disk.id.clone(),
+                addr: Some(slot.to_string()),
+                drive: Some(disk.drive.clone()),
+                netdev: None,
+            };
+            self.device_add(devices, &add)
+                .map_err(|e| ColdPlugError::Device {
+                    id: disk.id.clone(),
+                    why: e.desc,
+                })?;
+        }
+        Ok(())
+    }
+
     /// `blockdev-add`.
     pub fn blockdev_add(&mut self, add: &BlockdevAdd) -> Result<Value, QmpError> {
+        self.add_node(add, None)
+    }
+
+    /// Starts the backend of node `add`, answering the guest's GET_ID with `serial`.
+    fn add_node(&mut self, add: &BlockdevAdd, serial: Option<String>) -> Result<Value, QmpError> {
         if self.nodes.contains_key(&add.node_name) {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
@@ -75,6 +180,7 @@ impl Hotplug {
                 image: ImageSource::Path(PathBuf::from(&add.filename)),
                 read_only: add.read_only,
                 direct: add.direct,
+                serial,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
         let peer = PathBuf::from(format!("citadel-blk[{}] ({})", backend.pid, add.node_name));

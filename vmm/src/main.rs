@@ -44,6 +44,10 @@ enum RunError {
     DeadlineSignal(std::io::Error),
     #[error(transparent)]
     Disk(#[from] citadel::devices::vhost_user_blk::VhostUserBlkError),
+    #[error(transparent)]
+    ColdPlug(#[from] citadel::hotplug::ColdPlugError),
+    #[error("the current directory, for relative -drive paths: {0}")]
+    CurrentDir(std::io::Error),
 }
 
 fn init_logging(config: &Config) -> Result<(), RunError> {
@@ -133,8 +137,13 @@ fn build_and_run(
         // Decided before anything is created, so that a refusal leaves nothing behind.
         let plan = lockdown::plan(citadel_sandbox::kernel_landlock_abi(), config.landlock)?;
         log::info!(
-            "starting VM {} ({} vCPUs, {} MiB, kernel {})",
+            "starting VM {}{} ({} vCPUs, {} MiB, kernel {})",
             config.name.as_deref().unwrap_or("(unnamed)"),
+            config
+                .uuid
+                .as_deref()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default(),
             config.vcpus,
             config.mem_bytes >> 20,
             config.kernel.display()
@@ -146,6 +155,13 @@ fn build_and_run(
         }
         // Every disk slot may get a backend, whose answers are bounded by a deadline.
         citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
+        let mut hotplug = Hotplug::new(launcher);
+        // The command line's drives start before any file is made, so that one refusing
+        // leaves nothing behind.
+        if !config.drives.is_empty() {
+            let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
+            hotplug.add_drives(&config.drives, &config.blk_devices, &cwd)?;
+        }
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
         let disks = config
@@ -217,15 +233,20 @@ fn build_and_run(
             disks,
         };
         let machine = Machine::create(&spec, wiring)?;
+        hotplug.cold_plug(machine.virtio(), &config.blk_devices)?;
         let monitor = Monitor::new(
             machine,
-            Hotplug::new(launcher),
+            hotplug,
             channels,
             events_rx,
             qmp,
             config.serial == SerialTarget::Stdio,
             config.start_paused,
         )?;
+        let monitor = match &config.uuid {
+            Some(uuid) => monitor.with_uuid(uuid.clone()),
+            None => monitor,
+        };
         lockdown::event_loop_thread(&plan, mode)?;
         Ok((monitor, pidfile))
     };

@@ -12,7 +12,7 @@ use citadel_qmp::command::{command_names, Command, Request};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::event::{Event, ShutdownReason};
 use citadel_qmp::reply::{
-    CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, VersionInfo,
+    CommandInfo, CpuInfo, CpuProps, HotpluggableCpu, RunState, StatusInfo, UuidInfo,
 };
 use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::hotplug::Hotplug;
 use crate::machine::Machine;
-use crate::qmp_server::{QmpServer, Response, VERSION};
+use crate::qmp_server::{QmpServer, Response};
 use crate::vcpu::VcpuEvent;
 
 const TOKEN_SIGNAL: u64 = 1;
@@ -114,6 +114,8 @@ impl Channels {
 pub struct Monitor {
     machine: Machine,
     hotplug: Hotplug,
+    /// What `query-uuid` reports.
+    uuid: String,
     state: RunState,
     exit: Option<ExitReason>,
     epoll: Epoll,
@@ -174,6 +176,7 @@ impl Monitor {
         Ok(Monitor {
             machine,
             hotplug,
+            uuid: UuidInfo::NONE.to_string(),
             state: if start_paused {
                 RunState::Prelaunch
             } else {
@@ -187,6 +190,11 @@ impl Monitor {
             stdin,
             pending_input: Vec::new(),
         })
+    }
+
+    /// The monitor reporting `uuid` (`-uuid`) to `query-uuid`.
+    pub fn with_uuid(self, uuid: String) -> Monitor {
+        Monitor { uuid, ..self }
     }
 
     /// Creates the epoll set and binds the QMP socket in it; done before the machine exists
@@ -258,8 +266,9 @@ impl Monitor {
                     let hotplug = &mut self.hotplug;
                     let state = &mut self.state;
                     let exit = &mut self.exit;
+                    let uuid = self.uuid.as_str();
                     server.on_ready(&self.epoll, token, set, &mut |req| {
-                        execute(machine, hotplug, state, exit, req)
+                        execute(machine, hotplug, uuid, state, exit, req)
                     });
                 }
             }
@@ -364,6 +373,7 @@ impl Monitor {
 fn execute(
     machine: &Machine,
     hotplug: &mut Hotplug,
+    uuid: &str,
     state: &mut RunState,
     exit: &mut Option<ExitReason>,
     req: &Request,
@@ -490,10 +500,10 @@ fn execute(
                 }
             }
         }
-        Command::QueryVersion => {
-            let (major, minor, micro) = VERSION;
-            Response::reply(to_value(&VersionInfo::new(major, minor, micro)))
-        }
+        Command::QueryUuid => Response::reply(to_value(&UuidInfo {
+            uuid: uuid.to_string(),
+        })),
+        Command::QueryVersion => Response::reply(to_value(&crate::qmp_server::version())),
         Command::BlockdevAdd(add) => Response::reply(hotplug.blockdev_add(add)),
         Command::BlockdevDel { node_name } => Response::reply(hotplug.blockdev_del(node_name)),
         Command::DeviceAdd(add) => Response::reply(hotplug.device_add(machine.virtio(), add)),

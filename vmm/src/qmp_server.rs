@@ -18,6 +18,7 @@ use citadel_qmp::command::Request;
 use citadel_qmp::error::QmpError;
 use citadel_qmp::event::Event;
 use citadel_qmp::framing::Decoder;
+use citadel_qmp::reply::VersionInfo;
 use citadel_qmp::session::{Outcome, Session};
 use citadel_qmp::{greeting, reply};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -38,8 +39,17 @@ const READ_CHUNK: usize = 16 * 1024;
 /// is left is read on the next round, after the other clients and the VM's own events: a
 /// client that never stops sending cannot hold the event loop.
 const READS_PER_EVENT: usize = 8;
-/// Version reported in the greeting and by `query-version`.
-pub const VERSION: (u32, u32, u32) = (0, 1, 0);
+/// The QEMU version whose QMP dialect Citadel speaks, reported in the greeting and by
+/// `query-version`. Clients gate features on it: Kata Containers refuses a major below 5.
+pub const QEMU_DIALECT: (u32, u32, u32) = (5, 0, 1);
+
+/// What the greeting and `query-version` report: the dialect, and Citadel's own version as
+/// the package.
+pub fn version() -> VersionInfo {
+    let (major, minor, micro) = QEMU_DIALECT;
+    VersionInfo::new(major, minor, micro)
+        .with_package(concat!("citadel-", env!("CARGO_PKG_VERSION")))
+}
 
 /// What the VMM does with one command.
 pub struct Response {
@@ -201,10 +211,7 @@ impl QmpServer {
                 out: VecDeque::new(),
                 want_write: false,
             };
-            let (major, minor, micro) = VERSION;
-            client
-                .out
-                .extend(greeting::greeting(major, minor, micro).as_bytes());
+            client.out.extend(greeting::greeting(&version()).as_bytes());
             self.clients.insert(token, client);
             log::debug!("QMP client {token} connected");
             if !self.flush_client(epoll, token) {

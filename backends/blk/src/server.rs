@@ -227,7 +227,7 @@ pub fn run(args: Args) -> Result<(), ServerError> {
     for w in workers {
         let _ = w.join();
     }
-    eprintln!("citadel-blk: {}", dev.stats.line());
+    log::info!("{}", dev.stats.line());
     result
 }
 

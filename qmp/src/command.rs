@@ -15,6 +15,7 @@ use crate::device::{
     BlockdevAdd, BlockdevAddArgs, BlockdevDelArgs, DeviceAdd, DeviceAddArgs, DeviceDelArgs,
 };
 use crate::error::QmpError;
+use crate::fds::{AddFd, AddFdArgs, FdnameArgs, RemoveFd, RemoveFdArgs};
 
 /// Every command Citadel understands, in the order `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -34,6 +35,11 @@ const COMMANDS: &[&str] = &[
     "device_del",
     "query-block",
     "query-uuid",
+    "getfd",
+    "closefd",
+    "add-fd",
+    "remove-fd",
+    "query-fdsets",
 ];
 
 /// Every command name, for `query-commands`.
@@ -85,6 +91,22 @@ pub enum Command {
     QueryBlock,
     /// The VM's UUID.
     QueryUuid,
+    /// Keep the descriptor attached to the message under a name.
+    Getfd {
+        /// The name.
+        fdname: String,
+    },
+    /// Close a descriptor kept by `getfd`.
+    Closefd {
+        /// The name.
+        fdname: String,
+    },
+    /// Add the descriptor attached to the message to an fd set.
+    AddFd(AddFd),
+    /// Close a descriptor of an fd set, or the whole set.
+    RemoveFd(RemoveFd),
+    /// The fd sets and their descriptors.
+    QueryFdsets,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +149,27 @@ impl Command {
                 let args: DeviceDelArgs = from_arguments(arguments)?;
                 return Ok(Command::DeviceDel { id: args.id });
             }
+            "getfd" => {
+                let args: FdnameArgs = from_arguments(arguments)?;
+                return Ok(Command::Getfd {
+                    fdname: args.validate(true)?,
+                });
+            }
+            "closefd" => {
+                let args: FdnameArgs = from_arguments(arguments)?;
+                return Ok(Command::Closefd {
+                    fdname: args.validate(false)?,
+                });
+            }
+            "add-fd" => {
+                let args: AddFdArgs = from_arguments(arguments)?;
+                return Ok(Command::AddFd(args.validate()?));
+            }
+            "remove-fd" => {
+                let args: RemoveFdArgs = from_arguments(arguments)?;
+                return Ok(Command::RemoveFd(args.into_command()));
+            }
+            "query-fdsets" => Command::QueryFdsets,
             "query-block" => Command::QueryBlock,
             "query-uuid" => Command::QueryUuid,
             "query-status" => Command::QueryStatus,
@@ -163,7 +206,18 @@ impl Command {
             Command::DeviceDel { .. } => "device_del",
             Command::QueryBlock => "query-block",
             Command::QueryUuid => "query-uuid",
+            Command::Getfd { .. } => "getfd",
+            Command::Closefd { .. } => "closefd",
+            Command::AddFd(_) => "add-fd",
+            Command::RemoveFd(_) => "remove-fd",
+            Command::QueryFdsets => "query-fdsets",
         }
+    }
+
+    /// Whether the command takes a descriptor attached to its message (`getfd`, `add-fd`);
+    /// descriptors attached to any other command are closed unused.
+    pub fn takes_descriptor(&self) -> bool {
+        matches!(self, Command::Getfd { .. } | Command::AddFd(_))
     }
 }
 

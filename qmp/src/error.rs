@@ -87,6 +87,16 @@ impl QmpError {
         )
     }
 
+    /// QEMU's error for `getfd` or `add-fd` sent without a descriptor attached.
+    pub fn fd_not_supplied() -> Self {
+        Self::generic("No file descriptor supplied via SCM_RIGHTS")
+    }
+
+    /// QEMU's error for a descriptor name (or fd set member) that does not exist.
+    pub fn fd_not_found(name: &str) -> Self {
+        Self::generic(format!("File descriptor named '{name}' not found"))
+    }
+
     /// QEMU's "Parameter 'x' is missing".
     pub fn missing_parameter(name: &str) -> Self {
         Self::generic(format!("Parameter '{name}' is missing"))

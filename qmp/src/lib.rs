@@ -13,6 +13,7 @@ pub mod command;
 pub mod device;
 pub mod error;
 pub mod event;
+pub mod fds;
 pub mod framing;
 pub mod greeting;
 pub mod reply;

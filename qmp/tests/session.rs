@@ -1,6 +1,7 @@
 //! Negotiation, request validation, id echo and every error text, as seen on the wire.
 
 use citadel_qmp::command::{command_names, parse_request, Command, Request};
+use citadel_qmp::fds::AddFd;
 use citadel_qmp::framing::{Decoder, FrameError};
 use citadel_qmp::session::{Outcome, Session};
 use serde_json::{json, Value};
@@ -161,6 +162,14 @@ fn every_command_dispatches_after_negotiation() {
         ("query-commands", Command::QueryCommands),
         ("query-block", Command::QueryBlock),
         ("query-uuid", Command::QueryUuid),
+        ("query-fdsets", Command::QueryFdsets),
+        (
+            "add-fd",
+            Command::AddFd(AddFd {
+                fdset_id: None,
+                opaque: None,
+            }),
+        ),
     ];
     let mut s = negotiated();
     for (name, command) in expected.clone() {
@@ -181,7 +190,15 @@ fn every_command_dispatches_after_negotiation() {
     let mut known: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     known.push("qmp_capabilities");
     // Those that need arguments (their forms are tested with the device module).
-    for name in ["blockdev-add", "blockdev-del", "device_add", "device_del"] {
+    for name in [
+        "blockdev-add",
+        "blockdev-del",
+        "device_add",
+        "device_del",
+        "getfd",
+        "closefd",
+        "remove-fd",
+    ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(
             format!("{refused:?}").contains("is missing"),

@@ -9,6 +9,9 @@
 //! next slot before the vCPUs run, so the guest finds the disk's capacity at probe and
 //! `device_del` takes it out like any other.
 //!
+//! An image named `/dev/fdset/N` is not opened by path: the backend gets a duplicate of a
+//! descriptor of fd set N (see [`PassedFds::open`]), passed with `add-fd` or `-add-fd`.
+//!
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
 use std::collections::BTreeMap;
@@ -17,12 +20,14 @@ use std::path::{Path, PathBuf};
 use citadel_launcher::{BlkSpec, ImageSource, Launcher};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
+use citadel_qmp::fds::fdset_of;
 use serde_json::{json, Value};
 
 use crate::cli::{BlkDeviceConfig, DriveConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
+use crate::passed_fds::PassedFds;
 
 /// Block nodes one VM may have at once: each is a process.
 pub const MAX_NODES: usize = 16;
@@ -63,10 +68,12 @@ pub enum ColdPlugError {
     },
 }
 
-/// The block nodes and the launcher that starts their backends.
+/// The block nodes, the launcher that starts their backends, and the descriptors passed to
+/// the VM that images may come from.
 pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
+    fds: PassedFds,
 }
 
 impl Hotplug {
@@ -76,7 +83,18 @@ impl Hotplug {
         Hotplug {
             launcher,
             nodes: BTreeMap::new(),
+            fds: PassedFds::new(),
         }
+    }
+
+    /// The descriptors passed to the VM (`getfd`, `add-fd`, `-add-fd`).
+    pub fn fds_mut(&mut self) -> &mut PassedFds {
+        &mut self.fds
+    }
+
+    /// The descriptors passed to the VM, for `query-fdsets`.
+    pub fn fds(&self) -> &PassedFds {
+        &self.fds
     }
 
     /// Starts a backend for each of the command line's drives, in order, as `blockdev-add`
@@ -174,10 +192,16 @@ impl Hotplug {
             .launcher
             .as_ref()
             .map_err(|why| QmpError::generic(format!("Block hotplug is unavailable: {why}")))?;
+        let image = match fdset_of(&add.filename) {
+            Some(fdset_id) => {
+                ImageSource::Fd(self.fds.open(&add.filename, fdset_id?, add.read_only)?)
+            }
+            None => ImageSource::Path(PathBuf::from(&add.filename)),
+        };
         let backend = launcher
             .spawn_blk(BlkSpec {
                 id: add.node_name.clone(),
-                image: ImageSource::Path(PathBuf::from(&add.filename)),
+                image,
                 read_only: add.read_only,
                 direct: add.direct,
                 serial,

@@ -13,7 +13,9 @@ pub mod lockdown;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod passed_fds;
 pub mod qmp_server;
+pub mod scm_rights;
 #[cfg(test)]
 mod test_kvm;
 pub mod vcpu;

@@ -3,7 +3,7 @@
 //! signals on one thread.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -267,8 +267,8 @@ impl Monitor {
                     let state = &mut self.state;
                     let exit = &mut self.exit;
                     let uuid = self.uuid.as_str();
-                    server.on_ready(&self.epoll, token, set, &mut |req| {
-                        execute(machine, hotplug, uuid, state, exit, req)
+                    server.on_ready(&self.epoll, token, set, &mut |req, fd| {
+                        execute(machine, hotplug, uuid, state, exit, req, fd)
                     });
                 }
             }
@@ -377,6 +377,7 @@ fn execute(
     state: &mut RunState,
     exit: &mut Option<ExitReason>,
     req: &Request,
+    fd: Option<OwnedFd>,
 ) -> Response {
     match &req.command {
         Command::QmpCapabilities { .. } => Response::reply(Ok(Value::Object(Default::default()))),
@@ -518,6 +519,16 @@ fn execute(
             Err(e) => Response::reply(Err(e)),
         },
         Command::QueryBlock => Response::reply(Ok(hotplug.query_block(machine.virtio()))),
+        Command::Getfd { fdname } => Response::reply(hotplug.fds_mut().getfd(fdname, fd)),
+        Command::Closefd { fdname } => Response::reply(hotplug.fds_mut().closefd(fdname)),
+        Command::AddFd(add) => Response::reply(
+            hotplug
+                .fds_mut()
+                .add_fd(add, fd)
+                .and_then(|info| to_value(&info)),
+        ),
+        Command::RemoveFd(remove) => Response::reply(hotplug.fds_mut().remove_fd(remove)),
+        Command::QueryFdsets => Response::reply(to_value(&hotplug.fds().query_fdsets())),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()
                 .iter()

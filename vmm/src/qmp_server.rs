@@ -6,10 +6,17 @@
 //! its pending output is capped and the client is dropped when it overflows. Events raised
 //! while no client is negotiated are kept (bounded) and delivered to the next client that
 //! negotiates, so a `SHUTDOWN` or `STOP` is not lost between two connections.
+//!
+//! Descriptors a client attaches to its messages (`SCM_RIGHTS`) belong, as in QEMU, to the
+//! command whose JSON comes in the same read: they are queued on the connection, `getfd` and
+//! `add-fd` each take the first one, and whatever no command took is closed once the
+//! connection holds no partial command. A message with more than
+//! [`scm_rights::MAX_FDS`](crate::scm_rights::MAX_FDS) descriptors has all of them closed
+//! and its command refused.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +29,8 @@ use citadel_qmp::reply::VersionInfo;
 use citadel_qmp::session::{Outcome, Session};
 use citadel_qmp::{greeting, reply};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::scm_rights;
 
 /// Largest JSON object a client may send.
 const MAX_OBJECT_BYTES: usize = 256 * 1024;
@@ -94,6 +103,50 @@ struct Client {
     session: Session,
     out: VecDeque<u8>,
     want_write: bool,
+    /// Descriptors received and not yet taken by a command (at most `scm_rights::MAX_FDS`).
+    fds: VecDeque<OwnedFd>,
+    /// A message carried more descriptors than allowed: its command is refused.
+    too_many_fds: bool,
+}
+
+/// What a command executor gets: the request and, for a command that takes one
+/// ([`citadel_qmp::Command::takes_descriptor`]), the descriptor attached to it.
+pub type Handler<'a> = dyn FnMut(&Request, Option<OwnedFd>) -> Response + 'a;
+
+impl Client {
+    /// Queues descriptors that came with a read; past the per-message bound, every queued
+    /// one is closed and the next command that takes one is refused.
+    fn queue_fds(&mut self, token: u64, fds: Vec<OwnedFd>, truncated: bool) {
+        if fds.is_empty() && !truncated {
+            return;
+        }
+        log::debug!("QMP client {token}: {} descriptors received", fds.len());
+        self.fds.extend(fds);
+        if truncated || self.fds.len() > scm_rights::MAX_FDS {
+            log::warn!(
+                "QMP client {token} passed more than {} descriptors at once: closing them",
+                scm_rights::MAX_FDS
+            );
+            self.fds.clear();
+            self.too_many_fds = true;
+        }
+    }
+
+    /// Closes the descriptors no command took, unless a command is still arriving: those
+    /// belong to it.
+    fn close_unclaimed_fds(&mut self, token: u64) {
+        if self.decoder.in_value() {
+            return;
+        }
+        if !self.fds.is_empty() {
+            log::debug!(
+                "QMP client {token}: closing {} descriptors no command took",
+                self.fds.len()
+            );
+            self.fds.clear();
+        }
+        self.too_many_fds = false;
+    }
 }
 
 /// The listener and its clients. Epoll tokens at or above `first_token` belong to clients.
@@ -157,7 +210,7 @@ impl QmpServer {
         epoll: &Epoll,
         token: u64,
         events: EventSet,
-        handle: &mut dyn FnMut(&Request) -> Response,
+        handle: &mut Handler<'_>,
     ) {
         if token == self.listener_token {
             self.accept_all(epoll);
@@ -210,6 +263,8 @@ impl QmpServer {
                 session: Session::new(),
                 out: VecDeque::new(),
                 want_write: false,
+                fds: VecDeque::new(),
+                too_many_fds: false,
             };
             client.out.extend(greeting::greeting(&version()).as_bytes());
             self.clients.insert(token, client);
@@ -221,27 +276,23 @@ impl QmpServer {
     }
 
     /// Reads what the client sent and answers it. Returns false when the client is gone.
-    fn read_client(
-        &mut self,
-        epoll: &Epoll,
-        token: u64,
-        handle: &mut dyn FnMut(&Request) -> Response,
-    ) -> bool {
+    fn read_client(&mut self, epoll: &Epoll, token: u64, handle: &mut Handler<'_>) -> bool {
         let mut buf = [0u8; READ_CHUNK];
         for _ in 0..READS_PER_EVENT {
             let Some(client) = self.clients.get_mut(&token) else {
                 return false;
             };
-            let n = match client.stream.read(&mut buf) {
-                Ok(0) => return false,
-                Ok(n) => n,
+            let received = match scm_rights::recv(&client.stream, &mut buf) {
+                Ok(r) if r.len == 0 => return false,
+                Ok(r) => r,
                 Err(e) if would_block(&e) => return true,
                 Err(e) => {
                     log::debug!("QMP client {token}: {e}");
                     return false;
                 }
             };
-            let frames = client.decoder.feed(&buf[..n]);
+            client.queue_fds(token, received.fds, received.truncated);
+            let frames = client.decoder.feed(&buf[..received.len]);
             for frame in frames {
                 let Some(client) = self.clients.get_mut(&token) else {
                     return false;
@@ -263,7 +314,22 @@ impl QmpServer {
                         }
                     }
                     Outcome::Dispatch(request) => {
-                        let response = handle(&request);
+                        let fd = if request.command.takes_descriptor() {
+                            if client.too_many_fds {
+                                let err = QmpError::generic(format!(
+                                    "Too many file descriptors passed: at most {} per message",
+                                    scm_rights::MAX_FDS
+                                ));
+                                client
+                                    .out
+                                    .extend(reply::error(request.id.as_ref(), &err).as_bytes());
+                                continue;
+                            }
+                            client.fds.pop_front()
+                        } else {
+                            None
+                        };
+                        let response = handle(&request, fd);
                         for event in &response.events_before {
                             self.broadcast(event);
                         }
@@ -279,6 +345,9 @@ impl QmpServer {
                         }
                     }
                 }
+            }
+            if let Some(client) = self.clients.get_mut(&token) {
+                client.close_unclaimed_fds(token);
             }
             if !self.flush_all(epoll) {
                 return self.clients.contains_key(&token);

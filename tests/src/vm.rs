@@ -2,6 +2,7 @@
 //! client that separates replies from events, and cleanup on every path.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -197,6 +198,64 @@ impl Qmp {
     /// Sends raw bytes, reporting failure instead of panicking (for clients the VMM may drop).
     pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes)
+    }
+
+    /// Sends `bytes` in one message with `fds` attached (`SCM_RIGHTS`).
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[RawFd]) {
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // Room for 64 descriptors, aligned for cmsghdr.
+        let mut control = [0u64; 34];
+        let payload = std::mem::size_of_val(fds);
+        assert!(fds.len() <= 64, "at most 64 descriptors per message");
+        // SAFETY: msghdr is plain data; the pointers are set to live buffers below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+            // SAFETY: the control buffer (272 bytes) holds one header with up to 64
+            // descriptors; the header and data pointers come from the CMSG macros over it.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr(),
+                    libc::CMSG_DATA(cmsg).cast(),
+                    fds.len(),
+                );
+            }
+        }
+        // SAFETY: `msg` points to the live buffers above, whose lengths it states.
+        let sent = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, 0) };
+        assert_eq!(
+            sent,
+            bytes.len() as isize,
+            "sendmsg: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Executes a command sent with `fds` attached and returns its whole reply object.
+    pub fn execute_with_fds(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fds: &[RawFd],
+    ) -> Value {
+        let mut msg = serde_json::json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let text = serde_json::to_string(&msg).expect("encode");
+        self.send_with_fds(text.as_bytes(), fds);
+        self.read_reply()
     }
 
     /// Reads until a reply (not an event) arrives; events are stored in `self.events`.

@@ -64,10 +64,40 @@ impl Vm {
         qmp_options: &str,
         umask: Option<libc::mode_t>,
     ) -> Vm {
+        Vm::start_full(kernel, extra, qmp_options, umask, &[])
+    }
+
+    /// Like [`Vm::start`], with descriptors `inherit` (close-on-exec in this process) left
+    /// open in citadel under the same numbers, as a parent passes them for `-add-fd`.
+    pub fn start_inheriting(kernel: &Path, extra: &[&str], inherit: &[RawFd]) -> Vm {
+        Vm::start_full(kernel, extra, "", None, inherit)
+    }
+
+    fn start_full(
+        kernel: &Path,
+        extra: &[&str],
+        qmp_options: &str,
+        umask: Option<libc::mode_t>,
+        inherit: &[RawFd],
+    ) -> Vm {
         use std::os::unix::process::CommandExt;
         let dir = TempDir::new("vm");
         let qmp_path = dir.path().join("qmp.sock");
         let mut cmd = Command::new(crate::binary("citadel"));
+        if !inherit.is_empty() {
+            let fds = inherit.to_vec();
+            // SAFETY: fcntl is async-signal-safe and changes only the child's descriptors.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(mask) = umask {
             // SAFETY: umask is async-signal-safe and changes only the child's own mask.
             unsafe {

@@ -193,6 +193,54 @@ fn a_disk_plugged_from_an_fd_set_reaches_the_guest_though_its_path_is_gone() {
 }
 
 #[test]
+fn a_disk_on_the_command_line_comes_from_an_inherited_descriptor() {
+    let test = "a_disk_on_the_command_line_comes_from_an_inherited_descriptor";
+    if backend_missing(test) {
+        return;
+    }
+    let dir = TempDir::new("add-fd");
+    let path = image(dir.path(), "disk.img");
+    let file = read_write(&path);
+    std::fs::remove_file(&path).unwrap();
+    let fd = file.as_raw_fd();
+    let add_fd = format!("fd={fd},set=1,opaque=cold");
+    let mut vm = Vm::start_inheriting(
+        &guest_program("virtio_blk"),
+        &[
+            "-m",
+            "32",
+            "-add-fd",
+            &add_fd,
+            "-drive",
+            "id=d0,file=/dev/fdset/1",
+            "-device",
+            "virtio-blk-device,drive=d0",
+            "-append",
+            "virtio_mmio.device=4K@0xd0000000:5",
+        ],
+        &[fd],
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk capacity=", STEP);
+    assert!(
+        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
+        "{line}"
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk write status=", STEP);
+    assert!(line.ends_with("status=0"), "{line}");
+    let mut written = vec![0u8; 512];
+    file.read_exact_at(&mut written, 512).unwrap();
+    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
+    assert_eq!(written, expected);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute("query-fdsets", None),
+        json!({"return": [{"fdset-id": 1, "fds": [{"fd": fd, "opaque": "cold"}]}]})
+    );
+    // Taken close-on-exec, so it reaches no process started later.
+    assert_ne!(fd_flags(vm.pid(), i64::from(fd)) & O_CLOEXEC, 0);
+}
+
+#[test]
 fn getfd_keeps_a_descriptor_by_name_until_closefd() {
     let dir = TempDir::new("getfd");
     let first = image(dir.path(), "first");
@@ -322,4 +370,20 @@ fn a_vm_holds_a_bounded_number_of_passed_descriptors() {
         "Too many file descriptors in fd sets: at most 64"
     );
     assert_eq!(holds(pid, &path), 128);
+}
+
+#[test]
+fn an_add_fd_of_a_descriptor_not_inherited_is_refused_at_start() {
+    let output = std::process::Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "32", "-kernel"])
+        .arg(guest_program("idle"))
+        .args(["-add-fd", "fd=1000,set=0", "-serial", "none"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "citadel: -add-fd fd=1000: Bad file descriptor (os error 9)"
+    );
 }

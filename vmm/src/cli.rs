@@ -57,6 +57,20 @@ pub struct Config {
     pub blk_devices: Vec<BlkDeviceConfig>,
     /// `-uuid`: the VM's UUID, shown in logs and by `query-uuid`.
     pub uuid: Option<String>,
+    /// `-add-fd`: descriptors inherited from the parent, for `/dev/fdset/N` images.
+    pub add_fds: Vec<AddFdConfig>,
+}
+
+/// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
+/// (then `-drive file=/dev/fdset/N` or QMP's `blockdev-add` can use it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddFdConfig {
+    /// The inherited descriptor (above stderr).
+    pub fd: i32,
+    /// The fd set.
+    pub set: u64,
+    /// A string shown with it by `query-fdsets`.
+    pub opaque: Option<String>,
 }
 
 /// `-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off]`: an image the VMM has a
@@ -177,7 +191,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
                [-daemonize] [-pidfile PATH] [-seccomp kill|log] [-S]
                [-sandbox landlock=on|off[,landlock-abi=N]]
-               [-uuid UUID]
+               [-uuid UUID] [-add-fd fd=F,set=N[,opaque=S]]...
                [-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,if=none]
                        [,format=raw][,aio=native|io_uring|threads|off]]...
                [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,bootindex=N]]...
@@ -192,7 +206,9 @@ citadel-blk serving its image, through the page cache unless direct=on; flushes 
 disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
 disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
 -drive no device uses is a block node for QMP's device_add. serial= is at most 20
-printable ASCII bytes, read by the guest's GET_ID. -disable-seccomp is refused:
+printable ASCII bytes, read by the guest's GET_ID. -add-fd puts descriptor F, inherited
+open from the parent, in fd set N: -drive file=/dev/fdset/N (or QMP's blockdev-add) then
+serves a file the VMM need not be able to open. -disable-seccomp is refused:
 -seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -404,6 +420,7 @@ where
     let mut drives: Vec<DriveConfig> = Vec::new();
     let mut blk_devices: Vec<BlkDeviceArg> = Vec::new();
     let mut uuid = None;
+    let mut add_fds: Vec<AddFdConfig> = Vec::new();
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -502,6 +519,24 @@ where
                 drives.push(drive);
             }
             "-uuid" => uuid = Some(parse_uuid(&value(&option)?)?),
+            "-add-fd" => {
+                let v = value(&option)?;
+                let add = parse_add_fd(&v)?;
+                if add_fds.len() == crate::passed_fds::MAX_IN_FDSETS {
+                    return Err(invalid(
+                        "-add-fd",
+                        &v,
+                        format!(
+                            "too many: a VM holds at most {} descriptors in fd sets",
+                            crate::passed_fds::MAX_IN_FDSETS
+                        ),
+                    ));
+                }
+                if add_fds.iter().any(|a| a.fd == add.fd) {
+                    return Err(invalid("-add-fd", &v, "this descriptor is given already"));
+                }
+                add_fds.push(add);
+            }
             "-disable-seccomp" => {
                 return Err(CliError::Refused {
                     option,
@@ -534,6 +569,7 @@ where
         drives,
         blk_devices,
         uuid,
+        add_fds,
         name,
         kernel,
         initrd,
@@ -551,6 +587,43 @@ where
         start_paused,
         landlock,
     })
+}
+
+fn parse_add_fd(v: &str) -> Result<AddFdConfig, CliError> {
+    let (head, opts) = split_options(v);
+    if !head.is_empty() {
+        return Err(invalid("-add-fd", v, format!("unknown property '{head}'")));
+    }
+    let (mut fd, mut set, mut opaque) = (None, None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("fd", Some(f)) => {
+                fd = Some(
+                    f.parse::<i32>()
+                        .map_err(|_| invalid("-add-fd", v, "fd must be a descriptor number"))?,
+                )
+            }
+            ("set", Some(n)) => {
+                set = Some(
+                    n.parse::<u64>()
+                        .map_err(|_| invalid("-add-fd", v, "set must be a non-negative number"))?,
+                )
+            }
+            ("opaque", Some(o)) => {
+                if o.len() > citadel_qmp::fds::MAX_OPAQUE_LEN {
+                    return Err(invalid("-add-fd", v, "opaque is too long"));
+                }
+                opaque = Some(o.to_string())
+            }
+            _ => return Err(invalid("-add-fd", v, format!("unknown property '{key}'"))),
+        }
+    }
+    let fd = fd.ok_or_else(|| invalid("-add-fd", v, "fd option is required"))?;
+    if fd <= libc::STDERR_FILENO {
+        return Err(invalid("-add-fd", v, "fd cannot be a standard I/O stream"));
+    }
+    let set = set.ok_or_else(|| invalid("-add-fd", v, "set option is required"))?;
+    Ok(AddFdConfig { fd, set, opaque })
 }
 
 fn parse_chardev(v: &str) -> Result<Chardev, CliError> {
@@ -987,6 +1060,50 @@ mod tests {
             CliError::Invalid { .. }
         ));
         assert!(with(&["-daemonize", "-serial", "stdio"]).is_err());
+    }
+
+    #[test]
+    fn add_fd_options() {
+        let c = with(&[
+            "-add-fd",
+            "fd=7,set=2,opaque=rw disk",
+            "-add-fd",
+            "set=0,fd=8",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.add_fds,
+            [
+                AddFdConfig {
+                    fd: 7,
+                    set: 2,
+                    opaque: Some("rw disk".into())
+                },
+                AddFdConfig {
+                    fd: 8,
+                    set: 0,
+                    opaque: None
+                }
+            ]
+        );
+        for bad in [
+            "fd=2,set=0",
+            "fd=7",
+            "set=1",
+            "fd=7,set=-1",
+            "fd=x,set=1",
+            "fd=7,set=1,mode=rw",
+            "7,set=1",
+        ] {
+            assert!(
+                matches!(
+                    with(&["-add-fd", bad]).unwrap_err(),
+                    CliError::Invalid { .. }
+                ),
+                "{bad} accepted"
+            );
+        }
+        assert!(with(&["-add-fd", "fd=7,set=1", "-add-fd", "fd=7,set=2"]).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `citadel`: the VMM binary.
 
 use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -48,6 +49,23 @@ enum RunError {
     ColdPlug(#[from] citadel::hotplug::ColdPlugError),
     #[error("the current directory, for relative -drive paths: {0}")]
     CurrentDir(std::io::Error),
+    #[error(transparent)]
+    Inherit(#[from] citadel::passed_fds::InheritError),
+    #[error("-add-fd fd={fd}: {why}")]
+    AddFd { fd: i32, why: String },
+}
+
+/// The descriptors of `-add-fd`, owned.
+type Inherited = Vec<(cli::AddFdConfig, OwnedFd)>;
+
+/// Takes the descriptors `-add-fd` names before anything else is opened (see
+/// [`citadel::passed_fds::adopt_inherited`]).
+fn adopt_inherited(config: &Config) -> Result<Inherited, RunError> {
+    config
+        .add_fds
+        .iter()
+        .map(|add| Ok((add.clone(), citadel::passed_fds::adopt_inherited(add.fd)?)))
+        .collect()
 }
 
 fn init_logging(config: &Config) -> Result<(), RunError> {
@@ -120,17 +138,18 @@ fn start_launcher(config: &Config) -> Result<Launcher, String> {
     .map_err(|e| e.to_string())
 }
 
-fn run(config: Config) -> Result<i32, RunError> {
+fn run(config: Config, inherited: Inherited) -> Result<i32, RunError> {
     let readiness = if config.daemonize {
         Some(daemon::daemonize()?)
     } else {
         None
     };
-    build_and_run(&config, readiness)
+    build_and_run(&config, inherited, readiness)
 }
 
 fn build_and_run(
     config: &Config,
+    inherited: Inherited,
     mut readiness: Option<daemon::Readiness>,
 ) -> Result<i32, RunError> {
     let setup = || -> Result<(Monitor, Option<PidFile>), RunError> {
@@ -156,6 +175,15 @@ fn build_and_run(
         // Every disk slot may get a backend, whose answers are bounded by a deadline.
         citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
         let mut hotplug = Hotplug::new(launcher);
+        for (add, fd) in inherited {
+            hotplug
+                .fds_mut()
+                .add(Some(add.set), fd, add.opaque)
+                .map_err(|e| RunError::AddFd {
+                    fd: add.fd,
+                    why: e.desc,
+                })?;
+        }
         // The command line's drives start before any file is made, so that one refusing
         // leaves nothing behind.
         if !config.drives.is_empty() {
@@ -290,11 +318,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let inherited = match adopt_inherited(&config) {
+        Ok(fds) => fds,
+        Err(e) => {
+            eprintln!("citadel: {e}");
+            return ExitCode::from(1);
+        }
+    };
     if let Err(e) = init_logging(&config) {
         eprintln!("citadel: {e}");
         return ExitCode::from(1);
     }
-    match run(config) {
+    match run(config, inherited) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("citadel: {e}");

@@ -8,7 +8,7 @@
 //! device launcher.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::{AddFd, AddFdInfo, FdsetFdInfo, FdsetInfo, RemoveFd};
@@ -63,10 +63,11 @@ impl PassedFds {
     /// `add-fd`: `fd` joins the set `add.fdset_id`, or a new set with the lowest free id.
     pub fn add_fd(&mut self, add: &AddFd, fd: Option<OwnedFd>) -> Result<AddFdInfo, QmpError> {
         let fd = fd.ok_or_else(QmpError::fd_not_supplied)?;
-        self.add_member(add.fdset_id, fd, add.opaque.clone())
+        self.add(add.fdset_id, fd, add.opaque.clone())
     }
 
-    fn add_member(
+    /// Adds `fd` to set `fdset_id`, or to a new set with the lowest free id.
+    pub fn add(
         &mut self,
         fdset_id: Option<u64>,
         fd: OwnedFd,
@@ -170,6 +171,36 @@ impl PassedFds {
             .try_clone()
             .map_err(|e| QmpError::generic(format!("Could not open '{filename}': {e}")))
     }
+}
+
+/// Why a descriptor named by `-add-fd` cannot be taken.
+#[derive(Debug, thiserror::Error)]
+#[error("-add-fd fd={fd}: {source}")]
+pub struct InheritError {
+    /// The descriptor number.
+    pub fd: RawFd,
+    /// What the kernel said.
+    pub source: std::io::Error,
+}
+
+/// Takes ownership of descriptor `fd`, inherited open from the parent for `-add-fd`, and makes
+/// it close-on-exec. Call it before this process opens anything: a number the parent did not
+/// actually pass could otherwise name a descriptor something else owns.
+pub fn adopt_inherited(fd: RawFd) -> Result<OwnedFd, InheritError> {
+    let fail = |source| InheritError { fd, source };
+    // SAFETY: F_GETFD and F_SETFD take integers; on a closed number they fail with EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above, on a descriptor just found open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the descriptor is open and, the process having opened nothing yet (see above),
+    // owned by no other object; each number is adopted once (the command line refuses
+    // duplicates).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `O_RDONLY`, `O_WRONLY` or `O_RDWR`: how `fd`'s open file description was opened.

@@ -9,7 +9,9 @@
 //! `query-*`, `system_reset` and `quit`; features that need more (snapshots, hotplug) add
 //! their syscalls when they land. vhost-user devices add `sendmsg`/`recvmsg` on sockets
 //! connected before the filter; their KVM ioeventfds and irqfds are registered at startup,
-//! so no KVM routing ioctl is allowed here.
+//! so no KVM routing ioctl is allowed here. Descriptors QMP clients pass (`getfd`, `add-fd`)
+//! arrive by the same `recvmsg`, and a `/dev/fdset/N` image is a close-on-exec duplicate
+//! (`fcntl(F_DUPFD_CLOEXEC)`) chosen by its access mode (`F_GETFL`): nothing is opened.
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 

@@ -296,6 +296,11 @@ fn refused_or_unclaimed_descriptors_are_closed() {
     let reply = qmp.execute_with_fds("query-status", None, &[fd, fd, fd]);
     assert!(reply.get("return").is_some(), "{reply}");
     assert_eq!(holds(pid, &path), 0);
+    // Sent ahead of a command that takes none: kept until it arrives, then closed.
+    qmp.send_with_fds(b" ", &[fd]);
+    let reply = qmp.execute("query-status", None);
+    assert!(reply.get("return").is_some(), "{reply}");
+    assert_eq!(holds(pid, &path), 0);
     // More than a message may carry: all closed, the command refused.
     let reply = qmp.execute_with_fds("add-fd", None, &[fd; 6]);
     assert_eq!(
@@ -386,4 +391,71 @@ fn an_add_fd_of_a_descriptor_not_inherited_is_refused_at_start() {
         err.trim_end(),
         "citadel: -add-fd fd=1000: Bad file descriptor (os error 9)"
     );
+}
+
+/// QEMU's Python library passes a descriptor in a message of its own (a lone space) just
+/// before the command that takes it.
+const PYTHON_CLIENT: &str = r#"
+import asyncio, os, sys
+from qemu.qmp import QMPClient
+
+async def main(path, image):
+    qmp = QMPClient("citadel-fds")
+    await qmp.connect(path)
+    fd = os.open(image, os.O_RDWR)
+    qmp.send_fd_scm(fd)
+    added = await qmp.execute("add-fd", {"fdset-id": 2, "opaque": "python"})
+    assert added["fdset-id"] == 2, added
+    qmp.send_fd_scm(fd)
+    await qmp.execute("getfd", {"fdname": "py"})
+    sets = await qmp.execute("query-fdsets")
+    assert sets == [{"fdset-id": 2, "fds": [{"fd": added["fd"], "opaque": "python"}]}], sets
+    await qmp.execute("blockdev-add", {"node-name": "py-disk",
+        "file": {"driver": "file", "filename": "/dev/fdset/2"}})
+    await qmp.execute("closefd", {"fdname": "py"})
+    await qmp.disconnect()
+    print("python-fds: ok")
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#;
+
+#[test]
+fn qemu_python_library_passes_descriptors_ahead_of_its_commands() {
+    let test = "qemu_python_library_passes_descriptors_ahead_of_its_commands";
+    if backend_missing(test) {
+        return;
+    }
+    let have_module = std::process::Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_module {
+        citadel_tests::skip(
+            test,
+            "python3 module qemu.qmp is not installed (pip install qemu.qmp)",
+            true,
+        );
+        return;
+    }
+    let dir = TempDir::new("fds-python");
+    let path = image(dir.path(), "disk.img");
+    let vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(PYTHON_CLIENT)
+        .arg(&vm.qmp_path)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("python-fds: ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert_eq!(holds(pids[0], &path), 1);
+    // The set's descriptor stays in the VMM; the named one was closed.
+    assert_eq!(holds(vm.pid(), &path), 1);
 }

@@ -7,12 +7,14 @@
 //! while no client is negotiated are kept (bounded) and delivered to the next client that
 //! negotiates, so a `SHUTDOWN` or `STOP` is not lost between two connections.
 //!
-//! Descriptors a client attaches to its messages (`SCM_RIGHTS`) belong, as in QEMU, to the
-//! command whose JSON comes in the same read: they are queued on the connection, `getfd` and
-//! `add-fd` each take the first one, and whatever no command took is closed once the
-//! connection holds no partial command. A message with more than
-//! [`scm_rights::MAX_FDS`](crate::scm_rights::MAX_FDS) descriptors has all of them closed
-//! and its command refused.
+//! Descriptors a client attaches to its messages (`SCM_RIGHTS`) are queued on the connection
+//! for the next command that takes one: `getfd` and `add-fd` each take the first. They may
+//! come with the command's JSON (libvirt) or ahead of it with a message of their own (QEMU's
+//! Python library sends a lone space). A read that completes a command closes whatever no
+//! command took, unless a further command is still arriving, so descriptors sent with any
+//! other command do not stay. A message with more than
+//! [`scm_rights::MAX_FDS`](crate::scm_rights::MAX_FDS) descriptors (or a queue that would
+//! grow past that) has all of them closed and the next command that takes one refused.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
@@ -132,8 +134,8 @@ impl Client {
         }
     }
 
-    /// Closes the descriptors no command took, unless a command is still arriving: those
-    /// belong to it.
+    /// After a read that completed a command: closes the descriptors no command took, unless
+    /// another command is still arriving (they may be its).
     fn close_unclaimed_fds(&mut self, token: u64) {
         if self.decoder.in_value() {
             return;
@@ -293,6 +295,7 @@ impl QmpServer {
             };
             client.queue_fds(token, received.fds, received.truncated);
             let frames = client.decoder.feed(&buf[..received.len]);
+            let completes_a_command = !frames.is_empty();
             for frame in frames {
                 let Some(client) = self.clients.get_mut(&token) else {
                     return false;
@@ -346,8 +349,10 @@ impl QmpServer {
                     }
                 }
             }
-            if let Some(client) = self.clients.get_mut(&token) {
-                client.close_unclaimed_fds(token);
+            if completes_a_command {
+                if let Some(client) = self.clients.get_mut(&token) {
+                    client.close_unclaimed_fds(token);
+                }
             }
             if !self.flush_all(epoll) {
                 return self.clients.contains_key(&token);

@@ -78,6 +78,29 @@ disk)
 		echo "guest: disk-write rc=no-disk"
 	fi
 	;;
+bench-read)
+	# Reads the first disk that is not an empty slot with O_DIRECT, 4 KiB and 128 KiB at a
+	# time (one request in flight: busybox dd), and reports each read's milliseconds.
+	disk=
+	for d in $(ls /sys/block | grep '^vd'); do
+		if [ "$(disk_size "$d")" != 0 ]; then
+			disk=$d
+			break
+		fi
+	done
+	disk_node "$disk"
+	for spec in 4k:2048 128k:512; do
+		bs=${spec%%:*}
+		count=${spec##*:}
+		start=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		dd if=/dev/$disk of=/dev/null bs=$bs count=$count iflag=direct 2>/dev/null
+		rc=$?
+		end=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		echo "guest: read-$bs-rc=$rc"
+		echo "guest: read-$bs-ms=$((end - start))"
+	done
+	echo "guest: bench done"
+	;;
 hotplug | hotplug-raw)
 	# A disk hot-plugged into slot 1 (vdb): the guest sees its new size, reads the host's
 	# marker, makes a file system on it, writes a file and unmounts it (hotplug-raw: writes

@@ -590,28 +590,42 @@ const QEMU_FIRMWARE: &[&str] = &[
 /// Adds `qemu` at /usr/bin/qemu-system-x86_64 with every library `ldd` names, at the same
 /// paths, and its microvm firmware.
 fn add_qemu(archive: &mut Archive, qemu: &Path) -> Result<(), LabError> {
-    let output = Command::new("ldd")
-        .arg(qemu)
-        .output()
-        .map_err(|e| LabError::Missing(format!("running ldd on {}: {e}", qemu.display())))?;
-    if !output.status.success() {
-        return Err(LabError::Failed(format!(
-            "ldd {}: {}",
-            qemu.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
+    // The storage daemon is QEMU's vhost-user-blk backend, the peer of citadel-blk.
+    let storage_daemon = qemu.with_file_name("qemu-storage-daemon");
+    if !storage_daemon.is_file() {
+        return Err(LabError::Missing(format!(
+            "{} is not installed (qemu-system-x86)",
+            storage_daemon.display()
         )));
     }
-    // Lines are "name => /path (addr)" or "/path (addr)" for the dynamic loader.
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|word| word.starts_with('/'))
-            .map(PathBuf::from);
-        if let Some(path) = path {
-            let data = read(&path)?;
-            archive.file(&path.to_string_lossy(), 0o755, &data)?;
+    let mut libraries = std::collections::BTreeSet::new();
+    for binary in [qemu, storage_daemon.as_path()] {
+        let output = Command::new("ldd").arg(binary).output().map_err(|e| {
+            LabError::Missing(format!("running ldd on {}: {e}", binary.display()))
+        })?;
+        if !output.status.success() {
+            return Err(LabError::Failed(format!(
+                "ldd {}: {}",
+                binary.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        // Lines are "name => /path (addr)" or "/path (addr)" for the dynamic loader.
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            if let Some(path) = line.split_whitespace().find(|word| word.starts_with('/')) {
+                libraries.insert(PathBuf::from(path));
+            }
         }
     }
+    for path in libraries {
+        let data = read(&path)?;
+        archive.file(&path.to_string_lossy(), 0o755, &data)?;
+    }
+    archive.file(
+        "usr/bin/qemu-storage-daemon",
+        0o755,
+        &read(&storage_daemon)?,
+    )?;
     archive.file("usr/bin/qemu-system-x86_64", 0o755, &read(qemu)?)?;
     for firmware in QEMU_FIRMWARE {
         let path = Path::new("/usr/share/qemu").join(firmware);

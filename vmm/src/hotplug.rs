@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 use crate::cli::{BlkDeviceConfig, DriveConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
-use crate::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
+use crate::devices::vhost_user::BACKEND_TIMEOUT;
+use crate::devices::vhost_user_blk::VhostUserBlk;
 
 /// Block nodes one VM may have at once: each is a process.
 pub const MAX_NODES: usize = 16;

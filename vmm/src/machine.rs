@@ -12,7 +12,8 @@ use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
-use crate::devices::vhost_user_blk::{VhostUserBlk, VhostUserBlkError};
+use crate::devices::vhost_user::VhostUserError;
+use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
@@ -74,7 +75,7 @@ pub enum MachineError {
     Device(#[from] DeviceManagerError),
     /// A vhost-user disk could not be given guest memory.
     #[error(transparent)]
-    VhostUser(#[from] VhostUserBlkError),
+    VhostUser(#[from] VhostUserError),
 }
 
 /// What tells that a file held open was written: every write or truncation moves its

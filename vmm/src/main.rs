@@ -9,7 +9,8 @@ use citadel::boot::BootSource;
 use citadel::cli::{self, CliError, Config, SerialTarget};
 use citadel::daemon::{self, PidFile};
 use citadel::devices::legacy::{Discard, SerialOut};
-use citadel::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
+use citadel::devices::vhost_user::BACKEND_TIMEOUT;
+use citadel::devices::vhost_user_blk::VhostUserBlk;
 use citadel::hotplug::Hotplug;
 use citadel::lockdown::{self, LandlockChoice};
 use citadel::machine::{Machine, MachineSpec, MachineWiring};
@@ -43,7 +44,7 @@ enum RunError {
     #[error("installing the vhost-user deadline signal handler: {0}")]
     DeadlineSignal(std::io::Error),
     #[error(transparent)]
-    Disk(#[from] citadel::devices::vhost_user_blk::VhostUserBlkError),
+    Disk(#[from] citadel::devices::vhost_user::VhostUserError),
     #[error(transparent)]
     ColdPlug(#[from] citadel::hotplug::ColdPlugError),
     #[error("the current directory, for relative -drive paths: {0}")]

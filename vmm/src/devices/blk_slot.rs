@@ -233,7 +233,7 @@ impl BlkSlot {
                 if let Some(fd) = self.watched.take() {
                     self.kicks.unwatch(self.index, fd.as_raw_fd());
                 }
-                if let Err(e) = plugged.disk.start_at(&running.params, &[base]) {
+                if let Err(e) = plugged.disk.connection().start_at(&running.params, &[base]) {
                     if let Some(fd) = running.params.notify.first() {
                         if let Ok(fd) = fd.try_clone() {
                             self.kicks.watch(self.index, fd.as_raw_fd());
@@ -272,7 +272,7 @@ impl BlkSlot {
                 // A backend that cannot say where it stopped is killed right after; the
                 // slot then answers everything it did not complete, from the used index on,
                 // so that no request of the driver waits forever.
-                let base = match plugged.disk.stop_rings() {
+                let base = match plugged.disk.connection().stop_rings() {
                     Ok(bases) => bases.first().map(|b| b.1),
                     Err(e) => {
                         log::warn!(
@@ -436,6 +436,7 @@ impl VirtioDevice for BlkSlot {
             Some(plugged) => {
                 plugged
                     .disk
+                    .connection()
                     .start_at(&params, &[0])
                     .map_err(|e| ActivateError::Device(e.to_string()))?;
                 self.running = Some(Running {

@@ -26,8 +26,9 @@ use std::os::fd::RawFd;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::blk_slot::{BlkSlot, PluggedDisk, SlotError, SlotKicks};
+use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
+use super::slot_ring::SlotKicks;
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
 

@@ -409,8 +409,8 @@ fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
     check_scenario("vhost-user-blk", |outcome| {
         let t = || outcome.transcript();
         // Every slot reaches Linux through the DSDT as an LNRO0005 device: the six hot-replace
-        // disk slots and this disk's, the seventh, which Linux names vdg.
-        assert_eq!(value(outcome, "disk.acpi-virtio"), "7", "{}", t());
+        // disk slots, the two NIC slots and this disk's, the ninth, which Linux names vdg.
+        assert_eq!(value(outcome, "disk.acpi-virtio"), "9", "{}", t());
         assert_eq!(value(outcome, "disk.name"), "vdg", "{}", t());
         assert_eq!(
             value(outcome, "disk.marker"),

@@ -102,10 +102,11 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
     let mut args = disk_args(&backend.socket);
     // Citadel declares the slot in the DSDT; this guest program reads its command line
     // instead, where an operator would declare it for a kernel built without ACPI. The disk
-    // takes the first slot after the six hot-replace disk slots: slot 6, IOAPIC pin 14.
+    // takes the first slot after the six hot-replace disk slots and the two NIC slots: slot 8,
+    // IOAPIC pin 16.
     args.extend([
         "-append".into(),
-        "virtio_mmio.device=4K@0xd0006000:14".into(),
+        "virtio_mmio.device=4K@0xd0008000:16".into(),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vm::start(&guest_program("virtio_blk"), &args);
@@ -114,7 +115,7 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
     assert!(line.ends_with("devices=1"), "{line}");
     let line = vm.wait_serial("citadel-guest: virtio-mmio base=", BOOT);
     assert!(
-        line.contains("base=0xd0006000 version=2 device=2"),
+        line.contains("base=0xd0008000 version=2 device=2"),
         "{line}"
     );
     let line = vm.wait_serial("citadel-guest: virtio-blk capacity=", BOOT);

@@ -187,7 +187,7 @@ SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mo
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
-start and takes the next virtio-mmio slot (at most 10). Each -drive (at most 16) starts a
+start and takes the next virtio-mmio slot after the hot-replace ones (at most 8). Each -drive (at most 16) starts a
 citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
 disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
 disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
@@ -613,14 +613,15 @@ fn resolve_devices(
     devices: &[DeviceArg],
     chardevs: &[Chardev],
 ) -> Result<Vec<VhostUserBlkConfig>, CliError> {
-    let hot = crate::machine::DISK_SLOTS as usize;
-    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len() - hot;
+    let disks = crate::machine::DISK_SLOTS as usize;
+    let nics = crate::machine::NIC_SLOTS as usize;
+    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len() - disks - nics;
     if devices.len() > max {
         return Err(invalid(
             "-device",
             &devices[max].value,
             format!(
-                "too many devices: the microvm machine has {max} virtio-mmio slots besides its {hot} hot-replace disk slots"
+                "too many devices: the microvm machine has {max} virtio-mmio slots besides its {disks} hot-replace disk slots and {nics} NIC slots"
             ),
         ));
     }
@@ -1134,7 +1135,7 @@ mod tests {
 
     #[test]
     fn more_devices_than_slots_are_refused() {
-        let names: Vec<String> = (0..11).map(|i| format!("c{i}")).collect();
+        let names: Vec<String> = (0..9).map(|i| format!("c{i}")).collect();
         let mut args: Vec<String> = base().into_iter().map(String::from).collect();
         for name in &names {
             args.push("-chardev".into());
@@ -1145,10 +1146,10 @@ mod tests {
         let err = parse(args.clone()).unwrap_err().to_string();
         assert_eq!(
             err,
-            "invalid value 'vhost-user-blk-device,chardev=c10' for '-device': too many devices: the microvm machine has 10 virtio-mmio slots besides its 6 hot-replace disk slots"
+            "invalid value 'vhost-user-blk-device,chardev=c8' for '-device': too many devices: the microvm machine has 8 virtio-mmio slots besides its 6 hot-replace disk slots and 2 NIC slots"
         );
         args.truncate(args.len() - 4);
-        assert_eq!(parse(args).unwrap().disks.len(), 10);
+        assert_eq!(parse(args).unwrap().disks.len(), 8);
     }
 
     #[test]

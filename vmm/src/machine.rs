@@ -230,6 +230,10 @@ impl ChipState {
 /// Hot-replace disk slots every lightweight machine has (`device_add` `addr` 0 to 5).
 pub const DISK_SLOTS: u64 = 6;
 
+/// Hot-replace NIC slots every lightweight machine has (`device_add` `addr` 0 and 1), right
+/// after the disk slots.
+pub const NIC_SLOTS: u64 = 2;
+
 fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
     move |source| MachineError::Setup { step, source }
 }
@@ -258,8 +262,9 @@ impl Machine {
         // After the irqchip, which the slots' irqfds need.
         let mut virtio = DeviceManager::new().map_err(MachineError::EventFd)?;
         // The hot-replace slots come first, so that `addr` N is always the guest's N-th disk
-        // slot whatever the command line adds.
+        // or NIC slot whatever the command line adds.
         virtio.add_disk_slots(&vm, &ram.memory, DISK_SLOTS)?;
+        virtio.add_nic_slots(&vm, &ram.memory, NIC_SLOTS)?;
         for mut disk in wiring.disks {
             disk.set_memory(&ram.memory)?;
             virtio.add_virtio_mmio(&vm, Box::new(disk))?;

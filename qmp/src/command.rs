@@ -15,6 +15,7 @@ use crate::device::{
     BlockdevAdd, BlockdevAddArgs, BlockdevDelArgs, DeviceAdd, DeviceAddArgs, DeviceDelArgs,
 };
 use crate::error::QmpError;
+use crate::netdev::{NetdevAdd, NetdevAddArgs, NetdevDelArgs};
 
 /// Every command Citadel understands, in the order `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -32,6 +33,8 @@ const COMMANDS: &[&str] = &[
     "blockdev-del",
     "device_add",
     "device_del",
+    "netdev_add",
+    "netdev_del",
     "query-block",
     "query-uuid",
 ];
@@ -81,6 +84,13 @@ pub enum Command {
         /// The device's id.
         id: String,
     },
+    /// Start serving a tap as a network backend.
+    NetdevAdd(NetdevAdd),
+    /// Stop serving a network backend that no device uses.
+    NetdevDel {
+        /// The backend's id.
+        id: String,
+    },
     /// The block devices and what they serve.
     QueryBlock,
     /// The VM's UUID.
@@ -127,6 +137,14 @@ impl Command {
                 let args: DeviceDelArgs = from_arguments(arguments)?;
                 return Ok(Command::DeviceDel { id: args.id });
             }
+            "netdev_add" => {
+                let args: NetdevAddArgs = from_arguments(arguments)?;
+                return Ok(Command::NetdevAdd(args.validate()?));
+            }
+            "netdev_del" => {
+                let args: NetdevDelArgs = from_arguments(arguments)?;
+                return Ok(Command::NetdevDel { id: args.id });
+            }
             "query-block" => Command::QueryBlock,
             "query-uuid" => Command::QueryUuid,
             "query-status" => Command::QueryStatus,
@@ -161,6 +179,8 @@ impl Command {
             Command::BlockdevDel { .. } => "blockdev-del",
             Command::DeviceAdd(_) => "device_add",
             Command::DeviceDel { .. } => "device_del",
+            Command::NetdevAdd(_) => "netdev_add",
+            Command::NetdevDel { .. } => "netdev_del",
             Command::QueryBlock => "query-block",
             Command::QueryUuid => "query-uuid",
         }

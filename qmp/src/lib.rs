@@ -15,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod framing;
 pub mod greeting;
+pub mod netdev;
 pub mod reply;
 pub mod session;
 

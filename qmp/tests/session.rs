@@ -180,8 +180,15 @@ fn every_command_dispatches_after_negotiation() {
     let mut listed: Vec<&str> = command_names().to_vec();
     let mut known: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     known.push("qmp_capabilities");
-    // Those that need arguments (their forms are tested with the device module).
-    for name in ["blockdev-add", "blockdev-del", "device_add", "device_del"] {
+    // Those that need arguments (their forms are tested with the device and netdev modules).
+    for name in [
+        "blockdev-add",
+        "blockdev-del",
+        "device_add",
+        "device_del",
+        "netdev_add",
+        "netdev_del",
+    ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(
             format!("{refused:?}").contains("is missing"),

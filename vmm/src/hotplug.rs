@@ -9,6 +9,9 @@
 //! next slot before the vCPUs run, so the guest finds the disk's capacity at probe and
 //! `device_del` takes it out like any other.
 //!
+//! NICs go through the same commands (see [`crate::net_hotplug`]): `device_add` dispatches on
+//! the driver, `device_del` on the id.
+//!
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
 use std::collections::BTreeMap;
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use citadel_launcher::{BlkSpec, ImageSource, Launcher};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
+use citadel_qmp::netdev::NetdevAdd;
 use serde_json::{json, Value};
 
 use crate::cli::{BlkDeviceConfig, DriveConfig};
@@ -24,6 +28,7 @@ use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
 use crate::devices::vhost_user_blk::VhostUserBlk;
+use crate::net_hotplug::{Netdevs, NIC_DRIVER};
 
 /// Block nodes one VM may have at once: each is a process.
 pub const MAX_NODES: usize = 16;
@@ -64,10 +69,11 @@ pub enum ColdPlugError {
     },
 }
 
-/// The block nodes and the launcher that starts their backends.
+/// The block nodes, the netdevs and the launcher that starts their backends.
 pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
+    netdevs: Netdevs,
 }
 
 impl Hotplug {
@@ -77,6 +83,7 @@ impl Hotplug {
         Hotplug {
             launcher,
             nodes: BTreeMap::new(),
+            netdevs: Netdevs::default(),
         }
     }
 
@@ -143,6 +150,7 @@ impl Hotplug {
                 addr: Some(slot.to_string()),
                 drive: Some(disk.drive.clone()),
                 netdev: None,
+                mac: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Device {
@@ -227,31 +235,55 @@ impl Hotplug {
         Ok(json!({}))
     }
 
-    /// `device_add`.
+    /// `netdev_add`.
+    pub fn netdev_add(&mut self, add: &NetdevAdd) -> Result<Value, QmpError> {
+        let launcher = available(&self.launcher)?;
+        self.netdevs.netdev_add(launcher, add)
+    }
+
+    /// `netdev_del`.
+    pub fn netdev_del(&mut self, id: &str) -> Result<Value, QmpError> {
+        let launcher = available(&self.launcher)?;
+        self.netdevs.netdev_del(launcher, id)
+    }
+
+    /// `device_add`: a disk or a NIC, by its driver.
     pub fn device_add(
         &mut self,
         devices: &DeviceManager,
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
-        if add.driver != DISK_DRIVER {
+        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER {
             return Err(QmpError::generic(format!(
-                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER})",
+                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER} and {NIC_DRIVER})",
                 add.driver
             )));
         }
-        if add.netdev.is_some() {
-            return Err(QmpError::unexpected_parameter("netdev"));
-        }
-        let slots = devices.disk_slots();
-        if slots
+        let taken = devices
+            .disk_slots()
             .iter()
             .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
-        {
+            || devices
+                .nic_slots()
+                .iter()
+                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id));
+        if taken {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
                 add.id
             )));
         }
+        if add.driver == NIC_DRIVER {
+            let launcher = available(&self.launcher)?;
+            return self.netdevs.device_add(launcher, devices, add);
+        }
+        if add.netdev.is_some() {
+            return Err(QmpError::unexpected_parameter("netdev"));
+        }
+        if add.mac.is_some() {
+            return Err(QmpError::unexpected_parameter("mac"));
+        }
+        let slots = devices.disk_slots();
         let addr = match add.slot() {
             Some(addr) => addr?,
             None => slots
@@ -309,12 +341,15 @@ impl Hotplug {
         }
     }
 
-    /// `device_del`: the disk leaves its slot and its node and backend process end. Returns
-    /// the id to announce in DEVICE_DELETED.
+    /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
+    /// leaves its slot and its netdev stays. Returns the id to announce in DEVICE_DELETED.
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
-        let plugged = devices
-            .unplug_disk(id)
-            .ok_or_else(|| QmpError::device_not_found(id))?;
+        let Some(plugged) = devices.unplug_disk(id) else {
+            return self
+                .netdevs
+                .device_del(devices, id)
+                .ok_or_else(|| QmpError::device_not_found(id));
+        };
         drop(plugged.disk);
         self.release(&plugged.node_name);
         Ok(id.to_string())
@@ -370,6 +405,13 @@ impl Hotplug {
             );
         }
     }
+}
+
+/// The launcher, or why NIC hotplug cannot start backends.
+fn available(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError> {
+    launcher
+        .as_ref()
+        .map_err(|why| QmpError::generic(format!("NIC hotplug is unavailable: {why}")))
 }
 
 fn stop(launcher: &Launcher, pid: i32) {

@@ -13,6 +13,7 @@ pub mod lockdown;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod net_hotplug;
 pub mod qmp_server;
 #[cfg(test)]
 mod test_kvm;

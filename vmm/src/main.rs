@@ -152,7 +152,7 @@ fn build_and_run(
         // Forked while the process is still single-threaded, before anything else is made.
         let launcher = start_launcher(config);
         if let Err(why) = &launcher {
-            log::warn!("block hotplug unavailable: {why}");
+            log::warn!("disk and NIC hotplug unavailable: {why}");
         }
         // Every disk slot may get a backend, whose answers are bounded by a deadline.
         citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;

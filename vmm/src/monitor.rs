@@ -517,6 +517,8 @@ fn execute(
             },
             Err(e) => Response::reply(Err(e)),
         },
+        Command::NetdevAdd(add) => Response::reply(hotplug.netdev_add(add)),
+        Command::NetdevDel { id } => Response::reply(hotplug.netdev_del(id)),
         Command::QueryBlock => Response::reply(Ok(hotplug.query_block(machine.virtio()))),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()

@@ -2,10 +2,11 @@
  * virtio_net: drives the first virtio-net device announced on the command line
  * ("virtio_mmio.device=<size>@<base>:<irq>") as a hot-replace NIC slot: negotiates
  * VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS, starts the RX ring (one
- * buffer) and the TX ring, reports the MAC and the link status, then sends one frame while
- * the slot is empty, one after the configuration change of a plug and one after the change
- * of an unplug, reporting the link status and the TX used index at each step. Each frame is
- * a broadcast of EtherType 0x88b5 (local experimental) whose payload names the step.
+ * buffer) and the TX ring, reports the MAC and the link status, then sends one frame at boot,
+ * one after the next configuration change (a plug, or an unplug of a NIC plugged at boot)
+ * and one after the change after that, reporting the link status and the TX used index at
+ * each step. Each frame is a broadcast of EtherType 0x88b5 (local experimental) whose
+ * payload names the step.
  */
 #include "virtio_mmio.h"
 
@@ -137,30 +138,30 @@ static void drive_net(u64 base)
 	for (i = 0; i < 6; i++)
 		mac[i] = config_byte(base, (u32)i);
 	report_mac();
-	report_dec("virtio-net empty link", link_status(base));
-	if (!send_frame(base, "citadel-guest-frame-while-empty"))
+	report_dec("virtio-net boot link", link_status(base));
+	if (!send_frame(base, "citadel-guest-frame-at-boot"))
 		return;
-	report_dec("virtio-net empty tx-used", txq.used.idx);
+	report_dec("virtio-net boot tx-used", txq.used.idx);
 
-	report("virtio-net waiting-for-plug");
+	report("virtio-net waiting-for-change-1");
 	if (!wait_config_change(base, PLUG_TIMEOUT_MS)) {
-		report("virtio-net error=no-plug");
+		report("virtio-net error=no-change-1");
 		return;
 	}
-	report_dec("virtio-net plugged link", link_status(base));
-	if (!send_frame(base, "citadel-guest-frame-plugged"))
+	report_dec("virtio-net change-1 link", link_status(base));
+	if (!send_frame(base, "citadel-guest-frame-after-change-1"))
 		return;
-	report_dec("virtio-net plugged tx-used", txq.used.idx);
+	report_dec("virtio-net change-1 tx-used", txq.used.idx);
 
-	report("virtio-net waiting-for-unplug");
+	report("virtio-net waiting-for-change-2");
 	if (!wait_config_change(base, PLUG_TIMEOUT_MS)) {
-		report("virtio-net error=no-unplug");
+		report("virtio-net error=no-change-2");
 		return;
 	}
-	report_dec("virtio-net unplugged link", link_status(base));
-	if (!send_frame(base, "citadel-guest-frame-unplugged"))
+	report_dec("virtio-net change-2 link", link_status(base));
+	if (!send_frame(base, "citadel-guest-frame-after-change-2"))
 		return;
-	report_dec("virtio-net unplugged tx-used", txq.used.idx);
+	report_dec("virtio-net change-2 tx-used", txq.used.idx);
 }
 
 void guest_main(void)

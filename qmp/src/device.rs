@@ -206,8 +206,8 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 }
 
 /// Ids and node names: QEMU's rule (a letter first, then letters, digits, `-`, `.`, `_`),
-/// which also keeps them printable in logs and errors.
-pub(crate) fn check_id(member: &str, id: &str) -> Result<(), QmpError> {
+/// which also keeps them printable in logs and errors; `member` names the argument.
+pub fn check_id(member: &str, id: &str) -> Result<(), QmpError> {
     let mut chars = id.chars();
     let valid = id.len() <= MAX_ID_LEN
         && chars.next().is_some_and(|c| c.is_ascii_alphabetic())

@@ -51,22 +51,29 @@ impl NetdevAddArgs {
                 }
             }
         }
-        let valid = !self.ifname.is_empty()
-            && self.ifname.len() <= MAX_IFNAME_LEN
-            && self
-                .ifname
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
-        if !valid {
-            return Err(QmpError::invalid_parameter_value(
-                "ifname",
-                "an interface name of 1 to 15 printable characters without '/' or ':'",
-            ));
-        }
+        check_ifname(&self.ifname)?;
         Ok(NetdevAdd {
             id: self.id,
             ifname: self.ifname,
         })
+    }
+}
+
+/// A tap's interface name: what Linux accepts, without the characters that would make it a
+/// path or an alias.
+pub fn check_ifname(ifname: &str) -> Result<(), QmpError> {
+    let valid = !ifname.is_empty()
+        && ifname.len() <= MAX_IFNAME_LEN
+        && ifname
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if valid {
+        Ok(())
+    } else {
+        Err(QmpError::invalid_parameter_value(
+            "ifname",
+            "an interface name of 1 to 15 printable characters without '/' or ':'",
+        ))
     }
 }
 

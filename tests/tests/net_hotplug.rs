@@ -187,12 +187,12 @@ fn a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap() {
     );
     let line = vm.wait_serial("citadel-guest: virtio-net mac=", STEP);
     assert!(line.ends_with("mac=52:54:00:c1:7a:00"), "{line}");
-    let line = vm.wait_serial("citadel-guest: virtio-net empty link=", STEP);
+    let line = vm.wait_serial("citadel-guest: virtio-net boot link=", STEP);
     assert!(line.ends_with("link=0"), "{line}");
     // The empty slot consumes the frame (the driver's TX ring never fills up) and drops it.
-    let line = vm.wait_serial("citadel-guest: virtio-net empty tx-used=", STEP);
+    let line = vm.wait_serial("citadel-guest: virtio-net boot tx-used=", STEP);
     assert!(line.ends_with("tx-used=1"), "{line}");
-    vm.wait_serial("citadel-guest: virtio-net waiting-for-plug", STEP);
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
 
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     assert!(backends(vm.pid()).is_empty());
@@ -214,15 +214,22 @@ fn a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap() {
         ),
         json!({"return": {}})
     );
-    let line = vm.wait_serial("citadel-guest: virtio-net plugged link=", STEP);
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
     assert!(line.ends_with("link=1"), "{line}");
-    let line = vm.wait_serial("citadel-guest: virtio-net plugged tx-used=", STEP);
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 tx-used=", STEP);
     assert!(line.ends_with("tx-used=2"), "{line}");
-    let frames = capture.guest_frames(Duration::from_secs(5), Some("citadel-guest-frame-plugged"));
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-1"),
+    );
     let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
-    assert_eq!(payloads, vec!["citadel-guest-frame-plugged"], "{frames:?}");
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-1"],
+        "{frames:?}"
+    );
     assert_eq!(frames[0].0, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]);
-    vm.wait_serial("citadel-guest: virtio-net waiting-for-unplug", STEP);
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-2", STEP);
 
     qmp.events.clear();
     assert_eq!(
@@ -239,9 +246,9 @@ fn a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap() {
         deleted[0]["data"],
         json!({"device": "net-0", "path": "net-0"})
     );
-    let line = vm.wait_serial("citadel-guest: virtio-net unplugged link=", STEP);
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
     assert!(line.ends_with("link=0"), "{line}");
-    let line = vm.wait_serial("citadel-guest: virtio-net unplugged tx-used=", STEP);
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 tx-used=", STEP);
     assert!(line.ends_with("tx-used=3"), "{line}");
     let frames = capture.guest_frames(Duration::from_millis(500), None);
     assert!(frames.is_empty(), "frames after the unplug: {frames:?}");
@@ -373,4 +380,95 @@ fn refused_nic_commands_change_nothing() {
     }
     let reply = qmp.execute("device_del", Some(json!({"id": "nic-a"})));
     assert_eq!(reply["error"]["class"], "DeviceNotFound", "{reply}");
+}
+
+#[test]
+fn a_nic_on_the_command_line_is_up_at_boot_and_leaves_like_a_hotplugged_one() {
+    if cannot_run("a_nic_on_the_command_line_is_up_at_boot_and_leaves_like_a_hotplugged_one") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let netdev = format!("tap,id=net0,ifname={},script=no,downscript=no", tap.0);
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &[
+            "-m",
+            "32",
+            "-append",
+            NIC_SLOT_0,
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-device,netdev=net0,id=eth0,mac=52:54:00:c1:7a:00",
+        ],
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net boot link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net boot tx-used=", STEP);
+    assert!(line.ends_with("tx-used=1"), "{line}");
+    let frames = capture.guest_frames(Duration::from_secs(5), Some("citadel-guest-frame-at-boot"));
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(payloads, vec!["citadel-guest-frame-at-boot"], "{frames:?}");
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let backend = pids[0];
+    assert_eq!(status_field(&status(backend).unwrap(), "Seccomp"), "2");
+
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "eth0"}))),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
+    assert!(line.ends_with("link=0"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 tx-used=", STEP);
+    assert!(line.ends_with("tx-used=2"), "{line}");
+    let frames = capture.guest_frames(Duration::from_millis(500), None);
+    assert!(frames.is_empty(), "frames after the unplug: {frames:?}");
+    assert_eq!(backends(vm.pid()), vec![backend]);
+    // The netdev of the command line goes back into a slot like any other.
+    assert_eq!(
+        device_add(&mut qmp, "eth0", "0x0", "net0"),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-2"),
+    );
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-2"],
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn a_command_line_nic_with_another_mac_than_its_slot_is_refused() {
+    if cannot_run("a_command_line_nic_with_another_mac_than_its_slot_is_refused") {
+        return;
+    }
+    let tap = Tap::create();
+    let out = Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "32", "-kernel"])
+        .arg(guest_program("idle"))
+        .args(["-serial", "none", "-netdev"])
+        .arg(format!("tap,id=net0,ifname={}", tap.0))
+        .args([
+            "-device",
+            "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "citadel: -device virtio-net-device net0: Device net0 cannot have MAC 52:54:00:12:34:56: the guest's driver read the MAC of NIC slot 0, 52:54:00:c1:7a:00, when it probed the slot at boot, and it does not change"
+    );
 }

@@ -23,7 +23,7 @@ use citadel_qmp::error::QmpError;
 use citadel_qmp::netdev::NetdevAdd;
 use serde_json::{json, Value};
 
-use crate::cli::{BlkDeviceConfig, DriveConfig};
+use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
@@ -62,6 +62,22 @@ pub enum ColdPlugError {
     /// A `-device virtio-blk-device` that could not be plugged.
     #[error("-device virtio-blk-device {id}: {why}")]
     Device {
+        /// The device's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A `-netdev` whose backend could not be started.
+    #[error("-netdev {id}: {why}")]
+    Netdev {
+        /// The netdev's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A `-device virtio-net-device` that could not be plugged.
+    #[error("-device virtio-net-device {id}: {why}")]
+    Nic {
         /// The device's id.
         id: String,
         /// What went wrong.
@@ -136,13 +152,47 @@ impl Hotplug {
         Ok(())
     }
 
-    /// Plugs the command line's virtio-blk devices into the disk slots in order, slot 0
-    /// first. Run before the vCPUs do: the guest's driver then finds each disk at probe.
+    /// Starts a backend for each of the command line's netdevs, in order, as `netdev_add`
+    /// would. On a refusal the caller drops the whole `Hotplug`, which ends the launcher and
+    /// every backend already started.
+    pub fn add_netdevs(&mut self, netdevs: &[NetdevConfig]) -> Result<(), ColdPlugError> {
+        for netdev in netdevs {
+            let add = NetdevAdd {
+                id: netdev.id.clone(),
+                ifname: netdev.ifname.clone(),
+            };
+            self.netdev_add(&add).map_err(|e| ColdPlugError::Netdev {
+                id: netdev.id.clone(),
+                why: e.desc,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Plugs the command line's virtio-blk devices into the disk slots and its virtio-net
+    /// devices into the NIC slots in order, slot 0 first. Run before the vCPUs do: the
+    /// guest's driver then finds each disk's capacity and each NIC's link up at probe.
     pub fn cold_plug(
         &mut self,
         devices: &DeviceManager,
         disks: &[BlkDeviceConfig],
+        nics: &[NicDeviceConfig],
     ) -> Result<(), ColdPlugError> {
+        for (slot, nic) in nics.iter().enumerate() {
+            let add = DeviceAdd {
+                driver: NIC_DRIVER.to_string(),
+                id: nic.id.clone(),
+                addr: Some(slot.to_string()),
+                drive: None,
+                netdev: Some(nic.netdev.clone()),
+                mac: nic.mac,
+            };
+            self.device_add(devices, &add)
+                .map_err(|e| ColdPlugError::Nic {
+                    id: nic.id.clone(),
+                    why: e.desc,
+                })?;
+        }
         for (slot, disk) in disks.iter().enumerate() {
             let add = DeviceAdd {
                 driver: DISK_DRIVER.to_string(),

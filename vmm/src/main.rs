@@ -163,6 +163,7 @@ fn build_and_run(
             let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
             hotplug.add_drives(&config.drives, &config.blk_devices, &cwd)?;
         }
+        hotplug.add_netdevs(&config.netdevs)?;
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
         let disks = config
@@ -234,7 +235,7 @@ fn build_and_run(
             disks,
         };
         let machine = Machine::create(&spec, wiring)?;
-        hotplug.cold_plug(machine.virtio(), &config.blk_devices)?;
+        hotplug.cold_plug(machine.virtio(), &config.blk_devices, &config.nic_devices)?;
         let monitor = Monitor::new(
             machine,
             hotplug,

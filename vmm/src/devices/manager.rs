@@ -609,6 +609,38 @@ mod tests {
     }
 
     #[test]
+    fn nic_slots_follow_the_disk_slots_with_their_own_macs() {
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        let wiring = Recorder::default();
+        let mut manager = DeviceManager::new().unwrap();
+        manager.add_disk_slots(&wiring, &memory, 6).unwrap();
+        manager.add_nic_slots(&wiring, &memory, 2).unwrap();
+        let after = manager.add_virtio_mmio(&wiring, dummy(1)).unwrap();
+        assert_eq!((after.slot, after.base, after.gsi), (8, 0xd000_8000, 16));
+        let nics = manager.nic_slots();
+        assert_eq!(
+            nics.iter().map(|n| (n.addr, n.mac)).collect::<Vec<_>>(),
+            vec![
+                (0, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]),
+                (1, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x01])
+            ]
+        );
+        assert!(nics.iter().all(|n| n.plugged.is_none()));
+        // Slots 6 and 7 are virtio-net (device ID 1), pins 14 and 15.
+        for (base, gsi) in [(0xd000_6000u64, 14u32), (0xd000_7000, 15)] {
+            let mut id = [0u8; 4];
+            assert!(manager.mmio_bus().read(base + 8, &mut id));
+            assert_eq!(u32::from_le_bytes(id), 1);
+            assert!(manager
+                .acpi_nodes()
+                .iter()
+                .any(|n| u64::from(n.base) == base && n.gsi == gsi));
+        }
+        assert!(manager.unplug_nic("net-0").is_none());
+    }
+
+    #[test]
     fn the_seventeenth_device_is_refused() {
         let wiring = Recorder::default();
         let mut manager = DeviceManager::new().unwrap();

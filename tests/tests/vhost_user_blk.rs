@@ -204,7 +204,8 @@ fn bad_disk_command_lines_fail_with_one_line_and_create_nothing() {
             ],
             "-drive d0: Could not open '/nonexistent.img': No such file or directory",
         ),
-        (vec!["-netdev".into(), "tap,id=n0".into()], "not supported"),
+        (vec!["-netdev".into(), "user,id=n0".into()], "not supported"),
+        (vec!["-netdev".into(), "tap,id=n0".into()], "no ifname="),
     ];
     for (extra, expected) in cases {
         let out = Command::new(citadel_tests::binary("citadel"))

@@ -472,3 +472,51 @@ fn a_command_line_nic_with_another_mac_than_its_slot_is_refused() {
         "citadel: -device virtio-net-device net0: Device net0 cannot have MAC 52:54:00:12:34:56: the guest's driver read the MAC of NIC slot 0, 52:54:00:c1:7a:00, when it probed the slot at boot, and it does not change"
     );
 }
+
+#[test]
+fn a_netdev_whose_backend_died_is_dropped_at_device_add_and_the_slot_stays_usable() {
+    if cannot_run("a_netdev_whose_backend_died_is_dropped_at_device_add_and_the_slot_stays_usable")
+    {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", NIC_SLOT_0],
+    );
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    let dead = backends(vm.pid())[0];
+    // SAFETY: kill with a pid this test read from /proc and a constant signal.
+    assert_eq!(unsafe { libc::kill(dead as i32, libc::SIGKILL) }, 0);
+    assert!(wait_gone(dead, Duration::from_secs(5)));
+    // The slot's rings cannot be handed to a dead backend: refused, and the netdev is gone.
+    let reply = device_add(&mut qmp, "net-0", "0x0", "net-0");
+    assert!(
+        error_desc(&reply)
+            .starts_with("starting the NIC's backend: vhost-user backend at citadel-net["),
+        "{reply}"
+    );
+    let reply = qmp.execute("netdev_del", Some(json!({"id": "net-0"})));
+    assert_eq!(error_desc(&reply), "Failed to find netdev 'net-0'");
+    // The slot kept its rings: a new netdev plugs into it and the guest's frame gets through.
+    assert_eq!(netdev_add(&mut qmp, "net-1", &tap.0), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "net-1", "0x0", "net-1"),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-1"),
+    );
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-1"],
+        "{frames:?}"
+    );
+}

@@ -146,6 +146,11 @@ impl BlkSlot {
                 // the eventfd and the backend sees it as soon as it polls.
                 self.watched.unwatch();
                 if let Err(e) = plugged.disk.connection().start_at(&running.params, &[base]) {
+                    // The slot answers the ring again, and raises its own interrupts.
+                    running
+                        .params
+                        .interrupt
+                        .set_vring_signalled_externally(false);
                     if let Some(fd) = running.params.notify.first() {
                         self.watched.watch(fd);
                     }

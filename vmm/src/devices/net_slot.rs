@@ -186,6 +186,11 @@ impl NetSlot {
                 // the eventfd and the backend sees it as soon as it polls.
                 self.watched.unwatch();
                 if let Err(e) = nic.conn.start_at(&running.params, &bases) {
+                    // The slot answers the rings again, and raises its own interrupts.
+                    running
+                        .params
+                        .interrupt
+                        .set_vring_signalled_externally(false);
                     if let Some(fd) = running.params.notify.get(TX) {
                         self.watched.watch(fd);
                     }
@@ -453,6 +458,18 @@ mod tests {
         assert_eq!(&config[8..10], &[1, 0], "queue pairs");
         assert_eq!(s.slot.device_type(), 1);
         assert_eq!(s.slot.queue_max_sizes(), &[256, 256]);
+        // One queue pair: no control queue, no multiqueue, no control-queue MAC setting.
+        use virtio_bindings::virtio_net::{
+            VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ,
+        };
+        for bit in [
+            VIRTIO_NET_F_CTRL_VQ,
+            VIRTIO_NET_F_MQ,
+            VIRTIO_NET_F_CTRL_MAC_ADDR,
+        ] {
+            assert_eq!(s.slot.features() & (1 << bit), 0, "feature {bit}");
+        }
+        assert_eq!(NET_SPEC.allowed_features, s.slot.features());
     }
 
     #[test]

@@ -93,8 +93,8 @@ pub struct Hotplug {
 }
 
 impl Hotplug {
-    /// Hotplug through `launcher`, or refusing every `blockdev-add` with the reason there is
-    /// none.
+    /// Hotplug through `launcher`, or refusing every `blockdev-add`, `netdev_add` and NIC
+    /// `device_add` with the reason there is none.
     pub fn new(launcher: Result<Launcher, String>) -> Self {
         Hotplug {
             launcher,

@@ -10,80 +10,16 @@
  * and writes the plugged disk, waits for the change of an unplug and reads the empty slot
  * again, reporting the capacity and status at each step.
  */
-#include "guest.h"
-
-#define VIRTIO_MMIO_MAGIC 0x74726976 /* "virt" */
-#define REG_MAGIC 0x000
-#define REG_VERSION 0x004
-#define REG_DEVICE_ID 0x008
-#define REG_VENDOR_ID 0x00c
-#define REG_DEVICE_FEATURES 0x010
-#define REG_DEVICE_FEATURES_SEL 0x014
-#define REG_DRIVER_FEATURES 0x020
-#define REG_DRIVER_FEATURES_SEL 0x024
-#define REG_QUEUE_SEL 0x030
-#define REG_QUEUE_NUM_MAX 0x034
-#define REG_QUEUE_NUM 0x038
-#define REG_QUEUE_READY 0x044
-#define REG_QUEUE_NOTIFY 0x050
-#define REG_INTERRUPT_STATUS 0x060
-#define REG_INTERRUPT_ACK 0x064
-#define REG_STATUS 0x070
-#define REG_QUEUE_DESC_LOW 0x080
-#define REG_QUEUE_DESC_HIGH 0x084
-#define REG_QUEUE_DRIVER_LOW 0x090
-#define REG_QUEUE_DRIVER_HIGH 0x094
-#define REG_QUEUE_DEVICE_LOW 0x0a0
-#define REG_QUEUE_DEVICE_HIGH 0x0a4
-#define REG_CONFIG 0x100
-
-#define STATUS_ACKNOWLEDGE 1
-#define STATUS_DRIVER 2
-#define STATUS_DRIVER_OK 4
-#define STATUS_FEATURES_OK 8
+#include "virtio_mmio.h"
 
 #define VIRTIO_ID_BLOCK 2
-#define VIRTIO_F_VERSION_1_WORD 1 /* feature bit 32: bit 0 of feature word 1 */
-
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
 #define BLK_T_GET_ID 8
 #define WRITE_SECTOR 1
 
-#define QUEUE_SIZE 4
-#define MAX_DEVICES 8
 #define IO_TIMEOUT_MS 5000
 #define PLUG_TIMEOUT_MS 60000
-#define ISR_CONFIG 2
-#define TICK_US 1000
-
-struct virtq_desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
-struct virtq_avail {
-	u16 flags;
-	u16 idx;
-	u16 ring[QUEUE_SIZE];
-	u16 used_event;
-};
-
-struct virtq_used_elem {
-	u32 id;
-	u32 len;
-};
-
-struct virtq_used {
-	u16 flags;
-	u16 idx;
-	struct virtq_used_elem ring[QUEUE_SIZE];
-	u16 avail_event;
-};
 
 struct blk_req_header {
 	u32 type;
@@ -91,114 +27,12 @@ struct blk_req_header {
 	u64 sector;
 };
 
-/* Zeroed at boot with the rest of .bss, which is what a fresh queue needs. */
-static struct virtq_desc desc[QUEUE_SIZE] __attribute__((aligned(16)));
-static struct virtq_avail avail __attribute__((aligned(2)));
-static struct virtq_used used __attribute__((aligned(4)));
+static struct virtq vq;
 static struct blk_req_header header;
 static u8 sector[512];
 static volatile u8 req_status;
 /* What the program writes to sector WRITE_SECTOR, repeated over the sector. */
 static const char write_pattern[] = "citadel-guest-wrote-sector-one.";
-
-static u32 reg_read(u64 base, u32 off)
-{
-	return mmio_read32(base + off);
-}
-
-static void reg_write(u64 base, u32 off, u32 val)
-{
-	mmio_write32(base + off, val);
-}
-
-static void barrier(void)
-{
-	__asm__ volatile("" ::: "memory");
-}
-
-/* Parses a C-style unsigned number (0x prefix for hex); *end gets the first unused char. */
-static u64 parse_number(const char *s, const char **end)
-{
-	u64 v = 0;
-	int base = 10;
-
-	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-		base = 16;
-		s += 2;
-	}
-	for (;; s++) {
-		int digit;
-
-		if (*s >= '0' && *s <= '9')
-			digit = *s - '0';
-		else if (base == 16 && *s >= 'a' && *s <= 'f')
-			digit = *s - 'a' + 10;
-		else if (base == 16 && *s >= 'A' && *s <= 'F')
-			digit = *s - 'A' + 10;
-		else
-			break;
-		v = v * (u64)base + (u64)digit;
-	}
-	*end = s;
-	return v;
-}
-
-static int starts_with(const char *s, const char *prefix)
-{
-	while (*prefix)
-		if (*s++ != *prefix++)
-			return 0;
-	return 1;
-}
-
-/* Collects the base addresses of "virtio_mmio.device=<size>@<base>:<irq>" entries. */
-static int find_devices(const char *cmdline, u64 *bases, int max)
-{
-	static const char key[] = "virtio_mmio.device=";
-	const char *p = cmdline;
-	int n = 0;
-
-	while (*p && n < max) {
-		if ((p == cmdline || p[-1] == ' ') && starts_with(p, key)) {
-			const char *q = p + sizeof(key) - 1;
-
-			while (*q && *q != '@' && *q != ' ')
-				q++;
-			if (*q == '@') {
-				u64 base = parse_number(q + 1, &q);
-
-				/* Only the identity-mapped MMIO GiB or low RAM can be reached. */
-				if (*q == ':' && base != 0 && base < 0xfffff000UL)
-					bases[n++] = base;
-			}
-			p = q;
-			continue;
-		}
-		p++;
-	}
-	return n;
-}
-
-static void report_hex(const char *key, u64 v)
-{
-	serial_puts(" ");
-	serial_puts(key);
-	serial_puts("=");
-	serial_put_hex(v);
-}
-
-/* Waits, timer-driven, until the device has used one more buffer. */
-static int wait_used(u16 expected)
-{
-	u64 deadline = timer_ticks_now() + IO_TIMEOUT_MS;
-
-	while (*(volatile u16 *)&used.idx != expected) {
-		if (timer_ticks_now() >= deadline)
-			return 0;
-		__asm__ volatile("sti; pause; cli");
-	}
-	return 1;
-}
 
 /*
  * Sends one request on descriptors 0-2 (header, the sector buffer, status) and waits until
@@ -211,16 +45,16 @@ static int blk_request(u64 base, u32 type, u64 sector_no, u16 used_idx)
 	header.type = type;
 	header.sector = sector_no;
 	req_status = 0xff;
-	desc[0] = (struct virtq_desc){ (u64)&header, sizeof(header), DESC_F_NEXT, 1 };
-	desc[1] = (struct virtq_desc){ (u64)sector, sizeof(sector), data_flags, 2 };
-	desc[2] = (struct virtq_desc){ (u64)&req_status, 1, DESC_F_WRITE, 0 };
-	avail.ring[(used_idx - 1) % QUEUE_SIZE] = 0;
+	vq.desc[0] = (struct virtq_desc){ (u64)&header, sizeof(header), DESC_F_NEXT, 1 };
+	vq.desc[1] = (struct virtq_desc){ (u64)sector, sizeof(sector), data_flags, 2 };
+	vq.desc[2] = (struct virtq_desc){ (u64)&req_status, 1, DESC_F_WRITE, 0 };
+	vq.avail.ring[(used_idx - 1) % QUEUE_SIZE] = 0;
 	barrier();
-	avail.idx = used_idx;
+	vq.avail.idx = used_idx;
 	barrier();
 	reg_write(base, REG_QUEUE_NOTIFY, 0);
 
-	if (!wait_used(used_idx)) {
+	if (!wait_used(&vq, used_idx, IO_TIMEOUT_MS)) {
 		report("virtio-blk error=timeout");
 		return 0;
 	}
@@ -273,19 +107,10 @@ static int start_blk(u64 base)
 		return 0;
 	}
 
-	reg_write(base, REG_QUEUE_SEL, 0);
-	if (reg_read(base, REG_QUEUE_NUM_MAX) < QUEUE_SIZE) {
+	if (!setup_queue(base, 0, &vq)) {
 		report("virtio-blk error=queue-too-small");
 		return 0;
 	}
-	reg_write(base, REG_QUEUE_NUM, QUEUE_SIZE);
-	reg_write(base, REG_QUEUE_DESC_LOW, (u32)(u64)desc);
-	reg_write(base, REG_QUEUE_DESC_HIGH, (u32)((u64)desc >> 32));
-	reg_write(base, REG_QUEUE_DRIVER_LOW, (u32)(u64)&avail);
-	reg_write(base, REG_QUEUE_DRIVER_HIGH, (u32)((u64)&avail >> 32));
-	reg_write(base, REG_QUEUE_DEVICE_LOW, (u32)(u64)&used);
-	reg_write(base, REG_QUEUE_DEVICE_HIGH, (u32)((u64)&used >> 32));
-	reg_write(base, REG_QUEUE_READY, 1);
 	reg_write(base, REG_STATUS,
 		  STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 	return 1;
@@ -336,20 +161,6 @@ static void drive_blk(u64 base)
 	report_sector("virtio-blk id status=", " serial=");
 }
 
-/* Waits, timer-driven, for a configuration-change interrupt, and acknowledges it. */
-static int wait_config_change(u64 base)
-{
-	u64 deadline = timer_ticks_now() + PLUG_TIMEOUT_MS;
-
-	while (!(reg_read(base, REG_INTERRUPT_STATUS) & ISR_CONFIG)) {
-		if (timer_ticks_now() >= deadline)
-			return 0;
-		__asm__ volatile("sti; hlt; cli");
-	}
-	reg_write(base, REG_INTERRUPT_ACK, ISR_CONFIG);
-	return 1;
-}
-
 static void hotplug_blk(u64 base)
 {
 	if (!start_blk(base))
@@ -360,7 +171,7 @@ static void hotplug_blk(u64 base)
 	report_dec("hotplug empty-read status", req_status);
 
 	report("hotplug waiting-for-plug");
-	if (!wait_config_change(base)) {
+	if (!wait_config_change(base, PLUG_TIMEOUT_MS)) {
 		report("hotplug error=no-plug");
 		return;
 	}
@@ -374,7 +185,7 @@ static void hotplug_blk(u64 base)
 	report_dec("hotplug write status", req_status);
 
 	report("hotplug waiting-for-unplug");
-	if (!wait_config_change(base)) {
+	if (!wait_config_change(base, PLUG_TIMEOUT_MS)) {
 		report("hotplug error=no-unplug");
 		return;
 	}
@@ -382,24 +193,6 @@ static void hotplug_blk(u64 base)
 	if (!blk_request(base, BLK_T_IN, 0, 4))
 		return;
 	report_dec("hotplug unplugged-read status", req_status);
-}
-
-static int has_word(const char *cmdline, const char *word)
-{
-	const char *p;
-	int len = 0;
-
-	while (word[len])
-		len++;
-	for (p = cmdline; *p; p++) {
-		if ((p == cmdline || p[-1] == ' ') && starts_with(p, word)) {
-			char after = p[len];
-
-			if (after == 0 || after == ' ')
-				return 1;
-		}
-	}
-	return 0;
 }
 
 void guest_main(void)
@@ -416,23 +209,9 @@ void guest_main(void)
 	report_dec("virtio-mmio devices", (u64)n);
 	for (i = 0; i < n; i++) {
 		u64 base = bases[i];
-		u32 version;
-		u32 device;
+		u32 device = report_device(base);
+		u32 version = reg_read(base, REG_VERSION);
 
-		serial_puts("citadel-guest: virtio-mmio");
-		report_hex("base", base);
-		if (reg_read(base, REG_MAGIC) != VIRTIO_MMIO_MAGIC) {
-			serial_puts(" magic=bad\n");
-			continue;
-		}
-		version = reg_read(base, REG_VERSION);
-		device = reg_read(base, REG_DEVICE_ID);
-		serial_puts(" version=");
-		serial_put_dec(version);
-		serial_puts(" device=");
-		serial_put_dec(device);
-		report_hex("vendor", reg_read(base, REG_VENDOR_ID));
-		serial_puts("\n");
 		/* One queue in static memory: the first modern block device gets it. */
 		if (device == VIRTIO_ID_BLOCK && version != 2) {
 			report("virtio-blk error=legacy-transport-unsupported");

@@ -16,6 +16,7 @@ use crate::device::{
 };
 use crate::error::QmpError;
 use crate::fds::{AddFd, AddFdArgs, FdnameArgs, RemoveFd, RemoveFdArgs};
+use crate::netdev::{NetdevAdd, NetdevAddArgs, NetdevDelArgs};
 
 /// Every command Citadel understands, in the order `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -33,6 +34,8 @@ const COMMANDS: &[&str] = &[
     "blockdev-del",
     "device_add",
     "device_del",
+    "netdev_add",
+    "netdev_del",
     "query-block",
     "query-uuid",
     "getfd",
@@ -85,6 +88,13 @@ pub enum Command {
     /// Detach a device.
     DeviceDel {
         /// The device's id.
+        id: String,
+    },
+    /// Start serving a tap as a network backend.
+    NetdevAdd(NetdevAdd),
+    /// Stop serving a network backend that no device uses.
+    NetdevDel {
+        /// The backend's id.
         id: String,
     },
     /// The block devices and what they serve.
@@ -170,6 +180,14 @@ impl Command {
                 return Ok(Command::RemoveFd(args.into_command()));
             }
             "query-fdsets" => Command::QueryFdsets,
+            "netdev_add" => {
+                let args: NetdevAddArgs = from_arguments(arguments)?;
+                return Ok(Command::NetdevAdd(args.validate()?));
+            }
+            "netdev_del" => {
+                let args: NetdevDelArgs = from_arguments(arguments)?;
+                return Ok(Command::NetdevDel { id: args.id });
+            }
             "query-block" => Command::QueryBlock,
             "query-uuid" => Command::QueryUuid,
             "query-status" => Command::QueryStatus,
@@ -204,6 +222,8 @@ impl Command {
             Command::BlockdevDel { .. } => "blockdev-del",
             Command::DeviceAdd(_) => "device_add",
             Command::DeviceDel { .. } => "device_del",
+            Command::NetdevAdd(_) => "netdev_add",
+            Command::NetdevDel { .. } => "netdev_del",
             Command::QueryBlock => "query-block",
             Command::QueryUuid => "query-uuid",
             Command::Getfd { .. } => "getfd",

@@ -6,6 +6,8 @@
 //!   `file.aio` (Kata);
 //! - `device_add {"id":"drive-0","driver":"virtio-blk-mmio","addr":"0x1","drive":"drive-0"}`,
 //!   with `addr` in hex or decimal and an ignored `romfile` (Kata);
+//! - `device_add {"id":"net-0","driver":"virtio-net-mmio","addr":"0x0","netdev":"net-0"}`,
+//!   with an optional `"mac":"52:54:00:c1:7a:00"`;
 //! - `device_del {"id":"drive-0"}`, `blockdev-del {"node-name":"drive-0"}`.
 //!
 //! Only the shape is checked here; whether a slot, file or node exists is the VMM's business.
@@ -46,6 +48,8 @@ pub struct DeviceAdd {
     pub drive: Option<String>,
     /// The network backend the device serves.
     pub netdev: Option<String>,
+    /// The MAC address the NIC is to have.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl DeviceAdd {
@@ -142,6 +146,8 @@ pub(crate) struct DeviceAddArgs {
     drive: Option<String>,
     #[serde(default)]
     netdev: Option<String>,
+    #[serde(default)]
+    mac: Option<String>,
     /// Option ROM of a PCI device; Kata passes an empty one for MMIO devices, which have none.
     #[serde(default)]
     romfile: Option<String>,
@@ -156,12 +162,19 @@ impl DeviceAddArgs {
                 self.id
             )));
         }
+        let mac = match self.mac.as_deref() {
+            Some(mac) => Some(parse_mac(mac).ok_or_else(|| {
+                QmpError::invalid_parameter_value("mac", "a MAC address such as 52:54:00:12:34:56")
+            })?),
+            None => None,
+        };
         Ok(DeviceAdd {
             driver: self.driver,
             id: self.id,
             addr: self.addr,
             drive: self.drive,
             netdev: self.netdev,
+            mac,
         })
     }
 }
@@ -178,9 +191,23 @@ pub(crate) struct BlockdevDelArgs {
     pub(crate) node_name: String,
 }
 
+/// A MAC address written as six colon-separated pairs of hex digits.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// Ids and node names: QEMU's rule (a letter first, then letters, digits, `-`, `.`, `_`),
-/// which also keeps them printable in logs and errors.
-fn check_id(member: &str, id: &str) -> Result<(), QmpError> {
+/// which also keeps them printable in logs and errors; `member` names the argument.
+pub fn check_id(member: &str, id: &str) -> Result<(), QmpError> {
     let mut chars = id.chars();
     let valid = id.len() <= MAX_ID_LEN
         && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
@@ -289,5 +316,28 @@ mod tests {
                 .desc,
             "Parameter 'id' is missing"
         );
+    }
+
+    #[test]
+    fn device_add_reads_a_nics_mac_and_refuses_malformed_ones() {
+        let nic = device(json!({"id":"net-0","driver":"virtio-net-mmio","addr":"0x0",
+            "netdev":"net-0","mac":"52:54:00:C1:7a:00"}))
+        .unwrap();
+        assert_eq!(nic.netdev.as_deref(), Some("net-0"));
+        assert_eq!(nic.mac, Some([0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]));
+        for bad in [
+            "52:54:00:c1:7a",
+            "52:54:00:c1:7a:00:01",
+            "52-54-00-c1-7a-00",
+            "5:54:00:c1:7a:000",
+            "zz:54:00:c1:7a:00",
+        ] {
+            let err = device(json!({"id":"n","driver":"virtio-net-mmio","mac":bad})).unwrap_err();
+            assert!(
+                err.desc.starts_with("Parameter 'mac' expects"),
+                "{bad}: {}",
+                err.desc
+            );
+        }
     }
 }

@@ -189,7 +189,8 @@ fn every_command_dispatches_after_negotiation() {
     let mut listed: Vec<&str> = command_names().to_vec();
     let mut known: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     known.push("qmp_capabilities");
-    // Those that need arguments (their forms are tested with the device module).
+    // Those that need arguments (their forms are tested with the device, netdev and fds
+    // modules).
     for name in [
         "blockdev-add",
         "blockdev-del",
@@ -198,6 +199,8 @@ fn every_command_dispatches_after_negotiation() {
         "getfd",
         "closefd",
         "remove-fd",
+        "netdev_add",
+        "netdev_del",
     ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(

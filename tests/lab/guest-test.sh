@@ -42,6 +42,15 @@ wait_size() {
 	done
 }
 
+# wait_carrier NIC VALUE: waits up to 60 s until the NIC's carrier is VALUE.
+wait_carrier() {
+	i=0
+	while [ "$(cat "/sys/class/net/$1/carrier" 2>/dev/null)" != "$2" ] && [ $i -lt 600 ]; do
+		usleep 100000
+		i=$((i + 1))
+	done
+}
+
 echo "guest: disks=$(ls /sys/block | grep -c '^vd')"
 case "$mode" in
 counter)
@@ -136,6 +145,25 @@ hotplug | hotplug-raw)
 	wait_size vdb -eq 0
 	echo "guest: vdb-size-after=$(disk_size vdb)"
 	echo "guest: hotplug unplugged"
+	;;
+nic)
+	# NIC slot 0 (eth0), empty at boot: its link is down until a NIC is plugged; the guest
+	# then pings L1 over the tap, and waits for the unplug to take the carrier down again.
+	echo "guest: nics=$(ls /sys/class/net | grep -c '^eth')"
+	echo "guest: eth0-mac=$(cat /sys/class/net/eth0/address)"
+	ip link set eth0 up
+	ip addr add 10.77.1.2/24 dev eth0
+	echo "guest: eth0-carrier-empty=$(cat /sys/class/net/eth0/carrier)"
+	echo "guest: nic waiting"
+	wait_carrier eth0 1
+	echo "guest: eth0-carrier=$(cat /sys/class/net/eth0/carrier)"
+	ping -c 3 -w 30 10.77.1.1 >/tmp/ping.out 2>&1
+	echo "guest: ping=$?"
+	sed 's/^/guest: says: /' /tmp/ping.out
+	echo "guest: nic unplug-ready"
+	wait_carrier eth0 0
+	echo "guest: eth0-carrier-after=$(cat /sys/class/net/eth0/carrier)"
+	echo "guest: nic unplugged"
 	;;
 esac
 echo "guest: end"

@@ -600,9 +600,10 @@ fn add_qemu(archive: &mut Archive, qemu: &Path) -> Result<(), LabError> {
     }
     let mut libraries = std::collections::BTreeSet::new();
     for binary in [qemu, storage_daemon.as_path()] {
-        let output = Command::new("ldd").arg(binary).output().map_err(|e| {
-            LabError::Missing(format!("running ldd on {}: {e}", binary.display()))
-        })?;
+        let output = Command::new("ldd")
+            .arg(binary)
+            .output()
+            .map_err(|e| LabError::Missing(format!("running ldd on {}: {e}", binary.display())))?;
         if !output.status.success() {
             return Err(LabError::Failed(format!(
                 "ldd {}: {}",

@@ -85,10 +85,19 @@ pub fn status_field(status: &str, key: &str) -> String {
 
 /// The citadel-blk processes under citadel `vm` (children of its launcher).
 pub fn blk_backends(vm: u32) -> Vec<u32> {
+    backends_named(vm, "citadel-blk")
+}
+
+/// The citadel-net processes started for `vm` (children of its launcher).
+pub fn net_backends(vm: u32) -> Vec<u32> {
+    backends_named(vm, "citadel-net")
+}
+
+fn backends_named(vm: u32, name: &str) -> Vec<u32> {
     children(vm)
         .into_iter()
         .flat_map(children)
-        .filter(|p| status(*p).is_some_and(|s| status_field(&s, "Name") == "citadel-blk"))
+        .filter(|p| status(*p).is_some_and(|s| status_field(&s, "Name") == name))
         .collect()
 }
 

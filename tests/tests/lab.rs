@@ -1,7 +1,8 @@
 //! Full Linux guests under Citadel, in the nested-KVM lab (see `citadel_tests::lab`): the
 //! project's guest kernel and Debian's stock cloud kernel boot to user space with 1, 2 and 4
 //! vCPUs, the VM lifecycle works against a live user space, the jailer confines a VM running
-//! Linux, and CPU templates reach the guest's own /proc/cpuinfo.
+//! Linux, CPU templates reach the guest's own /proc/cpuinfo, and disks and NICs hot-plugged
+//! over QMP reach Linux.
 //!
 //! All scenarios share one lab boot, started by the first test that needs it.
 
@@ -20,6 +21,7 @@ const SCENARIOS: &[&str] = &[
     "vhost-user-blk",
     "hotplug",
     "stock-hotplug",
+    "nic-hotplug",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -409,8 +411,8 @@ fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
     check_scenario("vhost-user-blk", |outcome| {
         let t = || outcome.transcript();
         // Every slot reaches Linux through the DSDT as an LNRO0005 device: the six hot-replace
-        // disk slots and this disk's, the seventh, which Linux names vdg.
-        assert_eq!(value(outcome, "disk.acpi-virtio"), "7", "{}", t());
+        // disk slots, the two NIC slots and this disk's, the ninth, which Linux names vdg.
+        assert_eq!(value(outcome, "disk.acpi-virtio"), "9", "{}", t());
         assert_eq!(value(outcome, "disk.name"), "vdg", "{}", t());
         assert_eq!(
             value(outcome, "disk.marker"),
@@ -463,6 +465,32 @@ fn linux_uses_a_disk_hot_plugged_over_qmp_and_lets_it_go() {
         assert_eq!(v("hp.exit-code"), "0", "{}", t());
         // What the guest wrote through the file system is in the image.
         assert_eq!(v("image-file-bytes"), "1", "{}", t());
+    });
+}
+
+#[test]
+fn linux_pings_over_a_nic_hot_plugged_over_qmp_and_loses_the_carrier_on_unplug() {
+    check_scenario("nic-hotplug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        // Two NIC slots from boot, each with its fixed MAC, eth0's carrier down while empty.
+        assert_eq!(v("nics"), "2", "{}", t());
+        assert_eq!(v("eth0-mac"), "52:54:00:c1:7a:00", "{}", t());
+        assert_eq!(v("carrier-empty"), "0", "{}", t());
+        assert_eq!(v("add-returns"), "2", "{}", t());
+        // The NIC is served by a process of its own, confined.
+        assert_eq!(v("backend-count"), "1", "{}", t());
+        assert_eq!(v("backend-seccomp"), "2", "{}", t());
+        // Linux took the configuration change: carrier up, and L1 answers over the tap.
+        assert_eq!(v("carrier"), "1", "{}", t());
+        assert_eq!(v("ping"), "0", "{}", t());
+        // device_del: the event before the return, the carrier goes down, the netdev stays
+        // until netdev_del ends its process.
+        assert_eq!(v("del-order"), "DEVICE_DELETED \"return\":{} ", "{}", t());
+        assert_eq!(v("carrier-after"), "0", "{}", t());
+        assert_eq!(v("backend-after-device-del"), "alive", "{}", t());
+        assert_eq!(v("backend-gone"), "yes", "{}", t());
+        assert_eq!(v("nic.exit-code"), "0", "{}", t());
     });
 }
 

@@ -102,10 +102,11 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
     let mut args = disk_args(&backend.socket);
     // Citadel declares the slot in the DSDT; this guest program reads its command line
     // instead, where an operator would declare it for a kernel built without ACPI. The disk
-    // takes the first slot after the six hot-replace disk slots: slot 6, IOAPIC pin 14.
+    // takes the first slot after the six hot-replace disk slots and the two NIC slots: slot 8,
+    // IOAPIC pin 16.
     args.extend([
         "-append".into(),
-        "virtio_mmio.device=4K@0xd0006000:14".into(),
+        "virtio_mmio.device=4K@0xd0008000:16".into(),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Vm::start(&guest_program("virtio_blk"), &args);
@@ -114,7 +115,7 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
     assert!(line.ends_with("devices=1"), "{line}");
     let line = vm.wait_serial("citadel-guest: virtio-mmio base=", BOOT);
     assert!(
-        line.contains("base=0xd0006000 version=2 device=2"),
+        line.contains("base=0xd0008000 version=2 device=2"),
         "{line}"
     );
     let line = vm.wait_serial("citadel-guest: virtio-blk capacity=", BOOT);
@@ -203,7 +204,8 @@ fn bad_disk_command_lines_fail_with_one_line_and_create_nothing() {
             ],
             "-drive d0: Could not open '/nonexistent.img': No such file or directory",
         ),
-        (vec!["-netdev".into(), "tap,id=n0".into()], "not supported"),
+        (vec!["-netdev".into(), "user,id=n0".into()], "not supported"),
+        (vec!["-netdev".into(), "tap,id=n0".into()], "no ifname="),
     ];
     for (extra, expected) in cases {
         let out = Command::new(citadel_tests::binary("citadel"))

@@ -55,6 +55,11 @@ pub struct Config {
     /// `-device virtio-blk-device,drive=ID`, in command-line order: the order of the
     /// hot-replace disk slots they fill.
     pub blk_devices: Vec<BlkDeviceConfig>,
+    /// `-netdev tap`: taps served by backends the VMM starts, in command-line order.
+    pub netdevs: Vec<NetdevConfig>,
+    /// `-device virtio-net-device,netdev=ID`, in command-line order: the order of the
+    /// hot-replace NIC slots they fill.
+    pub nic_devices: Vec<NicDeviceConfig>,
     /// `-uuid`: the VM's UUID, shown in logs and by `query-uuid`.
     pub uuid: Option<String>,
     /// `-add-fd`: descriptors inherited from the parent, for `/dev/fdset/N` images.
@@ -71,6 +76,28 @@ pub struct AddFdConfig {
     pub set: u64,
     /// A string shown with it by `query-fdsets`.
     pub opaque: Option<String>,
+}
+
+/// `-netdev tap,id=ID,ifname=NAME`: a tap the VMM has a `citadel-net` serve, like a QMP
+/// `netdev_add` at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetdevConfig {
+    /// The id devices refer to.
+    pub id: String,
+    /// The tap's interface name.
+    pub ifname: String,
+}
+
+/// `-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]`: a netdev cold-plugged into the
+/// next hot-replace NIC slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicDeviceConfig {
+    /// The device id `device_del` takes: `id=`, or the netdev's id.
+    pub id: String,
+    /// The `-netdev` it serves.
+    pub netdev: String,
+    /// `mac=`: must be the slot's own MAC (the guest's driver reads it at boot).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// `-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off]`: an image the VMM has a
@@ -195,20 +222,25 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,if=none]
                        [,format=raw][,aio=native|io_uring|threads|off]]...
                [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,bootindex=N]]...
+               [-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no]]...
+               [-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]]...
                [-chardev socket,id=ID,path=PATH
                 -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
-start and takes the next virtio-mmio slot (at most 10). Each -drive (at most 16) starts a
+start and takes the next virtio-mmio slot after the hot-replace ones (at most 8). Each -drive (at most 16) starts a
 citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
 disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
 disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
 -drive no device uses is a block node for QMP's device_add. serial= is at most 20
 printable ASCII bytes, read by the guest's GET_ID. -add-fd puts descriptor F, inherited
 open from the parent, in fd set N: -drive file=/dev/fdset/N (or QMP's blockdev-add) then
-serves a file the VMM need not be able to open. -disable-seccomp is refused:
+serves a file the VMM need not be able to open. Each -netdev (at most 8) starts a
+citadel-net on the tap (created when missing); each virtio-net-device plugs one into the
+next of the 2 NIC slots, whose MACs are fixed (52:54:00:c1:7a:00 and :01): a different
+mac= is refused. -disable-seccomp is refused:
 -seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -419,6 +451,8 @@ where
     let mut devices: Vec<DeviceArg> = Vec::new();
     let mut drives: Vec<DriveConfig> = Vec::new();
     let mut blk_devices: Vec<BlkDeviceArg> = Vec::new();
+    let mut netdevs: Vec<NetdevConfig> = Vec::new();
+    let mut nic_devices: Vec<NicDeviceArg> = Vec::new();
     let mut uuid = None;
     let mut add_fds: Vec<AddFdConfig> = Vec::new();
 
@@ -491,6 +525,8 @@ where
                 let v = value(&option)?;
                 if split_options(&v).0 == "virtio-blk-device" {
                     blk_devices.push(parse_blk_device(&v)?);
+                } else if split_options(&v).0 == "virtio-net-device" {
+                    nic_devices.push(parse_nic_device(&v)?);
                 } else {
                     devices.push(parse_device(&v)?);
                 }
@@ -544,7 +580,30 @@ where
                           forbidden system call instead of killing the VMM",
                 })
             }
-            "-netdev" | "-incoming" | "-object" => {
+            "-netdev" => {
+                let v = value(&option)?;
+                let netdev = parse_netdev(&v)?;
+                // Each netdev is a backend process.
+                if netdevs.len() == crate::net_hotplug::MAX_NETDEVS {
+                    return Err(invalid(
+                        "-netdev",
+                        &v,
+                        format!(
+                            "too many netdevs: a VM has at most {}",
+                            crate::net_hotplug::MAX_NETDEVS
+                        ),
+                    ));
+                }
+                if netdevs.iter().any(|n| n.id == netdev.id) {
+                    return Err(invalid(
+                        "-netdev",
+                        &netdev.id,
+                        "a netdev with this id already exists",
+                    ));
+                }
+                netdevs.push(netdev);
+            }
+            "-incoming" | "-object" => {
                 return Err(CliError::Unsupported(format!("option '{option}'")))
             }
             _ => return Err(CliError::Unknown(arg)),
@@ -564,8 +623,11 @@ where
     }
     let disks = resolve_devices(&devices, &chardevs)?;
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
+    let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
     Ok(Config {
         disks,
+        netdevs,
+        nic_devices,
         drives,
         blk_devices,
         uuid,
@@ -686,14 +748,15 @@ fn resolve_devices(
     devices: &[DeviceArg],
     chardevs: &[Chardev],
 ) -> Result<Vec<VhostUserBlkConfig>, CliError> {
-    let hot = crate::machine::DISK_SLOTS as usize;
-    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len() - hot;
+    let disks = crate::machine::DISK_SLOTS as usize;
+    let nics = crate::machine::NIC_SLOTS as usize;
+    let max = crate::boot::layout::VIRTIO_MMIO_GSIS.len() - disks - nics;
     if devices.len() > max {
         return Err(invalid(
             "-device",
             &devices[max].value,
             format!(
-                "too many devices: the microvm machine has {max} virtio-mmio slots besides its {hot} hot-replace disk slots"
+                "too many devices: the microvm machine has {max} virtio-mmio slots besides its {disks} hot-replace disk slots and {nics} NIC slots"
             ),
         ));
     }
@@ -870,6 +933,141 @@ fn resolve_blk_devices(
             id,
             drive: dev.drive.clone(),
             serial: dev.serial.clone(),
+        });
+    }
+    Ok(resolved)
+}
+
+/// `-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no]`.
+fn parse_netdev(v: &str) -> Result<NetdevConfig, CliError> {
+    let (kind, opts) = split_options(v);
+    if kind != "tap" {
+        return Err(CliError::Unsupported(format!(
+            "netdev type '{kind}' (only 'tap')"
+        )));
+    }
+    let (mut id, mut ifname) = (None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("ifname", Some(n)) => ifname = Some(n.to_string()),
+            // Citadel runs no script on the host.
+            ("script" | "downscript", Some("no")) => {}
+            ("fds" | "vhost" | "vhostfds" | "queues", _) => {
+                return Err(CliError::Unsupported(format!("-netdev tap {key}=")))
+            }
+            _ => {
+                return Err(invalid(
+                    "-netdev",
+                    v,
+                    format!(
+                        "unknown or empty property '{key}' (expected tap,id=ID,ifname=NAME[,script=no][,downscript=no])"
+                    ),
+                ))
+            }
+        }
+    }
+    let id = id.ok_or_else(|| invalid("-netdev", v, "no id="))?;
+    let ifname = ifname.ok_or_else(|| invalid("-netdev", v, "no ifname="))?;
+    // The same checks as QMP's netdev_add.
+    citadel_qmp::device::check_id("id", &id)
+        .and_then(|()| citadel_qmp::netdev::check_ifname(&ifname))
+        .map_err(|e| invalid("-netdev", v, e.desc))?;
+    Ok(NetdevConfig { id, ifname })
+}
+
+/// `-device virtio-net-device,netdev=ID[,id=DEV][,mac=MAC]` before its netdev is resolved.
+struct NicDeviceArg {
+    value: String,
+    id: Option<String>,
+    netdev: String,
+    mac: Option<[u8; 6]>,
+}
+
+fn parse_nic_device(v: &str) -> Result<NicDeviceArg, CliError> {
+    let (_, opts) = split_options(v);
+    let (mut id, mut netdev, mut mac) = (None, None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("netdev", Some(n)) if !n.is_empty() => netdev = Some(n.to_string()),
+            ("mac", Some(m)) => {
+                mac = Some(citadel_qmp::device::parse_mac(m).ok_or_else(|| {
+                    invalid(
+                        "-device",
+                        v,
+                        "mac= expects a MAC address such as 52:54:00:c1:7a:00",
+                    )
+                })?)
+            }
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
+                        "unknown or empty property '{key}' (expected netdev=ID[,id=NAME][,mac=MAC])"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(NicDeviceArg {
+        value: v.to_string(),
+        id,
+        netdev: netdev.ok_or_else(|| invalid("-device", v, "no netdev="))?,
+        mac,
+    })
+}
+
+/// Ties each virtio-net device to its netdev: the netdev must exist and serve one device
+/// only, device ids must be unique among all devices, and each needs a NIC slot.
+fn resolve_nic_devices(
+    devices: &[NicDeviceArg],
+    netdevs: &[NetdevConfig],
+    vhost_user: &[VhostUserBlkConfig],
+    disks: &[BlkDeviceConfig],
+) -> Result<Vec<NicDeviceConfig>, CliError> {
+    let slots = crate::machine::NIC_SLOTS as usize;
+    if devices.len() > slots {
+        return Err(invalid(
+            "-device",
+            &devices[slots].value,
+            format!("too many virtio-net devices: the microvm machine has {slots} NIC slots"),
+        ));
+    }
+    let mut resolved: Vec<NicDeviceConfig> = Vec::with_capacity(devices.len());
+    for dev in devices {
+        if !netdevs.iter().any(|n| n.id == dev.netdev) {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!("no -netdev with id '{}'", dev.netdev),
+            ));
+        }
+        if resolved.iter().any(|d| d.netdev == dev.netdev) {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!("netdev '{}' is already used by another device", dev.netdev),
+            ));
+        }
+        let id = dev.id.clone().unwrap_or_else(|| dev.netdev.clone());
+        let taken = resolved.iter().any(|d| d.id == id)
+            || disks.iter().any(|d| d.id == id)
+            || vhost_user
+                .iter()
+                .any(|d| d.id.as_deref() == Some(id.as_str()));
+        if taken {
+            return Err(invalid(
+                "-device",
+                &dev.value,
+                format!("a device with id '{id}' already exists"),
+            ));
+        }
+        resolved.push(NicDeviceConfig {
+            id,
+            netdev: dev.netdev.clone(),
+            mac: dev.mac,
         });
     }
     Ok(resolved)
@@ -1158,6 +1356,123 @@ mod tests {
     }
 
     #[test]
+    fn nics_resolve_their_netdevs_in_slot_order() {
+        let c = with(&[
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-netdev",
+            "tap,ifname=tap1,id=n1",
+            "-device",
+            "virtio-net-device,netdev=n1,id=eth-a,mac=52:54:00:c1:7a:00",
+            "-device",
+            "virtio-net-device,netdev=n0",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.netdevs,
+            vec![
+                NetdevConfig {
+                    id: "n0".into(),
+                    ifname: "tap0".into()
+                },
+                NetdevConfig {
+                    id: "n1".into(),
+                    ifname: "tap1".into()
+                },
+            ]
+        );
+        assert_eq!(
+            c.nic_devices,
+            vec![
+                NicDeviceConfig {
+                    id: "eth-a".into(),
+                    netdev: "n1".into(),
+                    mac: Some([0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]),
+                },
+                NicDeviceConfig {
+                    id: "n0".into(),
+                    netdev: "n0".into(),
+                    mac: None,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_nic_arguments_are_refused() {
+        let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
+        assert_eq!(
+            err(&["-device", "virtio-net-device,netdev=n9"]),
+            "invalid value 'virtio-net-device,netdev=n9' for '-device': no -netdev with id 'n9'"
+        );
+        assert_eq!(
+            err(&["-netdev", "user,id=n0"]),
+            "netdev type 'user' (only 'tap') is not supported by this version of citadel"
+        );
+        assert_eq!(
+            err(&["-netdev", "tap,id=n0,fds=3"]),
+            "-netdev tap fds= is not supported by this version of citadel"
+        );
+        assert!(err(&["-netdev", "tap,id=n0"]).ends_with("no ifname="));
+        assert!(err(&["-netdev", "tap,ifname=t"]).ends_with("no id="));
+        assert!(err(&["-netdev", "tap,id=n0,ifname=../t"]).contains("Parameter 'ifname' expects"));
+        assert!(err(&["-netdev", "tap,id=n0,ifname=t,script=/etc/ifup"]).contains("'script'"));
+        assert!(err(&[
+            "-netdev",
+            "tap,id=n0,ifname=a",
+            "-netdev",
+            "tap,id=n0,ifname=b"
+        ])
+        .contains("a netdev with this id already exists"));
+        assert!(err(&[
+            "-netdev",
+            "tap,id=n0,ifname=a",
+            "-device",
+            "virtio-net-device,netdev=n0,mac=1:2"
+        ])
+        .contains("mac= expects a MAC address"));
+        assert!(err(&[
+            "-netdev",
+            "tap,id=n0,ifname=a",
+            "-device",
+            "virtio-net-device,netdev=n0",
+            "-device",
+            "virtio-net-device,netdev=n0,id=x"
+        ])
+        .contains("netdev 'n0' is already used by another device"));
+        assert!(err(&[
+            "-netdev",
+            "tap,id=n0,ifname=a",
+            "-netdev",
+            "tap,id=n1,ifname=b",
+            "-drive",
+            "file=/i,id=d",
+            "-device",
+            "virtio-blk-device,drive=d,id=x",
+            "-device",
+            "virtio-net-device,netdev=n0,id=x"
+        ])
+        .contains("a device with id 'x' already exists"));
+        assert_eq!(
+            err(&[
+                "-netdev",
+                "tap,id=n0,ifname=a",
+                "-netdev",
+                "tap,id=n1,ifname=b",
+                "-netdev",
+                "tap,id=n2,ifname=c",
+                "-device",
+                "virtio-net-device,netdev=n0",
+                "-device",
+                "virtio-net-device,netdev=n1",
+                "-device",
+                "virtio-net-device,netdev=n2"
+            ]),
+            "invalid value 'virtio-net-device,netdev=n2' for '-device': too many virtio-net devices: the microvm machine has 2 NIC slots"
+        );
+    }
+
+    #[test]
     fn vhost_user_blk_devices_resolve_their_chardevs_in_order() {
         let c = with(&[
             "-device",
@@ -1220,8 +1535,8 @@ mod tests {
                 .contains("'num-queues'")
         );
         assert_eq!(
-            err(&["-device", "virtio-net-device,netdev=n0"]),
-            "device 'virtio-net-device' is not supported by this version of citadel"
+            err(&["-device", "virtio-net-pci,netdev=n0"]),
+            "device 'virtio-net-pci' is not supported by this version of citadel"
         );
         assert!(err(&[
             "-chardev",
@@ -1251,7 +1566,7 @@ mod tests {
 
     #[test]
     fn more_devices_than_slots_are_refused() {
-        let names: Vec<String> = (0..11).map(|i| format!("c{i}")).collect();
+        let names: Vec<String> = (0..9).map(|i| format!("c{i}")).collect();
         let mut args: Vec<String> = base().into_iter().map(String::from).collect();
         for name in &names {
             args.push("-chardev".into());
@@ -1262,10 +1577,10 @@ mod tests {
         let err = parse(args.clone()).unwrap_err().to_string();
         assert_eq!(
             err,
-            "invalid value 'vhost-user-blk-device,chardev=c10' for '-device': too many devices: the microvm machine has 10 virtio-mmio slots besides its 6 hot-replace disk slots"
+            "invalid value 'vhost-user-blk-device,chardev=c8' for '-device': too many devices: the microvm machine has 8 virtio-mmio slots besides its 6 hot-replace disk slots and 2 NIC slots"
         );
         args.truncate(args.len() - 4);
-        assert_eq!(parse(args).unwrap().disks.len(), 10);
+        assert_eq!(parse(args).unwrap().disks.len(), 8);
     }
 
     #[test]

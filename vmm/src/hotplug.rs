@@ -12,6 +12,9 @@
 //! An image named `/dev/fdset/N` is not opened by path: the backend gets a duplicate of a
 //! descriptor of fd set N (see [`PassedFds::open`]), passed with `add-fd` or `-add-fd`.
 //!
+//! NICs go through the same commands (see [`crate::net_hotplug`]): `device_add` dispatches on
+//! the driver, `device_del` on the id.
+//!
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
 use std::collections::BTreeMap;
@@ -21,12 +24,15 @@ use citadel_launcher::{BlkSpec, ImageSource, Launcher};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::fdset_of;
+use citadel_qmp::netdev::NetdevAdd;
 use serde_json::{json, Value};
 
-use crate::cli::{BlkDeviceConfig, DriveConfig};
+use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
-use crate::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
+use crate::devices::vhost_user::BACKEND_TIMEOUT;
+use crate::devices::vhost_user_blk::VhostUserBlk;
+use crate::net_hotplug::{Netdevs, NIC_DRIVER};
 use crate::passed_fds::PassedFds;
 
 /// Block nodes one VM may have at once: each is a process.
@@ -66,24 +72,42 @@ pub enum ColdPlugError {
         /// What went wrong.
         why: String,
     },
+    /// A `-netdev` whose backend could not be started.
+    #[error("-netdev {id}: {why}")]
+    Netdev {
+        /// The netdev's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A `-device virtio-net-device` that could not be plugged.
+    #[error("-device virtio-net-device {id}: {why}")]
+    Nic {
+        /// The device's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
 }
 
-/// The block nodes, the launcher that starts their backends, and the descriptors passed to
-/// the VM that images may come from.
+/// The block nodes, the netdevs, the launcher that starts their backends, and the
+/// descriptors passed to the VM that images may come from.
 pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
+    netdevs: Netdevs,
     fds: PassedFds,
 }
 
 impl Hotplug {
-    /// Hotplug through `launcher`, or refusing every `blockdev-add` with the reason there is
-    /// none.
+    /// Hotplug through `launcher`, or refusing every `blockdev-add`, `netdev_add` and NIC
+    /// `device_add` with the reason there is none.
     pub fn new(launcher: Result<Launcher, String>) -> Self {
         Hotplug {
             launcher,
             nodes: BTreeMap::new(),
             fds: PassedFds::new(),
+            netdevs: Netdevs::default(),
         }
     }
 
@@ -146,13 +170,47 @@ impl Hotplug {
         Ok(())
     }
 
-    /// Plugs the command line's virtio-blk devices into the disk slots in order, slot 0
-    /// first. Run before the vCPUs do: the guest's driver then finds each disk at probe.
+    /// Starts a backend for each of the command line's netdevs, in order, as `netdev_add`
+    /// would. On a refusal the caller drops the whole `Hotplug`, which ends the launcher and
+    /// every backend already started.
+    pub fn add_netdevs(&mut self, netdevs: &[NetdevConfig]) -> Result<(), ColdPlugError> {
+        for netdev in netdevs {
+            let add = NetdevAdd {
+                id: netdev.id.clone(),
+                ifname: netdev.ifname.clone(),
+            };
+            self.netdev_add(&add).map_err(|e| ColdPlugError::Netdev {
+                id: netdev.id.clone(),
+                why: e.desc,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Plugs the command line's virtio-blk devices into the disk slots and its virtio-net
+    /// devices into the NIC slots in order, slot 0 first. Run before the vCPUs do: the
+    /// guest's driver then finds each disk's capacity and each NIC's link up at probe.
     pub fn cold_plug(
         &mut self,
         devices: &DeviceManager,
         disks: &[BlkDeviceConfig],
+        nics: &[NicDeviceConfig],
     ) -> Result<(), ColdPlugError> {
+        for (slot, nic) in nics.iter().enumerate() {
+            let add = DeviceAdd {
+                driver: NIC_DRIVER.to_string(),
+                id: nic.id.clone(),
+                addr: Some(slot.to_string()),
+                drive: None,
+                netdev: Some(nic.netdev.clone()),
+                mac: nic.mac,
+            };
+            self.device_add(devices, &add)
+                .map_err(|e| ColdPlugError::Nic {
+                    id: nic.id.clone(),
+                    why: e.desc,
+                })?;
+        }
         for (slot, disk) in disks.iter().enumerate() {
             let add = DeviceAdd {
                 driver: DISK_DRIVER.to_string(),
@@ -160,6 +218,7 @@ impl Hotplug {
                 addr: Some(slot.to_string()),
                 drive: Some(disk.drive.clone()),
                 netdev: None,
+                mac: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Device {
@@ -250,31 +309,55 @@ impl Hotplug {
         Ok(json!({}))
     }
 
-    /// `device_add`.
+    /// `netdev_add`.
+    pub fn netdev_add(&mut self, add: &NetdevAdd) -> Result<Value, QmpError> {
+        let launcher = available(&self.launcher)?;
+        self.netdevs.netdev_add(launcher, add)
+    }
+
+    /// `netdev_del`.
+    pub fn netdev_del(&mut self, id: &str) -> Result<Value, QmpError> {
+        let launcher = available(&self.launcher)?;
+        self.netdevs.netdev_del(launcher, id)
+    }
+
+    /// `device_add`: a disk or a NIC, by its driver.
     pub fn device_add(
         &mut self,
         devices: &DeviceManager,
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
-        if add.driver != DISK_DRIVER {
+        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER {
             return Err(QmpError::generic(format!(
-                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER})",
+                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER} and {NIC_DRIVER})",
                 add.driver
             )));
         }
-        if add.netdev.is_some() {
-            return Err(QmpError::unexpected_parameter("netdev"));
-        }
-        let slots = devices.disk_slots();
-        if slots
+        let taken = devices
+            .disk_slots()
             .iter()
             .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
-        {
+            || devices
+                .nic_slots()
+                .iter()
+                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id));
+        if taken {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
                 add.id
             )));
         }
+        if add.driver == NIC_DRIVER {
+            let launcher = available(&self.launcher)?;
+            return self.netdevs.device_add(launcher, devices, add);
+        }
+        if add.netdev.is_some() {
+            return Err(QmpError::unexpected_parameter("netdev"));
+        }
+        if add.mac.is_some() {
+            return Err(QmpError::unexpected_parameter("mac"));
+        }
+        let slots = devices.disk_slots();
         let addr = match add.slot() {
             Some(addr) => addr?,
             None => slots
@@ -332,12 +415,15 @@ impl Hotplug {
         }
     }
 
-    /// `device_del`: the disk leaves its slot and its node and backend process end. Returns
-    /// the id to announce in DEVICE_DELETED.
+    /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
+    /// leaves its slot and its netdev stays. Returns the id to announce in DEVICE_DELETED.
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
-        let plugged = devices
-            .unplug_disk(id)
-            .ok_or_else(|| QmpError::device_not_found(id))?;
+        let Some(plugged) = devices.unplug_disk(id) else {
+            return self
+                .netdevs
+                .device_del(devices, id)
+                .ok_or_else(|| QmpError::device_not_found(id));
+        };
         drop(plugged.disk);
         self.release(&plugged.node_name);
         Ok(id.to_string())
@@ -393,6 +479,13 @@ impl Hotplug {
             );
         }
     }
+}
+
+/// The launcher, or why NIC hotplug cannot start backends.
+fn available(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError> {
+    launcher
+        .as_ref()
+        .map_err(|why| QmpError::generic(format!("NIC hotplug is unavailable: {why}")))
 }
 
 fn stop(launcher: &Launcher, pid: i32) {

@@ -13,6 +13,7 @@ pub mod lockdown;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod net_hotplug;
 pub mod passed_fds;
 pub mod qmp_server;
 pub mod scm_rights;

@@ -12,7 +12,8 @@ use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
-use crate::devices::vhost_user_blk::{VhostUserBlk, VhostUserBlkError};
+use crate::devices::vhost_user::VhostUserError;
+use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
@@ -74,7 +75,7 @@ pub enum MachineError {
     Device(#[from] DeviceManagerError),
     /// A vhost-user disk could not be given guest memory.
     #[error(transparent)]
-    VhostUser(#[from] VhostUserBlkError),
+    VhostUser(#[from] VhostUserError),
 }
 
 /// What tells that a file held open was written: every write or truncation moves its
@@ -229,6 +230,10 @@ impl ChipState {
 /// Hot-replace disk slots every lightweight machine has (`device_add` `addr` 0 to 5).
 pub const DISK_SLOTS: u64 = 6;
 
+/// Hot-replace NIC slots every lightweight machine has (`device_add` `addr` 0 and 1), right
+/// after the disk slots.
+pub const NIC_SLOTS: u64 = 2;
+
 fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
     move |source| MachineError::Setup { step, source }
 }
@@ -257,8 +262,9 @@ impl Machine {
         // After the irqchip, which the slots' irqfds need.
         let mut virtio = DeviceManager::new().map_err(MachineError::EventFd)?;
         // The hot-replace slots come first, so that `addr` N is always the guest's N-th disk
-        // slot whatever the command line adds.
+        // or NIC slot whatever the command line adds.
         virtio.add_disk_slots(&vm, &ram.memory, DISK_SLOTS)?;
+        virtio.add_nic_slots(&vm, &ram.memory, NIC_SLOTS)?;
         for mut disk in wiring.disks {
             disk.set_memory(&ram.memory)?;
             virtio.add_virtio_mmio(&vm, Box::new(disk))?;

@@ -10,7 +10,8 @@ use citadel::boot::BootSource;
 use citadel::cli::{self, CliError, Config, SerialTarget};
 use citadel::daemon::{self, PidFile};
 use citadel::devices::legacy::{Discard, SerialOut};
-use citadel::devices::vhost_user_blk::{VhostUserBlk, BACKEND_TIMEOUT};
+use citadel::devices::vhost_user::BACKEND_TIMEOUT;
+use citadel::devices::vhost_user_blk::VhostUserBlk;
 use citadel::hotplug::Hotplug;
 use citadel::lockdown::{self, LandlockChoice};
 use citadel::machine::{Machine, MachineSpec, MachineWiring};
@@ -44,7 +45,7 @@ enum RunError {
     #[error("installing the vhost-user deadline signal handler: {0}")]
     DeadlineSignal(std::io::Error),
     #[error(transparent)]
-    Disk(#[from] citadel::devices::vhost_user_blk::VhostUserBlkError),
+    Disk(#[from] citadel::devices::vhost_user::VhostUserError),
     #[error(transparent)]
     ColdPlug(#[from] citadel::hotplug::ColdPlugError),
     #[error("the current directory, for relative -drive paths: {0}")]
@@ -170,7 +171,7 @@ fn build_and_run(
         // Forked while the process is still single-threaded, before anything else is made.
         let launcher = start_launcher(config);
         if let Err(why) = &launcher {
-            log::warn!("block hotplug unavailable: {why}");
+            log::warn!("disk and NIC hotplug unavailable: {why}");
         }
         // Every disk slot may get a backend, whose answers are bounded by a deadline.
         citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
@@ -190,6 +191,7 @@ fn build_and_run(
             let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
             hotplug.add_drives(&config.drives, &config.blk_devices, &cwd)?;
         }
+        hotplug.add_netdevs(&config.netdevs)?;
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
         let disks = config
@@ -261,7 +263,7 @@ fn build_and_run(
             disks,
         };
         let machine = Machine::create(&spec, wiring)?;
-        hotplug.cold_plug(machine.virtio(), &config.blk_devices)?;
+        hotplug.cold_plug(machine.virtio(), &config.blk_devices, &config.nic_devices)?;
         let monitor = Monitor::new(
             machine,
             hotplug,

@@ -28,7 +28,7 @@ const TOKEN_VCPU: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_QMP_LISTENER: u64 = 5;
 const TOKEN_DEVICE_START: u64 = 6;
-const TOKEN_DISK_KICKS: u64 = 7;
+const TOKEN_SLOT_KICKS: u64 = 7;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -155,7 +155,7 @@ impl Monitor {
             machine.virtio().activation_event().as_raw_fd(),
             TOKEN_DEVICE_START,
         )?;
-        add(machine.virtio().disk_kicks_fd(), TOKEN_DISK_KICKS)?;
+        add(machine.virtio().slot_kicks_fd(), TOKEN_SLOT_KICKS)?;
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -256,7 +256,7 @@ impl Monitor {
             }
             TOKEN_STDIN => self.on_stdin(set),
             TOKEN_DEVICE_START => self.machine.virtio().run_pending_activations(),
-            TOKEN_DISK_KICKS => self.machine.virtio().serve_empty_disk_slots(),
+            TOKEN_SLOT_KICKS => self.machine.virtio().serve_empty_slots(),
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;
@@ -518,6 +518,8 @@ fn execute(
             },
             Err(e) => Response::reply(Err(e)),
         },
+        Command::NetdevAdd(add) => Response::reply(hotplug.netdev_add(add)),
+        Command::NetdevDel { id } => Response::reply(hotplug.netdev_del(id)),
         Command::QueryBlock => Response::reply(Ok(hotplug.query_block(machine.virtio()))),
         Command::Getfd { fdname } => Response::reply(hotplug.fds_mut().getfd(fdname, fd)),
         Command::Closefd { fdname } => Response::reply(hotplug.fds_mut().closefd(fdname)),

@@ -15,9 +15,8 @@
 //! While empty and started, the slot answers the requests on its ring itself, each with
 //! VIRTIO_BLK_S_IOERR: a driver reading an empty disk's serial number (udev does for every
 //! virtio disk) gets an error instead of waiting forever. Those kicks reach the event loop
-//! through [`SlotKicks`]; while a backend serves the ring they go to the backend only.
+//! through [`SlotKicks`] (under the slot's index); while a backend serves the ring they go to the backend only.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -28,9 +27,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
+use super::slot_ring::{answer_chains, empty_ring, KickWatch, SlotKicks};
 use super::vhost_user_blk::{VhostUserBlk, QUEUE_MAX_SIZE};
 use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
 
@@ -57,67 +55,6 @@ const CONFIG_LEN: usize = 36;
 
 const S_IOERR: u8 = 1;
 
-/// Chains answered per kick before the slot yields the event loop and kicks itself again: a
-/// guest refilling the ring as fast as it is answered cannot keep the loop to itself.
-const MAX_CHAINS_PER_KICK: usize = 1024;
-
-/// The epoll set through which the event loop learns of kicks on empty, started slots. Only
-/// the event loop changes it (activation, plug and unplug run there).
-#[derive(Debug)]
-pub struct SlotKicks {
-    epoll: Epoll,
-}
-
-impl SlotKicks {
-    /// Creates the empty set.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(SlotKicks {
-            epoll: Epoll::new()?,
-        })
-    }
-
-    /// What the event loop waits on.
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
-    /// The slots with pending kicks, by index.
-    pub fn ready(&self) -> Vec<u64> {
-        let mut events = [EpollEvent::default(); 16];
-        match self.epoll.wait(0, &mut events) {
-            Ok(n) => events[..n].iter().map(|e| e.data()).collect(),
-            Err(e) => {
-                log::warn!("disk slots: waiting for kicks: {e}");
-                Vec::new()
-            }
-        }
-    }
-
-    fn watch(&self, slot: u64, fd: RawFd) {
-        let added = self.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, slot),
-        );
-        if let Err(e) = added {
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                log::warn!("disk slot {slot}: watching its queue: {e}");
-            }
-        }
-    }
-
-    fn unwatch(&self, slot: u64, fd: RawFd) {
-        let removed = self
-            .epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-        if let Err(e) = removed {
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                log::warn!("disk slot {slot}: unwatching its queue: {e}");
-            }
-        }
-    }
-}
-
 /// A disk ready to be plugged: a connected vhost-user-blk frontend and the names QMP knows
 /// it by.
 #[derive(Debug)]
@@ -141,15 +78,12 @@ struct Running {
 pub struct BlkSlot {
     index: u64,
     memory: GuestMemoryMmap,
-    kicks: Arc<SlotKicks>,
     config: [u8; CONFIG_LEN],
     queue_max_sizes: [u16; 1],
     disk: Option<PluggedDisk>,
     running: Option<Running>,
-    /// The queue's notify eventfd while it is in `kicks`: kept here, not borrowed from
-    /// `running`, because a reset (on a vCPU thread, which may not touch the epoll set) drops
-    /// `running` and the event loop must still find the descriptor to drain and unwatch.
-    watched: Option<EventFd>,
+    /// The queue's kicks while the slot answers the ring itself.
+    watched: KickWatch,
 }
 
 /// Why a disk could not be plugged or unplugged. The disk comes back when it is still usable.
@@ -172,31 +106,11 @@ impl BlkSlot {
         BlkSlot {
             index,
             memory,
-            kicks,
             config,
             queue_max_sizes: [QUEUE_MAX_SIZE],
             disk: None,
             running: None,
-            watched: None,
-        }
-    }
-
-    /// Sends the queue's kicks to the event loop.
-    fn watch(&mut self, notify: &EventFd) {
-        self.unwatch();
-        match notify.try_clone() {
-            Ok(fd) => {
-                self.kicks.watch(self.index, fd.as_raw_fd());
-                self.watched = Some(fd);
-            }
-            Err(e) => log::warn!("disk slot {}: watching its queue: {e}", self.index),
-        }
-    }
-
-    /// Leaves the queue's kicks to whoever else reads the eventfd (the backend).
-    fn unwatch(&mut self) {
-        if let Some(fd) = self.watched.take() {
-            self.kicks.unwatch(self.index, fd.as_raw_fd());
+            watched: KickWatch::new(kicks, index),
         }
     }
 
@@ -230,15 +144,15 @@ impl BlkSlot {
                 let base = queue.next_avail();
                 // From here on kicks belong to the backend; one written meanwhile stays in
                 // the eventfd and the backend sees it as soon as it polls.
-                if let Some(fd) = self.watched.take() {
-                    self.kicks.unwatch(self.index, fd.as_raw_fd());
-                }
-                if let Err(e) = plugged.disk.start_at(&running.params, &[base]) {
+                self.watched.unwatch();
+                if let Err(e) = plugged.disk.connection().start_at(&running.params, &[base]) {
+                    // The slot answers the ring again, and raises its own interrupts.
+                    running
+                        .params
+                        .interrupt
+                        .set_vring_signalled_externally(false);
                     if let Some(fd) = running.params.notify.first() {
-                        if let Ok(fd) = fd.try_clone() {
-                            self.kicks.watch(self.index, fd.as_raw_fd());
-                            self.watched = Some(fd);
-                        }
+                        self.watched.watch(fd);
                     }
                     // The connection is unusable after a failed start: the disk is not
                     // given back.
@@ -272,7 +186,7 @@ impl BlkSlot {
                 // A backend that cannot say where it stopped is killed right after; the
                 // slot then answers everything it did not complete, from the used index on,
                 // so that no request of the driver waits forever.
-                let base = match plugged.disk.stop_rings() {
+                let base = match plugged.disk.connection().stop_rings() {
                     Ok(bases) => bases.first().map(|b| b.1),
                     Err(e) => {
                         log::warn!(
@@ -283,7 +197,8 @@ impl BlkSlot {
                         None
                     }
                 };
-                running.empty = empty_queue(&self.memory, &running.params, Some(base));
+                running.empty =
+                    empty_ring(&self.memory, &running.params, 0, QUEUE_MAX_SIZE, Some(base));
                 running
                     .params
                     .interrupt
@@ -296,7 +211,7 @@ impl BlkSlot {
             }
         }
         if let Some(fd) = notify {
-            self.watch(&fd);
+            self.watched.watch(&fd);
             // Kicks that came while the backend stopped.
             let _ = fd.write(1);
         }
@@ -316,91 +231,26 @@ impl BlkSlot {
         if !answering {
             // Reset (or plugged) since the kick: nothing to answer, and nothing to watch
             // until the driver starts the slot again.
-            self.unwatch();
+            self.watched.unwatch();
             return;
         }
-        let Some(fd) = self.watched.as_ref() else {
-            return;
-        };
-        let _ = fd.read();
-        let Some(running) = self.running.as_mut() else {
+        let (Some(kick), Some(running)) = (self.watched.fd(), self.running.as_mut()) else {
             return;
         };
         let Some(queue) = running.empty.as_mut() else {
             return;
         };
         let mem = &self.memory;
-        let mut answered = 0;
-        loop {
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            while answered < MAX_CHAINS_PER_KICK {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let status = chain
-                    .filter(|d| d.is_write_only() && d.len() > 0)
-                    .last()
-                    .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1));
-                let written =
-                    status.is_some_and(|addr| mem.write_obj(S_IOERR, GuestAddress(addr)).is_ok());
-                if let Err(e) = queue.add_used(mem, head, u32::from(written)) {
-                    log::warn!("disk slot {}: answering a request: {e}", self.index);
-                    break;
-                }
-                answered += 1;
-            }
-            if answered >= MAX_CHAINS_PER_KICK {
-                let _ = fd.write(1);
-                break;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if answered > 0 && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = running.params.interrupt.signal_used_queue() {
-                log::warn!("disk slot {}: raising its interrupt: {e}", self.index);
-            }
-        }
+        answer_chains(queue, mem, kick, &running.params.interrupt, |chain| {
+            let status = chain
+                .filter(|d| d.is_write_only() && d.len() > 0)
+                .last()
+                .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1));
+            let written =
+                status.is_some_and(|addr| mem.write_obj(S_IOERR, GuestAddress(addr)).is_ok());
+            u32::from(written)
+        });
     }
-}
-
-/// The ring as the driver configured it, for the slot to answer from `base` on (the backend's
-/// stopping point; the start when `None`). The used index is read back from guest memory: the
-/// backend wrote it last.
-fn empty_queue(
-    memory: &GuestMemoryMmap,
-    params: &ActivateParams,
-    base: Option<Option<u16>>,
-) -> Option<Queue> {
-    let config = params.queues.first().filter(|q| q.ready)?;
-    let mut queue = Queue::new(QUEUE_MAX_SIZE).ok()?;
-    queue.set_size(config.size);
-    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-    let (lo, hi) = split(config.desc);
-    queue.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(config.avail);
-    queue.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(config.used);
-    queue.set_used_ring_address(lo, hi);
-    queue.set_event_idx(params.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-    queue.set_ready(true);
-    if !queue.is_valid(memory) {
-        return None;
-    }
-    if let Some(base) = base {
-        let used: u16 = memory
-            .read_obj(GuestAddress(config.used.checked_add(2)?))
-            .ok()?;
-        let used = u16::from_le(used);
-        queue.set_next_avail(base.unwrap_or(used));
-        queue.set_next_used(used);
-    }
-    Some(queue)
 }
 
 impl VirtioDevice for BlkSlot {
@@ -430,12 +280,13 @@ impl VirtioDevice for BlkSlot {
 
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
         if self.disk.is_some() {
-            self.unwatch();
+            self.watched.unwatch();
         }
         match self.disk.as_mut() {
             Some(plugged) => {
                 plugged
                     .disk
+                    .connection()
                     .start_at(&params, &[0])
                     .map_err(|e| ActivateError::Device(e.to_string()))?;
                 self.running = Some(Running {
@@ -444,7 +295,7 @@ impl VirtioDevice for BlkSlot {
                 });
             }
             None => {
-                let queue = empty_queue(&self.memory, &params, None).ok_or(
+                let queue = empty_ring(&self.memory, &params, 0, QUEUE_MAX_SIZE, None).ok_or(
                     ActivateError::InvalidQueue {
                         index: 0,
                         reason: "the ring does not lie in guest RAM",
@@ -452,8 +303,7 @@ impl VirtioDevice for BlkSlot {
                 )?;
                 params.interrupt.set_vring_signalled_externally(false);
                 if let Some(fd) = params.notify.first() {
-                    let fd = fd.try_clone().map_err(ActivateError::NotifyEventFd)?;
-                    self.watch(&fd);
+                    self.watched.watch(fd);
                 }
                 self.running = Some(Running {
                     params,
@@ -478,7 +328,7 @@ impl VirtioDevice for BlkSlot {
 mod tests {
     use super::*;
     use crate::devices::virtio_mmio::{Interrupt, QueueConfig};
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
@@ -490,6 +340,7 @@ mod tests {
 
     struct Setup {
         slot: BlkSlot,
+        kicks: Arc<SlotKicks>,
         memory: GuestMemoryMmap,
         notify: EventFd,
         irqfd: EventFd,
@@ -499,7 +350,7 @@ mod tests {
     fn started() -> Setup {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let kicks = Arc::new(SlotKicks::new().unwrap());
-        let mut slot = BlkSlot::new(0, memory.clone(), kicks);
+        let mut slot = BlkSlot::new(0, memory.clone(), Arc::clone(&kicks));
         let notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
         let params = ActivateParams {
@@ -517,6 +368,7 @@ mod tests {
         slot.activate(params).unwrap();
         Setup {
             slot,
+            kicks,
             memory,
             notify,
             irqfd,
@@ -606,7 +458,7 @@ mod tests {
         s.slot.reset();
         s.slot.serve_empty_ring();
         assert_eq!(used(&s).0, 0);
-        assert!(s.slot.watched.is_none());
-        assert!(s.slot.kicks.ready().is_empty());
+        assert!(s.slot.watched.fd().is_none());
+        assert!(s.kicks.ready().is_empty());
     }
 }

@@ -26,8 +26,10 @@ use std::os::fd::RawFd;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::blk_slot::{BlkSlot, PluggedDisk, SlotError, SlotKicks};
+use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
+use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
+use super::slot_ring::SlotKicks;
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
 
@@ -148,6 +150,25 @@ struct DiskSlot {
     transport: Arc<VirtioMmioTransport<BlkSlot>>,
 }
 
+/// A hot-replace NIC slot.
+struct NicSlot {
+    transport: Arc<VirtioMmioTransport<NetSlot>>,
+}
+
+/// The kick token of NIC slot `index`; disk slots use their index.
+const NIC_TOKEN: u64 = 1 << 32;
+
+/// What one NIC slot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSlotInfo {
+    /// The slot's number (`addr` in `device_add`).
+    pub addr: u64,
+    /// The MAC address the guest's driver read at probe.
+    pub mac: [u8; 6],
+    /// The plugged device's id and its netdev's.
+    pub plugged: Option<(String, String)>,
+}
+
 /// What `query-block` shows of one disk slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSlotInfo {
@@ -162,6 +183,7 @@ pub struct DeviceManager {
     mmio: Arc<MmioBus>,
     slots: Vec<Slot>,
     disk_slots: Vec<DiskSlot>,
+    nic_slots: Vec<NicSlot>,
     kicks: Arc<SlotKicks>,
     activation: EventFd,
 }
@@ -173,6 +195,7 @@ impl DeviceManager {
             mmio: Arc::new(MmioBus::new()),
             slots: Vec::new(),
             disk_slots: Vec::new(),
+            nic_slots: Vec::new(),
             kicks: Arc::new(SlotKicks::new()?),
             activation: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -222,6 +245,28 @@ impl DeviceManager {
             let slot = BlkSlot::new(index, memory.clone(), Arc::clone(&self.kicks));
             let (_, transport) = self.place(wiring, slot)?;
             self.disk_slots.push(DiskSlot { transport });
+        }
+        Ok(())
+    }
+
+    /// Adds `count` empty hot-replace NIC slots (see [`NetSlot`]), numbered from 0 in the
+    /// order they are added: `device_add`'s `addr`.
+    pub fn add_nic_slots(
+        &mut self,
+        wiring: &dyn SlotWiring,
+        memory: &GuestMemoryMmap,
+        count: u64,
+    ) -> Result<(), DeviceManagerError> {
+        for _ in 0..count {
+            let index = self.nic_slots.len() as u64;
+            let slot = NetSlot::new(
+                index,
+                memory.clone(),
+                Arc::clone(&self.kicks),
+                NIC_TOKEN | index,
+            );
+            let (_, transport) = self.place(wiring, slot)?;
+            self.nic_slots.push(NicSlot { transport });
         }
         Ok(())
     }
@@ -320,18 +365,69 @@ impl DeviceManager {
         })
     }
 
-    /// What the event loop waits on for kicks of empty disk slots.
-    pub fn disk_kicks_fd(&self) -> RawFd {
+    /// The NIC slots and what is plugged into each.
+    pub fn nic_slots(&self) -> Vec<NicSlotInfo> {
+        self.nic_slots
+            .iter()
+            .enumerate()
+            .map(|(addr, s)| {
+                s.transport.with_device(|slot| NicSlotInfo {
+                    addr: addr as u64,
+                    mac: slot.mac(),
+                    plugged: slot
+                        .nic()
+                        .map(|n| (n.device_id.clone(), n.netdev_id.clone())),
+                })
+            })
+            .collect()
+    }
+
+    /// Plugs `nic` into NIC slot `addr` and raises the slot's configuration change (the link
+    /// comes up).
+    pub fn plug_nic(&self, addr: u64, nic: PluggedNic) -> Result<(), NicSlotError> {
+        let Some(slot) = usize::try_from(addr)
+            .ok()
+            .and_then(|a| self.nic_slots.get(a))
+        else {
+            return Err(NicSlotError {
+                why: format!("Invalid addr for device {}", nic.device_id),
+                nic: Some(Box::new(nic)),
+            });
+        };
+        slot.transport.try_update_config(|s| s.plug(nic))
+    }
+
+    /// Takes the NIC with device id `id` out of its slot and raises the slot's configuration
+    /// change (the link goes down).
+    pub fn unplug_nic(&self, id: &str) -> Option<PluggedNic> {
+        self.nic_slots.iter().find_map(|slot| {
+            let ours = slot
+                .transport
+                .with_device(|s| s.nic().is_some_and(|n| n.device_id == id));
+            if !ours {
+                return None;
+            }
+            slot.transport
+                .try_update_config(|s| s.unplug().ok_or(()))
+                .ok()
+        })
+    }
+
+    /// What the event loop waits on for kicks of empty hot-replace slots.
+    pub fn slot_kicks_fd(&self) -> RawFd {
         self.kicks.as_raw_fd()
     }
 
-    /// Answers the requests queued on empty disk slots.
-    pub fn serve_empty_disk_slots(&self) {
-        for index in self.kicks.ready() {
-            if let Some(slot) = usize::try_from(index)
-                .ok()
-                .and_then(|i| self.disk_slots.get(i))
-            {
+    /// Answers the requests queued on empty disk slots and drops the frames queued on empty
+    /// NIC slots.
+    pub fn serve_empty_slots(&self) {
+        for token in self.kicks.ready() {
+            let index = usize::try_from(token & !NIC_TOKEN).ok();
+            if token & NIC_TOKEN != 0 {
+                if let Some(slot) = index.and_then(|i| self.nic_slots.get(i)) {
+                    slot.transport.with_device(NetSlot::drop_tx);
+                }
+            } else if let Some(slot) = index.and_then(|i| self.disk_slots.get(i)) {
                 slot.transport.with_device(BlkSlot::serve_empty_ring);
             }
         }
@@ -510,6 +606,38 @@ mod tests {
         let mut magic = [0u8; 4];
         assert!(manager.mmio_bus().read(0xd000_1000, &mut magic));
         assert_eq!(&magic, b"virt");
+    }
+
+    #[test]
+    fn nic_slots_follow_the_disk_slots_with_their_own_macs() {
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        let wiring = Recorder::default();
+        let mut manager = DeviceManager::new().unwrap();
+        manager.add_disk_slots(&wiring, &memory, 6).unwrap();
+        manager.add_nic_slots(&wiring, &memory, 2).unwrap();
+        let after = manager.add_virtio_mmio(&wiring, dummy(1)).unwrap();
+        assert_eq!((after.slot, after.base, after.gsi), (8, 0xd000_8000, 16));
+        let nics = manager.nic_slots();
+        assert_eq!(
+            nics.iter().map(|n| (n.addr, n.mac)).collect::<Vec<_>>(),
+            vec![
+                (0, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]),
+                (1, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x01])
+            ]
+        );
+        assert!(nics.iter().all(|n| n.plugged.is_none()));
+        // Slots 6 and 7 are virtio-net (device ID 1), pins 14 and 15.
+        for (base, gsi) in [(0xd000_6000u64, 14u32), (0xd000_7000, 15)] {
+            let mut id = [0u8; 4];
+            assert!(manager.mmio_bus().read(base + 8, &mut id));
+            assert_eq!(u32::from_le_bytes(id), 1);
+            assert!(manager
+                .acpi_nodes()
+                .iter()
+                .any(|n| u64::from(n.base) == base && n.gsi == gsi));
+        }
+        assert!(manager.unplug_nic("net-0").is_none());
     }
 
     #[test]

@@ -6,5 +6,8 @@ pub mod deadline;
 pub mod legacy;
 pub mod manager;
 pub mod mmio_bus;
+pub mod net_slot;
+pub mod slot_ring;
+pub mod vhost_user;
 pub mod vhost_user_blk;
 pub mod virtio_mmio;

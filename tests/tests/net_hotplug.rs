@@ -1,0 +1,522 @@
+//! NIC hotplug over QMP on the lightweight machine, with StratoVirt's guide's commands:
+//! `netdev_add` starts a citadel-net process on a tap, `device_add` plugs it into a
+//! hot-replace NIC slot the guest has driven since boot (the link comes up), `device_del`
+//! takes it out (DEVICE_DELETED before the return, the link goes down, the netdev stays) and
+//! `netdev_del` ends the process. The `virtio_net` guest program reports the link status and
+//! sends a frame at each step; the test reads the frames that reach the tap.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use citadel_tests::guest_program;
+use citadel_tests::netns::unique;
+use citadel_tests::procfs::{net_backends as backends, status, status_field, wait_gone};
+use citadel_tests::vm::{Qmp, Vm};
+use serde_json::{json, Value};
+
+const STEP: Duration = Duration::from_secs(30);
+/// EtherType of the guest program's frames (local experimental).
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+/// NIC slot 0: virtio-mmio slot 6 (after the six disk slots), IOAPIC pin 14.
+const NIC_SLOT_0: &str = "virtio_mmio.device=4K@0xd0006000:14";
+
+/// True (and the test reported as skipped) when citadel-net, root or the tun device is
+/// missing.
+fn cannot_run(test: &str) -> bool {
+    if !citadel_tests::binary("citadel-net").exists() {
+        citadel_tests::skip(
+            test,
+            "citadel-net not built (cargo build --workspace)",
+            true,
+        );
+        return true;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        citadel_tests::skip(test, "needs root and /dev/net/tun for the tap", true);
+        return true;
+    }
+    false
+}
+
+/// A persistent tap, up, that exists for the lifetime of the guard: frames citadel-net
+/// writes to it are received by the host on that interface.
+struct Tap(String);
+
+impl Tap {
+    fn create() -> Tap {
+        let name = unique("cnh");
+        for args in [
+            vec!["tuntap", "add", "dev", &name, "mode", "tap"],
+            vec!["link", "set", &name, "up"],
+        ] {
+            let ok = Command::new("ip").args(&args).status().unwrap().success();
+            assert!(ok, "ip {args:?} failed");
+        }
+        Tap(name)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// A packet socket receiving every frame on one interface.
+struct Capture(OwnedFd);
+
+impl Capture {
+    fn on(ifname: &str) -> Capture {
+        let protocol = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket() with constant arguments; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: if_nametoindex reads the NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {ifname}");
+        // SAFETY: sockaddr_ll is plain integers, so all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: bind reads a live sockaddr_ll of the given size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: setsockopt reads a live timeval of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        Capture(fd)
+    }
+
+    /// The payloads of the guest program's frames seen within `window`, with their source
+    /// MAC; stops early once `until` has been seen.
+    fn guest_frames(&self, window: Duration, until: Option<&str>) -> Vec<([u8; 6], String)> {
+        let deadline = Instant::now() + window;
+        let mut frames = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: recv writes at most buf.len() bytes into the live buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 14 || buf[12..14] != ETHERTYPE {
+                continue;
+            }
+            let payload: String = buf[14..n as usize]
+                .iter()
+                .take_while(|b| **b != 0)
+                .map(|b| *b as char)
+                .collect();
+            let mut src = [0u8; 6];
+            src.copy_from_slice(&buf[6..12]);
+            let done = until.is_some_and(|u| payload == u);
+            frames.push((src, payload));
+            if done {
+                break;
+            }
+        }
+        frames
+    }
+}
+
+fn netdev_add(qmp: &mut Qmp, id: &str, ifname: &str) -> Value {
+    qmp.execute("netdev_add", Some(json!({"id": id, "ifname": ifname})))
+}
+
+fn device_add(qmp: &mut Qmp, id: &str, addr: &str, netdev: &str) -> Value {
+    qmp.execute(
+        "device_add",
+        Some(json!({"id": id, "driver": "virtio-net-mmio", "addr": addr, "netdev": netdev})),
+    )
+}
+
+fn error_desc(reply: &Value) -> String {
+    reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error: {reply}"))
+        .to_string()
+}
+
+#[test]
+fn a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap() {
+    if cannot_run("a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", NIC_SLOT_0],
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-mmio base=", STEP);
+    assert!(
+        line.contains("base=0xd0006000 version=2 device=1"),
+        "{line}"
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net mac=", STEP);
+    assert!(line.ends_with("mac=52:54:00:c1:7a:00"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net boot link=", STEP);
+    assert!(line.ends_with("link=0"), "{line}");
+    // The empty slot consumes the frame (the driver's TX ring never fills up) and drops it.
+    let line = vm.wait_serial("citadel-guest: virtio-net boot tx-used=", STEP);
+    assert!(line.ends_with("tx-used=1"), "{line}");
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert!(backends(vm.pid()).is_empty());
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "one citadel-net after netdev_add: {pids:?}");
+    let backend = pids[0];
+    let st = status(backend).unwrap();
+    assert_eq!(status_field(&st, "Seccomp"), "2", "{st}");
+    assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{st}");
+    // The guide's device_add, with the slot's own MAC spelled out as Kata does.
+    assert_eq!(
+        qmp.execute(
+            "device_add",
+            Some(
+                json!({"id": "net-0", "driver": "virtio-net-mmio", "netdev": "net-0",
+                "addr": "0x0", "mac": "52:54:00:c1:7a:00"})
+            ),
+        ),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 tx-used=", STEP);
+    assert!(line.ends_with("tx-used=2"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-1"),
+    );
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-1"],
+        "{frames:?}"
+    );
+    assert_eq!(frames[0].0, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]);
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-2", STEP);
+
+    qmp.events.clear();
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "net-0"}))),
+        json!({"return": {}})
+    );
+    let deleted: Vec<&Value> = qmp
+        .events
+        .iter()
+        .filter(|e| e["event"] == "DEVICE_DELETED")
+        .collect();
+    assert_eq!(deleted.len(), 1, "{:?}", qmp.events);
+    assert_eq!(
+        deleted[0]["data"],
+        json!({"device": "net-0", "path": "net-0"})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
+    assert!(line.ends_with("link=0"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 tx-used=", STEP);
+    assert!(line.ends_with("tx-used=3"), "{line}");
+    let frames = capture.guest_frames(Duration::from_millis(500), None);
+    assert!(frames.is_empty(), "frames after the unplug: {frames:?}");
+    // Unlike a disk's node, the netdev outlives device_del, as in StratoVirt's guide.
+    assert_eq!(backends(vm.pid()), vec![backend]);
+    assert_eq!(
+        qmp.execute("netdev_del", Some(json!({"id": "net-0"}))),
+        json!({"return": {}})
+    );
+    assert!(
+        wait_gone(backend, Duration::from_secs(5)),
+        "citadel-net[{backend}] outlived netdev_del"
+    );
+}
+
+#[test]
+fn refused_nic_commands_change_nothing() {
+    if cannot_run("refused_nic_commands_change_nothing") {
+        return;
+    }
+    let tap = Tap::create();
+    let other = Tap::create();
+    let vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+
+    let reply = device_add(&mut qmp, "nic-a", "0x0", "net-0");
+    assert_eq!(error_desc(&reply), "Failed to find netdev 'net-0'");
+    let reply = qmp.execute("netdev_add", Some(json!({"id": "net-0", "ifname": "../x"})));
+    assert!(
+        error_desc(&reply).starts_with("Parameter 'ifname' expects"),
+        "{reply}"
+    );
+    assert!(backends(vm.pid()).is_empty());
+
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    let reply = netdev_add(&mut qmp, "net-0", &other.0);
+    assert_eq!(error_desc(&reply), "net-0 is already registered.");
+    assert_eq!(backends(vm.pid()).len(), 1);
+
+    for addr in ["0x2", "7", "zz"] {
+        let reply = device_add(&mut qmp, "nic-a", addr, "net-0");
+        assert_eq!(
+            error_desc(&reply),
+            "Invalid addr for device nic-a",
+            "addr {addr}"
+        );
+    }
+    let reply = qmp.execute(
+        "device_add",
+        Some(
+            json!({"id": "nic-a", "driver": "virtio-net-mmio", "addr": "0x0",
+            "netdev": "net-0", "mac": "52:54:00:12:34:56"}),
+        ),
+    );
+    assert_eq!(
+        error_desc(&reply),
+        "Device nic-a cannot have MAC 52:54:00:12:34:56: the guest's driver read the MAC of NIC slot 0, 52:54:00:c1:7a:00, when it probed the slot at boot, and it does not change"
+    );
+    let reply = qmp.execute(
+        "device_add",
+        Some(
+            json!({"id": "nic-a", "driver": "virtio-net-mmio", "netdev": "net-0",
+            "drive": "drive-0"}),
+        ),
+    );
+    assert_eq!(error_desc(&reply), "Parameter 'drive' is unexpected");
+    let reply = qmp.execute(
+        "device_add",
+        Some(json!({"id": "nic-a", "driver": "virtio-net-pci", "netdev": "net-0"})),
+    );
+    assert!(
+        error_desc(&reply).starts_with("Unsupported replaceable device type."),
+        "{reply}"
+    );
+
+    // Plugged while the guest never drove the slot: the NIC waits for the driver.
+    assert_eq!(
+        device_add(&mut qmp, "nic-a", "1", "net-0"),
+        json!({"return": {}})
+    );
+    let reply = device_add(&mut qmp, "nic-b", "0x0", "net-0");
+    assert_eq!(
+        error_desc(&reply),
+        "Netdev 'net-0' is already in use by device 'nic-a'"
+    );
+    assert_eq!(
+        netdev_add(&mut qmp, "net-1", &other.0),
+        json!({"return": {}})
+    );
+    let reply = device_add(&mut qmp, "nic-b", "0x1", "net-1");
+    assert_eq!(error_desc(&reply), "The slot 1 is occupied already.");
+    let reply = device_add(&mut qmp, "nic-a", "0x0", "net-1");
+    assert_eq!(error_desc(&reply), "nic-a is already registered.");
+    let reply = qmp.execute("netdev_del", Some(json!({"id": "net-0"})));
+    assert_eq!(
+        error_desc(&reply),
+        "Netdev 'net-0' is busy: device 'nic-a' uses it"
+    );
+    let reply = qmp.execute("netdev_del", Some(json!({"id": "nope"})));
+    assert_eq!(error_desc(&reply), "Failed to find netdev 'nope'");
+    assert_eq!(backends(vm.pid()).len(), 2);
+
+    // Without addr, the first free slot.
+    assert_eq!(
+        qmp.execute(
+            "device_add",
+            Some(json!({"id": "nic-b", "driver": "virtio-net-mmio", "netdev": "net-1"})),
+        ),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "nic-a"}))),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "nic-b"}))),
+        json!({"return": {}})
+    );
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 2, "netdevs outlive device_del: {pids:?}");
+    for id in ["net-0", "net-1"] {
+        assert_eq!(
+            qmp.execute("netdev_del", Some(json!({"id": id}))),
+            json!({"return": {}})
+        );
+    }
+    for pid in pids {
+        assert!(wait_gone(pid, Duration::from_secs(5)), "citadel-net[{pid}]");
+    }
+    let reply = qmp.execute("device_del", Some(json!({"id": "nic-a"})));
+    assert_eq!(reply["error"]["class"], "DeviceNotFound", "{reply}");
+}
+
+#[test]
+fn a_nic_on_the_command_line_is_up_at_boot_and_leaves_like_a_hotplugged_one() {
+    if cannot_run("a_nic_on_the_command_line_is_up_at_boot_and_leaves_like_a_hotplugged_one") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let netdev = format!("tap,id=net0,ifname={},script=no,downscript=no", tap.0);
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &[
+            "-m",
+            "32",
+            "-append",
+            NIC_SLOT_0,
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-device,netdev=net0,id=eth0,mac=52:54:00:c1:7a:00",
+        ],
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net boot link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net boot tx-used=", STEP);
+    assert!(line.ends_with("tx-used=1"), "{line}");
+    let frames = capture.guest_frames(Duration::from_secs(5), Some("citadel-guest-frame-at-boot"));
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(payloads, vec!["citadel-guest-frame-at-boot"], "{frames:?}");
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let backend = pids[0];
+    assert_eq!(status_field(&status(backend).unwrap(), "Seccomp"), "2");
+
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "eth0"}))),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
+    assert!(line.ends_with("link=0"), "{line}");
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 tx-used=", STEP);
+    assert!(line.ends_with("tx-used=2"), "{line}");
+    let frames = capture.guest_frames(Duration::from_millis(500), None);
+    assert!(frames.is_empty(), "frames after the unplug: {frames:?}");
+    assert_eq!(backends(vm.pid()), vec![backend]);
+    // The netdev of the command line goes back into a slot like any other.
+    assert_eq!(
+        device_add(&mut qmp, "eth0", "0x0", "net0"),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-2"),
+    );
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-2"],
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn a_command_line_nic_with_another_mac_than_its_slot_is_refused() {
+    if cannot_run("a_command_line_nic_with_another_mac_than_its_slot_is_refused") {
+        return;
+    }
+    let tap = Tap::create();
+    let out = Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "32", "-kernel"])
+        .arg(guest_program("idle"))
+        .args(["-serial", "none", "-netdev"])
+        .arg(format!("tap,id=net0,ifname={}", tap.0))
+        .args([
+            "-device",
+            "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "citadel: -device virtio-net-device net0: Device net0 cannot have MAC 52:54:00:12:34:56: the guest's driver read the MAC of NIC slot 0, 52:54:00:c1:7a:00, when it probed the slot at boot, and it does not change"
+    );
+}
+
+#[test]
+fn a_netdev_whose_backend_died_is_dropped_at_device_add_and_the_slot_stays_usable() {
+    if cannot_run("a_netdev_whose_backend_died_is_dropped_at_device_add_and_the_slot_stays_usable")
+    {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", NIC_SLOT_0],
+    );
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    let dead = backends(vm.pid())[0];
+    // SAFETY: kill with a pid this test read from /proc and a constant signal.
+    assert_eq!(unsafe { libc::kill(dead as i32, libc::SIGKILL) }, 0);
+    assert!(wait_gone(dead, Duration::from_secs(5)));
+    // The slot's rings cannot be handed to a dead backend: refused, and the netdev is gone.
+    let reply = device_add(&mut qmp, "net-0", "0x0", "net-0");
+    assert!(
+        error_desc(&reply)
+            .starts_with("starting the NIC's backend: vhost-user backend at citadel-net["),
+        "{reply}"
+    );
+    let reply = qmp.execute("netdev_del", Some(json!({"id": "net-0"})));
+    assert_eq!(error_desc(&reply), "Failed to find netdev 'net-0'");
+    // The slot kept its rings: a new netdev plugs into it and the guest's frame gets through.
+    assert_eq!(netdev_add(&mut qmp, "net-1", &tap.0), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "net-1", "0x0", "net-1"),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-1"),
+    );
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-1"],
+        "{frames:?}"
+    );
+}

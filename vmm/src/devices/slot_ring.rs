@@ -1,0 +1,206 @@
+//! What every hot-replace slot does with a ring while no backend serves it: the event loop
+//! learns of the driver's kicks through [`SlotKicks`], and the slot answers the chains
+//! itself ([`answer_chains`]) from where the last backend stopped ([`empty_ring`]).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio_mmio::{ActivateParams, Interrupt};
+
+/// Chains answered per kick before the slot yields the event loop and kicks itself again: a
+/// guest refilling the ring as fast as it is answered cannot keep the loop to itself.
+const MAX_CHAINS_PER_KICK: usize = 1024;
+
+/// The epoll set through which the event loop learns of kicks on the rings slots answer
+/// themselves, each registered under a token naming its slot. Only the event loop changes it
+/// (activation, plug and unplug run there).
+#[derive(Debug)]
+pub struct SlotKicks {
+    epoll: Epoll,
+}
+
+impl SlotKicks {
+    /// Creates the empty set.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(SlotKicks {
+            epoll: Epoll::new()?,
+        })
+    }
+
+    /// What the event loop waits on.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// The tokens of the slots with pending kicks.
+    pub fn ready(&self) -> Vec<u64> {
+        let mut events = [EpollEvent::default(); 16];
+        match self.epoll.wait(0, &mut events) {
+            Ok(n) => events[..n].iter().map(|e| e.data()).collect(),
+            Err(e) => {
+                log::warn!("hot-replace slots: waiting for kicks: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reports kicks on `fd` under `token`.
+    pub fn watch(&self, token: u64, fd: RawFd) {
+        let added = self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        );
+        if let Err(e) = added {
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                log::warn!("slot {token:#x}: watching its queue: {e}");
+            }
+        }
+    }
+
+    /// Stops reporting kicks on `fd`.
+    pub fn unwatch(&self, token: u64, fd: RawFd) {
+        let removed = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        if let Err(e) = removed {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::warn!("slot {token:#x}: unwatching its queue: {e}");
+            }
+        }
+    }
+}
+
+/// One queue's notify eventfd while its kicks go to the event loop. The descriptor is kept
+/// here, not borrowed from the activation, because a reset (on a vCPU thread, which may not
+/// touch the epoll set) drops the activation and the event loop must still find the
+/// descriptor to drain and unwatch.
+#[derive(Debug)]
+pub struct KickWatch {
+    kicks: Arc<SlotKicks>,
+    token: u64,
+    fd: Option<EventFd>,
+}
+
+impl KickWatch {
+    /// Nothing watched yet; kicks will be reported under `token`.
+    pub fn new(kicks: Arc<SlotKicks>, token: u64) -> Self {
+        KickWatch {
+            kicks,
+            token,
+            fd: None,
+        }
+    }
+
+    /// Sends the kicks on `notify` to the event loop.
+    pub fn watch(&mut self, notify: &EventFd) {
+        self.unwatch();
+        match notify.try_clone() {
+            Ok(fd) => {
+                self.kicks.watch(self.token, fd.as_raw_fd());
+                self.fd = Some(fd);
+            }
+            Err(e) => log::warn!("slot {:#x}: watching its queue: {e}", self.token),
+        }
+    }
+
+    /// Leaves the kicks to whoever else reads the eventfd (a backend).
+    pub fn unwatch(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            self.kicks.unwatch(self.token, fd.as_raw_fd());
+        }
+    }
+
+    /// The watched eventfd.
+    pub fn fd(&self) -> Option<&EventFd> {
+        self.fd.as_ref()
+    }
+}
+
+/// Ring `index` as the driver configured it, for the slot to answer. `resume` is `None` for a
+/// ring the driver just set up; otherwise the ring resumes from a backend's stopping point
+/// (the used index, read back from guest memory since the backend wrote it last, when the
+/// backend could not say).
+pub fn empty_ring(
+    memory: &GuestMemoryMmap,
+    params: &ActivateParams,
+    index: usize,
+    max_size: u16,
+    resume: Option<Option<u16>>,
+) -> Option<Queue> {
+    let config = params.queues.get(index).filter(|q| q.ready)?;
+    let mut queue = Queue::new(max_size).ok()?;
+    queue.set_size(config.size);
+    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+    let (lo, hi) = split(config.desc);
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(config.avail);
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(config.used);
+    queue.set_used_ring_address(lo, hi);
+    queue.set_event_idx(params.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+    queue.set_ready(true);
+    if !queue.is_valid(memory) {
+        return None;
+    }
+    if let Some(base) = resume {
+        let used: u16 = memory
+            .read_obj(GuestAddress(config.used.checked_add(2)?))
+            .ok()?;
+        let used = u16::from_le(used);
+        queue.set_next_avail(base.unwrap_or(used));
+        queue.set_next_used(used);
+    }
+    Some(queue)
+}
+
+/// Answers the chains the driver queued on `queue` after a kick on `kick` (consumed here),
+/// each with the used length `answer` returns, and raises the interrupt if the driver wants
+/// one. At most [`MAX_CHAINS_PER_KICK`] chains are answered; the rest wait for the kick the
+/// slot then gives itself.
+pub fn answer_chains(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    kick: &EventFd,
+    interrupt: &Interrupt,
+    mut answer: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
+    let _ = kick.read();
+    let mut answered = 0;
+    loop {
+        if queue.disable_notification(memory).is_err() {
+            break;
+        }
+        while answered < MAX_CHAINS_PER_KICK {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = answer(chain);
+            if let Err(e) = queue.add_used(memory, head, len) {
+                log::warn!("hot-replace slot: answering a chain: {e}");
+                break;
+            }
+            answered += 1;
+        }
+        if answered >= MAX_CHAINS_PER_KICK {
+            let _ = kick.write(1);
+            break;
+        }
+        match queue.enable_notification(memory) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if answered > 0 && queue.needs_notification(memory).unwrap_or(true) {
+        if let Err(e) = interrupt.signal_used_queue() {
+            log::warn!("hot-replace slot: raising its interrupt: {e}");
+        }
+    }
+}

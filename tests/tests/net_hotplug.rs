@@ -520,3 +520,75 @@ fn a_netdev_whose_backend_died_is_dropped_at_device_add_and_the_slot_stays_usabl
         "{frames:?}"
     );
 }
+
+#[test]
+fn a_tap_passed_with_getfd_serves_a_hot_plugged_nic() {
+    if cannot_run("a_tap_passed_with_getfd_serves_a_hot_plugged_nic") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    // The management opens the tap, as Kata does, and passes it: the VMM never names it.
+    let queue = citadel_tap::open_by_name(&tap.0, 1)
+        .expect("open the tap")
+        .remove(0);
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", NIC_SLOT_0],
+    );
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute_with_fds(
+            "getfd",
+            Some(json!({"fdname": "tapfd"})),
+            &[queue.as_raw_fd()]
+        ),
+        json!({"return": {}})
+    );
+    drop(queue);
+    // Refusals before the descriptor is used leave it kept.
+    let reply = qmp.execute(
+        "netdev_add",
+        Some(json!({"id": "net-0", "ifname": tap.0, "fds": "tapfd"})),
+    );
+    assert_eq!(
+        error_desc(&reply),
+        "ifname= and fds= are mutually exclusive"
+    );
+    let reply = qmp.execute("netdev_add", Some(json!({"id": "net-0", "fds": "other"})));
+    assert_eq!(
+        error_desc(&reply),
+        "File descriptor named 'other' not found"
+    );
+    assert_eq!(
+        qmp.execute(
+            "netdev_add",
+            Some(json!({"id": "net-0", "type": "tap", "fds": "tapfd"}))
+        ),
+        json!({"return": {}})
+    );
+    // netdev_add took the descriptor, as QEMU's monitor does.
+    let reply = qmp.execute("closefd", Some(json!({"fdname": "tapfd"})));
+    assert_eq!(
+        error_desc(&reply),
+        "File descriptor named 'tapfd' not found"
+    );
+    assert_eq!(backends(vm.pid()).len(), 1);
+    assert_eq!(
+        device_add(&mut qmp, "net-0", "0x0", "net-0"),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-1 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-1"),
+    );
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(
+        payloads,
+        vec!["citadel-guest-frame-after-change-1"],
+        "{frames:?}"
+    );
+}

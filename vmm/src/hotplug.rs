@@ -20,11 +20,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use citadel_launcher::{BlkSpec, ImageSource, Launcher};
+use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::fdset_of;
-use citadel_qmp::netdev::NetdevAdd;
+use citadel_qmp::netdev::{NetdevAdd, Tap};
 use serde_json::{json, Value};
 
 use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
@@ -177,7 +177,7 @@ impl Hotplug {
         for netdev in netdevs {
             let add = NetdevAdd {
                 id: netdev.id.clone(),
-                ifname: netdev.ifname.clone(),
+                tap: Tap::Ifname(netdev.ifname.clone()),
             };
             self.netdev_add(&add).map_err(|e| ColdPlugError::Netdev {
                 id: netdev.id.clone(),
@@ -309,10 +309,15 @@ impl Hotplug {
         Ok(json!({}))
     }
 
-    /// `netdev_add`.
+    /// `netdev_add`. A tap passed with `getfd` is taken from the named descriptors, as
+    /// QEMU's monitor takes it.
     pub fn netdev_add(&mut self, add: &NetdevAdd) -> Result<Value, QmpError> {
         let launcher = available(&self.launcher)?;
-        self.netdevs.netdev_add(launcher, add)
+        let fds = &mut self.fds;
+        self.netdevs.netdev_add(launcher, add, || match &add.tap {
+            Tap::Ifname(name) => Ok(TapSource::Name(name.clone())),
+            Tap::Fd(name) => Ok(TapSource::Fds(vec![fds.take(name)?])),
+        })
     }
 
     /// `netdev_del`.

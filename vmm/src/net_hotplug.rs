@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use citadel_launcher::{Launcher, NetSpec, TapSource};
 use citadel_qmp::device::DeviceAdd;
 use citadel_qmp::error::QmpError;
-use citadel_qmp::netdev::NetdevAdd;
+use citadel_qmp::netdev::{NetdevAdd, Tap};
 use serde_json::{json, Value};
 
 use crate::devices::manager::DeviceManager;
@@ -41,8 +41,14 @@ pub struct Netdevs {
 }
 
 impl Netdevs {
-    /// `netdev_add`: starts a citadel-net on the tap through `launcher`.
-    pub fn netdev_add(&mut self, launcher: &Launcher, add: &NetdevAdd) -> Result<Value, QmpError> {
+    /// `netdev_add`: starts a citadel-net through `launcher` on the tap `tap` gives, which is
+    /// asked for only once the id is known to be free (a passed descriptor is consumed).
+    pub fn netdev_add(
+        &mut self,
+        launcher: &Launcher,
+        add: &NetdevAdd,
+        tap: impl FnOnce() -> Result<TapSource, QmpError>,
+    ) -> Result<Value, QmpError> {
         if self.netdevs.contains_key(&add.id) {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
@@ -57,7 +63,7 @@ impl Netdevs {
         let backend = launcher
             .spawn_net(NetSpec {
                 id: add.id.clone(),
-                tap: TapSource::Name(add.ifname.clone()),
+                tap: tap()?,
                 mac: None,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -71,10 +77,13 @@ impl Netdevs {
                     return Err(QmpError::generic(e.to_string()));
                 }
             };
+        let tap = match &add.tap {
+            Tap::Ifname(name) => format!("tap {name}"),
+            Tap::Fd(name) => format!("the tap passed as '{name}'"),
+        };
         log::info!(
-            "netdev {}: tap {} served by citadel-net[{}]",
+            "netdev {}: {tap} served by citadel-net[{}]",
             add.id,
-            add.ifname,
             backend.pid
         );
         self.netdevs.insert(

@@ -52,6 +52,14 @@ impl PassedFds {
         Ok(json!({}))
     }
 
+    /// Takes the descriptor kept as `name` for a command that consumes it (`netdev_add`'s
+    /// `fds`).
+    pub fn take(&mut self, name: &str) -> Result<OwnedFd, QmpError> {
+        self.named
+            .remove(name)
+            .ok_or_else(|| QmpError::fd_not_found(name))
+    }
+
     /// `closefd`.
     pub fn closefd(&mut self, name: &str) -> Result<Value, QmpError> {
         self.named

@@ -233,6 +233,14 @@ impl ConsoleProcess {
     }
 }
 
+impl ConsoleProcess {
+    /// Kills the process and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for ConsoleProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -331,8 +331,9 @@ impl Lab {
     ///
     /// L1's own kernel can die under QEMU's TCG (seen here: a stack-guard-page hit in its
     /// exception entry code, and a "corrupted stack end" panic while KVM reset a vCPU of an SMP
-    /// guest that had triple-faulted). That is the emulated lab failing, not the VMM under test:
-    /// when L1 dies before its scenarios end, the lab boots again (at most [`L1_BOOTS`] times in
+    /// guest that had triple-faulted) or livelock (QEMU spinning, L1's console and heartbeat
+    /// silent, its own time limits never firing). That is the emulated lab failing, not the VMM
+    /// under test: when L1 dies or falls silent before its scenarios end, the lab boots again (at most [`L1_BOOTS`] times in
     /// all) and runs the scenario that was interrupted and those after it; the transcript keeps
     /// every boot.
     pub fn run(&self, scenarios: &[&str]) -> Result<LabRun, LabError> {
@@ -388,8 +389,20 @@ impl Lab {
         let deadline = started + self.options.timeout;
         let mut current: Option<String> = None;
         let mut done = false;
+        let mut last_line = Instant::now();
+        let mut stuck = false;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             let lines = console.lines_for(left.min(Duration::from_millis(200)));
+            if !lines.is_empty() {
+                last_line = Instant::now();
+            } else if run.l1_boot.is_some() && last_line.elapsed() > L1_SILENCE {
+                run.transcript.push(format!(
+                    "[lab] L1 silent for {L1_SILENCE:?} (its heartbeat stopped): stuck, killing QEMU"
+                ));
+                console.kill();
+                stuck = true;
+                break;
+            }
             for line in lines {
                 if run.l1_boot.is_none() && line.starts_with("lab: L1 up") {
                     run.l1_boot = Some(started.elapsed());
@@ -423,6 +436,9 @@ impl Lab {
                 if line.starts_with("lab: done") {
                     done = true;
                 }
+                if line.starts_with("lab: heartbeat") {
+                    continue;
+                }
                 let Some(outcome) = current.as_ref().and_then(|c| run.scenarios.get_mut(c)) else {
                     continue;
                 };
@@ -445,8 +461,9 @@ impl Lab {
         }
         run.total = started.elapsed();
         // QEMU ending before L1 said it was done means L1 died (it reboots on panic, and QEMU
-        // runs with -no-reboot); a deadline that passed is a hang, not a death.
-        let l1_died = !done && run.total < self.options.timeout;
+        // runs with -no-reboot), and so does L1 falling silent; a deadline that passed while
+        // L1 kept talking is a hang of the scenarios, not a death.
+        let l1_died = !done && (stuck || run.total < self.options.timeout);
         Ok(Attempt {
             run,
             done,
@@ -458,6 +475,10 @@ impl Lab {
 
 /// How many times [`Lab::run`] boots L1 when it keeps dying before its scenarios end.
 const L1_BOOTS: u32 = 3;
+
+/// How long L1 may say nothing on its console (it prints a heartbeat every 15 s) before the
+/// harness takes it for stuck and kills QEMU.
+const L1_SILENCE: Duration = Duration::from_secs(90);
 
 /// Whether a console line already carries the tag of the level it comes from: an L2 serial line
 /// or a QMP exchange relayed by a scenario. L1's kernel messages also start with `[` (their

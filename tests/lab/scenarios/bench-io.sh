@@ -2,7 +2,7 @@
 # reads a disk with O_DIRECT (8 MiB 4 KiB at a time, 64 MiB 128 KiB at a time), one request in flight, served
 # by citadel-blk under Citadel and by qemu-storage-daemon under QEMU's microvm machine (both
 # vhost-user-blk, same guest kernel, initramfs, image, RAM and vCPU), alternating runs.
-runs=3
+runs=2
 rm -f /tmp/bench.img
 truncate -s 64M /tmp/bench.img
 i=0
@@ -32,17 +32,19 @@ while [ $i -lt "$runs" ]; do
 
 	vm=qio$i
 	l2_start $vm qemu-system-x86_64 -M microvm,memory-backend=mem -accel kvm -cpu host -m 256 -smp 1 \
+		-global virtio-mmio.force-legacy=false \
 		-object memory-backend-memfd,id=mem,size=256M,share=on \
 		-nodefaults -no-user-config -display none -serial stdio \
 		-kernel $GUEST/vmlinux -initrd $GUEST/initramfs.cpio.gz \
 		-append "console=ttyS0 panic=-1 quiet lab.mode=bench-read" \
 		-chardev socket,id=c0,path=/tmp/qb.sock -device vhost-user-blk,chardev=c0 \
 		-qmp "unix:/tmp/$vm.qmp,server,nowait"
-	if l2_wait $vm "guest: bench done" 180; then
+	if l2_wait $vm "guest: bench done" 120; then
 		for bs in 4k 128k; do
 			[ "$(l2_value $vm read-$bs-rc)" = 0 ] && result qemu.$bs-ms "$(l2_value $vm read-$bs-ms)"
 		done
 	fi
+	sed 's/^/qemu-storage-daemon: /' /tmp/qsd.log
 	stop_guest $vm
 	kill $blk $qsd 2>/dev/null
 	wait $blk $qsd 2>/dev/null

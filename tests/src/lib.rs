@@ -85,6 +85,7 @@ pub fn skipped_list() -> PathBuf {
         .join("skipped-tests.txt")
 }
 pub mod cpio;
+pub mod disk;
 pub mod foreign;
 pub mod kernel;
 pub mod lab;

@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use citadel_tests::disk::blk_backend_missing;
+use citadel_tests::disk::error_desc;
 use citadel_tests::guest_program;
 use citadel_tests::procfs::{blk_backends as backends, status, status_field, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
@@ -17,28 +19,6 @@ const STEP: Duration = Duration::from_secs(30);
 const IMAGE_LEN: usize = 1 << 20;
 const MARKER: &[u8] = b"citadel-hotplugged-disk-sector0";
 const PATTERN: &[u8] = b"citadel-guest-wrote-sector-one.";
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let mut bytes = vec![0u8; IMAGE_LEN];
-    bytes[..MARKER.len()].copy_from_slice(MARKER);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// True (and the test reported as skipped) when the backend has not been built.
-fn backend_missing(test: &str) -> bool {
-    let missing = !citadel_tests::binary("citadel-blk").exists();
-    if missing {
-        citadel_tests::skip(
-            test,
-            "citadel-blk not built (cargo build --workspace)",
-            true,
-        );
-    }
-    missing
-}
-
 fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Value {
     qmp.execute(
         "blockdev-add",
@@ -49,24 +29,21 @@ fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Valu
     )
 }
 
+fn image(dir: &Path, name: &str) -> PathBuf {
+    citadel_tests::disk::image_with_marker(dir, name, IMAGE_LEN, MARKER)
+}
+
 fn device_add(qmp: &mut Qmp, id: &str, addr: &str, drive: &str) -> Value {
     qmp.execute(
         "device_add",
         Some(json!({"id": id, "driver": "virtio-blk-mmio", "addr": addr, "drive": drive})),
     )
 }
-
-fn error_desc(reply: &Value) -> String {
-    reply["error"]["desc"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error: {reply}"))
-        .to_string()
-}
-
 #[test]
 fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
-    if backend_missing("a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process")
-    {
+    if blk_backend_missing(
+        "a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process",
+    ) {
         return;
     }
     let dir = TempDir::new("hotplug");
@@ -172,7 +149,7 @@ fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
 
 #[test]
 fn refused_hotplug_commands_change_nothing() {
-    if backend_missing("refused_hotplug_commands_change_nothing") {
+    if blk_backend_missing("refused_hotplug_commands_change_nothing") {
         return;
     }
     let dir = TempDir::new("hotplug-bad");
@@ -278,7 +255,7 @@ fn refused_hotplug_commands_change_nothing() {
 
 #[test]
 fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_ones() {
-    if backend_missing(
+    if blk_backend_missing(
         "disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_ones",
     ) {
         return;
@@ -440,7 +417,7 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
 /// relative to citadel's current directory.
 #[test]
 fn direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made() {
-    if backend_missing("direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made") {
+    if blk_backend_missing("direct_on_serves_with_o_direct_or_is_refused_before_anything_is_made") {
         return;
     }
     use std::io::Read;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use citadel_tests::guest_program;
+use citadel_tests::procfs::children;
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -30,33 +31,6 @@ const UNPLUGGED_EVERY: usize = 10;
 const RSS_SLACK_KIB: u64 = 4 * 1024;
 const IMAGE_LEN: usize = 1 << 20;
 const MARKER: &[u8] = b"citadel-hotplug-cycles-sector-0";
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let mut bytes = vec![0u8; IMAGE_LEN];
-    bytes[..MARKER.len()].copy_from_slice(MARKER);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// Direct children of `pid`, from every thread's children list.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 fn status_field(pid: u32, key: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -64,6 +38,10 @@ fn status_field(pid: u32, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&format!("{key}:")))
         .map(|v| v.trim().to_string())
         .unwrap_or_default()
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    citadel_tests::disk::image_with_marker(dir, name, IMAGE_LEN, MARKER)
 }
 
 /// What a long-lived process holds, as /proc shows it.

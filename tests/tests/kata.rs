@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use citadel_tests::disk::blk_backend_missing;
 use citadel_tests::guest_program;
 use citadel_tests::procfs::{blk_backends, holders_of, open_flags_on, wait_gone};
 use citadel_tests::vm::{TempDir, Vm};
@@ -21,28 +22,6 @@ const IMAGE_LEN: usize = 1 << 20;
 const MARKER: &[u8] = b"citadel-kata-rootfs-sector-zero";
 const SANDBOX: &str = "sandbox-5f1e2d3c4b5a69788796a5b4c3d2e1f0";
 const UUID: &str = "5f1e2d3c-4b5a-4978-8796-a5b4c3d2e1f0";
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let mut bytes = vec![0u8; IMAGE_LEN];
-    bytes[..MARKER.len()].copy_from_slice(MARKER);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// True (and the test reported as skipped) when the backend has not been built.
-fn backend_missing(test: &str) -> bool {
-    let missing = !citadel_tests::binary("citadel-blk").exists();
-    if missing {
-        citadel_tests::skip(
-            test,
-            "citadel-blk not built (cargo build --workspace)",
-            true,
-        );
-    }
-    missing
-}
-
 /// Kata's launch line, as far as Citadel takes it, for a root filesystem image.
 fn kata_args(rootfs: &Path, log: &Path) -> Vec<String> {
     [
@@ -70,6 +49,10 @@ fn kata_args(rootfs: &Path, log: &Path) -> Vec<String> {
     .collect()
 }
 
+fn image(dir: &Path, name: &str) -> PathBuf {
+    citadel_tests::disk::image_with_marker(dir, name, IMAGE_LEN, MARKER)
+}
+
 /// `device_del` of `id`, answered, with its DEVICE_DELETED event.
 fn device_del(qmp: &mut citadel_tests::vm::Qmp, id: &str) {
     qmp.events.clear();
@@ -83,7 +66,7 @@ fn device_del(qmp: &mut citadel_tests::vm::Qmp, id: &str) {
 
 #[test]
 fn kata_launch_line_and_qmp_session() {
-    if backend_missing("kata::kata_launch_line_and_qmp_session") {
+    if blk_backend_missing("kata::kata_launch_line_and_qmp_session") {
         return;
     }
     let dir = TempDir::new("kata");
@@ -261,7 +244,7 @@ fn run_to_exit(dir: &Path, rootfs: &Path, extra: &[&str]) -> (Option<i32>, Strin
 
 #[test]
 fn refused_launch_lines_leave_nothing_behind() {
-    if backend_missing("kata::refused_launch_lines_leave_nothing_behind") {
+    if blk_backend_missing("kata::refused_launch_lines_leave_nothing_behind") {
         return;
     }
     let dir = TempDir::new("kata-refused");

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use citadel_tests::disk::error_desc;
 use citadel_tests::guest_program;
 use citadel_tests::netns::unique;
 use citadel_tests::procfs::{net_backends as backends, status, status_field, wait_gone};
@@ -161,14 +162,6 @@ fn device_add(qmp: &mut Qmp, id: &str, addr: &str, netdev: &str) -> Value {
         Some(json!({"id": id, "driver": "virtio-net-mmio", "addr": addr, "netdev": netdev})),
     )
 }
-
-fn error_desc(reply: &Value) -> String {
-    reply["error"]["desc"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error: {reply}"))
-        .to_string()
-}
-
 #[test]
 fn a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap() {
     if cannot_run("a_nic_plugged_over_qmp_carries_the_guests_frames_to_the_tap") {

@@ -10,6 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use citadel_tests::disk::blk_backend_missing;
+use citadel_tests::disk::error_desc;
 use citadel_tests::guest_program;
 use citadel_tests::procfs::{blk_backends as backends, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
@@ -22,15 +24,6 @@ const MARKER: &[u8] = b"citadel-fdset-disk-sector0";
 const PATTERN: &[u8] = b"citadel-guest-wrote-sector-one.";
 /// O_CLOEXEC as /proc/<pid>/fdinfo shows it (octal flags).
 const O_CLOEXEC: u32 = 0o2000000;
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let mut bytes = vec![0u8; IMAGE_LEN];
-    bytes[..MARKER.len()].copy_from_slice(MARKER);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
 fn read_write(path: &Path) -> File {
     OpenOptions::new()
         .read(true)
@@ -38,26 +31,6 @@ fn read_write(path: &Path) -> File {
         .open(path)
         .unwrap()
 }
-
-fn backend_missing(test: &str) -> bool {
-    let missing = !citadel_tests::binary("citadel-blk").exists();
-    if missing {
-        citadel_tests::skip(
-            test,
-            "citadel-blk not built (cargo build --workspace)",
-            true,
-        );
-    }
-    missing
-}
-
-fn error_desc(reply: &Value) -> String {
-    reply["error"]["desc"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error: {reply}"))
-        .to_string()
-}
-
 /// The targets of `pid`'s descriptors.
 fn fd_targets(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -66,6 +39,10 @@ fn fd_targets(pid: u32) -> Vec<String> {
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
         .map(|t| t.display().to_string())
         .collect()
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    citadel_tests::disk::image_with_marker(dir, name, IMAGE_LEN, MARKER)
 }
 
 /// The octal open flags of `pid`'s descriptor `fd`.
@@ -93,7 +70,7 @@ fn blockdev_add(qmp: &mut Qmp, node: &str, filename: &str, read_only: bool) -> V
 #[test]
 fn a_disk_plugged_from_an_fd_set_reaches_the_guest_though_its_path_is_gone() {
     let test = "a_disk_plugged_from_an_fd_set_reaches_the_guest_though_its_path_is_gone";
-    if backend_missing(test) {
+    if blk_backend_missing(test) {
         return;
     }
     let dir = TempDir::new("fdset-disk");
@@ -195,7 +172,7 @@ fn a_disk_plugged_from_an_fd_set_reaches_the_guest_though_its_path_is_gone() {
 #[test]
 fn a_disk_on_the_command_line_comes_from_an_inherited_descriptor() {
     let test = "a_disk_on_the_command_line_comes_from_an_inherited_descriptor";
-    if backend_missing(test) {
+    if blk_backend_missing(test) {
         return;
     }
     let dir = TempDir::new("add-fd");
@@ -422,7 +399,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 #[test]
 fn qemu_python_library_passes_descriptors_ahead_of_its_commands() {
     let test = "qemu_python_library_passes_descriptors_ahead_of_its_commands";
-    if backend_missing(test) {
+    if blk_backend_missing(test) {
         return;
     }
     let have_module = std::process::Command::new("python3")

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use citadel_tests::disk::blk_backend_missing;
 use citadel_tests::guest_program;
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::json;
@@ -65,19 +66,6 @@ impl Drop for Backend {
     }
 }
 
-/// True (and the test reported as skipped) when citadel-blk has not been built.
-fn backend_missing(test: &str) -> bool {
-    let missing = !citadel_tests::binary("citadel-blk").exists();
-    if missing {
-        citadel_tests::skip(
-            test,
-            "citadel-blk not built (cargo build --workspace)",
-            true,
-        );
-    }
-    missing
-}
-
 fn disk_args(socket: &Path) -> Vec<String> {
     vec![
         "-m".into(),
@@ -95,7 +83,7 @@ fn expected_sector1() -> Vec<u8> {
 
 #[test]
 fn guest_reads_and_writes_the_image_through_citadel_blk() {
-    if backend_missing("guest_reads_and_writes_the_image_through_citadel_blk") {
+    if blk_backend_missing("guest_reads_and_writes_the_image_through_citadel_blk") {
         return;
     }
     let backend = Backend::start();
@@ -162,7 +150,7 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
 
 #[test]
 fn bad_disk_command_lines_fail_with_one_line_and_create_nothing() {
-    if backend_missing("bad_disk_command_lines_fail_with_one_line_and_create_nothing") {
+    if blk_backend_missing("bad_disk_command_lines_fail_with_one_line_and_create_nothing") {
         return;
     }
     let dir = TempDir::new("vu-blk-bad");
@@ -229,7 +217,7 @@ fn bad_disk_command_lines_fail_with_one_line_and_create_nothing() {
 
 #[test]
 fn a_backend_that_never_answers_fails_the_start_within_the_timeout() {
-    if backend_missing("a_backend_that_never_answers_fails_the_start_within_the_timeout") {
+    if blk_backend_missing("a_backend_that_never_answers_fails_the_start_within_the_timeout") {
         return;
     }
     let dir = TempDir::new("vu-blk-mute");

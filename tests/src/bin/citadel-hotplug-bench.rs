@@ -23,6 +23,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use citadel_tests::kernel::ConsoleProcess;
+use citadel_tests::procfs::children;
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -250,22 +251,6 @@ fn unplug(qmp: &mut Qmp) -> Result<Duration, String> {
     let took = timed(qmp, "device_del", json!({"id": "drive-0"}))?;
     qmp.events.clear();
     Ok(took)
-}
-
-/// Direct children of `pid`, from every thread's children list.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-    }
-    out
 }
 
 /// Waits until no process below `pid` other than its launcher (its one child) remains, so

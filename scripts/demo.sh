@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 if ! command -v ncat >/dev/null || ! command -v make >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ncat make gcc >/dev/null
 fi
-cargo build -q -p citadel -p citadel-tests
+cargo build -q -p citadel -p citadel-blk -p citadel-net -p citadel-tests
 target=target/x86_64-unknown-linux-gnu
 echo "QMP socket: /tmp/citadel-demo.sock  (try: ncat -U /tmp/citadel-demo.sock)" >&2
 exec "$target/debug/citadel" -machine microvm -kernel "$target/guest/idle.elf" \

@@ -52,6 +52,10 @@ fn vfio_lab() -> Option<&'static Result<LabRun, LabError>> {
     )
 }
 
+/// Lab boots of its own a scenario gets after failing in the shared one (or the shared one
+/// failing), before its test fails.
+const OWN_LABS: u32 = 2;
+
 /// Held while a lab boots: two emulated labs at once on a small host only slow each other down
 /// and stretch every guest-visible timing in both.
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -105,8 +109,8 @@ fn boot(
 /// guest's state (L1 has died of a bad GS base in its page-fault entry and of a corrupted stack
 /// while KVM reset a triple-faulted vCPU; SMP guests have triple-faulted under the same Citadel
 /// that booted them fine a run before). So a scenario that fails, or that the shared boot never
-/// reached, is run once more in a lab boot of its own, saying so on stderr and keeping both
-/// transcripts; it fails the test only if it fails again.
+/// reached, is run again in lab boots of its own (at most [`OWN_LABS`]), saying so on stderr
+/// and keeping every transcript; it fails the test only if it fails in each.
 fn check_scenario(name: &str, check: impl Fn(&ScenarioOutcome)) {
     check_in(lab, LabOptions::default(), name, check);
 }
@@ -126,31 +130,49 @@ fn check_in(
                 .is_ok()
         }
         Err(e) => {
-            eprintln!("lab: the shared lab boot failed: {e}");
+            static REPORTED: std::sync::Once = std::sync::Once::new();
+            REPORTED.call_once(|| eprintln!("lab: the shared lab boot failed: {e}"));
             false
         }
     };
     if first {
         return;
     }
-    eprintln!("lab: scenario {name} failed in the shared lab boot; running it again on its own");
-    let retry = {
-        let _one = ONE_LAB_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Lab::prepare(options).and_then(|lab| lab.run(&[name]))
-    };
-    match retry {
-        Ok(run) => {
-            let transcript = citadel_tests::profile_dir()
-                .parent()
-                .expect("profile dir has a parent")
-                .join(format!("lab-retry-{name}.txt"));
-            let _ = std::fs::write(&transcript, run.transcript.join("\n"));
-            check(finished(&run, name));
-            eprintln!("lab: scenario {name} passed on its second run");
+    eprintln!("lab: scenario {name} failed in the shared lab boot; running it on its own");
+    for attempt in 1..=OWN_LABS {
+        let last = attempt == OWN_LABS;
+        let own = {
+            let _one = ONE_LAB_AT_A_TIME
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Lab::prepare(options.clone()).and_then(|lab| lab.run(&[name]))
+        };
+        match own {
+            Ok(run) => {
+                let transcript = citadel_tests::profile_dir()
+                    .parent()
+                    .expect("profile dir has a parent")
+                    .join(format!("lab-retry-{name}-{attempt}.txt"));
+                let _ = std::fs::write(&transcript, run.transcript.join("\n"));
+                if last {
+                    check(finished(&run, name));
+                } else if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check(finished(&run, name))
+                }))
+                .is_err()
+                {
+                    eprintln!("lab: scenario {name} failed in its own lab boot {attempt}");
+                    continue;
+                }
+                eprintln!("lab: scenario {name} passed in its own lab boot {attempt}");
+                return;
+            }
+            Err(e) if last => panic!("{e}"),
+            Err(e) => eprintln!(
+                "lab: scenario {name}'s own lab boot {attempt} failed: {}",
+                e.to_string().lines().next().unwrap_or_default()
+            ),
         }
-        Err(e) => panic!("{e}"),
     }
 }
 

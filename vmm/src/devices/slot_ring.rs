@@ -126,7 +126,8 @@ impl KickWatch {
 /// Ring `index` as the driver configured it, for the slot to answer. `resume` is `None` for a
 /// ring the driver just set up; otherwise the ring resumes from a backend's stopping point
 /// (the used index, read back from guest memory since the backend wrote it last, when the
-/// backend could not say).
+/// backend could not say or named a point outside the outstanding requests: see
+/// [`resume_index`]).
 pub fn empty_ring(
     memory: &GuestMemoryMmap,
     params: &ActivateParams,
@@ -150,14 +151,25 @@ pub fn empty_ring(
         return None;
     }
     if let Some(base) = resume {
-        let used: u16 = memory
-            .read_obj(GuestAddress(config.used.checked_add(2)?))
-            .ok()?;
-        let used = u16::from_le(used);
-        queue.set_next_avail(base.unwrap_or(used));
+        let index_at = |ring: u64| -> Option<u16> {
+            let idx: u16 = memory.read_obj(GuestAddress(ring.checked_add(2)?)).ok()?;
+            Some(u16::from_le(idx))
+        };
+        let used = index_at(config.used)?;
+        let avail = index_at(config.avail)?;
+        queue.set_next_avail(resume_index(base, used, avail));
         queue.set_next_used(used);
     }
     Some(queue)
+}
+
+/// Where the slot resumes a ring a backend stopped: the backend's word (GET_VRING_BASE) only
+/// when it lies between what was completed (`used`) and what the driver offered (`avail`), as
+/// any honest stopping point does; otherwise, or without one, from `used`, answering every
+/// request not completed. A backend cannot make the slot skip requests or re-read old ones.
+fn resume_index(base: Option<u16>, used: u16, avail: u16) -> u16 {
+    base.filter(|b| b.wrapping_sub(used) <= avail.wrapping_sub(used))
+        .unwrap_or(used)
 }
 
 /// Answers the chains the driver queued on `queue` after a kick on `kick` (consumed here),
@@ -202,5 +214,24 @@ pub fn answer_chains(
         if let Err(e) = interrupt.signal_used_queue() {
             log::warn!("hot-replace slot: raising its interrupt: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resume_index;
+
+    #[test]
+    fn a_backends_stopping_point_is_believed_only_inside_the_outstanding_window() {
+        assert_eq!(resume_index(Some(5), 3, 7), 5);
+        assert_eq!(resume_index(Some(7), 3, 7), 7);
+        assert_eq!(resume_index(Some(3), 3, 7), 3);
+        // Beyond what the driver offered, or before what was completed: from `used`.
+        assert_eq!(resume_index(Some(8), 3, 7), 3);
+        assert_eq!(resume_index(Some(2), 3, 7), 3);
+        assert_eq!(resume_index(None, 3, 7), 3);
+        // Indices wrap at 2^16.
+        assert_eq!(resume_index(Some(1), 65534, 3), 1);
+        assert_eq!(resume_index(Some(4), 65534, 3), 65534);
     }
 }

@@ -47,6 +47,10 @@ l2_wait() {
 	while ! grep -qF -- "$2" "/tmp/$1.log"; do
 		if [ "$(now_ms)" -ge "$deadline" ]; then
 			echo "lab: timed out after $3 s waiting for '$2' from $1"
+			# A Citadel or backend killed by the kernel (a seccomp kill, the OOM killer, a
+			# fault) leaves no line of its own: the kernel's log says which and why.
+			dmesg | grep -E 'type=1326|Killed process|oom-kill|segfault|traps:' | tail -n 5 |
+				sed 's/^/lab: kernel: /'
 			return 1
 		fi
 		usleep 20000

@@ -283,6 +283,43 @@ fn object_exactly_at_the_limit_is_accepted() {
     );
 }
 
+/// A byte a string may not hold is refused where it occurs, with the scanner's own message,
+/// even when the whole string arrives in one read; the next object is unaffected.
+#[test]
+fn bytes_a_string_may_not_hold_are_refused_in_a_string_read_whole() {
+    for (input, what) in [
+        (
+            &b"{\"s\":\"control\x01char\"} {\"n\":1}"[..],
+            "control character byte 0x01",
+        ),
+        (
+            &b"{\"s\":\"newline\nin string\"} {\"n\":1}"[..],
+            "control character byte 0x0a",
+        ),
+        (
+            &b"{\"s\":\"overlong \xc0\xaf\"} {\"n\":1}"[..],
+            "invalid UTF-8 byte 0xc0",
+        ),
+        (
+            &b"{'s':'never \xff in UTF-8'} {\"n\":1}"[..],
+            "invalid UTF-8 byte 0xff",
+        ),
+    ] {
+        let got = decode(input);
+        assert_eq!(
+            got,
+            vec![
+                Err(FrameError::Malformed(format!(
+                    "JSON parse error, {what} in string"
+                ))),
+                Ok(json!({"n": 1})),
+            ],
+            "{:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+}
+
 #[test]
 fn top_level_scalars_and_arrays_are_values() {
     let got = ok_values(decode(b"1 \"s\" [1,{\"a\":2}] true null -2.5e1 {}"));

@@ -180,6 +180,32 @@ fn qmp_protocol_errors_keep_the_connection() {
 }
 
 #[test]
+fn pipelined_commands_spanning_many_reads_are_all_answered_in_order() {
+    let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+
+    // One write of more than the VMM reads from a client per wake-up (8 reads of 16 KiB), so
+    // objects are cut at read boundaries, reads come back short whenever the VMM catches up
+    // with the writer, and the rest is only seen on later wake-ups.
+    const COMMANDS: usize = 6000;
+    let batch: Vec<u8> = (0..COMMANDS)
+        .flat_map(|i| format!("{{\"execute\":\"query-status\",\"id\":{i}}}\n").into_bytes())
+        .collect();
+    assert!(batch.len() > 8 * 16 * 1024, "{} bytes", batch.len());
+    qmp.send_raw(&batch);
+    for i in 0..COMMANDS {
+        let r = qmp.read_reply();
+        assert_eq!(r["id"], json!(i), "{r}");
+        assert_eq!(r["return"]["status"], "running", "{r}");
+    }
+    assert_eq!(
+        qmp.execute("query-uuid", None),
+        json!({"return": {"UUID": "00000000-0000-0000-0000-000000000000"}})
+    );
+}
+
+#[test]
 fn events_reach_every_client_and_a_stalled_client_blocks_nothing() {
     let mut vm = Vm::start(&guest_program("idle"), &["-m", "32"]);
     vm.wait_serial("citadel-guest: ready", BOOT);

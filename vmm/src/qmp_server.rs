@@ -46,9 +46,11 @@ const MAX_CLIENTS: usize = 16;
 const MAX_BACKLOG_EVENTS: usize = 128;
 /// Read chunk.
 const READ_CHUNK: usize = 16 * 1024;
-/// Chunks read from one client per readiness event. The listener is level-triggered, so what
-/// is left is read on the next round, after the other clients and the VM's own events: a
-/// client that never stops sending cannot hold the event loop.
+/// Chunks read from one client per readiness event. Clients are registered level-triggered, so
+/// what is left is read on the next round, after the other clients and the VM's own events: a
+/// client that never stops sending cannot hold the event loop. For the same reason a read that
+/// does not fill the chunk ends the round: whatever arrives after it wakes epoll again, so
+/// probing the socket once more would only cost a syscall that almost always fails.
 const READS_PER_EVENT: usize = 8;
 /// The QEMU version whose QMP dialect Citadel speaks, reported in the greeting and by
 /// `query-version`. Clients gate features on it: Kata Containers refuses a major below 5.
@@ -160,6 +162,9 @@ pub struct QmpServer {
     clients: BTreeMap<u64, Client>,
     backlog: VecDeque<String>,
     remove_at_exit: bool,
+    /// Where clients' bytes land before the decoder takes them, allocated once rather than
+    /// cleared on every readiness event.
+    read_buf: Box<[u8]>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -198,6 +203,7 @@ impl QmpServer {
             clients: BTreeMap::new(),
             backlog: VecDeque::new(),
             remove_at_exit: true,
+            read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
         })
     }
 
@@ -279,12 +285,12 @@ impl QmpServer {
 
     /// Reads what the client sent and answers it. Returns false when the client is gone.
     fn read_client(&mut self, epoll: &Epoll, token: u64, handle: &mut Handler<'_>) -> bool {
-        let mut buf = [0u8; READ_CHUNK];
         for _ in 0..READS_PER_EVENT {
             let Some(client) = self.clients.get_mut(&token) else {
                 return false;
             };
-            let received = match scm_rights::recv(&client.stream, &mut buf) {
+            let buf = &mut self.read_buf;
+            let received = match scm_rights::recv(&client.stream, buf) {
                 Ok(r) if r.len == 0 => return false,
                 Ok(r) => r,
                 Err(e) if would_block(&e) => return true,
@@ -295,6 +301,7 @@ impl QmpServer {
             };
             client.queue_fds(token, received.fds, received.truncated);
             let frames = client.decoder.feed(&buf[..received.len]);
+            let drained = received.len < buf.len();
             let completes_a_command = !frames.is_empty();
             for frame in frames {
                 let Some(client) = self.clients.get_mut(&token) else {
@@ -332,18 +339,22 @@ impl QmpServer {
                         } else {
                             None
                         };
-                        let response = handle(&request, fd);
-                        for event in &response.events_before {
+                        let Response {
+                            events_before,
+                            result,
+                            events_after,
+                        } = handle(&request, fd);
+                        for event in &events_before {
                             self.broadcast(event);
                         }
-                        let line = match &response.result {
-                            Ok(value) => reply::success(request.id.as_ref(), value.clone()),
-                            Err(err) => reply::error(request.id.as_ref(), err),
+                        let line = match result {
+                            Ok(value) => reply::success(request.id.as_ref(), value),
+                            Err(err) => reply::error(request.id.as_ref(), &err),
                         };
                         if let Some(c) = self.clients.get_mut(&token) {
                             c.out.extend(line.as_bytes());
                         }
-                        for event in &response.events_after {
+                        for event in &events_after {
                             self.broadcast(event);
                         }
                     }
@@ -356,6 +367,9 @@ impl QmpServer {
             }
             if !self.flush_all(epoll) {
                 return self.clients.contains_key(&token);
+            }
+            if drained {
+                break;
             }
         }
         true

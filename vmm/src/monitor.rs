@@ -319,6 +319,8 @@ impl Monitor {
         };
         if let (Some(actual), Some(server)) = (report, self.qmp.as_mut()) {
             server.broadcast(&Event::balloon_change(actual));
+            // Nothing else is on its way to the clients: the event is sent now.
+            server.flush_all(&self.epoll);
         }
     }
 

@@ -317,6 +317,12 @@ impl Monitor {
         } else {
             events.due(actual, now)
         };
+        if let Some(actual) = report {
+            log::info!(
+                "balloon: the guest has {actual} bytes; {} bytes returned to the host so far",
+                balloon.returned_bytes()
+            );
+        }
         if let (Some(actual), Some(server)) = (report, self.qmp.as_mut()) {
             server.broadcast(&Event::balloon_change(actual));
             // Nothing else is on its way to the clients: the event is sent now.

@@ -2,8 +2,10 @@
 # `balloon` asks for half of the guest's 256 MiB: the guest's MemTotal drops by ~128 MiB,
 # query-balloon and BALLOON_CHANGE report the new size, and the guest RAM memfd in L1 loses
 # the pages (its allocated blocks, `stat -L -c %b` of the descriptor); `balloon` back to
-# 256 MiB gives MemTotal back. In the second (deflate-on-oom=on) the guest writes more than
-# the target leaves it and survives: its driver deflates instead of the OOM killer killing.
+# 256 MiB gives MemTotal back. In the second (deflate-on-oom=on, free-page-reporting=on) the
+# 200 MiB the guest wrote and deleted go back to the host without any balloon command, then
+# the guest writes more than the target leaves it and survives: its driver deflates instead
+# of the OOM killer killing.
 ram=$((256 << 20))
 half=$((ram / 2))
 
@@ -79,8 +81,16 @@ fi
 stop_guest $vm
 
 vm=balloon-oom
-boot_guest $vm $GUEST/vmlinux 1 256 balloon-oom -device virtio-balloon-device,deflate-on-oom=on
-if l2_wait $vm "guest: balloon filled" 180; then
+boot_guest $vm $GUEST/vmlinux 1 256 balloon-oom \
+	-device virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on
+if l2_wait $vm "guest: balloon written" 180; then
+	written=$(memfd_bytes $L2_PID)
+	result written-mib $((written >> 20))
+fi
+if l2_wait $vm "guest: balloon filled" 60; then
+	# Linux reports free memory in 2 MiB blocks, 2 s after it gathered.
+	sleep 10
+	result reported-mib $(((written - $(memfd_bytes $L2_PID)) >> 20))
 	qmp $vm "{\"execute\":\"balloon\",\"arguments\":{\"value\":$half}}" >/dev/null
 	wait_actual $vm $half
 	result oom-actual-inflated "$(actual $vm)"

@@ -379,8 +379,9 @@ pub struct BalloonHandle {
 }
 
 impl BalloonHandle {
-    /// A balloon for guest RAM `memory` of `ram_bytes`, its events reported in a new epoll
-    /// set. The caller places the device in a transport with [`BalloonHandle::attach`].
+    /// A balloon for guest RAM `memory`, and the new epoll set its kicks and `actual`
+    /// updates are reported in. The caller places the device in a transport, then makes the
+    /// handle with [`BalloonHandle::attach`].
     pub fn device(
         memory: GuestMemoryMmap,
         options: &BalloonOptions,

@@ -247,7 +247,8 @@ serves a file the VMM need not be able to open. Each -netdev (at most 8) starts 
 citadel-net on the tap (created when missing); each virtio-net-device plugs one into the
 next of the 2 NIC slots, whose MACs are fixed (52:54:00:c1:7a:00 and :01): a different
 mac= is refused. One virtio-balloon-device lets QMP's balloon take memory back from the
-guest; the pages it gives up are returned to the host. -disable-seccomp is refused:
+guest; the pages it gives up are returned to the host. It takes the slot after the
+vhost-user-blk devices (then at most 7 of them). -disable-seccomp is refused:
 -seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::arguments::from_arguments;
+use crate::balloon::BalloonArgs;
 use crate::device::{
     BlockdevAdd, BlockdevAddArgs, BlockdevDelArgs, DeviceAdd, DeviceAddArgs, DeviceDelArgs,
 };
@@ -43,6 +44,8 @@ const COMMANDS: &[&str] = &[
     "add-fd",
     "remove-fd",
     "query-fdsets",
+    "balloon",
+    "query-balloon",
 ];
 
 /// Every command name, for `query-commands`.
@@ -117,6 +120,13 @@ pub enum Command {
     RemoveFd(RemoveFd),
     /// The fd sets and their descriptors.
     QueryFdsets,
+    /// Ask the guest to shrink or grow to a memory size.
+    Balloon {
+        /// The target size in bytes, positive.
+        value: u64,
+    },
+    /// The guest's memory size as its balloon driver reports it.
+    QueryBalloon,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +190,13 @@ impl Command {
                 return Ok(Command::RemoveFd(args.into_command()));
             }
             "query-fdsets" => Command::QueryFdsets,
+            "balloon" => {
+                let args: BalloonArgs = from_arguments(arguments)?;
+                return Ok(Command::Balloon {
+                    value: args.validate()?,
+                });
+            }
+            "query-balloon" => Command::QueryBalloon,
             "netdev_add" => {
                 let args: NetdevAddArgs = from_arguments(arguments)?;
                 return Ok(Command::NetdevAdd(args.validate()?));
@@ -231,6 +248,8 @@ impl Command {
             Command::AddFd(_) => "add-fd",
             Command::RemoveFd(_) => "remove-fd",
             Command::QueryFdsets => "query-fdsets",
+            Command::Balloon { .. } => "balloon",
+            Command::QueryBalloon => "query-balloon",
         }
     }
 

@@ -163,6 +163,7 @@ fn every_command_dispatches_after_negotiation() {
         ("query-block", Command::QueryBlock),
         ("query-uuid", Command::QueryUuid),
         ("query-fdsets", Command::QueryFdsets),
+        ("query-balloon", Command::QueryBalloon),
         (
             "add-fd",
             Command::AddFd(AddFd {
@@ -201,6 +202,7 @@ fn every_command_dispatches_after_negotiation() {
         "remove-fd",
         "netdev_add",
         "netdev_del",
+        "balloon",
     ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(

@@ -11,7 +11,10 @@
 //! connected before the filter; their KVM ioeventfds and irqfds are registered at startup,
 //! so no KVM routing ioctl is allowed here. Descriptors QMP clients pass (`getfd`, `add-fd`)
 //! arrive by the same `recvmsg`, and a `/dev/fdset/N` image is a close-on-exec duplicate
-//! (`fcntl(F_DUPFD_CLOEXEC)`) chosen by its access mode (`F_GETFL`): nothing is opened.
+//! (`fcntl(F_DUPFD_CLOEXEC)`) chosen by its access mode (`F_GETFL`): nothing is opened. The
+//! balloon, served here, returns guest pages to the host with `madvise(MADV_REMOVE)` on the
+//! shared guest RAM mapping, which the thread runtime's `madvise` already covers: it adds no
+//! syscall, and `fallocate` stays out.
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 

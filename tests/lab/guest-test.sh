@@ -165,6 +165,62 @@ nic)
 	echo "guest: eth0-carrier-after=$(cat /sys/class/net/eth0/carrier)"
 	echo "guest: nic unplugged"
 	;;
+balloon | balloon-oom)
+	# The balloon. Both first back about 200 MiB of RAM (a tmpfs file written and deleted),
+	# so that the pages the balloon takes are ones the host really holds.
+	# balloon: without deflate-on-oom the pages the balloon holds leave MemTotal; the guest
+	# reports MemTotal once it dropped below 60% (inflated) and once it is back (deflated).
+	# balloon-oom: with deflate-on-oom MemTotal stays; once MemFree dropped by 100 MiB the
+	# guest writes more than the target leaves it and reports whether that worked. Its
+	# device reports free pages too: the file's pages go back to the host once deleted.
+	memtotal() { sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo; }
+	memfree() { sed -n 's/^MemFree: *\([0-9]*\) kB/\1/p' /proc/meminfo; }
+	# wait_kb FUNCTION TEST VALUE: waits up to 180 s until `[ $(FUNCTION) TEST VALUE ]` holds.
+	wait_kb() {
+		i=0
+		while ! [ "$($1)" "$2" "$3" ] && [ $i -lt 1800 ]; do
+			usleep 100000
+			i=$((i + 1))
+		done
+	}
+	mkdir -p /fill
+	mount -t tmpfs -o size=220m tmpfs /fill
+	dd if=/dev/zero of=/fill/pages bs=1M count=200 2>/dev/null
+	echo "guest: balloon-fill=$?"
+	# The host measures its memory while the file exists.
+	echo "guest: balloon written"
+	sleep 3
+	rm -f /fill/pages
+	before=$(memtotal)
+	echo "guest: balloon-memtotal-before-kb=$before"
+	if [ "$mode" = balloon ]; then
+		echo "guest: balloon filled"
+		wait_kb memtotal -lt $((before * 6 / 10))
+		# The driver inflates a MiB at a time: wait until MemTotal stops moving.
+		prev=0
+		while [ "$(memtotal)" != "$prev" ]; do
+			prev=$(memtotal)
+			sleep 1
+		done
+		echo "guest: balloon-memtotal-inflated-kb=$(memtotal)"
+		echo "guest: balloon inflated"
+		wait_kb memtotal -ge "$before"
+		echo "guest: balloon-memtotal-deflated-kb=$(memtotal)"
+		echo "guest: balloon deflated"
+	else
+		free=$(memfree)
+		echo "guest: balloon filled"
+		wait_kb memfree -lt $((free - 100 * 1024))
+		echo "guest: balloon-oom-memfree-inflated-kb=$(memfree)"
+		# 170 MiB, more than the 128 MiB the target leaves.
+		dd if=/dev/zero of=/fill/pages bs=1M count=170 2>/dev/null
+		echo "guest: balloon-oom-alloc=$?"
+		echo "guest: balloon-oom-kills=$(dmesg | grep -c 'Killed process')"
+		rm -f /fill/pages
+		echo "guest: balloon oom-done"
+	fi
+	umount /fill
+	;;
 esac
 echo "guest: end"
 exec sleep 1000000

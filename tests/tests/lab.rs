@@ -22,6 +22,7 @@ const SCENARIOS: &[&str] = &[
     "hotplug",
     "stock-hotplug",
     "nic-hotplug",
+    "balloon",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -513,6 +514,69 @@ fn linux_pings_over_a_nic_hot_plugged_over_qmp_and_loses_the_carrier_on_unplug()
         assert_eq!(v("backend-after-device-del"), "alive", "{}", t());
         assert_eq!(v("backend-gone"), "yes", "{}", t());
         assert_eq!(v("nic.exit-code"), "0", "{}", t());
+    });
+}
+
+#[test]
+fn linux_gives_memory_back_through_the_balloon_and_the_host_gets_it() {
+    check_scenario("balloon", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        let n = |key| -> u64 {
+            v(key)
+                .parse()
+                .unwrap_or_else(|_| panic!("{key} is not a number\n{}", t()))
+        };
+        let ram = GUEST_RAM_KB * 1024;
+        let half = ram / 2;
+        assert_eq!(v("fill"), "0", "{}", t());
+        // Nothing asked yet: the guest has all of its RAM.
+        assert_eq!(n("actual-before"), ram, "{}", t());
+        // Half of RAM asked back: query-balloon, the last BALLOON_CHANGE and the guest's
+        // MemTotal (128 MiB less, to the page: the driver counts out every page it holds)
+        // agree.
+        assert_eq!(n("actual-inflated"), half, "{}", t());
+        let changes: Vec<u64> = v("changes-inflated")
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        assert_eq!(changes.last(), Some(&half), "{}", t());
+        assert!(changes.iter().all(|&c| (half..ram).contains(&c)), "{}", t());
+        let before = n("memtotal-before");
+        let inflated = n("memtotal-inflated");
+        assert_eq!(before - inflated, half / 1024, "{}", t());
+        // The pages left the host: the guest RAM memfd lost at least 90% of them.
+        assert!(
+            n("returned-mib") >= (half >> 20) * 9 / 10,
+            "returned {} MiB of {} MiB\n{}",
+            n("returned-mib"),
+            half >> 20,
+            t()
+        );
+        // All of RAM asked again: the guest takes its pages back.
+        assert_eq!(n("actual-deflated"), ram, "{}", t());
+        assert_eq!(n("last-change"), ram, "{}", t());
+        assert_eq!(n("memtotal-deflated"), before, "{}", t());
+        assert_eq!(v("balloon.exit-code"), "0", "{}", t());
+        // The benchmark figure: host memory returned per second of inflation, from the
+        // command to the guest reporting the target.
+        eprintln!(
+            "balloon: {} MiB returned to the host in {} ms ({} MiB/s)",
+            n("returned-mib"),
+            n("inflate-ms"),
+            n("returned-mib-per-s")
+        );
+        // free-page-reporting: most of the 200 MiB the guest wrote and deleted leave the host
+        // without a balloon command.
+        assert!(n("written-mib") >= 200, "{}", t());
+        assert!(n("reported-mib") >= 100, "{}", t());
+        // deflate-on-oom: a write larger than what the target leaves succeeds and kills
+        // nothing, the driver deflating instead.
+        assert_eq!(n("oom-actual-inflated"), half, "{}", t());
+        assert_eq!(v("oom-alloc"), "0", "{}", t());
+        assert_eq!(v("oom-kills"), "0", "{}", t());
+        assert!(n("oom-actual-after") > half, "{}", t());
+        assert_eq!(v("balloon-oom.exit-code"), "0", "{}", t());
     });
 }
 

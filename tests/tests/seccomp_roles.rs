@@ -459,6 +459,52 @@ fn forbidden_syscalls_on_the_event_loop_kill_the_vmm() {
     }
 }
 
+/// fallocate on descriptor 0: the balloon punches guest RAM through its mapping, never
+/// through a descriptor.
+const FALLOCATE: Syscall = Syscall {
+    name: "fallocate(PUNCH_HOLE)",
+    nr: libc::SYS_fallocate,
+    args: [
+        0,
+        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+        0,
+    ],
+};
+
+/// What the balloon needs on the event loop, `madvise(MADV_REMOVE)` on guest RAM, works on a
+/// running VMM's event loop; `fallocate`, which it does not need, kills the VMM.
+#[test]
+fn the_event_loop_returns_guest_ram_with_madv_remove_and_may_not_fallocate() {
+    let test = "the_event_loop_returns_guest_ram_with_madv_remove_and_may_not_fallocate";
+    let Some((citadel, guest)) = prerequisites(test) else {
+        return;
+    };
+    let mut vmm = Vmm::start_with(&citadel, &guest, &["-device", "virtio-balloon-device"]);
+    let maps = fs::read_to_string(format!("/proc/{}/maps", vmm.pid())).unwrap();
+    let range = maps
+        .lines()
+        .find(|l| l.contains("citadel-guest-ram"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|r| r.split_once('-'))
+        .expect("a guest RAM mapping");
+    let end = u64::from_str_radix(range.1, 16).unwrap();
+    // The last page of guest RAM: the idle guest never touches it.
+    let rc = inject_and_restore(
+        vmm.pid(),
+        Syscall {
+            name: "madvise(MADV_REMOVE)",
+            nr: libc::SYS_madvise,
+            args: [end - 4096, 4096, libc::MADV_REMOVE as u64],
+        },
+    );
+    assert_eq!(rc, 0, "madvise(MADV_REMOVE) on the event loop");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(vmm.child.try_wait().unwrap().is_none(), "VMM died");
+    let status = vmm.execute("query-status");
+    assert_eq!(status["return"]["running"], true, "{status}");
+    assert_killed(&citadel, &guest, "event loop", FALLOCATE, false);
+}
+
 #[test]
 fn an_allowed_syscall_injected_the_same_way_is_harmless() {
     let test = "an_allowed_syscall_injected_the_same_way_is_harmless";

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use crate::cpu::CpuTemplate;
+use crate::devices::balloon::BalloonOptions;
 use crate::lockdown::LandlockChoice;
 
 /// Largest vCPU count accepted; the MP table and APIC ids are 8-bit.
@@ -64,6 +65,9 @@ pub struct Config {
     pub uuid: Option<String>,
     /// `-add-fd`: descriptors inherited from the parent, for `/dev/fdset/N` images.
     pub add_fds: Vec<AddFdConfig>,
+    /// `-device virtio-balloon-device`: the balloon, which takes the virtio-mmio slot after
+    /// every other device.
+    pub balloon: Option<BalloonOptions>,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -226,6 +230,8 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]]...
                [-chardev socket,id=ID,path=PATH
                 -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
+               [-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off]
+                       [,free-page-reporting=on|off]]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
@@ -240,7 +246,9 @@ open from the parent, in fd set N: -drive file=/dev/fdset/N (or QMP's blockdev-a
 serves a file the VMM need not be able to open. Each -netdev (at most 8) starts a
 citadel-net on the tap (created when missing); each virtio-net-device plugs one into the
 next of the 2 NIC slots, whose MACs are fixed (52:54:00:c1:7a:00 and :01): a different
-mac= is refused. -disable-seccomp is refused:
+mac= is refused. One virtio-balloon-device lets QMP's balloon take memory back from the
+guest; the pages it gives up are returned to the host. It takes the slot after the
+vhost-user-blk devices (then at most 7 of them). -disable-seccomp is refused:
 -seccomp log logs a forbidden system call instead of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -455,6 +463,7 @@ where
     let mut nic_devices: Vec<NicDeviceArg> = Vec::new();
     let mut uuid = None;
     let mut add_fds: Vec<AddFdConfig> = Vec::new();
+    let mut balloon: Option<(String, BalloonOptions)> = None;
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -527,6 +536,11 @@ where
                     blk_devices.push(parse_blk_device(&v)?);
                 } else if split_options(&v).0 == "virtio-net-device" {
                     nic_devices.push(parse_nic_device(&v)?);
+                } else if split_options(&v).0 == "virtio-balloon-device" {
+                    if balloon.is_some() {
+                        return Err(invalid("-device", &v, "a VM has at most one balloon"));
+                    }
+                    balloon = Some((v.clone(), parse_balloon_device(&v)?));
                 } else {
                     devices.push(parse_device(&v)?);
                 }
@@ -624,7 +638,9 @@ where
     let disks = resolve_devices(&devices, &chardevs)?;
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
+    let balloon = resolve_balloon(balloon, &disks, &blk_devices, &nic_devices)?;
     Ok(Config {
+        balloon,
         disks,
         netdevs,
         nic_devices,
@@ -1123,6 +1139,65 @@ fn parse_sandbox(v: &str) -> Result<LandlockChoice, CliError> {
             "landlock-abi only applies with landlock=on",
         )),
     }
+}
+
+/// `-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off][,free-page-reporting=on|off]`.
+fn parse_balloon_device(v: &str) -> Result<BalloonOptions, CliError> {
+    let (_, opts) = split_options(v);
+    let mut options = BalloonOptions::default();
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(id)) if !id.is_empty() => options.id = Some(id.to_string()),
+            ("deflate-on-oom", Some(b)) => options.deflate_on_oom = on_off("-device", v, key, b)?,
+            ("free-page-reporting", Some(b)) => {
+                options.free_page_reporting = on_off("-device", v, key, b)?
+            }
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
+                        "unknown or empty property '{key}' (virtio-balloon-device takes id=, deflate-on-oom= and free-page-reporting=)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// The balloon needs a virtio-mmio slot after every other device, and an id no other device
+/// has.
+fn resolve_balloon(
+    balloon: Option<(String, BalloonOptions)>,
+    disks: &[VhostUserBlkConfig],
+    blk_devices: &[BlkDeviceConfig],
+    nic_devices: &[NicDeviceConfig],
+) -> Result<Option<BalloonOptions>, CliError> {
+    let Some((value, options)) = balloon else {
+        return Ok(None);
+    };
+    let taken = (crate::machine::DISK_SLOTS + crate::machine::NIC_SLOTS) as usize + disks.len();
+    if taken >= crate::boot::layout::VIRTIO_MMIO_GSIS.len() {
+        return Err(invalid(
+            "-device",
+            &value,
+            "no virtio-mmio slot is left for the balloon: use one vhost-user-blk device fewer",
+        ));
+    }
+    if let Some(id) = options.id.as_deref() {
+        let clash = disks.iter().any(|d| d.id.as_deref() == Some(id))
+            || blk_devices.iter().any(|d| d.id == id)
+            || nic_devices.iter().any(|d| d.id == id);
+        if clash {
+            return Err(invalid(
+                "-device",
+                &value,
+                "a device with this id already exists",
+            ));
+        }
+    }
+    Ok(Some(options))
 }
 
 #[cfg(test)]
@@ -1771,5 +1846,91 @@ mod tests {
         );
         args.truncate(args.len() - 2);
         assert_eq!(parse(args).unwrap().drives.len(), 16);
+    }
+
+    #[test]
+    fn one_balloon_with_its_options() {
+        assert_eq!(with(&[]).unwrap().balloon, None);
+        assert_eq!(
+            with(&["-device", "virtio-balloon-device"]).unwrap().balloon,
+            Some(BalloonOptions::default())
+        );
+        assert_eq!(
+            with(&[
+                "-device",
+                "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=true"
+            ])
+            .unwrap()
+            .balloon,
+            Some(BalloonOptions {
+                id: Some("balloon0".into()),
+                deflate_on_oom: true,
+                free_page_reporting: true,
+            })
+        );
+        assert_eq!(
+            with(&[
+                "-device",
+                "virtio-balloon-device,deflate-on-oom=off,free-page-reporting=no"
+            ])
+            .unwrap()
+            .balloon,
+            Some(BalloonOptions::default())
+        );
+        assert_eq!(
+            with(&["-device", "virtio-balloon-device", "-device", "virtio-balloon-device,id=b"])
+                .unwrap_err()
+                .to_string(),
+            "invalid value 'virtio-balloon-device,id=b' for '-device': a VM has at most one balloon"
+        );
+        assert_eq!(
+            with(&["-device", "virtio-balloon-device,guest-stats-polling-interval=2"])
+                .unwrap_err()
+                .to_string(),
+            "invalid value 'virtio-balloon-device,guest-stats-polling-interval=2' for '-device': unknown or empty property 'guest-stats-polling-interval' (virtio-balloon-device takes id=, deflate-on-oom= and free-page-reporting=)"
+        );
+        assert_eq!(
+            with(&["-device", "virtio-balloon-device,deflate-on-oom=maybe"])
+                .unwrap_err()
+                .to_string(),
+            "invalid value 'virtio-balloon-device,deflate-on-oom=maybe' for '-device': 'deflate-on-oom' must be on or off"
+        );
+        assert!(with(&["-device", "virtio-balloon-device,id="]).is_err());
+        assert!(with(&["-device", "virtio-balloon-device,free-page-reporting"]).is_err());
+        assert_eq!(
+            with(&[
+                "-drive",
+                "id=d0,file=/d0",
+                "-device",
+                "virtio-blk-device,drive=d0,id=dup",
+                "-device",
+                "virtio-balloon-device,id=dup"
+            ])
+            .unwrap_err()
+            .to_string(),
+            "invalid value 'virtio-balloon-device,id=dup' for '-device': a device with this id already exists"
+        );
+    }
+
+    #[test]
+    fn the_balloon_needs_a_slot_of_its_own() {
+        let mut args: Vec<String> = base().into_iter().map(String::from).collect();
+        for i in 0..8 {
+            args.push("-chardev".into());
+            args.push(format!("socket,id=c{i},path=/s{i}"));
+            args.push("-device".into());
+            args.push(format!("vhost-user-blk-device,chardev=c{i}"));
+        }
+        assert_eq!(parse(args.clone()).unwrap().disks.len(), 8);
+        args.push("-device".into());
+        args.push("virtio-balloon-device".into());
+        assert_eq!(
+            parse(args.clone()).unwrap_err().to_string(),
+            "invalid value 'virtio-balloon-device' for '-device': no virtio-mmio slot is left for the balloon: use one vhost-user-blk device fewer"
+        );
+        args.drain(args.len() - 6..args.len() - 2);
+        let c = parse(args).unwrap();
+        assert_eq!(c.disks.len(), 7);
+        assert!(c.balloon.is_some());
     }
 }

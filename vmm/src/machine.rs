@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
+use crate::devices::balloon::BalloonOptions;
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::vhost_user::VhostUserError;
@@ -155,6 +156,8 @@ pub struct MachineSpec<'a> {
     pub mem_bytes: u64,
     /// CPUID template.
     pub cpu_template: CpuTemplate,
+    /// The balloon, if the machine has one.
+    pub balloon: Option<&'a BalloonOptions>,
 }
 
 /// How the machine talks back to the event loop.
@@ -268,6 +271,9 @@ impl Machine {
         for mut disk in wiring.disks {
             disk.set_memory(&ram.memory)?;
             virtio.add_virtio_mmio(&vm, Box::new(disk))?;
+        }
+        if let Some(options) = spec.balloon {
+            virtio.add_balloon(&vm, &ram.memory, spec.mem_bytes, options)?;
         }
         // The guest learns of the slots from the DSDT, which a reset writes again.
         let mut boot = spec.boot.clone();

@@ -234,6 +234,7 @@ fn build_and_run(
             vcpus: config.vcpus,
             mem_bytes: config.mem_bytes,
             cpu_template: config.cpu_template,
+            balloon: config.balloon.as_ref(),
         };
         let mode = config.seccomp;
         let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);

@@ -6,8 +6,9 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Receiver;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use citadel_qmp::balloon::BalloonInfo;
 use citadel_qmp::command::{command_names, Command, Request};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::event::{Event, ShutdownReason};
@@ -18,6 +19,7 @@ use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::balloon::change_events::ChangeEvents;
 use crate::hotplug::Hotplug;
 use crate::machine::Machine;
 use crate::qmp_server::{QmpServer, Response};
@@ -29,6 +31,7 @@ const TOKEN_STDIN: u64 = 4;
 const TOKEN_QMP_LISTENER: u64 = 5;
 const TOKEN_DEVICE_START: u64 = 6;
 const TOKEN_SLOT_KICKS: u64 = 7;
+const TOKEN_BALLOON: u64 = 8;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -124,6 +127,8 @@ pub struct Monitor {
     vcpu_events: Receiver<VcpuEvent>,
     stdin: Option<RawFd>,
     pending_input: Vec<u8>,
+    /// `BALLOON_CHANGE` reports, when the machine has a balloon.
+    balloon_events: Option<ChangeEvents>,
 }
 
 impl Monitor {
@@ -156,6 +161,13 @@ impl Monitor {
             TOKEN_DEVICE_START,
         )?;
         add(machine.virtio().slot_kicks_fd(), TOKEN_SLOT_KICKS)?;
+        let balloon_events = match machine.virtio().balloon() {
+            Some(balloon) => {
+                add(balloon.events_fd(), TOKEN_BALLOON)?;
+                Some(ChangeEvents::new(balloon.actual_bytes()))
+            }
+            None => None,
+        };
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -189,6 +201,7 @@ impl Monitor {
             vcpu_events,
             stdin,
             pending_input: Vec::new(),
+            balloon_events,
         })
     }
 
@@ -219,7 +232,13 @@ impl Monitor {
         self.machine.wait_locked_down()?;
         let mut events = vec![EpollEvent::default(); 32];
         while self.exit.is_none() {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // A rate-limited BALLOON_CHANGE waiting for its turn bounds the sleep.
+            let timeout = self
+                .balloon_events
+                .as_ref()
+                .and_then(|e| e.timeout(Instant::now()))
+                .map_or(-1, |t| i32::try_from(t.as_millis() + 1).unwrap_or(i32::MAX));
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
@@ -230,6 +249,7 @@ impl Monitor {
                     break;
                 }
             }
+            self.report_balloon(false);
         }
         let reason = self.exit.take().unwrap_or(ExitReason::Quit);
         self.finish(&reason);
@@ -257,6 +277,12 @@ impl Monitor {
             TOKEN_STDIN => self.on_stdin(set),
             TOKEN_DEVICE_START => self.machine.virtio().run_pending_activations(),
             TOKEN_SLOT_KICKS => self.machine.virtio().serve_empty_slots(),
+            TOKEN_BALLOON => {
+                if let Some(balloon) = self.machine.virtio().balloon() {
+                    balloon.serve();
+                }
+                self.report_balloon(true);
+            }
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;
@@ -272,6 +298,35 @@ impl Monitor {
                     });
                 }
             }
+        }
+    }
+
+    /// Sends `BALLOON_CHANGE` when the guest's size moved (`changed`) or a rate-limited
+    /// report is due.
+    fn report_balloon(&mut self, changed: bool) {
+        let (Some(events), Some(balloon)) = (
+            self.balloon_events.as_mut(),
+            self.machine.virtio().balloon(),
+        ) else {
+            return;
+        };
+        let actual = balloon.actual_bytes();
+        let now = Instant::now();
+        let report = if changed {
+            events.changed(actual, now)
+        } else {
+            events.due(actual, now)
+        };
+        if let Some(actual) = report {
+            log::info!(
+                "balloon: the guest has {actual} bytes; {} bytes returned to the host so far",
+                balloon.returned_bytes()
+            );
+        }
+        if let (Some(actual), Some(server)) = (report, self.qmp.as_mut()) {
+            server.broadcast(&Event::balloon_change(actual));
+            // Nothing else is on its way to the clients: the event is sent now.
+            server.flush_all(&self.epoll);
         }
     }
 
@@ -531,6 +586,18 @@ fn execute(
         ),
         Command::RemoveFd(remove) => Response::reply(hotplug.fds_mut().remove_fd(remove)),
         Command::QueryFdsets => Response::reply(to_value(&hotplug.fds().query_fdsets())),
+        Command::Balloon { value } => Response::reply(match machine.virtio().balloon() {
+            Some(balloon) => balloon.set_target(*value).map(|()| empty()).map_err(|e| {
+                QmpError::generic(format!("Cannot raise the balloon's interrupt: {e}"))
+            }),
+            None => Err(QmpError::device_not_active("balloon")),
+        }),
+        Command::QueryBalloon => Response::reply(match machine.virtio().balloon() {
+            Some(balloon) => to_value(&BalloonInfo {
+                actual: balloon.actual_bytes(),
+            }),
+            None => Err(QmpError::device_not_active("balloon")),
+        }),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()
                 .iter()

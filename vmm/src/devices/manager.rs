@@ -26,6 +26,7 @@ use std::os::fd::RawFd;
 
 use vm_memory::GuestMemoryMmap;
 
+use super::balloon::{BalloonHandle, BalloonOptions};
 use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
@@ -186,6 +187,7 @@ pub struct DeviceManager {
     nic_slots: Vec<NicSlot>,
     kicks: Arc<SlotKicks>,
     activation: EventFd,
+    balloon: Option<BalloonHandle>,
 }
 
 impl DeviceManager {
@@ -198,6 +200,7 @@ impl DeviceManager {
             nic_slots: Vec::new(),
             kicks: Arc::new(SlotKicks::new()?),
             activation: EventFd::new(EFD_NONBLOCK)?,
+            balloon: None,
         })
     }
 
@@ -269,6 +272,30 @@ impl DeviceManager {
             self.nic_slots.push(NicSlot { transport });
         }
         Ok(())
+    }
+
+    /// Puts a balloon for `ram_bytes` of guest RAM `memory` in the next free slot.
+    pub fn add_balloon(
+        &mut self,
+        wiring: &dyn SlotWiring,
+        memory: &GuestMemoryMmap,
+        ram_bytes: u64,
+        options: &BalloonOptions,
+    ) -> Result<SlotInfo, DeviceManagerError> {
+        let (device, kicks) = BalloonHandle::device(memory.clone(), options).map_err(|source| {
+            DeviceManagerError::EventFd {
+                slot: self.slots.len() as u64,
+                source,
+            }
+        })?;
+        let (info, transport) = self.place(wiring, device)?;
+        self.balloon = Some(BalloonHandle::attach(transport, kicks, ram_bytes));
+        Ok(info)
+    }
+
+    /// The balloon, if the machine has one.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     fn place<D: VirtioDevice + 'static>(
@@ -447,6 +474,9 @@ impl DeviceManager {
     pub fn reset(&self) {
         for slot in &self.slots {
             slot.transport.reset();
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon.reset_target();
         }
     }
 }

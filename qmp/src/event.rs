@@ -96,9 +96,15 @@ impl Event {
         )
     }
 
-    /// `BALLOON_CHANGE` with `{"actual": bytes}`: the guest's memory size after ballooning.
+    /// `BALLOON_CHANGE` with `{"actual": bytes}`: the guest's memory size after ballooning,
+    /// under QEMU's and libvirt's name.
     pub fn balloon_change(actual: u64) -> Self {
         Self::new("BALLOON_CHANGE", Some(json!({ "actual": actual })))
+    }
+
+    /// `BALLOON_CHANGED` with `{"actual": bytes}`: the same report under StratoVirt's name.
+    pub fn balloon_changed(actual: u64) -> Self {
+        Self::new("BALLOON_CHANGED", Some(json!({ "actual": actual })))
     }
 
     /// The event as a line ending in "\r\n", stamped with `at` (times before 1970 are

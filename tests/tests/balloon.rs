@@ -44,14 +44,17 @@ fn guest_ram_allocated(pid: u32) -> u64 {
     panic!("no guest RAM memfd among the descriptors of {pid}");
 }
 
-/// Waits for a `BALLOON_CHANGE` reporting `actual`, skipping earlier sizes.
+/// Waits for `BALLOON_CHANGED` (StratoVirt's name) and `BALLOON_CHANGE` (QEMU's) reporting
+/// `actual`, skipping earlier sizes; returns the latter.
 fn wait_balloon_change(qmp: &mut Qmp, actual: u64) -> Value {
-    loop {
-        let event = qmp.wait_event("BALLOON_CHANGE");
+    let mut wait = |name: &str| loop {
+        let event = qmp.wait_event(name);
         if event["data"]["actual"] == json!(actual) {
             return event;
         }
-    }
+    };
+    wait("BALLOON_CHANGED");
+    wait("BALLOON_CHANGE")
 }
 
 #[test]

@@ -301,7 +301,7 @@ impl Monitor {
         }
     }
 
-    /// Sends `BALLOON_CHANGE` when the guest's size moved (`changed`) or a rate-limited
+    /// Sends `BALLOON_CHANGED` and `BALLOON_CHANGE` when the guest's size moved (`changed`) or a rate-limited
     /// report is due.
     fn report_balloon(&mut self, changed: bool) {
         let (Some(events), Some(balloon)) = (
@@ -324,6 +324,8 @@ impl Monitor {
             );
         }
         if let (Some(actual), Some(server)) = (report, self.qmp.as_mut()) {
+            // StratoVirt's clients wait for its name, QEMU's and libvirt's for theirs.
+            server.broadcast(&Event::balloon_changed(actual));
             server.broadcast(&Event::balloon_change(actual));
             // Nothing else is on its way to the clients: the event is sent now.
             server.flush_all(&self.epoll);
@@ -367,6 +369,8 @@ impl Monitor {
         if was_running {
             if let Some(server) = self.qmp.as_mut() {
                 server.broadcast(&Event::stop());
+                // A client that only listens for events has nothing else coming to carry it.
+                server.flush_all(&self.epoll);
             }
         }
     }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::arguments::from_arguments;
+use crate::chardev::{ChardevAdd, ChardevAddArgs, ChardevRemoveArgs};
 use crate::device::{
     BlockdevAdd, BlockdevAddArgs, BlockdevDelArgs, DeviceAdd, DeviceAddArgs, DeviceDelArgs,
 };
@@ -43,6 +44,9 @@ const COMMANDS: &[&str] = &[
     "add-fd",
     "remove-fd",
     "query-fdsets",
+    "chardev-add",
+    "chardev-remove",
+    "query-chardev",
 ];
 
 /// Every command name, for `query-commands`.
@@ -117,6 +121,15 @@ pub enum Command {
     RemoveFd(RemoveFd),
     /// The fd sets and their descriptors.
     QueryFdsets,
+    /// Connect to a vhost-user backend's Unix socket.
+    ChardevAdd(ChardevAdd),
+    /// Close a chardev that no device uses.
+    ChardevRemove {
+        /// The chardev's id.
+        id: String,
+    },
+    /// The chardevs and whether a device uses each.
+    QueryChardev,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +193,15 @@ impl Command {
                 return Ok(Command::RemoveFd(args.into_command()));
             }
             "query-fdsets" => Command::QueryFdsets,
+            "chardev-add" => {
+                let args: ChardevAddArgs = from_arguments(arguments)?;
+                return Ok(Command::ChardevAdd(args.validate()?));
+            }
+            "chardev-remove" => {
+                let args: ChardevRemoveArgs = from_arguments(arguments)?;
+                return Ok(Command::ChardevRemove { id: args.id });
+            }
+            "query-chardev" => Command::QueryChardev,
             "netdev_add" => {
                 let args: NetdevAddArgs = from_arguments(arguments)?;
                 return Ok(Command::NetdevAdd(args.validate()?));
@@ -231,6 +253,9 @@ impl Command {
             Command::AddFd(_) => "add-fd",
             Command::RemoveFd(_) => "remove-fd",
             Command::QueryFdsets => "query-fdsets",
+            Command::ChardevAdd(_) => "chardev-add",
+            Command::ChardevRemove { .. } => "chardev-remove",
+            Command::QueryChardev => "query-chardev",
         }
     }
 

@@ -9,6 +9,7 @@
 //! [`event::Event::to_line`] to clients that are [`session::Session::negotiated`].
 
 pub mod arguments;
+pub mod chardev;
 pub mod command;
 pub mod device;
 pub mod error;

@@ -163,6 +163,7 @@ fn every_command_dispatches_after_negotiation() {
         ("query-block", Command::QueryBlock),
         ("query-uuid", Command::QueryUuid),
         ("query-fdsets", Command::QueryFdsets),
+        ("query-chardev", Command::QueryChardev),
         (
             "add-fd",
             Command::AddFd(AddFd {
@@ -189,8 +190,8 @@ fn every_command_dispatches_after_negotiation() {
     let mut listed: Vec<&str> = command_names().to_vec();
     let mut known: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     known.push("qmp_capabilities");
-    // Those that need arguments (their forms are tested with the device, netdev and fds
-    // modules).
+    // Those that need arguments (their forms are tested with the device, netdev, fds and
+    // chardev modules).
     for name in [
         "blockdev-add",
         "blockdev-del",
@@ -201,6 +202,8 @@ fn every_command_dispatches_after_negotiation() {
         "remove-fd",
         "netdev_add",
         "netdev_del",
+        "chardev-add",
+        "chardev-remove",
     ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(

@@ -12,8 +12,9 @@
 //! An image named `/dev/fdset/N` is not opened by path: the backend gets a duplicate of a
 //! descriptor of fd set N (see [`PassedFds::open`]), passed with `add-fd` or `-add-fd`.
 //!
-//! NICs go through the same commands (see [`crate::net_hotplug`]): `device_add` dispatches on
-//! the driver, `device_del` on the id.
+//! NICs go through the same commands (see [`crate::net_hotplug`]), and so do disks served by
+//! backends the user started (see [`crate::chardev`]): `device_add` dispatches on the driver,
+//! `device_del` on the id.
 //!
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
@@ -21,12 +22,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
+use citadel_qmp::chardev::{ChardevAdd, ChardevInfo};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::fdset_of;
 use citadel_qmp::netdev::{NetdevAdd, Tap};
 use serde_json::{json, Value};
 
+use crate::chardev::{Chardevs, VHOST_USER_BLK_DRIVERS};
 use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
@@ -96,6 +99,7 @@ pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
     netdevs: Netdevs,
+    chardevs: Chardevs,
     fds: PassedFds,
 }
 
@@ -108,6 +112,7 @@ impl Hotplug {
             nodes: BTreeMap::new(),
             fds: PassedFds::new(),
             netdevs: Netdevs::default(),
+            chardevs: Chardevs::default(),
         }
     }
 
@@ -204,6 +209,7 @@ impl Hotplug {
                 drive: None,
                 netdev: Some(nic.netdev.clone()),
                 mac: nic.mac,
+                chardev: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Nic {
@@ -219,6 +225,7 @@ impl Hotplug {
                 drive: Some(disk.drive.clone()),
                 netdev: None,
                 mac: None,
+                chardev: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Device {
@@ -326,16 +333,36 @@ impl Hotplug {
         self.netdevs.netdev_del(launcher, id)
     }
 
+    /// `chardev-add`.
+    pub fn chardev_add(&mut self, add: &ChardevAdd) -> Result<Value, QmpError> {
+        let launcher = self
+            .launcher
+            .as_ref()
+            .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))?;
+        self.chardevs.chardev_add(launcher, add)
+    }
+
+    /// `chardev-remove`.
+    pub fn chardev_remove(&mut self, id: &str) -> Result<Value, QmpError> {
+        self.chardevs.chardev_remove(id)
+    }
+
+    /// `query-chardev`.
+    pub fn query_chardev(&self) -> Vec<ChardevInfo> {
+        self.chardevs.query()
+    }
+
     /// `device_add`: a disk or a NIC, by its driver.
     pub fn device_add(
         &mut self,
         devices: &DeviceManager,
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
-        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER {
+        let vhost_user_blk = VHOST_USER_BLK_DRIVERS.contains(&add.driver.as_str());
+        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER && !vhost_user_blk {
             return Err(QmpError::generic(format!(
-                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER} and {NIC_DRIVER})",
-                add.driver
+                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER}, {} and {NIC_DRIVER})",
+                add.driver, VHOST_USER_BLK_DRIVERS[0]
             )));
         }
         let taken = devices
@@ -351,6 +378,16 @@ impl Hotplug {
                 "{} is already registered.",
                 add.id
             )));
+        }
+        if vhost_user_blk {
+            let launcher = self
+                .launcher
+                .as_ref()
+                .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))?;
+            return self.chardevs.device_add(launcher, devices, add);
+        }
+        if add.chardev.is_some() {
+            return Err(QmpError::unexpected_parameter("chardev"));
         }
         if add.driver == NIC_DRIVER {
             let launcher = available(&self.launcher)?;
@@ -423,6 +460,9 @@ impl Hotplug {
     /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
     /// leaves its slot and its netdev stays. Returns the id to announce in DEVICE_DELETED.
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
+        if let Some(id) = self.chardevs.device_del(devices, id) {
+            return Ok(id);
+        }
         let Some(plugged) = devices.unplug_disk(id) else {
             return self
                 .netdevs

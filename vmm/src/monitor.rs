@@ -531,6 +531,9 @@ fn execute(
         ),
         Command::RemoveFd(remove) => Response::reply(hotplug.fds_mut().remove_fd(remove)),
         Command::QueryFdsets => Response::reply(to_value(&hotplug.fds().query_fdsets())),
+        Command::ChardevAdd(add) => Response::reply(hotplug.chardev_add(add)),
+        Command::ChardevRemove { id } => Response::reply(hotplug.chardev_remove(id)),
+        Command::QueryChardev => Response::reply(to_value(&hotplug.query_chardev())),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()
                 .iter()

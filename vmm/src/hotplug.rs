@@ -19,6 +19,7 @@
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
@@ -30,7 +31,7 @@ use citadel_qmp::netdev::{NetdevAdd, Tap};
 use serde_json::{json, Value};
 
 use crate::chardev::{Chardevs, VHOST_USER_BLK_DRIVERS};
-use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
+use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NetdevTap, NicDeviceConfig};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
@@ -176,18 +177,41 @@ impl Hotplug {
     }
 
     /// Starts a backend for each of the command line's netdevs, in order, as `netdev_add`
-    /// would. On a refusal the caller drops the whole `Hotplug`, which ends the launcher and
-    /// every backend already started.
-    pub fn add_netdevs(&mut self, netdevs: &[NetdevConfig]) -> Result<(), ColdPlugError> {
+    /// would; a `fds=` netdev's tap is its entry in `taps` (by netdev id). On a refusal the
+    /// caller drops the whole `Hotplug`, which ends the launcher and every backend already
+    /// started.
+    pub fn add_netdevs(
+        &mut self,
+        netdevs: &[NetdevConfig],
+        mut taps: BTreeMap<String, OwnedFd>,
+    ) -> Result<(), ColdPlugError> {
         for netdev in netdevs {
-            let add = NetdevAdd {
-                id: netdev.id.clone(),
-                tap: Tap::Ifname(netdev.ifname.clone()),
-            };
-            self.netdev_add(&add).map_err(|e| ColdPlugError::Netdev {
+            let refuse = |e: QmpError| ColdPlugError::Netdev {
                 id: netdev.id.clone(),
                 why: e.desc,
-            })?;
+            };
+            match &netdev.tap {
+                NetdevTap::Ifname(name) => {
+                    let add = NetdevAdd {
+                        id: netdev.id.clone(),
+                        tap: Tap::Ifname(name.clone()),
+                    };
+                    self.netdev_add(&add).map_err(refuse)?;
+                }
+                NetdevTap::Fd(fd) => {
+                    let add = NetdevAdd {
+                        id: netdev.id.clone(),
+                        tap: Tap::Fd(format!("fds={fd}")),
+                    };
+                    let tap = taps.remove(&netdev.id).ok_or_else(|| {
+                        refuse(QmpError::generic(format!("descriptor {fd} was not taken")))
+                    })?;
+                    let launcher = available(&self.launcher).map_err(refuse)?;
+                    self.netdevs
+                        .netdev_add(launcher, &add, || Ok(TapSource::Fds(vec![tap])))
+                        .map_err(refuse)?;
+                }
+            }
         }
         Ok(())
     }

@@ -201,7 +201,11 @@ fn a_disk_served_by_qemu_storage_daemon_is_plugged_through_chardev_add() {
     assert_eq!(error_desc(&reply), "The slot 0 is occupied already.");
     let reply = device_add(&mut qmp, "vdisk", "0x1", "c0");
     assert_eq!(error_desc(&reply), "vdisk is already registered.");
-    assert!(slot0_inserted(&mut qmp));
+    let block = qmp.execute("query-block", None);
+    let inserted = &block["return"][0]["inserted"];
+    assert_eq!(inserted["node-name"], "chardev:c0", "{block}");
+    assert_eq!(inserted["file"], json!(qsd.socket), "{block}");
+    assert_eq!(block["return"][0]["qdev"], "vdisk", "{block}");
 
     // DEVICE_DELETED comes before the return; the guest sees an empty slot again.
     qmp.events.clear();

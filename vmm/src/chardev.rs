@@ -39,8 +39,8 @@ pub const MAX_CHARDEVS: usize = 8;
 /// other slot drivers.
 pub const VHOST_USER_BLK_DRIVERS: [&str; 2] = ["vhost-user-blk-device", "vhost-user-blk-mmio"];
 
-/// What a chardev disk's slot reports as its node name: a chardev is no block node, and `:`
-/// can appear in no node name, so the two never meet.
+/// What a chardev disk's slot reports as its node name (`query-block` shows it): a chardev
+/// is no block node, and `:` can appear in no node name, so the two never meet.
 fn node_name_of(chardev: &str) -> String {
     format!("chardev:{chardev}")
 }
@@ -115,6 +115,12 @@ impl Chardevs {
                 frontend_open: c.device.is_some(),
             })
             .collect()
+    }
+
+    /// The socket path behind the disk whose slot reports `node_name`, for `query-block`.
+    pub fn socket_of(&self, node_name: &str) -> Option<String> {
+        let id = node_name.strip_prefix("chardev:")?;
+        self.chardevs.get(id).map(|c| c.path.clone())
     }
 
     /// `device_add` of a vhost-user-blk device: the backend behind chardev `add.chardev`

@@ -516,7 +516,10 @@ impl Hotplug {
                     entry["qdev"] = json!(id);
                     entry["inserted"] = json!({
                         "node-name": node_name,
-                        "file": node.map(|n| n.filename.as_str()).unwrap_or(""),
+                        "file": node
+                            .map(|n| n.filename.clone())
+                            .or_else(|| self.chardevs.socket_of(&node_name))
+                            .unwrap_or_default(),
                         "ro": node.is_some_and(|n| n.read_only),
                         "drv": "raw",
                         "encrypted": false,

@@ -3,10 +3,12 @@
 //!
 //! - `chardev-add {"id":"c0","backend":{"type":"socket","data":{"addr":{"type":"unix",
 //!   "data":{"path":"/run/vu.sock"}},"server":false}}}`: a Unix socket Citadel connects to;
+//!   with `"addr":{"type":"fd","data":{"str":"vu"}}`, a socket the management connected and
+//!   passed with `getfd` as `vu`;
 //! - `chardev-remove {"id":"c0"}`;
 //! - `query-chardev`, answered with [`ChardevInfo`]s.
 //!
-//! Only client sockets on a Unix path are accepted: Citadel never listens for a backend, and
+//! Only client sockets are accepted: Citadel never listens for a backend, and
 //! QEMU's other backends (pty, file, TCP...) have no vhost-user peer. QEMU's `server`
 //! defaults to true, so `"server": false` must be given. Only the shape is checked here;
 //! whether the socket answers is the VMM's business.
@@ -26,8 +28,17 @@ pub const MAX_SOCKET_PATH: usize = 107;
 pub struct ChardevAdd {
     /// The id `device_add`'s `chardev` refers to.
     pub id: String,
-    /// The socket's path.
-    pub path: String,
+    /// Where the socket comes from.
+    pub socket: ChardevSocket,
+}
+
+/// Where a chardev's socket comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChardevSocket {
+    /// A Unix socket path to connect to.
+    Path(String),
+    /// A connected socket passed with `getfd` under this name.
+    Fd(String),
 }
 
 /// One chardev in `query-chardev`'s answer.
@@ -35,7 +46,7 @@ pub struct ChardevAdd {
 pub struct ChardevInfo {
     /// The chardev's id.
     pub label: String,
-    /// Where it leads, QEMU's way: `unix:PATH`.
+    /// Where it leads: `unix:PATH`, or `fd:NAME` for a socket passed with `getfd`.
     pub filename: String,
     /// Whether a device uses it.
     #[serde(rename = "frontend-open")]
@@ -73,6 +84,12 @@ struct SocketArgs {
     _nodelay: Option<bool>,
     #[serde(default)]
     reconnect: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FdArgs {
+    str: String,
 }
 
 #[derive(Deserialize)]
@@ -128,9 +145,22 @@ impl ChardevAddArgs {
                 "reconnect is not supported: citadel connects at chardev-add and again at each device_add",
             ));
         }
+        if addr.kind == "fd" {
+            let FdArgs { str: name } = nested("backend.data.addr.data", addr.data)?;
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(QmpError::invalid_parameter_value(
+                    "backend.data.addr.data.str",
+                    "the name of a descriptor passed with getfd",
+                ));
+            }
+            return Ok(ChardevAdd {
+                id: self.id,
+                socket: ChardevSocket::Fd(name),
+            });
+        }
         if addr.kind != "unix" {
             return Err(QmpError::generic(format!(
-                "Socket address type '{}' is not supported: a vhost-user backend is reached through a Unix socket (\"type\": \"unix\")",
+                "Socket address type '{}' is not supported: a vhost-user backend is reached through a Unix socket (\"type\": \"unix\", or \"fd\" for one passed with getfd)",
                 addr.kind
             )));
         }
@@ -150,7 +180,10 @@ impl ChardevAddArgs {
                 "a socket path of 1 to 107 bytes",
             ));
         }
-        Ok(ChardevAdd { id: self.id, path })
+        Ok(ChardevAdd {
+            id: self.id,
+            socket: ChardevSocket::Path(path),
+        })
     }
 }
 
@@ -183,9 +216,15 @@ mod tests {
             add,
             ChardevAdd {
                 id: "c0".into(),
-                path: "/run/vu.sock".into()
+                socket: ChardevSocket::Path("/run/vu.sock".into())
             }
         );
+        let passed = chardev(socket(
+            json!({"addr": {"type": "fd", "data": {"str": "vu"}},
+            "server": false}),
+        ))
+        .unwrap();
+        assert_eq!(passed.socket, ChardevSocket::Fd("vu".into()));
         // Harmless members QEMU clients send.
         chardev(socket(
             json!({"addr": {"type": "unix", "data": {"path": "vu.sock",
@@ -227,6 +266,15 @@ mod tests {
             )),
             "Parameter 'backend.data.addr.data.path' is missing"
         );
+        assert_eq!(
+            e(socket(
+                json!({"addr": {"type": "fd", "data": {}}, "server": false})
+            )),
+            "Parameter 'backend.data.addr.data.str' is missing"
+        );
+        assert!(e(socket(json!({"addr": {"type": "fd", "data": {"str": ""}},
+            "server": false})))
+        .starts_with("Parameter 'backend.data.addr.data.str' expects"));
         assert_eq!(
             e(socket(
                 json!({"addr": unix, "server": false, "telnet": true})

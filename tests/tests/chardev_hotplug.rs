@@ -4,6 +4,8 @@
 //! qemu-storage-daemon is the backend; the `virtio_blk` guest program in `hotplug` mode
 //! reports what its driver sees, and the bytes it writes are checked in the image.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -270,5 +272,56 @@ fn a_backend_that_cannot_honour_the_slot_is_refused_naming_the_limit() {
         qmp.execute("chardev-remove", Some(json!({"id": "c1"}))),
         json!({"return": {}})
     );
+
+    // A socket the management connected and passed with getfd serves the same way, once.
+    let file = std::fs::File::open(&img).unwrap();
+    assert_eq!(
+        qmp.execute_with_fds(
+            "getfd",
+            Some(json!({"fdname": "notsock"})),
+            &[file.as_raw_fd()]
+        ),
+        json!({"return": {}})
+    );
+    let reply = chardev_add_fd(&mut qmp, "c2", "notsock");
+    assert!(
+        error_desc(&reply).starts_with("The descriptor passed is not a socket"),
+        "{reply}"
+    );
+    assert_eq!(query_chardev(&mut qmp), json!([]));
+    let stream = UnixStream::connect(&qsd.socket).unwrap();
+    assert_eq!(
+        qmp.execute_with_fds(
+            "getfd",
+            Some(json!({"fdname": "vu"})),
+            &[stream.as_raw_fd()]
+        ),
+        json!({"return": {}})
+    );
+    drop(stream);
+    assert_eq!(chardev_add_fd(&mut qmp, "c2", "vu"), json!({"return": {}}));
+    assert_eq!(
+        query_chardev(&mut qmp),
+        json!([{"label": "c2", "filename": "fd:vu", "frontend-open": false}])
+    );
+    let reply = device_add(&mut qmp, "vdisk", "0x0", "c2");
+    assert_eq!(
+        error_desc(&reply),
+        "Device vdisk cannot take the backend at fd:vu: the disk's logical block size is 4096, the slot's 512"
+    );
+    let reply = device_add(&mut qmp, "vdisk", "0x0", "c2");
+    assert!(
+        error_desc(&reply).starts_with("Chardev 'c2' is disconnected"),
+        "{reply}"
+    );
+    assert!(!slot0_inserted(&mut qmp));
     assert!(vm.wait_exit(Duration::from_millis(100)).is_none());
+}
+
+fn chardev_add_fd(qmp: &mut Qmp, id: &str, fdname: &str) -> Value {
+    qmp.execute(
+        "chardev-add",
+        Some(json!({"id": id, "backend": {"type": "socket", "data": {
+            "addr": {"type": "fd", "data": {"str": fdname}}, "server": false}}})),
+    )
 }

@@ -6,9 +6,10 @@
 //! `chardev-remove`. A chardev serves one device at a time.
 //!
 //! The VMM, confined, may create no socket: the device launcher connects on its behalf and
-//! hands the connected socket over (see [`citadel_launcher::connect`]). A chardev whose
-//! connection a device used and closed connects again at its next `device_add`; the backend
-//! is expected to accept a new frontend, as qemu-storage-daemon does.
+//! hands the connected socket over (see [`citadel_launcher::connect`]), or the management
+//! connects and passes the socket with `getfd`. A chardev whose connection a device used and
+//! closed connects again at its next `device_add` (the backend is expected to accept a new
+//! frontend, as qemu-storage-daemon does); one whose socket was passed cannot, and says so.
 //!
 //! The backend is untrusted like any vhost-user peer, and must honour the slot's fixed
 //! features and request limits, which the guest's driver negotiated at boot
@@ -17,11 +18,12 @@
 //! Every refusal leaves the chardevs and the slots as they were.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use citadel_launcher::Launcher;
-use citadel_qmp::chardev::{ChardevAdd, ChardevInfo};
+use citadel_qmp::chardev::{ChardevAdd, ChardevInfo, ChardevSocket};
 use citadel_qmp::device::DeviceAdd;
 use citadel_qmp::error::QmpError;
 use serde_json::{json, Value};
@@ -47,11 +49,21 @@ fn node_name_of(chardev: &str) -> String {
 
 /// A Unix socket leading to a vhost-user backend.
 struct Chardev {
-    path: String,
+    /// What `query-chardev` and `query-block` show: `unix:PATH` or `fd:NAME`.
+    filename: String,
+    /// The path to connect to again; `None` for a socket passed with `getfd`.
+    path: Option<String>,
     /// The connection, until a device takes it.
     socket: Option<UnixStream>,
     /// The device using the chardev.
     device: Option<String>,
+}
+
+impl Chardev {
+    /// The backend, for errors and `query-block`: its socket path, or `fd:NAME`.
+    fn peer(&self) -> String {
+        self.path.clone().unwrap_or_else(|| self.filename.clone())
+    }
 }
 
 /// The chardevs of one VM.
@@ -61,11 +73,14 @@ pub struct Chardevs {
 }
 
 impl Chardevs {
-    /// `chardev-add`: connects, through `launcher`, to the socket `add` names.
+    /// `chardev-add`: connects, through `launcher`, to the socket path `add` names, or takes
+    /// the socket `passed` gives (asked for only once the id is known to be free: a passed
+    /// descriptor is consumed).
     pub fn chardev_add(
         &mut self,
         launcher: &Launcher,
         add: &ChardevAdd,
+        passed: impl FnOnce(&str) -> Result<OwnedFd, QmpError>,
     ) -> Result<Value, QmpError> {
         if self.chardevs.contains_key(&add.id) {
             return Err(QmpError::generic(format!(
@@ -78,12 +93,20 @@ impl Chardevs {
                 "Too many chardevs: at most {MAX_CHARDEVS}"
             )));
         }
-        let socket = connect(launcher, &add.path)?;
-        log::info!("chardev {}: connected to {}", add.id, add.path);
+        let (socket, filename, path) = match &add.socket {
+            ChardevSocket::Path(path) => (
+                connect(launcher, path)?,
+                format!("unix:{path}"),
+                Some(path.clone()),
+            ),
+            ChardevSocket::Fd(name) => (passed_socket(passed(name)?)?, format!("fd:{name}"), None),
+        };
+        log::info!("chardev {}: {filename}", add.id);
         self.chardevs.insert(
             add.id.clone(),
             Chardev {
-                path: add.path.clone(),
+                filename,
+                path,
                 socket: Some(socket),
                 device: None,
             },
@@ -111,7 +134,7 @@ impl Chardevs {
             .iter()
             .map(|(id, c)| ChardevInfo {
                 label: id.clone(),
-                filename: format!("unix:{}", c.path),
+                filename: c.filename.clone(),
                 frontend_open: c.device.is_some(),
             })
             .collect()
@@ -120,7 +143,7 @@ impl Chardevs {
     /// The socket path behind the disk whose slot reports `node_name`, for `query-block`.
     pub fn socket_of(&self, node_name: &str) -> Option<String> {
         let id = node_name.strip_prefix("chardev:")?;
-        self.chardevs.get(id).map(|c| c.path.clone())
+        self.chardevs.get(id).map(Chardev::peer)
     }
 
     /// `device_add` of a vhost-user-blk device: the backend behind chardev `add.chardev`
@@ -159,16 +182,22 @@ impl Chardevs {
         }
         // The connection is used up by this attempt whatever its outcome; the next one
         // connects again.
-        let socket = match chardev.socket.take() {
-            Some(socket) => socket,
-            None => connect(launcher, &chardev.path)?,
+        let socket = match (chardev.socket.take(), &chardev.path) {
+            (Some(socket), _) => socket,
+            (None, Some(path)) => connect(launcher, path)?,
+            (None, None) => {
+                return Err(QmpError::generic(format!(
+                    "Chardev '{chardev_id}' is disconnected: its socket was passed with getfd and used by a device before; chardev-remove it and add a new one"
+                )))
+            }
         };
-        let disk = VhostUserBlk::from_stream(socket, PathBuf::from(&chardev.path), BACKEND_TIMEOUT)
+        let peer = chardev.peer();
+        let disk = VhostUserBlk::from_stream(socket, PathBuf::from(&peer), BACKEND_TIMEOUT)
             .map_err(|e| QmpError::generic(e.to_string()))?;
         disk.check_fits_slot().map_err(|why| {
             QmpError::generic(format!(
-                "Device {} cannot take the backend at {}: {why}",
-                add.id, chardev.path
+                "Device {} cannot take the backend at {peer}: {why}",
+                add.id
             ))
         })?;
         let plugged = PluggedDisk {
@@ -180,9 +209,8 @@ impl Chardevs {
             .plug_disk(addr, plugged)
             .map_err(|e| QmpError::generic(e.why))?;
         log::info!(
-            "device {}: disk slot {addr} served by the backend at {} (chardev {chardev_id})",
-            add.id,
-            chardev.path
+            "device {}: disk slot {addr} served by the backend at {peer} (chardev {chardev_id})",
+            add.id
         );
         chardev.device = Some(add.id.clone());
         Ok(json!({}))
@@ -207,6 +235,28 @@ fn connect(launcher: &Launcher, path: &str) -> Result<UnixStream, QmpError> {
     launcher
         .connect(path)
         .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// A descriptor passed as a chardev's socket, refused unless it is a socket (a connected
+/// stream is the backend's business: the vhost-user handshake fails on anything else).
+fn passed_socket(fd: OwnedFd) -> Result<UnixStream, QmpError> {
+    // SAFETY: `stat` is plain data, which fstat fills.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor owned here writes into the live `stat` above. The raw
+    // syscall, since the C library's fstat (newfstatat) and std's metadata (statx) are not
+    // in the confined event loop's allowlist.
+    if unsafe { libc::syscall(libc::SYS_fstat, fd.as_raw_fd(), &mut stat) } != 0 {
+        return Err(QmpError::generic(format!(
+            "Cannot use the descriptor passed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(QmpError::generic(
+            "The descriptor passed is not a socket: connect a Unix socket to the backend and pass that",
+        ));
+    }
+    Ok(UnixStream::from(fd))
 }
 
 /// The disk slot `add.addr` names, or the first free one; refused when it does not exist or

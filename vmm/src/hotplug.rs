@@ -363,7 +363,9 @@ impl Hotplug {
             .launcher
             .as_ref()
             .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))?;
-        self.chardevs.chardev_add(launcher, add)
+        let fds = &mut self.fds;
+        self.chardevs
+            .chardev_add(launcher, add, |name| fds.take(name))
     }
 
     /// `chardev-remove`.

@@ -359,10 +359,7 @@ impl Hotplug {
 
     /// `chardev-add`.
     pub fn chardev_add(&mut self, add: &ChardevAdd) -> Result<Value, QmpError> {
-        let launcher = self
-            .launcher
-            .as_ref()
-            .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))?;
+        let launcher = reachable(&self.launcher)?;
         let fds = &mut self.fds;
         self.chardevs
             .chardev_add(launcher, add, |name| fds.take(name))
@@ -406,10 +403,7 @@ impl Hotplug {
             )));
         }
         if vhost_user_blk {
-            let launcher = self
-                .launcher
-                .as_ref()
-                .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))?;
+            let launcher = reachable(&self.launcher)?;
             return self.chardevs.device_add(launcher, devices, add);
         }
         if add.chardev.is_some() {
@@ -560,6 +554,13 @@ fn available(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError>
     launcher
         .as_ref()
         .map_err(|why| QmpError::generic(format!("NIC hotplug is unavailable: {why}")))
+}
+
+/// The launcher, or why backends the user started cannot be connected to.
+fn reachable(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError> {
+    launcher
+        .as_ref()
+        .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))
 }
 
 fn stop(launcher: &Launcher, pid: i32) {

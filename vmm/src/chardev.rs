@@ -15,7 +15,9 @@
 //! features and request limits, which the guest's driver negotiated at boot
 //! ([`VhostUserBlk::check_fits_slot`]): one that cannot is refused, naming the limit.
 //!
-//! Every refusal leaves the chardevs and the slots as they were.
+//! Every refusal leaves the chardevs and the slots as they were, but for the connection a
+//! `device_add` refused after the handshake began has used up: a chardev on a path connects
+//! again at the next one, one on a passed socket is left disconnected.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};

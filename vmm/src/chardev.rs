@@ -142,7 +142,8 @@ impl Chardevs {
             .collect()
     }
 
-    /// The socket path behind the disk whose slot reports `node_name`, for `query-block`.
+    /// The backend of the disk whose slot reports `node_name`, for `query-block`: its
+    /// socket path, or `fd:NAME` for a socket passed with `getfd`.
     pub fn socket_of(&self, node_name: &str) -> Option<String> {
         let id = node_name.strip_prefix("chardev:")?;
         self.chardevs.get(id).map(Chardev::peer)
@@ -189,7 +190,7 @@ impl Chardevs {
             (None, Some(path)) => connect(launcher, path)?,
             (None, None) => {
                 return Err(QmpError::generic(format!(
-                    "Chardev '{chardev_id}' is disconnected: its socket was passed with getfd and used by a device before; chardev-remove it and add a new one"
+                    "Chardev '{chardev_id}' is disconnected: its socket was passed with getfd and a device_add has used it; chardev-remove it and add a new one"
                 )))
             }
         };

@@ -2,7 +2,8 @@
 //! `chardev-add` of a Unix client socket, `device_add {"driver":"vhost-user-blk-device",
 //! "chardev":..}` into a hot-replace disk slot, `device_del`, `chardev-remove`.
 //! qemu-storage-daemon is the backend; the `virtio_blk` guest program in `hotplug` mode
-//! reports what its driver sees, and the bytes it writes are checked in the image.
+//! reports what its driver sees, and the bytes it writes are checked in the image. The same
+//! backend also serves a `-chardev` disk of the command line.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -324,4 +325,52 @@ fn chardev_add_fd(qmp: &mut Qmp, id: &str, fdname: &str) -> Value {
         Some(json!({"id": id, "backend": {"type": "socket", "data": {
             "addr": {"type": "fd", "data": {"str": fdname}}, "server": false}}})),
     )
+}
+
+#[test]
+fn qemu_storage_daemon_serves_a_disk_of_the_command_line() {
+    let test = "qemu_storage_daemon_serves_a_disk_of_the_command_line";
+    if missing(test) {
+        return;
+    }
+    let dir = TempDir::new("chardev-cli");
+    let img = image_with_marker(dir.path(), "disk.img", IMAGE_LEN, MARKER);
+    let qsd = StorageDaemon::start(dir.path(), "qsd", &img, "");
+    let chardev = format!("socket,id=c0,path={}", qsd.socket.display());
+    // The disk takes the first slot after the hot-replace ones: slot 8, pin 16.
+    let mut vm = Vm::start(
+        &guest_program("virtio_blk"),
+        &[
+            "-m",
+            "32",
+            "-append",
+            "virtio_mmio.device=4K@0xd0008000:16",
+            "-chardev",
+            &chardev,
+            "-device",
+            "vhost-user-blk-device,chardev=c0,id=disk0",
+        ],
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk capacity=", STEP);
+    assert!(
+        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
+        "{line}"
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk status=", STEP);
+    assert_eq!(
+        line,
+        format!(
+            "citadel-guest: virtio-blk status=0 sector0={}.",
+            String::from_utf8_lossy(MARKER)
+        )
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-blk write-readback status=", STEP);
+    assert!(
+        line.contains("status=0 sector1=citadel-guest-wrote"),
+        "{line}"
+    );
+    vm.wait_serial("citadel-guest: done", STEP);
+    let written = std::fs::read(&img).unwrap()[512..1024].to_vec();
+    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
+    assert_eq!(written, expected);
 }

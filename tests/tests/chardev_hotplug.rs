@@ -337,6 +337,11 @@ fn qemu_storage_daemon_serves_a_disk_of_the_command_line() {
     let img = image_with_marker(dir.path(), "disk.img", IMAGE_LEN, MARKER);
     let qsd = StorageDaemon::start(dir.path(), "qsd", &img, "");
     let chardev = format!("socket,id=c0,path={}", qsd.socket.display());
+    // A second backend on a chardev no device of the command line uses: connected at start,
+    // waiting for QMP's device_add.
+    let other = image_with_marker(dir.path(), "other.img", IMAGE_LEN, MARKER);
+    let spare_qsd = StorageDaemon::start(dir.path(), "spare", &other, "");
+    let spare = format!("socket,id=spare,path={}", spare_qsd.socket.display());
     // The disk takes the first slot after the hot-replace ones: slot 8, pin 16.
     let mut vm = Vm::start(
         &guest_program("virtio_blk"),
@@ -349,6 +354,8 @@ fn qemu_storage_daemon_serves_a_disk_of_the_command_line() {
             &chardev,
             "-device",
             "vhost-user-blk-device,chardev=c0,id=disk0",
+            "-chardev",
+            &spare,
         ],
     );
     let line = vm.wait_serial("citadel-guest: virtio-blk capacity=", STEP);
@@ -373,4 +380,57 @@ fn qemu_storage_daemon_serves_a_disk_of_the_command_line() {
     let written = std::fs::read(&img).unwrap()[512..1024].to_vec();
     let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
     assert_eq!(written, expected);
+
+    // Both chardevs are QMP's to see; the device's is in use for good, the spare one plugs.
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        query_chardev(&mut qmp),
+        json!([
+            {"label": "c0", "filename": format!("unix:{}", qsd.socket.display()),
+                "frontend-open": true},
+            {"label": "spare", "filename": format!("unix:{}", spare_qsd.socket.display()),
+                "frontend-open": false},
+        ])
+    );
+    let reply = qmp.execute("chardev-remove", Some(json!({"id": "c0"})));
+    assert_eq!(error_desc(&reply), "Chardev 'c0' is busy");
+    let reply = chardev_add(&mut qmp, "c0", &spare_qsd.socket, false);
+    assert_eq!(error_desc(&reply), "Chardev 'c0' already exists");
+    let reply = device_add(&mut qmp, "vdisk", "0x0", "c0");
+    assert_eq!(
+        error_desc(&reply),
+        "Property 'vhost-user-blk-device.chardev' can't take value 'c0', it's in use"
+    );
+    assert_eq!(
+        device_add(&mut qmp, "vdisk", "0x0", "spare"),
+        json!({"return": {}})
+    );
+    let block = qmp.execute("query-block", None);
+    assert_eq!(
+        block["return"][0]["inserted"]["file"],
+        json!(spare_qsd.socket),
+        "{block}"
+    );
+}
+
+#[test]
+fn a_command_line_chardev_that_cannot_connect_is_refused_at_start() {
+    let dir = TempDir::new("chardev-cli-bad");
+    let nowhere = dir.path().join("nowhere.sock");
+    let out = Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "32", "-kernel"])
+        .arg(guest_program("idle"))
+        .args(["-serial", "none", "-chardev"])
+        .arg(format!("socket,id=spare,path={}", nowhere.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "citadel: -chardev spare: Failed to connect to '{}': No such file or directory (os error 2)",
+            nowhere.display()
+        )
+    );
 }

@@ -116,6 +116,20 @@ impl Chardevs {
         Ok(json!({}))
     }
 
+    /// Records the chardev of a vhost-user-blk device of the command line, connected at start
+    /// by the VMM itself: listed, in use for good (such a device leaves no slot).
+    pub fn add_static(&mut self, id: &str, path: &str, device: &str) {
+        self.chardevs.insert(
+            id.to_string(),
+            Chardev {
+                filename: format!("unix:{path}"),
+                path: Some(path.to_string()),
+                socket: None,
+                device: Some(device.to_string()),
+            },
+        );
+    }
+
     /// `chardev-remove`: closes a chardev no device uses.
     pub fn chardev_remove(&mut self, id: &str) -> Result<Value, QmpError> {
         let chardev = self

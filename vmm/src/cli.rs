@@ -64,6 +64,8 @@ pub struct Config {
     pub uuid: Option<String>,
     /// `-add-fd`: descriptors inherited from the parent, for `/dev/fdset/N` images.
     pub add_fds: Vec<AddFdConfig>,
+    /// `-chardev` sockets no device of the command line uses, in command-line order.
+    pub chardevs: Vec<ChardevConfig>,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -143,8 +145,20 @@ pub struct BlkDeviceConfig {
 pub struct VhostUserBlkConfig {
     /// The device's `id=`, if given.
     pub id: Option<String>,
+    /// The `-chardev` the device names.
+    pub chardev: String,
     /// The backend's socket, from the `-chardev socket,path=` the device names.
     pub socket: PathBuf,
+}
+
+/// A `-chardev socket,id=ID,path=PATH` no `-device` of the command line uses: connected at
+/// start like a QMP `chardev-add`, for a later `device_add`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevConfig {
+    /// The id `device_add`'s `chardev` refers to.
+    pub id: String,
+    /// The socket's path.
+    pub path: PathBuf,
 }
 
 /// `-chardev socket,id=ID,path=PATH`: the client end of a Unix socket.
@@ -236,12 +250,13 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                         [,vhost=off][,vnet_hdr=on][,queues=1]]...
                [-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]]...
                [-chardev socket,id=ID,path=PATH
-                -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
+                [-device vhost-user-blk-device,chardev=ID[,id=NAME]]]...
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
-start and takes the next virtio-mmio slot after the hot-replace ones (at most 8). Each -drive (at most 16) starts a
+start and takes the next virtio-mmio slot after the hot-replace ones (at most 8); a
+-chardev no device names is connected at start for QMP's device_add. Each -drive (at most 16) starts a
 citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
 disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
 disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
@@ -635,10 +650,19 @@ where
     }
     check_inherited_descriptors(&netdevs, &add_fds)?;
     let disks = resolve_devices(&devices, &chardevs)?;
+    let chardevs = chardevs
+        .into_iter()
+        .filter(|c| !disks.iter().any(|d| d.chardev == c.id))
+        .map(|c| ChardevConfig {
+            id: c.id,
+            path: c.path,
+        })
+        .collect();
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
     Ok(Config {
         disks,
+        chardevs,
         netdevs,
         nic_devices,
         drives,
@@ -825,6 +849,7 @@ fn resolve_devices(
         }
         disks.push(VhostUserBlkConfig {
             id: dev.id.clone(),
+            chardev: chardev.id.clone(),
             socket: chardev.path.clone(),
         });
     }
@@ -1607,17 +1632,29 @@ mod tests {
             "socket,path=/run/b.sock,id=c1",
             "-device",
             "vhost-user-blk-mmio,chardev=c0",
+            "-chardev",
+            "socket,id=spare,path=/run/c.sock",
         ])
         .unwrap();
+        // A chardev no device uses waits for QMP's device_add.
+        assert_eq!(
+            c.chardevs,
+            vec![ChardevConfig {
+                id: "spare".into(),
+                path: PathBuf::from("/run/c.sock")
+            }]
+        );
         assert_eq!(
             c.disks,
             vec![
                 VhostUserBlkConfig {
                     id: Some("data".into()),
+                    chardev: "c1".into(),
                     socket: PathBuf::from("/run/b.sock")
                 },
                 VhostUserBlkConfig {
                     id: None,
+                    chardev: "c0".into(),
                     socket: PathBuf::from("/run/a.sock")
                 },
             ]

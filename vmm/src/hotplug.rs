@@ -23,7 +23,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
-use citadel_qmp::chardev::{ChardevAdd, ChardevInfo};
+use citadel_qmp::chardev::{ChardevAdd, ChardevInfo, ChardevSocket};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::fdset_of;
@@ -31,7 +31,10 @@ use citadel_qmp::netdev::{NetdevAdd, Tap};
 use serde_json::{json, Value};
 
 use crate::chardev::{Chardevs, VHOST_USER_BLK_DRIVERS};
-use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NetdevTap, NicDeviceConfig};
+use crate::cli::{
+    BlkDeviceConfig, ChardevConfig, DriveConfig, NetdevConfig, NetdevTap, NicDeviceConfig,
+    VhostUserBlkConfig,
+};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
@@ -88,6 +91,14 @@ pub enum ColdPlugError {
     #[error("-device virtio-net-device {id}: {why}")]
     Nic {
         /// The device's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A `-chardev` no device uses that could not be connected.
+    #[error("-chardev {id}: {why}")]
+    Chardev {
+        /// The chardev's id.
         id: String,
         /// What went wrong.
         why: String,
@@ -212,6 +223,41 @@ impl Hotplug {
                         .map_err(refuse)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Records the command line's chardevs: those of its vhost-user-blk devices as in use,
+    /// and connects the others, as `chardev-add` would, for a later `device_add`; a relative
+    /// path is taken from `cwd`. On a refusal the caller drops the whole `Hotplug`.
+    pub fn add_chardevs(
+        &mut self,
+        disks: &[VhostUserBlkConfig],
+        chardevs: &[ChardevConfig],
+        cwd: &Path,
+    ) -> Result<(), ColdPlugError> {
+        for (i, disk) in disks.iter().enumerate() {
+            let device = disk
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("vhost-user-blk-device #{i}"));
+            self.chardevs
+                .add_static(&disk.chardev, &disk.socket.to_string_lossy(), &device);
+        }
+        for chardev in chardevs {
+            let refuse = |why: String| ColdPlugError::Chardev {
+                id: chardev.id.clone(),
+                why,
+            };
+            let path = cwd.join(&chardev.path);
+            let path = path
+                .to_str()
+                .ok_or_else(|| refuse(format!("{} is not valid UTF-8", path.display())))?;
+            let add = ChardevAdd {
+                id: chardev.id.clone(),
+                socket: ChardevSocket::Path(path.to_string()),
+            };
+            self.chardev_add(&add).map_err(|e| refuse(e.desc))?;
         }
         Ok(())
     }

@@ -49,7 +49,7 @@ enum RunError {
     Disk(#[from] citadel::devices::vhost_user::VhostUserError),
     #[error(transparent)]
     ColdPlug(#[from] citadel::hotplug::ColdPlugError),
-    #[error("the current directory, for relative -drive paths: {0}")]
+    #[error("the current directory, for relative -drive and -chardev paths: {0}")]
     CurrentDir(std::io::Error),
     #[error(transparent)]
     Inherit(#[from] citadel::passed_fds::InheritError),
@@ -217,6 +217,10 @@ fn build_and_run(
             hotplug.add_drives(&config.drives, &config.blk_devices, &cwd)?;
         }
         hotplug.add_netdevs(&config.netdevs, inherited.taps)?;
+        if !config.disks.is_empty() || !config.chardevs.is_empty() {
+            let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
+            hotplug.add_chardevs(&config.disks, &config.chardevs, &cwd)?;
+        }
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
         let disks = config

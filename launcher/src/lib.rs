@@ -5,8 +5,9 @@
 //! opening disk images, so a device added at run time (QMP `blockdev-add`) needs someone else
 //! to open the image and start the backend. That someone is the launcher, which can do just
 //! that: it executes only the two configured binaries (Landlock), opens files beneath its "/"
-//! (the jail's root when jailed) without following magic links, and runs under the `launcher`
-//! seccomp role.
+//! (the jail's root when jailed) without following magic links, connects to the Unix sockets
+//! of backends the user started (QMP `chardev-add`), and runs under the `launcher` seccomp
+//! role.
 //!
 //! The VMM and the launcher talk over a `SOCK_SEQPACKET` socket pair: one JSON request, one
 //! JSON reply, descriptors in `SCM_RIGHTS` (see [`protocol`]). The launcher treats what it
@@ -18,6 +19,7 @@
 //! every backend and exits.
 
 pub mod confine;
+pub mod connect;
 pub mod image;
 pub mod protocol;
 mod server;
@@ -251,6 +253,20 @@ impl Launcher {
             mac: spec.mac,
         };
         self.spawn(&request, &fds)
+    }
+
+    /// Connects to the Unix socket at `path` (resolved from the launcher's "/"), for a
+    /// vhost-user backend the user started; see [`connect`].
+    pub fn connect(&self, path: &str) -> Result<UnixStream, LauncherError> {
+        let request = Request::Connect {
+            path: path.to_string(),
+        };
+        match self.call(&request, &[])? {
+            (Reply::Connected, mut sockets) if sockets.len() == 1 => {
+                Ok(UnixStream::from(sockets.remove(0)))
+            }
+            (other, _) => Err(unexpected(other)),
+        }
     }
 
     /// Stops a backend this launcher started: SIGTERM, up to 2 s to exit, then SIGKILL. It is

@@ -54,6 +54,12 @@ pub enum Request {
         /// MAC address of the device.
         mac: Option<[u8; 6]>,
     },
+    /// Connect to the Unix socket at `path` (resolved with "/" as root) and send the
+    /// connected socket back.
+    Connect {
+        /// The socket's path.
+        path: String,
+    },
     /// Stop one backend the launcher started.
     Stop {
         /// Its process id.
@@ -72,6 +78,8 @@ pub enum Reply {
         /// The backend's process id.
         pid: i32,
     },
+    /// The socket asked for is connected; it comes along.
+    Connected,
     /// The backend is gone and reaped.
     Stopped,
     /// The request failed; the text is one line for the user.

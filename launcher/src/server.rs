@@ -35,6 +35,8 @@ enum RequestError {
     Spawn(#[from] SpawnError),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
     #[error("no running backend has pid {0}")]
     UnknownBackend(i32),
     #[error("{MAX_BACKENDS} backends are running already")]
@@ -244,6 +246,14 @@ impl Server<'_> {
                 }
                 let binary = &self.config.net_binary;
                 self.start(&id, binary, args, &queues)
+            }
+            Request::Connect { path } => {
+                if !fds.is_empty() {
+                    return Err(RequestError::Invalid("connect takes no descriptors".into()));
+                }
+                let socket = crate::connect::connect_unix(&path)?;
+                log::info!("launcher: connected to {path}");
+                Ok((Reply::Connected, Some(socket)))
             }
             Request::Stop { pid } => {
                 if !fds.is_empty() {

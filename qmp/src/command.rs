@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::arguments::from_arguments;
 use crate::balloon::BalloonArgs;
+use crate::chardev::{ChardevAdd, ChardevAddArgs, ChardevRemoveArgs};
 use crate::device::{
     BlockdevAdd, BlockdevAddArgs, BlockdevDelArgs, DeviceAdd, DeviceAddArgs, DeviceDelArgs,
 };
@@ -46,6 +47,9 @@ const COMMANDS: &[&str] = &[
     "query-fdsets",
     "balloon",
     "query-balloon",
+    "chardev-add",
+    "chardev-remove",
+    "query-chardev",
 ];
 
 /// Every command name, for `query-commands`.
@@ -127,6 +131,15 @@ pub enum Command {
     },
     /// The guest's memory size as its balloon driver reports it.
     QueryBalloon,
+    /// Connect to a vhost-user backend's Unix socket.
+    ChardevAdd(ChardevAdd),
+    /// Close a chardev that no device uses.
+    ChardevRemove {
+        /// The chardev's id.
+        id: String,
+    },
+    /// The chardevs and whether a device uses each.
+    QueryChardev,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +210,15 @@ impl Command {
                 });
             }
             "query-balloon" => Command::QueryBalloon,
+            "chardev-add" => {
+                let args: ChardevAddArgs = from_arguments(arguments)?;
+                return Ok(Command::ChardevAdd(args.validate()?));
+            }
+            "chardev-remove" => {
+                let args: ChardevRemoveArgs = from_arguments(arguments)?;
+                return Ok(Command::ChardevRemove { id: args.id });
+            }
+            "query-chardev" => Command::QueryChardev,
             "netdev_add" => {
                 let args: NetdevAddArgs = from_arguments(arguments)?;
                 return Ok(Command::NetdevAdd(args.validate()?));
@@ -250,6 +272,9 @@ impl Command {
             Command::QueryFdsets => "query-fdsets",
             Command::Balloon { .. } => "balloon",
             Command::QueryBalloon => "query-balloon",
+            Command::ChardevAdd(_) => "chardev-add",
+            Command::ChardevRemove { .. } => "chardev-remove",
+            Command::QueryChardev => "query-chardev",
         }
     }
 

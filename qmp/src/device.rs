@@ -8,6 +8,8 @@
 //!   with `addr` in hex or decimal and an ignored `romfile` (Kata);
 //! - `device_add {"id":"net-0","driver":"virtio-net-mmio","addr":"0x0","netdev":"net-0"}`,
 //!   with an optional `"mac":"52:54:00:c1:7a:00"`;
+//! - `device_add {"id":"disk-1","driver":"vhost-user-blk-device","addr":"0x1","chardev":"c0"}`,
+//!   a disk served by a backend the user started (see [`crate::chardev`]);
 //! - `device_del {"id":"drive-0"}`, `blockdev-del {"node-name":"drive-0"}`.
 //!
 //! Only the shape is checked here; whether a slot, file or node exists is the VMM's business.
@@ -50,6 +52,8 @@ pub struct DeviceAdd {
     pub netdev: Option<String>,
     /// The MAC address the NIC is to have.
     pub mac: Option<[u8; 6]>,
+    /// The chardev leading to the vhost-user backend the device serves.
+    pub chardev: Option<String>,
 }
 
 impl DeviceAdd {
@@ -148,6 +152,8 @@ pub(crate) struct DeviceAddArgs {
     netdev: Option<String>,
     #[serde(default)]
     mac: Option<String>,
+    #[serde(default)]
+    chardev: Option<String>,
     /// Option ROM of a PCI device; Kata passes an empty one for MMIO devices, which have none.
     #[serde(default)]
     romfile: Option<String>,
@@ -175,6 +181,7 @@ impl DeviceAddArgs {
             drive: self.drive,
             netdev: self.netdev,
             mac,
+            chardev: self.chardev,
         })
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod arguments;
 pub mod balloon;
+pub mod chardev;
 pub mod command;
 pub mod device;
 pub mod error;

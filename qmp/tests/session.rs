@@ -164,6 +164,7 @@ fn every_command_dispatches_after_negotiation() {
         ("query-uuid", Command::QueryUuid),
         ("query-fdsets", Command::QueryFdsets),
         ("query-balloon", Command::QueryBalloon),
+        ("query-chardev", Command::QueryChardev),
         (
             "add-fd",
             Command::AddFd(AddFd {
@@ -190,8 +191,8 @@ fn every_command_dispatches_after_negotiation() {
     let mut listed: Vec<&str> = command_names().to_vec();
     let mut known: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
     known.push("qmp_capabilities");
-    // Those that need arguments (their forms are tested with the device, netdev and fds
-    // modules).
+    // Those that need arguments (their forms are tested with the device, netdev, fds and
+    // chardev modules).
     for name in [
         "blockdev-add",
         "blockdev-del",
@@ -203,6 +204,8 @@ fn every_command_dispatches_after_negotiation() {
         "netdev_add",
         "netdev_del",
         "balloon",
+        "chardev-add",
+        "chardev-remove",
     ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(

@@ -1,7 +1,8 @@
 //! Allowlist of the device launcher, which starts citadel-blk and citadel-net for the VMM.
 //!
 //! The launcher itself waits on its control socket and a signalfd, opens disk images (with
-//! `openat2`, beneath its root) and `/dev/net/tun`, creates a socket pair per backend, forks,
+//! `openat2`, beneath its root) and `/dev/net/tun`, creates a socket pair per backend, connects
+//! Unix sockets of backends the user started, forks,
 //! executes one of two binaries (Landlock decides which), signals and reaps its children.
 //!
 //! Seccomp filters are inherited across `execve` and stack: a backend runs under the
@@ -15,7 +16,9 @@
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
-use crate::{allow, arg_in, blk, descriptor_control, net, thread_runtime, Error, Rules};
+use crate::{
+    allow, arg_in, blk, descriptor_control, net, socket_options, thread_runtime, Error, Rules,
+};
 
 const ROLE: &str = "launcher";
 
@@ -68,6 +71,10 @@ fn own() -> Result<Rules, Error> {
         0,
         &[libc::AF_UNIX as u64],
     )?);
+    // Connecting to a vhost-user backend the user started, with a bounded wait.
+    rules.push(arg_in(ROLE, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?);
+    rules.extend(allow(&[libc::SYS_connect]));
+    rules.push(socket_options(ROLE, &[libc::SO_SNDTIMEO])?);
     // A plain fork, never a thread or a new namespace.
     rules.push(arg_in(ROLE, libc::SYS_clone, 0, &[FORK_FLAGS])?);
     // Attaching a tap by name.
@@ -191,6 +198,51 @@ mod tests {
         // SAFETY: reaping our own child with a valid status pointer.
         let waited = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
         i32::from(waited != pid as i32 || status != 0)
+    }
+
+    #[test]
+    fn the_launcher_connects_unix_sockets_with_a_send_timeout_only() {
+        allowed("socket(AF_UNIX), SO_SNDTIMEO, connect", || {
+            // SAFETY: socket takes no pointers; setsockopt gets a live timeval of the size
+            // given; connect gets a live, zeroed sockaddr_un naming "/" (refused, not killed).
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                let tv = libc::timeval {
+                    tv_sec: 1,
+                    tv_usec: 0,
+                };
+                let set = libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                let mut addr: libc::sockaddr_un = std::mem::zeroed();
+                addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+                addr.sun_path[0] = b'/' as libc::c_char;
+                let rc = libc::connect(
+                    fd,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                );
+                i32::from(fd < 0 || set != 0 || rc == 0)
+            }
+        });
+        killed("setsockopt(SO_RCVBUF)", || {
+            let size: libc::c_int = 1 << 20;
+            // SAFETY: setsockopt on any number with a live int of the size given.
+            unsafe {
+                libc::setsockopt(
+                    0,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            0
+        });
     }
 
     #[test]

@@ -23,6 +23,7 @@ const SCENARIOS: &[&str] = &[
     "stock-hotplug",
     "nic-hotplug",
     "balloon",
+    "chardev-hotplug",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -488,6 +489,34 @@ fn linux_uses_a_disk_hot_plugged_over_qmp_and_lets_it_go() {
         assert_eq!(v("hp.exit-code"), "0", "{}", t());
         // What the guest wrote through the file system is in the image.
         assert_eq!(v("image-file-bytes"), "1", "{}", t());
+    });
+}
+
+#[test]
+fn linux_uses_a_disk_of_a_backend_it_did_not_start_attached_with_chardev_add() {
+    check_scenario("chardev-hotplug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        assert_eq!(v("add-returns"), "2", "{}", t());
+        // Linux took the configuration change of a slot whose limits the backend honours.
+        assert_eq!(v("vdb-size"), (64u64 << 20 >> 9).to_string(), "{}", t());
+        assert_eq!(v("vdb-new-size-messages"), "1", "{}", t());
+        assert_eq!(v("vdb-marker"), "citadel-lab-hotplug-marker!", "{}", t());
+        for step in ["mkfs", "mount", "file-write", "umount"] {
+            assert_eq!(v(step), "0", "{step}\n{}", t());
+        }
+        // device_del's event before its return, then chardev-remove's return.
+        assert_eq!(
+            v("del-order"),
+            "DEVICE_DELETED \"return\":{} \"return\":{} ",
+            "{}",
+            t()
+        );
+        assert_eq!(v("vdb-size-after"), "0", "{}", t());
+        assert_eq!(v("ch.exit-code"), "0", "{}", t());
+        assert_eq!(v("image-file-bytes"), "1", "{}", t());
+        // The user's backend is not Citadel's to end.
+        assert_eq!(v("backend-alive"), "yes", "{}", t());
     });
 }
 

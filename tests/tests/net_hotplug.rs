@@ -585,3 +585,90 @@ fn a_tap_passed_with_getfd_serves_a_hot_plugged_nic() {
         "{frames:?}"
     );
 }
+
+#[test]
+fn a_tap_inherited_with_netdev_fds_carries_the_guests_frames() {
+    if cannot_run("a_tap_inherited_with_netdev_fds_carries_the_guests_frames") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    // The parent opens the tap, as Kata does, and passes it open: the VMM never names it.
+    let queue = citadel_tap::open_by_name(&tap.0, 1)
+        .expect("open the tap")
+        .remove(0);
+    let fd = queue.as_raw_fd();
+    let netdev = format!("tap,id=net0,fds={fd},vhost=off,script=no,downscript=no");
+    let mut vm = Vm::start_inheriting(
+        &guest_program("virtio_net"),
+        &[
+            "-m",
+            "32",
+            "-append",
+            NIC_SLOT_0,
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-device,netdev=net0,id=eth0",
+        ],
+        &[fd],
+    );
+    // Only citadel-net holds the tap now.
+    drop(queue);
+    let line = vm.wait_serial("citadel-guest: virtio-net boot link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(Duration::from_secs(5), Some("citadel-guest-frame-at-boot"));
+    let payloads: Vec<&str> = frames.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(payloads, vec!["citadel-guest-frame-at-boot"], "{frames:?}");
+    assert_eq!(frames[0].0, [0x52, 0x54, 0x00, 0xc1, 0x7a, 0x00]);
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // The VMM itself kept no descriptor of the tap: citadel-net has the only one.
+    let tun_links = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .filter(|target| target.to_str() == Some("/dev/net/tun"))
+            .count()
+    };
+    assert_eq!(tun_links(vm.pid()), 0);
+    assert_eq!(tun_links(pids[0]), 1);
+}
+
+#[test]
+fn a_netdev_fds_that_is_no_open_tap_is_refused_before_the_vm_starts() {
+    use std::os::unix::process::CommandExt;
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fd = null.as_raw_fd();
+    // A number nothing in this process has open in the child: above every descriptor here.
+    let closed = 900;
+    for (number, why) in [
+        (fd, format!("descriptor {fd} is not a tap (TUNGETIFF:")),
+        (closed, "Bad file descriptor".to_string()),
+    ] {
+        let mut cmd = Command::new(citadel_tests::binary("citadel"));
+        // SAFETY: fcntl is async-signal-safe and changes only the child's descriptor.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+        let out = cmd
+            .args(["-machine", "microvm", "-m", "32", "-kernel"])
+            .arg(guest_program("idle"))
+            .args(["-serial", "none", "-netdev"])
+            .arg(format!("tap,id=net0,fds={number}"))
+            .args(["-device", "virtio-net-device,netdev=net0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!("citadel: -netdev tap,id=net0,fds={number}: ")),
+            "{err}"
+        );
+        assert!(err.contains(&why), "{err}");
+    }
+}

@@ -68,6 +68,8 @@ pub struct Config {
     /// `-device virtio-balloon-device`: the balloon, which takes the virtio-mmio slot after
     /// every other device.
     pub balloon: Option<BalloonOptions>,
+    /// `-chardev` sockets no device of the command line uses, in command-line order.
+    pub chardevs: Vec<ChardevConfig>,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -82,14 +84,24 @@ pub struct AddFdConfig {
     pub opaque: Option<String>,
 }
 
-/// `-netdev tap,id=ID,ifname=NAME`: a tap the VMM has a `citadel-net` serve, like a QMP
-/// `netdev_add` at start.
+/// `-netdev tap,id=ID,ifname=NAME|fds=FD`: a tap the VMM has a `citadel-net` serve, like a
+/// QMP `netdev_add` at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetdevConfig {
     /// The id devices refer to.
     pub id: String,
-    /// The tap's interface name.
-    pub ifname: String,
+    /// The tap.
+    pub tap: NetdevTap,
+}
+
+/// Where a `-netdev tap`'s tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetdevTap {
+    /// `ifname=`: opened by name (and created when missing).
+    Ifname(String),
+    /// `fds=` (or QEMU's `fd=`): a tap descriptor inherited open from the parent, as Kata
+    /// Containers passes it.
+    Fd(i32),
 }
 
 /// `-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]`: a netdev cold-plugged into the
@@ -137,8 +149,20 @@ pub struct BlkDeviceConfig {
 pub struct VhostUserBlkConfig {
     /// The device's `id=`, if given.
     pub id: Option<String>,
+    /// The `-chardev` the device names.
+    pub chardev: String,
     /// The backend's socket, from the `-chardev socket,path=` the device names.
     pub socket: PathBuf,
+}
+
+/// A `-chardev socket,id=ID,path=PATH` no `-device` of the command line uses: connected at
+/// start like a QMP `chardev-add`, for a later `device_add`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevConfig {
+    /// The id `device_add`'s `chardev` refers to.
+    pub id: String,
+    /// The socket's path.
+    pub path: PathBuf,
 }
 
 /// `-chardev socket,id=ID,path=PATH`: the client end of a Unix socket.
@@ -226,17 +250,19 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,if=none]
                        [,format=raw][,aio=native|io_uring|threads|off]]...
                [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,bootindex=N]]...
-               [-netdev tap,id=ID,ifname=NAME[,script=no][,downscript=no]]...
+               [-netdev tap,id=ID,ifname=NAME|fds=FD[,script=no][,downscript=no]
+                        [,vhost=off][,vnet_hdr=on][,queues=1]]...
                [-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]]...
                [-chardev socket,id=ID,path=PATH
-                -device vhost-user-blk-device,chardev=ID[,id=NAME]]...
+                [-device vhost-user-blk-device,chardev=ID[,id=NAME]]]...
                [-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off]
                        [,free-page-reporting=on|off]]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
 testing older kernels). Each vhost-user-blk device connects to its backend's socket at
-start and takes the next virtio-mmio slot after the hot-replace ones (at most 8). Each -drive (at most 16) starts a
+start and takes the next virtio-mmio slot after the hot-replace ones (at most 8); a
+-chardev no device names is connected at start for QMP's device_add. Each -drive (at most 16) starts a
 citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
 disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
 disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
@@ -244,7 +270,8 @@ disk slots before the guest starts; device_del takes it out like a disk plugged 
 printable ASCII bytes, read by the guest's GET_ID. -add-fd puts descriptor F, inherited
 open from the parent, in fd set N: -drive file=/dev/fdset/N (or QMP's blockdev-add) then
 serves a file the VMM need not be able to open. Each -netdev (at most 8) starts a
-citadel-net on the tap (created when missing); each virtio-net-device plugs one into the
+citadel-net on the tap (created when missing), or on tap descriptor FD inherited open from the
+parent (fds=; one queue: one descriptor); each virtio-net-device plugs one into the
 next of the 2 NIC slots, whose MACs are fixed (52:54:00:c1:7a:00 and :01): a different
 mac= is refused. One virtio-balloon-device lets QMP's balloon take memory back from the
 guest; the pages it gives up are returned to the host. It takes the slot after the
@@ -635,13 +662,23 @@ where
             "stdio is not available with -daemonize",
         ));
     }
+    check_inherited_descriptors(&netdevs, &add_fds)?;
     let disks = resolve_devices(&devices, &chardevs)?;
+    let chardevs = chardevs
+        .into_iter()
+        .filter(|c| !disks.iter().any(|d| d.chardev == c.id))
+        .map(|c| ChardevConfig {
+            id: c.id,
+            path: c.path,
+        })
+        .collect();
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
     let balloon = resolve_balloon(balloon, &disks, &blk_devices, &nic_devices)?;
     Ok(Config {
         balloon,
         disks,
+        chardevs,
         netdevs,
         nic_devices,
         drives,
@@ -665,6 +702,27 @@ where
         start_paused,
         landlock,
     })
+}
+
+/// Each inherited descriptor is taken once: by one `-netdev fds=` or by `-add-fd`.
+fn check_inherited_descriptors(
+    netdevs: &[NetdevConfig],
+    add_fds: &[AddFdConfig],
+) -> Result<(), CliError> {
+    let mut taken: Vec<i32> = add_fds.iter().map(|a| a.fd).collect();
+    for netdev in netdevs {
+        if let NetdevTap::Fd(fd) = netdev.tap {
+            if taken.contains(&fd) {
+                return Err(invalid(
+                    "-netdev",
+                    &netdev.id,
+                    format!("descriptor {fd} is given to another -netdev or -add-fd already"),
+                ));
+            }
+            taken.push(fd);
+        }
+    }
+    Ok(())
 }
 
 fn parse_add_fd(v: &str) -> Result<AddFdConfig, CliError> {
@@ -807,6 +865,7 @@ fn resolve_devices(
         }
         disks.push(VhostUserBlkConfig {
             id: dev.id.clone(),
+            chardev: chardev.id.clone(),
             socket: chardev.path.clone(),
         });
     }
@@ -962,34 +1021,89 @@ fn parse_netdev(v: &str) -> Result<NetdevConfig, CliError> {
             "netdev type '{kind}' (only 'tap')"
         )));
     }
-    let (mut id, mut ifname) = (None, None);
+    let (mut id, mut ifname, mut fd) = (None, None, None);
     for (key, val) in opts {
         match (key, val) {
             ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
             ("ifname", Some(n)) => ifname = Some(n.to_string()),
+            ("fds" | "fd", Some(list)) => {
+                // A NIC slot has one queue pair: one tap queue.
+                if list.contains(':') {
+                    return Err(CliError::Unsupported(format!(
+                        "-netdev tap {key}={list} (multiqueue taps; a NIC has one queue pair, so {key}= takes one descriptor)"
+                    )));
+                }
+                let number = list
+                    .parse::<i32>()
+                    .map_err(|_| invalid("-netdev", v, format!("{key} must be a descriptor number")))?;
+                if number <= libc::STDERR_FILENO {
+                    return Err(invalid(
+                        "-netdev",
+                        v,
+                        format!("{key} cannot be a standard I/O stream"),
+                    ));
+                }
+                fd = Some(number);
+            }
             // Citadel runs no script on the host.
             ("script" | "downscript", Some("no")) => {}
-            ("fds" | "vhost" | "vhostfds" | "queues", _) => {
-                return Err(CliError::Unsupported(format!("-netdev tap {key}=")))
+            // What citadel-net does anyway: frames in user space, with a virtio-net header,
+            // on one queue pair.
+            ("vhost", Some(b)) if !on_off("-netdev", v, key, b)? => {}
+            ("vnet_hdr", Some(b)) if on_off("-netdev", v, key, b)? => {}
+            ("queues", Some("1")) => {}
+            ("vhost", Some(_)) => {
+                return Err(CliError::Unsupported(
+                    "-netdev tap vhost=on (in-kernel vhost-net; citadel-net serves the tap from its own sandboxed process: use vhost=off)".to_string(),
+                ))
+            }
+            ("vhostfd" | "vhostfds", _) => {
+                return Err(CliError::Unsupported(format!(
+                    "-netdev tap {key}= (in-kernel vhost-net)"
+                )))
+            }
+            ("vnet_hdr", Some(_)) => {
+                return Err(CliError::Unsupported(
+                    "-netdev tap vnet_hdr=off (citadel-net needs a tap with IFF_VNET_HDR)"
+                        .to_string(),
+                ))
+            }
+            ("queues", Some(n)) => {
+                return Err(CliError::Unsupported(format!(
+                    "-netdev tap queues={n} (a NIC has one queue pair)"
+                )))
             }
             _ => {
                 return Err(invalid(
                     "-netdev",
                     v,
                     format!(
-                        "unknown or empty property '{key}' (expected tap,id=ID,ifname=NAME[,script=no][,downscript=no])"
+                        "unknown or empty property '{key}' (expected tap,id=ID,ifname=NAME|fds=FD[,script=no][,downscript=no][,vhost=off][,vnet_hdr=on][,queues=1])"
                     ),
                 ))
             }
         }
     }
     let id = id.ok_or_else(|| invalid("-netdev", v, "no id="))?;
-    let ifname = ifname.ok_or_else(|| invalid("-netdev", v, "no ifname="))?;
-    // The same checks as QMP's netdev_add.
-    citadel_qmp::device::check_id("id", &id)
-        .and_then(|()| citadel_qmp::netdev::check_ifname(&ifname))
-        .map_err(|e| invalid("-netdev", v, e.desc))?;
-    Ok(NetdevConfig { id, ifname })
+    citadel_qmp::device::check_id("id", &id).map_err(|e| invalid("-netdev", v, e.desc))?;
+    let tap = match (ifname, fd) {
+        (Some(ifname), None) => {
+            // The same check as QMP's netdev_add.
+            citadel_qmp::netdev::check_ifname(&ifname)
+                .map_err(|e| invalid("-netdev", v, e.desc))?;
+            NetdevTap::Ifname(ifname)
+        }
+        (None, Some(fd)) => NetdevTap::Fd(fd),
+        (None, None) => return Err(invalid("-netdev", v, "no ifname= or fds=")),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "-netdev",
+                v,
+                "ifname= and fds= are mutually exclusive",
+            ))
+        }
+    };
+    Ok(NetdevConfig { id, tap })
 }
 
 /// `-device virtio-net-device,netdev=ID[,id=DEV][,mac=MAC]` before its netdev is resolved.
@@ -1448,11 +1562,11 @@ mod tests {
             vec![
                 NetdevConfig {
                     id: "n0".into(),
-                    ifname: "tap0".into()
+                    tap: NetdevTap::Ifname("tap0".into())
                 },
                 NetdevConfig {
                     id: "n1".into(),
-                    ifname: "tap1".into()
+                    tap: NetdevTap::Ifname("tap1".into())
                 },
             ]
         );
@@ -1474,6 +1588,45 @@ mod tests {
     }
 
     #[test]
+    fn a_netdev_takes_an_inherited_tap_descriptor_and_katas_harmless_options() {
+        let c = with(&[
+            "-netdev",
+            "tap,id=n0,fds=3,vhost=off,vnet_hdr=on,queues=1,script=no,downscript=no",
+            "-netdev",
+            "tap,id=n1,fd=7",
+        ])
+        .unwrap();
+        assert_eq!(c.netdevs[0].tap, NetdevTap::Fd(3));
+        assert_eq!(c.netdevs[1].tap, NetdevTap::Fd(7));
+        let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
+        for (value, expected) in [
+            ("tap,id=n0,fds=3:4", "multiqueue taps"),
+            ("tap,id=n0,fds=3,vhost=on", "vhost=on (in-kernel vhost-net"),
+            ("tap,id=n0,fds=3,vhostfds=5", "vhostfds="),
+            ("tap,id=n0,fds=3,vnet_hdr=off", "IFF_VNET_HDR"),
+            ("tap,id=n0,fds=3,queues=2", "one queue pair"),
+            ("tap,id=n0,fds=2", "standard I/O stream"),
+            ("tap,id=n0,fds=x", "descriptor number"),
+            ("tap,id=n0,fds=3,ifname=t", "mutually exclusive"),
+            (
+                "tap,id=n0,fds=3,sndbuf=1",
+                "unknown or empty property 'sndbuf'",
+            ),
+        ] {
+            let e = err(&["-netdev", value]);
+            assert!(e.contains(expected), "{value}: {e}");
+        }
+        assert!(
+            err(&["-netdev", "tap,id=n0,fds=5", "-netdev", "tap,id=n1,fds=5"])
+                .contains("descriptor 5 is given to another")
+        );
+        assert!(
+            err(&["-add-fd", "fd=5,set=1", "-netdev", "tap,id=n0,fds=5"])
+                .contains("descriptor 5 is given to another")
+        );
+    }
+
+    #[test]
     fn bad_nic_arguments_are_refused() {
         let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
         assert_eq!(
@@ -1484,11 +1637,7 @@ mod tests {
             err(&["-netdev", "user,id=n0"]),
             "netdev type 'user' (only 'tap') is not supported by this version of citadel"
         );
-        assert_eq!(
-            err(&["-netdev", "tap,id=n0,fds=3"]),
-            "-netdev tap fds= is not supported by this version of citadel"
-        );
-        assert!(err(&["-netdev", "tap,id=n0"]).ends_with("no ifname="));
+        assert!(err(&["-netdev", "tap,id=n0"]).ends_with("no ifname= or fds="));
         assert!(err(&["-netdev", "tap,ifname=t"]).ends_with("no id="));
         assert!(err(&["-netdev", "tap,id=n0,ifname=../t"]).contains("Parameter 'ifname' expects"));
         assert!(err(&["-netdev", "tap,id=n0,ifname=t,script=/etc/ifup"]).contains("'script'"));
@@ -1558,17 +1707,29 @@ mod tests {
             "socket,path=/run/b.sock,id=c1",
             "-device",
             "vhost-user-blk-mmio,chardev=c0",
+            "-chardev",
+            "socket,id=spare,path=/run/c.sock",
         ])
         .unwrap();
+        // A chardev no device uses waits for QMP's device_add.
+        assert_eq!(
+            c.chardevs,
+            vec![ChardevConfig {
+                id: "spare".into(),
+                path: PathBuf::from("/run/c.sock")
+            }]
+        );
         assert_eq!(
             c.disks,
             vec![
                 VhostUserBlkConfig {
                     id: Some("data".into()),
+                    chardev: "c1".into(),
                     socket: PathBuf::from("/run/b.sock")
                 },
                 VhostUserBlkConfig {
                     id: None,
+                    chardev: "c0".into(),
                     socket: PathBuf::from("/run/a.sock")
                 },
             ]

@@ -12,22 +12,29 @@
 //! An image named `/dev/fdset/N` is not opened by path: the backend gets a duplicate of a
 //! descriptor of fd set N (see [`PassedFds::open`]), passed with `add-fd` or `-add-fd`.
 //!
-//! NICs go through the same commands (see [`crate::net_hotplug`]): `device_add` dispatches on
-//! the driver, `device_del` on the id.
+//! NICs go through the same commands (see [`crate::net_hotplug`]), and so do disks served by
+//! backends the user started (see [`crate::chardev`]): `device_add` dispatches on the driver,
+//! `device_del` on the id.
 //!
 //! Every refusal leaves the registry, the slots and the processes as they were.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
+use citadel_qmp::chardev::{ChardevAdd, ChardevInfo, ChardevSocket};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::fdset_of;
 use citadel_qmp::netdev::{NetdevAdd, Tap};
 use serde_json::{json, Value};
 
-use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
+use crate::chardev::{Chardevs, VHOST_USER_BLK_DRIVERS};
+use crate::cli::{
+    BlkDeviceConfig, ChardevConfig, DriveConfig, NetdevConfig, NetdevTap, NicDeviceConfig,
+    VhostUserBlkConfig,
+};
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
@@ -88,6 +95,14 @@ pub enum ColdPlugError {
         /// What went wrong.
         why: String,
     },
+    /// A `-chardev` no device uses that could not be connected.
+    #[error("-chardev {id}: {why}")]
+    Chardev {
+        /// The chardev's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
 }
 
 /// The block nodes, the netdevs, the launcher that starts their backends, and the
@@ -96,6 +111,7 @@ pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
     netdevs: Netdevs,
+    chardevs: Chardevs,
     fds: PassedFds,
 }
 
@@ -108,6 +124,7 @@ impl Hotplug {
             nodes: BTreeMap::new(),
             fds: PassedFds::new(),
             netdevs: Netdevs::default(),
+            chardevs: Chardevs::default(),
         }
     }
 
@@ -171,18 +188,76 @@ impl Hotplug {
     }
 
     /// Starts a backend for each of the command line's netdevs, in order, as `netdev_add`
-    /// would. On a refusal the caller drops the whole `Hotplug`, which ends the launcher and
-    /// every backend already started.
-    pub fn add_netdevs(&mut self, netdevs: &[NetdevConfig]) -> Result<(), ColdPlugError> {
+    /// would; a `fds=` netdev's tap is its entry in `taps` (by netdev id). On a refusal the
+    /// caller drops the whole `Hotplug`, which ends the launcher and every backend already
+    /// started.
+    pub fn add_netdevs(
+        &mut self,
+        netdevs: &[NetdevConfig],
+        mut taps: BTreeMap<String, OwnedFd>,
+    ) -> Result<(), ColdPlugError> {
         for netdev in netdevs {
-            let add = NetdevAdd {
-                id: netdev.id.clone(),
-                tap: Tap::Ifname(netdev.ifname.clone()),
-            };
-            self.netdev_add(&add).map_err(|e| ColdPlugError::Netdev {
+            let refuse = |e: QmpError| ColdPlugError::Netdev {
                 id: netdev.id.clone(),
                 why: e.desc,
-            })?;
+            };
+            match &netdev.tap {
+                NetdevTap::Ifname(name) => {
+                    let add = NetdevAdd {
+                        id: netdev.id.clone(),
+                        tap: Tap::Ifname(name.clone()),
+                    };
+                    self.netdev_add(&add).map_err(refuse)?;
+                }
+                NetdevTap::Fd(fd) => {
+                    let add = NetdevAdd {
+                        id: netdev.id.clone(),
+                        tap: Tap::Fd(format!("fds={fd}")),
+                    };
+                    let tap = taps.remove(&netdev.id).ok_or_else(|| {
+                        refuse(QmpError::generic(format!("descriptor {fd} was not taken")))
+                    })?;
+                    let launcher = available(&self.launcher).map_err(refuse)?;
+                    self.netdevs
+                        .netdev_add(launcher, &add, || Ok(TapSource::Fds(vec![tap])))
+                        .map_err(refuse)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the command line's chardevs: those of its vhost-user-blk devices as in use,
+    /// and connects the others, as `chardev-add` would, for a later `device_add`; a relative
+    /// path is taken from `cwd`. On a refusal the caller drops the whole `Hotplug`.
+    pub fn add_chardevs(
+        &mut self,
+        disks: &[VhostUserBlkConfig],
+        chardevs: &[ChardevConfig],
+        cwd: &Path,
+    ) -> Result<(), ColdPlugError> {
+        for (i, disk) in disks.iter().enumerate() {
+            let device = disk
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("vhost-user-blk-device #{i}"));
+            self.chardevs
+                .add_static(&disk.chardev, &disk.socket.to_string_lossy(), &device);
+        }
+        for chardev in chardevs {
+            let refuse = |why: String| ColdPlugError::Chardev {
+                id: chardev.id.clone(),
+                why,
+            };
+            let path = cwd.join(&chardev.path);
+            let path = path
+                .to_str()
+                .ok_or_else(|| refuse(format!("{} is not valid UTF-8", path.display())))?;
+            let add = ChardevAdd {
+                id: chardev.id.clone(),
+                socket: ChardevSocket::Path(path.to_string()),
+            };
+            self.chardev_add(&add).map_err(|e| refuse(e.desc))?;
         }
         Ok(())
     }
@@ -204,6 +279,7 @@ impl Hotplug {
                 drive: None,
                 netdev: Some(nic.netdev.clone()),
                 mac: nic.mac,
+                chardev: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Nic {
@@ -219,6 +295,7 @@ impl Hotplug {
                 drive: Some(disk.drive.clone()),
                 netdev: None,
                 mac: None,
+                chardev: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Device {
@@ -326,16 +403,35 @@ impl Hotplug {
         self.netdevs.netdev_del(launcher, id)
     }
 
+    /// `chardev-add`.
+    pub fn chardev_add(&mut self, add: &ChardevAdd) -> Result<Value, QmpError> {
+        let launcher = reachable(&self.launcher)?;
+        let fds = &mut self.fds;
+        self.chardevs
+            .chardev_add(launcher, add, |name| fds.take(name))
+    }
+
+    /// `chardev-remove`.
+    pub fn chardev_remove(&mut self, id: &str) -> Result<Value, QmpError> {
+        self.chardevs.chardev_remove(id)
+    }
+
+    /// `query-chardev`.
+    pub fn query_chardev(&self) -> Vec<ChardevInfo> {
+        self.chardevs.query()
+    }
+
     /// `device_add`: a disk or a NIC, by its driver.
     pub fn device_add(
         &mut self,
         devices: &DeviceManager,
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
-        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER {
+        let vhost_user_blk = VHOST_USER_BLK_DRIVERS.contains(&add.driver.as_str());
+        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER && !vhost_user_blk {
             return Err(QmpError::generic(format!(
-                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER} and {NIC_DRIVER})",
-                add.driver
+                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER}, {} and {NIC_DRIVER})",
+                add.driver, VHOST_USER_BLK_DRIVERS[0]
             )));
         }
         let taken = devices
@@ -351,6 +447,13 @@ impl Hotplug {
                 "{} is already registered.",
                 add.id
             )));
+        }
+        if vhost_user_blk {
+            let launcher = reachable(&self.launcher)?;
+            return self.chardevs.device_add(launcher, devices, add);
+        }
+        if add.chardev.is_some() {
+            return Err(QmpError::unexpected_parameter("chardev"));
         }
         if add.driver == NIC_DRIVER {
             let launcher = available(&self.launcher)?;
@@ -423,6 +526,9 @@ impl Hotplug {
     /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
     /// leaves its slot and its netdev stays. Returns the id to announce in DEVICE_DELETED.
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
+        if let Some(id) = self.chardevs.device_del(devices, id) {
+            return Ok(id);
+        }
         let Some(plugged) = devices.unplug_disk(id) else {
             return self
                 .netdevs
@@ -452,7 +558,10 @@ impl Hotplug {
                     entry["qdev"] = json!(id);
                     entry["inserted"] = json!({
                         "node-name": node_name,
-                        "file": node.map(|n| n.filename.as_str()).unwrap_or(""),
+                        "file": node
+                            .map(|n| n.filename.clone())
+                            .or_else(|| self.chardevs.socket_of(&node_name))
+                            .unwrap_or_default(),
                         "ro": node.is_some_and(|n| n.read_only),
                         "drv": "raw",
                         "encrypted": false,
@@ -491,6 +600,13 @@ fn available(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError>
     launcher
         .as_ref()
         .map_err(|why| QmpError::generic(format!("NIC hotplug is unavailable: {why}")))
+}
+
+/// The launcher, or why backends the user started cannot be connected to.
+fn reachable(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError> {
+    launcher
+        .as_ref()
+        .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))
 }
 
 fn stop(launcher: &Launcher, pid: i32) {

@@ -4,6 +4,7 @@
 //! backend processes.
 
 pub mod boot;
+pub mod chardev;
 pub mod cli;
 pub mod cpu;
 pub mod daemon;

@@ -1,13 +1,14 @@
 //! `citadel`: the VMM binary.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 
 use citadel::boot::BootSource;
-use citadel::cli::{self, CliError, Config, SerialTarget};
+use citadel::cli::{self, CliError, Config, NetdevTap, SerialTarget};
 use citadel::daemon::{self, PidFile};
 use citadel::devices::legacy::{Discard, SerialOut};
 use citadel::devices::vhost_user::BACKEND_TIMEOUT;
@@ -48,25 +49,49 @@ enum RunError {
     Disk(#[from] citadel::devices::vhost_user::VhostUserError),
     #[error(transparent)]
     ColdPlug(#[from] citadel::hotplug::ColdPlugError),
-    #[error("the current directory, for relative -drive paths: {0}")]
+    #[error("the current directory, for relative -drive and -chardev paths: {0}")]
     CurrentDir(std::io::Error),
     #[error(transparent)]
     Inherit(#[from] citadel::passed_fds::InheritError),
     #[error("-add-fd fd={fd}: {why}")]
     AddFd { fd: i32, why: String },
+    #[error("-netdev tap,id={id},fds={fd}: {why}")]
+    NetdevFd { id: String, fd: i32, why: String },
 }
 
-/// The descriptors of `-add-fd`, owned.
-type Inherited = Vec<(cli::AddFdConfig, OwnedFd)>;
+/// The descriptors inherited from the parent, owned.
+struct Inherited {
+    /// Those of `-add-fd`.
+    add_fds: Vec<(cli::AddFdConfig, OwnedFd)>,
+    /// The taps of `-netdev tap,fds=`, by netdev id.
+    taps: BTreeMap<String, OwnedFd>,
+}
 
-/// Takes the descriptors `-add-fd` names before anything else is opened (see
-/// [`citadel::passed_fds::adopt_inherited`]).
+/// Takes the descriptors `-add-fd` and `-netdev tap,fds=` name before anything else is
+/// opened (see [`citadel::passed_fds::adopt_inherited`]); a tap's is checked to be one, so
+/// that a wrong number is refused before the VM starts.
 fn adopt_inherited(config: &Config) -> Result<Inherited, RunError> {
-    config
+    let add_fds = config
         .add_fds
         .iter()
         .map(|add| Ok((add.clone(), citadel::passed_fds::adopt_inherited(add.fd)?)))
-        .collect()
+        .collect::<Result<_, RunError>>()?;
+    let mut taps = BTreeMap::new();
+    for netdev in &config.netdevs {
+        let NetdevTap::Fd(fd) = netdev.tap else {
+            continue;
+        };
+        let refuse = |why: String| RunError::NetdevFd {
+            id: netdev.id.clone(),
+            fd,
+            why,
+        };
+        let owned =
+            citadel::passed_fds::adopt_inherited(fd).map_err(|e| refuse(e.source.to_string()))?;
+        citadel_tap::check_tap(owned.as_fd()).map_err(|e| refuse(e.to_string()))?;
+        taps.insert(netdev.id.clone(), owned);
+    }
+    Ok(Inherited { add_fds, taps })
 }
 
 fn init_logging(config: &Config) -> Result<(), RunError> {
@@ -176,7 +201,7 @@ fn build_and_run(
         // Every disk slot may get a backend, whose answers are bounded by a deadline.
         citadel::devices::deadline::register_handler().map_err(RunError::DeadlineSignal)?;
         let mut hotplug = Hotplug::new(launcher);
-        for (add, fd) in inherited {
+        for (add, fd) in inherited.add_fds {
             hotplug
                 .fds_mut()
                 .add(Some(add.set), fd, add.opaque)
@@ -191,7 +216,11 @@ fn build_and_run(
             let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
             hotplug.add_drives(&config.drives, &config.blk_devices, &cwd)?;
         }
-        hotplug.add_netdevs(&config.netdevs)?;
+        hotplug.add_netdevs(&config.netdevs, inherited.taps)?;
+        if !config.disks.is_empty() || !config.chardevs.is_empty() {
+            let cwd = std::env::current_dir().map_err(RunError::CurrentDir)?;
+            hotplug.add_chardevs(&config.disks, &config.chardevs, &cwd)?;
+        }
         // Backends are reached before any file is made, so that one refusing leaves nothing
         // behind, and before the process is confined: afterwards it may open no socket.
         let disks = config

@@ -602,6 +602,9 @@ fn execute(
             }),
             None => Err(QmpError::device_not_active("balloon")),
         }),
+        Command::ChardevAdd(add) => Response::reply(hotplug.chardev_add(add)),
+        Command::ChardevRemove { id } => Response::reply(hotplug.chardev_remove(id)),
+        Command::QueryChardev => Response::reply(to_value(&hotplug.query_chardev())),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()
                 .iter()

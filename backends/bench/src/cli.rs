@@ -22,6 +22,8 @@ the backend's CPU time per I/O.
   --socket PATH        vhost-user-blk socket of the backend (required)
   --pattern P          randread | randwrite | seqread (default randread)
   --bs N               bytes per I/O, a multiple of 512; k/m suffixes allowed (default 4096)
+  --seg-size N         bytes per data descriptor, a multiple of 512 (default: --bs, one
+                       descriptor); 4k splits each I/O as a guest's pages do
   --iodepth N          requests in flight per queue (default 1)
   --queues N           queues, each driven by its own thread (default 1)
   --seconds S          measure for S seconds (default 5) ...
@@ -117,6 +119,8 @@ pub struct Options {
     pub pattern: Pattern,
     /// Bytes per I/O.
     pub block_size: u32,
+    /// Bytes per data descriptor: each I/O is `block_size / segment_size` (rounded up) of them.
+    pub segment_size: u32,
     /// Requests in flight per queue.
     pub iodepth: u32,
     /// Number of queues.
@@ -191,6 +195,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut socket = None;
     let mut pattern = Pattern::RandRead;
     let mut block_size = 4096u32;
+    let mut segment_size = None;
     let mut iodepth = 1u32;
     let mut queues = 1u16;
     let mut seconds = None;
@@ -251,6 +256,18 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                     ));
                 }
                 block_size = n as u32;
+            }
+            "--seg-size" => {
+                let v = value()?;
+                let n = parse_size("--seg-size", &v)?;
+                if n == 0 || n % 512 != 0 || n > u64::from(MAX_BLOCK_SIZE) {
+                    return Err(invalid(
+                        "--seg-size",
+                        &v,
+                        format!("must be a non-zero multiple of 512 up to {MAX_BLOCK_SIZE}"),
+                    ));
+                }
+                segment_size = Some(n as u32);
             }
             "--iodepth" => {
                 let v = value()?;
@@ -327,7 +344,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         (Some(d), None) => Limit::Time(d),
         (None, None) => Limit::Time(Duration::from_secs(5)),
     };
-    let needed = iodepth.saturating_mul(DESCRIPTORS_PER_REQUEST);
+    let segment_size = segment_size.unwrap_or(block_size).min(block_size);
+    let per_request = DESCRIPTORS_PER_REQUEST - 1 + block_size.div_ceil(segment_size);
+    let needed = iodepth.saturating_mul(per_request);
     let queue_size = match queue_size {
         Some(size) => size,
         None => needed
@@ -349,6 +368,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         socket,
         pattern,
         block_size,
+        segment_size,
         iodepth,
         queues,
         limit,
@@ -421,6 +441,43 @@ mod tests {
         assert_eq!(o.queue_size, 256, "64 requests of 3 descriptors");
         assert_eq!(o.label, "qsd");
         assert_eq!(o.timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn segments_split_each_io_and_size_the_ring() {
+        let o = run(&["--socket", "s", "--bs", "1016k", "--seg-size", "4k"]).unwrap();
+        assert_eq!(o.segment_size, 4096);
+        assert_eq!(
+            o.queue_size, 256,
+            "254 data descriptors, a header and a status"
+        );
+        let o = run(&[
+            "--socket",
+            "s",
+            "--bs",
+            "6k",
+            "--seg-size",
+            "4k",
+            "--iodepth",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!(o.queue_size, 256, "64 requests of 4 descriptors");
+        let o = run(&["--socket", "s", "--bs", "4k", "--seg-size", "64k"]).unwrap();
+        assert_eq!(o.segment_size, 4096, "never larger than one I/O");
+        assert!(run(&["--socket", "s", "--seg-size", "100"]).is_err());
+        // 8194 descriptors per request, four requests: more than a ring can hold.
+        assert!(run(&[
+            "--socket",
+            "s",
+            "--bs",
+            "4m",
+            "--seg-size",
+            "512",
+            "--iodepth",
+            "4"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -88,11 +88,13 @@ pub enum JobError {
         /// `--bs`.
         block_size: u32,
     },
-    /// One I/O is larger than the backend accepts in one descriptor.
-    #[error("--bs {block_size} is larger than the disk's size_max of {size_max} bytes")]
+    /// A data descriptor is larger than the backend accepts.
+    #[error(
+        "a data descriptor of {segment_size} bytes (--seg-size, else --bs) is larger than the disk's size_max of {size_max} bytes"
+    )]
     BeyondSizeMax {
-        /// `--bs`.
-        block_size: u32,
+        /// `--seg-size`, else `--bs`.
+        segment_size: u32,
         /// What the backend advertises.
         size_max: u32,
     },
@@ -255,6 +257,9 @@ struct Worker<'a> {
     offsets: Offsets,
     pattern: Pattern,
     block_size: u32,
+    segment_size: u32,
+    /// The chain of the request being submitted, kept to reuse its allocation.
+    chain: Vec<Buffer>,
     timeout: Duration,
 }
 
@@ -298,6 +303,8 @@ impl<'a> Worker<'a> {
             offsets,
             pattern: options.pattern,
             block_size: options.block_size,
+            segment_size: options.segment_size,
+            chain: Vec::new(),
             timeout: options.timeout,
         })
     }
@@ -332,27 +339,34 @@ impl<'a> Worker<'a> {
         self.mem
             .write_obj(STATUS_UNSET, status)
             .map_err(self.buf_err())?;
-        let buffers = [
-            Buffer {
-                addr: header_addr,
-                len: 16,
-                device_writable: false,
-            },
-            Buffer {
-                addr: data_addr,
-                len: self.block_size,
+        self.chain.clear();
+        self.chain.push(Buffer {
+            addr: header_addr,
+            len: 16,
+            device_writable: false,
+        });
+        let mut offset = 0;
+        while offset < self.block_size {
+            let len = self.segment_size.min(self.block_size - offset);
+            self.chain.push(Buffer {
+                addr: data_addr.unchecked_add(u64::from(offset)),
+                len,
                 device_writable: data_writable,
-            },
-            Buffer {
-                addr: status,
-                len: 1,
-                device_writable: true,
-            },
-        ];
+            });
+            offset += len;
+        }
+        self.chain.push(Buffer {
+            addr: status,
+            len: 1,
+            device_writable: true,
+        });
         let head = self
             .ring
-            .add_chain(self.mem, &buffers)
-            .map_err(self.ring_err())?;
+            .add_chain(self.mem, &self.chain)
+            .map_err(|source| JobError::Ring {
+                queue: self.queue,
+                source,
+            })?;
         self.slot_of_head[usize::from(head)] = Some(index);
         self.slots[index].submitted = Instant::now();
         Ok(())
@@ -497,11 +511,14 @@ pub fn run(options: &Options) -> Result<JobReport, JobError> {
             block_size: options.block_size,
         });
     }
-    // Each I/O is one data descriptor: beyond size_max the backend may refuse every one.
-    // QEMU's storage daemon offers the feature with a size_max of 0, meaning no limit.
-    if let Some(size_max) = info.size_max.filter(|m| *m != 0 && options.block_size > *m) {
+    // Beyond size_max the backend may refuse every data descriptor. QEMU's storage daemon
+    // offers the feature with a size_max of 0, meaning no limit.
+    if let Some(size_max) = info
+        .size_max
+        .filter(|m| *m != 0 && options.segment_size > *m)
+    {
         return Err(JobError::BeyondSizeMax {
-            block_size: options.block_size,
+            segment_size: options.segment_size,
             size_max,
         });
     }

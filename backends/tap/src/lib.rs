@@ -1,4 +1,5 @@
-//! Attaching to a tap device by name through `/dev/net/tun`.
+//! Attaching to a tap device by name through `/dev/net/tun`, and checking that a descriptor
+//! passed by someone else is a tap served the same way.
 //!
 //! Every queue is attached with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (and `IFF_MULTI_QUEUE`
 //! when there is more than one), so that frames cross the tap whole, with a virtio-net header
@@ -7,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Errors while attaching to a tap.
@@ -90,15 +91,81 @@ pub fn open_by_name(name: &str, queues: usize) -> Result<Vec<File>, OpenError> {
         .collect()
 }
 
+/// Why a descriptor cannot serve as a tap queue.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// TUNGETIFF failed: the descriptor is no tap (or tun) queue.
+    #[error("descriptor {fd} is not a tap (TUNGETIFF: {source})")]
+    NotTap {
+        /// The descriptor.
+        fd: i32,
+        /// What the kernel said.
+        source: io::Error,
+    },
+    /// The queue lacks one of `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+    #[error(
+        "descriptor {fd} is a queue of {name:?} with flags {flags:#x}: it must be a tap with IFF_NO_PI and IFF_VNET_HDR"
+    )]
+    Flags {
+        /// The descriptor.
+        fd: i32,
+        /// The interface's name.
+        name: String,
+        /// Its `IFF_*` flags.
+        flags: u32,
+    },
+}
+
+/// Checks that `fd` is a queue of a tap attached as [`open_by_name`] attaches them
+/// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`); returns the tap's name.
+pub fn check_tap(fd: BorrowedFd<'_>) -> Result<String, CheckError> {
+    let mut req = IfReq::zeroed();
+    // SAFETY: TUNGETIFF writes a struct ifreq into `req`, a live, correctly sized and laid
+    // out ifreq owned by this frame; on a descriptor of another kind it fails.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) };
+    if ret < 0 {
+        return Err(CheckError::NotTap {
+            fd: fd.as_raw_fd(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let len = req
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(req.name.len());
+    let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+    let flags = req.flags as u16 as u32;
+    let needed = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u32;
+    if flags & needed != needed {
+        return Err(CheckError::Flags {
+            fd: fd.as_raw_fd(),
+            name,
+            flags,
+        });
+    }
+    Ok(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn bad_names_are_refused() {
         for name in ["", "0123456789abcdef", "a\0b"] {
             assert!(matches!(open_by_name(name, 1), Err(OpenError::BadName(_))));
         }
+    }
+
+    #[test]
+    fn only_tap_queues_pass_the_check() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(
+            check_tap(null.as_fd()),
+            Err(CheckError::NotTap { .. })
+        ));
     }
 
     #[test]

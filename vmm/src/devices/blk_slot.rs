@@ -44,9 +44,10 @@ pub const SLOT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 
 /// Most data bytes in one descriptor (`size_max`): citadel-blk's bound.
 pub const SLOT_SIZE_MAX: u32 = 64 << 10;
-/// Most data descriptors in one request (`seg_max`): citadel-blk's bound for a 256-entry
-/// ring.
-pub const SLOT_SEG_MAX: u32 = 254;
+/// Most data descriptors in one request (`seg_max`): what both citadel-blk (254 for a
+/// 256-entry ring) and qemu-storage-daemon (126, whatever the ring size) take, so that either
+/// can serve a slot. A Linux guest still sends requests of up to 504 KiB with 4 KiB pages.
+pub const SLOT_SEG_MAX: u32 = 126;
 /// Logical block size (`blk_size`).
 pub const SLOT_BLK_SIZE: u32 = 512;
 

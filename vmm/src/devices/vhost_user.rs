@@ -207,9 +207,13 @@ impl VhostUserConnection {
             ));
         }
         // Acked now so that the protocol features can be negotiated; the virtio features are
-        // set again when the driver has chosen.
+        // set again when the driver has chosen. VERSION_1 goes with it: every driver of these
+        // devices accepts it (the transports are virtio 1.0 only), and libvhost-user backends
+        // such as qemu-storage-daemon give up on a feature set that lacks it.
         self.frontend
-            .set_features(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+            .set_features(
+                VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | (1 << VIRTIO_F_VERSION_1),
+            )
             .map_err(self.request("SET_FEATURES"))?;
         let protocol = self
             .frontend

@@ -125,29 +125,44 @@ impl VhostUserBlk {
     /// features and limits before the disk existed: the backend must offer every one of
     /// them and accept requests as large as the slot allows.
     pub fn check_fits_slot(&self) -> Result<(), String> {
-        use super::blk_slot::{SLOT_BLK_SIZE, SLOT_FEATURES, SLOT_SEG_MAX, SLOT_SIZE_MAX};
-        let missing = SLOT_FEATURES & !self.features;
-        if missing != 0 {
-            return Err(format!(
-                "the disk's backend lacks features the slot offers ({missing:#x})"
-            ));
-        }
-        let u32_at = |offset| u32::from_le_bytes(field(&self.config, offset));
-        if u32_at(CONFIG_SIZE_MAX) < SLOT_SIZE_MAX || u32_at(CONFIG_SEG_MAX) < SLOT_SEG_MAX {
-            return Err(format!(
-                "the disk's backend takes smaller requests (size_max {}, seg_max {}) than the slot allows ({SLOT_SIZE_MAX}, {SLOT_SEG_MAX})",
-                u32_at(CONFIG_SIZE_MAX),
-                u32_at(CONFIG_SEG_MAX)
-            ));
-        }
-        if u32_at(CONFIG_BLK_SIZE) != SLOT_BLK_SIZE {
-            return Err(format!(
-                "the disk's logical block size is {}, the slot's {SLOT_BLK_SIZE}",
-                u32_at(CONFIG_BLK_SIZE)
-            ));
-        }
-        Ok(())
+        fits_slot(self.features, &self.config)
     }
+}
+
+/// [`VhostUserBlk::check_fits_slot`] on the backend's offered `features` and `config`. The
+/// request limits are features too: a backend that offers `size_max` or `seg_max` must take
+/// at least the slot's, and one that offers neither sets no such limit (the virtio
+/// specification bounds segments only through them), so the slot's own is within it.
+fn fits_slot(features: u64, config: &[u8]) -> Result<(), String> {
+    use super::blk_slot::{SLOT_BLK_SIZE, SLOT_FEATURES, SLOT_SEG_MAX, SLOT_SIZE_MAX};
+    let limits = (1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX);
+    let missing = SLOT_FEATURES & !limits & !features;
+    if missing != 0 {
+        return Err(format!(
+            "the disk's backend lacks features the slot offers ({missing:#x})"
+        ));
+    }
+    let u32_at = |offset| u32::from_le_bytes(field(config, offset));
+    let offered = |bit: u32| features & (1 << bit) != 0;
+    if offered(VIRTIO_BLK_F_SIZE_MAX) && u32_at(CONFIG_SIZE_MAX) < SLOT_SIZE_MAX {
+        return Err(format!(
+            "the disk's backend takes segments of at most {} bytes (size_max), the slot allows {SLOT_SIZE_MAX}",
+            u32_at(CONFIG_SIZE_MAX)
+        ));
+    }
+    if offered(VIRTIO_BLK_F_SEG_MAX) && u32_at(CONFIG_SEG_MAX) < SLOT_SEG_MAX {
+        return Err(format!(
+            "the disk's backend takes at most {} segments per request (seg_max), the slot allows {SLOT_SEG_MAX}",
+            u32_at(CONFIG_SEG_MAX)
+        ));
+    }
+    if u32_at(CONFIG_BLK_SIZE) != SLOT_BLK_SIZE {
+        return Err(format!(
+            "the disk's logical block size is {}, the slot's {SLOT_BLK_SIZE}",
+            u32_at(CONFIG_BLK_SIZE)
+        ));
+    }
+    Ok(())
 }
 
 impl VirtioDevice for VhostUserBlk {
@@ -272,6 +287,35 @@ mod tests {
         assert!(check_config(GUEST_FEATURES, config(u64::MAX, 0, 0, 0))
             .unwrap_err()
             .contains("impossible capacity"));
+    }
+
+    #[test]
+    fn a_slot_takes_backends_whose_limits_are_at_least_its_own_or_absent() {
+        use crate::devices::blk_slot::{SLOT_FEATURES, SLOT_SEG_MAX, SLOT_SIZE_MAX};
+        let fits = |features, size_max, seg_max, blk_size| {
+            fits_slot(features, &config(2048, size_max, seg_max, blk_size))
+        };
+        // citadel-blk with its default 256-entry ring.
+        assert_eq!(fits(GUEST_FEATURES, 65536, 254, 512), Ok(()));
+        // qemu-storage-daemon: size_max 0 (no limit: the feature is dropped), seg_max 126.
+        let (qsd, config) = check_config(GUEST_FEATURES, config(2048, 0, 126, 512)).unwrap();
+        assert_eq!(fits_slot(qsd, &config), Ok(()));
+        assert_eq!(
+            fits(SLOT_FEATURES, SLOT_SIZE_MAX, SLOT_SEG_MAX, 512),
+            Ok(())
+        );
+        let no_limits =
+            SLOT_FEATURES & !(1 << VIRTIO_BLK_F_SIZE_MAX) & !(1 << VIRTIO_BLK_F_SEG_MAX);
+        assert_eq!(fits(no_limits, 0, 0, 512), Ok(()));
+        // Each limit below the slot's is named.
+        let e = fits(GUEST_FEATURES, 4096, 254, 512).unwrap_err();
+        assert!(e.contains("(size_max)") && e.contains("4096"), "{e}");
+        let e = fits(GUEST_FEATURES, 65536, SLOT_SEG_MAX - 1, 512).unwrap_err();
+        assert!(e.contains("(seg_max)"), "{e}");
+        let e = fits(GUEST_FEATURES, 65536, 254, 4096).unwrap_err();
+        assert!(e.contains("logical block size is 4096"), "{e}");
+        let e = fits(GUEST_FEATURES & !(1 << VIRTIO_BLK_F_FLUSH), 65536, 254, 512).unwrap_err();
+        assert!(e.contains("lacks features"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ const TOKEN_STDIN: u64 = 4;
 const TOKEN_QMP_LISTENER: u64 = 5;
 const TOKEN_DEVICE_START: u64 = 6;
 const TOKEN_SLOT_KICKS: u64 = 7;
+const TOKEN_BACKEND_HANGUPS: u64 = 8;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -156,6 +157,7 @@ impl Monitor {
             TOKEN_DEVICE_START,
         )?;
         add(machine.virtio().slot_kicks_fd(), TOKEN_SLOT_KICKS)?;
+        add(machine.virtio().backend_hangups_fd(), TOKEN_BACKEND_HANGUPS)?;
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -257,6 +259,7 @@ impl Monitor {
             TOKEN_STDIN => self.on_stdin(set),
             TOKEN_DEVICE_START => self.machine.virtio().run_pending_activations(),
             TOKEN_SLOT_KICKS => self.machine.virtio().serve_empty_slots(),
+            TOKEN_BACKEND_HANGUPS => self.hotplug.restart_blk_backends(self.machine.virtio()),
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;

@@ -26,10 +26,12 @@ use std::os::fd::RawFd;
 
 use vm_memory::GuestMemoryMmap;
 
+use super::backend_hangups::BackendHangups;
 use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
 use super::slot_ring::SlotKicks;
+use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
 
@@ -185,6 +187,7 @@ pub struct DeviceManager {
     disk_slots: Vec<DiskSlot>,
     nic_slots: Vec<NicSlot>,
     kicks: Arc<SlotKicks>,
+    hangups: BackendHangups,
     activation: EventFd,
 }
 
@@ -197,6 +200,7 @@ impl DeviceManager {
             disk_slots: Vec::new(),
             nic_slots: Vec::new(),
             kicks: Arc::new(SlotKicks::new()?),
+            hangups: BackendHangups::new()?,
             activation: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -346,23 +350,93 @@ impl DeviceManager {
                 disk: Some(Box::new(disk)),
             });
         };
-        slot.transport.try_update_config(|s| s.plug(disk))
+        let socket = disk.disk.socket();
+        slot.transport.try_update_config(|s| s.plug(disk))?;
+        self.hangups.watch(addr, socket);
+        Ok(())
     }
 
     /// Takes the disk with device id `id` out of its slot and raises the slot's
     /// configuration change.
     pub fn unplug_disk(&self, id: &str) -> Option<PluggedDisk> {
-        self.disk_slots.iter().find_map(|slot| {
+        self.disk_slots.iter().enumerate().find_map(|(addr, slot)| {
             let ours = slot
                 .transport
                 .with_device(|s| s.disk().is_some_and(|d| d.device_id == id));
             if !ours {
                 return None;
             }
+            let socket = slot
+                .transport
+                .with_device(|s| s.disk().map(|d| d.disk.socket()));
+            if let Some(socket) = socket {
+                self.hangups.unwatch(addr as u64, socket);
+            }
             slot.transport
                 .try_update_config(|s| s.unplug().ok_or(()))
                 .ok()
         })
+    }
+
+    /// What the event loop waits on for hang-ups of the backends of plugged slots.
+    pub fn backend_hangups_fd(&self) -> RawFd {
+        self.hangups.as_raw_fd()
+    }
+
+    /// The disk slots whose backend hung up (each stays reported until its backend is
+    /// replaced, failed or unplugged), with the ids of the disk plugged into each.
+    pub fn hung_up_disks(&self) -> Vec<(u64, String, String)> {
+        self.hangups
+            .ready()
+            .into_iter()
+            .filter_map(|addr| {
+                let slot = self.disk_slots.get(usize::try_from(addr).ok()?)?;
+                slot.transport.with_device(|s| {
+                    s.disk()
+                        .map(|d| (addr, d.device_id.clone(), d.node_name.clone()))
+                })
+            })
+            .collect()
+    }
+
+    /// Replaces the backend of the disk in slot `addr` with `disk` (see
+    /// [`BlkSlot::replace_backend`]); the slot's hang-up watch moves to the new socket.
+    pub fn replace_disk_backend(&self, addr: u64, disk: VhostUserBlk) -> Result<(), String> {
+        let slot = self.disk_slot(addr)?;
+        let new_socket = disk.socket();
+        let old_socket = slot
+            .transport
+            .with_device(|s| s.disk().map(|d| d.disk.socket()));
+        // Unwatched while it is still open: a successful replacement closes it.
+        if let Some(old) = old_socket {
+            self.hangups.unwatch(addr, old);
+        }
+        slot.transport.with_device(|s| s.replace_backend(disk))?;
+        self.hangups.watch(addr, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the disk in slot `addr`: the slot answers the driver's
+    /// requests with I/O errors, and the driver is told the device needs a reset (see
+    /// [`BlkSlot::fail_backend`]).
+    pub fn fail_disk_backend(&self, addr: u64) {
+        let Ok(slot) = self.disk_slot(addr) else {
+            return;
+        };
+        let socket = slot
+            .transport
+            .with_device(|s| s.disk().map(|d| d.disk.socket()));
+        if let Some(socket) = socket {
+            self.hangups.unwatch(addr, socket);
+        }
+        slot.transport.fail_device(BlkSlot::fail_backend);
+    }
+
+    fn disk_slot(&self, addr: u64) -> Result<&DiskSlot, String> {
+        usize::try_from(addr)
+            .ok()
+            .and_then(|a| self.disk_slots.get(a))
+            .ok_or_else(|| format!("no disk slot {addr}"))
     }
 
     /// The NIC slots and what is plugged into each.

@@ -163,6 +163,17 @@ pub fn empty_ring(
     Some(queue)
 }
 
+/// The used index the device last published on ring `index`, read from guest memory: where a
+/// backend replacing one that died resumes (its inflight record corrects this when the dead
+/// one had a request in hand).
+pub fn used_index(memory: &GuestMemoryMmap, params: &ActivateParams, index: usize) -> Option<u16> {
+    let config = params.queues.get(index).filter(|q| q.ready)?;
+    let idx: u16 = memory
+        .read_obj(GuestAddress(config.used.checked_add(2)?))
+        .ok()?;
+    Some(u16::from_le(idx))
+}
+
 /// Where the slot resumes a ring a backend stopped: the backend's word (GET_VRING_BASE) only
 /// when it lies between what was completed (`used`) and what the driver offered (`avail`), as
 /// any honest stopping point does; otherwise, or without one, from `used`, answering every

@@ -141,6 +141,29 @@ fn wait_takeover(vm: &Vm, count: usize) -> u32 {
     }
 }
 
+/// Waits for the guest to finish its writes and checks that none failed, that the device
+/// never asked for a reset, and that every sector holds what the guest wrote to it.
+fn assert_every_write_landed(vm: &mut Vm, img: &Path) {
+    let line = vm.wait_serial("citadel-guest: restart errors=", STEP);
+    assert_eq!(number(&line), 0, "{}", vm.transcript());
+    let line = vm.wait_serial("citadel-guest: restart device-status=", STEP);
+    assert_eq!(number(&line), STARTED, "{line}");
+    assert!(!vm.log().contains(GAVE_UP), "{}", vm.log());
+    let image = std::fs::read(img).unwrap();
+    for n in 0..SECTORS {
+        let sector = &image[n * 512..(n + 1) * 512];
+        assert_eq!(
+            u64::from_le_bytes(sector[..8].try_into().unwrap()),
+            n as u64,
+            "sector {n} does not hold its number"
+        );
+        assert!(
+            sector[8..].iter().all(|&b| b == (n as u8) ^ 0x5a),
+            "sector {n} does not hold its pattern"
+        );
+    }
+}
+
 /// The last number a guest line `<needle><number>` reported.
 fn number(line: &str) -> u64 {
     line.rsplit('=').next().unwrap().parse().unwrap()
@@ -173,25 +196,7 @@ fn a_killed_backend_is_restarted_and_no_acknowledged_write_is_lost() {
     assert_eq!(inflight_inode(third), held);
     assert_eq!(held_inflight_inode(vm.pid()), held);
 
-    let line = vm.wait_serial("citadel-guest: restart errors=", STEP);
-    assert_eq!(number(&line), 0, "{}", vm.transcript());
-    let line = vm.wait_serial("citadel-guest: restart device-status=", STEP);
-    assert_eq!(number(&line), STARTED, "{line}");
-    assert!(!vm.log().contains(GAVE_UP), "{}", vm.log());
-
-    let image = std::fs::read(&img).unwrap();
-    for n in 0..SECTORS {
-        let sector = &image[n * 512..(n + 1) * 512];
-        assert_eq!(
-            u64::from_le_bytes(sector[..8].try_into().unwrap()),
-            n as u64,
-            "sector {n} does not hold its number"
-        );
-        assert!(
-            sector[8..].iter().all(|&b| b == (n as u8) ^ 0x5a),
-            "sector {n} does not hold its pattern"
-        );
-    }
+    assert_every_write_landed(&mut vm, &img);
 
     assert_eq!(
         qmp.execute("device_del", Some(json!({"id": "disk-0"}))),
@@ -255,4 +260,46 @@ fn a_backend_that_keeps_dying_fails_the_disk_and_the_vm_lives_on() {
     let block = qmp.execute("query-block", None);
     assert!(block["return"][0].get("inserted").is_none(), "{block}");
     assert!(backends(vm.pid()).is_empty(), "{:?}", backends(vm.pid()));
+}
+
+#[test]
+fn a_command_line_disk_gets_its_backend_restarted_too() {
+    if blk_backend_missing("a_command_line_disk_gets_its_backend_restarted_too") {
+        return;
+    }
+    let dir = TempDir::new("blk-restart-cold");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; IMAGE_LEN]).unwrap();
+    let drive = format!("id=d0,file={}", img.display());
+    let mut vm = Vm::start(
+        &guest_program("virtio_blk"),
+        &[
+            "-m",
+            "32",
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-device,drive=d0,id=disk-0",
+            "-append",
+            "virtio_mmio.device=4K@0xd0000000:5 restart",
+        ],
+    );
+    let line = vm.wait_serial("citadel-guest: restart plugged capacity=", STEP);
+    assert!(
+        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
+        "{line}"
+    );
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    vm.wait_serial("citadel-guest: restart progress=256", STEP);
+    kill9(pids[0]);
+    let second = wait_takeover(&vm, 1);
+    assert_ne!(second, pids[0]);
+    assert_every_write_landed(&mut vm, &img);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "disk-0"}))),
+        json!({"return": {}})
+    );
+    assert!(wait_gone(second, Duration::from_secs(5)));
 }

@@ -36,6 +36,12 @@ const STARTED: u64 = 15;
 /// Boots the guest program in `restart` mode on disk slot 0 and plugs a fresh image into
 /// it; returns the VM, a negotiated QMP client, the image and the backend's pid.
 fn plugged(dir: &Path) -> (Vm, Qmp, std::path::PathBuf, u32) {
+    plugged_from(dir, false)
+}
+
+/// As [`plugged`]; with `fdset`, the image reaches Citadel as a descriptor (`add-fd`, fd set
+/// 3) and is renamed once plugged, so that only the descriptor leads to it.
+fn plugged_from(dir: &Path, fdset: bool) -> (Vm, Qmp, std::path::PathBuf, u32) {
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; IMAGE_LEN]).unwrap();
     let mut vm = Vm::start(
@@ -49,10 +55,26 @@ fn plugged(dir: &Path) -> (Vm, Qmp, std::path::PathBuf, u32) {
     );
     vm.wait_serial("citadel-guest: restart waiting-for-plug", STEP);
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    let filename = if fdset {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let reply = qmp.execute_with_fds(
+            "add-fd",
+            Some(json!({"fdset-id": 3})),
+            &[std::os::fd::AsRawFd::as_raw_fd(&file)],
+        );
+        assert_eq!(reply["return"]["fdset-id"], 3, "{reply}");
+        "/dev/fdset/3".to_string()
+    } else {
+        img.display().to_string()
+    };
     let reply = qmp.execute(
         "blockdev-add",
         Some(
-            json!({"node-name": "disk-0", "file": {"driver": "file", "filename": img},
+            json!({"node-name": "disk-0", "file": {"driver": "file", "filename": filename},
             "cache": {"direct": false}}),
         ),
     );
@@ -72,6 +94,11 @@ fn plugged(dir: &Path) -> (Vm, Qmp, std::path::PathBuf, u32) {
         line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
         "{line}"
     );
+    if fdset {
+        let moved = dir.join("moved.img");
+        std::fs::rename(&img, &moved).unwrap();
+        return (vm, qmp, moved, pids[0]);
+    }
     (vm, qmp, img, pids[0])
 }
 
@@ -302,4 +329,23 @@ fn a_command_line_disk_gets_its_backend_restarted_too() {
         json!({"return": {}})
     );
     assert!(wait_gone(second, Duration::from_secs(5)));
+}
+
+#[test]
+fn a_disk_from_an_fd_set_is_restarted_on_a_duplicate_of_its_descriptor() {
+    if blk_backend_missing("a_disk_from_an_fd_set_is_restarted_on_a_duplicate_of_its_descriptor") {
+        return;
+    }
+    let dir = TempDir::new("blk-restart-fdset");
+    let (mut vm, mut qmp, img, first) = plugged_from(dir.path(), true);
+    // The set's descriptor goes: the node's own duplicate is what a restart uses.
+    assert_eq!(
+        qmp.execute("remove-fd", Some(json!({"fdset-id": 3}))),
+        json!({"return": {}})
+    );
+    vm.wait_serial("citadel-guest: restart progress=128", STEP);
+    kill9(first);
+    let second = wait_takeover(&vm, 1);
+    assert_ne!(second, first);
+    assert_every_write_landed(&mut vm, &img);
 }

@@ -213,14 +213,6 @@ static void fill_numbered(u64 n)
 		sector[i] = (u8)(n ^ 0x5a);
 }
 
-static void pause_ms(u64 ms)
-{
-	u64 deadline = timer_ticks_now() + ms;
-
-	while (timer_ticks_now() < deadline)
-		__asm__ volatile("sti; hlt; cli");
-}
-
 static void restart_blk(u64 base)
 {
 	u64 n, errors = 0;

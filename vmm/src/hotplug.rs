@@ -19,10 +19,11 @@
 //!
 //! A plugged disk's backend that dies (or hangs up its socket) is restarted: the event loop
 //! learns of the hang-up (see [`crate::devices::backend_hangups`]) and
-//! [`Hotplug::restart_blk_backends`] stops what is left of the old process, asks the
-//! launcher for a new one on the same image with the same options, and puts it behind the
-//! slot, which hands it the inflight area so that no request the guest queued is lost or
-//! answered twice. At most [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`], each tried
+//! [`Hotplug::restart_backends`] stops what is left of the old process, asks the launcher
+//! for a new one on the same image with the same options, and puts it behind the slot, which
+//! hands it the inflight area so that no request the guest queued is lost or answered twice.
+//! A plugged NIC's backend is restarted the same way on the same tap (see
+//! [`crate::net_hotplug`]), without an inflight area: a frame may be sent twice or lost. At most [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`], each tried
 //! [`RESTART_BACKOFF`]`.len()` times; past that the disk fails: its requests get I/O errors,
 //! the driver sees DEVICE_NEEDS_RESET, one error line is logged, and `device_del` still takes
 //! it out.
@@ -41,7 +42,7 @@ use serde_json::{json, Value};
 
 use crate::cli::{BlkDeviceConfig, DriveConfig, NetdevConfig, NicDeviceConfig};
 use crate::devices::blk_slot::PluggedDisk;
-use crate::devices::manager::DeviceManager;
+use crate::devices::manager::{DeviceManager, HungUp};
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::net_hotplug::{Netdevs, NIC_DRIVER};
@@ -513,11 +514,39 @@ impl Hotplug {
         }
     }
 
-    /// Restarts the backend of every plugged disk whose backend hung up, or fails the disk
-    /// when that is not possible. Called by the event loop.
-    pub fn restart_blk_backends(&mut self, devices: &DeviceManager) {
-        for (addr, device_id, node_name) in devices.hung_up_disks() {
+    /// Restarts the backend of every plugged disk or NIC whose backend hung up, or fails the
+    /// device when that is not possible. Called by the event loop.
+    pub fn restart_backends(&mut self, devices: &DeviceManager) {
+        for hung_up in devices.hung_up() {
             let started = Instant::now();
+            let (addr, device_id, node_name) = match hung_up {
+                HungUp::Disk {
+                    addr,
+                    device_id,
+                    node_name,
+                } => (addr, device_id, node_name),
+                HungUp::Nic {
+                    addr,
+                    device_id,
+                    netdev_id,
+                } => {
+                    match available(&self.launcher).map_err(|e| e.desc).and_then(|launcher| {
+                        self.netdevs.restart(launcher, devices, addr, &netdev_id)
+                    }) {
+                        Ok(pid) => log::warn!(
+                            "NIC {device_id}: its backend hung up; citadel-net[{pid}] took over in {} ms",
+                            started.elapsed().as_millis()
+                        ),
+                        Err(why) => {
+                            devices.fail_nic_backend(addr);
+                            log::error!(
+                                "NIC {device_id}: its backend hung up and cannot be restarted ({why}); its link is down and the device needs a reset"
+                            );
+                        }
+                    }
+                    continue;
+                }
+            };
             match self.restart_blk(devices, addr, &node_name) {
                 Ok(pid) => log::warn!(
                     "disk {device_id}: its backend hung up; citadel-blk[{pid}] took over in {} ms",
@@ -553,41 +582,21 @@ impl Hotplug {
                 log::debug!("citadel-blk[{pid}] is gone already: {e}");
             }
         }
-        node.restarts.retain(|at| at.elapsed() < RESTART_WINDOW);
-        if node.restarts.len() >= RESTART_BUDGET {
-            return Err(format!(
-                "it was restarted {RESTART_BUDGET} times within {} s already",
-                RESTART_WINDOW.as_secs()
-            ));
-        }
-        node.restarts.push(Instant::now());
-        let mut why = String::new();
-        for pause in RESTART_BACKOFF {
-            std::thread::sleep(pause);
+        let mut restarts = std::mem::take(&mut node.restarts);
+        let restarted = within_budget(&mut restarts, || {
             let spec = node.spec(node_name).map_err(|e| e.desc)?;
-            let backend = match launcher.spawn_blk(spec) {
-                Ok(backend) => backend,
-                Err(e) => {
-                    why = e.to_string();
-                    continue;
-                }
-            };
+            let backend = launcher.spawn_blk(spec).map_err(|e| e.to_string())?;
             let peer = PathBuf::from(format!("citadel-blk[{}] ({node_name})", backend.pid));
-            let replaced = VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT)
+            VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT)
                 .map_err(|e| e.to_string())
-                .and_then(|disk| devices.replace_disk_backend(addr, disk));
-            match replaced {
-                Ok(()) => {
-                    node.pid = Some(backend.pid);
-                    return Ok(backend.pid);
-                }
-                Err(e) => {
-                    stop(launcher, backend.pid);
-                    why = e;
-                }
-            }
-        }
-        Err(why)
+                .and_then(|disk| devices.replace_disk_backend(addr, disk))
+                .map(|()| backend.pid)
+                .inspect_err(|_| stop(launcher, backend.pid))
+        });
+        node.restarts = restarts;
+        let pid = restarted?;
+        node.pid = Some(pid);
+        Ok(pid)
     }
 }
 
@@ -608,6 +617,33 @@ impl Node {
             serial: self.serial.clone(),
         })
     }
+}
+
+/// Runs `attempt`, the start of a backend to replace one that died, after each pause of
+/// [`RESTART_BACKOFF`] until it succeeds, if the device was restarted fewer than
+/// [`RESTART_BUDGET`] times within [`RESTART_WINDOW`] (`restarts` keeps when); the last
+/// failure otherwise.
+pub fn within_budget<T>(
+    restarts: &mut Vec<Instant>,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    restarts.retain(|at| at.elapsed() < RESTART_WINDOW);
+    if restarts.len() >= RESTART_BUDGET {
+        return Err(format!(
+            "it was restarted {RESTART_BUDGET} times within {} s already",
+            RESTART_WINDOW.as_secs()
+        ));
+    }
+    restarts.push(Instant::now());
+    let mut why = String::new();
+    for pause in RESTART_BACKOFF {
+        std::thread::sleep(pause);
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(e) => why = e,
+        }
+    }
+    Err(why)
 }
 
 /// The launcher, or why NIC hotplug cannot start backends.

@@ -259,7 +259,7 @@ impl Monitor {
             TOKEN_STDIN => self.on_stdin(set),
             TOKEN_DEVICE_START => self.machine.virtio().run_pending_activations(),
             TOKEN_SLOT_KICKS => self.machine.virtio().serve_empty_slots(),
-            TOKEN_BACKEND_HANGUPS => self.hotplug.restart_blk_backends(self.machine.virtio()),
+            TOKEN_BACKEND_HANGUPS => self.hotplug.restart_backends(self.machine.virtio()),
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;

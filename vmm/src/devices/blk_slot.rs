@@ -323,11 +323,6 @@ impl BlkSlot {
         }
     }
 
-    /// Whether the plugged disk lost its backend for good.
-    pub fn has_failed(&self) -> bool {
-        self.failed
-    }
-
     /// Answers what the driver queued on an empty slot. Called by the event loop when the
     /// slot's queue was kicked.
     pub fn serve_empty_ring(&mut self) {

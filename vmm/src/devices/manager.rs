@@ -31,6 +31,7 @@ use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
 use super::slot_ring::SlotKicks;
+use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
@@ -169,6 +170,29 @@ pub struct NicSlotInfo {
     pub mac: [u8; 6],
     /// The plugged device's id and its netdev's.
     pub plugged: Option<(String, String)>,
+}
+
+/// A plugged slot whose backend hung up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HungUp {
+    /// A disk slot.
+    Disk {
+        /// The slot's number.
+        addr: u64,
+        /// The plugged device's id.
+        device_id: String,
+        /// Its block node.
+        node_name: String,
+    },
+    /// A NIC slot.
+    Nic {
+        /// The slot's number.
+        addr: u64,
+        /// The plugged device's id.
+        device_id: String,
+        /// Its netdev.
+        netdev_id: String,
+    },
 }
 
 /// What `query-block` shows of one disk slot.
@@ -360,18 +384,12 @@ impl DeviceManager {
     /// configuration change.
     pub fn unplug_disk(&self, id: &str) -> Option<PluggedDisk> {
         self.disk_slots.iter().enumerate().find_map(|(addr, slot)| {
-            let ours = slot
-                .transport
-                .with_device(|s| s.disk().is_some_and(|d| d.device_id == id));
-            if !ours {
-                return None;
-            }
-            let socket = slot
-                .transport
-                .with_device(|s| s.disk().map(|d| d.disk.socket()));
-            if let Some(socket) = socket {
-                self.hangups.unwatch(addr as u64, socket);
-            }
+            let socket = slot.transport.with_device(|s| {
+                s.disk()
+                    .filter(|d| d.device_id == id)
+                    .map(|d| d.disk.socket())
+            })?;
+            self.hangups.unwatch(addr as u64, socket);
             slot.transport
                 .try_update_config(|s| s.unplug().ok_or(()))
                 .ok()
@@ -383,20 +401,75 @@ impl DeviceManager {
         self.hangups.as_raw_fd()
     }
 
-    /// The disk slots whose backend hung up (each stays reported until its backend is
-    /// replaced, failed or unplugged), with the ids of the disk plugged into each.
-    pub fn hung_up_disks(&self) -> Vec<(u64, String, String)> {
+    /// The slots whose backend hung up (each stays reported until its backend is replaced,
+    /// failed or unplugged).
+    pub fn hung_up(&self) -> Vec<HungUp> {
         self.hangups
             .ready()
             .into_iter()
-            .filter_map(|addr| {
-                let slot = self.disk_slots.get(usize::try_from(addr).ok()?)?;
-                slot.transport.with_device(|s| {
-                    s.disk()
-                        .map(|d| (addr, d.device_id.clone(), d.node_name.clone()))
-                })
+            .filter_map(|token| {
+                let addr = token & !NIC_TOKEN;
+                let index = usize::try_from(addr).ok()?;
+                if token & NIC_TOKEN != 0 {
+                    let slot = self.nic_slots.get(index)?;
+                    slot.transport.with_device(|s| {
+                        s.nic().map(|n| HungUp::Nic {
+                            addr,
+                            device_id: n.device_id.clone(),
+                            netdev_id: n.netdev_id.clone(),
+                        })
+                    })
+                } else {
+                    let slot = self.disk_slots.get(index)?;
+                    slot.transport.with_device(|s| {
+                        s.disk().map(|d| HungUp::Disk {
+                            addr,
+                            device_id: d.device_id.clone(),
+                            node_name: d.node_name.clone(),
+                        })
+                    })
+                }
             })
             .collect()
+    }
+
+    /// Replaces the backend of the NIC in NIC slot `addr` with `conn` (see
+    /// [`NetSlot::replace_backend`]); the slot's hang-up watch moves to the new socket.
+    pub fn replace_nic_backend(&self, addr: u64, conn: VhostUserConnection) -> Result<(), String> {
+        let slot = self.nic_slot(addr)?;
+        let new_socket = conn.socket();
+        let old_socket = slot
+            .transport
+            .with_device(|s| s.nic().map(|n| n.conn.socket()));
+        if let Some(old) = old_socket {
+            self.hangups.unwatch(NIC_TOKEN | addr, old);
+        }
+        slot.transport.with_device(|s| s.replace_backend(conn))?;
+        self.hangups.watch(NIC_TOKEN | addr, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the NIC in NIC slot `addr`: its link goes down, the slot
+    /// drops what the guest sends, and the driver is told the device needs a reset (see
+    /// [`NetSlot::fail_backend`]).
+    pub fn fail_nic_backend(&self, addr: u64) {
+        let Ok(slot) = self.nic_slot(addr) else {
+            return;
+        };
+        let socket = slot
+            .transport
+            .with_device(|s| s.nic().map(|n| n.conn.socket()));
+        if let Some(socket) = socket {
+            self.hangups.unwatch(NIC_TOKEN | addr, socket);
+        }
+        slot.transport.fail_device(NetSlot::fail_backend);
+    }
+
+    fn nic_slot(&self, addr: u64) -> Result<&NicSlot, String> {
+        usize::try_from(addr)
+            .ok()
+            .and_then(|a| self.nic_slots.get(a))
+            .ok_or_else(|| format!("no NIC slot {addr}"))
     }
 
     /// Replaces the backend of the disk in slot `addr` with `disk` (see
@@ -468,19 +541,22 @@ impl DeviceManager {
                 nic: Some(Box::new(nic)),
             });
         };
-        slot.transport.try_update_config(|s| s.plug(nic))
+        let socket = nic.conn.socket();
+        slot.transport.try_update_config(|s| s.plug(nic))?;
+        self.hangups.watch(NIC_TOKEN | addr, socket);
+        Ok(())
     }
 
     /// Takes the NIC with device id `id` out of its slot and raises the slot's configuration
     /// change (the link goes down).
     pub fn unplug_nic(&self, id: &str) -> Option<PluggedNic> {
-        self.nic_slots.iter().find_map(|slot| {
-            let ours = slot
-                .transport
-                .with_device(|s| s.nic().is_some_and(|n| n.device_id == id));
-            if !ours {
-                return None;
-            }
+        self.nic_slots.iter().enumerate().find_map(|(addr, slot)| {
+            let socket = slot.transport.with_device(|s| {
+                s.nic()
+                    .filter(|n| n.device_id == id)
+                    .map(|n| n.conn.socket())
+            })?;
+            self.hangups.unwatch(NIC_TOKEN | addr as u64, socket);
             slot.transport
                 .try_update_config(|s| s.unplug().ok_or(()))
                 .ok()

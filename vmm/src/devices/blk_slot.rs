@@ -191,43 +191,26 @@ impl BlkSlot {
     /// itself from where the backend stopped. The caller raises the configuration change.
     pub fn unplug(&mut self) -> Option<PluggedDisk> {
         let mut plugged = self.disk.take()?;
-        self.failed = false;
         self.config[..8].fill(0);
-        let mut notify = None;
-        if let Some(running) = self.running.as_mut() {
-            if running.empty.is_none() {
-                // A backend that cannot say where it stopped is killed right after; the
-                // slot then answers everything it did not complete, from the used index on,
-                // so that no request of the driver waits forever.
-                let base = match plugged.disk.connection().stop_rings() {
-                    Ok(bases) => bases.first().map(|b| b.1),
-                    Err(e) => {
-                        log::warn!(
-                            "disk slot {}: stopping {}'s rings: {e}",
-                            self.index,
-                            plugged.device_id
-                        );
-                        None
-                    }
-                };
-                running.empty =
-                    empty_ring(&self.memory, &running.params, 0, QUEUE_MAX_SIZE, Some(base));
-                running
-                    .params
-                    .interrupt
-                    .set_vring_signalled_externally(false);
-                notify = running
-                    .params
-                    .notify
-                    .first()
-                    .and_then(|fd| fd.try_clone().ok());
-            }
+        let served = !self.failed && self.running.as_ref().is_some_and(|r| r.empty.is_none());
+        if served {
+            // A backend that cannot say where it stopped is killed right after; the slot
+            // then answers everything it did not complete, from the used index on, so that
+            // no request of the driver waits forever.
+            let base = match plugged.disk.connection().stop_rings() {
+                Ok(bases) => bases.first().map(|b| b.1),
+                Err(e) => {
+                    log::warn!(
+                        "disk slot {}: stopping {}'s rings: {e}",
+                        self.index,
+                        plugged.device_id
+                    );
+                    None
+                }
+            };
+            self.hold_ring(base);
         }
-        if let Some(fd) = notify {
-            self.watched.watch(&fd);
-            // Kicks that came while the backend stopped.
-            let _ = fd.write(1);
-        }
+        self.failed = false;
         log::info!(
             "disk slot {}: {} ({}) unplugged",
             self.index,
@@ -259,12 +242,18 @@ impl BlkSlot {
             ));
         }
         disk.set_memory(&self.memory).map_err(|e| e.to_string())?;
+        let running = self.running.as_ref().filter(|r| r.empty.is_none());
+        let base = match running {
+            Some(running) => Some(
+                used_index(&self.memory, &running.params, 0)
+                    .ok_or_else(|| "the ring does not lie in guest RAM".to_string())?,
+            ),
+            None => None,
+        };
         disk.connection()
             .inherit_inflight(plugged.disk.connection());
-        let result = match self.running.as_ref().filter(|r| r.empty.is_none()) {
-            Some(running) => {
-                let base = used_index(&self.memory, &running.params, 0)
-                    .ok_or_else(|| "the ring does not lie in guest RAM".to_string())?;
+        let result = match running.zip(base) {
+            Some((running, base)) => {
                 let started = disk
                     .connection()
                     .start_at(&running.params, &[base])
@@ -301,11 +290,18 @@ impl BlkSlot {
             return;
         }
         self.failed = true;
+        self.hold_ring(None);
+    }
+
+    /// Takes the ring back from a backend that stopped at `base` (the used index when it
+    /// could not say, or named a point outside the outstanding requests): the slot answers
+    /// the driver's requests from then on.
+    fn hold_ring(&mut self, base: Option<u16>) {
         let mut notify = None;
         if let Some(running) = self.running.as_mut() {
             if running.empty.is_none() {
                 running.empty =
-                    empty_ring(&self.memory, &running.params, 0, QUEUE_MAX_SIZE, Some(None));
+                    empty_ring(&self.memory, &running.params, 0, QUEUE_MAX_SIZE, Some(base));
                 running
                     .params
                     .interrupt
@@ -319,6 +315,7 @@ impl BlkSlot {
         }
         if let Some(fd) = notify {
             self.watched.watch(&fd);
+            // Kicks that came while the backend stopped.
             let _ = fd.write(1);
         }
     }

@@ -313,11 +313,6 @@ impl VhostUserConnection {
         self.socket
     }
 
-    /// Whether the backend keeps an inflight area the frontend holds.
-    pub fn has_inflight_area(&self) -> bool {
-        self.inflight.is_some()
-    }
-
     /// Takes over the inflight area of `dead`, the connection to the backend this one
     /// replaces, to hand it to this backend at its next start. Without one (the old backend
     /// never started, or does not track), this backend creates its own.
@@ -495,8 +490,13 @@ impl VhostUserConnection {
                     .frontend
                     .get_inflight_fd(&request)
                     .map_err(self.request("GET_INFLIGHT_FD"))?;
-                if info.mmap_size == 0 {
-                    return Err(self.backend("GET_INFLIGHT_FD returned an empty area"));
+                // Handed as it is to the backend that replaces this one, which checks it
+                // against the area; what SET_INFLIGHT_FD cannot carry is refused now.
+                if info.mmap_size == 0 || info.num_queues == 0 || info.queue_size == 0 {
+                    return Err(self.backend(format!(
+                        "GET_INFLIGHT_FD described an empty area ({} bytes, {} queues of {})",
+                        info.mmap_size, info.num_queues, info.queue_size
+                    )));
                 }
                 self.inflight = Some(InflightArea { info, file });
             }

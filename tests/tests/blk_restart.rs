@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use citadel_tests::disk::blk_backend_missing;
 use citadel_tests::guest_program;
-use citadel_tests::procfs::{blk_backends as backends, wait_gone};
+use citadel_tests::procfs::{blk_backends as backends, children, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -348,4 +348,46 @@ fn a_disk_from_an_fd_set_is_restarted_on_a_duplicate_of_its_descriptor() {
     let second = wait_takeover(&vm, 1);
     assert_ne!(second, first);
     assert_every_write_landed(&mut vm, &img);
+}
+
+#[test]
+fn a_disk_whose_launcher_is_gone_fails_with_the_reason_and_the_vm_lives_on() {
+    if blk_backend_missing(
+        "a_disk_whose_launcher_is_gone_fails_with_the_reason_and_the_vm_lives_on",
+    ) {
+        return;
+    }
+    let dir = TempDir::new("blk-restart-launcher");
+    let (mut vm, mut qmp, _img, backend) = plugged(dir.path());
+    vm.wait_serial("citadel-guest: restart progress=64", STEP);
+    let launcher = children(vm.pid());
+    assert_eq!(launcher.len(), 1, "{launcher:?}");
+    // The backend dies with its launcher (its parent-death signal); nobody can start another.
+    kill9(launcher[0]);
+    assert!(wait_gone(backend, Duration::from_secs(5)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vm.log().contains(GAVE_UP) {
+        assert!(
+            Instant::now() < deadline,
+            "Citadel did not give up on the disk\n{}",
+            vm.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = vm.log();
+    let gave_up: Vec<&str> = log.lines().filter(|l| l.contains(GAVE_UP)).collect();
+    assert_eq!(gave_up.len(), 1, "{gave_up:?}");
+    assert!(
+        gave_up[0].contains("(the device launcher has exited)"),
+        "{}",
+        gave_up[0]
+    );
+    let line = vm.wait_serial("citadel-guest: restart device-status=", STEP);
+    assert_eq!(number(&line), STARTED | NEEDS_RESET, "{line}");
+    let status = qmp.execute("query-status", None);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "disk-0"}))),
+        json!({"return": {}})
+    );
 }

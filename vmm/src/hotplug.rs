@@ -33,7 +33,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
+use citadel_launcher::{BlkSpec, ImageSource, Launcher, LauncherError, TapSource};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
 use citadel_qmp::fds::fdset_of;
@@ -584,14 +584,19 @@ impl Hotplug {
         }
         let mut restarts = std::mem::take(&mut node.restarts);
         let restarted = within_budget(&mut restarts, || {
-            let spec = node.spec(node_name).map_err(|e| e.desc)?;
-            let backend = launcher.spawn_blk(spec).map_err(|e| e.to_string())?;
+            let spec = node
+                .spec(node_name)
+                .map_err(|e| AttemptError::Retry(e.desc))?;
+            let backend = launcher.spawn_blk(spec)?;
             let peer = PathBuf::from(format!("citadel-blk[{}] ({node_name})", backend.pid));
             VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT)
                 .map_err(|e| e.to_string())
                 .and_then(|disk| devices.replace_disk_backend(addr, disk))
                 .map(|()| backend.pid)
-                .inspect_err(|_| stop(launcher, backend.pid))
+                .map_err(|why| {
+                    stop(launcher, backend.pid);
+                    AttemptError::Retry(why)
+                })
         });
         node.restarts = restarts;
         let pid = restarted?;
@@ -619,13 +624,31 @@ impl Node {
     }
 }
 
+/// Why one attempt to start a backend in place of one that died failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// Worth another attempt after a pause.
+    Retry(String),
+    /// No attempt can succeed: the launcher is gone.
+    Final(String),
+}
+
+impl From<LauncherError> for AttemptError {
+    fn from(e: LauncherError) -> Self {
+        match e {
+            LauncherError::Gone => AttemptError::Final(e.to_string()),
+            e => AttemptError::Retry(e.to_string()),
+        }
+    }
+}
+
 /// Runs `attempt`, the start of a backend to replace one that died, after each pause of
-/// [`RESTART_BACKOFF`] until it succeeds, if the device was restarted fewer than
-/// [`RESTART_BUDGET`] times within [`RESTART_WINDOW`] (`restarts` keeps when); the last
+/// [`RESTART_BACKOFF`] until it succeeds or fails for good, if the device was restarted fewer
+/// than [`RESTART_BUDGET`] times within [`RESTART_WINDOW`] (`restarts` keeps when); the last
 /// failure otherwise.
 pub fn within_budget<T>(
     restarts: &mut Vec<Instant>,
-    mut attempt: impl FnMut() -> Result<T, String>,
+    mut attempt: impl FnMut() -> Result<T, AttemptError>,
 ) -> Result<T, String> {
     restarts.retain(|at| at.elapsed() < RESTART_WINDOW);
     if restarts.len() >= RESTART_BUDGET {
@@ -640,7 +663,8 @@ pub fn within_budget<T>(
         std::thread::sleep(pause);
         match attempt() {
             Ok(done) => return Ok(done),
-            Err(e) => why = e,
+            Err(AttemptError::Retry(e)) => why = e,
+            Err(AttemptError::Final(e)) => return Err(e),
         }
     }
     Err(why)

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::devices::manager::DeviceManager;
 use crate::devices::net_slot::{PluggedNic, NET_SPEC};
 use crate::devices::vhost_user::{VhostUserConnection, BACKEND_TIMEOUT};
-use crate::hotplug::within_budget;
+use crate::hotplug::{within_budget, AttemptError};
 
 /// Network backends one VM may have at once: each is a process.
 pub const MAX_NETDEVS: usize = 8;
@@ -285,19 +285,20 @@ impl Netdevs {
         }
         let tap = &netdev.tap;
         let pid = within_budget(&mut netdev.restarts, || {
-            let backend = launcher
-                .spawn_net(NetSpec {
-                    id: id.to_string(),
-                    tap: tap.source()?,
-                    mac: None,
-                })
-                .map_err(|e| e.to_string())?;
+            let backend = launcher.spawn_net(NetSpec {
+                id: id.to_string(),
+                tap: tap.source().map_err(AttemptError::Retry)?,
+                mac: None,
+            })?;
             let peer = PathBuf::from(format!("citadel-net[{}] ({id})", backend.pid));
             VhostUserConnection::from_stream(backend.socket, peer, NET_SPEC, BACKEND_TIMEOUT)
                 .map_err(|e| e.to_string())
                 .and_then(|conn| devices.replace_nic_backend(addr, conn))
                 .map(|()| backend.pid)
-                .inspect_err(|_| stop(launcher, backend.pid))
+                .map_err(|why| {
+                    stop(launcher, backend.pid);
+                    AttemptError::Retry(why)
+                })
         })?;
         netdev.pid = Some(pid);
         Ok(pid)

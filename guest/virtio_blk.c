@@ -9,6 +9,11 @@
  * starts the empty slot, reads from it, waits for the configuration change of a plug, reads
  * and writes the plugged disk, waits for the change of an unplug and reads the empty slot
  * again, reporting the capacity and status at each step.
+ *
+ * With "restart" on the command line it waits for a plug if the slot is empty, then writes sectors 0 to
+ * RESTART_SECTORS - 1 one at a time, each filled with its own number, pausing between writes
+ * so that the host has time to kill the disk's backend under it; it counts every status that
+ * is not OK and reports progress, the count and the device status register at the end.
  */
 #include "virtio_mmio.h"
 
@@ -20,6 +25,8 @@
 
 #define IO_TIMEOUT_MS 5000
 #define PLUG_TIMEOUT_MS 60000
+#define RESTART_SECTORS 1024
+#define RESTART_PAUSE_MS 3
 
 struct blk_req_header {
 	u32 type;
@@ -195,11 +202,57 @@ static void hotplug_blk(u64 base)
 	report_dec("hotplug unplugged-read status", req_status);
 }
 
+/* Sector n holds n (little-endian, 8 bytes) and then the byte n ^ 0x5a repeated. */
+static void fill_numbered(u64 n)
+{
+	int i;
+
+	for (i = 0; i < 8; i++)
+		sector[i] = (u8)(n >> (8 * i));
+	for (i = 8; i < (int)sizeof(sector); i++)
+		sector[i] = (u8)(n ^ 0x5a);
+}
+
+static void restart_blk(u64 base)
+{
+	u64 n, errors = 0;
+
+	if (!start_blk(base))
+		return;
+	/* A disk of the command line is there at probe; a hot-plugged one comes later. */
+	if (read_capacity(base) == 0) {
+		report("restart waiting-for-plug");
+		if (!wait_config_change(base, PLUG_TIMEOUT_MS)) {
+			report("restart error=no-plug");
+			return;
+		}
+	}
+	report_dec("restart plugged capacity", read_capacity(base));
+	for (n = 0; n < RESTART_SECTORS; n++) {
+		fill_numbered(n);
+		if (!blk_request(base, BLK_T_OUT, n, (u16)(n + 1))) {
+			report_dec("restart timeout sector", n);
+			return;
+		}
+		if (req_status != 0) {
+			if (errors == 0)
+				report_dec("restart first-error sector", n);
+			errors++;
+		}
+		if (n % 64 == 0)
+			report_dec("restart progress", n);
+		pause_ms(RESTART_PAUSE_MS);
+	}
+	report_dec("restart errors", errors);
+	report_dec("restart device-status", reg_read(base, REG_STATUS));
+}
+
 void guest_main(void)
 {
 	u64 bases[MAX_DEVICES];
 	int n, i, blk_done = 0;
 	int hotplug = has_word(boot_cmdline(), "hotplug");
+	int restart = has_word(boot_cmdline(), "restart");
 
 	report_entry();
 	interrupts_init();
@@ -216,7 +269,9 @@ void guest_main(void)
 		if (device == VIRTIO_ID_BLOCK && version != 2) {
 			report("virtio-blk error=legacy-transport-unsupported");
 		} else if (device == VIRTIO_ID_BLOCK && !blk_done) {
-			if (hotplug)
+			if (restart)
+				restart_blk(base);
+			else if (hotplug)
 				hotplug_blk(base);
 			else
 				drive_blk(base);

@@ -122,6 +122,14 @@ int wait_config_change(u64 base, u64 timeout_ms)
 	return 1;
 }
 
+void pause_ms(u64 ms)
+{
+	u64 deadline = timer_ticks_now() + ms;
+
+	while (timer_ticks_now() < deadline)
+		__asm__ volatile("sti; hlt; cli");
+}
+
 int setup_queue(u64 base, u32 index, struct virtq *q)
 {
 	reg_write(base, REG_QUEUE_SEL, index);

@@ -105,6 +105,8 @@ u32 report_device(u64 base);
 /* Waits, timer-driven, up to timeout_ms for a configuration-change interrupt, and
  * acknowledges it; returns 0 on a timeout. */
 int wait_config_change(u64 base, u64 timeout_ms);
+/* Sleeps with interrupts on (the LAPIC timer's ticks) for `ms` milliseconds. */
+void pause_ms(u64 ms);
 /* Waits, timer-driven, up to timeout_ms until the device has used `q` up to `expected`;
  * returns 0 on a timeout. */
 int wait_used(struct virtq *q, u16 expected, u64 timeout_ms);

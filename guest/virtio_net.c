@@ -7,6 +7,10 @@
  * and one after the change after that, reporting the link status and the TX used index at
  * each step. Each frame is a broadcast of EtherType 0x88b5 (local experimental) whose
  * payload names the step.
+ *
+ * With "restart" on the command line it also sends a numbered frame every TICK_PAUSE_MS
+ * between the first and the second change ("citadel-guest-frame-tick-N"), reporting the
+ * count every 10 frames, so that the host can kill the NIC's backend under a steady stream.
  */
 #include "virtio_mmio.h"
 
@@ -18,6 +22,7 @@
 
 #define IO_TIMEOUT_MS 5000
 #define PLUG_TIMEOUT_MS 60000
+#define TICK_PAUSE_MS 20
 #define RX_QUEUE 0
 #define TX_QUEUE 1
 
@@ -129,7 +134,26 @@ static int send_frame(u64 base, const char *payload)
 	return 1;
 }
 
-static void drive_net(u64 base)
+/* Sends numbered frames until the next configuration change; 0 on a TX timeout. */
+static int send_ticks(u64 base)
+{
+	static char payload[] = "citadel-guest-frame-tick-00000";
+	u64 n, v;
+	int i;
+
+	for (n = 0; !(reg_read(base, REG_INTERRUPT_STATUS) & ISR_CONFIG); n++) {
+		for (v = n, i = sizeof(payload) - 2; i >= (int)sizeof(payload) - 6; i--, v /= 10)
+			payload[i] = (char)('0' + v % 10);
+		if (!send_frame(base, payload))
+			return 0;
+		if (n % 10 == 0)
+			report_dec("virtio-net ticks", n);
+		pause_ms(TICK_PAUSE_MS);
+	}
+	return 1;
+}
+
+static void drive_net(u64 base, int restart)
 {
 	int i;
 
@@ -152,6 +176,8 @@ static void drive_net(u64 base)
 	if (!send_frame(base, "citadel-guest-frame-after-change-1"))
 		return;
 	report_dec("virtio-net change-1 tx-used", txq.used.idx);
+	if (restart && !send_ticks(base))
+		return;
 
 	report("virtio-net waiting-for-change-2");
 	if (!wait_config_change(base, PLUG_TIMEOUT_MS)) {
@@ -178,7 +204,7 @@ void guest_main(void)
 	for (i = 0; i < n; i++) {
 		if (report_device(bases[i]) == VIRTIO_ID_NET &&
 		    reg_read(bases[i], REG_VERSION) == 2) {
-			drive_net(bases[i]);
+			drive_net(bases[i], has_word(boot_cmdline(), "restart"));
 			break;
 		}
 	}

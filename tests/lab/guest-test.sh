@@ -146,6 +146,20 @@ hotplug | hotplug-raw)
 	echo "guest: vdb-size-after=$(disk_size vdb)"
 	echo "guest: hotplug unplugged"
 	;;
+blk-restart)
+	# A disk hot-plugged into slot 1 (vdb) takes 2048 numbered 4 KiB blocks from dd while L1
+	# kills its backend: dd must succeed and the kernel must log no I/O error.
+	awk 'BEGIN { for (i = 0; i < 2048; i++) printf "%-4095s\n", "citadel-lab-restart-block-" i }' >/tmp/blocks
+	echo "guest: restart waiting"
+	wait_size vdb -gt 0
+	disk_node vdb
+	echo "guest: restart writing"
+	dd if=/tmp/blocks of=/dev/vdb bs=4k count=2048 oflag=direct 2>/tmp/dd.out
+	echo "guest: dd-rc=$?"
+	sed 's/^/guest: says: /' /tmp/dd.out
+	echo "guest: io-errors=$(dmesg | grep vdb | grep -ciE 'error|critical')"
+	echo "guest: restart written"
+	;;
 nic)
 	# NIC slot 0 (eth0), empty at boot: its link is down until a NIC is plugged; the guest
 	# then pings L1 over the tap, and waits for the unplug to take the carrier down again.

@@ -221,6 +221,11 @@ impl ConsoleProcess {
         }
     }
 
+    /// What the process wrote to stderr so far (its log).
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().expect("stderr buffer")).into_owned()
+    }
+
     /// Everything seen so far: console lines, then the process's stderr, for assertion
     /// messages.
     pub fn transcript(&self) -> String {

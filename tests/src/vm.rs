@@ -141,6 +141,16 @@ impl Vm {
         self.console.lines_for(window)
     }
 
+    /// What citadel logged so far (its stderr).
+    pub fn log(&self) -> String {
+        self.console.stderr()
+    }
+
+    /// Everything seen so far, serial console and log, for assertion messages.
+    pub fn transcript(&self) -> String {
+        self.console.transcript()
+    }
+
     /// Connects a QMP client, waiting for the socket to appear.
     pub fn qmp(&self) -> Qmp {
         Qmp::connect(&self.qmp_path, Duration::from_secs(10))

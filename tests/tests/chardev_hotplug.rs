@@ -434,3 +434,55 @@ fn a_command_line_chardev_that_cannot_connect_is_refused_at_start() {
         )
     );
 }
+
+#[test]
+fn a_backend_started_outside_citadel_that_dies_fails_its_disk_and_the_vm_lives_on() {
+    let test = "a_backend_started_outside_citadel_that_dies_fails_its_disk_and_the_vm_lives_on";
+    if missing(test) {
+        return;
+    }
+    let dir = TempDir::new("chardev-dies");
+    let img = image_with_marker(dir.path(), "disk.img", IMAGE_LEN, MARKER);
+    let mut qsd = StorageDaemon::start(dir.path(), "qsd", &img, "");
+    let mut vm = Vm::start(
+        &guest_program("virtio_blk"),
+        &[
+            "-m",
+            "32",
+            "-append",
+            "virtio_mmio.device=4K@0xd0000000:5 hotplug",
+        ],
+    );
+    vm.wait_serial("citadel-guest: hotplug waiting-for-plug", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        chardev_add(&mut qmp, "c0", &qsd.socket, false),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        device_add(&mut qmp, "vdisk", "0x0", "c0"),
+        json!({"return": {}})
+    );
+    vm.wait_serial("citadel-guest: hotplug waiting-for-unplug", STEP);
+    qsd.child.kill().expect("kill qemu-storage-daemon");
+    qsd.child.wait().expect("reap qemu-storage-daemon");
+
+    // Citadel cannot restart what it did not start: the disk fails, saying why, and the VM
+    // and its QMP go on.
+    const FAILED: &str =
+        "disk vdisk: its backend hung up and cannot be restarted (its backend, behind chardev c0, was not started by Citadel)";
+    let deadline = Instant::now() + STEP;
+    while !vm.log().contains(FAILED) {
+        assert!(Instant::now() < deadline, "no failure logged\n{}", vm.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        qmp.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "vdisk"}))),
+        json!({"return": {}})
+    );
+    assert!(!slot0_inserted(&mut qmp));
+}

@@ -24,6 +24,7 @@ const SCENARIOS: &[&str] = &[
     "nic-hotplug",
     "balloon",
     "chardev-hotplug",
+    "blk-restart",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -452,6 +453,26 @@ fn linux_reads_and_writes_a_vhost_user_blk_disk_served_by_citadel_blk() {
             t()
         );
         assert_eq!(value(outcome, "disk.exit-code"), "0", "{}", t());
+    });
+}
+
+#[test]
+fn linux_writes_through_a_disk_whose_backend_is_killed_under_it() {
+    check_scenario("blk-restart", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        // L1 killed the one backend while dd was writing, and a new one took over.
+        assert_eq!(v("killed"), "1", "{}", t());
+        assert_eq!(v("killed-mid-dd"), "yes", "{}", t());
+        assert_eq!(v("backend-restarted"), "yes", "{}", t());
+        assert_eq!(v("takeovers"), "1", "{}", t());
+        assert_eq!(v("gave-up"), "0", "{}", t());
+        // The guest saw nothing: dd succeeded, its kernel logged no I/O error.
+        assert_eq!(v("dd-rc"), "0", "{}", t());
+        assert_eq!(v("io-errors"), "0", "{}", t());
+        // Every block dd wrote is in the image.
+        assert_eq!(v("image-matches"), "yes", "{}", t());
+        assert_eq!(v("rs.exit-code"), "0", "{}", t());
     });
 }
 

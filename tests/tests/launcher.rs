@@ -281,6 +281,9 @@ fn backends_are_reaped_and_none_outlives_the_launchers_handle() {
         }
         other => panic!("stop of a reaped backend: {other:?}"),
     }
+    // A backend for the same image starts after the death, as a restart asks.
+    let third = launcher.spawn_blk(blk(scratch.image(), true)).unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{}", third.pid)).exists());
     let started = Instant::now();
     drop(launcher);
     assert!(
@@ -292,11 +295,12 @@ fn backends_are_reaped_and_none_outlives_the_launchers_handle() {
         gone_within(lpid, Duration::from_secs(1)),
         "launcher {lpid} still there"
     );
-    assert!(
-        gone_within(second.pid, Duration::from_secs(1)),
-        "backend {} outlived the launcher",
-        second.pid
-    );
+    for pid in [second.pid, third.pid] {
+        assert!(
+            gone_within(pid, Duration::from_secs(1)),
+            "backend {pid} outlived the launcher"
+        );
+    }
 }
 
 #[test]

@@ -672,3 +672,138 @@ fn a_netdev_fds_that_is_no_open_tap_is_refused_before_the_vm_starts() {
         assert!(err.contains(&why), "{err}");
     }
 }
+
+#[test]
+fn a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again() {
+    if cannot_run("a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let append = format!("{NIC_SLOT_0} restart");
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", &append],
+    );
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "net-0", "0x0", "net-0"),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net ticks=", STEP);
+    let ticks: u64 = line.rsplit('=').next().unwrap().parse().unwrap();
+    let pids = backends(vm.pid());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: kill has no memory preconditions; the pid is the NIC's backend.
+    assert_eq!(unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) }, 0);
+
+    const TOOK_OVER: &str = "NIC net-0: its backend hung up; citadel-net[";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second: u32 = loop {
+        let log = vm.log();
+        if let Some(line) = log.lines().find(|l| l.contains(TOOK_OVER)) {
+            let rest = line.split(TOOK_OVER).nth(1).unwrap();
+            break rest[..rest.find(']').unwrap()].parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "citadel-net was not restarted\n{}",
+            vm.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_ne!(second, pids[0]);
+    assert_eq!(backends(vm.pid()), vec![second]);
+    // A frame the guest sends 2 s after the kill reaches the tap through the new backend,
+    // and the guest never saw its transmit ring stall for good.
+    let later = format!("citadel-guest-frame-tick-{:05}", ticks + 100);
+    let frames = capture.guest_frames(Duration::from_secs(15), Some(&later));
+    assert_eq!(
+        frames.last().map(|f| f.1.as_str()),
+        Some(later.as_str()),
+        "{}",
+        vm.transcript()
+    );
+    assert!(
+        !vm.transcript().contains("error=tx-timeout"),
+        "{}",
+        vm.transcript()
+    );
+
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "net-0"}))),
+        json!({"return": {}})
+    );
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
+    assert!(line.ends_with("link=0"), "{line}");
+    assert_eq!(
+        qmp.execute("netdev_del", Some(json!({"id": "net-0"}))),
+        json!({"return": {}})
+    );
+    assert!(wait_gone(second, Duration::from_secs(5)));
+}
+
+#[test]
+fn a_nic_backend_that_keeps_dying_takes_the_link_down_and_the_vm_lives_on() {
+    if cannot_run("a_nic_backend_that_keeps_dying_takes_the_link_down_and_the_vm_lives_on") {
+        return;
+    }
+    let tap = Tap::create();
+    let append = format!("{NIC_SLOT_0} restart");
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", &append],
+    );
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "net-0", "0x0", "net-0"),
+        json!({"return": {}})
+    );
+    vm.wait_serial("citadel-guest: virtio-net ticks=", STEP);
+    const TOOK_OVER: &str = "NIC net-0: its backend hung up; citadel-net[";
+    const GAVE_UP: &str = "NIC net-0: its backend hung up and cannot be restarted";
+    let mut pid = backends(vm.pid())[0];
+    // Three restarts a minute are allowed; the fourth death is final.
+    for round in 1..=4 {
+        // SAFETY: kill has no memory preconditions; the pid is the NIC's backend.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = vm.log();
+            let took_over: Vec<&str> = log.lines().filter(|l| l.contains(TOOK_OVER)).collect();
+            if round == 4 && log.contains(GAVE_UP) {
+                assert_eq!(took_over.len(), 3, "{log}");
+                break;
+            }
+            if round < 4 && took_over.len() == round {
+                let rest = took_over[round - 1].split(TOOK_OVER).nth(1).unwrap();
+                pid = rest[..rest.find(']').unwrap()].parse().unwrap();
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}\n{}",
+                vm.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // The driver learns of it through a configuration change: the link is down.
+    let line = vm.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
+    assert!(line.ends_with("link=0"), "{line}");
+    let status = qmp.execute("query-status", None);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "net-0"}))),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        qmp.execute("netdev_del", Some(json!({"id": "net-0"}))),
+        json!({"return": {}})
+    );
+    assert!(backends(vm.pid()).is_empty(), "{:?}", backends(vm.pid()));
+}

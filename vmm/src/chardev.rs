@@ -49,6 +49,11 @@ fn node_name_of(chardev: &str) -> String {
     format!("chardev:{chardev}")
 }
 
+/// The chardev whose disk reports `node_name`, when it is such a disk.
+pub fn chardev_of(node_name: &str) -> Option<&str> {
+    node_name.strip_prefix("chardev:")
+}
+
 /// A Unix socket leading to a vhost-user backend.
 struct Chardev {
     /// What `query-chardev` and `query-block` show: `unix:PATH` or `fd:NAME`.
@@ -159,7 +164,7 @@ impl Chardevs {
     /// The backend of the disk whose slot reports `node_name`, for `query-block`: its
     /// socket path, or `fd:NAME` for a socket passed with `getfd`.
     pub fn socket_of(&self, node_name: &str) -> Option<String> {
-        let id = node_name.strip_prefix("chardev:")?;
+        let id = chardev_of(node_name)?;
         self.chardevs.get(id).map(Chardev::peer)
     }
 

@@ -17,12 +17,24 @@
 //! `device_del` on the id.
 //!
 //! Every refusal leaves the registry, the slots and the processes as they were.
+//!
+//! A plugged disk's backend that dies (or hangs up its socket) is restarted: the event loop
+//! learns of the hang-up (see [`crate::devices::backend_hangups`]) and
+//! [`Hotplug::restart_backends`] stops what is left of the old process, asks the launcher
+//! for a new one on the same image with the same options, and puts it behind the slot, which
+//! hands it the inflight area so that no request the guest queued is lost or answered twice.
+//! A plugged NIC's backend is restarted the same way on the same tap (see
+//! [`crate::net_hotplug`]), without an inflight area: a frame may be sent twice or lost. At most [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`], each tried
+//! [`RESTART_BACKOFF`]`.len()` times; past that the disk fails: its requests get I/O errors,
+//! the driver sees DEVICE_NEEDS_RESET, one error line is logged, and `device_del` still takes
+//! it out.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use citadel_launcher::{BlkSpec, ImageSource, Launcher, TapSource};
+use citadel_launcher::{BlkSpec, ImageSource, Launcher, LauncherError, TapSource};
 use citadel_qmp::chardev::{ChardevAdd, ChardevInfo, ChardevSocket};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
@@ -36,7 +48,7 @@ use crate::cli::{
     VhostUserBlkConfig,
 };
 use crate::devices::blk_slot::PluggedDisk;
-use crate::devices::manager::DeviceManager;
+use crate::devices::manager::{DeviceManager, HungUp};
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::net_hotplug::{Netdevs, NIC_DRIVER};
@@ -48,12 +60,33 @@ pub const MAX_NODES: usize = 16;
 /// The device model of a hot-replace disk slot.
 const DISK_DRIVER: &str = "virtio-blk-mmio";
 
+/// Most restarts of one disk's backend within [`RESTART_WINDOW`]: a backend that keeps
+/// dying (an image it cannot serve, a bug a guest request triggers) is given up on rather
+/// than restarted forever.
+pub const RESTART_BUDGET: usize = 3;
+/// The window [`RESTART_BUDGET`] counts restarts in.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The pause before each attempt to restart a backend. The event loop waits through them, so
+/// they stay short.
+const RESTART_BACKOFF: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+];
+
 /// A block node: an image served by a backend process.
 struct Node {
     filename: String,
     read_only: bool,
     direct: bool,
-    pid: i32,
+    serial: Option<String>,
+    /// A duplicate of the image descriptor for an image from a descriptor, kept to start a
+    /// backend again; `None` for an image the launcher opens by `filename`.
+    image_fd: Option<OwnedFd>,
+    /// The backend process; `None` once it died and none replaced it.
+    pid: Option<i32>,
+    /// When the backend was restarted, within the last [`RESTART_WINDOW`].
+    restarts: Vec<Instant>,
     /// The frontend, while no device uses the node; a plugged disk lives in its slot.
     disk: Option<VhostUserBlk>,
     /// The device using the node.
@@ -328,20 +361,23 @@ impl Hotplug {
             .launcher
             .as_ref()
             .map_err(|why| QmpError::generic(format!("Block hotplug is unavailable: {why}")))?;
-        let image = match fdset_of(&add.filename) {
-            Some(fdset_id) => {
-                ImageSource::Fd(self.fds.open(&add.filename, fdset_id?, add.read_only)?)
-            }
-            None => ImageSource::Path(PathBuf::from(&add.filename)),
+        let image_fd = match fdset_of(&add.filename) {
+            Some(fdset_id) => Some(self.fds.open(&add.filename, fdset_id?, add.read_only)?),
+            None => None,
+        };
+        let mut node = Node {
+            filename: add.filename.clone(),
+            read_only: add.read_only,
+            direct: add.direct,
+            serial,
+            image_fd,
+            pid: None,
+            restarts: Vec::new(),
+            disk: None,
+            device: None,
         };
         let backend = launcher
-            .spawn_blk(BlkSpec {
-                id: add.node_name.clone(),
-                image,
-                read_only: add.read_only,
-                direct: add.direct,
-                serial,
-            })
+            .spawn_blk(node.spec(&add.node_name)?)
             .map_err(|e| QmpError::generic(e.to_string()))?;
         let peer = PathBuf::from(format!("citadel-blk[{}] ({})", backend.pid, add.node_name));
         let disk = match VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT) {
@@ -358,17 +394,9 @@ impl Hotplug {
             backend.pid,
             if add.read_only { ", read-only" } else { "" }
         );
-        self.nodes.insert(
-            add.node_name.clone(),
-            Node {
-                filename: add.filename.clone(),
-                read_only: add.read_only,
-                direct: add.direct,
-                pid: backend.pid,
-                disk: Some(disk),
-                device: None,
-            },
-        );
+        node.pid = Some(backend.pid);
+        node.disk = Some(disk);
+        self.nodes.insert(add.node_name.clone(), node);
         Ok(json!({}))
     }
 
@@ -584,15 +612,177 @@ impl Hotplug {
     fn release(&mut self, node_name: &str) {
         if let Some(node) = self.nodes.remove(node_name) {
             drop(node.disk);
-            if let Ok(launcher) = &self.launcher {
-                stop(launcher, node.pid);
+            match (&self.launcher, node.pid) {
+                (Ok(launcher), Some(pid)) => {
+                    stop(launcher, pid);
+                    log::info!("block node {node_name}: released, citadel-blk[{pid}] ended");
+                }
+                _ => log::info!("block node {node_name}: released"),
             }
-            log::info!(
-                "block node {node_name}: released, citadel-blk[{}] ended",
-                node.pid
-            );
         }
     }
+
+    /// Restarts the backend of every plugged disk or NIC whose backend hung up, or fails the
+    /// device when that is not possible. Called by the event loop.
+    pub fn restart_backends(&mut self, devices: &DeviceManager) {
+        for hung_up in devices.hung_up() {
+            let started = Instant::now();
+            let (addr, device_id, node_name) = match hung_up {
+                HungUp::Disk {
+                    addr,
+                    device_id,
+                    node_name,
+                } => (addr, device_id, node_name),
+                HungUp::Nic {
+                    addr,
+                    device_id,
+                    netdev_id,
+                } => {
+                    match available(&self.launcher).map_err(|e| e.desc).and_then(|launcher| {
+                        self.netdevs.restart(launcher, devices, addr, &netdev_id)
+                    }) {
+                        Ok(pid) => log::warn!(
+                            "NIC {device_id}: its backend hung up; citadel-net[{pid}] took over in {} ms",
+                            started.elapsed().as_millis()
+                        ),
+                        Err(why) => {
+                            devices.fail_nic_backend(addr);
+                            log::error!(
+                                "NIC {device_id}: its backend hung up and cannot be restarted ({why}); its link is down and the device needs a reset"
+                            );
+                        }
+                    }
+                    continue;
+                }
+            };
+            match self.restart_blk(devices, addr, &node_name) {
+                Ok(pid) => log::warn!(
+                    "disk {device_id}: its backend hung up; citadel-blk[{pid}] took over in {} ms",
+                    started.elapsed().as_millis()
+                ),
+                Err(why) => {
+                    devices.fail_disk_backend(addr);
+                    log::error!(
+                        "disk {device_id}: its backend hung up and cannot be restarted ({why}); its requests now fail with I/O errors and the device needs a reset"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Replaces the backend of node `node_name`, plugged into disk slot `addr`; returns the
+    /// new process id.
+    fn restart_blk(
+        &mut self,
+        devices: &DeviceManager,
+        addr: u64,
+        node_name: &str,
+    ) -> Result<i32, String> {
+        // A backend someone else started may keep no inflight record: replaying its ring from
+        // the used index could answer a request twice, so its disk fails instead.
+        if let Some(chardev) = crate::chardev::chardev_of(node_name) {
+            return Err(format!(
+                "its backend, behind chardev {chardev}, was not started by Citadel"
+            ));
+        }
+        let launcher = self.launcher.as_ref().map_err(Clone::clone)?;
+        let node = self
+            .nodes
+            .get_mut(node_name)
+            .ok_or_else(|| format!("node {node_name} is gone"))?;
+        // What is left of the old process goes first, reaped by the launcher, so that its pid
+        // (which the new backend may be given) is never signalled afterwards.
+        if let Some(pid) = node.pid.take() {
+            if let Err(e) = launcher.stop(pid) {
+                log::debug!("citadel-blk[{pid}] is gone already: {e}");
+            }
+        }
+        let mut restarts = std::mem::take(&mut node.restarts);
+        let restarted = within_budget(&mut restarts, || {
+            let spec = node
+                .spec(node_name)
+                .map_err(|e| AttemptError::Retry(e.desc))?;
+            let backend = launcher.spawn_blk(spec)?;
+            let peer = PathBuf::from(format!("citadel-blk[{}] ({node_name})", backend.pid));
+            VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT)
+                .map_err(|e| e.to_string())
+                .and_then(|disk| devices.replace_disk_backend(addr, disk))
+                .map(|()| backend.pid)
+                .map_err(|why| {
+                    stop(launcher, backend.pid);
+                    AttemptError::Retry(why)
+                })
+        });
+        node.restarts = restarts;
+        let pid = restarted?;
+        node.pid = Some(pid);
+        Ok(pid)
+    }
+}
+
+impl Node {
+    /// What the launcher needs to start a backend for this node.
+    fn spec(&self, node_name: &str) -> Result<BlkSpec, QmpError> {
+        let image = match &self.image_fd {
+            Some(fd) => ImageSource::Fd(fd.try_clone().map_err(|e| {
+                QmpError::generic(format!("duplicating the image descriptor: {e}"))
+            })?),
+            None => ImageSource::Path(PathBuf::from(&self.filename)),
+        };
+        Ok(BlkSpec {
+            id: node_name.to_string(),
+            image,
+            read_only: self.read_only,
+            direct: self.direct,
+            serial: self.serial.clone(),
+        })
+    }
+}
+
+/// Why one attempt to start a backend in place of one that died failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// Worth another attempt after a pause.
+    Retry(String),
+    /// No attempt can succeed: the launcher is gone.
+    Final(String),
+}
+
+impl From<LauncherError> for AttemptError {
+    fn from(e: LauncherError) -> Self {
+        match e {
+            LauncherError::Gone => AttemptError::Final(e.to_string()),
+            e => AttemptError::Retry(e.to_string()),
+        }
+    }
+}
+
+/// Runs `attempt`, the start of a backend to replace one that died, after each pause of
+/// [`RESTART_BACKOFF`] until it succeeds or fails for good, if the device was restarted fewer
+/// than [`RESTART_BUDGET`] times within [`RESTART_WINDOW`] (`restarts` keeps when); the last
+/// failure otherwise.
+pub fn within_budget<T>(
+    restarts: &mut Vec<Instant>,
+    mut attempt: impl FnMut() -> Result<T, AttemptError>,
+) -> Result<T, String> {
+    restarts.retain(|at| at.elapsed() < RESTART_WINDOW);
+    if restarts.len() >= RESTART_BUDGET {
+        return Err(format!(
+            "it was restarted {RESTART_BUDGET} times within {} s already",
+            RESTART_WINDOW.as_secs()
+        ));
+    }
+    restarts.push(Instant::now());
+    let mut why = String::new();
+    for pause in RESTART_BACKOFF {
+        std::thread::sleep(pause);
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(AttemptError::Retry(e)) => why = e,
+            Err(AttemptError::Final(e)) => return Err(e),
+        }
+    }
+    Err(why)
 }
 
 /// The launcher, or why NIC hotplug cannot start backends.

@@ -32,6 +32,7 @@ const TOKEN_QMP_LISTENER: u64 = 5;
 const TOKEN_DEVICE_START: u64 = 6;
 const TOKEN_SLOT_KICKS: u64 = 7;
 const TOKEN_BALLOON: u64 = 8;
+const TOKEN_BACKEND_HANGUPS: u64 = 9;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -168,6 +169,7 @@ impl Monitor {
             }
             None => None,
         };
+        add(machine.virtio().backend_hangups_fd(), TOKEN_BACKEND_HANGUPS)?;
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -283,6 +285,7 @@ impl Monitor {
                 }
                 self.report_balloon(true);
             }
+            TOKEN_BACKEND_HANGUPS => self.hotplug.restart_backends(self.machine.virtio()),
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;

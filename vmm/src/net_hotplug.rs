@@ -5,9 +5,16 @@
 //! ends the backend process.
 //!
 //! Every refusal leaves the netdevs, the slots and the processes as they were.
+//!
+//! A plugged NIC whose citadel-net dies gets a new one on the same tap
+//! ([`Netdevs::restart`]): a tap attached by name is attached again by name, a passed tap
+//! through a duplicate of its descriptor the netdev keeps (which also keeps the tap itself
+//! from going away with the dead backend).
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use citadel_launcher::{Launcher, NetSpec, TapSource};
 use citadel_qmp::device::DeviceAdd;
@@ -18,6 +25,7 @@ use serde_json::{json, Value};
 use crate::devices::manager::DeviceManager;
 use crate::devices::net_slot::{PluggedNic, NET_SPEC};
 use crate::devices::vhost_user::{VhostUserConnection, BACKEND_TIMEOUT};
+use crate::hotplug::{within_budget, AttemptError};
 
 /// Network backends one VM may have at once: each is a process.
 pub const MAX_NETDEVS: usize = 8;
@@ -27,11 +35,49 @@ pub const NIC_DRIVER: &str = "virtio-net-mmio";
 
 /// A network backend: a tap served by a backend process.
 struct Netdev {
-    pid: i32,
+    /// The backend process; `None` once it died and none replaced it.
+    pid: Option<i32>,
+    /// Where a restarted backend finds the tap.
+    tap: NetdevTap,
+    /// When the backend was restarted, within the last restart window.
+    restarts: Vec<Instant>,
     /// The frontend, while no device uses the netdev; a plugged NIC lives in its slot.
     conn: Option<VhostUserConnection>,
     /// The device using the netdev.
     device: Option<String>,
+}
+
+/// The tap of a netdev, kept to start its backend again.
+enum NetdevTap {
+    /// Attached by name.
+    Name(String),
+    /// Duplicates of the passed tap queues.
+    Fds(Vec<OwnedFd>),
+}
+
+impl NetdevTap {
+    /// Keeps what `source` names: the name, or duplicates of the descriptors.
+    fn keep(source: &TapSource) -> Result<NetdevTap, String> {
+        Ok(match source {
+            TapSource::Name(name) => NetdevTap::Name(name.clone()),
+            TapSource::Fds(fds) => NetdevTap::Fds(duplicates(fds)?),
+        })
+    }
+
+    /// What the launcher is given to attach the tap again.
+    fn source(&self) -> Result<TapSource, String> {
+        Ok(match self {
+            NetdevTap::Name(name) => TapSource::Name(name.clone()),
+            NetdevTap::Fds(fds) => TapSource::Fds(duplicates(fds)?),
+        })
+    }
+}
+
+fn duplicates(fds: &[OwnedFd]) -> Result<Vec<OwnedFd>, String> {
+    fds.iter()
+        .map(OwnedFd::try_clone)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("duplicating the tap descriptor: {e}"))
 }
 
 /// The netdevs of one VM.
@@ -60,10 +106,12 @@ impl Netdevs {
                 "Too many netdevs: at most {MAX_NETDEVS}"
             )));
         }
+        let tap = tap()?;
+        let kept = NetdevTap::keep(&tap).map_err(QmpError::generic)?;
         let backend = launcher
             .spawn_net(NetSpec {
                 id: add.id.clone(),
-                tap: tap()?,
+                tap,
                 mac: None,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -89,7 +137,9 @@ impl Netdevs {
         self.netdevs.insert(
             add.id.clone(),
             Netdev {
-                pid: backend.pid,
+                pid: Some(backend.pid),
+                tap: kept,
+                restarts: Vec::new(),
                 conn: Some(conn),
                 device: None,
             },
@@ -204,9 +254,54 @@ impl Netdevs {
     fn release(&mut self, launcher: &Launcher, id: &str) {
         if let Some(netdev) = self.netdevs.remove(id) {
             drop(netdev.conn);
-            stop(launcher, netdev.pid);
-            log::info!("netdev {id}: released, citadel-net[{}] ended", netdev.pid);
+            match netdev.pid {
+                Some(pid) => {
+                    stop(launcher, pid);
+                    log::info!("netdev {id}: released, citadel-net[{pid}] ended");
+                }
+                None => log::info!("netdev {id}: released"),
+            }
         }
+    }
+
+    /// Replaces the backend of netdev `id`, plugged into NIC slot `addr`, which hung up;
+    /// returns the new process id. The old process is stopped (reaped by the launcher) before
+    /// the new one starts, so that its pid is never signalled afterwards.
+    pub fn restart(
+        &mut self,
+        launcher: &Launcher,
+        devices: &DeviceManager,
+        addr: u64,
+        id: &str,
+    ) -> Result<i32, String> {
+        let netdev = self
+            .netdevs
+            .get_mut(id)
+            .ok_or_else(|| format!("netdev {id} is gone"))?;
+        if let Some(pid) = netdev.pid.take() {
+            if let Err(e) = launcher.stop(pid) {
+                log::debug!("citadel-net[{pid}] is gone already: {e}");
+            }
+        }
+        let tap = &netdev.tap;
+        let pid = within_budget(&mut netdev.restarts, || {
+            let backend = launcher.spawn_net(NetSpec {
+                id: id.to_string(),
+                tap: tap.source().map_err(AttemptError::Retry)?,
+                mac: None,
+            })?;
+            let peer = PathBuf::from(format!("citadel-net[{}] ({id})", backend.pid));
+            VhostUserConnection::from_stream(backend.socket, peer, NET_SPEC, BACKEND_TIMEOUT)
+                .map_err(|e| e.to_string())
+                .and_then(|conn| devices.replace_nic_backend(addr, conn))
+                .map(|()| backend.pid)
+                .map_err(|why| {
+                    stop(launcher, backend.pid);
+                    AttemptError::Retry(why)
+                })
+        })?;
+        netdev.pid = Some(pid);
+        Ok(pid)
     }
 }
 

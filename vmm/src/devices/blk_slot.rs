@@ -16,6 +16,14 @@
 //! VIRTIO_BLK_S_IOERR: a driver reading an empty disk's serial number (udev does for every
 //! virtio disk) gets an error instead of waiting forever. Those kicks reach the event loop
 //! through [`SlotKicks`] (under the slot's index); while a backend serves the ring they go to the backend only.
+//!
+//! A backend that dies is replaced without the driver noticing ([`BlkSlot::replace_backend`]):
+//! the new one inherits the inflight area, takes the ring from the used index in guest memory
+//! (its inflight record moves it back to the request the dead one had in hand, if any), and
+//! gets a kick and an interrupt for whatever happened while nobody served the ring. When no
+//! backend can replace it ([`BlkSlot::fail_backend`]), the disk stays in the slot for
+//! `device_del` to take out, the slot answers every request with an I/O error from the used
+//! index on, and the caller tells the driver the device needs a reset.
 
 use std::sync::Arc;
 
@@ -28,7 +36,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::slot_ring::{answer_chains, empty_ring, KickWatch, SlotKicks};
+use super::slot_ring::{answer_chains, empty_ring, used_index, KickWatch, SlotKicks};
 use super::vhost_user_blk::{VhostUserBlk, QUEUE_MAX_SIZE};
 use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
 
@@ -85,6 +93,9 @@ pub struct BlkSlot {
     running: Option<Running>,
     /// The queue's kicks while the slot answers the ring itself.
     watched: KickWatch,
+    /// The plugged disk lost its backend and none could replace it: the slot answers the
+    /// ring itself until the disk is unplugged.
+    failed: bool,
 }
 
 /// Why a disk could not be plugged or unplugged. The disk comes back when it is still usable.
@@ -112,6 +123,7 @@ impl BlkSlot {
             disk: None,
             running: None,
             watched: KickWatch::new(kicks, index),
+            failed: false,
         }
     }
 
@@ -181,23 +193,114 @@ impl BlkSlot {
     pub fn unplug(&mut self) -> Option<PluggedDisk> {
         let mut plugged = self.disk.take()?;
         self.config[..8].fill(0);
+        let served = !self.failed && self.running.as_ref().is_some_and(|r| r.empty.is_none());
+        if served {
+            // A backend that cannot say where it stopped is killed right after; the slot
+            // then answers everything it did not complete, from the used index on, so that
+            // no request of the driver waits forever.
+            let base = match plugged.disk.connection().stop_rings() {
+                Ok(bases) => bases.first().map(|b| b.1),
+                Err(e) => {
+                    log::warn!(
+                        "disk slot {}: stopping {}'s rings: {e}",
+                        self.index,
+                        plugged.device_id
+                    );
+                    None
+                }
+            };
+            self.hold_ring(base);
+        }
+        self.failed = false;
+        log::info!(
+            "disk slot {}: {} ({}) unplugged",
+            self.index,
+            plugged.device_id,
+            plugged.node_name
+        );
+        Some(plugged)
+    }
+
+    /// Puts `disk`, a fresh backend for the plugged disk's image, in place of the plugged
+    /// disk's backend, which died. If the driver has started the slot, the new backend takes
+    /// the ring from the used index with the old one's inflight area; then the queue gets a
+    /// kick (requests the driver queued meanwhile) and the driver an interrupt (a completion
+    /// the old backend published but did not signal). On a refusal `disk` is dropped and the
+    /// old backend stays in place.
+    pub fn replace_backend(&mut self, mut disk: VhostUserBlk) -> Result<(), String> {
+        let Some(plugged) = self.disk.as_mut() else {
+            return Err(format!("the slot {} is empty", self.index));
+        };
+        if self.failed {
+            return Err(format!("the slot {}'s disk has failed already", self.index));
+        }
+        disk.check_fits_slot()?;
+        let capacity = u64::from_le_bytes(self.config[..8].try_into().unwrap_or_default());
+        if disk.capacity() != capacity {
+            return Err(format!(
+                "the new backend reports {} sectors, the disk had {capacity}",
+                disk.capacity()
+            ));
+        }
+        disk.set_memory(&self.memory).map_err(|e| e.to_string())?;
+        let running = self.running.as_ref().filter(|r| r.empty.is_none());
+        let base = match running {
+            Some(running) => Some(
+                used_index(&self.memory, &running.params, 0)
+                    .ok_or_else(|| "the ring does not lie in guest RAM".to_string())?,
+            ),
+            None => None,
+        };
+        disk.connection()
+            .inherit_inflight(plugged.disk.connection());
+        let result = match running.zip(base) {
+            Some((running, base)) => {
+                let started = disk
+                    .connection()
+                    .start_at(&running.params, &[base])
+                    .map_err(|e| e.to_string());
+                if started.is_ok() {
+                    if let Some(kick) = running.params.notify.first() {
+                        let _ = kick.write(1);
+                    }
+                    if let Err(e) = running.params.interrupt.signal_used_queue() {
+                        log::warn!("disk slot {}: raising its interrupt: {e}", self.index);
+                    }
+                }
+                started
+            }
+            None => Ok(()),
+        };
+        if let Err(why) = result {
+            // The area goes back with the old backend for the next attempt.
+            plugged
+                .disk
+                .connection()
+                .inherit_inflight(disk.connection());
+            return Err(why);
+        }
+        plugged.disk = disk;
+        Ok(())
+    }
+
+    /// Gives up on the plugged disk's backend: the slot answers every request not completed,
+    /// from the used index on, with an I/O error, until the disk is unplugged. The caller
+    /// tells the driver the device needs a reset.
+    pub fn fail_backend(&mut self) {
+        if self.disk.is_none() || self.failed {
+            return;
+        }
+        self.failed = true;
+        self.hold_ring(None);
+    }
+
+    /// Takes the ring back from a backend that stopped at `base` (the used index when it
+    /// could not say, or named a point outside the outstanding requests): the slot answers
+    /// the driver's requests from then on.
+    fn hold_ring(&mut self, base: Option<u16>) {
         let mut notify = None;
         if let Some(running) = self.running.as_mut() {
             if running.empty.is_none() {
-                // A backend that cannot say where it stopped is killed right after; the
-                // slot then answers everything it did not complete, from the used index on,
-                // so that no request of the driver waits forever.
-                let base = match plugged.disk.connection().stop_rings() {
-                    Ok(bases) => bases.first().map(|b| b.1),
-                    Err(e) => {
-                        log::warn!(
-                            "disk slot {}: stopping {}'s rings: {e}",
-                            self.index,
-                            plugged.device_id
-                        );
-                        None
-                    }
-                };
                 running.empty =
                     empty_ring(&self.memory, &running.params, 0, QUEUE_MAX_SIZE, Some(base));
                 running
@@ -216,13 +319,6 @@ impl BlkSlot {
             // Kicks that came while the backend stopped.
             let _ = fd.write(1);
         }
-        log::info!(
-            "disk slot {}: {} ({}) unplugged",
-            self.index,
-            plugged.device_id,
-            plugged.node_name
-        );
-        Some(plugged)
     }
 
     /// Answers what the driver queued on an empty slot. Called by the event loop when the
@@ -280,10 +376,11 @@ impl VirtioDevice for BlkSlot {
     }
 
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
-        if self.disk.is_some() {
+        let served = self.disk.as_mut().filter(|_| !self.failed);
+        if served.is_some() {
             self.watched.unwatch();
         }
-        match self.disk.as_mut() {
+        match served {
             Some(plugged) => {
                 plugged
                     .disk

@@ -26,11 +26,14 @@ use std::os::fd::RawFd;
 
 use vm_memory::GuestMemoryMmap;
 
+use super::backend_hangups::BackendHangups;
 use super::balloon::{BalloonHandle, BalloonOptions};
 use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
 use super::slot_ring::SlotKicks;
+use super::vhost_user::VhostUserConnection;
+use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
 
@@ -170,6 +173,29 @@ pub struct NicSlotInfo {
     pub plugged: Option<(String, String)>,
 }
 
+/// A plugged slot whose backend hung up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HungUp {
+    /// A disk slot.
+    Disk {
+        /// The slot's number.
+        addr: u64,
+        /// The plugged device's id.
+        device_id: String,
+        /// Its block node.
+        node_name: String,
+    },
+    /// A NIC slot.
+    Nic {
+        /// The slot's number.
+        addr: u64,
+        /// The plugged device's id.
+        device_id: String,
+        /// Its netdev.
+        netdev_id: String,
+    },
+}
+
 /// What `query-block` shows of one disk slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSlotInfo {
@@ -186,6 +212,7 @@ pub struct DeviceManager {
     disk_slots: Vec<DiskSlot>,
     nic_slots: Vec<NicSlot>,
     kicks: Arc<SlotKicks>,
+    hangups: BackendHangups,
     activation: EventFd,
     balloon: Option<BalloonHandle>,
 }
@@ -199,6 +226,7 @@ impl DeviceManager {
             disk_slots: Vec::new(),
             nic_slots: Vec::new(),
             kicks: Arc::new(SlotKicks::new()?),
+            hangups: BackendHangups::new()?,
             activation: EventFd::new(EFD_NONBLOCK)?,
             balloon: None,
         })
@@ -373,23 +401,142 @@ impl DeviceManager {
                 disk: Some(Box::new(disk)),
             });
         };
-        slot.transport.try_update_config(|s| s.plug(disk))
+        let socket = disk.disk.socket();
+        slot.transport.try_update_config(|s| s.plug(disk))?;
+        self.hangups.watch(addr, socket);
+        Ok(())
     }
 
     /// Takes the disk with device id `id` out of its slot and raises the slot's
     /// configuration change.
     pub fn unplug_disk(&self, id: &str) -> Option<PluggedDisk> {
-        self.disk_slots.iter().find_map(|slot| {
-            let ours = slot
-                .transport
-                .with_device(|s| s.disk().is_some_and(|d| d.device_id == id));
-            if !ours {
-                return None;
-            }
+        self.disk_slots.iter().enumerate().find_map(|(addr, slot)| {
+            let socket = slot.transport.with_device(|s| {
+                s.disk()
+                    .filter(|d| d.device_id == id)
+                    .map(|d| d.disk.socket())
+            })?;
+            self.hangups.unwatch(addr as u64, socket);
             slot.transport
                 .try_update_config(|s| s.unplug().ok_or(()))
                 .ok()
         })
+    }
+
+    /// What the event loop waits on for hang-ups of the backends of plugged slots.
+    pub fn backend_hangups_fd(&self) -> RawFd {
+        self.hangups.as_raw_fd()
+    }
+
+    /// The slots whose backend hung up (each stays reported until its backend is replaced,
+    /// failed or unplugged).
+    pub fn hung_up(&self) -> Vec<HungUp> {
+        self.hangups
+            .ready()
+            .into_iter()
+            .filter_map(|token| {
+                let addr = token & !NIC_TOKEN;
+                let index = usize::try_from(addr).ok()?;
+                if token & NIC_TOKEN != 0 {
+                    let slot = self.nic_slots.get(index)?;
+                    slot.transport.with_device(|s| {
+                        s.nic().map(|n| HungUp::Nic {
+                            addr,
+                            device_id: n.device_id.clone(),
+                            netdev_id: n.netdev_id.clone(),
+                        })
+                    })
+                } else {
+                    let slot = self.disk_slots.get(index)?;
+                    slot.transport.with_device(|s| {
+                        s.disk().map(|d| HungUp::Disk {
+                            addr,
+                            device_id: d.device_id.clone(),
+                            node_name: d.node_name.clone(),
+                        })
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Replaces the backend of the NIC in NIC slot `addr` with `conn` (see
+    /// [`NetSlot::replace_backend`]); the slot's hang-up watch moves to the new socket.
+    pub fn replace_nic_backend(&self, addr: u64, conn: VhostUserConnection) -> Result<(), String> {
+        let slot = self.nic_slot(addr)?;
+        let new_socket = conn.socket();
+        let old_socket = slot
+            .transport
+            .with_device(|s| s.nic().map(|n| n.conn.socket()));
+        if let Some(old) = old_socket {
+            self.hangups.unwatch(NIC_TOKEN | addr, old);
+        }
+        slot.transport.with_device(|s| s.replace_backend(conn))?;
+        self.hangups.watch(NIC_TOKEN | addr, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the NIC in NIC slot `addr`: its link goes down, the slot
+    /// drops what the guest sends, and the driver is told the device needs a reset (see
+    /// [`NetSlot::fail_backend`]).
+    pub fn fail_nic_backend(&self, addr: u64) {
+        let Ok(slot) = self.nic_slot(addr) else {
+            return;
+        };
+        let socket = slot
+            .transport
+            .with_device(|s| s.nic().map(|n| n.conn.socket()));
+        if let Some(socket) = socket {
+            self.hangups.unwatch(NIC_TOKEN | addr, socket);
+        }
+        slot.transport.fail_device(NetSlot::fail_backend);
+    }
+
+    fn nic_slot(&self, addr: u64) -> Result<&NicSlot, String> {
+        usize::try_from(addr)
+            .ok()
+            .and_then(|a| self.nic_slots.get(a))
+            .ok_or_else(|| format!("no NIC slot {addr}"))
+    }
+
+    /// Replaces the backend of the disk in slot `addr` with `disk` (see
+    /// [`BlkSlot::replace_backend`]); the slot's hang-up watch moves to the new socket.
+    pub fn replace_disk_backend(&self, addr: u64, disk: VhostUserBlk) -> Result<(), String> {
+        let slot = self.disk_slot(addr)?;
+        let new_socket = disk.socket();
+        let old_socket = slot
+            .transport
+            .with_device(|s| s.disk().map(|d| d.disk.socket()));
+        // Unwatched while it is still open: a successful replacement closes it.
+        if let Some(old) = old_socket {
+            self.hangups.unwatch(addr, old);
+        }
+        slot.transport.with_device(|s| s.replace_backend(disk))?;
+        self.hangups.watch(addr, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the disk in slot `addr`: the slot answers the driver's
+    /// requests with I/O errors, and the driver is told the device needs a reset (see
+    /// [`BlkSlot::fail_backend`]).
+    pub fn fail_disk_backend(&self, addr: u64) {
+        let Ok(slot) = self.disk_slot(addr) else {
+            return;
+        };
+        let socket = slot
+            .transport
+            .with_device(|s| s.disk().map(|d| d.disk.socket()));
+        if let Some(socket) = socket {
+            self.hangups.unwatch(addr, socket);
+        }
+        slot.transport.fail_device(BlkSlot::fail_backend);
+    }
+
+    fn disk_slot(&self, addr: u64) -> Result<&DiskSlot, String> {
+        usize::try_from(addr)
+            .ok()
+            .and_then(|a| self.disk_slots.get(a))
+            .ok_or_else(|| format!("no disk slot {addr}"))
     }
 
     /// The NIC slots and what is plugged into each.
@@ -421,19 +568,22 @@ impl DeviceManager {
                 nic: Some(Box::new(nic)),
             });
         };
-        slot.transport.try_update_config(|s| s.plug(nic))
+        let socket = nic.conn.socket();
+        slot.transport.try_update_config(|s| s.plug(nic))?;
+        self.hangups.watch(NIC_TOKEN | addr, socket);
+        Ok(())
     }
 
     /// Takes the NIC with device id `id` out of its slot and raises the slot's configuration
     /// change (the link goes down).
     pub fn unplug_nic(&self, id: &str) -> Option<PluggedNic> {
-        self.nic_slots.iter().find_map(|slot| {
-            let ours = slot
-                .transport
-                .with_device(|s| s.nic().is_some_and(|n| n.device_id == id));
-            if !ours {
-                return None;
-            }
+        self.nic_slots.iter().enumerate().find_map(|(addr, slot)| {
+            let socket = slot.transport.with_device(|s| {
+                s.nic()
+                    .filter(|n| n.device_id == id)
+                    .map(|n| n.conn.socket())
+            })?;
+            self.hangups.unwatch(NIC_TOKEN | addr as u64, socket);
             slot.transport
                 .try_update_config(|s| s.unplug().ok_or(()))
                 .ok()

@@ -1,6 +1,7 @@
 //! Devices the monitor itself emulates, and the MMIO transport that device processes attach
 //! to. Device I/O itself is served by backend processes.
 
+pub mod backend_hangups;
 pub mod balloon;
 pub mod blk_slot;
 pub mod deadline;

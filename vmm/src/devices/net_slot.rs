@@ -30,7 +30,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::slot_ring::{answer_chains, empty_ring, KickWatch, SlotKicks};
+use super::slot_ring::{answer_chains, empty_ring, used_index, KickWatch, SlotKicks};
 use super::vhost_user::{DeviceSpec, VhostUserConnection};
 use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
 
@@ -120,6 +120,9 @@ pub struct NetSlot {
     running: Option<Running>,
     /// The TX queue's kicks while the slot answers the ring itself.
     watched: KickWatch,
+    /// The plugged NIC lost its backend and none could replace it: the link is down and the
+    /// slot drops the TX frames until the NIC is unplugged.
+    failed: bool,
 }
 
 impl NetSlot {
@@ -137,6 +140,7 @@ impl NetSlot {
             nic: None,
             running: None,
             watched: KickWatch::new(kicks, token),
+            failed: false,
         }
     }
 
@@ -215,25 +219,95 @@ impl NetSlot {
         Ok(())
     }
 
+    /// Puts `conn`, a fresh backend for the plugged NIC's tap, in place of the plugged NIC's
+    /// backend, which died. If the driver has started the slot, the new backend takes both
+    /// rings from their used indices (a frame the dead one took but did not complete is sent
+    /// again, a receive buffer it filled but did not return is filled again), then both queues
+    /// get a kick and the driver an interrupt. On a refusal `conn` is dropped and the old
+    /// backend stays in place.
+    pub fn replace_backend(&mut self, mut conn: VhostUserConnection) -> Result<(), String> {
+        let Some(nic) = self.nic.as_mut() else {
+            return Err(format!("the NIC slot {} is empty", self.index));
+        };
+        if self.failed {
+            return Err(format!(
+                "the NIC slot {}'s NIC has failed already",
+                self.index
+            ));
+        }
+        let missing = SLOT_FEATURES & !conn.features();
+        if missing != 0 {
+            return Err(format!(
+                "the new backend lacks features the slot offers ({missing:#x})"
+            ));
+        }
+        conn.set_memory(&self.memory).map_err(|e| e.to_string())?;
+        if let Some(running) = self.running.as_ref().filter(|r| r.empty.is_none()) {
+            let used = |ring| used_index(&self.memory, &running.params, ring);
+            let (Some(rx), Some(tx)) = (used(RX), used(TX)) else {
+                return Err("the rings do not lie in guest RAM".into());
+            };
+            conn.start_at(&running.params, &[rx, tx])
+                .map_err(|e| e.to_string())?;
+            for kick in &running.params.notify {
+                let _ = kick.write(1);
+            }
+            if let Err(e) = running.params.interrupt.signal_used_queue() {
+                log::warn!("NIC slot {}: raising its interrupt: {e}", self.index);
+            }
+        }
+        nic.conn = conn;
+        Ok(())
+    }
+
+    /// Gives up on the plugged NIC's backend: the link goes down and the slot drops the TX
+    /// frames from the used index on, until the NIC is unplugged. The caller tells the driver
+    /// the device needs a reset.
+    pub fn fail_backend(&mut self) {
+        if self.nic.is_none() || self.failed {
+            return;
+        }
+        self.failed = true;
+        self.set_link(false);
+        self.hold_rings(&[]);
+    }
+
     /// Takes the NIC out and sets the link down, stopping its backend's rings first; the
     /// slot holds the rings from where the backend stopped. The caller raises the
     /// configuration change.
     pub fn unplug(&mut self) -> Option<PluggedNic> {
         let mut nic = self.nic.take()?;
         self.set_link(false);
+        let served = self.running.as_ref().is_some_and(|r| r.empty.is_none());
+        if served {
+            // A backend that cannot say where it stopped leaves each ring at its used
+            // index: nothing the driver queued past it waits forever.
+            let bases = nic.conn.stop_rings().unwrap_or_else(|e| {
+                log::warn!(
+                    "NIC slot {}: stopping {}'s rings: {e}",
+                    self.index,
+                    nic.device_id
+                );
+                Vec::new()
+            });
+            self.hold_rings(&bases);
+        }
+        self.failed = false;
+        log::info!(
+            "NIC slot {}: {} ({}) unplugged, link down",
+            self.index,
+            nic.device_id,
+            nic.netdev_id
+        );
+        Some(nic)
+    }
+
+    /// Takes the rings back from a backend that stopped at `bases` (each ring missing there
+    /// from its used index): the slot drops what the driver transmits from then on.
+    fn hold_rings(&mut self, bases: &[(usize, u16)]) {
         let mut kick = None;
         if let Some(running) = self.running.as_mut() {
             if running.empty.is_none() {
-                // A backend that cannot say where it stopped leaves each ring at its used
-                // index: nothing the driver queued past it waits forever.
-                let bases = nic.conn.stop_rings().unwrap_or_else(|e| {
-                    log::warn!(
-                        "NIC slot {}: stopping {}'s rings: {e}",
-                        self.index,
-                        nic.device_id
-                    );
-                    Vec::new()
-                });
                 let base = |ring| bases.iter().find(|b| b.0 == ring).map(|b| b.1);
                 let ring = |index| {
                     empty_ring(
@@ -261,13 +335,6 @@ impl NetSlot {
             // Frames queued while the backend stopped.
             let _ = fd.write(1);
         }
-        log::info!(
-            "NIC slot {}: {} ({}) unplugged, link down",
-            self.index,
-            nic.device_id,
-            nic.netdev_id
-        );
-        Some(nic)
     }
 
     /// Drops the frames the driver queued for transmission on an empty slot. Called by the
@@ -326,7 +393,7 @@ impl VirtioDevice for NetSlot {
 
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
         self.watched.unwatch();
-        match self.nic.as_mut() {
+        match self.nic.as_mut().filter(|_| !self.failed) {
             Some(nic) => {
                 nic.conn
                     .start_at(&params, &[0, 0])

@@ -163,6 +163,17 @@ pub fn empty_ring(
     Some(queue)
 }
 
+/// The used index the device last published on ring `index`, read from guest memory: where a
+/// backend replacing one that died resumes (its inflight record corrects this when the dead
+/// one had a request in hand).
+pub fn used_index(memory: &GuestMemoryMmap, params: &ActivateParams, index: usize) -> Option<u16> {
+    let config = params.queues.get(index).filter(|q| q.ready)?;
+    let idx: u16 = memory
+        .read_obj(GuestAddress(config.used.checked_add(2)?))
+        .ok()?;
+    Some(u16::from_le(idx))
+}
+
 /// Where the slot resumes a ring a backend stopped: the backend's word (GET_VRING_BASE) only
 /// when it lies between what was completed (`used`) and what the driver offered (`avail`), as
 /// any honest stopping point does; otherwise, or without one, from `used`, answering every
@@ -219,7 +230,40 @@ pub fn answer_chains(
 
 #[cfg(test)]
 mod tests {
-    use super::resume_index;
+    use super::{resume_index, used_index};
+    use crate::devices::virtio_mmio::{ActivateParams, Interrupt, QueueConfig};
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn a_replacement_backend_resumes_at_the_used_index_the_guest_sees() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let ring = |used: u64, ready: bool| QueueConfig {
+            size: 8,
+            desc: 0x1000,
+            avail: 0x2000,
+            used,
+            ready,
+        };
+        let params = |queues| ActivateParams {
+            features: 0,
+            queues,
+            notify: Vec::new(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        };
+        memory
+            .write_obj(0x1234u16.to_le(), GuestAddress(0x3002))
+            .unwrap();
+        let started = params(vec![ring(0x3000, true), ring(0xfffe, true)]);
+        assert_eq!(used_index(&memory, &started, 0), Some(0x1234));
+        // Its index would lie past guest RAM; a queue that does not exist.
+        assert_eq!(used_index(&memory, &started, 1), None);
+        assert_eq!(used_index(&memory, &started, 2), None);
+        // A queue the driver did not start has no used index to resume from.
+        let idle = params(vec![ring(0x3000, false)]);
+        assert_eq!(used_index(&memory, &idle, 0), None);
+    }
 
     #[test]
     fn a_backends_stopping_point_is_believed_only_inside_the_outstanding_window() {

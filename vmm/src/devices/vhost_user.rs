@@ -25,14 +25,21 @@
 //! thread at startup. A backend that fails a request is not used again: its connection is in
 //! an unknown state, and the driver sees DEVICE_NEEDS_RESET.
 //!
+//! Inflight tracking: when the backend offers VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, the first
+//! start asks it for its inflight area (GET_INFLIGHT_FD) and the connection keeps the
+//! descriptor. The area outlives the backend: a backend started to replace one that died is
+//! given it (SET_INFLIGHT_FD, see [`VhostUserConnection::inherit_inflight`]) and finds in it the
+//! request the dead one had taken but not completed. The monitor never maps or reads the area.
+//!
 //! [`Interrupt::set_vring_signalled_externally`]: super::virtio_mmio::Interrupt::set_vring_signalled_externally
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -124,6 +131,18 @@ pub struct VhostUserConnection {
     started: Vec<usize>,
     /// A request failed: the connection is in an unknown state and is not used again.
     broken: bool,
+    /// Whether the backend tracks inflight requests in an area the frontend keeps.
+    tracks_inflight: bool,
+    /// The backend's inflight area, once a start asked for it or inherited it.
+    inflight: Option<InflightArea>,
+    /// Whether this backend has the area: it created it, or was given it.
+    inflight_shared: bool,
+}
+
+/// A backend's inflight area as GET_INFLIGHT_FD described it.
+struct InflightArea {
+    info: VhostUserInflight,
+    file: File,
 }
 
 impl std::fmt::Debug for VhostUserConnection {
@@ -134,6 +153,7 @@ impl std::fmt::Debug for VhostUserConnection {
             .field("offered", &format_args!("{:#x}", self.offered))
             .field("started", &self.started)
             .field("broken", &self.broken)
+            .field("inflight", &self.inflight.is_some())
             .finish()
     }
 }
@@ -176,6 +196,9 @@ impl VhostUserConnection {
             memory: None,
             started: Vec::new(),
             broken: false,
+            tracks_inflight: false,
+            inflight: None,
+            inflight_shared: false,
         };
         let deadline = conn.deadline()?;
         conn.negotiate()?;
@@ -225,7 +248,8 @@ impl VhostUserConnection {
                 "it does not offer VHOST_USER_PROTOCOL_F_CONFIG (needed to read the device configuration)",
             ));
         }
-        let mut wanted = VhostUserProtocolFeatures::REPLY_ACK;
+        let mut wanted =
+            VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         if needs_config {
             wanted |= VhostUserProtocolFeatures::CONFIG;
         }
@@ -238,6 +262,7 @@ impl VhostUserConnection {
             // or a broken pipe later.
             self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+        self.tracks_inflight = acked.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         if let Some(len) = self.spec.config_len {
             let (_, config) = self
                 .frontend
@@ -284,6 +309,22 @@ impl VhostUserConnection {
     /// Whether a request failed and the connection is not used again.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// The connected socket, for the event loop to learn when the backend hangs up. It stays
+    /// owned by the connection.
+    pub fn socket(&self) -> RawFd {
+        self.socket
+    }
+
+    /// Takes over the inflight area of `dead`, the connection to the backend this one
+    /// replaces, to hand it to this backend at its next start. Without one (the old backend
+    /// never started, or does not track), this backend creates its own.
+    pub fn inherit_inflight(&mut self, dead: &mut VhostUserConnection) {
+        if self.tracks_inflight {
+            self.inflight = dead.inflight.take();
+            self.inflight_shared = false;
+        }
     }
 
     /// Gives the device guest RAM, which it shares with the backend (by its memfd) when the
@@ -394,6 +435,7 @@ impl VhostUserConnection {
         self.frontend
             .set_mem_table(&regions)
             .map_err(self.request("SET_MEM_TABLE"))?;
+        self.share_inflight(params)?;
         let irqfd = params.interrupt.irqfd();
         // The transport reports VRING from the first kick on: completions come straight from
         // the backend through the irqfd.
@@ -424,6 +466,46 @@ impl VhostUserConnection {
                 .set_vring_enable(index, true)
                 .map_err(self.request("SET_VRING_ENABLE"))?;
         }
+        Ok(())
+    }
+
+    /// Makes sure the backend has its inflight area before it takes rings: asks it for a new
+    /// one (GET_INFLIGHT_FD) at the first start, or gives it the one inherited from the
+    /// backend it replaces (SET_INFLIGHT_FD).
+    fn share_inflight(&mut self, params: &ActivateParams) -> Result<(), VhostUserError> {
+        if !self.tracks_inflight || self.inflight_shared {
+            return Ok(());
+        }
+        match &self.inflight {
+            Some(area) => self
+                .frontend
+                .set_inflight_fd(&area.info, area.file.as_raw_fd())
+                .map_err(self.request("SET_INFLIGHT_FD"))?,
+            None => {
+                let queue_size = params
+                    .queues
+                    .iter()
+                    .map(|q| q.size)
+                    .max()
+                    .unwrap_or(self.spec.queue_max_size);
+                let request =
+                    VhostUserInflight::new(0, 0, self.spec.queues as u16, queue_size.max(1));
+                let (info, file) = self
+                    .frontend
+                    .get_inflight_fd(&request)
+                    .map_err(self.request("GET_INFLIGHT_FD"))?;
+                // Handed as it is to the backend that replaces this one, which checks it
+                // against the area; what SET_INFLIGHT_FD cannot carry is refused now.
+                if info.mmap_size == 0 || info.num_queues == 0 || info.queue_size == 0 {
+                    return Err(self.backend(format!(
+                        "GET_INFLIGHT_FD described an empty area ({} bytes, {} queues of {})",
+                        info.mmap_size, info.num_queues, info.queue_size
+                    )));
+                }
+                self.inflight = Some(InflightArea { info, file });
+            }
+        }
+        self.inflight_shared = true;
         Ok(())
     }
 

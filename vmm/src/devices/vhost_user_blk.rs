@@ -116,6 +116,11 @@ impl VhostUserBlk {
         self.conn.set_memory(memory)
     }
 
+    /// The backend's socket, watched for a hang-up (see [`VhostUserConnection::socket`]).
+    pub fn socket(&self) -> std::os::fd::RawFd {
+        self.conn.socket()
+    }
+
     /// The connection to the backend, to start and stop its rings.
     pub fn connection(&mut self) -> &mut VhostUserConnection {
         &mut self.conn

@@ -555,6 +555,21 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         Ok(result)
     }
 
+    /// Runs `f` on the device under the transport's lock; if the driver has started the
+    /// device, sets DEVICE_NEEDS_RESET in its status and raises the configuration interrupt,
+    /// as virtio asks of a device that can no longer work until it is reset.
+    pub fn fail_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        let mut state = self.lock();
+        let result = f(&mut state.device);
+        if state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            state.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            if let Err(e) = self.interrupt.signal_config_change() {
+                log::warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+            }
+        }
+        result
+    }
+
     /// Runs `f` on the device under the transport's lock, raising nothing.
     pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
         f(&mut self.lock().device)

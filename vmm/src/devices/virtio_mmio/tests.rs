@@ -508,6 +508,26 @@ fn activation_failure_sets_needs_reset_and_a_reset_recovers() {
 }
 
 #[test]
+fn a_device_failed_while_running_needs_a_reset_and_one_never_started_does_not() {
+    let f = fixture();
+    f.transport.fail_device(|_| ());
+    assert_eq!(f.status(), 0);
+    assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    assert_eq!(f.negotiate(VERSION_1), S_FEATURES_OK);
+    f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    assert_eq!(f.activations(), 1);
+    let ran = f.transport.fail_device(|device| device.max_sizes.len());
+    assert_eq!(ran, 2);
+    assert_eq!(f.status(), S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET);
+    assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
+    assert!(is_signalled(f.transport.interrupt().irqfd()));
+    f.w32(VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(f.status(), 0);
+    assert_eq!(f.record.lock().unwrap().resets, 1);
+}
+
+#[test]
 fn reset_returns_every_register_to_its_initial_value() {
     let f = fixture();
     assert_eq!(f.negotiate(VERSION_1 | 1), S_FEATURES_OK);

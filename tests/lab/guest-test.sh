@@ -89,7 +89,9 @@ disk)
 	;;
 bench-read)
 	# Reads the first disk that is not an empty slot with O_DIRECT, 4 KiB and 128 KiB at a
-	# time (one request in flight: busybox dd), and reports each read's milliseconds.
+	# time (one request in flight: busybox dd), and reports each read's milliseconds; then
+	# 4 KiB random reads with 32 and with 1 in flight (aio-randread, Linux AIO), reporting
+	# IOPS and MiB/s.
 	disk=
 	for d in $(ls /sys/block | grep '^vd'); do
 		if [ "$(disk_size "$d")" != 0 ]; then
@@ -107,6 +109,12 @@ bench-read)
 		end=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
 		echo "guest: read-$bs-rc=$rc"
 		echo "guest: read-$bs-ms=$((end - start))"
+	done
+	for spec in 32:4096 1:1024; do
+		depth=${spec%%:*}
+		aio-randread "/dev/$disk" "${spec##*:}" "$depth" >/tmp/randread.out 2>&1
+		echo "guest: randread-qd$depth-rc=$?"
+		sed "s/^/guest: randread-qd$depth-/" /tmp/randread.out
 	done
 	echo "guest: bench done"
 	;;

@@ -173,6 +173,62 @@ nic)
 	echo "guest: eth0-carrier-after=$(cat /sys/class/net/eth0/carrier)"
 	echo "guest: nic unplugged"
 	;;
+disks-six)
+	# Six disks plugged at once, one per slot: the guest waits for each slot's new size and
+	# reads the marker of the disk in it, then waits for every slot to empty again.
+	echo "guest: disks-six waiting"
+	for d in vda vdb vdc vdd vde vdf; do
+		wait_size $d -gt 0
+		echo "guest: $d-size=$(disk_size $d)"
+		disk_node $d
+		echo "guest: $d-marker=$(dd if=/dev/$d bs=23 count=1 2>/dev/null)"
+	done
+	echo "guest: disks-six unplug-ready"
+	for d in vda vdb vdc vdd vde vdf; do
+		wait_size $d -eq 0
+		echo "guest: $d-size-after=$(disk_size $d)"
+	done
+	echo "guest: disks-six unplugged"
+	;;
+disk-readonly)
+	# A read-only disk in slot 2 (vdc): the guest reads the host's marker, then tries an
+	# O_DIRECT write, which must fail (the slot's features were negotiated at boot, so the
+	# driver does not know the disk is read-only: the backend refuses the write), and reads the
+	# marker again.
+	echo "guest: disk-readonly waiting"
+	wait_size vdc -gt 0
+	echo "guest: vdc-size=$(disk_size vdc)"
+	disk_node vdc
+	echo "guest: ro-marker=$(dd if=/dev/vdc bs=29 count=1 2>/dev/null)"
+	dd if=/dev/zero of=/dev/vdc bs=4096 count=1 conv=notrunc oflag=direct >/tmp/ro.out 2>&1
+	echo "guest: ro-write=$?"
+	sed 's/^/guest: says: /' /tmp/ro.out
+	echo "guest: ro-marker-after=$(dd if=/dev/vdc bs=4096 count=1 iflag=direct 2>/dev/null | head -c 29)"
+	echo "guest: disk-readonly unplug-ready"
+	wait_size vdc -eq 0
+	echo "guest: vdc-size-after=$(disk_size vdc)"
+	echo "guest: disk-readonly unplugged"
+	;;
+disk-replug)
+	# The same image plugged into slot 3 (vdd) round after round: each round the guest reports
+	# the size it sees and the counter the round before wrote at 4096, writes its own with
+	# O_DIRECT, and waits for the unplug. L1 decides how many rounds there are.
+	echo "guest: disk-replug waiting"
+	round=1
+	while :; do
+		wait_size vdd -gt 0
+		echo "guest: replug-$round-size=$(disk_size vdd)"
+		disk_node vdd
+		echo "guest: replug-$round-read=$(dd if=/dev/vdd bs=4096 skip=1 count=1 iflag=direct 2>/dev/null | tr -d '\000')"
+		printf 'replug-round-%02d' $round |
+			dd of=/dev/vdd bs=4096 seek=1 conv=sync,notrunc oflag=direct 2>/dev/null
+		echo "guest: replug-$round-write=$?"
+		echo "guest: replug round $round written"
+		wait_size vdd -eq 0
+		echo "guest: replug round $round unplugged"
+		round=$((round + 1))
+	done
+	;;
 esac
 echo "guest: end"
 exec sleep 1000000

@@ -229,6 +229,56 @@ disk-replug)
 		round=$((round + 1))
 	done
 	;;
+nic-two)
+	# NICs in both slots, eth0 on 10.77.1.0/24 and eth1 on 10.77.2.0/24: over each the guest
+	# pings L1, sends it 10 MiB and receives 10 MiB from it (busybox nc; L1 listens), reports
+	# the checksums and the NIC's byte counters, and then waits for both carriers to drop.
+	for n in 0 1; do
+		ip link set eth$n up
+		ip addr add 10.77.$((n + 1)).2/24 dev eth$n
+	done
+	dd if=/dev/urandom of=/tmp/tx bs=1M count=10 2>/dev/null
+	echo "guest: tx-md5=$(md5sum </tmp/tx | cut -d' ' -f1)"
+	# Busybox nc ends the connection as soon as its standard input ends: the receiving one
+	# reads a FIFO that stays open and silent.
+	mkfifo /tmp/hold
+	sleep 1000000 >/tmp/hold &
+	hold=$!
+	echo "guest: nic-two waiting"
+	for n in 0 1; do
+		wait_carrier eth$n 1
+		echo "guest: eth$n-carrier=$(cat /sys/class/net/eth$n/carrier)"
+	done
+	for n in 0 1; do
+		l1=10.77.$((n + 1)).1
+		ping -c 3 -w 30 $l1 >/tmp/ping.out 2>&1
+		echo "guest: eth$n-ping=$?"
+		sed 's/^/guest: says: /' /tmp/ping.out
+		start=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		nc $l1 500$n </tmp/tx >/dev/null
+		echo "guest: eth$n-send=$?"
+		mid=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		nc $l1 600$n </tmp/hold >/tmp/rx
+		echo "guest: eth$n-receive=$?"
+		end=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		echo "guest: eth$n-send-ms=$((mid - start))"
+		echo "guest: eth$n-receive-ms=$((end - mid))"
+		echo "guest: eth$n-rx-md5=$(md5sum </tmp/rx | cut -d' ' -f1)"
+		echo "guest: eth$n-rx-size=$(wc -c </tmp/rx)"
+		rm -f /tmp/rx
+	done
+	for n in 0 1; do
+		echo "guest: eth$n-rx-bytes=$(cat /sys/class/net/eth$n/statistics/rx_bytes)"
+		echo "guest: eth$n-tx-bytes=$(cat /sys/class/net/eth$n/statistics/tx_bytes)"
+	done
+	kill $hold
+	echo "guest: nic-two unplug-ready"
+	for n in 0 1; do
+		wait_carrier eth$n 0
+		echo "guest: eth$n-carrier-after=$(cat /sys/class/net/eth$n/carrier)"
+	done
+	echo "guest: nic-two unplugged"
+	;;
 esac
 echo "guest: end"
 exec sleep 1000000

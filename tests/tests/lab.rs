@@ -2,7 +2,8 @@
 //! project's guest kernel and Debian's stock cloud kernel boot to user space with 1, 2 and 4
 //! vCPUs, the VM lifecycle works against a live user space, the jailer confines a VM running
 //! Linux, CPU templates reach the guest's own /proc/cpuinfo, and disks and NICs hot-plugged
-//! over QMP reach Linux: one disk, six at once, a read-only one, one plugged ten times over.
+//! over QMP reach Linux: one disk, six at once, a read-only one, one plugged ten times over;
+//! one NIC, and two at once carrying 10 MiB each way.
 //!
 //! All scenarios share one lab boot, started by the first test that needs it.
 
@@ -25,6 +26,7 @@ const SCENARIOS: &[&str] = &[
     "disks-six",
     "disk-readonly",
     "disk-replug",
+    "nic-two",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -630,5 +632,53 @@ fn a_disk_replugged_ten_times_shows_its_new_size_and_keeps_what_the_guest_wrote(
         }
         assert_eq!(v("backends-left"), "0", "{}", t());
         assert_eq!(v("rp.exit-code"), "0", "{}", t());
+    });
+}
+
+/// Bytes the `nic-two` scenario moves each way over each NIC.
+const NIC_TWO_BYTES: u64 = 10 << 20;
+
+#[test]
+fn two_hot_plugged_nics_each_carry_10_mib_each_way() {
+    check_scenario("nic-two", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key: &str| value(outcome, key);
+        let number = |key: &str| -> u64 {
+            v(key)
+                .parse()
+                .unwrap_or_else(|_| panic!("{key} is not a number\n{}", t()))
+        };
+        assert_eq!(v("add-returns"), "4", "{}", t());
+        assert_eq!(v("backend-count"), "2", "{}", t());
+        let guest_sent = v("guest-tx-md5");
+        let l1_sent = v("l1-tx-md5");
+        assert_eq!(guest_sent.len(), 32, "{}", t());
+        assert_ne!(guest_sent, l1_sent, "{}", t());
+        for n in 0..2 {
+            let eth = |what: &str| format!("eth{n}-{what}");
+            assert_eq!(v(&eth("carrier")), "1", "eth{n}\n{}", t());
+            for step in ["ping", "send", "receive"] {
+                assert_eq!(v(&eth(step)), "0", "eth{n} {step}\n{}", t());
+            }
+            // What each end sent is what the other received, whole.
+            assert_eq!(v(&format!("l1-rx{n}-md5")), guest_sent, "eth{n}\n{}", t());
+            assert_eq!(number(&format!("l1-rx{n}-size")), NIC_TWO_BYTES, "{}", t());
+            assert_eq!(v(&eth("rx-md5")), l1_sent, "eth{n}\n{}", t());
+            assert_eq!(number(&eth("rx-size")), NIC_TWO_BYTES, "{}", t());
+            // Each NIC carried its own transfers: at least 10 MiB each way on its counters
+            // and on its tap's (two subnets, so neither can take the other's traffic).
+            for key in [
+                eth("rx-bytes"),
+                eth("tx-bytes"),
+                format!("tap{n}-rx-bytes"),
+                format!("tap{n}-tx-bytes"),
+            ] {
+                assert!(number(&key) >= NIC_TWO_BYTES, "{key}\n{}", t());
+            }
+            assert_eq!(v(&eth("carrier-after")), "0", "eth{n}\n{}", t());
+        }
+        assert_eq!(v("del-events"), "2", "{}", t());
+        assert_eq!(v("backends-left"), "0", "{}", t());
+        assert_eq!(v("nic2.exit-code"), "0", "{}", t());
     });
 }

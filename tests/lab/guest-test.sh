@@ -110,7 +110,7 @@ bench-read)
 		echo "guest: read-$bs-rc=$rc"
 		echo "guest: read-$bs-ms=$((end - start))"
 	done
-	for spec in 32:4096 1:1024; do
+	for spec in 32:4096 1:256; do
 		depth=${spec%%:*}
 		aio-randread "/dev/$disk" "${spec##*:}" "$depth" >/tmp/randread.out 2>&1
 		echo "guest: randread-qd$depth-rc=$?"

@@ -1,6 +1,6 @@
 # Benchmark (needs the lab started with QEMU inside, `citadel-lab --with-qemu`): the guest
 # reads a disk with O_DIRECT (8 MiB 4 KiB at a time, 64 MiB 128 KiB at a time), one request in
-# flight, then 4096 random 4 KiB reads with 32 in flight and 1024 with one (aio-randread, the
+# flight, then 4096 random 4 KiB reads with 32 in flight and 256 with one (aio-randread, the
 # same offsets every run), served by citadel-blk under Citadel and by qemu-storage-daemon under
 # QEMU's microvm machine (both vhost-user-blk, same guest kernel, initramfs, image, RAM and
 # vCPU), alternating runs. Each run also reports Citadel's random-read IOPS over QEMU's.

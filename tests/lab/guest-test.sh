@@ -89,7 +89,9 @@ disk)
 	;;
 bench-read)
 	# Reads the first disk that is not an empty slot with O_DIRECT, 4 KiB and 128 KiB at a
-	# time (one request in flight: busybox dd), and reports each read's milliseconds.
+	# time (one request in flight: busybox dd), and reports each read's milliseconds; then
+	# 4 KiB random reads with 32 and with 1 in flight (aio-randread, Linux AIO), reporting
+	# IOPS and MiB/s.
 	disk=
 	for d in $(ls /sys/block | grep '^vd'); do
 		if [ "$(disk_size "$d")" != 0 ]; then
@@ -107,6 +109,12 @@ bench-read)
 		end=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
 		echo "guest: read-$bs-rc=$rc"
 		echo "guest: read-$bs-ms=$((end - start))"
+	done
+	for spec in 32:4096 1:256; do
+		depth=${spec%%:*}
+		aio-randread "/dev/$disk" "${spec##*:}" "$depth" >/tmp/randread.out 2>&1
+		echo "guest: randread-qd$depth-rc=$?"
+		sed "s/^/guest: randread-qd$depth-/" /tmp/randread.out
 	done
 	echo "guest: bench done"
 	;;
@@ -234,6 +242,112 @@ balloon | balloon-oom)
 		echo "guest: balloon oom-done"
 	fi
 	umount /fill
+	;;
+disks-six)
+	# Six disks plugged at once, one per slot: the guest waits for each slot's new size and
+	# reads the marker of the disk in it, then waits for every slot to empty again.
+	echo "guest: disks-six waiting"
+	for d in vda vdb vdc vdd vde vdf; do
+		wait_size $d -gt 0
+		echo "guest: $d-size=$(disk_size $d)"
+		disk_node $d
+		echo "guest: $d-marker=$(dd if=/dev/$d bs=23 count=1 2>/dev/null)"
+	done
+	echo "guest: disks-six unplug-ready"
+	for d in vda vdb vdc vdd vde vdf; do
+		wait_size $d -eq 0
+		echo "guest: $d-size-after=$(disk_size $d)"
+	done
+	echo "guest: disks-six unplugged"
+	;;
+disk-readonly)
+	# A read-only disk in slot 2 (vdc): the guest reads the host's marker, then tries an
+	# O_DIRECT write, which must fail (the slot's features were negotiated at boot, so the
+	# driver does not know the disk is read-only: the backend refuses the write), and reads the
+	# marker again.
+	echo "guest: disk-readonly waiting"
+	wait_size vdc -gt 0
+	echo "guest: vdc-size=$(disk_size vdc)"
+	disk_node vdc
+	echo "guest: ro-marker=$(dd if=/dev/vdc bs=29 count=1 2>/dev/null)"
+	dd if=/dev/zero of=/dev/vdc bs=4096 count=1 conv=notrunc oflag=direct >/tmp/ro.out 2>&1
+	echo "guest: ro-write=$?"
+	sed 's/^/guest: says: /' /tmp/ro.out
+	echo "guest: ro-marker-after=$(dd if=/dev/vdc bs=4096 count=1 iflag=direct 2>/dev/null | head -c 29)"
+	echo "guest: disk-readonly unplug-ready"
+	wait_size vdc -eq 0
+	echo "guest: vdc-size-after=$(disk_size vdc)"
+	echo "guest: disk-readonly unplugged"
+	;;
+disk-replug)
+	# The same image plugged into slot 3 (vdd) round after round: each round the guest reports
+	# the size it sees and the counter the round before wrote at 4096, writes its own with
+	# O_DIRECT, and waits for the unplug. L1 decides how many rounds there are.
+	echo "guest: disk-replug waiting"
+	round=1
+	while :; do
+		wait_size vdd -gt 0
+		echo "guest: replug-$round-size=$(disk_size vdd)"
+		disk_node vdd
+		echo "guest: replug-$round-read=$(dd if=/dev/vdd bs=4096 skip=1 count=1 iflag=direct 2>/dev/null | tr -d '\000')"
+		printf 'replug-round-%02d' $round |
+			dd of=/dev/vdd bs=4096 seek=1 conv=sync,notrunc oflag=direct 2>/dev/null
+		echo "guest: replug-$round-write=$?"
+		echo "guest: replug round $round written"
+		wait_size vdd -eq 0
+		echo "guest: replug round $round unplugged"
+		round=$((round + 1))
+	done
+	;;
+nic-two)
+	# NICs in both slots, eth0 on 10.77.1.0/24 and eth1 on 10.77.2.0/24: over each the guest
+	# pings L1, sends it 10 MiB and receives 10 MiB from it (busybox nc; L1 listens), reports
+	# the checksums and the NIC's byte counters, and then waits for both carriers to drop.
+	for n in 0 1; do
+		ip link set eth$n up
+		ip addr add 10.77.$((n + 1)).2/24 dev eth$n
+	done
+	dd if=/dev/urandom of=/tmp/tx bs=1M count=10 2>/dev/null
+	echo "guest: tx-md5=$(md5sum </tmp/tx | cut -d' ' -f1)"
+	# Busybox nc ends the connection as soon as its standard input ends: the receiving one
+	# reads a FIFO that stays open and silent.
+	mkfifo /tmp/hold
+	sleep 1000000 >/tmp/hold &
+	hold=$!
+	echo "guest: nic-two waiting"
+	for n in 0 1; do
+		wait_carrier eth$n 1
+		echo "guest: eth$n-carrier=$(cat /sys/class/net/eth$n/carrier)"
+	done
+	for n in 0 1; do
+		l1=10.77.$((n + 1)).1
+		ping -c 3 -w 30 $l1 >/tmp/ping.out 2>&1
+		echo "guest: eth$n-ping=$?"
+		sed 's/^/guest: says: /' /tmp/ping.out
+		start=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		nc $l1 500$n </tmp/tx >/dev/null
+		echo "guest: eth$n-send=$?"
+		mid=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		nc $l1 600$n </tmp/hold >/tmp/rx
+		echo "guest: eth$n-receive=$?"
+		end=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
+		echo "guest: eth$n-send-ms=$((mid - start))"
+		echo "guest: eth$n-receive-ms=$((end - mid))"
+		echo "guest: eth$n-rx-md5=$(md5sum </tmp/rx | cut -d' ' -f1)"
+		echo "guest: eth$n-rx-size=$(wc -c </tmp/rx)"
+		rm -f /tmp/rx
+	done
+	for n in 0 1; do
+		echo "guest: eth$n-rx-bytes=$(cat /sys/class/net/eth$n/statistics/rx_bytes)"
+		echo "guest: eth$n-tx-bytes=$(cat /sys/class/net/eth$n/statistics/tx_bytes)"
+	done
+	kill $hold
+	echo "guest: nic-two unplug-ready"
+	for n in 0 1; do
+		wait_carrier eth$n 0
+		echo "guest: eth$n-carrier-after=$(cat /sys/class/net/eth$n/carrier)"
+	done
+	echo "guest: nic-two unplugged"
 	;;
 esac
 echo "guest: end"

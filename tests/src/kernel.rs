@@ -54,12 +54,12 @@ pub fn initramfs_with_script(base: &Path, script: &str, out: &Path) -> io::Resul
     initramfs_with_files(base, script, &[], out)
 }
 
-/// Like [`initramfs_with_script`], with `files` (path without the leading `/`, contents)
-/// added as well, mode 0644, each in a directory the archive creates.
+/// Like [`initramfs_with_script`], with `files` (path without the leading `/`, permission
+/// bits, contents) added as well, each in a directory the archive creates.
 pub fn initramfs_with_files(
     base: &Path,
     script: &str,
-    files: &[(&str, &[u8])],
+    files: &[(&str, u32, &[u8])],
     out: &Path,
 ) -> io::Result<()> {
     let mut image = std::fs::read(base)?;
@@ -69,7 +69,7 @@ pub fn initramfs_with_files(
     crate::cpio::append_newc_entry(&mut image, 1, "test.sh", 0o100_755, script.as_bytes())?;
     let mut ino = 2;
     let mut dirs: Vec<&str> = Vec::new();
-    for (path, data) in files {
+    for (path, perm, data) in files {
         if let Some((dir, _)) = path.rsplit_once('/') {
             if !dirs.contains(&dir) {
                 crate::cpio::append_newc_entry(&mut image, ino, dir, 0o040_755, &[])?;
@@ -77,7 +77,7 @@ pub fn initramfs_with_files(
                 dirs.push(dir);
             }
         }
-        crate::cpio::append_newc_entry(&mut image, ino, path, 0o100_644, data)?;
+        crate::cpio::append_newc_entry(&mut image, ino, path, 0o100_000 | (perm & 0o7777), data)?;
         ino += 1;
     }
     crate::cpio::append_newc_entry(&mut image, 0, "TRAILER!!!", 0, &[])?;
@@ -294,6 +294,47 @@ mod tests {
         );
         let content = cpio(&["-i", "--to-stdout", "--quiet", "test.sh"]).unwrap();
         assert_eq!(String::from_utf8_lossy(&content.stdout), script);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Added files keep the permission bits asked for, in the directories the archive makes.
+    #[test]
+    fn added_files_keep_their_permission_bits() {
+        let dir =
+            std::env::temp_dir().join(format!("citadel-initramfs-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base");
+        let out = dir.join("out");
+        std::fs::write(&base, b"base").unwrap();
+        let files: &[(&str, u32, &[u8])] = &[
+            ("bin/tool", 0o755, b"\x7fELF"),
+            ("modules/m.ko", 0o644, b"module"),
+        ];
+        initramfs_with_files(&base, "true\n", files, &out).unwrap();
+        let image = std::fs::read(&out).unwrap();
+        let archive = dir.join("archive.cpio");
+        std::fs::write(&archive, &image[4..]).unwrap();
+        let Ok(listing) = Command::new("cpio")
+            .args(["-itv", "--quiet"])
+            .stdin(File::open(&archive).unwrap())
+            .output()
+        else {
+            crate::skip("initramfs cpio check", "cpio is not installed", false);
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        };
+        let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+        let mode_of = |name: &str| {
+            listing
+                .lines()
+                .find(|line| line.ends_with(&format!(" {name}")))
+                .and_then(|line| line.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{name} missing\n{listing}"))
+                .to_string()
+        };
+        assert_eq!(mode_of("bin"), "drwxr-xr-x", "{listing}");
+        assert_eq!(mode_of("bin/tool"), "-rwxr-xr-x", "{listing}");
+        assert_eq!(mode_of("modules/m.ko"), "-rw-r--r--", "{listing}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

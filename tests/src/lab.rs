@@ -13,7 +13,8 @@
 //!
 //! Prerequisites, all installed or cached by `scripts/setup.sh`: `qemu-system-x86_64`, the L1
 //! kernel (`scripts/lab-kernel.sh`), the guest kernel (`scripts/guest-kernel.sh`), busybox
-//! (static) and the workspace's binaries (`cargo build --workspace`).
+//! (static), gcc (the guest's `aio-randread`, built from `tests/lab/aio-randread.c` into the
+//! guest initramfs) and the workspace's binaries (`cargo build --workspace`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,9 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cpio::append_newc_entry;
-use crate::kernel::{
-    guest_kernel, initramfs_with_files, initramfs_with_script, qemu, ConsoleProcess,
-};
+use crate::kernel::{guest_kernel, initramfs_with_files, qemu, ConsoleProcess};
 use crate::vm::TempDir;
 
 /// The binaries the lab carries into L1 (in `/lab/bin`).
@@ -195,9 +194,12 @@ impl Lab {
         let guest_initramfs = dir.path().join("guest-initramfs.cpio.gz");
         let lab_files = crate::workspace_root().join("tests/lab");
         let guest_script = read(&lab_files.join("guest-test.sh"))?;
-        initramfs_with_script(
+        let randread = dir.path().join("aio-randread");
+        compile_guest_tool(&lab_files.join("aio-randread.c"), &randread)?;
+        initramfs_with_files(
             &guest.initramfs,
             &String::from_utf8_lossy(&guest_script),
+            &[("bin/aio-randread", 0o755, &read(&randread)?)],
             &guest_initramfs,
         )
         .map_err(|e| failed("writing the guest initramfs", e))?;
@@ -215,9 +217,9 @@ impl Lab {
             let data = read(&l1.join(&module_root).join(module))?;
             stock_modules.push((format!("modules/{name}"), data));
         }
-        let files: Vec<(&str, &[u8])> = stock_modules
+        let files: Vec<(&str, u32, &[u8])> = stock_modules
             .iter()
-            .map(|(path, data)| (path.as_str(), data.as_slice()))
+            .map(|(path, data)| (path.as_str(), 0o644, data.as_slice()))
             .collect();
         initramfs_with_files(
             &guest.initramfs,
@@ -539,6 +541,42 @@ fn lab_kernel_dir() -> Result<PathBuf, LabError> {
 
 fn read(path: &Path) -> Result<Vec<u8>, LabError> {
     std::fs::read(path).map_err(|e| LabError::Failed(format!("reading {}: {e}", path.display())))
+}
+
+/// Compiles a freestanding C tool for the guest (no C library: see its header) into a static
+/// executable at `out`.
+fn compile_guest_tool(source: &Path, out: &Path) -> Result<(), LabError> {
+    let output = Command::new("gcc")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            // Keeps the compiler from turning the tool's own memset loop into a call to memset.
+            "-fno-tree-loop-distribute-patterns",
+            "-fno-stack-protector",
+            "-fno-pie",
+            "-no-pie",
+            "-fno-asynchronous-unwind-tables",
+            "-Os",
+            "-s",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wl,--build-id=none",
+            "-o",
+        ])
+        .arg(out)
+        .arg(source)
+        .output()
+        .map_err(|e| LabError::Missing(format!("running gcc (scripts/setup.sh): {e}")))?;
+    if !output.status.success() {
+        return Err(LabError::Failed(format!(
+            "compiling {}: {}",
+            source.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Copies `from` to `to` without debug information: the lab's initramfs is unpacked by an

@@ -2,7 +2,8 @@
 //! project's guest kernel and Debian's stock cloud kernel boot to user space with 1, 2 and 4
 //! vCPUs, the VM lifecycle works against a live user space, the jailer confines a VM running
 //! Linux, CPU templates reach the guest's own /proc/cpuinfo, and disks and NICs hot-plugged
-//! over QMP reach Linux.
+//! over QMP reach Linux: one disk, six at once, a read-only one, one plugged ten times over;
+//! one NIC, and two at once carrying 10 MiB each way.
 //!
 //! All scenarios share one lab boot, started by the first test that needs it.
 
@@ -25,6 +26,10 @@ const SCENARIOS: &[&str] = &[
     "balloon",
     "chardev-hotplug",
     "blk-restart",
+    "disks-six",
+    "disk-readonly",
+    "disk-replug",
+    "nic-two",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -643,5 +648,151 @@ fn debian_stock_kernel_finds_the_slots_through_acpi_and_uses_a_hot_plugged_disk(
         assert_eq!(v("vdb-size-after"), "0", "{}", t());
         assert_eq!(v("shp.exit-code"), "0", "{}", t());
         assert_eq!(v("image"), "written-by-the-guest", "{}", t());
+    });
+}
+
+/// A slot's disk name: slot N is the Nth virtio disk Linux finds, vda..vdf.
+const SLOT_DISKS: [&str; 6] = ["vda", "vdb", "vdc", "vdd", "vde", "vdf"];
+
+#[test]
+fn six_disks_hot_plugged_at_once_each_reach_linux_in_their_own_slot() {
+    check_scenario("disks-six", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key: &str| value(outcome, key);
+        assert_eq!(v("add-returns"), "12", "{}", t());
+        assert_eq!(v("backend-count"), "6", "{}", t());
+        // Plugged in reverse order, each image is still found in the slot its addr named:
+        // its marker and its size (N + 1 MiB) say which image it is.
+        for (n, disk) in SLOT_DISKS.iter().enumerate() {
+            assert_eq!(
+                v(&format!("{disk}-marker")),
+                format!("citadel-lab-six-slot-{n}!"),
+                "{}",
+                t()
+            );
+            assert_eq!(
+                v(&format!("{disk}-size")),
+                ((n as u64 + 1) << 20 >> 9).to_string(),
+                "{disk}\n{}",
+                t()
+            );
+        }
+        assert_eq!(v("del-returns"), "6", "{}", t());
+        assert_eq!(v("del-events"), "6", "{}", t());
+        for disk in SLOT_DISKS {
+            assert_eq!(v(&format!("{disk}-size-after")), "0", "{disk}\n{}", t());
+        }
+        assert_eq!(v("backends-left"), "0", "{}", t());
+        assert_eq!(v("six.exit-code"), "0", "{}", t());
+    });
+}
+
+#[test]
+fn a_read_only_hot_plugged_disk_refuses_the_guests_writes() {
+    check_scenario("disk-readonly", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key: &str| value(outcome, key);
+        assert_eq!(v("add-returns"), "2", "{}", t());
+        assert_eq!(v("vdc-size"), (16u64 << 20 >> 9).to_string(), "{}", t());
+        assert_eq!(v("ro-marker"), "citadel-lab-read-only-marker!", "{}", t());
+        // dd's O_DIRECT write fails, and the guest still reads the host's bytes.
+        assert_ne!(v("ro-write"), "0", "{}", t());
+        assert_eq!(
+            v("ro-marker-after"),
+            "citadel-lab-read-only-marker!",
+            "{}",
+            t()
+        );
+        assert_eq!(v("vdc-size-after"), "0", "{}", t());
+        assert_eq!(v("ro.exit-code"), "0", "{}", t());
+        let before = v("image-md5-before");
+        assert_eq!(before.len(), 32, "{}", t());
+        assert_eq!(v("image-md5-after"), before, "{}", t());
+    });
+}
+
+/// Rounds of the `disk-replug` scenario.
+const REPLUG_ROUNDS: u64 = 10;
+
+#[test]
+fn a_disk_replugged_ten_times_shows_its_new_size_and_keeps_what_the_guest_wrote() {
+    check_scenario("disk-replug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key: &str| value(outcome, key);
+        assert_eq!(v("rounds"), REPLUG_ROUNDS.to_string(), "{}", t());
+        for r in 1..=REPLUG_ROUNDS {
+            let key = |what: &str| format!("replug-{r}-{what}");
+            assert_eq!(v(&key("add-returns")), "2", "round {r}\n{}", t());
+            // L1 grew the image while it was out: 8 + R MiB.
+            assert_eq!(
+                v(&key("size")),
+                ((8 + r) << 20 >> 9).to_string(),
+                "round {r}\n{}",
+                t()
+            );
+            assert_eq!(
+                v(&key("read")),
+                format!("replug-round-{:02}", r - 1),
+                "round {r}\n{}",
+                t()
+            );
+            assert_eq!(v(&key("write")), "0", "round {r}\n{}", t());
+            assert_eq!(
+                v(&key("image")),
+                format!("replug-round-{r:02}"),
+                "round {r}\n{}",
+                t()
+            );
+        }
+        assert_eq!(v("backends-left"), "0", "{}", t());
+        assert_eq!(v("rp.exit-code"), "0", "{}", t());
+    });
+}
+
+/// Bytes the `nic-two` scenario moves each way over each NIC.
+const NIC_TWO_BYTES: u64 = 10 << 20;
+
+#[test]
+fn two_hot_plugged_nics_each_carry_10_mib_each_way() {
+    check_scenario("nic-two", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key: &str| value(outcome, key);
+        let number = |key: &str| -> u64 {
+            v(key)
+                .parse()
+                .unwrap_or_else(|_| panic!("{key} is not a number\n{}", t()))
+        };
+        assert_eq!(v("add-returns"), "4", "{}", t());
+        assert_eq!(v("backend-count"), "2", "{}", t());
+        let guest_sent = v("guest-tx-md5");
+        let l1_sent = v("l1-tx-md5");
+        assert_eq!(guest_sent.len(), 32, "{}", t());
+        assert_ne!(guest_sent, l1_sent, "{}", t());
+        for n in 0..2 {
+            let eth = |what: &str| format!("eth{n}-{what}");
+            assert_eq!(v(&eth("carrier")), "1", "eth{n}\n{}", t());
+            for step in ["ping", "send", "receive"] {
+                assert_eq!(v(&eth(step)), "0", "eth{n} {step}\n{}", t());
+            }
+            // What each end sent is what the other received, whole.
+            assert_eq!(v(&format!("l1-rx{n}-md5")), guest_sent, "eth{n}\n{}", t());
+            assert_eq!(number(&format!("l1-rx{n}-size")), NIC_TWO_BYTES, "{}", t());
+            assert_eq!(v(&eth("rx-md5")), l1_sent, "eth{n}\n{}", t());
+            assert_eq!(number(&eth("rx-size")), NIC_TWO_BYTES, "{}", t());
+            // Each NIC carried its own transfers: at least 10 MiB each way on its counters
+            // and on its tap's (two subnets, so neither can take the other's traffic).
+            for key in [
+                eth("rx-bytes"),
+                eth("tx-bytes"),
+                format!("tap{n}-rx-bytes"),
+                format!("tap{n}-tx-bytes"),
+            ] {
+                assert!(number(&key) >= NIC_TWO_BYTES, "{key}\n{}", t());
+            }
+            assert_eq!(v(&eth("carrier-after")), "0", "eth{n}\n{}", t());
+        }
+        assert_eq!(v("del-events"), "2", "{}", t());
+        assert_eq!(v("backends-left"), "0", "{}", t());
+        assert_eq!(v("nic2.exit-code"), "0", "{}", t());
     });
 }

@@ -34,6 +34,7 @@ use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::DeviceManager;
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
 use crate::devices::vhost_user_blk::VhostUserBlk;
+use crate::hotplug::free_disk_slot;
 
 /// Chardevs one VM may have at once: each may hold a connection.
 pub const MAX_CHARDEVS: usize = 8;
@@ -279,28 +280,4 @@ fn passed_socket(fd: OwnedFd) -> Result<UnixStream, QmpError> {
         ));
     }
     Ok(UnixStream::from(fd))
-}
-
-/// The disk slot `add.addr` names, or the first free one; refused when it does not exist or
-/// is occupied.
-fn free_disk_slot(devices: &DeviceManager, add: &DeviceAdd) -> Result<u64, QmpError> {
-    let slots = devices.disk_slots();
-    let addr = match add.slot() {
-        Some(addr) => addr?,
-        None => slots
-            .iter()
-            .find(|s| s.plugged.is_none())
-            .map(|s| s.addr)
-            .ok_or_else(|| QmpError::generic("Every disk slot is occupied"))?,
-    };
-    let slot = slots
-        .iter()
-        .find(|s| s.addr == addr)
-        .ok_or_else(|| QmpError::generic(format!("Invalid addr for device {}", add.id)))?;
-    if slot.plugged.is_some() {
-        return Err(QmpError::generic(format!(
-            "The slot {addr} is occupied already."
-        )));
-    }
-    Ok(addr)
 }

@@ -493,24 +493,7 @@ impl Hotplug {
         if add.mac.is_some() {
             return Err(QmpError::unexpected_parameter("mac"));
         }
-        let slots = devices.disk_slots();
-        let addr = match add.slot() {
-            Some(addr) => addr?,
-            None => slots
-                .iter()
-                .find(|s| s.plugged.is_none())
-                .map(|s| s.addr)
-                .ok_or_else(|| QmpError::generic("Every disk slot is occupied"))?,
-        };
-        let slot = slots
-            .iter()
-            .find(|s| s.addr == addr)
-            .ok_or_else(|| QmpError::generic(format!("Invalid addr for device {}", add.id)))?;
-        if slot.plugged.is_some() {
-            return Err(QmpError::generic(format!(
-                "The slot {addr} is occupied already."
-            )));
-        }
+        let addr = free_disk_slot(devices, add)?;
         let node_name = add
             .drive
             .as_deref()
@@ -786,6 +769,46 @@ pub fn within_budget<T>(
 }
 
 /// The launcher, or why NIC hotplug cannot start backends.
+/// Which of `slots` (each an address and whether it is occupied) `add` goes into: the one its
+/// `addr` names, or the first free one; refused when that slot does not exist or is occupied.
+/// `kind` names the slots when every one is taken. Returns the slot's index in `slots`.
+pub(crate) fn free_slot(
+    add: &DeviceAdd,
+    slots: &[(u64, bool)],
+    kind: &str,
+) -> Result<usize, QmpError> {
+    let index = match add.slot() {
+        Some(addr) => {
+            let addr = addr?;
+            slots
+                .iter()
+                .position(|&(a, _)| a == addr)
+                .ok_or_else(|| QmpError::generic(format!("Invalid addr for device {}", add.id)))?
+        }
+        None => slots
+            .iter()
+            .position(|&(_, occupied)| !occupied)
+            .ok_or_else(|| QmpError::generic(format!("Every {kind} slot is occupied")))?,
+    };
+    let (addr, occupied) = slots[index];
+    if occupied {
+        return Err(QmpError::generic(format!(
+            "The slot {addr} is occupied already."
+        )));
+    }
+    Ok(index)
+}
+
+/// The disk slot `add` goes into (see [`free_slot`]).
+pub(crate) fn free_disk_slot(devices: &DeviceManager, add: &DeviceAdd) -> Result<u64, QmpError> {
+    let slots: Vec<(u64, bool)> = devices
+        .disk_slots()
+        .iter()
+        .map(|s| (s.addr, s.plugged.is_some()))
+        .collect();
+    free_slot(add, &slots, "disk").map(|i| slots[i].0)
+}
+
 fn available(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError> {
     launcher
         .as_ref()

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::devices::manager::DeviceManager;
 use crate::devices::net_slot::{PluggedNic, NET_SPEC};
 use crate::devices::vhost_user::{VhostUserConnection, BACKEND_TIMEOUT};
-use crate::hotplug::{within_budget, AttemptError};
+use crate::hotplug::{free_slot, within_budget, AttemptError};
 
 /// Network backends one VM may have at once: each is a process.
 pub const MAX_NETDEVS: usize = 8;
@@ -174,23 +174,12 @@ impl Netdevs {
             return Err(QmpError::unexpected_parameter("drive"));
         }
         let slots = devices.nic_slots();
-        let addr = match add.slot() {
-            Some(addr) => addr?,
-            None => slots
-                .iter()
-                .find(|s| s.plugged.is_none())
-                .map(|s| s.addr)
-                .ok_or_else(|| QmpError::generic("Every NIC slot is occupied"))?,
-        };
-        let slot = slots
+        let taken: Vec<(u64, bool)> = slots
             .iter()
-            .find(|s| s.addr == addr)
-            .ok_or_else(|| QmpError::generic(format!("Invalid addr for device {}", add.id)))?;
-        if slot.plugged.is_some() {
-            return Err(QmpError::generic(format!(
-                "The slot {addr} is occupied already."
-            )));
-        }
+            .map(|s| (s.addr, s.plugged.is_some()))
+            .collect();
+        let slot = &slots[free_slot(add, &taken, "NIC")?];
+        let addr = slot.addr;
         if let Some(mac) = add.mac.filter(|mac| *mac != slot.mac) {
             return Err(QmpError::generic(format!(
                 "Device {} cannot have MAC {}: the guest's driver read the MAC of NIC slot {addr}, {}, when it probed the slot at boot, and it does not change",

@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use citadel_tests::disk::blk_backend_missing;
-use citadel_tests::disk::error_desc;
+use citadel_tests::disk::{
+    assert_guest_wrote, blk_backend_missing, error_desc, guest_used_plugged_disk,
+};
 use citadel_tests::guest_program;
 use citadel_tests::procfs::{blk_backends as backends, status, status_field, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
@@ -18,7 +19,6 @@ const STEP: Duration = Duration::from_secs(30);
 /// 1 MiB: 2048 sectors.
 const IMAGE_LEN: usize = 1 << 20;
 const MARKER: &[u8] = b"citadel-hotplugged-disk-sector0";
-const PATTERN: &[u8] = b"citadel-guest-wrote-sector-one.";
 fn blockdev_add(qmp: &mut Qmp, node: &str, file: &Path, read_only: bool) -> Value {
     qmp.execute(
         "blockdev-add",
@@ -87,25 +87,10 @@ fn a_disk_plugged_over_qmp_reaches_the_guest_through_its_own_backend_process() {
         json!({"return": {}})
     );
 
-    let line = vm.wait_serial("citadel-guest: hotplug plugged capacity=", STEP);
-    assert!(
-        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
-        "{line}"
-    );
-    let line = vm.wait_serial("citadel-guest: hotplug read status=", STEP);
-    assert_eq!(
-        line,
-        format!(
-            "citadel-guest: hotplug read status=0 sector0={}.",
-            String::from_utf8_lossy(MARKER)
-        )
-    );
-    let line = vm.wait_serial("citadel-guest: hotplug write status=", STEP);
-    assert!(line.ends_with("status=0"), "{line}");
+    guest_used_plugged_disk(&mut vm, IMAGE_LEN, MARKER, STEP);
     vm.wait_serial("citadel-guest: hotplug waiting-for-unplug", STEP);
     let written = std::fs::read(&img).unwrap()[512..1024].to_vec();
-    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
-    assert_eq!(written, expected);
+    assert_guest_wrote(&written);
 
     let block = qmp.execute("query-block", None);
     let slot0 = &block["return"][0];
@@ -311,8 +296,7 @@ fn disks_on_the_command_line_fill_the_slots_in_order_and_leave_like_hotplugged_o
         )
     );
     vm.wait_serial("citadel-guest: done", STEP);
-    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
-    assert_eq!(std::fs::read(&first).unwrap()[512..1024], expected[..]);
+    assert_guest_wrote(&std::fs::read(&first).unwrap()[512..1024]);
     assert!(std::fs::read(&second).unwrap()[512..1024]
         .iter()
         .all(|&b| b == 0));

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use citadel_tests::disk::{blk_backend_missing, error_desc, image_with_marker};
+use citadel_tests::disk::{
+    assert_guest_wrote, blk_backend_missing, error_desc, guest_used_plugged_disk, image_with_marker,
+};
 use citadel_tests::guest_program;
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
@@ -20,7 +22,6 @@ const STEP: Duration = Duration::from_secs(30);
 /// 1 MiB: 2048 sectors.
 const IMAGE_LEN: usize = 1 << 20;
 const MARKER: &[u8] = b"citadel-qsd-served-disk-sector0";
-const PATTERN: &[u8] = b"citadel-guest-wrote-sector-one.";
 
 /// qemu-storage-daemon exporting an image as vhost-user-blk on a socket; killed on drop.
 struct StorageDaemon {
@@ -171,25 +172,10 @@ fn a_disk_served_by_qemu_storage_daemon_is_plugged_through_chardev_add() {
         json!({"return": {}})
     );
 
-    let line = vm.wait_serial("citadel-guest: hotplug plugged capacity=", STEP);
-    assert!(
-        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
-        "{line}"
-    );
-    let line = vm.wait_serial("citadel-guest: hotplug read status=", STEP);
-    assert_eq!(
-        line,
-        format!(
-            "citadel-guest: hotplug read status=0 sector0={}.",
-            String::from_utf8_lossy(MARKER)
-        )
-    );
-    let line = vm.wait_serial("citadel-guest: hotplug write status=", STEP);
-    assert!(line.ends_with("status=0"), "{line}");
+    guest_used_plugged_disk(&mut vm, IMAGE_LEN, MARKER, STEP);
     vm.wait_serial("citadel-guest: hotplug waiting-for-unplug", STEP);
     let written = std::fs::read(&img).unwrap()[512..1024].to_vec();
-    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
-    assert_eq!(written, expected);
+    assert_guest_wrote(&written);
 
     // In use: neither removable nor usable by a second device; the slot is taken.
     assert_eq!(query_chardev(&mut qmp)[0]["frontend-open"], true);
@@ -378,8 +364,7 @@ fn qemu_storage_daemon_serves_a_disk_of_the_command_line() {
     );
     vm.wait_serial("citadel-guest: done", STEP);
     let written = std::fs::read(&img).unwrap()[512..1024].to_vec();
-    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
-    assert_eq!(written, expected);
+    assert_guest_wrote(&written);
 
     // Both chardevs are QMP's to see; the device's is in use for good, the spare one plugs.
     let mut qmp = Qmp::negotiated(&vm.qmp_path);

@@ -10,8 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use citadel_tests::disk::blk_backend_missing;
-use citadel_tests::disk::error_desc;
+use citadel_tests::disk::{
+    assert_guest_wrote, blk_backend_missing, error_desc, guest_used_plugged_disk,
+};
 use citadel_tests::guest_program;
 use citadel_tests::procfs::{blk_backends as backends, wait_gone};
 use citadel_tests::vm::{Qmp, TempDir, Vm};
@@ -21,7 +22,6 @@ const STEP: Duration = Duration::from_secs(30);
 /// 1 MiB: 2048 sectors.
 const IMAGE_LEN: usize = 1 << 20;
 const MARKER: &[u8] = b"citadel-fdset-disk-sector0";
-const PATTERN: &[u8] = b"citadel-guest-wrote-sector-one.";
 /// O_CLOEXEC as /proc/<pid>/fdinfo shows it (octal flags).
 const O_CLOEXEC: u32 = 0o2000000;
 fn read_write(path: &Path) -> File {
@@ -138,22 +138,10 @@ fn a_disk_plugged_from_an_fd_set_reaches_the_guest_though_its_path_is_gone() {
         ),
         json!({"return": {}})
     );
-    let line = vm.wait_serial("citadel-guest: hotplug plugged capacity=", STEP);
-    assert!(
-        line.ends_with(&format!("capacity={}", IMAGE_LEN / 512)),
-        "{line}"
-    );
-    let line = vm.wait_serial("citadel-guest: hotplug read status=", STEP);
-    assert!(
-        line.contains(std::str::from_utf8(MARKER).unwrap()),
-        "{line}"
-    );
-    let line = vm.wait_serial("citadel-guest: hotplug write status=", STEP);
-    assert!(line.ends_with("status=0"), "{line}");
+    guest_used_plugged_disk(&mut vm, IMAGE_LEN, MARKER, STEP);
     let mut written = vec![0u8; 512];
     file.read_exact_at(&mut written, 512).unwrap();
-    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
-    assert_eq!(written, expected);
+    assert_guest_wrote(&written);
 
     // The set kept its own descriptor: removing it leaves the disk served. The node keeps
     // one duplicate, to start a backend again if this one dies, until device_del.
@@ -209,8 +197,7 @@ fn a_disk_on_the_command_line_comes_from_an_inherited_descriptor() {
     assert!(line.ends_with("status=0"), "{line}");
     let mut written = vec![0u8; 512];
     file.read_exact_at(&mut written, 512).unwrap();
-    let expected: Vec<u8> = PATTERN.iter().copied().cycle().take(512).collect();
-    assert_eq!(written, expected);
+    assert_guest_wrote(&written);
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     assert_eq!(
         qmp.execute("query-fdsets", None),

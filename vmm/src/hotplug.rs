@@ -24,10 +24,11 @@
 //! for a new one on the same image with the same options, and puts it behind the slot, which
 //! hands it the inflight area so that no request the guest queued is lost or answered twice.
 //! A plugged NIC's backend is restarted the same way on the same tap (see
-//! [`crate::net_hotplug`]), without an inflight area: a frame may be sent twice or lost. At most [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`], each tried
-//! [`RESTART_BACKOFF`]`.len()` times; past that the disk fails: its requests get I/O errors,
-//! the driver sees DEVICE_NEEDS_RESET, one error line is logged, and `device_del` still takes
-//! it out.
+//! [`crate::net_hotplug`]), without an inflight area: a frame may be sent twice or lost. At
+//! most `RESTART_BUDGET` restarts per `RESTART_WINDOW`, each tried as many times as
+//! `RESTART_BACKOFF` has pauses; past that the disk fails: its requests get I/O errors, the
+//! driver sees DEVICE_NEEDS_RESET, one error line is logged, and `device_del` still takes it
+//! out.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -741,7 +742,7 @@ impl From<LauncherError> for AttemptError {
 }
 
 /// Runs `attempt`, the start of a backend to replace one that died, after each pause of
-/// [`RESTART_BACKOFF`] until it succeeds or fails for good, if the device was restarted fewer
+/// `RESTART_BACKOFF` until it succeeds or fails for good, if the device was restarted fewer
 /// than [`RESTART_BUDGET`] times within [`RESTART_WINDOW`] (`restarts` keeps when); the last
 /// failure otherwise.
 pub fn within_budget<T>(

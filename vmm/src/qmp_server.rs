@@ -13,7 +13,7 @@
 //! Python library sends a lone space). A read that completes a command closes whatever no
 //! command took, unless a further command is still arriving, so descriptors sent with any
 //! other command do not stay. A message with more than
-//! [`scm_rights::MAX_FDS`](crate::scm_rights::MAX_FDS) descriptors (or a queue that would
+//! `scm_rights::MAX_FDS` descriptors (or a queue that would
 //! grow past that) has all of them closed and the next command that takes one refused.
 
 use std::collections::{BTreeMap, VecDeque};

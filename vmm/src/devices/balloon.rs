@@ -29,9 +29,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::interrupt::VirtioInterrupt;
 use super::slot_ring::{empty_ring, KickWatch, SlotKicks};
 use super::virtio_mmio::{
-    read_config_bytes, ActivateError, ActivateParams, Interrupt, VirtioDevice, VirtioMmioTransport,
+    read_config_bytes, ActivateError, ActivateParams, VirtioDevice, VirtioMmioTransport,
 };
 use page_ranges::{coalesce, discard, discard_pages, Discarded, PAGE_SHIFT, PAGE_SIZE};
 
@@ -79,7 +80,7 @@ pub struct BalloonOptions {
 /// What the driver started.
 struct Running {
     queues: Vec<Option<Queue>>,
-    interrupt: Arc<Interrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// Warns about guest addresses outside RAM at most once per [`WARN_INTERVAL`], saying how
@@ -236,7 +237,7 @@ impl Balloon {
                 .and_then(Option::as_mut)
                 .is_none_or(|q| q.needs_notification(&self.memory).unwrap_or(true));
             if wants {
-                if let Err(e) = running.interrupt.signal_used_queue() {
+                if let Err(e) = running.interrupt.signal_used_queue(index) {
                     log::warn!("balloon: raising its interrupt: {e}");
                 }
             }

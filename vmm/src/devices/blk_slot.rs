@@ -263,7 +263,7 @@ impl BlkSlot {
                     if let Some(kick) = running.params.notify.first() {
                         let _ = kick.write(1);
                     }
-                    if let Err(e) = running.params.interrupt.signal_used_queue() {
+                    if let Err(e) = running.params.interrupt.signal_used_queue(0) {
                         log::warn!("disk slot {}: raising its interrupt: {e}", self.index);
                     }
                 }
@@ -338,7 +338,7 @@ impl BlkSlot {
             return;
         };
         let mem = &self.memory;
-        answer_chains(queue, mem, kick, &running.params.interrupt, |chain| {
+        answer_chains(queue, mem, kick, &*running.params.interrupt, 0, |chain| {
             let status = chain
                 .filter(|d| d.is_write_only() && d.len() > 0)
                 .last()

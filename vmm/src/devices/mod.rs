@@ -5,6 +5,7 @@ pub mod backend_hangups;
 pub mod balloon;
 pub mod blk_slot;
 pub mod deadline;
+pub mod interrupt;
 pub mod legacy;
 pub mod manager;
 pub mod mmio_bus;

@@ -252,8 +252,10 @@ impl NetSlot {
             for kick in &running.params.notify {
                 let _ = kick.write(1);
             }
-            if let Err(e) = running.params.interrupt.signal_used_queue() {
-                log::warn!("NIC slot {}: raising its interrupt: {e}", self.index);
+            for queue in 0..running.params.queues.len() {
+                if let Err(e) = running.params.interrupt.signal_used_queue(queue) {
+                    log::warn!("NIC slot {}: raising its interrupt: {e}", self.index);
+                }
             }
         }
         nic.conn = conn;
@@ -358,7 +360,8 @@ impl NetSlot {
             &mut rings.tx,
             &self.memory,
             kick,
-            &running.params.interrupt,
+            &*running.params.interrupt,
+            1,
             |_| 0,
         );
     }

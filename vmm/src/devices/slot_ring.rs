@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::virtio_mmio::{ActivateParams, Interrupt};
+use super::interrupt::VirtioInterrupt;
+use super::virtio_mmio::ActivateParams;
 
 /// Chains answered per kick before the slot yields the event loop and kicks itself again: a
 /// guest refilling the ring as fast as it is answered cannot keep the loop to itself.
@@ -127,7 +128,7 @@ impl KickWatch {
 /// ring the driver just set up; otherwise the ring resumes from a backend's stopping point
 /// (the used index, read back from guest memory since the backend wrote it last, when the
 /// backend could not say or named a point outside the outstanding requests: see
-/// [`resume_index`]).
+/// `resume_index`).
 pub fn empty_ring(
     memory: &GuestMemoryMmap,
     params: &ActivateParams,
@@ -185,13 +186,14 @@ fn resume_index(base: Option<u16>, used: u16, avail: u16) -> u16 {
 
 /// Answers the chains the driver queued on `queue` after a kick on `kick` (consumed here),
 /// each with the used length `answer` returns, and raises the interrupt if the driver wants
-/// one. At most [`MAX_CHAINS_PER_KICK`] chains are answered; the rest wait for the kick the
+/// one. At most `MAX_CHAINS_PER_KICK` chains are answered; the rest wait for the kick the
 /// slot then gives itself.
 pub fn answer_chains(
     queue: &mut Queue,
     memory: &GuestMemoryMmap,
     kick: &EventFd,
-    interrupt: &Interrupt,
+    interrupt: &dyn VirtioInterrupt,
+    index: usize,
     mut answer: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) {
     let _ = kick.read();
@@ -222,7 +224,7 @@ pub fn answer_chains(
         }
     }
     if answered > 0 && queue.needs_notification(memory).unwrap_or(true) {
-        if let Err(e) = interrupt.signal_used_queue() {
+        if let Err(e) = interrupt.signal_used_queue(index) {
             log::warn!("hot-replace slot: raising its interrupt: {e}");
         }
     }

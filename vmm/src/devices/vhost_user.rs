@@ -12,7 +12,7 @@
 //! a completion. Instead of relaying every completion through the monitor (a poll of the call
 //! eventfd, a status update and an irqfd write: a wakeup and two syscalls in the monitor per
 //! interrupt), the transport reports VRING in InterruptStatus for as long as the device runs
-//! (see [`Interrupt::set_vring_signalled_externally`]); each slot has an edge-triggered line
+//! (see [`VirtioInterrupt::set_vring_signalled_externally`]); each slot has an edge-triggered line
 //! of its own, so the only cost is a used-ring check by the driver on a configuration
 //! interrupt. A resample irqfd would need a level-triggered line and a monitor thread to
 //! handle the resample.
@@ -31,7 +31,7 @@
 //! given it (SET_INFLIGHT_FD, see [`VhostUserConnection::inherit_inflight`]) and finds in it the
 //! request the dead one had taken but not completed. The monitor never maps or reads the area.
 //!
-//! [`Interrupt::set_vring_signalled_externally`]: super::virtio_mmio::Interrupt::set_vring_signalled_externally
+//! [`VirtioInterrupt::set_vring_signalled_externally`]: super::interrupt::VirtioInterrupt::set_vring_signalled_externally
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -436,7 +436,6 @@ impl VhostUserConnection {
             .set_mem_table(&regions)
             .map_err(self.request("SET_MEM_TABLE"))?;
         self.share_inflight(params)?;
-        let irqfd = params.interrupt.irqfd();
         // The transport reports VRING from the first kick on: completions come straight from
         // the backend through the irqfd.
         params.interrupt.set_vring_signalled_externally(true);
@@ -457,7 +456,7 @@ impl VhostUserConnection {
                 .set_vring_base(index, base)
                 .map_err(self.request("SET_VRING_BASE"))?;
             self.frontend
-                .set_vring_call(index, irqfd)
+                .set_vring_call(index, params.interrupt.queue_irqfd(index))
                 .map_err(self.request("SET_VRING_CALL"))?;
             self.frontend
                 .set_vring_kick(index, kick)

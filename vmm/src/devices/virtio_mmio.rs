@@ -32,6 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::mmio_bus::MmioDevice;
 use crate::boot::layout;
 
+use crate::devices::interrupt::VirtioInterrupt;
 pub use device::{read_config_bytes, ActivateError, ActivateParams, QueueConfig, VirtioDevice};
 pub use interrupt::{Interrupt, INT_CONFIG, INT_VRING};
 
@@ -401,7 +402,7 @@ impl<D: VirtioDevice> State<D> {
             features: self.driver_features,
             queues: self.queues.iter().map(|q| q.config).collect(),
             notify,
-            interrupt: Arc::clone(interrupt),
+            interrupt: Arc::clone(interrupt) as Arc<dyn VirtioInterrupt>,
         };
         self.device.activate(params)
     }

@@ -5,7 +5,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::devices::mmio_bus::MmioDevice;
-use crate::devices::virtio_mmio::{QueueConfig, CONFIG_SPACE_OFFSET};
+use crate::devices::virtio_mmio::{Interrupt, QueueConfig, CONFIG_SPACE_OFFSET};
 use crate::memory::{create_guest_ram, GuestRam};
 
 const RAM: u64 = 16 << 20;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interrupt::Interrupt;
+use crate::devices::interrupt::VirtioInterrupt;
 
 /// A virtio device behind a transport.
 ///
@@ -97,8 +97,8 @@ pub struct ActivateParams {
     /// QueueNotify register, or the transport itself without one). A vhost-user frontend
     /// passes these to its backend as kick fds.
     pub notify: Vec<EventFd>,
-    /// The transport's interrupt.
-    pub interrupt: Arc<Interrupt>,
+    /// The transport's interrupts.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// Why the device could not start.

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::interrupt::VirtioInterrupt;
+
 /// InterruptStatus bit: a queue's used ring was updated.
 pub const INT_VRING: u32 = VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the device configuration changed.
@@ -37,39 +39,6 @@ impl Interrupt {
         }
     }
 
-    /// The irqfd. A vhost-user frontend hands it (duplicated) to its backend as the call fd of
-    /// every queue, after calling [`Interrupt::set_vring_signalled_externally`].
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
-    }
-
-    /// Tells the driver that a used ring was updated.
-    pub fn signal_used_queue(&self) -> io::Result<()> {
-        // The bit goes first: the driver's handler reads it as soon as the interrupt lands.
-        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
-        self.irqfd.write(1)
-    }
-
-    /// Tells the driver that the device configuration changed (balloon target, disk
-    /// capacity, link state…). Bumps the configuration generation first, so a driver that
-    /// was reading the configuration across the change sees a different generation and reads
-    /// it again.
-    pub fn signal_config_change(&self) -> io::Result<()> {
-        self.config_generation.fetch_add(1, Ordering::SeqCst);
-        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
-        self.irqfd.write(1)
-    }
-
-    /// Declares that used-ring interrupts are raised by someone writing the irqfd directly (a
-    /// vhost-user backend's call fd is this irqfd), so the transport never learns of them.
-    /// While set, InterruptStatus always reports [`INT_VRING`]: the driver then checks its used
-    /// rings on every interrupt of the line. A check that finds nothing costs a little; a
-    /// status without the bit would make the driver ignore the interrupt and lose completions.
-    /// Cleared by a device reset.
-    pub fn set_vring_signalled_externally(&self, external: bool) {
-        self.vring_external.store(external, Ordering::SeqCst);
-    }
-
     /// The InterruptStatus register.
     pub(super) fn status(&self) -> u32 {
         let external = if self.vring_external.load(Ordering::SeqCst) {
@@ -96,5 +65,35 @@ impl Interrupt {
     pub(super) fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.vring_external.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One line for every queue: the queue number only matters to transports with a vector per
+/// queue.
+impl VirtioInterrupt for Interrupt {
+    fn signal_used_queue(&self, _queue: usize) -> io::Result<()> {
+        // The bit goes first: the driver's handler reads it as soon as the interrupt lands.
+        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// Bumps the configuration generation first, so a driver that was reading the
+    /// configuration across the change sees a different generation and reads it again.
+    fn signal_config_change(&self) -> io::Result<()> {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    fn queue_irqfd(&self, _queue: usize) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// While set, InterruptStatus always reports [`INT_VRING`]: the driver then checks its
+    /// used rings on every interrupt of the line. A check that finds nothing costs a little; a
+    /// status without the bit would make the driver ignore the interrupt and lose
+    /// completions. Cleared by a device reset.
+    fn set_vring_signalled_externally(&self, external: bool) {
+        self.vring_external.store(external, Ordering::SeqCst);
     }
 }

@@ -242,7 +242,8 @@ fn full_negotiation_activates_with_exactly_what_the_driver_wrote() {
         ]
     );
     assert_eq!(params.notify.len(), 2);
-    assert!(Arc::ptr_eq(&params.interrupt, f.transport.interrupt()));
+    let transport_interrupt: Arc<dyn VirtioInterrupt> = f.transport.interrupt().clone();
+    assert!(Arc::ptr_eq(&params.interrupt, &transport_interrupt));
 }
 
 #[test]
@@ -476,7 +477,7 @@ fn misaligned_or_wrapping_rings_fail_activation_with_needs_reset() {
         assert_eq!(f.activations(), 0);
         // The driver hears about it through a configuration interrupt.
         assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
-        assert!(is_signalled(f.transport.interrupt().irqfd()));
+        assert!(is_signalled(f.transport.interrupt().queue_irqfd(0)));
     }
 }
 
@@ -521,7 +522,7 @@ fn a_device_failed_while_running_needs_a_reset_and_one_never_started_does_not() 
     assert_eq!(ran, 2);
     assert_eq!(f.status(), S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET);
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
-    assert!(is_signalled(f.transport.interrupt().irqfd()));
+    assert!(is_signalled(f.transport.interrupt().queue_irqfd(0)));
     f.w32(VIRTIO_MMIO_STATUS, 0);
     assert_eq!(f.status(), 0);
     assert_eq!(f.record.lock().unwrap().resets, 1);
@@ -534,7 +535,7 @@ fn reset_returns_every_register_to_its_initial_value() {
     f.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
     f.setup_queue(1, 8, 0x4000, 0x5000, 0x6000);
     f.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
-    f.transport.interrupt().signal_used_queue().unwrap();
+    f.transport.interrupt().signal_used_queue(0).unwrap();
     f.transport.interrupt().set_vring_signalled_externally(true);
     // A kick the device never consumed.
     f.w32(VIRTIO_MMIO_QUEUE_NOTIFY, 1);
@@ -728,9 +729,9 @@ fn the_device_receives_the_very_eventfds_the_notify_register_signals() {
 fn used_queue_interrupts_set_the_status_bit_and_the_driver_acknowledges_them() {
     let f = fixture();
     let interrupt = Arc::clone(f.transport.interrupt());
-    interrupt.signal_used_queue().unwrap();
+    interrupt.signal_used_queue(0).unwrap();
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
-    assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+    assert_eq!(interrupt.queue_irqfd(0).read().unwrap(), 1);
     interrupt.signal_config_change().unwrap();
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
     f.w32(VIRTIO_MMIO_INTERRUPT_ACK, INT_VRING);
@@ -776,7 +777,7 @@ fn interrupt_handling_and_kicks_do_not_wait_for_a_slow_activation() {
     };
     entered_rx.recv().unwrap();
     // The activation holds the transport; another vCPU still takes its interrupt and kicks.
-    f.transport.interrupt().signal_used_queue().unwrap();
+    f.transport.interrupt().signal_used_queue(0).unwrap();
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
     f.w32(VIRTIO_MMIO_INTERRUPT_ACK, INT_VRING);
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
@@ -799,7 +800,7 @@ fn config_updates_bump_the_generation_and_raise_the_config_interrupt() {
     assert_eq!(old, 0x10);
     assert_eq!(f.r32(VIRTIO_MMIO_CONFIG_GENERATION), 1);
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
-    assert!(is_signalled(f.transport.interrupt().irqfd()));
+    assert!(is_signalled(f.transport.interrupt().queue_irqfd(0)));
     let mut data = [0];
     f.transport.read(CONFIG_SPACE_OFFSET, &mut data);
     assert_eq!(data, [0x99]);

@@ -16,6 +16,8 @@ use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::vhost_user::VhostUserError;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
+use crate::snapshot::vcpu_state::VcpuSnapshot;
+use crate::snapshot::{VmState, VmStateError};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
 /// Guest-physical address of the 3-page TSS region KVM needs on Intel hosts; inside the
@@ -74,6 +76,9 @@ pub enum MachineError {
     /// A device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceManagerError),
+    /// The VM-wide state could not be read or written for a snapshot.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] VmStateError),
     /// A vhost-user disk could not be given guest memory.
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
@@ -295,11 +300,17 @@ impl Machine {
 
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
+        let snapshot_msrs: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map_err(setup("listing the MSRs a snapshot saves"))?
+            .as_slice()
+            .into();
         let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
         let mmio = virtio.mmio_bus();
         for ((index, fd), boot_state) in (0..spec.vcpus).zip(fds).zip(boot_states) {
             let ctx = VcpuContext {
                 boot_state,
+                snapshot_msrs: snapshot_msrs.clone(),
                 devices: devices.clone(),
                 mmio: mmio.clone(),
                 events: wiring.events.clone(),
@@ -397,6 +408,18 @@ impl Machine {
             v.reset()?;
         }
         Ok(())
+    }
+
+    /// Reads the KVM state of the paused machine for a snapshot: every vCPU, the interrupt
+    /// controllers, the PIT and kvmclock. Fails if a vCPU is running or has stopped for good.
+    pub fn save_kvm_state(&self) -> Result<(VmState, Vec<VcpuSnapshot>), MachineError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(Vcpu::save_snapshot)
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmState::save(&self.vm)?;
+        Ok((vm, vcpus))
     }
 
     /// Resumes every vCPU.

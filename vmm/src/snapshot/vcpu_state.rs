@@ -31,6 +31,17 @@ pub struct VcpuSnapshot {
     msrs: Vec<kvm_msr_entry>,
 }
 
+impl std::fmt::Debug for VcpuSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The register file is too large to be useful in a log line.
+        f.debug_struct("VcpuSnapshot")
+            .field("rip", &self.regs.rip)
+            .field("mp_state", &self.mp_state.mp_state)
+            .field("msrs", &self.msrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
 fn kvm_err(what: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
     move |source| CpuError::Kvm {
         what,

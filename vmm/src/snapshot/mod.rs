@@ -3,9 +3,11 @@
 //! it is restored.
 //!
 //! [`format`] is the on-disk layout and its checks, [`vcpu_state`] what is kept of each vCPU,
+//! [`serial`] what is kept of the UART (the i8042 keeps no state),
 //! [`VmState`] what is kept of the VM itself.
 
 pub mod format;
+pub mod serial;
 pub mod vcpu_state;
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_TSC_STABLE};

@@ -84,12 +84,14 @@ pub enum FormatError {
     MemoryChecksum,
     /// The command line asks for another RAM size.
     #[error(
-        "snapshot has {snapshot} MiB of RAM, the command line asks for {command_line} MiB (-m)"
+        "snapshot has {} of RAM, the command line asks for {} (-m)",
+        ram_size(*snapshot),
+        ram_size(*command_line)
     )]
     RamMismatch {
-        /// MiB in the snapshot.
+        /// Bytes in the snapshot.
         snapshot: u64,
-        /// MiB on the command line.
+        /// Bytes on the command line.
         command_line: u64,
     },
     /// The command line asks for another vCPU count.
@@ -187,8 +189,8 @@ impl Header {
     pub fn check_machine(&self, ram_bytes: u64, vcpus: u32) -> Result<(), FormatError> {
         if self.ram_bytes != ram_bytes {
             return Err(FormatError::RamMismatch {
-                snapshot: self.ram_bytes >> 20,
-                command_line: ram_bytes >> 20,
+                snapshot: self.ram_bytes,
+                command_line: ram_bytes,
             });
         }
         if self.vcpus != vcpus {
@@ -198,6 +200,15 @@ impl Header {
             });
         }
         Ok(())
+    }
+}
+
+/// A RAM size as the user wrote it: in MiB when it is a whole number of them.
+fn ram_size(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
     }
 }
 
@@ -395,7 +406,7 @@ mod tests {
         let header = Header::decode(&sample(b"", &[0u8; 4096])).unwrap();
         assert_eq!(
             header.check_machine(8192, 2).unwrap_err().to_string(),
-            "snapshot has 0 MiB of RAM, the command line asks for 0 MiB (-m)"
+            "snapshot has 4096 bytes of RAM, the command line asks for 8192 bytes (-m)"
         );
         assert_eq!(
             header.check_machine(4096, 1).unwrap_err().to_string(),

@@ -3,9 +3,11 @@
 //! it is restored.
 //!
 //! [`format`] is the on-disk layout and its checks, [`vcpu_state`] what is kept of each vCPU,
-//! [`serial`] what is kept of the UART (the i8042 keeps no state),
+//! [`serial`] what is kept of the UART (the i8042 keeps no state), [`files`] the directory
+//! written and read back,
 //! [`VmState`] what is kept of the VM itself.
 
+pub mod files;
 pub mod format;
 pub mod serial;
 pub mod vcpu_state;

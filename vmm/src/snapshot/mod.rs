@@ -4,12 +4,13 @@
 //!
 //! [`format`] is the on-disk layout and its checks, [`vcpu_state`] what is kept of each vCPU,
 //! [`serial`] what is kept of the UART (the i8042 keeps no state), [`files`] the directory
-//! written and read back,
+//! written and read back, [`transport`] what is kept of a virtio-mmio transport,
 //! [`VmState`] what is kept of the VM itself.
 
 pub mod files;
 pub mod format;
 pub mod serial;
+pub mod transport;
 pub mod vcpu_state;
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_TSC_STABLE};

@@ -17,7 +17,7 @@ use crate::devices::vhost_user::VhostUserError;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
 use crate::snapshot::vcpu_state::VcpuSnapshot;
-use crate::snapshot::{VmState, VmStateError};
+use crate::snapshot::{self, MachineState, VmState, VmStateError};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
 /// Guest-physical address of the 3-page TSS region KVM needs on Intel hosts; inside the
@@ -79,6 +79,12 @@ pub enum MachineError {
     /// The VM-wide state could not be read or written for a snapshot.
     #[error("snapshot: {0}")]
     Snapshot(#[from] VmStateError),
+    /// A snapshot cannot be taken of this machine.
+    #[error("snapshot refused: {0}")]
+    SnapshotRefused(String),
+    /// The snapshot directory could not be written.
+    #[error(transparent)]
+    SnapshotWrite(#[from] snapshot::files::WriteError),
     /// A vhost-user disk could not be given guest memory.
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
@@ -422,6 +428,43 @@ impl Machine {
         Ok((vm, vcpus))
     }
 
+    /// Reads the whole state of the paused machine for a snapshot. Refused while any device
+    /// is served by a vhost-user backend: a restored machine maps guest RAM privately from
+    /// the memory file, which a backend process cannot share.
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        let backends = self.virtio.vhost_user_backends();
+        if backends > 0 {
+            return Err(MachineError::SnapshotRefused(format!(
+                "{backends} device(s) are served by a vhost-user backend; snapshots of such \
+                 machines are not supported yet"
+            )));
+        }
+        let (vm, vcpus) = self.save_kvm_state()?;
+        Ok(MachineState {
+            vm,
+            vcpus,
+            serial: self.devices.serial_state().into(),
+            transports: self.virtio.save_transports(),
+        })
+    }
+
+    /// Writes a snapshot of the paused machine into `dir` (see [`snapshot::files::write`]).
+    pub fn write_snapshot(&self, dir: &std::path::Path) -> Result<(), MachineError> {
+        let state = self.save_state()?;
+        let json = serde_json::to_vec(&state)
+            .map_err(|e| MachineError::SnapshotRefused(format!("encoding the state: {e}")))?;
+        snapshot::files::write(
+            dir,
+            &snapshot::files::SnapshotData {
+                state: &json,
+                memory: &self.ram.memfd,
+                ram_bytes: self.ram.size,
+                vcpus: self.vcpus.len() as u32,
+            },
+        )?;
+        Ok(())
+    }
+
     /// Resumes every vCPU.
     pub fn resume(&self) {
         for v in &self.vcpus {
@@ -455,5 +498,99 @@ impl Machine {
             v.stop();
         }
         self.devices.flush_serial();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::test_kernel::{self, ElfSpec, LOAD_ADDR};
+    use crate::devices::legacy::Discard;
+    use crate::snapshot::files;
+    use crate::snapshot::format::FormatError;
+
+    #[test]
+    fn a_paused_machine_writes_a_snapshot_that_reads_back_for_the_same_command_line() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_paused_machine_writes_a_snapshot_that_reads_back_for_the_same_command_line",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let boot = BootSource {
+            kernel: kernel.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+            virtio_mmio: Vec::new(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 2,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: None,
+        };
+        let (events, _rx) = std::sync::mpsc::channel();
+        let wiring = MachineWiring {
+            serial_out: Box::new(Discard),
+            events,
+            events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            vcpu_lockdown: Box::new(|_| Box::new(|| Ok(()))),
+            before_vcpu_threads: Box::new(|| Ok(())),
+            disks: Vec::new(),
+        };
+        let mut machine = Machine::create(&spec, wiring).unwrap();
+        machine.start();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let dir = std::env::temp_dir().join(format!("citadel-machine-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(
+            machine.write_snapshot(&dir),
+            Err(MachineError::Vcpu(VcpuError::NotPaused(_)))
+        ));
+        assert!(!dir.exists());
+        machine.pause().unwrap();
+        machine.write_snapshot(&dir).unwrap();
+
+        let checked = files::read(&dir, 32 << 20, 2).unwrap();
+        let memory = std::fs::read(dir.join(files::MEMORY_FILE)).unwrap();
+        let code = test_kernel::probe_code();
+        let at = LOAD_ADDR as usize;
+        assert_eq!(&memory[at..at + code.len()], &code[..]);
+        let slots: Vec<u32> = [2; DISK_SLOTS as usize]
+            .into_iter()
+            .chain([1; NIC_SLOTS as usize])
+            .collect();
+        let state = MachineState::parse(&checked.state, 2, &slots).unwrap();
+        assert_eq!(state.transports.len(), slots.len());
+        let mut with_balloon = slots.clone();
+        with_balloon.push(5);
+        assert_eq!(
+            MachineState::parse(&checked.state, 2, &with_balloon)
+                .err()
+                .map(|e| e.to_string()),
+            Some(
+                "snapshot devices [blk,blk,blk,blk,blk,blk,net,net] differ from the command \
+                 line's [blk,blk,blk,blk,blk,blk,net,net,balloon]"
+                    .to_string()
+            )
+        );
+        assert!(matches!(
+            MachineState::parse(&checked.state, 3, &slots),
+            Err(FormatError::VcpuMismatch {
+                snapshot: 2,
+                command_line: 3
+            })
+        ));
+        assert!(matches!(
+            machine.write_snapshot(&dir),
+            Err(MachineError::SnapshotWrite(files::WriteError::NotEmpty(_)))
+        ));
+        machine.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -630,6 +630,25 @@ impl DeviceManager {
         self.slots().map(|s| s.acpi_node()).collect()
     }
 
+    /// How many devices are served by a vhost-user backend process: plugged disk and NIC
+    /// slots, and the command line's vhost-user disks (every slot that is neither a
+    /// hot-replace slot nor the balloon).
+    pub fn vhost_user_backends(&self) -> usize {
+        let plugged_disks = self
+            .disk_slots
+            .iter()
+            .filter(|s| s.transport.with_device(|d| d.disk().is_some()))
+            .count();
+        let plugged_nics = self
+            .nic_slots
+            .iter()
+            .filter(|s| s.transport.with_device(|d| d.nic().is_some()))
+            .count();
+        let fixed =
+            self.disk_slots.len() + self.nic_slots.len() + usize::from(self.balloon.is_some());
+        plugged_disks + plugged_nics + self.slots.len().saturating_sub(fixed)
+    }
+
     /// Every slot's transport state, in slot order, for a snapshot.
     pub fn save_transports(&self) -> Vec<TransportSnapshot> {
         self.slots.iter().map(|s| s.transport.save()).collect()
@@ -734,6 +753,24 @@ mod tests {
             queues: vec![128; queues],
             started: Arc::default(),
         })
+    }
+
+    #[test]
+    fn command_line_devices_count_as_vhost_user_backends_and_empty_slots_do_not() {
+        let mut manager = DeviceManager::new().unwrap();
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        manager
+            .add_disk_slots(&Recorder::default(), &memory, 2)
+            .unwrap();
+        manager
+            .add_nic_slots(&Recorder::default(), &memory, 1)
+            .unwrap();
+        assert_eq!(manager.vhost_user_backends(), 0);
+        manager
+            .add_virtio_mmio(&Recorder::default(), dummy(1))
+            .unwrap();
+        assert_eq!(manager.vhost_user_backends(), 1);
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub mod serial;
 pub mod transport;
 pub mod vcpu_state;
 
+use self::format::FormatError;
+use self::serial::SerialSnapshot;
+use self::transport::TransportSnapshot;
+use self::vcpu_state::VcpuSnapshot;
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_TSC_STABLE};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -84,6 +88,59 @@ impl VmState {
             vm.set_irqchip(chip).map_err(vm_err("KVM_SET_IRQCHIP"))?;
         }
         Ok(())
+    }
+}
+
+/// Everything of a paused machine a snapshot keeps besides guest RAM: the JSON of the state
+/// file.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    /// The VM-wide KVM state.
+    pub vm: VmState,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuSnapshot>,
+    /// The COM1 UART.
+    pub serial: SerialSnapshot,
+    /// Every virtio-mmio slot's transport, in slot order.
+    pub transports: Vec<TransportSnapshot>,
+}
+
+/// A virtio device type as a user knows it.
+fn device_name(device_type: u32) -> String {
+    match device_type {
+        1 => "net".to_string(),
+        2 => "blk".to_string(),
+        5 => "balloon".to_string(),
+        other => format!("type-{other}"),
+    }
+}
+
+fn device_list(types: impl Iterator<Item = u32>) -> String {
+    types.map(device_name).collect::<Vec<_>>().join(",")
+}
+
+impl MachineState {
+    /// Parses checked JSON state and refuses one that does not fit the command line's
+    /// machine: another vCPU count than the header's, or other devices in the slots.
+    pub fn parse(json: &[u8], vcpus: u32, devices: &[u32]) -> Result<MachineState, FormatError> {
+        let state: MachineState = serde_json::from_slice(json).map_err(|e| FormatError::Io {
+            file: "state",
+            reason: format!("malformed state: {e}"),
+        })?;
+        if state.vcpus.len() != vcpus as usize {
+            return Err(FormatError::VcpuMismatch {
+                snapshot: state.vcpus.len() as u32,
+                command_line: vcpus,
+            });
+        }
+        let saved = state.transports.iter().map(|t| t.device_type);
+        if !saved.clone().eq(devices.iter().copied()) {
+            return Err(FormatError::DeviceMismatch {
+                snapshot: device_list(saved),
+                command_line: device_list(devices.iter().copied()),
+            });
+        }
+        Ok(state)
     }
 }
 

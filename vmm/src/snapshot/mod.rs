@@ -4,11 +4,13 @@
 //!
 //! [`format`] is the on-disk layout and its checks, [`vcpu_state`] what is kept of each vCPU,
 //! [`serial`] what is kept of the UART (the i8042 keeps no state), [`files`] the directory
-//! written and read back, [`transport`] what is kept of a virtio-mmio transport,
+//! written and read back, [`transport`] what is kept of a virtio-mmio transport, [`memory`]
+//! the restored guest RAM,
 //! [`VmState`] what is kept of the VM itself.
 
 pub mod files;
 pub mod format;
+pub mod memory;
 pub mod serial;
 pub mod transport;
 pub mod vcpu_state;

@@ -16,6 +16,8 @@ use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::vhost_user::VhostUserError;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
+use crate::snapshot::files::CheckedSnapshot;
+use crate::snapshot::format::FormatError;
 use crate::snapshot::vcpu_state::VcpuSnapshot;
 use crate::snapshot::{self, MachineState, VmState, VmStateError};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
@@ -79,7 +81,10 @@ pub enum MachineError {
     /// The VM-wide state could not be read or written for a snapshot.
     #[error("snapshot: {0}")]
     Snapshot(#[from] VmStateError),
-    /// A snapshot cannot be taken of this machine.
+    /// A snapshot's state does not fit the command line's machine.
+    #[error(transparent)]
+    SnapshotFormat(#[from] FormatError),
+    /// A snapshot cannot be taken of this machine, or its state cannot be put back.
     #[error("snapshot refused: {0}")]
     SnapshotRefused(String),
     /// The snapshot directory could not be written.
@@ -169,6 +174,9 @@ pub struct MachineSpec<'a> {
     pub cpu_template: CpuTemplate,
     /// The balloon, if the machine has one.
     pub balloon: Option<&'a BalloonOptions>,
+    /// A checked snapshot the machine is restored from instead of booting; its RAM size and
+    /// vCPU count are the ones above.
+    pub incoming: Option<&'a CheckedSnapshot>,
 }
 
 /// How the machine talks back to the event loop.
@@ -254,7 +262,9 @@ fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
 
 impl Machine {
     /// Creates the VM, loads the kernel and spawns the vCPU threads (parked until
-    /// [`Machine::start`]).
+    /// [`Machine::start`]). With [`MachineSpec::incoming`], guest RAM is the snapshot's memory
+    /// file and the vCPUs, interrupt controllers, timers, UART and transports take the saved
+    /// state; a state that does not fit the machine is refused before any vCPU thread exists.
     pub fn create(spec: &MachineSpec<'_>, wiring: MachineWiring) -> Result<Machine, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::Kvm)?;
         let api = kvm.get_api_version();
@@ -265,7 +275,10 @@ impl Machine {
         // Memory goes in before anything else: once the VM has in-kernel devices, every
         // memslot change waits for an SRCU grace period (several ms on a nested host), while
         // on an empty VM it is nearly free.
-        let ram = memory::create_guest_ram(spec.mem_bytes)?;
+        let ram = match spec.incoming {
+            Some(snap) => snapshot::memory::map_snapshot_memory(&snap.memory, spec.mem_bytes)?,
+            None => memory::create_guest_ram(spec.mem_bytes)?,
+        };
         memory::register(&vm, &ram)?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(setup("setting the TSS address"))?;
@@ -290,19 +303,37 @@ impl Machine {
         let mut boot = spec.boot.clone();
         boot.virtio_mmio = virtio.acpi_nodes();
         let boot_files = HeldBootFiles::open(&boot)?;
-        let entry = boot::load_from(&ram.memory, &boot, &boot_files.files, spec.vcpus)?;
+        // A restored machine's RAM is the snapshot's: its kernel and boot tables go into
+        // scratch RAM, only to learn the entry point and the vCPUs' boot state that a reset
+        // needs. Untouched scratch pages are never allocated.
+        let scratch = match spec.incoming {
+            Some(_) => Some(memory::create_guest_ram(spec.mem_bytes)?),
+            None => None,
+        };
+        let boot_memory = scratch.as_ref().map_or(&ram.memory, |s| &s.memory);
+        let entry = boot::load_from(boot_memory, &boot, &boot_files.files, spec.vcpus)?;
         let mut boot_states = Vec::with_capacity(fds.len());
         for (index, fd) in (0..spec.vcpus).zip(&fds) {
             let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
-            cpu::configure(fd, &ram.memory, &entry, index, &cpuid)?;
+            cpu::configure(fd, boot_memory, &entry, index, &cpuid)?;
             boot_states.push(VcpuState::save(fd, index)?);
         }
+        drop(scratch);
         let chips = ChipState::save(&vm)?;
+        let restored = match spec.incoming {
+            Some(snap) => Some(Self::restore_kvm_state(&vm, &fds, &virtio, snap)?),
+            None => None,
+        };
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(setup("wiring the serial interrupt"))?;
         let devices = Arc::new(LegacyDevices::new(serial_irq, wiring.serial_out));
+        if let Some(state) = &restored {
+            devices
+                .restore_serial(&state.serial.clone().into())
+                .map_err(|e| MachineError::SnapshotRefused(format!("serial port: {e}")))?;
+        }
 
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
@@ -340,6 +371,31 @@ impl Machine {
             entry,
             chips,
         })
+    }
+
+    /// Parses a checked snapshot's state against the machine being built and puts its
+    /// VM-wide state, every vCPU's and every slot transport's back; the UART is left to the
+    /// caller, which builds it later.
+    fn restore_kvm_state(
+        vm: &VmFd,
+        fds: &[VcpuFd],
+        virtio: &DeviceManager,
+        snap: &CheckedSnapshot,
+    ) -> Result<MachineState, MachineError> {
+        let types: Vec<u32> = virtio
+            .save_transports()
+            .iter()
+            .map(|t| t.device_type)
+            .collect();
+        let state = MachineState::parse(&snap.state, fds.len() as u32, &types)?;
+        state.vm.restore(vm)?;
+        for (index, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
+            saved.restore(fd, index as u8)?;
+        }
+        virtio
+            .restore_transports(&state.transports)
+            .map_err(MachineError::SnapshotRefused)?;
+        Ok(state)
     }
 
     /// Creates the in-kernel irqchip and PIT, then the vCPUs.
@@ -507,12 +563,12 @@ mod tests {
     use crate::boot::test_kernel::{self, ElfSpec, LOAD_ADDR};
     use crate::devices::legacy::Discard;
     use crate::snapshot::files;
-    use crate::snapshot::format::FormatError;
+    use vm_memory::Bytes;
 
     #[test]
-    fn a_paused_machine_writes_a_snapshot_that_reads_back_for_the_same_command_line() {
+    fn a_paused_machine_writes_a_snapshot_the_same_command_line_restores() {
         let Some(_kvm) = crate::test_kvm::kvm_or_skip(
-            "machine::a_paused_machine_writes_a_snapshot_that_reads_back_for_the_same_command_line",
+            "machine::a_paused_machine_writes_a_snapshot_the_same_command_line_restores",
         ) else {
             return;
         };
@@ -533,17 +589,9 @@ mod tests {
             mem_bytes: 32 << 20,
             cpu_template: CpuTemplate::Host,
             balloon: None,
+            incoming: None,
         };
-        let (events, _rx) = std::sync::mpsc::channel();
-        let wiring = MachineWiring {
-            serial_out: Box::new(Discard),
-            events,
-            events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            vcpu_lockdown: Box::new(|_| Box::new(|| Ok(()))),
-            before_vcpu_threads: Box::new(|| Ok(())),
-            disks: Vec::new(),
-        };
-        let mut machine = Machine::create(&spec, wiring).unwrap();
+        let mut machine = Machine::create(&spec, wiring()).unwrap();
         machine.start();
         std::thread::sleep(std::time::Duration::from_millis(50));
         let dir = std::env::temp_dir().join(format!("citadel-machine-snap-{}", std::process::id()));
@@ -590,7 +638,49 @@ mod tests {
             machine.write_snapshot(&dir),
             Err(MachineError::SnapshotWrite(files::WriteError::NotEmpty(_)))
         ));
+
+        // The same command line restores it: same vCPU states, devices and RAM.
+        let saved = machine.save_state().unwrap();
         machine.shutdown();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        restored.pause().unwrap();
+        let back = restored.save_state().unwrap();
+        assert_eq!(format!("{:?}", back.vcpus), format!("{:?}", saved.vcpus));
+        assert_eq!(back.transports, saved.transports);
+        assert_eq!(back.serial, saved.serial);
+        let mut buf = vec![0u8; code.len()];
+        restored
+            .ram
+            .memory
+            .read_slice(&mut buf, vm_memory::GuestAddress(LOAD_ADDR))
+            .unwrap();
+        assert_eq!(buf, code);
+        restored.shutdown();
+
+        // Another device list is refused before any vCPU exists.
+        let balloon = BalloonOptions::default();
+        let other = MachineSpec {
+            balloon: Some(&balloon),
+            ..incoming
+        };
+        let err = Machine::create(&other, wiring()).err().unwrap();
+        assert!(err.to_string().starts_with("snapshot devices ["), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn wiring() -> MachineWiring {
+        let (events, _rx) = std::sync::mpsc::channel();
+        MachineWiring {
+            serial_out: Box::new(Discard),
+            events,
+            events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            vcpu_lockdown: Box::new(|_| Box::new(|| Ok(()))),
+            before_vcpu_threads: Box::new(|| Ok(())),
+            disks: Vec::new(),
+        }
     }
 }

@@ -485,8 +485,9 @@ impl Machine {
     }
 
     /// Reads the whole state of the paused machine for a snapshot. Refused while any device
-    /// is served by a vhost-user backend: a restored machine maps guest RAM privately from
-    /// the memory file, which a backend process cannot share.
+    /// is served by a vhost-user backend (a restored machine maps guest RAM privately from
+    /// the memory file, which a backend process cannot share) or has been started by its
+    /// driver.
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         let backends = self.virtio.vhost_user_backends();
         if backends > 0 {
@@ -495,12 +496,24 @@ impl Machine {
                  machines are not supported yet"
             )));
         }
+        let transports = self.virtio.save_transports();
+        // Refused here rather than at restore, before anything is written: restarting a
+        // started device needs its ring position, which is not saved yet.
+        if let Some(slot) = transports
+            .iter()
+            .position(|t| t.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK != 0)
+        {
+            return Err(MachineError::SnapshotRefused(format!(
+                "the guest driver started the device in virtio-mmio slot {slot}; snapshots of \
+                 started virtio devices are not supported yet"
+            )));
+        }
         let (vm, vcpus) = self.save_kvm_state()?;
         Ok(MachineState {
             vm,
             vcpus,
             serial: self.devices.serial_state().into(),
-            transports: self.virtio.save_transports(),
+            transports,
         })
     }
 
@@ -659,6 +672,35 @@ mod tests {
             .read_slice(&mut buf, vm_memory::GuestAddress(LOAD_ADDR))
             .unwrap();
         assert_eq!(buf, code);
+
+        // Once a driver started a device, snapshots are refused before anything is written.
+        use virtio_bindings::virtio_mmio::{
+            VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_STATUS,
+        };
+        let bus = restored.virtio().mmio_bus();
+        let base = crate::boot::layout::VIRTIO_MMIO_BASE;
+        let w32 = |reg: u32, value: u32| {
+            assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
+        };
+        w32(VIRTIO_MMIO_STATUS, 1);
+        w32(VIRTIO_MMIO_STATUS, 3);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        w32(VIRTIO_MMIO_STATUS, 11);
+        w32(VIRTIO_MMIO_STATUS, 15);
+        let started = dir.with_extension("started");
+        assert_eq!(
+            restored
+                .write_snapshot(&started)
+                .err()
+                .map(|e| e.to_string()),
+            Some(
+                "snapshot refused: the guest driver started the device in virtio-mmio slot 0; \
+                 snapshots of started virtio devices are not supported yet"
+                    .to_string()
+            )
+        );
+        assert!(!started.exists());
         restored.shutdown();
 
         // Another device list is refused before any vCPU exists.

@@ -320,8 +320,19 @@ impl Machine {
         }
         drop(scratch);
         let chips = ChipState::save(&vm)?;
+        let snapshot_msrs: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map_err(setup("listing the MSRs a snapshot saves"))?
+            .as_slice()
+            .into();
         let restored = match spec.incoming {
-            Some(snap) => Some(Self::restore_kvm_state(&vm, &fds, &virtio, snap)?),
+            Some(snap) => Some(Self::restore_kvm_state(
+                &vm,
+                &fds,
+                &virtio,
+                snap,
+                &snapshot_msrs,
+            )?),
             None => None,
         };
 
@@ -337,11 +348,6 @@ impl Machine {
 
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
-        let snapshot_msrs: Arc<[u32]> = kvm
-            .get_msr_index_list()
-            .map_err(setup("listing the MSRs a snapshot saves"))?
-            .as_slice()
-            .into();
         let mut vcpus = Vec::with_capacity(usize::from(spec.vcpus));
         let mmio = virtio.mmio_bus();
         for ((index, fd), boot_state) in (0..spec.vcpus).zip(fds).zip(boot_states) {
@@ -381,6 +387,7 @@ impl Machine {
         fds: &[VcpuFd],
         virtio: &DeviceManager,
         snap: &CheckedSnapshot,
+        msrs: &[u32],
     ) -> Result<MachineState, MachineError> {
         let types: Vec<u32> = virtio
             .save_transports()
@@ -390,7 +397,7 @@ impl Machine {
         let state = MachineState::parse(&snap.state, fds.len() as u32, &types)?;
         state.vm.restore(vm)?;
         for (index, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
-            saved.restore(fd, index as u8)?;
+            saved.restore(fd, index as u8, msrs)?;
         }
         virtio
             .restore_transports(&state.transports)

@@ -119,8 +119,16 @@ impl VcpuSnapshot {
     }
 
     /// Puts the state on vCPU `index`, which must have the CPUID it had when saved and must
-    /// not be running.
-    pub fn restore(&self, vcpu: &VcpuFd, index: u8) -> Result<(), CpuError> {
+    /// not be running. The state comes from a file: an MSR outside `msr_indices` (what this
+    /// host's KVM lists, all a snapshot saves) is refused before anything is set, as host
+    /// writes reach MSRs the guest itself cannot write.
+    pub fn restore(&self, vcpu: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<(), CpuError> {
+        if let Some(msr) = self.msrs.iter().find(|m| !msr_indices.contains(&m.index)) {
+            return Err(CpuError::UnlistedMsr {
+                msr: msr.index,
+                index,
+            });
+        }
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE", index))?;
         // Segment and control registers before the general ones and before the LAPIC, whose
@@ -199,7 +207,22 @@ mod tests {
         let back: VcpuSnapshot = serde_json::from_slice(&json).unwrap();
 
         let (_vm2, fresh) = build();
-        back.restore(&fresh, 0).unwrap();
+        let mut forged: VcpuSnapshot = serde_json::from_slice(&json).unwrap();
+        forged.msrs.push(kvm_msr_entry {
+            index: 0xdead_0001,
+            ..Default::default()
+        });
+        let (_vm3, untouched) = build();
+        let err = forged
+            .restore(&untouched, 0, msr_indices.as_slice())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "snapshot holds MSR 0xdead0001 for vCPU 0, which this host's KVM does not list"
+        );
+        assert_ne!(untouched.get_regs().unwrap().rip, 0x1234);
+
+        back.restore(&fresh, 0, msr_indices.as_slice()).unwrap();
         let regs = fresh.get_regs().unwrap();
         assert_eq!((regs.rip, regs.r15), (0x1234, 0xfeed));
         let mut probe = Msrs::from_entries(&[kvm_msr_entry {

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
-use crate::devices::balloon::BalloonOptions;
+use crate::devices::balloon::{BalloonHandle, BalloonOptions};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::vhost_user::VhostUserError;
@@ -402,6 +402,12 @@ impl Machine {
         virtio
             .restore_transports(&state.transports)
             .map_err(MachineError::SnapshotRefused)?;
+        // The device list matched, so both have a balloon or neither does.
+        if let (Some(balloon), Some((num_pages, actual))) = (virtio.balloon(), state.balloon) {
+            balloon
+                .restore_config(num_pages, actual)
+                .map_err(MachineError::SnapshotRefused)?;
+        }
         Ok(state)
     }
 
@@ -521,6 +527,7 @@ impl Machine {
             vcpus,
             serial: self.devices.serial_state().into(),
             transports,
+            balloon: self.virtio.balloon().map(BalloonHandle::config),
         })
     }
 
@@ -718,6 +725,59 @@ mod tests {
         };
         let err = Machine::create(&other, wiring()).err().unwrap();
         assert!(err.to_string().starts_with("snapshot devices ["), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_balloon_target_survives_a_snapshot() {
+        let Some(_kvm) =
+            crate::test_kvm::kvm_or_skip("machine::a_balloon_target_survives_a_snapshot")
+        else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let boot = BootSource {
+            kernel: kernel.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+            virtio_mmio: Vec::new(),
+        };
+        let balloon = BalloonOptions::default();
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 1,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: Some(&balloon),
+            incoming: None,
+        };
+        let mut machine = Machine::create(&spec, wiring()).unwrap();
+        machine
+            .virtio()
+            .balloon()
+            .unwrap()
+            .set_target(16 << 20)
+            .unwrap();
+        machine.pause().unwrap();
+        let dir = std::env::temp_dir().join(format!("citadel-balloon-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        machine.write_snapshot(&dir).unwrap();
+        machine.shutdown();
+        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        assert_eq!(
+            restored.virtio().balloon().unwrap().config(),
+            ((16 << 20) / 4096, 0)
+        );
+        restored.shutdown();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -105,6 +105,8 @@ pub struct MachineState {
     pub serial: SerialSnapshot,
     /// Every virtio-mmio slot's transport, in slot order.
     pub transports: Vec<TransportSnapshot>,
+    /// The balloon's target and held pages (`num_pages`, `actual`), if the machine has one.
+    pub balloon: Option<(u32, u32)>,
 }
 
 /// A virtio device type as a user knows it.

@@ -18,6 +18,7 @@ pub mod net_hotplug;
 pub mod passed_fds;
 pub mod qmp_server;
 pub mod scm_rights;
+pub mod snapshot;
 #[cfg(test)]
 mod test_kvm;
 pub mod vcpu;

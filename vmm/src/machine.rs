@@ -10,12 +10,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootFiles, BootSource, EntryPoint};
 use crate::cpu::{self, CpuTemplate, VcpuState};
-use crate::devices::balloon::BalloonOptions;
+use crate::devices::balloon::{BalloonHandle, BalloonOptions};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::vhost_user::VhostUserError;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
+use crate::snapshot::files::CheckedSnapshot;
+use crate::snapshot::format::FormatError;
+use crate::snapshot::vcpu_state::VcpuSnapshot;
+use crate::snapshot::{self, MachineState, VmState, VmStateError};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
 
 /// Guest-physical address of the 3-page TSS region KVM needs on Intel hosts; inside the
@@ -74,6 +78,18 @@ pub enum MachineError {
     /// A device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceManagerError),
+    /// The VM-wide state could not be read or written for a snapshot.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] VmStateError),
+    /// A snapshot's state does not fit the command line's machine.
+    #[error(transparent)]
+    SnapshotFormat(#[from] FormatError),
+    /// A snapshot cannot be taken of this machine, or its state cannot be put back.
+    #[error("snapshot refused: {0}")]
+    SnapshotRefused(String),
+    /// The snapshot directory could not be written.
+    #[error(transparent)]
+    SnapshotWrite(#[from] snapshot::files::WriteError),
     /// A vhost-user disk could not be given guest memory.
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
@@ -158,6 +174,9 @@ pub struct MachineSpec<'a> {
     pub cpu_template: CpuTemplate,
     /// The balloon, if the machine has one.
     pub balloon: Option<&'a BalloonOptions>,
+    /// A checked snapshot the machine is restored from instead of booting; its RAM size and
+    /// vCPU count are the ones above.
+    pub incoming: Option<&'a CheckedSnapshot>,
 }
 
 /// How the machine talks back to the event loop.
@@ -243,7 +262,9 @@ fn setup(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
 
 impl Machine {
     /// Creates the VM, loads the kernel and spawns the vCPU threads (parked until
-    /// [`Machine::start`]).
+    /// [`Machine::start`]). With [`MachineSpec::incoming`], guest RAM is the snapshot's memory
+    /// file and the vCPUs, interrupt controllers, timers, UART and transports take the saved
+    /// state; a state that does not fit the machine is refused before any vCPU thread exists.
     pub fn create(spec: &MachineSpec<'_>, wiring: MachineWiring) -> Result<Machine, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::Kvm)?;
         let api = kvm.get_api_version();
@@ -254,7 +275,10 @@ impl Machine {
         // Memory goes in before anything else: once the VM has in-kernel devices, every
         // memslot change waits for an SRCU grace period (several ms on a nested host), while
         // on an empty VM it is nearly free.
-        let ram = memory::create_guest_ram(spec.mem_bytes)?;
+        let ram = match spec.incoming {
+            Some(snap) => snapshot::memory::map_snapshot_memory(&snap.memory, spec.mem_bytes)?,
+            None => memory::create_guest_ram(spec.mem_bytes)?,
+        };
         memory::register(&vm, &ram)?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(setup("setting the TSS address"))?;
@@ -279,19 +303,48 @@ impl Machine {
         let mut boot = spec.boot.clone();
         boot.virtio_mmio = virtio.acpi_nodes();
         let boot_files = HeldBootFiles::open(&boot)?;
-        let entry = boot::load_from(&ram.memory, &boot, &boot_files.files, spec.vcpus)?;
+        // A restored machine's RAM is the snapshot's: its kernel and boot tables go into
+        // scratch RAM, only to learn the entry point and the vCPUs' boot state that a reset
+        // needs. Untouched scratch pages are never allocated.
+        let scratch = match spec.incoming {
+            Some(_) => Some(memory::create_guest_ram(spec.mem_bytes)?),
+            None => None,
+        };
+        let boot_memory = scratch.as_ref().map_or(&ram.memory, |s| &s.memory);
+        let entry = boot::load_from(boot_memory, &boot, &boot_files.files, spec.vcpus)?;
         let mut boot_states = Vec::with_capacity(fds.len());
         for (index, fd) in (0..spec.vcpus).zip(&fds) {
             let cpuid = cpu::cpuid(&kvm, spec.cpu_template, index, spec.vcpus)?;
-            cpu::configure(fd, &ram.memory, &entry, index, &cpuid)?;
+            cpu::configure(fd, boot_memory, &entry, index, &cpuid)?;
             boot_states.push(VcpuState::save(fd, index)?);
         }
+        drop(scratch);
         let chips = ChipState::save(&vm)?;
+        let snapshot_msrs: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map_err(setup("listing the MSRs a snapshot saves"))?
+            .as_slice()
+            .into();
+        let restored = match spec.incoming {
+            Some(snap) => Some(Self::restore_kvm_state(
+                &vm,
+                &fds,
+                &virtio,
+                snap,
+                &snapshot_msrs,
+            )?),
+            None => None,
+        };
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(setup("wiring the serial interrupt"))?;
         let devices = Arc::new(LegacyDevices::new(serial_irq, wiring.serial_out));
+        if let Some(state) = &restored {
+            devices
+                .restore_serial(&state.serial.clone().into())
+                .map_err(|e| MachineError::SnapshotRefused(format!("serial port: {e}")))?;
+        }
 
         (wiring.before_vcpu_threads)().map_err(MachineError::Lockdown)?;
 
@@ -300,6 +353,7 @@ impl Machine {
         for ((index, fd), boot_state) in (0..spec.vcpus).zip(fds).zip(boot_states) {
             let ctx = VcpuContext {
                 boot_state,
+                snapshot_msrs: snapshot_msrs.clone(),
                 devices: devices.clone(),
                 mmio: mmio.clone(),
                 events: wiring.events.clone(),
@@ -323,6 +377,38 @@ impl Machine {
             entry,
             chips,
         })
+    }
+
+    /// Parses a checked snapshot's state against the machine being built and puts its
+    /// VM-wide state, every vCPU's and every slot transport's back; the UART is left to the
+    /// caller, which builds it later.
+    fn restore_kvm_state(
+        vm: &VmFd,
+        fds: &[VcpuFd],
+        virtio: &DeviceManager,
+        snap: &CheckedSnapshot,
+        msrs: &[u32],
+    ) -> Result<MachineState, MachineError> {
+        let types: Vec<u32> = virtio
+            .save_transports()
+            .iter()
+            .map(|t| t.device_type)
+            .collect();
+        let state = MachineState::parse(&snap.state, fds.len() as u32, &types)?;
+        state.vm.restore(vm)?;
+        for (index, (fd, saved)) in fds.iter().zip(&state.vcpus).enumerate() {
+            saved.restore(fd, index as u8, msrs)?;
+        }
+        virtio
+            .restore_transports(&state.transports)
+            .map_err(MachineError::SnapshotRefused)?;
+        // The device list matched, so both have a balloon or neither does.
+        if let (Some(balloon), Some((num_pages, actual))) = (virtio.balloon(), state.balloon) {
+            balloon
+                .restore_config(num_pages, actual)
+                .map_err(MachineError::SnapshotRefused)?;
+        }
+        Ok(state)
     }
 
     /// Creates the in-kernel irqchip and PIT, then the vCPUs.
@@ -399,6 +485,69 @@ impl Machine {
         Ok(())
     }
 
+    /// Reads the KVM state of the paused machine for a snapshot: every vCPU, the interrupt
+    /// controllers, the PIT and kvmclock. Fails if a vCPU is running or has stopped for good.
+    pub fn save_kvm_state(&self) -> Result<(VmState, Vec<VcpuSnapshot>), MachineError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(Vcpu::save_snapshot)
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmState::save(&self.vm)?;
+        Ok((vm, vcpus))
+    }
+
+    /// Reads the whole state of the paused machine for a snapshot. Refused while any device
+    /// is served by a vhost-user backend (a restored machine maps guest RAM privately from
+    /// the memory file, which a backend process cannot share) or has been started by its
+    /// driver.
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        let backends = self.virtio.vhost_user_backends();
+        if backends > 0 {
+            return Err(MachineError::SnapshotRefused(format!(
+                "{backends} device(s) are served by a vhost-user backend; snapshots of such \
+                 machines are not supported yet"
+            )));
+        }
+        let transports = self.virtio.save_transports();
+        // Refused here rather than at restore, before anything is written: restarting a
+        // started device needs its ring position, which is not saved yet.
+        if let Some(slot) = transports
+            .iter()
+            .position(|t| t.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK != 0)
+        {
+            return Err(MachineError::SnapshotRefused(format!(
+                "the guest driver started the device in virtio-mmio slot {slot}; snapshots of \
+                 started virtio devices are not supported yet"
+            )));
+        }
+        let (vm, vcpus) = self.save_kvm_state()?;
+        Ok(MachineState {
+            vm,
+            vcpus,
+            serial: self.devices.serial_state().into(),
+            transports,
+            balloon: self.virtio.balloon().map(BalloonHandle::config),
+        })
+    }
+
+    /// Writes a snapshot of the paused machine into `dir` (see [`snapshot::files::write`]).
+    pub fn write_snapshot(&self, dir: &std::path::Path) -> Result<(), MachineError> {
+        let state = self.save_state()?;
+        let json = serde_json::to_vec(&state)
+            .map_err(|e| MachineError::SnapshotRefused(format!("encoding the state: {e}")))?;
+        snapshot::files::write(
+            dir,
+            &snapshot::files::SnapshotData {
+                state: &json,
+                memory: &self.ram.memfd,
+                ram_bytes: self.ram.size,
+                vcpus: self.vcpus.len() as u32,
+            },
+        )?;
+        Ok(())
+    }
+
     /// Resumes every vCPU.
     pub fn resume(&self) {
         for v in &self.vcpus {
@@ -432,5 +581,215 @@ impl Machine {
             v.stop();
         }
         self.devices.flush_serial();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::test_kernel::{self, ElfSpec, LOAD_ADDR};
+    use crate::devices::legacy::Discard;
+    use crate::snapshot::files;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn a_paused_machine_writes_a_snapshot_the_same_command_line_restores() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_paused_machine_writes_a_snapshot_the_same_command_line_restores",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let boot = BootSource {
+            kernel: kernel.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+            virtio_mmio: Vec::new(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 2,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: None,
+            incoming: None,
+        };
+        let mut machine = Machine::create(&spec, wiring()).unwrap();
+        machine.start();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let dir = std::env::temp_dir().join(format!("citadel-machine-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(
+            machine.write_snapshot(&dir),
+            Err(MachineError::Vcpu(VcpuError::NotPaused(_)))
+        ));
+        assert!(!dir.exists());
+        machine.pause().unwrap();
+        machine.write_snapshot(&dir).unwrap();
+
+        let checked = files::read(&dir, 32 << 20, 2).unwrap();
+        let memory = std::fs::read(dir.join(files::MEMORY_FILE)).unwrap();
+        let code = test_kernel::probe_code();
+        let at = LOAD_ADDR as usize;
+        assert_eq!(&memory[at..at + code.len()], &code[..]);
+        let slots: Vec<u32> = [2; DISK_SLOTS as usize]
+            .into_iter()
+            .chain([1; NIC_SLOTS as usize])
+            .collect();
+        let state = MachineState::parse(&checked.state, 2, &slots).unwrap();
+        assert_eq!(state.transports.len(), slots.len());
+        let mut with_balloon = slots.clone();
+        with_balloon.push(5);
+        assert_eq!(
+            MachineState::parse(&checked.state, 2, &with_balloon)
+                .err()
+                .map(|e| e.to_string()),
+            Some(
+                "snapshot devices [blk,blk,blk,blk,blk,blk,net,net] differ from the command \
+                 line's [blk,blk,blk,blk,blk,blk,net,net,balloon]"
+                    .to_string()
+            )
+        );
+        assert!(matches!(
+            MachineState::parse(&checked.state, 3, &slots),
+            Err(FormatError::VcpuMismatch {
+                snapshot: 2,
+                command_line: 3
+            })
+        ));
+        assert!(matches!(
+            machine.write_snapshot(&dir),
+            Err(MachineError::SnapshotWrite(files::WriteError::NotEmpty(_)))
+        ));
+
+        // The same command line restores it: same vCPU states, devices and RAM.
+        let saved = machine.save_state().unwrap();
+        machine.shutdown();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        restored.pause().unwrap();
+        let back = restored.save_state().unwrap();
+        assert_eq!(format!("{:?}", back.vcpus), format!("{:?}", saved.vcpus));
+        assert_eq!(back.transports, saved.transports);
+        assert_eq!(back.serial, saved.serial);
+        let mut buf = vec![0u8; code.len()];
+        restored
+            .ram
+            .memory
+            .read_slice(&mut buf, vm_memory::GuestAddress(LOAD_ADDR))
+            .unwrap();
+        assert_eq!(buf, code);
+
+        // Once a driver started a device, snapshots are refused before anything is written.
+        use virtio_bindings::virtio_mmio::{
+            VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_STATUS,
+        };
+        let bus = restored.virtio().mmio_bus();
+        let base = crate::boot::layout::VIRTIO_MMIO_BASE;
+        let w32 = |reg: u32, value: u32| {
+            assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
+        };
+        w32(VIRTIO_MMIO_STATUS, 1);
+        w32(VIRTIO_MMIO_STATUS, 3);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        w32(VIRTIO_MMIO_STATUS, 11);
+        w32(VIRTIO_MMIO_STATUS, 15);
+        let started = dir.with_extension("started");
+        assert_eq!(
+            restored
+                .write_snapshot(&started)
+                .err()
+                .map(|e| e.to_string()),
+            Some(
+                "snapshot refused: the guest driver started the device in virtio-mmio slot 0; \
+                 snapshots of started virtio devices are not supported yet"
+                    .to_string()
+            )
+        );
+        assert!(!started.exists());
+        restored.shutdown();
+
+        // Another device list is refused before any vCPU exists.
+        let balloon = BalloonOptions::default();
+        let other = MachineSpec {
+            balloon: Some(&balloon),
+            ..incoming
+        };
+        let err = Machine::create(&other, wiring()).err().unwrap();
+        assert!(err.to_string().starts_with("snapshot devices ["), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_balloon_target_survives_a_snapshot() {
+        let Some(_kvm) =
+            crate::test_kvm::kvm_or_skip("machine::a_balloon_target_survives_a_snapshot")
+        else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let boot = BootSource {
+            kernel: kernel.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+            virtio_mmio: Vec::new(),
+        };
+        let balloon = BalloonOptions::default();
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 1,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: Some(&balloon),
+            incoming: None,
+        };
+        let mut machine = Machine::create(&spec, wiring()).unwrap();
+        machine
+            .virtio()
+            .balloon()
+            .unwrap()
+            .set_target(16 << 20)
+            .unwrap();
+        machine.pause().unwrap();
+        let dir = std::env::temp_dir().join(format!("citadel-balloon-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        machine.write_snapshot(&dir).unwrap();
+        machine.shutdown();
+        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        assert_eq!(
+            restored.virtio().balloon().unwrap().config(),
+            ((16 << 20) / 4096, 0)
+        );
+        restored.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn wiring() -> MachineWiring {
+        let (events, _rx) = std::sync::mpsc::channel();
+        MachineWiring {
+            serial_out: Box::new(Discard),
+            events,
+            events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            vcpu_lockdown: Box::new(|_| Box::new(|| Ok(()))),
+            before_vcpu_threads: Box::new(|| Ok(())),
+            disks: Vec::new(),
+        }
     }
 }

@@ -264,6 +264,7 @@ fn build_and_run(
             mem_bytes: config.mem_bytes,
             cpu_template: config.cpu_template,
             balloon: config.balloon.as_ref(),
+            incoming: None,
         };
         let mode = config.seccomp;
         let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::cpu::VcpuState;
 use crate::devices::legacy::{LegacyDevices, PioOutcome};
 use crate::devices::mmio_bus::MmioBus;
+use crate::snapshot::vcpu_state::VcpuSnapshot;
 
 /// How long one kick waits for an acknowledgement before kicking again.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
@@ -92,8 +93,16 @@ pub enum VcpuError {
         /// What failed.
         reason: String,
     },
-    /// A vCPU was asked to reset while running.
-    #[error("vCPU {0} must be paused to be reset")]
+    /// A vCPU's state could not be read for a snapshot.
+    #[error("saving vCPU {index}: {reason}")]
+    Save {
+        /// Which vCPU.
+        index: u8,
+        /// What failed.
+        reason: String,
+    },
+    /// A vCPU was asked to reset or save its state while running.
+    #[error("vCPU {0} must be paused to be reset or saved")]
     NotPaused(u8),
     /// A vCPU did not acknowledge a request in time.
     #[error("vCPU {index} did not {what} within {REQUEST_DEADLINE:?}")]
@@ -133,6 +142,9 @@ struct State {
     reset_wanted: u64,
     reset_done: u64,
     reset_error: Option<String>,
+    save_wanted: u64,
+    save_done: u64,
+    saved: Option<Result<VcpuSnapshot, String>>,
     locked_down: bool,
 }
 
@@ -179,6 +191,8 @@ pub struct VcpuContext {
     pub lockdown: ThreadLockdown,
     /// The state the vCPU boots with, put back on reset.
     pub boot_state: VcpuState,
+    /// The MSRs a snapshot saves (KVM's list for this host).
+    pub snapshot_msrs: Arc<[u32]>,
 }
 
 /// The controller's handle on one vCPU thread.
@@ -213,6 +227,9 @@ impl Vcpu {
                 reset_wanted: 0,
                 reset_done: 0,
                 reset_error: None,
+                save_wanted: 0,
+                save_done: 0,
+                saved: None,
                 locked_down: false,
             }),
             cond: Condvar::new(),
@@ -344,6 +361,33 @@ impl Vcpu {
         }
     }
 
+    /// Reads the whole state of the paused vCPU for a snapshot.
+    pub fn save_snapshot(&self) -> Result<VcpuSnapshot, VcpuError> {
+        let wanted = self
+            .shared
+            .request(|st| {
+                if st.at != At::Paused {
+                    return None;
+                }
+                st.save_wanted += 1;
+                st.saved = None;
+                Some(st.save_wanted)
+            })
+            .ok_or(VcpuError::NotPaused(self.index))?;
+        self.wait_until("save its state", |s| s.save_done >= wanted)?;
+        match self.shared.lock().saved.take() {
+            Some(Ok(state)) => Ok(state),
+            Some(Err(reason)) => Err(VcpuError::Save {
+                index: self.index,
+                reason,
+            }),
+            None => Err(VcpuError::Timeout {
+                index: self.index,
+                what: "save its state",
+            }),
+        }
+    }
+
     /// The host thread id (waits for a thread just spawned to record it).
     pub fn tid(&self) -> i32 {
         let mut st = self.shared.lock();
@@ -393,8 +437,14 @@ fn is_halted(fd: &VcpuFd) -> bool {
         .unwrap_or(false)
 }
 
+/// What the control point needs besides the vCPU fd.
+struct ControlContext<'a> {
+    boot_state: &'a VcpuState,
+    snapshot_msrs: &'a [u32],
+}
+
 /// The control point: handles state refreshes, parks while paused, and says whether to exit.
-fn control_point(index: u8, fd: &VcpuFd, boot_state: &VcpuState, shared: &Shared) -> bool {
+fn control_point(index: u8, fd: &VcpuFd, ctx: &ControlContext<'_>, shared: &Shared) -> bool {
     // Runs on every exit: only take the lock when the controller asked for something.
     if !shared.attention.load(Ordering::Acquire) {
         return true;
@@ -405,8 +455,18 @@ fn control_point(index: u8, fd: &VcpuFd, boot_state: &VcpuState, shared: &Shared
         // it again.
         shared.attention.store(false, Ordering::Relaxed);
         if st.reset_done < st.reset_wanted {
-            st.reset_error = boot_state.restore(fd, index).err().map(|e| e.to_string());
+            st.reset_error = ctx
+                .boot_state
+                .restore(fd, index)
+                .err()
+                .map(|e| e.to_string());
             st.reset_done = st.reset_wanted;
+            shared.cond.notify_all();
+        }
+        if st.save_done < st.save_wanted {
+            st.saved =
+                Some(VcpuSnapshot::save(fd, index, ctx.snapshot_msrs).map_err(|e| e.to_string()));
+            st.save_done = st.save_wanted;
             shared.cond.notify_all();
         }
         if st.refresh_done < st.refresh_wanted {
@@ -533,7 +593,12 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         events_ready,
         lockdown,
         boot_state,
+        snapshot_msrs,
     } = ctx;
+    let control = ControlContext {
+        boot_state: &boot_state,
+        snapshot_msrs: &snapshot_msrs,
+    };
     // The filter goes on first: the thread is never seen unfiltered once the VM is built,
     // even while it waits for `cont` under -S.
     if let Err(reason) = lockdown() {
@@ -552,7 +617,7 @@ fn thread_main(index: u8, mut fd: VcpuFd, ctx: VcpuContext, shared: &Shared) {
         shared.cond.notify_all();
         return;
     }
-    while control_point(index, &fd, &boot_state, shared) {
+    while control_point(index, &fd, &control, shared) {
         if let Step::Stop(event) = run_once(index, &mut fd, &devices, &mmio) {
             send_event(&events, &events_ready, event);
             park_until_exit(shared);
@@ -597,8 +662,92 @@ fn park_until_exit(shared: &Shared) {
             st.reset_done = st.reset_wanted;
             shared.cond.notify_all();
         }
+        if st.save_done < st.save_wanted {
+            st.saved = Some(Err("the vCPU has stopped for good".to_string()));
+            st.save_done = st.save_wanted;
+            shared.cond.notify_all();
+        }
         st = shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
     }
     st.at = At::Exited;
     shared.cond.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::legacy::Discard;
+    use kvm_bindings::kvm_userspace_memory_region;
+
+    #[test]
+    fn a_paused_vcpu_saves_its_state_and_a_running_one_refuses() {
+        let Some(kvm) = crate::test_kvm::kvm_or_skip(
+            "vcpu::a_paused_vcpu_saves_its_state_and_a_running_one_refuses",
+        ) else {
+            return;
+        };
+        register_kick_handler().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        // One page of guest code at 0: `jmp $`, a real-mode loop that keeps the vCPU busy
+        // at one instruction pointer.
+        let code = [0xebu8, 0xfe];
+        // SAFETY: an anonymous private mapping of one page, checked below; it is never
+        // unmapped, so it outlives the memory slot.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        // SAFETY: `mem` is a fresh writable page and `code` is shorter than it.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.cast(), code.len()) };
+        // SAFETY: the region describes the page mapped above, which stays mapped.
+        unsafe {
+            vm.set_user_memory_region(kvm_userspace_memory_region {
+                slot: 0,
+                guest_phys_addr: 0,
+                memory_size: 4096,
+                userspace_addr: mem as u64,
+                flags: 0,
+            })
+            .unwrap();
+        }
+        vm.create_irq_chip().unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        fd.set_sregs(&sregs).unwrap();
+        let mut regs = fd.get_regs().unwrap();
+        regs.rip = 0;
+        regs.rflags = 2;
+        fd.set_regs(&regs).unwrap();
+        let boot_state = VcpuState::save(&fd, 0).unwrap();
+        let (events, _rx) = std::sync::mpsc::channel();
+        let ctx = VcpuContext {
+            devices: Arc::new(LegacyDevices::new(
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                Box::new(Discard),
+            )),
+            mmio: Arc::new(MmioBus::new()),
+            events,
+            events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            lockdown: Box::new(|| Ok(())),
+            boot_state,
+            snapshot_msrs: kvm.get_msr_index_list().unwrap().as_slice().into(),
+        };
+        let mut vcpu = Vcpu::spawn(0, fd, ctx).unwrap();
+        vcpu.release();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(vcpu.save_snapshot(), Err(VcpuError::NotPaused(0))));
+        vcpu.pause().unwrap();
+        let saved = format!("{:?}", vcpu.save_snapshot().unwrap());
+        assert!(saved.contains("rip: 0,"), "{saved}");
+        vcpu.stop();
+    }
 }

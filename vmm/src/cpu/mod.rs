@@ -90,6 +90,14 @@ pub enum CpuError {
         /// The vCPU index.
         index: u8,
     },
+    /// A snapshot holds an MSR this host's KVM does not list.
+    #[error("snapshot holds MSR {msr:#x} for vCPU {index}, which this host's KVM does not list")]
+    UnlistedMsr {
+        /// The MSR.
+        msr: u32,
+        /// The vCPU index.
+        index: u8,
+    },
     /// Writing a boot structure (GDT, IDT, page tables) into guest memory failed.
     #[error("cannot write the boot {what} at {addr:#x}: {source}")]
     GuestMemory {

@@ -448,6 +448,29 @@ impl BalloonHandle {
         self.transport.with_device(|b| b.returned)
     }
 
+    /// The configuration space: the target (`num_pages`) and the driver's `actual`, for a
+    /// snapshot.
+    pub fn config(&self) -> (u32, u32) {
+        self.transport.with_device(|b| (b.num_pages, b.actual))
+    }
+
+    /// Puts a saved configuration back. It comes from a file: a target or `actual` above the
+    /// RAM's page count is refused and nothing changes.
+    pub fn restore_config(&self, num_pages: u32, actual: u32) -> Result<(), String> {
+        let pages = self.ram_bytes >> PAGE_SHIFT;
+        if u64::from(num_pages) > pages || u64::from(actual) > pages {
+            return Err(format!(
+                "balloon of {num_pages} target and {actual} held pages exceeds the {pages} pages \
+                 of RAM"
+            ));
+        }
+        self.transport.with_device(|b| {
+            b.num_pages = num_pages;
+            b.actual = actual;
+        });
+        Ok(())
+    }
+
     /// Forgets the target, as a machine reset does: the next boot starts with the balloon
     /// empty. The device itself is reset with every other one.
     pub fn reset_target(&self) {

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use vm_superio::serial::SerialState;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -139,6 +140,47 @@ impl LegacyDevices {
                 0
             }
         }
+    }
+
+    /// The UART's registers and unread input, for a snapshot. The i8042 keeps no state.
+    pub fn serial_state(&self) -> SerialState {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+    }
+
+    /// Puts saved UART registers and input back, keeping the interrupt and output. Refuses
+    /// more input than the UART's FIFO holds.
+    pub fn restore_serial(&self, state: &SerialState) -> io::Result<()> {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked here, before the output moves: the FIFO size is the room left plus what
+        // it holds.
+        let fifo = serial.fifo_capacity() + serial.state().in_buffer.len();
+        if state.in_buffer.len() > fifo {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "serial input of {} bytes exceeds the {fifo}-byte FIFO",
+                    state.in_buffer.len()
+                ),
+            ));
+        }
+        let irq = serial.interrupt_evt().0.try_clone()?;
+        let placeholder = Serial::new(
+            EventFdTrigger(irq.try_clone()?),
+            Box::new(Discard) as SerialOut,
+        );
+        let out = std::mem::replace(&mut *serial, placeholder).into_writer();
+        // The only refusal of `from_state` is the FIFO length checked above.
+        *serial = Serial::from_state(
+            state,
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+        Ok(())
     }
 
     /// Flushes buffered serial output.

@@ -36,6 +36,7 @@ use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{Interrupt, VirtioDevice, VirtioMmioError, VirtioMmioTransport};
 use crate::boot::layout;
+use crate::snapshot::transport::TransportSnapshot;
 
 /// Why a device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +133,8 @@ impl SlotWiring for VmFd {
 trait SlotControl: Send + Sync {
     fn run_pending_activation(&self);
     fn reset(&self);
+    fn save(&self) -> TransportSnapshot;
+    fn restore(&self, saved: &TransportSnapshot) -> Result<(), String>;
 }
 
 impl<D: VirtioDevice> SlotControl for VirtioMmioTransport<D> {
@@ -141,6 +144,14 @@ impl<D: VirtioDevice> SlotControl for VirtioMmioTransport<D> {
 
     fn reset(&self) {
         VirtioMmioTransport::reset(self)
+    }
+
+    fn save(&self) -> TransportSnapshot {
+        VirtioMmioTransport::save(self)
+    }
+
+    fn restore(&self, saved: &TransportSnapshot) -> Result<(), String> {
+        VirtioMmioTransport::restore(self, saved)
     }
 }
 
@@ -619,6 +630,49 @@ impl DeviceManager {
         self.slots().map(|s| s.acpi_node()).collect()
     }
 
+    /// How many devices are served by a vhost-user backend process: plugged disk and NIC
+    /// slots, and the command line's vhost-user disks (every slot that is neither a
+    /// hot-replace slot nor the balloon).
+    pub fn vhost_user_backends(&self) -> usize {
+        let plugged_disks = self
+            .disk_slots
+            .iter()
+            .filter(|s| s.transport.with_device(|d| d.disk().is_some()))
+            .count();
+        let plugged_nics = self
+            .nic_slots
+            .iter()
+            .filter(|s| s.transport.with_device(|d| d.nic().is_some()))
+            .count();
+        let fixed =
+            self.disk_slots.len() + self.nic_slots.len() + usize::from(self.balloon.is_some());
+        plugged_disks + plugged_nics + self.slots.len().saturating_sub(fixed)
+    }
+
+    /// Every slot's transport state, in slot order, for a snapshot.
+    pub fn save_transports(&self) -> Vec<TransportSnapshot> {
+        self.slots.iter().map(|s| s.transport.save()).collect()
+    }
+
+    /// Puts saved transport states back, slot by slot, on a machine no driver has run on.
+    /// Refuses another slot count, and stops at the first slot whose saved state its device
+    /// refuses (the machine must then not run).
+    pub fn restore_transports(&self, saved: &[TransportSnapshot]) -> Result<(), String> {
+        if saved.len() != self.slots.len() {
+            return Err(format!(
+                "the snapshot has {} virtio-mmio slots, the command line builds {}",
+                saved.len(),
+                self.slots.len()
+            ));
+        }
+        for (slot, state) in self.slots.iter().zip(saved) {
+            slot.transport
+                .restore(state)
+                .map_err(|e| format!("virtio-mmio slot {}: {e}", slot.info.slot))?;
+        }
+        Ok(())
+    }
+
     /// Resets every device, as a machine reset does: backends stop their rings before the
     /// next boot reuses the memory they pointed into.
     pub fn reset(&self) {
@@ -699,6 +753,57 @@ mod tests {
             queues: vec![128; queues],
             started: Arc::default(),
         })
+    }
+
+    #[test]
+    fn command_line_devices_count_as_vhost_user_backends_and_empty_slots_do_not() {
+        let mut manager = DeviceManager::new().unwrap();
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        manager
+            .add_disk_slots(&Recorder::default(), &memory, 2)
+            .unwrap();
+        manager
+            .add_nic_slots(&Recorder::default(), &memory, 1)
+            .unwrap();
+        assert_eq!(manager.vhost_user_backends(), 0);
+        manager
+            .add_virtio_mmio(&Recorder::default(), dummy(1))
+            .unwrap();
+        assert_eq!(manager.vhost_user_backends(), 1);
+    }
+
+    #[test]
+    fn transport_states_move_slot_by_slot_and_a_slot_count_mismatch_is_refused() {
+        let build = |devices: usize| {
+            let mut manager = DeviceManager::new().unwrap();
+            for _ in 0..devices {
+                manager
+                    .add_virtio_mmio(&Recorder::default(), dummy(1))
+                    .unwrap();
+            }
+            manager
+        };
+        let from = build(2);
+        // The driver acknowledges the second device only.
+        assert!(from.mmio_bus().write(
+            0xd000_0000
+                + layout::VIRTIO_MMIO_SLOT_SIZE
+                + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS),
+            &1u32.to_le_bytes()
+        ));
+        let saved = from.save_transports();
+        assert_eq!((saved[0].status, saved[1].status), (0, 1));
+
+        let to = build(2);
+        to.restore_transports(&saved).unwrap();
+        assert_eq!(to.save_transports(), saved);
+        let fewer = build(1);
+        assert_eq!(
+            fewer.restore_transports(&saved).unwrap_err(),
+            "the snapshot has 2 virtio-mmio slots, the command line builds 1"
+        );
+        assert_eq!(fewer.save_transports()[0].status, 0);
     }
 
     /// A driver's DRIVER_OK through the bus only signals the activation event; the device

@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio_bus::MmioDevice;
 use crate::boot::layout;
+use crate::snapshot::transport::{QueueSnapshot, TransportSnapshot};
 
 use crate::devices::interrupt::VirtioInterrupt;
 pub use device::{read_config_bytes, ActivateError, ActivateParams, QueueConfig, VirtioDevice};
@@ -581,6 +582,92 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
     /// reuses.
     pub fn reset(&self) {
         self.lock().reset(&self.interrupt, &self.notify);
+    }
+
+    /// The driver-visible state, for a snapshot.
+    pub fn save(&self) -> TransportSnapshot {
+        let state = self.lock();
+        let (interrupt_status, config_generation) = self.interrupt.saved();
+        TransportSnapshot {
+            device_type: state.device.device_type(),
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queues: state
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    size: q.config.size,
+                    desc: q.config.desc,
+                    avail: q.config.avail,
+                    used: q.config.used,
+                    ready: q.config.ready,
+                })
+                .collect(),
+            interrupt_status,
+            config_generation,
+        }
+    }
+
+    /// Takes saved driver-visible state, on a transport no driver has used yet. The state
+    /// comes from a file: it must name this device type and queue count, every queue size
+    /// must be one a driver could have set, features accepted (FEATURES_OK) must be ones
+    /// offered, and a
+    /// device the driver had started (DRIVER_OK) is refused: restarting it needs the
+    /// device's own ring position, which is not saved yet.
+    pub fn restore(&self, saved: &TransportSnapshot) -> Result<(), String> {
+        let mut state = self.lock();
+        let device_type = state.device.device_type();
+        if saved.device_type != device_type {
+            return Err(format!(
+                "device type {} where the machine has {device_type}",
+                saved.device_type
+            ));
+        }
+        if saved.queues.len() != state.queues.len() {
+            return Err(format!(
+                "{} queues where the device has {}",
+                saved.queues.len(),
+                state.queues.len()
+            ));
+        }
+        for (index, (queue, current)) in saved.queues.iter().zip(&state.queues).enumerate() {
+            if !queue.size.is_power_of_two() || queue.size > current.max_size {
+                return Err(format!("queue {index} has an invalid size {}", queue.size));
+            }
+        }
+        // Before FEATURES_OK the register holds whatever the driver wrote; from then on it is
+        // what the device relies on, necessarily a subset of what it offers.
+        if saved.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && saved.driver_features & !state.offered_features() != 0
+        {
+            return Err("the driver accepted features the device does not offer".to_string());
+        }
+        if saved.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            return Err(format!(
+                "device type {device_type} was started by its driver; restoring a started \
+                 device is not supported yet"
+            ));
+        }
+        state.status = saved.status;
+        state.device_features_sel = saved.device_features_sel;
+        state.driver_features_sel = saved.driver_features_sel;
+        state.driver_features = saved.driver_features;
+        state.queue_sel = saved.queue_sel;
+        for (queue, current) in saved.queues.iter().zip(&mut state.queues) {
+            current.config = QueueConfig {
+                size: queue.size,
+                desc: queue.desc,
+                avail: queue.avail,
+                used: queue.used,
+                ready: queue.ready,
+            };
+        }
+        self.interrupt
+            .restore(saved.interrupt_status, saved.config_generation);
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State<D>> {

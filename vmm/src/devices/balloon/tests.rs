@@ -294,3 +294,33 @@ fn the_target_is_clamped_and_the_guests_size_reported() {
     assert_eq!((config(0), config(4)), (0, 0));
     assert_eq!(handle.actual_bytes(), RAM);
 }
+
+#[test]
+fn a_saved_configuration_comes_back_and_one_beyond_ram_is_refused() {
+    let handle = |ram: &GuestRam| {
+        let (balloon, kicks) = BalloonHandle::device(ram.memory.clone(), &options(false)).unwrap();
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let transport =
+            Arc::new(VirtioMmioTransport::new(balloon, Arc::new(Interrupt::new(irqfd))).unwrap());
+        BalloonHandle::attach(transport, kicks, RAM)
+    };
+    let ram = create_guest_ram(RAM).unwrap();
+    let from = handle(&ram);
+    from.set_target(RAM / 2).unwrap();
+    let (num_pages, actual) = from.config();
+    assert_eq!(num_pages, (RAM / 2 / 4096) as u32);
+
+    let to = handle(&ram);
+    to.restore_config(num_pages, actual).unwrap();
+    assert_eq!(to.config(), (num_pages, actual));
+    let pages = (RAM / 4096) as u32;
+    assert_eq!(
+        to.restore_config(pages + 1, 0).unwrap_err(),
+        format!(
+            "balloon of {} target and 0 held pages exceeds the {pages} pages of RAM",
+            pages + 1
+        )
+    );
+    assert!(to.restore_config(0, pages + 1).is_err());
+    assert_eq!(to.config(), (num_pages, actual));
+}

@@ -60,6 +60,22 @@ impl Interrupt {
         self.config_generation.load(Ordering::SeqCst)
     }
 
+    /// The pending status bits and the configuration generation, for a snapshot.
+    pub(super) fn saved(&self) -> (u32, u32) {
+        (
+            self.status.load(Ordering::SeqCst),
+            self.config_generation.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Puts saved status bits (unknown ones dropped) and generation back.
+    pub(super) fn restore(&self, status: u32, config_generation: u32) {
+        self.status
+            .store(status & (INT_VRING | INT_CONFIG), Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
     /// Device reset: no interrupt pending, no external signaller. The generation keeps
     /// counting, so it never repeats a value a driver may still hold.
     pub(super) fn reset(&self) {

@@ -1024,3 +1024,84 @@ fn deferred_activation_failure_sets_needs_reset() {
     assert_eq!(f.status(), S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET);
     assert_eq!(f.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
 }
+
+#[test]
+fn a_configured_transport_moves_to_a_fresh_one() {
+    let from = fixture();
+    assert_eq!(
+        from.negotiate((1 << 0) | (1 << 5) | VERSION_1),
+        S_FEATURES_OK
+    );
+    from.setup_queue(1, 32, 0x1000, 0x2000, 0x3000);
+    from.transport.interrupt().signal_config_change().unwrap();
+    let saved = from.transport.save();
+    let json = serde_json::to_string(&saved).unwrap();
+    let back: crate::snapshot::transport::TransportSnapshot = serde_json::from_str(&json).unwrap();
+
+    let to = fixture();
+    to.transport.restore(&back).unwrap();
+    assert_eq!(to.status(), S_FEATURES_OK);
+    assert_eq!(to.r32(VIRTIO_MMIO_QUEUE_READY), 1);
+    assert_eq!(to.r32(VIRTIO_MMIO_INTERRUPT_STATUS), INT_CONFIG);
+    assert_eq!(to.r32(VIRTIO_MMIO_CONFIG_GENERATION), 1);
+    assert_eq!(to.transport.save(), saved);
+    // The driver can go on from there: DRIVER_OK starts the device with the saved queue.
+    to.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    assert_eq!(to.activations(), 1);
+    let record = to.record.lock().unwrap();
+    assert_eq!(
+        record.activations[0].queues[1],
+        QueueConfig {
+            size: 32,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+            ready: true
+        }
+    );
+    assert_eq!(
+        record.activations[0].features,
+        (1 << 0) | (1 << 5) | VERSION_1
+    );
+}
+
+/// A change that makes a saved transport state one a restore must refuse.
+type Spoil = Box<dyn Fn(&mut crate::snapshot::transport::TransportSnapshot)>;
+
+#[test]
+fn a_hostile_transport_state_is_refused_and_changes_nothing() {
+    let from = fixture();
+    assert_eq!(from.negotiate((1 << 5) | VERSION_1), S_FEATURES_OK);
+    let good = from.transport.save();
+    let cases: Vec<(Spoil, &str)> = vec![
+        (Box::new(|s| s.device_type += 1), "device type"),
+        (
+            Box::new(|s| {
+                s.queues.pop();
+            }),
+            "1 queues where the device has 2",
+        ),
+        (
+            Box::new(|s| s.queues[1].size = 128),
+            "queue 1 has an invalid size 128",
+        ),
+        (
+            Box::new(|s| s.queues[0].size = 3),
+            "queue 0 has an invalid size 3",
+        ),
+        (
+            Box::new(|s| s.driver_features |= 1 << 63),
+            "features the device does not offer",
+        ),
+        (Box::new(|s| s.status = S_DRIVER_OK), "not supported yet"),
+    ];
+    for (spoil, expected) in cases {
+        let mut bad = good.clone();
+        spoil(&mut bad);
+        let to = fixture();
+        let err = to.transport.restore(&bad).unwrap_err();
+        assert!(err.contains(expected), "{err}");
+        assert_eq!(to.status(), 0);
+        assert_eq!(to.activations(), 0);
+    }
+}

@@ -1,0 +1,363 @@
+//! Writing a snapshot directory and reading one back with every check done before the caller
+//! builds anything from it.
+//!
+//! Writing never leaves half a snapshot behind: the directory must not exist (it is created,
+//! mode 0700) or be empty, both files are created exclusively, and on any failure (a full
+//! disk, a read error on guest RAM) the files written so far, and the directory if it was
+//! created here, are removed. Reading never changes either file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::format::{self, FormatError, Header, CHECKSUM};
+
+/// Name of the state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Name of the memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// Bytes of guest RAM copied per read.
+const CHUNK: usize = 1 << 20;
+
+/// Why a snapshot could not be written. One line, naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The directory exists and holds files.
+    #[error("snapshot directory {0} is not empty")]
+    NotEmpty(PathBuf),
+    /// The path exists and is not a directory.
+    #[error("snapshot path {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The JSON state is above the format's cap.
+    #[error("snapshot state of {0} bytes exceeds the format's limit")]
+    StateTooLarge(usize),
+    /// A file operation failed.
+    #[error("writing snapshot {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WriteError + '_ {
+    move |source| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What [`write`] needs besides the directory.
+pub struct SnapshotData<'a> {
+    /// The machine state, serialised.
+    pub state: &'a [u8],
+    /// Guest RAM: `ram_bytes` bytes from offset 0 (the RAM memfd).
+    pub memory: &'a File,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// vCPU count.
+    pub vcpus: u32,
+}
+
+/// Prepares `dir`: creates it, or checks that it is an empty directory. Returns whether it
+/// was created here (and so is removed again on failure).
+fn prepare_dir(dir: &Path) -> Result<bool, WriteError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    if !meta.is_dir() {
+        return Err(WriteError::NotADirectory(dir.to_path_buf()));
+    }
+    if std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .next()
+        .is_some()
+    {
+        return Err(WriteError::NotEmpty(dir.to_path_buf()));
+    }
+    Ok(false)
+}
+
+fn create(path: &Path) -> Result<File, WriteError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// Copies guest RAM into `out`, returning its checksum. Reads with `pread`, so the RAM
+/// memfd's file position (which nobody else uses) does not matter.
+fn copy_memory(data: &SnapshotData<'_>, out: &mut File, path: &Path) -> Result<u64, WriteError> {
+    let mut digest = CHECKSUM.digest();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < data.ram_bytes {
+        let len = (data.ram_bytes - offset).min(CHUNK as u64) as usize;
+        data.memory
+            .read_exact_at(&mut buf[..len], offset)
+            .map_err(|source| WriteError::Io {
+                path: PathBuf::from("guest RAM"),
+                source,
+            })?;
+        digest.update(&buf[..len]);
+        out.write_all(&buf[..len]).map_err(io_err(path))?;
+        offset += len as u64;
+    }
+    out.sync_all().map_err(io_err(path))?;
+    Ok(digest.finalize())
+}
+
+fn write_files(dir: &Path, data: &SnapshotData<'_>) -> Result<(), WriteError> {
+    let state_len =
+        u32::try_from(data.state.len()).map_err(|_| WriteError::StateTooLarge(data.state.len()))?;
+    if state_len > format::MAX_STATE_BYTES {
+        return Err(WriteError::StateTooLarge(data.state.len()));
+    }
+    let memory_path = dir.join(MEMORY_FILE);
+    let mut memory = create(&memory_path)?;
+    let memory_crc = copy_memory(data, &mut memory, &memory_path)?;
+    let header = Header {
+        ram_bytes: data.ram_bytes,
+        vcpus: data.vcpus,
+        state_len,
+        state_crc: CHECKSUM.checksum(data.state),
+        memory_crc,
+    };
+    let state_path = dir.join(STATE_FILE);
+    let mut state = create(&state_path)?;
+    state
+        .write_all(&header.encode())
+        .and_then(|()| state.write_all(data.state))
+        .and_then(|()| state.sync_all())
+        .map_err(io_err(&state_path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Writes a snapshot into `dir`, which must not exist or be empty. On failure nothing it
+/// wrote is left behind.
+pub fn write(dir: &Path, data: &SnapshotData<'_>) -> Result<(), WriteError> {
+    let created = prepare_dir(dir)?;
+    let result = write_files(dir, data);
+    if result.is_err() {
+        for name in [STATE_FILE, MEMORY_FILE] {
+            let path = dir.join(name);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!("removing the partial snapshot file {}: {e}", path.display());
+                }
+            }
+        }
+        if created {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                log::warn!("removing the snapshot directory {}: {e}", dir.display());
+            }
+        }
+    }
+    result
+}
+
+/// A snapshot directory that passed every check.
+#[derive(Debug)]
+pub struct CheckedSnapshot {
+    /// The header.
+    pub header: Header,
+    /// The JSON state, its checksum verified.
+    pub state: Vec<u8>,
+    /// The memory file, opened read-only, its length and checksum verified.
+    pub memory: File,
+}
+
+fn open_read(dir: &Path, name: &'static str) -> Result<File, FormatError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join(name))
+        .map_err(|e| FormatError::Io {
+            file: name,
+            reason: e.to_string(),
+        })
+}
+
+/// Reads and checks the snapshot in `dir` for a machine of `ram_bytes` and `vcpus`: the
+/// header, the state's checksum, the machine's shape, then the memory file's length and
+/// checksum. Nothing is written.
+pub fn read(dir: &Path, ram_bytes: u64, vcpus: u32) -> Result<CheckedSnapshot, FormatError> {
+    let bytes = format::read_state(open_read(dir, STATE_FILE)?)?;
+    let (header, state) = format::split_state(&bytes)?;
+    header.check_machine(ram_bytes, vcpus)?;
+    let state = state.to_vec();
+    let memory = open_read(dir, MEMORY_FILE)?;
+    let len = memory
+        .metadata()
+        .map_err(|e| FormatError::Io {
+            file: MEMORY_FILE,
+            reason: e.to_string(),
+        })?
+        .len();
+    format::check_memory(&memory, len, &header)?;
+    Ok(CheckedSnapshot {
+        header,
+        state,
+        memory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let path = std::env::temp_dir()
+                .join(format!("citadel-snapshot-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ram(bytes: &[u8]) -> File {
+        let mut f = tempfile_in(&std::env::temp_dir());
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    fn tempfile_in(dir: &Path) -> File {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+            .unwrap()
+    }
+
+    fn bytes_of(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::fs::read(dir.join(STATE_FILE)).unwrap(),
+            std::fs::read(dir.join(MEMORY_FILE)).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_written_snapshot_reads_back_and_refusals_change_nothing() {
+        let tmp = TempDir::new("roundtrip");
+        let dir = tmp.0.join("snap");
+        let content: Vec<u8> = (0..3 * CHUNK + 4096).map(|i| (i % 251) as u8).collect();
+        let memory = ram(&content);
+        let data = SnapshotData {
+            state: b"{\"vcpus\":[]}",
+            memory: &memory,
+            ram_bytes: content.len() as u64,
+            vcpus: 2,
+        };
+        write(&dir, &data).unwrap();
+        let checked = read(&dir, content.len() as u64, 2).unwrap();
+        assert_eq!(checked.state, b"{\"vcpus\":[]}");
+        assert_eq!(std::fs::read(dir.join(MEMORY_FILE)).unwrap(), content);
+
+        let before = bytes_of(&dir);
+        assert_eq!(
+            read(&dir, content.len() as u64 + 4096, 2)
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "snapshot has {} bytes of RAM, the command line asks for {} bytes (-m)",
+                content.len(),
+                content.len() + 4096
+            )
+        );
+        assert_eq!(
+            read(&dir, content.len() as u64, 1).unwrap_err().to_string(),
+            "snapshot has 2 vCPUs, the command line asks for 1 (-smp)"
+        );
+        assert_eq!(bytes_of(&dir), before);
+
+        // A corrupt memory byte, then a truncated memory file.
+        let mut bad = content.clone();
+        bad[CHUNK + 17] ^= 0x80;
+        std::fs::write(dir.join(MEMORY_FILE), &bad).unwrap();
+        assert_eq!(
+            read(&dir, content.len() as u64, 2).unwrap_err().to_string(),
+            "snapshot memory file is corrupt (checksum mismatch)"
+        );
+        std::fs::write(dir.join(MEMORY_FILE), &content[..CHUNK]).unwrap();
+        assert_eq!(
+            read(&dir, content.len() as u64, 2).unwrap_err().to_string(),
+            format!(
+                "snapshot memory file is {CHUNK} bytes, the snapshot's RAM is {} bytes",
+                content.len()
+            )
+        );
+        std::fs::write(dir.join(MEMORY_FILE), &content).unwrap();
+
+        // A corrupt state byte.
+        let mut state = before.0.clone();
+        let last = state.len() - 2;
+        state[last] ^= 0x01;
+        std::fs::write(dir.join(STATE_FILE), &state).unwrap();
+        assert_eq!(
+            read(&dir, content.len() as u64, 2).unwrap_err().to_string(),
+            "snapshot state file is corrupt (state checksum mismatch)"
+        );
+        assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), state);
+    }
+
+    #[test]
+    fn a_non_empty_directory_is_refused_and_kept() {
+        let tmp = TempDir::new("nonempty");
+        std::fs::write(tmp.0.join("keep"), b"x").unwrap();
+        let memory = ram(&[0u8; 4096]);
+        let data = SnapshotData {
+            state: b"{}",
+            memory: &memory,
+            ram_bytes: 4096,
+            vcpus: 1,
+        };
+        let err = write(&tmp.0, &data).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("snapshot directory {} is not empty", tmp.0.display())
+        );
+        assert_eq!(std::fs::read(tmp.0.join("keep")).unwrap(), b"x");
+        assert!(!tmp.0.join(MEMORY_FILE).exists());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let tmp = TempDir::new("failed");
+        // Guest RAM shorter than announced: the copy fails part-way.
+        let memory = ram(&vec![1u8; CHUNK + 4096]);
+        let data = SnapshotData {
+            state: b"{}",
+            memory: &memory,
+            ram_bytes: 4 * CHUNK as u64,
+            vcpus: 1,
+        };
+        let created = tmp.0.join("new");
+        assert!(write(&created, &data).is_err());
+        assert!(!created.exists());
+        let existing = tmp.0.join("empty");
+        std::fs::create_dir(&existing).unwrap();
+        assert!(write(&existing, &data).is_err());
+        assert_eq!(std::fs::read_dir(&existing).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,100 @@
+//! Guest RAM of a restored machine: the snapshot's memory file mapped privately, so that
+//! pages are read from the file only when first touched (restoring costs the same whatever
+//! the RAM size) and the guest's writes never reach the file.
+
+use std::fs::File;
+
+use vm_memory::{
+    Address, FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
+
+use crate::boot::layout;
+use crate::memory::{GuestRam, MemoryError};
+
+/// Maps the checked memory file `file` of `size` bytes as guest RAM, in the regions a fresh
+/// machine of that size has (the file holds them back to back, as the RAM memfd does).
+///
+/// The mapping is `MAP_PRIVATE`: no other process can share it, which is why a restored
+/// machine cannot serve devices through vhost-user backends. The file must stay as it is
+/// while the machine runs: pages not yet touched are read from it on demand, and a file cut
+/// short under the mapping turns guest accesses to the lost pages into faults.
+pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestRam, MemoryError> {
+    if !(layout::MIN_RAM_SIZE..=layout::MAX_RAM_SIZE).contains(&size) || !size.is_multiple_of(4096)
+    {
+        return Err(MemoryError::InvalidSize { size });
+    }
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (addr, len) in layout::ram_regions(size) {
+        let dup = file.try_clone().map_err(MemoryError::Dup)?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(dup, file_offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|source| MemoryError::Mmap {
+            addr: addr.raw_value(),
+            len,
+            source,
+        })?;
+        citadel_sandbox::core_dump::exclude_from_core_dumps(mapping.as_ptr(), mapping.size())
+            .map_err(|source| MemoryError::DontDump {
+                addr: addr.raw_value(),
+                source,
+            })?;
+        let region =
+            GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::InvalidSize { size })?;
+        regions.push(region);
+        file_offset += len as u64;
+    }
+    let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
+    log::debug!(
+        "guest RAM: {} MiB mapped privately from the snapshot in {} region(s)",
+        size >> 20,
+        memory.num_regions()
+    );
+    Ok(GuestRam {
+        memory,
+        memfd: file.try_clone().map_err(MemoryError::Dup)?,
+        size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn the_guest_reads_the_file_and_its_writes_stay_private() {
+        let path = std::env::temp_dir().join(format!("citadel-snapmem-{}", std::process::id()));
+        let size: u64 = 32 << 20;
+        {
+            let mut f = File::create(&path).unwrap();
+            f.set_len(size).unwrap();
+            f.write_all_at(b"saved page", 0x20_0000).unwrap();
+            f.flush().unwrap();
+        }
+        let file = File::open(&path).unwrap();
+        let ram = map_snapshot_memory(&file, size).unwrap();
+        let mut buf = [0u8; 10];
+        ram.memory
+            .read_slice(&mut buf, GuestAddress(0x20_0000))
+            .unwrap();
+        assert_eq!(&buf, b"saved page");
+        ram.memory
+            .write_slice(b"guest data", GuestAddress(0x20_0000))
+            .unwrap();
+        let mut on_disk = [0u8; 10];
+        file.read_exact_at(&mut on_disk, 0x20_0000).unwrap();
+        assert_eq!(&on_disk, b"saved page");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            map_snapshot_memory(&file, size + 1),
+            Err(MemoryError::InvalidSize { .. })
+        ));
+    }
+}

@@ -309,7 +309,12 @@ impl Server<'_> {
                 return;
             }
             let id = self.backends.remove(&pid).unwrap_or_default();
-            log::warn!("launcher: backend {pid} ({id:?}) exited, wait status {status:#x}");
+            // A backend ends with status 0 when its frontend hangs up: routine.
+            if status == 0 {
+                log::info!("launcher: backend {pid} ({id:?}) exited");
+            } else {
+                log::warn!("launcher: backend {pid} ({id:?}) exited, wait status {status:#x}");
+            }
         }
     }
 

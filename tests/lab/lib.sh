@@ -31,6 +31,7 @@ l2_start() {
 	l2_tag "$name" "/tmp/$name.err.fifo" &
 	"$@" >"/tmp/$name.fifo" 2>"/tmp/$name.err.fifo" &
 	L2_PID=$!
+	echo "$L2_PID" >"/tmp/$name.pid"
 }
 
 # l2_tag NAME FIFO: copies FIFO's lines to NAME's log and, tagged, to the console.
@@ -41,10 +42,25 @@ l2_tag() {
 	done
 }
 
-# l2_wait NAME TEXT SECONDS: waits until NAME's output has a line containing TEXT.
+# l2_wait NAME TEXT SECONDS: waits until NAME's output has a line containing TEXT, at most
+# SECONDS, and no longer than a second after NAME's process ended (a guest that triple-faulted
+# or a Citadel that died says nothing more; waiting out the time only delays a retry).
 l2_wait() {
 	deadline=$(($(now_ms) + $3 * 1000))
+	ended=
 	while ! grep -qF -- "$2" "/tmp/$1.log"; do
+		if [ -n "$ended" ]; then
+			echo "lab: $1 ended without saying '$2'"
+			dmesg | grep -E 'type=1326|Killed process|oom-kill|segfault|traps:' | tail -n 5 |
+				sed 's/^/lab: kernel: /'
+			return 1
+		fi
+		if exited "$(cat "/tmp/$1.pid" 2>/dev/null)" 0; then
+			# Its last lines may still be on their way through the tagging readers.
+			sleep 1
+			ended=yes
+			continue
+		fi
 		if [ "$(now_ms)" -ge "$deadline" ]; then
 			echo "lab: timed out after $3 s waiting for '$2' from $1"
 			# A Citadel or backend killed by the kernel (a seccomp kill, the OOM killer, a

@@ -823,8 +823,17 @@ fn reachable(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError>
         .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))
 }
 
-fn stop(launcher: &Launcher, pid: i32) {
-    if let Err(e) = launcher.stop(pid) {
-        log::warn!("stopping citadel-blk[{pid}]: {e}");
+/// Stops backend `pid` (`what` names it in the log). A backend the launcher no longer runs has
+/// exited by itself, as one does when its frontend hangs up, and was reaped already: that is
+/// what stopping it was for, so only the launcher's other failures are worth a warning.
+pub(crate) fn stop_backend(launcher: &Launcher, what: &str, pid: i32) {
+    match launcher.stop(pid) {
+        Ok(()) => {}
+        Err(LauncherError::Refused(why)) => log::debug!("stopping {what}[{pid}]: {why}"),
+        Err(e) => log::warn!("stopping {what}[{pid}]: {e}"),
     }
+}
+
+fn stop(launcher: &Launcher, pid: i32) {
+    stop_backend(launcher, "citadel-blk", pid);
 }

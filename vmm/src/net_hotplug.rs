@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::devices::manager::DeviceManager;
 use crate::devices::net_slot::{PluggedNic, NET_SPEC};
 use crate::devices::vhost_user::{VhostUserConnection, BACKEND_TIMEOUT};
-use crate::hotplug::{free_slot, within_budget, AttemptError};
+use crate::hotplug::{free_slot, stop_backend, within_budget, AttemptError};
 
 /// Network backends one VM may have at once: each is a process.
 pub const MAX_NETDEVS: usize = 8;
@@ -295,9 +295,7 @@ impl Netdevs {
 }
 
 fn stop(launcher: &Launcher, pid: i32) {
-    if let Err(e) = launcher.stop(pid) {
-        log::warn!("stopping citadel-net[{pid}]: {e}");
-    }
+    stop_backend(launcher, "citadel-net", pid);
 }
 
 /// A MAC address as `52:54:00:c1:7a:00`.

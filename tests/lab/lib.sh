@@ -44,9 +44,10 @@ l2_tag() {
 
 # l2_wait NAME TEXT SECONDS: waits until NAME's output has a line containing TEXT, at most
 # SECONDS, and no longer than a second after NAME's process ended (a guest that triple-faulted
-# or a Citadel that died says nothing more; waiting out the time only delays a retry).
+# or a Citadel that died says nothing more; waiting out the time only delays a retry). Its
+# deadline has a name of its own: `exited` sets `deadline`, and sh functions share variables.
 l2_wait() {
-	deadline=$(($(now_ms) + $3 * 1000))
+	until_ms=$(($(now_ms) + $3 * 1000))
 	ended=
 	while ! grep -qF -- "$2" "/tmp/$1.log"; do
 		if [ -n "$ended" ]; then
@@ -61,7 +62,7 @@ l2_wait() {
 			ended=yes
 			continue
 		fi
-		if [ "$(now_ms)" -ge "$deadline" ]; then
+		if [ "$(now_ms)" -ge "$until_ms" ]; then
 			echo "lab: timed out after $3 s waiting for '$2' from $1"
 			# A Citadel or backend killed by the kernel (a seccomp kill, the OOM killer, a
 			# fault) leaves no line of its own: the kernel's log says which and why.

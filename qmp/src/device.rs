@@ -5,7 +5,8 @@
 //!   "cache":{"direct":true},"read-only":false}`, also with `"driver":"raw"` and
 //!   `file.aio` (Kata);
 //! - `device_add {"id":"drive-0","driver":"virtio-blk-mmio","addr":"0x1","drive":"drive-0"}`,
-//!   with `addr` in hex or decimal and an ignored `romfile` (Kata);
+//!   with `addr` in hex or decimal and an ignored `romfile` (Kata), or StratoVirt's `lun`
+//!   instead of `addr`: `"lun":0` is slot 1 (vdb), each lun the slot after its number;
 //! - `device_add {"id":"net-0","driver":"virtio-net-mmio","addr":"0x0","netdev":"net-0"}`,
 //!   with an optional `"mac":"52:54:00:c1:7a:00"`;
 //! - `device_add {"id":"disk-1","driver":"vhost-user-blk-device","addr":"0x1","chardev":"c0"}`,
@@ -154,6 +155,10 @@ pub(crate) struct DeviceAddArgs {
     mac: Option<String>,
     #[serde(default)]
     chardev: Option<String>,
+    /// StratoVirt's other way to name the slot: lun N is slot N + 1 (`addr` wins when both
+    /// are given, as in StratoVirt).
+    #[serde(default)]
+    lun: Option<u64>,
     /// Option ROM of a PCI device; Kata passes an empty one for MMIO devices, which have none.
     #[serde(default)]
     romfile: Option<String>,
@@ -174,10 +179,20 @@ impl DeviceAddArgs {
             })?),
             None => None,
         };
+        let addr = match (self.addr, self.lun) {
+            (None, Some(lun)) => Some(
+                lun.checked_add(1)
+                    .ok_or_else(|| {
+                        QmpError::generic(format!("Invalid addr for device {}", self.id))
+                    })?
+                    .to_string(),
+            ),
+            (addr, _) => addr,
+        };
         Ok(DeviceAdd {
             driver: self.driver,
             id: self.id,
-            addr: self.addr,
+            addr,
             drive: self.drive,
             netdev: self.netdev,
             mac,
@@ -317,6 +332,27 @@ mod tests {
             "Invalid addr for device drive-0"
         );
         assert!(device(json!({"id":"a","driver":"virtio-blk-mmio","romfile":"x.rom"})).is_err());
+        // StratoVirt's lun: lun 0 is slot 1 (vdb); addr wins over it.
+        let lun = |args: Value| device(args).unwrap().slot().unwrap().unwrap();
+        assert_eq!(
+            lun(json!({"id":"d","driver":"virtio-blk-mmio","lun":0,"drive":"d"})),
+            1
+        );
+        assert_eq!(
+            lun(json!({"id":"d","driver":"virtio-blk-mmio","lun":4,"drive":"d"})),
+            5
+        );
+        assert_eq!(
+            lun(json!({"id":"d","driver":"virtio-blk-mmio","addr":"0x3","lun":0,"drive":"d"})),
+            3
+        );
+        assert_eq!(
+            device(json!({"id":"d","driver":"virtio-blk-mmio","lun":u64::MAX}))
+                .unwrap_err()
+                .desc,
+            "Invalid addr for device d"
+        );
+        assert!(device(json!({"id":"d","driver":"virtio-blk-mmio","lun":"0"})).is_err());
         assert_eq!(
             device(json!({"driver":"virtio-blk-mmio"}))
                 .unwrap_err()

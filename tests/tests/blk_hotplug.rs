@@ -181,11 +181,23 @@ fn refused_hotplug_commands_change_nothing() {
     assert_eq!(reply["error"]["class"], "DeviceNotFound", "{reply}");
     assert_eq!(error_desc(&reply), "Device 'nope' not found");
 
-    // Plugged while the guest never drove the slot: the disk waits for the driver.
+    // StratoVirt's lun names the slot after its number: lun 5 would be a seventh slot.
+    let lun = |qmp: &mut Qmp, lun: u64| {
+        qmp.execute(
+            "device_add",
+            Some(
+                json!({"id": "disk-a", "driver": "virtio-blk-mmio", "lun": lun,
+                "drive": "drive-0"}),
+            ),
+        )
+    };
     assert_eq!(
-        device_add(&mut qmp, "disk-a", "1", "drive-0"),
-        json!({"return": {}})
+        error_desc(&lun(&mut qmp, 5)),
+        "Invalid addr for device disk-a"
     );
+    // Plugged while the guest never drove the slot: the disk waits for the driver. Lun 0 is
+    // slot 1, as the refusal below shows.
+    assert_eq!(lun(&mut qmp, 0), json!({"return": {}}));
     let reply = device_add(&mut qmp, "disk-b", "0x2", "drive-0");
     assert_eq!(
         error_desc(&reply),

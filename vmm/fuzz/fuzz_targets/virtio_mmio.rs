@@ -16,6 +16,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use citadel::devices::interrupt::VirtioInterrupt;
 use citadel::devices::mmio_bus::MmioBus;
 use citadel::devices::virtio_mmio::{
     read_config_bytes, ActivateError, ActivateParams, Interrupt, VirtioDevice, VirtioMmioTransport,
@@ -211,7 +212,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             2 => {
-                let _ = interrupt.signal_used_queue();
+                let _ = interrupt.signal_used_queue(0);
             }
             _ => {
                 let _ = transport

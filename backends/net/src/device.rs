@@ -7,7 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -18,8 +18,11 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 
 use crate::stats::Stats;
 use crate::tap::{Offloads, TapQueue};
@@ -134,20 +137,27 @@ impl NetBackend {
         self.acked.load(Ordering::Acquire) & (1u64 << bit) != 0
     }
 
-    /// Runs `work` on a ring. `work` says whether it stopped because the ring ran dry; only
-    /// then are notifications re-enabled with EVENT_IDX's re-check, so that no buffer the guest
-    /// adds meanwhile is missed.
+    /// Runs `work` on a ring until it says how it stopped. With EVENT_IDX, a ring that ran dry
+    /// gets notifications back with the re-check that catches a buffer the guest added
+    /// meanwhile, and a ring that is short of buffers for the next frame asks for a notification
+    /// at the guest's next buffer; either way the pass repeats only when the guest has added
+    /// buffers since, so a ring that cannot make progress never spins the worker.
     fn drive(
         &self,
         vring: &VringRwLock<Mem>,
-        mut work: impl FnMut(&mut VringState<Mem>, &MemGuard) -> Result<bool, DeviceError>,
+        mut work: impl FnMut(&mut VringState<Mem>, &MemGuard) -> Result<Pass, DeviceError>,
     ) -> Result<(), DeviceError> {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         if self.event_idx.load(Ordering::Acquire) {
             loop {
                 state.disable_notification()?;
-                if !work(&mut state, &mem)? || !state.enable_notification()? {
+                let again = match work(&mut state, &mem)? {
+                    Pass::Dry => state.enable_notification()?,
+                    Pass::Short => notify_at_next_buffer(state.get_queue(), &mem)?,
+                    Pass::Done => false,
+                };
+                if !again {
                     break;
                 }
             }
@@ -165,7 +175,7 @@ impl NetBackend {
         let buf = &mut pair.tx_buf;
         self.drive(vring, |state, mem| {
             let mut used_any = false;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            while let Some(chain) = pop(state, mem)? {
                 let head = chain.head_index();
                 transmit(chain, mem, buf, hdr_len, tap, stats);
                 // Only now: once the used entry is published the guest may reuse the buffers.
@@ -175,7 +185,7 @@ impl NetBackend {
             if used_any && state.needs_notification()? {
                 state.signal_used_queue().map_err(DeviceError::Signal)?;
             }
-            Ok(true)
+            Ok(Pass::Dry)
         })
     }
 
@@ -188,7 +198,7 @@ impl NetBackend {
         let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
         self.drive(vring, |state, mem| {
             let mut used_any = false;
-            let mut dry = false;
+            let mut pass = Pass::Done;
             loop {
                 let len = match pair.pending.take() {
                     Some(len) => len,
@@ -196,7 +206,7 @@ impl NetBackend {
                         let queue = state.get_queue();
                         let avail = queue.avail_idx(&**mem, Ordering::Acquire)?;
                         if avail.0 == queue.next_avail() {
-                            dry = true;
+                            pass = Pass::Dry;
                             break;
                         }
                         match tap.read_frame(&mut pair.rx_buf) {
@@ -234,7 +244,7 @@ impl NetBackend {
                     }
                     Delivery::NoBuffers => {
                         pair.pending = Some(len);
-                        dry = true;
+                        pass = Pass::Short;
                         break;
                     }
                 }
@@ -242,9 +252,46 @@ impl NetBackend {
             if used_any && state.needs_notification()? {
                 state.signal_used_queue().map_err(DeviceError::Signal)?;
             }
-            Ok(dry)
+            Ok(pass)
         })
     }
+}
+
+/// How a pass over a ring stopped.
+enum Pass {
+    /// The ring has no buffers left.
+    Dry,
+    /// The ring's buffers are too few for the frame in hand.
+    Short,
+    /// Something other than the ring stopped it (the tap has no frame).
+    Done,
+}
+
+/// The next chain on the ring, if any. A guest announcing more new buffers than the ring holds
+/// has broken it: that is an error, which stops the queue pair, where virtio-queue's own pop
+/// would answer "nothing" (and log) at every attempt.
+fn pop(
+    state: &mut VringState<Mem>,
+    mem: &MemGuard,
+) -> Result<Option<DescriptorChain<MemGuard>>, DeviceError> {
+    Ok(state.get_queue_mut().iter(mem.clone())?.next())
+}
+
+/// Asks the guest (EVENT_IDX) to notify when it adds a buffer after those already on the ring,
+/// by moving the used ring's `avail_event` to the ring's current available index; virtio-queue
+/// only re-enables notifications at its next unprocessed entry, which the guest has passed
+/// already. Says whether the guest added buffers before the request was visible, in which case
+/// no notification will come and the ring must be looked at again.
+fn notify_at_next_buffer(queue: &Queue, mem: &MemGuard) -> Result<bool, DeviceError> {
+    let avail = queue.avail_idx(&**mem, Ordering::Acquire)?;
+    let avail_event = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    mem.store(avail.0.to_le(), avail_event, Ordering::Relaxed)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    // The guest reads avail_event after publishing its index; order our write before our read.
+    fence(Ordering::SeqCst);
+    Ok(queue.avail_idx(&**mem, Ordering::Relaxed)? != avail)
 }
 
 /// Copies the frame of one TX chain out of guest memory into `buf` and writes it to the tap.
@@ -306,7 +353,7 @@ fn deliver(
     let mut room = 0usize;
     let mut bad = false;
     while room < frame.len() {
-        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+        let Some(chain) = pop(state, mem)? else {
             if chains.is_empty() || mergeable {
                 // Give the buffers back untouched; the frame waits for more.
                 state.get_queue_mut().set_next_avail(start);
@@ -623,5 +670,83 @@ mod tests {
         assert!(matches!(r, Delivery::Dropped));
         assert_eq!(used(&mem, used_ring), [(0, 0)]);
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
+    }
+
+    /// A device with event-index notifications and mergeable RX buffers over one queue pair,
+    /// whose tap is one end of a datagram pair (which keeps frames whole, as a tap does); the
+    /// other end is returned.
+    fn event_idx_backend(mem: &Mem) -> (NetBackend, std::os::unix::net::UnixDatagram) {
+        let (tap, net) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        let config = Arc::new(NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            taps: vec![TapQueue::from_frame_socket(std::fs::File::from(
+                std::os::fd::OwnedFd::from(tap),
+            ))],
+            stats: Arc::new(Stats::default()),
+            memory_files: MemoryFilePolicy::SealedOnly,
+        });
+        let backend = NetBackend::new(config, mem.clone());
+        backend.acked.store(
+            1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF,
+            Ordering::Release,
+        );
+        backend.hdr_len.store(HDR, Ordering::Release);
+        backend.set_event_idx(true);
+        (backend, net)
+    }
+
+    /// Runs `f` on its own thread and fails the test if it has not returned within 10 s, so a
+    /// worker that spins is reported instead of hanging the test run.
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the ring pass never returned")
+    }
+
+    #[test]
+    fn a_ring_announcing_more_buffers_than_it_holds_stops_the_pair_instead_of_spinning() {
+        let (mem, vring, (_, avail_ring, _)) = rx_ring(&[(0x4_0000, 1000)]);
+        vring.set_queue_event_idx(true);
+        mem.memory()
+            .write_obj(QSIZE + 5, GuestAddress(avail_ring + 2))
+            .unwrap();
+        let (backend, _net) = event_idx_backend(&mem);
+        let result = returns(move || backend.process_tx(0, &vring));
+        assert!(
+            matches!(
+                result,
+                Err(DeviceError::Queue(
+                    virtio_queue::Error::InvalidAvailRingIndex
+                ))
+            ),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn an_rx_ring_short_of_buffers_asks_for_the_next_buffer_and_returns() {
+        let (mem, vring, (_, _, used_ring)) = rx_ring(&[(0x4_0000, 1000), (0x5_0000, 1000)]);
+        vring.set_queue_event_idx(true);
+        let (backend, net) = event_idx_backend(&mem);
+        net.send(&frame(3000)).unwrap();
+        let (backend, vring) = returns(move || {
+            backend.process_rx(0, &vring).unwrap();
+            (backend, vring)
+        });
+        assert!(used(&mem, used_ring).is_empty(), "no buffer was used");
+        let avail_event: u16 = mem
+            .memory()
+            .read_obj(GuestAddress(used_ring + 4 + 8 * u64::from(QSIZE)))
+            .unwrap();
+        assert_eq!(
+            avail_event, 2,
+            "the guest is asked to notify at its next buffer"
+        );
+        assert!(backend.pairs[0].lock().unwrap().pending.is_some());
+        drop(vring);
     }
 }

@@ -30,7 +30,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::interrupt::VirtioInterrupt;
-use super::slot_ring::{empty_ring, KickWatch, SlotKicks};
+use super::slot_ring::{empty_ring, next_chain, KickWatch, SlotKicks};
 use super::virtio_mmio::{
     read_config_bytes, ActivateError, ActivateParams, VirtioDevice, VirtioMmioTransport,
 };
@@ -196,7 +196,7 @@ impl Balloon {
                 break;
             }
             while work < MAX_WORK_PER_WAKE {
-                let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                let Some(chain) = next_chain(queue, memory, "balloon") else {
                     break;
                 };
                 let head = chain.head_index();
@@ -221,7 +221,7 @@ impl Balloon {
                 break;
             }
             match queue.enable_notification(memory) {
-                Ok(true) => continue,
+                Ok(true) if queue.ready() => continue,
                 _ => break,
             }
         }

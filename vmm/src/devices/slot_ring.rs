@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -184,6 +184,29 @@ fn resume_index(base: Option<u16>, used: u16, avail: u16) -> u16 {
         .unwrap_or(used)
 }
 
+/// The next chain the driver offered on `queue`, if any. A driver announcing more new chains
+/// than the ring holds has broken the ring: that is logged once and the queue stops (is no
+/// longer ready) until the driver resets the device. virtio-queue's own pop would answer
+/// "nothing" at every attempt while the ring's index still promised more, and a caller
+/// re-checking for more after enabling notifications would spin on the event loop.
+pub fn next_chain<'a>(
+    queue: &mut Queue,
+    memory: &'a GuestMemoryMmap,
+    what: &str,
+) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+    if !queue.ready() {
+        return None;
+    }
+    match queue.iter(memory) {
+        Ok(mut chains) => chains.next(),
+        Err(e) => {
+            log::warn!("{what}: {e}; the queue stops until the driver resets the device");
+            queue.set_ready(false);
+            None
+        }
+    }
+}
+
 /// Answers the chains the driver queued on `queue` after a kick on `kick` (consumed here),
 /// each with the used length `answer` returns, and raises the interrupt if the driver wants
 /// one. At most `MAX_CHAINS_PER_KICK` chains are answered; the rest wait for the kick the
@@ -203,7 +226,7 @@ pub fn answer_chains(
             break;
         }
         while answered < MAX_CHAINS_PER_KICK {
-            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+            let Some(chain) = next_chain(queue, memory, "hot-replace slot") else {
                 break;
             };
             let head = chain.head_index();
@@ -219,7 +242,7 @@ pub fn answer_chains(
             break;
         }
         match queue.enable_notification(memory) {
-            Ok(true) => continue,
+            Ok(true) if queue.ready() => continue,
             _ => break,
         }
     }
@@ -232,9 +255,11 @@ pub fn answer_chains(
 
 #[cfg(test)]
 mod tests {
-    use super::{resume_index, used_index};
+    use super::{answer_chains, empty_ring, resume_index, used_index};
     use crate::devices::virtio_mmio::{ActivateParams, Interrupt, QueueConfig};
     use std::sync::Arc;
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -279,5 +304,48 @@ mod tests {
         // Indices wrap at 2^16.
         assert_eq!(resume_index(Some(1), 65534, 3), 1);
         assert_eq!(resume_index(Some(4), 65534, 3), 65534);
+    }
+
+    #[test]
+    fn a_ring_announcing_more_chains_than_it_holds_stops_instead_of_spinning() {
+        // On its own thread, so that a spinning event loop fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let params = ActivateParams {
+                features: 1 << VIRTIO_RING_F_EVENT_IDX,
+                queues: vec![QueueConfig {
+                    size: 8,
+                    desc: 0x1000,
+                    avail: 0x2000,
+                    used: 0x3000,
+                    ready: true,
+                }],
+                notify: Vec::new(),
+                interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            };
+            // Thirteen new chains announced on a ring of eight.
+            memory
+                .write_obj(13u16.to_le(), GuestAddress(0x2002))
+                .unwrap();
+            let mut queue = empty_ring(&memory, &params, 0, 8, None).unwrap();
+            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut answered = 0;
+            for _ in 0..2 {
+                answer_chains(&mut queue, &memory, &kick, &*params.interrupt, 0, |_| {
+                    answered += 1;
+                    0
+                });
+            }
+            let _ = tx.send((answered, queue.ready()));
+        });
+        let (answered, ready) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("answering the broken ring never returned");
+        assert_eq!(answered, 0);
+        assert!(
+            !ready,
+            "the broken ring is stopped until the driver resets the device"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! What the launcher process may do once forked: keep its control socket and stderr, open and
-//! read or write files (disk images, `/dev/net/tun`), execute the two backend binaries and
-//! nothing else, and make only the syscalls of the `launcher` seccomp role.
+//! read or write files (disk images, `/dev/net/tun`), create and remove snapshot directories,
+//! execute the two backend binaries and nothing else, and make only the syscalls of the
+//! `launcher` seccomp role.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -40,8 +41,9 @@ pub enum ConfineError {
 }
 
 /// Sets no_new_privs and, when `config.landlock`, applies the launcher's Landlock ruleset:
-/// read and write any file beneath "/", issue ioctls on `/dev/net/tun`, execute only
-/// `config.blk_binary` and `config.net_binary`; no directory or file may be created, removed,
+/// read and write any file beneath "/", list, create and remove directories and regular files
+/// (snapshot directories), issue ioctls on `/dev/net/tun`, execute only `config.blk_binary`
+/// and `config.net_binary`; no device node, FIFO, socket or symlink may be created, nothing
 /// renamed or linked, no TCP port bound or connected, no process outside the launcher's
 /// domain signalled.
 ///
@@ -56,6 +58,13 @@ pub fn restrict_filesystem(config: &LauncherConfig) -> Result<LandlockEnforcemen
     let mut grants: Vec<(&Path, AccessFs)> = vec![
         (Path::new("/"), AccessFs::ReadFile),
         (Path::new("/"), AccessFs::WriteFile),
+        // Snapshot directories: created or checked empty, their files created, and all of it
+        // removed again when writing the snapshot failed.
+        (Path::new("/"), AccessFs::ReadDir),
+        (Path::new("/"), AccessFs::MakeDir),
+        (Path::new("/"), AccessFs::MakeReg),
+        (Path::new("/"), AccessFs::RemoveFile),
+        (Path::new("/"), AccessFs::RemoveDir),
         (config.blk_binary.as_path(), AccessFs::Execute),
         (config.net_binary.as_path(), AccessFs::Execute),
     ];

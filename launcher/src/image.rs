@@ -99,7 +99,12 @@ pub fn open_beneath(root: &Path, path: &str, access: ImageAccess) -> Result<File
 }
 
 /// `openat2(dir, path, {flags, mode 0, resolve})`.
-fn open_how(dir: libc::c_int, path: &[u8], flags: libc::c_int, resolve: u64) -> io::Result<File> {
+pub(crate) fn open_how(
+    dir: libc::c_int,
+    path: &[u8],
+    flags: libc::c_int,
+    resolve: u64,
+) -> io::Result<File> {
     let path = std::ffi::CString::new(path)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     // SAFETY: open_how is plain data; the fields that matter are set below.

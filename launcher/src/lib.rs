@@ -6,8 +6,9 @@
 //! to open the image and start the backend. That someone is the launcher, which can do just
 //! that: it executes only the two configured binaries (Landlock), opens files beneath its "/"
 //! (the jail's root when jailed) without following magic links, connects to the Unix sockets
-//! of backends the user started (QMP `chardev-add`), and runs under the `launcher` seccomp
-//! role.
+//! of backends the user started (QMP `chardev-add`), creates the directory and files of a
+//! snapshot (QMP `migrate`) and removes them again when writing it failed, and runs under the
+//! `launcher` seccomp role.
 //!
 //! The VMM and the launcher talk over a `SOCK_SEQPACKET` socket pair: one JSON request, one
 //! JSON reply, descriptors in `SCM_RIGHTS` (see [`protocol`]). The launcher treats what it
@@ -23,6 +24,7 @@ pub mod connect;
 pub mod image;
 pub mod protocol;
 mod server;
+pub mod snapshot_dir;
 mod spawn;
 
 use std::io;
@@ -274,6 +276,47 @@ impl Launcher {
     pub fn stop(&self, pid: i32) -> Result<(), LauncherError> {
         match self.call(&Request::Stop { pid }, &[])? {
             (Reply::Stopped, _) => Ok(()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// Prepares the snapshot directory `path` (resolved from the launcher's "/"): see
+    /// [`snapshot_dir::create`]. The files come back open for writing.
+    pub fn create_snapshot(
+        &self,
+        path: &str,
+    ) -> Result<snapshot_dir::SnapshotFiles, LauncherError> {
+        let request = Request::CreateSnapshot {
+            path: path.to_string(),
+        };
+        match self.call(&request, &[])? {
+            (Reply::SnapshotCreated { created_dir }, fds) if fds.len() == 3 => {
+                let mut fds = fds.into_iter().map(std::fs::File::from);
+                match (fds.next(), fds.next(), fds.next()) {
+                    (Some(dir), Some(memory), Some(state)) => Ok(snapshot_dir::SnapshotFiles {
+                        dir,
+                        memory,
+                        state,
+                        created_dir,
+                    }),
+                    _ => Err(LauncherError::Refused(
+                        "the launcher sent too few snapshot files".into(),
+                    )),
+                }
+            }
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes what [`Launcher::create_snapshot`] made for `path`: see
+    /// [`snapshot_dir::remove`].
+    pub fn remove_snapshot(&self, path: &str, remove_dir: bool) -> Result<(), LauncherError> {
+        let request = Request::RemoveSnapshot {
+            path: path.to_string(),
+            remove_dir,
+        };
+        match self.call(&request, &[])? {
+            (Reply::SnapshotRemoved, _) => Ok(()),
             (other, _) => Err(unexpected(other)),
         }
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_MESSAGE: usize = 8192;
 
 /// Most descriptors one message carries: a tap queue per queue pair of citadel-net (at most
-/// 16), or one image, or one socket.
+/// 16), or one image, or one socket, or the three of a snapshot directory.
 pub const MAX_FDS: usize = 16;
 
 /// Longest serial number of a disk: the 20 bytes of virtio-blk's GET_ID.
@@ -65,6 +65,20 @@ pub enum Request {
         /// Its process id.
         pid: i32,
     },
+    /// Create the snapshot directory `path` (resolved with "/" as root) or take it empty,
+    /// create its two files, and send the directory, memory and state descriptors back.
+    CreateSnapshot {
+        /// The directory.
+        path: String,
+    },
+    /// Remove both files of the snapshot directory `path`, and the directory itself when
+    /// `remove_dir`.
+    RemoveSnapshot {
+        /// The directory.
+        path: String,
+        /// Whether the directory goes too (it was created for the snapshot).
+        remove_dir: bool,
+    },
 }
 
 /// The launcher's answer to a request (and, unsolicited, to its own start).
@@ -82,6 +96,14 @@ pub enum Reply {
     Connected,
     /// The backend is gone and reaped.
     Stopped,
+    /// The snapshot directory is ready; its directory, memory and state descriptors come
+    /// along, in that order.
+    SnapshotCreated {
+        /// Whether the directory was created for this snapshot.
+        created_dir: bool,
+    },
+    /// The snapshot's files are gone.
+    SnapshotRemoved,
     /// The request failed; the text is one line for the user.
     Error {
         /// What went wrong.

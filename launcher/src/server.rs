@@ -15,6 +15,7 @@ use citadel_seccomp::Mode;
 use crate::confine::CONTROL_FD;
 use crate::image::{open_beneath, ImageAccess, ImageError};
 use crate::protocol::{self, Reply, Request};
+use crate::snapshot_dir;
 use crate::spawn::{spawn, SpawnError};
 use crate::LauncherConfig;
 
@@ -37,6 +38,8 @@ enum RequestError {
     Invalid(String),
     #[error(transparent)]
     Connect(#[from] crate::connect::ConnectError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot_dir::SnapshotDirError),
     #[error("no running backend has pid {0}")]
     UnknownBackend(i32),
     #[error("{MAX_BACKENDS} backends are running already")]
@@ -129,7 +132,7 @@ pub(crate) fn serve(config: &LauncherConfig, mut signals: File) {
         if fds[0].revents == 0 {
             continue;
         }
-        let (reply, socket) = match protocol::recv::<Request>(control) {
+        let (reply, attached) = match protocol::recv::<Request>(control) {
             Ok(None) => break,
             Ok(Some((request, fds))) => match server.handle(request, fds) {
                 Ok(done) => done,
@@ -137,22 +140,22 @@ pub(crate) fn serve(config: &LauncherConfig, mut signals: File) {
                     Reply::Error {
                         message: e.to_string(),
                     },
-                    None,
+                    Vec::new(),
                 ),
             },
             Err(e) if e.kind() == io::ErrorKind::InvalidData => (
                 Reply::Error {
                     message: format!("refused a request: {e}"),
                 },
-                None,
+                Vec::new(),
             ),
             Err(e) => {
                 log::error!("launcher: control socket: {e}");
                 break;
             }
         };
-        let attached: Vec<RawFd> = socket.iter().map(|s| s.as_raw_fd()).collect();
-        if let Err(e) = protocol::send(control, &reply, &attached) {
+        let attached_fds: Vec<RawFd> = attached.iter().map(|s| s.as_raw_fd()).collect();
+        if let Err(e) = protocol::send(control, &reply, &attached_fds) {
             log::error!("launcher: replying: {e}");
             break;
         }
@@ -171,7 +174,7 @@ impl Server<'_> {
         &mut self,
         request: Request,
         fds: Vec<OwnedFd>,
-    ) -> Result<(Reply, Option<OwnedFd>), RequestError> {
+    ) -> Result<(Reply, Vec<OwnedFd>), RequestError> {
         match request {
             Request::SpawnBlk {
                 id,
@@ -253,7 +256,7 @@ impl Server<'_> {
                 }
                 let socket = crate::connect::connect_unix(&path)?;
                 log::info!("launcher: connected to {path}");
-                Ok((Reply::Connected, Some(socket)))
+                Ok((Reply::Connected, vec![socket]))
             }
             Request::Stop { pid } => {
                 if !fds.is_empty() {
@@ -264,7 +267,32 @@ impl Server<'_> {
                 }
                 stop(&[pid]);
                 log::info!("launcher: backend {pid} stopped");
-                Ok((Reply::Stopped, None))
+                Ok((Reply::Stopped, Vec::new()))
+            }
+            Request::CreateSnapshot { path } => {
+                if !fds.is_empty() {
+                    return Err(RequestError::Invalid(
+                        "create-snapshot takes no descriptors".into(),
+                    ));
+                }
+                let files = snapshot_dir::create(Path::new("/"), &path)?;
+                log::info!("launcher: snapshot directory {path} prepared");
+                Ok((
+                    Reply::SnapshotCreated {
+                        created_dir: files.created_dir,
+                    },
+                    snapshot_dir::into_fds(files),
+                ))
+            }
+            Request::RemoveSnapshot { path, remove_dir } => {
+                if !fds.is_empty() {
+                    return Err(RequestError::Invalid(
+                        "remove-snapshot takes no descriptors".into(),
+                    ));
+                }
+                snapshot_dir::remove(Path::new("/"), &path, remove_dir)?;
+                log::info!("launcher: partial snapshot in {path} removed");
+                Ok((Reply::SnapshotRemoved, Vec::new()))
             }
         }
     }
@@ -277,7 +305,7 @@ impl Server<'_> {
         binary: &Path,
         mut args: Vec<String>,
         extra: &[OwnedFd],
-    ) -> Result<(Reply, Option<OwnedFd>), RequestError> {
+    ) -> Result<(Reply, Vec<OwnedFd>), RequestError> {
         if self.backends.len() >= MAX_BACKENDS {
             return Err(RequestError::TooMany);
         }
@@ -296,7 +324,7 @@ impl Server<'_> {
             binary.display()
         );
         self.backends.insert(pid, id.to_string());
-        Ok((Reply::Spawned { pid }, Some(frontend)))
+        Ok((Reply::Spawned { pid }, vec![frontend]))
     }
 
     /// Reaps every backend that has exited.

@@ -18,6 +18,7 @@ use crate::device::{
 };
 use crate::error::QmpError;
 use crate::fds::{AddFd, AddFdArgs, FdnameArgs, RemoveFd, RemoveFdArgs};
+use crate::migration::MigrateArgs;
 use crate::netdev::{NetdevAdd, NetdevAddArgs, NetdevDelArgs};
 
 /// Every command Citadel understands, in the order `query-commands` lists them.
@@ -50,6 +51,8 @@ const COMMANDS: &[&str] = &[
     "chardev-add",
     "chardev-remove",
     "query-chardev",
+    "migrate",
+    "query-migrate",
 ];
 
 /// Every command name, for `query-commands`.
@@ -140,6 +143,13 @@ pub enum Command {
     },
     /// The chardevs and whether a device uses each.
     QueryChardev,
+    /// Pause the VM and write a snapshot of it into a directory.
+    Migrate {
+        /// The snapshot directory (`file:` stripped off the URI).
+        dir: String,
+    },
+    /// How the last snapshot went.
+    QueryMigrate,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +229,13 @@ impl Command {
                 return Ok(Command::ChardevRemove { id: args.id });
             }
             "query-chardev" => Command::QueryChardev,
+            "migrate" => {
+                let args: MigrateArgs = from_arguments(arguments)?;
+                return Ok(Command::Migrate {
+                    dir: args.validate()?,
+                });
+            }
+            "query-migrate" => Command::QueryMigrate,
             "netdev_add" => {
                 let args: NetdevAddArgs = from_arguments(arguments)?;
                 return Ok(Command::NetdevAdd(args.validate()?));
@@ -275,6 +292,8 @@ impl Command {
             Command::ChardevAdd(_) => "chardev-add",
             Command::ChardevRemove { .. } => "chardev-remove",
             Command::QueryChardev => "query-chardev",
+            Command::Migrate { .. } => "migrate",
+            Command::QueryMigrate => "query-migrate",
         }
     }
 

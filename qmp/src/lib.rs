@@ -18,6 +18,7 @@ pub mod event;
 pub mod fds;
 pub mod framing;
 pub mod greeting;
+pub mod migration;
 pub mod netdev;
 pub mod reply;
 pub mod session;

@@ -165,6 +165,7 @@ fn every_command_dispatches_after_negotiation() {
         ("query-fdsets", Command::QueryFdsets),
         ("query-balloon", Command::QueryBalloon),
         ("query-chardev", Command::QueryChardev),
+        ("query-migrate", Command::QueryMigrate),
         (
             "add-fd",
             Command::AddFd(AddFd {
@@ -206,6 +207,7 @@ fn every_command_dispatches_after_negotiation() {
         "balloon",
         "chardev-add",
         "chardev-remove",
+        "migrate",
     ] {
         let refused = s.handle(Ok(json!({"execute": name})));
         assert!(

@@ -2,7 +2,7 @@
 //!
 //! The launcher itself waits on its control socket and a signalfd, opens disk images (with
 //! `openat2`, beneath its root) and `/dev/net/tun`, creates a socket pair per backend, connects
-//! Unix sockets of backends the user started, forks,
+//! Unix sockets of backends the user started, creates and removes snapshot directories, forks,
 //! executes one of two binaries (Landlock decides which), signals and reaps its children.
 //!
 //! Seccomp filters are inherited across `execve` and stack: a backend runs under the
@@ -63,6 +63,11 @@ fn own() -> Result<Rules, Error> {
         // Stopping and reaping them.
         libc::SYS_kill,
         libc::SYS_wait4,
+        // A snapshot's directory and files: created (openat), checked empty, removed again
+        // when writing the snapshot failed.
+        libc::SYS_mkdirat,
+        libc::SYS_getdents64,
+        libc::SYS_unlinkat,
     ]));
     // The vhost-user socket pair of each backend.
     rules.push(arg_in(

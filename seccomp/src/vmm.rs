@@ -6,8 +6,9 @@
 //! a program, never opens a file or a socket of its own (the listening QMP socket and every
 //! descriptor it reads are made before the filter is installed) and never signals another
 //! process. The table was measured with `strace -f` on a VM taken through QMP `stop`, `cont`,
-//! `query-*`, `system_reset` and `quit`; features that need more (snapshots, hotplug) add
-//! their syscalls when they land. vhost-user devices add `sendmsg`/`recvmsg` on sockets
+//! `query-*`, `system_reset` and `quit`; features that need more add their syscalls: a QMP
+//! `migrate` reads the interrupt controllers, timer and clock of the paused VM, copies guest
+//! RAM with `pread64` into files the device launcher created, and syncs them. vhost-user devices add `sendmsg`/`recvmsg` on sockets
 //! connected before the filter; their KVM ioeventfds and irqfds are registered at startup,
 //! so no KVM routing ioctl is allowed here. Descriptors QMP clients pass (`getfd`, `add-fd`)
 //! arrive by the same `recvmsg`, and a `/dev/fdset/N` image is a close-on-exec duplicate
@@ -67,6 +68,10 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         // The kernel and initrd, held open since start, read again by `system_reset`.
         libc::SYS_lseek,
         libc::SYS_fstat,
+        // QMP `migrate`: guest RAM read from its memfd into the snapshot's memory file, both
+        // files and their directory synced (the launcher creates them; nothing is opened).
+        libc::SYS_pread64,
+        libc::SYS_fsync,
     ]));
     rules.push(descriptor_control(role, &[])?);
     rules.push(own_threads_only(role)?);
@@ -85,6 +90,10 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
             // system_reset puts the PICs, IOAPIC and PIT back as built.
             kvm::KVM_SET_IRQCHIP(),
             kvm::KVM_SET_PIT2(),
+            // A snapshot reads them, and the kvmclock, from the paused VM.
+            kvm::KVM_GET_IRQCHIP(),
+            kvm::KVM_GET_PIT2(),
+            kvm::KVM_GET_CLOCK(),
             // Accepted QMP connections are made non-blocking.
             kvm::FIONBIO,
         ],

@@ -70,6 +70,9 @@ pub struct Config {
     pub balloon: Option<BalloonOptions>,
     /// `-chardev` sockets no device of the command line uses, in command-line order.
     pub chardevs: Vec<ChardevConfig>,
+    /// `-incoming file:DIR`: the snapshot directory the VM is restored from instead of
+    /// booting.
+    pub incoming: Option<PathBuf>,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -257,6 +260,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                 [-device vhost-user-blk-device,chardev=ID[,id=NAME]]]...
                [-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off]
                        [,free-page-reporting=on|off]]
+               [-incoming file:DIR]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
@@ -275,8 +279,10 @@ parent (fds=; one queue: one descriptor); each virtio-net-device plugs one into 
 next of the 2 NIC slots, whose MACs are fixed (52:54:00:c1:7a:00 and :01): a different
 mac= is refused. One virtio-balloon-device lets QMP's balloon take memory back from the
 guest; the pages it gives up are returned to the host. It takes the slot after the
-vhost-user-blk devices (then at most 7 of them). -disable-seccomp is refused:
--seccomp log logs a forbidden system call instead of killing the VMM.";
+vhost-user-blk devices (then at most 7 of them). -incoming restores the snapshot QMP's
+migrate wrote into DIR, given the same -smp, -m and devices; the VM runs at once (-S keeps
+it paused). -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
+of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
     CliError::Invalid {
@@ -491,6 +497,7 @@ where
     let mut uuid = None;
     let mut add_fds: Vec<AddFdConfig> = Vec::new();
     let mut balloon: Option<(String, BalloonOptions)> = None;
+    let mut incoming = None;
 
     while let Some(arg) = args.next() {
         // QEMU accepts `--opt` as well as `-opt`.
@@ -644,9 +651,8 @@ where
                 }
                 netdevs.push(netdev);
             }
-            "-incoming" | "-object" => {
-                return Err(CliError::Unsupported(format!("option '{option}'")))
-            }
+            "-incoming" => incoming = Some(parse_incoming(&value(&option)?)?),
+            "-object" => return Err(CliError::Unsupported(format!("option '{option}'"))),
             _ => return Err(CliError::Unknown(arg)),
         }
     }
@@ -675,7 +681,20 @@ where
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
     let balloon = resolve_balloon(balloon, &disks, &blk_devices, &nic_devices)?;
+    // A snapshot never holds a vhost-user device (see `Machine::check_snapshot`), so none may
+    // come back with one.
+    if let Some(dir) = &incoming {
+        if !disks.is_empty() || !drives.is_empty() || !netdevs.is_empty() {
+            return Err(invalid(
+                "-incoming",
+                &format!("file:{}", dir.display()),
+                "snapshots of VMs with vhost-user disks or NICs are not supported yet; \
+                 restore without -drive, -netdev and vhost-user-blk devices",
+            ));
+        }
+    }
     Ok(Config {
+        incoming,
         balloon,
         disks,
         chardevs,
@@ -702,6 +721,18 @@ where
         start_paused,
         landlock,
     })
+}
+
+/// `-incoming file:DIR`, the only kind of incoming migration Citadel restores.
+fn parse_incoming(value: &str) -> Result<PathBuf, CliError> {
+    match value.strip_prefix("file:") {
+        Some(dir) if !dir.is_empty() => Ok(PathBuf::from(dir)),
+        _ => Err(invalid(
+            "-incoming",
+            value,
+            "Citadel restores snapshots from 'file:<directory>' only",
+        )),
+    }
 }
 
 /// Each inherited descriptor is taken once: by one `-netdev fds=` or by `-add-fd`.
@@ -1798,6 +1829,39 @@ mod tests {
             with(&["-netdev", "id=x"]).unwrap_err(),
             CliError::Unsupported(_)
         ));
+    }
+
+    #[test]
+    fn incoming_takes_a_snapshot_directory_and_no_vhost_user_device() {
+        let c = with(&["-incoming", "file:/var/lib/snap", "-smp", "2"]).unwrap();
+        assert_eq!(c.incoming, Some(PathBuf::from("/var/lib/snap")));
+        assert_eq!(with(&[]).unwrap().incoming, None);
+        let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
+        for bad in ["tcp:0:4444", "file:", "defer", "/var/lib/snap"] {
+            assert_eq!(
+                err(&["-incoming", bad]),
+                format!(
+                    "invalid value '{bad}' for '-incoming': Citadel restores snapshots from \
+                     'file:<directory>' only"
+                )
+            );
+        }
+        assert_eq!(
+            err(&[
+                "-incoming",
+                "file:/s",
+                "-drive",
+                "file=/d.img,id=d0",
+                "-device",
+                "virtio-blk-device,drive=d0"
+            ]),
+            "invalid value 'file:/s' for '-incoming': snapshots of VMs with vhost-user disks or \
+             NICs are not supported yet; restore without -drive, -netdev and vhost-user-blk \
+             devices"
+        );
+        // The balloon keeps its state across a snapshot.
+        let c = with(&["-incoming", "file:/s", "-device", "virtio-balloon-device"]).unwrap();
+        assert!(c.balloon.is_some());
     }
 
     #[test]

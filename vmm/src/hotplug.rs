@@ -162,6 +162,11 @@ impl Hotplug {
         }
     }
 
+    /// The device launcher, or why there is none.
+    pub fn launcher(&self) -> Result<&Launcher, &str> {
+        self.launcher.as_ref().map_err(String::as_str)
+    }
+
     /// The descriptors passed to the VM (`getfd`, `add-fd`, `-add-fd`).
     pub fn fds_mut(&mut self) -> &mut PassedFds {
         &mut self.fds

@@ -13,6 +13,7 @@ pub mod hotplug;
 pub mod lockdown;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod net_hotplug;
 pub mod passed_fds;

@@ -497,11 +497,10 @@ impl Machine {
         Ok((vm, vcpus))
     }
 
-    /// Reads the whole state of the paused machine for a snapshot. Refused while any device
-    /// is served by a vhost-user backend (a restored machine maps guest RAM privately from
-    /// the memory file, which a backend process cannot share) or has been started by its
-    /// driver.
-    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+    /// Refuses a snapshot of a machine with a device served by a vhost-user backend: a
+    /// restored machine maps guest RAM privately from the memory file, which a backend process
+    /// cannot share. Checked before the machine is paused for a snapshot, and again after.
+    pub fn check_snapshot(&self) -> Result<(), MachineError> {
         let backends = self.virtio.vhost_user_backends();
         if backends > 0 {
             return Err(MachineError::SnapshotRefused(format!(
@@ -509,6 +508,15 @@ impl Machine {
                  machines are not supported yet"
             )));
         }
+        Ok(())
+    }
+
+    /// Reads the whole state of the paused machine for a snapshot. Refused while any device
+    /// is served by a vhost-user backend (a restored machine maps guest RAM privately from
+    /// the memory file, which a backend process cannot share) or has been started by its
+    /// driver.
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        self.check_snapshot()?;
         let transports = self.virtio.save_transports();
         // Refused here rather than at restore, before anything is written: restarting a
         // started device needs its ring position, which is not saved yet.
@@ -531,20 +539,38 @@ impl Machine {
         })
     }
 
-    /// Writes a snapshot of the paused machine into `dir` (see [`snapshot::files::write`]).
-    pub fn write_snapshot(&self, dir: &std::path::Path) -> Result<(), MachineError> {
+    /// The serialised state of the paused machine and its RAM, as a snapshot writes them.
+    fn snapshot_json(&self) -> Result<Vec<u8>, MachineError> {
         let state = self.save_state()?;
-        let json = serde_json::to_vec(&state)
-            .map_err(|e| MachineError::SnapshotRefused(format!("encoding the state: {e}")))?;
-        snapshot::files::write(
-            dir,
-            &snapshot::files::SnapshotData {
-                state: &json,
-                memory: &self.ram.memfd,
-                ram_bytes: self.ram.size,
-                vcpus: self.vcpus.len() as u32,
-            },
-        )?;
+        serde_json::to_vec(&state)
+            .map_err(|e| MachineError::SnapshotRefused(format!("encoding the state: {e}")))
+    }
+
+    fn snapshot_data<'a>(&'a self, json: &'a [u8]) -> snapshot::files::SnapshotData<'a> {
+        snapshot::files::SnapshotData {
+            state: json,
+            memory: &self.ram.memfd,
+            ram_bytes: self.ram.size,
+            vcpus: self.vcpus.len() as u32,
+        }
+    }
+
+    /// Writes a snapshot of the paused machine into `dir`, creating it from this process (see
+    /// [`snapshot::files::write`]).
+    pub fn write_snapshot(&self, dir: &std::path::Path) -> Result<(), MachineError> {
+        let json = self.snapshot_json()?;
+        snapshot::files::write(dir, &self.snapshot_data(&json))?;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the paused machine into files prepared by the device launcher
+    /// (see [`snapshot::files::write_into`]); the caller removes them on failure.
+    pub fn write_snapshot_into(
+        &self,
+        files: &citadel_launcher::snapshot_dir::SnapshotFiles,
+    ) -> Result<(), MachineError> {
+        let json = self.snapshot_json()?;
+        snapshot::files::write_into(files, &self.snapshot_data(&json))?;
         Ok(())
     }
 
@@ -663,7 +689,9 @@ mod tests {
         ));
         assert!(matches!(
             machine.write_snapshot(&dir),
-            Err(MachineError::SnapshotWrite(files::WriteError::NotEmpty(_)))
+            Err(MachineError::SnapshotWrite(files::WriteError::Directory(
+                citadel_launcher::snapshot_dir::SnapshotDirError::NotEmpty(_)
+            )))
         ));
 
         // The same command line restores it: same vCPU states, devices and RAM.

@@ -57,6 +57,11 @@ enum RunError {
     AddFd { fd: i32, why: String },
     #[error("-netdev tap,id={id},fds={fd}: {why}")]
     NetdevFd { id: String, fd: i32, why: String },
+    #[error("-incoming file:{dir}: {source}")]
+    Incoming {
+        dir: String,
+        source: citadel::snapshot::format::FormatError,
+    },
 }
 
 /// The descriptors inherited from the parent, owned.
@@ -193,6 +198,18 @@ fn build_and_run(
             config.mem_bytes >> 20,
             config.kernel.display()
         );
+        // Every check of a snapshot to restore passes before anything is made or started.
+        let incoming = config
+            .incoming
+            .as_deref()
+            .map(|dir| {
+                citadel::snapshot::files::read(dir, config.mem_bytes, u32::from(config.vcpus))
+                    .map_err(|source| RunError::Incoming {
+                        dir: dir.display().to_string(),
+                        source,
+                    })
+            })
+            .transpose()?;
         // Forked while the process is still single-threaded, before anything else is made.
         let launcher = start_launcher(config);
         if let Err(why) = &launcher {
@@ -264,7 +281,7 @@ fn build_and_run(
             mem_bytes: config.mem_bytes,
             cpu_template: config.cpu_template,
             balloon: config.balloon.as_ref(),
-            incoming: None,
+            incoming: incoming.as_ref(),
         };
         let mode = config.seccomp;
         let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::balloon::change_events::ChangeEvents;
 use crate::hotplug::Hotplug;
 use crate::machine::Machine;
+use crate::migration::Migration;
 use crate::qmp_server::{QmpServer, Response};
 use crate::vcpu::VcpuEvent;
 
@@ -130,6 +131,8 @@ pub struct Monitor {
     pending_input: Vec<u8>,
     /// `BALLOON_CHANGE` reports, when the machine has a balloon.
     balloon_events: Option<ChangeEvents>,
+    /// The last snapshot's progress.
+    migration: Migration,
 }
 
 impl Monitor {
@@ -204,6 +207,7 @@ impl Monitor {
             stdin,
             pending_input: Vec::new(),
             balloon_events,
+            migration: Migration::default(),
         })
     }
 
@@ -295,9 +299,18 @@ impl Monitor {
                     let hotplug = &mut self.hotplug;
                     let state = &mut self.state;
                     let exit = &mut self.exit;
+                    let migration = &mut self.migration;
                     let uuid = self.uuid.as_str();
                     server.on_ready(&self.epoll, token, set, &mut |req, fd| {
-                        execute(machine, hotplug, uuid, state, exit, req, fd)
+                        let session = Session {
+                            machine,
+                            hotplug: &mut *hotplug,
+                            uuid,
+                            state: &mut *state,
+                            exit: &mut *exit,
+                            migration: &mut *migration,
+                        };
+                        execute(session, req, fd)
                     });
                 }
             }
@@ -431,16 +444,26 @@ impl Monitor {
     }
 }
 
+/// What a QMP command may read or change.
+struct Session<'a> {
+    machine: &'a Machine,
+    hotplug: &'a mut Hotplug,
+    uuid: &'a str,
+    state: &'a mut RunState,
+    exit: &'a mut Option<ExitReason>,
+    migration: &'a mut Migration,
+}
+
 /// Executes one negotiated QMP command.
-fn execute(
-    machine: &Machine,
-    hotplug: &mut Hotplug,
-    uuid: &str,
-    state: &mut RunState,
-    exit: &mut Option<ExitReason>,
-    req: &Request,
-    fd: Option<OwnedFd>,
-) -> Response {
+fn execute(session: Session<'_>, req: &Request, fd: Option<OwnedFd>) -> Response {
+    let Session {
+        machine,
+        hotplug,
+        uuid,
+        state,
+        exit,
+        migration,
+    } = session;
     match &req.command {
         Command::QmpCapabilities { .. } => Response::reply(Ok(Value::Object(Default::default()))),
         Command::QueryStatus => Response::reply(to_value(&StatusInfo {
@@ -608,6 +631,8 @@ fn execute(
         Command::ChardevAdd(add) => Response::reply(hotplug.chardev_add(add)),
         Command::ChardevRemove { id } => Response::reply(hotplug.chardev_remove(id)),
         Command::QueryChardev => Response::reply(to_value(&hotplug.query_chardev())),
+        Command::Migrate { dir } => migration.migrate(machine, hotplug.launcher(), state, dir),
+        Command::QueryMigrate => Response::reply(to_value(migration.info())),
         Command::QueryCommands => {
             let list: Vec<CommandInfo> = command_names()
                 .iter()

@@ -2,55 +2,53 @@
 //! builds anything from it.
 //!
 //! Writing never leaves half a snapshot behind: the directory must not exist (it is created,
-//! mode 0700) or be empty, both files are created exclusively, and on any failure (a full
-//! disk, a read error on guest RAM) the files written so far, and the directory if it was
-//! created here, are removed. Reading never changes either file.
+//! mode 0700) or be empty, both files are created exclusively (see
+//! [`citadel_launcher::snapshot_dir`], which makes them: in the VMM, confined, the device
+//! launcher does), and on any failure (a full disk, a read error on guest RAM) the files, and
+//! the directory if it was created for the snapshot, are removed. Reading never changes either
+//! file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use citadel_launcher::snapshot_dir::{self, SnapshotDirError, SnapshotFiles};
+pub use citadel_launcher::snapshot_dir::{MEMORY_FILE, STATE_FILE};
 
 use super::format::{self, FormatError, Header, CHECKSUM};
 
-/// Name of the state file in a snapshot directory.
-pub const STATE_FILE: &str = "state";
-/// Name of the memory file in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory";
 /// Bytes of guest RAM copied per read.
 const CHUNK: usize = 1 << 20;
 
-/// Why a snapshot could not be written. One line, naming the path.
+/// Why a snapshot could not be written. One line, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// The directory exists and holds files.
-    #[error("snapshot directory {0} is not empty")]
-    NotEmpty(PathBuf),
-    /// The path exists and is not a directory.
-    #[error("snapshot path {0} is not a directory")]
-    NotADirectory(PathBuf),
+    /// The directory or its files could not be made.
+    #[error(transparent)]
+    Directory(#[from] SnapshotDirError),
     /// The JSON state is above the format's cap.
     #[error("snapshot state of {0} bytes exceeds the format's limit")]
     StateTooLarge(usize),
-    /// A file operation failed.
-    #[error("writing snapshot {path}: {source}")]
+    /// Guest RAM could not be read.
+    #[error("reading guest RAM for the snapshot: {0}")]
+    GuestRam(#[source] io::Error),
+    /// A snapshot file could not be written.
+    #[error("writing the snapshot's {file} file: {source}")]
     Io {
-        /// The file or directory.
-        path: PathBuf,
+        /// `state`, `memory`, or the directory.
+        file: &'static str,
         /// What the OS said.
         #[source]
         source: io::Error,
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WriteError + '_ {
-    move |source| WriteError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+fn io_err(file: &'static str) -> impl FnOnce(io::Error) -> WriteError {
+    move |source| WriteError::Io { file, source }
 }
 
-/// What [`write`] needs besides the directory.
+/// What [`write_into`] writes.
 pub struct SnapshotData<'a> {
     /// The machine state, serialised.
     pub state: &'a [u8],
@@ -62,41 +60,9 @@ pub struct SnapshotData<'a> {
     pub vcpus: u32,
 }
 
-/// Prepares `dir`: creates it, or checks that it is an empty directory. Returns whether it
-/// was created here (and so is removed again on failure).
-fn prepare_dir(dir: &Path) -> Result<bool, WriteError> {
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => return Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(dir)(e)),
-    }
-    let meta = std::fs::symlink_metadata(dir).map_err(io_err(dir))?;
-    if !meta.is_dir() {
-        return Err(WriteError::NotADirectory(dir.to_path_buf()));
-    }
-    if std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .next()
-        .is_some()
-    {
-        return Err(WriteError::NotEmpty(dir.to_path_buf()));
-    }
-    Ok(false)
-}
-
-fn create(path: &Path) -> Result<File, WriteError> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_err(path))
-}
-
 /// Copies guest RAM into `out`, returning its checksum. Reads with `pread`, so the RAM
 /// memfd's file position (which nobody else uses) does not matter.
-fn copy_memory(data: &SnapshotData<'_>, out: &mut File, path: &Path) -> Result<u64, WriteError> {
+fn copy_memory(data: &SnapshotData<'_>, mut out: &File) -> Result<u64, WriteError> {
     let mut digest = CHECKSUM.digest();
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
@@ -104,27 +70,24 @@ fn copy_memory(data: &SnapshotData<'_>, out: &mut File, path: &Path) -> Result<u
         let len = (data.ram_bytes - offset).min(CHUNK as u64) as usize;
         data.memory
             .read_exact_at(&mut buf[..len], offset)
-            .map_err(|source| WriteError::Io {
-                path: PathBuf::from("guest RAM"),
-                source,
-            })?;
+            .map_err(WriteError::GuestRam)?;
         digest.update(&buf[..len]);
-        out.write_all(&buf[..len]).map_err(io_err(path))?;
+        out.write_all(&buf[..len]).map_err(io_err(MEMORY_FILE))?;
         offset += len as u64;
     }
-    out.sync_all().map_err(io_err(path))?;
+    out.sync_all().map_err(io_err(MEMORY_FILE))?;
     Ok(digest.finalize())
 }
 
-fn write_files(dir: &Path, data: &SnapshotData<'_>) -> Result<(), WriteError> {
+/// Writes a snapshot into freshly prepared, empty `files`: guest RAM, then the state with its
+/// header, each synced, then the directory. The caller removes the files when this fails.
+pub fn write_into(files: &SnapshotFiles, data: &SnapshotData<'_>) -> Result<(), WriteError> {
     let state_len =
         u32::try_from(data.state.len()).map_err(|_| WriteError::StateTooLarge(data.state.len()))?;
     if state_len > format::MAX_STATE_BYTES {
         return Err(WriteError::StateTooLarge(data.state.len()));
     }
-    let memory_path = dir.join(MEMORY_FILE);
-    let mut memory = create(&memory_path)?;
-    let memory_crc = copy_memory(data, &mut memory, &memory_path)?;
+    let memory_crc = copy_memory(data, &files.memory)?;
     let header = Header {
         ram_bytes: data.ram_bytes,
         vcpus: data.vcpus,
@@ -132,36 +95,26 @@ fn write_files(dir: &Path, data: &SnapshotData<'_>) -> Result<(), WriteError> {
         state_crc: CHECKSUM.checksum(data.state),
         memory_crc,
     };
-    let state_path = dir.join(STATE_FILE);
-    let mut state = create(&state_path)?;
+    let mut state = &files.state;
     state
         .write_all(&header.encode())
         .and_then(|()| state.write_all(data.state))
         .and_then(|()| state.sync_all())
-        .map_err(io_err(&state_path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+        .map_err(io_err(STATE_FILE))?;
+    files.dir.sync_all().map_err(io_err("directory"))
 }
 
-/// Writes a snapshot into `dir`, which must not exist or be empty. On failure nothing it
-/// wrote is left behind.
+/// Writes a snapshot into `dir`, which must not exist or be empty, from this process (which
+/// must be allowed to create files there). On failure nothing it wrote is left behind.
 pub fn write(dir: &Path, data: &SnapshotData<'_>) -> Result<(), WriteError> {
-    let created = prepare_dir(dir)?;
-    let result = write_files(dir, data);
+    // The directory helpers resolve from "/"; a relative path means the working directory.
+    let dir = std::path::absolute(dir).map_err(io_err("directory"))?;
+    let path = dir.to_string_lossy();
+    let files = snapshot_dir::create(Path::new("/"), &path)?;
+    let result = write_into(&files, data);
     if result.is_err() {
-        for name in [STATE_FILE, MEMORY_FILE] {
-            let path = dir.join(name);
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    log::warn!("removing the partial snapshot file {}: {e}", path.display());
-                }
-            }
-        }
-        if created {
-            if let Err(e) = std::fs::remove_dir(dir) {
-                log::warn!("removing the snapshot directory {}: {e}", dir.display());
-            }
+        if let Err(e) = snapshot_dir::remove(Path::new("/"), &path, files.created_dir) {
+            log::warn!("removing the partial snapshot: {e}");
         }
     }
     result
@@ -216,6 +169,7 @@ pub fn read(dir: &Path, ram_bytes: u64, vcpus: u32) -> Result<CheckedSnapshot, F
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     struct TempDir(PathBuf);
 
@@ -335,7 +289,7 @@ mod tests {
         let err = write(&tmp.0, &data).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("snapshot directory {} is not empty", tmp.0.display())
+            format!("snapshot directory '{}' is not empty", tmp.0.display())
         );
         assert_eq!(std::fs::read(tmp.0.join("keep")).unwrap(), b"x");
         assert!(!tmp.0.join(MEMORY_FILE).exists());

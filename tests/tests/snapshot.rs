@@ -1,0 +1,303 @@
+//! Memory snapshots over QMP and the command line, against real citadel processes running the
+//! `counter` guest program: `migrate` to `file:DIR` pauses the VM and writes the snapshot,
+//! `query-migrate` reports it, and `-incoming file:DIR` restores it into new VMs that carry
+//! on counting from where the first one stopped. Refusals leave the VM as it was and the
+//! files as they were.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use citadel_tests::guest_program;
+use citadel_tests::vm::{Qmp, TempDir, Vm};
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(20);
+const RAM_MIB: u64 = 64;
+
+fn counter_of(line: &str) -> Option<u64> {
+    line.split("counter=").nth(1)?.trim().parse().ok()
+}
+
+fn start(extra: &[&str]) -> Vm {
+    let mem = RAM_MIB.to_string();
+    let mut args = vec!["-m", mem.as_str(), "-smp", "2"];
+    args.extend_from_slice(extra);
+    Vm::start(&guest_program("counter"), &args)
+}
+
+fn migrate(qmp: &mut Qmp, dir: &Path) -> Value {
+    qmp.execute(
+        "migrate",
+        Some(json!({"uri": format!("file:{}", dir.display())})),
+    )
+}
+
+fn status(qmp: &mut Qmp) -> Value {
+    qmp.execute("query-status", None)["return"]["status"].clone()
+}
+
+/// The files of a snapshot, to show that restoring from them changes nothing.
+fn contents(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(dir.join("state")).unwrap(),
+        std::fs::read(dir.join("memory")).unwrap(),
+    )
+}
+
+/// Starts a counting VM, snapshots it into `dir` over QMP and quits it; returns the last
+/// counter value it printed.
+fn snapshot_of_a_counting_vm(dir: &Path) -> u64 {
+    let mut vm = start(&[]);
+    vm.wait_serial("citadel-guest: ready", BOOT);
+    vm.wait_serial("counter=", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(
+        qmp.execute("query-migrate", None),
+        json!({"return": {"status": "none"}})
+    );
+    assert_eq!(migrate(&mut qmp, dir), json!({"return": {}}));
+    // STOP came before the reply.
+    assert!(
+        qmp.events.iter().any(|e| e["event"] == "STOP"),
+        "{:?}",
+        qmp.events
+    );
+    assert_eq!(status(&mut qmp), "paused");
+    let info = qmp.execute("query-migrate", None);
+    assert_eq!(info["return"]["status"], "completed", "{info}");
+    assert!(info["return"]["total-time"].is_u64(), "{info}");
+    // Whatever the guest printed before the pause has arrived; nothing comes after it.
+    vm.serial_lines_for(Duration::from_millis(300));
+    let quiet = vm.serial_lines_for(Duration::from_millis(500));
+    assert!(
+        quiet.iter().all(|l| counter_of(l).is_none()),
+        "counting while paused: {quiet:?}"
+    );
+    let last = vm
+        .transcript()
+        .lines()
+        .filter_map(counter_of)
+        .next_back()
+        .expect("a counter line before the snapshot");
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    last
+}
+
+#[test]
+fn a_snapshot_restores_into_two_vms_that_carry_on_counting() {
+    let tmp = TempDir::new("snapshot-restore");
+    let dir = tmp.path().join("snap");
+    let saved = snapshot_of_a_counting_vm(&dir);
+
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("state")), 0o600);
+    assert_eq!(mode(&dir.join("memory")), 0o600);
+    assert_eq!(
+        std::fs::metadata(dir.join("memory")).unwrap().len(),
+        RAM_MIB << 20
+    );
+    let before = contents(&dir);
+
+    // Two VMs from the same directory at once, as templates.
+    let incoming = format!("file:{}", dir.display());
+    let mut vms: Vec<Vm> = (0..2)
+        .map(|_| start(&["-incoming", incoming.as_str()]))
+        .collect();
+    for vm in &mut vms {
+        let line = vm.wait_serial("counter=", BOOT);
+        let next = counter_of(&line).unwrap();
+        assert!(
+            next > saved,
+            "restored at {next}, the snapshot was taken after {saved}\n{}",
+            vm.transcript()
+        );
+        // The guest did not boot again: it carried on from its saved state.
+        assert!(
+            !vm.transcript().contains("citadel-guest: ready"),
+            "{}",
+            vm.transcript()
+        );
+        let mut qmp = Qmp::negotiated(&vm.qmp_path);
+        assert_eq!(status(&mut qmp), "running");
+        let later = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
+        assert!(later > next, "{later} after {next}");
+    }
+    drop(vms);
+    assert!(contents(&dir) == before, "restoring changed the snapshot");
+}
+
+#[test]
+fn refused_migrations_leave_the_vm_running_and_nothing_on_disk() {
+    let tmp = TempDir::new("snapshot-refused");
+    let mut vm = start(&[]);
+    vm.wait_serial("counter=", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep"), b"x").unwrap();
+    let reply = migrate(&mut qmp, &full);
+    let why = format!("snapshot directory '{}' is not empty", full.display());
+    assert_eq!(
+        reply["error"],
+        json!({"class": "GenericError", "desc": why}),
+        "{reply}"
+    );
+    assert_eq!(std::fs::read(full.join("keep")).unwrap(), b"x");
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
+    assert_eq!(
+        qmp.execute("query-migrate", None),
+        json!({"return": {"status": "failed", "error-desc": why}})
+    );
+
+    let missing = tmp.path().join("no/such/parent");
+    let reply = migrate(&mut qmp, &missing);
+    assert!(
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("opening its parent"),
+        "{reply}"
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"y").unwrap();
+    let reply = migrate(&mut qmp, &file);
+    assert_eq!(
+        reply["error"]["desc"],
+        format!("snapshot path '{}' is not a directory", file.display())
+    );
+    let reply = qmp.execute("migrate", Some(json!({"uri": "tcp:127.0.0.1:4444"})));
+    assert_eq!(
+        reply["error"]["desc"],
+        "Parameter 'uri' expects a valid migration protocol: Citadel writes snapshots to \
+         'file:<directory>' only, not 'tcp'"
+    );
+
+    // None of that paused the guest.
+    assert!(qmp.events.iter().all(|e| e["event"] != "STOP"));
+    assert_eq!(status(&mut qmp), "running");
+    let a = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
+    let b = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
+    assert!(b > a);
+
+    // A snapshot into an existing empty directory works; a second one into it is refused and
+    // the VM stays paused, its first snapshot intact.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_eq!(migrate(&mut qmp, &empty), json!({"return": {}}));
+    let first = contents(&empty);
+    let reply = migrate(&mut qmp, &empty);
+    assert!(
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .ends_with("is not empty"),
+        "{reply}"
+    );
+    assert!(contents(&empty) == first);
+    assert_eq!(status(&mut qmp), "paused");
+    assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
+    let c = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
+    assert!(c > b);
+}
+
+/// Runs citadel on the counter guest with `-incoming file:DIR` and `extra`; it must refuse
+/// with the one line `citadel: -incoming file:DIR: EXPECTED` (or `citadel: EXPECTED` for a
+/// state that is checked against the machine once it is built: `in_machine`), and leave the
+/// files as they were.
+fn refused_restore(dir: &Path, extra: &[&str], expected: &str, in_machine: bool) {
+    let before = contents(dir);
+    let out = std::process::Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-kernel"])
+        .arg(guest_program("counter"))
+        .arg("-incoming")
+        .arg(format!("file:{}", dir.display()))
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+    let line = if in_machine {
+        format!("citadel: {expected}")
+    } else {
+        format!("citadel: -incoming file:{}: {expected}", dir.display())
+    };
+    assert_eq!(err.trim_end(), line, "{extra:?}");
+    assert!(contents(dir) == before, "{extra:?} changed the snapshot");
+}
+
+#[test]
+fn mismatched_or_damaged_snapshots_are_refused_before_anything_runs() {
+    let tmp = TempDir::new("snapshot-damaged");
+    let dir = tmp.path().join("snap");
+    snapshot_of_a_counting_vm(&dir);
+    let ram = (RAM_MIB << 20).to_string();
+
+    refused_restore(
+        &dir,
+        &["-m", "128", "-smp", "2"],
+        "snapshot has 64 MiB of RAM, the command line asks for 128 MiB (-m)",
+        false,
+    );
+    refused_restore(
+        &dir,
+        &["-m", "64", "-smp", "1"],
+        "snapshot has 2 vCPUs, the command line asks for 1 (-smp)",
+        false,
+    );
+    refused_restore(
+        &dir,
+        &["-m", "64", "-smp", "2", "-device", "virtio-balloon-device"],
+        "snapshot devices [blk,blk,blk,blk,blk,blk,net,net] differ from the command line's \
+         [blk,blk,blk,blk,blk,blk,net,net,balloon]",
+        true,
+    );
+
+    let good = contents(&dir);
+    let mut memory = good.1.clone();
+    memory[12345] ^= 0x40;
+    std::fs::write(dir.join("memory"), &memory).unwrap();
+    refused_restore(
+        &dir,
+        &["-m", "64", "-smp", "2"],
+        "snapshot memory file is corrupt (checksum mismatch)",
+        false,
+    );
+    std::fs::write(dir.join("memory"), &good.1[..4096]).unwrap();
+    refused_restore(
+        &dir,
+        &["-m", "64", "-smp", "2"],
+        &format!("snapshot memory file is 4096 bytes, the snapshot's RAM is {ram} bytes"),
+        false,
+    );
+    std::fs::write(dir.join("memory"), &good.1).unwrap();
+    let mut state = good.0.clone();
+    let last = state.len() - 2;
+    state[last] ^= 0x01;
+    std::fs::write(dir.join("state"), &state).unwrap();
+    refused_restore(
+        &dir,
+        &["-m", "64", "-smp", "2"],
+        "snapshot state file is corrupt (state checksum mismatch)",
+        false,
+    );
+    std::fs::remove_file(dir.join("state")).unwrap();
+    let out = std::process::Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "64", "-smp", "2", "-kernel"])
+        .arg(guest_program("counter"))
+        .arg("-incoming")
+        .arg(format!("file:{}", dir.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("citadel: -incoming file:{}: ", dir.display())),
+        "{err}"
+    );
+    assert!(err.contains("state"), "{err}");
+}

@@ -61,6 +61,21 @@ counter)
 		usleep 100000
 	done
 	;;
+sequence)
+	# Counts into a file on the root tmpfs, one number every 100 ms, checking at each step
+	# that the file holds every number before it: a VM restored from a snapshot taken
+	# mid-run carries on the sequence where it was, with nothing lost or repeated.
+	i=0
+	: >/seq
+	while :; do
+		lines=$(wc -l </seq)
+		[ "$lines" = "$i" ] || echo "guest: seq-broken at $i with $lines lines"
+		echo $i >>/seq
+		echo "guest: seq $i"
+		i=$((i + 1))
+		usleep 100000
+	done
+	;;
 reboot)
 	reboot -f
 	;;

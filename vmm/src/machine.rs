@@ -381,7 +381,10 @@ impl Machine {
 
     /// Parses a checked snapshot's state against the machine being built and puts its
     /// VM-wide state, every vCPU's and every slot transport's back; the UART is left to the
-    /// caller, which builds it later.
+    /// caller, which builds it later. Devices the guest driver had started are started again
+    /// by the event loop, as after a driver's DRIVER_OK (see
+    /// [`DeviceManager::run_pending_activations`]): only then, with the balloon's
+    /// configuration back, do their rings resume.
     fn restore_kvm_state(
         vm: &VmFd,
         fds: &[VcpuFd],
@@ -499,8 +502,12 @@ impl Machine {
 
     /// Reads the whole state of the paused machine for a snapshot. Refused while any device
     /// is served by a vhost-user backend (a restored machine maps guest RAM privately from
-    /// the memory file, which a backend process cannot share) or has been started by its
-    /// driver.
+    /// the memory file, which a backend process cannot share).
+    ///
+    /// Devices the guest driver started are saved as they are: every one left is served by
+    /// the VMM itself, which completes each chain it takes on the event loop, so with the
+    /// vCPUs paused each ring's position is the used index in guest memory, saved with it.
+    /// The restored machine starts them again from there.
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         let backends = self.virtio.vhost_user_backends();
         if backends > 0 {
@@ -510,17 +517,6 @@ impl Machine {
             )));
         }
         let transports = self.virtio.save_transports();
-        // Refused here rather than at restore, before anything is written: restarting a
-        // started device needs its ring position, which is not saved yet.
-        if let Some(slot) = transports
-            .iter()
-            .position(|t| t.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK != 0)
-        {
-            return Err(MachineError::SnapshotRefused(format!(
-                "the guest driver started the device in virtio-mmio slot {slot}; snapshots of \
-                 started virtio devices are not supported yet"
-            )));
-        }
         let (vm, vcpus) = self.save_kvm_state()?;
         Ok(MachineState {
             vm,
@@ -687,34 +683,6 @@ mod tests {
             .unwrap();
         assert_eq!(buf, code);
 
-        // Once a driver started a device, snapshots are refused before anything is written.
-        use virtio_bindings::virtio_mmio::{
-            VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_STATUS,
-        };
-        let bus = restored.virtio().mmio_bus();
-        let base = crate::boot::layout::VIRTIO_MMIO_BASE;
-        let w32 = |reg: u32, value: u32| {
-            assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
-        };
-        w32(VIRTIO_MMIO_STATUS, 1);
-        w32(VIRTIO_MMIO_STATUS, 3);
-        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
-        w32(VIRTIO_MMIO_STATUS, 11);
-        w32(VIRTIO_MMIO_STATUS, 15);
-        let started = dir.with_extension("started");
-        assert_eq!(
-            restored
-                .write_snapshot(&started)
-                .err()
-                .map(|e| e.to_string()),
-            Some(
-                "snapshot refused: the guest driver started the device in virtio-mmio slot 0; \
-                 snapshots of started virtio devices are not supported yet"
-                    .to_string()
-            )
-        );
-        assert!(!started.exists());
         restored.shutdown();
 
         // Another device list is refused before any vCPU exists.
@@ -725,6 +693,151 @@ mod tests {
         };
         let err = Machine::create(&other, wiring()).err().unwrap();
         assert!(err.to_string().starts_with("snapshot devices ["), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Guest-physical addresses of the ring a test driver sets up on disk slot 0, of its
+    /// requests' headers and of their status bytes (one per request).
+    const DESC: u64 = 0x40_0000;
+    const AVAIL: u64 = 0x40_1000;
+    const USED: u64 = 0x40_2000;
+    const HEADER: u64 = 0x40_3000;
+    const STATUS: u64 = 0x40_4000;
+    const RING: u16 = 8;
+
+    /// Drives disk slot 0 of `machine` the way a guest driver does, up to DRIVER_OK, with one
+    /// 8-entry ring at [`DESC`], [`AVAIL`] and [`USED`].
+    fn start_disk_slot(machine: &Machine) {
+        use virtio_bindings::virtio_mmio::*;
+        let bus = machine.virtio().mmio_bus();
+        let base = crate::boot::layout::VIRTIO_MMIO_BASE;
+        let w32 = |reg: u32, value: u32| {
+            assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
+        };
+        w32(VIRTIO_MMIO_STATUS, 1);
+        w32(VIRTIO_MMIO_STATUS, 3);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        w32(VIRTIO_MMIO_STATUS, 11);
+        w32(VIRTIO_MMIO_QUEUE_SEL, 0);
+        w32(VIRTIO_MMIO_QUEUE_NUM, u32::from(RING));
+        w32(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC as u32);
+        w32(VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32);
+        w32(VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32);
+        w32(VIRTIO_MMIO_QUEUE_READY, 1);
+        w32(VIRTIO_MMIO_STATUS, 15);
+    }
+
+    /// Queues request `n` (a header and a status byte, on descriptors 2n and 2n + 1) on disk
+    /// slot 0's ring and, with `kick`, notifies the queue through its register.
+    fn queue_request(machine: &Machine, n: u16, kick: bool) {
+        let memory = &machine.ram.memory;
+        let w = |value: u64, addr: u64, len: usize| {
+            memory
+                .write_slice(&value.to_le_bytes()[..len], vm_memory::GuestAddress(addr))
+                .unwrap();
+        };
+        let head = u64::from(n * 2 % RING);
+        let status = STATUS + u64::from(n);
+        // Header: readable, chained to the status byte; status: device-writable.
+        for (index, addr, len, flags, next) in
+            [(head, HEADER, 16, 1, head + 1), (head + 1, status, 1, 2, 0)]
+        {
+            let at = DESC + 16 * index;
+            w(addr, at, 8);
+            w(len, at + 8, 4);
+            w(flags, at + 12, 2);
+            w(next, at + 14, 2);
+        }
+        w(0xff, status, 1);
+        w(head, AVAIL + 4 + 2 * u64::from(n % RING), 2);
+        w(u64::from(n + 1), AVAIL + 2, 2);
+        if kick {
+            let notify = crate::boot::layout::VIRTIO_MMIO_BASE
+                + crate::devices::virtio_mmio::QUEUE_NOTIFY_OFFSET;
+            assert!(machine
+                .virtio()
+                .mmio_bus()
+                .write(notify, &0u32.to_le_bytes()));
+        }
+    }
+
+    /// The used index of disk slot 0's ring and the status byte of request `n`.
+    fn answered(machine: &Machine, n: u16) -> (u16, u8) {
+        let memory = &machine.ram.memory;
+        let used: u16 = memory.read_obj(vm_memory::GuestAddress(USED + 2)).unwrap();
+        let status: u8 = memory
+            .read_obj(vm_memory::GuestAddress(STATUS + u64::from(n)))
+            .unwrap();
+        (used, status)
+    }
+
+    /// An empty disk slot its driver started is snapshotted with the machine and answers
+    /// again on the restored one: a request queued and kicked just before the pause, which
+    /// the event loop had not served, is answered once the device resumes (IOERR, used index
+    /// one further), and so are the driver's requests after that.
+    #[test]
+    fn a_started_empty_disk_slot_resumes_on_the_restored_machine() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_started_empty_disk_slot_resumes_on_the_restored_machine",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let boot = BootSource {
+            kernel: kernel.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+            virtio_mmio: Vec::new(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 1,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: None,
+            incoming: None,
+        };
+        let mut machine = Machine::create(&spec, wiring()).unwrap();
+        start_disk_slot(&machine);
+        machine.virtio().run_pending_activations();
+        queue_request(&machine, 0, true);
+        machine.virtio().serve_empty_slots();
+        assert_eq!(answered(&machine, 0), (1, 1));
+        // Queued and kicked, but the event loop does not get to it before the pause.
+        queue_request(&machine, 1, true);
+        machine.pause().unwrap();
+        let dir = std::env::temp_dir().join(format!("citadel-resume-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        machine.write_snapshot(&dir).unwrap();
+        let saved = machine.save_state().unwrap();
+        assert_eq!(saved.transports[0].status, 15);
+        machine.shutdown();
+        drop(machine);
+
+        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        restored.pause().unwrap();
+        assert_eq!(restored.save_state().unwrap().transports, saved.transports);
+        // The device starts on the event loop, not while the machine is built.
+        restored.virtio().serve_empty_slots();
+        assert_eq!(answered(&restored, 1), (1, 0xff));
+        restored.virtio().run_pending_activations();
+        restored.virtio().serve_empty_slots();
+        assert_eq!(answered(&restored, 1), (2, 1));
+        assert_eq!(answered(&restored, 0), (2, 1));
+        queue_request(&restored, 2, true);
+        restored.virtio().serve_empty_slots();
+        assert_eq!(answered(&restored, 2), (3, 1));
+        restored.shutdown();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

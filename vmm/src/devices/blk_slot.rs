@@ -393,7 +393,10 @@ impl VirtioDevice for BlkSlot {
                 });
             }
             None => {
-                let queue = empty_ring(&self.memory, &params, 0, QUEUE_MAX_SIZE, None).ok_or(
+                // A slot restored from a snapshot goes on where it stopped, which is the used
+                // index: it answered every request it took before the machine was saved.
+                let resume = params.resume.then_some(None);
+                let queue = empty_ring(&self.memory, &params, 0, QUEUE_MAX_SIZE, resume).ok_or(
                     ActivateError::InvalidQueue {
                         index: 0,
                         reason: "the ring does not lie in guest RAM",
@@ -410,6 +413,12 @@ impl VirtioDevice for BlkSlot {
             }
         }
         Ok(())
+    }
+
+    /// An empty slot answers every request on the event loop as soon as it is kicked; a
+    /// plugged disk's backend holds its own ring position.
+    fn resumable(&self) -> bool {
+        self.disk.is_none()
     }
 
     fn reset(&mut self) {
@@ -462,6 +471,7 @@ mod tests {
             }],
             notify: vec![notify.try_clone().unwrap()],
             interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+            resume: false,
         };
         slot.activate(params).unwrap();
         Setup {

@@ -407,8 +407,11 @@ impl VirtioDevice for NetSlot {
                 });
             }
             None => {
+                // A slot restored from a snapshot goes on from the used indices: it had dropped
+                // every frame it took, and left RX alone, before the machine was saved.
+                let resume = params.resume.then_some(None);
                 let ring = |index: usize, reason| {
-                    empty_ring(&self.memory, &params, index, QUEUE_MAX_SIZE, None).ok_or(
+                    empty_ring(&self.memory, &params, index, QUEUE_MAX_SIZE, resume).ok_or(
                         ActivateError::InvalidQueue {
                             index: index as u16,
                             reason,
@@ -428,6 +431,12 @@ impl VirtioDevice for NetSlot {
             }
         }
         Ok(())
+    }
+
+    /// An empty slot drops TX frames on the event loop as soon as it is kicked and leaves RX
+    /// alone; a plugged NIC's backend holds its own ring positions.
+    fn resumable(&self) -> bool {
+        self.nic.is_none()
     }
 
     fn reset(&mut self) {
@@ -488,6 +497,7 @@ mod tests {
                 notify[1].try_clone().unwrap(),
             ],
             interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+            resume: false,
         };
         slot.activate(params).unwrap();
         Setup {

@@ -55,6 +55,7 @@ fn started(features: u64, opts: &BalloonOptions) -> Setup {
             queues,
             notify: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
             interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+            resume: false,
         })
         .unwrap();
     // The used rings are backed from the start, so that completing a buffer allocates

@@ -894,10 +894,125 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Guest serial output, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        /// The line of output that starts with `prefix`, if the guest printed it.
+        fn line(&self, prefix: &str) -> Option<String> {
+            let out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            String::from_utf8_lossy(&out)
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_string)
+        }
+
+        /// Waits up to 20 s for the line starting with `prefix`, meanwhile doing what the
+        /// event loop does for the slots when `serve` is set: starting the devices their
+        /// drivers asked for and answering the empty slots' requests.
+        fn wait_line(&self, machine: &Machine, prefix: &str, serve: bool) -> String {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                if let Some(line) = self.line(prefix) {
+                    return line;
+                }
+                let out = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no `{prefix}` from the guest; it printed:\n{}",
+                    String::from_utf8_lossy(&out)
+                );
+                if serve {
+                    machine.virtio().run_pending_activations();
+                    machine.virtio().serve_empty_slots();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// The `virtio_blk` guest program starts the empty disk slot and reads from it; with the
+    /// slot's kicks left unserved, it queues another read and the machine is paused and
+    /// snapshotted. Restored into a new machine, whose event loop resumes the slot, the
+    /// program gets its queued read answered (IOERR: the slot is empty) and reads once more.
+    #[test]
+    fn a_guest_program_goes_on_using_its_disk_slot_after_a_restore() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_guest_program_goes_on_using_its_disk_slot_after_a_restore",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let boot = BootSource {
+            kernel: citadel_tests::guest_program("virtio_blk"),
+            initrd: None,
+            cmdline: "virtio_mmio.device=4K@0xd0000000:5 snapshot".to_string(),
+            virtio_mmio: Vec::new(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 1,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: None,
+            incoming: None,
+        };
+        let out = Captured::default();
+        let mut machine = Machine::create(&spec, wiring_to(Box::new(out.clone()))).unwrap();
+        machine.start();
+        let line = out.wait_line(&machine, "citadel-guest: snapshot first-read status=", true);
+        assert_eq!(line, "citadel-guest: snapshot first-read status=1");
+        // The go-ahead; from here on the slot's kicks wait.
+        assert_eq!(machine.devices().serial_input(b"g"), 1);
+        out.wait_line(&machine, "citadel-guest: snapshot queued", false);
+        machine.pause().unwrap();
+        let dir = std::env::temp_dir().join(format!("citadel-guest-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        machine.write_snapshot(&dir).unwrap();
+        assert_eq!(out.line("citadel-guest: snapshot queued-read"), None);
+        machine.shutdown();
+        drop(machine);
+
+        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let after = Captured::default();
+        let mut restored = Machine::create(&incoming, wiring_to(Box::new(after.clone()))).unwrap();
+        restored.start();
+        let last = after.wait_line(&restored, "citadel-guest: snapshot last-read status=", true);
+        assert_eq!(
+            after.line("citadel-guest: snapshot queued-read status="),
+            Some("citadel-guest: snapshot queued-read status=1".to_string())
+        );
+        assert_eq!(last, "citadel-guest: snapshot last-read status=1");
+        restored.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn wiring() -> MachineWiring {
+        wiring_to(Box::new(Discard))
+    }
+
+    fn wiring_to(serial_out: SerialOut) -> MachineWiring {
         let (events, _rx) = std::sync::mpsc::channel();
         MachineWiring {
-            serial_out: Box::new(Discard),
+            serial_out,
             events,
             events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             vcpu_lockdown: Box::new(|_| Box::new(|| Ok(()))),

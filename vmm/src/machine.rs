@@ -705,12 +705,13 @@ mod tests {
     const STATUS: u64 = 0x40_4000;
     const RING: u16 = 8;
 
-    /// Drives disk slot 0 of `machine` the way a guest driver does, up to DRIVER_OK, with one
-    /// 8-entry ring at [`DESC`], [`AVAIL`] and [`USED`].
-    fn start_disk_slot(machine: &Machine) {
+    /// Drives virtio-mmio slot `slot` of `machine` the way a guest driver does, up to
+    /// DRIVER_OK: VIRTIO_F_VERSION_1 only, and queue `i` an 8-entry ring whose descriptor
+    /// table is at `rings[i]`, its driver area 4 KiB above and its device area 8 KiB above.
+    fn start_slot(machine: &Machine, slot: u64, rings: &[u64]) {
         use virtio_bindings::virtio_mmio::*;
         let bus = machine.virtio().mmio_bus();
-        let base = crate::boot::layout::VIRTIO_MMIO_BASE;
+        let base = crate::boot::layout::virtio_mmio_slot(slot).unwrap().0;
         let w32 = |reg: u32, value: u32| {
             assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
         };
@@ -719,12 +720,14 @@ mod tests {
         w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
         w32(VIRTIO_MMIO_STATUS, 11);
-        w32(VIRTIO_MMIO_QUEUE_SEL, 0);
-        w32(VIRTIO_MMIO_QUEUE_NUM, u32::from(RING));
-        w32(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC as u32);
-        w32(VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32);
-        w32(VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32);
-        w32(VIRTIO_MMIO_QUEUE_READY, 1);
+        for (index, &ring) in (0..).zip(rings) {
+            w32(VIRTIO_MMIO_QUEUE_SEL, index);
+            w32(VIRTIO_MMIO_QUEUE_NUM, u32::from(RING));
+            w32(VIRTIO_MMIO_QUEUE_DESC_LOW, ring as u32);
+            w32(VIRTIO_MMIO_QUEUE_AVAIL_LOW, (ring + 0x1000) as u32);
+            w32(VIRTIO_MMIO_QUEUE_USED_LOW, (ring + 0x2000) as u32);
+            w32(VIRTIO_MMIO_QUEUE_READY, 1);
+        }
         w32(VIRTIO_MMIO_STATUS, 15);
     }
 
@@ -803,7 +806,7 @@ mod tests {
             incoming: None,
         };
         let mut machine = Machine::create(&spec, wiring()).unwrap();
-        start_disk_slot(&machine);
+        start_slot(&machine, 0, &[DESC]);
         machine.virtio().run_pending_activations();
         queue_request(&machine, 0, true);
         machine.virtio().serve_empty_slots();
@@ -841,6 +844,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A balloon its driver started, with a target set, pages held and a deflate buffer
+    /// queued and kicked just before the pause, comes back with its target and held pages and
+    /// completes the buffer once the event loop resumes it.
     #[test]
     fn a_balloon_target_survives_a_snapshot() {
         let Some(_kvm) =
@@ -875,6 +881,27 @@ mod tests {
             .unwrap()
             .set_target(16 << 20)
             .unwrap();
+        // The balloon takes the slot after the disk and NIC slots; its driver starts the
+        // inflate and deflate queues and says it holds 100 pages.
+        let slot = DISK_SLOTS + NIC_SLOTS;
+        let (inflate, deflate, pfns) = (0x50_0000, 0x51_0000, 0x52_0000);
+        start_slot(&machine, slot, &[inflate, deflate]);
+        machine.virtio().run_pending_activations();
+        let base = crate::boot::layout::virtio_mmio_slot(slot).unwrap().0;
+        let bus = machine.virtio().mmio_bus();
+        assert!(bus.write(base + 0x104, &100u32.to_le_bytes()));
+        // One frame to deflate, queued and kicked but not served before the pause.
+        let memory = &machine.ram.memory;
+        let at = vm_memory::GuestAddress;
+        memory.write_obj(2048u32, at(pfns)).unwrap();
+        memory.write_obj(pfns, at(deflate)).unwrap();
+        memory.write_obj(4u32, at(deflate + 8)).unwrap();
+        memory.write_obj(0u16, at(deflate + 0x1004)).unwrap();
+        memory.write_obj(1u16, at(deflate + 0x1002)).unwrap();
+        assert!(bus.write(
+            base + crate::devices::virtio_mmio::QUEUE_NOTIFY_OFFSET,
+            &1u32.to_le_bytes()
+        ));
         machine.pause().unwrap();
         let dir = std::env::temp_dir().join(format!("citadel-balloon-snap-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -886,10 +913,21 @@ mod tests {
             ..spec
         };
         let mut restored = Machine::create(&incoming, wiring()).unwrap();
-        assert_eq!(
-            restored.virtio().balloon().unwrap().config(),
-            ((16 << 20) / 4096, 0)
-        );
+        let balloon = restored.virtio().balloon().unwrap();
+        assert_eq!(balloon.config(), ((16 << 20) / 4096, 100));
+        let deflate_used = || -> u16 {
+            restored
+                .ram
+                .memory
+                .read_obj(vm_memory::GuestAddress(deflate + 0x2002))
+                .unwrap()
+        };
+        balloon.serve();
+        assert_eq!(deflate_used(), 0);
+        restored.virtio().run_pending_activations();
+        balloon.serve();
+        assert_eq!(deflate_used(), 1);
+        assert_eq!(balloon.config(), ((16 << 20) / 4096, 100));
         restored.shutdown();
         std::fs::remove_dir_all(&dir).unwrap();
     }

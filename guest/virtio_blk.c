@@ -14,6 +14,12 @@
  * RESTART_SECTORS - 1 one at a time, each filled with its own number, pausing between writes
  * so that the host has time to kill the disk's backend under it; it counts every status that
  * is not OK and reports progress, the count and the device status register at the end.
+ *
+ * With "snapshot" on the command line it starts the empty slot and reads from it, then waits
+ * for a byte on the serial line: the host has stopped serving the slot meanwhile. It queues a
+ * second read, kicks and reports "snapshot queued", and waits for the answer while the host
+ * pauses the machine, snapshots it and restores it in another process. Once answered, it
+ * reads a third time, reporting the status of each read.
  */
 #include "virtio_mmio.h"
 
@@ -27,6 +33,11 @@
 #define PLUG_TIMEOUT_MS 60000
 #define RESTART_SECTORS 1024
 #define RESTART_PAUSE_MS 3
+#define SNAPSHOT_TIMEOUT_MS 60000
+
+#define COM1_DATA 0x3f8
+#define COM1_LSR 0x3fd
+#define LSR_DATA_READY 0x01
 
 struct blk_req_header {
 	u32 type;
@@ -42,10 +53,10 @@ static volatile u8 req_status;
 static const char write_pattern[] = "citadel-guest-wrote-sector-one.";
 
 /*
- * Sends one request on descriptors 0-2 (header, the sector buffer, status) and waits until
- * the used ring reaches used_idx. Reports and returns 0 on a timeout.
+ * Queues one request on descriptors 0-2 (header, the sector buffer, status) as the driver's
+ * used_idx-th and kicks the queue.
  */
-static int blk_request(u64 base, u32 type, u64 sector_no, u16 used_idx)
+static void blk_submit(u64 base, u32 type, u64 sector_no, u16 used_idx)
 {
 	u16 data_flags = type == BLK_T_OUT ? DESC_F_NEXT : DESC_F_NEXT | DESC_F_WRITE;
 
@@ -60,7 +71,15 @@ static int blk_request(u64 base, u32 type, u64 sector_no, u16 used_idx)
 	vq.avail.idx = used_idx;
 	barrier();
 	reg_write(base, REG_QUEUE_NOTIFY, 0);
+}
 
+/*
+ * Sends one request (see blk_submit) and waits until the used ring reaches used_idx. Reports
+ * and returns 0 on a timeout.
+ */
+static int blk_request(u64 base, u32 type, u64 sector_no, u16 used_idx)
+{
+	blk_submit(base, type, sector_no, used_idx);
 	if (!wait_used(&vq, used_idx, IO_TIMEOUT_MS)) {
 		report("virtio-blk error=timeout");
 		return 0;
@@ -247,12 +266,39 @@ static void restart_blk(u64 base)
 	report_dec("restart device-status", reg_read(base, REG_STATUS));
 }
 
+static void snapshot_blk(u64 base)
+{
+	if (!start_blk(base))
+		return;
+	if (!blk_request(base, BLK_T_IN, 0, 1))
+		return;
+	report_dec("snapshot first-read status", req_status);
+
+	/* The host's go-ahead: from here on it leaves the slot's kicks unserved. */
+	while (!(inb(COM1_LSR) & LSR_DATA_READY))
+		__asm__ volatile("pause");
+	(void)inb(COM1_DATA);
+
+	blk_submit(base, BLK_T_IN, 0, 2);
+	report("snapshot queued");
+	if (!wait_used(&vq, 2, SNAPSHOT_TIMEOUT_MS)) {
+		report("snapshot error=queued-read-unanswered");
+		return;
+	}
+	barrier();
+	report_dec("snapshot queued-read status", req_status);
+	if (!blk_request(base, BLK_T_IN, 0, 3))
+		return;
+	report_dec("snapshot last-read status", req_status);
+}
+
 void guest_main(void)
 {
 	u64 bases[MAX_DEVICES];
 	int n, i, blk_done = 0;
 	int hotplug = has_word(boot_cmdline(), "hotplug");
 	int restart = has_word(boot_cmdline(), "restart");
+	int snapshot = has_word(boot_cmdline(), "snapshot");
 
 	report_entry();
 	interrupts_init();
@@ -271,6 +317,8 @@ void guest_main(void)
 		} else if (device == VIRTIO_ID_BLOCK && !blk_done) {
 			if (restart)
 				restart_blk(base);
+			else if (snapshot)
+				snapshot_blk(base);
 			else if (hotplug)
 				hotplug_blk(base);
 			else

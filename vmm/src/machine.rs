@@ -381,7 +381,10 @@ impl Machine {
 
     /// Parses a checked snapshot's state against the machine being built and puts its
     /// VM-wide state, every vCPU's and every slot transport's back; the UART is left to the
-    /// caller, which builds it later.
+    /// caller, which builds it later. Devices the guest driver had started are started again
+    /// by the event loop, as after a driver's DRIVER_OK (see
+    /// [`DeviceManager::run_pending_activations`]): only then, with the balloon's
+    /// configuration back, do their rings resume.
     fn restore_kvm_state(
         vm: &VmFd,
         fds: &[VcpuFd],
@@ -512,23 +515,15 @@ impl Machine {
     }
 
     /// Reads the whole state of the paused machine for a snapshot. Refused while any device
-    /// is served by a vhost-user backend (a restored machine maps guest RAM privately from
-    /// the memory file, which a backend process cannot share) or has been started by its
-    /// driver.
+    /// is served by a vhost-user backend (see [`Machine::check_snapshot`]).
+    ///
+    /// Devices the guest driver started are saved as they are: every one left is served by
+    /// the VMM itself, which completes each chain it takes on the event loop, so with the
+    /// vCPUs paused each ring's position is the used index in guest memory, saved with it.
+    /// The restored machine starts them again from there.
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         self.check_snapshot()?;
         let transports = self.virtio.save_transports();
-        // Refused here rather than at restore, before anything is written: restarting a
-        // started device needs its ring position, which is not saved yet.
-        if let Some(slot) = transports
-            .iter()
-            .position(|t| t.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK != 0)
-        {
-            return Err(MachineError::SnapshotRefused(format!(
-                "the guest driver started the device in virtio-mmio slot {slot}; snapshots of \
-                 started virtio devices are not supported yet"
-            )));
-        }
         let (vm, vcpus) = self.save_kvm_state()?;
         Ok(MachineState {
             vm,
@@ -715,34 +710,6 @@ mod tests {
             .unwrap();
         assert_eq!(buf, code);
 
-        // Once a driver started a device, snapshots are refused before anything is written.
-        use virtio_bindings::virtio_mmio::{
-            VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_STATUS,
-        };
-        let bus = restored.virtio().mmio_bus();
-        let base = crate::boot::layout::VIRTIO_MMIO_BASE;
-        let w32 = |reg: u32, value: u32| {
-            assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
-        };
-        w32(VIRTIO_MMIO_STATUS, 1);
-        w32(VIRTIO_MMIO_STATUS, 3);
-        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
-        w32(VIRTIO_MMIO_STATUS, 11);
-        w32(VIRTIO_MMIO_STATUS, 15);
-        let started = dir.with_extension("started");
-        assert_eq!(
-            restored
-                .write_snapshot(&started)
-                .err()
-                .map(|e| e.to_string()),
-            Some(
-                "snapshot refused: the guest driver started the device in virtio-mmio slot 0; \
-                 snapshots of started virtio devices are not supported yet"
-                    .to_string()
-            )
-        );
-        assert!(!started.exists());
         restored.shutdown();
 
         // Another device list is refused before any vCPU exists.
@@ -756,6 +723,157 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Guest-physical addresses of the ring a test driver sets up on disk slot 0, of its
+    /// requests' headers and of their status bytes (one per request).
+    const DESC: u64 = 0x40_0000;
+    const AVAIL: u64 = 0x40_1000;
+    const USED: u64 = 0x40_2000;
+    const HEADER: u64 = 0x40_3000;
+    const STATUS: u64 = 0x40_4000;
+    const RING: u16 = 8;
+
+    /// Drives virtio-mmio slot `slot` of `machine` the way a guest driver does, up to
+    /// DRIVER_OK: VIRTIO_F_VERSION_1 only, and queue `i` an 8-entry ring whose descriptor
+    /// table is at `rings[i]`, its driver area 4 KiB above and its device area 8 KiB above.
+    fn start_slot(machine: &Machine, slot: u64, rings: &[u64]) {
+        use virtio_bindings::virtio_mmio::*;
+        let bus = machine.virtio().mmio_bus();
+        let base = crate::boot::layout::virtio_mmio_slot(slot).unwrap().0;
+        let w32 = |reg: u32, value: u32| {
+            assert!(bus.write(base + u64::from(reg), &value.to_le_bytes()));
+        };
+        w32(VIRTIO_MMIO_STATUS, 1);
+        w32(VIRTIO_MMIO_STATUS, 3);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        w32(VIRTIO_MMIO_STATUS, 11);
+        for (index, &ring) in (0..).zip(rings) {
+            w32(VIRTIO_MMIO_QUEUE_SEL, index);
+            w32(VIRTIO_MMIO_QUEUE_NUM, u32::from(RING));
+            w32(VIRTIO_MMIO_QUEUE_DESC_LOW, ring as u32);
+            w32(VIRTIO_MMIO_QUEUE_AVAIL_LOW, (ring + 0x1000) as u32);
+            w32(VIRTIO_MMIO_QUEUE_USED_LOW, (ring + 0x2000) as u32);
+            w32(VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+        w32(VIRTIO_MMIO_STATUS, 15);
+    }
+
+    /// Queues request `n` (a header and a status byte, on descriptors 2n and 2n + 1) on disk
+    /// slot 0's ring and, with `kick`, notifies the queue through its register.
+    fn queue_request(machine: &Machine, n: u16, kick: bool) {
+        let memory = &machine.ram.memory;
+        let w = |value: u64, addr: u64, len: usize| {
+            memory
+                .write_slice(&value.to_le_bytes()[..len], vm_memory::GuestAddress(addr))
+                .unwrap();
+        };
+        let head = u64::from(n * 2 % RING);
+        let status = STATUS + u64::from(n);
+        // Header: readable, chained to the status byte; status: device-writable.
+        for (index, addr, len, flags, next) in
+            [(head, HEADER, 16, 1, head + 1), (head + 1, status, 1, 2, 0)]
+        {
+            let at = DESC + 16 * index;
+            w(addr, at, 8);
+            w(len, at + 8, 4);
+            w(flags, at + 12, 2);
+            w(next, at + 14, 2);
+        }
+        w(0xff, status, 1);
+        w(head, AVAIL + 4 + 2 * u64::from(n % RING), 2);
+        w(u64::from(n + 1), AVAIL + 2, 2);
+        if kick {
+            let notify = crate::boot::layout::VIRTIO_MMIO_BASE
+                + crate::devices::virtio_mmio::QUEUE_NOTIFY_OFFSET;
+            assert!(machine
+                .virtio()
+                .mmio_bus()
+                .write(notify, &0u32.to_le_bytes()));
+        }
+    }
+
+    /// The used index of disk slot 0's ring and the status byte of request `n`.
+    fn answered(machine: &Machine, n: u16) -> (u16, u8) {
+        let memory = &machine.ram.memory;
+        let used: u16 = memory.read_obj(vm_memory::GuestAddress(USED + 2)).unwrap();
+        let status: u8 = memory
+            .read_obj(vm_memory::GuestAddress(STATUS + u64::from(n)))
+            .unwrap();
+        (used, status)
+    }
+
+    /// An empty disk slot its driver started is snapshotted with the machine and answers
+    /// again on the restored one: a request queued and kicked just before the pause, which
+    /// the event loop had not served, is answered once the device resumes (IOERR, used index
+    /// one further), and so are the driver's requests after that.
+    #[test]
+    fn a_started_empty_disk_slot_resumes_on_the_restored_machine() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_started_empty_disk_slot_resumes_on_the_restored_machine",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
+            pvh_note: true,
+            ..Default::default()
+        }));
+        let boot = BootSource {
+            kernel: kernel.as_path().to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+            virtio_mmio: Vec::new(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 1,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: None,
+            incoming: None,
+        };
+        let mut machine = Machine::create(&spec, wiring()).unwrap();
+        start_slot(&machine, 0, &[DESC]);
+        machine.virtio().run_pending_activations();
+        queue_request(&machine, 0, true);
+        machine.virtio().serve_empty_slots();
+        assert_eq!(answered(&machine, 0), (1, 1));
+        // Queued and kicked, but the event loop does not get to it before the pause.
+        queue_request(&machine, 1, true);
+        machine.pause().unwrap();
+        let dir = std::env::temp_dir().join(format!("citadel-resume-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        machine.write_snapshot(&dir).unwrap();
+        let saved = machine.save_state().unwrap();
+        assert_eq!(saved.transports[0].status, 15);
+        machine.shutdown();
+        drop(machine);
+
+        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        restored.pause().unwrap();
+        assert_eq!(restored.save_state().unwrap().transports, saved.transports);
+        // The device starts on the event loop, not while the machine is built.
+        restored.virtio().serve_empty_slots();
+        assert_eq!(answered(&restored, 1), (1, 0xff));
+        restored.virtio().run_pending_activations();
+        restored.virtio().serve_empty_slots();
+        assert_eq!(answered(&restored, 1), (2, 1));
+        assert_eq!(answered(&restored, 0), (2, 1));
+        queue_request(&restored, 2, true);
+        restored.virtio().serve_empty_slots();
+        assert_eq!(answered(&restored, 2), (3, 1));
+        restored.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A balloon its driver started, with a target set, pages held and a deflate buffer
+    /// queued and kicked just before the pause, comes back with its target and held pages and
+    /// completes the buffer once the event loop resumes it.
     #[test]
     fn a_balloon_target_survives_a_snapshot() {
         let Some(_kvm) =
@@ -790,6 +908,27 @@ mod tests {
             .unwrap()
             .set_target(16 << 20)
             .unwrap();
+        // The balloon takes the slot after the disk and NIC slots; its driver starts the
+        // inflate and deflate queues and says it holds 100 pages.
+        let slot = DISK_SLOTS + NIC_SLOTS;
+        let (inflate, deflate, pfns) = (0x50_0000, 0x51_0000, 0x52_0000);
+        start_slot(&machine, slot, &[inflate, deflate]);
+        machine.virtio().run_pending_activations();
+        let base = crate::boot::layout::virtio_mmio_slot(slot).unwrap().0;
+        let bus = machine.virtio().mmio_bus();
+        assert!(bus.write(base + 0x104, &100u32.to_le_bytes()));
+        // One frame to deflate, queued and kicked but not served before the pause.
+        let memory = &machine.ram.memory;
+        let at = vm_memory::GuestAddress;
+        memory.write_obj(2048u32, at(pfns)).unwrap();
+        memory.write_obj(pfns, at(deflate)).unwrap();
+        memory.write_obj(4u32, at(deflate + 8)).unwrap();
+        memory.write_obj(0u16, at(deflate + 0x1004)).unwrap();
+        memory.write_obj(1u16, at(deflate + 0x1002)).unwrap();
+        assert!(bus.write(
+            base + crate::devices::virtio_mmio::QUEUE_NOTIFY_OFFSET,
+            &1u32.to_le_bytes()
+        ));
         machine.pause().unwrap();
         let dir = std::env::temp_dir().join(format!("citadel-balloon-snap-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -801,18 +940,144 @@ mod tests {
             ..spec
         };
         let mut restored = Machine::create(&incoming, wiring()).unwrap();
+        let balloon = restored.virtio().balloon().unwrap();
+        assert_eq!(balloon.config(), ((16 << 20) / 4096, 100));
+        let deflate_used = || -> u16 {
+            restored
+                .ram
+                .memory
+                .read_obj(vm_memory::GuestAddress(deflate + 0x2002))
+                .unwrap()
+        };
+        balloon.serve();
+        assert_eq!(deflate_used(), 0);
+        restored.virtio().run_pending_activations();
+        balloon.serve();
+        assert_eq!(deflate_used(), 1);
+        assert_eq!(balloon.config(), ((16 << 20) / 4096, 100));
+        restored.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Guest serial output, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        /// The line of output that starts with `prefix`, if the guest printed it.
+        fn line(&self, prefix: &str) -> Option<String> {
+            let out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            String::from_utf8_lossy(&out)
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_string)
+        }
+
+        /// Waits up to 20 s for the line starting with `prefix`, meanwhile doing what the
+        /// event loop does for the slots when `serve` is set: starting the devices their
+        /// drivers asked for and answering the empty slots' requests.
+        fn wait_line(&self, machine: &Machine, prefix: &str, serve: bool) -> String {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                if let Some(line) = self.line(prefix) {
+                    return line;
+                }
+                let out = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no `{prefix}` from the guest; it printed:\n{}",
+                    String::from_utf8_lossy(&out)
+                );
+                if serve {
+                    machine.virtio().run_pending_activations();
+                    machine.virtio().serve_empty_slots();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// The `virtio_blk` guest program starts the empty disk slot and reads from it; with the
+    /// slot's kicks left unserved, it queues another read and the machine is paused and
+    /// snapshotted. Restored into a new machine, whose event loop resumes the slot, the
+    /// program gets its queued read answered (IOERR: the slot is empty) and reads once more.
+    #[test]
+    fn a_guest_program_goes_on_using_its_disk_slot_after_a_restore() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_guest_program_goes_on_using_its_disk_slot_after_a_restore",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let boot = BootSource {
+            kernel: citadel_tests::guest_program("virtio_blk"),
+            initrd: None,
+            cmdline: "virtio_mmio.device=4K@0xd0000000:5 snapshot".to_string(),
+            virtio_mmio: Vec::new(),
+        };
+        let spec = MachineSpec {
+            boot: &boot,
+            vcpus: 1,
+            mem_bytes: 32 << 20,
+            cpu_template: CpuTemplate::Host,
+            balloon: None,
+            incoming: None,
+        };
+        let out = Captured::default();
+        let mut machine = Machine::create(&spec, wiring_to(Box::new(out.clone()))).unwrap();
+        machine.start();
+        let line = out.wait_line(&machine, "citadel-guest: snapshot first-read status=", true);
+        assert_eq!(line, "citadel-guest: snapshot first-read status=1");
+        // The go-ahead; from here on the slot's kicks wait.
+        assert_eq!(machine.devices().serial_input(b"g"), 1);
+        out.wait_line(&machine, "citadel-guest: snapshot queued", false);
+        machine.pause().unwrap();
+        let dir = std::env::temp_dir().join(format!("citadel-guest-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        machine.write_snapshot(&dir).unwrap();
+        assert_eq!(out.line("citadel-guest: snapshot queued-read"), None);
+        machine.shutdown();
+        drop(machine);
+
+        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let incoming = MachineSpec {
+            incoming: Some(&checked),
+            ..spec
+        };
+        let after = Captured::default();
+        let mut restored = Machine::create(&incoming, wiring_to(Box::new(after.clone()))).unwrap();
+        restored.start();
+        let last = after.wait_line(&restored, "citadel-guest: snapshot last-read status=", true);
         assert_eq!(
-            restored.virtio().balloon().unwrap().config(),
-            ((16 << 20) / 4096, 0)
+            after.line("citadel-guest: snapshot queued-read status="),
+            Some("citadel-guest: snapshot queued-read status=1".to_string())
         );
+        assert_eq!(last, "citadel-guest: snapshot last-read status=1");
         restored.shutdown();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn wiring() -> MachineWiring {
+        wiring_to(Box::new(Discard))
+    }
+
+    fn wiring_to(serial_out: SerialOut) -> MachineWiring {
         let (events, _rx) = std::sync::mpsc::channel();
         MachineWiring {
-            serial_out: Box::new(Discard),
+            serial_out,
             events,
             events_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             vcpu_lockdown: Box::new(|_| Box::new(|| Ok(()))),

@@ -332,10 +332,13 @@ impl VirtioDevice for Balloon {
 
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
         let reporting = params.features & (1 << VIRTIO_BALLOON_F_REPORTING) != 0;
+        // A balloon restored from a snapshot goes on from the used indices: it had completed
+        // every buffer it took before the machine was saved.
+        let resume = params.resume.then_some(None);
         let mut queues = Vec::with_capacity(QUEUES);
         for index in 0..QUEUES {
             let wanted = index != REPORTING || reporting;
-            let queue = empty_ring(&self.memory, &params, index, QUEUE_MAX_SIZE, None);
+            let queue = empty_ring(&self.memory, &params, index, QUEUE_MAX_SIZE, resume);
             if wanted && queue.is_none() && params.queues.get(index).is_some_and(|q| q.ready) {
                 return Err(ActivateError::InvalidQueue {
                     index: index as u16,
@@ -360,6 +363,12 @@ impl VirtioDevice for Balloon {
             interrupt: params.interrupt,
         });
         Ok(())
+    }
+
+    /// Every queue is served on the event loop as soon as it is kicked; the target and the
+    /// pages the driver holds are saved with the machine.
+    fn resumable(&self) -> bool {
+        true
     }
 
     fn reset(&mut self) {

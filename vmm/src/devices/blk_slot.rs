@@ -393,7 +393,10 @@ impl VirtioDevice for BlkSlot {
                 });
             }
             None => {
-                let queue = empty_ring(&self.memory, &params, 0, QUEUE_MAX_SIZE, None).ok_or(
+                // A slot restored from a snapshot goes on where it stopped, which is the used
+                // index: it answered every request it took before the machine was saved.
+                let resume = params.resume.then_some(None);
+                let queue = empty_ring(&self.memory, &params, 0, QUEUE_MAX_SIZE, resume).ok_or(
                     ActivateError::InvalidQueue {
                         index: 0,
                         reason: "the ring does not lie in guest RAM",
@@ -410,6 +413,12 @@ impl VirtioDevice for BlkSlot {
             }
         }
         Ok(())
+    }
+
+    /// An empty slot answers every request on the event loop as soon as it is kicked; a
+    /// plugged disk's backend holds its own ring position.
+    fn resumable(&self) -> bool {
+        self.disk.is_none()
     }
 
     fn reset(&mut self) {
@@ -447,6 +456,12 @@ mod tests {
     /// An empty slot whose driver started a 8-entry ring in fresh memory.
     fn started() -> Setup {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        started_in(memory, false)
+    }
+
+    /// An empty slot started on a 8-entry ring in `memory`, resumed from a snapshot when
+    /// `resume` is set.
+    fn started_in(memory: GuestMemoryMmap, resume: bool) -> Setup {
         let kicks = Arc::new(SlotKicks::new().unwrap());
         let mut slot = BlkSlot::new(0, memory.clone(), Arc::clone(&kicks));
         let notify = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -462,6 +477,7 @@ mod tests {
             }],
             notify: vec![notify.try_clone().unwrap()],
             interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+            resume,
         };
         slot.activate(params).unwrap();
         Setup {
@@ -528,6 +544,36 @@ mod tests {
         assert_eq!(s.irqfd.read().unwrap(), 1);
         // The kick was consumed.
         assert!(s.notify.read().is_err());
+    }
+
+    /// A slot restored from a snapshot goes on from the used index in guest memory: the
+    /// requests it answered before the machine was saved are not answered again, the one the
+    /// driver queued after them is.
+    #[test]
+    fn a_resumed_slot_answers_from_the_used_index_on() {
+        const ANSWERED: u32 = 0x77;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        memory.write_obj(5u16, GuestAddress(USED + 2)).unwrap();
+        for entry in 0..8 {
+            memory
+                .write_obj(ANSWERED, GuestAddress(USED + 4 + 8 * entry))
+                .unwrap();
+        }
+        let mut s = started_in(memory, true);
+        descriptor(&s.memory, 0, HEADER, 16, F_NEXT, 1);
+        descriptor(&s.memory, 1, STATUS, 1, F_WRITE, 0);
+        offer(&s, 5, 0);
+        s.slot.serve_empty_ring();
+        assert_eq!(used(&s), (6, 0, 1));
+        let status: u8 = s.memory.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(status, S_IOERR);
+        for entry in 0..5 {
+            let id: u32 = s
+                .memory
+                .read_obj(GuestAddress(USED + 4 + 8 * entry))
+                .unwrap();
+            assert_eq!(id, ANSWERED, "used entry {entry} was written again");
+        }
     }
 
     #[test]

@@ -656,7 +656,9 @@ impl DeviceManager {
 
     /// Puts saved transport states back, slot by slot, on a machine no driver has run on.
     /// Refuses another slot count, and stops at the first slot whose saved state its device
-    /// refuses (the machine must then not run).
+    /// refuses (the machine must then not run). A device its driver had started waits, like
+    /// one a driver just started, for [`DeviceManager::run_pending_activations`] on the event
+    /// loop, which resumes its rings.
     pub fn restore_transports(&self, saved: &[TransportSnapshot]) -> Result<(), String> {
         if saved.len() != self.slots.len() {
             return Err(format!(

@@ -407,8 +407,11 @@ impl VirtioDevice for NetSlot {
                 });
             }
             None => {
+                // A slot restored from a snapshot goes on from the used indices: it had dropped
+                // every frame it took, and left RX alone, before the machine was saved.
+                let resume = params.resume.then_some(None);
                 let ring = |index: usize, reason| {
-                    empty_ring(&self.memory, &params, index, QUEUE_MAX_SIZE, None).ok_or(
+                    empty_ring(&self.memory, &params, index, QUEUE_MAX_SIZE, resume).ok_or(
                         ActivateError::InvalidQueue {
                             index: index as u16,
                             reason,
@@ -428,6 +431,12 @@ impl VirtioDevice for NetSlot {
             }
         }
         Ok(())
+    }
+
+    /// An empty slot drops TX frames on the event loop as soon as it is kicked and leaves RX
+    /// alone; a plugged NIC's backend holds its own ring positions.
+    fn resumable(&self) -> bool {
+        self.nic.is_none()
     }
 
     fn reset(&mut self) {
@@ -473,6 +482,12 @@ mod tests {
     /// An empty slot whose driver started both rings in fresh memory.
     fn started() -> Setup {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        started_in(memory, false)
+    }
+
+    /// An empty slot started on both rings in `memory`, resumed from a snapshot when
+    /// `resume` is set.
+    fn started_in(memory: GuestMemoryMmap, resume: bool) -> Setup {
         let kicks = Arc::new(SlotKicks::new().unwrap());
         let mut slot = NetSlot::new(1, memory.clone(), Arc::clone(&kicks), 7);
         let notify = [
@@ -488,6 +503,7 @@ mod tests {
                 notify[1].try_clone().unwrap(),
             ],
             interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+            resume,
         };
         slot.activate(params).unwrap();
         Setup {
@@ -558,6 +574,36 @@ mod tests {
         // The TX kick was consumed, the RX kick left for a backend.
         assert!(s.notify[TX].read().is_err());
         assert_eq!(s.notify[RX].read().unwrap(), 1);
+    }
+
+    /// A slot restored from a snapshot goes on from the used indices in guest memory: the
+    /// frames it dropped before the machine was saved are not taken again, the one the
+    /// driver queued after them is, and RX is left as it was.
+    #[test]
+    fn a_resumed_slot_drops_tx_frames_from_the_used_index_on() {
+        const ANSWERED: u32 = 0x77;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        for (ring, used) in [(RX_RING, 2u16), (TX_RING, 3)] {
+            memory.write_obj(used, GuestAddress(ring + 0x1002)).unwrap();
+            for entry in 0..8 {
+                memory
+                    .write_obj(ANSWERED, GuestAddress(ring + 0x1004 + 8 * entry))
+                    .unwrap();
+            }
+        }
+        let mut s = started_in(memory, true);
+        offer(&s, TX_RING, 3);
+        s.notify[TX].write(1).unwrap();
+        s.slot.drop_tx();
+        assert_eq!(used_idx(&s, TX_RING), 4);
+        assert_eq!(used_idx(&s, RX_RING), 2);
+        for entry in 0..3 {
+            let id: u32 = s
+                .memory
+                .read_obj(GuestAddress(TX_RING + 0x1004 + 8 * entry))
+                .unwrap();
+            assert_eq!(id, ANSWERED, "TX used entry {entry} was written again");
+        }
     }
 
     #[test]

@@ -128,7 +128,8 @@ impl KickWatch {
 /// ring the driver just set up; otherwise the ring resumes from a backend's stopping point
 /// (the used index, read back from guest memory since the backend wrote it last, when the
 /// backend could not say or named a point outside the outstanding requests: see
-/// `resume_index`).
+/// `resume_index`). A device restored from a snapshot resumes from the used index too: it
+/// had completed every chain it took before the machine was saved.
 pub fn empty_ring(
     memory: &GuestMemoryMmap,
     params: &ActivateParams,
@@ -278,6 +279,7 @@ mod tests {
             queues,
             notify: Vec::new(),
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            resume: false,
         };
         memory
             .write_obj(0x1234u16.to_le(), GuestAddress(0x3002))
@@ -323,6 +325,7 @@ mod tests {
                 }],
                 notify: Vec::new(),
                 interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+                resume: false,
             };
             // Thirteen new chains announced on a ring of eight.
             memory

@@ -137,6 +137,9 @@ struct State<D> {
     activation: Option<EventFd>,
     /// DRIVER_OK was set and the device has not been started yet.
     pending: bool,
+    /// The pending start is that of a device restored from a snapshot, which its driver
+    /// had started (or asked to start) before the machine was saved.
+    resume: bool,
 }
 
 /// The ring area a queue address register sets.
@@ -350,30 +353,51 @@ impl<D: VirtioDevice> State<D> {
             }
             S_DRIVER_OK => {
                 self.status = value;
-                match &self.activation {
-                    Some(signal) => {
-                        self.pending = true;
-                        if let Err(e) = signal.write(1) {
-                            log::warn!("virtio-mmio: cannot hand the device start over: {e}");
-                        }
-                    }
-                    None => self.start(interrupt, notify),
-                }
+                self.request_start(interrupt, notify);
             }
             _ => self.status = value,
         }
     }
 
-    /// Starts the device; on failure tells the driver to reset it.
+    /// Starts the device now, or, with deferred activation, records the request and hands
+    /// it to whoever waits on the signal.
+    fn request_start(&mut self, interrupt: &Arc<Interrupt>, notify: &[EventFd]) {
+        match &self.activation {
+            Some(signal) => {
+                self.pending = true;
+                if let Err(e) = signal.write(1) {
+                    log::warn!("virtio-mmio: cannot hand the device start over: {e}");
+                }
+            }
+            None => self.start(interrupt, notify),
+        }
+    }
+
+    /// Starts the device; on failure tells the driver to reset it. A resumed device then
+    /// gets one kick per ready queue: the kicks the driver gave just before the machine was
+    /// saved went to eventfds of the saved process, and the chains they announced wait.
     fn start(&mut self, interrupt: &Arc<Interrupt>, notify: &[EventFd]) {
-        if let Err(e) = self.activate(interrupt, notify) {
-            log::warn!(
-                "virtio-mmio: device type {} not started: {e}",
-                self.device.device_type()
-            );
-            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-            if let Err(e) = interrupt.signal_config_change() {
-                log::warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+        let resume = std::mem::take(&mut self.resume);
+        match self.activate(interrupt, notify, resume) {
+            Ok(()) if resume => {
+                for (queue, evt) in self.queues.iter().zip(notify) {
+                    if queue.config.ready {
+                        if let Err(e) = evt.write(1) {
+                            log::warn!("virtio-mmio: cannot kick a resumed queue: {e}");
+                        }
+                    }
+                }
+            }
+            Ok(()) => {}
+            Err(e) => {
+                log::warn!(
+                    "virtio-mmio: device type {} not started: {e}",
+                    self.device.device_type()
+                );
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                if let Err(e) = interrupt.signal_config_change() {
+                    log::warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+                }
             }
         }
     }
@@ -382,18 +406,10 @@ impl<D: VirtioDevice> State<D> {
         &mut self,
         interrupt: &Arc<Interrupt>,
         notify: &[EventFd],
+        resume: bool,
     ) -> Result<(), ActivateError> {
-        let packed = self.packed_ring();
-        for (index, queue) in self.queues.iter().enumerate() {
-            if queue.config.ready {
-                check_queue(&queue.config, packed).map_err(|reason| {
-                    ActivateError::InvalidQueue {
-                        index: index as u16,
-                        reason,
-                    }
-                })?;
-            }
-        }
+        let configs: Vec<QueueConfig> = self.queues.iter().map(|q| q.config).collect();
+        check_ready_queues(&configs, self.packed_ring())?;
         let notify = notify
             .iter()
             .map(EventFd::try_clone)
@@ -401,9 +417,10 @@ impl<D: VirtioDevice> State<D> {
             .map_err(ActivateError::NotifyEventFd)?;
         let params = ActivateParams {
             features: self.driver_features,
-            queues: self.queues.iter().map(|q| q.config).collect(),
+            queues: configs,
             notify,
             interrupt: Arc::clone(interrupt) as Arc<dyn VirtioInterrupt>,
+            resume,
         };
         self.device.activate(params)
     }
@@ -412,6 +429,7 @@ impl<D: VirtioDevice> State<D> {
         self.device.reset();
         self.status = 0;
         self.pending = false;
+        self.resume = false;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
@@ -454,6 +472,33 @@ fn check_queue(q: &QueueConfig, packed: bool) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Checks every ready queue of a device about to start with [`check_queue`].
+fn check_ready_queues(queues: &[QueueConfig], packed: bool) -> Result<(), ActivateError> {
+    for (index, queue) in queues.iter().enumerate() {
+        if queue.ready {
+            check_queue(queue, packed).map_err(|reason| ActivateError::InvalidQueue {
+                index: index as u16,
+                reason,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a saved Status register is one the initialisation sequence reaches: a step of
+/// it, possibly with FAILED (the driver gives up at any step) and, once the device was
+/// started, DEVICE_NEEDS_RESET (only a started device reports it).
+fn check_saved_status(status: u32) -> Result<(), String> {
+    let step = status & !(VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET);
+    let reachable = matches!(step, 0 | S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)
+        && (status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 || step == S_DRIVER_OK);
+    if reachable {
+        Ok(())
+    } else {
+        Err(format!("status {status:#x} is not one a driver can reach"))
+    }
+}
+
 /// A virtio-mmio transport slot holding one device.
 pub struct VirtioMmioTransport<D: VirtioDevice> {
     state: Mutex<State<D>>,
@@ -493,6 +538,7 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
                 queues,
                 activation: None,
                 pending: false,
+                resume: false,
             }),
             interrupt,
             notify,
@@ -612,11 +658,19 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
     }
 
     /// Takes saved driver-visible state, on a transport no driver has used yet. The state
-    /// comes from a file: it must name this device type and queue count, every queue size
-    /// must be one a driver could have set, features accepted (FEATURES_OK) must be ones
-    /// offered, and a
-    /// device the driver had started (DRIVER_OK) is refused: restarting it needs the
-    /// device's own ring position, which is not saved yet.
+    /// comes from a file and is checked whole before any of it is taken: it must name this
+    /// device type and queue count, every queue size must be one a driver could have set, the
+    /// status one the initialisation sequence reaches, and features accepted (FEATURES_OK)
+    /// ones offered, VERSION_1 among them.
+    ///
+    /// A device the driver had started (DRIVER_OK) starts again in resume mode, its rings
+    /// going on from the used indices in the restored guest memory; only a
+    /// [`VirtioDevice::resumable`] one is taken, and only with ready queues that pass the
+    /// checks a start applies. The start is deferred as a driver's DRIVER_OK is (see
+    /// [`VirtioMmioTransport::with_deferred_activation`]), so that it runs on the event loop.
+    /// A driver's DRIVER_OK the event loop had not acted on yet when the machine was saved
+    /// comes back the same way. A started device that failed, or that the driver gave up on,
+    /// stays stopped until the driver resets it.
     pub fn restore(&self, saved: &TransportSnapshot) -> Result<(), String> {
         let mut state = self.lock();
         let device_type = state.device.device_type();
@@ -638,35 +692,53 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
                 return Err(format!("queue {index} has an invalid size {}", queue.size));
             }
         }
+        check_saved_status(saved.status)?;
         // Before FEATURES_OK the register holds whatever the driver wrote; from then on it is
         // what the device relies on, necessarily a subset of what it offers.
-        if saved.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && saved.driver_features & !state.offered_features() != 0
-        {
-            return Err("the driver accepted features the device does not offer".to_string());
+        if saved.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            if saved.driver_features & !state.offered_features() != 0 {
+                return Err("the driver accepted features the device does not offer".to_string());
+            }
+            if saved.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                return Err("the driver accepted features without VERSION_1".to_string());
+            }
         }
-        if saved.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+        if saved.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !state.device.resumable() {
             return Err(format!(
-                "device type {device_type} was started by its driver; restoring a started \
-                 device is not supported yet"
+                "device type {device_type} was started by its driver and cannot be resumed: \
+                 its rings are not served by the VMM"
             ));
         }
+        let configs: Vec<QueueConfig> = saved
+            .queues
+            .iter()
+            .map(|q| QueueConfig {
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                ready: q.ready,
+            })
+            .collect();
+        let resume = saved.status == S_DRIVER_OK;
+        if resume {
+            let packed = saved.driver_features & (1 << VIRTIO_F_RING_PACKED) != 0;
+            check_ready_queues(&configs, packed).map_err(|e| e.to_string())?;
+        }
+        for (queue, config) in state.queues.iter_mut().zip(configs) {
+            queue.config = config;
+        }
         state.status = saved.status;
+        state.driver_features = saved.driver_features;
         state.device_features_sel = saved.device_features_sel;
         state.driver_features_sel = saved.driver_features_sel;
-        state.driver_features = saved.driver_features;
         state.queue_sel = saved.queue_sel;
-        for (queue, current) in saved.queues.iter().zip(&mut state.queues) {
-            current.config = QueueConfig {
-                size: queue.size,
-                desc: queue.desc,
-                avail: queue.avail,
-                used: queue.used,
-                ready: queue.ready,
-            };
-        }
         self.interrupt
             .restore(saved.interrupt_status, saved.config_generation);
+        if resume {
+            state.resume = true;
+            state.request_start(&self.interrupt, &self.notify);
+        }
         Ok(())
     }
 

@@ -1,5 +1,9 @@
 //! What a snapshot keeps of a virtio-mmio transport: the registers the driver wrote, the
 //! pending interrupt bits and the configuration generation.
+//!
+//! Nothing of a started device's own ring positions: only devices the VMM serves itself are
+//! snapshotted started, and they complete every chain they take before the machine pauses, so
+//! each ring's position is its used index, in the saved guest memory.
 
 use serde::{Deserialize, Serialize};
 

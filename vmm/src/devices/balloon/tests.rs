@@ -34,7 +34,19 @@ fn options(free_page_reporting: bool) -> BalloonOptions {
 /// A balloon whose driver started every queue (8 entries each, rings 0x10000 apart), with
 /// `features` negotiated.
 fn started(features: u64, opts: &BalloonOptions) -> Setup {
+    started_with(features, opts, |_| {}, false)
+}
+
+/// A balloon started as by [`started`] on RAM that `prepare` wrote first, resumed from a
+/// snapshot when `resume` is set.
+fn started_with(
+    features: u64,
+    opts: &BalloonOptions,
+    prepare: impl FnOnce(&GuestMemoryMmap),
+    resume: bool,
+) -> Setup {
     let ram = create_guest_ram(RAM).unwrap();
+    prepare(&ram.memory);
     let (mut balloon, kicks) = BalloonHandle::device(ram.memory.clone(), opts).unwrap();
     let notify: Vec<EventFd> = (0..QUEUES)
         .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -55,6 +67,7 @@ fn started(features: u64, opts: &BalloonOptions) -> Setup {
             queues,
             notify: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
             interrupt: Arc::new(Interrupt::new(irqfd.try_clone().unwrap())),
+            resume,
         })
         .unwrap();
     // The used rings are backed from the start, so that completing a buffer allocates
@@ -149,6 +162,40 @@ fn inflated_pages_return_to_the_host_and_frames_outside_ram_are_ignored() {
         .read_slice(&mut page, GuestAddress(10 << 20))
         .unwrap();
     assert_eq!(page, [0; 4096]);
+}
+
+/// A balloon restored from a snapshot goes on from the used indices in guest memory: the
+/// buffers it completed before the machine was saved are not taken again, the one the driver
+/// queued after them is.
+#[test]
+fn a_resumed_balloon_serves_from_the_used_index_on() {
+    const COMPLETED: u32 = 0x77;
+    let used = USED + 0x10000;
+    let mut s = started_with(
+        0,
+        &options(false),
+        |m| {
+            m.write_obj(4u16, GuestAddress(used + 2)).unwrap();
+            for entry in 0..8 {
+                m.write_obj(COMPLETED, GuestAddress(used + 4 + 8 * entry))
+                    .unwrap();
+            }
+        },
+        true,
+    );
+    s.pfns(&[2048]);
+    s.descriptor(1, 0, ARRAY, 4, 0, 0);
+    s.offer(1, 4, 0);
+    s.balloon.serve_queue(DEFLATE);
+    assert_eq!(s.used_idx(1), 5);
+    for entry in 0..4 {
+        let id: u32 = s
+            .ram
+            .memory
+            .read_obj(GuestAddress(used + 4 + 8 * entry))
+            .unwrap();
+        assert_eq!(id, COMPLETED, "used entry {entry} was written again");
+    }
 }
 
 #[test]

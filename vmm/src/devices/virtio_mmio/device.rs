@@ -40,6 +40,16 @@ pub trait VirtioDevice: Send {
     /// DEVICE_NEEDS_RESET to the driver.
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError>;
 
+    /// Whether the device can start again on a machine restored from a snapshot, its rings
+    /// resuming at the used indices in guest memory ([`ActivateParams::resume`]). Only a
+    /// device that completes every chain it takes before the machine pauses can: its ring
+    /// positions are then in guest memory, saved with it. A device whose rings a backend
+    /// process serves cannot (the backend's position is not saved), and a snapshot in which
+    /// its driver had started it is refused.
+    fn resumable(&self) -> bool {
+        false
+    }
+
     /// Returns the device to its initial state: stops the queues (a vhost-user frontend stops
     /// its backend's rings) and forgets configuration the driver wrote. Called on every reset
     /// the driver asks for, whether or not the device was active.
@@ -65,6 +75,9 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
     }
     fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
         (**self).activate(params)
+    }
+    fn resumable(&self) -> bool {
+        (**self).resumable()
     }
     fn reset(&mut self) {
         (**self).reset()
@@ -99,6 +112,10 @@ pub struct ActivateParams {
     pub notify: Vec<EventFd>,
     /// The transport's interrupts.
     pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// The driver started the device before the machine was saved to the snapshot it was
+    /// restored from: each ring goes on from the used index in guest memory rather than
+    /// from the start. Only ever set for a [`VirtioDevice::resumable`] device.
+    pub resume: bool,
 }
 
 /// Why the device could not start.

@@ -37,6 +37,8 @@ struct TestDevice {
     features: u64,
     config: Vec<u8>,
     fail_activation: bool,
+    /// What [`VirtioDevice::resumable`] answers.
+    resumable: bool,
     /// When set, activation announces itself on the first channel and then waits on the
     /// second, the way a frontend waits for its backend.
     gate: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
@@ -73,6 +75,9 @@ impl VirtioDevice for TestDevice {
         self.record.lock().unwrap().activations.push(params);
         Ok(())
     }
+    fn resumable(&self) -> bool {
+        self.resumable
+    }
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
     }
@@ -91,6 +96,7 @@ fn device_with(max_sizes: &[u16], features: u64) -> (TestDevice, Arc<Mutex<Recor
         features,
         config: CONFIG.to_vec(),
         fail_activation: false,
+        resumable: false,
         gate: None,
     };
     (device, record)
@@ -1093,7 +1099,11 @@ fn a_hostile_transport_state_is_refused_and_changes_nothing() {
             Box::new(|s| s.driver_features |= 1 << 63),
             "features the device does not offer",
         ),
-        (Box::new(|s| s.status = S_DRIVER_OK), "not supported yet"),
+        (
+            Box::new(|s| s.status = S_DRIVER_OK),
+            "device type 42 was started by its driver and cannot be resumed: its rings are \
+             not served by the VMM",
+        ),
     ];
     for (spoil, expected) in cases {
         let mut bad = good.clone();
@@ -1103,5 +1113,200 @@ fn a_hostile_transport_state_is_refused_and_changes_nothing() {
         assert!(err.contains(expected), "{err}");
         assert_eq!(to.status(), 0);
         assert_eq!(to.activations(), 0);
+    }
+}
+
+/// A transport whose device resumes, with deferred activation as every slot has, and the
+/// signal its starts are handed over on.
+fn resumable_fixture() -> (Fixture, EventFd) {
+    let (mut device, record) = device_with(&[256, 64], DEVICE_FEATURES);
+    device.resumable = true;
+    let signal = EventFd::new(EFD_NONBLOCK).unwrap();
+    let f = Fixture {
+        transport: VirtioMmioTransport::new(device, new_interrupt())
+            .unwrap()
+            .with_deferred_activation(signal.try_clone().unwrap()),
+        record,
+    };
+    (f, signal)
+}
+
+/// Which queues' notify eventfds were signalled, draining them.
+fn kicked(f: &Fixture) -> Vec<bool> {
+    f.transport
+        .notify_ioevents(0)
+        .map(|(_, _, evt)| is_signalled(evt))
+        .collect()
+}
+
+/// A device its driver started comes back started: the start waits for the event loop, as
+/// a driver's DRIVER_OK does, then runs in resume mode with the saved queues and kicks each
+/// ready queue once. A DRIVER_OK the event loop had not acted on when the state was saved
+/// comes back the same way.
+#[test]
+fn a_started_device_resumes_on_the_event_loop_with_one_kick_per_ready_queue() {
+    let (from, from_signal) = resumable_fixture();
+    assert_eq!(from.negotiate((1 << 5) | VERSION_1), S_FEATURES_OK);
+    from.setup_queue(1, 32, 0x1000, 0x2000, 0x3000);
+    from.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    let pending = from.transport.save();
+    from.transport.run_pending_activation();
+    assert_eq!(from.activations(), 1);
+    assert!(!from.record.lock().unwrap().activations[0].resume);
+    let started = from.transport.save();
+    assert_eq!(started, pending);
+    assert_eq!(from_signal.read().unwrap(), 1);
+
+    for saved in [started, pending] {
+        let (to, signal) = resumable_fixture();
+        to.transport.restore(&saved).unwrap();
+        assert_eq!(
+            to.activations(),
+            0,
+            "a restore must not start the device itself"
+        );
+        assert_eq!(to.status(), S_DRIVER_OK);
+        assert_eq!(signal.read().unwrap(), 1);
+        assert_eq!(kicked(&to), [false, false]);
+        to.transport.run_pending_activation();
+        assert_eq!(to.activations(), 1);
+        {
+            let record = to.record.lock().unwrap();
+            let params = &record.activations[0];
+            assert!(params.resume);
+            assert_eq!(params.features, (1 << 5) | VERSION_1);
+            assert_eq!(
+                params.queues[1],
+                QueueConfig {
+                    size: 32,
+                    desc: 0x1000,
+                    avail: 0x2000,
+                    used: 0x3000,
+                    ready: true
+                }
+            );
+            assert!(!params.queues[0].ready);
+        }
+        assert_eq!(kicked(&to), [false, true]);
+        assert_eq!(to.status(), S_DRIVER_OK);
+        assert_eq!(to.transport.save(), saved);
+        // Started once: the event loop running again starts nothing.
+        to.transport.run_pending_activation();
+        assert_eq!(to.activations(), 1);
+
+        // After the driver resets it, the device starts afresh, not in resume mode.
+        to.w32(VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(to.negotiate(VERSION_1), S_FEATURES_OK);
+        to.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+        to.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+        to.transport.run_pending_activation();
+        assert_eq!(to.activations(), 2);
+        assert!(!to.record.lock().unwrap().activations[1].resume);
+        assert_eq!(kicked(&to), [false, false]);
+    }
+}
+
+/// A reset between the restore and the event loop cancels the resumed start, and a device
+/// that had failed to start, or that its driver gave up on, comes back stopped.
+#[test]
+fn a_restored_device_that_was_reset_failed_or_given_up_on_does_not_start() {
+    let (from, _signal) = resumable_fixture();
+    assert_eq!(from.negotiate(VERSION_1), S_FEATURES_OK);
+    from.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    from.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    let started = from.transport.save();
+
+    let (to, _signal) = resumable_fixture();
+    to.transport.restore(&started).unwrap();
+    to.w32(VIRTIO_MMIO_STATUS, 0);
+    to.transport.run_pending_activation();
+    assert_eq!(to.activations(), 0);
+    assert_eq!(kicked(&to), [false, false]);
+
+    for status in [
+        S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET,
+        S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED,
+    ] {
+        let mut saved = started.clone();
+        saved.status = status;
+        let (to, signal) = resumable_fixture();
+        to.transport.restore(&saved).unwrap();
+        assert_eq!(to.status(), status);
+        assert!(signal.read().is_err());
+        to.transport.run_pending_activation();
+        assert_eq!(to.activations(), 0);
+        assert_eq!(kicked(&to), [false, false]);
+    }
+}
+
+/// A transport without deferred activation resumes its device on the spot.
+#[test]
+fn a_restored_device_without_deferred_activation_resumes_at_once() {
+    let (from, _signal) = resumable_fixture();
+    assert_eq!(from.negotiate(VERSION_1), S_FEATURES_OK);
+    from.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    from.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    let saved = from.transport.save();
+    let (mut device, record) = device_with(&[256, 64], DEVICE_FEATURES);
+    device.resumable = true;
+    let to = Fixture {
+        transport: VirtioMmioTransport::new(device, new_interrupt()).unwrap(),
+        record,
+    };
+    to.transport.restore(&saved).unwrap();
+    assert_eq!(to.activations(), 1);
+    assert!(to.record.lock().unwrap().activations[0].resume);
+    assert_eq!(kicked(&to), [true, false]);
+}
+
+#[test]
+fn a_hostile_started_transport_state_is_refused_and_changes_nothing() {
+    let (from, _signal) = resumable_fixture();
+    assert_eq!(from.negotiate((1 << 5) | VERSION_1), S_FEATURES_OK);
+    from.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+    from.w32(VIRTIO_MMIO_STATUS, S_DRIVER_OK);
+    let good = from.transport.save();
+    let cases: Vec<(Spoil, &str)> = vec![
+        (
+            Box::new(|s| s.status = S_ACK | VIRTIO_CONFIG_S_DRIVER_OK),
+            "status 0x5 is not one a driver can reach",
+        ),
+        (
+            Box::new(|s| s.status = S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK),
+            "status 0x7 is not one a driver can reach",
+        ),
+        (
+            Box::new(|s| s.status = S_FEATURES_OK | VIRTIO_CONFIG_S_NEEDS_RESET),
+            "status 0x4b is not one a driver can reach",
+        ),
+        (
+            Box::new(|s| s.status = S_DRIVER_OK | 0x10),
+            "status 0x1f is not one a driver can reach",
+        ),
+        (
+            Box::new(|s| s.driver_features = 1 << 5),
+            "the driver accepted features without VERSION_1",
+        ),
+        (
+            Box::new(|s| s.queues[0].desc = 0x1008),
+            "queue 0 is unusable: a ring area is misaligned",
+        ),
+        (
+            Box::new(|s| s.queues[0].used = u64::MAX - 3),
+            "queue 0 is unusable: a ring area wraps around the address space",
+        ),
+    ];
+    for (spoil, expected) in cases {
+        let mut bad = good.clone();
+        spoil(&mut bad);
+        let (to, signal) = resumable_fixture();
+        let err = to.transport.restore(&bad).unwrap_err();
+        assert_eq!(err, expected);
+        assert_eq!(to.status(), 0);
+        assert_eq!(to.r32(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert!(signal.read().is_err());
+        to.transport.run_pending_activation();
+        assert_eq!(to.activations(), 0);
+        assert_eq!(kicked(&to), [false, false]);
     }
 }

@@ -977,10 +977,13 @@ mod tests {
     }
 
     impl Captured {
-        /// The line of output that starts with `prefix`, if the guest printed it.
+        /// The whole line of output that starts with `prefix`, if the guest printed it to its
+        /// end (a line still being printed may lack its value).
         fn line(&self, prefix: &str) -> Option<String> {
             let out = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            String::from_utf8_lossy(&out)
+            let text = String::from_utf8_lossy(&out);
+            let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+            complete
                 .lines()
                 .find(|l| l.starts_with(prefix))
                 .map(str::to_string)

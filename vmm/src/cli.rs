@@ -70,9 +70,19 @@ pub struct Config {
     pub balloon: Option<BalloonOptions>,
     /// `-chardev` sockets no device of the command line uses, in command-line order.
     pub chardevs: Vec<ChardevConfig>,
-    /// `-incoming file:DIR`: the snapshot directory the VM is restored from instead of
+    /// `-incoming file:DIR[,prefault=on|off]`: the snapshot the VM is restored from instead of
     /// booting.
-    pub incoming: Option<PathBuf>,
+    pub incoming: Option<IncomingConfig>,
+}
+
+/// `-incoming file:DIR[,prefault=on|off]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingConfig {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Read all of guest RAM before the VM starts (`prefault=on`), instead of each page when
+    /// the guest first touches it.
+    pub prefault: bool,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -260,7 +270,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                 [-device vhost-user-blk-device,chardev=ID[,id=NAME]]]...
                [-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off]
                        [,free-page-reporting=on|off]]
-               [-incoming file:DIR]
+               [-incoming file:DIR[,prefault=on|off]]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
@@ -281,7 +291,8 @@ mac= is refused. One virtio-balloon-device lets QMP's balloon take memory back f
 guest; the pages it gives up are returned to the host. It takes the slot after the
 vhost-user-blk devices (then at most 7 of them). -incoming restores the snapshot QMP's
 migrate wrote into DIR, given the same -smp, -m and devices; the VM runs at once (-S keeps
-it paused). -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
+it paused). Its RAM is read from DIR/memory as the guest touches it, or all before it starts
+with prefault=on. -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
 of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -683,11 +694,11 @@ where
     let balloon = resolve_balloon(balloon, &disks, &blk_devices, &nic_devices)?;
     // A snapshot never holds a vhost-user device (see `Machine::check_snapshot`), so none may
     // come back with one.
-    if let Some(dir) = &incoming {
+    if let Some(incoming) = &incoming {
         if !disks.is_empty() || !drives.is_empty() || !netdevs.is_empty() {
             return Err(invalid(
                 "-incoming",
-                &format!("file:{}", dir.display()),
+                &format!("file:{}", incoming.dir.display()),
                 "snapshots of VMs with vhost-user disks or NICs are not supported yet; \
                  restore without -drive, -netdev and vhost-user-blk devices",
             ));
@@ -723,16 +734,46 @@ where
     })
 }
 
-/// `-incoming file:DIR`, the only kind of incoming migration Citadel restores.
-fn parse_incoming(value: &str) -> Result<PathBuf, CliError> {
-    match value.strip_prefix("file:") {
-        Some(dir) if !dir.is_empty() => Ok(PathBuf::from(dir)),
-        _ => Err(invalid(
+/// `-incoming file:DIR[,prefault=on|off]`, the only kind of incoming migration Citadel
+/// restores. A comma always starts an option: DIR cannot hold one.
+fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
+    let refuse = || {
+        invalid(
             "-incoming",
             value,
-            "Citadel restores snapshots from 'file:<directory>' only",
-        )),
+            "Citadel restores snapshots from 'file:<directory>[,prefault=on|off]' only",
+        )
+    };
+    let rest = value.strip_prefix("file:").ok_or_else(refuse)?;
+    let (dir, options) = rest.split_once(',').unwrap_or((rest, ""));
+    if dir.is_empty() {
+        return Err(refuse());
     }
+    let (head, opts) = split_options(options);
+    if !head.is_empty() {
+        return Err(invalid(
+            "-incoming",
+            value,
+            format!("unknown property '{head}'"),
+        ));
+    }
+    let mut prefault = false;
+    for (key, val) in opts {
+        match (key, val) {
+            ("prefault", Some(v)) => prefault = on_off("-incoming", value, key, v)?,
+            _ => {
+                return Err(invalid(
+                    "-incoming",
+                    value,
+                    format!("unknown property '{key}'"),
+                ))
+            }
+        }
+    }
+    Ok(IncomingConfig {
+        dir: PathBuf::from(dir),
+        prefault,
+    })
 }
 
 /// Each inherited descriptor is taken once: by one `-netdev fds=` or by `-add-fd`.
@@ -1834,18 +1875,42 @@ mod tests {
     #[test]
     fn incoming_takes_a_snapshot_directory_and_no_vhost_user_device() {
         let c = with(&["-incoming", "file:/var/lib/snap", "-smp", "2"]).unwrap();
-        assert_eq!(c.incoming, Some(PathBuf::from("/var/lib/snap")));
+        let snap = |prefault| {
+            Some(IncomingConfig {
+                dir: PathBuf::from("/var/lib/snap"),
+                prefault,
+            })
+        };
+        assert_eq!(c.incoming, snap(false));
+        let c = with(&["-incoming", "file:/var/lib/snap,prefault=on"]).unwrap();
+        assert_eq!(c.incoming, snap(true));
+        let c = with(&["-incoming", "file:/var/lib/snap,prefault=off"]).unwrap();
+        assert_eq!(c.incoming, snap(false));
         assert_eq!(with(&[]).unwrap().incoming, None);
         let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
-        for bad in ["tcp:0:4444", "file:", "defer", "/var/lib/snap"] {
+        for bad in [
+            "tcp:0:4444",
+            "file:",
+            "file:,prefault=on",
+            "defer",
+            "/var/lib/snap",
+        ] {
             assert_eq!(
                 err(&["-incoming", bad]),
                 format!(
                     "invalid value '{bad}' for '-incoming': Citadel restores snapshots from \
-                     'file:<directory>' only"
+                     'file:<directory>[,prefault=on|off]' only"
                 )
             );
         }
+        assert_eq!(
+            err(&["-incoming", "file:/s,prefault=maybe"]),
+            "invalid value 'file:/s,prefault=maybe' for '-incoming': 'prefault' must be on or off"
+        );
+        assert_eq!(
+            err(&["-incoming", "file:/s,eager"]),
+            "invalid value 'file:/s,eager' for '-incoming': unknown property 'eager'"
+        );
         assert_eq!(
             err(&[
                 "-incoming",

@@ -176,7 +176,17 @@ pub struct MachineSpec<'a> {
     pub balloon: Option<&'a BalloonOptions>,
     /// A checked snapshot the machine is restored from instead of booting; its RAM size and
     /// vCPU count are the ones above.
-    pub incoming: Option<&'a CheckedSnapshot>,
+    pub incoming: Option<Incoming<'a>>,
+}
+
+/// A snapshot to restore, and how its memory is loaded.
+#[derive(Clone, Copy)]
+pub struct Incoming<'a> {
+    /// The checked snapshot.
+    pub snapshot: &'a CheckedSnapshot,
+    /// Read all of guest RAM from the memory file before the machine starts, rather than
+    /// each page when the guest first touches it.
+    pub prefault: bool,
 }
 
 /// How the machine talks back to the event loop.
@@ -276,7 +286,11 @@ impl Machine {
         // memslot change waits for an SRCU grace period (several ms on a nested host), while
         // on an empty VM it is nearly free.
         let ram = match spec.incoming {
-            Some(snap) => snapshot::memory::map_snapshot_memory(&snap.memory, spec.mem_bytes)?,
+            Some(incoming) => snapshot::memory::map_snapshot_memory(
+                &incoming.snapshot.memory,
+                spec.mem_bytes,
+                incoming.prefault,
+            )?,
             None => memory::create_guest_ram(spec.mem_bytes)?,
         };
         memory::register(&vm, &ram)?;
@@ -326,7 +340,7 @@ impl Machine {
             .as_slice()
             .into();
         let restored = match spec.incoming {
-            Some(snap) => Some(Self::restore_kvm_state(
+            Some(Incoming { snapshot: snap, .. }) => Some(Self::restore_kvm_state(
                 &vm,
                 &fds,
                 &virtio,
@@ -693,7 +707,10 @@ mod tests {
         let saved = machine.save_state().unwrap();
         machine.shutdown();
         let incoming = MachineSpec {
-            incoming: Some(&checked),
+            incoming: Some(Incoming {
+                snapshot: &checked,
+                prefault: false,
+            }),
             ..spec
         };
         let mut restored = Machine::create(&incoming, wiring()).unwrap();
@@ -851,7 +868,10 @@ mod tests {
 
         let checked = files::read(&dir, 32 << 20, 1).unwrap();
         let incoming = MachineSpec {
-            incoming: Some(&checked),
+            incoming: Some(Incoming {
+                snapshot: &checked,
+                prefault: false,
+            }),
             ..spec
         };
         let mut restored = Machine::create(&incoming, wiring()).unwrap();
@@ -936,7 +956,10 @@ mod tests {
         machine.shutdown();
         let checked = files::read(&dir, 32 << 20, 1).unwrap();
         let incoming = MachineSpec {
-            incoming: Some(&checked),
+            incoming: Some(Incoming {
+                snapshot: &checked,
+                prefault: false,
+            }),
             ..spec
         };
         let mut restored = Machine::create(&incoming, wiring()).unwrap();
@@ -1057,7 +1080,10 @@ mod tests {
 
         let checked = files::read(&dir, 32 << 20, 1).unwrap();
         let incoming = MachineSpec {
-            incoming: Some(&checked),
+            incoming: Some(Incoming {
+                snapshot: &checked,
+                prefault: false,
+            }),
             ..spec
         };
         let after = Captured::default();

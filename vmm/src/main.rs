@@ -15,7 +15,7 @@ use citadel::devices::vhost_user::BACKEND_TIMEOUT;
 use citadel::devices::vhost_user_blk::VhostUserBlk;
 use citadel::hotplug::Hotplug;
 use citadel::lockdown::{self, LandlockChoice};
-use citadel::machine::{Machine, MachineSpec, MachineWiring};
+use citadel::machine::{Incoming, Machine, MachineSpec, MachineWiring};
 use citadel::monitor::{Channels, Monitor};
 use citadel::vcpu;
 use citadel_launcher::{Launcher, LauncherConfig};
@@ -201,8 +201,9 @@ fn build_and_run(
         // Every check of a snapshot to restore passes before anything is made or started.
         let incoming = config
             .incoming
-            .as_deref()
-            .map(|dir| {
+            .as_ref()
+            .map(|incoming| {
+                let dir = &incoming.dir;
                 citadel::snapshot::files::read(dir, config.mem_bytes, u32::from(config.vcpus))
                     .map_err(|source| RunError::Incoming {
                         dir: dir.display().to_string(),
@@ -281,7 +282,13 @@ fn build_and_run(
             mem_bytes: config.mem_bytes,
             cpu_template: config.cpu_template,
             balloon: config.balloon.as_ref(),
-            incoming: incoming.as_ref(),
+            incoming: incoming
+                .as_ref()
+                .zip(config.incoming.as_ref())
+                .map(|(snapshot, options)| Incoming {
+                    snapshot,
+                    prefault: options.prefault,
+                }),
         };
         let mode = config.seccomp;
         let vcpu_filter = std::sync::Arc::new(lockdown::vcpu_filter(mode)?);

@@ -17,8 +17,15 @@ use crate::memory::{GuestRam, MemoryError};
 /// The mapping is `MAP_PRIVATE`: no other process can share it, which is why a restored
 /// machine cannot serve devices through vhost-user backends. The file must stay as it is
 /// while the machine runs: pages not yet touched are read from it on demand, and a file cut
-/// short under the mapping turns guest accesses to the lost pages into faults.
-pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestRam, MemoryError> {
+/// short under the mapping turns guest accesses to the lost pages into faults. With
+/// `prefault` every page is read in now (`MAP_POPULATE`), so the guest never waits for the
+/// file, at a cost that grows with the RAM size; the pages stay shared with the file's page
+/// cache until the guest writes them.
+pub fn map_snapshot_memory(
+    file: &File,
+    size: u64,
+    prefault: bool,
+) -> Result<GuestRam, MemoryError> {
     if !(layout::MIN_RAM_SIZE..=layout::MAX_RAM_SIZE).contains(&size) || !size.is_multiple_of(4096)
     {
         return Err(MemoryError::InvalidSize { size });
@@ -31,7 +38,7 @@ pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestRam, MemoryErr
             Some(FileOffset::new(dup, file_offset)),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | if prefault { libc::MAP_POPULATE } else { 0 },
         )
         .map_err(|source| MemoryError::Mmap {
             addr: addr.raw_value(),
@@ -79,7 +86,7 @@ mod tests {
             f.flush().unwrap();
         }
         let file = File::open(&path).unwrap();
-        let ram = map_snapshot_memory(&file, size).unwrap();
+        let ram = map_snapshot_memory(&file, size, false).unwrap();
         let mut buf = [0u8; 10];
         ram.memory
             .read_slice(&mut buf, GuestAddress(0x20_0000))
@@ -93,8 +100,36 @@ mod tests {
         assert_eq!(&on_disk, b"saved page");
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
-            map_snapshot_memory(&file, size + 1),
+            map_snapshot_memory(&file, size + 1, false),
             Err(MemoryError::InvalidSize { .. })
         ));
+    }
+
+    /// Resident bytes of this process's mapping that starts at `addr`, from /proc/self/smaps.
+    fn resident(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .expect("the mapping in smaps")
+            * 1024
+    }
+
+    #[test]
+    fn prefault_reads_every_page_in_before_the_guest_runs() {
+        let path = std::env::temp_dir().join(format!("citadel-prefault-{}", std::process::id()));
+        let size: u64 = 32 << 20;
+        File::create(&path).unwrap().set_len(size).unwrap();
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        for (prefault, expected) in [(false, 0), (true, size)] {
+            let ram = map_snapshot_memory(&file, size, prefault).unwrap();
+            let region = ram.memory.iter().next().unwrap();
+            let addr = region.as_ptr() as usize;
+            assert_eq!(resident(addr), expected, "prefault {prefault}");
+        }
     }
 }

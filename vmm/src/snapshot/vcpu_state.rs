@@ -143,8 +143,12 @@ impl VcpuSnapshot {
         // contents come from a snapshot file and are untrusted: KVM validates the XSAVE header
         // and refuses features the vCPU does not have.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE", index))?;
-        vcpu.set_xcrs(&self.xcrs)
-            .map_err(kvm_err("KVM_SET_XCRS", index))?;
+        // On a host without XSAVE, KVM saves no XCR (nr_xcrs 0) and refuses KVM_SET_XCRS
+        // altogether: there is nothing to put back.
+        if self.xcrs.nr_xcrs > 0 {
+            vcpu.set_xcrs(&self.xcrs)
+                .map_err(kvm_err("KVM_SET_XCRS", index))?;
+        }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS", index))?;
         vcpu.set_lapic(&self.lapic)

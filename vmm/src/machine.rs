@@ -627,14 +627,9 @@ mod tests {
     use crate::snapshot::files;
     use vm_memory::Bytes;
 
-    #[test]
-    fn a_paused_machine_writes_a_snapshot_the_same_command_line_restores() {
-        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
-            "machine::a_paused_machine_writes_a_snapshot_the_same_command_line_restores",
-        ) else {
-            return;
-        };
-        crate::vcpu::register_kick_handler().unwrap();
+    /// The test kernel (a PVH ELF) and a boot source for it; the file lives as long as the
+    /// first value.
+    fn test_boot() -> (vmm_sys_util::tempfile::TempFile, BootSource) {
         let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
             pvh_note: true,
             ..Default::default()
@@ -645,6 +640,18 @@ mod tests {
             cmdline: String::new(),
             virtio_mmio: Vec::new(),
         };
+        (kernel, boot)
+    }
+
+    #[test]
+    fn a_paused_machine_writes_a_snapshot_the_same_command_line_restores() {
+        let Some(_kvm) = crate::test_kvm::kvm_or_skip(
+            "machine::a_paused_machine_writes_a_snapshot_the_same_command_line_restores",
+        ) else {
+            return;
+        };
+        crate::vcpu::register_kick_handler().unwrap();
+        let (_kernel, boot) = test_boot();
         let spec = MachineSpec {
             boot: &boot,
             vcpus: 2,
@@ -831,16 +838,7 @@ mod tests {
             return;
         };
         crate::vcpu::register_kick_handler().unwrap();
-        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
-            pvh_note: true,
-            ..Default::default()
-        }));
-        let boot = BootSource {
-            kernel: kernel.as_path().to_path_buf(),
-            initrd: None,
-            cmdline: String::new(),
-            virtio_mmio: Vec::new(),
-        };
+        let (_kernel, boot) = test_boot();
         let spec = MachineSpec {
             boot: &boot,
             vcpus: 1,
@@ -902,16 +900,7 @@ mod tests {
             return;
         };
         crate::vcpu::register_kick_handler().unwrap();
-        let kernel = test_kernel::file(&test_kernel::elf(&ElfSpec {
-            pvh_note: true,
-            ..Default::default()
-        }));
-        let boot = BootSource {
-            kernel: kernel.as_path().to_path_buf(),
-            initrd: None,
-            cmdline: String::new(),
-            virtio_mmio: Vec::new(),
-        };
+        let (_kernel, boot) = test_boot();
         let balloon = BalloonOptions::default();
         let spec = MachineSpec {
             boot: &boot,

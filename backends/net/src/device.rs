@@ -52,6 +52,20 @@ pub struct NetConfig {
     pub memory_files: MemoryFilePolicy,
 }
 
+impl NetConfig {
+    /// A one-queue device whose tap is `frames`, a descriptor that passes frames whole (one
+    /// end of a socket pair), for tests without a tap device.
+    #[cfg(test)]
+    pub fn over_frame_socket(frames: std::os::fd::OwnedFd) -> Arc<NetConfig> {
+        Arc::new(NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            taps: vec![TapQueue::from_frame_socket(std::fs::File::from(frames))],
+            stats: Arc::new(Stats::default()),
+            memory_files: MemoryFilePolicy::SealedOnly,
+        })
+    }
+}
+
 /// Per queue pair state kept between events.
 struct Pair {
     /// A frame read from the tap that did not fit into the RX buffers available at the time.
@@ -678,14 +692,7 @@ mod tests {
     fn event_idx_backend(mem: &Mem) -> (NetBackend, std::os::unix::net::UnixDatagram) {
         let (tap, net) = std::os::unix::net::UnixDatagram::pair().unwrap();
         tap.set_nonblocking(true).unwrap();
-        let config = Arc::new(NetConfig {
-            mac: [0x52, 0x54, 0, 0, 0, 1],
-            taps: vec![TapQueue::from_frame_socket(std::fs::File::from(
-                std::os::fd::OwnedFd::from(tap),
-            ))],
-            stats: Arc::new(Stats::default()),
-            memory_files: MemoryFilePolicy::SealedOnly,
-        });
+        let config = NetConfig::over_frame_socket(tap.into());
         let backend = NetBackend::new(config, mem.clone());
         backend.acked.store(
             1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF,

@@ -292,14 +292,7 @@ mod tests {
     #[test]
     fn frontend_connections_leave_no_descriptor_behind() {
         let (tap, _network) = UnixStream::pair().unwrap();
-        let config = Arc::new(NetConfig {
-            mac: [0x52, 0x54, 0, 0, 0, 1],
-            taps: vec![TapQueue::from_frame_socket(std::fs::File::from(
-                std::os::fd::OwnedFd::from(tap),
-            ))],
-            stats: Arc::new(Stats::default()),
-            memory_files: MemoryFilePolicy::SealedOnly,
-        });
+        let config = NetConfig::over_frame_socket(tap.into());
         const CONNECTIONS: usize = 32;
         let before = worker_descriptors();
         for _ in 0..CONNECTIONS {

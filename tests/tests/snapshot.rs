@@ -2,7 +2,7 @@
 //! `counter` guest program: `migrate` to `file:DIR` pauses the VM and writes the snapshot,
 //! `query-migrate` reports it, and `-incoming file:DIR` restores it into new VMs that carry
 //! on counting from where the first one stopped. Refusals leave the VM as it was and the
-//! files as they were.
+//! files as they were; a snapshot that fills the disk leaves nothing and a paused, usable VM.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -300,4 +300,78 @@ fn mismatched_or_damaged_snapshots_are_refused_before_anything_runs() {
         "{err}"
     );
     assert!(err.contains("state"), "{err}");
+}
+
+/// A tmpfs of `size` mounted at `dir` for the life of the value (needs root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_migration_leaves_nothing_and_the_vm_carries_on() {
+    let tmp = TempDir::new("snapshot-full");
+    let Some(disk) = SmallDisk::mount(&tmp.path().join("disk"), "8m") else {
+        citadel_tests::skip(
+            "a_full_disk_fails_the_migration_leaves_nothing_and_the_vm_carries_on",
+            "needs root to mount a small tmpfs",
+            true,
+        );
+        return;
+    };
+    let mut vm = start(&[]);
+    vm.wait_serial("counter=", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    // 64 MiB of RAM cannot fit in 8 MiB.
+    let dir = disk.0.join("snap");
+    let reply = migrate(&mut qmp, &dir);
+    let why = reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.starts_with("writing the snapshot's memory file: No space left on device"),
+        "{reply}"
+    );
+    // It was paused for the snapshot, and stays paused.
+    assert!(qmp.events.iter().any(|e| e["event"] == "STOP"));
+    assert_eq!(status(&mut qmp), "paused");
+    assert_eq!(
+        qmp.execute("query-migrate", None),
+        json!({"return": {"status": "failed", "error-desc": why}})
+    );
+    // The partial files and the directory made for them are gone.
+    assert!(!dir.exists());
+    assert_eq!(std::fs::read_dir(&disk.0).unwrap().count(), 0);
+    // The VM is usable: it runs on, and a snapshot somewhere with room works.
+    assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
+    vm.serial_lines_for(Duration::from_millis(200));
+    let a = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
+    let b = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
+    assert!(b > a);
+    assert_eq!(
+        migrate(&mut qmp, &tmp.path().join("roomy")),
+        json!({"return": {}})
+    );
 }

@@ -337,12 +337,13 @@ fn bad_images_are_refused_with_one_line_and_start_nothing() {
                 missing.display()
             ),
         ),
-        // Landlock gives the launcher no right to open directories at all.
+        // The launcher may list directories (it checks snapshot directories are
+        // empty), so a directory opens and is refused for what it is.
         (
             scratch.dir.clone(),
             true,
             format!(
-                "Could not open '{}': Permission denied (os error 13)",
+                "Could not open '{}': not a regular file or block device",
                 scratch.dir.display()
             ),
         ),

@@ -13,7 +13,7 @@ use citadel_tests::disk::error_desc;
 use citadel_tests::guest_program;
 use citadel_tests::netns::unique;
 use citadel_tests::procfs::{net_backends as backends, status, status_field, wait_gone};
-use citadel_tests::vm::{Qmp, Vm};
+use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::{json, Value};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -807,4 +807,100 @@ fn a_nic_backend_that_keeps_dying_takes_the_link_down_and_the_vm_lives_on() {
         json!({"return": {}})
     );
     assert!(backends(vm.pid()).is_empty(), "{:?}", backends(vm.pid()));
+}
+
+/// A VM whose NIC is served by citadel-net is snapshotted while its guest sends a stream of
+/// frames: `migrate` stops the backend for the snapshot and starts it again, so frames flow
+/// on after `cont`. The VM restored from a second snapshot, with the same tap on the command
+/// line, gets a new citadel-net that takes both rings from the saved used indices: the
+/// guest, which never boots again, sees the plug's configuration change with the link up,
+/// and its next frame reaches the tap with the transmit ring's count going on from where it
+/// was.
+#[test]
+fn a_vm_with_a_nic_backend_is_snapshotted_mid_stream_and_restored_with_a_new_backend() {
+    if cannot_run(
+        "a_vm_with_a_nic_backend_is_snapshotted_mid_stream_and_restored_with_a_new_backend",
+    ) {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let tmp = TempDir::new("snapshot-nic");
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let migrate = |qmp: &mut Qmp, dir: &std::path::Path| {
+        qmp.execute(
+            "migrate",
+            Some(json!({"uri": format!("file:{}", dir.display())})),
+        )
+    };
+    let append = format!("{NIC_SLOT_0} restart");
+    let mut vm = Vm::start(
+        &guest_program("virtio_net"),
+        &["-m", "32", "-append", &append],
+    );
+    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
+    assert_eq!(
+        device_add(&mut qmp, "net-0", "0x0", "net-0"),
+        json!({"return": {}})
+    );
+    vm.wait_serial("citadel-guest: virtio-net ticks=10", STEP);
+    assert_eq!(migrate(&mut qmp, &first), json!({"return": {}}));
+    assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
+    let line = vm.wait_serial("citadel-guest: virtio-net ticks=", STEP);
+    let ticks: u64 = line.rsplit('=').next().unwrap().parse().unwrap();
+    let later = format!("citadel-guest-frame-tick-{:05}", ticks + 20);
+    let frames = capture.guest_frames(Duration::from_secs(15), Some(&later));
+    assert_eq!(
+        frames.last().map(|f| f.1.as_str()),
+        Some(later.as_str()),
+        "{}",
+        vm.transcript()
+    );
+    assert_eq!(migrate(&mut qmp, &second), json!({"return": {}}));
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!vm.transcript().contains("error="), "{}", vm.transcript());
+
+    let netdev = format!("tap,id=net-0,ifname={}", tap.0);
+    let incoming = format!("file:{}", second.display());
+    let mut restored = Vm::start(
+        &guest_program("virtio_net"),
+        &[
+            "-m",
+            "32",
+            "-append",
+            &append,
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-device,netdev=net-0,id=net-0",
+            "-incoming",
+            &incoming,
+        ],
+    );
+    let line = restored.wait_serial("citadel-guest: virtio-net change-2 link=", STEP);
+    assert!(line.ends_with("link=1"), "{line}");
+    let frames = capture.guest_frames(
+        Duration::from_secs(5),
+        Some("citadel-guest-frame-after-change-2"),
+    );
+    assert_eq!(
+        frames.last().map(|f| f.1.as_str()),
+        Some("citadel-guest-frame-after-change-2"),
+        "{frames:?}"
+    );
+    let line = restored.wait_serial("citadel-guest: virtio-net change-2 tx-used=", STEP);
+    let used: u64 = line.rsplit('=').next().unwrap().parse().unwrap();
+    assert!(used > ticks + 20, "{line}: the ring started again");
+    let transcript = restored.transcript();
+    assert!(
+        !transcript.contains("virtio-net boot") && !transcript.contains("error="),
+        "{transcript}"
+    );
+    assert_eq!(backends(restored.pid()).len(), 1);
+    let mut qmp = Qmp::negotiated(&restored.qmp_path);
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(restored.wait_exit(Duration::from_secs(10)), Some(0));
 }

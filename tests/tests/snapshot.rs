@@ -375,3 +375,199 @@ fn a_full_disk_fails_the_migration_leaves_nothing_and_the_vm_carries_on() {
         json!({"return": {}})
     );
 }
+
+/// 1 MiB: 2048 sectors, of which the `virtio_blk` guest program in `restart` mode writes the
+/// first 1024, each holding its own number (see `blk_restart.rs`).
+const DISK_LEN: usize = 1 << 20;
+const DISK_SECTORS: usize = 1024;
+
+/// The `virtio_blk` guest program writing numbered sectors to a disk of the command line,
+/// served by citadel-blk in disk slot 0; with `incoming`, restored from that snapshot.
+fn start_writing(img: &Path, incoming: Option<&Path>) -> Vm {
+    let drive = format!("file={},id=d0", img.display());
+    let mut args = vec![
+        "-m",
+        "32",
+        "-append",
+        "virtio_mmio.device=4K@0xd0000000:5 restart",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-device,drive=d0,id=disk-0",
+    ];
+    let uri = incoming.map(|dir| format!("file:{}", dir.display()));
+    if let Some(uri) = &uri {
+        args.extend(["-incoming", uri]);
+    }
+    Vm::start(&guest_program("virtio_blk"), &args)
+}
+
+fn progress_of(line: &str) -> u64 {
+    line.split("progress=")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A VM whose disk is served by a citadel-blk process is snapshotted twice while its guest
+/// writes: each `migrate` stops the backend at the used index, writes the snapshot and
+/// starts the backend again, so the guest carries on after `cont` without an error. The
+/// VM restored from the second snapshot, with the same `-drive`, gets guest RAM copied into
+/// shared memory and a new citadel-blk that takes the ring from the saved used index: its
+/// guest goes on writing where it was paused, never starts again, and the image ends up
+/// holding every sector, each written once acknowledged by one VM or the other.
+#[test]
+fn a_vm_with_a_disk_backend_is_snapshotted_mid_write_and_restored_with_a_new_backend() {
+    if citadel_tests::disk::blk_backend_missing(
+        "a_vm_with_a_disk_backend_is_snapshotted_mid_write_and_restored_with_a_new_backend",
+    ) {
+        return;
+    }
+    let tmp = TempDir::new("snapshot-disk");
+    let img = tmp.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; DISK_LEN]).unwrap();
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+
+    let mut vm = start_writing(&img, None);
+    vm.wait_serial("citadel-guest: restart plugged capacity=2048", BOOT);
+    vm.wait_serial("citadel-guest: restart progress=128", BOOT);
+    let mut qmp = Qmp::negotiated(&vm.qmp_path);
+    assert_eq!(migrate(&mut qmp, &first), json!({"return": {}}));
+    assert_eq!(status(&mut qmp), "paused");
+    assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
+    let line = vm.wait_serial("citadel-guest: restart progress=", BOOT);
+    let resumed = progress_of(&line);
+    assert!(resumed > 128, "{line}");
+    vm.wait_serial(
+        &format!("citadel-guest: restart progress={}", resumed + 128),
+        BOOT,
+    );
+    assert_eq!(migrate(&mut qmp, &second), json!({"return": {}}));
+    vm.serial_lines_for(Duration::from_millis(300));
+    let saved = vm
+        .transcript()
+        .lines()
+        .filter(|l| l.contains("restart progress="))
+        .map(progress_of)
+        .max()
+        .unwrap();
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    let written_before = std::fs::read(&img).unwrap();
+
+    // Without the disk on the command line the restore is refused before anything starts.
+    refused_restore(
+        &second,
+        &[
+            "-m",
+            "32",
+            "-append",
+            "virtio_mmio.device=4K@0xd0000000:5 restart",
+        ],
+        "snapshot has disks in slots [0] and NICs in slots [], the command line plugs disks \
+         in slots [] and NICs in slots []",
+        false,
+    );
+
+    let mut restored = start_writing(&img, Some(&second));
+    let line = restored.wait_serial("citadel-guest: restart errors=", BOOT);
+    assert!(
+        line.ends_with("errors=0"),
+        "{line}\n{}",
+        restored.transcript()
+    );
+    let line = restored.wait_serial("citadel-guest: restart device-status=", BOOT);
+    assert!(line.ends_with("device-status=15"), "{line}");
+    let transcript = restored.transcript();
+    assert!(
+        !transcript.contains("plugged capacity"),
+        "the restored guest started again:\n{transcript}"
+    );
+    let first_progress = transcript
+        .lines()
+        .filter(|l| l.contains("restart progress="))
+        .map(progress_of)
+        .next()
+        .unwrap();
+    assert!(first_progress >= saved, "{first_progress} after {saved}");
+    assert_eq!(
+        citadel_tests::procfs::blk_backends(restored.pid()).len(),
+        1,
+        "the restored disk has its own citadel-blk"
+    );
+    let mut qmp = Qmp::negotiated(&restored.qmp_path);
+    assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+    assert_eq!(restored.wait_exit(Duration::from_secs(10)), Some(0));
+
+    let image = std::fs::read(&img).unwrap();
+    for n in 0..DISK_SECTORS {
+        let sector = &image[n * 512..(n + 1) * 512];
+        assert_eq!(
+            u64::from_le_bytes(sector[..8].try_into().unwrap()),
+            n as u64,
+            "sector {n}"
+        );
+        assert!(
+            sector[8..].iter().all(|&b| b == (n as u8) ^ 0x5a),
+            "sector {n}"
+        );
+    }
+    // What the first VM had written when it was saved was written again only as it was.
+    let saved_sectors = saved as usize;
+    assert_eq!(
+        written_before[..saved_sectors * 512],
+        image[..saved_sectors * 512]
+    );
+}
+
+/// A VM restored without disks maps its RAM privately from the snapshot: a disk plugged into
+/// it later is refused with the reason, and `share=on` restores it into shared memory
+/// instead, where the disk plugs.
+#[test]
+fn a_disk_plugs_into_a_restored_vm_only_with_shared_memory() {
+    if citadel_tests::disk::blk_backend_missing(
+        "a_disk_plugs_into_a_restored_vm_only_with_shared_memory",
+    ) {
+        return;
+    }
+    let tmp = TempDir::new("snapshot-share");
+    let dir = tmp.path().join("snap");
+    snapshot_of_a_counting_vm(&dir);
+    let img = tmp.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; DISK_LEN]).unwrap();
+    for (incoming, plugs) in [("", false), (",share=on", true)] {
+        let uri = format!("file:{}{incoming}", dir.display());
+        let mut vm = start(&["-incoming", &uri]);
+        vm.wait_serial("counter=", BOOT);
+        let mut qmp = Qmp::negotiated(&vm.qmp_path);
+        let reply = qmp.execute(
+            "blockdev-add",
+            Some(json!({"node-name": "d0", "file": {"driver": "file",
+                "filename": img.display().to_string()}})),
+        );
+        assert_eq!(reply, json!({"return": {}}));
+        let reply = qmp.execute(
+            "device_add",
+            Some(
+                json!({"id": "disk-0", "driver": "virtio-blk-mmio", "addr": "0x0",
+                "drive": "d0"}),
+            ),
+        );
+        if plugs {
+            assert_eq!(reply, json!({"return": {}}), "{uri}");
+        } else {
+            let desc = citadel_tests::disk::error_desc(&reply);
+            assert!(
+                desc.contains(
+                    "private mapping of a snapshot's memory file, which no backend \
+                     can share (restore with -incoming file:DIR,share=on)"
+                ),
+                "{desc}"
+            );
+        }
+        assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
+        assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+}

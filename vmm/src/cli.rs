@@ -70,12 +70,12 @@ pub struct Config {
     pub balloon: Option<BalloonOptions>,
     /// `-chardev` sockets no device of the command line uses, in command-line order.
     pub chardevs: Vec<ChardevConfig>,
-    /// `-incoming file:DIR[,prefault=on|off]`: the snapshot the VM is restored from instead of
-    /// booting.
+    /// `-incoming file:DIR[,prefault=on|off][,share=on|off]`: the snapshot the VM is
+    /// restored from instead of booting.
     pub incoming: Option<IncomingConfig>,
 }
 
-/// `-incoming file:DIR[,prefault=on|off]`.
+/// `-incoming file:DIR[,prefault=on|off][,share=on|off]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingConfig {
     /// The snapshot directory.
@@ -83,6 +83,10 @@ pub struct IncomingConfig {
     /// Read all of guest RAM before the VM starts (`prefault=on`), instead of each page when
     /// the guest first touches it.
     pub prefault: bool,
+    /// Copy guest RAM into the shared memory backends map (`share=on`), so that disks and
+    /// NICs served by backend processes can be plugged; on whenever the command line plugs
+    /// one.
+    pub share: bool,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -145,12 +149,14 @@ pub struct DriveConfig {
     pub direct: bool,
 }
 
-/// `-device virtio-blk-device,drive=ID[,id=NAME]`: a drive cold-plugged into the next
-/// hot-replace disk slot.
+/// `-device virtio-blk-device,drive=ID[,id=NAME][,addr=N]`: a drive cold-plugged into
+/// hot-replace disk slot `addr`, or the lowest one no other device of the command line takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlkDeviceConfig {
     /// The device id `device_del` takes: `id=`, or the drive's id.
     pub id: String,
+    /// The disk slot it plugs into.
+    pub slot: u64,
     /// The `-drive` it serves.
     pub drive: String,
     /// `serial=`: what the guest's GET_ID reads (`/sys/block/vda/serial`).
@@ -184,12 +190,14 @@ struct Chardev {
     path: PathBuf,
 }
 
-/// `-device virtio-blk-device,drive=ID[,id=DEV][,serial=S]` before its drive is resolved.
+/// `-device virtio-blk-device,drive=ID[,id=DEV][,serial=S][,addr=N]` before its drive is
+/// resolved.
 struct BlkDeviceArg {
     value: String,
     id: Option<String>,
     drive: String,
     serial: Option<String>,
+    addr: Option<u64>,
 }
 
 /// `-device vhost-user-blk-device,chardev=ID[,id=DEV]` before its chardev is resolved.
@@ -262,7 +270,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-uuid UUID] [-add-fd fd=F,set=N[,opaque=S]]...
                [-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,if=none]
                        [,format=raw][,aio=native|io_uring|threads|off]]...
-               [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,bootindex=N]]...
+               [-device virtio-blk-device,drive=ID[,id=NAME][,serial=S][,addr=N][,bootindex=N]]...
                [-netdev tap,id=ID,ifname=NAME|fds=FD[,script=no][,downscript=no]
                         [,vhost=off][,vnet_hdr=on][,queues=1]]...
                [-device virtio-net-device,netdev=ID[,id=NAME][,mac=MAC]]...
@@ -270,7 +278,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                 [-device vhost-user-blk-device,chardev=ID[,id=NAME]]]...
                [-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off]
                        [,free-page-reporting=on|off]]
-               [-incoming file:DIR[,prefault=on|off]]
+               [-incoming file:DIR[,prefault=on|off][,share=on|off]]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
@@ -278,8 +286,8 @@ testing older kernels). Each vhost-user-blk device connects to its backend's soc
 start and takes the next virtio-mmio slot after the hot-replace ones (at most 8); a
 -chardev no device names is connected at start for QMP's device_add. Each -drive (at most 16) starts a
 citadel-blk serving its image, through the page cache unless direct=on; flushes reach the
-disk either way. Each virtio-blk-device plugs a drive into the next of the 6 hot-replace
-disk slots before the guest starts; device_del takes it out like a disk plugged over QMP. A
+disk either way. Each virtio-blk-device plugs a drive into one of the 6 hot-replace disk
+slots before the guest starts (addr=, or the lowest one left); device_del takes it out like a disk plugged over QMP. A
 -drive no device uses is a block node for QMP's device_add. serial= is at most 20
 printable ASCII bytes, read by the guest's GET_ID. -add-fd puts descriptor F, inherited
 open from the parent, in fd set N: -drive file=/dev/fdset/N (or QMP's blockdev-add) then
@@ -292,7 +300,9 @@ guest; the pages it gives up are returned to the host. It takes the slot after t
 vhost-user-blk devices (then at most 7 of them). -incoming restores the snapshot QMP's
 migrate wrote into DIR, given the same -smp, -m and devices; the VM runs at once (-S keeps
 it paused). Its RAM is read from DIR/memory as the guest touches it, or all before it starts
-with prefault=on. -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
+with prefault=on; share=on (implied by -drive and -netdev devices, which must plug the slots
+the saved VM had plugged) copies it into shared memory first, so that disk and NIC backends
+can map it. -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
 of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -692,17 +702,17 @@ where
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
     let balloon = resolve_balloon(balloon, &disks, &blk_devices, &nic_devices)?;
-    // A snapshot never holds a vhost-user device (see `Machine::check_snapshot`), so none may
-    // come back with one.
-    if let Some(incoming) = &incoming {
-        if !disks.is_empty() || !drives.is_empty() || !netdevs.is_empty() {
+    // A snapshot never holds a vhost-user-blk device (see `Machine::check_snapshot`), so none
+    // may come back with one; disks and NICs plugged into slots need RAM they can share.
+    if let Some(incoming) = incoming.as_mut() {
+        if !disks.is_empty() {
             return Err(invalid(
                 "-incoming",
                 &format!("file:{}", incoming.dir.display()),
-                "snapshots of VMs with vhost-user disks or NICs are not supported yet; \
-                 restore without -drive, -netdev and vhost-user-blk devices",
+                "snapshots never hold vhost-user-blk devices; restore without them",
             ));
         }
+        incoming.share |= !blk_devices.is_empty() || !nic_devices.is_empty();
     }
     Ok(Config {
         incoming,
@@ -734,14 +744,15 @@ where
     })
 }
 
-/// `-incoming file:DIR[,prefault=on|off]`, the only kind of incoming migration Citadel
-/// restores. A comma always starts an option: DIR cannot hold one.
+/// `-incoming file:DIR[,prefault=on|off][,share=on|off]`, the only kind of incoming
+/// migration Citadel restores. A comma always starts an option: DIR cannot hold one.
 fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
     let refuse = || {
         invalid(
             "-incoming",
             value,
-            "Citadel restores snapshots from 'file:<directory>[,prefault=on|off]' only",
+            "Citadel restores snapshots from 'file:<directory>[,prefault=on|off][,share=on|off]' \
+             only",
         )
     };
     let rest = value.strip_prefix("file:").ok_or_else(refuse)?;
@@ -758,9 +769,11 @@ fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
         ));
     }
     let mut prefault = false;
+    let mut share = false;
     for (key, val) in opts {
         match (key, val) {
             ("prefault", Some(v)) => prefault = on_off("-incoming", value, key, v)?,
+            ("share", Some(v)) => share = on_off("-incoming", value, key, v)?,
             _ => {
                 return Err(invalid(
                     "-incoming",
@@ -773,6 +786,7 @@ fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
     Ok(IncomingConfig {
         dir: PathBuf::from(dir),
         prefault,
+        share,
     })
 }
 
@@ -993,11 +1007,30 @@ fn parse_drive(v: &str) -> Result<DriveConfig, CliError> {
 
 fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
     let (_, opts) = split_options(v);
-    let (mut id, mut drive, mut serial) = (None, None, None);
+    let (mut id, mut drive, mut serial, mut addr) = (None, None, None, None);
     for (key, val) in opts {
         match (key, val) {
             ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
             ("drive", Some(d)) if !d.is_empty() => drive = Some(d.to_string()),
+            ("addr", Some(a)) => {
+                let slot = match a.strip_prefix("0x").or_else(|| a.strip_prefix("0X")) {
+                    Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                    None => a.parse().ok(),
+                };
+                addr = Some(
+                    slot.filter(|&n| n < crate::machine::DISK_SLOTS)
+                        .ok_or_else(|| {
+                            invalid(
+                                "-device",
+                                v,
+                                format!(
+                                    "addr= names a disk slot, 0x0 to {:#x}",
+                                    crate::machine::DISK_SLOTS - 1
+                                ),
+                            )
+                        })?,
+                );
+            }
             ("serial", Some(s)) if citadel_launcher::protocol::valid_serial(s) => {
                 serial = Some(s.to_string())
             }
@@ -1018,7 +1051,7 @@ fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
                     "-device",
                     v,
                     format!(
-                    "unknown or empty property '{key}' (expected drive=ID[,id=NAME][,serial=S][,bootindex=N])"
+                    "unknown or empty property '{key}' (expected drive=ID[,id=NAME][,serial=S][,addr=N][,bootindex=N])"
                 ),
                 ))
             }
@@ -1029,6 +1062,7 @@ fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
         id,
         drive: drive.ok_or_else(|| invalid("-device", v, "no drive="))?,
         serial,
+        addr,
     })
 }
 
@@ -1049,6 +1083,19 @@ fn resolve_blk_devices(
         ));
     }
     let mut resolved: Vec<BlkDeviceConfig> = Vec::with_capacity(devices.len());
+    let mut taken_slots: Vec<u64> = Vec::with_capacity(devices.len());
+    for dev in devices {
+        if let Some(addr) = dev.addr {
+            if taken_slots.contains(&addr) {
+                return Err(invalid(
+                    "-device",
+                    &dev.value,
+                    format!("disk slot {addr:#x} is taken by another device"),
+                ));
+            }
+            taken_slots.push(addr);
+        }
+    }
     for dev in devices {
         if !drives.iter().any(|d| d.id == dev.drive) {
             return Err(invalid(
@@ -1076,8 +1123,20 @@ fn resolve_blk_devices(
                 format!("a device with id '{id}' already exists"),
             ));
         }
+        // At most DISK_SLOTS devices, so a free slot is left for each one without addr=.
+        let slot = match dev.addr {
+            Some(addr) => addr,
+            None => {
+                let free = (0..slots as u64)
+                    .find(|n| !taken_slots.contains(n))
+                    .unwrap_or_default();
+                taken_slots.push(free);
+                free
+            }
+        };
         resolved.push(BlkDeviceConfig {
             id,
+            slot,
             drive: dev.drive.clone(),
             serial: dev.serial.clone(),
         });
@@ -1873,19 +1932,20 @@ mod tests {
     }
 
     #[test]
-    fn incoming_takes_a_snapshot_directory_and_no_vhost_user_device() {
+    fn incoming_takes_a_snapshot_directory_and_no_vhost_user_blk_device() {
         let c = with(&["-incoming", "file:/var/lib/snap", "-smp", "2"]).unwrap();
-        let snap = |prefault| {
+        let snap = |prefault, share| {
             Some(IncomingConfig {
                 dir: PathBuf::from("/var/lib/snap"),
                 prefault,
+                share,
             })
         };
-        assert_eq!(c.incoming, snap(false));
+        assert_eq!(c.incoming, snap(false, false));
         let c = with(&["-incoming", "file:/var/lib/snap,prefault=on"]).unwrap();
-        assert_eq!(c.incoming, snap(true));
-        let c = with(&["-incoming", "file:/var/lib/snap,prefault=off"]).unwrap();
-        assert_eq!(c.incoming, snap(false));
+        assert_eq!(c.incoming, snap(true, false));
+        let c = with(&["-incoming", "file:/var/lib/snap,prefault=off,share=on"]).unwrap();
+        assert_eq!(c.incoming, snap(false, true));
         assert_eq!(with(&[]).unwrap().incoming, None);
         let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
         for bad in [
@@ -1899,7 +1959,7 @@ mod tests {
                 err(&["-incoming", bad]),
                 format!(
                     "invalid value '{bad}' for '-incoming': Citadel restores snapshots from \
-                     'file:<directory>[,prefault=on|off]' only"
+                     'file:<directory>[,prefault=on|off][,share=on|off]' only"
                 )
             );
         }
@@ -1915,15 +1975,34 @@ mod tests {
             err(&[
                 "-incoming",
                 "file:/s",
-                "-drive",
-                "file=/d.img,id=d0",
+                "-chardev",
+                "socket,id=c0,path=/a",
                 "-device",
-                "virtio-blk-device,drive=d0"
+                "vhost-user-blk-device,chardev=c0"
             ]),
-            "invalid value 'file:/s' for '-incoming': snapshots of VMs with vhost-user disks or \
-             NICs are not supported yet; restore without -drive, -netdev and vhost-user-blk \
-             devices"
+            "invalid value 'file:/s' for '-incoming': snapshots never hold vhost-user-blk \
+             devices; restore without them"
         );
+        // Disks plugged into slots need guest RAM their backends can share.
+        let c = with(&[
+            "-incoming",
+            "file:/var/lib/snap",
+            "-drive",
+            "file=/d.img,id=d0",
+            "-device",
+            "virtio-blk-device,drive=d0",
+        ])
+        .unwrap();
+        assert_eq!(c.incoming, snap(false, true));
+        // A drive no device plugs is only a block node.
+        let c = with(&[
+            "-incoming",
+            "file:/var/lib/snap",
+            "-drive",
+            "file=/d.img,id=d0",
+        ])
+        .unwrap();
+        assert_eq!(c.incoming, snap(false, false));
         // The balloon keeps its state across a snapshot.
         let c = with(&["-incoming", "file:/s", "-device", "virtio-balloon-device"]).unwrap();
         assert!(c.balloon.is_some());
@@ -2005,15 +2084,68 @@ mod tests {
             vec![
                 BlkDeviceConfig {
                     id: "blk-rootfs".into(),
+                    slot: 0,
                     drive: "rootfs".into(),
                     serial: None,
                 },
                 BlkDeviceConfig {
                     id: "data".into(),
+                    slot: 1,
                     drive: "data".into(),
                     serial: Some("CITADEL DATA-01".into()),
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn blk_devices_take_their_addr_or_the_lowest_slot_left() {
+        let c = with(&[
+            "-drive",
+            "file=/a,id=a",
+            "-drive",
+            "file=/b,id=b",
+            "-drive",
+            "file=/c,id=c",
+            "-device",
+            "virtio-blk-device,drive=a",
+            "-device",
+            "virtio-blk-device,drive=b,addr=0x0",
+            "-device",
+            "virtio-blk-device,drive=c,addr=5",
+        ])
+        .unwrap();
+        let slots: Vec<(&str, u64)> = c
+            .blk_devices
+            .iter()
+            .map(|d| (d.drive.as_str(), d.slot))
+            .collect();
+        assert_eq!(slots, [("a", 1), ("b", 0), ("c", 5)]);
+        let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
+        for bad in ["0x6", "6", "zz", "", "-1"] {
+            let device = format!("virtio-blk-device,drive=a,addr={bad}");
+            let device: &'static str = Box::leak(device.into_boxed_str());
+            assert_eq!(
+                err(&["-drive", "file=/a,id=a", "-device", device]),
+                format!(
+                    "invalid value '{device}' for '-device': addr= names a disk slot, 0x0 to \
+                     0x5"
+                )
+            );
+        }
+        assert_eq!(
+            err(&[
+                "-drive",
+                "file=/a,id=a",
+                "-drive",
+                "file=/b,id=b",
+                "-device",
+                "virtio-blk-device,drive=a,addr=0x1",
+                "-device",
+                "virtio-blk-device,drive=b,addr=1"
+            ]),
+            "invalid value 'virtio-blk-device,drive=b,addr=1' for '-device': disk slot 0x1 is \
+             taken by another device"
         );
     }
 

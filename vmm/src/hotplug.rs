@@ -326,11 +326,11 @@ impl Hotplug {
                     why: e.desc,
                 })?;
         }
-        for (slot, disk) in disks.iter().enumerate() {
+        for disk in disks {
             let add = DeviceAdd {
                 driver: DISK_DRIVER.to_string(),
                 id: disk.id.clone(),
-                addr: Some(slot.to_string()),
+                addr: Some(disk.slot.to_string()),
                 drive: Some(disk.drive.clone()),
                 netdev: None,
                 mac: None,

@@ -187,6 +187,9 @@ pub struct Incoming<'a> {
     /// Read all of guest RAM from the memory file before the machine starts, rather than
     /// each page when the guest first touches it.
     pub prefault: bool,
+    /// Copy the memory file into the shared guest RAM memfd, which backend processes can
+    /// map, instead of mapping it privately.
+    pub share: bool,
 }
 
 /// How the machine talks back to the event loop.
@@ -286,6 +289,9 @@ impl Machine {
         // memslot change waits for an SRCU grace period (several ms on a nested host), while
         // on an empty VM it is nearly free.
         let ram = match spec.incoming {
+            Some(incoming) if incoming.share => {
+                snapshot::memory::copy_snapshot_memory(&incoming.snapshot.memory, spec.mem_bytes)?
+            }
             Some(incoming) => snapshot::memory::map_snapshot_memory(
                 &incoming.snapshot.memory,
                 spec.mem_bytes,
@@ -514,38 +520,56 @@ impl Machine {
         Ok((vm, vcpus))
     }
 
-    /// Refuses a snapshot of a machine with a device served by a vhost-user backend: a
-    /// restored machine maps guest RAM privately from the memory file, which a backend process
-    /// cannot share. Checked before the machine is paused for a snapshot, and again after.
+    /// Refuses a snapshot of a machine with a vhost-user-blk device of the command line: its
+    /// backend is not stopped for one, and a restored machine could not find it again.
+    /// Checked before the machine is paused for a snapshot, and again after.
     pub fn check_snapshot(&self) -> Result<(), MachineError> {
-        let backends = self.virtio.vhost_user_backends();
-        if backends > 0 {
+        let devices = self.virtio.unsnapshottable_devices();
+        if devices > 0 {
             return Err(MachineError::SnapshotRefused(format!(
-                "{backends} device(s) are served by a vhost-user backend; snapshots of such \
-                 machines are not supported yet"
+                "{devices} vhost-user-blk device(s) of the command line cannot be kept in a                  snapshot; plug disks into the disk slots (-drive, blockdev-add) instead"
             )));
         }
         Ok(())
     }
 
-    /// Reads the whole state of the paused machine for a snapshot. Refused while any device
-    /// is served by a vhost-user backend (see [`Machine::check_snapshot`]).
+    /// Reads the whole state of the paused machine for a snapshot (see
+    /// [`Machine::check_snapshot`] for what is refused).
     ///
-    /// Devices the guest driver started are saved as they are: every one left is served by
-    /// the VMM itself, which completes each chain it takes on the event loop, so with the
-    /// vCPUs paused each ring's position is the used index in guest memory, saved with it.
-    /// The restored machine starts them again from there.
+    /// Devices the guest driver started are saved as they are. The VMM completes each chain
+    /// it takes on the event loop, and the backends of plugged disk and NIC slots are
+    /// stopped at their used indices before guest RAM is written (see
+    /// [`DeviceManager::quiesce_backends`]), so with the vCPUs paused each ring's position is
+    /// the used index in guest memory, saved with it. The restored machine starts them again
+    /// from there, with the backends its command line plugs into the same slots.
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         self.check_snapshot()?;
         let transports = self.virtio.save_transports();
         let (vm, vcpus) = self.save_kvm_state()?;
+        let (plugged_disks, plugged_nics) = self.virtio.plugged_slots();
         Ok(MachineState {
             vm,
             vcpus,
             serial: self.devices.serial_state().into(),
             transports,
             balloon: self.virtio.balloon().map(BalloonHandle::config),
+            plugged_disks,
+            plugged_nics,
         })
+    }
+
+    /// Runs `write` with the device backends stopped, so that no backend writes guest RAM
+    /// while it is copied, and starts them again afterwards.
+    fn with_backends_stopped(
+        &self,
+        write: impl FnOnce() -> Result<(), MachineError>,
+    ) -> Result<(), MachineError> {
+        self.virtio.quiesce_backends().map_err(|why| {
+            MachineError::SnapshotRefused(format!("stopping the device backends: {why}"))
+        })?;
+        let written = write();
+        self.virtio.unquiesce_backends();
+        written
     }
 
     /// The serialised state of the paused machine and its RAM, as a snapshot writes them.
@@ -568,8 +592,10 @@ impl Machine {
     /// [`snapshot::files::write`]).
     pub fn write_snapshot(&self, dir: &std::path::Path) -> Result<(), MachineError> {
         let json = self.snapshot_json()?;
-        snapshot::files::write(dir, &self.snapshot_data(&json))?;
-        Ok(())
+        self.with_backends_stopped(|| {
+            snapshot::files::write(dir, &self.snapshot_data(&json))?;
+            Ok(())
+        })
     }
 
     /// Writes a snapshot of the paused machine into files prepared by the device launcher
@@ -579,8 +605,10 @@ impl Machine {
         files: &citadel_launcher::snapshot_dir::SnapshotFiles,
     ) -> Result<(), MachineError> {
         let json = self.snapshot_json()?;
-        snapshot::files::write_into(files, &self.snapshot_data(&json))?;
-        Ok(())
+        self.with_backends_stopped(|| {
+            snapshot::files::write_into(files, &self.snapshot_data(&json))?;
+            Ok(())
+        })
     }
 
     /// Resumes every vCPU.
@@ -717,6 +745,7 @@ mod tests {
             incoming: Some(Incoming {
                 snapshot: &checked,
                 prefault: false,
+                share: false,
             }),
             ..spec
         };
@@ -869,6 +898,7 @@ mod tests {
             incoming: Some(Incoming {
                 snapshot: &checked,
                 prefault: false,
+                share: false,
             }),
             ..spec
         };
@@ -948,6 +978,7 @@ mod tests {
             incoming: Some(Incoming {
                 snapshot: &checked,
                 prefault: false,
+                share: false,
             }),
             ..spec
         };
@@ -1072,6 +1103,7 @@ mod tests {
             incoming: Some(Incoming {
                 snapshot: &checked,
                 prefault: false,
+                share: false,
             }),
             ..spec
         };

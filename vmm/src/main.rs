@@ -204,11 +204,21 @@ fn build_and_run(
             .as_ref()
             .map(|incoming| {
                 let dir = &incoming.dir;
-                citadel::snapshot::files::read(dir, config.mem_bytes, u32::from(config.vcpus))
-                    .map_err(|source| RunError::Incoming {
-                        dir: dir.display().to_string(),
-                        source,
-                    })
+                let refused = |source| RunError::Incoming {
+                    dir: dir.display().to_string(),
+                    source,
+                };
+                let snapshot =
+                    citadel::snapshot::files::read(dir, config.mem_bytes, u32::from(config.vcpus))
+                        .map_err(refused)?;
+                let disk_slots: Vec<u64> = config.blk_devices.iter().map(|d| d.slot).collect();
+                citadel::snapshot::check_plugged(
+                    &snapshot.state,
+                    &disk_slots,
+                    config.nic_devices.len(),
+                )
+                .map_err(refused)?;
+                Ok::<_, RunError>(snapshot)
             })
             .transpose()?;
         // Forked while the process is still single-threaded, before anything else is made.
@@ -288,6 +298,7 @@ fn build_and_run(
                 .map(|(snapshot, options)| Incoming {
                     snapshot,
                     prefault: options.prefault,
+                    share: options.share,
                 }),
         };
         let mode = config.seccomp;

@@ -49,6 +49,14 @@ pub enum MemoryError {
     /// Duplicating the memfd for a region failed.
     #[error("cannot duplicate the guest RAM memfd: {0}")]
     Dup(#[source] io::Error),
+    /// Copying a snapshot's memory file into guest RAM failed.
+    #[error("cannot copy the snapshot's memory into guest RAM at {addr:#x}: {reason}")]
+    SnapshotCopy {
+        /// Guest address of the region being copied.
+        addr: u64,
+        /// What went wrong.
+        reason: String,
+    },
     /// Mapping a region failed.
     #[error("cannot map guest RAM at {addr:#x} ({len} bytes): {source}")]
     Mmap {

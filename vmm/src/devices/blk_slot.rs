@@ -64,6 +64,17 @@ const CONFIG_LEN: usize = 36;
 
 const S_IOERR: u8 = 1;
 
+/// Why a backend could not be stopped for a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    /// It stopped with requests in hand and serves the ring again.
+    #[error("{0}")]
+    Busy(String),
+    /// It could not be stopped or started again: the device has lost its backend.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A disk ready to be plugged: a connected vhost-user-blk frontend and the names QMP knows
 /// it by.
 #[derive(Debug)]
@@ -96,6 +107,8 @@ pub struct BlkSlot {
     /// The plugged disk lost its backend and none could replace it: the slot answers the
     /// ring itself until the disk is unplugged.
     failed: bool,
+    /// The backend is stopped for a snapshot (see [`BlkSlot::quiesce`]).
+    quiesced: bool,
 }
 
 /// Why a disk could not be plugged or unplugged. The disk comes back when it is still usable.
@@ -124,6 +137,7 @@ impl BlkSlot {
             running: None,
             watched: KickWatch::new(kicks, index),
             failed: false,
+            quiesced: false,
         }
     }
 
@@ -321,6 +335,65 @@ impl BlkSlot {
         }
     }
 
+    /// Stops the plugged disk's backend for a snapshot of the paused machine. Once stopped,
+    /// a backend that completed every request it took (it stopped at the used index) leaves
+    /// the whole state of the ring in guest memory, and a slot restored from that memory
+    /// resumes at the used index. One that stopped with requests in hand is started again
+    /// and the snapshot refused ([`QuiesceError::Busy`]); one that cannot be stopped or
+    /// started again has lost its backend ([`QuiesceError::Failed`]: the caller gives up on
+    /// it). Nothing to do for an empty, failed or not yet started slot.
+    pub fn quiesce(&mut self) -> Result<(), QuiesceError> {
+        let Some(running) = self.running.as_ref().filter(|r| r.empty.is_none()) else {
+            return Ok(());
+        };
+        let Some(plugged) = self.disk.as_mut().filter(|_| !self.failed) else {
+            return Ok(());
+        };
+        let stopped =
+            plugged.disk.connection().stop_rings().map_err(|e| {
+                QuiesceError::Failed(format!("stopping {}: {e}", plugged.device_id))
+            })?;
+        let used = used_index(&self.memory, &running.params, 0);
+        let base = stopped.first().map(|b| b.1);
+        if base.is_some() && base == used {
+            self.quiesced = true;
+            return Ok(());
+        }
+        let why = format!(
+            "disk {} stopped at {base:?} with requests in flight (used index {used:?})",
+            plugged.device_id
+        );
+        plugged
+            .disk
+            .connection()
+            .start_at(&running.params, &[base.or(used).unwrap_or(0)])
+            .map_err(|e| QuiesceError::Failed(format!("{why}; starting it again: {e}")))?;
+        Err(QuiesceError::Busy(why))
+    }
+
+    /// Starts the backend [`BlkSlot::quiesce`] stopped again where it stopped, with a kick
+    /// for anything queued meanwhile. `Err` when it cannot be started: the caller gives up
+    /// on it.
+    pub fn unquiesce(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.quiesced) {
+            return Ok(());
+        }
+        let (Some(running), Some(plugged)) = (self.running.as_ref(), self.disk.as_mut()) else {
+            return Ok(());
+        };
+        let base = used_index(&self.memory, &running.params, 0)
+            .ok_or_else(|| "the ring does not lie in guest RAM".to_string())?;
+        plugged
+            .disk
+            .connection()
+            .start_at(&running.params, &[base])
+            .map_err(|e| format!("starting {} again: {e}", plugged.device_id))?;
+        if let Some(kick) = running.params.notify.first() {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
     /// Answers what the driver queued on an empty slot. Called by the event loop when the
     /// slot's queue was kicked.
     pub fn serve_empty_ring(&mut self) {
@@ -382,10 +455,20 @@ impl VirtioDevice for BlkSlot {
         }
         match served {
             Some(plugged) => {
+                // A disk restored with the machine: its backend was stopped at the used index
+                // before the machine was saved (see `quiesce`).
+                let base = if params.resume {
+                    used_index(&self.memory, &params, 0).ok_or(ActivateError::InvalidQueue {
+                        index: 0,
+                        reason: "the ring does not lie in guest RAM",
+                    })?
+                } else {
+                    0
+                };
                 plugged
                     .disk
                     .connection()
-                    .start_at(&params, &[0])
+                    .start_at(&params, &[base])
                     .map_err(|e| ActivateError::Device(e.to_string()))?;
                 self.running = Some(Running {
                     params,
@@ -416,9 +499,9 @@ impl VirtioDevice for BlkSlot {
     }
 
     /// An empty slot answers every request on the event loop as soon as it is kicked; a
-    /// plugged disk's backend holds its own ring position.
+    /// plugged disk's backend was stopped at the used index before the machine was saved.
     fn resumable(&self) -> bool {
-        self.disk.is_none()
+        true
     }
 
     fn reset(&mut self) {
@@ -428,6 +511,7 @@ impl VirtioDevice for BlkSlot {
             }
         }
         self.running = None;
+        self.quiesced = false;
     }
 }
 

@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::backend_hangups::BackendHangups;
 use super::balloon::{BalloonHandle, BalloonOptions};
-use super::blk_slot::{BlkSlot, PluggedDisk, SlotError};
+use super::blk_slot::{BlkSlot, PluggedDisk, QuiesceError, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
 use super::slot_ring::SlotKicks;
@@ -630,23 +630,68 @@ impl DeviceManager {
         self.slots().map(|s| s.acpi_node()).collect()
     }
 
-    /// How many devices are served by a vhost-user backend process: plugged disk and NIC
-    /// slots, and the command line's vhost-user disks (every slot that is neither a
-    /// hot-replace slot nor the balloon).
-    pub fn vhost_user_backends(&self) -> usize {
-        let plugged_disks = self
-            .disk_slots
-            .iter()
-            .filter(|s| s.transport.with_device(|d| d.disk().is_some()))
-            .count();
-        let plugged_nics = self
-            .nic_slots
-            .iter()
-            .filter(|s| s.transport.with_device(|d| d.nic().is_some()))
-            .count();
+    /// How many devices a snapshot cannot keep: the command line's vhost-user-blk devices,
+    /// whose backends are not stopped for one and which a restored machine could not find
+    /// again.
+    pub fn unsnapshottable_devices(&self) -> usize {
         let fixed =
             self.disk_slots.len() + self.nic_slots.len() + usize::from(self.balloon.is_some());
-        plugged_disks + plugged_nics + self.slots.len().saturating_sub(fixed)
+        self.slots.len().saturating_sub(fixed)
+    }
+
+    /// The disk slots and the NIC slots with something plugged, by `addr`.
+    pub fn plugged_slots(&self) -> (Vec<u64>, Vec<u64>) {
+        let disks = self
+            .disk_slots()
+            .into_iter()
+            .filter(|s| s.plugged.is_some());
+        let nics = self.nic_slots().into_iter().filter(|s| s.plugged.is_some());
+        (
+            disks.map(|s| s.addr).collect(),
+            nics.map(|s| s.addr).collect(),
+        )
+    }
+
+    /// Stops the backends of every started disk and NIC slot for a snapshot of the paused
+    /// machine (see [`BlkSlot::quiesce`] and [`NetSlot::quiesce`]); the caller calls
+    /// [`DeviceManager::unquiesce_backends`] once the snapshot is written. On a refusal the
+    /// backends stopped so far are started again; one that could neither be stopped nor
+    /// started again is given up on, as one that died and could not be replaced.
+    pub fn quiesce_backends(&self) -> Result<(), String> {
+        for (addr, slot) in (0u64..).zip(&self.disk_slots) {
+            if let Err(e) = slot.transport.with_device(BlkSlot::quiesce) {
+                if matches!(e, QuiesceError::Failed(_)) {
+                    self.fail_disk_backend(addr);
+                }
+                self.unquiesce_backends();
+                return Err(format!("disk slot {addr}: {e}"));
+            }
+        }
+        for (addr, slot) in (0u64..).zip(&self.nic_slots) {
+            if let Err(e) = slot.transport.with_device(NetSlot::quiesce) {
+                self.fail_nic_backend(addr);
+                self.unquiesce_backends();
+                return Err(format!("NIC slot {addr}: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the backends [`DeviceManager::quiesce_backends`] stopped again; one that cannot
+    /// start is given up on.
+    pub fn unquiesce_backends(&self) {
+        for (addr, slot) in (0u64..).zip(&self.disk_slots) {
+            if let Err(e) = slot.transport.with_device(BlkSlot::unquiesce) {
+                log::warn!("disk slot {addr}: {e}; its disk fails from now on");
+                self.fail_disk_backend(addr);
+            }
+        }
+        for (addr, slot) in (0u64..).zip(&self.nic_slots) {
+            if let Err(e) = slot.transport.with_device(NetSlot::unquiesce) {
+                log::warn!("NIC slot {addr}: {e}; its NIC fails from now on");
+                self.fail_nic_backend(addr);
+            }
+        }
     }
 
     /// Every slot's transport state, in slot order, for a snapshot.
@@ -758,7 +803,7 @@ mod tests {
     }
 
     #[test]
-    fn command_line_devices_count_as_vhost_user_backends_and_empty_slots_do_not() {
+    fn only_command_line_devices_cannot_be_kept_in_a_snapshot() {
         let mut manager = DeviceManager::new().unwrap();
         let memory =
             GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
@@ -768,11 +813,12 @@ mod tests {
         manager
             .add_nic_slots(&Recorder::default(), &memory, 1)
             .unwrap();
-        assert_eq!(manager.vhost_user_backends(), 0);
+        assert_eq!(manager.unsnapshottable_devices(), 0);
+        assert_eq!(manager.plugged_slots(), (vec![], vec![]));
         manager
             .add_virtio_mmio(&Recorder::default(), dummy(1))
             .unwrap();
-        assert_eq!(manager.vhost_user_backends(), 1);
+        assert_eq!(manager.unsnapshottable_devices(), 1);
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub struct NetSlot {
     /// The plugged NIC lost its backend and none could replace it: the link is down and the
     /// slot drops the TX frames until the NIC is unplugged.
     failed: bool,
+    /// Where the backend stopped each ring for a snapshot (see [`NetSlot::quiesce`]).
+    quiesced: Option<Vec<(usize, u16)>>,
 }
 
 impl NetSlot {
@@ -141,6 +143,7 @@ impl NetSlot {
             running: None,
             watched: KickWatch::new(kicks, token),
             failed: false,
+            quiesced: None,
         }
     }
 
@@ -274,6 +277,46 @@ impl NetSlot {
         self.hold_rings(&[]);
     }
 
+    /// Stops the plugged NIC's backend for a snapshot of the paused machine: once stopped it
+    /// no longer touches guest memory. A slot restored from that memory resumes each ring at
+    /// its used index: a frame the backend took and did not complete is sent again, a
+    /// receive buffer it took and did not fill is offered again. `Err` when it cannot be
+    /// stopped: the caller gives up on it. Nothing to do for an empty, failed or not yet
+    /// started slot.
+    pub fn quiesce(&mut self) -> Result<(), String> {
+        if self.running.as_ref().is_none_or(|r| r.empty.is_some()) {
+            return Ok(());
+        }
+        let Some(nic) = self.nic.as_mut().filter(|_| !self.failed) else {
+            return Ok(());
+        };
+        let bases = nic
+            .conn
+            .stop_rings()
+            .map_err(|e| format!("stopping {}: {e}", nic.device_id))?;
+        self.quiesced = Some(bases);
+        Ok(())
+    }
+
+    /// Starts the backend [`NetSlot::quiesce`] stopped again where it stopped, with a kick
+    /// on each queue. `Err` when it cannot be started: the caller gives up on it.
+    pub fn unquiesce(&mut self) -> Result<(), String> {
+        let Some(stopped) = self.quiesced.take() else {
+            return Ok(());
+        };
+        let (Some(running), Some(nic)) = (self.running.as_ref(), self.nic.as_mut()) else {
+            return Ok(());
+        };
+        let base = |ring| stopped.iter().find(|b| b.0 == ring).map_or(0, |b| b.1);
+        nic.conn
+            .start_at(&running.params, &[base(RX), base(TX)])
+            .map_err(|e| format!("starting {} again: {e}", nic.device_id))?;
+        for kick in &running.params.notify {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
     /// Takes the NIC out and sets the link down, stopping its backend's rings first; the
     /// slot holds the rings from where the backend stopped. The caller raises the
     /// configuration change.
@@ -398,8 +441,24 @@ impl VirtioDevice for NetSlot {
         self.watched.unwatch();
         match self.nic.as_mut().filter(|_| !self.failed) {
             Some(nic) => {
+                // A NIC restored with the machine goes on from the used indices (see
+                // `quiesce`).
+                let bases = if params.resume {
+                    let used = |ring, reason| {
+                        used_index(&self.memory, &params, ring).ok_or(ActivateError::InvalidQueue {
+                            index: ring as u16,
+                            reason,
+                        })
+                    };
+                    [
+                        used(RX, "the RX ring does not lie in guest RAM")?,
+                        used(TX, "the TX ring does not lie in guest RAM")?,
+                    ]
+                } else {
+                    [0, 0]
+                };
                 nic.conn
-                    .start_at(&params, &[0, 0])
+                    .start_at(&params, &bases)
                     .map_err(|e| ActivateError::Device(e.to_string()))?;
                 self.running = Some(Running {
                     params,
@@ -434,9 +493,9 @@ impl VirtioDevice for NetSlot {
     }
 
     /// An empty slot drops TX frames on the event loop as soon as it is kicked and leaves RX
-    /// alone; a plugged NIC's backend holds its own ring positions.
+    /// alone; a plugged NIC's backend was stopped before the machine was saved.
     fn resumable(&self) -> bool {
-        self.nic.is_none()
+        true
     }
 
     fn reset(&mut self) {
@@ -446,6 +505,7 @@ impl VirtioDevice for NetSlot {
             }
         }
         self.running = None;
+        self.quiesced = None;
     }
 }
 

@@ -330,6 +330,14 @@ impl VhostUserConnection {
     /// Gives the device guest RAM, which it shares with the backend (by its memfd) when the
     /// driver starts the device. Every region must be file-backed.
     pub fn set_memory(&mut self, memory: &GuestMemoryMmap) -> Result<(), VhostUserError> {
+        // A backend mapping the file under a private mapping would see the file's pages, not
+        // the guest's.
+        if memory.iter().any(|r| r.flags() & libc::MAP_SHARED == 0) {
+            return Err(self.backend(
+                "guest RAM is a private mapping of a snapshot's memory file, which no backend \
+                 can share (restore with -incoming file:DIR,share=on)",
+            ));
+        }
         memory_regions(memory).map_err(|e| self.backend(format!("guest RAM: {e}")))?;
         self.memory = Some(memory.clone());
         Ok(())

@@ -111,6 +111,14 @@ pub enum FormatError {
         /// Devices of the command line, comma-separated.
         command_line: String,
     },
+    /// The command line plugs disks or NICs into other slots.
+    #[error("snapshot has {snapshot}, the command line plugs {command_line}")]
+    PluggedMismatch {
+        /// The slots plugged in the snapshot.
+        snapshot: String,
+        /// The slots the command line plugs.
+        command_line: String,
+    },
     /// Reading a file failed.
     #[error("reading the snapshot {file} file: {reason}")]
     Io {

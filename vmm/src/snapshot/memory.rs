@@ -3,9 +3,11 @@
 //! the RAM size) and the guest's writes never reach the file.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 
 use vm_memory::{
-    Address, FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    Address, Bytes, FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 
 use crate::boot::layout;
@@ -14,8 +16,8 @@ use crate::memory::{GuestRam, MemoryError};
 /// Maps the checked memory file `file` of `size` bytes as guest RAM, in the regions a fresh
 /// machine of that size has (the file holds them back to back, as the RAM memfd does).
 ///
-/// The mapping is `MAP_PRIVATE`: no other process can share it, which is why a restored
-/// machine cannot serve devices through vhost-user backends. The file must stay as it is
+/// The mapping is `MAP_PRIVATE`: no other process can share it, so a machine restored this
+/// way cannot serve devices through vhost-user backends (see [`copy_snapshot_memory`]). The file must stay as it is
 /// while the machine runs: pages not yet touched are read from it on demand, and a file cut
 /// short under the mapping turns guest accesses to the lost pages into faults. With
 /// `prefault` every page is read in now (`MAP_POPULATE`), so the guest never waits for the
@@ -66,6 +68,37 @@ pub fn map_snapshot_memory(
         memfd: file.try_clone().map_err(MemoryError::Dup)?,
         size,
     })
+}
+
+/// Copies the checked memory file `file` of `size` bytes into fresh guest RAM, the sealed
+/// memfd a booted machine has. For a machine whose devices are served by backend processes:
+/// they map guest RAM from its memfd, which a private mapping of the file cannot give them
+/// (they would see the file, not the guest's writes). Costs a read of the whole file, so it
+/// grows with the RAM size.
+pub fn copy_snapshot_memory(file: &File, size: u64) -> Result<GuestRam, MemoryError> {
+    let ram = crate::memory::create_guest_ram(size)?;
+    let mut source = file.try_clone().map_err(MemoryError::Dup)?;
+    source
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| MemoryError::SnapshotCopy {
+            addr: 0,
+            reason: e.to_string(),
+        })?;
+    // The file holds the regions back to back, in address order.
+    for region in ram.memory.iter() {
+        let addr = region.start_addr();
+        ram.memory
+            .read_exact_volatile_from(addr, &mut source, region.len() as usize)
+            .map_err(|e| MemoryError::SnapshotCopy {
+                addr: addr.raw_value(),
+                reason: e.to_string(),
+            })?;
+    }
+    log::debug!(
+        "guest RAM: {} MiB copied from the snapshot into the shared memfd",
+        size >> 20
+    );
+    Ok(ram)
 }
 
 #[cfg(test)]

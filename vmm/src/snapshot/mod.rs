@@ -107,6 +107,46 @@ pub struct MachineState {
     pub transports: Vec<TransportSnapshot>,
     /// The balloon's target and held pages (`num_pages`, `actual`), if the machine has one.
     pub balloon: Option<(u32, u32)>,
+    /// The disk slots (`addr`) a disk was plugged into; the restoring command line plugs
+    /// the same ones.
+    #[serde(default)]
+    pub plugged_disks: Vec<u64>,
+    /// The NIC slots (`addr`) a NIC was plugged into.
+    #[serde(default)]
+    pub plugged_nics: Vec<u64>,
+}
+
+/// The slots a snapshot's machine had something plugged into.
+#[derive(Deserialize)]
+struct PluggedSlots {
+    #[serde(default)]
+    plugged_disks: Vec<u64>,
+    #[serde(default)]
+    plugged_nics: Vec<u64>,
+}
+
+/// Refuses a checked state whose machine had disks or NICs plugged into other slots than the
+/// restoring command line plugs (`disks`: the disk slots of its `-device virtio-blk-device`s;
+/// `nics`: the number of its `virtio-net-device`s, which fill the NIC slots in order).
+/// Checked before any backend is started.
+pub fn check_plugged(json: &[u8], disks: &[u64], nics: usize) -> Result<(), FormatError> {
+    let saved: PluggedSlots = serde_json::from_slice(json).map_err(|e| FormatError::Io {
+        file: "state",
+        reason: format!("malformed state: {e}"),
+    })?;
+    let mut disks = disks.to_vec();
+    disks.sort_unstable();
+    let nics: Vec<u64> = (0..nics as u64).collect();
+    if saved.plugged_disks != disks || saved.plugged_nics != nics {
+        return Err(FormatError::PluggedMismatch {
+            snapshot: format!(
+                "disks in slots {:?} and NICs in slots {:?}",
+                saved.plugged_disks, saved.plugged_nics
+            ),
+            command_line: format!("disks in slots {disks:?} and NICs in slots {nics:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// A virtio device type as a user knows it.

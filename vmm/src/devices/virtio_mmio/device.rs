@@ -43,9 +43,10 @@ pub trait VirtioDevice: Send {
     /// Whether the device can start again on a machine restored from a snapshot, its rings
     /// resuming at the used indices in guest memory ([`ActivateParams::resume`]). Only a
     /// device that completes every chain it takes before the machine pauses can: its ring
-    /// positions are then in guest memory, saved with it. A device whose rings a backend
-    /// process serves cannot (the backend's position is not saved), and a snapshot in which
-    /// its driver had started it is refused.
+    /// positions are then in guest memory, saved with it, and so can one whose backend
+    /// process was stopped at the used indices before the machine was saved (the disk and
+    /// NIC slots). Any other device a backend serves cannot, and a snapshot in which its
+    /// driver had started it is refused.
     fn resumable(&self) -> bool {
         false
     }

@@ -1,10 +1,11 @@
 //! VM templates: several VMs restored from one snapshot directory share the snapshot's pages
-//! until they write. Each VM runs the `memscan` guest, which filled 128 MiB of its 256 MiB
-//! before the snapshot and reads all of it on every pass; once each VM has finished a pass,
-//! the benchmark prints the proportional set size (PSS: shared pages divided among their
-//! sharers) and RSS of every citadel process, for N VMs restored from one snapshot and, as
-//! the peer in the same run, N VMs booted on their own. Prints figures; asserts nothing
-//! about size.
+//! until they write. Each VM runs the `memscan` guest, which filled 32 MiB of its 128 MiB
+//! before the snapshot and reads all of it on every pass. For N = 1, 10 and 50 VMs restored
+//! from one snapshot and, as the peer in the same run, N VMs booted on their own, the
+//! benchmark prints the time until all N have run a pass over their region and, once each
+//! has finished another, the total proportional set size (PSS: shared pages divided among
+//! their sharers) and RSS of the citadel processes. Prints figures; asserts nothing about
+//! size or time.
 //!
 //! Run with `cargo build --release --workspace --bins && cargo bench -p citadel-tests --bench
 //! templates` (the benchmark runs the release build's citadel binary and guest programs).
@@ -16,7 +17,8 @@ use citadel_tests::guest_program;
 use citadel_tests::vm::{Qmp, TempDir, Vm};
 use serde_json::json;
 
-const VMS: usize = 4;
+/// How many VMs run at once, in turn.
+const VMS: [usize; 3] = [1, 10, 50];
 const BOOT: Duration = Duration::from_secs(240);
 
 fn start(extra: &[&str]) -> Vm {
@@ -47,22 +49,27 @@ fn one_more_pass(vms: &mut [Vm]) {
     }
 }
 
-/// Prints PSS and RSS of each VM and their means; returns the mean PSS in MiB.
-fn report(label: &str, vms: &[Vm]) -> f64 {
-    let sizes: Vec<(u64, u64)> = vms.iter().map(|vm| pss_rss(vm.pid())).collect();
-    for (i, (pss, rss)) in sizes.iter().enumerate() {
-        println!(
-            "  {label} VM {i}: PSS {:7.1} MiB, RSS {:7.1} MiB",
-            *pss as f64 / 1024.0,
-            *rss as f64 / 1024.0
-        );
+/// Total PSS and RSS of `vms`, in MiB.
+fn totals(vms: &[Vm]) -> (f64, f64) {
+    let (pss, rss) = vms
+        .iter()
+        .map(|vm| pss_rss(vm.pid()))
+        .fold((0, 0), |(p, r), (pss, rss)| (p + pss, r + rss));
+    (pss as f64 / 1024.0, rss as f64 / 1024.0)
+}
+
+/// Starts `n` VMs with `extra`, waits until each has run one pass over its region after
+/// `ready` (when set), and returns them with the time that took.
+fn start_all(n: usize, extra: &[&str], ready: Option<&str>) -> (Vec<Vm>, Duration) {
+    let started = Instant::now();
+    let mut vms: Vec<Vm> = (0..n).map(|_| start(extra)).collect();
+    for vm in &mut vms {
+        if let Some(ready) = ready {
+            vm.wait_serial(ready, BOOT);
+        }
+        vm.wait_serial("pass=", BOOT);
     }
-    let mean = |f: fn(&(u64, u64)) -> u64| {
-        sizes.iter().map(f).sum::<u64>() as f64 / sizes.len() as f64 / 1024.0
-    };
-    let (pss, rss) = (mean(|s| s.0), mean(|s| s.1));
-    println!("  {label}: mean PSS {pss:.1} MiB, mean RSS {rss:.1} MiB");
-    pss
+    (vms, started.elapsed())
 }
 
 fn snapshot(dir: &Path) {
@@ -83,32 +90,23 @@ fn main() {
     let dir = tmp.path().join("snap");
     snapshot(&dir);
     let incoming = format!("file:{}", dir.display());
-    println!("{VMS} VMs of 128 MiB, each reading the 32 MiB its guest filled:");
-
-    let started = Instant::now();
-    let mut restored: Vec<Vm> = (0..VMS)
-        .map(|_| start(&["-incoming", incoming.as_str()]))
-        .collect();
-    for vm in &mut restored {
-        vm.wait_serial("pass=", BOOT);
+    println!("VMs of 128 MiB, each reading the 32 MiB its guest filled:");
+    for n in VMS {
+        let (mut restored, restore_time) = start_all(n, &["-incoming", incoming.as_str()], None);
+        one_more_pass(&mut restored);
+        let (shared, shared_rss) = totals(&restored);
+        drop(restored);
+        let (mut booted, boot_time) = start_all(n, &[], Some("citadel-guest: filled"));
+        one_more_pass(&mut booted);
+        let (own, own_rss) = totals(&booted);
+        drop(booted);
+        println!(
+            "  N={n:>2}: restored from one snapshot: all through a pass in {:>6.0} ms, total \
+             PSS {shared:>7.1} MiB (RSS {shared_rss:>7.1}); booted: {:>6.0} ms, PSS \
+             {own:>7.1} MiB (RSS {own_rss:>7.1}); PSS ratio {:.2}x",
+            restore_time.as_secs_f64() * 1000.0,
+            boot_time.as_secs_f64() * 1000.0,
+            shared / own
+        );
     }
-    println!(
-        "  restored from one snapshot: all {VMS} through their first pass in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    one_more_pass(&mut restored);
-    let shared = report("restored", &restored);
-    drop(restored);
-
-    let mut booted: Vec<Vm> = (0..VMS).map(|_| start(&[])).collect();
-    for vm in &mut booted {
-        vm.wait_serial("citadel-guest: filled", BOOT);
-    }
-    one_more_pass(&mut booted);
-    let own = report("booted", &booted);
-    drop(booted);
-    println!(
-        "  restored VMs take {:.2}x the memory of booted ones (mean PSS {shared:.1} vs {own:.1} MiB)",
-        shared / own
-    );
 }

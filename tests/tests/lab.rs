@@ -800,9 +800,10 @@ fn two_hot_plugged_nics_each_carry_10_mib_each_way() {
 }
 
 #[test]
-fn a_linux_user_space_snapshotted_mid_run_carries_on_in_two_restored_vms() {
+fn a_linux_user_space_with_a_disk_snapshotted_mid_run_carries_on_in_two_restored_vms() {
     check_scenario("snapshot", |outcome| {
         let t = || outcome.transcript();
+        assert_eq!(value(outcome, "plug-returns"), "2", "{}", t());
         assert_eq!(value(outcome, "migrate"), "ok", "{}", t());
         assert_eq!(value(outcome, "stop-event"), "yes", "{}", t());
         assert_eq!(value(outcome, "status"), "completed", "{}", t());
@@ -830,6 +831,17 @@ fn a_linux_user_space_snapshotted_mid_run_carries_on_in_two_restored_vms() {
             assert_eq!(value(outcome, &format!("{vm}.continued")), "yes", "{}", t());
             assert_eq!(value(outcome, &format!("{vm}.boots")), "0", "{}", t());
             assert_eq!(value(outcome, &format!("{vm}.broken")), "0", "{}", t());
+            // Every number the restored VM printed is in its image, the ones written before
+            // the snapshot included.
+            assert_eq!(value(outcome, &format!("{vm}.disk-errors")), "0", "{}", t());
+            let printed: u64 = value(outcome, &format!("{vm}.last-seq")).parse().unwrap();
+            assert!(printed >= first + 20, "{}", t());
+            assert_eq!(
+                value(outcome, &format!("{vm}.disk-missing")),
+                "0",
+                "{}",
+                t()
+            );
             assert_eq!(value(outcome, &format!("{vm}.exit-code")), "0", "{}", t());
             eprintln!(
                 "lab: {vm} restored, first guest line after {} ms",

@@ -101,10 +101,13 @@ fn a_snapshot_restores_into_two_vms_that_carry_on_counting() {
     );
     let before = contents(&dir);
 
-    // Two VMs from the same directory at once, as templates.
+    // Two VMs from the same directory at once, as templates; the second one trusts the
+    // memory file without reading it first.
     let incoming = format!("file:{}", dir.display());
-    let mut vms: Vec<Vm> = (0..2)
-        .map(|_| start(&["-incoming", incoming.as_str()]))
+    let unverified = format!("{incoming},verify=off");
+    let mut vms: Vec<Vm> = [&incoming, &unverified]
+        .into_iter()
+        .map(|uri| start(&["-incoming", uri.as_str()]))
         .collect();
     for vm in &mut vms {
         let line = vm.wait_serial("counter=", BOOT);
@@ -273,6 +276,22 @@ fn mismatched_or_damaged_snapshots_are_refused_before_anything_runs() {
         &["-m", "64", "-smp", "2"],
         &format!("snapshot memory file is 4096 bytes, the snapshot's RAM is {ram} bytes"),
         false,
+    );
+    // Its length is checked even when its checksum is not.
+    let unverified = format!("file:{},verify=off", dir.display());
+    let out = std::process::Command::new(citadel_tests::binary("citadel"))
+        .args(["-machine", "microvm", "-m", "64", "-smp", "2", "-kernel"])
+        .arg(guest_program("counter"))
+        .args(["-incoming", &unverified])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "citadel: -incoming file:{}: snapshot memory file is 4096 bytes, the snapshot's RAM \
+             is {ram} bytes",
+            dir.display()
+        )
     );
     std::fs::write(dir.join("memory"), &good.1).unwrap();
     let mut state = good.0.clone();

@@ -70,12 +70,12 @@ pub struct Config {
     pub balloon: Option<BalloonOptions>,
     /// `-chardev` sockets no device of the command line uses, in command-line order.
     pub chardevs: Vec<ChardevConfig>,
-    /// `-incoming file:DIR[,prefault=on|off][,share=on|off]`: the snapshot the VM is
-    /// restored from instead of booting.
+    /// `-incoming file:DIR[,prefault=on|off][,share=on|off][,verify=on|off]`: the snapshot
+    /// the VM is restored from instead of booting.
     pub incoming: Option<IncomingConfig>,
 }
 
-/// `-incoming file:DIR[,prefault=on|off][,share=on|off]`.
+/// `-incoming file:DIR[,prefault=on|off][,share=on|off][,verify=on|off]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingConfig {
     /// The snapshot directory.
@@ -87,6 +87,9 @@ pub struct IncomingConfig {
     /// NICs served by backend processes can be plugged; on whenever the command line plugs
     /// one.
     pub share: bool,
+    /// Check the memory file's checksum before anything runs (`verify=on`, the default), a
+    /// read of the whole file; with `verify=off` only its length is checked.
+    pub verify: bool,
 }
 
 /// `-add-fd fd=F,set=N[,opaque=S]`: descriptor F, inherited from the parent, joins fd set N
@@ -278,7 +281,7 @@ usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
                 [-device vhost-user-blk-device,chardev=ID[,id=NAME]]]...
                [-device virtio-balloon-device[,id=NAME][,deflate-on-oom=on|off]
                        [,free-page-reporting=on|off]]
-               [-incoming file:DIR[,prefault=on|off][,share=on|off]]
+               [-incoming file:DIR[,prefault=on|off][,share=on|off][,verify=on|off]]
 SIZE is in MiB unless suffixed with K, M or G. The QMP socket is created with mode 0600
 (only the VMM's uid may connect) whatever the umask; mode= widens it to a group or everyone.
 Landlock is required unless -sandbox landlock=off; landlock-abi=N uses at most ABI N (for
@@ -302,7 +305,8 @@ migrate wrote into DIR, given the same -smp, -m and devices; the VM runs at once
 it paused). Its RAM is read from DIR/memory as the guest touches it, or all before it starts
 with prefault=on; share=on (implied by -drive and -netdev devices, which must plug the slots
 the saved VM had plugged) copies it into shared memory first, so that disk and NIC backends
-can map it. -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
+can map it; verify=off skips the memory file's checksum (its length is still checked), which
+otherwise reads the whole file before the VM starts. -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
 of killing the VMM.";
 
 fn invalid(option: &str, value: &str, why: impl Into<String>) -> CliError {
@@ -744,15 +748,15 @@ where
     })
 }
 
-/// `-incoming file:DIR[,prefault=on|off][,share=on|off]`, the only kind of incoming
-/// migration Citadel restores. A comma always starts an option: DIR cannot hold one.
+/// `-incoming file:DIR[,prefault=on|off][,share=on|off][,verify=on|off]`, the only kind of
+/// incoming migration Citadel restores. A comma always starts an option: DIR cannot hold one.
 fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
     let refuse = || {
         invalid(
             "-incoming",
             value,
-            "Citadel restores snapshots from 'file:<directory>[,prefault=on|off][,share=on|off]' \
-             only",
+            "Citadel restores snapshots from \
+             'file:<directory>[,prefault=on|off][,share=on|off][,verify=on|off]' only",
         )
     };
     let rest = value.strip_prefix("file:").ok_or_else(refuse)?;
@@ -770,10 +774,12 @@ fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
     }
     let mut prefault = false;
     let mut share = false;
+    let mut verify = true;
     for (key, val) in opts {
         match (key, val) {
             ("prefault", Some(v)) => prefault = on_off("-incoming", value, key, v)?,
             ("share", Some(v)) => share = on_off("-incoming", value, key, v)?,
+            ("verify", Some(v)) => verify = on_off("-incoming", value, key, v)?,
             _ => {
                 return Err(invalid(
                     "-incoming",
@@ -787,6 +793,7 @@ fn parse_incoming(value: &str) -> Result<IncomingConfig, CliError> {
         dir: PathBuf::from(dir),
         prefault,
         share,
+        verify,
     })
 }
 
@@ -1939,6 +1946,7 @@ mod tests {
                 dir: PathBuf::from("/var/lib/snap"),
                 prefault,
                 share,
+                verify: true,
             })
         };
         assert_eq!(c.incoming, snap(false, false));
@@ -1946,6 +1954,8 @@ mod tests {
         assert_eq!(c.incoming, snap(true, false));
         let c = with(&["-incoming", "file:/var/lib/snap,prefault=off,share=on"]).unwrap();
         assert_eq!(c.incoming, snap(false, true));
+        let c = with(&["-incoming", "file:/var/lib/snap,verify=off"]).unwrap();
+        assert!(c.incoming.is_some_and(|i| !i.verify));
         assert_eq!(with(&[]).unwrap().incoming, None);
         let err = |args: &[&'static str]| with(args).unwrap_err().to_string();
         for bad in [
@@ -1959,7 +1969,7 @@ mod tests {
                 err(&["-incoming", bad]),
                 format!(
                     "invalid value '{bad}' for '-incoming': Citadel restores snapshots from \
-                     'file:<directory>[,prefault=on|off][,share=on|off]' only"
+                     'file:<directory>[,prefault=on|off][,share=on|off][,verify=on|off]' only"
                 )
             );
         }

@@ -701,7 +701,7 @@ mod tests {
         machine.pause().unwrap();
         machine.write_snapshot(&dir).unwrap();
 
-        let checked = files::read(&dir, 32 << 20, 2).unwrap();
+        let checked = files::read(&dir, 32 << 20, 2, true).unwrap();
         let memory = std::fs::read(dir.join(files::MEMORY_FILE)).unwrap();
         let code = test_kernel::probe_code();
         let at = LOAD_ADDR as usize;
@@ -893,7 +893,7 @@ mod tests {
         machine.shutdown();
         drop(machine);
 
-        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let checked = files::read(&dir, 32 << 20, 1, true).unwrap();
         let incoming = MachineSpec {
             incoming: Some(Incoming {
                 snapshot: &checked,
@@ -973,7 +973,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         machine.write_snapshot(&dir).unwrap();
         machine.shutdown();
-        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let checked = files::read(&dir, 32 << 20, 1, true).unwrap();
         let incoming = MachineSpec {
             incoming: Some(Incoming {
                 snapshot: &checked,
@@ -1098,7 +1098,7 @@ mod tests {
         machine.shutdown();
         drop(machine);
 
-        let checked = files::read(&dir, 32 << 20, 1).unwrap();
+        let checked = files::read(&dir, 32 << 20, 1, true).unwrap();
         let incoming = MachineSpec {
             incoming: Some(Incoming {
                 snapshot: &checked,

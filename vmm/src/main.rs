@@ -208,9 +208,13 @@ fn build_and_run(
                     dir: dir.display().to_string(),
                     source,
                 };
-                let snapshot =
-                    citadel::snapshot::files::read(dir, config.mem_bytes, u32::from(config.vcpus))
-                        .map_err(refused)?;
+                let snapshot = citadel::snapshot::files::read(
+                    dir,
+                    config.mem_bytes,
+                    u32::from(config.vcpus),
+                    incoming.verify,
+                )
+                .map_err(refused)?;
                 let disk_slots: Vec<u64> = config.blk_devices.iter().map(|d| d.slot).collect();
                 citadel::snapshot::check_plugged(
                     &snapshot.state,

@@ -1,12 +1,22 @@
-# A VM snapshot of a live Linux user space: the guest counts into a tmpfs file; QMP `migrate`
-# writes a snapshot mid-run (STOP, query-migrate completed), the VM quits, and two VMs
-# restored from the same directory at once (`-incoming`, same command line) both carry on the
-# sequence from where it stopped, without booting again and with the file holding every
-# number.
+# A VM snapshot of a live Linux user space with a disk served by citadel-blk: the guest counts
+# into a tmpfs file and into the disk hot-plugged as vdb with the guide's commands; QMP
+# `migrate` writes a snapshot mid-run (STOP, query-migrate completed), the VM quits, and two
+# VMs restored from the same directory at once (`-incoming`, the disk given on the command
+# line in its slot, each VM on its own copy of the image) both carry on the sequence from
+# where it stopped, without booting again, with the file holding every number and each image
+# every number its VM printed.
 dir=/tmp/snapshot-dir
-rm -rf $dir
+img=/tmp/snapshot.img
+rm -rf $dir $img $img-*
+truncate -s 8M $img
 vm=snap
 boot_guest $vm $GUEST/vmlinux 1 256 sequence
+if l2_wait $vm "guest: seq waiting-for-disk" 120; then
+	qmp $vm "{\"execute\":\"blockdev-add\",\"arguments\":{\"node-name\":\"drive-0\",\"file\":{\"driver\":\"file\",\"filename\":\"$img\"},\"cache\":{\"direct\":false},\"read-only\":false}}" \
+		'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-mmio","addr":"0x1","drive":"drive-0"}}' \
+		>/tmp/$vm.add
+	result plug-returns "$(grep -c '"return":{}' /tmp/$vm.add)"
+fi
 if l2_wait $vm "guest: seq 20" 180; then
 	start=$(now_ms)
 	qmp $vm "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"file:$dir\"}}" >/tmp/$vm.migrate
@@ -21,10 +31,25 @@ if l2_wait $vm "guest: seq 20" 180; then
 fi
 stop_guest $vm
 
-# Both restored VMs run side by side, from the same files.
+# disk_missing IMAGE LAST: how many of the numbers 0 to LAST are not in their block.
+disk_missing() {
+	missing=0
+	n=0
+	while [ $n -le $2 ]; do
+		[ "$(dd if=$1 bs=4096 skip=$n count=1 2>/dev/null | head -c 12)" = "$(printf 'seq %08d' $n)" ] ||
+			missing=$((missing + 1))
+		n=$((n + 1))
+	done
+	echo $missing
+}
+
+# Both restored VMs run side by side, from the same files, each on its own copy of the image.
 for vm in snap-a snap-b; do
+	cp $img $img-$vm
 	start=$(now_ms)
-	boot_guest $vm $GUEST/vmlinux 1 256 sequence -incoming "file:$dir"
+	boot_guest $vm $GUEST/vmlinux 1 256 sequence \
+		-drive file=$img-$vm,id=drive-0 -device virtio-blk-device,drive=drive-0,id=drive-0,addr=0x1 \
+		-incoming "file:$dir"
 	eval "pid_$(echo $vm | tr - _)=$L2_PID start_$(echo $vm | tr - _)=$start"
 done
 for vm in snap-a snap-b; do
@@ -36,7 +61,11 @@ for vm in snap-a snap-b; do
 		l2_wait $vm "guest: seq $((first + 20))" 60 && result $vm.continued yes
 		result $vm.boots "$(l2_count $vm 'guest: user space up')"
 		result $vm.broken "$(l2_count $vm 'seq-broken')"
+		result $vm.disk-errors "$(l2_count $vm 'seq-disk-error')"
 	fi
 	stop_guest $vm
+	last=$(sed -n 's/^guest: seq \([0-9]*\)$/\1/p' /tmp/$vm.log | tail -n1)
+	result $vm.last-seq "$last"
+	[ -n "$last" ] && result $vm.disk-missing "$(disk_missing $img-$vm $last)"
 done
-rm -rf $dir
+rm -rf $dir $img $img-*

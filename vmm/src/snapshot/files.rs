@@ -127,7 +127,8 @@ pub struct CheckedSnapshot {
     pub header: Header,
     /// The JSON state, its checksum verified.
     pub state: Vec<u8>,
-    /// The memory file, opened read-only, its length and checksum verified.
+    /// The memory file, opened read-only, its length verified (and its checksum, unless the
+    /// caller chose not to).
     pub memory: File,
 }
 
@@ -143,9 +144,14 @@ fn open_read(dir: &Path, name: &'static str) -> Result<File, FormatError> {
 }
 
 /// Reads and checks the snapshot in `dir` for a machine of `ram_bytes` and `vcpus`: the
-/// header, the state's checksum, the machine's shape, then the memory file's length and
-/// checksum. Nothing is written.
-pub fn read(dir: &Path, ram_bytes: u64, vcpus: u32) -> Result<CheckedSnapshot, FormatError> {
+/// header, the state's checksum, the machine's shape, then the memory file's length and,
+/// with `verify_memory`, its checksum (a read of the whole file). Nothing is written.
+pub fn read(
+    dir: &Path,
+    ram_bytes: u64,
+    vcpus: u32,
+    verify_memory: bool,
+) -> Result<CheckedSnapshot, FormatError> {
     let bytes = format::read_state(open_read(dir, STATE_FILE)?)?;
     let (header, state) = format::split_state(&bytes)?;
     header.check_machine(ram_bytes, vcpus)?;
@@ -158,7 +164,11 @@ pub fn read(dir: &Path, ram_bytes: u64, vcpus: u32) -> Result<CheckedSnapshot, F
             reason: e.to_string(),
         })?
         .len();
-    format::check_memory(&memory, len, &header)?;
+    if verify_memory {
+        format::check_memory(&memory, len, &header)?;
+    } else {
+        format::check_memory_length(len, &header)?;
+    }
     Ok(CheckedSnapshot {
         header,
         state,
@@ -224,13 +234,13 @@ mod tests {
             vcpus: 2,
         };
         write(&dir, &data).unwrap();
-        let checked = read(&dir, content.len() as u64, 2).unwrap();
+        let checked = read(&dir, content.len() as u64, 2, true).unwrap();
         assert_eq!(checked.state, b"{\"vcpus\":[]}");
         assert_eq!(std::fs::read(dir.join(MEMORY_FILE)).unwrap(), content);
 
         let before = bytes_of(&dir);
         assert_eq!(
-            read(&dir, content.len() as u64 + 4096, 2)
+            read(&dir, content.len() as u64 + 4096, 2, true)
                 .unwrap_err()
                 .to_string(),
             format!(
@@ -240,7 +250,9 @@ mod tests {
             )
         );
         assert_eq!(
-            read(&dir, content.len() as u64, 1).unwrap_err().to_string(),
+            read(&dir, content.len() as u64, 1, true)
+                .unwrap_err()
+                .to_string(),
             "snapshot has 2 vCPUs, the command line asks for 1 (-smp)"
         );
         assert_eq!(bytes_of(&dir), before);
@@ -250,17 +262,25 @@ mod tests {
         bad[CHUNK + 17] ^= 0x80;
         std::fs::write(dir.join(MEMORY_FILE), &bad).unwrap();
         assert_eq!(
-            read(&dir, content.len() as u64, 2).unwrap_err().to_string(),
+            read(&dir, content.len() as u64, 2, true)
+                .unwrap_err()
+                .to_string(),
             "snapshot memory file is corrupt (checksum mismatch)"
         );
+        // Unverified, the memory is taken as it is; its length is still checked.
+        assert!(read(&dir, content.len() as u64, 2, false).is_ok());
         std::fs::write(dir.join(MEMORY_FILE), &content[..CHUNK]).unwrap();
-        assert_eq!(
-            read(&dir, content.len() as u64, 2).unwrap_err().to_string(),
-            format!(
-                "snapshot memory file is {CHUNK} bytes, the snapshot's RAM is {} bytes",
-                content.len()
-            )
-        );
+        for verify in [true, false] {
+            assert_eq!(
+                read(&dir, content.len() as u64, 2, verify)
+                    .unwrap_err()
+                    .to_string(),
+                format!(
+                    "snapshot memory file is {CHUNK} bytes, the snapshot's RAM is {} bytes",
+                    content.len()
+                )
+            );
+        }
         std::fs::write(dir.join(MEMORY_FILE), &content).unwrap();
 
         // A corrupt state byte.
@@ -269,7 +289,9 @@ mod tests {
         state[last] ^= 0x01;
         std::fs::write(dir.join(STATE_FILE), &state).unwrap();
         assert_eq!(
-            read(&dir, content.len() as u64, 2).unwrap_err().to_string(),
+            read(&dir, content.len() as u64, 2, true)
+                .unwrap_err()
+                .to_string(),
             "snapshot state file is corrupt (state checksum mismatch)"
         );
         assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), state);

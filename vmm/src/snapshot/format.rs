@@ -263,14 +263,20 @@ pub fn read_state(file: impl Read) -> Result<Vec<u8>, FormatError> {
     Ok(out)
 }
 
-/// Checks the memory file's length and checksum against the header, reading it once.
-pub fn check_memory(mut file: impl Read, len: u64, header: &Header) -> Result<(), FormatError> {
+/// Refuses a memory file of `len` bytes that does not hold the header's RAM size.
+pub fn check_memory_length(len: u64, header: &Header) -> Result<(), FormatError> {
     if len != header.ram_bytes {
         return Err(FormatError::MemoryLength {
             found: len,
             expected: header.ram_bytes,
         });
     }
+    Ok(())
+}
+
+/// Checks the memory file's length and checksum against the header, reading it once.
+pub fn check_memory(mut file: impl Read, len: u64, header: &Header) -> Result<(), FormatError> {
+    check_memory_length(len, header)?;
     let mut digest = CHECKSUM.digest();
     let read = feed(&mut digest, &mut file).map_err(|e| FormatError::Io {
         file: "memory",

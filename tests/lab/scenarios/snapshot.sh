@@ -15,7 +15,8 @@ if l2_wait $vm "guest: seq waiting-for-disk" 120; then
 	qmp $vm "{\"execute\":\"blockdev-add\",\"arguments\":{\"node-name\":\"drive-0\",\"file\":{\"driver\":\"file\",\"filename\":\"$img\"},\"cache\":{\"direct\":false},\"read-only\":false}}" \
 		'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-mmio","addr":"0x1","drive":"drive-0"}}' \
 		>/tmp/$vm.add
-	result plug-returns "$(grep -c '"return":{}' /tmp/$vm.add)"
+	# Past qmp_capabilities' own reply.
+	result plug-returns "$(sed '1,/"return":{}/d' /tmp/$vm.add | grep -c '"return":{}')"
 fi
 if l2_wait $vm "guest: seq 20" 180; then
 	start=$(now_ms)

@@ -84,21 +84,37 @@ pub fn copy_snapshot_memory(file: &File, size: u64) -> Result<GuestRam, MemoryEr
             addr: 0,
             reason: e.to_string(),
         })?;
-    // The file holds the regions back to back, in address order.
-    for region in ram.memory.iter() {
-        let addr = region.start_addr();
-        ram.memory
-            .read_exact_volatile_from(addr, &mut source, region.len() as usize)
-            .map_err(|e| MemoryError::SnapshotCopy {
-                addr: addr.raw_value(),
-                reason: e.to_string(),
-            })?;
-    }
+    // One read(2) moves at most 2 GiB less a page: a region is copied a chunk at a time.
+    copy_regions(&ram.memory, &mut source, 64 << 20)?;
     log::debug!(
         "guest RAM: {} MiB copied from the snapshot into the shared memfd",
         size >> 20
     );
     Ok(ram)
+}
+
+/// Reads `memory`'s regions back to back, in address order, from `source`, `chunk` bytes
+/// at a time.
+fn copy_regions(
+    memory: &GuestMemoryMmap,
+    source: &mut File,
+    chunk: u64,
+) -> Result<(), MemoryError> {
+    for region in memory.iter() {
+        let mut offset = 0;
+        while offset < region.len() {
+            let addr = region.start_addr().unchecked_add(offset);
+            let len = chunk.min(region.len() - offset);
+            memory
+                .read_exact_volatile_from(addr, source, len as usize)
+                .map_err(|e| MemoryError::SnapshotCopy {
+                    addr: addr.raw_value(),
+                    reason: e.to_string(),
+                })?;
+            offset += len;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -135,6 +151,57 @@ mod tests {
         assert!(matches!(
             map_snapshot_memory(&file, size + 1, false),
             Err(MemoryError::InvalidSize { .. })
+        ));
+    }
+
+    #[test]
+    fn a_copy_is_shared_guest_ram_holding_the_file_and_the_guests_writes_stay_in_it() {
+        let path = std::env::temp_dir().join(format!("citadel-snapcopy-{}", std::process::id()));
+        let size: u64 = 32 << 20;
+        {
+            let f = File::create(&path).unwrap();
+            f.set_len(size).unwrap();
+            f.write_all_at(b"first page", 0).unwrap();
+            f.write_all_at(b"middle", 0x123_4000).unwrap();
+            f.write_all_at(b"last page", size - 4096).unwrap();
+        }
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let ram = copy_snapshot_memory(&file, size).unwrap();
+        assert!(ram.memory.iter().all(|r| r.flags() & libc::MAP_SHARED != 0));
+        let read = |addr: u64, len: usize| {
+            let mut buf = vec![0u8; len];
+            ram.memory.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            buf
+        };
+        assert_eq!(read(0, 10), b"first page");
+        assert_eq!(read(0x123_4000, 6), b"middle");
+        assert_eq!(read(size - 4096, 9), b"last page");
+        ram.memory
+            .write_slice(b"guest data", GuestAddress(0))
+            .unwrap();
+        let mut on_disk = [0u8; 10];
+        file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert_eq!(&on_disk, b"first page");
+        let mut in_memfd = [0u8; 10];
+        ram.memfd.read_exact_at(&mut in_memfd, 0).unwrap();
+        assert_eq!(&in_memfd, b"guest data");
+
+        // In chunks smaller than a region, and from a file shorter than the RAM.
+        let fresh = crate::memory::create_guest_ram(size).unwrap();
+        let mut source = file.try_clone().unwrap();
+        source.seek(SeekFrom::Start(0)).unwrap();
+        copy_regions(&fresh.memory, &mut source, 4096 * 3).unwrap();
+        let mut buf = [0u8; 9];
+        fresh
+            .memory
+            .read_slice(&mut buf, GuestAddress(size - 4096))
+            .unwrap();
+        assert_eq!(&buf, b"last page");
+        source.seek(SeekFrom::Start(4096)).unwrap();
+        assert!(matches!(
+            copy_regions(&fresh.memory, &mut source, 64 << 20),
+            Err(MemoryError::SnapshotCopy { .. })
         ));
     }
 

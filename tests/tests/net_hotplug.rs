@@ -674,17 +674,18 @@ fn a_netdev_fds_that_is_no_open_tap_is_refused_before_the_vm_starts() {
     }
 }
 
-#[test]
-fn a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again() {
-    if cannot_run("a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again") {
-        return;
-    }
-    let tap = Tap::create();
-    let capture = Capture::on(&tap.0);
-    let append = format!("{NIC_SLOT_0} restart");
+/// The guest program's command line for NIC slot 0 in `restart` mode.
+fn streaming_append() -> String {
+    format!("{NIC_SLOT_0} restart")
+}
+
+/// Boots the `virtio_net` guest program in `restart` mode on NIC slot 0, plugs a NIC on
+/// `tap` as `net-0` and waits for its stream of numbered frames to start; returns the VM, a
+/// negotiated QMP client and the guest's first count line.
+fn streaming_nic(tap: &Tap) -> (Vm, Qmp, String) {
     let mut vm = Vm::start(
         &guest_program("virtio_net"),
-        &["-m", "32", "-append", &append],
+        &["-m", "32", "-append", &streaming_append()],
     );
     vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
@@ -694,6 +695,17 @@ fn a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again() {
         json!({"return": {}})
     );
     let line = vm.wait_serial("citadel-guest: virtio-net ticks=", STEP);
+    (vm, qmp, line)
+}
+
+#[test]
+fn a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again() {
+    if cannot_run("a_killed_nic_backend_is_restarted_on_the_same_tap_and_frames_flow_again") {
+        return;
+    }
+    let tap = Tap::create();
+    let capture = Capture::on(&tap.0);
+    let (mut vm, mut qmp, line) = streaming_nic(&tap);
     let ticks: u64 = line.rsplit('=').next().unwrap().parse().unwrap();
     let pids = backends(vm.pid());
     assert_eq!(pids.len(), 1, "{pids:?}");
@@ -752,19 +764,7 @@ fn a_nic_backend_that_keeps_dying_takes_the_link_down_and_the_vm_lives_on() {
         return;
     }
     let tap = Tap::create();
-    let append = format!("{NIC_SLOT_0} restart");
-    let mut vm = Vm::start(
-        &guest_program("virtio_net"),
-        &["-m", "32", "-append", &append],
-    );
-    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
-    let mut qmp = Qmp::negotiated(&vm.qmp_path);
-    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
-    assert_eq!(
-        device_add(&mut qmp, "net-0", "0x0", "net-0"),
-        json!({"return": {}})
-    );
-    vm.wait_serial("citadel-guest: virtio-net ticks=", STEP);
+    let (mut vm, mut qmp, _) = streaming_nic(&tap);
     const TOOK_OVER: &str = "NIC net-0: its backend hung up; citadel-net[";
     const GAVE_UP: &str = "NIC net-0: its backend hung up and cannot be restarted";
     let mut pid = backends(vm.pid())[0];
@@ -833,18 +833,7 @@ fn a_vm_with_a_nic_backend_is_snapshotted_mid_stream_and_restored_with_a_new_bac
             Some(json!({"uri": format!("file:{}", dir.display())})),
         )
     };
-    let append = format!("{NIC_SLOT_0} restart");
-    let mut vm = Vm::start(
-        &guest_program("virtio_net"),
-        &["-m", "32", "-append", &append],
-    );
-    vm.wait_serial("citadel-guest: virtio-net waiting-for-change-1", STEP);
-    let mut qmp = Qmp::negotiated(&vm.qmp_path);
-    assert_eq!(netdev_add(&mut qmp, "net-0", &tap.0), json!({"return": {}}));
-    assert_eq!(
-        device_add(&mut qmp, "net-0", "0x0", "net-0"),
-        json!({"return": {}})
-    );
+    let (mut vm, mut qmp, _) = streaming_nic(&tap);
     vm.wait_serial("citadel-guest: virtio-net ticks=10", STEP);
     assert_eq!(migrate(&mut qmp, &first), json!({"return": {}}));
     assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
@@ -871,7 +860,7 @@ fn a_vm_with_a_nic_backend_is_snapshotted_mid_stream_and_restored_with_a_new_bac
             "-m",
             "32",
             "-append",
-            &append,
+            &streaming_append(),
             "-netdev",
             &netdev,
             "-device",

@@ -741,6 +741,87 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     wait_gone(pid);
 }
 
+/// QMP `migrate` of a jailed VM: the device launcher, in the jail, creates the snapshot
+/// directory and files beneath the jail's root (a path climbing out of it stays inside), owned
+/// by the jail's uid and private to it, and the VM stays usable.
+#[test]
+fn a_jailed_vm_is_snapshotted_inside_its_jail() {
+    require!("a_jailed_vm_is_snapshotted_inside_its_jail");
+    let profile = citadel_tests::profile_dir();
+    let counter = citadel_tests::guest_program("counter");
+    let jail = Jail::new("snapshot");
+    fs::create_dir_all(jail.root()).unwrap();
+    fs::copy(&counter, jail.root().join("counter.elf")).unwrap();
+    fs::set_permissions(
+        jail.root().join("counter.elf"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let blk = profile.join("citadel-blk");
+    let net = profile.join("citadel-net");
+    let out = jail.run(
+        &profile.join("citadel"),
+        &[
+            "--new-pid-ns",
+            "--landlock",
+            "--new-netns",
+            "--daemonize",
+            "--backend-file",
+            blk.to_str().unwrap(),
+            "--backend-file",
+            net.to_str().unwrap(),
+            "--",
+            "-machine",
+            "microvm",
+            "-kernel",
+            "/counter.elf",
+            "-m",
+            "32",
+            "-serial",
+            "null",
+            "-qmp",
+            "unix:/qmp.sock,server,nowait",
+        ],
+    );
+    assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
+    let pid = jail.wait_pid();
+    let mut qmp = Qmp::connect(&jail.root().join("qmp.sock"), Duration::from_secs(20));
+    assert!(qmp.execute("qmp_capabilities", None)["return"].is_object());
+    let escape = format!("snap-escape-{}", std::process::id());
+    for (uri, inside) in [
+        ("file:/snap".to_string(), jail.root().join("snap")),
+        (
+            format!("file:/../../../{escape}"),
+            jail.root().join(&escape),
+        ),
+    ] {
+        let reply = qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })));
+        assert_eq!(reply["return"], serde_json::json!({}), "{uri}: {reply}");
+        for (path, mode) in [
+            (inside.clone(), 0o700),
+            (inside.join("state"), 0o600),
+            (inside.join("memory"), 0o600),
+        ] {
+            let meta = fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+                (UID, GID, mode),
+                "{}",
+                path.display()
+            );
+        }
+        assert_eq!(fs::metadata(inside.join("memory")).unwrap().len(), 32 << 20);
+    }
+    assert!(!Path::new("/").join(&escape).exists());
+    let info = qmp.execute("query-migrate", None);
+    assert_eq!(info["return"]["status"], "completed", "{info}");
+    assert!(qmp.execute("cont", None).get("return").is_some());
+    let status = qmp.execute("query-status", None);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    assert!(qmp.execute("quit", None).get("return").is_some());
+    wait_gone(pid);
+}
+
 #[test]
 fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
     require!("backends_are_copied_next_to_the_vmm_and_may_run_under_landlock");

@@ -146,6 +146,23 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
         line.contains("status=0 sector1=citadel-guest-wrote"),
         "{line}"
     );
+
+    // A snapshot cannot keep a device whose backend Citadel did not start: refused before
+    // the VM is paused, nothing written.
+    let scratch = TempDir::new("vu-blk-snapshot");
+    let snap = scratch.path().join("snap");
+    let reply = qmp.execute(
+        "migrate",
+        Some(json!({"uri": format!("file:{}", snap.display())})),
+    );
+    assert_eq!(
+        citadel_tests::disk::error_desc(&reply),
+        "snapshot refused: 1 vhost-user-blk device(s) of the command line cannot be kept in a \
+         snapshot; plug disks into the disk slots (-drive, blockdev-add) instead"
+    );
+    assert!(!snap.exists());
+    let status = qmp.execute("query-status", None);
+    assert_eq!(status["return"]["status"], "running", "{status}");
 }
 
 #[test]

@@ -527,7 +527,8 @@ impl Machine {
         let devices = self.virtio.unsnapshottable_devices();
         if devices > 0 {
             return Err(MachineError::SnapshotRefused(format!(
-                "{devices} vhost-user-blk device(s) of the command line cannot be kept in a                  snapshot; plug disks into the disk slots (-drive, blockdev-add) instead"
+                "{devices} vhost-user-blk device(s) of the command line cannot be kept in a \
+                 snapshot; plug disks into the disk slots (-drive, blockdev-add) instead"
             )));
         }
         Ok(())

@@ -652,6 +652,38 @@ fn pid_file_allows_a_kill_in_every_daemonize_and_pid_namespace_combination() {
     }
 }
 
+/// Places `guest` in the jail's root, as an operator places a kernel before starting the
+/// jail (as with Firecracker), and starts citadel daemonized in the jail on it, with the
+/// jailer options `jailer` and the VM options `vm`; returns its pid and a QMP client
+/// connected in the jail.
+fn start_jailed_citadel(jail: &Jail, guest: &Path, jailer: &[&str], vm: &[&str]) -> (i32, Qmp) {
+    let name = guest.file_name().and_then(|n| n.to_str()).unwrap();
+    fs::create_dir_all(jail.root()).unwrap();
+    let placed = jail.root().join(name);
+    fs::copy(guest, &placed).unwrap();
+    fs::set_permissions(&placed, fs::Permissions::from_mode(0o644)).unwrap();
+    let kernel = format!("/{name}");
+    let mut args = jailer.to_vec();
+    args.extend([
+        "--daemonize",
+        "--",
+        "-machine",
+        "microvm",
+        "-kernel",
+        &kernel,
+        "-serial",
+        "null",
+        "-qmp",
+        "unix:/qmp.sock,server,nowait",
+    ]);
+    args.extend_from_slice(vm);
+    let out = jail.run(&citadel_tests::profile_dir().join("citadel"), &args);
+    assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
+    let pid = jail.wait_pid();
+    let qmp = Qmp::connect(&jail.root().join("qmp.sock"), Duration::from_secs(20));
+    (pid, qmp)
+}
+
 #[test]
 fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
     require!("jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail");
@@ -677,42 +709,19 @@ fn jailed_citadel_is_locked_down_and_answers_qmp_in_the_jail() {
         return;
     }
     let jail = Jail::new("citadel");
-    // The operator places the kernel in the jail before starting it, as with Firecracker.
-    fs::create_dir_all(jail.root()).unwrap();
-    fs::copy(&idle, jail.root().join("idle.elf")).unwrap();
-    fs::set_permissions(
-        jail.root().join("idle.elf"),
-        fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
-    let out = jail.run(
-        &citadel,
+    let (pid, mut qmp) = start_jailed_citadel(
+        &jail,
+        &idle,
         &[
             "--new-pid-ns",
             "--userns",
             "--landlock",
             "--new-netns",
-            "--daemonize",
             "--cgroup",
             "pids.max=64",
-            "--",
-            "-machine",
-            "microvm",
-            "-kernel",
-            "/idle.elf",
-            "-m",
-            "64",
-            "-smp",
-            "2",
-            "-serial",
-            "null",
-            "-qmp",
-            "unix:/qmp.sock,server,nowait",
         ],
+        &["-m", "64", "-smp", "2"],
     );
-    assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
-    let pid = jail.wait_pid();
-    let mut qmp = Qmp::connect(&jail.root().join("qmp.sock"), Duration::from_secs(20));
     let greeting = qmp.greeting.clone();
     assert!(
         greeting["QMP"]["version"].is_object(),
@@ -750,42 +759,22 @@ fn a_jailed_vm_is_snapshotted_inside_its_jail() {
     let profile = citadel_tests::profile_dir();
     let counter = citadel_tests::guest_program("counter");
     let jail = Jail::new("snapshot");
-    fs::create_dir_all(jail.root()).unwrap();
-    fs::copy(&counter, jail.root().join("counter.elf")).unwrap();
-    fs::set_permissions(
-        jail.root().join("counter.elf"),
-        fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
     let blk = profile.join("citadel-blk");
     let net = profile.join("citadel-net");
-    let out = jail.run(
-        &profile.join("citadel"),
+    let (pid, mut qmp) = start_jailed_citadel(
+        &jail,
+        &counter,
         &[
             "--new-pid-ns",
             "--landlock",
             "--new-netns",
-            "--daemonize",
             "--backend-file",
             blk.to_str().unwrap(),
             "--backend-file",
             net.to_str().unwrap(),
-            "--",
-            "-machine",
-            "microvm",
-            "-kernel",
-            "/counter.elf",
-            "-m",
-            "32",
-            "-serial",
-            "null",
-            "-qmp",
-            "unix:/qmp.sock,server,nowait",
         ],
+        &["-m", "32"],
     );
-    assert!(out.status.success(), "jailer failed: {}", stderr_line(&out));
-    let pid = jail.wait_pid();
-    let mut qmp = Qmp::connect(&jail.root().join("qmp.sock"), Duration::from_secs(20));
     assert!(qmp.execute("qmp_capabilities", None)["return"].is_object());
     let escape = format!("snap-escape-{}", std::process::id());
     for (uri, inside) in [

@@ -103,10 +103,13 @@ fn run() -> Result<i32, Error> {
 
     let mut status = StatusPipe::new()?;
     process::become_subreaper()?;
+    process::hold_forwarded_signals(true)?;
     let child = process::fork()?;
     if child == 0 {
         status.become_writer();
-        let Err(e) = jail_side(&args, &jail, &cgroups, &executables, pid_file, &mut status);
+        let released = process::hold_forwarded_signals(false);
+        let Err(e) = released
+            .and_then(|()| jail_side(&args, &jail, &cgroups, &executables, pid_file, &mut status));
         status.report(&e.to_string());
         // SAFETY: ends the forked child without running the jail guards, which belong to the
         // jailer process.
@@ -125,6 +128,7 @@ fn run() -> Result<i32, Error> {
     drop(jail);
     if args.daemonize {
         // The child only forked the daemon and left.
+        process::hold_forwarded_signals(false)?;
         process::wait_exit_code(child)?;
         return Ok(0);
     }
@@ -169,6 +173,7 @@ fn jail_side(
             Step::Process,
             "create PID namespace",
         )?;
+        process::hold_forwarded_signals(true)?;
         let child = process::fork()?;
         if child > 0 {
             // Only the VMM's side reports; this process must not hold the pipe open.
@@ -177,6 +182,7 @@ fn jail_side(
             // SAFETY: ends the PID namespace's parent with the VMM's exit code.
             unsafe { libc::_exit(code) };
         }
+        process::hold_forwarded_signals(false)?;
     } else {
         process::write_pid(&mut pid_file, std::process::id() as libc::pid_t)?;
     }

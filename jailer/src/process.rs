@@ -275,8 +275,36 @@ extern "C" fn forward(signal: libc::c_int) {
     }
 }
 
+/// Blocks (`hold`) or unblocks the signals a waiting jailer forwards. Held from before the
+/// fork until [`forward_signals`] is in place, a signal sent to the jailer meanwhile waits
+/// and is then passed on, instead of killing the jailer and leaving its VMM behind; the child
+/// releases them at once, since a signal mask survives exec.
+pub fn hold_forwarded_signals(hold: bool) -> Result<(), Error> {
+    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it before use,
+    // and sigprocmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in FORWARDED {
+            libc::sigaddset(&mut set, signal);
+        }
+        let how = if hold {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        check(
+            libc::sigprocmask(how, &set, std::ptr::null_mut()),
+            Step::Process,
+            "mask the forwarded signals",
+        )?;
+    }
+    Ok(())
+}
+
 /// Makes the waiting jailer pass termination signals on to `child`, so that stopping the
-/// jailer stops the VMM it waits for.
+/// jailer stops the VMM it waits for; a signal held since the fork (see
+/// [`hold_forwarded_signals`]) is passed on now.
 pub fn forward_signals(child: libc::pid_t) -> Result<(), Error> {
     FORWARD_TO.store(child, Ordering::SeqCst);
     for signal in FORWARDED {
@@ -294,5 +322,5 @@ pub fn forward_signals(child: libc::pid_t) -> Result<(), Error> {
             )?;
         }
     }
-    Ok(())
+    hold_forwarded_signals(false)
 }

@@ -36,7 +36,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::slot_ring::{answer_chains, empty_ring, used_index, KickWatch, SlotKicks};
+use super::slot_ring::{
+    answer_chains, empty_ring, restart_index, start_index, used_index, KickWatch, SlotKicks,
+};
 use super::vhost_user_blk::{VhostUserBlk, QUEUE_MAX_SIZE};
 use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
 
@@ -363,10 +365,12 @@ impl BlkSlot {
             "disk {} stopped at {base:?} with requests in flight (used index {used:?})",
             plugged.device_id
         );
+        let restart = restart_index(&self.memory, &running.params, 0, base)
+            .ok_or_else(|| QuiesceError::Failed(format!("{why}; its ring left guest RAM")))?;
         plugged
             .disk
             .connection()
-            .start_at(&running.params, &[base.or(used).unwrap_or(0)])
+            .start_at(&running.params, &[restart])
             .map_err(|e| QuiesceError::Failed(format!("{why}; starting it again: {e}")))?;
         Err(QuiesceError::Busy(why))
     }
@@ -457,14 +461,7 @@ impl VirtioDevice for BlkSlot {
             Some(plugged) => {
                 // A disk restored with the machine: its backend was stopped at the used index
                 // before the machine was saved (see `quiesce`).
-                let base = if params.resume {
-                    used_index(&self.memory, &params, 0).ok_or(ActivateError::InvalidQueue {
-                        index: 0,
-                        reason: "the ring does not lie in guest RAM",
-                    })?
-                } else {
-                    0
-                };
+                let base = start_index(&self.memory, &params, 0)?;
                 plugged
                     .disk
                     .connection()

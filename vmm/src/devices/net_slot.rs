@@ -30,7 +30,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::slot_ring::{answer_chains, empty_ring, used_index, KickWatch, SlotKicks};
+use super::slot_ring::{
+    answer_chains, empty_ring, restart_index, start_index, used_index, KickWatch, SlotKicks,
+};
 use super::vhost_user::{DeviceSpec, VhostUserConnection};
 use super::virtio_mmio::{read_config_bytes, ActivateError, ActivateParams, VirtioDevice};
 
@@ -307,9 +309,16 @@ impl NetSlot {
         let (Some(running), Some(nic)) = (self.running.as_ref(), self.nic.as_mut()) else {
             return Ok(());
         };
-        let base = |ring| stopped.iter().find(|b| b.0 == ring).map_or(0, |b| b.1);
+        // The backend's own word on where it stopped, within what the driver offered.
+        let base = |ring| {
+            let stopped = stopped.iter().find(|b| b.0 == ring).map(|b| b.1);
+            restart_index(&self.memory, &running.params, ring, stopped).ok_or_else(|| {
+                format!("starting {} again: its rings left guest RAM", nic.device_id)
+            })
+        };
+        let bases = [base(RX)?, base(TX)?];
         nic.conn
-            .start_at(&running.params, &[base(RX), base(TX)])
+            .start_at(&running.params, &bases)
             .map_err(|e| format!("starting {} again: {e}", nic.device_id))?;
         for kick in &running.params.notify {
             let _ = kick.write(1);
@@ -443,20 +452,10 @@ impl VirtioDevice for NetSlot {
             Some(nic) => {
                 // A NIC restored with the machine goes on from the used indices (see
                 // `quiesce`).
-                let bases = if params.resume {
-                    let used = |ring, reason| {
-                        used_index(&self.memory, &params, ring).ok_or(ActivateError::InvalidQueue {
-                            index: ring as u16,
-                            reason,
-                        })
-                    };
-                    [
-                        used(RX, "the RX ring does not lie in guest RAM")?,
-                        used(TX, "the TX ring does not lie in guest RAM")?,
-                    ]
-                } else {
-                    [0, 0]
-                };
+                let bases = [
+                    start_index(&self.memory, &params, RX)?,
+                    start_index(&self.memory, &params, TX)?,
+                ];
                 nic.conn
                     .start_at(&params, &bases)
                     .map_err(|e| ActivateError::Device(e.to_string()))?;

@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::VirtioInterrupt;
-use super::virtio_mmio::ActivateParams;
+use super::virtio_mmio::{ActivateError, ActivateParams};
 
 /// Chains answered per kick before the slot yields the event loop and kicks itself again: a
 /// guest refilling the ring as fast as it is answered cannot keep the loop to itself.
@@ -153,16 +153,17 @@ pub fn empty_ring(
         return None;
     }
     if let Some(base) = resume {
-        let index_at = |ring: u64| -> Option<u16> {
-            let idx: u16 = memory.read_obj(GuestAddress(ring.checked_add(2)?)).ok()?;
-            Some(u16::from_le(idx))
-        };
-        let used = index_at(config.used)?;
-        let avail = index_at(config.avail)?;
-        queue.set_next_avail(resume_index(base, used, avail));
+        let used = ring_idx(memory, config.used)?;
+        queue.set_next_avail(resume_index(base, used, ring_idx(memory, config.avail)?));
         queue.set_next_used(used);
     }
     Some(queue)
+}
+
+/// The `idx` field of the available or used ring at `ring`, read from guest memory.
+fn ring_idx(memory: &GuestMemoryMmap, ring: u64) -> Option<u16> {
+    let idx: u16 = memory.read_obj(GuestAddress(ring.checked_add(2)?)).ok()?;
+    Some(u16::from_le(idx))
 }
 
 /// The used index the device last published on ring `index`, read from guest memory: where a
@@ -170,10 +171,39 @@ pub fn empty_ring(
 /// one had a request in hand).
 pub fn used_index(memory: &GuestMemoryMmap, params: &ActivateParams, index: usize) -> Option<u16> {
     let config = params.queues.get(index).filter(|q| q.ready)?;
-    let idx: u16 = memory
-        .read_obj(GuestAddress(config.used.checked_add(2)?))
-        .ok()?;
-    Some(u16::from_le(idx))
+    ring_idx(memory, config.used)
+}
+
+/// Where a backend stopped on ring `index` is started again: at `stopped`, its own
+/// GET_VRING_BASE answer, only when that lies between the used and available indices in
+/// guest memory (see `resume_index`), else at the used index. `None` when the ring is not in
+/// guest RAM.
+pub fn restart_index(
+    memory: &GuestMemoryMmap,
+    params: &ActivateParams,
+    index: usize,
+    stopped: Option<u16>,
+) -> Option<u16> {
+    let config = params.queues.get(index).filter(|q| q.ready)?;
+    let used = ring_idx(memory, config.used)?;
+    Some(resume_index(stopped, used, ring_idx(memory, config.avail)?))
+}
+
+/// Where a driver's ring `index` starts when a backend takes it at activation: 0 for a ring
+/// the driver just set up, the used index for one restored from a snapshot (every chain
+/// taken before the machine was saved had been completed).
+pub fn start_index(
+    memory: &GuestMemoryMmap,
+    params: &ActivateParams,
+    index: usize,
+) -> Result<u16, ActivateError> {
+    if !params.resume {
+        return Ok(0);
+    }
+    used_index(memory, params, index).ok_or(ActivateError::InvalidQueue {
+        index: index as u16,
+        reason: "the ring does not lie in guest RAM",
+    })
 }
 
 /// Where the slot resumes a ring a backend stopped: the backend's word (GET_VRING_BASE) only
@@ -256,7 +286,7 @@ pub fn answer_chains(
 
 #[cfg(test)]
 mod tests {
-    use super::{answer_chains, empty_ring, resume_index, used_index};
+    use super::{answer_chains, empty_ring, restart_index, resume_index, start_index, used_index};
     use crate::devices::virtio_mmio::{ActivateParams, Interrupt, QueueConfig};
     use std::sync::Arc;
     use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -292,6 +322,31 @@ mod tests {
         // A queue the driver did not start has no used index to resume from.
         let idle = params(vec![ring(0x3000, false)]);
         assert_eq!(used_index(&memory, &idle, 0), None);
+
+        // A backend started again after a snapshot keeps its stopping point only inside what
+        // the driver offered (avail index 0x1236 at 0x2002).
+        memory
+            .write_obj(0x1236u16.to_le(), GuestAddress(0x2002))
+            .unwrap();
+        assert_eq!(
+            restart_index(&memory, &started, 0, Some(0x1235)),
+            Some(0x1235)
+        );
+        assert_eq!(
+            restart_index(&memory, &started, 0, Some(0x1237)),
+            Some(0x1234)
+        );
+        assert_eq!(restart_index(&memory, &started, 0, Some(0)), Some(0x1234));
+        assert_eq!(restart_index(&memory, &started, 0, None), Some(0x1234));
+        assert_eq!(restart_index(&memory, &started, 1, Some(1)), None);
+        // At activation: 0 for a fresh ring, the used index for a restored one.
+        assert_eq!(start_index(&memory, &started, 0).ok(), Some(0));
+        let restored = ActivateParams {
+            resume: true,
+            ..params(vec![ring(0x3000, true), ring(0xfffe, true)])
+        };
+        assert_eq!(start_index(&memory, &restored, 0).ok(), Some(0x1234));
+        assert!(start_index(&memory, &restored, 1).is_err());
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub fn discard(memory: &GuestMemoryMmap, start: u64, len: u64) -> io::Result<Dis
                 let host = region
                     .get_host_address(MemoryRegionAddress(offset))
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                remove(host, stop - at)?;
+                remove(host, stop - at, region.flags() & libc::MAP_SHARED != 0)?;
                 done.bytes += stop - at;
                 at = stop;
             }
@@ -116,14 +116,23 @@ pub fn discard_pages(memory: &GuestMemoryMmap, range: PageRange) -> io::Result<D
     discard(memory, range.first << PAGE_SHIFT, range.count << PAGE_SHIFT)
 }
 
-fn remove(host: *mut u8, len: u64) -> io::Result<()> {
+/// Frees the `len` bytes of guest RAM mapped at `host`: the file pages behind a `shared`
+/// mapping (the RAM memfd), or the guest's own copies of the pages of a private one (a
+/// snapshot's memory file mapped copy-on-write, which MADV_REMOVE refuses; those pages read
+/// back as the snapshot had them, which a balloon's guest does not rely on).
+fn remove(host: *mut u8, len: u64, shared: bool) -> io::Result<()> {
     let len = usize::try_from(len).map_err(io::Error::other)?;
+    let advice = if shared {
+        libc::MADV_REMOVE
+    } else {
+        libc::MADV_DONTNEED
+    };
     // SAFETY: `host..host + len` lies inside one guest RAM mapping (checked against its
-    // region by the caller), page aligned. MADV_REMOVE frees the file pages behind it; the
-    // mapping stays valid and reads back zeroes, so no reference into guest memory held by
-    // the monitor, KVM or a backend can dangle. Guest memory is never borrowed as a Rust
-    // object, so nothing assumes its contents stay put.
-    let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_REMOVE) };
+    // region by the caller), page aligned. Either advice frees the pages behind it; the
+    // mapping stays valid and reads back zeroes or the file's pages, so no reference into
+    // guest memory held by the monitor, KVM or a backend can dangle. Guest memory is never
+    // borrowed as a Rust object, so nothing assumes its contents stay put.
+    let rc = unsafe { libc::madvise(host.cast(), len, advice) };
     if rc == 0 {
         Ok(())
     } else {
@@ -203,6 +212,58 @@ mod tests {
             .read_slice(&mut page, GuestAddress(2 << 20))
             .unwrap();
         assert_eq!(page, [0u8; 4096]);
+        ram.memory
+            .read_slice(&mut page, GuestAddress((1 << 20) - 4096))
+            .unwrap();
+        assert_eq!(page, [0xa5u8; 4096]);
+    }
+
+    /// Private bytes of this process's mapping that starts at `addr`, from /proc/self/smaps.
+    fn private_dirty(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&start))
+            .find_map(|l| l.strip_prefix("Private_Dirty:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .expect("the mapping in smaps")
+            * 1024
+    }
+
+    /// A machine restored from a snapshot maps the memory file privately: the balloon drops
+    /// the guest's own copies of the pages, which then read back as the snapshot had them.
+    #[test]
+    fn discarded_pages_of_a_restored_machine_go_back_to_the_snapshot() {
+        let path =
+            std::env::temp_dir().join(format!("citadel-balloon-snap-{}", std::process::id()));
+        let size: u64 = 16 << 20;
+        std::fs::write(&path, vec![0x5au8; size as usize]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let ram = crate::snapshot::memory::map_snapshot_memory(&file, size, false).unwrap();
+        let fill = vec![0xa5u8; 8 << 20];
+        ram.memory.write_slice(&fill, GuestAddress(0)).unwrap();
+        let host = ram.memory.iter().next().unwrap().as_ptr() as usize;
+        let before = private_dirty(host);
+        assert!(before >= 8 << 20, "{before}");
+        let done = discard_pages(
+            &ram.memory,
+            PageRange {
+                first: 256,
+                count: 1024,
+            },
+        )
+        .unwrap();
+        assert_eq!(done.bytes, 4 << 20);
+        let after = private_dirty(host);
+        assert_eq!(before - after, 4 << 20, "before {before}, after {after}");
+        let mut page = [0u8; 4096];
+        ram.memory
+            .read_slice(&mut page, GuestAddress(2 << 20))
+            .unwrap();
+        assert_eq!(page, [0x5au8; 4096]);
         ram.memory
             .read_slice(&mut page, GuestAddress((1 << 20) - 4096))
             .unwrap();

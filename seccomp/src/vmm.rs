@@ -8,14 +8,14 @@
 //! process. The table was measured with `strace -f` on a VM taken through QMP `stop`, `cont`,
 //! `query-*`, `system_reset` and `quit`; features that need more add their syscalls: a QMP
 //! `migrate` reads the interrupt controllers, timer and clock of the paused VM, copies guest
-//! RAM with `pread64` into files the device launcher created, and syncs them. vhost-user devices add `sendmsg`/`recvmsg` on sockets
+//! RAM from its mapping into files the device launcher created, and syncs them. vhost-user devices add `sendmsg`/`recvmsg` on sockets
 //! connected before the filter; their KVM ioeventfds and irqfds are registered at startup,
 //! so no KVM routing ioctl is allowed here. Descriptors QMP clients pass (`getfd`, `add-fd`)
 //! arrive by the same `recvmsg`, and a `/dev/fdset/N` image is a close-on-exec duplicate
 //! (`fcntl(F_DUPFD_CLOEXEC)`) chosen by its access mode (`F_GETFL`): nothing is opened. The
 //! balloon, served here, returns guest pages to the host with `madvise(MADV_REMOVE)` on the
-//! shared guest RAM mapping, which the thread runtime's `madvise` already covers: it adds no
-//! syscall, and `fallocate` stays out.
+//! shared guest RAM mapping (`MADV_DONTNEED` on a restored VM's private one), which the thread
+//! runtime's `madvise` already covers: it adds no syscall, and `fallocate` stays out.
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
@@ -68,9 +68,8 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         // The kernel and initrd, held open since start, read again by `system_reset`.
         libc::SYS_lseek,
         libc::SYS_fstat,
-        // QMP `migrate`: guest RAM read from its memfd into the snapshot's memory file, both
-        // files and their directory synced (the launcher creates them; nothing is opened).
-        libc::SYS_pread64,
+        // QMP `migrate`: the snapshot's files and their directory synced (the launcher
+        // creates them; nothing is opened).
         libc::SYS_fsync,
     ]));
     rules.push(descriptor_control(role, &[])?);

@@ -583,8 +583,7 @@ impl Machine {
     fn snapshot_data<'a>(&'a self, json: &'a [u8]) -> snapshot::files::SnapshotData<'a> {
         snapshot::files::SnapshotData {
             state: json,
-            memory: &self.ram.memfd,
-            ram_bytes: self.ram.size,
+            memory: &self.ram.memory,
             vcpus: self.vcpus.len() as u32,
         }
     }
@@ -763,6 +762,24 @@ mod tests {
             .read_slice(&mut buf, vm_memory::GuestAddress(LOAD_ADDR))
             .unwrap();
         assert_eq!(buf, code);
+
+        // A snapshot of the restored machine holds what its guest wrote since, which lives
+        // only in its private mapping of the first snapshot's memory file.
+        let marker = b"written-after-the-restore";
+        restored
+            .ram
+            .memory
+            .write_slice(marker, vm_memory::GuestAddress(0x80_0000))
+            .unwrap();
+        let again = dir.with_extension("again");
+        let _ = std::fs::remove_dir_all(&again);
+        restored.write_snapshot(&again).unwrap();
+        let memory = std::fs::read(again.join(files::MEMORY_FILE)).unwrap();
+        assert_eq!(&memory[0x80_0000..0x80_0000 + marker.len()], marker);
+        assert_eq!(&memory[at..at + code.len()], &code[..]);
+        std::fs::remove_dir_all(&again).unwrap();
+        let first = std::fs::read(dir.join(files::MEMORY_FILE)).unwrap();
+        assert_ne!(&first[0x80_0000..0x80_0000 + marker.len()], marker);
 
         restored.shutdown();
 

@@ -10,11 +10,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use citadel_launcher::snapshot_dir::{self, SnapshotDirError, SnapshotFiles};
 pub use citadel_launcher::snapshot_dir::{MEMORY_FILE, STATE_FILE};
+
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::format::{self, FormatError, Header, CHECKSUM};
 
@@ -32,7 +34,7 @@ pub enum WriteError {
     StateTooLarge(usize),
     /// Guest RAM could not be read.
     #[error("reading guest RAM for the snapshot: {0}")]
-    GuestRam(#[source] io::Error),
+    GuestRam(#[source] vm_memory::GuestMemoryError),
     /// A snapshot file could not be written.
     #[error("writing the snapshot's {file} file: {source}")]
     Io {
@@ -52,31 +54,34 @@ fn io_err(file: &'static str) -> impl FnOnce(io::Error) -> WriteError {
 pub struct SnapshotData<'a> {
     /// The machine state, serialised.
     pub state: &'a [u8],
-    /// Guest RAM: `ram_bytes` bytes from offset 0 (the RAM memfd).
-    pub memory: &'a File,
-    /// Guest RAM size.
-    pub ram_bytes: u64,
+    /// Guest RAM, written region after region in address order, as the RAM memfd holds it.
+    pub memory: &'a GuestMemoryMmap,
     /// vCPU count.
     pub vcpus: u32,
 }
 
-/// Copies guest RAM into `out`, returning its checksum. Reads with `pread`, so the RAM
-/// memfd's file position (which nobody else uses) does not matter.
-fn copy_memory(data: &SnapshotData<'_>, mut out: &File) -> Result<u64, WriteError> {
+/// Copies guest RAM into `out` as the guest sees it, returning its size and checksum. Read
+/// through the mapping rather than from the file behind it: a machine restored from a
+/// snapshot maps that file privately, and its guest's writes are only in the mapping.
+fn copy_memory(memory: &GuestMemoryMmap, mut out: &File) -> Result<(u64, u64), WriteError> {
     let mut digest = CHECKSUM.digest();
     let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
-    while offset < data.ram_bytes {
-        let len = (data.ram_bytes - offset).min(CHUNK as u64) as usize;
-        data.memory
-            .read_exact_at(&mut buf[..len], offset)
-            .map_err(WriteError::GuestRam)?;
-        digest.update(&buf[..len]);
-        out.write_all(&buf[..len]).map_err(io_err(MEMORY_FILE))?;
-        offset += len as u64;
+    let mut total = 0u64;
+    for region in memory.iter() {
+        let mut offset = 0u64;
+        while offset < region.len() {
+            let len = (region.len() - offset).min(CHUNK as u64) as usize;
+            memory
+                .read_slice(&mut buf[..len], region.start_addr().unchecked_add(offset))
+                .map_err(WriteError::GuestRam)?;
+            digest.update(&buf[..len]);
+            out.write_all(&buf[..len]).map_err(io_err(MEMORY_FILE))?;
+            offset += len as u64;
+        }
+        total += region.len();
     }
     out.sync_all().map_err(io_err(MEMORY_FILE))?;
-    Ok(digest.finalize())
+    Ok((total, digest.finalize()))
 }
 
 /// Writes a snapshot into freshly prepared, empty `files`: guest RAM, then the state with its
@@ -87,9 +92,9 @@ pub fn write_into(files: &SnapshotFiles, data: &SnapshotData<'_>) -> Result<(), 
     if state_len > format::MAX_STATE_BYTES {
         return Err(WriteError::StateTooLarge(data.state.len()));
     }
-    let memory_crc = copy_memory(data, &files.memory)?;
+    let (ram_bytes, memory_crc) = copy_memory(data.memory, &files.memory)?;
     let header = Header {
-        ram_bytes: data.ram_bytes,
+        ram_bytes,
         vcpus: data.vcpus,
         state_len,
         state_crc: CHECKSUM.checksum(data.state),
@@ -199,19 +204,22 @@ mod tests {
         }
     }
 
-    fn ram(bytes: &[u8]) -> File {
-        let mut f = tempfile_in(&std::env::temp_dir());
-        f.write_all(bytes).unwrap();
-        f
-    }
-
-    fn tempfile_in(dir: &Path) -> File {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .open(dir)
-            .unwrap()
+    /// Guest RAM holding `bytes`, in two regions when it has more than one page.
+    fn ram(bytes: &[u8]) -> GuestMemoryMmap {
+        let split = (bytes.len() / 2) & !4095;
+        let parts = [(0, &bytes[..split]), (1 << 32, &bytes[split..])];
+        let parts: Vec<_> = parts.into_iter().filter(|p| !p.1.is_empty()).collect();
+        let ranges: Vec<_> = parts
+            .iter()
+            .map(|&(addr, part)| (vm_memory::GuestAddress(addr), part.len()))
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        for (addr, part) in parts {
+            memory
+                .write_slice(part, vm_memory::GuestAddress(addr))
+                .unwrap();
+        }
+        memory
     }
 
     fn bytes_of(dir: &Path) -> (Vec<u8>, Vec<u8>) {
@@ -230,7 +238,6 @@ mod tests {
         let data = SnapshotData {
             state: b"{\"vcpus\":[]}",
             memory: &memory,
-            ram_bytes: content.len() as u64,
             vcpus: 2,
         };
         write(&dir, &data).unwrap();
@@ -305,7 +312,6 @@ mod tests {
         let data = SnapshotData {
             state: b"{}",
             memory: &memory,
-            ram_bytes: 4096,
             vcpus: 1,
         };
         let err = write(&tmp.0, &data).unwrap_err();
@@ -320,12 +326,12 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_nothing_behind() {
         let tmp = TempDir::new("failed");
-        // Guest RAM shorter than announced: the copy fails part-way.
-        let memory = ram(&vec![1u8; CHUNK + 4096]);
+        // A state over the format's cap, refused once the files exist.
+        let memory = ram(&vec![1u8; CHUNK + 8192]);
+        let state = vec![b' '; format::MAX_STATE_BYTES as usize + 1];
         let data = SnapshotData {
-            state: b"{}",
+            state: &state,
             memory: &memory,
-            ram_bytes: 4 * CHUNK as u64,
             vcpus: 1,
         };
         let created = tmp.0.join("new");

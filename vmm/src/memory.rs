@@ -103,7 +103,9 @@ pub enum MemoryError {
 pub struct GuestRam {
     /// The guest's physical memory as the monitor sees it.
     pub memory: GuestMemoryMmap,
-    /// The memfd holding all of guest RAM.
+    /// The file behind guest RAM: the sealed memfd, or for a machine restored lazily from a
+    /// snapshot, the snapshot's memory file, mapped privately (the guest's writes are only in
+    /// [`GuestRam::memory`], never in the file).
     pub memfd: File,
     /// Total RAM size in bytes.
     pub size: u64,

@@ -86,10 +86,7 @@ fn snapshot(dir: &Path) {
     let mut vm = start(&[]);
     vm.wait_serial("citadel-guest: filled", BOOT);
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
-    let reply = qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("file:{}", dir.display())})),
-    );
+    let reply = qmp.migrate(dir);
     assert_eq!(reply, json!({"return": {}}), "{}", vm.transcript());
     qmp.execute("quit", None);
     vm.wait_exit(Duration::from_secs(10));

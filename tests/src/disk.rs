@@ -68,3 +68,22 @@ pub fn error_desc(reply: &Value) -> String {
         .unwrap_or_else(|| panic!("not an error: {reply}"))
         .to_string()
 }
+
+/// Checks that `image` holds what the `virtio_blk` guest program in `restart` mode writes to
+/// each of its first `sectors` sectors: the sector's number (8 bytes, little-endian), then
+/// the byte `number ^ 0x5a` to the end.
+pub fn assert_numbered_sectors(image: &Path, sectors: usize) {
+    let image = std::fs::read(image).unwrap();
+    for n in 0..sectors {
+        let sector = &image[n * 512..(n + 1) * 512];
+        assert_eq!(
+            u64::from_le_bytes(sector[..8].try_into().unwrap()),
+            n as u64,
+            "sector {n} does not hold its number"
+        );
+        assert!(
+            sector[8..].iter().all(|&b| b == (n as u8) ^ 0x5a),
+            "sector {n} does not hold its pattern"
+        );
+    }
+}

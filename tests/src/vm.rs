@@ -323,6 +323,14 @@ impl Qmp {
         self.read_reply()
     }
 
+    /// QMP `migrate` to `file:DIR`, returning the reply.
+    pub fn migrate(&mut self, dir: &Path) -> Value {
+        self.execute(
+            "migrate",
+            Some(serde_json::json!({"uri": format!("file:{}", dir.display())})),
+        )
+    }
+
     /// Waits for an event named `name` (already received ones count), and removes it.
     pub fn wait_event(&mut self, name: &str) -> Value {
         loop {

@@ -176,19 +176,7 @@ fn assert_every_write_landed(vm: &mut Vm, img: &Path) {
     let line = vm.wait_serial("citadel-guest: restart device-status=", STEP);
     assert_eq!(number(&line), STARTED, "{line}");
     assert!(!vm.log().contains(GAVE_UP), "{}", vm.log());
-    let image = std::fs::read(img).unwrap();
-    for n in 0..SECTORS {
-        let sector = &image[n * 512..(n + 1) * 512];
-        assert_eq!(
-            u64::from_le_bytes(sector[..8].try_into().unwrap()),
-            n as u64,
-            "sector {n} does not hold its number"
-        );
-        assert!(
-            sector[8..].iter().all(|&b| b == (n as u8) ^ 0x5a),
-            "sector {n} does not hold its pattern"
-        );
-    }
+    citadel_tests::disk::assert_numbered_sectors(img, SECTORS);
 }
 
 /// The last number a guest line `<needle><number>` reported.

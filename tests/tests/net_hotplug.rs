@@ -827,15 +827,9 @@ fn a_vm_with_a_nic_backend_is_snapshotted_mid_stream_and_restored_with_a_new_bac
     let capture = Capture::on(&tap.0);
     let tmp = TempDir::new("snapshot-nic");
     let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
-    let migrate = |qmp: &mut Qmp, dir: &std::path::Path| {
-        qmp.execute(
-            "migrate",
-            Some(json!({"uri": format!("file:{}", dir.display())})),
-        )
-    };
     let (mut vm, mut qmp, _) = streaming_nic(&tap);
     vm.wait_serial("citadel-guest: virtio-net ticks=10", STEP);
-    assert_eq!(migrate(&mut qmp, &first), json!({"return": {}}));
+    assert_eq!(qmp.migrate(&first), json!({"return": {}}));
     assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
     let line = vm.wait_serial("citadel-guest: virtio-net ticks=", STEP);
     let ticks: u64 = line.rsplit('=').next().unwrap().parse().unwrap();
@@ -847,7 +841,7 @@ fn a_vm_with_a_nic_backend_is_snapshotted_mid_stream_and_restored_with_a_new_bac
         "{}",
         vm.transcript()
     );
-    assert_eq!(migrate(&mut qmp, &second), json!({"return": {}}));
+    assert_eq!(qmp.migrate(&second), json!({"return": {}}));
     assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(!vm.transcript().contains("error="), "{}", vm.transcript());

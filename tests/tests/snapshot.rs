@@ -26,13 +26,6 @@ fn start(extra: &[&str]) -> Vm {
     Vm::start(&guest_program("counter"), &args)
 }
 
-fn migrate(qmp: &mut Qmp, dir: &Path) -> Value {
-    qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("file:{}", dir.display())})),
-    )
-}
-
 fn status(qmp: &mut Qmp) -> Value {
     qmp.execute("query-status", None)["return"]["status"].clone()
 }
@@ -56,7 +49,7 @@ fn snapshot_of_a_counting_vm(dir: &Path) -> u64 {
         qmp.execute("query-migrate", None),
         json!({"return": {"status": "none"}})
     );
-    assert_eq!(migrate(&mut qmp, dir), json!({"return": {}}));
+    assert_eq!(qmp.migrate(dir), json!({"return": {}}));
     // STOP came before the reply.
     assert!(
         qmp.events.iter().any(|e| e["event"] == "STOP"),
@@ -142,7 +135,7 @@ fn refused_migrations_leave_the_vm_running_and_nothing_on_disk() {
     let full = tmp.path().join("full");
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("keep"), b"x").unwrap();
-    let reply = migrate(&mut qmp, &full);
+    let reply = qmp.migrate(&full);
     let why = format!("snapshot directory '{}' is not empty", full.display());
     assert_eq!(
         reply["error"],
@@ -157,7 +150,7 @@ fn refused_migrations_leave_the_vm_running_and_nothing_on_disk() {
     );
 
     let missing = tmp.path().join("no/such/parent");
-    let reply = migrate(&mut qmp, &missing);
+    let reply = qmp.migrate(&missing);
     assert!(
         reply["error"]["desc"]
             .as_str()
@@ -167,7 +160,7 @@ fn refused_migrations_leave_the_vm_running_and_nothing_on_disk() {
     );
     let file = tmp.path().join("file");
     std::fs::write(&file, b"y").unwrap();
-    let reply = migrate(&mut qmp, &file);
+    let reply = qmp.migrate(&file);
     assert_eq!(
         reply["error"]["desc"],
         format!("snapshot path '{}' is not a directory", file.display())
@@ -190,9 +183,9 @@ fn refused_migrations_leave_the_vm_running_and_nothing_on_disk() {
     // the VM stays paused, its first snapshot intact.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    assert_eq!(migrate(&mut qmp, &empty), json!({"return": {}}));
+    assert_eq!(qmp.migrate(&empty), json!({"return": {}}));
     let first = contents(&empty);
-    let reply = migrate(&mut qmp, &empty);
+    let reply = qmp.migrate(&empty);
     assert!(
         reply["error"]["desc"]
             .as_str()
@@ -364,7 +357,7 @@ fn a_full_disk_fails_the_migration_leaves_nothing_and_the_vm_carries_on() {
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
     // 64 MiB of RAM cannot fit in 8 MiB.
     let dir = disk.0.join("snap");
-    let reply = migrate(&mut qmp, &dir);
+    let reply = qmp.migrate(&dir);
     let why = reply["error"]["desc"]
         .as_str()
         .unwrap_or_default()
@@ -390,7 +383,7 @@ fn a_full_disk_fails_the_migration_leaves_nothing_and_the_vm_carries_on() {
     let b = counter_of(&vm.wait_serial("counter=", BOOT)).unwrap();
     assert!(b > a);
     assert_eq!(
-        migrate(&mut qmp, &tmp.path().join("roomy")),
+        qmp.migrate(&tmp.path().join("roomy")),
         json!({"return": {}})
     );
 }
@@ -453,7 +446,7 @@ fn a_vm_with_a_disk_backend_is_snapshotted_mid_write_and_restored_with_a_new_bac
     vm.wait_serial("citadel-guest: restart plugged capacity=2048", BOOT);
     vm.wait_serial("citadel-guest: restart progress=128", BOOT);
     let mut qmp = Qmp::negotiated(&vm.qmp_path);
-    assert_eq!(migrate(&mut qmp, &first), json!({"return": {}}));
+    assert_eq!(qmp.migrate(&first), json!({"return": {}}));
     assert_eq!(status(&mut qmp), "paused");
     assert_eq!(qmp.execute("cont", None), json!({"return": {}}));
     let line = vm.wait_serial("citadel-guest: restart progress=", BOOT);
@@ -463,7 +456,7 @@ fn a_vm_with_a_disk_backend_is_snapshotted_mid_write_and_restored_with_a_new_bac
         &format!("citadel-guest: restart progress={}", resumed + 128),
         BOOT,
     );
-    assert_eq!(migrate(&mut qmp, &second), json!({"return": {}}));
+    assert_eq!(qmp.migrate(&second), json!({"return": {}}));
     vm.serial_lines_for(Duration::from_millis(300));
     let saved = vm
         .transcript()
@@ -520,19 +513,8 @@ fn a_vm_with_a_disk_backend_is_snapshotted_mid_write_and_restored_with_a_new_bac
     assert_eq!(qmp.execute("quit", None), json!({"return": {}}));
     assert_eq!(restored.wait_exit(Duration::from_secs(10)), Some(0));
 
+    citadel_tests::disk::assert_numbered_sectors(&img, DISK_SECTORS);
     let image = std::fs::read(&img).unwrap();
-    for n in 0..DISK_SECTORS {
-        let sector = &image[n * 512..(n + 1) * 512];
-        assert_eq!(
-            u64::from_le_bytes(sector[..8].try_into().unwrap()),
-            n as u64,
-            "sector {n}"
-        );
-        assert!(
-            sector[8..].iter().all(|&b| b == (n as u8) ^ 0x5a),
-            "sector {n}"
-        );
-    }
     // What the first VM had written when it was saved was written again only as it was.
     let saved_sectors = saved as usize;
     assert_eq!(

@@ -151,10 +151,7 @@ fn guest_reads_and_writes_the_image_through_citadel_blk() {
     // the VM is paused, nothing written.
     let scratch = TempDir::new("vu-blk-snapshot");
     let snap = scratch.path().join("snap");
-    let reply = qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("file:{}", snap.display())})),
-    );
+    let reply = qmp.migrate(&snap);
     assert_eq!(
         citadel_tests::disk::error_desc(&reply),
         "snapshot refused: 1 vhost-user-blk device(s) of the command line cannot be kept in a \

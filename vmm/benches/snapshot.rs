@@ -63,6 +63,7 @@ fn run(boot: &BootSource, mem_bytes: u64, base: &Path) {
         cpu_template: CpuTemplate::Host,
         balloon: None,
         incoming: None,
+        pcie: None,
     };
     let mut machine = Machine::create(&spec, wiring()).expect("machine");
     machine.start();
@@ -125,6 +126,7 @@ fn main() {
     citadel::vcpu::register_kick_handler().expect("kick handler");
     let boot = BootSource {
         kernel: guest("counter"),
+        pcie: false,
         initrd: None,
         cmdline: String::new(),
         virtio_mmio: Vec::new(),

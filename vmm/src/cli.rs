@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use crate::cpu::CpuTemplate;
 use crate::devices::balloon::BalloonOptions;
+use crate::devices::pcie::RootPortSpec;
 use crate::lockdown::LandlockChoice;
+use citadel_pci::root_port::RootPortConfig;
 
 /// Largest vCPU count accepted; the MP table and APIC ids are 8-bit.
 pub const MAX_VCPUS: u8 = 254;
@@ -73,6 +75,19 @@ pub struct Config {
     /// `-incoming file:DIR[,prefault=on|off][,share=on|off][,verify=on|off]`: the snapshot
     /// the VM is restored from instead of booting.
     pub incoming: Option<IncomingConfig>,
+    /// `-machine`: the machine type.
+    pub machine: MachineType,
+    /// `-device pcie-root-port`, in command-line order (q35 only).
+    pub root_ports: Vec<RootPortSpec>,
+}
+
+/// The machine types Citadel builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineType {
+    /// The lightweight machine: virtio-mmio slots, no PCI.
+    Microvm,
+    /// The standard machine: the microvm machine plus a PCI Express segment with root ports.
+    Q35,
 }
 
 /// `-incoming file:DIR[,prefault=on|off][,share=on|off][,verify=on|off]`.
@@ -264,7 +279,7 @@ pub enum CliError {
 
 /// Usage text printed by `-help`.
 pub const USAGE: &str = "\
-usage: citadel -machine microvm -kernel PATH [-initrd PATH] [-append CMDLINE]
+usage: citadel -machine microvm|q35 -kernel PATH [-initrd PATH] [-append CMDLINE]
                [-smp N] [-m SIZE] [-cpu host|baseline]
                [-qmp unix:PATH,server,nowait[,mode=0600|0660|0666]]
                [-serial stdio|file:PATH|none] [-name NAME] [-D LOGFILE]
@@ -365,7 +380,7 @@ fn split_options(value: &str) -> (&str, Vec<(&str, Option<&str>)>) {
     (head, rest)
 }
 
-fn parse_machine(value: &str) -> Result<(), CliError> {
+fn parse_machine(value: &str) -> Result<MachineType, CliError> {
     let (head, opts) = split_options(value);
     let mut machine = head;
     for (key, val) in opts {
@@ -384,14 +399,15 @@ fn parse_machine(value: &str) -> Result<(), CliError> {
         }
     }
     match machine {
-        "microvm" => Ok(()),
-        "q35" | "pc" | "standard_vm" => {
-            Err(CliError::Unsupported(format!("machine type '{machine}'")))
-        }
+        "microvm" => Ok(MachineType::Microvm),
+        "q35" => Ok(MachineType::Q35),
+        "pc" | "standard_vm" => Err(CliError::Unsupported(format!(
+            "machine type '{machine}' (the standard machine is q35)"
+        ))),
         _ => Err(invalid(
             "-machine",
             value,
-            "unknown machine type (expected microvm)",
+            "unknown machine type (expected microvm or q35)",
         )),
     }
 }
@@ -497,7 +513,8 @@ where
     S: Into<String>,
 {
     let mut args = args.into_iter().map(Into::into);
-    let mut machine_seen = false;
+    let mut machine = None;
+    let mut root_ports: Vec<RootPortSpec> = Vec::new();
     let mut kernel = None;
     let mut initrd = None;
     let mut cmdline = String::new();
@@ -538,8 +555,7 @@ where
             "-h" | "-help" => return Err(CliError::Help),
             "-version" => return Err(CliError::Version),
             "-machine" | "-M" => {
-                parse_machine(&value(&option)?)?;
-                machine_seen = true;
+                machine = Some(parse_machine(&value(&option)?)?);
             }
             "-kernel" => kernel = Some(non_empty_path(&option, &value(&option)?)?),
             "-initrd" => initrd = Some(non_empty_path(&option, &value(&option)?)?),
@@ -595,6 +611,16 @@ where
                     blk_devices.push(parse_blk_device(&v)?);
                 } else if split_options(&v).0 == "virtio-net-device" {
                     nic_devices.push(parse_nic_device(&v)?);
+                } else if split_options(&v).0 == "pcie-root-port" {
+                    let port = parse_root_port(&v)?;
+                    if root_ports.iter().any(|p| p.id == port.id) {
+                        return Err(invalid(
+                            "-device",
+                            &v,
+                            "a root port with this id already exists",
+                        ));
+                    }
+                    root_ports.push(port);
                 } else if split_options(&v).0 == "virtio-balloon-device" {
                     if balloon.is_some() {
                         return Err(invalid("-device", &v, "a VM has at most one balloon"));
@@ -682,8 +708,18 @@ where
         }
     }
 
-    if !machine_seen {
-        return Err(CliError::Required("-machine"));
+    let machine = machine.ok_or(CliError::Required("-machine"))?;
+    if machine == MachineType::Microvm && !root_ports.is_empty() {
+        return Err(invalid(
+            "-device",
+            "pcie-root-port",
+            "root ports need the q35 machine (-machine q35)",
+        ));
+    }
+    if machine == MachineType::Q35 && incoming.is_some() {
+        return Err(CliError::Unsupported(
+            "-incoming on the q35 machine (snapshots are of microvm machines only)".into(),
+        ));
     }
     let kernel = kernel.ok_or(CliError::Required("-kernel"))?;
     if daemonize && serial == SerialTarget::Stdio {
@@ -719,6 +755,8 @@ where
         incoming.share |= !blk_devices.is_empty() || !nic_devices.is_empty();
     }
     Ok(Config {
+        machine,
+        root_ports,
         incoming,
         balloon,
         disks,
@@ -882,6 +920,89 @@ fn parse_chardev(v: &str) -> Result<Chardev, CliError> {
     })
 }
 
+/// `pcie-root-port,id=ID,port=N,bus=pcie.0,addr=D[.F][,chassis=N][,multifunction=on|off]`,
+/// StratoVirt's syntax. `chassis` is accepted and has no effect: the slot's physical number
+/// is its port number.
+fn parse_root_port(v: &str) -> Result<RootPortSpec, CliError> {
+    let (_, opts) = split_options(v);
+    let (mut id, mut port, mut bus, mut addr) = (None, None, None, None);
+    let mut multifunction = false;
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("port", Some(p)) => {
+                port = Some(
+                    parse_number(p)
+                        .and_then(|n| u8::try_from(n).ok())
+                        .ok_or_else(|| invalid("-device", v, "port must be a number up to 255"))?,
+                )
+            }
+            ("bus", Some(b)) => bus = Some(b),
+            ("addr", Some(a)) => {
+                addr = Some(parse_pci_addr(a).ok_or_else(|| {
+                    invalid(
+                    "-device",
+                    v,
+                    "addr must be a device number up to 0x1f, optionally with .function up to 0x7",
+                )
+                })?)
+            }
+            ("chassis", Some(c)) => {
+                parse_number(c).ok_or_else(|| invalid("-device", v, "chassis must be a number"))?;
+            }
+            ("multifunction", Some(m)) => multifunction = on_off("-device", v, key, m)?,
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!(
+                        "unknown or empty property '{key}' (expected \
+                         id=ID,port=N,bus=pcie.0,addr=D[.F][,chassis=N][,multifunction=on|off])"
+                    ),
+                ))
+            }
+        }
+    }
+    match bus {
+        Some("pcie.0") => {}
+        Some(other) => {
+            return Err(invalid(
+                "-device",
+                v,
+                format!("bus '{other}' is not the root bus: root ports sit on pcie.0"),
+            ))
+        }
+        None => return Err(invalid("-device", v, "no bus=")),
+    }
+    let (device, function) = addr.ok_or_else(|| invalid("-device", v, "no addr="))?;
+    Ok(RootPortSpec {
+        id: id.ok_or_else(|| invalid("-device", v, "no id="))?,
+        device,
+        function,
+        config: RootPortConfig {
+            port: port.ok_or_else(|| invalid("-device", v, "no port="))?,
+            multifunction,
+        },
+    })
+}
+
+/// A decimal or `0x` hexadecimal number.
+fn parse_number(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// A PCI `addr`: `D` or `D.F`, each decimal or hexadecimal.
+fn parse_pci_addr(v: &str) -> Option<(u8, u8)> {
+    let (device, function) = match v.split_once('.') {
+        Some((d, f)) => (parse_number(d)?, parse_number(f)?),
+        None => (parse_number(v)?, 0),
+    };
+    (device < 32 && function < 8).then_some((device as u8, function as u8))
+}
+
 fn parse_device(v: &str) -> Result<DeviceArg, CliError> {
     let (driver, opts) = split_options(v);
     if !matches!(driver, "vhost-user-blk-device" | "vhost-user-blk-mmio") {
@@ -1020,12 +1141,9 @@ fn parse_blk_device(v: &str) -> Result<BlkDeviceArg, CliError> {
             ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
             ("drive", Some(d)) if !d.is_empty() => drive = Some(d.to_string()),
             ("addr", Some(a)) => {
-                let slot = match a.strip_prefix("0x").or_else(|| a.strip_prefix("0X")) {
-                    Some(hex) => u64::from_str_radix(hex, 16).ok(),
-                    None => a.parse().ok(),
-                };
                 addr = Some(
-                    slot.filter(|&n| n < crate::machine::DISK_SLOTS)
+                    parse_number(a)
+                        .filter(|&n| n < crate::machine::DISK_SLOTS)
                         .ok_or_else(|| {
                             invalid(
                                 "-device",
@@ -1533,6 +1651,78 @@ mod tests {
     }
 
     #[test]
+    fn q35_takes_root_ports_in_stratovirts_syntax() {
+        let config = parse([
+            "-machine",
+            "q35",
+            "-kernel",
+            "/k",
+            "-device",
+            "pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1",
+            "-device",
+            "pcie-root-port,id=pcie.2,port=2,bus=pcie.0,addr=0x2.0x1,chassis=3,multifunction=on",
+        ])
+        .unwrap();
+        assert_eq!(config.machine, MachineType::Q35);
+        assert_eq!(
+            config.root_ports,
+            vec![
+                RootPortSpec {
+                    id: "pcie.1".into(),
+                    device: 1,
+                    function: 0,
+                    config: RootPortConfig {
+                        port: 1,
+                        multifunction: false
+                    },
+                },
+                RootPortSpec {
+                    id: "pcie.2".into(),
+                    device: 2,
+                    function: 1,
+                    config: RootPortConfig {
+                        port: 2,
+                        multifunction: true
+                    },
+                },
+            ]
+        );
+        assert_eq!(with(&[]).unwrap().machine, MachineType::Microvm);
+    }
+
+    #[test]
+    fn bad_root_ports_are_refused_with_the_reason() {
+        let q35 = |device: &str| {
+            parse(["-machine", "q35", "-kernel", "/k", "-device", device])
+                .unwrap_err()
+                .to_string()
+        };
+        let port = "pcie-root-port,id=p,port=1,bus=pcie.0";
+        assert!(q35(&format!("{port},addr=0x20")).contains("up to 0x1f"));
+        assert!(q35(&format!("{port},addr=0x1.0x8")).contains("up to 0x1f"));
+        assert!(q35(port).contains("no addr="));
+        assert!(q35("pcie-root-port,id=p,port=1,bus=pcie.1,addr=1").contains("not the root bus"));
+        assert!(q35("pcie-root-port,id=p,port=256,bus=pcie.0,addr=1").contains("up to 255"));
+        assert!(q35("pcie-root-port,port=1,bus=pcie.0,addr=1").contains("no id="));
+        assert!(q35(&format!("{port},addr=1,hotplug=on")).contains("'hotplug'"));
+        let twice = parse([
+            "-machine",
+            "q35",
+            "-kernel",
+            "/k",
+            "-device",
+            "pcie-root-port,id=p,port=1,bus=pcie.0,addr=1",
+            "-device",
+            "pcie-root-port,id=p,port=2,bus=pcie.0,addr=2",
+        ]);
+        assert!(twice.unwrap_err().to_string().contains("already exists"));
+        let microvm = with(&["-device", "pcie-root-port,id=p,port=1,bus=pcie.0,addr=1"]);
+        assert!(microvm.unwrap_err().to_string().contains("-machine q35"));
+        let restore = parse(["-machine", "q35", "-kernel", "/k", "-incoming", "file:/s"]);
+        assert!(matches!(restore.unwrap_err(), CliError::Unsupported(_)));
+    }
+
+    #[test]
     fn errors_are_specific() {
         assert_eq!(
             with(&["-bogus"]).unwrap_err(),
@@ -1551,7 +1741,7 @@ mod tests {
             CliError::Required("-kernel")
         );
         assert!(matches!(
-            with(&["-machine", "q35"]).unwrap_err(),
+            with(&["-machine", "pc"]).unwrap_err(),
             CliError::Unsupported(_)
         ));
         assert!(matches!(

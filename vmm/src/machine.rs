@@ -13,6 +13,7 @@ use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::balloon::{BalloonHandle, BalloonOptions};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
+use crate::devices::pcie::RootPortSpec;
 use crate::devices::vhost_user::VhostUserError;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
@@ -177,6 +178,8 @@ pub struct MachineSpec<'a> {
     /// A checked snapshot the machine is restored from instead of booting; its RAM size and
     /// vCPU count are the ones above.
     pub incoming: Option<Incoming<'a>>,
+    /// The q35 machine's PCI Express segment and its root ports; `None` on microvm.
+    pub pcie: Option<&'a [RootPortSpec]>,
 }
 
 /// A snapshot to restore, and how its memory is loaded.
@@ -319,9 +322,15 @@ impl Machine {
         if let Some(options) = spec.balloon {
             virtio.add_balloon(&vm, &ram.memory, spec.mem_bytes, options)?;
         }
-        // The guest learns of the slots from the DSDT, which a reset writes again.
+        let pcie = spec
+            .pcie
+            .map(|root_ports| virtio.add_pcie(root_ports))
+            .transpose()?;
+        // The guest learns of the slots (and the PCI segment) from the DSDT, which a reset
+        // writes again.
         let mut boot = spec.boot.clone();
         boot.virtio_mmio = virtio.acpi_nodes();
+        boot.pcie = pcie.is_some();
         let boot_files = HeldBootFiles::open(&boot)?;
         // A restored machine's RAM is the snapshot's: its kernel and boot tables go into
         // scratch RAM, only to learn the entry point and the vCPUs' boot state that a reset
@@ -359,7 +368,11 @@ impl Machine {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(setup("wiring the serial interrupt"))?;
-        let devices = Arc::new(LegacyDevices::new(serial_irq, wiring.serial_out));
+        let mut devices = LegacyDevices::new(serial_irq, wiring.serial_out);
+        if let Some(pcie) = pcie {
+            devices = devices.with_pcie(pcie);
+        }
+        let devices = Arc::new(devices);
         if let Some(state) = &restored {
             devices
                 .restore_serial(&state.serial.clone().into())
@@ -521,9 +534,17 @@ impl Machine {
     }
 
     /// Refuses a snapshot of a machine with a vhost-user-blk device of the command line: its
-    /// backend is not stopped for one, and a restored machine could not find it again.
+    /// backend is not stopped for one, and a restored machine could not find it again; and of
+    /// the q35 machine, whose PCI configuration state is not saved.
     /// Checked before the machine is paused for a snapshot, and again after.
     pub fn check_snapshot(&self) -> Result<(), MachineError> {
+        if self.boot.pcie {
+            return Err(MachineError::SnapshotRefused(
+                "snapshots of the q35 machine are not supported yet (its PCI state is not \
+                 saved); use the microvm machine"
+                    .into(),
+            ));
+        }
         let devices = self.virtio.unsnapshottable_devices();
         if devices > 0 {
             return Err(MachineError::SnapshotRefused(format!(
@@ -664,6 +685,7 @@ mod tests {
         }));
         let boot = BootSource {
             kernel: kernel.as_path().to_path_buf(),
+            pcie: false,
             initrd: None,
             cmdline: String::new(),
             virtio_mmio: Vec::new(),
@@ -682,6 +704,7 @@ mod tests {
         let (_kernel, boot) = test_boot();
         let spec = MachineSpec {
             boot: &boot,
+            pcie: None,
             vcpus: 2,
             mem_bytes: 32 << 20,
             cpu_template: CpuTemplate::Host,
@@ -888,6 +911,7 @@ mod tests {
         let (_kernel, boot) = test_boot();
         let spec = MachineSpec {
             boot: &boot,
+            pcie: None,
             vcpus: 1,
             mem_bytes: 32 << 20,
             cpu_template: CpuTemplate::Host,
@@ -952,6 +976,7 @@ mod tests {
         let balloon = BalloonOptions::default();
         let spec = MachineSpec {
             boot: &boot,
+            pcie: None,
             vcpus: 1,
             mem_bytes: 32 << 20,
             cpu_template: CpuTemplate::Host,
@@ -1088,12 +1113,14 @@ mod tests {
         crate::vcpu::register_kick_handler().unwrap();
         let boot = BootSource {
             kernel: citadel_tests::guest_program("virtio_blk"),
+            pcie: false,
             initrd: None,
             cmdline: "virtio_mmio.device=4K@0xd0000000:5 snapshot".to_string(),
             virtio_mmio: Vec::new(),
         };
         let spec = MachineSpec {
             boot: &boot,
+            pcie: None,
             vcpus: 1,
             mem_bytes: 32 << 20,
             cpu_template: CpuTemplate::Host,

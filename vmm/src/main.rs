@@ -286,12 +286,14 @@ fn build_and_run(
         vcpu::register_kick_handler()?;
         let boot = BootSource {
             kernel: config.kernel.clone(),
+            pcie: false,
             initrd: config.initrd.clone(),
             cmdline: config.cmdline.clone(),
             virtio_mmio: Vec::new(),
         };
         let spec = MachineSpec {
             boot: &boot,
+            pcie: (config.machine == cli::MachineType::Q35).then_some(&config.root_ports[..]),
             vcpus: config.vcpus,
             mem_bytes: config.mem_bytes,
             cpu_template: config.cpu_template,

@@ -1,10 +1,16 @@
-//! ACPI tables of the microvm machine: how a guest kernel built without MP-table support (most
-//! distribution kernels) learns about its vCPUs, the IOAPIC and the serial port.
+//! ACPI tables: how a guest kernel built without MP-table support (most distribution
+//! kernels) learns about its vCPUs, the IOAPIC and the serial port, and on the q35 machine
+//! about the PCI Express segment.
 //!
 //! Written at [`layout::ACPI_START`], each table 16-byte aligned: the RSDP (ACPI 2.0, pointing
 //! at the XSDT), the DSDT, a hardware-reduced FADT (no PM timer, no SCI, no fixed-feature
 //! hardware), the MADT and the XSDT listing the FADT and MADT. The tables themselves come from
 //! the rust-vmm `acpi_tables` crate; this module decides what goes into them and where.
+//!
+//! On q35 the XSDT also lists an MCFG with the segment's ECAM window, and the DSDT holds the
+//! host bridge `\_SB.PCI0` (PNP0A08): its bus range and windows in `_CRS`, and an `_OSC`
+//! that grants the operating system every control it asks for, native PCIe hotplug among
+//! them, since no firmware here would handle hotplug events in its stead.
 //!
 //! The MADT says what the MP table says: APIC id `i` for vCPU `i`, the IOAPIC with the id
 //! after the last vCPU and GSI base 0. ISA IRQ n reaches IOAPIC pin n (KVM's default
@@ -12,12 +18,15 @@
 //! without an interrupt source override, so there are none.
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Memory32Fixed, Name, ResourceTemplate, Scope, IO,
+    self, AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else,
+    Equal, If, Interrupt, Memory32Fixed, Method, Name, Or, Path, ResourceTemplate, Return, Scope,
+    Uuid, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -68,11 +77,13 @@ const COM1_PORTS: u8 = 8;
 
 /// Writes the ACPI tables for `num_cpus` vCPUs at [`layout::ACPI_START`] and returns the
 /// address of the RSDP. `devices` are extra AML device objects placed in the DSDT's `\_SB`
-/// scope after COM1 (for instance one per virtio-mmio slot).
+/// scope after COM1 (for instance one per virtio-mmio slot); with `pcie`, the PCI Express
+/// host bridge and its MCFG are described too.
 pub fn write(
     mem: &GuestMemoryMmap,
     num_cpus: u8,
     devices: &[&dyn Aml],
+    pcie: bool,
 ) -> Result<GuestAddress, AcpiError> {
     if num_cpus == 0 || num_cpus > layout::MAX_VCPUS {
         return Err(AcpiError::VcpuCount(num_cpus));
@@ -82,12 +93,22 @@ pub fn write(
     // The RSDP goes first so that it sits at the aligned start of the scanned area; its XSDT
     // address is only known once the other tables are placed, so it is filled in last.
     let rsdp_offset = image.reserve(Rsdp::len());
-    let dsdt = image.place(&dsdt(devices));
+    let host_bridge = PciHostBridge;
+    let mut all_devices = devices.to_vec();
+    if pcie {
+        all_devices.push(&host_bridge);
+    }
+    let dsdt = image.place(&dsdt(&all_devices));
     let fadt = image.place(&fadt(start.0 + dsdt as u64));
     let madt = image.place(&madt(num_cpus));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(start.0 + fadt as u64);
     xsdt.add_entry(start.0 + madt as u64);
+    if pcie {
+        let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        mcfg.add_ecam(layout::PCIE_ECAM_BASE, 0, 0, PCIE_LAST_BUS);
+        xsdt.add_entry(start.0 + image.place(&mcfg) as u64);
+    }
     let xsdt = image.place(&xsdt);
     image.fill(rsdp_offset, &Rsdp::new(OEM_ID, start.0 + xsdt as u64));
 
@@ -199,6 +220,67 @@ impl Aml for VirtioMmioNode {
     }
 }
 
+/// The last bus number of the PCI Express segment: the ECAM window covers buses 0 to 255.
+const PCIE_LAST_BUS: u8 = ((layout::PCIE_ECAM_SIZE >> 20) - 1) as u8;
+/// `_OSC` UUID of PCI host bridges (PCI Firmware Specification).
+const PCI_HOST_BRIDGE_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
+/// `_OSC` status bit: unrecognized UUID.
+const OSC_UNRECOGNIZED_UUID: u8 = 1 << 2;
+
+/// The PCI Express host bridge `PCI0` of segment 0, bus 0: the configuration ports, bus range,
+/// I/O space (all but the configuration ports) and 32-bit memory window it forwards, and an
+/// `_OSC` granting the OS every control it requests.
+struct PciHostBridge;
+
+impl Aml for PciHostBridge {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let hid_value = EISAName::new("PNP0A08");
+        let hid = Name::new("_HID".into(), &hid_value);
+        let cid_value = EISAName::new("PNP0A03");
+        let cid = Name::new("_CID".into(), &cid_value);
+        let adr = Name::new("_ADR".into(), &aml::ZERO);
+        let seg = Name::new("_SEG".into(), &aml::ZERO);
+        let uid = Name::new("_UID".into(), &aml::ZERO);
+        let bbn = Name::new("_BBN".into(), &aml::ZERO);
+
+        let buses = AddressSpace::new_bus_number(0u16, u16::from(PCIE_LAST_BUS));
+        let config_ports = IO::new(0xcf8, 0xcf8, 1, 8);
+        let io_below = AddressSpace::new_io(0u16, 0x0cf7, None);
+        let io_above = AddressSpace::new_io(0x0d00u16, 0xffff, None);
+        let mmio32 = AddressSpace::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            layout::PCI_MMIO32_BASE as u32,
+            (layout::PCI_MMIO32_BASE + layout::PCI_MMIO32_SIZE - 1) as u32,
+            None,
+        );
+        let resources =
+            ResourceTemplate::new(vec![&buses, &config_ports, &io_below, &io_above, &mmio32]);
+        let crs = Name::new("_CRS".into(), &resources);
+
+        // Returning the capabilities buffer unchanged grants every control requested.
+        let cdw1 = Path::new("CDW1");
+        let create_cdw1 = CreateDWordField::new(&cdw1, &Arg(3), &aml::ZERO);
+        let uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
+        let is_pci = Equal::new(&Arg(0), &uuid);
+        let granted = If::new(&is_pci, vec![]);
+        let unrecognized = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNIZED_UUID);
+        let refused = Else::new(vec![&unrecognized]);
+        let ret = Return::new(&Arg(3));
+        let osc = Method::new(
+            "_OSC".into(),
+            4,
+            false,
+            vec![&create_cdw1, &granted, &refused, &ret],
+        );
+        Device::new(
+            "PCI0".into(),
+            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
 /// A hardware-reduced FADT pointing at the DSDT at `dsdt_addr`.
 fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
@@ -255,6 +337,8 @@ pub(crate) mod tests {
         pub iapc_boot_arch: u16,
         /// The DSDT's AML (after the header).
         pub dsdt_aml: Vec<u8>,
+        /// (base, segment, first bus, last bus) of each MCFG allocation, if there is an MCFG.
+        pub mcfg: Option<Vec<(u64, u16, u8, u8)>>,
     }
 
     fn sum(bytes: &[u8]) -> u8 {
@@ -300,9 +384,19 @@ pub(crate) mod tests {
 
         let xsdt = table(mem, u64_at(rsdp, 24), b"XSDT");
         let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
-        assert_eq!(entries.len(), 2, "XSDT lists the FADT and MADT");
+        assert!(
+            matches!(entries.len(), 2 | 3),
+            "XSDT lists the FADT, the MADT and perhaps the MCFG"
+        );
         let fadt = table(mem, entries[0], b"FACP");
         let madt = table(mem, entries[1], b"APIC");
+        let mcfg = entries.get(2).map(|&addr| {
+            let mcfg = table(mem, addr, b"MCFG");
+            mcfg[44..]
+                .chunks(16)
+                .map(|a| (u64_at(a, 0), u16::from_le_bytes([a[8], a[9]]), a[10], a[11]))
+                .collect()
+        });
 
         assert_eq!(u32_at(&fadt, 40), 0, "32-bit DSDT pointer unused");
         let dsdt = table(mem, u64_at(&fadt, 140), b"DSDT");
@@ -316,6 +410,7 @@ pub(crate) mod tests {
             fadt_flags: u32_at(&fadt, 112),
             iapc_boot_arch: u16::from_le_bytes([fadt[109], fadt[110]]),
             dsdt_aml: dsdt[36..].to_vec(),
+            mcfg,
         };
         let mut at = 44;
         while at < madt.len() {
@@ -352,7 +447,7 @@ pub(crate) mod tests {
     fn tables_parse_back_for_several_cpu_counts() {
         let mem = ram();
         for n in [1u8, 2, 7, 64, layout::MAX_VCPUS] {
-            let rsdp = write(&mem, n, &[]).unwrap();
+            let rsdp = write(&mem, n, &[], false).unwrap();
             let parsed = parse(&mem);
             assert_eq!(parsed.rsdp, rsdp.0);
             assert_eq!(parsed.rsdp % 16, 0);
@@ -368,9 +463,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_pcie_host_bridge_and_its_ecam_window_are_described_only_on_request() {
+        let mem = ram();
+        write(&mem, 1, &[], false).unwrap();
+        let plain = parse(&mem);
+        assert_eq!(plain.mcfg, None);
+        assert!(!contains(&plain.dsdt_aml, b"PCI0"));
+
+        write(&mem, 2, &[], true).unwrap();
+        let parsed = parse(&mem);
+        assert_eq!(parsed.mcfg, Some(vec![(0xe000_0000, 0, 0, 255)]));
+        let aml = &parsed.dsdt_aml;
+        assert!(contains(aml, b"PCI0"));
+        // PNP0A08 and PNP0A03 as compressed EISA ids.
+        assert!(contains(aml, &[0x41, 0xd0, 0x0a, 0x08]));
+        assert!(contains(aml, &[0x41, 0xd0, 0x0a, 0x03]));
+        assert!(contains(aml, b"_OSC"));
+        // The _OSC UUID as ToUUID lays it out.
+        assert!(contains(
+            aml,
+            &[0x5b, 0x4d, 0xdb, 0x33, 0xf7, 0x1f, 0x1c, 0x40, 0x96, 0x57]
+        ));
+        // The 32-bit window: DWord memory descriptor with its minimum and maximum.
+        let mut window = 0xd004_0000u32.to_le_bytes().to_vec();
+        window.extend_from_slice(&0xdfff_ffffu32.to_le_bytes());
+        assert!(contains(aml, &window));
+        // The rest of the tables is unchanged.
+        assert_eq!(parsed.lapics.len(), 2);
+    }
+
+    #[test]
     fn madt_agrees_with_the_mp_table() {
         let mem = ram();
-        write(&mem, 5, &[]).unwrap();
+        write(&mem, 5, &[], false).unwrap();
         mptable::write(&mem, 5).unwrap();
         let acpi = parse(&mem);
         let mp = mptable::tests::parse(&mem);
@@ -384,7 +509,7 @@ pub(crate) mod tests {
     #[test]
     fn fadt_is_hardware_reduced_without_legacy_devices() {
         let mem = ram();
-        write(&mem, 1, &[]).unwrap();
+        write(&mem, 1, &[], false).unwrap();
         let parsed = parse(&mem);
         assert_ne!(parsed.fadt_flags & (1 << 20), 0, "HW_REDUCED_ACPI");
         // No 8042 (bit 1) and no legacy ISA devices (bit 0) to probe; no VGA, no CMOS RTC.
@@ -401,7 +526,7 @@ pub(crate) mod tests {
             size: 0x1000,
             gsi: 6,
         };
-        write(&mem, 1, &[&slot]).unwrap();
+        write(&mem, 1, &[&slot], false).unwrap();
         let aml = parse(&mem).dsdt_aml;
         assert!(contains(&aml, b"VR01"));
         assert!(contains(&aml, b"LNRO0005"));
@@ -420,7 +545,7 @@ pub(crate) mod tests {
     #[test]
     fn dsdt_describes_com1_in_the_system_bus() {
         let mem = ram();
-        write(&mem, 1, &[]).unwrap();
+        write(&mem, 1, &[], false).unwrap();
         let aml = parse(&mem).dsdt_aml;
         // Scope (\_SB_) opens the AML.
         assert_eq!(aml[0], 0x10, "ScopeOp");
@@ -445,7 +570,7 @@ pub(crate) mod tests {
         let mem = ram();
         let hid = Name::new("_HID".into(), &"LNRO0005");
         let dev = Device::new("V000".into(), vec![&hid]);
-        write(&mem, 2, &[&dev]).unwrap();
+        write(&mem, 2, &[&dev], false).unwrap();
         let aml = parse(&mem).dsdt_aml;
         let mut dev_aml = Vec::new();
         dev.to_aml_bytes(&mut dev_aml);
@@ -456,14 +581,17 @@ pub(crate) mod tests {
     #[test]
     fn refuses_bad_cpu_counts_and_memory_without_the_bios_area() {
         let mem = ram();
-        assert!(matches!(write(&mem, 0, &[]), Err(AcpiError::VcpuCount(0))));
         assert!(matches!(
-            write(&mem, 255, &[]),
+            write(&mem, 0, &[], false),
+            Err(AcpiError::VcpuCount(0))
+        ));
+        assert!(matches!(
+            write(&mem, 255, &[], false),
             Err(AcpiError::VcpuCount(255))
         ));
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
         assert!(matches!(
-            write(&small, 1, &[]),
+            write(&small, 1, &[], false),
             Err(AcpiError::Write { .. })
         ));
     }
@@ -473,7 +601,7 @@ pub(crate) mod tests {
         let mem = ram();
         let blob = "X".repeat(layout::ACPI_MAX_SIZE);
         let name = Name::new("BLOB".into(), &blob);
-        let err = write(&mem, 1, &[&name]).unwrap_err();
+        let err = write(&mem, 1, &[&name], false).unwrap_err();
         assert!(matches!(err, AcpiError::TooLarge(_)), "{err}");
     }
 }

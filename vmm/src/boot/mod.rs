@@ -36,6 +36,9 @@ pub struct BootSource {
     pub cmdline: String,
     /// The virtio-mmio slots, declared to the guest in the DSDT.
     pub virtio_mmio: Vec<acpi::VirtioMmioNode>,
+    /// Whether the machine has the PCI Express segment (q35): the ACPI tables then describe
+    /// its host bridge and ECAM window, and the memory map reserves the window.
+    pub pcie: bool,
 }
 
 /// The kernel and initrd, opened once at start and kept open, so that every (re)boot reads
@@ -288,8 +291,8 @@ pub fn load_from(
         .iter()
         .map(|n| n as &dyn acpi_tables::Aml)
         .collect();
-    let rsdp = acpi::write(mem, num_cpus, &nodes)?;
-    let map = params::memory_map(ram_size(mem));
+    let rsdp = acpi::write(mem, num_cpus, &nodes, src.pcie)?;
+    let map = params::memory_map(ram_size(mem), src.pcie);
     let pvh_entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
         _ => None,
@@ -514,6 +517,7 @@ mod tests {
     fn source(kernel: &Path) -> BootSource {
         BootSource {
             kernel: kernel.to_path_buf(),
+            pcie: false,
             initrd: None,
             cmdline: "console=ttyS0 reboot=k panic=1".to_string(),
             virtio_mmio: Vec::new(),

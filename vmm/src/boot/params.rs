@@ -36,8 +36,9 @@ pub type MemoryMapEntry = (u64, u64, u32);
 /// EBDA, RAM from 1 MiB to the MMIO gap (or the end of RAM), and RAM above 4 GiB. The legacy
 /// area between the EBDA and 1 MiB is never reported as RAM; the part of it holding the ACPI
 /// and MP tables is reported as reserved, as firmware does, so that nothing is placed over
-/// the tables.
-pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
+/// the tables. With `pcie`, the ECAM window is reserved too: Linux uses an MCFG window only
+/// once firmware has reserved it.
+pub fn memory_map(ram_size: u64, pcie: bool) -> Vec<MemoryMapEntry> {
     let low_end = layout::low_ram_end(ram_size);
     let mut map = vec![
         (0, layout::EBDA_START.0, E820_RAM),
@@ -52,6 +53,13 @@ pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
             E820_RAM,
         ),
     ];
+    if pcie {
+        map.push((
+            layout::PCIE_ECAM_BASE,
+            layout::PCIE_ECAM_SIZE,
+            E820_RESERVED,
+        ));
+    }
     if ram_size > layout::MMIO_GAP_START {
         map.push((
             layout::MMIO_GAP_END,
@@ -174,7 +182,7 @@ mod tests {
     #[test]
     fn memory_map_for_small_ram() {
         let size = 64 << 20;
-        let map = memory_map(size);
+        let map = memory_map(size, false);
         assert_eq!(
             map,
             vec![
@@ -188,7 +196,7 @@ mod tests {
     #[test]
     fn boot_tables_are_reserved_and_never_ram() {
         for size in [16u64 << 20, 3 << 30, 6 << 30] {
-            let map = memory_map(size);
+            let map = memory_map(size, false);
             for (start, len) in [
                 (layout::ACPI_START.0, layout::ACPI_MAX_SIZE as u64),
                 (layout::MPTABLE_START.0, layout::MPTABLE_MAX_SIZE as u64),
@@ -209,8 +217,24 @@ mod tests {
     }
 
     #[test]
+    fn the_ecam_window_is_reserved_only_with_pcie() {
+        let reserved = (
+            layout::PCIE_ECAM_BASE,
+            layout::PCIE_ECAM_SIZE,
+            E820_RESERVED,
+        );
+        assert!(!memory_map(64 << 20, false).contains(&reserved));
+        let map = memory_map(4 << 30, true);
+        assert!(map.contains(&reserved));
+        assert!(
+            map.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+            "entries are sorted and disjoint: {map:x?}"
+        );
+    }
+
+    #[test]
     fn memory_map_for_exactly_three_gib() {
-        let map = memory_map(3 << 30);
+        let map = memory_map(3 << 30, false);
         assert_eq!(map.len(), 3);
         assert_eq!(map[2], (0x10_0000, 0xc000_0000 - 0x10_0000, E820_RAM));
     }
@@ -218,7 +242,7 @@ mod tests {
     #[test]
     fn memory_map_across_the_gap() {
         for size in [(3u64 << 30) + 4096, 4 << 30, (6 << 30) + (2 << 20)] {
-            let map = memory_map(size);
+            let map = memory_map(size, false);
             assert_eq!(map.len(), 4, "{size:#x}");
             assert_eq!(map[2], (0x10_0000, 0xc000_0000 - 0x10_0000, E820_RAM));
             assert_eq!(map[3], (0x1_0000_0000, size - 0xc000_0000, E820_RAM));
@@ -237,7 +261,7 @@ mod tests {
     #[test]
     fn zero_page_carries_header_cmdline_initrd_and_e820() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let map = memory_map(64 << 20);
+        let map = memory_map(64 << 20, false);
         let initrd = InitrdPlacement {
             addr: GuestAddress(0x3f0_0000),
             size: 0x1234,
@@ -267,7 +291,7 @@ mod tests {
     #[test]
     fn pvh_start_info_points_at_memmap_and_module() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let map = memory_map(64 << 20);
+        let map = memory_map(64 << 20, false);
         let initrd = InitrdPlacement {
             addr: GuestAddress(0x3f0_0000),
             size: 0x1234,

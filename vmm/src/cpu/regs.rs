@@ -333,6 +333,7 @@ mod tests {
         let file = test_kernel::file(kernel);
         let src = BootSource {
             kernel: file.as_path().to_path_buf(),
+            pcie: false,
             initrd: None,
             cmdline: "console=ttyS0".into(),
             virtio_mmio: Vec::new(),

@@ -1,13 +1,16 @@
 //! Legacy port-I/O devices: the 8250 UART on COM1 and the i8042 controller (used only for its
-//! reset line), both from vm-superio, and the dispatch of port-I/O exits to them.
+//! reset line), both from vm-superio, and the dispatch of port-I/O exits to them and, on q35,
+//! to the PCI configuration ports.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::SerialState;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::pcie::PcieHost;
 
 /// COM1 base port and its eight registers.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -57,6 +60,7 @@ pub type SerialOut = Box<dyn Write + Send>;
 pub struct LegacyDevices {
     serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>>,
     i8042: Mutex<I8042Device<ResetLatch>>,
+    pcie: Option<Arc<PcieHost>>,
 }
 
 /// A writer that does nothing: `-serial none`.
@@ -77,11 +81,29 @@ impl LegacyDevices {
         LegacyDevices {
             serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), serial_out)),
             i8042: Mutex::new(I8042Device::new(ResetLatch::default())),
+            pcie: None,
         }
+    }
+
+    /// Adds the PCI configuration ports (0xCF8 to 0xCFF) of the q35 machine's segment.
+    pub fn with_pcie(mut self, pcie: Arc<PcieHost>) -> Self {
+        self.pcie = Some(pcie);
+        self
+    }
+
+    /// The segment, when `port` is one of its configuration ports.
+    fn pcie_port(&self, port: u16) -> Option<&PcieHost> {
+        self.pcie
+            .as_deref()
+            .filter(|_| PcieHost::decodes_port(port))
     }
 
     /// Handles a port read. Ports nobody decodes read as all-ones, like an open bus.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if let Some(pcie) = self.pcie_port(port) {
+            pcie.port_read(port, data);
+            return;
+        }
         let value = match port {
             p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) && data.len() == 1 => {
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,6 +123,10 @@ impl LegacyDevices {
 
     /// Handles a port write. Writes to ports nobody decodes are dropped.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        if let Some(pcie) = self.pcie_port(port) {
+            pcie.port_write(port, data);
+            return PioOutcome::Continue;
+        }
         let [value] = data else {
             return PioOutcome::Continue;
         };

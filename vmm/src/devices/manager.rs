@@ -31,6 +31,7 @@ use super::balloon::{BalloonHandle, BalloonOptions};
 use super::blk_slot::{BlkSlot, PluggedDisk, QuiesceError, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
+use super::pcie::{PcieError, PcieHost, RootPortSpec};
 use super::slot_ring::SlotKicks;
 use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
@@ -71,6 +72,9 @@ pub enum DeviceManagerError {
         /// What KVM said.
         source: kvm_ioctls::Error,
     },
+    /// A root port could not be placed.
+    #[error(transparent)]
+    Pcie(#[from] PcieError),
 }
 
 /// Where a device was placed.
@@ -226,6 +230,7 @@ pub struct DeviceManager {
     hangups: BackendHangups,
     activation: EventFd,
     balloon: Option<BalloonHandle>,
+    pcie: Option<Arc<PcieHost>>,
 }
 
 impl DeviceManager {
@@ -240,6 +245,7 @@ impl DeviceManager {
             hangups: BackendHangups::new()?,
             activation: EventFd::new(EFD_NONBLOCK)?,
             balloon: None,
+            pcie: None,
         })
     }
 
@@ -720,9 +726,25 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Adds the PCI Express segment with `root_ports` (the q35 machine): its ECAM window goes
+    /// on the MMIO bus, and the returned handle serves the configuration ports.
+    pub fn add_pcie(
+        &mut self,
+        root_ports: &[RootPortSpec],
+    ) -> Result<Arc<PcieHost>, DeviceManagerError> {
+        let host = Arc::new(PcieHost::new(root_ports)?);
+        self.mmio
+            .insert(layout::PCIE_ECAM_BASE, layout::PCIE_ECAM_SIZE, host.clone())?;
+        self.pcie = Some(host.clone());
+        Ok(host)
+    }
+
     /// Resets every device, as a machine reset does: backends stop their rings before the
     /// next boot reuses the memory they pointed into.
     pub fn reset(&self) {
+        if let Some(pcie) = &self.pcie {
+            pcie.reset();
+        }
         for slot in &self.slots {
             slot.transport.reset();
         }

@@ -10,6 +10,7 @@ pub mod legacy;
 pub mod manager;
 pub mod mmio_bus;
 pub mod net_slot;
+pub mod pcie;
 pub mod slot_ring;
 pub mod vhost_user;
 pub mod vhost_user_blk;

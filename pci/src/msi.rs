@@ -37,6 +37,16 @@ impl MsiCapability {
     pub fn offset(&self) -> u16 {
         self.offset
     }
+
+    /// The message the guest programmed (address, data), if it enabled MSI.
+    pub fn message(&self, space: &ConfigSpace) -> Option<(u64, u32)> {
+        let control = space.read_u16(self.offset + 2);
+        (control & CONTROL_ENABLE != 0).then(|| {
+            let address = u64::from(space.read_u32(self.offset + 4))
+                | (u64::from(space.read_u32(self.offset + 8)) << 32);
+            (address, u32::from(space.read_u16(self.offset + 12)))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -56,7 +66,9 @@ mod tests {
         assert_eq!(space.read_u16(msi.offset() + 2), CONTROL_64BIT);
         space.write(msi.offset() + 4, &0xfee0_1003u32.to_le_bytes());
         space.write(msi.offset() + 12, &0x4041u16.to_le_bytes());
+        assert_eq!(msi.message(&space), None);
         space.write(msi.offset() + 2, &0xffffu16.to_le_bytes());
+        assert_eq!(msi.message(&space), Some((0xfee0_1000, 0x4041)));
         assert_eq!(
             space.read_u16(msi.offset() + 2),
             CONTROL_64BIT | CONTROL_WRITABLE

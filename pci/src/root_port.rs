@@ -5,8 +5,17 @@
 //! notification (so the driver never waits on a write), and a link that reports data-link
 //! layer activity. An empty slot starts powered off with both indicators off, as firmware
 //! leaves one. The port's events are signalled with MSI.
+//!
+//! Hotplug follows the native PCIe sequence. A plug makes the card present and its link
+//! active, and announces both changes. An unplug request presses the attention button; the
+//! guest's driver then has the card's drivers let go, powers the slot off and turns its power
+//! indicator off, and only then is the card taken out ([`RootPort::take_ejected`]), its
+//! absence announced in turn. A guest that never releases the slot keeps the card.
 
-use crate::config::{ConfigSpace, Identity};
+use std::sync::Arc;
+
+use crate::address::Bdf;
+use crate::config::{reg, ConfigSpace, Identity};
 use crate::msi::MsiCapability;
 use crate::segment::Function;
 
@@ -83,6 +92,32 @@ pub mod slot_cap {
 
 /// Slot control: power controller control (1 = off).
 pub const SLOT_CONTROL_POWER_OFF: u16 = 1 << 10;
+/// Slot control: the event enables (attention button, presence detect, command completed,
+/// data-link-layer state) and the hot-plug interrupt enable.
+const ENABLE_ATTENTION_BUTTON: u16 = 1 << 0;
+const ENABLE_PRESENCE_DETECT: u16 = 1 << 3;
+const ENABLE_COMMAND_COMPLETED: u16 = 1 << 4;
+const ENABLE_HOTPLUG_INTERRUPT: u16 = 1 << 5;
+const ENABLE_LINK_STATE: u16 = 1 << 12;
+/// Slot status bits.
+pub mod slot_status {
+    /// Attention button pressed.
+    pub const ATTENTION_BUTTON_PRESSED: u16 = 1 << 0;
+    /// Presence detect changed.
+    pub const PRESENCE_DETECT_CHANGED: u16 = 1 << 3;
+    /// Command completed.
+    pub const COMMAND_COMPLETED: u16 = 1 << 4;
+    /// Presence detect state: a card is in the slot.
+    pub const PRESENCE_DETECT_STATE: u16 = 1 << 6;
+    /// Data-link-layer state changed.
+    pub const LINK_STATE_CHANGED: u16 = 1 << 8;
+}
+/// Link status: data-link-layer link active.
+pub const LINK_STATUS_ACTIVE: u16 = 1 << 13;
+/// Slot control: the power indicator field (bits 9:8), on (01) and off (11).
+const POWER_INDICATOR_MASK: u16 = 0b11 << 8;
+const POWER_INDICATOR_ON: u16 = 0b01 << 8;
+const POWER_INDICATOR_OFF: u16 = 0b11 << 8;
 /// Slot control: an indicator field (attention in bits 7:6, power in 9:8) set to "off".
 const INDICATORS_OFF: u16 = (0b11 << 6) | (0b11 << 8);
 /// Slot control bits the guest writes: every event enable, both indicators, power control
@@ -92,6 +127,29 @@ const SLOT_CONTROL_WRITABLE: u16 = 0x17ff;
 /// MRL sensor changed, presence detect changed, command completed, data-link-layer state
 /// changed.
 const SLOT_STATUS_EVENTS: u16 = 0x011f;
+
+/// What a root port tells the machine.
+pub trait SlotEvents: Send + Sync + std::fmt::Debug {
+    /// Sends the port's interrupt: a write of `data` to `address` (its MSI message).
+    fn interrupt(&self, address: u64, data: u32);
+    /// The guest released a slot whose card is to be removed (power and power indicator
+    /// off): the machine should now call [`RootPort::take_ejected`].
+    fn released(&self);
+}
+
+/// Why a hotplug request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HotplugError {
+    /// The slot already holds a card.
+    #[error("the slot is occupied")]
+    Occupied,
+    /// The slot holds no card.
+    #[error("the slot is empty")]
+    Empty,
+    /// The card's removal was already asked for and the guest has not released it yet.
+    #[error("the device is already being removed")]
+    AlreadyRemoving,
+}
 
 /// How a root port is configured on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,11 +167,28 @@ pub struct RootPort {
     space: ConfigSpace,
     pcie: u16,
     msi: MsiCapability,
+    events: Arc<dyn SlotEvents>,
+    card: Option<Box<dyn Function>>,
+    removing: bool,
 }
 
 impl RootPort {
-    /// A root port with an empty slot.
-    pub fn new(config: RootPortConfig) -> RootPort {
+    /// A root port with an empty slot, telling `events` what happens to it.
+    pub fn new(config: RootPortConfig, events: Arc<dyn SlotEvents>) -> RootPort {
+        let (space, pcie, msi) = Self::registers(config);
+        RootPort {
+            config,
+            space,
+            pcie,
+            msi,
+            events,
+            card: None,
+            removing: false,
+        }
+    }
+
+    /// The registers of a port with an empty slot.
+    fn registers(config: RootPortConfig) -> (ConfigSpace, u16, MsiCapability) {
         let mut space = ConfigSpace::bridge(IDENTITY);
         if config.multifunction {
             space.set_multifunction();
@@ -159,12 +234,116 @@ impl RootPort {
         space.set_u32(at(pcie::LINK_CAPABILITIES_2), 1 << 1);
         space.set_u16(at(pcie::LINK_CONTROL_2), 1);
         space.writable_u16(at(pcie::LINK_CONTROL_2), 0x000f);
-        RootPort {
-            config,
-            space,
-            pcie,
-            msi,
+        (space, pcie, msi)
+    }
+
+    /// Whether a card is in the slot.
+    pub fn occupied(&self) -> bool {
+        self.card.is_some()
+    }
+
+    /// Puts `card` in the slot: present, link up, both announced. An occupied slot hands the
+    /// card back.
+    pub fn plug(&mut self, card: Box<dyn Function>) -> Result<(), Box<dyn Function>> {
+        if self.card.is_some() {
+            return Err(card);
         }
+        self.card = Some(card);
+        self.update_slot(|status, link| {
+            *status |= slot_status::PRESENCE_DETECT_STATE
+                | slot_status::PRESENCE_DETECT_CHANGED
+                | slot_status::LINK_STATE_CHANGED;
+            *link |= LINK_STATUS_ACTIVE;
+        });
+        Ok(())
+    }
+
+    /// Asks the guest to release the card: presses the attention button.
+    pub fn request_unplug(&mut self) -> Result<(), HotplugError> {
+        if self.card.is_none() {
+            return Err(HotplugError::Empty);
+        }
+        if self.removing {
+            return Err(HotplugError::AlreadyRemoving);
+        }
+        self.removing = true;
+        self.update_slot(|status, _| *status |= slot_status::ATTENTION_BUTTON_PRESSED);
+        Ok(())
+    }
+
+    /// Whether the card's removal was asked for and the guest has not released it yet.
+    pub fn removing(&self) -> bool {
+        self.removing
+    }
+
+    /// Takes the card out if its removal was asked for and the guest has released the slot;
+    /// the slot then reports it empty, link down.
+    pub fn take_ejected(&mut self) -> Option<Box<dyn Function>> {
+        if !self.removing || !self.released() {
+            return None;
+        }
+        self.removing = false;
+        let card = self.card.take();
+        self.update_slot(|status, link| {
+            *status &= !slot_status::PRESENCE_DETECT_STATE;
+            *status |= slot_status::PRESENCE_DETECT_CHANGED | slot_status::LINK_STATE_CHANGED;
+            *link &= !LINK_STATUS_ACTIVE;
+        });
+        card
+    }
+
+    fn powered_off(&self) -> bool {
+        self.space.read_u16(self.pcie + pcie::SLOT_CONTROL) & SLOT_CONTROL_POWER_OFF != 0
+    }
+
+    /// Whether the guest is done with the slot: power off and then the power indicator off.
+    /// Linux's pciehp waits a second between the two and ignores presence and link changes
+    /// in that second, so a card taken out (or a new one put in) before the indicator goes
+    /// off would go unnoticed.
+    fn released(&self) -> bool {
+        let control = self.space.read_u16(self.pcie + pcie::SLOT_CONTROL);
+        self.powered_off() && control & POWER_INDICATOR_MASK == POWER_INDICATOR_OFF
+    }
+
+    /// Whether an enabled slot event is pending with the hot-plug interrupt enabled.
+    fn event_pending(&self) -> bool {
+        let control = self.space.read_u16(self.pcie + pcie::SLOT_CONTROL);
+        let status = self.space.read_u16(self.pcie + pcie::SLOT_STATUS);
+        let enabled = [
+            (
+                ENABLE_ATTENTION_BUTTON,
+                slot_status::ATTENTION_BUTTON_PRESSED,
+            ),
+            (ENABLE_PRESENCE_DETECT, slot_status::PRESENCE_DETECT_CHANGED),
+            (ENABLE_COMMAND_COMPLETED, slot_status::COMMAND_COMPLETED),
+            (ENABLE_LINK_STATE, slot_status::LINK_STATE_CHANGED),
+        ];
+        control & ENABLE_HOTPLUG_INTERRUPT != 0
+            && enabled
+                .iter()
+                .any(|&(enable, event)| control & enable != 0 && status & event != 0)
+    }
+
+    /// Sends the port's MSI when a change makes an enabled event pending that was not: the
+    /// edge PCI Express asks of a hot-plug interrupt.
+    fn interrupt_if_raised(&self, was_pending: bool) {
+        if was_pending || !self.event_pending() {
+            return;
+        }
+        if let Some((address, data)) = self.msi.message(&self.space) {
+            self.events.interrupt(address, data);
+        }
+    }
+
+    /// Changes the slot and link status registers with `change`, then interrupts if due.
+    fn update_slot(&mut self, change: impl FnOnce(&mut u16, &mut u16)) {
+        let was_pending = self.event_pending();
+        let mut status = self.space.read_u16(self.pcie + pcie::SLOT_STATUS);
+        let mut link = self.space.read_u16(self.pcie + pcie::LINK_STATUS);
+        change(&mut status, &mut link);
+        self.space.set_u16(self.pcie + pcie::SLOT_STATUS, status);
+        self.space.set_u16(self.pcie + pcie::LINK_STATUS, link);
+        self.interrupt_if_raised(was_pending);
     }
 
     /// Where the PCI Express capability starts.
@@ -184,28 +363,135 @@ impl Function for RootPort {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
+        let was_pending = self.event_pending();
+        let was_released = self.released();
         self.space.write(offset, data);
+        if self.removing && !was_released && self.released() {
+            self.events.released();
+        }
+        // Enabling an event, or the interrupt, with the event already pending raises it.
+        self.interrupt_if_raised(was_pending);
     }
 
     fn multifunction(&self) -> bool {
         self.config.multifunction
     }
 
+    /// Back to the registers at power-on. A card stays plugged, powered and present; one
+    /// whose removal was asked for is released, as the guest that was to power its slot off
+    /// is gone.
     fn reset(&mut self) {
-        *self = RootPort::new(self.config);
+        let (space, _, _) = Self::registers(self.config);
+        self.space = space;
+        if let Some(card) = self.card.as_mut() {
+            card.reset();
+            let control = self.space.read_u16(self.pcie + pcie::SLOT_CONTROL);
+            let powered =
+                (control & !(SLOT_CONTROL_POWER_OFF | POWER_INDICATOR_MASK)) | POWER_INDICATOR_ON;
+            self.space.set_u16(self.pcie + pcie::SLOT_CONTROL, powered);
+            self.space.set_u16(
+                self.pcie + pcie::SLOT_STATUS,
+                slot_status::PRESENCE_DETECT_STATE,
+            );
+            let link = self.space.read_u16(self.pcie + pcie::LINK_STATUS) | LINK_STATUS_ACTIVE;
+            self.space.set_u16(self.pcie + pcie::LINK_STATUS, link);
+            if self.removing {
+                let off = self.space.read_u16(self.pcie + pcie::SLOT_CONTROL)
+                    | SLOT_CONTROL_POWER_OFF
+                    | POWER_INDICATOR_OFF;
+                self.space.set_u16(self.pcie + pcie::SLOT_CONTROL, off);
+                self.events.released();
+            }
+        }
+    }
+
+    /// The card, at device 0 function 0 of the port's secondary bus.
+    fn downstream(&self, bdf: Bdf) -> Option<&dyn Function> {
+        self.routes(bdf).then_some(self.card.as_deref()?)
+    }
+
+    fn downstream_mut(&mut self, bdf: Bdf) -> Option<&mut dyn Function> {
+        if !self.routes(bdf) {
+            return None;
+        }
+        self.card
+            .as_mut()
+            .map(|card| card.as_mut() as &mut dyn Function)
+    }
+}
+
+impl RootPort {
+    /// Whether a configuration access to `bdf` is the card's: its secondary bus, device 0
+    /// function 0 (a PCI Express link has one device), and only while the slot is powered.
+    fn routes(&self, bdf: Bdf) -> bool {
+        let secondary = self.space.read_u8(reg::SECONDARY_BUS);
+        secondary != 0
+            && bdf.bus == secondary
+            && bdf.device == 0
+            && bdf.function == 0
+            && !self.powered_off()
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::config::reg;
+    use std::sync::Mutex;
+
+    /// Records what a port tells the machine.
+    #[derive(Debug, Default)]
+    pub(crate) struct Recorder {
+        pub interrupts: Mutex<Vec<(u64, u32)>>,
+        pub released: Mutex<u32>,
+    }
+
+    impl SlotEvents for Recorder {
+        fn interrupt(&self, address: u64, data: u32) {
+            self.interrupts.lock().unwrap().push((address, data));
+        }
+        fn released(&self) {
+            *self.released.lock().unwrap() += 1;
+        }
+    }
+
+    /// A card whose registers are 0x1234_5678 then whatever was written last.
+    #[derive(Debug, Default)]
+    pub(crate) struct Card {
+        written: Mutex<[u8; 4]>,
+        pub resets: u32,
+    }
+
+    impl Function for Card {
+        fn read(&self, offset: u16, data: &mut [u8]) {
+            let value = match offset {
+                0 => 0x1234_5678u32.to_le_bytes(),
+                _ => *self.written.lock().unwrap(),
+            };
+            data.copy_from_slice(&value[..data.len()]);
+        }
+        fn write(&mut self, _offset: u16, data: &[u8]) {
+            self.written.lock().unwrap()[..data.len()].copy_from_slice(data);
+        }
+        fn multifunction(&self) -> bool {
+            false
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn port_with(events: Arc<Recorder>) -> RootPort {
+        RootPort::new(
+            RootPortConfig {
+                port: 3,
+                multifunction: false,
+            },
+            events,
+        )
+    }
 
     fn port() -> RootPort {
-        RootPort::new(RootPortConfig {
-            port: 3,
-            multifunction: false,
-        })
+        port_with(Arc::new(Recorder::default()))
     }
 
     fn read16(port: &RootPort, offset: u16) -> u16 {
@@ -220,12 +506,26 @@ mod tests {
         u32::from_le_bytes(data)
     }
 
+    fn write16(port: &mut RootPort, offset: u16, value: u16) {
+        port.write(offset, &value.to_le_bytes());
+    }
+
+    /// What Linux's pciehp does at probe: MSI programmed and enabled, slot events and the
+    /// hot-plug interrupt enabled.
+    fn driver_ready(port: &mut RootPort) {
+        port.write(0x80 + 4, &0xfee0_0000u32.to_le_bytes());
+        write16(port, 0x80 + 12, 0x0041);
+        write16(port, 0x80 + 2, 1);
+        let control = read16(port, 0x58);
+        write16(port, 0x58, control | 0x1029);
+    }
+
     #[test]
     fn the_capability_list_is_pcie_then_msi() {
         let p = port();
         assert_eq!(read32(&p, 0), 0x000c_1b36);
         assert_eq!(read32(&p, 8) >> 8, 0x06_04_00);
-        assert_eq!(p.read_header_type(), 1);
+        assert_eq!(p.space.read_u8(reg::HEADER_TYPE), 1);
         let mut data = [0; 1];
         p.read(reg::CAPABILITIES, &mut data);
         assert_eq!(data[0], 0x40);
@@ -246,12 +546,13 @@ mod tests {
         assert_eq!(read16(&p, 0x40 + pcie::SLOT_STATUS) & (1 << 6), 0);
         assert_eq!(read16(&p, 0x40 + pcie::LINK_STATUS) & (1 << 13), 0);
         assert_eq!(read16(&p, 0x40 + pcie::SLOT_CONTROL), 0x07c0);
+        assert!(!p.occupied());
     }
 
     #[test]
     fn slot_control_takes_enables_indicators_and_power_and_reset_restores_it() {
         let mut p = port();
-        p.write(0x40 + pcie::SLOT_CONTROL, &0xffffu16.to_le_bytes());
+        write16(&mut p, 0x40 + pcie::SLOT_CONTROL, 0xffff);
         assert_eq!(read16(&p, 0x40 + pcie::SLOT_CONTROL), 0x17ff);
         p.write(reg::SECONDARY_BUS, &[1]);
         p.reset();
@@ -261,9 +562,90 @@ mod tests {
         assert_eq!(bus, [0]);
     }
 
-    impl RootPort {
-        fn read_header_type(&self) -> u8 {
-            self.space.read_u8(reg::HEADER_TYPE)
-        }
+    #[test]
+    fn a_plug_is_announced_once_and_the_guest_clears_it() {
+        let events = Arc::new(Recorder::default());
+        let mut p = port_with(events.clone());
+        driver_ready(&mut p);
+        p.plug(Box::new(Card::default())).unwrap();
+        assert!(p.occupied());
+        let status = read16(&p, 0x5a);
+        assert_eq!(status, 0x0148, "present, presence and link changed");
+        assert_ne!(read16(&p, 0x52) & LINK_STATUS_ACTIVE, 0);
+        assert_eq!(
+            *events.interrupts.lock().unwrap(),
+            vec![(0xfee0_0000, 0x41)]
+        );
+        assert!(p.plug(Box::new(Card::default())).is_err());
+        write16(&mut p, 0x5a, 0x0108);
+        assert_eq!(read16(&p, 0x5a), 0x0040);
+        assert_eq!(events.interrupts.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_event_pending_when_interrupts_get_enabled_is_raised_then() {
+        let events = Arc::new(Recorder::default());
+        let mut p = port_with(events.clone());
+        p.plug(Box::new(Card::default())).unwrap();
+        assert!(
+            events.interrupts.lock().unwrap().is_empty(),
+            "MSI not enabled yet"
+        );
+        driver_ready(&mut p);
+        assert_eq!(events.interrupts.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_unplug_waits_for_the_guest_to_power_the_slot_off() {
+        let events = Arc::new(Recorder::default());
+        let mut p = port_with(events.clone());
+        assert_eq!(p.request_unplug(), Err(HotplugError::Empty));
+        driver_ready(&mut p);
+        p.plug(Box::new(Card::default())).unwrap();
+        write16(&mut p, 0x5a, 0x0108);
+        // The guest powers the slot on.
+        let on = read16(&p, 0x58) & !SLOT_CONTROL_POWER_OFF;
+        write16(&mut p, 0x58, on);
+        assert!(p.take_ejected().is_none());
+        p.request_unplug().unwrap();
+        assert_eq!(p.request_unplug(), Err(HotplugError::AlreadyRemoving));
+        assert_eq!(read16(&p, 0x5a) & 1, 1, "attention button pressed");
+        assert_eq!(events.interrupts.lock().unwrap().len(), 2);
+        assert!(p.take_ejected().is_none(), "still powered");
+        write16(&mut p, 0x5a, 0x0001);
+        // Power on and the indicator on (01), as pciehp leaves a working slot.
+        let on = (read16(&p, 0x58) & !POWER_INDICATOR_MASK) | POWER_INDICATOR_ON;
+        write16(&mut p, 0x58, on);
+        let off = read16(&p, 0x58) | SLOT_CONTROL_POWER_OFF;
+        write16(&mut p, 0x58, off);
+        assert_eq!(*events.released.lock().unwrap(), 0, "indicator still on");
+        assert!(p.take_ejected().is_none());
+        let dark = read16(&p, 0x58) | POWER_INDICATOR_OFF;
+        write16(&mut p, 0x58, dark);
+        assert_eq!(*events.released.lock().unwrap(), 1);
+        assert!(p.take_ejected().is_some());
+        assert!(!p.occupied() && !p.removing());
+        assert_eq!(
+            read16(&p, 0x5a),
+            0x0108,
+            "absent, presence and link changed"
+        );
+        assert_eq!(read16(&p, 0x52) & LINK_STATUS_ACTIVE, 0);
+        assert_eq!(events.interrupts.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_reset_keeps_a_card_powered_and_releases_one_being_removed() {
+        let events = Arc::new(Recorder::default());
+        let mut p = port_with(events.clone());
+        p.plug(Box::new(Card::default())).unwrap();
+        p.reset();
+        assert_eq!(read16(&p, 0x5a), 0x0040);
+        assert_eq!(read16(&p, 0x58) & SLOT_CONTROL_POWER_OFF, 0);
+        assert_ne!(read16(&p, 0x52) & LINK_STATUS_ACTIVE, 0);
+        p.request_unplug().unwrap();
+        p.reset();
+        assert_eq!(*events.released.lock().unwrap(), 1);
+        assert!(p.take_ejected().is_some());
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::address::{self, Bdf, ConfigAccess, FUNCTIONS_PER_DEVICE};
 use crate::host_bridge::HostBridge;
+use crate::root_port::RootPort;
 
 /// A function's side of configuration accesses.
 pub trait Function: Send + std::fmt::Debug {
@@ -20,6 +21,14 @@ pub trait Function: Send + std::fmt::Debug {
     fn multifunction(&self) -> bool;
     /// Puts the function back as it was built (machine reset).
     fn reset(&mut self);
+    /// For a bridge: the function behind it that answers accesses to `bdf`, if any.
+    fn downstream(&self, _bdf: Bdf) -> Option<&dyn Function> {
+        None
+    }
+    /// For a bridge: the function behind it that takes writes to `bdf`, if any.
+    fn downstream_mut(&mut self, _bdf: Bdf) -> Option<&mut dyn Function> {
+        None
+    }
 }
 
 /// Why a function cannot be placed.
@@ -47,30 +56,55 @@ pub const PORT_DATA: u16 = 0xcfc;
 /// Number of ports from [`PORT_ADDRESS`].
 pub const PORT_COUNT: u16 = 8;
 
-/// Segment 0: the functions of bus 0 by device and function number.
+/// A function of bus 0.
+#[derive(Debug)]
+enum Bus0Function {
+    HostBridge(HostBridge),
+    RootPort(RootPort),
+}
+
+impl Bus0Function {
+    fn function(&self) -> &dyn Function {
+        match self {
+            Bus0Function::HostBridge(f) => f,
+            Bus0Function::RootPort(f) => f,
+        }
+    }
+
+    fn function_mut(&mut self) -> &mut dyn Function {
+        match self {
+            Bus0Function::HostBridge(f) => f,
+            Bus0Function::RootPort(f) => f,
+        }
+    }
+}
+
+/// Segment 0: the functions of bus 0 by device and function number, and through the root
+/// ports the cards behind them.
 #[derive(Debug)]
 pub struct Segment {
-    bus0: BTreeMap<u8, Box<dyn Function>>,
+    bus0: BTreeMap<u8, Bus0Function>,
     cf8: u32,
 }
 
 impl Default for Segment {
     fn default() -> Self {
-        let mut bus0: BTreeMap<u8, Box<dyn Function>> = BTreeMap::new();
-        bus0.insert(0, Box::<HostBridge>::default());
+        let mut bus0 = BTreeMap::new();
+        bus0.insert(0, Bus0Function::HostBridge(HostBridge::default()));
         Segment { bus0, cf8: 0 }
     }
 }
 
 impl Segment {
-    /// Places `function` at 00:`device`.`function_number`, refusing a taken position, the
-    /// host bridge's device, and a mix of functions that guests would not scan.
-    pub fn add(
+    /// Places root port `port` at 00:`device`.`function_number`, refusing a taken position,
+    /// the host bridge's device, and a mix of functions that guests would not scan.
+    pub fn add_root_port(
         &mut self,
         device: u8,
         function_number: u8,
-        function: Box<dyn Function>,
+        port: RootPort,
     ) -> Result<Bdf, SegmentError> {
+        let function = Bus0Function::RootPort(port);
         let bdf = Bdf::new(0, device, function_number).ok_or(SegmentError::HostBridgeSlot)?;
         if device == 0 {
             return Err(SegmentError::HostBridgeSlot);
@@ -82,37 +116,65 @@ impl Segment {
         let siblings = (first..first + FUNCTIONS_PER_DEVICE).any(|f| self.bus0.contains_key(&f));
         if function_number != 0 {
             if let Some(zero) = self.bus0.get(&first) {
-                if !zero.multifunction() {
+                if !zero.function().multifunction() {
                     return Err(SegmentError::SingleFunction(bdf));
                 }
             }
-        } else if siblings && !function.multifunction() {
+        } else if siblings && !function.function().multifunction() {
             return Err(SegmentError::NeedsMultifunction(bdf));
         }
         self.bus0.insert(bdf.devfn(), function);
         Ok(bdf)
     }
 
-    fn function(&self, access: &ConfigAccess) -> Option<&dyn Function> {
-        (access.bdf.bus == 0)
-            .then(|| self.bus0.get(&access.bdf.devfn()))
-            .flatten()
-            .map(|f| f.as_ref())
+    /// The root port at 00:`device`.`function`, if there is one there.
+    pub fn root_port_mut(&mut self, device: u8, function: u8) -> Option<&mut RootPort> {
+        let devfn = Bdf::new(0, device, function)?.devfn();
+        match self.bus0.get_mut(&devfn)? {
+            Bus0Function::RootPort(port) => Some(port),
+            Bus0Function::HostBridge(_) => None,
+        }
+    }
+
+    /// Every root port.
+    pub fn root_ports_mut(&mut self) -> impl Iterator<Item = &mut RootPort> {
+        self.bus0.values_mut().filter_map(|f| match f {
+            Bus0Function::RootPort(port) => Some(port),
+            Bus0Function::HostBridge(_) => None,
+        })
+    }
+
+    fn function(&self, bdf: Bdf) -> Option<&dyn Function> {
+        if bdf.bus == 0 {
+            return self.bus0.get(&bdf.devfn()).map(Bus0Function::function);
+        }
+        self.bus0
+            .values()
+            .find_map(|f| f.function().downstream(bdf))
+    }
+
+    fn function_mut(&mut self, bdf: Bdf) -> Option<&mut dyn Function> {
+        if bdf.bus == 0 {
+            return self
+                .bus0
+                .get_mut(&bdf.devfn())
+                .map(Bus0Function::function_mut);
+        }
+        self.bus0
+            .values_mut()
+            .find_map(|f| f.function_mut().downstream_mut(bdf))
     }
 
     fn read(&self, access: Option<ConfigAccess>, data: &mut [u8]) {
-        match access.as_ref().and_then(|a| Some((a, self.function(a)?))) {
-            Some((access, function)) => function.read(access.offset, data),
+        match access.and_then(|a| Some((a.offset, self.function(a.bdf)?))) {
+            Some((offset, function)) => function.read(offset, data),
             None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, access: Option<ConfigAccess>, data: &[u8]) {
         let Some(access) = access else { return };
-        if access.bdf.bus != 0 {
-            return;
-        }
-        if let Some(function) = self.bus0.get_mut(&access.bdf.devfn()) {
+        if let Some(function) = self.function_mut(access.bdf) {
             function.write(access.offset, data);
         }
     }
@@ -162,20 +224,27 @@ impl Segment {
     /// Puts every function and the address register back as they were built.
     pub fn reset(&mut self) {
         self.cf8 = 0;
-        self.bus0.values_mut().for_each(|f| f.reset());
+        self.bus0
+            .values_mut()
+            .for_each(|f| f.function_mut().reset());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::root_port::tests::{Card, Recorder};
     use crate::root_port::{RootPort, RootPortConfig};
+    use std::sync::Arc;
 
-    fn port(n: u8, multifunction: bool) -> Box<dyn Function> {
-        Box::new(RootPort::new(RootPortConfig {
-            port: n,
-            multifunction,
-        }))
+    fn port(n: u8, multifunction: bool) -> RootPort {
+        RootPort::new(
+            RootPortConfig {
+                port: n,
+                multifunction,
+            },
+            Arc::new(Recorder::default()),
+        )
     }
 
     fn ecam32(segment: &Segment, bus: u64, dev: u64, func: u64, reg: u64) -> u32 {
@@ -187,7 +256,7 @@ mod tests {
     #[test]
     fn the_host_bridge_and_ports_answer_through_ecam_and_cf8_alike() {
         let mut segment = Segment::default();
-        segment.add(1, 0, port(1, false)).unwrap();
+        segment.add_root_port(1, 0, port(1, false)).unwrap();
         assert_eq!(ecam32(&segment, 0, 0, 0, 0), 0x29c0_8086);
         assert_eq!(ecam32(&segment, 0, 1, 0, 0), 0x000c_1b36);
         assert_eq!(ecam32(&segment, 0, 2, 0, 0), 0xffff_ffff);
@@ -211,7 +280,7 @@ mod tests {
     #[test]
     fn writes_through_cf8_and_ecam_land_in_the_same_register() {
         let mut segment = Segment::default();
-        segment.add(3, 0, port(1, false)).unwrap();
+        segment.add_root_port(3, 0, port(1, false)).unwrap();
         segment.port_write(PORT_ADDRESS, &0x8000_1818u32.to_le_bytes());
         segment.port_write(PORT_DATA + 1, &[5]);
         assert_eq!(ecam32(&segment, 0, 3, 0, 0x18) & 0xff00, 0x0500);
@@ -224,26 +293,47 @@ mod tests {
     }
 
     #[test]
+    fn a_card_answers_on_its_ports_secondary_bus_once_powered() {
+        let mut segment = Segment::default();
+        segment.add_root_port(1, 0, port(1, false)).unwrap();
+        segment.add_root_port(2, 0, port(2, false)).unwrap();
+        let port2 = segment.root_port_mut(2, 0).unwrap();
+        port2.plug(Box::new(Card::default())).unwrap();
+        // Bus numbers, then power on (slot control at 0x40 + 0x18).
+        segment.ecam_write((2 << 15) | 0x19, &[5]);
+        segment.ecam_write((2 << 15) | 0x1a, &[5]);
+        assert_eq!(ecam32(&segment, 5, 0, 0, 0), 0xffff_ffff, "slot still off");
+        segment.ecam_write((2 << 15) | 0x58, &0x0000u16.to_le_bytes());
+        assert_eq!(ecam32(&segment, 5, 0, 0, 0), 0x1234_5678);
+        assert_eq!(ecam32(&segment, 5, 1, 0, 0), 0xffff_ffff);
+        assert_eq!(ecam32(&segment, 6, 0, 0, 0), 0xffff_ffff);
+        segment.ecam_write((5 << 20) | 0x10, &[1, 2, 3, 4]);
+        assert_eq!(ecam32(&segment, 5, 0, 0, 0x10), 0x0403_0201);
+        assert!(segment.root_port_mut(0, 0).is_none());
+        assert_eq!(segment.root_ports_mut().count(), 2);
+    }
+
+    #[test]
     fn positions_are_checked() {
         let mut segment = Segment::default();
         assert_eq!(
-            segment.add(0, 0, port(1, false)).unwrap_err(),
+            segment.add_root_port(0, 0, port(1, false)).unwrap_err(),
             SegmentError::HostBridgeSlot
         );
-        segment.add(1, 0, port(1, false)).unwrap();
-        let taken = segment.add(1, 0, port(2, false)).unwrap_err();
+        segment.add_root_port(1, 0, port(1, false)).unwrap();
+        let taken = segment.add_root_port(1, 0, port(2, false)).unwrap_err();
         assert_eq!(taken.to_string(), "00:01.0 is already occupied");
         assert!(matches!(
-            segment.add(1, 1, port(2, false)),
+            segment.add_root_port(1, 1, port(2, false)),
             Err(SegmentError::SingleFunction(_))
         ));
-        segment.add(2, 3, port(3, false)).unwrap();
+        segment.add_root_port(2, 3, port(3, false)).unwrap();
         assert!(matches!(
-            segment.add(2, 0, port(4, false)),
+            segment.add_root_port(2, 0, port(4, false)),
             Err(SegmentError::NeedsMultifunction(_))
         ));
-        segment.add(2, 0, port(4, true)).unwrap();
+        segment.add_root_port(2, 0, port(4, true)).unwrap();
         assert_eq!(ecam32(&segment, 0, 2, 3, 0), 0x000c_1b36);
-        assert!(segment.add(32, 0, port(5, false)).is_err());
+        assert!(segment.add_root_port(32, 0, port(5, false)).is_err());
     }
 }

@@ -55,6 +55,8 @@ pub struct DeviceAdd {
     pub mac: Option<[u8; 6]>,
     /// The chardev leading to the vhost-user backend the device serves.
     pub chardev: Option<String>,
+    /// The bus a PCI device goes on (a root port's id on the q35 machine).
+    pub bus: Option<String>,
 }
 
 impl DeviceAdd {
@@ -155,6 +157,8 @@ pub(crate) struct DeviceAddArgs {
     mac: Option<String>,
     #[serde(default)]
     chardev: Option<String>,
+    #[serde(default)]
+    bus: Option<String>,
     /// StratoVirt's other way to name the slot: lun N is slot N + 1 (`addr` wins when both
     /// are given, as in StratoVirt).
     #[serde(default)]
@@ -197,6 +201,7 @@ impl DeviceAddArgs {
             netdev: self.netdev,
             mac,
             chardev: self.chardev,
+            bus: self.bus,
         })
     }
 }

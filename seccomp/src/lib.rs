@@ -604,8 +604,19 @@ mod tests {
             if written != 1 {
                 return 2;
             }
-            ioctl_reaches_kernel(kvm::KVM_RUN()) | ioctl_reaches_kernel(kvm::KVM_GET_REGS())
+            ioctl_reaches_kernel(kvm::KVM_RUN())
+                | ioctl_reaches_kernel(kvm::KVM_GET_REGS())
+                | pci_ioctls_reach_kernel()
         });
+    }
+
+    /// What PCI cards and root ports need at run time: MSI routes and injection, irqfds,
+    /// notification ioeventfds. Memory slots stay out of reach.
+    fn pci_ioctls_reach_kernel() -> i32 {
+        ioctl_reaches_kernel(kvm::KVM_SIGNAL_MSI())
+            | ioctl_reaches_kernel(kvm::KVM_SET_GSI_ROUTING())
+            | ioctl_reaches_kernel(kvm::KVM_IRQFD())
+            | ioctl_reaches_kernel(kvm::KVM_IOEVENTFD())
     }
 
     /// Like `run_confined`, but the filter is compiled in the child, for roles whose rules
@@ -673,6 +684,7 @@ mod tests {
                     ) | ioctl_reaches_kernel(kvm::KVM_SET_IRQCHIP())
                         | ioctl_reaches_kernel(kvm::KVM_SET_PIT2())
                         | ioctl_reaches_kernel(kvm::FIONBIO)
+                        | pci_ioctls_reach_kernel()
                 }
             });
         }

@@ -62,6 +62,13 @@ pub fn rules() -> Result<Rules, Error> {
             kvm::KVM_GET_XCRS(),
             kvm::KVM_SET_XCRS(),
             kvm::KVM_KVMCLOCK_CTRL(),
+            // q35: a guest's PCI configuration writes move a card's BAR (its notification
+            // ioeventfds follow), enable or mask MSI-X vectors (their routes and irqfds follow)
+            // and enable a root port's interrupt with an event pending (one MSI).
+            kvm::KVM_IOEVENTFD(),
+            kvm::KVM_IRQFD(),
+            kvm::KVM_SET_GSI_ROUTING(),
+            kvm::KVM_SIGNAL_MSI(),
         ],
     )?);
     Ok(rules)

@@ -54,6 +54,8 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         libc::SYS_writev,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
+        // q35: a hot-plugged PCI card's queue notifications and MSI-X vectors.
+        libc::SYS_eventfd2,
         // vhost-user devices start here when their driver sets DRIVER_OK (memory table,
         // rings, kick and call eventfds), and system_reset stops their rings: requests on the
         // backends' sockets, connected before the filter.
@@ -95,6 +97,12 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
             kvm::KVM_GET_CLOCK(),
             // Accepted QMP connections are made non-blocking.
             kvm::FIONBIO,
+            // q35: a root port's hotplug interrupt, and a PCI card plugged or ejected, its
+            // MSI-X routes, irqfds and notification ioeventfds set up or torn down.
+            kvm::KVM_SIGNAL_MSI(),
+            kvm::KVM_SET_GSI_ROUTING(),
+            kvm::KVM_IRQFD(),
+            kvm::KVM_IOEVENTFD(),
         ],
     )?);
     Ok(rules)

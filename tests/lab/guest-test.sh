@@ -176,6 +176,45 @@ hotplug | hotplug-raw)
 	echo "guest: vdb-size-after=$(disk_size vdb)"
 	echo "guest: hotplug unplugged"
 	;;
+pci-hotplug)
+	# Disks hot-plugged into a PCIe root port (q35), one after the other (lab.rounds=N, 1
+	# unless given): each time pciehp finds the card and virtio-blk binds it as vda, the guest
+	# reads the host's marker; in the first round it also makes a file system and writes a
+	# file. Then it waits for the card to leave after the host's device_del.
+	rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.rounds=//p')
+	r=1
+	while [ $r -le "${rounds:-1}" ]; do
+		echo "guest: pci-hotplug waiting $r"
+		i=0
+		until [ "$(cat /sys/block/vda/size 2>/dev/null || echo 0)" -gt 0 ] || [ $i -ge 600 ]; do
+			usleep 100000
+			i=$((i + 1))
+		done
+		echo "guest: round$r-size=$(disk_size vda)"
+		disk_node vda
+		echo "guest: round$r-marker=$(dd if=/dev/vda bs=27 count=1 2>/dev/null)"
+		if [ $r = 1 ]; then
+			mke2fs -q /dev/vda >/tmp/mkfs.out 2>&1
+			echo "guest: mkfs=$?"
+			mkdir -p /mnt
+			mount -t ext4 /dev/vda /mnt >>/tmp/mkfs.out 2>&1
+			echo "guest: mount=$?"
+			sed 's/^/guest: says: /' /tmp/mkfs.out
+			echo citadel-lab-file-written-on-a-pci-disk >/mnt/file && sync
+			echo "guest: file-write=$?"
+			umount /mnt
+			echo "guest: umount=$?"
+		fi
+		rm -f /dev/vda
+		echo "guest: pci-hotplug unplug-ready $r"
+		wait_size vda = none
+		echo "guest: round$r-after=$(disk_size vda)"
+		r=$((r + 1))
+	done
+	echo "guest: pci-hotplug done"
+	dmesg | grep -iE 'pciehp|virtio|0000:01:00' | tail -n 30 | sed 's/^/guest: dmesg: /'
+	echo "guest: hotplug-errors=$(dmesg | grep -iE 'pciehp|aer|0000:01:00' | grep -ciE 'fail|error|timeout|unable|can.t')"
+	;;
 blk-restart)
 	# A disk hot-plugged into slot 1 (vdb) takes 2048 numbered 4 KiB blocks from dd while L1
 	# kills its backend: dd must succeed and the kernel must log no I/O error.
@@ -370,6 +409,96 @@ nic-two)
 		echo "guest: eth$n-carrier-after=$(cat /sys/class/net/eth$n/carrier)"
 	done
 	echo "guest: nic-two unplugged"
+	;;
+pci)
+	# What Linux made of a PCI Express machine. From sysfs: every PCI function
+	# (ADDRESS=VENDOR:DEVICE/CLASS), its driver, the size of its config space (4096 once Linux
+	# reaches the extended space, through ECAM), the bridge windows of each PCI bridge, the
+	# PCIe port services, the hotplug slots and the interrupts of pciehp. From the kernel's
+	# log: the ACPI host bridge and its windows, MMCONFIG, the _OSC negotiation, each slot
+	# pciehp registered with its capabilities, and every line that says something failed.
+	# `dmesg -r` keeps each line's level (`<N>`); `log` is the log without the timestamps.
+	dmesg -r >/tmp/dmesg.raw
+	sed 's/^<[0-9]*>//; s/^\[[^]]*\] //' /tmp/dmesg.raw >/tmp/log
+	# after TEXT: what follows TEXT on the log's lines that contain it, joined by "; ".
+	after() {
+		grep -F -- "$1" /tmp/log | sed "s/.*$1//" | tr '\n' ';' | sed 's/;$//; s/;/; /g'
+	}
+	hex() { sed 's/^0x//' "$1"; }
+	functions= drivers= sizes= windows=
+	for dev in /sys/bus/pci/devices/*; do
+		[ -e "$dev" ] || continue
+		a=${dev##*/}
+		functions="$functions $a=$(hex $dev/vendor):$(hex $dev/device)/$(hex $dev/class)"
+		driver=none
+		[ -L "$dev/driver" ] && driver=$(basename "$(readlink "$dev/driver")")
+		drivers="$drivers $a=$driver"
+		sizes="$sizes $a=$(wc -c <"$dev/config")"
+		# A bridge's windows (I/O, memory, prefetchable) are the first three of the last four
+		# lines of its `resource` file (which has SR-IOV's six lines before them or not).
+		case "$(hex $dev/class)" in
+		0604*)
+			w=$(awk '
+				{ start[NR] = $1; end[NR] = $2 }
+				END {
+					split("io mem pref", name)
+					for (i = 1; i <= 3; i++) {
+						n = NR - 4 + i
+						if (end[n] != "0x0000000000000000")
+							out = out (out ? "," : "") name[i] ":" start[n] "-" end[n]
+					}
+					print out ? out : "none"
+				}' "$dev/resource" | sed 's/0x0*\([0-9a-f]\)/0x\1/g')
+			windows="$windows $a=$w"
+			;;
+		esac
+	done
+	echo "guest: pci-functions=${functions# }"
+	echo "guest: pci-drivers=${drivers# }"
+	echo "guest: pci-config-sizes=${sizes# }"
+	echo "guest: pci-bridge-windows=${windows# }"
+	echo "guest: pcie-services=$(ls /sys/bus/pci_express/devices 2>/dev/null | tr '\n' ' ' | sed 's/ $//')"
+	slots=
+	for s in /sys/bus/pci/slots/*; do
+		[ -e "$s/address" ] && slots="$slots ${s##*/}=$(cat "$s/address")"
+	done
+	echo "guest: pci-slots=${slots# }"
+	# pciehp's own line per slot, `pcieport PORT: pciehp: Slot #N FLAGS` (`pciehp
+	# PORT:pcie004: Slot #N FLAGS` before Linux 5.1), reported as `pciehp-slot-N=PORT FLAGS`.
+	sed -n 's/^[a-z]* \([0-9a-f]\{4\}:[0-9a-f]\{2\}:[0-9a-f]\{2\}\.[0-7]\)[^ ]* \(pciehp: \)\{0,1\}Slot #\([0-9]*\) \(AttnBtn.*\)/guest: pciehp-slot-\3=\1 \4/p' /tmp/log
+	echo "guest: pciehp-slots=$(grep -c ' Slot #[0-9]* AttnBtn' /tmp/log)"
+	echo "guest: pciehp-irqs=$(grep -c pciehp /proc/interrupts)"
+	echo "guest: pciehp-msi-irqs=$(grep pciehp /proc/interrupts | grep -c PCI-MSI)"
+	echo "guest: acpi-pci-root=$(grep -F 'ACPI: PCI Root Bridge' /tmp/log)"
+	echo "guest: acpi-host-bridge-windows=$(grep -c 'PCI: Using host bridge windows from ACPI' /tmp/log)"
+	echo "guest: root-bus-resources=$(after 'root bus resource ')"
+	echo "guest: mmconfig=$(after 'PCI: MMCONFIG for ')"
+	echo "guest: mmconfig-reserved=$(after 'PCI: MMCONFIG at ')"
+	echo "guest: config-access=$(sed -n 's/^PCI: Using configuration type \([0-9]\) for \([a-z]*\) access$/\1:\2/p' /tmp/log | tr '\n' ' ' | sed 's/ $//')"
+	echo "guest: osc-supports=$(after 'PNP0A08:00: _OSC: OS supports ')"
+	echo "guest: osc-controls=$(after 'PNP0A08:00: _OSC: OS now controls ')"
+	echo "guest: osc-not-granted=$(after 'PNP0A08:00: _OSC: platform does not support ')"
+	# What failed: a line of level warning or worse about PCI, AER, MMCONFIG or the host
+	# bridge, or one saying MMCONFIG, a resource, a hotplug command, _OSC or AER failed.
+	failed='PCI: Fatal|not reserved|not using MMCONFIG|fail to add MMCONFIG'
+	failed="$failed|failed to assign|can.t claim|can.t assign|no space for|no compatible bridge window"
+	failed="$failed|Timeout on hotplug command|no response from device|Cannot get irq"
+	failed="$failed|_OSC: (not requesting|OS requested|platform willing|platform retains)|_OSC failed"
+	failed="$failed|AER: .*[Ee]rror"
+	{
+		grep -E '^<[0-4]>' /tmp/dmesg.raw | sed 's/^<[0-9]*>//; s/^\[[^]]*\] //' |
+			grep -E 'pci|PCI|AER|MMCONFIG|ECAM|PNP0A0[38]|BAR'
+		grep -E "$failed" /tmp/log
+	} | sort -u >/tmp/pci-problems
+	# The kernel's PCI lines, for the transcript.
+	grep -E 'pci|PCI|AER|MMCONFIG|ECAM|PNP0A0[38]' /tmp/log | grep -v 'command line' |
+		sed 's/^/guest: pci-log: /'
+	sed 's/^/guest: pci-problem: /' /tmp/pci-problems
+	echo "guest: pci-problems=$(grep -c . /tmp/pci-problems)"
+	# Every line of level error or worse, whatever it is about.
+	grep -E '^<[0-3]>' /tmp/dmesg.raw | sed 's/^<[0-9]*>//; s/^/guest: kernel-error: /'
+	echo "guest: kernel-errors=$(grep -cE '^<[0-3]>' /tmp/dmesg.raw)"
+	echo "guest: pci done"
 	;;
 esac
 echo "guest: end"

@@ -101,13 +101,14 @@ exited() {
 }
 
 # boot_guest NAME KERNEL SMP MEMORY_MIB MODE [EXTRA CITADEL ARGS...]: boots the guest
-# initramfs (or $INITRD) under Citadel; MODE selects what the guest's test script does (see guest-test.sh).
+# initramfs (or $INITRD) under Citadel, on the $MACHINE machine type (microvm unless set);
+# MODE selects what the guest's test script does (see guest-test.sh).
 # The kernel boots `quiet`: every console byte is a port-I/O exit through two levels of
 # virtualization, and the guest's own dmesg is checked by its test script.
 boot_guest() {
 	name=$1 kernel=$2 smp=$3 mem=$4 mode=$5
 	shift 5
-	l2_start "$name" citadel -machine microvm -kernel "$kernel" -initrd "${INITRD:-$GUEST/initramfs.cpio.gz}" \
+	l2_start "$name" citadel -machine "${MACHINE:-microvm}" -kernel "$kernel" -initrd "${INITRD:-$GUEST/initramfs.cpio.gz}" \
 		-append "console=ttyS0 panic=-1 quiet lab.mode=$mode" -smp "$smp" -m "$mem" \
 		-qmp "unix:/tmp/$name.qmp,server,nowait" -serial stdio "$@"
 }

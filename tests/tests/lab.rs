@@ -1,6 +1,7 @@
 //! Full Linux guests under Citadel, in the nested-KVM lab (see `citadel_tests::lab`): the
 //! project's guest kernel and Debian's stock cloud kernel boot to user space with 1, 2 and 4
-//! vCPUs, the VM lifecycle works against a live user space, the jailer confines a VM running
+//! vCPUs and, on the q35 machine, find its PCI host bridge and the hotplug slots of its PCIe
+//! root ports, the VM lifecycle works against a live user space, the jailer confines a VM running
 //! Linux, CPU templates reach the guest's own /proc/cpuinfo, and disks and NICs hot-plugged
 //! over QMP reach Linux: one disk, six at once, a read-only one, one plugged ten times over;
 //! one NIC, and two at once carrying 10 MiB each way; a snapshot of a running Linux user space
@@ -20,6 +21,8 @@ const SCENARIOS: &[&str] = &[
     "jailer",
     "cpu-template",
     "stock-kernel",
+    "q35-boot",
+    "q35-hotplug",
     "vhost-user-blk",
     "hotplug",
     "stock-hotplug",
@@ -257,6 +260,169 @@ fn debian_stock_kernel_boots_to_user_space_with_1_2_and_4_vcpus() {
         for smp in [1, 2, 4] {
             check_boot(outcome, &format!("stock{smp}"), smp);
         }
+    });
+}
+
+/// The q35 machine's PCI host bridge (Intel Q35, 8086:29c0, a host bridge).
+const Q35_HOST_BRIDGE: &str = "0000:00:00.0=8086:29c0/060000";
+
+/// The 32-bit memory window the DSDT's PCI0 gives its devices, first and last byte.
+const Q35_MEM_WINDOW: (u64, u64) = (0xd004_0000, 0xdfff_ffff);
+
+/// The part of PCI0's I/O windows a bridge's I/O window (4 KiB aligned) can take.
+const Q35_IO_WINDOW: (u64, u64) = (0x1000, 0xffff);
+
+/// The capabilities pciehp reads from the slot of each of Citadel's PCIe root ports.
+const ROOT_PORT_SLOT: &str = "AttnBtn+ PwrCtrl+ MRL- AttnInd+ PwrInd+ HotPlug+ Surprise- \
+                              Interlock- NoCompl+ IbPresDis- LLActRep+";
+
+/// What Linux made of a q35 VM with `ports` PCIe root ports (`pcie-root-port` N at 00:0N.0,
+/// port N, its slot N): the host bridge and the root ports are the PCI functions it finds,
+/// pcieport drives each port and pciehp registers each slot with its capabilities and an MSI;
+/// the host bridge came from ACPI with its bus range and memory window, and its config space
+/// through ECAM (MMCONFIG from MCFG, reserved in E820; Linux accesses extended config space
+/// through it, never through port I/O); _OSC gave Linux native hotplug; the bridge windows
+/// Linux assigned the ports lie in the host bridge's window; nothing PCI failed in its log.
+fn check_q35(outcome: &ScenarioOutcome, vm: &str, ports: u32) {
+    let ctx = || format!("VM {vm}\n{}", outcome.transcript());
+    let v = |key: &str| value(outcome, &format!("{vm}.{key}"));
+    assert!(outcome.get(&format!("{vm}.boot_ms")).is_some(), "{}", ctx());
+    assert_eq!(v("nproc"), "1", "{}", ctx());
+    let mem: u64 = v("memtotal_kb")
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", ctx()));
+    assert!(
+        (GUEST_RAM_KB * 4 / 5..=GUEST_RAM_KB).contains(&mem),
+        "MemTotal {mem} kB for a {GUEST_RAM_KB} kB guest\n{}",
+        ctx()
+    );
+    assert_eq!(v("dmesg-problems"), "0", "{}", ctx());
+    let port = |n: u32| format!("0000:00:{n:02x}.0");
+    let ns = 1..=ports;
+    let functions: Vec<String> = std::iter::once(Q35_HOST_BRIDGE.to_string())
+        .chain(ns.clone().map(|n| format!("{}=1b36:000c/060400", port(n))))
+        .collect();
+    assert_eq!(v("pci-functions"), functions.join(" "), "{}", ctx());
+    let drivers: Vec<String> = std::iter::once("0000:00:00.0=none".to_string())
+        .chain(ns.clone().map(|n| format!("{}=pcieport", port(n))))
+        .collect();
+    assert_eq!(v("pci-drivers"), drivers.join(" "), "{}", ctx());
+    // Every function's extended config space (4 KiB) is there: Linux reads it through ECAM.
+    let sizes: Vec<String> = functions
+        .iter()
+        .filter_map(|f| f.split_once('='))
+        .map(|(a, _)| format!("{a}=4096"))
+        .collect();
+    assert_eq!(v("pci-config-sizes"), sizes.join(" "), "{}", ctx());
+    let slots: Vec<String> = ns.clone().map(|n| format!("{n}=0000:{n:02x}:00")).collect();
+    assert_eq!(v("pci-slots"), slots.join(" "), "{}", ctx());
+    assert_eq!(v("pciehp-slots"), ports.to_string(), "{}", ctx());
+    for n in ns.clone() {
+        assert_eq!(
+            v(&format!("pciehp-slot-{n}")),
+            format!("{} {ROOT_PORT_SLOT}", port(n)),
+            "slot {n}\n{}",
+            ctx()
+        );
+    }
+    // Each port's PCIe services: PME and hotplug (it has no AER or DPC capability).
+    let services: Vec<String> = ns
+        .clone()
+        .map(|n| format!("{0}:pcie001 {0}:pcie004", port(n)))
+        .collect();
+    assert_eq!(v("pcie-services"), services.join(" "), "{}", ctx());
+    assert_eq!(v("pciehp-irqs"), ports.to_string(), "{}", ctx());
+    assert_eq!(v("pciehp-msi-irqs"), ports.to_string(), "{}", ctx());
+    // Each port has an I/O, a memory and a prefetchable window, as Linux assigned them for
+    // its hotplug slot (Citadel's firmware assigns none), each in a window of the host
+    // bridge: I/O above the legacy ports, memory (prefetchable too, the host bridge having
+    // no prefetchable window) in its 32-bit memory window.
+    let windows = v("pci-bridge-windows");
+    for n in ns {
+        let Some((_, ranges)) = windows
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .find(|(a, _)| *a == port(n))
+        else {
+            panic!("no bridge windows of port {n}: {windows}\n{}", ctx());
+        };
+        let mut kinds = Vec::new();
+        for (kind, range) in ranges.split(',').filter_map(|r| r.split_once(':')) {
+            let bounds = range.split_once('-').and_then(|(a, b)| {
+                let hex = |x: &str| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok();
+                Some((hex(a)?, hex(b)?))
+            });
+            let Some((first, last)) = bounds else {
+                panic!("bridge window {range} of port {n}\n{}", ctx());
+            };
+            let (low, high) = if kind == "io" {
+                Q35_IO_WINDOW
+            } else {
+                Q35_MEM_WINDOW
+            };
+            assert!(
+                low <= first && first <= last && last <= high,
+                "port {n}'s {kind} window {range} is outside the host bridge's window\n{}",
+                ctx()
+            );
+            kinds.push(kind);
+        }
+        assert_eq!(kinds, ["io", "mem", "pref"], "port {n}\n{}", ctx());
+    }
+    assert_eq!(
+        v("acpi-pci-root"),
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])",
+        "{}",
+        ctx()
+    );
+    assert_eq!(v("acpi-host-bridge-windows"), "1", "{}", ctx());
+    let resources = v("root-bus-resources");
+    for resource in ["[bus 00-ff]", "[mem 0xd0040000-0xdfffffff window]"] {
+        assert!(
+            resources.split("; ").any(|r| r == resource),
+            "no root bus resource {resource}\n{}",
+            ctx()
+        );
+    }
+    assert_eq!(
+        v("mmconfig"),
+        "domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff] (base 0xe0000000)",
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        v("mmconfig-reserved"),
+        "[mem 0xe0000000-0xefffffff] reserved in E820",
+        "{}",
+        ctx()
+    );
+    // Type 1 (0xCF8/0xCFC) for the first 256 bytes only: extended config space is ECAM's.
+    assert_eq!(v("config-access"), "1:base", "{}", ctx());
+    // Citadel's _OSC grants Linux every control it asks for.
+    assert_eq!(v("osc-not-granted"), "", "{}", ctx());
+    let controls = v("osc-controls");
+    for feature in ["PCIeHotplug", "PME", "PCIeCapability"] {
+        assert!(
+            controls
+                .trim_matches(|c| c == '[' || c == ']')
+                .split_whitespace()
+                .any(|f| f == feature),
+            "_OSC did not give Linux {feature}: {controls}\n{}",
+            ctx()
+        );
+    }
+    assert_eq!(v("pci-problems"), "0", "{}", ctx());
+    assert_eq!(v("kernel-errors"), "0", "{}", ctx());
+    assert_eq!(v("status"), r#""status":"running""#, "{}", ctx());
+    assert_eq!(v("exit-code"), "0", "{}", ctx());
+}
+
+#[test]
+fn q35_linux_finds_the_pci_host_bridge_through_acpi_and_registers_each_root_ports_hotplug_slot() {
+    check_scenario("q35-boot", |outcome| {
+        // The project's guest kernel with two root ports, Debian's stock kernel with one.
+        check_q35(outcome, "q35", 2);
+        check_q35(outcome, "stock-q35", 1);
     });
 }
 
@@ -517,6 +683,60 @@ fn linux_uses_a_disk_hot_plugged_over_qmp_and_lets_it_go() {
         assert_eq!(v("hp.exit-code"), "0", "{}", t());
         // What the guest wrote through the file system is in the image.
         assert_eq!(v("image-file-bytes"), "1", "{}", t());
+    });
+}
+
+#[test]
+fn linux_on_q35_uses_a_pci_disk_hot_plugged_into_a_root_port_and_releases_it_twenty_times() {
+    check_scenario("q35-hotplug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        // Every round: blockdev-add and device_add answered, pciehp found the card, virtio-blk
+        // bound it as vda with its 64 MiB and the host's marker.
+        assert_eq!(v("added"), "20", "{}", t());
+        assert_eq!(v("backend-count"), "1", "{}", t());
+        assert_eq!(v("round1-size"), (64u64 << 20 >> 9).to_string(), "{}", t());
+        assert_eq!(v("round1-marker"), "citadel-lab-hotplug-marker!", "{}", t());
+        assert_eq!(
+            v("round20-marker"),
+            "citadel-lab-hotplug-marker!",
+            "{}",
+            t()
+        );
+        for step in ["mkfs", "mount", "file-write", "umount"] {
+            assert_eq!(v(step), "0", "{step}\n{}", t());
+        }
+        // device_del returns first; DEVICE_DELETED, with the guide's data, follows once the
+        // guest has powered the slot off, and the disk is gone from the guest by then.
+        assert_eq!(v("del-order"), "\"return\":{} DEVICE_DELETED ", "{}", t());
+        assert_eq!(
+            v("del-data"),
+            r#""data":{"device":"drive-0","path":"drive-0"}"#,
+            "{}",
+            t()
+        );
+        assert_eq!(v("deleted-after-release"), "20", "{}", t());
+        assert_eq!(v("round1-after"), "none", "{}", t());
+        assert_eq!(v("round20-after"), "none", "{}", t());
+        assert_eq!(v("guest-done"), "yes", "{}", t());
+        // Neither pciehp nor AER complained, blockdev-del ended the backend, and what the guest
+        // wrote through the file system is in the image.
+        assert_eq!(v("hotplug-errors"), "0", "{}", t());
+        assert_eq!(v("backend-gone"), "yes", "{}", t());
+        assert_eq!(v("q35hp.exit-code"), "0", "{}", t());
+        assert_eq!(v("image-file-bytes"), "1", "{}", t());
+        let mut plugs: Vec<u64> = v("plug-to-ready-ms")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|ms| ms.parse().ok())
+            .collect();
+        plugs.sort_unstable();
+        if let Some(median) = plugs.get(plugs.len() / 2) {
+            eprintln!(
+                "q35 hotplug, blockdev-add to the guest's virtio-blk reading the disk: median {median} ms over {} plugs",
+                plugs.len()
+            );
+        }
     });
 }
 

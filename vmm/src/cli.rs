@@ -716,6 +716,17 @@ where
             "root ports need the q35 machine (-machine q35)",
         ));
     }
+    if machine == MachineType::Q35 && !(blk_devices.is_empty() && nic_devices.is_empty()) {
+        return Err(invalid(
+            "-device",
+            if blk_devices.is_empty() {
+                "virtio-net-device"
+            } else {
+                "virtio-blk-device"
+            },
+            "the q35 machine has no virtio-mmio disk or NIC slots (hot-plug virtio-blk-pci into a pcie-root-port)",
+        ));
+    }
     if machine == MachineType::Q35 && incoming.is_some() {
         return Err(CliError::Unsupported(
             "-incoming on the q35 machine (snapshots are of microvm machines only)".into(),

@@ -50,6 +50,7 @@ use crate::cli::{
 };
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::{DeviceManager, HungUp};
+use crate::devices::pcie::{PlugError, PlugRefused};
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::net_hotplug::{Netdevs, NIC_DRIVER};
@@ -60,6 +61,8 @@ pub const MAX_NODES: usize = 16;
 
 /// The device model of a hot-replace disk slot.
 const DISK_DRIVER: &str = "virtio-blk-mmio";
+/// The device model of a disk behind a PCI Express root port (q35).
+const PCI_DISK_DRIVER: &str = "virtio-blk-pci";
 
 /// Most restarts of one disk's backend within [`RESTART_WINDOW`]: a backend that keeps
 /// dying (an image it cannot serve, a bug a guest request triggers) is given up on rather
@@ -92,6 +95,21 @@ struct Node {
     disk: Option<VhostUserBlk>,
     /// The device using the node.
     device: Option<String>,
+}
+
+/// A disk plugged into a root port.
+struct PciDisk {
+    bus: String,
+    node_name: String,
+}
+
+/// What a `device_del` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// The device is gone: announce it now.
+    Done(String),
+    /// The guest was asked to release the device; it is announced once it has.
+    Requested,
 }
 
 /// A disk of the command line that could not be set up, as one line naming it.
@@ -144,6 +162,8 @@ pub enum ColdPlugError {
 pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
+    /// PCI disks by device id: their root port and block node.
+    pci_disks: BTreeMap<String, PciDisk>,
     netdevs: Netdevs,
     chardevs: Chardevs,
     fds: PassedFds,
@@ -156,6 +176,7 @@ impl Hotplug {
         Hotplug {
             launcher,
             nodes: BTreeMap::new(),
+            pci_disks: BTreeMap::new(),
             fds: PassedFds::new(),
             netdevs: Netdevs::default(),
             chardevs: Chardevs::default(),
@@ -319,6 +340,7 @@ impl Hotplug {
                 netdev: Some(nic.netdev.clone()),
                 mac: nic.mac,
                 chardev: None,
+                bus: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Nic {
@@ -335,6 +357,7 @@ impl Hotplug {
                 netdev: None,
                 mac: None,
                 chardev: None,
+                bus: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Device {
@@ -462,6 +485,18 @@ impl Hotplug {
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
         let vhost_user_blk = VHOST_USER_BLK_DRIVERS.contains(&add.driver.as_str());
+        if add.driver == PCI_DISK_DRIVER {
+            return self.pci_disk_add(devices, add);
+        }
+        if devices.pci().is_some() && (add.driver == DISK_DRIVER || add.driver == NIC_DRIVER) {
+            return Err(QmpError::generic(format!(
+                "{} is the microvm machine's; the q35 machine hot-plugs {PCI_DISK_DRIVER} behind a pcie-root-port",
+                add.driver
+            )));
+        }
+        if add.bus.is_some() {
+            return Err(QmpError::unexpected_parameter("bus"));
+        }
         if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER && !vhost_user_blk {
             return Err(QmpError::generic(format!(
                 "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER}, {} and {NIC_DRIVER})",
@@ -475,7 +510,8 @@ impl Hotplug {
             || devices
                 .nic_slots()
                 .iter()
-                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id));
+                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
+            || self.pci_disks.contains_key(&add.id);
         if taken {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
@@ -540,21 +576,156 @@ impl Hotplug {
         }
     }
 
+    /// `device_add` of a virtio-blk-pci disk into a root port (q35): the node's backend
+    /// serves a new card, which the guest is told of through the port's slot.
+    fn pci_disk_add(
+        &mut self,
+        devices: &DeviceManager,
+        add: &DeviceAdd,
+    ) -> Result<Value, QmpError> {
+        let Some(pci) = devices.pci() else {
+            return Err(QmpError::generic(format!(
+                "{PCI_DISK_DRIVER} needs the q35 machine (-machine q35); this machine hot-plugs {DISK_DRIVER}"
+            )));
+        };
+        for (present, name) in [
+            (add.netdev.is_some(), "netdev"),
+            (add.mac.is_some(), "mac"),
+            (add.chardev.is_some(), "chardev"),
+        ] {
+            if present {
+                return Err(QmpError::unexpected_parameter(name));
+            }
+        }
+        let taken = self.pci_disks.contains_key(&add.id)
+            || devices
+                .disk_slots()
+                .iter()
+                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
+            || devices
+                .nic_slots()
+                .iter()
+                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id));
+        if taken {
+            return Err(QmpError::generic(format!(
+                "{} is already registered.",
+                add.id
+            )));
+        }
+        let bus = add
+            .bus
+            .as_deref()
+            .ok_or_else(|| QmpError::missing_parameter("bus"))?;
+        match add.slot().transpose()? {
+            None | Some(0) => {}
+            Some(_) => {
+                return Err(QmpError::generic(format!(
+                    "Invalid addr for device {}: a root port has one slot, addr 0x0",
+                    add.id
+                )))
+            }
+        }
+        let node_name = add
+            .drive
+            .as_deref()
+            .ok_or_else(|| QmpError::missing_parameter("drive"))?;
+        let node = self
+            .nodes
+            .get_mut(node_name)
+            .ok_or_else(|| QmpError::generic(format!("Failed to find block node '{node_name}'")))?;
+        if let Some(device) = &node.device {
+            return Err(QmpError::generic(format!(
+                "Node '{node_name}' is already in use by device '{device}'"
+            )));
+        }
+        let Some(disk) = node.disk.take() else {
+            return Err(QmpError::generic(format!(
+                "Node '{node_name}' has no usable backend"
+            )));
+        };
+        match pci.plug_disk(bus, disk) {
+            Ok(()) => {
+                node.device = Some(add.id.clone());
+                self.pci_disks.insert(
+                    add.id.clone(),
+                    PciDisk {
+                        bus: bus.to_string(),
+                        node_name: node_name.to_string(),
+                    },
+                );
+                Ok(json!({}))
+            }
+            Err(PlugRefused {
+                why,
+                disk: Some(disk),
+            }) => {
+                node.disk = Some(*disk);
+                Err(QmpError::generic(why))
+            }
+            Err(PlugRefused { why, disk: None }) => {
+                self.release(node_name);
+                Err(QmpError::generic(why))
+            }
+        }
+    }
+
     /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
-    /// leaves its slot and its netdev stays. Returns the id to announce in DEVICE_DELETED.
-    pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<String, QmpError> {
+    /// leaves its slot and its netdev stays; a PCI card's guest is asked to release it (see
+    /// [`Hotplug::pci_ejected`]).
+    pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<Deletion, QmpError> {
+        if let Some(disk) = self.pci_disks.get(id) {
+            let pci = devices
+                .pci()
+                .ok_or_else(|| QmpError::device_not_found(id))?;
+            return match pci.request_unplug(&disk.bus) {
+                Ok(()) => Ok(Deletion::Requested),
+                Err(PlugError::AlreadyRemoving(_)) => Err(QmpError::generic(format!(
+                    "Device {id} is already in the process of unplug"
+                ))),
+                Err(e) => Err(QmpError::generic(e.to_string())),
+            };
+        }
         if let Some(id) = self.chardevs.device_del(devices, id) {
-            return Ok(id);
+            return Ok(Deletion::Done(id));
         }
         let Some(plugged) = devices.unplug_disk(id) else {
             return self
                 .netdevs
                 .device_del(devices, id)
+                .map(Deletion::Done)
                 .ok_or_else(|| QmpError::device_not_found(id));
         };
         drop(plugged.disk);
         self.release(&plugged.node_name);
-        Ok(id.to_string())
+        Ok(Deletion::Done(id.to_string()))
+    }
+
+    /// Takes out the PCI cards the guest has released and returns their device ids, to be
+    /// announced. A disk's node stays, without a device, until `blockdev-del` ends its
+    /// backend.
+    pub fn pci_ejected(&mut self, devices: &DeviceManager) -> Vec<String> {
+        let Some(pci) = devices.pci() else {
+            return Vec::new();
+        };
+        let mut deleted = Vec::new();
+        for bus in pci.take_ejected() {
+            let Some(id) = self
+                .pci_disks
+                .iter()
+                .find(|(_, disk)| disk.bus == bus)
+                .map(|(id, _)| id.clone())
+            else {
+                continue;
+            };
+            if let Some(disk) = self.pci_disks.remove(&id) {
+                if let Some(node) = self.nodes.get_mut(&disk.node_name) {
+                    node.device = None;
+                }
+            }
+            log::info!("{id}: released by the guest, removed from {bus}");
+            deleted.push(id);
+        }
+        deleted
     }
 
     /// `query-block`: one entry per disk slot, in QEMU's shape; a plugged slot has `inserted`.

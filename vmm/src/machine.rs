@@ -219,7 +219,7 @@ pub struct Machine {
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
     virtio: DeviceManager,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     ram: GuestRam,
     _kvm: Kvm,
     boot: BootSource,
@@ -287,7 +287,7 @@ impl Machine {
         if api != 12 {
             return Err(MachineError::KvmApi(api));
         }
-        let vm = kvm.create_vm().map_err(setup("creating the VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(setup("creating the VM"))?);
         // Memory goes in before anything else: once the VM has in-kernel devices, every
         // memslot change waits for an SRCU grace period (several ms on a nested host), while
         // on an empty VM it is nearly free.
@@ -312,19 +312,22 @@ impl Machine {
         // After the irqchip, which the slots' irqfds need.
         let mut virtio = DeviceManager::new().map_err(MachineError::EventFd)?;
         // The hot-replace slots come first, so that `addr` N is always the guest's N-th disk
-        // or NIC slot whatever the command line adds.
-        virtio.add_disk_slots(&vm, &ram.memory, DISK_SLOTS)?;
-        virtio.add_nic_slots(&vm, &ram.memory, NIC_SLOTS)?;
+        // or NIC slot whatever the command line adds. The q35 machine plugs disks and NICs
+        // into its root ports instead.
+        if spec.pcie.is_none() {
+            virtio.add_disk_slots(vm.as_ref(), &ram.memory, DISK_SLOTS)?;
+            virtio.add_nic_slots(vm.as_ref(), &ram.memory, NIC_SLOTS)?;
+        }
         for mut disk in wiring.disks {
             disk.set_memory(&ram.memory)?;
-            virtio.add_virtio_mmio(&vm, Box::new(disk))?;
+            virtio.add_virtio_mmio(vm.as_ref(), Box::new(disk))?;
         }
         if let Some(options) = spec.balloon {
-            virtio.add_balloon(&vm, &ram.memory, spec.mem_bytes, options)?;
+            virtio.add_balloon(vm.as_ref(), &ram.memory, spec.mem_bytes, options)?;
         }
         let pcie = spec
             .pcie
-            .map(|root_ports| virtio.add_pcie(root_ports))
+            .map(|root_ports| virtio.add_pcie(vm.clone(), &ram.memory, root_ports))
             .transpose()?;
         // The guest learns of the slots (and the PCI segment) from the DSDT, which a reset
         // writes again.

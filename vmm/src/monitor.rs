@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::balloon::change_events::ChangeEvents;
-use crate::hotplug::Hotplug;
+use crate::hotplug::{Deletion, Hotplug};
 use crate::machine::Machine;
 use crate::migration::Migration;
 use crate::qmp_server::{QmpServer, Response};
@@ -34,6 +34,7 @@ const TOKEN_DEVICE_START: u64 = 6;
 const TOKEN_SLOT_KICKS: u64 = 7;
 const TOKEN_BALLOON: u64 = 8;
 const TOKEN_BACKEND_HANGUPS: u64 = 9;
+const TOKEN_PCI_EJECTS: u64 = 10;
 const TOKEN_QMP_FIRST_CLIENT: u64 = 16;
 
 /// How long queued QMP output may take to drain at exit.
@@ -173,6 +174,9 @@ impl Monitor {
             None => None,
         };
         add(machine.virtio().backend_hangups_fd(), TOKEN_BACKEND_HANGUPS)?;
+        if let Some(pci) = machine.virtio().pci() {
+            add(pci.host().eject_event().as_raw_fd(), TOKEN_PCI_EJECTS)?;
+        }
         let stdin = if serial_stdin {
             // stdin may be /dev/null or a file, which epoll refuses; then there is no input.
             match add(libc::STDIN_FILENO, TOKEN_STDIN) {
@@ -290,6 +294,16 @@ impl Monitor {
                 self.report_balloon(true);
             }
             TOKEN_BACKEND_HANGUPS => self.hotplug.restart_backends(self.machine.virtio()),
+            TOKEN_PCI_EJECTS => {
+                let deleted = self.hotplug.pci_ejected(self.machine.virtio());
+                if let Some(server) = self.qmp.as_mut() {
+                    for id in &deleted {
+                        server.broadcast(&Event::device_deleted(id, id));
+                    }
+                    // Nothing else is on its way to the clients: the events are sent now.
+                    server.flush_all(&self.epoll);
+                }
+            }
             _ => {
                 let Some(server) = self.qmp.as_mut() else {
                     return;
@@ -593,14 +607,16 @@ fn execute(session: Session<'_>, req: &Request, fd: Option<OwnedFd>) -> Response
         Command::BlockdevAdd(add) => Response::reply(hotplug.blockdev_add(add)),
         Command::BlockdevDel { node_name } => Response::reply(hotplug.blockdev_del(node_name)),
         Command::DeviceAdd(add) => Response::reply(hotplug.device_add(machine.virtio(), add)),
-        // As on StratoVirt's lightweight machine, the device is gone before the reply: the
-        // event comes first.
+        // As on StratoVirt's lightweight machine, a slot's device is gone before the reply:
+        // the event comes first. A PCI card goes once the guest has released it: its event
+        // comes from the event loop then.
         Command::DeviceDel { id } => match hotplug.device_del(machine.virtio(), id) {
-            Ok(id) => Response {
+            Ok(Deletion::Done(id)) => Response {
                 events_before: vec![Event::device_deleted(&id, &id)],
                 result: Ok(empty()),
                 events_after: Vec::new(),
             },
+            Ok(Deletion::Requested) => Response::reply(Ok(empty())),
             Err(e) => Response::reply(Err(e)),
         },
         Command::NetdevAdd(add) => Response::reply(hotplug.netdev_add(add)),

@@ -166,12 +166,21 @@ impl Connection {
             })
     }
 
-    /// The next object from the server, read with the time left until `deadline`.
+    /// The next object from the server that is not an event, read with the time left until
+    /// `deadline`.
     fn next(&mut self, deadline: Instant, waiting_for: &str) -> Result<Value, ClientError> {
         loop {
             if let Some(value) = self.pending.pop_front() {
                 return Ok(value);
             }
+            self.read_more(deadline, waiting_for)?;
+        }
+    }
+
+    /// Reads what the server sent next, with the time left until `deadline`: events go to
+    /// `events`, everything else to `pending`.
+    fn read_more(&mut self, deadline: Instant, waiting_for: &str) -> Result<(), ClientError> {
+        loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ClientError::Timeout(
@@ -192,12 +201,13 @@ impl Connection {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
                     ) =>
                 {
                     continue
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(ClientError::Io {
                         what: "reading the QMP socket",
@@ -214,6 +224,7 @@ impl Connection {
                     self.pending.push_back(value);
                 }
             }
+            return Ok(());
         }
     }
 
@@ -242,8 +253,9 @@ impl Connection {
                 self.events.remove(at);
                 return Ok(());
             }
+            self.read_more(deadline, &format!("event {name}"))?;
             // Only events are expected here; a stray reply is kept for no one and dropped.
-            let _ = self.next(deadline, &format!("event {name}"))?;
+            self.pending.clear();
         }
     }
 }

@@ -31,7 +31,7 @@ use super::balloon::{BalloonHandle, BalloonOptions};
 use super::blk_slot::{BlkSlot, PluggedDisk, QuiesceError, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
-use super::pcie::{PcieError, PcieHost, RootPortSpec};
+use super::pcie::{PciDevices, PcieError, PcieHost, RootPortSpec};
 use super::slot_ring::SlotKicks;
 use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
@@ -230,7 +230,7 @@ pub struct DeviceManager {
     hangups: BackendHangups,
     activation: EventFd,
     balloon: Option<BalloonHandle>,
-    pcie: Option<Arc<PcieHost>>,
+    pci: Option<PciDevices>,
 }
 
 impl DeviceManager {
@@ -245,7 +245,7 @@ impl DeviceManager {
             hangups: BackendHangups::new()?,
             activation: EventFd::new(EFD_NONBLOCK)?,
             balloon: None,
-            pcie: None,
+            pci: None,
         })
     }
 
@@ -262,6 +262,9 @@ impl DeviceManager {
         let _ = self.activation.read();
         for slot in &self.slots {
             slot.transport.run_pending_activation();
+        }
+        if let Some(pci) = &self.pci {
+            pci.run_pending_activations();
         }
     }
 
@@ -730,20 +733,32 @@ impl DeviceManager {
     /// on the MMIO bus, and the returned handle serves the configuration ports.
     pub fn add_pcie(
         &mut self,
+        vm: Arc<VmFd>,
+        memory: &GuestMemoryMmap,
         root_ports: &[RootPortSpec],
     ) -> Result<Arc<PcieHost>, DeviceManagerError> {
-        let host = Arc::new(PcieHost::new(root_ports)?);
+        let activation = self
+            .activation
+            .try_clone()
+            .map_err(|source| DeviceManagerError::Pcie(PcieError::EventFd(source)))?;
+        let pci = PciDevices::new(vm, self.mmio.clone(), memory, root_ports, activation)?;
+        let host = pci.host().clone();
         self.mmio
             .insert(layout::PCIE_ECAM_BASE, layout::PCIE_ECAM_SIZE, host.clone())?;
-        self.pcie = Some(host.clone());
+        self.pci = Some(pci);
         Ok(host)
+    }
+
+    /// The PCI Express segment and its cards, on the q35 machine.
+    pub fn pci(&self) -> Option<&PciDevices> {
+        self.pci.as_ref()
     }
 
     /// Resets every device, as a machine reset does: backends stop their rings before the
     /// next boot reuses the memory they pointed into.
     pub fn reset(&self) {
-        if let Some(pcie) = &self.pcie {
-            pcie.reset();
+        if let Some(pci) = &self.pci {
+            pci.host().reset();
         }
         for slot in &self.slots {
             slot.transport.reset();

@@ -1,13 +1,31 @@
 //! The q35 machine's PCI Express segment on the machine's buses: its ECAM window on the MMIO
-//! bus, the 0xCF8/0xCFC ports on port I/O, and the root ports the command line configures.
-//! Every vCPU reaches it through one lock, held only for a register access.
+//! bus, the 0xCF8/0xCFC ports on port I/O, the root ports the command line configures, and
+//! the cards hot-plugged into them. Every vCPU reaches it through one lock, held only for a
+//! register access.
+//!
+//! A root port's hotplug interrupt is one MSI message sent through KVM. When the guest releases
+//! a slot whose card is to go, the port signals [`PcieHost::eject_event`], and the event
+//! loop takes the card out with [`PcieHost::take_ejected`]: that, not `device_del`, is when a
+//! PCI device is deleted.
 
-use std::sync::{Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use citadel_pci::root_port::{RootPort, RootPortConfig};
-use citadel_pci::segment::{Segment, SegmentError, PORT_ADDRESS, PORT_COUNT};
+use citadel_pci::root_port::{HotplugError, RootPort, RootPortConfig, SlotEvents};
+use citadel_pci::segment::{Function, Segment, SegmentError, PORT_ADDRESS, PORT_COUNT};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mmio_bus::MmioDevice;
+use super::mmio_bus::{MmioBus, MmioDevice};
+use super::msi_routes::MsiRoutes;
+use super::msix::MsixInterrupt;
+use super::vhost_user_blk::VhostUserBlk;
+use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport};
+use super::virtio_pci::{BarWiring, CardActivation, VirtioPciCard};
+
+/// The root bus's name, which the command line's root ports name as their `bus`.
+pub const ROOT_BUS: &str = "pcie.0";
 
 /// A root port of the command line (`-device pcie-root-port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,36 +42,93 @@ pub struct RootPortSpec {
 
 /// Why the segment could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("-device pcie-root-port,id={id}: {source}")]
-pub struct PcieError {
-    id: String,
-    source: SegmentError,
+pub enum PcieError {
+    /// A root port could not be placed.
+    #[error("-device pcie-root-port,id={id}: {source}")]
+    Placement {
+        /// The port's id.
+        id: String,
+        /// Why.
+        source: SegmentError,
+    },
+    /// The eject eventfd could not be created.
+    #[error("creating the PCI eject eventfd: {0}")]
+    EventFd(std::io::Error),
 }
 
-/// The segment, shared by the vCPUs (configuration accesses) and the machine (reset).
+/// Why a card cannot go into, or out of, a slot. The texts are QEMU's where it has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlugError {
+    /// No root port has that id.
+    #[error("Bus '{0}' not found")]
+    NoSuchBus(String),
+    /// The root bus takes no hot-plugged cards.
+    #[error("Bus '{ROOT_BUS}' does not support hotplugging")]
+    RootBus,
+    /// The port's slot holds a card already.
+    #[error("PCI: slot 0 function 0 not available on bus '{0}': it holds a device")]
+    Occupied(String),
+    /// The slot is empty.
+    #[error("Bus '{0}' holds no device")]
+    Empty(String),
+    /// The guest has not released the card yet.
+    #[error("the device on bus '{0}' is already in the process of unplug")]
+    AlreadyRemoving(String),
+}
+
+/// What the root ports tell the machine: their MSI messages go to KVM, a slot released for
+/// removal wakes the event loop.
+#[derive(Debug)]
+struct PortEvents {
+    routes: Arc<MsiRoutes>,
+    ejected: EventFd,
+}
+
+impl SlotEvents for PortEvents {
+    fn interrupt(&self, address: u64, data: u32) {
+        if let Err(e) = self.routes.signal(address, data) {
+            log::warn!("pcie: root port interrupt not delivered: {e}");
+        }
+    }
+
+    fn released(&self) {
+        if let Err(e) = self.ejected.write(1) {
+            log::warn!("pcie: cannot report a released slot: {e}");
+        }
+    }
+}
+
+/// The segment, shared by the vCPUs (configuration accesses) and the event loop (hotplug,
+/// reset).
 #[derive(Debug)]
 pub struct PcieHost {
     segment: Mutex<Segment>,
+    ports: Vec<RootPortSpec>,
+    events: Arc<PortEvents>,
 }
 
 impl PcieHost {
-    /// The host bridge and `root_ports`, placed where the command line says.
-    pub fn new(root_ports: &[RootPortSpec]) -> Result<PcieHost, PcieError> {
+    /// The host bridge and `root_ports`, placed where the command line says, their
+    /// interrupts sent through `routes`.
+    pub fn new(root_ports: &[RootPortSpec], routes: Arc<MsiRoutes>) -> Result<PcieHost, PcieError> {
+        let events = Arc::new(PortEvents {
+            routes,
+            ejected: EventFd::new(EFD_NONBLOCK).map_err(PcieError::EventFd)?,
+        });
         let mut segment = Segment::default();
         for spec in root_ports {
+            let port = RootPort::new(spec.config, events.clone());
             segment
-                .add(
-                    spec.device,
-                    spec.function,
-                    Box::new(RootPort::new(spec.config)),
-                )
-                .map_err(|source| PcieError {
+                .add_root_port(spec.device, spec.function, port)
+                .map_err(|source| PcieError::Placement {
                     id: spec.id.clone(),
                     source,
                 })?;
         }
         Ok(PcieHost {
             segment: Mutex::new(segment),
+            ports: root_ports.to_vec(),
+            events,
         })
     }
 
@@ -78,7 +153,64 @@ impl PcieHost {
         self.lock().port_write(port, data);
     }
 
-    /// Puts every function back as it was built.
+    /// Readable when the guest released a slot whose card is to go.
+    pub fn eject_event(&self) -> &EventFd {
+        &self.events.ejected
+    }
+
+    /// Runs `f` on the root port named `bus`.
+    fn with_port<R>(
+        &self,
+        bus: &str,
+        f: impl FnOnce(&mut RootPort) -> Result<R, PlugError>,
+    ) -> Result<R, PlugError> {
+        if bus == ROOT_BUS {
+            return Err(PlugError::RootBus);
+        }
+        let spec = self
+            .ports
+            .iter()
+            .find(|p| p.id == bus)
+            .ok_or_else(|| PlugError::NoSuchBus(bus.to_string()))?;
+        let mut segment = self.lock();
+        let port = segment
+            .root_port_mut(spec.device, spec.function)
+            .ok_or_else(|| PlugError::NoSuchBus(bus.to_string()))?;
+        f(port)
+    }
+
+    /// Puts `card` in the slot of root port `bus` and tells the guest.
+    pub fn plug(&self, bus: &str, card: Box<dyn Function>) -> Result<(), PlugError> {
+        self.with_port(bus, |port| {
+            port.plug(card)
+                .map_err(|_| PlugError::Occupied(bus.to_string()))
+        })
+    }
+
+    /// Asks the guest to release the card in root port `bus`.
+    pub fn request_unplug(&self, bus: &str) -> Result<(), PlugError> {
+        self.with_port(bus, |port| {
+            port.request_unplug().map_err(|e| match e {
+                HotplugError::AlreadyRemoving => PlugError::AlreadyRemoving(bus.to_string()),
+                HotplugError::Empty | HotplugError::Occupied => PlugError::Empty(bus.to_string()),
+            })
+        })
+    }
+
+    /// Takes out every card the guest has released, with the id of the port it was in.
+    pub fn take_ejected(&self) -> Vec<(String, Box<dyn Function>)> {
+        let _ = self.events.ejected.read();
+        let mut segment = self.lock();
+        self.ports
+            .iter()
+            .filter_map(|spec| {
+                let port = segment.root_port_mut(spec.device, spec.function)?;
+                Some((spec.id.clone(), port.take_ejected()?))
+            })
+            .collect()
+    }
+
+    /// Puts every function back as it was built; cards stay plugged.
     pub fn reset(&self) {
         self.lock().reset();
     }
@@ -92,5 +224,172 @@ impl MmioDevice for PcieHost {
 
     fn write(&self, offset: u64, data: &[u8]) {
         self.lock().ecam_write(offset, data);
+    }
+}
+
+/// Card BARs on the machine's MMIO bus, their notification addresses as KVM ioeventfds.
+pub struct KvmBarWiring {
+    /// The bus BARs are mapped on.
+    pub mmio: Arc<MmioBus>,
+    /// The VM the ioeventfds are registered with.
+    pub vm: Arc<VmFd>,
+}
+
+impl BarWiring for KvmBarWiring {
+    fn map(&self, base: u64, len: u64, region: Arc<dyn MmioDevice>) -> Result<(), String> {
+        self.mmio
+            .insert(base, len, region)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unmap(&self, base: u64) {
+        if let Err(e) = self.mmio.remove(base) {
+            log::warn!("pcie: unmapping a BAR at {base:#x}: {e}");
+        }
+    }
+
+    fn register_notify(&self, addr: u64, evt: &EventFd) -> Result<(), String> {
+        self.vm
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unregister_notify(&self, addr: u64, evt: &EventFd) {
+        if let Err(e) = self
+            .vm
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+        {
+            log::warn!("pcie: unregistering the notification at {addr:#x}: {e}");
+        }
+    }
+}
+
+/// A card that could not be plugged: why, and its disk when still usable.
+pub struct PlugRefused {
+    /// Why, as one line.
+    pub why: String,
+    /// The disk, unless the attempt used it up.
+    pub disk: Option<Box<VhostUserBlk>>,
+}
+
+/// The segment with what plugging a card takes: interrupt routes, BAR wiring, guest memory
+/// for the card's backend, and the device starts the event loop runs.
+pub struct PciDevices {
+    host: Arc<PcieHost>,
+    routes: Arc<MsiRoutes>,
+    wiring: Arc<KvmBarWiring>,
+    memory: GuestMemoryMmap,
+    activation: EventFd,
+    cards: Mutex<BTreeMap<String, Arc<dyn CardActivation>>>,
+}
+
+impl PciDevices {
+    /// The segment of `root_ports` on `vm`, its ECAM window on `mmio`; cards' devices are
+    /// started on the event loop when `activation` is signalled.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mmio: Arc<MmioBus>,
+        memory: &GuestMemoryMmap,
+        root_ports: &[RootPortSpec],
+        activation: EventFd,
+    ) -> Result<PciDevices, PcieError> {
+        let routes = Arc::new(MsiRoutes::new(vm.clone()));
+        let host = Arc::new(PcieHost::new(root_ports, routes.clone())?);
+        Ok(PciDevices {
+            host,
+            routes,
+            wiring: Arc::new(KvmBarWiring { mmio, vm }),
+            memory: memory.clone(),
+            activation,
+            cards: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The segment.
+    pub fn host(&self) -> &Arc<PcieHost> {
+        &self.host
+    }
+
+    /// Plugs a virtio-blk card served by `disk` into root port `bus`. A refusal hands the disk
+    /// back when it is still usable.
+    pub fn plug_disk(&self, bus: &str, mut disk: VhostUserBlk) -> Result<(), PlugRefused> {
+        let refused = |why: String, disk| PlugRefused {
+            why,
+            disk: Some(Box::new(disk)),
+        };
+        if let Err(e) = self.host.with_port(bus, |port| {
+            if port.occupied() {
+                Err(PlugError::Occupied(bus.to_string()))
+            } else {
+                Ok(())
+            }
+        }) {
+            return Err(refused(e.to_string(), disk));
+        }
+        if let Err(e) = disk.set_memory(&self.memory) {
+            return Err(refused(e.to_string(), disk));
+        }
+        self.plug_device(bus, disk)
+            .map_err(|why| PlugRefused { why, disk: None })
+    }
+
+    /// Builds a card around `device` (a vector per queue and one for configuration changes)
+    /// and plugs it into root port `bus`.
+    fn plug_device<D: VirtioDevice + 'static>(&self, bus: &str, device: D) -> Result<(), String> {
+        let queues = device.queue_max_sizes().len();
+        let vectors = u16::try_from(queues + 1)
+            .ok()
+            .filter(|&v| v <= super::virtio_pci::MAX_VECTORS)
+            .ok_or_else(|| {
+                format!(
+                    "a PCI card has at most {} queues",
+                    super::virtio_pci::MAX_VECTORS - 1
+                )
+            })?;
+        let interrupt =
+            MsixInterrupt::new(self.routes.clone(), vectors, queues).map_err(|e| e.to_string())?;
+        let activation = self.activation.try_clone().map_err(|e| e.to_string())?;
+        let transport = VirtioMmioTransport::new(device, Arc::new(interrupt))
+            .map_err(|e| e.to_string())?
+            .with_deferred_activation(activation);
+        let card = VirtioPciCard::new(transport, vectors, self.wiring.clone());
+        let started = card.activation();
+        self.host
+            .plug(bus, Box::new(card))
+            .map_err(|e| e.to_string())?;
+        self.cards_lock().insert(bus.to_string(), started);
+        Ok(())
+    }
+
+    fn cards_lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<dyn CardActivation>>> {
+        self.cards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the guest to release the card in root port `bus`.
+    pub fn request_unplug(&self, bus: &str) -> Result<(), PlugError> {
+        self.host.request_unplug(bus)
+    }
+
+    /// Takes out the cards the guest released, and returns the ids of their root ports. Each
+    /// card's device goes with it (a vhost-user device's backend connection closes).
+    pub fn take_ejected(&self) -> Vec<String> {
+        let ejected = self.host.take_ejected();
+        let mut cards = self.cards_lock();
+        ejected
+            .into_iter()
+            .map(|(bus, card)| {
+                drop(card);
+                cards.remove(&bus);
+                bus
+            })
+            .collect()
+    }
+
+    /// Starts every card's device whose driver asked since the last call.
+    pub fn run_pending_activations(&self) {
+        let cards: Vec<_> = self.cards_lock().values().cloned().collect();
+        for card in cards {
+            card.run_pending_activation();
+        }
     }
 }

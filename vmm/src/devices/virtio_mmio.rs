@@ -33,7 +33,7 @@ use super::mmio_bus::MmioDevice;
 use crate::boot::layout;
 use crate::snapshot::transport::{QueueSnapshot, TransportSnapshot};
 
-use crate::devices::interrupt::VirtioInterrupt;
+use crate::devices::interrupt::{TransportInterrupt, VirtioInterrupt};
 pub use device::{read_config_bytes, ActivateError, ActivateParams, QueueConfig, VirtioDevice};
 pub use interrupt::{Interrupt, INT_CONFIG, INT_VRING};
 
@@ -160,7 +160,7 @@ impl<D: VirtioDevice> State<D> {
         self.driver_features & (1 << VIRTIO_F_RING_PACKED) != 0
     }
 
-    fn read_register(&self, reg: u32, interrupt: &Interrupt) -> u32 {
+    fn read_register(&self, reg: u32, interrupt: &impl TransportInterrupt) -> u32 {
         match reg {
             VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
@@ -193,7 +193,7 @@ impl<D: VirtioDevice> State<D> {
         &mut self,
         reg: u32,
         value: u32,
-        interrupt: &Arc<Interrupt>,
+        interrupt: &Arc<impl TransportInterrupt>,
         notify: &[EventFd],
     ) {
         match reg {
@@ -313,9 +313,14 @@ impl<D: VirtioDevice> State<D> {
         };
     }
 
-    fn write_status(&mut self, value: u32, interrupt: &Arc<Interrupt>, notify: &[EventFd]) {
+    fn write_status(
+        &mut self,
+        value: u32,
+        interrupt: &Arc<impl TransportInterrupt>,
+        notify: &[EventFd],
+    ) {
         if value == 0 {
-            self.reset(interrupt, notify);
+            self.reset(interrupt.as_ref(), notify);
             return;
         }
         let old = self.status;
@@ -361,7 +366,7 @@ impl<D: VirtioDevice> State<D> {
 
     /// Starts the device now, or, with deferred activation, records the request and hands
     /// it to whoever waits on the signal.
-    fn request_start(&mut self, interrupt: &Arc<Interrupt>, notify: &[EventFd]) {
+    fn request_start(&mut self, interrupt: &Arc<impl TransportInterrupt>, notify: &[EventFd]) {
         match &self.activation {
             Some(signal) => {
                 self.pending = true;
@@ -376,7 +381,7 @@ impl<D: VirtioDevice> State<D> {
     /// Starts the device; on failure tells the driver to reset it. A resumed device then
     /// gets one kick per ready queue: the kicks the driver gave just before the machine was
     /// saved went to eventfds of the saved process, and the chains they announced wait.
-    fn start(&mut self, interrupt: &Arc<Interrupt>, notify: &[EventFd]) {
+    fn start(&mut self, interrupt: &Arc<impl TransportInterrupt>, notify: &[EventFd]) {
         let resume = std::mem::take(&mut self.resume);
         match self.activate(interrupt, notify, resume) {
             Ok(()) if resume => {
@@ -404,7 +409,7 @@ impl<D: VirtioDevice> State<D> {
 
     fn activate(
         &mut self,
-        interrupt: &Arc<Interrupt>,
+        interrupt: &Arc<impl TransportInterrupt>,
         notify: &[EventFd],
         resume: bool,
     ) -> Result<(), ActivateError> {
@@ -425,7 +430,7 @@ impl<D: VirtioDevice> State<D> {
         self.device.activate(params)
     }
 
-    fn reset(&mut self, interrupt: &Interrupt, notify: &[EventFd]) {
+    fn reset(&mut self, interrupt: &impl TransportInterrupt, notify: &[EventFd]) {
         self.device.reset();
         self.status = 0;
         self.pending = false;
@@ -499,18 +504,36 @@ fn check_saved_status(status: u32) -> Result<(), String> {
     }
 }
 
+/// What the driver selected and set up, for a transport whose registers read it back
+/// (virtio-pci's common configuration does; virtio-mmio's selectors are write-only).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DriverView {
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted so far.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// The selected queue's setup, if it exists.
+    pub queue: Option<QueueConfig>,
+    /// Number of queues of the device.
+    pub queues: usize,
+}
+
 /// A virtio-mmio transport slot holding one device.
-pub struct VirtioMmioTransport<D: VirtioDevice> {
+pub struct VirtioMmioTransport<D: VirtioDevice, I: TransportInterrupt = Interrupt> {
     state: Mutex<State<D>>,
-    interrupt: Arc<Interrupt>,
+    interrupt: Arc<I>,
     /// One per queue; fixed for the transport's life so the KVM ioeventfds stay valid.
     notify: Vec<EventFd>,
 }
 
-impl<D: VirtioDevice> VirtioMmioTransport<D> {
+impl<D: VirtioDevice, I: TransportInterrupt> VirtioMmioTransport<D, I> {
     /// Wraps `device`, which raises its interrupts through `interrupt`. Creates the queue
     /// notify eventfds; refuses devices whose queues a driver could not use.
-    pub fn new(device: D, interrupt: Arc<Interrupt>) -> Result<Self, VirtioMmioError> {
+    pub fn new(device: D, interrupt: Arc<I>) -> Result<Self, VirtioMmioError> {
         let max_sizes = device.queue_max_sizes();
         if max_sizes.len() > MAX_QUEUES {
             return Err(VirtioMmioError::TooManyQueues(max_sizes.len()));
@@ -565,8 +588,27 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
     }
 
     /// The transport's interrupt, shared with the device.
-    pub fn interrupt(&self) -> &Arc<Interrupt> {
+    pub fn interrupt(&self) -> &Arc<I> {
         &self.interrupt
+    }
+
+    /// The driver's selectors and the selected queue's setup.
+    pub fn driver_view(&self) -> DriverView {
+        let state = self.lock();
+        DriverView {
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queue: state.selected_queue().map(|q| q.config),
+            queues: state.queues.len(),
+        }
+    }
+
+    /// The queue notify eventfds, by queue index, for a transport that places its own KVM
+    /// ioeventfds.
+    pub fn notify_eventfds(&self) -> &[EventFd] {
+        &self.notify
     }
 
     /// The KVM ioeventfds to register for a transport mapped at `base`: per queue, the
@@ -627,7 +669,7 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
     /// to every device, so that no backend keeps serving rings in memory the next boot
     /// reuses.
     pub fn reset(&self) {
-        self.lock().reset(&self.interrupt, &self.notify);
+        self.lock().reset(self.interrupt.as_ref(), &self.notify);
     }
 
     /// The driver-visible state, for a snapshot.
@@ -748,7 +790,8 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn notify_queue(&self, index: u32) {
+    /// Notifies queue `index` as a KVM ioeventfd would.
+    pub fn notify_queue(&self, index: u32) {
         match self.notify.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
@@ -767,7 +810,7 @@ fn register(offset: u64, len: usize) -> Option<u32> {
     (len == 4 && offset & 3 == 0 && offset < CONFIG_SPACE_OFFSET).then_some(offset as u32)
 }
 
-impl<D: VirtioDevice> MmioDevice for VirtioMmioTransport<D> {
+impl<D: VirtioDevice, I: TransportInterrupt> MmioDevice for VirtioMmioTransport<D, I> {
     fn read(&self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             self.lock()
@@ -780,8 +823,8 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmioTransport<D> {
                 // The interrupt handler's register is read on every interrupt: it never waits
                 // for the lock, which an activation may hold while it talks to a backend.
                 let value = match reg {
-                    VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-                    _ => self.lock().read_register(reg, &self.interrupt),
+                    VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.isr_status(),
+                    _ => self.lock().read_register(reg, self.interrupt.as_ref()),
                 };
                 data.copy_from_slice(&value.to_le_bytes());
             }

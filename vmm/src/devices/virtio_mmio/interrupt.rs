@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::interrupt::VirtioInterrupt;
+use crate::devices::interrupt::{TransportInterrupt, VirtioInterrupt};
 
 /// InterruptStatus bit: a queue's used ring was updated.
 pub const INT_VRING: u32 = VIRTIO_MMIO_INT_VRING;
@@ -37,50 +37,6 @@ impl Interrupt {
             vring_external: AtomicBool::new(false),
             config_generation: AtomicU32::new(0),
         }
-    }
-
-    /// The InterruptStatus register.
-    pub(super) fn status(&self) -> u32 {
-        let external = if self.vring_external.load(Ordering::SeqCst) {
-            INT_VRING
-        } else {
-            0
-        };
-        self.status.load(Ordering::SeqCst) | external
-    }
-
-    /// InterruptACK: clears the acknowledged bits. Unknown bits are ignored.
-    pub(super) fn acknowledge(&self, bits: u32) {
-        self.status
-            .fetch_and(!(bits & (INT_VRING | INT_CONFIG)), Ordering::SeqCst);
-    }
-
-    /// The ConfigGeneration register.
-    pub(super) fn config_generation(&self) -> u32 {
-        self.config_generation.load(Ordering::SeqCst)
-    }
-
-    /// The pending status bits and the configuration generation, for a snapshot.
-    pub(super) fn saved(&self) -> (u32, u32) {
-        (
-            self.status.load(Ordering::SeqCst),
-            self.config_generation.load(Ordering::SeqCst),
-        )
-    }
-
-    /// Puts saved status bits (unknown ones dropped) and generation back.
-    pub(super) fn restore(&self, status: u32, config_generation: u32) {
-        self.status
-            .store(status & (INT_VRING | INT_CONFIG), Ordering::SeqCst);
-        self.config_generation
-            .store(config_generation, Ordering::SeqCst);
-    }
-
-    /// Device reset: no interrupt pending, no external signaller. The generation keeps
-    /// counting, so it never repeats a value a driver may still hold.
-    pub(super) fn reset(&self) {
-        self.status.store(0, Ordering::SeqCst);
-        self.vring_external.store(false, Ordering::SeqCst);
     }
 }
 
@@ -111,5 +67,51 @@ impl VirtioInterrupt for Interrupt {
     /// completions. Cleared by a device reset.
     fn set_vring_signalled_externally(&self, external: bool) {
         self.vring_external.store(external, Ordering::SeqCst);
+    }
+}
+
+impl TransportInterrupt for Interrupt {
+    /// The InterruptStatus register.
+    fn isr_status(&self) -> u32 {
+        let external = if self.vring_external.load(Ordering::SeqCst) {
+            INT_VRING
+        } else {
+            0
+        };
+        self.status.load(Ordering::SeqCst) | external
+    }
+
+    /// InterruptACK: clears the acknowledged bits. Unknown bits are ignored.
+    fn acknowledge(&self, bits: u32) {
+        self.status
+            .fetch_and(!(bits & (INT_VRING | INT_CONFIG)), Ordering::SeqCst);
+    }
+
+    /// The ConfigGeneration register.
+    fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// The pending status bits and the configuration generation, for a snapshot.
+    fn saved(&self) -> (u32, u32) {
+        (
+            self.status.load(Ordering::SeqCst),
+            self.config_generation.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Puts saved status bits (unknown ones dropped) and generation back.
+    fn restore(&self, status: u32, config_generation: u32) {
+        self.status
+            .store(status & (INT_VRING | INT_CONFIG), Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
+    /// Device reset: no interrupt pending, no external signaller. The generation keeps
+    /// counting, so it never repeats a value a driver may still hold.
+    fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.vring_external.store(false, Ordering::SeqCst);
     }
 }

@@ -50,7 +50,7 @@ use crate::cli::{
 };
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::{DeviceManager, HungUp};
-use crate::devices::pcie::{PlugError, PlugRefused};
+use crate::devices::pcie::{PciDevices, PlugError, PlugRefused};
 use crate::devices::vhost_user::BACKEND_TIMEOUT;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::net_hotplug::{Netdevs, NIC_DRIVER};
@@ -63,6 +63,8 @@ pub const MAX_NODES: usize = 16;
 const DISK_DRIVER: &str = "virtio-blk-mmio";
 /// The device model of a disk behind a PCI Express root port (q35).
 const PCI_DISK_DRIVER: &str = "virtio-blk-pci";
+/// The device model of a NIC behind a PCI Express root port (q35).
+const PCI_NIC_DRIVER: &str = "virtio-net-pci";
 
 /// Most restarts of one disk's backend within [`RESTART_WINDOW`]: a backend that keeps
 /// dying (an image it cannot serve, a bug a guest request triggers) is given up on rather
@@ -97,10 +99,18 @@ struct Node {
     device: Option<String>,
 }
 
-/// A disk plugged into a root port.
-struct PciDisk {
+/// A card plugged into a root port.
+struct PciCard {
     bus: String,
-    node_name: String,
+    backend: PciBackend,
+}
+
+/// What serves a PCI card.
+enum PciBackend {
+    /// A disk's block node.
+    Node(String),
+    /// A NIC's netdev.
+    Netdev(String),
 }
 
 /// What a `device_del` did.
@@ -162,8 +172,8 @@ pub enum ColdPlugError {
 pub struct Hotplug {
     launcher: Result<Launcher, String>,
     nodes: BTreeMap<String, Node>,
-    /// PCI disks by device id: their root port and block node.
-    pci_disks: BTreeMap<String, PciDisk>,
+    /// PCI cards by device id: their root port and what serves them.
+    pci_cards: BTreeMap<String, PciCard>,
     netdevs: Netdevs,
     chardevs: Chardevs,
     fds: PassedFds,
@@ -176,7 +186,7 @@ impl Hotplug {
         Hotplug {
             launcher,
             nodes: BTreeMap::new(),
-            pci_disks: BTreeMap::new(),
+            pci_cards: BTreeMap::new(),
             fds: PassedFds::new(),
             netdevs: Netdevs::default(),
             chardevs: Chardevs::default(),
@@ -485,12 +495,12 @@ impl Hotplug {
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
         let vhost_user_blk = VHOST_USER_BLK_DRIVERS.contains(&add.driver.as_str());
-        if add.driver == PCI_DISK_DRIVER {
-            return self.pci_disk_add(devices, add);
+        if add.driver == PCI_DISK_DRIVER || add.driver == PCI_NIC_DRIVER {
+            return self.pci_card_add(devices, add);
         }
         if devices.pci().is_some() && (add.driver == DISK_DRIVER || add.driver == NIC_DRIVER) {
             return Err(QmpError::generic(format!(
-                "{} is the microvm machine's; the q35 machine hot-plugs {PCI_DISK_DRIVER} behind a pcie-root-port",
+                "{} is the microvm machine's; the q35 machine hot-plugs {PCI_DISK_DRIVER} and {PCI_NIC_DRIVER} behind a pcie-root-port",
                 add.driver
             )));
         }
@@ -511,7 +521,7 @@ impl Hotplug {
                 .nic_slots()
                 .iter()
                 .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
-            || self.pci_disks.contains_key(&add.id);
+            || self.pci_cards.contains_key(&add.id);
         if taken {
             return Err(QmpError::generic(format!(
                 "{} is already registered.",
@@ -576,28 +586,32 @@ impl Hotplug {
         }
     }
 
-    /// `device_add` of a virtio-blk-pci disk into a root port (q35): the node's backend
-    /// serves a new card, which the guest is told of through the port's slot.
-    fn pci_disk_add(
+    /// `device_add` of a virtio-blk-pci disk or a virtio-net-pci NIC into a root port (q35):
+    /// the node's or netdev's backend serves a new card, which the guest is told of through
+    /// the port's slot.
+    fn pci_card_add(
         &mut self,
         devices: &DeviceManager,
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
         let Some(pci) = devices.pci() else {
             return Err(QmpError::generic(format!(
-                "{PCI_DISK_DRIVER} needs the q35 machine (-machine q35); this machine hot-plugs {DISK_DRIVER}"
+                "{} needs the q35 machine (-machine q35); this machine hot-plugs {DISK_DRIVER} and {NIC_DRIVER}",
+                add.driver
             )));
         };
+        let nic = add.driver == PCI_NIC_DRIVER;
         for (present, name) in [
-            (add.netdev.is_some(), "netdev"),
-            (add.mac.is_some(), "mac"),
+            (add.netdev.is_some() && !nic, "netdev"),
+            (add.mac.is_some() && !nic, "mac"),
+            (add.drive.is_some() && nic, "drive"),
             (add.chardev.is_some(), "chardev"),
         ] {
             if present {
                 return Err(QmpError::unexpected_parameter(name));
             }
         }
-        let taken = self.pci_disks.contains_key(&add.id)
+        let taken = self.pci_cards.contains_key(&add.id)
             || devices
                 .disk_slots()
                 .iter()
@@ -625,6 +639,28 @@ impl Hotplug {
                 )))
             }
         }
+        let backend = if nic {
+            self.pci_nic_add(pci, bus, add)?
+        } else {
+            self.pci_disk_add(pci, bus, add)?
+        };
+        self.pci_cards.insert(
+            add.id.clone(),
+            PciCard {
+                bus: bus.to_string(),
+                backend,
+            },
+        );
+        Ok(json!({}))
+    }
+
+    /// The disk half of [`Hotplug::pci_card_add`].
+    fn pci_disk_add(
+        &mut self,
+        pci: &PciDevices,
+        bus: &str,
+        add: &DeviceAdd,
+    ) -> Result<PciBackend, QmpError> {
         let node_name = add
             .drive
             .as_deref()
@@ -646,14 +682,7 @@ impl Hotplug {
         match pci.plug_disk(bus, disk) {
             Ok(()) => {
                 node.device = Some(add.id.clone());
-                self.pci_disks.insert(
-                    add.id.clone(),
-                    PciDisk {
-                        bus: bus.to_string(),
-                        node_name: node_name.to_string(),
-                    },
-                );
-                Ok(json!({}))
+                Ok(PciBackend::Node(node_name.to_string()))
             }
             Err(PlugRefused {
                 why,
@@ -669,15 +698,37 @@ impl Hotplug {
         }
     }
 
+    /// The NIC half of [`Hotplug::pci_card_add`]: without `mac`, the card's MAC address is
+    /// locally administered and names the root port.
+    fn pci_nic_add(
+        &mut self,
+        pci: &PciDevices,
+        bus: &str,
+        add: &DeviceAdd,
+    ) -> Result<PciBackend, QmpError> {
+        let launcher = available(&self.launcher)?;
+        let nic = self.netdevs.take_nic(add)?;
+        let netdev_id = nic.netdev_id.clone();
+        let mac = add.mac.unwrap_or_else(|| pci.default_mac(bus));
+        match pci.plug_nic(bus, nic, mac) {
+            Ok(()) => Ok(PciBackend::Netdev(netdev_id)),
+            Err((why, nic)) => {
+                self.netdevs
+                    .plug_refused(launcher, add, nic.map(|nic| nic.conn));
+                Err(QmpError::generic(why))
+            }
+        }
+    }
+
     /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
     /// leaves its slot and its netdev stays; a PCI card's guest is asked to release it (see
     /// [`Hotplug::pci_ejected`]).
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Result<Deletion, QmpError> {
-        if let Some(disk) = self.pci_disks.get(id) {
+        if let Some(card) = self.pci_cards.get(id) {
             let pci = devices
                 .pci()
                 .ok_or_else(|| QmpError::device_not_found(id))?;
-            return match pci.request_unplug(&disk.bus) {
+            return match pci.request_unplug(&card.bus) {
                 Ok(()) => Ok(Deletion::Requested),
                 Err(PlugError::AlreadyRemoving(_)) => Err(QmpError::generic(format!(
                     "Device {id} is already in the process of unplug"
@@ -701,28 +752,34 @@ impl Hotplug {
     }
 
     /// Takes out the PCI cards the guest has released and returns their device ids, to be
-    /// announced. A disk's node stays, without a device, until `blockdev-del` ends its
-    /// backend.
+    /// announced. A disk's node stays, without a device or a frontend, until `blockdev-del`
+    /// ends its backend; a NIC's netdev gets its frontend back, for another `device_add`.
     pub fn pci_ejected(&mut self, devices: &DeviceManager) -> Vec<String> {
         let Some(pci) = devices.pci() else {
             return Vec::new();
         };
         let mut deleted = Vec::new();
-        for bus in pci.take_ejected() {
+        for ejected in pci.take_ejected() {
             let Some(id) = self
-                .pci_disks
+                .pci_cards
                 .iter()
-                .find(|(_, disk)| disk.bus == bus)
+                .find(|(_, card)| card.bus == ejected.bus)
                 .map(|(id, _)| id.clone())
             else {
                 continue;
             };
-            if let Some(disk) = self.pci_disks.remove(&id) {
-                if let Some(node) = self.nodes.get_mut(&disk.node_name) {
-                    node.device = None;
+            match self.pci_cards.remove(&id).map(|card| card.backend) {
+                Some(PciBackend::Node(node_name)) => {
+                    if let Some(node) = self.nodes.get_mut(&node_name) {
+                        node.device = None;
+                    }
                 }
+                Some(PciBackend::Netdev(netdev_id)) => self
+                    .netdevs
+                    .give_back(&netdev_id, ejected.nic.map(|nic| nic.conn)),
+                None => {}
             }
-            log::info!("{id}: released by the guest, removed from {bus}");
+            log::info!("{id}: released by the guest, removed from {}", ejected.bus);
             deleted.push(id);
         }
         deleted

@@ -188,6 +188,19 @@ impl Netdevs {
                 format_mac(slot.mac)
             )));
         }
+        let nic = self.take_nic(add)?;
+        match devices.plug_nic(addr, nic) {
+            Ok(()) => Ok(json!({})),
+            Err(e) => {
+                self.plug_refused(launcher, add, e.nic.map(|nic| nic.conn));
+                Err(QmpError::generic(e.why))
+            }
+        }
+    }
+
+    /// The NIC `add` asks for: netdev `add.netdev`'s frontend, which is then used by device
+    /// `add.id` until [`Netdevs::give_back`].
+    pub fn take_nic(&mut self, add: &DeviceAdd) -> Result<PluggedNic, QmpError> {
         let netdev_id = add
             .netdev
             .as_deref()
@@ -206,25 +219,37 @@ impl Netdevs {
                 "Netdev '{netdev_id}' has no usable backend"
             )));
         };
-        let nic = PluggedNic {
+        netdev.device = Some(add.id.clone());
+        Ok(PluggedNic {
             device_id: add.id.clone(),
             netdev_id: netdev_id.to_string(),
             conn,
+        })
+    }
+
+    /// A NIC taken with [`Netdevs::take_nic`] was not plugged: its frontend goes back to the
+    /// netdev, or, used up (the backend failed while taking the rings), the netdev goes.
+    pub fn plug_refused(
+        &mut self,
+        launcher: &Launcher,
+        add: &DeviceAdd,
+        conn: Option<VhostUserConnection>,
+    ) {
+        let Some(netdev_id) = add.netdev.as_deref() else {
+            return;
         };
-        match devices.plug_nic(addr, nic) {
-            Ok(()) => {
-                netdev.device = Some(add.id.clone());
-                Ok(json!({}))
-            }
-            Err(e) => {
-                match e.nic {
-                    Some(nic) => netdev.conn = Some(nic.conn),
-                    // The backend failed while taking the rings: its connection is unusable,
-                    // so the netdev goes with it.
-                    None => self.release(launcher, netdev_id),
-                }
-                Err(QmpError::generic(e.why))
-            }
+        match conn {
+            Some(conn) => self.give_back(netdev_id, Some(conn)),
+            None => self.release(launcher, netdev_id),
+        }
+    }
+
+    /// The device using netdev `netdev_id` left: the netdev takes its frontend back (`None`
+    /// when the frontend went with the device).
+    pub fn give_back(&mut self, netdev_id: &str, conn: Option<VhostUserConnection>) {
+        if let Some(netdev) = self.netdevs.get_mut(netdev_id) {
+            netdev.device = None;
+            netdev.conn = conn;
         }
     }
 
@@ -232,10 +257,7 @@ impl Netdevs {
     /// when no NIC has that id.
     pub fn device_del(&mut self, devices: &DeviceManager, id: &str) -> Option<String> {
         let nic = devices.unplug_nic(id)?;
-        if let Some(netdev) = self.netdevs.get_mut(&nic.netdev_id) {
-            netdev.device = None;
-            netdev.conn = Some(nic.conn);
-        }
+        self.give_back(&nic.netdev_id, Some(nic.conn));
         Some(id.to_string())
     }
 

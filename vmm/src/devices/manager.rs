@@ -741,7 +741,14 @@ impl DeviceManager {
             .activation
             .try_clone()
             .map_err(|source| DeviceManagerError::Pcie(PcieError::EventFd(source)))?;
-        let pci = PciDevices::new(vm, self.mmio.clone(), memory, root_ports, activation)?;
+        let pci = PciDevices::new(
+            vm,
+            self.mmio.clone(),
+            memory,
+            root_ports,
+            activation,
+            self.kicks.clone(),
+        )?;
         let host = pci.host().clone();
         self.mmio
             .insert(layout::PCIE_ECAM_BASE, layout::PCIE_ECAM_SIZE, host.clone())?;

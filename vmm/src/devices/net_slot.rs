@@ -149,9 +149,17 @@ impl NetSlot {
         }
     }
 
-    /// The MAC address the driver read at probe.
+    /// The MAC address the driver reads at probe.
     pub fn mac(&self) -> [u8; 6] {
-        slot_mac(self.index)
+        let mut mac = [0; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        mac
+    }
+
+    /// Gives the device MAC address `mac`, before any driver has read it (a PCI card built
+    /// for a `device_add` with `mac`).
+    pub fn set_mac(&mut self, mac: [u8; 6]) {
+        self.config[..6].copy_from_slice(&mac);
     }
 
     /// The plugged NIC, if any.

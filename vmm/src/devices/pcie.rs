@@ -20,9 +20,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::mmio_bus::{MmioBus, MmioDevice};
 use super::msi_routes::MsiRoutes;
 use super::msix::MsixInterrupt;
+use super::net_slot::{NetSlot, PluggedNic};
+use super::slot_ring::SlotKicks;
 use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport};
-use super::virtio_pci::{BarWiring, CardActivation, VirtioPciCard};
+use super::virtio_pci::{BarWiring, CardHandle, VirtioPciCard};
 
 /// The root bus's name, which the command line's root ports name as their `bus`.
 pub const ROOT_BUS: &str = "pcie.0";
@@ -272,6 +274,29 @@ pub struct PlugRefused {
     pub disk: Option<Box<VhostUserBlk>>,
 }
 
+/// The device of a card in a slot.
+enum PluggedCard {
+    Disk(CardHandle<VhostUserBlk>),
+    Nic(CardHandle<NetSlot>),
+}
+
+impl PluggedCard {
+    fn run_pending_activation(&self) {
+        match self {
+            PluggedCard::Disk(card) => card.run_pending_activation(),
+            PluggedCard::Nic(card) => card.run_pending_activation(),
+        }
+    }
+}
+
+/// A card the guest released, taken out of its slot.
+pub struct Ejected {
+    /// The id of the root port it was in.
+    pub bus: String,
+    /// A NIC's frontend, still connected to its backend, for its netdev to keep.
+    pub nic: Option<PluggedNic>,
+}
+
 /// The segment with what plugging a card takes: interrupt routes, BAR wiring, guest memory
 /// for the card's backend, and the device starts the event loop runs.
 pub struct PciDevices {
@@ -280,18 +305,21 @@ pub struct PciDevices {
     wiring: Arc<KvmBarWiring>,
     memory: GuestMemoryMmap,
     activation: EventFd,
-    cards: Mutex<BTreeMap<String, Arc<dyn CardActivation>>>,
+    kicks: Arc<SlotKicks>,
+    cards: Mutex<BTreeMap<String, PluggedCard>>,
 }
 
 impl PciDevices {
     /// The segment of `root_ports` on `vm`, its ECAM window on `mmio`; cards' devices are
-    /// started on the event loop when `activation` is signalled.
+    /// started on the event loop when `activation` is signalled; `kicks` is where a NIC
+    /// card would report kicks it has to answer itself.
     pub fn new(
         vm: Arc<VmFd>,
         mmio: Arc<MmioBus>,
         memory: &GuestMemoryMmap,
         root_ports: &[RootPortSpec],
         activation: EventFd,
+        kicks: Arc<SlotKicks>,
     ) -> Result<PciDevices, PcieError> {
         let routes = Arc::new(MsiRoutes::new(vm.clone()));
         let host = Arc::new(PcieHost::new(root_ports, routes.clone())?);
@@ -301,6 +329,7 @@ impl PciDevices {
             wiring: Arc::new(KvmBarWiring { mmio, vm }),
             memory: memory.clone(),
             activation,
+            kicks,
             cards: Mutex::new(BTreeMap::new()),
         })
     }
@@ -317,25 +346,72 @@ impl PciDevices {
             why,
             disk: Some(Box::new(disk)),
         };
-        if let Err(e) = self.host.with_port(bus, |port| {
-            if port.occupied() {
-                Err(PlugError::Occupied(bus.to_string()))
-            } else {
-                Ok(())
-            }
-        }) {
+        if let Err(e) = self.check_free(bus) {
             return Err(refused(e.to_string(), disk));
         }
         if let Err(e) = disk.set_memory(&self.memory) {
             return Err(refused(e.to_string(), disk));
         }
-        self.plug_device(bus, disk)
+        let card = self
+            .card(disk)
+            .map_err(|why| PlugRefused { why, disk: None })?;
+        self.plug_card(bus, card, PluggedCard::Disk)
             .map_err(|why| PlugRefused { why, disk: None })
     }
 
-    /// Builds a card around `device` (a vector per queue and one for configuration changes)
-    /// and plugs it into root port `bus`.
-    fn plug_device<D: VirtioDevice + 'static>(&self, bus: &str, device: D) -> Result<(), String> {
+    /// Whether root port `bus` exists and has room for a card.
+    fn check_free(&self, bus: &str) -> Result<(), PlugError> {
+        self.host.with_port(bus, |port| {
+            if port.occupied() {
+                Err(PlugError::Occupied(bus.to_string()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// The MAC address of a NIC card in root port `bus` when `device_add` gives none:
+    /// locally administered, the last byte the port's number.
+    pub fn default_mac(&self, bus: &str) -> [u8; 6] {
+        let port = self
+            .host
+            .ports
+            .iter()
+            .find(|p| p.id == bus)
+            .map_or(0, |p| p.config.port);
+        [0x52, 0x54, 0x00, 0xc1, 0x7b, port]
+    }
+
+    /// Plugs a virtio-net card served by `nic` into root port `bus`, with MAC address `mac`.
+    /// A refusal hands the NIC back when it is still usable.
+    pub fn plug_nic(
+        &self,
+        bus: &str,
+        nic: PluggedNic,
+        mac: [u8; 6],
+    ) -> Result<(), (String, Option<Box<PluggedNic>>)> {
+        if let Err(e) = self.check_free(bus) {
+            return Err((e.to_string(), Some(Box::new(nic))));
+        }
+        let port = self
+            .host
+            .ports
+            .iter()
+            .position(|p| p.id == bus)
+            .unwrap_or(usize::MAX);
+        // Never empty once plugged, the device reports no kicks: the token only has to be one
+        // no slot of the microvm machine uses.
+        let token = u64::MAX - port as u64;
+        let mut slot = NetSlot::new(port as u64, self.memory.clone(), self.kicks.clone(), token);
+        slot.set_mac(mac);
+        slot.plug(nic).map_err(|e| (e.why, e.nic))?;
+        let card = self.card(slot).map_err(|why| (why, None))?;
+        self.plug_card(bus, card, PluggedCard::Nic)
+            .map_err(|why| (why, None))
+    }
+
+    /// Builds a card around `device`: a vector per queue and one for configuration changes.
+    fn card<D: VirtioDevice + 'static>(&self, device: D) -> Result<VirtioPciCard<D>, String> {
         let queues = device.queue_max_sizes().len();
         let vectors = u16::try_from(queues + 1)
             .ok()
@@ -352,16 +428,25 @@ impl PciDevices {
         let transport = VirtioMmioTransport::new(device, Arc::new(interrupt))
             .map_err(|e| e.to_string())?
             .with_deferred_activation(activation);
-        let card = VirtioPciCard::new(transport, vectors, self.wiring.clone());
-        let started = card.activation();
+        Ok(VirtioPciCard::new(transport, vectors, self.wiring.clone()))
+    }
+
+    /// Puts `card` into root port `bus`, keeping a handle on its device.
+    fn plug_card<D: VirtioDevice + 'static>(
+        &self,
+        bus: &str,
+        card: VirtioPciCard<D>,
+        plugged: impl FnOnce(CardHandle<D>) -> PluggedCard,
+    ) -> Result<(), String> {
+        let handle = card.handle();
         self.host
             .plug(bus, Box::new(card))
             .map_err(|e| e.to_string())?;
-        self.cards_lock().insert(bus.to_string(), started);
+        self.cards_lock().insert(bus.to_string(), plugged(handle));
         Ok(())
     }
 
-    fn cards_lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<dyn CardActivation>>> {
+    fn cards_lock(&self) -> MutexGuard<'_, BTreeMap<String, PluggedCard>> {
         self.cards.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -370,25 +455,27 @@ impl PciDevices {
         self.host.request_unplug(bus)
     }
 
-    /// Takes out the cards the guest released, and returns the ids of their root ports. Each
-    /// card's device goes with it (a vhost-user device's backend connection closes).
-    pub fn take_ejected(&self) -> Vec<String> {
+    /// Takes out the cards the guest released. A disk's frontend goes with its card (its
+    /// backend connection closes); a NIC's comes back for its netdev.
+    pub fn take_ejected(&self) -> Vec<Ejected> {
         let ejected = self.host.take_ejected();
         let mut cards = self.cards_lock();
         ejected
             .into_iter()
             .map(|(bus, card)| {
                 drop(card);
-                cards.remove(&bus);
-                bus
+                let nic = match cards.remove(&bus) {
+                    Some(PluggedCard::Nic(nic)) => nic.with_device(NetSlot::unplug),
+                    _ => None,
+                };
+                Ejected { bus, nic }
             })
             .collect()
     }
 
     /// Starts every card's device whose driver asked since the last call.
     pub fn run_pending_activations(&self) {
-        let cards: Vec<_> = self.cards_lock().values().cloned().collect();
-        for card in cards {
+        for card in self.cards_lock().values() {
             card.run_pending_activation();
         }
     }

@@ -96,15 +96,18 @@ fn class_of(device_type: u32) -> u32 {
     }
 }
 
-/// Starts a card's device on the event loop.
-pub trait CardActivation: Send + Sync {
-    /// Starts the device if its driver asked since the last call.
-    fn run_pending_activation(&self);
-}
+/// A card's device, shared with the card (see [`VirtioPciCard::handle`]).
+pub struct CardHandle<D: VirtioDevice>(Arc<BarRegion<D>>);
 
-impl<D: VirtioDevice> CardActivation for BarRegion<D> {
-    fn run_pending_activation(&self) {
-        self.transport.run_pending_activation();
+impl<D: VirtioDevice> CardHandle<D> {
+    /// Starts the device if its driver asked since the last call.
+    pub fn run_pending_activation(&self) {
+        self.0.transport.run_pending_activation();
+    }
+
+    /// Runs `f` on the device.
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        self.0.transport.with_device(f)
     }
 }
 
@@ -316,10 +319,12 @@ impl<D: VirtioDevice + 'static> VirtioPciCard<D> {
         }
     }
 
-    /// The handle the event loop starts the device with once its driver asked (see
-    /// [`VirtioMmioTransport::with_deferred_activation`]); it outlives the card harmlessly.
-    pub fn activation(&self) -> Arc<dyn CardActivation> {
-        self.region.clone()
+    /// A handle on the card's device, which outlives the card in its slot: the event loop
+    /// starts the device with it once its driver asked (see
+    /// [`VirtioMmioTransport::with_deferred_activation`]), and takes back what the device
+    /// holds once the card is out.
+    pub fn handle(&self) -> CardHandle<D> {
+        CardHandle(self.region.clone())
     }
 
     /// Follows the guest's BAR and memory-decoding settings: maps BAR 0 where it now is, or

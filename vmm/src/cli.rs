@@ -79,6 +79,28 @@ pub struct Config {
     pub machine: MachineType,
     /// `-device pcie-root-port`, in command-line order (q35 only).
     pub root_ports: Vec<RootPortSpec>,
+    /// `-device virtio-blk-pci` and `virtio-net-pci`: cards in root ports at start (q35
+    /// only).
+    pub pci_devices: Vec<PciDeviceConfig>,
+}
+
+/// `-device virtio-blk-pci,drive=ID,bus=PORT[,addr=0x0][,id=NAME]` or
+/// `-device virtio-net-pci,netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]`: a card plugged
+/// into root port PORT before the guest starts, as `device_add` would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciDeviceConfig {
+    /// The device model.
+    pub driver: String,
+    /// The device id `device_del` takes: `id=`, or the drive's or netdev's id.
+    pub id: String,
+    /// The root port's id.
+    pub bus: String,
+    /// The `-drive` a disk serves.
+    pub drive: Option<String>,
+    /// The `-netdev` a NIC serves.
+    pub netdev: Option<String>,
+    /// A NIC's `mac=`.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// The machine types Citadel builds.
@@ -515,6 +537,7 @@ where
     let mut args = args.into_iter().map(Into::into);
     let mut machine = None;
     let mut root_ports: Vec<RootPortSpec> = Vec::new();
+    let mut pci_devices: Vec<PciDeviceConfig> = Vec::new();
     let mut kernel = None;
     let mut initrd = None;
     let mut cmdline = String::new();
@@ -611,6 +634,8 @@ where
                     blk_devices.push(parse_blk_device(&v)?);
                 } else if split_options(&v).0 == "virtio-net-device" {
                     nic_devices.push(parse_nic_device(&v)?);
+                } else if matches!(split_options(&v).0, "virtio-blk-pci" | "virtio-net-pci") {
+                    pci_devices.push(parse_pci_device(&v)?);
                 } else if split_options(&v).0 == "pcie-root-port" {
                     let port = parse_root_port(&v)?;
                     if root_ports.iter().any(|p| p.id == port.id) {
@@ -716,6 +741,7 @@ where
             "root ports need the q35 machine (-machine q35)",
         ));
     }
+    check_pci_devices(&pci_devices, &root_ports, &drives, &netdevs)?;
     if machine == MachineType::Q35 && !(blk_devices.is_empty() && nic_devices.is_empty()) {
         return Err(invalid(
             "-device",
@@ -768,6 +794,7 @@ where
     Ok(Config {
         machine,
         root_ports,
+        pci_devices,
         incoming,
         balloon,
         disks,
@@ -995,6 +1022,112 @@ fn parse_root_port(v: &str) -> Result<RootPortSpec, CliError> {
             multifunction,
         },
     })
+}
+
+/// `virtio-blk-pci,drive=ID,bus=PORT[,addr=0x0][,id=NAME]` or
+/// `virtio-net-pci,netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]`.
+fn parse_pci_device(v: &str) -> Result<PciDeviceConfig, CliError> {
+    let (driver, opts) = split_options(v);
+    let nic = driver == "virtio-net-pci";
+    let expected = if nic {
+        "netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]"
+    } else {
+        "drive=ID,bus=PORT[,addr=0x0][,id=NAME]"
+    };
+    let (mut id, mut bus, mut backend, mut mac) = (None, None, None, None);
+    for (key, val) in opts {
+        match (key, val) {
+            ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
+            ("bus", Some(b)) if !b.is_empty() => bus = Some(b.to_string()),
+            ("drive", Some(d)) if !nic && !d.is_empty() => backend = Some(d.to_string()),
+            ("netdev", Some(n)) if nic && !n.is_empty() => backend = Some(n.to_string()),
+            ("addr", Some(a)) => {
+                if parse_pci_addr(a) != Some((0, 0)) {
+                    return Err(invalid(
+                        "-device",
+                        v,
+                        "a root port has one slot: addr must be 0x0",
+                    ));
+                }
+            }
+            ("mac", Some(m)) if nic => {
+                mac = Some(citadel_qmp::device::parse_mac(m).ok_or_else(|| {
+                    invalid(
+                        "-device",
+                        v,
+                        "mac= expects a MAC address such as 52:54:00:12:34:56",
+                    )
+                })?)
+            }
+            _ => {
+                return Err(invalid(
+                    "-device",
+                    v,
+                    format!("unknown or empty property '{key}' (expected {expected})"),
+                ))
+            }
+        }
+    }
+    let backend = backend.ok_or_else(|| invalid("-device", v, format!("expected {expected}")))?;
+    Ok(PciDeviceConfig {
+        driver: driver.to_string(),
+        id: id.unwrap_or_else(|| backend.clone()),
+        bus: bus.ok_or_else(|| invalid("-device", v, "no bus= (a pcie-root-port's id)"))?,
+        drive: (!nic).then(|| backend.clone()),
+        netdev: nic.then_some(backend),
+        mac,
+    })
+}
+
+/// Checks the command line's PCI cards: each in a root port of its own, each serving a
+/// drive or netdev of the command line no other card uses, ids unique.
+fn check_pci_devices(
+    devices: &[PciDeviceConfig],
+    root_ports: &[RootPortSpec],
+    drives: &[DriveConfig],
+    netdevs: &[NetdevConfig],
+) -> Result<(), CliError> {
+    for (i, dev) in devices.iter().enumerate() {
+        let refuse =
+            |why: String| invalid("-device", &format!("{},id={}", dev.driver, dev.id), why);
+        if !root_ports.iter().any(|p| p.id == dev.bus) {
+            return Err(refuse(format!(
+                "bus '{}' is not a pcie-root-port of the command line",
+                dev.bus
+            )));
+        }
+        let before = &devices[..i];
+        if before.iter().any(|d| d.bus == dev.bus) {
+            return Err(refuse(format!(
+                "root port '{}' already holds a device",
+                dev.bus
+            )));
+        }
+        if before.iter().any(|d| d.id == dev.id) {
+            return Err(refuse("a device with this id already exists".to_string()));
+        }
+        if let Some(drive) = &dev.drive {
+            if !drives.iter().any(|d| &d.id == drive) {
+                return Err(refuse(format!("no -drive with id '{drive}'")));
+            }
+            if before.iter().any(|d| d.drive.as_ref() == Some(drive)) {
+                return Err(refuse(format!(
+                    "drive '{drive}' is already used by another device"
+                )));
+            }
+        }
+        if let Some(netdev) = &dev.netdev {
+            if !netdevs.iter().any(|n| &n.id == netdev) {
+                return Err(refuse(format!("no -netdev with id '{netdev}'")));
+            }
+            if before.iter().any(|d| d.netdev.as_ref() == Some(netdev)) {
+                return Err(refuse(format!(
+                    "netdev '{netdev}' is already used by another device"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A decimal or `0x` hexadecimal number.
@@ -1702,6 +1835,79 @@ mod tests {
     }
 
     #[test]
+    fn q35_takes_pci_cards_for_drives_and_netdevs_in_root_ports() {
+        let config = parse([
+            "-machine",
+            "q35",
+            "-kernel",
+            "/k",
+            "-device",
+            "pcie-root-port,id=pcie.1,port=1,bus=pcie.0,addr=1",
+            "-device",
+            "pcie-root-port,id=pcie.2,port=2,bus=pcie.0,addr=2",
+            "-drive",
+            "file=/d,id=d0",
+            "-netdev",
+            "tap,id=n0,ifname=tap0",
+            "-device",
+            "virtio-blk-pci,drive=d0,bus=pcie.1,addr=0x0",
+            "-device",
+            "virtio-net-pci,netdev=n0,id=nic,bus=pcie.2,mac=52:54:00:12:34:56",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.pci_devices,
+            vec![
+                PciDeviceConfig {
+                    driver: "virtio-blk-pci".into(),
+                    id: "d0".into(),
+                    bus: "pcie.1".into(),
+                    drive: Some("d0".into()),
+                    netdev: None,
+                    mac: None,
+                },
+                PciDeviceConfig {
+                    driver: "virtio-net-pci".into(),
+                    id: "nic".into(),
+                    bus: "pcie.2".into(),
+                    drive: None,
+                    netdev: Some("n0".into()),
+                    mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                },
+            ]
+        );
+        let q35 = |extra: &[&str]| {
+            let mut args = vec![
+                "-machine",
+                "q35",
+                "-kernel",
+                "/k",
+                "-device",
+                "pcie-root-port,id=pcie.1,port=1,bus=pcie.0,addr=1",
+                "-drive",
+                "file=/d,id=d0",
+            ];
+            args.extend_from_slice(extra);
+            parse(args).unwrap_err().to_string()
+        };
+        let card = "virtio-blk-pci,drive=d0";
+        assert!(q35(&["-device", &format!("{card},bus=pcie.9")]).contains("not a pcie-root-port"));
+        assert!(
+            q35(&["-device", &format!("{card},bus=pcie.1,addr=0x1")]).contains("addr must be 0x0")
+        );
+        assert!(q35(&["-device", "virtio-blk-pci,drive=d9,bus=pcie.1"]).contains("no -drive"));
+        assert!(q35(&["-device", card]).contains("no bus="));
+        assert!(q35(&["-device", &format!("{card},bus=pcie.1,netdev=x")]).contains("'netdev'"));
+        let twice = [
+            "-device",
+            "virtio-blk-pci,drive=d0,id=a,bus=pcie.1",
+            "-device",
+            "virtio-blk-pci,drive=d0,id=b,bus=pcie.1",
+        ];
+        assert!(q35(&twice).contains("already holds a device"));
+    }
+
+    #[test]
     fn bad_root_ports_are_refused_with_the_reason() {
         let q35 = |device: &str| {
             parse(["-machine", "q35", "-kernel", "/k", "-device", device])
@@ -2110,8 +2316,8 @@ mod tests {
                 .contains("'num-queues'")
         );
         assert_eq!(
-            err(&["-device", "virtio-net-pci,netdev=n0"]),
-            "device 'virtio-net-pci' is not supported by this version of citadel"
+            err(&["-device", "virtio-gpu-pci"]),
+            "device 'virtio-gpu-pci' is not supported by this version of citadel"
         );
         assert!(err(&[
             "-chardev",

@@ -46,7 +46,7 @@ use serde_json::{json, Value};
 use crate::chardev::{Chardevs, VHOST_USER_BLK_DRIVERS};
 use crate::cli::{
     BlkDeviceConfig, ChardevConfig, DriveConfig, NetdevConfig, NetdevTap, NicDeviceConfig,
-    VhostUserBlkConfig,
+    PciDeviceConfig, VhostUserBlkConfig,
 };
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::{DeviceManager, HungUp};
@@ -136,6 +136,16 @@ pub enum ColdPlugError {
     /// A `-device virtio-blk-device` that could not be plugged.
     #[error("-device virtio-blk-device {id}: {why}")]
     Device {
+        /// The device's id.
+        id: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// A `-device virtio-blk-pci` or `virtio-net-pci` that could not be plugged.
+    #[error("-device {driver} {id}: {why}")]
+    PciDevice {
+        /// The device model.
+        driver: String,
         /// The device's id.
         id: String,
         /// What went wrong.
@@ -374,6 +384,39 @@ impl Hotplug {
                     id: disk.id.clone(),
                     why: e.desc,
                 })?;
+        }
+        Ok(())
+    }
+
+    /// Plugs the command line's PCI cards into their root ports (q35), as `device_add`
+    /// would, before the vCPUs run; the slots then start as a machine reset leaves occupied
+    /// ones, powered with the card present, so the guest finds the cards when it first
+    /// enumerates the bus rather than through hotplug events.
+    pub fn cold_plug_pci(
+        &mut self,
+        devices: &DeviceManager,
+        cards: &[PciDeviceConfig],
+    ) -> Result<(), ColdPlugError> {
+        for card in cards {
+            let add = DeviceAdd {
+                driver: card.driver.clone(),
+                id: card.id.clone(),
+                addr: None,
+                drive: card.drive.clone(),
+                netdev: card.netdev.clone(),
+                mac: card.mac,
+                chardev: None,
+                bus: Some(card.bus.clone()),
+            };
+            self.device_add(devices, &add)
+                .map_err(|e| ColdPlugError::PciDevice {
+                    driver: card.driver.clone(),
+                    id: card.id.clone(),
+                    why: e.desc,
+                })?;
+        }
+        if let (Some(pci), false) = (devices.pci(), cards.is_empty()) {
+            pci.host().reset();
         }
         Ok(())
     }

@@ -336,6 +336,7 @@ fn build_and_run(
         };
         let machine = Machine::create(&spec, wiring)?;
         hotplug.cold_plug(machine.virtio(), &config.blk_devices, &config.nic_devices)?;
+        hotplug.cold_plug_pci(machine.virtio(), &config.pci_devices)?;
         let monitor = Monitor::new(
             machine,
             hotplug,

@@ -547,14 +547,19 @@ impl Hotplug {
                 add.driver
             )));
         }
+        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER && !vhost_user_blk {
+            let known = if devices.pci().is_some() {
+                format!("{PCI_DISK_DRIVER} and {PCI_NIC_DRIVER}")
+            } else {
+                format!("{DISK_DRIVER}, {} and {NIC_DRIVER}", VHOST_USER_BLK_DRIVERS[0])
+            };
+            return Err(QmpError::generic(format!(
+                "Unsupported replaceable device type. ({}; this machine hot-plugs {known})",
+                add.driver
+            )));
+        }
         if add.bus.is_some() {
             return Err(QmpError::unexpected_parameter("bus"));
-        }
-        if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER && !vhost_user_blk {
-            return Err(QmpError::generic(format!(
-                "Unsupported replaceable device type. ({}; this machine hot-plugs {DISK_DRIVER}, {} and {NIC_DRIVER})",
-                add.driver, VHOST_USER_BLK_DRIVERS[0]
-            )));
         }
         let taken = devices
             .disk_slots()

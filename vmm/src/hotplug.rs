@@ -551,7 +551,10 @@ impl Hotplug {
             let known = if devices.pci().is_some() {
                 format!("{PCI_DISK_DRIVER} and {PCI_NIC_DRIVER}")
             } else {
-                format!("{DISK_DRIVER}, {} and {NIC_DRIVER}", VHOST_USER_BLK_DRIVERS[0])
+                format!(
+                    "{DISK_DRIVER}, {} and {NIC_DRIVER}",
+                    VHOST_USER_BLK_DRIVERS[0]
+                )
             };
             return Err(QmpError::generic(format!(
                 "Unsupported replaceable device type. ({}; this machine hot-plugs {known})",
@@ -561,21 +564,7 @@ impl Hotplug {
         if add.bus.is_some() {
             return Err(QmpError::unexpected_parameter("bus"));
         }
-        let taken = devices
-            .disk_slots()
-            .iter()
-            .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
-            || devices
-                .nic_slots()
-                .iter()
-                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
-            || self.pci_cards.contains_key(&add.id);
-        if taken {
-            return Err(QmpError::generic(format!(
-                "{} is already registered.",
-                add.id
-            )));
-        }
+        self.check_id_free(devices, &add.id)?;
         if vhost_user_blk {
             let launcher = reachable(&self.launcher)?;
             return self.chardevs.device_add(launcher, devices, add);
@@ -634,6 +623,24 @@ impl Hotplug {
         }
     }
 
+    /// Refuses a device id a disk slot, NIC slot or PCI card already uses.
+    fn check_id_free(&self, devices: &DeviceManager, id: &str) -> Result<(), QmpError> {
+        let in_slot = |plugged: Option<&(String, String)>| plugged.is_some_and(|(d, _)| d == id);
+        let taken = self.pci_cards.contains_key(id)
+            || devices
+                .disk_slots()
+                .iter()
+                .any(|s| in_slot(s.plugged.as_ref()))
+            || devices
+                .nic_slots()
+                .iter()
+                .any(|s| in_slot(s.plugged.as_ref()));
+        if taken {
+            return Err(QmpError::generic(format!("{id} is already registered.")));
+        }
+        Ok(())
+    }
+
     /// `device_add` of a virtio-blk-pci disk or a virtio-net-pci NIC into a root port (q35):
     /// the node's or netdev's backend serves a new card, which the guest is told of through
     /// the port's slot.
@@ -659,21 +666,7 @@ impl Hotplug {
                 return Err(QmpError::unexpected_parameter(name));
             }
         }
-        let taken = self.pci_cards.contains_key(&add.id)
-            || devices
-                .disk_slots()
-                .iter()
-                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id))
-            || devices
-                .nic_slots()
-                .iter()
-                .any(|s| s.plugged.as_ref().is_some_and(|(id, _)| *id == add.id));
-        if taken {
-            return Err(QmpError::generic(format!(
-                "{} is already registered.",
-                add.id
-            )));
-        }
+        self.check_id_free(devices, &add.id)?;
         let bus = add
             .bus
             .as_deref()

@@ -11,21 +11,23 @@
 //! masked is lost, whoever raised it.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::interrupt::{TransportInterrupt, VirtioInterrupt};
+use super::interrupt::{
+    InterruptStatus, TransportInterrupt, VirtioInterrupt, STATUS_CONFIG, STATUS_QUEUE,
+};
 use super::msi_routes::MsiRoutes;
 
 /// The vector register value meaning "no vector" (virtio 1.2 section 4.1.4.3).
 pub const NO_VECTOR: u16 = 0xffff;
 
 /// ISR bit: a queue's used ring was updated.
-pub const ISR_QUEUE: u32 = 1;
+pub const ISR_QUEUE: u32 = STATUS_QUEUE;
 /// ISR bit: the device configuration changed.
-pub const ISR_CONFIG: u32 = 2;
+pub const ISR_CONFIG: u32 = STATUS_CONFIG;
 
 /// Bytes of one MSI-X table entry: message address low and high, message data, vector
 /// control.
@@ -100,9 +102,7 @@ pub struct MsixInterrupt {
     table: Mutex<TableState>,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
-    status: AtomicU32,
-    vring_external: AtomicBool,
-    config_generation: AtomicU32,
+    status: InterruptStatus,
 }
 
 /// The index of the first dword an access touches, if it is an aligned 4- or 8-byte access
@@ -197,9 +197,7 @@ impl MsixInterrupt {
             }),
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
-            status: AtomicU32::new(0),
-            vring_external: AtomicBool::new(false),
-            config_generation: AtomicU32::new(0),
+            status: InterruptStatus::default(),
         })
     }
 
@@ -425,15 +423,14 @@ impl VirtioInterrupt for MsixInterrupt {
     /// gets no interrupts from it).
     fn signal_used_queue(&self, queue: usize) -> io::Result<()> {
         // The bit goes first: a handler reading the ISR must find it.
-        self.status.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+        self.status.queue_raised();
         self.raise(self.queue_vector(queue))
     }
 
     /// Bumps the configuration generation first, so a driver that was reading the
     /// configuration across the change sees a different generation and reads it again.
     fn signal_config_change(&self) -> io::Result<()> {
-        self.config_generation.fetch_add(1, Ordering::SeqCst);
-        self.status.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        self.status.config_raised();
         self.raise(self.config_vector())
     }
 
@@ -449,43 +446,29 @@ impl VirtioInterrupt for MsixInterrupt {
     /// While set, the ISR always reports [`ISR_QUEUE`], as the backend's interrupts never
     /// set it. Cleared by a device reset.
     fn set_vring_signalled_externally(&self, external: bool) {
-        self.vring_external.store(external, Ordering::SeqCst);
+        self.status.set_vring_external(external);
     }
 }
 
 impl TransportInterrupt for MsixInterrupt {
     fn isr_status(&self) -> u32 {
-        let external = if self.vring_external.load(Ordering::SeqCst) {
-            ISR_QUEUE
-        } else {
-            0
-        };
-        self.status.load(Ordering::SeqCst) | external
+        self.status.status()
     }
 
-    /// Unknown bits are ignored.
     fn acknowledge(&self, bits: u32) {
-        self.status
-            .fetch_and(!(bits & (ISR_QUEUE | ISR_CONFIG)), Ordering::SeqCst);
+        self.status.acknowledge(bits);
     }
 
     fn config_generation(&self) -> u32 {
-        self.config_generation.load(Ordering::SeqCst)
+        self.status.config_generation()
     }
 
     fn saved(&self) -> (u32, u32) {
-        (
-            self.status.load(Ordering::SeqCst),
-            self.config_generation.load(Ordering::SeqCst),
-        )
+        self.status.saved()
     }
 
-    /// Unknown status bits are dropped.
     fn restore(&self, status: u32, config_generation: u32) {
-        self.status
-            .store(status & (ISR_QUEUE | ISR_CONFIG), Ordering::SeqCst);
-        self.config_generation
-            .store(config_generation, Ordering::SeqCst);
+        self.status.restore(status, config_generation);
     }
 
     /// Also puts every vector register back to [`NO_VECTOR`] and drops the interrupts still
@@ -493,8 +476,7 @@ impl TransportInterrupt for MsixInterrupt {
     /// (see [`MsixInterrupt::reset_table`]). The generation keeps counting, so it never
     /// repeats a value a driver may still hold.
     fn reset(&self) {
-        self.status.store(0, Ordering::SeqCst);
-        self.vring_external.store(false, Ordering::SeqCst);
+        self.status.reset();
         self.config_vector.store(NO_VECTOR, Ordering::SeqCst);
         for register in &self.queue_vectors {
             register.store(NO_VECTOR, Ordering::SeqCst);

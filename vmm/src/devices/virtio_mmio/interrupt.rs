@@ -3,17 +3,21 @@
 //! generation that lets it read a consistent configuration.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::interrupt::{TransportInterrupt, VirtioInterrupt};
+use crate::devices::interrupt::{
+    InterruptStatus, TransportInterrupt, VirtioInterrupt, STATUS_CONFIG, STATUS_QUEUE,
+};
 
 /// InterruptStatus bit: a queue's used ring was updated.
 pub const INT_VRING: u32 = VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the device configuration changed.
 pub const INT_CONFIG: u32 = VIRTIO_MMIO_INT_CONFIG;
+
+// The shared status keeps virtio-mmio's bits.
+const _: () = assert!(INT_VRING == STATUS_QUEUE && INT_CONFIG == STATUS_CONFIG);
 
 /// Interrupt line of one virtio-mmio transport, shared by the transport (which exposes the
 /// status to the driver) and the device (which raises it).
@@ -23,9 +27,7 @@ pub const INT_CONFIG: u32 = VIRTIO_MMIO_INT_CONFIG;
 #[derive(Debug)]
 pub struct Interrupt {
     irqfd: EventFd,
-    status: AtomicU32,
-    vring_external: AtomicBool,
-    config_generation: AtomicU32,
+    status: InterruptStatus,
 }
 
 impl Interrupt {
@@ -33,9 +35,7 @@ impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
         Interrupt {
             irqfd,
-            status: AtomicU32::new(0),
-            vring_external: AtomicBool::new(false),
-            config_generation: AtomicU32::new(0),
+            status: InterruptStatus::default(),
         }
     }
 }
@@ -44,16 +44,12 @@ impl Interrupt {
 /// queue.
 impl VirtioInterrupt for Interrupt {
     fn signal_used_queue(&self, _queue: usize) -> io::Result<()> {
-        // The bit goes first: the driver's handler reads it as soon as the interrupt lands.
-        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.status.queue_raised();
         self.irqfd.write(1)
     }
 
-    /// Bumps the configuration generation first, so a driver that was reading the
-    /// configuration across the change sees a different generation and reads it again.
     fn signal_config_change(&self) -> io::Result<()> {
-        self.config_generation.fetch_add(1, Ordering::SeqCst);
-        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        self.status.config_raised();
         self.irqfd.write(1)
     }
 
@@ -66,52 +62,34 @@ impl VirtioInterrupt for Interrupt {
     /// status without the bit would make the driver ignore the interrupt and lose
     /// completions. Cleared by a device reset.
     fn set_vring_signalled_externally(&self, external: bool) {
-        self.vring_external.store(external, Ordering::SeqCst);
+        self.status.set_vring_external(external);
     }
 }
 
 impl TransportInterrupt for Interrupt {
     /// The InterruptStatus register.
     fn isr_status(&self) -> u32 {
-        let external = if self.vring_external.load(Ordering::SeqCst) {
-            INT_VRING
-        } else {
-            0
-        };
-        self.status.load(Ordering::SeqCst) | external
+        self.status.status()
     }
 
-    /// InterruptACK: clears the acknowledged bits. Unknown bits are ignored.
+    /// InterruptACK.
     fn acknowledge(&self, bits: u32) {
-        self.status
-            .fetch_and(!(bits & (INT_VRING | INT_CONFIG)), Ordering::SeqCst);
+        self.status.acknowledge(bits);
     }
 
-    /// The ConfigGeneration register.
     fn config_generation(&self) -> u32 {
-        self.config_generation.load(Ordering::SeqCst)
+        self.status.config_generation()
     }
 
-    /// The pending status bits and the configuration generation, for a snapshot.
     fn saved(&self) -> (u32, u32) {
-        (
-            self.status.load(Ordering::SeqCst),
-            self.config_generation.load(Ordering::SeqCst),
-        )
+        self.status.saved()
     }
 
-    /// Puts saved status bits (unknown ones dropped) and generation back.
     fn restore(&self, status: u32, config_generation: u32) {
-        self.status
-            .store(status & (INT_VRING | INT_CONFIG), Ordering::SeqCst);
-        self.config_generation
-            .store(config_generation, Ordering::SeqCst);
+        self.status.restore(status, config_generation);
     }
 
-    /// Device reset: no interrupt pending, no external signaller. The generation keeps
-    /// counting, so it never repeats a value a driver may still hold.
     fn reset(&self) {
-        self.status.store(0, Ordering::SeqCst);
-        self.vring_external.store(false, Ordering::SeqCst);
+        self.status.reset();
     }
 }

@@ -436,3 +436,253 @@ fn system_reset_on_q35_boots_again_into_root_ports_with_no_bus_numbers() {
     // the first run gave them: a reset puts every function back in its power-on state.
     assert_lines(&guest.enumeration(), &want);
 }
+
+/// The root port a card is hot-plugged into: 00:01.0, port number 1, named `pcie.1`.
+const PCIE_1: [&str; 2] = [
+    "-device",
+    "pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1",
+];
+/// The scratch disk: 1 MiB, 2048 sectors.
+const DISK_LEN: usize = 1 << 20;
+/// What the test writes at the start of sector 0 (31 bytes: the program prints 32, the last
+/// a zero byte shown as a dot).
+const DISK_MARKER: &[u8] = b"citadel-q35-disk-sector0-marker";
+/// What `virtio_pci_blk` writes over sector 1, repeated.
+const PCI_GUEST_PATTERN: &[u8] = b"citadel-guest-pci-blk-wrote-sector-one.";
+
+/// The first line starting with `start` (the program's lines, prefix removed), its position
+/// and the rest of it.
+fn line_starting<'a>(lines: &'a [String], start: &str) -> (usize, &'a str) {
+    lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| l.strip_prefix(start).map(|rest| (i, rest)))
+        .unwrap_or_else(|| panic!("no line starting with {start:?}:\n{}", lines.join("\n")))
+}
+
+/// The program's lines (prefix removed) up to and including the one containing `last`,
+/// taken one at a time, so that the lines after it stay for the next call.
+fn lines_through(guest: &mut Guest, last: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let line = guest.console.wait_for(PREFIX, BOOT).unwrap_or_else(|| {
+            panic!(
+                "no guest line containing {last:?} within {BOOT:?}\n{}",
+                guest.console.transcript()
+            )
+        });
+        let Some(text) = line.strip_prefix(PREFIX) else {
+            continue;
+        };
+        lines.push(text.to_string());
+        if text.contains(last) {
+            return lines;
+        }
+    }
+}
+
+/// A virtio-blk-pci card hot-plugged over QMP into a root port, driven by the
+/// `virtio_pci_blk` guest program on the host's KVM as Linux's pciehp and virtio-pci drivers
+/// would: the root port's MSI announces the plug, the card answers at 01:00.0 once the slot is
+/// powered, BAR 0 and MSI-X are set up, virtio 1.x is negotiated through the common
+/// configuration and requests served by the citadel-blk backend complete with the queue's
+/// MSI-X interrupt. `device_del` presses the attention button; the card leaves, and
+/// DEVICE_DELETED is sent, only once the guest has powered the slot off and turned its power
+/// indicator off. The node keeps its backend until `blockdev-del` ends it.
+#[test]
+fn q35_guest_drives_a_hotplugged_virtio_blk_pci_card_and_releases_it() {
+    if citadel_tests::disk::blk_backend_missing(
+        "q35_guest_drives_a_hotplugged_virtio_blk_pci_card_and_releases_it",
+    ) {
+        return;
+    }
+    let dir = TempDir::new("q35-pci-blk");
+    let image =
+        citadel_tests::disk::image_with_marker(dir.path(), "disk.img", DISK_LEN, DISK_MARKER);
+    let mut guest = Guest::start("q35", "virtio_pci_blk", &PCIE_1);
+    let vm = guest.console.pid();
+
+    // The port before the plug: bus 1 behind it, its memory window, its MSI aimed at local
+    // APIC 0 and the slot's events enabled. The empty slot starts powered off (PCC set),
+    // both indicators off.
+    let want: Vec<String> = [
+        "entry=pvh",
+        "pci-blk port 00:01.0 1b36:000c pcie 0x40 msi 0x80",
+        "pci-blk port buses 00/01/01 window 0xd0100000-0xd01fffff",
+        "pci-blk port msi address 0xfee00000 data 0x50 enabled 1",
+        "pci-blk slot control 07c0 -> 17e9",
+        "pci-blk slot empty status 0000 presence 0 presence-changed 0 dll-changed 0 attention 0 \
+         link-active 0 port-interrupts 0",
+        "pci-blk waiting",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_lines(&lines_through(&mut guest, "pci-blk waiting"), &want);
+
+    let mut qmp = Qmp::negotiated(&guest.qmp_path);
+    assert!(citadel_tests::procfs::blk_backends(vm).is_empty());
+    assert_eq!(
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({"node-name": "drive-0", "file": {"driver": "file", "filename": image}}))
+        ),
+        json!({"return": {}})
+    );
+    let pids = citadel_tests::procfs::blk_backends(vm);
+    assert_eq!(
+        pids.len(),
+        1,
+        "one citadel-blk after blockdev-add: {pids:?}"
+    );
+    let backend = pids[0];
+    assert_eq!(
+        qmp.execute(
+            "device_add",
+            Some(
+                json!({"driver": "virtio-blk-pci", "id": "drive-0", "drive": "drive-0",
+                "bus": "pcie.1", "addr": "0x0"})
+            )
+        ),
+        json!({"return": {}})
+    );
+
+    let mut got = lines_through(&mut guest, "pci-blk done");
+    // The device's features are its backend's: only the two the program asks for matter.
+    let (at, features) = line_starting(&got, "pci-blk features device 0x");
+    let (device, driver) = features
+        .split_once(" driver ")
+        .unwrap_or_else(|| panic!("{features}"));
+    let device = u64::from_str_radix(device, 16).unwrap_or_else(|e| panic!("{features}: {e}"));
+    assert_ne!(
+        device & (1 << 32),
+        0,
+        "VIRTIO_F_VERSION_1 offered: {features}"
+    );
+    assert_ne!(
+        device & (1 << 9),
+        0,
+        "VIRTIO_BLK_F_FLUSH offered: {features}"
+    );
+    assert_eq!(driver, "0x100000200");
+    got[at] = "pci-blk features (checked)".into();
+    // The program waits for an interrupt of the queue for each of its three requests.
+    let (at, counts) = line_starting(&got, "pci-blk interrupts port 1 config 0 queue ");
+    let queue: u64 = counts.parse().unwrap_or_else(|e| panic!("{counts}: {e}"));
+    assert!(queue >= 3, "queue interrupts {queue}");
+    got[at] = "pci-blk interrupts (checked)".into();
+    let want: Vec<String> = [
+        // One MSI for the plug: present, presence and data-link-layer state changed, link up.
+        "pci-blk slot plugged status 0148 presence 1 presence-changed 1 dll-changed 1 \
+         attention 0 link-active 1 port-interrupts 1",
+        // The changes cleared by writing 1s; power on (PCC clear), power indicator on.
+        "pci-blk slot acknowledged status 0040 control 11e9",
+        "pci-blk card 01:00.0 1af4:1042 class 010000 hdr 00",
+        "pci-blk caps status-cap-list 1 0x40:09 0x50:09 0x64:09 0x74:09 0x84:11 0x90:10",
+        "pci-blk virtio-cap common bar 0 offset 0x0 length 0x38",
+        "pci-blk virtio-cap notify bar 0 offset 0x2000 length 0x1000 multiplier 4",
+        "pci-blk virtio-cap isr bar 0 offset 0x800 length 0x4",
+        "pci-blk virtio-cap device bar 0 offset 0x1000 length 0x1000",
+        "pci-blk msix table-size 2 table-bar 0 table-offset 0x3000 pba-bar 0 pba-offset 0x3800",
+        "pci-blk pcie type 0",
+        "pci-blk bar0 sizing 0xffffc000 size 0x4000 at 0xd0100000 command 0x6",
+        "pci-blk msix control 0x8001 entry0 address 0xfee00000 data 0x51 control 0x0 \
+         entry1 address 0xfee00000 data 0x52 control 0x0",
+        "pci-blk reset status 0x0",
+        "pci-blk features (checked)",
+        "pci-blk features-ok set 1",
+        "pci-blk queue 0 queues 1 size-max 256 size 4 msix-vector 1 enabled 1 notify 0x2000 \
+         config-vector 0",
+        "pci-blk driver-ok status 0xf",
+        &format!("pci-blk capacity={}", DISK_LEN / 512),
+        &format!(
+            "pci-blk read status=0 sector0={}{}",
+            String::from_utf8_lossy(DISK_MARKER),
+            ".".repeat(32 - DISK_MARKER.len())
+        ),
+        "pci-blk write status=0",
+        "pci-blk flush status=0",
+        "pci-blk interrupts (checked)",
+        "pci-blk done",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_lines(&got, &want);
+    // Flushed: the bytes are in the image.
+    let written = std::fs::read(&image).unwrap()[512..1024].to_vec();
+    let expected: Vec<u8> = PCI_GUEST_PATTERN
+        .iter()
+        .copied()
+        .cycle()
+        .take(512)
+        .collect();
+    assert_eq!(written, expected, "sector 1 of the image");
+
+    // device_del only presses the attention button: the card stays until the guest lets go.
+    qmp.events.clear();
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": "drive-0"}))),
+        json!({"return": {}})
+    );
+    assert!(
+        qmp.events.iter().all(|e| e["event"] != "DEVICE_DELETED"),
+        "DEVICE_DELETED before the guest released the slot: {:?}",
+        qmp.events
+    );
+    let want: Vec<String> = [
+        "pci-blk unplug requested status 0041 presence 1 presence-changed 0 dll-changed 0 \
+         attention 1 link-active 1 port-interrupts 2",
+        "pci-blk device reset status 0x0",
+        "pci-blk slot powered-off control 15e9",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_lines(
+        &lines_through(&mut guest, "pci-blk slot powered-off"),
+        &want,
+    );
+    // Powered off with its power indicator still on (the program waits two seconds before
+    // turning it off): the card is still in the slot.
+    assert_eq!(
+        qmp.execute("query-status", None)["return"]["status"],
+        "running"
+    );
+    assert!(
+        qmp.events.iter().all(|e| e["event"] != "DEVICE_DELETED"),
+        "DEVICE_DELETED while the power indicator was on: {:?}",
+        qmp.events
+    );
+    assert_lines(
+        &lines_through(&mut guest, "pci-blk released"),
+        &["pci-blk released control 17e9".to_string()],
+    );
+    assert_eq!(
+        qmp.wait_event("DEVICE_DELETED")["data"],
+        json!({"device": "drive-0", "path": "drive-0"})
+    );
+    // The card's absence is announced in turn, and bus 1 is empty.
+    let want: Vec<String> = [
+        "pci-blk slot removed status 0108 presence 0 presence-changed 1 dll-changed 1 \
+         attention 0 link-active 0 port-interrupts 3",
+        "pci-blk gone status 0x0 card 0xffffffff",
+        "pci-blk idle",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_lines(&lines_through(&mut guest, "pci-blk idle"), &want);
+
+    // The node keeps its backend, still connected, until blockdev-del ends it.
+    assert_eq!(
+        citadel_tests::procfs::blk_backends(vm),
+        vec![backend],
+        "the node's citadel-blk ended with the card"
+    );
+    assert_eq!(
+        qmp.execute("blockdev-del", Some(json!({"node-name": "drive-0"}))),
+        json!({"return": {}})
+    );
+    assert!(
+        citadel_tests::procfs::wait_gone(backend, Duration::from_secs(5)),
+        "citadel-blk[{backend}] outlived blockdev-del"
+    );
+    assert!(citadel_tests::procfs::blk_backends(vm).is_empty());
+}

@@ -793,8 +793,9 @@ impl Hotplug {
     }
 
     /// Takes out the PCI cards the guest has released and returns their device ids, to be
-    /// announced. A disk's node stays, without a device or a frontend, until `blockdev-del`
-    /// ends its backend; a NIC's netdev gets its frontend back, for another `device_add`.
+    /// announced. A disk's node and a NIC's netdev get their frontends back, still connected
+    /// to their backends, for another `device_add`, until `blockdev-del` or `netdev_del` ends
+    /// the backend.
     pub fn pci_ejected(&mut self, devices: &DeviceManager) -> Vec<String> {
         let Some(pci) = devices.pci() else {
             return Vec::new();
@@ -813,6 +814,7 @@ impl Hotplug {
                 Some(PciBackend::Node(node_name)) => {
                     if let Some(node) = self.nodes.get_mut(&node_name) {
                         node.device = None;
+                        node.disk = ejected.disk;
                     }
                 }
                 Some(PciBackend::Netdev(netdev_id)) => self

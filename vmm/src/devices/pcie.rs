@@ -23,7 +23,7 @@ use super::msix::MsixInterrupt;
 use super::net_slot::{NetSlot, PluggedNic};
 use super::slot_ring::SlotKicks;
 use super::vhost_user_blk::VhostUserBlk;
-use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport};
+use super::virtio_mmio::{ActivateError, ActivateParams, VirtioDevice, VirtioMmioTransport};
 use super::virtio_pci::{BarWiring, CardHandle, VirtioPciCard};
 
 /// The root bus's name, which the command line's root ports name as their `bus`.
@@ -274,9 +274,56 @@ pub struct PlugRefused {
     pub disk: Option<Box<VhostUserBlk>>,
 }
 
+/// A disk card's device, which the disk's block node takes back once the card is out, still
+/// connected to its backend.
+struct DiskCard {
+    disk: Option<VhostUserBlk>,
+    device_type: u32,
+}
+
+impl VirtioDevice for DiskCard {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.disk.as_ref().map_or(&[], |d| d.queue_max_sizes())
+    }
+
+    fn features(&self) -> u64 {
+        self.disk.as_ref().map_or(0, VhostUserBlk::features)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        match &self.disk {
+            Some(disk) => disk.read_config(offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.write_config(offset, data);
+        }
+    }
+
+    fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
+        match self.disk.as_mut() {
+            Some(disk) => disk.activate(params),
+            None => Err(ActivateError::Device("the disk has left the card".into())),
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.reset();
+        }
+    }
+}
+
 /// The device of a card in a slot.
 enum PluggedCard {
-    Disk(CardHandle<VhostUserBlk>),
+    Disk(CardHandle<DiskCard>),
     Nic(CardHandle<NetSlot>),
 }
 
@@ -293,6 +340,8 @@ impl PluggedCard {
 pub struct Ejected {
     /// The id of the root port it was in.
     pub bus: String,
+    /// A disk's frontend, still connected to its backend, for its block node to keep.
+    pub disk: Option<VhostUserBlk>,
     /// A NIC's frontend, still connected to its backend, for its netdev to keep.
     pub nic: Option<PluggedNic>,
 }
@@ -352,8 +401,12 @@ impl PciDevices {
         if let Err(e) = disk.set_memory(&self.memory) {
             return Err(refused(e.to_string(), disk));
         }
+        let device_type = disk.device_type();
         let card = self
-            .card(disk)
+            .card(DiskCard {
+                disk: Some(disk),
+                device_type,
+            })
             .map_err(|why| PlugRefused { why, disk: None })?;
         self.plug_card(bus, card, PluggedCard::Disk)
             .map_err(|why| PlugRefused { why, disk: None })
@@ -455,8 +508,8 @@ impl PciDevices {
         self.host.request_unplug(bus)
     }
 
-    /// Takes out the cards the guest released. A disk's frontend goes with its card (its
-    /// backend connection closes); a NIC's comes back for its netdev.
+    /// Takes out the cards the guest released; their frontends come back, still connected,
+    /// for their block nodes and netdevs.
     pub fn take_ejected(&self) -> Vec<Ejected> {
         let ejected = self.host.take_ejected();
         let mut cards = self.cards_lock();
@@ -464,11 +517,12 @@ impl PciDevices {
             .into_iter()
             .map(|(bus, card)| {
                 drop(card);
-                let nic = match cards.remove(&bus) {
-                    Some(PluggedCard::Nic(nic)) => nic.with_device(NetSlot::unplug),
-                    _ => None,
+                let (disk, nic) = match cards.remove(&bus) {
+                    Some(PluggedCard::Disk(disk)) => (disk.with_device(|d| d.disk.take()), None),
+                    Some(PluggedCard::Nic(nic)) => (None, nic.with_device(NetSlot::unplug)),
+                    None => (None, None),
                 };
-                Ejected { bus, nic }
+                Ejected { bus, disk, nic }
             })
             .collect()
     }

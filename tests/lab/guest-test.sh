@@ -3,7 +3,7 @@
 mode=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.mode=//p')
 # A distribution kernel's virtio drivers are modules: the stock kernel's initramfs carries
 # them in /modules, to be loaded in this order.
-for m in virtio_ring virtio virtio_mmio virtio_blk; do
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
 	[ -f "/modules/$m.ko" ] && insmod "/modules/$m.ko"
 done
 echo "guest: nproc=$(nproc)"
@@ -214,6 +214,47 @@ pci-hotplug)
 	echo "guest: pci-hotplug done"
 	dmesg | grep -iE 'pciehp|virtio|0000:01:00' | tail -n 30 | sed 's/^/guest: dmesg: /'
 	echo "guest: hotplug-errors=$(dmesg | grep -iE 'pciehp|aer|0000:01:00' | grep -ciE 'fail|error|timeout|unable|can.t')"
+	;;
+pci-nic)
+	# A NIC hot-plugged into a PCIe root port (q35): eth0 appears once pciehp finds the card
+	# and virtio-net binds it; the guest pings L1 over the tap, sends it 4 MiB and receives
+	# 4 MiB from it (busybox nc; L1 listens), reports the checksums, and then waits for eth0
+	# to go after the host's device_del.
+	dd if=/dev/urandom of=/tmp/tx bs=1M count=4 2>/dev/null
+	echo "guest: tx-md5=$(md5sum </tmp/tx | cut -d' ' -f1)"
+	mkfifo /tmp/hold
+	sleep 1000000 >/tmp/hold &
+	hold=$!
+	echo "guest: pci-nic waiting"
+	i=0
+	until [ -e /sys/class/net/eth0 ] || [ $i -ge 600 ]; do
+		usleep 100000
+		i=$((i + 1))
+	done
+	echo "guest: eth0-mac=$(cat /sys/class/net/eth0/address 2>/dev/null)"
+	ip link set eth0 up
+	ip addr add 10.77.1.2/24 dev eth0
+	wait_carrier eth0 1
+	echo "guest: eth0-carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null)"
+	ping -c 3 -w 30 10.77.1.1 >/tmp/ping.out 2>&1
+	echo "guest: ping=$?"
+	sed 's/^/guest: says: /' /tmp/ping.out
+	nc 10.77.1.1 5000 </tmp/tx >/dev/null
+	echo "guest: send=$?"
+	nc 10.77.1.1 6000 </tmp/hold >/tmp/rx
+	echo "guest: receive=$?"
+	echo "guest: rx-md5=$(md5sum </tmp/rx | cut -d' ' -f1)"
+	echo "guest: rx-size=$(wc -c </tmp/rx)"
+	kill $hold
+	echo "guest: pci-nic unplug-ready"
+	i=0
+	while [ -e /sys/class/net/eth0 ] && [ $i -lt 600 ]; do
+		usleep 100000
+		i=$((i + 1))
+	done
+	echo "guest: eth0-after=$([ -e /sys/class/net/eth0 ] && echo present || echo gone)"
+	echo "guest: hotplug-errors=$(dmesg | grep -iE 'pciehp|aer|0000:01:00' | grep -ciE 'fail|error|timeout|unable|can.t')"
+	echo "guest: pci-nic done"
 	;;
 blk-restart)
 	# A disk hot-plugged into slot 1 (vdb) takes 2048 numbered 4 KiB blocks from dd while L1

@@ -153,3 +153,68 @@ boot_and_report() {
 	done
 	stop_guest "$1"
 }
+
+# pci_disk_rounds NAME IMAGE ROUNDS: NAME's q35 guest runs in pci-hotplug mode with
+# lab.rounds=ROUNDS and root port pcie.1; once it waits for its first disk (the caller waited
+# for that), plugs IMAGE into the port as virtio-blk-pci card drive-0 (blockdev-add and
+# device_add), waits for the guest to be done with it, unplugs it (device_del, answered at
+# once, DEVICE_DELETED following once the guest released the slot; then blockdev-del), and
+# does so ROUNDS times. Reports what the guest saw each round, the QMP answers, whether
+# blockdev-del ended the backend, and, once QMP quit ended the VM, how often the file the guest
+# wrote through its file system is found in IMAGE.
+pci_disk_rounds() {
+	vm=$1 image=$2 rounds=$3
+	added=0
+	deleted_after=0
+	plug_ms=""
+	backend=
+	if [ "$(l2_count $vm "guest: pci-hotplug waiting 1")" -gt 0 ]; then
+		r=1
+		while [ $r -le $rounds ]; do
+			start=$(now_ms)
+			qmp $vm '{"execute":"blockdev-add","arguments":{"node-name":"drive-0","file":{"driver":"file","filename":"'"$image"'"},"cache":{"direct":false},"read-only":false}}' \
+				'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-pci","drive":"drive-0","bus":"pcie.1","addr":"0x0"}}' \
+				>/tmp/$vm.add.$r
+			[ "$(sed '1,/"return":{}/d' /tmp/$vm.add.$r | grep -c '"return":{}')" = 2 ] && added=$((added + 1))
+			if [ $r = 1 ]; then
+				cat /tmp/$vm.add.1
+				backend=$(pidof citadel-blk)
+				result backend-count "$(echo $backend | wc -w)"
+			fi
+			l2_wait $vm "guest: pci-hotplug unplug-ready $r" 120 || break
+			plug_ms="$plug_ms $(($(now_ms) - start))"
+			# device_del answers at once; the event follows once the guest let the card go.
+			qmp $vm '{"execute":"device_del","arguments":{"id":"drive-0"}}' \
+				wait-event:DEVICE_DELETED >/tmp/$vm.del.$r
+			if [ $r = 1 ]; then
+				cat /tmp/$vm.del.1
+				result del-order "$(sed '1,/"return":{}/d' /tmp/$vm.del.1 | grep -oE 'DEVICE_DELETED|"return":\{\}' | tr '\n' ' ')"
+				result del-data "$(grep -F DEVICE_DELETED /tmp/$vm.del.1 | grep -o '"data":{[^}]*}')"
+			fi
+			grep -q DEVICE_DELETED /tmp/$vm.del.$r && deleted_after=$((deleted_after + 1))
+			qmp $vm '{"execute":"blockdev-del","arguments":{"node-name":"drive-0"}}' >/tmp/$vm.bdel.$r
+			l2_wait $vm "guest: round$r-after=" 60 || break
+			r=$((r + 1))
+		done
+		l2_wait $vm "guest: pci-hotplug done" 30 && result guest-done yes
+		# The guest's last word, after its dmesg excerpt.
+		l2_wait $vm "guest: hotplug-errors=" 30
+		for key in round1-size round1-marker mkfs mount file-write umount round1-after round$rounds-marker round$rounds-after hotplug-errors; do
+			result $key "$(l2_value $vm $key)"
+		done
+	fi
+	result added "$added"
+	result deleted-after-release "$deleted_after"
+	result plug-to-ready-ms "$plug_ms"
+	gone=no
+	for i in $(seq 50); do
+		if [ -n "$backend" ] && [ ! -d /proc/$backend ]; then
+			gone=yes
+			break
+		fi
+		usleep 100000
+	done
+	result backend-gone $gone
+	stop_guest $vm
+	result image-file-bytes "$(grep -c citadel-lab-file-written-on-a-pci-disk "$image")"
+}

@@ -50,11 +50,17 @@ const MODULES: &[&str] = &[
 ];
 
 /// Debian's own virtio modules, in load order, for its stock kernel as a guest (L2): its cloud
-/// kernel builds them as modules, and the guest initramfs has no module tree.
+/// kernel builds them as modules, and the guest initramfs has no module tree. virtio-mmio
+/// drives the microvm machine's devices, virtio-pci (with its legacy and modern transport
+/// libraries) the cards plugged into the q35 machine's root ports; pcieport and pciehp are
+/// built in.
 const STOCK_GUEST_MODULES: &[&str] = &[
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
 ];
 

@@ -811,6 +811,67 @@ fn a_jailed_vm_is_snapshotted_inside_its_jail() {
     wait_gone(pid);
 }
 
+/// The q35 machine in a jail: a disk card hot-plugged into a root port over QMP, its image
+/// inside the jail's root, served by a citadel-blk the launcher starts in the jail. The VMM
+/// survives its filters while the card is built (eventfds, MSI routes) and the guest is asked
+/// to release it; an idle guest never does, so the card stays and the VM runs on.
+#[test]
+fn a_jailed_q35_vm_hot_plugs_a_pci_disk_in_its_jail() {
+    require!("a_jailed_q35_vm_hot_plugs_a_pci_disk_in_its_jail");
+    let profile = citadel_tests::profile_dir();
+    let idle = citadel_tests::guest_program("idle");
+    let jail = Jail::new("q35");
+    let blk = profile.join("citadel-blk");
+    let net = profile.join("citadel-net");
+    fs::create_dir_all(jail.root()).unwrap();
+    let image = jail.root().join("disk.img");
+    fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    std::os::unix::fs::chown(&image, Some(UID), Some(GID)).unwrap();
+    let (pid, mut qmp) = start_jailed_citadel(
+        &jail,
+        &idle,
+        &[
+            "--new-pid-ns",
+            "--landlock",
+            "--new-netns",
+            "--backend-file",
+            blk.to_str().unwrap(),
+            "--backend-file",
+            net.to_str().unwrap(),
+        ],
+        &[
+            "-machine",
+            "q35",
+            "-m",
+            "32",
+            "-device",
+            "pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1",
+        ],
+    );
+    assert!(qmp.execute("qmp_capabilities", None)["return"].is_object());
+    let add = qmp.execute(
+        "blockdev-add",
+        Some(serde_json::json!({"node-name": "drive-0",
+            "file": {"driver": "file", "filename": "/disk.img"}})),
+    );
+    assert_eq!(add["return"], serde_json::json!({}), "{add}");
+    let card = qmp.execute(
+        "device_add",
+        Some(
+            serde_json::json!({"id": "drive-0", "driver": "virtio-blk-pci",
+            "drive": "drive-0", "bus": "pcie.1", "addr": "0x0"}),
+        ),
+    );
+    assert_eq!(card["return"], serde_json::json!({}), "{card}");
+    let del = qmp.execute("device_del", Some(serde_json::json!({"id": "drive-0"})));
+    assert_eq!(del["return"], serde_json::json!({}), "{del}");
+    let status = qmp.execute("query-status", None);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert!(qmp.execute("quit", None).get("return").is_some());
+    wait_gone(pid);
+}
+
 #[test]
 fn backends_are_copied_next_to_the_vmm_and_may_run_under_landlock() {
     require!("backends_are_copied_next_to_the_vmm_and_may_run_under_landlock");

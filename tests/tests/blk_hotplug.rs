@@ -171,7 +171,7 @@ fn refused_hotplug_commands_change_nothing() {
     }
     let reply = qmp.execute(
         "device_add",
-        Some(json!({"id": "net-0", "driver": "virtio-net-pci", "addr": "0x0", "drive": "drive-0"})),
+        Some(json!({"id": "net-0", "driver": "virtio-gpu-device", "addr": "0x0", "drive": "drive-0"})),
     );
     assert!(
         error_desc(&reply).starts_with("Unsupported replaceable device type."),

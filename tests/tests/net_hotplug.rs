@@ -313,7 +313,7 @@ fn refused_nic_commands_change_nothing() {
         Some(json!({"id": "nic-a", "driver": "virtio-net-pci", "netdev": "net-0"})),
     );
     assert!(
-        error_desc(&reply).starts_with("Unsupported replaceable device type."),
+        error_desc(&reply).starts_with("virtio-net-pci needs the q35 machine"),
         "{reply}"
     );
 

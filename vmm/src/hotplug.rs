@@ -583,6 +583,24 @@ impl Hotplug {
             return Err(QmpError::unexpected_parameter("mac"));
         }
         let addr = free_disk_slot(devices, add)?;
+        let (node_name, disk) = self.take_disk(add)?;
+        let plugged = PluggedDisk {
+            device_id: add.id.clone(),
+            node_name: node_name.clone(),
+            disk,
+        };
+        match devices.plug_disk(addr, plugged) {
+            Ok(()) => Ok(json!({})),
+            Err(e) => {
+                self.plug_refused(&node_name, e.disk.map(|plugged| plugged.disk));
+                Err(QmpError::generic(e.why))
+            }
+        }
+    }
+
+    /// The disk `add` asks for: block node `add.drive`'s frontend, which is then used by
+    /// device `add.id` until [`Hotplug::plug_refused`] or the device leaves.
+    fn take_disk(&mut self, add: &DeviceAdd) -> Result<(String, VhostUserBlk), QmpError> {
         let node_name = add
             .drive
             .as_deref()
@@ -601,25 +619,19 @@ impl Hotplug {
                 "Node '{node_name}' has no usable backend"
             )));
         };
-        let plugged = PluggedDisk {
-            device_id: add.id.clone(),
-            node_name: node_name.to_string(),
-            disk,
-        };
-        match devices.plug_disk(addr, plugged) {
-            Ok(()) => {
-                node.device = Some(add.id.clone());
-                Ok(json!({}))
+        node.device = Some(add.id.clone());
+        Ok((node_name.to_string(), disk))
+    }
+
+    /// A disk taken with [`Hotplug::take_disk`] was not plugged: its frontend goes back to
+    /// the node, or, used up (the backend failed while taking the ring), the node goes.
+    fn plug_refused(&mut self, node_name: &str, disk: Option<VhostUserBlk>) {
+        match (disk, self.nodes.get_mut(node_name)) {
+            (Some(disk), Some(node)) => {
+                node.device = None;
+                node.disk = Some(disk);
             }
-            Err(e) => {
-                match e.disk {
-                    Some(plugged) => node.disk = Some(plugged.disk),
-                    // The backend failed while taking the ring: its connection is unusable,
-                    // so the node goes with it.
-                    None => self.release(node_name),
-                }
-                Err(QmpError::generic(e.why))
-            }
+            _ => self.release(node_name),
         }
     }
 
@@ -702,38 +714,11 @@ impl Hotplug {
         bus: &str,
         add: &DeviceAdd,
     ) -> Result<PciBackend, QmpError> {
-        let node_name = add
-            .drive
-            .as_deref()
-            .ok_or_else(|| QmpError::missing_parameter("drive"))?;
-        let node = self
-            .nodes
-            .get_mut(node_name)
-            .ok_or_else(|| QmpError::generic(format!("Failed to find block node '{node_name}'")))?;
-        if let Some(device) = &node.device {
-            return Err(QmpError::generic(format!(
-                "Node '{node_name}' is already in use by device '{device}'"
-            )));
-        }
-        let Some(disk) = node.disk.take() else {
-            return Err(QmpError::generic(format!(
-                "Node '{node_name}' has no usable backend"
-            )));
-        };
+        let (node_name, disk) = self.take_disk(add)?;
         match pci.plug_disk(bus, disk) {
-            Ok(()) => {
-                node.device = Some(add.id.clone());
-                Ok(PciBackend::Node(node_name.to_string()))
-            }
-            Err(PlugRefused {
-                why,
-                disk: Some(disk),
-            }) => {
-                node.disk = Some(*disk);
-                Err(QmpError::generic(why))
-            }
-            Err(PlugRefused { why, disk: None }) => {
-                self.release(node_name);
+            Ok(()) => Ok(PciBackend::Node(node_name)),
+            Err(PlugRefused { why, disk }) => {
+                self.plug_refused(&node_name, disk.map(|disk| *disk));
                 Err(QmpError::generic(why))
             }
         }

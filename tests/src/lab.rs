@@ -653,7 +653,7 @@ const QEMU_FIRMWARE: &[&str] = &[
 ];
 
 /// Adds `qemu` at /usr/bin/qemu-system-x86_64 with every library `ldd` names, at the same
-/// paths, and its microvm firmware.
+/// paths, its microvm firmware and, when installed, SeaBIOS for its q35 machine.
 fn add_qemu(archive: &mut Archive, qemu: &Path) -> Result<(), LabError> {
     // The storage daemon is QEMU's vhost-user-blk backend, the peer of citadel-blk.
     let storage_daemon = qemu.with_file_name("qemu-storage-daemon");
@@ -697,5 +697,16 @@ fn add_qemu(archive: &mut Archive, qemu: &Path) -> Result<(), LabError> {
         let path = Path::new("/usr/share/qemu").join(firmware);
         archive.file(&path.to_string_lossy(), 0o644, &read(&path)?)?;
     }
+    // QEMU's q35 firmware, SeaBIOS, which Debian keeps in its own package's directory: placed
+    // where QEMU looks by default. Without it QEMU's q35 is benchmarked with qboot.
+    if let Some(seabios) = SEABIOS.iter().map(Path::new).find(|p| p.exists()) {
+        archive.file("usr/share/qemu/bios-256k.bin", 0o644, &read(seabios)?)?;
+    }
     Ok(())
 }
+
+/// Where SeaBIOS (`bios-256k.bin`) may be on this host.
+const SEABIOS: &[&str] = &[
+    "/usr/share/seabios/bios-256k.bin",
+    "/usr/share/qemu/bios-256k.bin",
+];

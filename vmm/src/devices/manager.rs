@@ -1,21 +1,23 @@
-//! The machine's devices beyond the legacy ISA ones: the MMIO bus the vCPUs dispatch to and
-//! the virtio-mmio slots on it, each with its address and interrupt line.
+//! The machine's devices beyond the legacy ISA ones: the MMIO bus the vCPUs dispatch to, the
+//! virtio-mmio slots on it, each with its address and interrupt line, and on q35 the PCI
+//! Express segment (see [`crate::devices::pcie`]).
 //!
 //! Slot `i` sits at the address and raises the GSI that [`layout::virtio_mmio_slot_plan`]
 //! gives it; devices take slots in the order they are added, so the same command line always
 //! gives the guest the same layout. Everything KVM needs for a slot (the irqfd on its GSI, one
 //! ioeventfd per queue on its QueueNotify register) is registered when the device is added,
-//! before the vCPUs run: the running VMM never changes KVM's I/O or interrupt routing, so no
-//! thread needs `KVM_IOEVENTFD` or `KVM_IRQFD` once the seccomp filters are in.
+//! before the vCPUs run: for them the running VMM never changes KVM's I/O or interrupt
+//! routing. PCI cards are the exception: the guest places their BARs and enables their MSI-X
+//! vectors while it runs, so on q35 their ioeventfds, irqfds and routes follow it.
 //!
 //! Devices start on the event loop: a driver's DRIVER_OK only signals
 //! [`DeviceManager::activation_event`], and the event loop calls
 //! [`DeviceManager::run_pending_activations`], so a vCPU never waits for a backend to take
 //! the memory table and rings.
 //!
-//! A device reaches its interrupt line only through the transport's [`Interrupt`] (an irqfd
-//! plus the status bits the driver reads), so a later PCI transport can hand devices MSI-X
-//! vectors behind the same interface.
+//! A device reaches its interrupt only through its transport's
+//! [`VirtioInterrupt`](crate::devices::interrupt::VirtioInterrupt): a virtio-mmio line (an
+//! irqfd plus the status bits the driver reads) or a PCI card's MSI-X vectors.
 
 use std::sync::Arc;
 

@@ -36,21 +36,36 @@ pub trait VirtioInterrupt: Send + Sync + std::fmt::Debug {
     fn set_vring_signalled_externally(&self, external: bool);
 }
 
-/// What a transport reads back from the interrupt state it shares with its device.
+/// What a transport reads back from the interrupt state it shares with its device: the
+/// [`InterruptStatus`] every transport keeps the same way.
 pub trait TransportInterrupt: VirtioInterrupt + 'static {
+    /// The shared status bits and configuration generation.
+    fn interrupt_status(&self) -> &InterruptStatus;
     /// The interrupt status: virtio-mmio's InterruptStatus, virtio-pci's ISR (bit 0 a
     /// queue, bit 1 the configuration).
-    fn isr_status(&self) -> u32;
+    fn isr_status(&self) -> u32 {
+        self.interrupt_status().status()
+    }
     /// Clears the acknowledged status bits.
-    fn acknowledge(&self, bits: u32);
+    fn acknowledge(&self, bits: u32) {
+        self.interrupt_status().acknowledge(bits);
+    }
     /// The configuration generation.
-    fn config_generation(&self) -> u32;
+    fn config_generation(&self) -> u32 {
+        self.interrupt_status().config_generation()
+    }
     /// (status bits, configuration generation), for a snapshot.
-    fn saved(&self) -> (u32, u32);
+    fn saved(&self) -> (u32, u32) {
+        self.interrupt_status().saved()
+    }
     /// Puts saved status bits and generation back.
-    fn restore(&self, status: u32, config_generation: u32);
+    fn restore(&self, status: u32, config_generation: u32) {
+        self.interrupt_status().restore(status, config_generation);
+    }
     /// Device reset: no interrupt pending, no external signaller.
-    fn reset(&self);
+    fn reset(&self) {
+        self.interrupt_status().reset();
+    }
 }
 
 /// Why a transport's interrupts were raised, and the configuration generation: the state both

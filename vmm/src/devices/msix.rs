@@ -16,18 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::interrupt::{
-    InterruptStatus, TransportInterrupt, VirtioInterrupt, STATUS_CONFIG, STATUS_QUEUE,
-};
+use super::interrupt::{InterruptStatus, TransportInterrupt, VirtioInterrupt};
 use super::msi_routes::MsiRoutes;
 
 /// The vector register value meaning "no vector" (virtio 1.2 section 4.1.4.3).
 pub const NO_VECTOR: u16 = 0xffff;
-
-/// ISR bit: a queue's used ring was updated.
-pub const ISR_QUEUE: u32 = STATUS_QUEUE;
-/// ISR bit: the device configuration changed.
-pub const ISR_CONFIG: u32 = STATUS_CONFIG;
 
 /// Bytes of one MSI-X table entry: message address low and high, message data, vector
 /// control.
@@ -443,7 +436,7 @@ impl VirtioInterrupt for MsixInterrupt {
             .map_or(&self.unrouted, |v| &v.evt)
     }
 
-    /// While set, the ISR always reports [`ISR_QUEUE`], as the backend's interrupts never
+    /// While set, the ISR always reports [`STATUS_QUEUE`], as the backend's interrupts never
     /// set it. Cleared by a device reset.
     fn set_vring_signalled_externally(&self, external: bool) {
         self.status.set_vring_external(external);
@@ -451,24 +444,8 @@ impl VirtioInterrupt for MsixInterrupt {
 }
 
 impl TransportInterrupt for MsixInterrupt {
-    fn isr_status(&self) -> u32 {
-        self.status.status()
-    }
-
-    fn acknowledge(&self, bits: u32) {
-        self.status.acknowledge(bits);
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.status.config_generation()
-    }
-
-    fn saved(&self) -> (u32, u32) {
-        self.status.saved()
-    }
-
-    fn restore(&self, status: u32, config_generation: u32) {
-        self.status.restore(status, config_generation);
+    fn interrupt_status(&self) -> &InterruptStatus {
+        &self.status
     }
 
     /// Also puts every vector register back to [`NO_VECTOR`] and drops the interrupts still
@@ -494,6 +471,7 @@ mod tests {
     use super::super::msi_routes::fake::FakeRouting;
     use super::super::msi_routes::{FIRST_MSI_GSI, MSI_GSI_END};
     use super::*;
+    use crate::devices::interrupt::{STATUS_CONFIG, STATUS_QUEUE};
 
     const VECTORS: u16 = 3;
     const QUEUES: usize = 2;
@@ -752,19 +730,19 @@ mod tests {
         assert_eq!(msix.queue_irqfd(1).as_raw_fd(), fds[0]);
 
         msix.signal_used_queue(0).unwrap();
-        assert_eq!(msix.isr_status(), ISR_QUEUE);
+        assert_eq!(msix.isr_status(), STATUS_QUEUE);
         assert_eq!(msix.queue_irqfd(0).read().unwrap(), 1);
         assert!(msix.queue_irqfd(1).read().is_err());
 
         let generation = msix.config_generation();
         msix.signal_config_change().unwrap();
         assert_eq!(msix.config_generation(), generation + 1);
-        assert_eq!(msix.isr_status(), ISR_QUEUE | ISR_CONFIG);
+        assert_eq!(msix.isr_status(), STATUS_QUEUE | STATUS_CONFIG);
         msix.set_queue_vector(1, 1);
         assert_eq!(msix.queue_irqfd(1).read().unwrap(), 1);
         assert!(msix.queue_irqfd(0).read().is_err());
 
-        msix.acknowledge(ISR_QUEUE | ISR_CONFIG | 0x80);
+        msix.acknowledge(STATUS_QUEUE | STATUS_CONFIG | 0x80);
         assert_eq!(msix.isr_status(), 0);
     }
 
@@ -774,7 +752,7 @@ mod tests {
         msix.signal_used_queue(1).unwrap();
         msix.signal_used_queue(QUEUES + 5).unwrap();
         msix.signal_config_change().unwrap();
-        assert_eq!(msix.isr_status(), ISR_QUEUE | ISR_CONFIG);
+        assert_eq!(msix.isr_status(), STATUS_QUEUE | STATUS_CONFIG);
         let unrouted = msix.queue_irqfd(1).as_raw_fd();
         assert_eq!(msix.queue_irqfd(QUEUES + 5).as_raw_fd(), unrouted);
         assert!(!(0..VECTORS).any(|v| vector_fd(&msix, v) == unrouted));
@@ -818,8 +796,8 @@ mod tests {
         msix.signal_used_queue(0).unwrap();
         msix.set_vring_signalled_externally(true);
         assert_eq!(pba(&msix), 1);
-        msix.acknowledge(ISR_QUEUE);
-        assert_eq!(msix.isr_status(), ISR_QUEUE, "external signaller");
+        msix.acknowledge(STATUS_QUEUE);
+        assert_eq!(msix.isr_status(), STATUS_QUEUE, "external signaller");
         let generation = msix.config_generation();
         msix.reset();
         assert_eq!(pba(&msix), 0);
@@ -833,10 +811,10 @@ mod tests {
         msix.signal_config_change().unwrap();
         msix.signal_config_change().unwrap();
         let (status, generation) = msix.saved();
-        assert_eq!((status, generation), (ISR_CONFIG, 2));
+        assert_eq!((status, generation), (STATUS_CONFIG, 2));
         let (_, _, other) = super::tests::msix();
         other.restore(status | 0xf0, generation);
-        assert_eq!(other.saved(), (ISR_CONFIG, 2));
+        assert_eq!(other.saved(), (STATUS_CONFIG, 2));
     }
 
     #[test]

@@ -67,29 +67,8 @@ impl VirtioInterrupt for Interrupt {
 }
 
 impl TransportInterrupt for Interrupt {
-    /// The InterruptStatus register.
-    fn isr_status(&self) -> u32 {
-        self.status.status()
-    }
-
-    /// InterruptACK.
-    fn acknowledge(&self, bits: u32) {
-        self.status.acknowledge(bits);
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.status.config_generation()
-    }
-
-    fn saved(&self) -> (u32, u32) {
-        self.status.saved()
-    }
-
-    fn restore(&self, status: u32, config_generation: u32) {
-        self.status.restore(status, config_generation);
-    }
-
-    fn reset(&self) {
-        self.status.reset();
+    /// The InterruptStatus register, InterruptACK and ConfigGeneration read and clear it.
+    fn interrupt_status(&self) -> &InterruptStatus {
+        &self.status
     }
 }

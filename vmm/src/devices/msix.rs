@@ -436,7 +436,8 @@ impl VirtioInterrupt for MsixInterrupt {
             .map_or(&self.unrouted, |v| &v.evt)
     }
 
-    /// While set, the ISR always reports bit 0 ([`STATUS_QUEUE`](super::interrupt::STATUS_QUEUE)), as the backend's interrupts never
+    /// While set, the ISR always reports its queue bit
+    /// ([`STATUS_QUEUE`](super::interrupt::STATUS_QUEUE)), as the backend's interrupts never
     /// set it. Cleared by a device reset.
     fn set_vring_signalled_externally(&self, external: bool) {
         self.status.set_vring_external(external);

@@ -100,6 +100,20 @@ exited() {
 	done
 }
 
+# gone_within PID SECONDS: "yes" once process PID no longer exists, within SECONDS; "no"
+# otherwise, and for an empty PID.
+gone_within() {
+	deadline=$(($(now_ms) + $2 * 1000))
+	while [ -n "$1" ] && [ "$(now_ms)" -lt "$deadline" ]; do
+		[ -d "/proc/$1" ] || {
+			echo yes
+			return
+		}
+		usleep 100000
+	done
+	echo no
+}
+
 # boot_guest NAME KERNEL SMP MEMORY_MIB MODE [EXTRA CITADEL ARGS...]: boots the guest
 # initramfs (or $INITRD) under Citadel, on the $MACHINE machine type (microvm unless set);
 # MODE selects what the guest's test script does (see guest-test.sh).
@@ -206,15 +220,7 @@ pci_disk_rounds() {
 	result added "$added"
 	result deleted-after-release "$deleted_after"
 	result plug-to-ready-ms "$plug_ms"
-	gone=no
-	for i in $(seq 50); do
-		if [ -n "$backend" ] && [ ! -d /proc/$backend ]; then
-			gone=yes
-			break
-		fi
-		usleep 100000
-	done
-	result backend-gone $gone
+	result backend-gone "$(gone_within "$backend" 5)"
 	stop_guest $vm
 	result image-file-bytes "$(grep -c citadel-lab-file-written-on-a-pci-disk "$image")"
 }

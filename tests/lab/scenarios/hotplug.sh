@@ -36,15 +36,7 @@ if l2_wait $vm "guest: hotplug waiting" 90; then
 	if l2_wait $vm "guest: hotplug unplugged" 60; then
 		result vdb-size-after "$(l2_value $vm vdb-size-after)"
 	fi
-	gone=no
-	for i in $(seq 50); do
-		if [ -n "$backend" ] && [ ! -d /proc/$backend ]; then
-			gone=yes
-			break
-		fi
-		usleep 100000
-	done
-	result backend-gone $gone
+	result backend-gone "$(gone_within "$backend" 5)"
 fi
 stop_guest $vm
 result image-file-bytes "$(grep -c citadel-lab-file-written-on-a-hot-plugged-disk /tmp/hp.img)"

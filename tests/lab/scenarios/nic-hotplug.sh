@@ -35,14 +35,6 @@ if l2_wait $vm "guest: nic waiting" 90; then
 		result backend-after-device-del alive
 	fi
 	qmp $vm '{"execute":"netdev_del","arguments":{"id":"net-0"}}' >/dev/null
-	gone=no
-	for i in $(seq 50); do
-		if [ -n "$backend" ] && [ ! -d /proc/$backend ]; then
-			gone=yes
-			break
-		fi
-		usleep 100000
-	done
-	result backend-gone $gone
+	result backend-gone "$(gone_within "$backend" 5)"
 fi
 stop_guest $vm

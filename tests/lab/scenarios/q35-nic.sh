@@ -49,15 +49,7 @@ if l2_wait $vm "guest: pci-nic waiting" 90; then
 	result replug "$(grep -c '"return":{}' /tmp/$vm.again) $(grep -c DEVICE_DELETED /tmp/$vm.again)"
 	[ -n "$backend" ] && [ -d /proc/$backend ] && result backend-after-device-del alive
 	qmp $vm '{"execute":"netdev_del","arguments":{"id":"net-0"}}' >/dev/null
-	gone=no
-	for i in $(seq 50); do
-		if [ -n "$backend" ] && [ ! -d /proc/$backend ]; then
-			gone=yes
-			break
-		fi
-		usleep 100000
-	done
-	result backend-gone $gone
+	result backend-gone "$(gone_within "$backend" 5)"
 fi
 for pid in $helpers; do
 	kill $pid 2>/dev/null

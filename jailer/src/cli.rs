@@ -23,7 +23,8 @@ const USAGE: &str = "usage: citadel-jailer --id ID --exec-file PATH --uid UID --
 [--backend-file PATH]... [--chroot-base-dir DIR] [--netns PATH | --new-netns | --host-netns] \
 [--new-pid-ns] [--userns] [--cgroup-version 1|2] [--parent-cgroup P] [--cgroup FILE=VALUE]... \
 [--no-pids-limit] \
-[--resource-limit fsize=N|no-file=N]... [--daemonize | --keep-stdio] [--landlock] -- <citadel arguments>";
+[--resource-limit fsize=N|no-file=N|memlock=N]... [--vfio-device ADDRESS]... \
+[--daemonize | --keep-stdio] [--landlock] -- <citadel arguments>";
 
 /// Which network namespace the jail gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,11 @@ pub struct Args {
     pub no_file: u64,
     /// RLIMIT_FSIZE, when asked.
     pub fsize: Option<u64>,
+    /// RLIMIT_MEMLOCK, when asked: a passed-through PCI function pins all guest RAM for its
+    /// DMA, which the unprivileged VMM may do only within this limit.
+    pub memlock: Option<u64>,
+    /// Host PCI functions (`dddd:bb:dd.f`) whose VFIO group the VMM may open.
+    pub vfio_devices: Vec<String>,
     /// Detach from the terminal and session.
     pub daemonize: bool,
     /// Hand the caller's stdin, stdout and stderr to the VMM (foreground only); by default
@@ -104,6 +110,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
     let mut cgroups = Vec::new();
     let mut no_file = DEFAULT_NO_FILE;
     let mut fsize = None;
+    let mut memlock = None;
+    let mut vfio_devices: Vec<String> = Vec::new();
     let mut daemonize = false;
     let mut keep_stdio = false;
     let mut landlock = false;
@@ -167,11 +175,23 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
                         }
                     }
                     Some(("fsize", n)) => fsize = Some(number(&flag, n)?),
+                    Some(("memlock", n)) => memlock = Some(number(&flag, n)?),
                     _ => {
                         return Err(refused(format!(
-                            "--resource-limit {v:?}: expected fsize=N or no-file=N"
+                            "--resource-limit {v:?}: expected fsize=N, no-file=N or memlock=N"
                         )))
                     }
+                }
+            }
+            "--vfio-device" => {
+                let v = utf8(&flag, value(&flag)?)?;
+                let address = citadel_pci::address::host_function(&v).ok_or_else(|| {
+                    refused(format!(
+                        "--vfio-device {v:?}: expected a PCI address such as 0000:00:01.0"
+                    ))
+                })?;
+                if !vfio_devices.contains(&address) {
+                    vfio_devices.push(address);
                 }
             }
             other => return Err(refused(format!("unknown argument {other:?}; {USAGE}"))),
@@ -232,6 +252,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
         default_pids_max,
         no_file,
         fsize,
+        memlock,
+        vfio_devices,
         daemonize,
         keep_stdio,
         landlock,
@@ -440,6 +462,23 @@ mod tests {
         let mut list = BASIC.to_vec();
         list.extend(["--resource-limit", "no-file=3"]);
         assert!(args(&list).unwrap_err().to_string().contains("too small"));
+        let mut list = BASIC.to_vec();
+        list.extend(["--resource-limit", "memlock=268435456"]);
+        assert_eq!(args(&list).unwrap().memlock, Some(268_435_456));
+    }
+
+    #[test]
+    fn vfio_devices_are_pci_addresses_written_as_sysfs_does() {
+        let mut list = BASIC.to_vec();
+        list.extend(["--vfio-device", "00:03.0", "--vfio-device", "0000:00:03.0"]);
+        assert_eq!(args(&list).unwrap().vfio_devices, ["0000:00:03.0"]);
+        for bad in ["../../etc", "0000:00:03", "0000:00:03.0/x"] {
+            let mut list = BASIC.to_vec();
+            list.extend(["--vfio-device", bad]);
+            let e = args(&list).unwrap_err().to_string();
+            assert!(e.contains("expected a PCI address"), "{bad}: {e}");
+        }
+        assert!(args(&BASIC).unwrap().vfio_devices.is_empty());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{check, Error, Step};
+use crate::vfio::VfioExposure;
 
 /// Name of the file, next to the jail root, holding the VMM's pid.
 pub const PID_FILE: &str = "citadel.pid";
@@ -259,13 +260,23 @@ impl Jail {
     /// The jail root's `dev`, where the tmpfs goes: made here, on the host, so that a failure
     /// after the pivot can remove it with the rest.
     fn make_dev_dir(&mut self) -> Result<(), Error> {
-        let path = self.root.join("dev");
+        self.make_mount_point(c"dev")
+    }
+
+    /// The jail root's `sys`, where the sysfs directories of passed-through PCI functions go
+    /// (see [`VfioExposure`]).
+    pub fn make_sys_dir(&mut self) -> Result<(), Error> {
+        self.make_mount_point(c"sys")
+    }
+
+    fn make_mount_point(&mut self, name: &CStr) -> Result<(), Error> {
+        let path = self.root.join(name.to_string_lossy().as_ref());
         let root = self.dirs.len() - 1;
         // SAFETY: mkdirat relative to the held jail root with a constant single-component name.
-        if unsafe { libc::mkdirat(self.root_fd().as_raw_fd(), c"dev".as_ptr(), 0o700) } == 0 {
+        if unsafe { libc::mkdirat(self.root_fd().as_raw_fd(), name.as_ptr(), 0o700) } == 0 {
             self.created.push(Created {
                 parent: root,
-                name: c"dev".to_owned(),
+                name: name.to_owned(),
                 dir: true,
             });
             return Ok(());
@@ -274,7 +285,7 @@ impl Jail {
         if e.raw_os_error() != Some(libc::EEXIST) {
             return Err(Error::path(Step::Copy, "mkdir", &path, e));
         }
-        let fd = open_beneath(self.root_fd(), c"dev", libc::O_PATH | libc::O_DIRECTORY, 0)
+        let fd = open_beneath(self.root_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(|e| walk_error(&path, e))?;
         drop(fd);
         Ok(())
@@ -519,7 +530,13 @@ fn bind_onto_itself(
 /// Descriptors opened before `unshare` still refer to the host's mounts, on which nothing can
 /// be mounted from the new namespace, so the jail root is opened again here, without following
 /// symlinks, and must be the directory the jail was built in.
-pub fn enter(jail: &Jail, executables: &[PathBuf], uid: u32, gid: u32) -> Result<(), Error> {
+pub fn enter(
+    jail: &Jail,
+    executables: &[PathBuf],
+    uid: u32,
+    gid: u32,
+    vfio: Option<VfioExposure>,
+) -> Result<(), Error> {
     let step = Step::Mount;
     let root = jail.root.as_path();
     // SAFETY: unshare and mount take NUL-terminated strings that outlive the calls or NULL
@@ -604,7 +621,11 @@ pub fn enter(jail: &Jail, executables: &[PathBuf], uid: u32, gid: u32) -> Result
             "sethostname",
         )?;
     }
-    make_dev(uid, gid)
+    make_dev(uid, gid)?;
+    match vfio {
+        Some(vfio) => vfio.install(uid, gid),
+        None => Ok(()),
+    }
 }
 
 fn make_dev(uid: u32, gid: u32) -> Result<(), Error> {
@@ -643,27 +664,23 @@ fn make_dev(uid: u32, gid: u32) -> Result<(), Error> {
     std::os::unix::fs::chown(net, Some(uid), Some(gid))
         .map_err(|e| Error::path(step, "chown", net, e))?;
     for (path, major, minor) in DEVICES {
-        let node = c(path);
-        // SAFETY: NUL-terminated path; makedev only combines numbers.
-        let ret = unsafe {
-            libc::mknod(
-                node.as_ptr(),
-                libc::S_IFCHR | 0o600,
-                libc::makedev(major, minor),
-            )
-        };
-        if ret != 0 {
-            return Err(Error::path(
-                step,
-                "mknod",
-                Path::new(path),
-                io::Error::last_os_error(),
-            ));
-        }
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .map_err(|e| Error::path(step, "chown", Path::new(path), e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::path(step, "chmod", Path::new(path), e))?;
+        make_node(Path::new(path), libc::makedev(major, minor), uid, gid)?;
     }
     Ok(())
+}
+
+/// Creates character device node `path` for device number `rdev`, owned by uid:gid, mode
+/// 0600.
+pub(crate) fn make_node(path: &Path, rdev: u64, uid: u32, gid: u32) -> Result<(), Error> {
+    let step = Step::Mount;
+    let node = name_c(path.as_os_str().as_bytes(), path)?;
+    // SAFETY: NUL-terminated path that outlives the call.
+    let ret = unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o600, rdev) };
+    if ret != 0 {
+        return Err(Error::path(step, "mknod", path, io::Error::last_os_error()));
+    }
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| Error::path(step, "chown", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::path(step, "chmod", path, e))
 }

@@ -31,6 +31,7 @@ mod error;
 mod jail;
 mod privileges;
 mod process;
+mod vfio;
 
 use std::convert::Infallible;
 use std::ffi::{CString, OsString};
@@ -93,6 +94,9 @@ fn run() -> Result<i32, Error> {
     for backend in &args.backend_files {
         executables.push(jail.copy_in(backend)?);
     }
+    if !args.vfio_devices.is_empty() {
+        jail.make_sys_dir()?;
+    }
     let pid_file = jail.open_pid_file()?;
     let mut cgroups = Cgroups::create(
         &args.cgroups,
@@ -150,14 +154,15 @@ fn jail_side(
 ) -> Result<Infallible, Error> {
     let (uid, gid) = (args.uid, args.gid);
     privileges::network(&args.netns)?;
-    privileges::rlimits(args.no_file, args.fsize)?;
+    privileges::rlimits(args.no_file, args.fsize, args.memlock)?;
     cgroups.enter()?;
+    let vfio = vfio::VfioExposure::prepare(&args.vfio_devices)?;
     let proc_dir = if args.userns {
         Some(process::open_proc()?)
     } else {
         None
     };
-    jail::enter(jail, executables, uid, gid)?;
+    jail::enter(jail, executables, uid, gid, vfio)?;
     if let Some(proc_dir) = proc_dir {
         process::enter_user_namespace(&proc_dir, uid, gid)?;
     }

@@ -44,9 +44,11 @@ pub fn network(netns: &Netns) -> Result<(), Error> {
     Ok(())
 }
 
-/// Sets RLIMIT_NOFILE and, when asked, RLIMIT_FSIZE (soft and hard).
-pub fn rlimits(no_file: u64, fsize: Option<u64>) -> Result<(), Error> {
-    let limits = std::iter::once(Limit::OpenFiles(no_file)).chain(fsize.map(Limit::FileSize));
+/// Sets RLIMIT_NOFILE and, when asked, RLIMIT_FSIZE and RLIMIT_MEMLOCK (soft and hard).
+pub fn rlimits(no_file: u64, fsize: Option<u64>, memlock: Option<u64>) -> Result<(), Error> {
+    let limits = std::iter::once(Limit::OpenFiles(no_file))
+        .chain(fsize.map(Limit::FileSize))
+        .chain(memlock.map(Limit::LockedMemory));
     for limit in limits {
         citadel_sandbox::set_limit(limit).map_err(Error::sandbox(Step::Rlimit))?;
     }

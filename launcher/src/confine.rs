@@ -15,8 +15,11 @@ use crate::LauncherConfig;
 /// The descriptor number the control socket gets in the launcher.
 pub(crate) const CONTROL_FD: RawFd = 3;
 
-/// The tun clone device, the only file the launcher issues ioctls on.
+/// The tun clone device, one of the two places the launcher issues ioctls beneath.
 const TUN: &str = "/dev/net/tun";
+
+/// VFIO's container and group nodes: passthrough devices are opened here for the VMM.
+const VFIO: &str = "/dev/vfio";
 
 /// Why the launcher could not confine itself.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +45,7 @@ pub enum ConfineError {
 
 /// Sets no_new_privs and, when `config.landlock`, applies the launcher's Landlock ruleset:
 /// read and write any file beneath "/", list, create and remove directories and regular files
-/// (snapshot directories), issue ioctls on `/dev/net/tun`, execute only `config.blk_binary`
+/// (snapshot directories), issue ioctls on `/dev/net/tun` and beneath `/dev/vfio`, execute only `config.blk_binary`
 /// and `config.net_binary`; no device node, FIFO, socket or symlink may be created, nothing
 /// renamed or linked, no TCP port bound or connected, no process outside the launcher's
 /// domain signalled.
@@ -68,8 +71,10 @@ pub fn restrict_filesystem(config: &LauncherConfig) -> Result<LandlockEnforcemen
         (config.blk_binary.as_path(), AccessFs::Execute),
         (config.net_binary.as_path(), AccessFs::Execute),
     ];
-    if Path::new(TUN).exists() {
-        grants.push((Path::new(TUN), AccessFs::IoctlDev));
+    for device in [TUN, VFIO] {
+        if Path::new(device).exists() {
+            grants.push((Path::new(device), AccessFs::IoctlDev));
+        }
     }
     match citadel_sandbox::restrict_filesystem_and_network(&grants)? {
         LandlockEnforcement::None => Err(ConfineError::NoLandlock),

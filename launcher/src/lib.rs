@@ -26,6 +26,7 @@ pub mod protocol;
 mod server;
 pub mod snapshot_dir;
 mod spawn;
+pub mod vfio;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,6 +36,21 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use protocol::{Reply, Request};
+
+/// A host PCI function opened for passthrough.
+#[derive(Debug)]
+pub struct VfioHandle {
+    /// Its VFIO container: guest RAM is mapped for the function's DMA through it.
+    pub container: OwnedFd,
+    /// The VFIO device.
+    pub device: OwnedFd,
+    /// Its BARs, expansion ROM and configuration space.
+    pub regions: Vec<protocol::VfioRegion>,
+    /// MSI vectors it has.
+    pub msi_vectors: u32,
+    /// MSI-X vectors it has.
+    pub msix_vectors: u32,
+}
 
 /// What the launcher may start and how it confines itself.
 #[derive(Debug, Clone)]
@@ -317,6 +333,49 @@ impl Launcher {
         };
         match self.call(&request, &[])? {
             (Reply::SnapshotRemoved, _) => Ok(()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens host PCI function `host` for passthrough: see [`vfio`]. Its VFIO container and
+    /// device come back with the device's regions and interrupt counts.
+    pub fn open_vfio(&self, host: &str) -> Result<VfioHandle, LauncherError> {
+        let request = Request::OpenVfio {
+            host: host.to_string(),
+        };
+        match self.call(&request, &[])? {
+            (
+                Reply::VfioOpened {
+                    regions,
+                    msi_vectors,
+                    msix_vectors,
+                },
+                fds,
+            ) if fds.len() == 2 => {
+                let mut fds = fds.into_iter();
+                match (fds.next(), fds.next()) {
+                    (Some(container), Some(device)) => Ok(VfioHandle {
+                        container,
+                        device,
+                        regions,
+                        msi_vectors,
+                        msix_vectors,
+                    }),
+                    _ => Err(LauncherError::Protocol("open-vfio: descriptors".into())),
+                }
+            }
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// Releases a function [`Launcher::open_vfio`] opened, once the VMM closed its
+    /// descriptors.
+    pub fn close_vfio(&self, host: &str) -> Result<(), LauncherError> {
+        let request = Request::CloseVfio {
+            host: host.to_string(),
+        };
+        match self.call(&request, &[])? {
+            (Reply::VfioClosed, _) => Ok(()),
             (other, _) => Err(unexpected(other)),
         }
     }

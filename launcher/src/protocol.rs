@@ -26,6 +26,23 @@ pub fn valid_serial(serial: &str) -> bool {
     serial.len() <= MAX_SERIAL_LEN && serial.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
+/// Most host PCI functions one VM has passed through at once.
+pub const MAX_VFIO_DEVICES: usize = 16;
+
+/// One region of a VFIO device, as the kernel describes it (`struct vfio_region_info`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VfioRegion {
+    /// The region's index (`VFIO_PCI_*_REGION_INDEX`).
+    pub index: u32,
+    /// `VFIO_REGION_INFO_FLAG_*`.
+    pub flags: u32,
+    /// Its size in bytes; 0 when the function does not implement it.
+    pub size: u64,
+    /// Where it starts in the device file.
+    pub offset: u64,
+}
+
 /// A request from the VMM.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
@@ -71,6 +88,17 @@ pub enum Request {
         /// The directory.
         path: String,
     },
+    /// Open the host PCI function `host` (`dddd:bb:dd.f`) for passthrough and send back the
+    /// descriptors of its VFIO container and device.
+    OpenVfio {
+        /// The function's address.
+        host: String,
+    },
+    /// Release a function [`Request::OpenVfio`] opened; the VMM has closed its descriptors.
+    CloseVfio {
+        /// The function's address.
+        host: String,
+    },
     /// Remove both files of the snapshot directory `path`, and the directory itself when
     /// `remove_dir`.
     RemoveSnapshot {
@@ -104,6 +132,18 @@ pub enum Reply {
     },
     /// The snapshot's files are gone.
     SnapshotRemoved,
+    /// The function is open for passthrough; the container's and the device's descriptors
+    /// come along, in that order.
+    VfioOpened {
+        /// Its BARs (indexes 0 to 5), expansion ROM (6) and configuration space (7).
+        regions: Vec<VfioRegion>,
+        /// MSI vectors it has.
+        msi_vectors: u32,
+        /// MSI-X vectors it has.
+        msix_vectors: u32,
+    },
+    /// The function is released.
+    VfioClosed,
     /// The request failed; the text is one line for the user.
     Error {
         /// What went wrong.

@@ -17,6 +17,7 @@ use crate::image::{open_beneath, ImageAccess, ImageError};
 use crate::protocol::{self, Reply, Request};
 use crate::snapshot_dir;
 use crate::spawn::{spawn, SpawnError};
+use crate::vfio::VfioDevices;
 use crate::LauncherConfig;
 
 /// Most backends running at once; a request for one more is refused.
@@ -40,6 +41,8 @@ enum RequestError {
     Connect(#[from] crate::connect::ConnectError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot_dir::SnapshotDirError),
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::VfioOpenError),
     #[error("no running backend has pid {0}")]
     UnknownBackend(i32),
     #[error("{MAX_BACKENDS} backends are running already")]
@@ -62,6 +65,8 @@ struct Server<'a> {
     backends: BTreeMap<i32, String>,
     /// What every backend gets as its environment: the VMM's log level.
     environment: Vec<CString>,
+    /// Host PCI functions opened for passthrough.
+    vfio: VfioDevices,
 }
 
 /// Blocks SIGCHLD (it arrives through the returned signalfd instead). Done before the seccomp
@@ -101,6 +106,7 @@ pub(crate) fn serve(config: &LauncherConfig, mut signals: File) {
         config,
         backends: BTreeMap::new(),
         environment,
+        vfio: VfioDevices::default(),
     };
     loop {
         let mut fds = [
@@ -257,6 +263,33 @@ impl Server<'_> {
                 let socket = crate::connect::connect_unix(&path)?;
                 log::info!("launcher: connected to {path}");
                 Ok((Reply::Connected, vec![socket]))
+            }
+            Request::OpenVfio { host } => {
+                if !fds.is_empty() {
+                    return Err(RequestError::Invalid(
+                        "open-vfio takes no descriptors".into(),
+                    ));
+                }
+                let opened = self.vfio.open(&host)?;
+                let reply = Reply::VfioOpened {
+                    regions: opened.regions,
+                    msi_vectors: opened.msi_vectors,
+                    msix_vectors: opened.msix_vectors,
+                };
+                Ok((reply, opened.fds))
+            }
+            Request::CloseVfio { host } => {
+                if !fds.is_empty() {
+                    return Err(RequestError::Invalid(
+                        "close-vfio takes no descriptors".into(),
+                    ));
+                }
+                if !self.vfio.close(&host) {
+                    return Err(RequestError::Invalid(format!(
+                        "host {host} is not passed through"
+                    )));
+                }
+                Ok((Reply::VfioClosed, Vec::new()))
             }
             Request::Stop { pid } => {
                 if !fds.is_empty() {

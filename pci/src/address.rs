@@ -91,6 +91,31 @@ pub fn port_cf8(address: u32, data_byte: u8) -> Option<ConfigAccess> {
     })
 }
 
+/// A host PCI function's address `host` as sysfs names it, `dddd:bb:dd.f` in lower case (the
+/// domain may be left out), or `None` when it is not one.
+pub fn host_function(host: &str) -> Option<String> {
+    let host = host.to_ascii_lowercase();
+    let parts: Vec<&str> = host.split(':').collect();
+    let (domain, bus, devfn) = match parts.as_slice() {
+        [domain, bus, devfn] => (*domain, *bus, *devfn),
+        [bus, devfn] => ("0000", *bus, *devfn),
+        _ => return None,
+    };
+    let (device, function) = devfn.split_once('.')?;
+    let hex = |s: &str, width: usize, max: u32| {
+        // from_str_radix would take a sign too.
+        (s.len() <= width && !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(s, 16).ok())
+            .flatten()
+            .filter(|&v| v <= max)
+    };
+    let domain = hex(domain, 4, 0xffff)?;
+    let bus = hex(bus, 2, 0xff)?;
+    let device = hex(device, 2, 0x1f)?;
+    let function = hex(function, 1, 7)?;
+    Some(format!("{domain:04x}:{bus:02x}:{device:02x}.{function}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +140,27 @@ mod tests {
         assert_eq!(a.bdf, Bdf::new(1, 1, 2).unwrap());
         assert_eq!(a.offset, 0xff);
         assert_eq!(port_cf8(0x8000_0000, 4), None);
+    }
+
+    #[test]
+    fn host_functions_are_checked_and_written_as_sysfs_does() {
+        assert_eq!(
+            host_function("0000:00:01.0").as_deref(),
+            Some("0000:00:01.0")
+        );
+        assert_eq!(host_function("00:1F.7").as_deref(), Some("0000:00:1f.7"));
+        assert_eq!(host_function("1:2:3.4").as_deref(), Some("0001:02:03.4"));
+        for bad in [
+            "",
+            "0000:00:20.0",
+            "0000:00:01.8",
+            "0000:100:01.0",
+            "../../x",
+            "0:0:0",
+            "a:b:c.d.e",
+            "+0:0:0.0",
+        ] {
+            assert_eq!(host_function(bad), None, "{bad}");
+        }
     }
 }

@@ -57,6 +57,8 @@ pub struct DeviceAdd {
     pub chardev: Option<String>,
     /// The bus a PCI device goes on (a root port's id on the q35 machine).
     pub bus: Option<String>,
+    /// The host PCI function a `vfio-pci` device passes through (`0000:00:01.0`).
+    pub host: Option<String>,
 }
 
 impl DeviceAdd {
@@ -159,6 +161,8 @@ pub(crate) struct DeviceAddArgs {
     chardev: Option<String>,
     #[serde(default)]
     bus: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
     /// StratoVirt's other way to name the slot: lun N is slot N + 1 (`addr` wins when both
     /// are given, as in StratoVirt).
     #[serde(default)]
@@ -202,6 +206,7 @@ impl DeviceAddArgs {
             mac,
             chardev: self.chardev,
             bus: self.bus,
+            host: self.host,
         })
     }
 }

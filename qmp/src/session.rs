@@ -19,7 +19,7 @@ pub enum Outcome {
     /// Send this line back; nothing else to do.
     Reply(String),
     /// Execute this request and reply with its result.
-    Dispatch(Request),
+    Dispatch(Box<Request>),
 }
 
 impl Session {
@@ -61,7 +61,7 @@ impl Session {
                 Ok(()) => reply::success(id.as_ref(), json!({})),
                 Err(err) => reply::error(id.as_ref(), &err),
             }),
-            command => Outcome::Dispatch(Request { id, command }),
+            command => Outcome::Dispatch(Box::new(Request { id, command })),
         }
     }
 

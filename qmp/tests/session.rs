@@ -20,7 +20,7 @@ fn line(outcome: Outcome) -> Value {
 
 fn dispatch(outcome: Outcome) -> Request {
     match outcome {
-        Outcome::Dispatch(req) => req,
+        Outcome::Dispatch(req) => *req,
         Outcome::Reply(text) => panic!("expected dispatch, got {text}"),
     }
 }

@@ -17,7 +17,7 @@
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
 use crate::{
-    allow, arg_in, blk, descriptor_control, net, socket_options, thread_runtime, Error, Rules,
+    allow, arg_in, blk, descriptor_control, net, socket_options, thread_runtime, vfio, Error, Rules,
 };
 
 const ROLE: &str = "launcher";
@@ -82,8 +82,28 @@ fn own() -> Result<Rules, Error> {
     rules.push(socket_options(ROLE, &[libc::SO_SNDTIMEO])?);
     // A plain fork, never a thread or a new namespace.
     rules.push(arg_in(ROLE, libc::SYS_clone, 0, &[FORK_FLAGS])?);
-    // Attaching a tap by name.
-    rules.push(arg_in(ROLE, libc::SYS_ioctl, 1, &[libc::TUNSETIFF])?);
+    // Attaching a tap by name; opening a VFIO device for the VMM: its container and group
+    // checked and joined, the device's descriptor and its regions and interrupts read.
+    rules.push(arg_in(
+        ROLE,
+        libc::SYS_ioctl,
+        1,
+        &[
+            libc::TUNSETIFF,
+            vfio::VFIO_GET_API_VERSION(),
+            vfio::VFIO_CHECK_EXTENSION(),
+            vfio::VFIO_SET_IOMMU(),
+            vfio::VFIO_GROUP_GET_STATUS(),
+            vfio::VFIO_GROUP_SET_CONTAINER(),
+            vfio::VFIO_GROUP_UNSET_CONTAINER(),
+            vfio::VFIO_GROUP_GET_DEVICE_FD(),
+            vfio::VFIO_DEVICE_GET_INFO(),
+            vfio::VFIO_DEVICE_GET_REGION_INFO(),
+            vfio::VFIO_DEVICE_GET_IRQ_INFO(),
+        ],
+    )?);
+    // The device's IOMMU group and driver, read from its sysfs links.
+    rules.extend(allow(&[libc::SYS_readlink, libc::SYS_readlinkat]));
     rules.push(arg_in(
         ROLE,
         libc::SYS_prctl,

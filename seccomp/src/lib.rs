@@ -31,6 +31,7 @@ pub mod kvm;
 pub mod launcher;
 pub mod net;
 pub mod vcpu;
+pub mod vfio;
 pub mod vmm;
 
 /// A rule table: syscall number → conditions (an empty list allows the syscall outright).

@@ -7,8 +7,8 @@
 //! resets a vhost-user device, the vCPU that wrote the Status register stops the backend's
 //! rings over the socket connected at startup (starting a device is the event loop's job).
 
-use crate::kvm;
 use crate::{allow, arg_in, thread_runtime, Error, Rules};
+use crate::{kvm, vfio};
 
 const ROLE: &str = "vcpu";
 
@@ -30,6 +30,10 @@ pub fn rules() -> Result<Rules, Error> {
         libc::SYS_timer_settime,
         libc::SYS_timer_delete,
         libc::SYS_shutdown,
+        // q35: a passed-through VFIO device's configuration space, and the BARs that could
+        // not be mapped into the guest, read and written at their offsets in the device file.
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
     ]));
     // Rust's standard library checks with F_GETFD that a descriptor is still open before it
     // closes it (debug builds), which a vCPU thread does with its vCPU fd when it exits.
@@ -69,6 +73,11 @@ pub fn rules() -> Result<Rules, Error> {
             kvm::KVM_IRQFD(),
             kvm::KVM_SET_GSI_ROUTING(),
             kvm::KVM_SIGNAL_MSI(),
+            // VFIO: a guest enabling or disabling a passed-through device's MSI has the
+            // device's interrupt signal an irqfd's eventfd or stop; enabling memory decoding
+            // maps its BARs into the guest as memory slots.
+            vfio::VFIO_DEVICE_SET_IRQS(),
+            kvm::KVM_SET_USER_MEMORY_REGION(),
         ],
     )?);
     Ok(rules)

@@ -19,8 +19,8 @@
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
-use crate::kvm;
 use crate::{allow, arg_in, descriptor_control, socket_options, thread_runtime, Error, Rules};
+use crate::{kvm, vfio};
 
 const ROLE: &str = "vmm";
 const ROLE_WITHOUT_LANDLOCK: &str = "vmm-without-landlock";
@@ -73,6 +73,9 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
         // QMP `migrate`: the snapshot's files and their directory synced (the launcher
         // creates them; nothing is opened).
         libc::SYS_fsync,
+        // q35: a VFIO device's configuration space, read when it is plugged.
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
     ]));
     rules.push(descriptor_control(role, &[])?);
     rules.push(own_threads_only(role)?);
@@ -103,6 +106,14 @@ fn event_loop(role: &'static str) -> Result<Rules, Error> {
             kvm::KVM_SET_GSI_ROUTING(),
             kvm::KVM_IRQFD(),
             kvm::KVM_IOEVENTFD(),
+            // VFIO: a passed-through device's guest RAM mappings for DMA, made when it is
+            // plugged and undone when it leaves, with its interrupts, its reset and its BARs'
+            // memory slots.
+            vfio::VFIO_IOMMU_MAP_DMA(),
+            vfio::VFIO_IOMMU_UNMAP_DMA(),
+            vfio::VFIO_DEVICE_SET_IRQS(),
+            vfio::VFIO_DEVICE_RESET(),
+            kvm::KVM_SET_USER_MEMORY_REGION(),
         ],
     )?);
     Ok(rules)

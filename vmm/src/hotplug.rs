@@ -65,6 +65,8 @@ const DISK_DRIVER: &str = "virtio-blk-mmio";
 const PCI_DISK_DRIVER: &str = "virtio-blk-pci";
 /// The device model of a NIC behind a PCI Express root port (q35).
 const PCI_NIC_DRIVER: &str = "virtio-net-pci";
+/// `device_add`'s driver for a host PCI function passed through (q35).
+const VFIO_DRIVER: &str = "vfio-pci";
 
 /// Most restarts of one disk's backend within [`RESTART_WINDOW`]: a backend that keeps
 /// dying (an image it cannot serve, a bug a guest request triggers) is given up on rather
@@ -111,6 +113,8 @@ enum PciBackend {
     Node(String),
     /// A NIC's netdev.
     Netdev(String),
+    /// A host PCI function, by address, held open by the launcher.
+    Host(String),
 }
 
 /// What a `device_del` did.
@@ -361,6 +365,7 @@ impl Hotplug {
                 mac: nic.mac,
                 chardev: None,
                 bus: None,
+                host: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Nic {
@@ -378,6 +383,7 @@ impl Hotplug {
                 mac: None,
                 chardev: None,
                 bus: None,
+                host: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::Device {
@@ -407,6 +413,7 @@ impl Hotplug {
                 mac: card.mac,
                 chardev: None,
                 bus: Some(card.bus.clone()),
+                host: None,
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::PciDevice {
@@ -538,8 +545,11 @@ impl Hotplug {
         add: &DeviceAdd,
     ) -> Result<Value, QmpError> {
         let vhost_user_blk = VHOST_USER_BLK_DRIVERS.contains(&add.driver.as_str());
-        if add.driver == PCI_DISK_DRIVER || add.driver == PCI_NIC_DRIVER {
+        if [PCI_DISK_DRIVER, PCI_NIC_DRIVER, VFIO_DRIVER].contains(&add.driver.as_str()) {
             return self.pci_card_add(devices, add);
+        }
+        if add.host.is_some() {
+            return Err(QmpError::unexpected_parameter("host"));
         }
         if devices.pci().is_some() && (add.driver == DISK_DRIVER || add.driver == NIC_DRIVER) {
             return Err(QmpError::generic(format!(
@@ -549,7 +559,7 @@ impl Hotplug {
         }
         if add.driver != DISK_DRIVER && add.driver != NIC_DRIVER && !vhost_user_blk {
             let known = if devices.pci().is_some() {
-                format!("{PCI_DISK_DRIVER} and {PCI_NIC_DRIVER}")
+                format!("{PCI_DISK_DRIVER}, {PCI_NIC_DRIVER} and {VFIO_DRIVER}")
             } else {
                 format!(
                     "{DISK_DRIVER}, {} and {NIC_DRIVER}",
@@ -668,11 +678,13 @@ impl Hotplug {
             )));
         };
         let nic = add.driver == PCI_NIC_DRIVER;
+        let vfio = add.driver == VFIO_DRIVER;
         for (present, name) in [
             (add.netdev.is_some() && !nic, "netdev"),
             (add.mac.is_some() && !nic, "mac"),
-            (add.drive.is_some() && nic, "drive"),
+            (add.drive.is_some() && (nic || vfio), "drive"),
             (add.chardev.is_some(), "chardev"),
+            (add.host.is_some() && !vfio, "host"),
         ] {
             if present {
                 return Err(QmpError::unexpected_parameter(name));
@@ -692,7 +704,9 @@ impl Hotplug {
                 )))
             }
         }
-        let backend = if nic {
+        let backend = if vfio {
+            self.pci_vfio_add(pci, bus, add)?
+        } else if nic {
             self.pci_nic_add(pci, bus, add)?
         } else {
             self.pci_disk_add(pci, bus, add)?
@@ -741,6 +755,40 @@ impl Hotplug {
             Err((why, nic)) => {
                 self.netdevs
                     .plug_refused(launcher, add, nic.map(|nic| nic.conn));
+                Err(QmpError::generic(why))
+            }
+        }
+    }
+
+    /// The passthrough half of [`Hotplug::pci_card_add`]: the launcher opens host function
+    /// `add.host` and keeps its group until the card has left; the card gets the device.
+    fn pci_vfio_add(
+        &mut self,
+        pci: &PciDevices,
+        bus: &str,
+        add: &DeviceAdd,
+    ) -> Result<PciBackend, QmpError> {
+        let launcher = available(&self.launcher)?;
+        let host = add
+            .host
+            .as_deref()
+            .ok_or_else(|| QmpError::missing_parameter("host"))?;
+        let host = citadel_pci::address::host_function(host).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Invalid host '{host}': expected a PCI address such as 0000:00:01.0"
+            ))
+        })?;
+        pci.check_plug(bus).map_err(QmpError::generic)?;
+        let handle = launcher
+            .open_vfio(&host)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        match pci.plug_vfio(bus, &host, handle) {
+            Ok(()) => {
+                log::info!("{}: host {host} plugged into {bus}", add.id);
+                Ok(PciBackend::Host(host))
+            }
+            Err(why) => {
+                release_host(launcher, &host);
                 Err(QmpError::generic(why))
             }
         }
@@ -805,6 +853,11 @@ impl Hotplug {
                 Some(PciBackend::Netdev(netdev_id)) => self
                     .netdevs
                     .give_back(&netdev_id, ejected.nic.map(|nic| nic.conn)),
+                Some(PciBackend::Host(host)) => {
+                    if let Ok(launcher) = self.launcher.as_ref() {
+                        release_host(launcher, &host);
+                    }
+                }
                 None => {}
             }
             log::info!("{id}: released by the guest, removed from {}", ejected.bus);
@@ -1087,6 +1140,13 @@ fn reachable(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError>
 /// Stops backend `pid` (`what` names it in the log). A backend the launcher no longer runs has
 /// exited by itself, as one does when its frontend hangs up, and was reaped already: that is
 /// what stopping it was for, so only the launcher's other failures are worth a warning.
+/// Has the launcher let host function `host` go, once the card using it is dropped.
+fn release_host(launcher: &Launcher, host: &str) {
+    if let Err(e) = launcher.close_vfio(host) {
+        log::warn!("host {host}: releasing it: {e}");
+    }
+}
+
 pub(crate) fn stop_backend(launcher: &Launcher, what: &str, pid: i32) {
     match launcher.stop(pid) {
         Ok(()) => {}

@@ -132,7 +132,7 @@ fn run_session(session: &mut Session, frame: Result<Value, citadel_qmp::FrameErr
                 sent.get("execute").and_then(Value::as_str)
             );
             assert_eq!(request.id, id);
-            assert_eq!(parse_request(sent).as_ref(), Ok(&request));
+            assert_eq!(parse_request(sent).as_ref(), Ok(&*request));
             check_reply(
                 &reply::success(request.id.as_ref(), Value::Null),
                 id.as_ref(),

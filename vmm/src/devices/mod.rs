@@ -14,6 +14,7 @@ pub mod msix;
 pub mod net_slot;
 pub mod pcie;
 pub mod slot_ring;
+pub mod vfio_pci;
 pub mod vhost_user;
 pub mod vhost_user_blk;
 pub mod virtio_mmio;

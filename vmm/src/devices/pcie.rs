@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use citadel_launcher::VfioHandle;
 use citadel_pci::root_port::{HotplugError, RootPort, RootPortConfig, SlotEvents};
 use citadel_pci::segment::{Function, Segment, SegmentError, PORT_ADDRESS, PORT_COUNT};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -22,6 +23,7 @@ use super::msi_routes::MsiRoutes;
 use super::msix::MsixInterrupt;
 use super::net_slot::{NetSlot, PluggedNic};
 use super::slot_ring::SlotKicks;
+use super::vfio_pci::{PassthroughWiring, VfioPciCard};
 use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{ActivateError, ActivateParams, VirtioDevice, VirtioMmioTransport};
 use super::virtio_pci::{BarWiring, CardHandle, VirtioPciCard};
@@ -356,6 +358,7 @@ pub struct PciDevices {
     activation: EventFd,
     kicks: Arc<SlotKicks>,
     cards: Mutex<BTreeMap<String, PluggedCard>>,
+    passthrough: Arc<PassthroughWiring>,
 }
 
 impl PciDevices {
@@ -375,6 +378,7 @@ impl PciDevices {
         Ok(PciDevices {
             host,
             routes,
+            passthrough: Arc::new(PassthroughWiring::new(mmio.clone(), vm.clone())),
             wiring: Arc::new(KvmBarWiring { mmio, vm }),
             memory: memory.clone(),
             activation,
@@ -461,6 +465,28 @@ impl PciDevices {
         let card = self.card(slot).map_err(|why| (why, None))?;
         self.plug_card(bus, card, PluggedCard::Nic)
             .map_err(|why| (why, None))
+    }
+
+    /// Whether root port `bus` exists and is free, as one line if not.
+    pub fn check_plug(&self, bus: &str) -> Result<(), String> {
+        self.check_free(bus).map_err(|e| e.to_string())
+    }
+
+    /// Plugs host PCI function `host`, opened by the launcher as `handle`, into root port
+    /// `bus`: see [`VfioPciCard`].
+    pub fn plug_vfio(&self, bus: &str, host: &str, handle: VfioHandle) -> Result<(), String> {
+        self.check_plug(bus)?;
+        let card = VfioPciCard::new(
+            host,
+            handle,
+            &self.memory,
+            self.routes.clone(),
+            self.passthrough.clone(),
+        )
+        .map_err(|e| format!("host {host}: {e}"))?;
+        self.host
+            .plug(bus, Box::new(card))
+            .map_err(|e| e.to_string())
     }
 
     /// Builds a card around `device`: a vector per queue and one for configuration changes.

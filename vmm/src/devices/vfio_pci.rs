@@ -1,0 +1,955 @@
+//! PCI passthrough: a host PCI function, bound to vfio-pci on the host, as a card behind one of
+//! the q35 machine's root ports.
+//!
+//! The device launcher opens the function's VFIO container and device (the VMM may open
+//! nothing) and hands both descriptors over. vfio-ioctls can only open them by path, so the few
+//! requests the VMM itself makes on those descriptors (interrupts, DMA mappings, reset) are
+//! issued here with vfio-bindings' structures.
+//!
+//! What the guest sees: the function's own configuration space (identity, class, command and
+//! status live from the device), with these parts virtualized:
+//!
+//! - BARs: sized from the VFIO regions and placed wherever the guest writes them. Once memory
+//!   decoding is on, a region VFIO lets us mmap becomes a KVM memory slot, so the guest reaches
+//!   the device's registers without an exit; any other region is trapped and forwarded with
+//!   `pread`/`pwrite`. Port I/O BARs are not offered.
+//! - MSI: the guest's message is routed through KVM's GSI table; enabling it has the function
+//!   signal an eventfd (`VFIO_DEVICE_SET_IRQS`) that is an irqfd of that GSI, so interrupts
+//!   never pass through the VMM. One vector, no per-vector masking.
+//! - Not offered (and said so in the log): MSI-X (its capability is unlinked from the list, so
+//!   drivers fall back to MSI), INTx (interrupt pin 0), the expansion ROM, extended
+//!   configuration space (reads 0), and writes outside the command register, BARs, interrupt
+//!   line and MSI capability (dropped).
+//!
+//! All guest RAM is mapped for the function's DMA through the container (type-1 IOMMU) at I/O
+//! virtual address = guest physical address while the card is plugged.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use citadel_launcher::protocol::VfioRegion;
+use citadel_launcher::VfioHandle;
+use citadel_pci::segment::Function;
+use citadel_seccomp::vfio as requests;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vfio_bindings::bindings::vfio::{
+    vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_irq_set, VFIO_DMA_MAP_FLAG_READ,
+    VFIO_DMA_MAP_FLAG_WRITE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+use super::mmio_bus::{MmioBus, MmioDevice};
+use super::msi_routes::MsiRoutes;
+
+/// Bytes of configuration space the guest sees; extended configuration space reads 0.
+const CONFIG_LEN: usize = 256;
+const COMMAND: u16 = 0x04;
+const STATUS: u16 = 0x06;
+const HEADER_TYPE: usize = 0x0e;
+const BAR0: u16 = 0x10;
+const BAR_END: u16 = 0x28;
+const ROM: u16 = 0x30;
+const CAPABILITIES: usize = 0x34;
+const INTERRUPT_LINE: u16 = 0x3c;
+const INTERRUPT_PIN: u16 = 0x3d;
+/// Command register bits the guest may set on the function: memory decoding, bus mastering,
+/// INTx disable. Port I/O decoding stays off (no I/O BAR is offered).
+const COMMAND_WRITABLE: u16 = (1 << 1) | (1 << 2) | (1 << 10);
+const COMMAND_MEMORY: u16 = 1 << 1;
+const CAP_MSI: u8 = 0x05;
+const CAP_MSIX: u8 = 0x11;
+/// MSI message control: enable, 64-bit address, per-vector masking, and the vector counts.
+const MSI_ENABLE: u16 = 1;
+const MSI_64BIT: u16 = 1 << 7;
+/// Most capabilities a list is followed through: a looping list ends there.
+const MAX_CAPABILITIES: usize = 48;
+/// KVM memory slots for BARs start here, above those of guest RAM.
+const FIRST_BAR_SLOT: u32 = 16;
+/// And end here (KVM offers at least 509 user slots on x86).
+const BAR_SLOT_END: u32 = 508;
+
+/// Why a function could not become a card.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioCardError {
+    /// The launcher's description lacks the configuration space.
+    #[error("the device has no configuration space region")]
+    NoConfigSpace,
+    /// Reading the configuration space failed.
+    #[error("reading its configuration space: {0}")]
+    ReadConfig(io::Error),
+    /// The function is a bridge.
+    #[error("only endpoints can be passed through (header type {0:#x})")]
+    NotEndpoint(u8),
+    /// Mapping guest RAM for DMA failed.
+    #[error("mapping guest RAM for DMA at {iova:#x} (+{size:#x}): {source}")]
+    DmaMap {
+        /// The guest physical address.
+        iova: u64,
+        /// The length.
+        size: u64,
+        /// What the kernel said.
+        source: io::Error,
+    },
+}
+
+/// Where a card's BARs go: the MMIO bus for trapped regions, KVM memory slots for mapped ones.
+pub struct PassthroughWiring {
+    mmio: Arc<MmioBus>,
+    vm: Arc<VmFd>,
+    slots: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl PassthroughWiring {
+    /// BARs on `mmio` and in `vm`'s memory slots.
+    pub fn new(mmio: Arc<MmioBus>, vm: Arc<VmFd>) -> Self {
+        PassthroughWiring {
+            mmio,
+            vm,
+            slots: Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    fn allocate_slot(&self) -> Option<u32> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (FIRST_BAR_SLOT..BAR_SLOT_END).find(|s| !slots.contains(s))?;
+        slots.insert(slot);
+        Some(slot)
+    }
+
+    fn release_slot(&self, slot: u32) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&slot);
+    }
+
+    /// Points memory slot `slot` at `len` bytes of host memory `host` for guest physical
+    /// address `gpa`, or deletes it when `len` is 0.
+    fn set_slot(&self, slot: u32, gpa: u64, len: u64, host: u64) -> Result<(), kvm_ioctls::Error> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
+        };
+        // SAFETY: `host..host + len` is a mapping of the device's BAR that stays mapped until
+        // this slot is deleted (`MappedBar::drop` deletes the slot before it unmaps); deleting
+        // (len 0) touches no memory.
+        unsafe { self.vm.set_user_memory_region(region) }
+    }
+}
+
+/// The function's VFIO device descriptor and regions.
+struct DeviceFile {
+    file: std::fs::File,
+    regions: Vec<VfioRegion>,
+}
+
+impl DeviceFile {
+    fn region(&self, index: u32) -> Option<&VfioRegion> {
+        self.regions.iter().find(|r| r.index == index && r.size > 0)
+    }
+
+    /// Reads `data.len()` bytes at `offset` of region `index`; what lies outside the region
+    /// or cannot be read reads as all-ones, like an absent device.
+    fn read(&self, index: u32, offset: u64, data: &mut [u8]) {
+        let Some(region) = self.region(index) else {
+            data.fill(0xff);
+            return;
+        };
+        let inside = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= region.size);
+        if !inside
+            || self
+                .file
+                .read_exact_at(data, region.offset + offset)
+                .is_err()
+        {
+            data.fill(0xff);
+        }
+    }
+
+    /// Writes `data` at `offset` of region `index`; a write outside the region is dropped.
+    fn write(&self, index: u32, offset: u64, data: &[u8]) {
+        let Some(region) = self.region(index) else {
+            return;
+        };
+        let inside = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= region.size);
+        if inside {
+            if let Err(e) = self.file.write_all_at(data, region.offset + offset) {
+                log::warn!("vfio-pci: writing region {index} at {offset:#x}: {e}");
+            }
+        }
+    }
+
+    /// Has MSI vector 0 signal `evt`, or stops MSI with `None`.
+    fn set_msi(&self, evt: Option<&EventFd>) -> io::Result<()> {
+        #[repr(C)]
+        struct OneEventfd {
+            header: vfio_irq_set,
+            fd: i32,
+        }
+        let header = |flags, count, argsz| vfio_irq_set {
+            argsz,
+            flags: flags | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: VFIO_PCI_MSI_IRQ_INDEX,
+            start: 0,
+            count,
+            ..Default::default()
+        };
+        let ret = match evt {
+            Some(evt) => {
+                let set = OneEventfd {
+                    header: header(
+                        VFIO_IRQ_SET_DATA_EVENTFD,
+                        1,
+                        std::mem::size_of::<OneEventfd>() as u32,
+                    ),
+                    fd: evt.as_raw_fd(),
+                };
+                // SAFETY: the kernel reads `argsz` bytes of `set`: the header and one
+                // descriptor, all of it initialised; the eventfd outlives the MSI (it is
+                // stopped before the eventfd is closed).
+                unsafe { ioctl_with_ref(&self.file, requests::VFIO_DEVICE_SET_IRQS(), &set) }
+            }
+            None => {
+                let set = header(
+                    VFIO_IRQ_SET_DATA_NONE,
+                    0,
+                    std::mem::size_of::<vfio_irq_set>() as u32,
+                );
+                // SAFETY: the kernel reads the header alone (count 0, no data).
+                unsafe { ioctl_with_ref(&self.file, requests::VFIO_DEVICE_SET_IRQS(), &set) }
+            }
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn reset(&self) {
+        // SAFETY: VFIO_DEVICE_RESET takes no argument.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(&self.file, requests::VFIO_DEVICE_RESET()) };
+        if ret < 0 {
+            log::info!(
+                "vfio-pci: the function has no reset: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Guest RAM mapped for the function's DMA, unmapped when dropped.
+struct DmaMappings {
+    container: std::fs::File,
+    mapped: Vec<(u64, u64)>,
+}
+
+impl DmaMappings {
+    /// Maps every region of `memory` at I/O virtual address = guest physical address.
+    fn map(container: OwnedFd, memory: &GuestMemoryMmap) -> Result<Self, VfioCardError> {
+        let mut mappings = DmaMappings {
+            container: container.into(),
+            mapped: Vec::new(),
+        };
+        for region in memory.iter() {
+            let iova = region.start_addr().0;
+            let size = region.len();
+            let Ok(host) = memory.get_host_address(region.start_addr()) else {
+                continue;
+            };
+            let map = vfio_iommu_type1_dma_map {
+                argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
+                flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+                vaddr: host as u64,
+                iova,
+                size,
+            };
+            // SAFETY: `host..host + size` is guest RAM, mapped for the life of the VM, which
+            // outlives this container's mappings (they end when this is dropped). The device
+            // only ever sees it as guest memory, which the VMM accesses with volatile copies.
+            let ret = unsafe {
+                ioctl_with_ref(&mappings.container, requests::VFIO_IOMMU_MAP_DMA(), &map)
+            };
+            if ret < 0 {
+                return Err(VfioCardError::DmaMap {
+                    iova,
+                    size,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            mappings.mapped.push((iova, size));
+        }
+        Ok(mappings)
+    }
+}
+
+impl Drop for DmaMappings {
+    fn drop(&mut self) {
+        for &(iova, size) in &self.mapped {
+            let unmap = vfio_iommu_type1_dma_unmap {
+                argsz: std::mem::size_of::<vfio_iommu_type1_dma_unmap>() as u32,
+                iova,
+                size,
+                ..Default::default()
+            };
+            // SAFETY: the kernel reads and updates the unmap request only.
+            let ret = unsafe {
+                ioctl_with_ref(&self.container, requests::VFIO_IOMMU_UNMAP_DMA(), &unmap)
+            };
+            if ret < 0 {
+                log::warn!(
+                    "vfio-pci: unmapping DMA at {iova:#x}: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// A BAR region trapped: every access is an exit forwarded to the device file.
+struct TrappedBar {
+    file: Arc<DeviceFile>,
+    index: u32,
+}
+
+impl MmioDevice for TrappedBar {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.file.read(self.index, offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.file.write(self.index, offset, data);
+    }
+}
+
+/// A BAR region mapped from the device file into a KVM memory slot.
+struct MappedBar {
+    wiring: Arc<PassthroughWiring>,
+    slot: u32,
+    host: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the pointer is only passed back to munmap; the mapping belongs to this value.
+unsafe impl Send for MappedBar {}
+
+impl Drop for MappedBar {
+    fn drop(&mut self) {
+        if let Err(e) = self.wiring.set_slot(self.slot, 0, 0, 0) {
+            log::warn!("vfio-pci: deleting memory slot {}: {e}", self.slot);
+        }
+        self.wiring.release_slot(self.slot);
+        // SAFETY: `host` and `len` are the mapping made in `map_into_slot`, no longer in any
+        // memory slot.
+        unsafe { libc::munmap(self.host, self.len) };
+    }
+}
+
+/// Where a BAR is placed in the guest.
+enum Placement {
+    Slot(MappedBar),
+    Trap,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BarKind {
+    Absent,
+    Memory {
+        bits64: bool,
+        prefetch: bool,
+    },
+    /// The upper half of the 64-bit BAR before it.
+    Upper,
+}
+
+struct Bar {
+    kind: BarKind,
+    size: u64,
+    address: u64,
+    placed: Option<(u64, Placement)>,
+}
+
+impl Bar {
+    fn low_register(&self) -> u32 {
+        match self.kind {
+            BarKind::Memory { bits64, prefetch } => {
+                let mask = !(self.size - 1) as u32 & !0xf;
+                (self.address as u32 & mask) | (u32::from(bits64) << 2) | (u32::from(prefetch) << 3)
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// The guest's MSI capability, held here rather than in the device.
+struct Msi {
+    offset: usize,
+    bits64: bool,
+    evt: EventFd,
+    gsi: Option<u32>,
+}
+
+impl Msi {
+    fn data_offset(&self) -> usize {
+        self.offset + if self.bits64 { 0xc } else { 0x8 }
+    }
+
+    fn len(&self) -> usize {
+        self.data_offset() + 2 - self.offset
+    }
+}
+
+/// A host function behind a root port.
+pub struct VfioPciCard {
+    host: String,
+    file: Arc<DeviceFile>,
+    shadow: [u8; CONFIG_LEN],
+    bars: [Bar; 6],
+    memory_enabled: bool,
+    msi: Option<Msi>,
+    routes: Arc<MsiRoutes>,
+    wiring: Arc<PassthroughWiring>,
+    _dma: DmaMappings,
+}
+
+impl std::fmt::Debug for VfioPciCard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioPciCard")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioPciCard {
+    /// A card for host function `host`, opened by the launcher as `handle`; all of `memory`
+    /// is mapped for its DMA, its MSIs go through `routes` and its BARs through `wiring`.
+    pub fn new(
+        host: &str,
+        handle: VfioHandle,
+        memory: &GuestMemoryMmap,
+        routes: Arc<MsiRoutes>,
+        wiring: Arc<PassthroughWiring>,
+    ) -> Result<Self, VfioCardError> {
+        let file = Arc::new(DeviceFile {
+            file: handle.device.into(),
+            regions: handle.regions,
+        });
+        let config = file
+            .region(VFIO_PCI_CONFIG_REGION_INDEX)
+            .ok_or(VfioCardError::NoConfigSpace)?;
+        let mut shadow = [0u8; CONFIG_LEN];
+        let len = CONFIG_LEN.min(config.size as usize);
+        file.file
+            .read_exact_at(&mut shadow[..len], config.offset)
+            .map_err(VfioCardError::ReadConfig)?;
+        let header = shadow[HEADER_TYPE];
+        if header & 0x7f != 0 {
+            return Err(VfioCardError::NotEndpoint(header));
+        }
+        // One function is passed through, whatever the host device has beside it.
+        shadow[HEADER_TYPE] = 0;
+        let bars = discover_bars(&file, &shadow);
+        let msi = unlink_capabilities(&mut shadow, host)
+            .map(|(offset, control)| {
+                EventFd::new(libc::EFD_NONBLOCK).map(|evt| Msi {
+                    offset,
+                    bits64: control & MSI_64BIT != 0,
+                    evt,
+                    gsi: None,
+                })
+            })
+            .transpose()
+            .map_err(VfioCardError::ReadConfig)?;
+        if msi.is_none() {
+            log::warn!("vfio-pci {host}: the function has no MSI: the guest gets no interrupts");
+        }
+        let dma = DmaMappings::map(handle.container, memory)?;
+        Ok(VfioPciCard {
+            host: host.to_string(),
+            file,
+            shadow,
+            bars,
+            memory_enabled: false,
+            msi,
+            routes,
+            wiring,
+            _dma: dma,
+        })
+    }
+
+    fn live_config(&self, offset: u16, data: &mut [u8]) {
+        self.file
+            .read(VFIO_PCI_CONFIG_REGION_INDEX, u64::from(offset), data);
+    }
+
+    /// The 32-bit register at dword-aligned `at`, as the guest sees it.
+    fn register(&self, at: u16) -> u32 {
+        let at_usize = usize::from(at);
+        let shadow = || {
+            u32::from_le_bytes([
+                self.shadow[at_usize],
+                self.shadow[at_usize + 1],
+                self.shadow[at_usize + 2],
+                self.shadow[at_usize + 3],
+            ])
+        };
+        match at {
+            COMMAND => {
+                let mut live = [0u8; 4];
+                self.live_config(COMMAND, &mut live);
+                u32::from_le_bytes(live)
+            }
+            BAR0..BAR_END => {
+                let index = usize::from((at - BAR0) / 4);
+                match self.bars[index].kind {
+                    BarKind::Upper => {
+                        (self.bars[index - 1].address >> 32) as u32 & self.upper_mask(index - 1)
+                    }
+                    _ => self.bars[index].low_register(),
+                }
+            }
+            ROM => 0,
+            INTERRUPT_LINE => {
+                let mut value = shadow();
+                // No INTx pin: the function interrupts with MSI only.
+                value &= !(0xff << ((INTERRUPT_PIN - INTERRUPT_LINE) * 8));
+                value
+            }
+            _ => shadow(),
+        }
+    }
+
+    fn upper_mask(&self, index: usize) -> u32 {
+        (!(self.bars[index].size - 1) >> 32) as u32
+    }
+
+    fn write_register(&mut self, at: u16, old: u32, new: u32) {
+        match at {
+            COMMAND => {
+                let command = (new as u16 & COMMAND_WRITABLE) | (old as u16 & !COMMAND_WRITABLE);
+                self.file.write(
+                    VFIO_PCI_CONFIG_REGION_INDEX,
+                    u64::from(COMMAND),
+                    &command.to_le_bytes(),
+                );
+                // Status bits are write-1-to-clear on the device itself.
+                let status = (new >> 16) as u16;
+                if status != 0 {
+                    self.file.write(
+                        VFIO_PCI_CONFIG_REGION_INDEX,
+                        u64::from(STATUS),
+                        &status.to_le_bytes(),
+                    );
+                }
+                let memory = command & COMMAND_MEMORY != 0;
+                if memory != self.memory_enabled {
+                    self.memory_enabled = memory;
+                    self.place_bars();
+                }
+            }
+            BAR0..BAR_END => {
+                let index = usize::from((at - BAR0) / 4);
+                match self.bars[index].kind {
+                    BarKind::Absent => return,
+                    BarKind::Upper => {
+                        let mask = self.upper_mask(index - 1);
+                        let bar = &mut self.bars[index - 1];
+                        bar.address = (bar.address & 0xffff_ffff) | (u64::from(new & mask) << 32);
+                    }
+                    BarKind::Memory { .. } => {
+                        let bar = &mut self.bars[index];
+                        let mask = !(bar.size - 1) as u32 & !0xf;
+                        bar.address = (bar.address & !0xffff_ffff) | u64::from(new & mask);
+                    }
+                }
+                if self.memory_enabled {
+                    self.place_bars();
+                }
+            }
+            INTERRUPT_LINE => self.shadow[usize::from(INTERRUPT_LINE)] = new as u8,
+            _ => {}
+        }
+    }
+
+    /// Places every memory BAR where the guest put it while memory decoding is on, and takes
+    /// them all out of the guest while it is off.
+    fn place_bars(&mut self) {
+        for index in 0..self.bars.len() {
+            let BarKind::Memory { .. } = self.bars[index].kind else {
+                continue;
+            };
+            let bar = &self.bars[index];
+            let wanted = (self.memory_enabled && bar.address != 0).then_some(bar.address);
+            if bar.placed.as_ref().map(|(base, _)| *base) == wanted {
+                continue;
+            }
+            self.unplace(index);
+            if let Some(base) = wanted {
+                self.place(index, base);
+            }
+        }
+    }
+
+    fn unplace(&mut self, index: usize) {
+        match self.bars[index].placed.take() {
+            Some((base, Placement::Trap)) => {
+                if let Err(e) = self.wiring.mmio.remove(base) {
+                    log::warn!("vfio-pci {}: BAR {index} at {base:#x}: {e}", self.host);
+                }
+            }
+            Some((_, Placement::Slot(mapped))) => drop(mapped),
+            None => {}
+        }
+    }
+
+    fn place(&mut self, index: usize, base: u64) {
+        let size = self.bars[index].size;
+        if let Some(mapped) = self.map_into_slot(index, base, size) {
+            self.bars[index].placed = Some((base, Placement::Slot(mapped)));
+            return;
+        }
+        let trapped = Arc::new(TrappedBar {
+            file: self.file.clone(),
+            index: index as u32,
+        });
+        match self.wiring.mmio.insert(base, size, trapped) {
+            Ok(()) => self.bars[index].placed = Some((base, Placement::Trap)),
+            Err(e) => log::warn!(
+                "vfio-pci {}: BAR {index} cannot be placed at {base:#x}: {e}",
+                self.host
+            ),
+        }
+    }
+
+    /// Maps BAR `index` from the device file and makes it a memory slot at `base`, when VFIO
+    /// allows the mapping and KVM takes the slot.
+    fn map_into_slot(&self, index: usize, base: u64, size: u64) -> Option<MappedBar> {
+        let region = self.file.region(index as u32)?;
+        let page = 4096;
+        if region.flags & VFIO_REGION_INFO_FLAG_MMAP == 0
+            || size < page
+            || !base.is_multiple_of(page)
+        {
+            return None;
+        }
+        let len = usize::try_from(size).ok()?;
+        let offset = libc::off_t::try_from(region.offset).ok()?;
+        // SAFETY: a new shared mapping of the device file at a kernel-chosen address; nothing
+        // else is affected. The result is checked below.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.file.file.as_raw_fd(),
+                offset,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            log::info!(
+                "vfio-pci {}: BAR {index} is trapped (mmap: {})",
+                self.host,
+                io::Error::last_os_error()
+            );
+            return None;
+        }
+        let unmap = || {
+            // SAFETY: the mapping just made, in no memory slot.
+            unsafe { libc::munmap(host, len) };
+        };
+        let Some(slot) = self.wiring.allocate_slot() else {
+            unmap();
+            return None;
+        };
+        if let Err(e) = self.wiring.set_slot(slot, base, size, host as u64) {
+            log::info!(
+                "vfio-pci {}: BAR {index} is trapped (memory slot: {e})",
+                self.host
+            );
+            self.wiring.release_slot(slot);
+            unmap();
+            return None;
+        }
+        Some(MappedBar {
+            wiring: self.wiring.clone(),
+            slot,
+            host,
+            len,
+        })
+    }
+
+    fn msi_read(&self, at: usize) -> Option<u8> {
+        let msi = self.msi.as_ref()?;
+        (msi.offset..msi.offset + msi.len())
+            .contains(&at)
+            .then(|| self.shadow[at])
+    }
+
+    /// A write of `data` at `offset`, inside the MSI capability: the message and the enable
+    /// bit are taken, then the route, irqfd and device follow.
+    fn msi_write(&mut self, offset: usize, data: &[u8]) -> bool {
+        let Some(msi) = self.msi.as_ref() else {
+            return false;
+        };
+        let (start, end) = (msi.offset, msi.offset + msi.len());
+        if offset + data.len() <= start || offset >= end {
+            return false;
+        }
+        let control = msi.offset + 2;
+        let address = msi.offset + 4;
+        let data_at = msi.data_offset();
+        for (i, &byte) in data.iter().enumerate() {
+            let at = offset + i;
+            let mask = match at {
+                a if a == control => MSI_ENABLE as u8,
+                a if a == address => 0xfc,
+                a if (address + 1..data_at + 2).contains(&a) => 0xff,
+                _ => 0,
+            };
+            if (start..end).contains(&at) {
+                self.shadow[at] = (self.shadow[at] & !mask) | (byte & mask);
+            }
+        }
+        self.sync_msi();
+        true
+    }
+
+    fn msi_message(&self, msi: &Msi) -> (bool, u64, u32) {
+        let u16_at = |at: usize| u16::from_le_bytes([self.shadow[at], self.shadow[at + 1]]);
+        let u32_at = |at: usize| u32::from(u16_at(at)) | (u32::from(u16_at(at + 2)) << 16);
+        let enabled = u16_at(msi.offset + 2) & MSI_ENABLE != 0;
+        let high = if msi.bits64 {
+            u32_at(msi.offset + 8)
+        } else {
+            0
+        };
+        let address = (u64::from(high) << 32) | u64::from(u32_at(msi.offset + 4));
+        (enabled, address, u32::from(u16_at(msi.data_offset())))
+    }
+
+    fn sync_msi(&mut self) {
+        let Some(msi) = self.msi.as_ref() else {
+            return;
+        };
+        let (enabled, address, data) = self.msi_message(msi);
+        let host = &self.host;
+        let msi = self.msi.as_mut().expect("checked above");
+        match (enabled, msi.gsi) {
+            (true, Some(gsi)) => {
+                if let Err(e) = self.routes.set(gsi, Some((address, data))) {
+                    log::warn!("vfio-pci {host}: MSI: {e}");
+                }
+            }
+            (true, None) => {
+                let Some(gsi) = self.routes.allocate() else {
+                    log::warn!("vfio-pci {host}: MSI: no GSI left");
+                    return;
+                };
+                let started = self
+                    .routes
+                    .set(gsi, Some((address, data)))
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        self.routes
+                            .assign_irqfd(&msi.evt, gsi)
+                            .map_err(|e| e.to_string())
+                    })
+                    .and_then(|()| self.file.set_msi(Some(&msi.evt)).map_err(|e| e.to_string()));
+                match started {
+                    Ok(()) => msi.gsi = Some(gsi),
+                    Err(e) => {
+                        log::warn!("vfio-pci {host}: enabling MSI: {e}");
+                        let _ = self.routes.deassign_irqfd(&msi.evt, gsi);
+                        let _ = self.routes.release(gsi);
+                    }
+                }
+            }
+            (false, Some(_)) => stop_msi(&self.file, &self.routes, msi, host),
+            (false, None) => {}
+        }
+    }
+}
+
+/// Stops the function's MSI and frees its GSI.
+fn stop_msi(file: &DeviceFile, routes: &MsiRoutes, msi: &mut Msi, host: &str) {
+    let Some(gsi) = msi.gsi.take() else {
+        return;
+    };
+    if let Err(e) = file.set_msi(None) {
+        log::warn!("vfio-pci {host}: disabling MSI: {e}");
+    }
+    if let Err(e) = routes.deassign_irqfd(&msi.evt, gsi) {
+        log::warn!("vfio-pci {host}: {e}");
+    }
+    if let Err(e) = routes.release(gsi) {
+        log::warn!("vfio-pci {host}: {e}");
+    }
+}
+
+/// The function's BARs: VFIO gives their sizes, the device's own registers their types.
+fn discover_bars(file: &DeviceFile, shadow: &[u8; CONFIG_LEN]) -> [Bar; 6] {
+    let mut bars: [Bar; 6] = std::array::from_fn(|_| Bar {
+        kind: BarKind::Absent,
+        size: 0,
+        address: 0,
+        placed: None,
+    });
+    let mut index = 0;
+    while index < bars.len() {
+        let at = usize::from(BAR0) + index * 4;
+        let register =
+            u32::from_le_bytes([shadow[at], shadow[at + 1], shadow[at + 2], shadow[at + 3]]);
+        let size = file.region(index as u32).map_or(0, |r| r.size);
+        if size == 0 {
+            index += 1;
+            continue;
+        }
+        if register & 1 != 0 {
+            log::warn!("vfio-pci: BAR {index} is port I/O, which is not passed through");
+            index += 1;
+            continue;
+        }
+        if !size.is_power_of_two() {
+            log::warn!("vfio-pci: BAR {index} has a size ({size:#x}) that is not a power of two");
+            index += 1;
+            continue;
+        }
+        let bits64 = (register >> 1) & 3 == 2 && index + 1 < bars.len();
+        bars[index].kind = BarKind::Memory {
+            bits64,
+            prefetch: register & 8 != 0,
+        };
+        bars[index].size = size.max(16);
+        if bits64 {
+            bars[index + 1].kind = BarKind::Upper;
+            index += 2;
+        } else {
+            index += 1;
+        }
+    }
+    bars
+}
+
+/// Follows the capability list in `shadow`, unlinking capabilities Citadel does not offer
+/// (MSI-X), and presents MSI as one vector without masking. Returns the MSI capability's
+/// offset and message control as the device has it.
+fn unlink_capabilities(shadow: &mut [u8; CONFIG_LEN], host: &str) -> Option<(usize, u16)> {
+    let mut kept = Vec::new();
+    let mut msi = None;
+    let mut next = usize::from(shadow[CAPABILITIES] & 0xfc);
+    let mut seen = 0;
+    while next >= 0x40 && next + 1 < CONFIG_LEN && seen < MAX_CAPABILITIES {
+        seen += 1;
+        let id = shadow[next];
+        match id {
+            CAP_MSIX => {
+                log::warn!("vfio-pci {host}: MSI-X is not passed through; the guest sees MSI only")
+            }
+            CAP_MSI if msi.is_none() && next + 14 <= CONFIG_LEN => {
+                let control = u16::from_le_bytes([shadow[next + 2], shadow[next + 3]]);
+                msi = Some((next, control));
+                kept.push(next);
+            }
+            _ => kept.push(next),
+        }
+        next = usize::from(shadow[next + 1] & 0xfc);
+    }
+    shadow[CAPABILITIES] = kept.first().map_or(0, |&first| first as u8);
+    for (i, &at) in kept.iter().enumerate() {
+        shadow[at + 1] = kept.get(i + 1).map_or(0, |&n| n as u8);
+    }
+    if let Some((at, control)) = msi {
+        // One vector, no per-vector masking, disabled; the 64-bit flag as the device has it.
+        let shown = control & MSI_64BIT;
+        shadow[at + 2..at + 4].copy_from_slice(&shown.to_le_bytes());
+    }
+    msi
+}
+
+impl Function for VfioPciCard {
+    fn read(&self, offset: u16, data: &mut [u8]) {
+        if usize::from(offset) + data.len() > CONFIG_LEN {
+            data.fill(0);
+            return;
+        }
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u16;
+            *byte = match self.msi_read(usize::from(at)) {
+                Some(value) => value,
+                None => (self.register(at & !3) >> ((at & 3) * 8)) as u8,
+            };
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if usize::from(offset) + data.len() > CONFIG_LEN || data.is_empty() {
+            return;
+        }
+        if self.msi_write(usize::from(offset), data) {
+            return;
+        }
+        let at = offset & !3;
+        let shift = (offset & 3) * 8;
+        if usize::from(offset & 3) + data.len() > 4 {
+            return;
+        }
+        let old = self.register(at);
+        let mut bytes = old.to_le_bytes();
+        let start = usize::from(offset & 3);
+        bytes[start..start + data.len()].copy_from_slice(data);
+        let mut new = u32::from_le_bytes(bytes);
+        if at == COMMAND && shift < 16 && data.len() + start <= 2 {
+            // A write of the command register alone clears no status bit.
+            new &= 0xffff;
+        }
+        self.write_register(at, old, new);
+    }
+
+    fn multifunction(&self) -> bool {
+        false
+    }
+
+    fn reset(&mut self) {
+        if let Some(msi) = self.msi.as_mut() {
+            stop_msi(&self.file, &self.routes, msi, &self.host);
+            let control = msi.offset + 2;
+            self.shadow[control] &= !(MSI_ENABLE as u8);
+        }
+        self.memory_enabled = false;
+        for index in 0..self.bars.len() {
+            self.unplace(index);
+            self.bars[index].address = 0;
+        }
+        self.file.reset();
+        self.file.write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            u64::from(COMMAND),
+            &0u16.to_le_bytes(),
+        );
+    }
+}
+
+impl Drop for VfioPciCard {
+    fn drop(&mut self) {
+        if let Some(msi) = self.msi.as_mut() {
+            stop_msi(&self.file, &self.routes, msi, &self.host);
+        }
+        for index in 0..self.bars.len() {
+            self.unplace(index);
+        }
+    }
+}

@@ -85,8 +85,9 @@ pub struct Config {
 }
 
 /// `-device virtio-blk-pci,drive=ID,bus=PORT[,addr=0x0][,id=NAME]` or
-/// `-device virtio-net-pci,netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]`: a card plugged
-/// into root port PORT before the guest starts, as `device_add` would.
+/// `-device virtio-net-pci,netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]` or
+/// `-device vfio-pci,host=ADDRESS,bus=PORT[,addr=0x0][,id=NAME]`: a card plugged into root
+/// port PORT before the guest starts, as `device_add` would.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciDeviceConfig {
     /// The device model.
@@ -101,6 +102,8 @@ pub struct PciDeviceConfig {
     pub netdev: Option<String>,
     /// A NIC's `mac=`.
     pub mac: Option<[u8; 6]>,
+    /// The host PCI function a `vfio-pci` card passes through.
+    pub host: Option<String>,
 }
 
 /// The machine types Citadel builds.
@@ -634,7 +637,10 @@ where
                     blk_devices.push(parse_blk_device(&v)?);
                 } else if split_options(&v).0 == "virtio-net-device" {
                     nic_devices.push(parse_nic_device(&v)?);
-                } else if matches!(split_options(&v).0, "virtio-blk-pci" | "virtio-net-pci") {
+                } else if matches!(
+                    split_options(&v).0,
+                    "virtio-blk-pci" | "virtio-net-pci" | "vfio-pci"
+                ) {
                     pci_devices.push(parse_pci_device(&v)?);
                 } else if split_options(&v).0 == "pcie-root-port" {
                     let port = parse_root_port(&v)?;
@@ -1024,13 +1030,17 @@ fn parse_root_port(v: &str) -> Result<RootPortSpec, CliError> {
     })
 }
 
-/// `virtio-blk-pci,drive=ID,bus=PORT[,addr=0x0][,id=NAME]` or
-/// `virtio-net-pci,netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]`.
+/// `virtio-blk-pci,drive=ID,bus=PORT[,addr=0x0][,id=NAME]`,
+/// `virtio-net-pci,netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]` or
+/// `vfio-pci,host=ADDRESS,bus=PORT[,addr=0x0][,id=NAME]`.
 fn parse_pci_device(v: &str) -> Result<PciDeviceConfig, CliError> {
     let (driver, opts) = split_options(v);
     let nic = driver == "virtio-net-pci";
+    let vfio = driver == "vfio-pci";
     let expected = if nic {
         "netdev=ID,bus=PORT[,addr=0x0][,id=NAME][,mac=MAC]"
+    } else if vfio {
+        "host=ADDRESS,bus=PORT[,addr=0x0][,id=NAME]"
     } else {
         "drive=ID,bus=PORT[,addr=0x0][,id=NAME]"
     };
@@ -1039,7 +1049,16 @@ fn parse_pci_device(v: &str) -> Result<PciDeviceConfig, CliError> {
         match (key, val) {
             ("id", Some(i)) if !i.is_empty() => id = Some(i.to_string()),
             ("bus", Some(b)) if !b.is_empty() => bus = Some(b.to_string()),
-            ("drive", Some(d)) if !nic && !d.is_empty() => backend = Some(d.to_string()),
+            ("drive", Some(d)) if !nic && !vfio && !d.is_empty() => backend = Some(d.to_string()),
+            ("host", Some(h)) if vfio => {
+                backend = Some(citadel_pci::address::host_function(h).ok_or_else(|| {
+                    invalid(
+                        "-device",
+                        v,
+                        "host= expects a PCI address such as 0000:00:01.0",
+                    )
+                })?)
+            }
             ("netdev", Some(n)) if nic && !n.is_empty() => backend = Some(n.to_string()),
             ("addr", Some(a)) => {
                 if parse_pci_addr(a) != Some((0, 0)) {
@@ -1073,9 +1092,10 @@ fn parse_pci_device(v: &str) -> Result<PciDeviceConfig, CliError> {
         driver: driver.to_string(),
         id: id.unwrap_or_else(|| backend.clone()),
         bus: bus.ok_or_else(|| invalid("-device", v, "no bus= (a pcie-root-port's id)"))?,
-        drive: (!nic).then(|| backend.clone()),
-        netdev: nic.then_some(backend),
+        drive: (!nic && !vfio).then(|| backend.clone()),
+        netdev: nic.then(|| backend.clone()),
         mac,
+        host: vfio.then_some(backend),
     })
 }
 
@@ -1865,6 +1885,7 @@ mod tests {
                     drive: Some("d0".into()),
                     netdev: None,
                     mac: None,
+                    host: None,
                 },
                 PciDeviceConfig {
                     driver: "virtio-net-pci".into(),
@@ -1873,6 +1894,7 @@ mod tests {
                     drive: None,
                     netdev: Some("n0".into()),
                     mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                    host: None,
                 },
             ]
         );
@@ -1905,6 +1927,36 @@ mod tests {
             "virtio-blk-pci,drive=d0,id=b,bus=pcie.1",
         ];
         assert!(q35(&twice).contains("already holds a device"));
+        assert!(q35(&["-device", "vfio-pci,host=0000:00:1f.8,bus=pcie.1"])
+            .contains("host= expects a PCI address"));
+        assert!(q35(&["-device", "vfio-pci,host=00:03.0,bus=pcie.1,drive=d0"]).contains("'drive'"));
+    }
+
+    #[test]
+    fn q35_takes_a_host_function_for_a_root_port() {
+        let config = parse([
+            "-machine",
+            "q35",
+            "-kernel",
+            "/k",
+            "-device",
+            "pcie-root-port,id=pcie.1,port=1,bus=pcie.0,addr=1",
+            "-device",
+            "vfio-pci,host=00:03.0,bus=pcie.1,addr=0x0",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.pci_devices,
+            vec![PciDeviceConfig {
+                driver: "vfio-pci".into(),
+                id: "0000:00:03.0".into(),
+                bus: "pcie.1".into(),
+                drive: None,
+                netdev: None,
+                mac: None,
+                host: Some("0000:00:03.0".into()),
+            }]
+        );
     }
 
     #[test]

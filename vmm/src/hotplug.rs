@@ -413,7 +413,7 @@ impl Hotplug {
                 mac: card.mac,
                 chardev: None,
                 bus: Some(card.bus.clone()),
-                host: None,
+                host: card.host.clone(),
             };
             self.device_add(devices, &add)
                 .map_err(|e| ColdPlugError::PciDevice {
@@ -792,6 +792,14 @@ impl Hotplug {
                 Err(QmpError::generic(why))
             }
         }
+    }
+
+    /// Whether a host PCI function is passed through (a `vfio-pci` card is plugged or on its
+    /// way out).
+    pub fn passes_through(&self) -> bool {
+        self.pci_cards
+            .values()
+            .any(|card| matches!(card.backend, PciBackend::Host(_)))
     }
 
     /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC

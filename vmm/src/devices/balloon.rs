@@ -446,6 +446,11 @@ impl BalloonHandle {
         self.transport.update_config(|b| b.num_pages = pages)
     }
 
+    /// The guest's RAM, which the balloon's target is taken from.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram_bytes
+    }
+
     /// The guest's memory size: its RAM less the pages its driver says the balloon holds.
     pub fn actual_bytes(&self) -> u64 {
         let pages = self.transport.with_device(|b| b.actual);

@@ -319,22 +319,6 @@ impl Drop for DmaMappings {
     }
 }
 
-/// A BAR region trapped: every access is an exit forwarded to the device file.
-struct TrappedBar {
-    file: Arc<DeviceFile>,
-    index: u32,
-}
-
-impl MmioDevice for TrappedBar {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.file.read(self.index, offset, data);
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.file.write(self.index, offset, data);
-    }
-}
-
 /// A BAR region mapped from the device file into a KVM memory slot.
 struct MappedBar {
     wiring: Arc<PassthroughWiring>,
@@ -352,16 +336,222 @@ impl Drop for MappedBar {
             log::warn!("vfio-pci: deleting memory slot {}: {e}", self.slot);
         }
         self.wiring.release_slot(self.slot);
-        // SAFETY: `host` and `len` are the mapping made in `map_into_slot`, no longer in any
-        // memory slot.
+        // SAFETY: `host` and `len` are the mapping made in `PlacedBar::promote`, in no memory
+        // slot any more.
         unsafe { libc::munmap(self.host, self.len) };
     }
 }
 
-/// Where a BAR is placed in the guest.
-enum Placement {
-    Slot(MappedBar),
-    Trap,
+/// What a placed BAR is now.
+enum BarState {
+    /// On the MMIO bus: accesses exit and are forwarded. `promotable` until the first one.
+    Trapped { promotable: bool },
+    /// A memory slot, deleted when this state is left: accesses reach the device without an
+    /// exit.
+    Mapped { _slot: MappedBar },
+    /// Taken out of the guest; a late access (begun before) is still forwarded.
+    Retired,
+}
+
+/// A memory BAR where the guest placed it.
+///
+/// It starts trapped. The first access maps the region from the device file (when VFIO allows
+/// it), makes that access through the mapping, which faults the mapping in from the VMM's own
+/// context, and turns the BAR into a memory slot, so that every later access reaches the
+/// device directly. Faulting the mapping in from KVM's page-fault path instead, on a region
+/// never touched, has hung the host kernel in the nested lab; and the guest's own first access
+/// is the only one the device sees (nothing is read to prefault it).
+struct PlacedBar {
+    file: Arc<DeviceFile>,
+    wiring: Arc<PassthroughWiring>,
+    index: u32,
+    base: u64,
+    size: u64,
+    state: Mutex<BarState>,
+}
+
+impl PlacedBar {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BarState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps the region and makes it a memory slot at the BAR's base, doing `first` through
+    /// the mapping in between. `None` (and `first` not done) when VFIO does not allow the
+    /// mapping; `Some(None)` when `first` was done but the slot could not be made.
+    fn promote(&self, first: impl FnOnce(*mut u8)) -> Option<Option<MappedBar>> {
+        let region = self.file.region(self.index)?;
+        let page = 4096;
+        if region.flags & VFIO_REGION_INFO_FLAG_MMAP == 0
+            || self.size < page
+            || !self.base.is_multiple_of(page)
+        {
+            return None;
+        }
+        let len = usize::try_from(self.size).ok()?;
+        let offset = libc::off_t::try_from(region.offset).ok()?;
+        // SAFETY: a new shared mapping of the device file at a kernel-chosen address; nothing
+        // else is affected. The result is checked below.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.file.file.as_raw_fd(),
+                offset,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            log::info!(
+                "vfio-pci: BAR {} stays trapped (mmap: {})",
+                self.index,
+                io::Error::last_os_error()
+            );
+            return None;
+        }
+        first(host.cast());
+        let unmap = || {
+            // SAFETY: the mapping just made, in no memory slot.
+            unsafe { libc::munmap(host, len) };
+        };
+        let Some(slot) = self.wiring.allocate_slot() else {
+            unmap();
+            return Some(None);
+        };
+        if let Err(e) = self
+            .wiring
+            .set_slot(slot, self.base, self.size, host as u64)
+        {
+            log::info!(
+                "vfio-pci: BAR {} stays trapped (memory slot: {e})",
+                self.index
+            );
+            self.wiring.release_slot(slot);
+            unmap();
+            return Some(None);
+        }
+        Some(Some(MappedBar {
+            wiring: self.wiring.clone(),
+            slot,
+            host,
+            len,
+        }))
+    }
+
+    /// Handles one guest access at `offset`: the first one promotes the BAR (see above),
+    /// the others, while trapped, go to the device file.
+    fn access(&self, offset: u64, through_mapping: impl FnOnce(*mut u8), forward: impl FnOnce()) {
+        let mut state = self.lock();
+        if let BarState::Trapped { promotable: true } = *state {
+            *state = BarState::Trapped { promotable: false };
+            let promoted = self.promote(|mapping| {
+                // SAFETY: the bus only dispatches accesses inside the BAR, which the mapping
+                // covers whole.
+                through_mapping(unsafe { mapping.add(offset as usize) })
+            });
+            match promoted {
+                Some(Some(mapped)) => {
+                    if let Err(e) = self.wiring.mmio.remove(self.base) {
+                        log::warn!("vfio-pci: BAR {} at {:#x}: {e}", self.index, self.base);
+                    }
+                    log::info!(
+                        "vfio-pci: BAR {} at {:#x} mapped into the guest (memory slot {})",
+                        self.index,
+                        self.base,
+                        mapped.slot
+                    );
+                    *state = BarState::Mapped { _slot: mapped };
+                    return;
+                }
+                Some(None) => return,
+                None => {}
+            }
+        }
+        drop(state);
+        forward();
+    }
+
+    /// Takes the BAR out of the guest.
+    fn retire(&self) {
+        let mut state = self.lock();
+        if let BarState::Trapped { .. } = *state {
+            if let Err(e) = self.wiring.mmio.remove(self.base) {
+                log::warn!("vfio-pci: BAR {} at {:#x}: {e}", self.index, self.base);
+            }
+        }
+        *state = BarState::Retired;
+    }
+}
+
+impl MmioDevice for PlacedBar {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut done = None;
+        self.access(
+            offset,
+            |at| done = Some(volatile_read(at, data.len())),
+            || {},
+        );
+        match done {
+            Some(bytes) => data.copy_from_slice(&bytes[..data.len()]),
+            None => self.file.read(self.index, offset, data),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.access(
+            offset,
+            |at| volatile_write(at, data),
+            || self.file.write(self.index, offset, data),
+        );
+    }
+}
+
+/// Reads `len` (at most 8) bytes of device memory at `at` with one access of that width.
+fn volatile_read(at: *mut u8, len: usize) -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    // SAFETY (all arms): `at..at + len` lies inside a live mapping of the BAR (see
+    // `PlacedBar::access`); device registers are read with the guest's own width.
+    unsafe {
+        match len {
+            1 => bytes[0] = std::ptr::read_volatile(at),
+            2 => {
+                bytes[..2].copy_from_slice(&std::ptr::read_volatile(at.cast::<u16>()).to_le_bytes())
+            }
+            4 => {
+                bytes[..4].copy_from_slice(&std::ptr::read_volatile(at.cast::<u32>()).to_le_bytes())
+            }
+            8 => bytes.copy_from_slice(&std::ptr::read_volatile(at.cast::<u64>()).to_le_bytes()),
+            _ => {
+                for (i, byte) in bytes.iter_mut().take(len.min(8)).enumerate() {
+                    *byte = std::ptr::read_volatile(at.add(i));
+                }
+            }
+        }
+    }
+    bytes
+}
+
+/// Writes `data` (at most 8 bytes) to device memory at `at` with one access of its width.
+fn volatile_write(at: *mut u8, data: &[u8]) {
+    // SAFETY (all arms): as in `volatile_read`.
+    unsafe {
+        match *data {
+            [b] => std::ptr::write_volatile(at, b),
+            [a, b] => std::ptr::write_volatile(at.cast::<u16>(), u16::from_le_bytes([a, b])),
+            [a, b, c, d] => {
+                std::ptr::write_volatile(at.cast::<u32>(), u32::from_le_bytes([a, b, c, d]))
+            }
+            [a, b, c, d, e, f, g, h] => std::ptr::write_volatile(
+                at.cast::<u64>(),
+                u64::from_le_bytes([a, b, c, d, e, f, g, h]),
+            ),
+            _ => {
+                for (i, &byte) in data.iter().take(8).enumerate() {
+                    std::ptr::write_volatile(at.add(i), byte);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -379,7 +569,7 @@ struct Bar {
     kind: BarKind,
     size: u64,
     address: u64,
-    placed: Option<(u64, Placement)>,
+    placed: Option<Arc<PlacedBar>>,
 }
 
 impl Bar {
@@ -593,7 +783,7 @@ impl VfioPciCard {
             };
             let bar = &self.bars[index];
             let wanted = (self.memory_enabled && bar.address != 0).then_some(bar.address);
-            if bar.placed.as_ref().map(|(base, _)| *base) == wanted {
+            if bar.placed.as_ref().map(|p| p.base) == wanted {
                 continue;
             }
             self.unplace(index);
@@ -604,92 +794,27 @@ impl VfioPciCard {
     }
 
     fn unplace(&mut self, index: usize) {
-        match self.bars[index].placed.take() {
-            Some((base, Placement::Trap)) => {
-                if let Err(e) = self.wiring.mmio.remove(base) {
-                    log::warn!("vfio-pci {}: BAR {index} at {base:#x}: {e}", self.host);
-                }
-            }
-            Some((_, Placement::Slot(mapped))) => drop(mapped),
-            None => {}
+        if let Some(placed) = self.bars[index].placed.take() {
+            placed.retire();
         }
     }
 
     fn place(&mut self, index: usize, base: u64) {
-        let size = self.bars[index].size;
-        if let Some(mapped) = self.map_into_slot(index, base, size) {
-            self.bars[index].placed = Some((base, Placement::Slot(mapped)));
-            return;
-        }
-        let trapped = Arc::new(TrappedBar {
+        let placed = Arc::new(PlacedBar {
             file: self.file.clone(),
+            wiring: self.wiring.clone(),
             index: index as u32,
+            base,
+            size: self.bars[index].size,
+            state: Mutex::new(BarState::Trapped { promotable: true }),
         });
-        match self.wiring.mmio.insert(base, size, trapped) {
-            Ok(()) => self.bars[index].placed = Some((base, Placement::Trap)),
+        match self.wiring.mmio.insert(base, placed.size, placed.clone()) {
+            Ok(()) => self.bars[index].placed = Some(placed),
             Err(e) => log::warn!(
                 "vfio-pci {}: BAR {index} cannot be placed at {base:#x}: {e}",
                 self.host
             ),
         }
-    }
-
-    /// Maps BAR `index` from the device file and makes it a memory slot at `base`, when VFIO
-    /// allows the mapping and KVM takes the slot.
-    fn map_into_slot(&self, index: usize, base: u64, size: u64) -> Option<MappedBar> {
-        let region = self.file.region(index as u32)?;
-        let page = 4096;
-        if region.flags & VFIO_REGION_INFO_FLAG_MMAP == 0
-            || size < page
-            || !base.is_multiple_of(page)
-        {
-            return None;
-        }
-        let len = usize::try_from(size).ok()?;
-        let offset = libc::off_t::try_from(region.offset).ok()?;
-        // SAFETY: a new shared mapping of the device file at a kernel-chosen address; nothing
-        // else is affected. The result is checked below.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.file.file.as_raw_fd(),
-                offset,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            log::info!(
-                "vfio-pci {}: BAR {index} is trapped (mmap: {})",
-                self.host,
-                io::Error::last_os_error()
-            );
-            return None;
-        }
-        let unmap = || {
-            // SAFETY: the mapping just made, in no memory slot.
-            unsafe { libc::munmap(host, len) };
-        };
-        let Some(slot) = self.wiring.allocate_slot() else {
-            unmap();
-            return None;
-        };
-        if let Err(e) = self.wiring.set_slot(slot, base, size, host as u64) {
-            log::info!(
-                "vfio-pci {}: BAR {index} is trapped (memory slot: {e})",
-                self.host
-            );
-            self.wiring.release_slot(slot);
-            unmap();
-            return None;
-        }
-        Some(MappedBar {
-            wiring: self.wiring.clone(),
-            slot,
-            host,
-            len,
-        })
     }
 
     fn msi_read(&self, at: usize) -> Option<u8> {

@@ -14,7 +14,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Step};
@@ -138,9 +138,14 @@ impl VfioExposure {
             let target = Path::new(PCI_DEVICES).join(&function.address);
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o755)
                 .create(&target)
                 .map_err(mount_error("mkdir", &target))?;
+            // The jailer's umask keeps new directories private; the VMM's uid must be able to
+            // walk down to the function.
+            for dir in target.ancestors().take_while(|d| d.starts_with(sys) && *d != sys) {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(mount_error("chmod", dir))?;
+            }
             let c_target = c_path(&target)?;
             // SAFETY: move_mount of the detached tree onto a NUL-terminated path that
             // outlives the call; the empty source path names the descriptor itself.

@@ -34,7 +34,7 @@ pub enum VfioOpenError {
     #[error("Invalid host '{0}': expected a PCI address such as 0000:00:01.0")]
     Address(String),
     /// No such function on the host.
-    #[error("host {0}: no such PCI device")]
+    #[error("host {0}: no such PCI device (a jailed VM sees only those given to citadel-jailer --vfio-device)")]
     NoDevice(String),
     /// The function has another driver, or none.
     #[error("host {host} is not bound to vfio-pci (its driver: {driver})")]
@@ -179,7 +179,7 @@ mod tests {
     fn a_missing_device_is_named() {
         let mut devices = VfioDevices::default();
         let e = devices.open("0000:fe:1f.7").err().map(|e| e.to_string());
-        assert_eq!(e.as_deref(), Some("host 0000:fe:1f.7: no such PCI device"));
+        assert!(e.is_some_and(|e| e.starts_with("host 0000:fe:1f.7: no such PCI device")));
         let e = devices.open("../etc").err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.starts_with("Invalid host '../etc'")));
     }

@@ -1078,3 +1078,193 @@ impl Drop for VfioPciCard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::OwnedFd;
+
+    use vfio_bindings::bindings::vfio::{VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE};
+
+    use super::*;
+    use crate::devices::msi_routes::fake::FakeRouting;
+
+    /// Where the fake device file keeps BAR 0.
+    const BAR0_AT: u64 = 0x10000;
+
+    /// A function's configuration space as a device would have it: 1234:11e8, multi-function
+    /// header, a 4 KiB 32-bit memory BAR 0, interrupt pin A, and the capabilities power
+    /// management (0x40) → MSI, 64-bit with per-vector masking and 8 vectors (0x50) → MSI-X
+    /// (0x70) → PCI Express (0x90).
+    fn config_space() -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
+        c[6] = 0x10;
+        c[0x0b] = 0xff;
+        c[HEADER_TYPE] = 0x80;
+        c[CAPABILITIES] = 0x40;
+        c[0x3d] = 1;
+        c[0x40..0x42].copy_from_slice(&[0x01, 0x50]);
+        c[0x50..0x54].copy_from_slice(&[0x05, 0x70, 0x86, 0x01]);
+        c[0x70..0x72].copy_from_slice(&[0x11, 0x90]);
+        c[0x90..0x92].copy_from_slice(&[0x10, 0x00]);
+        c
+    }
+
+    /// A card over a plain file standing in for the VFIO device: configuration space at 0,
+    /// BAR 0 at [`BAR0_AT`], neither mmap'able, so every BAR access is forwarded to the file.
+    fn card(routing: Arc<FakeRouting>) -> Option<(VfioPciCard, File, Arc<MmioBus>)> {
+        let kvm = crate::test_kvm::kvm_or_skip("vfio_pci card")?;
+        let vm = Arc::new(kvm.create_vm().expect("a VM"));
+        let file = tempfile_with(&config_space());
+        let device: OwnedFd = file.try_clone().unwrap().into();
+        let container: OwnedFd = File::open("/dev/null").unwrap().into();
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        let handle = VfioHandle {
+            container,
+            device,
+            regions: vec![
+                VfioRegion {
+                    index: 0,
+                    flags: rw,
+                    size: 0x1000,
+                    offset: BAR0_AT,
+                },
+                VfioRegion {
+                    index: VFIO_PCI_CONFIG_REGION_INDEX,
+                    flags: rw,
+                    size: CONFIG_LEN as u64,
+                    offset: 0,
+                },
+            ],
+            msi_vectors: 1,
+            msix_vectors: 8,
+        };
+        let mmio = Arc::new(MmioBus::new());
+        let wiring = Arc::new(PassthroughWiring::new(mmio.clone(), vm));
+        let routes = Arc::new(MsiRoutes::new(routing));
+        let card = VfioPciCard::new(
+            "0000:00:01.0",
+            handle,
+            &GuestMemoryMmap::default(),
+            routes,
+            wiring,
+        )
+        .expect("a card");
+        Some((card, file, mmio))
+    }
+
+    fn tempfile_with(config: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "citadel-vfio-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.set_len(BAR0_AT + 0x1000).unwrap();
+        file.write_all_at(config, 0).unwrap();
+        file
+    }
+
+    fn read32(card: &VfioPciCard, offset: u16) -> u32 {
+        let mut data = [0; 4];
+        card.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    #[test]
+    fn the_guest_sees_one_function_with_msi_only() {
+        let Some((card, _, _)) = card(Arc::default()) else {
+            return;
+        };
+        assert_eq!(read32(&card, 0), 0x11e8_1234);
+        assert_eq!(
+            read32(&card, 0x0c) >> 16 & 0xff,
+            0,
+            "single function, type 0"
+        );
+        assert_eq!(read32(&card, 0x30), 0, "no option ROM");
+        assert_eq!(read32(&card, 0x3c) >> 8 & 0xff, 0, "no INTx pin");
+        assert_eq!(read32(&card, 0x100), 0, "no extended capabilities");
+        let mut chain = Vec::new();
+        let mut next = read32(&card, CAPABILITIES as u16) as u8;
+        while next != 0 && chain.len() < 8 {
+            let header = read32(&card, u16::from(next));
+            chain.push((next, header as u8));
+            if header as u8 == CAP_MSI {
+                assert_eq!(header >> 16, u32::from(MSI_64BIT), "one vector, no masking");
+            }
+            next = (header >> 8) as u8;
+        }
+        assert_eq!(
+            chain,
+            [(0x40, 0x01), (0x50, CAP_MSI), (0x90, 0x10)],
+            "MSI-X unlinked"
+        );
+    }
+
+    #[test]
+    fn a_bar_is_sized_placed_and_forwarded_only_while_memory_decoding_is_on() {
+        let Some((mut card, file, mmio)) = card(Arc::default()) else {
+            return;
+        };
+        card.write(0x10, &u32::MAX.to_le_bytes());
+        assert_eq!(
+            read32(&card, 0x10),
+            0xffff_f000,
+            "4 KiB, 32-bit, not prefetchable"
+        );
+        card.write(0x14, &u32::MAX.to_le_bytes());
+        assert_eq!(read32(&card, 0x14), 0, "no BAR 1");
+        card.write(0x10, &0xd000_0000u32.to_le_bytes());
+        file.write_all_at(&0xcafe_f00du32.to_le_bytes(), BAR0_AT + 8)
+            .unwrap();
+        let mut data = [0; 4];
+        assert!(!mmio.read(0xd000_0008, &mut data), "decoding is off");
+        card.write(COMMAND, &(COMMAND_MEMORY | 1).to_le_bytes());
+        let mut command = [0; 2];
+        file.read_exact_at(&mut command, u64::from(COMMAND))
+            .unwrap();
+        assert_eq!(
+            u16::from_le_bytes(command),
+            COMMAND_MEMORY,
+            "I/O decoding is never passed on"
+        );
+        assert!(mmio.read(0xd000_0008, &mut data));
+        assert_eq!(u32::from_le_bytes(data), 0xcafe_f00d);
+        assert!(mmio.write(0xd000_0010, &[1, 2, 3, 4]));
+        let mut written = [0; 4];
+        file.read_exact_at(&mut written, BAR0_AT + 0x10).unwrap();
+        assert_eq!(written, [1, 2, 3, 4]);
+        card.write(COMMAND, &0u16.to_le_bytes());
+        assert!(!mmio.read(0xd000_0008, &mut data), "taken out again");
+    }
+
+    #[test]
+    fn an_msi_the_device_refuses_leaves_no_route_or_irqfd() {
+        let routing = Arc::new(FakeRouting::default());
+        let Some((mut card, _, _)) = card(routing.clone()) else {
+            return;
+        };
+        card.write(0x54, &0xfee0_0003u32.to_le_bytes());
+        assert_eq!(
+            read32(&card, 0x54),
+            0xfee0_0000,
+            "the address is dword aligned"
+        );
+        card.write(0x5c, &0x4023u16.to_le_bytes());
+        card.write(0x52, &MSI_ENABLE.to_le_bytes());
+        // The file is no VFIO device: VFIO_DEVICE_SET_IRQS fails, and the GSI it routed is
+        // let go again.
+        assert!(routing.irqfds.lock().unwrap().is_empty());
+        assert_eq!(routing.last_table(), Some(Vec::new()));
+        assert!(card.msi.as_ref().is_some_and(|m| m.gsi.is_none()));
+    }
+}

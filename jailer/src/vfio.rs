@@ -142,7 +142,10 @@ impl VfioExposure {
                 .map_err(mount_error("mkdir", &target))?;
             // The jailer's umask keeps new directories private; the VMM's uid must be able to
             // walk down to the function.
-            for dir in target.ancestors().take_while(|d| d.starts_with(sys) && *d != sys) {
+            for dir in target
+                .ancestors()
+                .take_while(|d| d.starts_with(sys) && *d != sys)
+            {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
                     .map_err(mount_error("chmod", dir))?;
             }

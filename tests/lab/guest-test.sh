@@ -215,6 +215,54 @@ pci-hotplug)
 	dmesg | grep -iE 'pciehp|virtio|0000:01:00' | tail -n 30 | sed 's/^/guest: dmesg: /'
 	echo "guest: hotplug-errors=$(dmesg | grep -iE 'pciehp|aer|0000:01:00' | grep -ciE 'fail|error|timeout|unable|can.t')"
 	;;
+vfio-edu)
+	# L1's edu device (1234:11e8) passed through by Citadel into a PCIe root port (q35), one
+	# plug after the other (lab.rounds=N, 1 unless given): each time pciehp finds it, edu-probe
+	# drives it (registers, DMA both ways, an MSI to vector 223, which no driver here owns, so
+	# the kernel logs "No irq handler" for it when it arrives); its lines are reported as
+	# roundN-edu-KEY. Then the guest waits for the device to leave after the host's device_del.
+	rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.rounds=//p')
+	# The kernel's line for a message on a vector nobody handles, on CPU 0 (its format is
+	# "%s: %d.%u No irq handler for vector").
+	stray=' 0\.223 No irq handler for vector'
+	r=1
+	while [ $r -le "${rounds:-1}" ]; do
+		echo "guest: vfio-edu waiting $r"
+		edu=
+		i=0
+		while [ -z "$edu" ] && [ $i -lt 1200 ]; do
+			for dev in /sys/bus/pci/devices/*; do
+				[ "$(cat $dev/vendor 2>/dev/null):$(cat $dev/device 2>/dev/null)" = 0x1234:0x11e8 ] && edu=$dev
+			done
+			[ -n "$edu" ] || usleep 100000
+			i=$((i + 1))
+		done
+		echo "guest: round$r-address=${edu##*/}"
+		[ -n "$edu" ] || break
+		before=$(dmesg | grep -c "$stray")
+		edu-probe "$edu" >/tmp/edu.out 2>/tmp/edu.err
+		echo "guest: round$r-probe-rc=$?"
+		sed -n "s/^edu-\([a-z-]*\) /guest: round$r-edu-\1=/p" /tmp/edu.out
+		sed 's/^/guest: says: /' /tmp/edu.err
+		i=0
+		while [ "$(dmesg | grep -c "$stray")" -le "$before" ] && [ $i -lt 50 ]; do
+			usleep 100000
+			i=$((i + 1))
+		done
+		echo "guest: round$r-edu-msi=$([ "$(dmesg | grep -c "$stray")" -gt "$before" ] && echo seen || echo none)"
+		echo "guest: vfio-edu unplug-ready $r"
+		i=0
+		while [ -e "$edu" ] && [ $i -lt 1200 ]; do
+			usleep 100000
+			i=$((i + 1))
+		done
+		echo "guest: round$r-after=$([ -e "$edu" ] && echo present || echo gone)"
+		r=$((r + 1))
+	done
+	echo "guest: vfio-edu done"
+	dmesg | grep -iE 'pciehp|0000:01:00|No irq handler' | tail -n 30 | sed 's/^/guest: dmesg: /'
+	echo "guest: hotplug-errors=$(dmesg | grep -iE 'pciehp|aer|0000:01:00' | grep -ciE 'fail|error|timeout|unable|can.t')"
+	;;
 pci-nic)
 	# A NIC hot-plugged into a PCIe root port (q35): eth0 appears once pciehp finds the card
 	# and virtio-net binds it; the guest pings L1 over the tap, sends it 4 MiB and receives

@@ -13,8 +13,8 @@
 //!
 //! Prerequisites, all installed or cached by `scripts/setup.sh`: `qemu-system-x86_64`, the L1
 //! kernel (`scripts/lab-kernel.sh`), the guest kernel (`scripts/guest-kernel.sh`), busybox
-//! (static), gcc (the guest's `aio-randread`, built from `tests/lab/aio-randread.c` into the
-//! guest initramfs) and the workspace's binaries (`cargo build --workspace`).
+//! (static), gcc (the guest's `aio-randread` and `edu-probe`, built from `tests/lab/*.c` into
+//! the guest initramfs) and the workspace's binaries (`cargo build --workspace`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,6 +35,10 @@ const BINARIES: &[&str] = &[
     "citadel-net",
     "citadel-qmp",
 ];
+
+/// The guest's C tools (`tests/lab/NAME.c`), built into its initramfs as `/bin/NAME`:
+/// `aio-randread` for queue-depth benchmarks, `edu-probe` for the VFIO variant's `edu` device.
+const GUEST_TOOLS: &[&str] = &["aio-randread", "edu-probe"];
 
 /// Modules L1 loads, relative to `lib/modules/<release>/kernel/`.
 const MODULES: &[&str] = &[
@@ -200,12 +204,20 @@ impl Lab {
         let guest_initramfs = dir.path().join("guest-initramfs.cpio.gz");
         let lab_files = crate::workspace_root().join("tests/lab");
         let guest_script = read(&lab_files.join("guest-test.sh"))?;
-        let randread = dir.path().join("aio-randread");
-        compile_guest_tool(&lab_files.join("aio-randread.c"), &randread)?;
+        let mut tools = Vec::new();
+        for name in GUEST_TOOLS {
+            let binary = dir.path().join(name);
+            compile_guest_tool(&lab_files.join(format!("{name}.c")), &binary)?;
+            tools.push((format!("bin/{name}"), read(&binary)?));
+        }
+        let tool_files: Vec<(&str, u32, &[u8])> = tools
+            .iter()
+            .map(|(path, data)| (path.as_str(), 0o755, data.as_slice()))
+            .collect();
         initramfs_with_files(
             &guest.initramfs,
             &String::from_utf8_lossy(&guest_script),
-            &[("bin/aio-randread", 0o755, &read(&randread)?)],
+            &tool_files,
             &guest_initramfs,
         )
         .map_err(|e| failed("writing the guest initramfs", e))?;

@@ -5,7 +5,9 @@
 //! Linux, CPU templates reach the guest's own /proc/cpuinfo, and disks and NICs hot-plugged
 //! over QMP reach Linux: one disk, six at once, a read-only one, one plugged ten times over,
 //! a PCI one in a q35 root port (with either kernel); one NIC, and two at once carrying 10 MiB
-//! each way; a snapshot of a running Linux user space restored into two VMs at once.
+//! each way; a snapshot of a running Linux user space restored into two VMs at once. In the
+//! lab's VFIO variant, L1's `edu` PCI device hot-plugged into a q35 root port answers the
+//! guest's registers, DMA and MSI, and goes back to L1's vfio-pci on unplug.
 //!
 //! All scenarios share one lab boot, started by the first test that needs it.
 
@@ -44,7 +46,7 @@ const SCENARIOS: &[&str] = &[
 const GUEST_RAM_KB: u64 = 256 * 1024;
 
 /// Scenarios of the lab's VFIO variant, a boot of its own.
-const VFIO_SCENARIOS: &[&str] = &["vfio-edu"];
+const VFIO_SCENARIOS: &[&str] = &["vfio-edu", "vfio-hotplug"];
 
 fn lab() -> Option<&'static Result<LabRun, LabError>> {
     static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
@@ -611,6 +613,57 @@ fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
         assert!(!value(outcome, "edu-group").is_empty(), "{}", t());
         assert_eq!(value(outcome, "group-node"), "yes", "{}", t());
         assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
+    });
+}
+
+#[test]
+fn a_hot_plugged_edu_device_answers_the_guest_through_vfio() {
+    check_in(vfio_lab, vfio_options(), "vfio-hotplug", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        let has = |key, text: &str| {
+            assert!(v(key).contains(text), "{key} lacks {text:?}\n{}", t());
+        };
+        assert_eq!(v("l1-driver"), "vfio-pci", "{}", t());
+        // device_add refuses what it cannot pass through or put there.
+        has("err-unknown-host", "no such PCI device");
+        has("err-not-vfio", "not bound to vfio-pci");
+        has("err-addr", "Invalid addr");
+        has("err-bus", "does not support hotplugging");
+        // Each round: the guest reached the device's registers through its BAR, the device
+        // moved a page each way through guest RAM by DMA, and its MSI reached the guest's CPU.
+        assert_eq!(v("added"), "2", "{}", t());
+        for round in ["", "round2-"] {
+            let v = |key: &str| value(outcome, &format!("{round}{key}"));
+            assert_eq!(v("edu-id"), "0x010000ed", "{round}\n{}", t());
+            assert_eq!(v("edu-not"), "0xedcba987", "{round}\n{}", t());
+            assert_eq!(v("edu-fact"), "3628800", "{round}\n{}", t());
+            assert_eq!(v("edu-dma"), "ok", "{round}\n{}", t());
+            assert_eq!(v("edu-irq-status"), "0x1", "{round}\n{}", t());
+            assert_eq!(v("edu-msi"), "seen", "{round}\n{}", t());
+            assert_eq!(v("probe-rc"), "0", "{round}\n{}", t());
+            assert_eq!(v("after"), "gone", "{round}\n{}", t());
+        }
+        // device_del returns first; DEVICE_DELETED, with the guide's data, follows once the
+        // guest powered the slot off. The edu stays vfio-pci's in L1, to be plugged again.
+        assert_eq!(v("del-order"), "\"return\":{} DEVICE_DELETED ", "{}", t());
+        assert_eq!(
+            v("del-data"),
+            r#""data":{"device":"edu0","path":"edu0"}"#,
+            "{}",
+            t()
+        );
+        assert_eq!(v("deleted-after-release"), "2", "{}", t());
+        assert_eq!(v("l1-driver-after-unplug"), "vfio-pci vfio-pci", "{}", t());
+        // L1's VFIO group is open only while the device is plugged: a refused device_add and
+        // an unplug leave it to the next user.
+        assert_eq!(v("group-users-refused"), "0", "{}", t());
+        assert_ne!(v("round1-group-users"), "0", "{}", t());
+        assert_ne!(v("round2-group-users"), "0", "{}", t());
+        assert_eq!(v("group-users-after-unplug"), "0", "{}", t());
+        assert_eq!(v("guest-done"), "yes", "{}", t());
+        assert_eq!(v("hotplug-errors"), "0", "{}", t());
+        assert_eq!(v("vfiohp.exit-code"), "0", "{}", t());
     });
 }
 

@@ -199,6 +199,12 @@ impl MsixInterrupt {
         self.vectors.len() as u64 * MSIX_ENTRY_SIZE
     }
 
+    /// Each vector's eventfd, in vector order: what a function that raises its vectors itself
+    /// (one passed through) is told to signal.
+    pub fn vector_eventfds(&self) -> impl Iterator<Item = &EventFd> {
+        self.vectors.iter().map(|v| &v.evt)
+    }
+
     /// Bytes of the pending bit array: one bit per vector, in 64-bit words.
     pub fn pba_len(&self) -> u64 {
         self.vectors.len().div_ceil(64) as u64 * 8

@@ -9,17 +9,21 @@
 //! What the guest sees: the function's own configuration space (identity, class, command and
 //! status live from the device), with these parts virtualized:
 //!
-//! - BARs: sized from the VFIO regions and placed wherever the guest writes them. Once memory
-//!   decoding is on, a region VFIO lets us mmap becomes a KVM memory slot, so the guest reaches
-//!   the device's registers without an exit; any other region is trapped and forwarded with
-//!   `pread`/`pwrite`. Port I/O BARs are not offered.
+//! - BARs: sized from the VFIO regions and placed wherever the guest writes them while memory
+//!   decoding is on. A region VFIO lets us mmap becomes a KVM memory slot at the guest's first
+//!   access (see [`PlacedBar`]), so the guest then reaches the device's registers without an
+//!   exit; any other region stays trapped, forwarded with `pread`/`pwrite`.
 //! - MSI: the guest's message is routed through KVM's GSI table; enabling it has the function
 //!   signal an eventfd (`VFIO_DEVICE_SET_IRQS`) that is an irqfd of that GSI, so interrupts
 //!   never pass through the VMM. One vector, no per-vector masking.
-//! - Not offered (and said so in the log): MSI-X (its capability is unlinked from the list, so
-//!   drivers fall back to MSI), INTx (interrupt pin 0), the expansion ROM, extended
-//!   configuration space (reads 0), and writes outside the command register, BARs, interrupt
-//!   line and MSI capability (dropped).
+//! - MSI-X: the table and pending bits are Citadel's ([`MsixInterrupt`], as for virtio-pci
+//!   cards: one GSI and eventfd per vector, an irqfd while the vector is unmasked, a count
+//!   left in the eventfd while masked being its pending bit); enabling MSI-X has the function
+//!   signal those eventfds. A BAR holding the table or pending bits stays trapped (the rest of
+//!   it is forwarded to the function).
+//! - Not offered (and said so in the log): INTx (interrupt pin 0), port I/O BARs, the
+//!   expansion ROM, extended configuration space (reads 0), and writes outside the command
+//!   register, BARs, interrupt line, MSI capability and MSI-X message control (dropped).
 //!
 //! All guest RAM is mapped for the function's DMA through the container (type-1 IOMMU) at I/O
 //! virtual address = guest physical address while the card is plugged.
@@ -38,8 +42,8 @@ use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_irq_set, VFIO_DMA_MAP_FLAG_READ,
     VFIO_DMA_MAP_FLAG_WRITE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -47,6 +51,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::mmio_bus::{MmioBus, MmioDevice};
 use super::msi_routes::MsiRoutes;
+use super::msix::{MsixInterrupt, MSIX_ENTRY_SIZE};
 
 /// Bytes of configuration space the guest sees; extended configuration space reads 0.
 const CONFIG_LEN: usize = 256;
@@ -68,6 +73,9 @@ const CAP_MSIX: u8 = 0x11;
 /// MSI message control: enable, 64-bit address, per-vector masking, and the vector counts.
 const MSI_ENABLE: u16 = 1;
 const MSI_64BIT: u16 = 1 << 7;
+/// MSI-X message control: enable, function mask.
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 /// Most capabilities a list is followed through: a looping list ends there.
 const MAX_CAPABILITIES: usize = 48;
 /// KVM memory slots for BARs start here, above those of guest RAM.
@@ -193,45 +201,38 @@ impl DeviceFile {
         }
     }
 
-    /// Has MSI vector 0 signal `evt`, or stops MSI with `None`.
-    fn set_msi(&self, evt: Option<&EventFd>) -> io::Result<()> {
-        #[repr(C)]
-        struct OneEventfd {
-            header: vfio_irq_set,
-            fd: i32,
-        }
-        let header = |flags, count, argsz| vfio_irq_set {
-            argsz,
-            flags: flags | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index: VFIO_PCI_MSI_IRQ_INDEX,
-            start: 0,
-            count,
-            ..Default::default()
+    /// Has the vectors of interrupt `index` (MSI or MSI-X) signal `evts`, one eventfd per
+    /// vector from vector 0, or turns that interrupt off when `evts` is empty.
+    fn set_irqs<'a>(
+        &self,
+        index: u32,
+        evts: impl IntoIterator<Item = &'a EventFd>,
+    ) -> io::Result<()> {
+        // struct vfio_irq_set is five u32 fields, then the data: here one descriptor (an int)
+        // per vector. Built as u32 words, it is aligned as the kernel expects.
+        let fds: Vec<u32> = evts.into_iter().map(|e| e.as_raw_fd() as u32).collect();
+        let data = if fds.is_empty() {
+            VFIO_IRQ_SET_DATA_NONE
+        } else {
+            VFIO_IRQ_SET_DATA_EVENTFD
         };
-        let ret = match evt {
-            Some(evt) => {
-                let set = OneEventfd {
-                    header: header(
-                        VFIO_IRQ_SET_DATA_EVENTFD,
-                        1,
-                        std::mem::size_of::<OneEventfd>() as u32,
-                    ),
-                    fd: evt.as_raw_fd(),
-                };
-                // SAFETY: the kernel reads `argsz` bytes of `set`: the header and one
-                // descriptor, all of it initialised; the eventfd outlives the MSI (it is
-                // stopped before the eventfd is closed).
-                unsafe { ioctl_with_ref(&self.file, requests::VFIO_DEVICE_SET_IRQS(), &set) }
-            }
-            None => {
-                let set = header(
-                    VFIO_IRQ_SET_DATA_NONE,
-                    0,
-                    std::mem::size_of::<vfio_irq_set>() as u32,
-                );
-                // SAFETY: the kernel reads the header alone (count 0, no data).
-                unsafe { ioctl_with_ref(&self.file, requests::VFIO_DEVICE_SET_IRQS(), &set) }
-            }
+        let header = std::mem::size_of::<vfio_irq_set>() / 4;
+        let mut words = vec![0u32; header + fds.len()];
+        words[0] = (words.len() * 4) as u32;
+        words[1] = data | VFIO_IRQ_SET_ACTION_TRIGGER;
+        words[2] = index;
+        words[3] = 0;
+        words[4] = fds.len() as u32;
+        words[header..].copy_from_slice(&fds);
+        // SAFETY: the kernel reads `argsz` bytes: the header and one descriptor per vector,
+        // all initialised. The eventfds outlive the interrupt (it is turned off before they
+        // are closed).
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ptr(
+                &self.file,
+                requests::VFIO_DEVICE_SET_IRQS(),
+                words.as_ptr(),
+            )
         };
         if ret < 0 {
             return Err(io::Error::last_os_error());
@@ -368,6 +369,8 @@ struct PlacedBar {
     base: u64,
     size: u64,
     state: Mutex<BarState>,
+    /// The MSI-X table or pending bits in this BAR, which keep it trapped.
+    msix: Option<MsixWindow>,
 }
 
 impl PlacedBar {
@@ -485,6 +488,9 @@ impl PlacedBar {
 
 impl MmioDevice for PlacedBar {
     fn read(&self, offset: u64, data: &mut [u8]) {
+        if self.msix.as_ref().is_some_and(|w| w.read(offset, data)) {
+            return;
+        }
         let mut done = None;
         self.access(
             offset,
@@ -498,6 +504,9 @@ impl MmioDevice for PlacedBar {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
+        if self.msix.as_ref().is_some_and(|w| w.write(offset, data)) {
+            return;
+        }
         self.access(
             offset,
             |at| volatile_write(at, data),
@@ -610,6 +619,7 @@ pub struct VfioPciCard {
     bars: [Bar; 6],
     memory_enabled: bool,
     msi: Option<Msi>,
+    msix: Option<Msix>,
     routes: Arc<MsiRoutes>,
     wiring: Arc<PassthroughWiring>,
     _dma: DmaMappings,
@@ -652,19 +662,44 @@ impl VfioPciCard {
         // One function is passed through, whatever the host device has beside it.
         shadow[HEADER_TYPE] = 0;
         let bars = discover_bars(&file, &shadow);
-        let msi = unlink_capabilities(&mut shadow, host)
-            .map(|(offset, control)| {
-                EventFd::new(libc::EFD_NONBLOCK).map(|evt| Msi {
-                    offset,
-                    bits64: control & MSI_64BIT != 0,
-                    evt,
-                    gsi: None,
-                })
-            })
-            .transpose()
-            .map_err(VfioCardError::ReadConfig)?;
-        if msi.is_none() {
-            log::warn!("vfio-pci {host}: the function has no MSI: the guest gets no interrupts");
+        let found = capabilities(&shadow);
+        let mut kept = Vec::new();
+        let (mut msi, mut msix) = (None, None);
+        for &(at, id) in &found {
+            match id {
+                CAP_MSI if msi.is_none() && at + 14 <= CONFIG_LEN => {
+                    let control = u16::from_le_bytes([shadow[at + 2], shadow[at + 3]]);
+                    // One vector, no per-vector masking, disabled; the 64-bit flag as the
+                    // device has it.
+                    let shown = control & MSI_64BIT;
+                    shadow[at + 2..at + 4].copy_from_slice(&shown.to_le_bytes());
+                    let evt =
+                        EventFd::new(libc::EFD_NONBLOCK).map_err(VfioCardError::ReadConfig)?;
+                    msi = Some(Msi {
+                        offset: at,
+                        bits64: shown != 0,
+                        evt,
+                        gsi: None,
+                    });
+                }
+                CAP_MSIX if msix.is_none() => match Msix::parse(&shadow, at, &bars, &routes) {
+                    Ok(parsed) => {
+                        // Disabled and not masked, as after a reset.
+                        shadow[at + 3] &= !((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+                        msix = Some(parsed);
+                    }
+                    Err(why) => {
+                        log::warn!("vfio-pci {host}: MSI-X not offered: {why}");
+                        continue;
+                    }
+                },
+                _ => {}
+            }
+            kept.push(at);
+        }
+        relink(&mut shadow, &kept);
+        if msi.is_none() && msix.is_none() {
+            log::warn!("vfio-pci {host}: the function has neither MSI nor MSI-X: the guest gets no interrupts");
         }
         let dma = DmaMappings::map(handle.container, memory)?;
         Ok(VfioPciCard {
@@ -674,6 +709,7 @@ impl VfioPciCard {
             bars,
             memory_enabled: false,
             msi,
+            msix,
             routes,
             wiring,
             _dma: dma,
@@ -800,13 +836,17 @@ impl VfioPciCard {
     }
 
     fn place(&mut self, index: usize, base: u64) {
+        let msix = self.msix.as_ref().and_then(|m| m.window(index));
         let placed = Arc::new(PlacedBar {
             file: self.file.clone(),
             wiring: self.wiring.clone(),
             index: index as u32,
             base,
             size: self.bars[index].size,
-            state: Mutex::new(BarState::Trapped { promotable: true }),
+            state: Mutex::new(BarState::Trapped {
+                promotable: msix.is_none(),
+            }),
+            msix,
         });
         match self.wiring.mmio.insert(base, placed.size, placed.clone()) {
             Ok(()) => self.bars[index].placed = Some(placed),
@@ -853,6 +893,54 @@ impl VfioPciCard {
         true
     }
 
+    /// A write of `data` at `offset` that touches the MSI-X capability's message control:
+    /// only Enable and Function Mask are the guest's; the table and the function follow.
+    fn msix_write(&mut self, offset: usize, data: &[u8]) -> bool {
+        let Some(msix) = self.msix.as_ref() else {
+            return false;
+        };
+        let (start, end) = (msix.offset, msix.offset + 12);
+        if offset + data.len() <= start || offset >= end {
+            return false;
+        }
+        let high = msix.offset + 3;
+        if let Some(&byte) = (offset..offset + data.len())
+            .position(|at| at == high)
+            .and_then(|i| data.get(i))
+        {
+            let mask = ((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+            self.shadow[high] = (self.shadow[high] & !mask) | (byte & mask);
+        }
+        self.sync_msix();
+        true
+    }
+
+    fn sync_msix(&mut self) {
+        let Some(msix) = self.msix.as_mut() else {
+            return;
+        };
+        let control =
+            u16::from_le_bytes([self.shadow[msix.offset + 2], self.shadow[msix.offset + 3]]);
+        let enabled = control & MSIX_ENABLE != 0;
+        msix.interrupt
+            .set_control(enabled, control & MSIX_FUNCTION_MASK != 0);
+        if enabled != msix.in_device {
+            let evts: Vec<&EventFd> = if enabled {
+                msix.interrupt.vector_eventfds().collect()
+            } else {
+                Vec::new()
+            };
+            match self.file.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, evts) {
+                Ok(()) => msix.in_device = enabled,
+                Err(e) => log::warn!(
+                    "vfio-pci {}: {} MSI-X: {e}",
+                    self.host,
+                    if enabled { "enabling" } else { "disabling" }
+                ),
+            }
+        }
+    }
+
     fn msi_message(&self, msi: &Msi) -> (bool, u64, u32) {
         let u16_at = |at: usize| u16::from_le_bytes([self.shadow[at], self.shadow[at + 1]]);
         let u32_at = |at: usize| u32::from(u16_at(at)) | (u32::from(u16_at(at + 2)) << 16);
@@ -893,7 +981,11 @@ impl VfioPciCard {
                             .assign_irqfd(&msi.evt, gsi)
                             .map_err(|e| e.to_string())
                     })
-                    .and_then(|()| self.file.set_msi(Some(&msi.evt)).map_err(|e| e.to_string()));
+                    .and_then(|()| {
+                        self.file
+                            .set_irqs(VFIO_PCI_MSI_IRQ_INDEX, [&msi.evt])
+                            .map_err(|e| e.to_string())
+                    });
                 match started {
                     Ok(()) => msi.gsi = Some(gsi),
                     Err(e) => {
@@ -914,7 +1006,7 @@ fn stop_msi(file: &DeviceFile, routes: &MsiRoutes, msi: &mut Msi, host: &str) {
     let Some(gsi) = msi.gsi.take() else {
         return;
     };
-    if let Err(e) = file.set_msi(None) {
+    if let Err(e) = file.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, []) {
         log::warn!("vfio-pci {host}: disabling MSI: {e}");
     }
     if let Err(e) = routes.deassign_irqfd(&msi.evt, gsi) {
@@ -969,40 +1061,149 @@ fn discover_bars(file: &DeviceFile, shadow: &[u8; CONFIG_LEN]) -> [Bar; 6] {
     bars
 }
 
-/// Follows the capability list in `shadow`, unlinking capabilities Citadel does not offer
-/// (MSI-X), and presents MSI as one vector without masking. Returns the MSI capability's
-/// offset and message control as the device has it.
-fn unlink_capabilities(shadow: &mut [u8; CONFIG_LEN], host: &str) -> Option<(usize, u16)> {
-    let mut kept = Vec::new();
-    let mut msi = None;
+/// The capability list in `shadow`: offset and id of each, in list order. A list that loops
+/// or leaves the header's 256 bytes ends there.
+fn capabilities(shadow: &[u8; CONFIG_LEN]) -> Vec<(usize, u8)> {
+    let mut found = Vec::new();
     let mut next = usize::from(shadow[CAPABILITIES] & 0xfc);
-    let mut seen = 0;
-    while next >= 0x40 && next + 1 < CONFIG_LEN && seen < MAX_CAPABILITIES {
-        seen += 1;
-        let id = shadow[next];
-        match id {
-            CAP_MSIX => {
-                log::warn!("vfio-pci {host}: MSI-X is not passed through; the guest sees MSI only")
-            }
-            CAP_MSI if msi.is_none() && next + 14 <= CONFIG_LEN => {
-                let control = u16::from_le_bytes([shadow[next + 2], shadow[next + 3]]);
-                msi = Some((next, control));
-                kept.push(next);
-            }
-            _ => kept.push(next),
+    while next >= 0x40 && next + 1 < CONFIG_LEN && found.len() < MAX_CAPABILITIES {
+        if found.iter().any(|&(at, _)| at == next) {
+            break;
         }
+        found.push((next, shadow[next]));
         next = usize::from(shadow[next + 1] & 0xfc);
     }
+    found
+}
+
+/// Makes `kept` (offsets of capabilities, in order) the whole capability list of `shadow`.
+fn relink(shadow: &mut [u8; CONFIG_LEN], kept: &[usize]) {
     shadow[CAPABILITIES] = kept.first().map_or(0, |&first| first as u8);
     for (i, &at) in kept.iter().enumerate() {
         shadow[at + 1] = kept.get(i + 1).map_or(0, |&n| n as u8);
     }
-    if let Some((at, control)) = msi {
-        // One vector, no per-vector masking, disabled; the 64-bit flag as the device has it.
-        let shown = control & MSI_64BIT;
-        shadow[at + 2..at + 4].copy_from_slice(&shown.to_le_bytes());
+}
+
+/// Where an MSI-X structure (table or pending bits) lies: a BAR, an offset in it, a length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MsixPlace {
+    bar: usize,
+    offset: u64,
+    len: u64,
+}
+
+impl MsixPlace {
+    /// The place a Table or PBA Offset/BIR register names for `len` bytes, if it lies inside
+    /// a memory BAR of `bars`.
+    fn from_register(register: u32, len: u64, bars: &[Bar; 6]) -> Option<MsixPlace> {
+        let bar = (register & 7) as usize;
+        let offset = u64::from(register & !7);
+        let bar_ok = bars.get(bar).is_some_and(|b| {
+            matches!(b.kind, BarKind::Memory { .. })
+                && offset.checked_add(len).is_some_and(|end| end <= b.size)
+        });
+        bar_ok.then_some(MsixPlace { bar, offset, len })
     }
-    msi
+
+    fn contains(&self, offset: u64, len: usize) -> bool {
+        offset >= self.offset && offset + len as u64 <= self.offset + self.len
+    }
+}
+
+/// The function's MSI-X: its capability, the table and pending bits Citadel keeps for the
+/// guest (the function's own table is the host kernel's), and one eventfd per vector, which
+/// VFIO signals and which are KVM irqfds while their vector is unmasked.
+struct Msix {
+    offset: usize,
+    interrupt: Arc<MsixInterrupt>,
+    table: MsixPlace,
+    pba: MsixPlace,
+    /// The function has been told to signal the eventfds.
+    in_device: bool,
+}
+
+impl Msix {
+    /// The MSI-X capability at `offset` of `shadow`, when its table and pending bits lie in
+    /// memory BARs of `bars`.
+    fn parse(
+        shadow: &[u8; CONFIG_LEN],
+        offset: usize,
+        bars: &[Bar; 6],
+        routes: &Arc<MsiRoutes>,
+    ) -> Result<Msix, String> {
+        if offset + 12 > CONFIG_LEN {
+            return Err("its capability does not fit the header".into());
+        }
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([shadow[at], shadow[at + 1], shadow[at + 2], shadow[at + 3]])
+        };
+        let control = u16::from_le_bytes([shadow[offset + 2], shadow[offset + 3]]);
+        let vectors = (control & 0x7ff) + 1;
+        let table = MsixPlace::from_register(
+            u32_at(offset + 4),
+            u64::from(vectors) * MSIX_ENTRY_SIZE,
+            bars,
+        )
+        .ok_or("its table is not inside a memory BAR")?;
+        let pba = MsixPlace::from_register(
+            u32_at(offset + 8),
+            u64::from(vectors).div_ceil(64) * 8,
+            bars,
+        )
+        .ok_or("its pending bits are not inside a memory BAR")?;
+        let interrupt =
+            MsixInterrupt::new(routes.clone(), vectors, 0).map_err(|e| e.to_string())?;
+        Ok(Msix {
+            offset,
+            interrupt: Arc::new(interrupt),
+            table,
+            pba,
+            in_device: false,
+        })
+    }
+
+    /// The table and pending bits that lie in BAR `bar`.
+    fn window(&self, bar: usize) -> Option<MsixWindow> {
+        let table = (self.table.bar == bar).then_some(self.table);
+        let pba = (self.pba.bar == bar).then_some(self.pba);
+        (table.is_some() || pba.is_some()).then(|| MsixWindow {
+            interrupt: self.interrupt.clone(),
+            table,
+            pba,
+        })
+    }
+}
+
+/// The MSI-X structures of one BAR, served by Citadel rather than the function.
+struct MsixWindow {
+    interrupt: Arc<MsixInterrupt>,
+    table: Option<MsixPlace>,
+    pba: Option<MsixPlace>,
+}
+
+impl MsixWindow {
+    /// Serves a read that falls in the table or pending bits; false for any other.
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        if let Some(table) = self.table.filter(|t| t.contains(offset, data.len())) {
+            self.interrupt.table_read(offset - table.offset, data);
+        } else if let Some(pba) = self.pba.filter(|p| p.contains(offset, data.len())) {
+            self.interrupt.pba_read(offset - pba.offset, data);
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// Serves a write that falls in the table (pending bits are read-only); false for any
+    /// other.
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        if let Some(table) = self.table.filter(|t| t.contains(offset, data.len())) {
+            self.interrupt.table_write(offset - table.offset, data);
+        } else if !self.pba.is_some_and(|p| p.contains(offset, data.len())) {
+            return false;
+        }
+        true
+    }
 }
 
 impl Function for VfioPciCard {
@@ -1024,7 +1225,7 @@ impl Function for VfioPciCard {
         if usize::from(offset) + data.len() > CONFIG_LEN || data.is_empty() {
             return;
         }
-        if self.msi_write(usize::from(offset), data) {
+        if self.msi_write(usize::from(offset), data) || self.msix_write(usize::from(offset), data) {
             return;
         }
         let at = offset & !3;
@@ -1054,6 +1255,12 @@ impl Function for VfioPciCard {
             let control = msi.offset + 2;
             self.shadow[control] &= !(MSI_ENABLE as u8);
         }
+        if let Some(msix) = self.msix.as_ref() {
+            let high = msix.offset + 3;
+            self.shadow[high] &= !((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+            msix.interrupt.reset_table();
+        }
+        self.sync_msix();
         self.memory_enabled = false;
         for index in 0..self.bars.len() {
             self.unplace(index);
@@ -1072,6 +1279,12 @@ impl Drop for VfioPciCard {
     fn drop(&mut self) {
         if let Some(msi) = self.msi.as_mut() {
             stop_msi(&self.file, &self.routes, msi, &self.host);
+        }
+        if let Some(msix) = self.msix.as_ref().filter(|m| m.in_device) {
+            msix.interrupt.set_control(false, false);
+            if let Err(e) = self.file.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, []) {
+                log::warn!("vfio-pci {}: disabling MSI-X: {e}", self.host);
+            }
         }
         for index in 0..self.bars.len() {
             self.unplace(index);
@@ -1094,9 +1307,10 @@ mod tests {
 
     /// A function's configuration space as a device would have it: 1234:11e8, multi-function
     /// header, a 4 KiB 32-bit memory BAR 0, interrupt pin A, and the capabilities power
-    /// management (0x40) → MSI, 64-bit with per-vector masking and 8 vectors (0x50) → MSI-X
-    /// (0x70) → PCI Express (0x90).
-    fn config_space() -> [u8; CONFIG_LEN] {
+    /// management (0x40) → MSI, 64-bit with per-vector masking and 8 vectors (0x50) → MSI-X,
+    /// 4 vectors, table at 0x800 and pending bits at 0xc00 of `msix_bar` (0x70) → PCI Express
+    /// (0x90).
+    fn config_space_with_msix_in(msix_bar: u32) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
         c[6] = 0x10;
@@ -1106,7 +1320,9 @@ mod tests {
         c[0x3d] = 1;
         c[0x40..0x42].copy_from_slice(&[0x01, 0x50]);
         c[0x50..0x54].copy_from_slice(&[0x05, 0x70, 0x86, 0x01]);
-        c[0x70..0x72].copy_from_slice(&[0x11, 0x90]);
+        c[0x70..0x74].copy_from_slice(&[0x11, 0x90, 0x03, 0x00]);
+        c[0x74..0x78].copy_from_slice(&(0x800 | msix_bar).to_le_bytes());
+        c[0x78..0x7c].copy_from_slice(&(0xc00 | msix_bar).to_le_bytes());
         c[0x90..0x92].copy_from_slice(&[0x10, 0x00]);
         c
     }
@@ -1114,9 +1330,16 @@ mod tests {
     /// A card over a plain file standing in for the VFIO device: configuration space at 0,
     /// BAR 0 at [`BAR0_AT`], neither mmap'able, so every BAR access is forwarded to the file.
     fn card(routing: Arc<FakeRouting>) -> Option<(VfioPciCard, File, Arc<MmioBus>)> {
+        card_with(routing, config_space_with_msix_in(0))
+    }
+
+    fn card_with(
+        routing: Arc<FakeRouting>,
+        config: [u8; CONFIG_LEN],
+    ) -> Option<(VfioPciCard, File, Arc<MmioBus>)> {
         let kvm = crate::test_kvm::kvm_or_skip("vfio_pci card")?;
         let vm = Arc::new(kvm.create_vm().expect("a VM"));
-        let file = tempfile_with(&config_space());
+        let file = tempfile_with(&config);
         let device: OwnedFd = file.try_clone().unwrap().into();
         let container: OwnedFd = File::open("/dev/null").unwrap().into();
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
@@ -1179,8 +1402,20 @@ mod tests {
         u32::from_le_bytes(data)
     }
 
+    /// The capability list as the guest walks it: (offset, id, message control).
+    fn chain(card: &VfioPciCard) -> Vec<(u8, u8, u16)> {
+        let mut chain = Vec::new();
+        let mut next = read32(card, CAPABILITIES as u16) as u8;
+        while next != 0 && chain.len() < 8 {
+            let header = read32(card, u16::from(next));
+            chain.push((next, header as u8, (header >> 16) as u16));
+            next = (header >> 8) as u8;
+        }
+        chain
+    }
+
     #[test]
-    fn the_guest_sees_one_function_with_msi_only() {
+    fn the_guest_sees_one_function_with_plain_msi_and_msi_x() {
         let Some((card, _, _)) = card(Arc::default()) else {
             return;
         };
@@ -1193,21 +1428,67 @@ mod tests {
         assert_eq!(read32(&card, 0x30), 0, "no option ROM");
         assert_eq!(read32(&card, 0x3c) >> 8 & 0xff, 0, "no INTx pin");
         assert_eq!(read32(&card, 0x100), 0, "no extended capabilities");
-        let mut chain = Vec::new();
-        let mut next = read32(&card, CAPABILITIES as u16) as u8;
-        while next != 0 && chain.len() < 8 {
-            let header = read32(&card, u16::from(next));
-            chain.push((next, header as u8));
-            if header as u8 == CAP_MSI {
-                assert_eq!(header >> 16, u32::from(MSI_64BIT), "one vector, no masking");
-            }
-            next = (header >> 8) as u8;
-        }
         assert_eq!(
-            chain,
-            [(0x40, 0x01), (0x50, CAP_MSI), (0x90, 0x10)],
-            "MSI-X unlinked"
+            chain(&card),
+            [
+                (0x40, 0x01, 0),
+                (0x50, CAP_MSI, MSI_64BIT),
+                (0x70, CAP_MSIX, 3),
+                (0x90, 0x10, 0)
+            ],
+            "MSI: one vector, no masking"
         );
+    }
+
+    #[test]
+    fn msi_x_whose_table_is_in_no_bar_is_not_offered() {
+        let Some((card, _, _)) = card_with(Arc::default(), config_space_with_msix_in(2)) else {
+            return;
+        };
+        let ids: Vec<u8> = chain(&card).iter().map(|c| c.1).collect();
+        assert_eq!(ids, [0x01, CAP_MSI, 0x10]);
+    }
+
+    #[test]
+    fn the_msi_x_table_is_the_guests_and_the_rest_of_its_bar_the_devices() {
+        let routing = Arc::new(FakeRouting::default());
+        let Some((mut card, file, mmio)) = card(routing.clone()) else {
+            return;
+        };
+        card.write(0x10, &0xd000_0000u32.to_le_bytes());
+        card.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        // Vector 2's entry, written and read back through the BAR; the device file's bytes
+        // there stay as they were.
+        let entry = 0xd000_0800 + 2 * 16;
+        assert!(mmio.write(entry, &0xfee0_1000u32.to_le_bytes()));
+        assert!(mmio.write(entry + 8, &0x4041u32.to_le_bytes()));
+        assert!(mmio.write(entry + 12, &0u32.to_le_bytes()));
+        let mut data = [0; 4];
+        assert!(mmio.read(entry + 8, &mut data));
+        assert_eq!(u32::from_le_bytes(data), 0x4041);
+        let mut device = [0xaa; 16];
+        file.read_exact_at(&mut device, BAR0_AT + 0x800 + 2 * 16)
+            .unwrap();
+        assert_eq!(device, [0; 16], "the table never reaches the function");
+        assert!(mmio.read(0xd000_0c00, &mut data));
+        assert_eq!(u32::from_le_bytes(data), 0, "nothing pending");
+        // Enabling MSI-X: the vector is routed as its entry says; the plain file refuses
+        // VFIO_DEVICE_SET_IRQS, which only costs a log line.
+        card.write(0x72, &MSIX_ENABLE.to_le_bytes());
+        assert_eq!(read32(&card, 0x70) >> 16, u32::from(MSIX_ENABLE | 3));
+        let table = routing.last_table().unwrap_or_default();
+        assert!(
+            table
+                .iter()
+                .any(|&(_, a, d)| (a, d) == (0xfee0_1000, 0x4041)),
+            "{table:?}"
+        );
+        assert!(card.msix.as_ref().is_some_and(|m| !m.in_device));
+        // The rest of BAR 0 still reaches the device.
+        file.write_all_at(&7u32.to_le_bytes(), BAR0_AT + 0x10)
+            .unwrap();
+        assert!(mmio.read(0xd000_0010, &mut data));
+        assert_eq!(u32::from_le_bytes(data), 7);
     }
 
     #[test]

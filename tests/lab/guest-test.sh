@@ -206,6 +206,17 @@ pci-hotplug)
 			echo "guest: umount=$?"
 		fi
 		rm -f /dev/vda
+		# The card's MSI-X vectors (sysfs says which of its interrupts are MSI-X), and how many
+		# of them have fired.
+		vectors=0 fired=0
+		for irq in $(ls /sys/bus/pci/devices/0000:01:00.0/msi_irqs 2>/dev/null); do
+			[ "$(cat /sys/bus/pci/devices/0000:01:00.0/msi_irqs/$irq)" = msix ] || continue
+			vectors=$((vectors + 1))
+			[ "$(awk -v irq="$irq:" '$1 == irq { print $2 }' /proc/interrupts)" -gt 0 ] 2>/dev/null &&
+				fired=$((fired + 1))
+		done
+		echo "guest: round$r-msix-vectors=$vectors"
+		echo "guest: round$r-msix-fired=$fired"
 		echo "guest: pci-hotplug unplug-ready $r"
 		wait_size vda = none
 		echo "guest: round$r-after=$(disk_size vda)"

@@ -179,8 +179,14 @@ pub struct Lab {
     qemu: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
+    /// The VFIO variant's disk for passthrough: 16 MiB starting with [`PASSTHROUGH_MARKER`].
+    passthrough_disk: PathBuf,
     _dir: TempDir,
 }
+
+/// What the VFIO variant's passthrough disk starts with (the guest's `pci-hotplug` mode reads
+/// this many bytes of a disk and reports them).
+const PASSTHROUGH_MARKER: &[u8; 27] = b"citadel-lab-hotplug-marker!";
 
 impl Lab {
     /// Checks the prerequisites and builds the L1 initramfs.
@@ -305,12 +311,20 @@ impl Lab {
         let initramfs = dir.path().join("l1-initramfs.cpio");
         std::fs::write(&initramfs, archive.finish()?)
             .map_err(|e| failed("writing the L1 initramfs", e))?;
+        let passthrough_disk = dir.path().join("passthrough.img");
+        if options.vfio {
+            let mut image = PASSTHROUGH_MARKER.to_vec();
+            image.resize(16 << 20, 0);
+            std::fs::write(&passthrough_disk, image)
+                .map_err(|e| failed("writing the passthrough disk", e))?;
+        }
 
         Ok(Lab {
             options,
             qemu,
             kernel: l1.join("vmlinuz"),
             initramfs,
+            passthrough_disk,
             _dir: dir,
         })
     }
@@ -341,6 +355,14 @@ impl Lab {
             .arg(&self.initramfs);
         if o.vfio {
             command.args(["-device", "intel-iommu,intremap=on", "-device", "edu"]);
+            // A modern virtio-blk function (1af4:1042, MSI-X) whose DMA goes through the IOMMU,
+            // as a passed-through function's must.
+            let mut drive = std::ffi::OsString::from("if=none,id=passthrough,format=raw,file=");
+            drive.push(&self.passthrough_disk);
+            command.arg("-drive").arg(drive).args([
+                "-device",
+                "virtio-blk-pci,drive=passthrough,disable-legacy=on,iommu_platform=on",
+            ]);
             append.push_str(" intel_iommu=on lab.vfio=1");
         }
         command.arg("-append").arg(append);

@@ -1,0 +1,93 @@
+# VFIO passthrough hotplug on the q35 machine, in the lab's VFIO variant: L1's edu device
+# (1234:11e8, bound to vfio-pci) goes into root port pcie.1 of a running guest with QMP
+# device_add vfio-pci; pciehp finds it and the guest's edu-probe drives it through its BAR,
+# has it move 2 KiB each way by DMA through guest RAM and send an MSI that reaches the guest's
+# CPU (see the guest's vfio-edu mode). device_del returns at once, DEVICE_DELETED follows once
+# the guest released the slot, the edu is still vfio-pci's in L1, and it goes in and out once
+# more. First, device_add refuses what it must: a host device that does not exist, one that
+# is not vfio-pci's, an addr other than 0x0 and the root bus.
+vm=vfiohp
+rounds=2
+
+edu=
+for dev in /sys/bus/pci/devices/*; do
+	[ "$(cat $dev/vendor):$(cat $dev/device)" = "0x1234:0x11e8" ] && edu=${dev##*/}
+done
+result edu-address "$edu"
+[ -n "$edu" ] || exit 1
+group=$(basename "$(readlink /sys/bus/pci/devices/$edu/iommu_group)")
+# l1_driver: the driver the edu is bound to in L1.
+l1_driver() {
+	basename "$(readlink /sys/bus/pci/devices/$edu/driver)"
+}
+# group_users: how many open files of all processes are the edu's VFIO group.
+group_users() {
+	ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c " -> /dev/vfio/$group\$"
+}
+# desc FILE: the desc of the error reply in a citadel-qmp transcript.
+desc() {
+	grep -o '"desc":"[^"]*"' "$1" | tail -n1 | sed 's/^"desc":"//; s/"$//'
+}
+# edu_add ARGUMENTS FILE: device_add of vfio-pci with the JSON members ARGUMENTS.
+edu_add() {
+	qmp $vm '{"execute":"device_add","arguments":{"driver":"vfio-pci","id":"edu0",'"$1"'}}' >"$2"
+	cat "$2"
+}
+
+result l1-driver "$(l1_driver)"
+MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 "vfio-edu lab.rounds=$rounds" \
+	-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1
+if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
+	edu_add '"bus":"pcie.1","addr":"0x0","host":"0000:00:1f.7"' /tmp/$vm.err1
+	result err-unknown-host "$(desc /tmp/$vm.err1)"
+	edu_add '"bus":"pcie.1","addr":"0x0","host":"0000:00:00.0"' /tmp/$vm.err2
+	result err-not-vfio "$(desc /tmp/$vm.err2)"
+	edu_add '"bus":"pcie.1","addr":"0x1","host":"'$edu'"' /tmp/$vm.err3
+	result err-addr "$(desc /tmp/$vm.err3)"
+	edu_add '"bus":"pcie.0","addr":"0x0","host":"'$edu'"' /tmp/$vm.err4
+	result err-bus "$(desc /tmp/$vm.err4)"
+	result group-users-refused "$(group_users)"
+
+	added=0 deleted=0 after=
+	r=1
+	while [ $r -le $rounds ]; do
+		edu_add '"bus":"pcie.1","addr":"0x0","host":"'$edu'"' /tmp/$vm.add.$r
+		# The first `"return":{}` answers qmp_capabilities.
+		if [ "$(sed '1,/"return":{}/d' /tmp/$vm.add.$r | grep -c '"return":{}')" != 1 ]; then
+			result round$r-add-error "$(desc /tmp/$vm.add.$r)"
+			break
+		fi
+		added=$((added + 1))
+		l2_wait $vm "guest: vfio-edu unplug-ready $r" 120 || break
+		result round$r-group-users "$(group_users)"
+		# device_del answers at once; the event follows once the guest let the device go.
+		qmp $vm '{"execute":"device_del","arguments":{"id":"edu0"}}' \
+			wait-event:DEVICE_DELETED >/tmp/$vm.del.$r
+		cat /tmp/$vm.del.$r
+		if [ $r = 1 ]; then
+			result del-order "$(sed '1,/"return":{}/d' /tmp/$vm.del.1 | grep -oE 'DEVICE_DELETED|"return":\{\}' | tr '\n' ' ')"
+			result del-data "$(grep -F DEVICE_DELETED /tmp/$vm.del.1 | grep -o '"data":{[^}]*}')"
+		fi
+		grep -q DEVICE_DELETED /tmp/$vm.del.$r && deleted=$((deleted + 1))
+		after="$after $(l1_driver)"
+		l2_wait $vm "guest: round$r-after=" 60 || break
+		r=$((r + 1))
+	done
+	result added "$added"
+	result deleted-after-release "$deleted"
+	result l1-driver-after-unplug "${after# }"
+	result group-users-after-unplug "$(group_users)"
+	for key in edu-id edu-not edu-fact edu-dma edu-irq-status edu-msi probe-rc after; do
+		result $key "$(l2_value $vm round1-$key)"
+		result round$rounds-$key "$(l2_value $vm round$rounds-$key)"
+	done
+	# A round cut short leaves the guest waiting for a device that does not come.
+	if [ $r -gt $rounds ]; then
+		# Each plug's BAR 0 became a memory slot at the guest's first access.
+	result bars-mapped "$(l2_count $vm 'mapped into the guest (memory slot')"
+	l2_wait $vm "guest: vfio-edu done" 30 && result guest-done yes
+		# The guest's last word, after its dmesg excerpt.
+		l2_wait $vm "guest: hotplug-errors=" 30 && result hotplug-errors "$(l2_value $vm hotplug-errors)"
+	fi
+fi
+stop_guest $vm

@@ -96,7 +96,10 @@ pub enum VfioCardError {
     #[error("only endpoints can be passed through (header type {0:#x})")]
     NotEndpoint(u8),
     /// Mapping guest RAM for DMA failed.
-    #[error("mapping guest RAM for DMA at {iova:#x} (+{size:#x}): {source}")]
+    #[error(
+        "mapping guest RAM for DMA at {iova:#x} (+{size:#x}): {source}{}",
+        memlock_hint(source)
+    )]
     DmaMap {
         /// The guest physical address.
         iova: u64,
@@ -105,6 +108,16 @@ pub enum VfioCardError {
         /// What the kernel said.
         source: io::Error,
     },
+}
+
+/// What to do about the usual reason a DMA mapping fails: the pages it pins count against the
+/// VMM's locked-memory limit, unless it holds CAP_IPC_LOCK.
+fn memlock_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        " (the mapping pins guest RAM: RLIMIT_MEMLOCK must cover it, e.g. citadel-jailer --resource-limit memlock=N)"
+    } else {
+        ""
+    }
 }
 
 /// Where a card's BARs go: the MMIO bus for trapped regions, KVM memory slots for mapped ones.

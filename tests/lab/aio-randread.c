@@ -25,6 +25,8 @@
 #include <linux/fs.h>
 #include <linux/time_types.h>
 
+#include "syscall.h"
+
 #define BLOCK 4096
 #define MAX_DEPTH 64
 #define CLOCK_MONOTONIC 1
@@ -33,21 +35,6 @@ static unsigned char buffers[MAX_DEPTH][BLOCK] __attribute__((aligned(BLOCK)));
 static struct iocb iocbs[MAX_DEPTH];
 static struct io_event events[MAX_DEPTH];
 
-static long sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-	long ret;
-	register long r10 __asm__("r10") = d;
-	register long r8 __asm__("r8") = e;
-	register long r9 __asm__("r9") = f;
-
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
-
-#define sys3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
 #define sys5(n, a, b, c, d, e) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
 
 /* The compiler may turn a structure's zeroing into a call to memset. */

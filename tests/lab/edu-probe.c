@@ -33,6 +33,8 @@
 #include <linux/mman.h>
 #include <linux/time_types.h>
 
+#include "syscall.h"
+
 #define PAGE 4096
 #define CLOCK_MONOTONIC 1
 
@@ -81,21 +83,6 @@
 
 static unsigned char pages[2][PAGE] __attribute__((aligned(PAGE)));
 
-static long sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-	long ret;
-	register long r10 __asm__("r10") = d;
-	register long r8 __asm__("r8") = e;
-	register long r9 __asm__("r9") = f;
-
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
-
-#define sys3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
 #define sys4(n, a, b, c, d) sys6(n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
 
 static unsigned long length(const char *s)

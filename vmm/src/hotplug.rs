@@ -763,7 +763,7 @@ impl Hotplug {
     /// The passthrough half of [`Hotplug::pci_card_add`]: the launcher opens host function
     /// `add.host` and keeps its group until the card has left; the card gets the device.
     fn pci_vfio_add(
-        &mut self,
+        &self,
         pci: &PciDevices,
         bus: &str,
         add: &DeviceAdd,

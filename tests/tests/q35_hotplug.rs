@@ -92,6 +92,13 @@ fn pci_hotplug_refusals_name_the_reason_and_leave_node_backend_and_slot_alone() 
         device_add(&mut qmp, disk("drive-0", "pcie.1"))["return"],
         json!({})
     );
+    // query-block lists the card, with its node and image.
+    let block = qmp.execute("query-block", None);
+    let entries = block["return"].as_array().expect("a list");
+    assert_eq!(entries.len(), 1, "{block}");
+    assert_eq!(entries[0]["qdev"], "drive-0");
+    assert_eq!(entries[0]["inserted"]["node-name"], "drive-0");
+    assert_eq!(entries[0]["inserted"]["file"], img.to_str().unwrap());
     // A second card for the same slot is refused; its node stays usable (and deletable).
     assert_eq!(
         blockdev_add(&mut qmp, "drive-1", &img2)["return"],

@@ -874,44 +874,57 @@ impl Hotplug {
         deleted
     }
 
-    /// `query-block`: one entry per disk slot, in QEMU's shape; a plugged slot has `inserted`.
+    /// `query-block`: one entry per disk slot (microvm) and one per PCI disk card (q35), in
+    /// QEMU's shape; a plugged slot and every card have `inserted`.
     pub fn query_block(&self, devices: &DeviceManager) -> Value {
-        let list: Vec<Value> = devices
-            .disk_slots()
-            .into_iter()
-            .map(|slot| {
-                let mut entry = json!({
-                    "device": "",
-                    "qdev": format!("disk-slot-{}", slot.addr),
-                    "locked": false,
-                    "removable": true,
-                    "type": "unknown",
-                });
-                if let Some((id, node_name)) = slot.plugged {
-                    let node = self.nodes.get(&node_name);
-                    entry["qdev"] = json!(id);
-                    entry["inserted"] = json!({
-                        "node-name": node_name,
-                        "file": node
-                            .map(|n| n.filename.clone())
-                            .or_else(|| self.chardevs.socket_of(&node_name))
-                            .unwrap_or_default(),
-                        "ro": node.is_some_and(|n| n.read_only),
-                        "drv": "raw",
-                        "encrypted": false,
-                        "backing_file_depth": 0,
-                        "detect_zeroes": "off",
-                        "cache": {
-                            "writeback": true,
-                            "direct": node.is_some_and(|n| n.direct),
-                            "no-flush": false,
-                        },
-                    });
+        let slots = devices.disk_slots().into_iter().map(|slot| {
+            let qdev = format!("disk-slot-{}", slot.addr);
+            self.block_entry(qdev, slot.plugged)
+        });
+        let cards = self
+            .pci_cards
+            .iter()
+            .filter_map(|(id, card)| match &card.backend {
+                PciBackend::Node(node_name) => {
+                    Some(self.block_entry(id.clone(), Some((id.clone(), node_name.clone()))))
                 }
-                entry
-            })
-            .collect();
-        Value::Array(list)
+                _ => None,
+            });
+        Value::Array(slots.chain(cards).collect())
+    }
+
+    /// One `query-block` entry: `qdev` names the slot, or the device once plugged, which
+    /// `plugged` gives with its block node.
+    fn block_entry(&self, qdev: String, plugged: Option<(String, String)>) -> Value {
+        let mut entry = json!({
+            "device": "",
+            "qdev": qdev,
+            "locked": false,
+            "removable": true,
+            "type": "unknown",
+        });
+        if let Some((id, node_name)) = plugged {
+            let node = self.nodes.get(&node_name);
+            entry["qdev"] = json!(id);
+            entry["inserted"] = json!({
+                "node-name": node_name,
+                "file": node
+                    .map(|n| n.filename.clone())
+                    .or_else(|| self.chardevs.socket_of(&node_name))
+                    .unwrap_or_default(),
+                "ro": node.is_some_and(|n| n.read_only),
+                "drv": "raw",
+                "encrypted": false,
+                "backing_file_depth": 0,
+                "detect_zeroes": "off",
+                "cache": {
+                    "writeback": true,
+                    "direct": node.is_some_and(|n| n.direct),
+                    "no-flush": false,
+                },
+            });
+        }
+        entry
     }
 
     /// Ends node `node_name`'s backend process and forgets the node.

@@ -217,6 +217,11 @@ pci-hotplug)
 		done
 		echo "guest: round$r-msix-vectors=$vectors"
 		echo "guest: round$r-msix-fired=$fired"
+		# Its INTx line (used only without MSI and MSI-X): the interrupt controller, and how
+		# often it fired.
+		irq=$(cat /sys/bus/pci/devices/0000:01:00.0/irq 2>/dev/null)
+		echo "guest: round$r-intx-chip=$(awk -v irq="$irq:" '$1 == irq { print $3 }' /proc/interrupts)"
+		echo "guest: round$r-intx-count=$(awk -v irq="$irq:" '$1 == irq { print $2 }' /proc/interrupts)"
 		echo "guest: pci-hotplug unplug-ready $r"
 		wait_size vda = none
 		echo "guest: round$r-after=$(disk_size vda)"

@@ -46,7 +46,13 @@ const SCENARIOS: &[&str] = &[
 const GUEST_RAM_KB: u64 = 256 * 1024;
 
 /// Scenarios of the lab's VFIO variant, a boot of its own.
-const VFIO_SCENARIOS: &[&str] = &["vfio-edu", "vfio-hotplug", "vfio-msix", "vfio-jail"];
+const VFIO_SCENARIOS: &[&str] = &[
+    "vfio-edu",
+    "vfio-hotplug",
+    "vfio-msix",
+    "vfio-intx",
+    "vfio-jail",
+];
 
 fn lab() -> Option<&'static Result<LabRun, LabError>> {
     static RUN: OnceLock<Result<LabRun, LabError>> = OnceLock::new();
@@ -697,6 +703,25 @@ fn a_passed_through_virtio_disk_interrupts_the_guest_with_msi_x() {
         assert_eq!(v("deleted"), "1", "{}", t());
         assert_eq!(v("guest-done"), "yes", "{}", t());
         assert_eq!(v("hotplug-errors"), "0", "{}", t());
+        assert_eq!(v("l1-driver-after"), "vfio-pci", "{}", t());
+    });
+}
+
+#[test]
+fn a_passed_through_disk_interrupts_a_guest_without_msi_through_intx() {
+    check_in(vfio_lab, vfio_options(), "vfio-intx", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        // Plugged on the command line; the guest (pci=nomsi) drove it with INTx alone.
+        assert_eq!(v("round1-size"), "32768", "{}", t());
+        assert_eq!(v("round1-marker"), "citadel-lab-hotplug-marker!", "{}", t());
+        assert_eq!(v("mkfs"), "0", "{}", t());
+        assert_eq!(v("file-write"), "0", "{}", t());
+        assert_eq!(v("round1-msix-vectors"), "0", "{}", t());
+        assert_eq!(v("round1-intx-chip"), "IO-APIC", "{}", t());
+        let count: u64 = v("round1-intx-count").parse().unwrap_or(0);
+        assert!(count > 0, "the INTx line never fired\n{}", t());
+        assert_eq!(v("vfiointx.exit-code"), "0", "{}", t());
         assert_eq!(v("l1-driver-after"), "vfio-pci", "{}", t());
     });
 }

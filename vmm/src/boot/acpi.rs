@@ -19,8 +19,8 @@
 
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else,
-    Equal, If, Interrupt, Memory32Fixed, Method, Name, Or, Path, ResourceTemplate, Return, Scope,
-    Uuid, IO,
+    Equal, If, Interrupt, Memory32Fixed, Method, Name, Or, Package, PackageBuilder, Path,
+    ResourceTemplate, Return, Scope, Uuid, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
@@ -273,9 +273,21 @@ impl Aml for PciHostBridge {
             false,
             vec![&create_cdw1, &granted, &refused, &ret],
         );
+        // INTx routing of every bus-0 device and pin, straight to IOAPIC lines (no link
+        // devices): Package { address 0xDDDDFFFF, pin, source 0, GSI }.
+        let mut routes = PackageBuilder::new();
+        for device in 0..32u8 {
+            for pin in 0..4u8 {
+                let address = (u32::from(device) << 16) | 0xffff;
+                let gsi = layout::pci_intx_gsi(device, pin);
+                let entry = Package::new(vec![&address, &pin, &aml::ZERO, &gsi]);
+                routes.add_element(&entry);
+            }
+        }
+        let prt = Name::new("_PRT".into(), &routes);
         Device::new(
             "PCI0".into(),
-            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc],
+            vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc, &prt],
         )
         .to_aml_bytes(sink);
     }
@@ -479,6 +491,13 @@ pub(crate) mod tests {
         assert!(contains(aml, &[0x41, 0xd0, 0x0a, 0x08]));
         assert!(contains(aml, &[0x41, 0xd0, 0x0a, 0x03]));
         assert!(contains(aml, b"_OSC"));
+        // INTx routes: device 3's INTB (pin 1) is GSI 16 + (3 + 1) % 4 = 16, as
+        // Package (4) { 0x0003FFFF, One, Zero, 0x10 }.
+        assert!(contains(aml, b"_PRT"));
+        assert!(contains(
+            aml,
+            &[0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x01, 0x00, 0x0a, 0x10]
+        ));
         // The _OSC UUID as ToUUID lays it out.
         assert!(contains(
             aml,

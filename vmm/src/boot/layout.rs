@@ -98,6 +98,18 @@ pub const VIRTIO_MMIO_MAX_SLOTS: u64 = 64;
 pub const VIRTIO_MMIO_GSIS: [u32; 16] =
     [5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 
+/// Interrupt lines of PCI INTx on the standard machine, which has no virtio-mmio slot but a
+/// balloon's (slot 0, GSI 5): pin INTA..INTD of bus-0 device `d` raises
+/// `PCI_INTX_GSIS[(d + pin) % 4]` (see [`pci_intx_gsi`]), which the DSDT's `_PRT` says, and a
+/// function behind a root port reaches its port's lines through the usual bridge swizzle.
+/// These lines are level-triggered and shared, as PCI's are.
+pub const PCI_INTX_GSIS: [u32; 4] = [16, 17, 18, 19];
+
+/// The line INTx pin `pin` (0 for INTA to 3 for INTD) of bus-0 device `device` raises.
+pub fn pci_intx_gsi(device: u8, pin: u8) -> u32 {
+    PCI_INTX_GSIS[(usize::from(device) + usize::from(pin)) % PCI_INTX_GSIS.len()]
+}
+
 /// PCIe enhanced configuration space (ECAM) of the standard machine: 256 buses × 1 MiB.
 pub const PCIE_ECAM_BASE: u64 = 0xe000_0000;
 /// Size of the PCIe ECAM window.

@@ -476,12 +476,19 @@ impl PciDevices {
     /// `bus`: see [`VfioPciCard`].
     pub fn plug_vfio(&self, bus: &str, host: &str, handle: VfioHandle) -> Result<(), String> {
         self.check_plug(bus)?;
+        let port_device = self
+            .host
+            .ports
+            .iter()
+            .find(|p| p.id == bus)
+            .map_or(0, |p| p.device);
         let card = VfioPciCard::new(
             host,
             handle,
             &self.memory,
             self.routes.clone(),
             self.passthrough.clone(),
+            port_device,
         )
         .map_err(|e| format!("host {host}: {e}"))?;
         self.host

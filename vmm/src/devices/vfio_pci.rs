@@ -21,9 +21,13 @@
 //!   left in the eventfd while masked being its pending bit); enabling MSI-X has the function
 //!   signal those eventfds. A BAR holding the table or pending bits stays trapped (the rest of
 //!   it is forwarded to the function).
-//! - Not offered (and said so in the log): INTx (interrupt pin 0), port I/O BARs, the
-//!   expansion ROM, extended configuration space (reads 0), and writes outside the command
-//!   register, BARs, interrupt line, MSI capability and MSI-X message control (dropped).
+//! - INTx, while neither MSI nor MSI-X is enabled: the function's pin, behind its root port,
+//!   raises the port's line (see [`crate::boot::layout::pci_intx_gsi`], which the DSDT's
+//!   `_PRT` tells the guest) through a KVM irqfd with a resample eventfd, with which VFIO
+//!   unmasks the function's INTx after the guest's EOI ([`Intx`]).
+//! - Not offered (and said so in the log): port I/O BARs, the expansion ROM, extended
+//!   configuration space (reads 0), and writes outside the command register, BARs, interrupt
+//!   line, MSI capability and MSI-X message control (dropped).
 //!
 //! All guest RAM is mapped for the function's DMA through the container (type-1 IOMMU) at I/O
 //! virtual address = guest physical address while the card is plugged.
@@ -41,9 +45,10 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_irq_set, VFIO_DMA_MAP_FLAG_READ,
-    VFIO_DMA_MAP_FLAG_WRITE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_DMA_MAP_FLAG_WRITE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -221,6 +226,17 @@ impl DeviceFile {
         index: u32,
         evts: impl IntoIterator<Item = &'a EventFd>,
     ) -> io::Result<()> {
+        self.set_irqs_action(index, VFIO_IRQ_SET_ACTION_TRIGGER, evts)
+    }
+
+    /// Like [`DeviceFile::set_irqs`] for another action: `VFIO_IRQ_SET_ACTION_UNMASK` has a
+    /// write to the eventfd unmask INTx.
+    fn set_irqs_action<'a>(
+        &self,
+        index: u32,
+        action: u32,
+        evts: impl IntoIterator<Item = &'a EventFd>,
+    ) -> io::Result<()> {
         // struct vfio_irq_set is five u32 fields, then the data: here one descriptor (an int)
         // per vector. Built as u32 words, it is aligned as the kernel expects.
         let fds: Vec<u32> = evts.into_iter().map(|e| e.as_raw_fd() as u32).collect();
@@ -232,7 +248,7 @@ impl DeviceFile {
         let header = std::mem::size_of::<vfio_irq_set>() / 4;
         let mut words = vec![0u32; header + fds.len()];
         words[0] = (words.len() * 4) as u32;
-        words[1] = data | VFIO_IRQ_SET_ACTION_TRIGGER;
+        words[1] = data | action;
         words[2] = index;
         words[3] = 0;
         words[4] = fds.len() as u32;
@@ -606,6 +622,56 @@ impl Bar {
     }
 }
 
+/// The function's INTx: a level-triggered IOAPIC line shared as PCI's are. VFIO signals
+/// `trigger` (a KVM irqfd of the line, asserting it) and masks the function's INTx; the
+/// guest's EOI deasserts the line and signals `resample`, with which VFIO unmasks it again.
+struct Intx {
+    gsi: u32,
+    trigger: EventFd,
+    resample: EventFd,
+    on: bool,
+}
+
+impl Intx {
+    /// Turns INTx delivery on or off; a failure is logged and leaves it off.
+    fn set(&mut self, on: bool, file: &DeviceFile, vm: &VmFd, host: &str) {
+        if on == self.on {
+            return;
+        }
+        if !on {
+            if let Err(e) = file.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, []) {
+                log::warn!("vfio-pci {host}: disabling INTx: {e}");
+            }
+            if let Err(e) = vm.unregister_irqfd(&self.trigger, self.gsi) {
+                log::warn!("vfio-pci {host}: INTx irqfd: {e}");
+            }
+            self.on = false;
+            return;
+        }
+        if let Err(e) = vm.register_irqfd_with_resample(&self.trigger, &self.resample, self.gsi) {
+            log::warn!("vfio-pci {host}: INTx on GSI {}: {e}", self.gsi);
+            return;
+        }
+        let enabled = file
+            .set_irqs(VFIO_PCI_INTX_IRQ_INDEX, [&self.trigger])
+            .and_then(|()| {
+                file.set_irqs_action(
+                    VFIO_PCI_INTX_IRQ_INDEX,
+                    VFIO_IRQ_SET_ACTION_UNMASK,
+                    [&self.resample],
+                )
+            });
+        match enabled {
+            Ok(()) => self.on = true,
+            Err(e) => {
+                log::warn!("vfio-pci {host}: enabling INTx: {e}");
+                let _ = file.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, []);
+                let _ = vm.unregister_irqfd(&self.trigger, self.gsi);
+            }
+        }
+    }
+}
+
 /// The guest's MSI capability, held here rather than in the device.
 struct Msi {
     offset: usize,
@@ -633,6 +699,7 @@ pub struct VfioPciCard {
     memory_enabled: bool,
     msi: Option<Msi>,
     msix: Option<Msix>,
+    intx: Option<Intx>,
     routes: Arc<MsiRoutes>,
     wiring: Arc<PassthroughWiring>,
     _dma: DmaMappings,
@@ -647,14 +714,16 @@ impl std::fmt::Debug for VfioPciCard {
 }
 
 impl VfioPciCard {
-    /// A card for host function `host`, opened by the launcher as `handle`; all of `memory`
-    /// is mapped for its DMA, its MSIs go through `routes` and its BARs through `wiring`.
+    /// A card for host function `host`, opened by the launcher as `handle`, in the root port
+    /// at bus-0 device `port_device`; all of `memory` is mapped for its DMA, its MSIs go
+    /// through `routes`, its BARs and INTx through `wiring`.
     pub fn new(
         host: &str,
         handle: VfioHandle,
         memory: &GuestMemoryMmap,
         routes: Arc<MsiRoutes>,
         wiring: Arc<PassthroughWiring>,
+        port_device: u8,
     ) -> Result<Self, VfioCardError> {
         let file = Arc::new(DeviceFile {
             file: handle.device.into(),
@@ -711,11 +780,26 @@ impl VfioPciCard {
             kept.push(at);
         }
         relink(&mut shadow, &kept);
-        if msi.is_none() && msix.is_none() {
-            log::warn!("vfio-pci {host}: the function has neither MSI nor MSI-X: the guest gets no interrupts");
+        // The card is device 0 behind its port: its pin reaches the port's pin of the same
+        // letter (the bridge swizzle), and so the port's line.
+        let pin = shadow[usize::from(INTERRUPT_PIN)];
+        let intx = match pin {
+            1..=4 => {
+                let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VfioCardError::ReadConfig);
+                Some(Intx {
+                    gsi: crate::boot::layout::pci_intx_gsi(port_device, pin - 1),
+                    trigger: evt()?,
+                    resample: evt()?,
+                    on: false,
+                })
+            }
+            _ => None,
+        };
+        if msi.is_none() && msix.is_none() && intx.is_none() {
+            log::warn!("vfio-pci {host}: the function has no interrupt the guest can use");
         }
         let dma = DmaMappings::map(handle.container, memory)?;
-        Ok(VfioPciCard {
+        let mut card = VfioPciCard {
             host: host.to_string(),
             file,
             shadow,
@@ -723,10 +807,29 @@ impl VfioPciCard {
             memory_enabled: false,
             msi,
             msix,
+            intx,
             routes,
             wiring,
             _dma: dma,
-        })
+        };
+        card.sync_intx();
+        Ok(card)
+    }
+
+    /// Turns INTx off, before MSI or MSI-X is enabled on the function.
+    fn intx_off(&mut self) {
+        if let Some(intx) = self.intx.as_mut() {
+            intx.set(false, &self.file, &self.wiring.vm, &self.host);
+        }
+    }
+
+    /// INTx delivers while neither MSI nor MSI-X does, as on a real function.
+    fn sync_intx(&mut self) {
+        let msi = self.msi.as_ref().is_some_and(|m| m.gsi.is_some());
+        let msix = self.msix.as_ref().is_some_and(|m| m.in_device);
+        if let Some(intx) = self.intx.as_mut() {
+            intx.set(!msi && !msix, &self.file, &self.wiring.vm, &self.host);
+        }
     }
 
     fn live_config(&self, offset: u16, data: &mut [u8]) {
@@ -761,11 +864,9 @@ impl VfioPciCard {
                 }
             }
             ROM => 0,
-            INTERRUPT_LINE => {
-                let mut value = shadow();
-                // No INTx pin: the function interrupts with MSI only.
-                value &= !(0xff << ((INTERRUPT_PIN - INTERRUPT_LINE) * 8));
-                value
+            INTERRUPT_LINE if self.intx.is_none() => {
+                // No INTx pin offered: the function interrupts with MSI or MSI-X only.
+                shadow() & !(0xff << ((INTERRUPT_PIN - INTERRUPT_LINE) * 8))
             }
             _ => shadow(),
         }
@@ -935,6 +1036,12 @@ impl VfioPciCard {
         let control =
             u16::from_le_bytes([self.shadow[msix.offset + 2], self.shadow[msix.offset + 3]]);
         let enabled = control & MSIX_ENABLE != 0;
+        if enabled && !msix.in_device {
+            self.intx_off();
+        }
+        let Some(msix) = self.msix.as_mut() else {
+            return;
+        };
         msix.interrupt
             .set_control(enabled, control & MSIX_FUNCTION_MASK != 0);
         if enabled != msix.in_device {
@@ -952,6 +1059,7 @@ impl VfioPciCard {
                 ),
             }
         }
+        self.sync_intx();
     }
 
     fn msi_message(&self, msi: &Msi) -> (bool, u64, u32) {
@@ -972,6 +1080,15 @@ impl VfioPciCard {
             return;
         };
         let (enabled, address, data) = self.msi_message(msi);
+        if enabled && msi.gsi.is_none() {
+            self.intx_off();
+        }
+        self.route_msi(enabled, address, data);
+        self.sync_intx();
+    }
+
+    /// Makes the function's MSI what the guest's capability says: routed, delivering, or off.
+    fn route_msi(&mut self, enabled: bool, address: u64, data: u32) {
         let host = &self.host;
         let msi = self.msi.as_mut().expect("checked above");
         match (enabled, msi.gsi) {
@@ -1299,6 +1416,7 @@ impl Drop for VfioPciCard {
                 log::warn!("vfio-pci {}: disabling MSI-X: {e}", self.host);
             }
         }
+        self.intx_off();
         for index in 0..self.bars.len() {
             self.unplace(index);
         }
@@ -1385,6 +1503,7 @@ mod tests {
             &GuestMemoryMmap::default(),
             routes,
             wiring,
+            1,
         )
         .expect("a card");
         Some((card, file, mmio))
@@ -1439,7 +1558,7 @@ mod tests {
             "single function, type 0"
         );
         assert_eq!(read32(&card, 0x30), 0, "no option ROM");
-        assert_eq!(read32(&card, 0x3c) >> 8 & 0xff, 0, "no INTx pin");
+        assert_eq!(read32(&card, 0x3c) >> 8 & 0xff, 1, "INTx on pin A");
         assert_eq!(read32(&card, 0x100), 0, "no extended capabilities");
         assert_eq!(
             chain(&card),

@@ -636,6 +636,8 @@ fn a_hot_plugged_edu_device_answers_the_guest_through_vfio() {
         has("err-not-vfio", "not bound to vfio-pci");
         has("err-addr", "Invalid addr");
         has("err-bus", "does not support hotplugging");
+        has("err-occupied", "holds a device");
+        has("err-twice", "already passed through");
         // Each round: the guest reached the device's registers through its BAR (a memory slot
         // from the first access on), the device moved bytes each way through guest RAM by
         // DMA, and its MSI reached the guest's CPU.

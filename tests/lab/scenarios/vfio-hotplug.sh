@@ -36,7 +36,8 @@ edu_add() {
 
 result l1-driver "$(l1_driver)"
 MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 "vfio-edu lab.rounds=$rounds" \
-	-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1
+	-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1 \
+	-device pcie-root-port,id=pcie.2,port=0x2,bus=pcie.0,addr=0x2
 if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 	edu_add '"bus":"pcie.1","addr":"0x0","host":"0000:00:1f.7"' /tmp/$vm.err1
 	result err-unknown-host "$(desc /tmp/$vm.err1)"
@@ -60,6 +61,13 @@ if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 		added=$((added + 1))
 		l2_wait $vm "guest: vfio-edu unplug-ready $r" 120 || break
 		result round$r-group-users "$(group_users)"
+		if [ $r = 1 ]; then
+			# While plugged: its slot is occupied, and the function cannot go in twice.
+			qmp $vm '{"execute":"device_add","arguments":{"driver":"vfio-pci","id":"edu1","bus":"pcie.1","addr":"0x0","host":"'$edu'"}}' >/tmp/$vm.err5
+			result err-occupied "$(desc /tmp/$vm.err5)"
+			qmp $vm '{"execute":"device_add","arguments":{"driver":"vfio-pci","id":"edu1","bus":"pcie.2","addr":"0x0","host":"'$edu'"}}' >/tmp/$vm.err6
+			result err-twice "$(desc /tmp/$vm.err6)"
+		fi
 		# device_del answers at once; the event follows once the guest let the device go.
 		qmp $vm '{"execute":"device_del","arguments":{"id":"edu0"}}' \
 			wait-event:DEVICE_DELETED >/tmp/$vm.del.$r

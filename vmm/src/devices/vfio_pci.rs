@@ -749,6 +749,15 @@ impl VfioPciCard {
         let (mut msi, mut msix) = (None, None);
         for &(at, id) in &found {
             match id {
+                // VFIO's interrupt counts are what the host can deliver: a capability it
+                // cannot back is unlinked.
+                CAP_MSI | CAP_MSIX
+                    if (id == CAP_MSI && handle.msi_vectors == 0)
+                        || (id == CAP_MSIX && handle.msix_vectors == 0) =>
+                {
+                    log::warn!("vfio-pci {host}: the host offers no vector for capability {id:#x}; not offered");
+                    continue;
+                }
                 CAP_MSI if msi.is_none() && at + 14 <= CONFIG_LEN => {
                     let control = u16::from_le_bytes([shadow[at + 2], shadow[at + 3]]);
                     // One vector, no per-vector masking, disabled; the 64-bit flag as the
@@ -764,17 +773,19 @@ impl VfioPciCard {
                         gsi: None,
                     });
                 }
-                CAP_MSIX if msix.is_none() => match Msix::parse(&shadow, at, &bars, &routes) {
-                    Ok(parsed) => {
-                        // Disabled and not masked, as after a reset.
-                        shadow[at + 3] &= !((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
-                        msix = Some(parsed);
+                CAP_MSIX if msix.is_none() => {
+                    match Msix::parse(&shadow, at, &bars, &routes, handle.msix_vectors) {
+                        Ok(parsed) => {
+                            // Disabled and not masked, as after a reset.
+                            shadow[at + 3] &= !((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+                            msix = Some(parsed);
+                        }
+                        Err(why) => {
+                            log::warn!("vfio-pci {host}: MSI-X not offered: {why}");
+                            continue;
+                        }
                     }
-                    Err(why) => {
-                        log::warn!("vfio-pci {host}: MSI-X not offered: {why}");
-                        continue;
-                    }
-                },
+                }
                 _ => {}
             }
             kept.push(at);
@@ -1260,6 +1271,7 @@ impl Msix {
         offset: usize,
         bars: &[Bar; 6],
         routes: &Arc<MsiRoutes>,
+        host_vectors: u32,
     ) -> Result<Msix, String> {
         if offset + 12 > CONFIG_LEN {
             return Err("its capability does not fit the header".into());
@@ -1269,6 +1281,11 @@ impl Msix {
         };
         let control = u16::from_le_bytes([shadow[offset + 2], shadow[offset + 3]]);
         let vectors = (control & 0x7ff) + 1;
+        if u32::from(vectors) > host_vectors {
+            return Err(format!(
+                "its table has {vectors} vectors, the host delivers {host_vectors}"
+            ));
+        }
         let table = MsixPlace::from_register(
             u32_at(offset + 4),
             u64::from(vectors) * MSIX_ENTRY_SIZE,
@@ -1461,12 +1478,14 @@ mod tests {
     /// A card over a plain file standing in for the VFIO device: configuration space at 0,
     /// BAR 0 at [`BAR0_AT`], neither mmap'able, so every BAR access is forwarded to the file.
     fn card(routing: Arc<FakeRouting>) -> Option<(VfioPciCard, File, Arc<MmioBus>)> {
-        card_with(routing, config_space_with_msix_in(0))
+        card_with(routing, config_space_with_msix_in(0), 8)
     }
 
+    /// A card over `config`, the host delivering `msix_vectors` MSI-X vectors.
     fn card_with(
         routing: Arc<FakeRouting>,
         config: [u8; CONFIG_LEN],
+        msix_vectors: u32,
     ) -> Option<(VfioPciCard, File, Arc<MmioBus>)> {
         let kvm = crate::test_kvm::kvm_or_skip("vfio_pci card")?;
         let vm = Arc::new(kvm.create_vm().expect("a VM"));
@@ -1492,7 +1511,7 @@ mod tests {
                 },
             ],
             msi_vectors: 1,
-            msix_vectors: 8,
+            msix_vectors,
         };
         let mmio = Arc::new(MmioBus::new());
         let wiring = Arc::new(PassthroughWiring::new(mmio.clone(), vm));
@@ -1574,11 +1593,24 @@ mod tests {
 
     #[test]
     fn msi_x_whose_table_is_in_no_bar_is_not_offered() {
-        let Some((card, _, _)) = card_with(Arc::default(), config_space_with_msix_in(2)) else {
+        let Some((card, _, _)) = card_with(Arc::default(), config_space_with_msix_in(2), 8) else {
             return;
         };
         let ids: Vec<u8> = chain(&card).iter().map(|c| c.1).collect();
         assert_eq!(ids, [0x01, CAP_MSI, 0x10]);
+    }
+
+    #[test]
+    fn msi_x_the_host_cannot_deliver_is_not_offered() {
+        for host_vectors in [0, 3] {
+            let Some((card, _, _)) =
+                card_with(Arc::default(), config_space_with_msix_in(0), host_vectors)
+            else {
+                return;
+            };
+            let ids: Vec<u8> = chain(&card).iter().map(|c| c.1).collect();
+            assert_eq!(ids, [0x01, CAP_MSI, 0x10], "{host_vectors} vectors");
+        }
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub enum VfioCardError {
     /// Reading the configuration space failed.
     #[error("reading its configuration space: {0}")]
     ReadConfig(io::Error),
+    /// An eventfd for its interrupts could not be made.
+    #[error("creating an eventfd: {0}")]
+    EventFd(io::Error),
     /// The function is a bridge.
     #[error("only endpoints can be passed through (header type {0:#x})")]
     NotEndpoint(u8),
@@ -764,8 +767,7 @@ impl VfioPciCard {
                     // device has it.
                     let shown = control & MSI_64BIT;
                     shadow[at + 2..at + 4].copy_from_slice(&shown.to_le_bytes());
-                    let evt =
-                        EventFd::new(libc::EFD_NONBLOCK).map_err(VfioCardError::ReadConfig)?;
+                    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VfioCardError::EventFd)?;
                     msi = Some(Msi {
                         offset: at,
                         bits64: shown != 0,
@@ -796,7 +798,7 @@ impl VfioPciCard {
         let pin = shadow[usize::from(INTERRUPT_PIN)];
         let intx = match pin {
             1..=4 => {
-                let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VfioCardError::ReadConfig);
+                let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VfioCardError::EventFd);
                 Some(Intx {
                     gsi: crate::boot::layout::pci_intx_gsi(port_device, pin - 1),
                     trigger: evt()?,

@@ -321,17 +321,20 @@ pci-nic)
 	echo "guest: pci-nic done"
 	;;
 blk-restart)
-	# A disk hot-plugged into slot 1 (vdb) takes 2048 numbered 4 KiB blocks from dd while L1
-	# kills its backend: dd must succeed and the kernel must log no I/O error.
+	# A disk hot-plugged into slot 1 (vdb; lab.disk= names another, a PCI card's vda) takes
+	# 2048 numbered 4 KiB blocks from dd while L1 kills its backend: dd must succeed and the
+	# kernel must log no I/O error.
+	disk=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.disk=//p')
+	disk=${disk:-vdb}
 	awk 'BEGIN { for (i = 0; i < 2048; i++) printf "%-4095s\n", "citadel-lab-restart-block-" i }' >/tmp/blocks
 	echo "guest: restart waiting"
-	wait_size vdb -gt 0
-	disk_node vdb
+	wait_size $disk -gt 0
+	disk_node $disk
 	echo "guest: restart writing"
-	dd if=/tmp/blocks of=/dev/vdb bs=4k count=2048 oflag=direct 2>/tmp/dd.out
+	dd if=/tmp/blocks of=/dev/$disk bs=4k count=2048 oflag=direct 2>/tmp/dd.out
 	echo "guest: dd-rc=$?"
 	sed 's/^/guest: says: /' /tmp/dd.out
-	echo "guest: io-errors=$(dmesg | grep vdb | grep -ciE 'error|critical')"
+	echo "guest: io-errors=$(dmesg | grep $disk | grep -ciE 'error|critical')"
 	echo "guest: restart written"
 	;;
 nic)

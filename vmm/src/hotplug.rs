@@ -50,8 +50,8 @@ use crate::cli::{
 };
 use crate::devices::blk_slot::PluggedDisk;
 use crate::devices::manager::{DeviceManager, HungUp};
-use crate::devices::pcie::{PciDevices, PlugError, PlugRefused};
-use crate::devices::vhost_user::BACKEND_TIMEOUT;
+use crate::devices::pcie::{CardBackend, PciDevices, PlugError, PlugRefused};
+use crate::devices::vhost_user::{VhostUserConnection, BACKEND_TIMEOUT};
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::net_hotplug::{Netdevs, NIC_DRIVER};
 use crate::passed_fds::PassedFds;
@@ -729,10 +729,15 @@ impl Hotplug {
         add: &DeviceAdd,
     ) -> Result<PciBackend, QmpError> {
         let (node_name, disk) = self.take_disk(add)?;
-        match pci.plug_disk(bus, disk) {
+        let plugged = PluggedDisk {
+            device_id: add.id.clone(),
+            node_name: node_name.clone(),
+            disk,
+        };
+        match pci.plug_disk(bus, plugged) {
             Ok(()) => Ok(PciBackend::Node(node_name)),
             Err(PlugRefused { why, disk }) => {
-                self.plug_refused(&node_name, disk.map(|disk| *disk));
+                self.plug_refused(&node_name, disk.map(|plugged| plugged.disk));
                 Err(QmpError::generic(why))
             }
         }
@@ -946,56 +951,112 @@ impl Hotplug {
     pub fn restart_backends(&mut self, devices: &DeviceManager) {
         for hung_up in devices.hung_up() {
             let started = Instant::now();
-            let (addr, device_id, node_name) = match hung_up {
+            match hung_up {
                 HungUp::Disk {
                     addr,
                     device_id,
                     node_name,
-                } => (addr, device_id, node_name),
+                } => self.restart_disk(
+                    &device_id,
+                    &node_name,
+                    started,
+                    &|disk| devices.replace_disk_backend(addr, disk),
+                    &|| devices.fail_disk_backend(addr),
+                ),
+                HungUp::Card(card) => {
+                    let Some(pci) = devices.pci() else {
+                        continue;
+                    };
+                    match &card.backend {
+                        CardBackend::Node(node_name) => self.restart_disk(
+                            &card.device_id,
+                            node_name,
+                            started,
+                            &|disk| pci.replace_disk_backend(&card.bus, disk),
+                            &|| pci.fail_disk_backend(&card.bus),
+                        ),
+                        CardBackend::Netdev(netdev_id) => self.restart_nic(
+                            &card.device_id,
+                            netdev_id,
+                            started,
+                            &|conn| pci.replace_nic_backend(&card.bus, conn),
+                            &|| pci.fail_nic_backend(&card.bus),
+                        ),
+                    }
+                }
                 HungUp::Nic {
                     addr,
                     device_id,
                     netdev_id,
-                } => {
-                    match available(&self.launcher).map_err(|e| e.desc).and_then(|launcher| {
-                        self.netdevs.restart(launcher, devices, addr, &netdev_id)
-                    }) {
-                        Ok(pid) => log::warn!(
-                            "NIC {device_id}: its backend hung up; citadel-net[{pid}] took over in {} ms",
-                            started.elapsed().as_millis()
-                        ),
-                        Err(why) => {
-                            devices.fail_nic_backend(addr);
-                            log::error!(
-                                "NIC {device_id}: its backend hung up and cannot be restarted ({why}); its link is down and the device needs a reset"
-                            );
-                        }
-                    }
-                    continue;
-                }
-            };
-            match self.restart_blk(devices, addr, &node_name) {
-                Ok(pid) => log::warn!(
-                    "disk {device_id}: its backend hung up; citadel-blk[{pid}] took over in {} ms",
-                    started.elapsed().as_millis()
+                } => self.restart_nic(
+                    &device_id,
+                    &netdev_id,
+                    started,
+                    &|conn| devices.replace_nic_backend(addr, conn),
+                    &|| devices.fail_nic_backend(addr),
                 ),
-                Err(why) => {
-                    devices.fail_disk_backend(addr);
-                    log::error!(
-                        "disk {device_id}: its backend hung up and cannot be restarted ({why}); its requests now fail with I/O errors and the device needs a reset"
-                    );
-                }
             }
         }
     }
 
-    /// Replaces the backend of node `node_name`, plugged into disk slot `addr`; returns the
-    /// new process id.
+    /// Restarts the backend of NIC `device_id` (netdev `netdev_id`), whose slot or card
+    /// takes the new one with `replace`, or, when that is not possible, has it fail with
+    /// `fail`.
+    fn restart_nic(
+        &mut self,
+        device_id: &str,
+        netdev_id: &str,
+        started: Instant,
+        replace: &dyn Fn(VhostUserConnection) -> Result<(), String>,
+        fail: &dyn Fn(),
+    ) {
+        let restarted = available(&self.launcher)
+            .map_err(|e| e.desc)
+            .and_then(|launcher| self.netdevs.restart(launcher, netdev_id, replace));
+        match restarted {
+            Ok(pid) => log::warn!(
+                "NIC {device_id}: its backend hung up; citadel-net[{pid}] took over in {} ms",
+                started.elapsed().as_millis()
+            ),
+            Err(why) => {
+                fail();
+                log::error!(
+                    "NIC {device_id}: its backend hung up and cannot be restarted ({why}); its link is down and the device needs a reset"
+                );
+            }
+        }
+    }
+
+    /// Restarts the backend of disk `device_id` (node `node_name`), whose slot or card takes
+    /// the new one with `replace`, or, when that is not possible, has it fail with `fail`.
+    fn restart_disk(
+        &mut self,
+        device_id: &str,
+        node_name: &str,
+        started: Instant,
+        replace: &dyn Fn(VhostUserBlk) -> Result<(), String>,
+        fail: &dyn Fn(),
+    ) {
+        match self.restart_blk(node_name, replace) {
+            Ok(pid) => log::warn!(
+                "disk {device_id}: its backend hung up; citadel-blk[{pid}] took over in {} ms",
+                started.elapsed().as_millis()
+            ),
+            Err(why) => {
+                fail();
+                log::error!(
+                    "disk {device_id}: its backend hung up and cannot be restarted ({why}); its requests now fail with I/O errors and the device needs a reset"
+                );
+            }
+        }
+    }
+
+    /// Replaces the backend of node `node_name`, whose slot or card takes the new one with
+    /// `replace`; returns the new process id.
     fn restart_blk(
         &mut self,
-        devices: &DeviceManager,
-        addr: u64,
         node_name: &str,
+        replace: &dyn Fn(VhostUserBlk) -> Result<(), String>,
     ) -> Result<i32, String> {
         // A backend someone else started may keep no inflight record: replaying its ring from
         // the used index could answer a request twice, so its disk fails instead.
@@ -1025,7 +1086,7 @@ impl Hotplug {
             let peer = PathBuf::from(format!("citadel-blk[{}] ({node_name})", backend.pid));
             VhostUserBlk::from_stream(backend.socket, peer, BACKEND_TIMEOUT)
                 .map_err(|e| e.to_string())
-                .and_then(|disk| devices.replace_disk_backend(addr, disk))
+                .and_then(replace)
                 .map(|()| backend.pid)
                 .map_err(|why| {
                     stop(launcher, backend.pid);

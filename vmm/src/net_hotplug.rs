@@ -281,9 +281,8 @@ impl Netdevs {
     pub fn restart(
         &mut self,
         launcher: &Launcher,
-        devices: &DeviceManager,
-        addr: u64,
         id: &str,
+        replace: &dyn Fn(VhostUserConnection) -> Result<(), String>,
     ) -> Result<i32, String> {
         let netdev = self
             .netdevs
@@ -304,7 +303,7 @@ impl Netdevs {
             let peer = PathBuf::from(format!("citadel-net[{}] ({id})", backend.pid));
             VhostUserConnection::from_stream(backend.socket, peer, NET_SPEC, BACKEND_TIMEOUT)
                 .map_err(|e| e.to_string())
-                .and_then(|conn| devices.replace_nic_backend(addr, conn))
+                .and_then(replace)
                 .map(|()| backend.pid)
                 .map_err(|why| {
                     stop(launcher, backend.pid);

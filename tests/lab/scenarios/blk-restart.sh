@@ -2,7 +2,8 @@
 # slot 1 (vdb), the guest writes 2048 numbered 4 KiB blocks to it with dd oflag=direct, and
 # L1 kills its citadel-blk with SIGKILL in the middle. Citadel must start a new one and hand
 # it the ring: dd exits 0, the guest's kernel logs no I/O error, and the image in L1 holds
-# every block.
+# every block. With RESTART_Q35=1 (q35-blk-restart) the same on the q35 machine: the disk is
+# a virtio-blk-pci card in root port pcie.1 (vda).
 #
 # A guest that triple-faults before dd is done is booted once more, and the test sees
 # `rs.retried` (see boot_and_report in lib.sh: QEMU's TCG emulation of nested SVM here
@@ -14,10 +15,17 @@ attempt=1
 while :; do
 	rm -f /tmp/rs.img /tmp/rs.head
 	truncate -s 16M /tmp/rs.img
-	boot_guest $vm $GUEST/vmlinux 1 256 blk-restart
+	if [ "$RESTART_Q35" = 1 ]; then
+		MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 "blk-restart lab.disk=vda" \
+			-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1
+		device='"driver":"virtio-blk-pci","bus":"pcie.1","addr":"0x0"'
+	else
+		boot_guest $vm $GUEST/vmlinux 1 256 blk-restart
+		device='"driver":"virtio-blk-mmio","addr":"0x1"'
+	fi
 	if l2_wait $vm "guest: restart waiting" 90; then
 		qmp $vm '{"execute":"blockdev-add","arguments":{"node-name":"drive-0","file":{"driver":"file","filename":"/tmp/rs.img"},"cache":{"direct":false},"read-only":false}}' \
-			'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-mmio","addr":"0x1","drive":"drive-0"}}' \
+			'{"execute":"device_add","arguments":{"id":"drive-0",'"$device"',"drive":"drive-0"}}' \
 			>/dev/null
 		if l2_wait $vm "guest: restart writing" 120; then
 			backend=$(pidof citadel-blk)

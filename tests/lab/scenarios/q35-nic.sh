@@ -4,7 +4,11 @@
 # guest pings L1 and moves 4 MiB each way with busybox nc (L1 listens on 5000 for what the
 # guest sends and 6000 for what it receives), both ends checking checksums. device_del
 # returns at once, DEVICE_DELETED follows once the guest released the slot, the netdev keeps
-# its backend for a second device_add and device_del, and netdev_del then ends it.
+# its backend for a second device_add and device_del, and netdev_del then ends it. Once the
+# guest's link is up, L1 kills the citadel-net with SIGKILL: Citadel starts another on the
+# same tap and hands it the card's rings, and all of the above still holds. (The launcher
+# created tap0, which goes with the process that held it; L1 configures the new one again, as
+# a persistent tap would not need.)
 vm=q35nic
 dd if=/dev/urandom of=/tmp/q35nic.tx bs=1M count=4 2>/dev/null
 result l1-tx-md5 "$(md5sum </tmp/q35nic.tx | cut -d' ' -f1)"
@@ -31,7 +35,28 @@ if l2_wait $vm "guest: pci-nic waiting" 90; then
 	ip link set tap0 up
 	backend=$(pidof citadel-net)
 	result backend-count "$(echo $backend | wc -w)"
+	if l2_wait $vm "guest: eth0-carrier=" 120; then
+		kill -9 $backend
+		restarted=no
+		for i in $(seq 100); do
+			now=$(pidof citadel-net)
+			if [ -n "$now" ] && [ "$now" != "$backend" ]; then
+				restarted=yes
+				backend=$now
+				break
+			fi
+			usleep 100000
+		done
+		result backend-restarted $restarted
+		for i in $(seq 50); do
+			[ -d /sys/class/net/tap0 ] && break
+			usleep 100000
+		done
+		ip addr add 10.77.1.1/24 dev tap0 2>/dev/null
+		ip link set tap0 up
+	fi
 	if l2_wait $vm "guest: pci-nic unplug-ready" 180; then
+		result takeovers "$(l2_count $vm 'took over in')"
 		for key in eth0-mac eth0-carrier ping send receive rx-md5 rx-size; do
 			result $key "$(l2_value $vm $key)"
 		done

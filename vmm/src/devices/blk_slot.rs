@@ -63,6 +63,9 @@ pub const SLOT_BLK_SIZE: u32 = 512;
 
 /// Bytes of the slot's configuration space: up to and including `blk_size`'s neighbours.
 const CONFIG_LEN: usize = 36;
+/// Bytes of a card's configuration space: all of virtio-blk's, discard and write-zeroes
+/// limits included.
+const CARD_CONFIG_LEN: usize = 60;
 
 const S_IOERR: u8 = 1;
 
@@ -100,7 +103,12 @@ struct Running {
 pub struct BlkSlot {
     index: u64,
     memory: GuestMemoryMmap,
-    config: [u8; CONFIG_LEN],
+    /// What the driver reads: the slot's own, or a card's disk's.
+    config: Vec<u8>,
+    /// What the driver is offered: [`SLOT_FEATURES`], or a card's disk's.
+    features: u64,
+    /// A PCI disk card's device rather than a hot-replace slot: see [`BlkSlot::card`].
+    card: bool,
     queue_max_sizes: [u16; 1],
     disk: Option<PluggedDisk>,
     running: Option<Running>,
@@ -126,7 +134,7 @@ pub struct SlotError {
 impl BlkSlot {
     /// An empty slot, number `index`, whose driver rings live in `memory`.
     pub fn new(index: u64, memory: GuestMemoryMmap, kicks: Arc<SlotKicks>) -> Self {
-        let mut config = [0u8; CONFIG_LEN];
+        let mut config = vec![0u8; CONFIG_LEN];
         config[8..12].copy_from_slice(&SLOT_SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&SLOT_SEG_MAX.to_le_bytes());
         config[20..24].copy_from_slice(&SLOT_BLK_SIZE.to_le_bytes());
@@ -134,6 +142,8 @@ impl BlkSlot {
             index,
             memory,
             config,
+            features: SLOT_FEATURES,
+            card: false,
             queue_max_sizes: [QUEUE_MAX_SIZE],
             disk: None,
             running: None,
@@ -141,6 +151,55 @@ impl BlkSlot {
             failed: false,
             quiesced: false,
         }
+    }
+
+    /// The device of a PCI disk card (q35), number `index`, holding `plugged` from the start
+    /// until the card leaves: no slot existed before the disk, so the driver is offered the
+    /// disk's own features and limits, and its kicks, while the card answers the ring itself
+    /// (a failed backend), are reported under `token`. A backend that dies is replaced as in
+    /// a slot, by one that offers exactly the same.
+    pub fn card(
+        index: u64,
+        memory: GuestMemoryMmap,
+        kicks: Arc<SlotKicks>,
+        token: u64,
+        plugged: PluggedDisk,
+    ) -> Result<Self, SlotError> {
+        let mut config = vec![0u8; CARD_CONFIG_LEN];
+        plugged.disk.read_config(0, &mut config);
+        let mut card = BlkSlot {
+            index,
+            memory,
+            config,
+            features: plugged.disk.features(),
+            card: true,
+            queue_max_sizes: [QUEUE_MAX_SIZE],
+            disk: None,
+            running: None,
+            watched: KickWatch::new(kicks, token),
+            failed: false,
+            quiesced: false,
+        };
+        card.plug(plugged)?;
+        Ok(card)
+    }
+
+    /// Whether `disk` can serve this device: a slot's limits, or a card's original disk's
+    /// features and configuration.
+    fn check_fits(&self, disk: &VhostUserBlk) -> Result<(), String> {
+        if !self.card {
+            return disk.check_fits_slot();
+        }
+        let mut config = vec![0u8; self.config.len()];
+        disk.read_config(0, &mut config);
+        if disk.features() != self.features || config != self.config {
+            return Err(format!(
+                "the new backend offers other features or limits than the disk's first ({:#x}, {:#x})",
+                disk.features(),
+                self.features
+            ));
+        }
+        Ok(())
     }
 
     /// The plugged disk, if any.
@@ -161,7 +220,7 @@ impl BlkSlot {
                 plugged,
             ));
         }
-        if let Err(why) = plugged.disk.check_fits_slot() {
+        if let Err(why) = self.check_fits(&plugged.disk) {
             return Err(refuse(why, plugged));
         }
         if let Err(e) = plugged.disk.set_memory(&self.memory) {
@@ -244,13 +303,16 @@ impl BlkSlot {
     /// the old backend published but did not signal). On a refusal `disk` is dropped and the
     /// old backend stays in place.
     pub fn replace_backend(&mut self, mut disk: VhostUserBlk) -> Result<(), String> {
-        let Some(plugged) = self.disk.as_mut() else {
+        if self.disk.is_none() {
             return Err(format!("the slot {} is empty", self.index));
-        };
+        }
         if self.failed {
             return Err(format!("the slot {}'s disk has failed already", self.index));
         }
-        disk.check_fits_slot()?;
+        self.check_fits(&disk)?;
+        let Some(plugged) = self.disk.as_mut() else {
+            return Err(format!("the slot {} is empty", self.index));
+        };
         let capacity = u64::from_le_bytes(self.config[..8].try_into().unwrap_or_default());
         if disk.capacity() != capacity {
             return Err(format!(
@@ -437,7 +499,7 @@ impl VirtioDevice for BlkSlot {
     }
 
     fn features(&self) -> u64 {
-        SLOT_FEATURES
+        self.features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -33,7 +33,7 @@ use super::balloon::{BalloonHandle, BalloonOptions};
 use super::blk_slot::{BlkSlot, PluggedDisk, QuiesceError, SlotError};
 use super::mmio_bus::{MmioBus, MmioBusError};
 use super::net_slot::{NetSlot, NicSlotError, PluggedNic};
-use super::pcie::{PciDevices, PcieError, PcieHost, RootPortSpec};
+use super::pcie::{HungUpCard, PciDevices, PcieError, PcieHost, RootPortSpec, CARD_TOKEN};
 use super::slot_ring::SlotKicks;
 use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
@@ -211,6 +211,8 @@ pub enum HungUp {
         /// Its netdev.
         netdev_id: String,
     },
+    /// A disk or NIC card behind a root port (q35).
+    Card(HungUpCard),
 }
 
 /// What `query-block` shows of one disk slot.
@@ -229,7 +231,7 @@ pub struct DeviceManager {
     disk_slots: Vec<DiskSlot>,
     nic_slots: Vec<NicSlot>,
     kicks: Arc<SlotKicks>,
-    hangups: BackendHangups,
+    hangups: Arc<BackendHangups>,
     activation: EventFd,
     balloon: Option<BalloonHandle>,
     pci: Option<PciDevices>,
@@ -244,7 +246,7 @@ impl DeviceManager {
             disk_slots: Vec::new(),
             nic_slots: Vec::new(),
             kicks: Arc::new(SlotKicks::new()?),
-            hangups: BackendHangups::new()?,
+            hangups: Arc::new(BackendHangups::new()?),
             activation: EventFd::new(EFD_NONBLOCK)?,
             balloon: None,
             pci: None,
@@ -457,6 +459,9 @@ impl DeviceManager {
             .ready()
             .into_iter()
             .filter_map(|token| {
+                if token & CARD_TOKEN != 0 {
+                    return self.pci.as_ref()?.hung_up(token).map(HungUp::Card);
+                }
                 let addr = token & !NIC_TOKEN;
                 let index = usize::try_from(addr).ok()?;
                 if token & NIC_TOKEN != 0 {
@@ -621,6 +626,12 @@ impl DeviceManager {
     /// NIC slots.
     pub fn serve_empty_slots(&self) {
         for token in self.kicks.ready() {
+            if token & CARD_TOKEN != 0 {
+                if let Some(pci) = &self.pci {
+                    pci.serve_kicks(token);
+                }
+                continue;
+            }
             let index = usize::try_from(token & !NIC_TOKEN).ok();
             if token & NIC_TOKEN != 0 {
                 if let Some(slot) = index.and_then(|i| self.nic_slots.get(i)) {
@@ -750,6 +761,7 @@ impl DeviceManager {
             root_ports,
             activation,
             self.kicks.clone(),
+            self.hangups.clone(),
         )?;
         let host = pci.host().clone();
         self.mmio

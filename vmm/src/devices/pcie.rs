@@ -7,6 +7,11 @@
 //! a slot whose card is to go, the port signals [`PcieHost::eject_event`], and the event
 //! loop takes the card out with [`PcieHost::take_ejected`]: that, not `device_del`, is when a
 //! PCI device is deleted.
+//!
+//! A disk card's device is a [`BlkSlot`] and a NIC card's a `NetSlot`, as in the microvm
+//! machine's slots, holding their disk or NIC from the card's plug to its eject: a backend that
+//! dies is noticed and replaced the same way. Their backend sockets and the kicks they answer
+//! themselves (a failed backend's) are reported under [`CARD_TOKEN`] and the port's position.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,14 +23,17 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::backend_hangups::BackendHangups;
+use super::blk_slot::{BlkSlot, PluggedDisk};
 use super::mmio_bus::{MmioBus, MmioDevice};
 use super::msi_routes::MsiRoutes;
 use super::msix::MsixInterrupt;
 use super::net_slot::{NetSlot, PluggedNic};
 use super::slot_ring::SlotKicks;
 use super::vfio_pci::{PassthroughWiring, VfioPciCard};
+use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
-use super::virtio_mmio::{ActivateError, ActivateParams, VirtioDevice, VirtioMmioTransport};
+use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport};
 use super::virtio_pci::{BarWiring, CardHandle, VirtioPciCard};
 
 /// The root bus's name, which the command line's root ports name as their `bus`.
@@ -273,59 +281,12 @@ pub struct PlugRefused {
     /// Why, as one line.
     pub why: String,
     /// The disk, unless the attempt used it up.
-    pub disk: Option<Box<VhostUserBlk>>,
-}
-
-/// A disk card's device, which the disk's block node takes back once the card is out, still
-/// connected to its backend.
-struct DiskCard {
-    disk: Option<VhostUserBlk>,
-    device_type: u32,
-}
-
-impl VirtioDevice for DiskCard {
-    fn device_type(&self) -> u32 {
-        self.device_type
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.disk.as_ref().map_or(&[], |d| d.queue_max_sizes())
-    }
-
-    fn features(&self) -> u64 {
-        self.disk.as_ref().map_or(0, VhostUserBlk::features)
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        match &self.disk {
-            Some(disk) => disk.read_config(offset, data),
-            None => data.fill(0),
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if let Some(disk) = self.disk.as_mut() {
-            disk.write_config(offset, data);
-        }
-    }
-
-    fn activate(&mut self, params: ActivateParams) -> Result<(), ActivateError> {
-        match self.disk.as_mut() {
-            Some(disk) => disk.activate(params),
-            None => Err(ActivateError::Device("the disk has left the card".into())),
-        }
-    }
-
-    fn reset(&mut self) {
-        if let Some(disk) = self.disk.as_mut() {
-            disk.reset();
-        }
-    }
+    pub disk: Option<Box<PluggedDisk>>,
 }
 
 /// The device of a card in a slot.
 enum PluggedCard {
-    Disk(CardHandle<DiskCard>),
+    Disk(CardHandle<BlkSlot>),
     Nic(CardHandle<NetSlot>),
 }
 
@@ -357,14 +318,45 @@ pub struct PciDevices {
     memory: GuestMemoryMmap,
     activation: EventFd,
     kicks: Arc<SlotKicks>,
+    hangups: Arc<BackendHangups>,
     cards: Mutex<BTreeMap<String, PluggedCard>>,
     passthrough: Arc<PassthroughWiring>,
 }
 
+/// Flag of the kick and hang-up tokens of PCI cards; the rest is the root port's position.
+/// The microvm machine's slots use their number, with bit 32 for NICs.
+pub const CARD_TOKEN: u64 = 1 << 33;
+
+/// The token of the card in the root port at position `port`.
+fn card_token(port: u64) -> u64 {
+    CARD_TOKEN | port
+}
+
+/// A PCI card whose backend hung up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HungUpCard {
+    /// Its root port.
+    pub bus: String,
+    /// The device id.
+    pub device_id: String,
+    /// What serves it.
+    pub backend: CardBackend,
+}
+
+/// What serves a card whose backend hung up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardBackend {
+    /// A disk's block node.
+    Node(String),
+    /// A NIC's netdev.
+    Netdev(String),
+}
+
 impl PciDevices {
     /// The segment of `root_ports` on `vm`, its ECAM window on `mmio`; cards' devices are
-    /// started on the event loop when `activation` is signalled; `kicks` is where a NIC
-    /// card would report kicks it has to answer itself.
+    /// started on the event loop when `activation` is signalled; `kicks` is where a card
+    /// reports kicks it has to answer itself (a failed disk) and `hangups` where a disk
+    /// card's backend socket is watched.
     pub fn new(
         vm: Arc<VmFd>,
         mmio: Arc<MmioBus>,
@@ -372,6 +364,7 @@ impl PciDevices {
         root_ports: &[RootPortSpec],
         activation: EventFd,
         kicks: Arc<SlotKicks>,
+        hangups: Arc<BackendHangups>,
     ) -> Result<PciDevices, PcieError> {
         let routes = Arc::new(MsiRoutes::new(vm.clone()));
         let host = Arc::new(PcieHost::new(root_ports, routes.clone())?);
@@ -383,8 +376,115 @@ impl PciDevices {
             memory: memory.clone(),
             activation,
             kicks,
+            hangups,
             cards: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The root port at position `port`'s id.
+    fn port_id(&self, token: u64) -> Option<&str> {
+        let index = usize::try_from(token & !CARD_TOKEN).ok()?;
+        self.host.ports.get(index).map(|p| p.id.as_str())
+    }
+
+    /// The card behind `token` whose backend hung up, if it still holds its disk or NIC.
+    pub fn hung_up(&self, token: u64) -> Option<HungUpCard> {
+        let bus = self.port_id(token)?.to_string();
+        let (device_id, backend) = match self.cards_lock().get(&bus)? {
+            PluggedCard::Disk(card) => card.with_device(|s| {
+                s.disk()
+                    .map(|d| (d.device_id.clone(), CardBackend::Node(d.node_name.clone())))
+            })?,
+            PluggedCard::Nic(card) => card.with_device(|s| {
+                s.nic().map(|n| {
+                    (
+                        n.device_id.clone(),
+                        CardBackend::Netdev(n.netdev_id.clone()),
+                    )
+                })
+            })?,
+        };
+        Some(HungUpCard {
+            bus,
+            device_id,
+            backend,
+        })
+    }
+
+    /// Replaces the backend of the NIC card in root port `bus` with `conn` (see
+    /// [`NetSlot::replace_backend`]); the hang-up watch moves to the new socket.
+    pub fn replace_nic_backend(&self, bus: &str, conn: VhostUserConnection) -> Result<(), String> {
+        let token = card_token(self.port_index(bus));
+        let new_socket = conn.socket();
+        let cards = self.cards_lock();
+        let Some(PluggedCard::Nic(card)) = cards.get(bus) else {
+            return Err(format!("no NIC card in {bus}"));
+        };
+        if let Some(old) = card.with_device(|s| s.nic().map(|n| n.conn.socket())) {
+            self.hangups.unwatch(token, old);
+        }
+        card.with_device(|s| s.replace_backend(conn))?;
+        self.hangups.watch(token, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the NIC card in root port `bus`: its link goes down and the
+    /// driver is told the device needs a reset (see [`NetSlot::fail_backend`]).
+    pub fn fail_nic_backend(&self, bus: &str) {
+        let token = card_token(self.port_index(bus));
+        let cards = self.cards_lock();
+        let Some(PluggedCard::Nic(card)) = cards.get(bus) else {
+            return;
+        };
+        if let Some(socket) = card.with_device(|s| s.nic().map(|n| n.conn.socket())) {
+            self.hangups.unwatch(token, socket);
+        }
+        card.fail_device(NetSlot::fail_backend);
+    }
+
+    /// Replaces the backend of the disk card in root port `bus` with `disk` (see
+    /// [`BlkSlot::replace_backend`]); the hang-up watch moves to the new socket.
+    pub fn replace_disk_backend(&self, bus: &str, disk: VhostUserBlk) -> Result<(), String> {
+        let token = card_token(self.port_index(bus));
+        let new_socket = disk.socket();
+        let cards = self.cards_lock();
+        let Some(PluggedCard::Disk(card)) = cards.get(bus) else {
+            return Err(format!("no disk card in {bus}"));
+        };
+        if let Some(old) = card.with_device(|s| s.disk().map(|d| d.disk.socket())) {
+            self.hangups.unwatch(token, old);
+        }
+        card.with_device(|s| s.replace_backend(disk))?;
+        self.hangups.watch(token, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the disk card in root port `bus`: the card answers the
+    /// driver's requests with I/O errors and the driver is told the device needs a reset (see
+    /// [`BlkSlot::fail_backend`]).
+    pub fn fail_disk_backend(&self, bus: &str) {
+        let token = card_token(self.port_index(bus));
+        let cards = self.cards_lock();
+        let Some(PluggedCard::Disk(card)) = cards.get(bus) else {
+            return;
+        };
+        if let Some(socket) = card.with_device(|s| s.disk().map(|d| d.disk.socket())) {
+            self.hangups.unwatch(token, socket);
+        }
+        card.fail_device(BlkSlot::fail_backend);
+    }
+
+    /// Answers the kicks of the card behind `token` that it serves itself: a failed disk's
+    /// requests, a NIC's frames with no backend.
+    pub fn serve_kicks(&self, token: u64) {
+        let Some(bus) = self.port_id(token) else {
+            return;
+        };
+        match self.cards_lock().get(bus) {
+            Some(PluggedCard::Disk(card)) => card.with_device(BlkSlot::serve_empty_ring),
+            Some(PluggedCard::Nic(card)) => card.with_device(NetSlot::drop_tx),
+            None => {}
+        }
     }
 
     /// The segment.
@@ -392,28 +492,44 @@ impl PciDevices {
         &self.host
     }
 
-    /// Plugs a virtio-blk card served by `disk` into root port `bus`. A refusal hands the disk
-    /// back when it is still usable.
-    pub fn plug_disk(&self, bus: &str, mut disk: VhostUserBlk) -> Result<(), PlugRefused> {
-        let refused = |why: String, disk| PlugRefused {
-            why,
-            disk: Some(Box::new(disk)),
-        };
+    /// Plugs a virtio-blk card served by `plugged` into root port `bus`. A refusal hands the
+    /// disk back when it is still usable.
+    pub fn plug_disk(&self, bus: &str, plugged: PluggedDisk) -> Result<(), PlugRefused> {
         if let Err(e) = self.check_free(bus) {
-            return Err(refused(e.to_string(), disk));
+            return Err(PlugRefused {
+                why: e.to_string(),
+                disk: Some(Box::new(plugged)),
+            });
         }
-        if let Err(e) = disk.set_memory(&self.memory) {
-            return Err(refused(e.to_string(), disk));
-        }
-        let device_type = disk.device_type();
+        let port = self.port_index(bus);
+        let socket = plugged.disk.socket();
+        let device = BlkSlot::card(
+            port,
+            self.memory.clone(),
+            self.kicks.clone(),
+            card_token(port),
+            plugged,
+        )
+        .map_err(|e| PlugRefused {
+            why: e.why,
+            disk: e.disk,
+        })?;
         let card = self
-            .card(DiskCard {
-                disk: Some(disk),
-                device_type,
-            })
+            .card(device)
             .map_err(|why| PlugRefused { why, disk: None })?;
         self.plug_card(bus, card, PluggedCard::Disk)
-            .map_err(|why| PlugRefused { why, disk: None })
+            .map_err(|why| PlugRefused { why, disk: None })?;
+        self.hangups.watch(card_token(port), socket);
+        Ok(())
+    }
+
+    /// Root port `bus`'s position among the command line's ports (its cards' token).
+    fn port_index(&self, bus: &str) -> u64 {
+        self.host
+            .ports
+            .iter()
+            .position(|p| p.id == bus)
+            .map_or(u64::from(u8::MAX), |i| i as u64)
     }
 
     /// Whether root port `bus` exists and has room for a card.
@@ -450,21 +566,21 @@ impl PciDevices {
         if let Err(e) = self.check_free(bus) {
             return Err((e.to_string(), Some(Box::new(nic))));
         }
-        let port = self
-            .host
-            .ports
-            .iter()
-            .position(|p| p.id == bus)
-            .unwrap_or(usize::MAX);
-        // Never empty once plugged, the device reports no kicks: the token only has to be one
-        // no slot of the microvm machine uses.
-        let token = u64::MAX - port as u64;
-        let mut slot = NetSlot::new(port as u64, self.memory.clone(), self.kicks.clone(), token);
+        let port = self.port_index(bus);
+        let socket = nic.conn.socket();
+        let mut slot = NetSlot::new(
+            port,
+            self.memory.clone(),
+            self.kicks.clone(),
+            card_token(port),
+        );
         slot.set_mac(mac);
         slot.plug(nic).map_err(|e| (e.why, e.nic))?;
         let card = self.card(slot).map_err(|why| (why, None))?;
         self.plug_card(bus, card, PluggedCard::Nic)
-            .map_err(|why| (why, None))
+            .map_err(|why| (why, None))?;
+        self.hangups.watch(card_token(port), socket);
+        Ok(())
     }
 
     /// Whether root port `bus` exists and is free, as one line if not.
@@ -551,8 +667,22 @@ impl PciDevices {
             .map(|(bus, card)| {
                 drop(card);
                 let (disk, nic) = match cards.remove(&bus) {
-                    Some(PluggedCard::Disk(disk)) => (disk.with_device(|d| d.disk.take()), None),
-                    Some(PluggedCard::Nic(nic)) => (None, nic.with_device(NetSlot::unplug)),
+                    Some(PluggedCard::Disk(disk)) => {
+                        let plugged = disk.with_device(BlkSlot::unplug);
+                        if let Some(plugged) = &plugged {
+                            self.hangups
+                                .unwatch(card_token(self.port_index(&bus)), plugged.disk.socket());
+                        }
+                        (plugged.map(|p| p.disk), None)
+                    }
+                    Some(PluggedCard::Nic(nic)) => {
+                        let plugged = nic.with_device(NetSlot::unplug);
+                        if let Some(plugged) = &plugged {
+                            self.hangups
+                                .unwatch(card_token(self.port_index(&bus)), plugged.conn.socket());
+                        }
+                        (None, plugged)
+                    }
                     None => (None, None),
                 };
                 Ejected { bus, disk, nic }

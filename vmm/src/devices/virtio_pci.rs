@@ -109,6 +109,11 @@ impl<D: VirtioDevice> CardHandle<D> {
     pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
         self.0.transport.with_device(f)
     }
+
+    /// Runs `f` on the device, then tells a started driver the device needs a reset.
+    pub fn fail_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        self.0.transport.fail_device(f)
+    }
 }
 
 /// BAR 0's contents, shared by the card and the MMIO bus.

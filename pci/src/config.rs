@@ -23,6 +23,10 @@ pub mod reg {
     pub const LATENCY_TIMER: u16 = 0x0d;
     /// Header type (8 bits; bit 7 = multi-function).
     pub const HEADER_TYPE: u16 = 0x0e;
+    /// Type 0: the first BAR.
+    pub const BAR0: u16 = 0x10;
+    /// Type 0: the end of the six BARs.
+    pub const BAR_END: u16 = 0x28;
     /// Capabilities pointer (8 bits).
     pub const CAPABILITIES: u16 = 0x34;
     /// Interrupt line (8 bits, scratch for the OS).
@@ -207,6 +211,26 @@ impl ConfigSpace {
             let writable = self.writable[i];
             let clears = self.write_1_clears[i] & value;
             self.bytes[i] = ((self.bytes[i] & !writable) | (value & writable)) & !clears;
+        }
+        true
+    }
+
+    /// Every byte, for a snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Takes the guest-changeable bits (writable and write-1-to-clear) of `saved`, a
+    /// [`ConfigSpace::snapshot`] of a space built alike; every other bit stays as built, so a
+    /// snapshot cannot change what the guest could not. Refuses (and changes nothing for) a
+    /// snapshot of another size.
+    pub fn restore(&mut self, saved: &[u8]) -> bool {
+        if saved.len() != CONFIG_SPACE_SIZE {
+            return false;
+        }
+        for (i, &value) in saved.iter().enumerate() {
+            let mask = self.writable[i] | self.write_1_clears[i];
+            self.bytes[i] = (self.bytes[i] & !mask) | (value & mask);
         }
         true
     }

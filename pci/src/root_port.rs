@@ -276,6 +276,27 @@ impl RootPort {
         self.removing
     }
 
+    /// The port's registers and whether a removal is under way, for a snapshot.
+    pub fn snapshot(&self) -> (Vec<u8>, bool) {
+        (self.space.snapshot(), self.removing)
+    }
+
+    /// Puts a [`RootPort::snapshot`] back on a port built alike, holding the same card: the
+    /// guest-changeable register bits (slot control, bus numbers, windows, MSI) and the
+    /// removal under way. Nothing is signalled. Refuses registers of another size.
+    pub fn restore(&mut self, config: &[u8], removing: bool) -> bool {
+        if !self.space.restore(config) {
+            return false;
+        }
+        self.removing = removing && self.card.is_some();
+        true
+    }
+
+    /// The card in the slot, if any.
+    pub fn card_mut(&mut self) -> Option<&mut (dyn Function + 'static)> {
+        self.card.as_deref_mut()
+    }
+
     /// Takes the card out if its removal was asked for and the guest has released the slot;
     /// the slot then reports it empty, link down.
     pub fn take_ejected(&mut self) -> Option<Box<dyn Function>> {

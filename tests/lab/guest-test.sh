@@ -62,20 +62,22 @@ counter)
 	done
 	;;
 sequence)
-	# Once a disk is plugged in as vdb, counts one number every 100 ms into a file on the
+	# Once a disk is plugged in as vdb (lab.disk= names another), counts one number every 100 ms into a file on the
 	# root tmpfs and into the number's own 4 KiB block of vdb (an O_DIRECT write, complete
 	# when the disk acknowledged it), checking at each step that the file holds every number
 	# before it. A number is printed only once both hold it: a VM restored from a snapshot
 	# taken mid-run carries on the sequence where it was, with nothing lost or repeated.
+	disk=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab.disk=//p')
+	disk=${disk:-vdb}
 	echo "guest: seq waiting-for-disk"
-	wait_size vdb -gt 0
-	disk_node vdb
+	wait_size $disk -gt 0
+	disk_node $disk
 	i=0
 	: >/seq
 	while :; do
 		lines=$(wc -l </seq)
 		[ "$lines" = "$i" ] || echo "guest: seq-broken at $i with $lines lines"
-		printf 'seq %08d\n' $i | dd of=/dev/vdb bs=4096 seek=$i conv=sync,notrunc oflag=direct \
+		printf 'seq %08d\n' $i | dd of=/dev/$disk bs=4096 seek=$i conv=sync,notrunc oflag=direct \
 			2>/dev/null || echo "guest: seq-disk-error at $i"
 		echo $i >>/seq
 		echo "guest: seq $i"

@@ -343,8 +343,8 @@ guest; the pages it gives up are returned to the host. It takes the slot after t
 vhost-user-blk devices (then at most 7 of them). -incoming restores the snapshot QMP's
 migrate wrote into DIR, given the same -smp, -m and devices; the VM runs at once (-S keeps
 it paused). Its RAM is read from DIR/memory as the guest touches it, or all before it starts
-with prefault=on; share=on (implied by -drive and -netdev devices, which must plug the slots
-the saved VM had plugged) copies it into shared memory first, so that disk and NIC backends
+with prefault=on; share=on (implied by -drive and -netdev devices, which must plug the slots,
+or the q35 root ports' cards, the saved VM had plugged) copies it into shared memory first, so that disk and NIC backends
 can map it; verify=off skips the memory file's checksum (its length is still checked), which
 otherwise reads the whole file before the VM starts. -disable-seccomp is refused: -seccomp log logs a forbidden system call instead
 of killing the VMM.";
@@ -759,11 +759,6 @@ where
             "the q35 machine has no virtio-mmio disk or NIC slots (hot-plug virtio-blk-pci into a pcie-root-port)",
         ));
     }
-    if machine == MachineType::Q35 && incoming.is_some() {
-        return Err(CliError::Unsupported(
-            "-incoming on the q35 machine (snapshots are of microvm machines only)".into(),
-        ));
-    }
     let kernel = kernel.ok_or(CliError::Required("-kernel"))?;
     if daemonize && serial == SerialTarget::Stdio {
         return Err(invalid(
@@ -795,7 +790,8 @@ where
                 "snapshots never hold vhost-user-blk devices; restore without them",
             ));
         }
-        incoming.share |= !blk_devices.is_empty() || !nic_devices.is_empty();
+        incoming.share |=
+            !blk_devices.is_empty() || !nic_devices.is_empty() || !pci_devices.is_empty();
     }
     Ok(Config {
         machine,
@@ -1988,7 +1984,10 @@ mod tests {
         let microvm = with(&["-device", "pcie-root-port,id=p,port=1,bus=pcie.0,addr=1"]);
         assert!(microvm.unwrap_err().to_string().contains("-machine q35"));
         let restore = parse(["-machine", "q35", "-kernel", "/k", "-incoming", "file:/s"]);
-        assert!(matches!(restore.unwrap_err(), CliError::Unsupported(_)));
+        assert!(
+            restore.unwrap().incoming.is_some(),
+            "q35 machines are restored too"
+        );
     }
 
     #[test]

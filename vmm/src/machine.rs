@@ -13,12 +13,13 @@ use crate::cpu::{self, CpuTemplate, VcpuState};
 use crate::devices::balloon::{BalloonHandle, BalloonOptions};
 use crate::devices::legacy::{LegacyDevices, SerialOut, COM1_IRQ};
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
-use crate::devices::pcie::RootPortSpec;
+use crate::devices::pcie::{PciDevices, RootPortSpec};
 use crate::devices::vhost_user::VhostUserError;
 use crate::devices::vhost_user_blk::VhostUserBlk;
 use crate::memory::{self, GuestRam};
 use crate::snapshot::files::CheckedSnapshot;
 use crate::snapshot::format::FormatError;
+use crate::snapshot::pci::PciSnapshot;
 use crate::snapshot::vcpu_state::VcpuSnapshot;
 use crate::snapshot::{self, MachineState, VmState, VmStateError};
 use crate::vcpu::{ThreadLockdown, Vcpu, VcpuContext, VcpuError, VcpuEvent, VcpuInfo};
@@ -226,6 +227,8 @@ pub struct Machine {
     boot_files: HeldBootFiles,
     entry: EntryPoint,
     chips: ChipState,
+    /// A restored q35 machine's PCI segment, put back once its cards are plugged.
+    pending_pci: std::sync::Mutex<Option<PciSnapshot>>,
 }
 
 /// The in-kernel PICs, IOAPIC and PIT as they were when the machine was built.
@@ -412,6 +415,7 @@ impl Machine {
             boot_files,
             entry,
             chips,
+            pending_pci: std::sync::Mutex::new(restored.and_then(|state| state.pci)),
         })
     }
 
@@ -538,15 +542,11 @@ impl Machine {
 
     /// Refuses a snapshot of a machine with a vhost-user-blk device of the command line: its
     /// backend is not stopped for one, and a restored machine could not find it again; and of
-    /// the q35 machine, whose PCI configuration state is not saved.
+    /// a q35 machine with a passed-through host function, whose state is the hardware's.
     /// Checked before the machine is paused for a snapshot, and again after.
     pub fn check_snapshot(&self) -> Result<(), MachineError> {
-        if self.boot.pcie {
-            return Err(MachineError::SnapshotRefused(
-                "snapshots of the q35 machine are not supported yet (its PCI state is not \
-                 saved); use the microvm machine"
-                    .into(),
-            ));
+        if let Some(pci) = self.virtio.pci() {
+            pci.save().map_err(MachineError::SnapshotRefused)?;
         }
         let devices = self.virtio.unsnapshottable_devices();
         if devices > 0 {
@@ -580,7 +580,31 @@ impl Machine {
             balloon: self.virtio.balloon().map(BalloonHandle::config),
             plugged_disks,
             plugged_nics,
+            pci: self
+                .virtio
+                .pci()
+                .map(PciDevices::save)
+                .transpose()
+                .map_err(MachineError::SnapshotRefused)?,
         })
+    }
+
+    /// Puts a restored q35 machine's PCI segment back, once the command line's cards are
+    /// plugged (they are, when the snapshot was checked against it) and before its vCPUs
+    /// first run; nothing for any other machine.
+    pub fn restore_pci(&self) -> Result<(), MachineError> {
+        let saved = self
+            .pending_pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match (saved, self.virtio.pci()) {
+            (Some(saved), Some(pci)) => pci.restore(&saved).map_err(MachineError::SnapshotRefused),
+            (Some(_), None) => Err(MachineError::SnapshotRefused(
+                "the snapshot has a PCI segment, the machine none".into(),
+            )),
+            (None, _) => Ok(()),
+        }
     }
 
     /// Runs `write` with the device backends stopped, so that no backend writes guest RAM

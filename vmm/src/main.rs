@@ -222,6 +222,12 @@ fn build_and_run(
                     config.nic_devices.len(),
                 )
                 .map_err(refused)?;
+                let cards: Vec<(String, u32)> = config
+                    .pci_devices
+                    .iter()
+                    .map(|d| (d.bus.clone(), if d.netdev.is_some() { 1 } else { 2 }))
+                    .collect();
+                citadel::snapshot::pci::check_cards(&snapshot.state, &cards).map_err(refused)?;
                 Ok::<_, RunError>(snapshot)
             })
             .transpose()?;
@@ -337,6 +343,7 @@ fn build_and_run(
         let machine = Machine::create(&spec, wiring)?;
         hotplug.cold_plug(machine.virtio(), &config.blk_devices, &config.nic_devices)?;
         hotplug.cold_plug_pci(machine.virtio(), &config.pci_devices)?;
+        machine.restore_pci()?;
         let monitor = Monitor::new(
             machine,
             hotplug,

@@ -4,16 +4,28 @@
 # VMs restored from the same directory at once (`-incoming`, the disk given on the command
 # line in its slot, each VM on its own copy of the image) both carry on the sequence from
 # where it stopped, without booting again, with the file holding every number and each image
-# every number its VM printed.
+# every number its VM printed. With SNAPSHOT_Q35=1 (q35-snapshot) the same on the q35 machine:
+# the disk is a virtio-blk-pci card hot-plugged into root port pcie.1 (vda), given to the
+# restored VMs as `-device virtio-blk-pci,bus=pcie.1`.
 dir=/tmp/snapshot-dir
 img=/tmp/snapshot.img
 rm -rf $dir $img $img-*
 truncate -s 8M $img
+if [ "$SNAPSHOT_Q35" = 1 ]; then
+	machine=q35 mode="sequence lab.disk=vda"
+	port="-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1"
+	card='"driver":"virtio-blk-pci","bus":"pcie.1","addr":"0x0"'
+	restored_card="virtio-blk-pci,drive=drive-0,id=drive-0,bus=pcie.1"
+else
+	machine=microvm mode=sequence port=
+	card='"driver":"virtio-blk-mmio","addr":"0x1"'
+	restored_card="virtio-blk-device,drive=drive-0,id=drive-0,addr=0x1"
+fi
 vm=snap
-boot_guest $vm $GUEST/vmlinux 1 256 sequence
+MACHINE=$machine boot_guest $vm $GUEST/vmlinux 1 256 "$mode" $port
 if l2_wait $vm "guest: seq waiting-for-disk" 120; then
 	qmp $vm "{\"execute\":\"blockdev-add\",\"arguments\":{\"node-name\":\"drive-0\",\"file\":{\"driver\":\"file\",\"filename\":\"$img\"},\"cache\":{\"direct\":false},\"read-only\":false}}" \
-		'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-mmio","addr":"0x1","drive":"drive-0"}}' \
+		'{"execute":"device_add","arguments":{"id":"drive-0",'"$card"',"drive":"drive-0"}}' \
 		>/tmp/$vm.add
 	# Past qmp_capabilities' own reply.
 	result plug-returns "$(sed '1,/"return":{}/d' /tmp/$vm.add | grep -c '"return":{}')"
@@ -48,8 +60,8 @@ disk_missing() {
 for vm in snap-a snap-b; do
 	cp $img $img-$vm
 	start=$(now_ms)
-	boot_guest $vm $GUEST/vmlinux 1 256 sequence \
-		-drive file=$img-$vm,id=drive-0 -device virtio-blk-device,drive=drive-0,id=drive-0,addr=0x1 \
+	MACHINE=$machine boot_guest $vm $GUEST/vmlinux 1 256 "$mode" $port \
+		-drive file=$img-$vm,id=drive-0 -device $restored_card \
 		-incoming "file:$dir"
 	eval "pid_$(echo $vm | tr - _)=$L2_PID start_$(echo $vm | tr - _)=$start"
 done

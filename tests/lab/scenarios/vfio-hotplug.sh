@@ -67,6 +67,10 @@ if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 			result err-occupied "$(desc /tmp/$vm.err5)"
 			qmp $vm '{"execute":"device_add","arguments":{"driver":"vfio-pci","id":"edu1","bus":"pcie.2","addr":"0x0","host":"'$edu'"}}' >/tmp/$vm.err6
 			result err-twice "$(desc /tmp/$vm.err6)"
+			# A passed-through function's state is the hardware's: no snapshot while it is in.
+			qmp $vm '{"execute":"migrate","arguments":{"uri":"file:/tmp/vfio-snap"}}' >/tmp/$vm.err7
+			result err-migrate "$(desc /tmp/$vm.err7)"
+			result snapshot-written "$([ -e /tmp/vfio-snap/state ] && echo yes || echo no)"
 		fi
 		# device_del answers at once; the event follows once the guest let the device go.
 		qmp $vm '{"execute":"device_del","arguments":{"id":"edu0"}}' \

@@ -696,6 +696,12 @@ impl DeviceManager {
                 return Err(format!("NIC slot {addr}: {e}"));
             }
         }
+        if let Some(pci) = &self.pci {
+            if let Err(e) = pci.quiesce_backends() {
+                self.unquiesce_backends();
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -713,6 +719,9 @@ impl DeviceManager {
                 log::warn!("NIC slot {addr}: {e}; its NIC fails from now on");
                 self.fail_nic_backend(addr);
             }
+        }
+        if let Some(pci) = &self.pci {
+            pci.unquiesce_backends();
         }
     }
 

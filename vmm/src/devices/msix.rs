@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::interrupt::{InterruptStatus, TransportInterrupt, VirtioInterrupt};
 use super::msi_routes::MsiRoutes;
+use crate::snapshot::pci::MsixSnapshot;
 
 /// The vector register value meaning "no vector" (virtio 1.2 section 4.1.4.3).
 pub const NO_VECTOR: u16 = 0xffff;
@@ -197,6 +198,47 @@ impl MsixInterrupt {
     /// Bytes of the MSI-X table.
     pub fn table_len(&self) -> u64 {
         self.vectors.len() as u64 * MSIX_ENTRY_SIZE
+    }
+
+    /// The table and vector registers, for a snapshot.
+    pub fn save_table(&self) -> MsixSnapshot {
+        MsixSnapshot {
+            entries: self.lock().entries.clone(),
+            config_vector: self.config_vector(),
+            queue_vectors: (0..self.queue_vectors.len())
+                .map(|q| self.queue_vector(q))
+                .collect(),
+        }
+    }
+
+    /// Puts a saved table and vector registers back, each entry's route and irqfd following
+    /// it as after a driver's write (Message Control is [`MsixInterrupt::set_control`]'s).
+    /// Refuses another vector or queue count; a vector register naming no vector becomes
+    /// [`NO_VECTOR`].
+    pub fn restore_table(&self, saved: &MsixSnapshot) -> Result<(), String> {
+        if saved.entries.len() != self.vectors.len()
+            || saved.queue_vectors.len() != self.queue_vectors.len()
+        {
+            return Err(format!(
+                "{} MSI-X vectors and {} queues where the function has {} and {}",
+                saved.entries.len(),
+                saved.queue_vectors.len(),
+                self.vectors.len(),
+                self.queue_vectors.len()
+            ));
+        }
+        let mut table = self.lock();
+        for (vector, entry) in saved.entries.iter().enumerate() {
+            let [address_lo, address_hi, data, control] = *entry;
+            table.entries[vector] = [address_lo, address_hi, data, control & ENTRY_MASKED];
+            self.sync(&mut table, vector);
+        }
+        drop(table);
+        self.set_config_vector(saved.config_vector);
+        for (queue, &vector) in saved.queue_vectors.iter().enumerate() {
+            self.set_queue_vector(queue, vector);
+        }
+        Ok(())
     }
 
     /// Each vector's eventfd, in vector order: what a function that raises its vectors itself

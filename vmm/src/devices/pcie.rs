@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use citadel_launcher::VfioHandle;
+use citadel_pci::config::reg;
 use citadel_pci::root_port::{HotplugError, RootPort, RootPortConfig, SlotEvents};
 use citadel_pci::segment::{Function, Segment, SegmentError, PORT_ADDRESS, PORT_COUNT};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -24,7 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend_hangups::BackendHangups;
-use super::blk_slot::{BlkSlot, PluggedDisk};
+use super::blk_slot::{BlkSlot, PluggedDisk, QuiesceError};
 use super::mmio_bus::{MmioBus, MmioDevice};
 use super::msi_routes::MsiRoutes;
 use super::msix::MsixInterrupt;
@@ -35,6 +36,7 @@ use super::vhost_user::VhostUserConnection;
 use super::vhost_user_blk::VhostUserBlk;
 use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport};
 use super::virtio_pci::{BarWiring, CardHandle, VirtioPciCard};
+use crate::snapshot::pci::{CardSnapshot, PciSnapshot, PortSnapshot};
 
 /// The root bus's name, which the command line's root ports name as their `bus`.
 pub const ROOT_BUS: &str = "pcie.0";
@@ -86,6 +88,9 @@ pub enum PlugError {
     /// The guest has not released the card yet.
     #[error("the device on bus '{0}' is already in the process of unplug")]
     AlreadyRemoving(String),
+    /// A snapshot's state does not fit.
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 /// What the root ports tell the machine: their MSI messages go to KVM, a slot released for
@@ -189,6 +194,66 @@ impl PcieHost {
             .root_port_mut(spec.device, spec.function)
             .ok_or_else(|| PlugError::NoSuchBus(bus.to_string()))?;
         f(port)
+    }
+
+    /// Root port `bus`'s registers and removal state, with its card's header (256 bytes, as
+    /// the guest reads them) if it holds one: for a snapshot.
+    fn save_port(&self, bus: &str) -> Result<PortState, PlugError> {
+        self.with_port(bus, |port| {
+            let (config, removing) = port.snapshot();
+            let header = port.card_mut().map(|card| {
+                let mut header = vec![0u8; CARD_HEADER_LEN];
+                for (offset, chunk) in (0u16..).step_by(4).zip(header.chunks_exact_mut(4)) {
+                    card.read(offset, chunk);
+                }
+                header
+            });
+            Ok((config, removing, header))
+        })
+    }
+
+    /// Puts root port `bus`'s saved registers and removal state back and replays the guest's
+    /// writes of its card's header: the BARs, the interrupt line and the capabilities (the
+    /// card's own write masks apply), then the command register, which places the BARs. The
+    /// card's MSI-X table must be back first: enabling MSI-X routes its vectors.
+    fn restore_port(
+        &self,
+        bus: &str,
+        config: &[u8],
+        removing: bool,
+        header: Option<&[u8]>,
+    ) -> Result<(), String> {
+        self.with_port(bus, |port| {
+            if !port.restore(config, removing) {
+                return Err(PlugError::Snapshot(format!(
+                    "root port {bus}: {} bytes of registers",
+                    config.len()
+                )));
+            }
+            let (Some(header), Some(card)) = (header, port.card_mut()) else {
+                return Ok(());
+            };
+            if header.len() != CARD_HEADER_LEN {
+                return Err(PlugError::Snapshot(format!(
+                    "the card in {bus}: a header of {} bytes",
+                    header.len()
+                )));
+            }
+            let dword = |at: usize| &header[at..at + 4];
+            for at in (usize::from(reg::BAR0)..usize::from(reg::BAR_END)).step_by(4) {
+                card.write(at as u16, dword(at));
+            }
+            card.write(
+                reg::INTERRUPT_LINE,
+                &header[usize::from(reg::INTERRUPT_LINE)..][..1],
+            );
+            for at in (0x40..CARD_HEADER_LEN).step_by(4) {
+                card.write(at as u16, dword(at));
+            }
+            card.write(reg::COMMAND, &header[usize::from(reg::COMMAND)..][..2]);
+            Ok(())
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// Puts `card` in the slot of root port `bus` and tells the guest.
@@ -322,6 +387,12 @@ pub struct PciDevices {
     cards: Mutex<BTreeMap<String, PluggedCard>>,
     passthrough: Arc<PassthroughWiring>,
 }
+
+/// A root port's registers and removal state, and its card's header if it holds one.
+type PortState = (Vec<u8>, bool, Option<Vec<u8>>);
+
+/// Bytes of a card's header a snapshot keeps: the type 0 header and the capabilities.
+const CARD_HEADER_LEN: usize = 256;
 
 /// Flag of the kick and hang-up tokens of PCI cards; the rest is the root port's position.
 /// The microvm machine's slots use their number, with bit 32 for NICs.
@@ -472,6 +543,120 @@ impl PciDevices {
             self.hangups.unwatch(token, socket);
         }
         card.fail_device(BlkSlot::fail_backend);
+    }
+
+    /// The segment's state for a snapshot of the paused machine: every root port, and every
+    /// virtio-pci card's header, transport and MSI-X. Refused while a host function is passed
+    /// through (its device state lives in the host's hardware).
+    pub fn save(&self) -> Result<PciSnapshot, String> {
+        let mut ports = Vec::new();
+        let mut cards = Vec::new();
+        let plugged = self.cards_lock();
+        for spec in &self.host.ports {
+            let (config, removing, header) =
+                self.host.save_port(&spec.id).map_err(|e| e.to_string())?;
+            ports.push(PortSnapshot {
+                id: spec.id.clone(),
+                config,
+                removing,
+            });
+            let Some(header) = header else {
+                continue;
+            };
+            let (transport, msix) = match plugged.get(&spec.id) {
+                Some(PluggedCard::Disk(card)) => card.save(),
+                Some(PluggedCard::Nic(card)) => card.save(),
+                None => {
+                    return Err(format!(
+                        "root port {}: a passed-through host function cannot be kept in a snapshot",
+                        spec.id
+                    ))
+                }
+            };
+            cards.push(CardSnapshot {
+                bus: spec.id.clone(),
+                config: header,
+                transport,
+                msix,
+            });
+        }
+        Ok(PciSnapshot { ports, cards })
+    }
+
+    /// Puts a saved segment back on a machine whose command line plugged the same cards (see
+    /// [`crate::snapshot::pci::check_cards`]), before its vCPUs first run. Started devices
+    /// resume from their used indices once the event loop runs their activation.
+    pub fn restore(&self, saved: &PciSnapshot) -> Result<(), String> {
+        let ids: Vec<&str> = saved.ports.iter().map(|p| p.id.as_str()).collect();
+        let ours: Vec<&str> = self.host.ports.iter().map(|p| p.id.as_str()).collect();
+        if ids != ours {
+            return Err(format!(
+                "the snapshot has root ports {ids:?}, the command line {ours:?}"
+            ));
+        }
+        for port in &saved.ports {
+            let card = saved.cards.iter().find(|c| c.bus == port.id);
+            if let Some(card) = card {
+                match self.cards_lock().get(&port.id) {
+                    Some(PluggedCard::Disk(handle)) => handle.restore(&card.transport, &card.msix),
+                    Some(PluggedCard::Nic(handle)) => handle.restore(&card.transport, &card.msix),
+                    None => Err("the command line plugs no virtio card there".to_string()),
+                }
+                .map_err(|e| format!("the card in {}: {e}", port.id))?;
+            }
+            self.host.restore_port(
+                &port.id,
+                &port.config,
+                port.removing,
+                card.map(|c| c.config.as_slice()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Stops every started card's backend for a snapshot (see [`BlkSlot::quiesce`] and
+    /// [`NetSlot::quiesce`]); on a refusal those stopped so far start again, and one that
+    /// could neither stop nor start again is given up on.
+    pub fn quiesce_backends(&self) -> Result<(), String> {
+        let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
+        for bus in buses {
+            let stopped = match self.cards_lock().get(&bus) {
+                Some(PluggedCard::Disk(card)) => card
+                    .with_device(BlkSlot::quiesce)
+                    .map_err(|e| (matches!(e, QuiesceError::Failed(_)), e.to_string())),
+                Some(PluggedCard::Nic(card)) => {
+                    card.with_device(NetSlot::quiesce).map_err(|e| (true, e))
+                }
+                None => Ok(()),
+            };
+            if let Err((failed, why)) = stopped {
+                if failed {
+                    self.fail_disk_backend(&bus);
+                    self.fail_nic_backend(&bus);
+                }
+                self.unquiesce_backends();
+                return Err(format!("the card in {bus}: {why}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the backends [`PciDevices::quiesce_backends`] stopped again; one that cannot
+    /// start is given up on.
+    pub fn unquiesce_backends(&self) {
+        let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
+        for bus in buses {
+            let started = match self.cards_lock().get(&bus) {
+                Some(PluggedCard::Disk(card)) => card.with_device(BlkSlot::unquiesce),
+                Some(PluggedCard::Nic(card)) => card.with_device(NetSlot::unquiesce),
+                None => Ok(()),
+            };
+            if let Err(e) = started {
+                log::warn!("the card in {bus}: {e}; it fails from now on");
+                self.fail_disk_backend(&bus);
+                self.fail_nic_backend(&bus);
+            }
+        }
     }
 
     /// Answers the kicks of the card behind `token` that it serves itself: a failed disk's

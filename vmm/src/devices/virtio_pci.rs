@@ -29,6 +29,8 @@ use super::interrupt::TransportInterrupt;
 use super::mmio_bus::MmioDevice;
 use super::msix::MsixInterrupt;
 use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport, CONFIG_SPACE_OFFSET};
+use crate::snapshot::pci::MsixSnapshot;
+use crate::snapshot::transport::TransportSnapshot;
 
 /// The virtio vendor id.
 const VENDOR_ID: u16 = 0x1af4;
@@ -108,6 +110,22 @@ impl<D: VirtioDevice> CardHandle<D> {
     /// Runs `f` on the device.
     pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
         self.0.transport.with_device(f)
+    }
+
+    /// The transport and MSI-X state, for a snapshot.
+    pub fn save(&self) -> (TransportSnapshot, MsixSnapshot) {
+        (self.0.transport.save(), self.0.msix().save_table())
+    }
+
+    /// Puts saved transport and MSI-X state back (see [`VirtioMmioTransport::restore`] and
+    /// [`MsixInterrupt::restore_table`]), before the card's header is replayed.
+    pub fn restore(
+        &self,
+        transport: &TransportSnapshot,
+        msix: &MsixSnapshot,
+    ) -> Result<(), String> {
+        self.0.msix().restore_table(msix)?;
+        self.0.transport.restore(transport)
     }
 
     /// Runs `f` on the device, then tells a started driver the device needs a reset.

@@ -11,6 +11,7 @@
 pub mod files;
 pub mod format;
 pub mod memory;
+pub mod pci;
 pub mod serial;
 pub mod transport;
 pub mod vcpu_state;
@@ -114,6 +115,9 @@ pub struct MachineState {
     /// The NIC slots (`addr`) a NIC was plugged into.
     #[serde(default)]
     pub plugged_nics: Vec<u64>,
+    /// The q35 machine's PCI Express segment.
+    #[serde(default)]
+    pub pci: Option<pci::PciSnapshot>,
 }
 
 /// The slots a snapshot's machine had something plugged into.

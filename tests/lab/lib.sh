@@ -114,6 +114,14 @@ gone_within() {
 	echo no
 }
 
+# l1_function VENDOR:DEVICE: the address of L1's PCI function with these ids (as sysfs writes
+# them, 0x1234:0x11e8), empty if there is none.
+l1_function() {
+	for dev in /sys/bus/pci/devices/*; do
+		[ "$(cat $dev/vendor):$(cat $dev/device)" = "$1" ] && echo "${dev##*/}" && return
+	done
+}
+
 # boot_guest NAME KERNEL SMP MEMORY_MIB MODE [EXTRA CITADEL ARGS...]: boots the guest
 # initramfs (or $INITRD) under Citadel, on the $MACHINE machine type (microvm unless set);
 # MODE selects what the guest's test script does (see guest-test.sh).

@@ -9,10 +9,7 @@
 vm=vfiohp
 rounds=2
 
-edu=
-for dev in /sys/bus/pci/devices/*; do
-	[ "$(cat $dev/vendor):$(cat $dev/device)" = "0x1234:0x11e8" ] && edu=${dev##*/}
-done
+edu=$(l1_function 0x1234:0x11e8)
 result edu-address "$edu"
 [ -n "$edu" ] || exit 1
 group=$(basename "$(readlink /sys/bus/pci/devices/$edu/iommu_group)")

@@ -5,10 +5,7 @@
 # resample eventfd and VFIO's unmask. The guest reads the disk's marker and makes and writes a
 # file system on it, and its /proc/interrupts shows the line firing.
 vm=vfiointx
-disk=
-for dev in /sys/bus/pci/devices/*; do
-	[ "$(cat $dev/vendor):$(cat $dev/device)" = "0x1af4:0x1042" ] && disk=${dev##*/}
-done
+disk=$(l1_function 0x1af4:0x1042)
 result disk-address "$disk"
 [ -n "$disk" ] || exit 1
 MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 "pci-hotplug lab.rounds=1 pci=nomsi" \

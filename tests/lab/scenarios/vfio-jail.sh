@@ -3,10 +3,7 @@
 # --vfio-device for the edu (and a locked-memory limit covering guest RAM, which the
 # unprivileged VMM's DMA mapping pins) shows exactly that function's sysfs directory and its
 # group's node, and the guest drives the edu through it (registers, DMA, MSI).
-edu=
-for dev in /sys/bus/pci/devices/*; do
-	[ "$(cat $dev/vendor):$(cat $dev/device)" = "0x1234:0x11e8" ] && edu=${dev##*/}
-done
+edu=$(l1_function 0x1234:0x11e8)
 result edu-address "$edu"
 [ -n "$edu" ] || exit 1
 group=$(basename "$(readlink /sys/bus/pci/devices/$edu/iommu_group)")

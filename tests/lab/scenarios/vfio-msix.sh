@@ -6,10 +6,7 @@
 # (DMA both ways through the IOMMU); the guest's /proc/interrupts shows which MSI-X vectors
 # fired. device_del then hands the disk back to L1's vfio-pci.
 vm=vfiomsix
-disk=
-for dev in /sys/bus/pci/devices/*; do
-	[ "$(cat $dev/vendor):$(cat $dev/device)" = "0x1af4:0x1042" ] && disk=${dev##*/}
-done
+disk=$(l1_function 0x1af4:0x1042)
 result disk-address "$disk"
 [ -n "$disk" ] || exit 1
 result l1-driver "$(basename "$(readlink /sys/bus/pci/devices/$disk/driver)")"

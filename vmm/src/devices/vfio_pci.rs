@@ -473,37 +473,34 @@ impl PlacedBar {
         }))
     }
 
-    /// Handles one guest access at `offset`: the first one promotes the BAR (see above),
-    /// the others, while trapped, go to the device file.
-    fn access(&self, offset: u64, through_mapping: impl FnOnce(*mut u8), forward: impl FnOnce()) {
+    /// Makes the guest's first access at `offset` through the mapping (with `access`) and
+    /// promotes the BAR (see above). False when the access is still to be made: not the
+    /// first, or a BAR VFIO does not let us map; the caller then forwards it.
+    fn first_access(&self, offset: u64, access: impl FnOnce(*mut u8)) -> bool {
         let mut state = self.lock();
-        if let BarState::Trapped { promotable: true } = *state {
-            *state = BarState::Trapped { promotable: false };
-            let promoted = self.promote(|mapping| {
-                // SAFETY: the bus only dispatches accesses inside the BAR, which the mapping
-                // covers whole.
-                through_mapping(unsafe { mapping.add(offset as usize) })
-            });
-            match promoted {
-                Some(Some(mapped)) => {
-                    if let Err(e) = self.wiring.mmio.remove(self.base) {
-                        log::warn!("vfio-pci: BAR {} at {:#x}: {e}", self.index, self.base);
-                    }
-                    log::info!(
-                        "vfio-pci: BAR {} at {:#x} mapped into the guest (memory slot {})",
-                        self.index,
-                        self.base,
-                        mapped.slot
-                    );
-                    *state = BarState::Mapped { _slot: mapped };
-                    return;
+        let BarState::Trapped { promotable: true } = *state else {
+            return false;
+        };
+        *state = BarState::Trapped { promotable: false };
+        // SAFETY (in the closure): the bus only dispatches accesses inside the BAR, which the
+        // mapping covers whole.
+        match self.promote(|mapping| access(unsafe { mapping.add(offset as usize) })) {
+            Some(Some(mapped)) => {
+                if let Err(e) = self.wiring.mmio.remove(self.base) {
+                    log::warn!("vfio-pci: BAR {} at {:#x}: {e}", self.index, self.base);
                 }
-                Some(None) => return,
-                None => {}
+                log::info!(
+                    "vfio-pci: BAR {} at {:#x} mapped into the guest (memory slot {})",
+                    self.index,
+                    self.base,
+                    mapped.slot
+                );
+                *state = BarState::Mapped { _slot: mapped };
+                true
             }
+            Some(None) => true,
+            None => false,
         }
-        drop(state);
-        forward();
     }
 
     /// Takes the BAR out of the guest.
@@ -520,74 +517,76 @@ impl PlacedBar {
 
 impl MmioDevice for PlacedBar {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        if self.msix.as_ref().is_some_and(|w| w.read(offset, data)) {
+        if self.msix.as_ref().is_some_and(|w| w.read(offset, data))
+            || self.first_access(offset, |at| volatile_read(at, data))
+        {
             return;
         }
-        let mut done = None;
-        self.access(
-            offset,
-            |at| done = Some(volatile_read(at, data.len())),
-            || {},
-        );
-        match done {
-            Some(bytes) => data.copy_from_slice(&bytes[..data.len()]),
-            None => self.file.read(self.index, offset, data),
-        }
+        self.file.read(self.index, offset, data);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        if self.msix.as_ref().is_some_and(|w| w.write(offset, data)) {
+        if self.msix.as_ref().is_some_and(|w| w.write(offset, data))
+            || self.first_access(offset, |at| volatile_write(at, data))
+        {
             return;
         }
-        self.access(
-            offset,
-            |at| volatile_write(at, data),
-            || self.file.write(self.index, offset, data),
-        );
+        self.file.write(self.index, offset, data);
     }
 }
 
-/// Reads `len` (at most 8) bytes of device memory at `at` with one access of that width.
-fn volatile_read(at: *mut u8, len: usize) -> [u8; 8] {
-    let mut bytes = [0u8; 8];
-    // SAFETY (all arms): `at..at + len` lies inside a live mapping of the BAR (see
-    // `PlacedBar::access`); device registers are read with the guest's own width.
+/// Whether an access of `len` bytes at `at` can be one access of that width: 1, 2, 4 or 8
+/// bytes (MMIO exits are), naturally aligned. Anything else goes byte by byte.
+fn one_access(at: *mut u8, len: usize) -> Option<usize> {
+    matches!(len, 1 | 2 | 4 | 8)
+        .then_some(len)
+        .filter(|&len| (at as usize).is_multiple_of(len))
+}
+
+/// Reads `data.len()` bytes of device memory at `at` (see [`one_access`]).
+fn volatile_read(at: *mut u8, data: &mut [u8]) {
+    // SAFETY (all arms): `at..at + data.len()` lies inside a live mapping of the BAR (see
+    // `PlacedBar::first_access`), and a wide access is aligned to its width; device registers
+    // are read with the guest's own width.
     unsafe {
-        match len {
-            1 => bytes[0] = std::ptr::read_volatile(at),
-            2 => {
-                bytes[..2].copy_from_slice(&std::ptr::read_volatile(at.cast::<u16>()).to_le_bytes())
+        match one_access(at, data.len()) {
+            Some(1) => data[0] = std::ptr::read_volatile(at),
+            Some(2) => {
+                data.copy_from_slice(&std::ptr::read_volatile(at.cast::<u16>()).to_le_bytes())
             }
-            4 => {
-                bytes[..4].copy_from_slice(&std::ptr::read_volatile(at.cast::<u32>()).to_le_bytes())
+            Some(4) => {
+                data.copy_from_slice(&std::ptr::read_volatile(at.cast::<u32>()).to_le_bytes())
             }
-            8 => bytes.copy_from_slice(&std::ptr::read_volatile(at.cast::<u64>()).to_le_bytes()),
+            Some(8) => {
+                data.copy_from_slice(&std::ptr::read_volatile(at.cast::<u64>()).to_le_bytes())
+            }
             _ => {
-                for (i, byte) in bytes.iter_mut().take(len.min(8)).enumerate() {
+                for (i, byte) in data.iter_mut().enumerate() {
                     *byte = std::ptr::read_volatile(at.add(i));
                 }
             }
         }
     }
-    bytes
 }
 
-/// Writes `data` (at most 8 bytes) to device memory at `at` with one access of its width.
+/// Writes `data` to device memory at `at` (see [`one_access`]).
 fn volatile_write(at: *mut u8, data: &[u8]) {
     // SAFETY (all arms): as in `volatile_read`.
     unsafe {
-        match *data {
-            [b] => std::ptr::write_volatile(at, b),
-            [a, b] => std::ptr::write_volatile(at.cast::<u16>(), u16::from_le_bytes([a, b])),
-            [a, b, c, d] => {
+        match (one_access(at, data.len()), data) {
+            (Some(_), &[b]) => std::ptr::write_volatile(at, b),
+            (Some(_), &[a, b]) => {
+                std::ptr::write_volatile(at.cast::<u16>(), u16::from_le_bytes([a, b]))
+            }
+            (Some(_), &[a, b, c, d]) => {
                 std::ptr::write_volatile(at.cast::<u32>(), u32::from_le_bytes([a, b, c, d]))
             }
-            [a, b, c, d, e, f, g, h] => std::ptr::write_volatile(
+            (Some(_), &[a, b, c, d, e, f, g, h]) => std::ptr::write_volatile(
                 at.cast::<u64>(),
                 u64::from_le_bytes([a, b, c, d, e, f, g, h]),
             ),
             _ => {
-                for (i, &byte) in data.iter().take(8).enumerate() {
+                for (i, &byte) in data.iter().enumerate() {
                     std::ptr::write_volatile(at.add(i), byte);
                 }
             }

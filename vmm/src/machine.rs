@@ -546,7 +546,8 @@ impl Machine {
     /// Checked before the machine is paused for a snapshot, and again after.
     pub fn check_snapshot(&self) -> Result<(), MachineError> {
         if let Some(pci) = self.virtio.pci() {
-            pci.save().map_err(MachineError::SnapshotRefused)?;
+            pci.check_snapshot()
+                .map_err(MachineError::SnapshotRefused)?;
         }
         let devices = self.virtio.unsnapshottable_devices();
         if devices > 0 {

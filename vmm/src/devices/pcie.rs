@@ -545,10 +545,27 @@ impl PciDevices {
         card.fail_device(BlkSlot::fail_backend);
     }
 
+    /// Refuses a snapshot while a host function is passed through: a root port holds a card
+    /// that is no virtio card.
+    pub fn check_snapshot(&self) -> Result<(), String> {
+        let cards = self.cards_lock();
+        for spec in &self.host.ports {
+            let occupied = self.host.with_port(&spec.id, |port| Ok(port.occupied()));
+            if occupied.unwrap_or(false) && !cards.contains_key(&spec.id) {
+                return Err(format!(
+                    "root port {}: a passed-through host function cannot be kept in a snapshot",
+                    spec.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The segment's state for a snapshot of the paused machine: every root port, and every
     /// virtio-pci card's header, transport and MSI-X. Refused while a host function is passed
     /// through (its device state lives in the host's hardware).
     pub fn save(&self) -> Result<PciSnapshot, String> {
+        self.check_snapshot()?;
         let mut ports = Vec::new();
         let mut cards = Vec::new();
         let plugged = self.cards_lock();
@@ -566,12 +583,7 @@ impl PciDevices {
             let (transport, msix) = match plugged.get(&spec.id) {
                 Some(PluggedCard::Disk(card)) => card.save(),
                 Some(PluggedCard::Nic(card)) => card.save(),
-                None => {
-                    return Err(format!(
-                        "root port {}: a passed-through host function cannot be kept in a snapshot",
-                        spec.id
-                    ))
-                }
+                None => continue,
             };
             cards.push(CardSnapshot {
                 bus: spec.id.clone(),
@@ -621,18 +633,19 @@ impl PciDevices {
         let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
         for bus in buses {
             let stopped = match self.cards_lock().get(&bus) {
-                Some(PluggedCard::Disk(card)) => card
-                    .with_device(BlkSlot::quiesce)
-                    .map_err(|e| (matches!(e, QuiesceError::Failed(_)), e.to_string())),
-                Some(PluggedCard::Nic(card)) => {
-                    card.with_device(NetSlot::quiesce).map_err(|e| (true, e))
-                }
+                Some(PluggedCard::Disk(card)) => card.with_device(BlkSlot::quiesce).map_err(|e| {
+                    let fail: Option<fn(&Self, &str)> =
+                        matches!(e, QuiesceError::Failed(_)).then_some(Self::fail_disk_backend);
+                    (fail, e.to_string())
+                }),
+                Some(PluggedCard::Nic(card)) => card
+                    .with_device(NetSlot::quiesce)
+                    .map_err(|e| (Some(Self::fail_nic_backend as fn(&Self, &str)), e)),
                 None => Ok(()),
             };
-            if let Err((failed, why)) = stopped {
-                if failed {
-                    self.fail_disk_backend(&bus);
-                    self.fail_nic_backend(&bus);
+            if let Err((fail, why)) = stopped {
+                if let Some(fail) = fail {
+                    fail(self, &bus);
                 }
                 self.unquiesce_backends();
                 return Err(format!("the card in {bus}: {why}"));
@@ -647,14 +660,17 @@ impl PciDevices {
         let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
         for bus in buses {
             let started = match self.cards_lock().get(&bus) {
-                Some(PluggedCard::Disk(card)) => card.with_device(BlkSlot::unquiesce),
-                Some(PluggedCard::Nic(card)) => card.with_device(NetSlot::unquiesce),
+                Some(PluggedCard::Disk(card)) => card
+                    .with_device(BlkSlot::unquiesce)
+                    .map_err(|e| (Self::fail_disk_backend as fn(&Self, &str), e)),
+                Some(PluggedCard::Nic(card)) => card
+                    .with_device(NetSlot::unquiesce)
+                    .map_err(|e| (Self::fail_nic_backend as fn(&Self, &str), e)),
                 None => Ok(()),
             };
-            if let Err(e) = started {
+            if let Err((fail, e)) = started {
                 log::warn!("the card in {bus}: {e}; it fails from now on");
-                self.fail_disk_backend(&bus);
-                self.fail_nic_backend(&bus);
+                fail(self, &bus);
             }
         }
     }

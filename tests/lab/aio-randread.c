@@ -25,7 +25,7 @@
 #include <linux/fs.h>
 #include <linux/time_types.h>
 
-#include "syscall.h"
+#include "freestanding.h"
 
 #define BLOCK 4096
 #define MAX_DEPTH 64
@@ -228,17 +228,3 @@ static int run(int argc, char **argv)
 	put_field("mib_per_s", requests * BLOCK * 100ULL * 1000000ULL / elapsed / (1 << 20), 2);
 	return 0;
 }
-
-void start_c(long *stack)
-{
-	sys3(__NR_exit_group, run((int)stack[0], (char **)(stack + 1)), 0, 0);
-}
-
-/* The kernel enters with argc at the stack pointer; the ABI wants a 16-byte aligned call. */
-__asm__(".globl _start\n"
-	"_start:\n"
-	"\txor %rbp, %rbp\n"
-	"\tmov %rsp, %rdi\n"
-	"\tand $-16, %rsp\n"
-	"\tcall start_c\n"
-	"\thlt\n");

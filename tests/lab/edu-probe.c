@@ -33,7 +33,7 @@
 #include <linux/mman.h>
 #include <linux/time_types.h>
 
-#include "syscall.h"
+#include "freestanding.h"
 
 #define PAGE 4096
 #define CLOCK_MONOTONIC 1
@@ -436,17 +436,3 @@ static int run(int argc, char **argv)
 	write_attribute(device, "enable", "0");
 	return bad;
 }
-
-void start_c(long *stack)
-{
-	exit_with(run((int)stack[0], (char **)(stack + 1)));
-}
-
-/* The kernel enters with argc at the stack pointer; the ABI wants a 16-byte aligned call. */
-__asm__(".globl _start\n"
-	"_start:\n"
-	"\txor %rbp, %rbp\n"
-	"\tmov %rsp, %rdi\n"
-	"\tand $-16, %rsp\n"
-	"\tcall start_c\n"
-	"\thlt\n");

@@ -91,22 +91,14 @@ pub struct BlkSpec {
     pub serial: Option<String>,
 }
 
-/// Where citadel-net's tap comes from.
-#[derive(Debug)]
-pub enum TapSource {
-    /// A tap name; the launcher attaches one queue of it (creating it when it is missing).
-    Name(String),
-    /// Tap queues already open, one per queue pair (at most 16).
-    Fds(Vec<OwnedFd>),
-}
-
 /// A citadel-net to start.
 #[derive(Debug)]
 pub struct NetSpec {
     /// Device id, for logs.
     pub id: String,
-    /// The tap.
-    pub tap: TapSource,
+    /// The tap's queues, one per queue pair (at most 16): passed by the user, or attached by
+    /// [`Launcher::open_tap`].
+    pub queues: Vec<OwnedFd>,
     /// The device's MAC address (citadel-net picks a random local one when absent).
     pub mac: Option<[u8; 6]>,
 }
@@ -259,18 +251,27 @@ impl Launcher {
         self.spawn(&request, &fds)
     }
 
-    /// Starts a citadel-net on a tap the launcher attaches by name, or on the given queues.
+    /// Starts a citadel-net on the given tap queues.
     pub fn spawn_net(&self, spec: NetSpec) -> Result<Backend, LauncherError> {
-        let (tap, fds) = match &spec.tap {
-            TapSource::Name(name) => (Some(name.clone()), Vec::new()),
-            TapSource::Fds(fds) => (None, fds.iter().map(|fd| fd.as_raw_fd()).collect()),
-        };
+        let fds: Vec<RawFd> = spec.queues.iter().map(|fd| fd.as_raw_fd()).collect();
         let request = Request::SpawnNet {
             id: spec.id.clone(),
-            tap,
             mac: spec.mac,
         };
         self.spawn(&request, &fds)
+    }
+
+    /// Attaches one queue of the tap called `name` in the launcher's network namespace,
+    /// creating the tap when it is missing. The caller holds the queue for as long as the
+    /// tap should live: a tap the launcher created goes away with its last queue.
+    pub fn open_tap(&self, name: &str) -> Result<OwnedFd, LauncherError> {
+        let request = Request::OpenTap {
+            name: name.to_string(),
+        };
+        match self.call(&request, &[])? {
+            (Reply::TapOpened, mut queues) if queues.len() == 1 => Ok(queues.remove(0)),
+            (other, _) => Err(unexpected(other)),
+        }
     }
 
     /// Connects to the Unix socket at `path` (resolved from the launcher's "/"), for a

@@ -62,14 +62,18 @@ pub enum Request {
         #[serde(default)]
         serial: Option<String>,
     },
-    /// Start citadel-net on the tap called `tap`, or else on the descriptors sent along.
+    /// Start citadel-net on the tap queue descriptors sent along (one per queue pair).
     SpawnNet {
         /// Device id, for logs.
         id: String,
-        /// Tap name; absent when tap queue descriptors are sent.
-        tap: Option<String>,
         /// MAC address of the device.
         mac: Option<[u8; 6]>,
+    },
+    /// Attach one queue of the tap called `name` (creating the tap when it is missing) and
+    /// send it back.
+    OpenTap {
+        /// The tap's interface name.
+        name: String,
     },
     /// Connect to the Unix socket at `path` (resolved with "/" as root) and send the
     /// connected socket back.
@@ -144,6 +148,8 @@ pub enum Reply {
     },
     /// The function is released.
     VfioClosed,
+    /// The tap queue asked for is attached; it comes along.
+    TapOpened,
     /// The request failed; the text is one line for the user.
     Error {
         /// What went wrong.
@@ -329,7 +335,6 @@ mod tests {
         let (extra, _keep) = UnixDatagram::pair().unwrap();
         let request = Request::SpawnNet {
             id: "net0".into(),
-            tap: None,
             mac: Some([2, 0, 0, 0, 0, 1]),
         };
         send(a.as_fd(), &request, &[extra.as_raw_fd()]).unwrap();

@@ -226,24 +226,18 @@ impl Server<'_> {
                 let binary = &self.config.blk_binary;
                 self.start(&id, binary, args, &[image])
             }
-            Request::SpawnNet { id, tap, mac } => {
+            Request::SpawnNet { id, mac } => {
                 if mac.is_some_and(|mac| mac[0] & 1 != 0) {
                     return Err(RequestError::Invalid(
                         "a multicast address cannot be a NIC's MAC address".into(),
                     ));
                 }
-                let queues: Vec<OwnedFd> = match (tap, fds.is_empty()) {
-                    (Some(name), true) => citadel_tap::open_by_name(&name, 1)?
-                        .into_iter()
-                        .map(OwnedFd::from)
-                        .collect(),
-                    (None, false) if fds.len() <= protocol::MAX_FDS => fds,
-                    _ => {
-                        return Err(RequestError::Invalid(
-                            "spawn-net needs exactly one of a tap name and tap descriptors".into(),
-                        ))
-                    }
-                };
+                if fds.is_empty() {
+                    return Err(RequestError::Invalid(
+                        "spawn-net needs the tap's queue descriptors".into(),
+                    ));
+                }
+                let queues = fds;
                 let numbers: Vec<String> = (0..queues.len())
                     .map(|i| (crate::spawn::FIRST_FD + 1 + i as RawFd).to_string())
                     .collect();
@@ -255,6 +249,19 @@ impl Server<'_> {
                 }
                 let binary = &self.config.net_binary;
                 self.start(&id, binary, args, &queues)
+            }
+            Request::OpenTap { name } => {
+                if !fds.is_empty() {
+                    return Err(RequestError::Invalid(
+                        "open-tap takes no descriptors".into(),
+                    ));
+                }
+                let queues = citadel_tap::open_by_name(&name, 1)?
+                    .into_iter()
+                    .map(OwnedFd::from)
+                    .collect();
+                log::info!("launcher: tap {name} attached");
+                Ok((Reply::TapOpened, queues))
             }
             Request::Connect { path } => {
                 if !fds.is_empty() {

@@ -51,6 +51,11 @@ const MODULES: &[&str] = &[
     "drivers/vfio/vfio_iommu_type1.ko",
     "drivers/vfio/pci/vfio-pci-core.ko",
     "drivers/vfio/pci/vfio-pci.ko",
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
 ];
 
 /// Debian's own virtio modules, in load order, for its stock kernel as a guest (L2): its cloud
@@ -75,7 +80,8 @@ pub struct LabOptions {
     pub memory_mib: u32,
     /// L1's CPUs.
     pub cpus: u32,
-    /// Adds QEMU's intel-iommu and `edu` PCI device, bound to vfio-pci inside L1.
+    /// Adds QEMU's intel-iommu, its `edu` PCI device and a virtio-blk function, bound to
+    /// vfio-pci inside L1, and a two-function device whose shared IOMMU group is not viable.
     pub vfio: bool,
     /// Time limit of each scenario inside L1.
     pub scenario_timeout: Duration,
@@ -362,6 +368,14 @@ impl Lab {
             command.arg("-drive").arg(drive).args([
                 "-device",
                 "virtio-blk-pci,drive=passthrough,disable-legacy=on,iommu_platform=on",
+            ]);
+            // Two functions of one device without ACS share an IOMMU group: L1 gives function 0
+            // to vfio-pci and leaves function 1 to its own virtio-pci driver.
+            command.args([
+                "-device",
+                "virtio-rng-pci,addr=0x6.0,multifunction=on,disable-legacy=on",
+                "-device",
+                "virtio-rng-pci,addr=0x6.1,disable-legacy=on",
             ]);
             append.push_str(" intel_iommu=on lab.vfio=1");
         }

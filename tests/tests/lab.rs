@@ -621,6 +621,15 @@ fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
         assert!(!value(outcome, "edu-group").is_empty(), "{}", t());
         assert_eq!(value(outcome, "group-node"), "yes", "{}", t());
         assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
+        // The two-function device shares one group, half of it vfio-pci's.
+        let shared = value(outcome, "shared-address");
+        let sibling = format!("{}1", &shared[..shared.len() - 1]);
+        assert_eq!(
+            value(outcome, "shared-group"),
+            format!("{shared}=vfio-pci {sibling}=virtio-pci"),
+            "{}",
+            t()
+        );
     });
 }
 
@@ -636,6 +645,8 @@ fn a_hot_plugged_edu_device_answers_the_guest_through_vfio() {
         // device_add refuses what it cannot pass through or put there.
         has("err-unknown-host", "no such PCI device");
         has("err-not-vfio", "not bound to vfio-pci");
+        has("err-not-viable", "its IOMMU group is not viable");
+        assert_eq!(v("shared-group-users"), "0", "{}", t());
         has("err-addr", "Invalid addr");
         has("err-bus", "does not support hotplugging");
         has("err-occupied", "holds a device");
@@ -912,9 +923,14 @@ fn linux_on_q35_moves_data_through_a_pci_nic_hot_plugged_into_a_root_port() {
         let v = |key| value(outcome, key);
         assert_eq!(v("add-returns"), "2", "{}", t());
         assert_eq!(v("backend-count"), "1", "{}", t());
-        // Killed once the link was up, the backend was replaced by another on the same tap.
+        // Killed while the guest's bytes were on their way to L1, the backend was replaced by
+        // another on the same tap: the interface the launcher created (index, MAC, L1's
+        // address) outlived it.
+        assert_eq!(v("killed-mid-transfer"), "yes", "{}", t());
         assert_eq!(v("backend-restarted"), "yes", "{}", t());
         assert_eq!(v("takeovers"), "1", "{}", t());
+        assert_eq!(v("tap-kept"), "yes", "{}", t());
+        assert_eq!(v("tap-address"), "1", "{}", t());
         // The card has the MAC device_add gave, its link is up, and frames cross both ways
         // intact, the backend's death in between.
         assert_eq!(v("eth0-mac"), "52:54:00:12:34:56", "{}", t());

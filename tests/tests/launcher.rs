@@ -11,9 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use citadel_launcher::{
-    BlkSpec, ImageSource, Launcher, LauncherConfig, LauncherError, NetSpec, TapSource,
-};
+use citadel_launcher::{BlkSpec, ImageSource, Launcher, LauncherConfig, LauncherError, NetSpec};
 use citadel_tests::vhost_user::{
     Frontend, GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES,
 };
@@ -422,13 +420,19 @@ fn a_started_citadel_net_serves_a_tap_confined_under_both_filters() {
     }
     let launcher = Launcher::start(config()).expect("launcher starts");
     let name = format!("cl{}", std::process::id() % 100_000);
+    // The launcher attaches (here: creates) the tap and hands its queue over.
+    let queue = launcher
+        .open_tap(&name)
+        .expect("the launcher attaches a tap");
+    let tap_dir = Path::new("/sys/class/net").join(&name);
+    assert!(tap_dir.exists());
     let by_name = launcher
         .spawn_net(NetSpec {
             id: "net0".into(),
-            tap: TapSource::Name(name.clone()),
+            queues: vec![queue.try_clone().unwrap()],
             mac: Some([0x02, 0, 0, 0, 0, 0x42]),
         })
-        .expect("citadel-net starts on a named tap");
+        .expect("citadel-net starts on the attached tap");
     let mut fe = Frontend::new(by_name.socket);
     let (_, mac) = features_and_config(&mut fe, 6);
     assert_eq!(mac, [0x02, 0, 0, 0, 0, 0x42]);
@@ -441,7 +445,7 @@ fn a_started_citadel_net_serves_a_tap_confined_under_both_filters() {
     let before = children(launcher.pid()).len();
     match launcher.spawn_net(NetSpec {
         id: "net2".into(),
-        tap: TapSource::Name(name.clone()),
+        queues: vec![queue.try_clone().unwrap()],
         mac: Some([0x01, 0, 0x5e, 0, 0, 1]),
     }) {
         Err(LauncherError::Refused(m)) => {
@@ -449,7 +453,23 @@ fn a_started_citadel_net_serves_a_tap_confined_under_both_filters() {
         }
         other => panic!("multicast MAC: {other:?}"),
     }
+    match launcher.spawn_net(NetSpec {
+        id: "net3".into(),
+        queues: Vec::new(),
+        mac: None,
+    }) {
+        Err(LauncherError::Refused(m)) => {
+            assert_eq!(m, "spawn-net needs the tap's queue descriptors")
+        }
+        other => panic!("no tap queue: {other:?}"),
+    }
     assert_eq!(children(launcher.pid()).len(), before);
+    // The tap the launcher created lives as long as its queue is held, not as long as the
+    // backend serving it: what the VMM relies on to restart a NIC's backend on the same tap.
+    launcher.stop(pid).expect("stop citadel-net");
+    assert!(tap_dir.exists(), "the tap went with its backend");
+    drop(queue);
+    assert!(!tap_dir.exists(), "the tap outlived its last queue");
     // A queue the VMM opened itself, handed over as a descriptor.
     let other = format!("cm{}", std::process::id() % 100_000);
     let fd = citadel_tap::open_by_name(&other, 1)
@@ -458,7 +478,7 @@ fn a_started_citadel_net_serves_a_tap_confined_under_both_filters() {
     let by_fd = launcher
         .spawn_net(NetSpec {
             id: "net1".into(),
-            tap: TapSource::Fds(vec![OwnedFd::from(fd)]),
+            queues: vec![OwnedFd::from(fd)],
             mac: None,
         })
         .expect("citadel-net starts on a tap descriptor");

@@ -35,7 +35,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use citadel_launcher::{BlkSpec, ImageSource, Launcher, LauncherError, TapSource};
+use citadel_launcher::{BlkSpec, ImageSource, Launcher, LauncherError};
 use citadel_qmp::chardev::{ChardevAdd, ChardevInfo, ChardevSocket};
 use citadel_qmp::device::{BlockdevAdd, DeviceAdd};
 use citadel_qmp::error::QmpError;
@@ -303,7 +303,7 @@ impl Hotplug {
                     })?;
                     let launcher = available(&self.launcher).map_err(refuse)?;
                     self.netdevs
-                        .netdev_add(launcher, &add, || Ok(TapSource::Fds(vec![tap])))
+                        .netdev_add(launcher, &add, || Ok(vec![tap]))
                         .map_err(refuse)?;
                 }
             }
@@ -504,13 +504,17 @@ impl Hotplug {
     }
 
     /// `netdev_add`. A tap passed with `getfd` is taken from the named descriptors, as
-    /// QEMU's monitor takes it.
+    /// QEMU's monitor takes it; a tap named is attached by the launcher (in the jail's network
+    /// namespace, with the launcher's rights).
     pub fn netdev_add(&mut self, add: &NetdevAdd) -> Result<Value, QmpError> {
         let launcher = available(&self.launcher)?;
         let fds = &mut self.fds;
         self.netdevs.netdev_add(launcher, add, || match &add.tap {
-            Tap::Ifname(name) => Ok(TapSource::Name(name.clone())),
-            Tap::Fd(name) => Ok(TapSource::Fds(vec![fds.take(name)?])),
+            Tap::Ifname(name) => launcher
+                .open_tap(name)
+                .map(|queue| vec![queue])
+                .map_err(|e| QmpError::generic(e.to_string())),
+            Tap::Fd(name) => Ok(vec![fds.take(name)?]),
         })
     }
 

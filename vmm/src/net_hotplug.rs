@@ -6,17 +6,18 @@
 //!
 //! Every refusal leaves the netdevs, the slots and the processes as they were.
 //!
-//! A plugged NIC whose citadel-net dies gets a new one on the same tap
-//! ([`Netdevs::restart`]): a tap attached by name is attached again by name, a passed tap
-//! through a duplicate of its descriptor the netdev keeps (which also keeps the tap itself
-//! from going away with the dead backend).
+//! A netdev holds its tap queue for as long as it exists: a tap named in `netdev_add` is
+//! attached by the launcher and its queue kept here, a passed one is kept as passed. A plugged
+//! NIC whose citadel-net dies gets a new one ([`Netdevs::restart`]) on a duplicate of that
+//! queue, so the tap, with whatever the host configured on it, outlives the dead backend even
+//! when the launcher created it.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use citadel_launcher::{Launcher, NetSpec, TapSource};
+use citadel_launcher::{Launcher, NetSpec};
 use citadel_qmp::device::DeviceAdd;
 use citadel_qmp::error::QmpError;
 use citadel_qmp::netdev::{NetdevAdd, Tap};
@@ -37,40 +38,14 @@ pub const NIC_DRIVER: &str = "virtio-net-mmio";
 struct Netdev {
     /// The backend process; `None` once it died and none replaced it.
     pid: Option<i32>,
-    /// Where a restarted backend finds the tap.
-    tap: NetdevTap,
+    /// The tap's queues; each backend gets duplicates.
+    queues: Vec<OwnedFd>,
     /// When the backend was restarted, within the last restart window.
     restarts: Vec<Instant>,
     /// The frontend, while no device uses the netdev; a plugged NIC lives in its slot.
     conn: Option<VhostUserConnection>,
     /// The device using the netdev.
     device: Option<String>,
-}
-
-/// The tap of a netdev, kept to start its backend again.
-enum NetdevTap {
-    /// Attached by name.
-    Name(String),
-    /// Duplicates of the passed tap queues.
-    Fds(Vec<OwnedFd>),
-}
-
-impl NetdevTap {
-    /// Keeps what `source` names: the name, or duplicates of the descriptors.
-    fn keep(source: &TapSource) -> Result<NetdevTap, String> {
-        Ok(match source {
-            TapSource::Name(name) => NetdevTap::Name(name.clone()),
-            TapSource::Fds(fds) => NetdevTap::Fds(duplicates(fds)?),
-        })
-    }
-
-    /// What the launcher is given to attach the tap again.
-    fn source(&self) -> Result<TapSource, String> {
-        Ok(match self {
-            NetdevTap::Name(name) => TapSource::Name(name.clone()),
-            NetdevTap::Fds(fds) => TapSource::Fds(duplicates(fds)?),
-        })
-    }
 }
 
 fn duplicates(fds: &[OwnedFd]) -> Result<Vec<OwnedFd>, String> {
@@ -87,13 +62,14 @@ pub struct Netdevs {
 }
 
 impl Netdevs {
-    /// `netdev_add`: starts a citadel-net through `launcher` on the tap `tap` gives, which is
-    /// asked for only once the id is known to be free (a passed descriptor is consumed).
+    /// `netdev_add`: starts a citadel-net through `launcher` on the tap queues `tap` gives,
+    /// which are asked for only once the id is known to be free (a passed descriptor is
+    /// consumed, a named tap attached).
     pub fn netdev_add(
         &mut self,
         launcher: &Launcher,
         add: &NetdevAdd,
-        tap: impl FnOnce() -> Result<TapSource, QmpError>,
+        tap: impl FnOnce() -> Result<Vec<OwnedFd>, QmpError>,
     ) -> Result<Value, QmpError> {
         if self.netdevs.contains_key(&add.id) {
             return Err(QmpError::generic(format!(
@@ -106,12 +82,11 @@ impl Netdevs {
                 "Too many netdevs: at most {MAX_NETDEVS}"
             )));
         }
-        let tap = tap()?;
-        let kept = NetdevTap::keep(&tap).map_err(QmpError::generic)?;
+        let queues = tap()?;
         let backend = launcher
             .spawn_net(NetSpec {
                 id: add.id.clone(),
-                tap,
+                queues: duplicates(&queues).map_err(QmpError::generic)?,
                 mac: None,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -138,7 +113,7 @@ impl Netdevs {
             add.id.clone(),
             Netdev {
                 pid: Some(backend.pid),
-                tap: kept,
+                queues,
                 restarts: Vec::new(),
                 conn: Some(conn),
                 device: None,
@@ -293,11 +268,11 @@ impl Netdevs {
                 log::debug!("citadel-net[{pid}] is gone already: {e}");
             }
         }
-        let tap = &netdev.tap;
+        let queues = &netdev.queues;
         let pid = within_budget(&mut netdev.restarts, || {
             let backend = launcher.spawn_net(NetSpec {
                 id: id.to_string(),
-                tap: tap.source().map_err(AttemptError::Retry)?,
+                queues: duplicates(queues).map_err(AttemptError::Retry)?,
                 mac: None,
             })?;
             let peer = PathBuf::from(format!("citadel-net[{}] ({id})", backend.pid));

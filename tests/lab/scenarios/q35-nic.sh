@@ -5,10 +5,11 @@
 # guest sends and 6000 for what it receives), both ends checking checksums. device_del
 # returns at once, DEVICE_DELETED follows once the guest released the slot, the netdev keeps
 # its backend for a second device_add and device_del, and netdev_del then ends it. Once the
-# guest's link is up, L1 kills the citadel-net with SIGKILL: Citadel starts another on the
-# same tap and hands it the card's rings, and all of the above still holds. (The launcher
-# created tap0, which goes with the process that held it; L1 configures the new one again, as
-# a persistent tap would not need.)
+# guest's first bytes reach L1 (its ping is done), L1 kills the citadel-net with SIGKILL:
+# Citadel starts another on the same tap and hands it the card's rings mid-transfer, and all
+# of the above still holds. The launcher
+# created tap0, and the netdev holds its queue: the very interface (same index, same MAC, the
+# address L1 gave it) outlives the dead backend, untouched by L1.
 vm=q35nic
 dd if=/dev/urandom of=/tmp/q35nic.tx bs=1M count=4 2>/dev/null
 result l1-tx-md5 "$(md5sum </tmp/q35nic.tx | cut -d' ' -f1)"
@@ -33,9 +34,15 @@ if l2_wait $vm "guest: pci-nic waiting" 90; then
 	result add-returns "$(sed '1,/"return":{}/d' /tmp/$vm.add | grep -c '"return":{}')"
 	ip addr add 10.77.1.1/24 dev tap0
 	ip link set tap0 up
+	tap_before="$(cat /sys/class/net/tap0/ifindex) $(cat /sys/class/net/tap0/address)"
 	backend=$(pidof citadel-net)
 	result backend-count "$(echo $backend | wc -w)"
 	if l2_wait $vm "guest: eth0-carrier=" 120; then
+		for i in $(seq 1200); do
+			[ -s /tmp/q35nic.rx ] && break
+			usleep 50000
+		done
+		result killed-mid-transfer "$([ -s /tmp/q35nic.rx ] && echo yes || echo no)"
 		kill -9 $backend
 		restarted=no
 		for i in $(seq 100); do
@@ -48,12 +55,13 @@ if l2_wait $vm "guest: pci-nic waiting" 90; then
 			usleep 100000
 		done
 		result backend-restarted $restarted
-		for i in $(seq 50); do
-			[ -d /sys/class/net/tap0 ] && break
-			usleep 100000
-		done
-		ip addr add 10.77.1.1/24 dev tap0 2>/dev/null
-		ip link set tap0 up
+		tap_after="$(cat /sys/class/net/tap0/ifindex) $(cat /sys/class/net/tap0/address)"
+		if [ "$tap_after" = "$tap_before" ]; then
+			result tap-kept yes
+		else
+			result tap-kept "no: $tap_before, then $tap_after"
+		fi
+		result tap-address "$(ip -4 addr show dev tap0 | grep -c 'inet 10.77.1.1/24')"
 	fi
 	if l2_wait $vm "guest: pci-nic unplug-ready" 180; then
 		result takeovers "$(l2_count $vm 'took over in')"

@@ -1,5 +1,7 @@
 # The lab's VFIO variant (`LabOptions::vfio`): L1 has an IOMMU and QEMU's educational PCI
-# device (1234:11e8) bound to vfio-pci, so a VFIO group is there to pass through.
+# device (1234:11e8) bound to vfio-pci, so a VFIO group is there to pass through; and a
+# two-function virtio-rng device (1af4:1044) whose functions share a group, function 0 bound
+# to vfio-pci and function 1 to virtio-pci, so that group is not viable.
 for dev in /sys/bus/pci/devices/*; do
 	[ "$(cat $dev/vendor):$(cat $dev/device)" = "0x1234:0x11e8" ] || continue
 	result edu-address "${dev##*/}"
@@ -9,3 +11,13 @@ for dev in /sys/bus/pci/devices/*; do
 	[ -c /dev/vfio/$group ] && result group-node yes
 done
 [ -c /dev/vfio/vfio ] && result container-node yes
+shared=$(l1_function 0x1af4:0x1044)
+if [ -n "$shared" ]; then
+	result shared-address "$shared"
+	group=/sys/bus/pci/devices/$shared/iommu_group
+	drivers=
+	for dev in $group/devices/*; do
+		drivers="$drivers ${dev##*/}=$(basename "$(readlink $dev/driver)")"
+	done
+	result shared-group "${drivers# }"
+fi

@@ -5,7 +5,8 @@
 # CPU (see the guest's vfio-edu mode). device_del returns at once, DEVICE_DELETED follows once
 # the guest released the slot, the edu is still vfio-pci's in L1, and it goes in and out once
 # more. First, device_add refuses what it must: a host device that does not exist, one that
-# is not vfio-pci's, an addr other than 0x0 and the root bus.
+# is not vfio-pci's, one whose IOMMU group is not viable, an addr other than 0x0 and the root
+# bus.
 vm=vfiohp
 rounds=2
 
@@ -17,9 +18,10 @@ group=$(basename "$(readlink /sys/bus/pci/devices/$edu/iommu_group)")
 l1_driver() {
 	basename "$(readlink /sys/bus/pci/devices/$edu/driver)"
 }
-# group_users: how many open files of all processes are the edu's VFIO group.
+# group_users [GROUP]: how many open files of all processes are VFIO group GROUP (the edu's
+# when not given).
 group_users() {
-	ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c " -> /dev/vfio/$group\$"
+	ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c " -> /dev/vfio/${1:-$group}\$"
 }
 # desc FILE: the desc of the error reply in a citadel-qmp transcript.
 desc() {
@@ -40,6 +42,13 @@ if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 	result err-unknown-host "$(desc /tmp/$vm.err1)"
 	edu_add '"bus":"pcie.1","addr":"0x0","host":"0000:00:00.0"' /tmp/$vm.err2
 	result err-not-vfio "$(desc /tmp/$vm.err2)"
+	# Function 0 of L1's two-function virtio-rng device is vfio-pci's, its sibling in the
+	# same IOMMU group is not.
+	shared=$(l1_function 0x1af4:0x1044)
+	edu_add '"bus":"pcie.1","addr":"0x0","host":"'$shared'"' /tmp/$vm.err8
+	result err-not-viable "$(desc /tmp/$vm.err8)"
+	shared_group=$(basename "$(readlink /sys/bus/pci/devices/$shared/iommu_group)")
+	result shared-group-users "$(group_users $shared_group)"
 	edu_add '"bus":"pcie.1","addr":"0x1","host":"'$edu'"' /tmp/$vm.err3
 	result err-addr "$(desc /tmp/$vm.err3)"
 	edu_add '"bus":"pcie.0","addr":"0x0","host":"'$edu'"' /tmp/$vm.err4

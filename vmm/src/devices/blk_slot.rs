@@ -102,6 +102,8 @@ struct Running {
 /// A hot-replace virtio-blk slot.
 pub struct BlkSlot {
     index: u64,
+    /// What logs and errors call it: "disk slot N", or "disk card in PORT".
+    name: String,
     memory: GuestMemoryMmap,
     /// What the driver reads: the slot's own, or a card's disk's.
     config: Vec<u8>,
@@ -140,6 +142,7 @@ impl BlkSlot {
         config[20..24].copy_from_slice(&SLOT_BLK_SIZE.to_le_bytes());
         BlkSlot {
             index,
+            name: format!("disk slot {index}"),
             memory,
             config,
             features: SLOT_FEATURES,
@@ -153,12 +156,13 @@ impl BlkSlot {
         }
     }
 
-    /// The device of a PCI disk card (q35), number `index`, holding `plugged` from the start
+    /// The device of a PCI disk card (q35) in root port `bus`, number `index`, holding `plugged` from the start
     /// until the card leaves: no slot existed before the disk, so the driver is offered the
     /// disk's own features and limits, and its kicks, while the card answers the ring itself
     /// (a failed backend), are reported under `token`. A backend that dies is replaced as in
     /// a slot, by one that offers exactly the same.
     pub fn card(
+        bus: &str,
         index: u64,
         memory: GuestMemoryMmap,
         kicks: Arc<SlotKicks>,
@@ -169,6 +173,7 @@ impl BlkSlot {
         plugged.disk.read_config(0, &mut config);
         let mut card = BlkSlot {
             index,
+            name: format!("disk card in {bus}"),
             memory,
             config,
             features: plugged.disk.features(),
@@ -254,8 +259,8 @@ impl BlkSlot {
         }
         self.config[..8].copy_from_slice(&capacity.to_le_bytes());
         log::info!(
-            "disk slot {}: {} ({}) plugged, {capacity} sectors",
-            self.index,
+            "{}: {} ({}) plugged, {capacity} sectors",
+            self.name,
             plugged.device_id,
             plugged.node_name
         );
@@ -276,11 +281,7 @@ impl BlkSlot {
             let base = match plugged.disk.connection().stop_rings() {
                 Ok(bases) => bases.first().map(|b| b.1),
                 Err(e) => {
-                    log::warn!(
-                        "disk slot {}: stopping {}'s rings: {e}",
-                        self.index,
-                        plugged.device_id
-                    );
+                    log::warn!("{}: stopping {}'s rings: {e}", self.name, plugged.device_id);
                     None
                 }
             };
@@ -288,8 +289,8 @@ impl BlkSlot {
         }
         self.failed = false;
         log::info!(
-            "disk slot {}: {} ({}) unplugged",
-            self.index,
+            "{}: {} ({}) unplugged",
+            self.name,
             plugged.device_id,
             plugged.node_name
         );
@@ -304,14 +305,14 @@ impl BlkSlot {
     /// old backend stays in place.
     pub fn replace_backend(&mut self, mut disk: VhostUserBlk) -> Result<(), String> {
         if self.disk.is_none() {
-            return Err(format!("the slot {} is empty", self.index));
+            return Err(format!("{} is empty", self.name));
         }
         if self.failed {
-            return Err(format!("the slot {}'s disk has failed already", self.index));
+            return Err(format!("{}: its disk has failed already", self.name));
         }
         self.check_fits(&disk)?;
         let Some(plugged) = self.disk.as_mut() else {
-            return Err(format!("the slot {} is empty", self.index));
+            return Err(format!("{} is empty", self.name));
         };
         let capacity = u64::from_le_bytes(self.config[..8].try_into().unwrap_or_default());
         if disk.capacity() != capacity {
@@ -342,7 +343,7 @@ impl BlkSlot {
                         let _ = kick.write(1);
                     }
                     if let Err(e) = running.params.interrupt.signal_used_queue(0) {
-                        log::warn!("disk slot {}: raising its interrupt: {e}", self.index);
+                        log::warn!("{}: raising its interrupt: {e}", self.name);
                     }
                 }
                 started
@@ -508,8 +509,8 @@ impl VirtioDevice for BlkSlot {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         log::debug!(
-            "disk slot {}: {}-byte configuration write at {offset:#x} ignored",
-            self.index,
+            "{}: {}-byte configuration write at {offset:#x} ignored",
+            self.name,
             data.len()
         );
     }

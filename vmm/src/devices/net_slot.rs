@@ -115,6 +115,8 @@ struct Running {
 /// A hot-replace virtio-net slot.
 pub struct NetSlot {
     index: u64,
+    /// What logs and errors call it: "NIC slot N", or "NIC card in PORT".
+    name: String,
     memory: GuestMemoryMmap,
     config: [u8; CONFIG_LEN],
     queue_max_sizes: [u16; 2],
@@ -138,6 +140,7 @@ impl NetSlot {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         NetSlot {
             index,
+            name: format!("NIC slot {index}"),
             memory,
             config,
             queue_max_sizes: [QUEUE_MAX_SIZE; 2],
@@ -156,9 +159,10 @@ impl NetSlot {
         mac
     }
 
-    /// Gives the device MAC address `mac`, before any driver has read it (a PCI card built
-    /// for a `device_add` with `mac`).
-    pub fn set_mac(&mut self, mac: [u8; 6]) {
+    /// Makes this the device of a PCI NIC card in root port `bus` with MAC address `mac`,
+    /// before any driver has read it.
+    pub fn make_card(&mut self, bus: &str, mac: [u8; 6]) {
+        self.name = format!("NIC card in {bus}");
         self.config[..6].copy_from_slice(&mac);
     }
 
@@ -223,8 +227,8 @@ impl NetSlot {
         }
         self.set_link(true);
         log::info!(
-            "NIC slot {}: {} ({}) plugged, link up",
-            self.index,
+            "{}: {} ({}) plugged, link up",
+            self.name,
             nic.device_id,
             nic.netdev_id
         );
@@ -240,13 +244,10 @@ impl NetSlot {
     /// backend stays in place.
     pub fn replace_backend(&mut self, mut conn: VhostUserConnection) -> Result<(), String> {
         let Some(nic) = self.nic.as_mut() else {
-            return Err(format!("the NIC slot {} is empty", self.index));
+            return Err(format!("{} is empty", self.name));
         };
         if self.failed {
-            return Err(format!(
-                "the NIC slot {}'s NIC has failed already",
-                self.index
-            ));
+            return Err(format!("{}: its NIC has failed already", self.name));
         }
         let missing = SLOT_FEATURES & !conn.features();
         if missing != 0 {
@@ -267,7 +268,7 @@ impl NetSlot {
             }
             for queue in 0..running.params.queues.len() {
                 if let Err(e) = running.params.interrupt.signal_used_queue(queue) {
-                    log::warn!("NIC slot {}: raising its interrupt: {e}", self.index);
+                    log::warn!("{}: raising its interrupt: {e}", self.name);
                 }
             }
         }
@@ -345,19 +346,15 @@ impl NetSlot {
             // A backend that cannot say where it stopped leaves each ring at its used
             // index: nothing the driver queued past it waits forever.
             let bases = nic.conn.stop_rings().unwrap_or_else(|e| {
-                log::warn!(
-                    "NIC slot {}: stopping {}'s rings: {e}",
-                    self.index,
-                    nic.device_id
-                );
+                log::warn!("{}: stopping {}'s rings: {e}", self.name, nic.device_id);
                 Vec::new()
             });
             self.hold_rings(&bases);
         }
         self.failed = false;
         log::info!(
-            "NIC slot {}: {} ({}) unplugged, link down",
-            self.index,
+            "{}: {} ({}) unplugged, link down",
+            self.name,
             nic.device_id,
             nic.netdev_id
         );
@@ -448,8 +445,8 @@ impl VirtioDevice for NetSlot {
         // The slot's MAC never changes: the driver read it at probe, and a modern driver
         // without VIRTIO_NET_F_CTRL_MAC_ADDR does not write it.
         log::debug!(
-            "NIC slot {}: {}-byte configuration write at {offset:#x} ignored",
-            self.index,
+            "{}: {}-byte configuration write at {offset:#x} ignored",
+            self.name,
             data.len()
         );
     }

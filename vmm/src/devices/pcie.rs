@@ -705,6 +705,7 @@ impl PciDevices {
         let port = self.port_index(bus);
         let socket = plugged.disk.socket();
         let device = BlkSlot::card(
+            bus,
             port,
             self.memory.clone(),
             self.kicks.clone(),
@@ -775,7 +776,7 @@ impl PciDevices {
             self.kicks.clone(),
             card_token(port),
         );
-        slot.set_mac(mac);
+        slot.make_card(bus, mac);
         slot.plug(nic).map_err(|e| (e.why, e.nic))?;
         let card = self.card(slot).map_err(|why| (why, None))?;
         self.plug_card(bus, card, PluggedCard::Nic)

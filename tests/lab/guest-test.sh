@@ -85,6 +85,22 @@ sequence)
 		usleep 100000
 	done
 	;;
+nic-pings)
+	# A NIC present at boot (eth0): pings L1 over it, one attempt a second for ever, each
+	# printed with its number and outcome. A VM restored from a snapshot taken meanwhile
+	# carries on the count through its new backend.
+	ip link set eth0 up
+	ip addr add 10.77.1.2/24 dev eth0
+	wait_carrier eth0 1
+	echo "guest: eth0-carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null)"
+	i=0
+	while :; do
+		ping -c 1 -W 1 10.77.1.1 >/dev/null 2>&1
+		echo "guest: ping $i rc=$?"
+		i=$((i + 1))
+		usleep 500000
+	done
+	;;
 reboot)
 	reboot -f
 	;;

@@ -181,7 +181,8 @@ boot_and_report() {
 # for that), plugs IMAGE into the port as virtio-blk-pci card drive-0 (blockdev-add and
 # device_add), waits for the guest to be done with it, unplugs it (device_del, answered at
 # once, DEVICE_DELETED following once the guest released the slot; then blockdev-del), and
-# does so ROUNDS times. Reports what the guest saw each round, the QMP answers, whether
+# does so ROUNDS times. Each odd round but the last keeps the node (no blockdev-del), and the
+# round after plugs that same node, its backend still connected, with device_add alone. Reports what the guest saw each round, the QMP answers, whether
 # blockdev-del ended the backend, and, once QMP quit ended the VM, how often the file the guest
 # wrote through its file system is found in IMAGE.
 pci_disk_rounds() {
@@ -194,10 +195,18 @@ pci_disk_rounds() {
 		r=1
 		while [ $r -le $rounds ]; do
 			start=$(now_ms)
-			qmp $vm '{"execute":"blockdev-add","arguments":{"node-name":"drive-0","file":{"driver":"file","filename":"'"$image"'"},"cache":{"direct":false},"read-only":false}}' \
+			# Odd rounds start with a new node; even ones plug the node the round before kept
+			# (its citadel-blk still connected) into the slot again.
+			node='{"execute":"blockdev-add","arguments":{"node-name":"drive-0","file":{"driver":"file","filename":"'"$image"'"},"cache":{"direct":false},"read-only":false}}'
+			returns=2
+			if [ $((r % 2)) = 0 ]; then
+				node=
+				returns=1
+			fi
+			qmp $vm ${node:+"$node"} \
 				'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-pci","drive":"drive-0","bus":"pcie.1","addr":"0x0"}}' \
 				>/tmp/$vm.add.$r
-			[ "$(sed '1,/"return":{}/d' /tmp/$vm.add.$r | grep -c '"return":{}')" = 2 ] && added=$((added + 1))
+			[ "$(sed '1,/"return":{}/d' /tmp/$vm.add.$r | grep -c '"return":{}')" = $returns ] && added=$((added + 1))
 			if [ $r = 1 ]; then
 				cat /tmp/$vm.add.1
 				backend=$(pidof citadel-blk)
@@ -214,7 +223,11 @@ pci_disk_rounds() {
 				result del-data "$(grep -F DEVICE_DELETED /tmp/$vm.del.1 | grep -o '"data":{[^}]*}')"
 			fi
 			grep -q DEVICE_DELETED /tmp/$vm.del.$r && deleted_after=$((deleted_after + 1))
-			qmp $vm '{"execute":"blockdev-del","arguments":{"node-name":"drive-0"}}' >/tmp/$vm.bdel.$r
+			if [ $((r % 2)) = 1 ] && [ $r -lt $rounds ]; then
+				[ $r = 1 ] && result node-kept-backend "$(pidof citadel-blk | wc -w) $([ -d /proc/$backend ] && echo alive)"
+			else
+				qmp $vm '{"execute":"blockdev-del","arguments":{"node-name":"drive-0"}}' >/tmp/$vm.bdel.$r
+			fi
 			l2_wait $vm "guest: round$r-after=" 60 || break
 			r=$((r + 1))
 		done

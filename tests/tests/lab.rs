@@ -42,6 +42,7 @@ const SCENARIOS: &[&str] = &[
     "nic-two",
     "snapshot",
     "q35-snapshot",
+    "q35-nic-snapshot",
 ];
 
 /// RAM given to every lab guest (`-m 256` in the scenarios).
@@ -867,10 +868,12 @@ fn linux_on_q35_uses_a_pci_disk_hot_plugged_into_a_root_port_and_releases_it_twe
     check_scenario("q35-hotplug", |outcome| {
         let t = || outcome.transcript();
         let v = |key| value(outcome, key);
-        // Every round: blockdev-add and device_add answered, pciehp found the card, virtio-blk
-        // bound it as vda with its 64 MiB and the host's marker.
+        // Every round: blockdev-add (odd rounds) and device_add answered, pciehp found the
+        // card, virtio-blk bound it as vda with its 64 MiB and the host's marker. An even round
+        // plugs the node the round before kept, with the same citadel-blk.
         assert_eq!(v("added"), "20", "{}", t());
         assert_eq!(v("backend-count"), "1", "{}", t());
+        assert_eq!(v("node-kept-backend"), "1 alive", "{}", t());
         assert_eq!(v("round1-size"), (64u64 << 20 >> 9).to_string(), "{}", t());
         assert_eq!(v("round1-marker"), "citadel-lab-hotplug-marker!", "{}", t());
         assert_eq!(
@@ -1132,12 +1135,13 @@ fn debian_stock_kernel_on_q35_uses_a_pci_disk_hot_plugged_into_a_root_port_and_r
     check_scenario("stock-q35-hotplug", |outcome| {
         let t = || outcome.transcript();
         let v = |key| value(outcome, key);
-        // Both rounds: blockdev-add and device_add answered, the built-in pciehp found the
-        // card, Debian's virtio-pci and virtio-blk modules bound it as vda with its 64 MiB and
-        // the host's marker.
+        // Both rounds: device_add answered (with blockdev-add the first time; the second
+        // plugs the same node again), the built-in pciehp found the card, Debian's virtio-pci
+        // and virtio-blk modules bound it as vda with its 64 MiB and the host's marker.
         assert!(outcome.get("stock-q35hp.boot_ms").is_some(), "{}", t());
         assert_eq!(v("added"), "2", "{}", t());
         assert_eq!(v("backend-count"), "1", "{}", t());
+        assert_eq!(v("node-kept-backend"), "1 alive", "{}", t());
         assert_eq!(v("round1-size"), (64u64 << 20 >> 9).to_string(), "{}", t());
         assert_eq!(v("round1-marker"), "citadel-lab-hotplug-marker!", "{}", t());
         assert_eq!(v("round2-marker"), "citadel-lab-hotplug-marker!", "{}", t());
@@ -1320,6 +1324,34 @@ fn a_linux_user_space_with_a_disk_snapshotted_mid_run_carries_on_in_two_restored
 #[test]
 fn a_q35_linux_with_a_pci_disk_snapshotted_mid_run_carries_on_in_two_restored_vms() {
     check_scenario("q35-snapshot", check_snapshot_scenario);
+}
+
+#[test]
+fn a_q35_linux_pinging_through_a_pci_nic_carries_on_in_a_vm_restored_from_its_snapshot() {
+    check_scenario("q35-nic-snapshot", |outcome| {
+        let t = || outcome.transcript();
+        let v = |key| value(outcome, key);
+        assert_eq!(v("answered-before"), "yes", "{}", t());
+        assert_eq!(v("migrate"), "ok", "{}", t());
+        assert_eq!(v("nicsnap.exit-code"), "0", "{}", t());
+        // The restored guest's first whole line is its next ping (or the one whose line the
+        // snapshot cut short): its count carried on, through its new backend, with no boot.
+        let last: u64 = v("last-ping").parse().unwrap();
+        let first: u64 = v("first-ping").parse().unwrap();
+        assert!(
+            first == last + 1 || first == last + 2,
+            "carried on at {first} after {last}\n{}",
+            t()
+        );
+        assert_eq!(v("answered-after"), "3", "{}", t());
+        assert_eq!(v("boots"), "0", "{}", t());
+        assert_eq!(v("backends"), "1", "{}", t());
+        assert_eq!(v("nicsnap-restored.exit-code"), "0", "{}", t());
+        eprintln!(
+            "lab: q35 VM with a NIC card restored, 3 pings answered {} ms after its start",
+            v("answered-after-restore-ms")
+        );
+    });
 }
 
 /// What `snapshot` and `q35-snapshot` show.

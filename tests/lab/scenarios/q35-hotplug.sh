@@ -4,7 +4,8 @@
 # a file. device_del returns at once; DEVICE_DELETED comes only once pciehp has powered the
 # slot off and the card left; blockdev-del then ends the citadel-blk. The file's bytes are
 # then found in the image in L1. The card is then plugged and unplugged again, 20 times in
-# all, the guest reading the host's marker each time (see pci_disk_rounds in lib.sh).
+# all, the guest reading the host's marker each time; every second round plugs the node the
+# round before kept, with its backend (see pci_disk_rounds in lib.sh).
 rm -f /tmp/q35hp.img
 truncate -s 64M /tmp/q35hp.img
 printf 'citadel-lab-hotplug-marker!' | dd of=/tmp/q35hp.img conv=notrunc 2>/dev/null

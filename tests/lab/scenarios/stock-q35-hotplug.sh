@@ -3,7 +3,8 @@
 # (see pci_disk_rounds in lib.sh): built-in pciehp finds the virtio-blk-pci card, virtio-pci
 # and virtio-blk bind it (vda), the guest reads the host's marker, makes an ext2 file system
 # and writes a file; device_del's DEVICE_DELETED follows once pciehp released the slot, and
-# blockdev-del ends the backend. Two rounds; the file's bytes are then found in the image.
+# blockdev-del ends the backend. Two rounds, the second plugging the node the first kept;
+# the file's bytes are then found in the image.
 #
 # A guest that triple-faults before it waits for its first disk is booted once more, and the
 # test sees stock-q35hp.retried (see boot_and_report in lib.sh).

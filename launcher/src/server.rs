@@ -237,8 +237,7 @@ impl Server<'_> {
                         "spawn-net needs the tap's queue descriptors".into(),
                     ));
                 }
-                let queues = fds;
-                let numbers: Vec<String> = (0..queues.len())
+                let numbers: Vec<String> = (0..fds.len())
                     .map(|i| (crate::spawn::FIRST_FD + 1 + i as RawFd).to_string())
                     .collect();
                 let mut args = vec!["--tap-fd".to_string(), numbers.join(",")];
@@ -248,7 +247,7 @@ impl Server<'_> {
                     args.push(text.join(":"));
                 }
                 let binary = &self.config.net_binary;
-                self.start(&id, binary, args, &queues)
+                self.start(&id, binary, args, &fds)
             }
             Request::OpenTap { name } => {
                 if !fds.is_empty() {

@@ -156,11 +156,11 @@ impl BlkSlot {
         }
     }
 
-    /// The device of a PCI disk card (q35) in root port `bus`, number `index`, holding `plugged` from the start
-    /// until the card leaves: no slot existed before the disk, so the driver is offered the
-    /// disk's own features and limits, and its kicks, while the card answers the ring itself
-    /// (a failed backend), are reported under `token`. A backend that dies is replaced as in
-    /// a slot, by one that offers exactly the same.
+    /// The device of a PCI disk card (q35) in root port `bus`, number `index`, holding
+    /// `plugged` from the start until the card leaves: no slot existed before the disk, so the
+    /// driver is offered the disk's own features and limits, and its kicks, while the card
+    /// answers the ring itself (a failed backend), are reported under `token`. A backend that
+    /// dies is replaced as in a slot, by one that offers exactly the same.
     pub fn card(
         bus: &str,
         index: u64,

@@ -86,8 +86,8 @@ sequence)
 	done
 	;;
 nic-pings)
-	# A NIC present at boot (eth0): pings L1 over it, one attempt a second for ever, each
-	# printed with its number and outcome. A VM restored from a snapshot taken meanwhile
+	# A NIC present at boot (eth0): pings L1 over it for ever, an attempt every half second
+	# or so (one more second when unanswered), each printed with its number and outcome. A VM restored from a snapshot taken meanwhile
 	# carries on the count through its new backend.
 	ip link set eth0 up
 	ip addr add 10.77.1.2/24 dev eth0

@@ -182,9 +182,10 @@ boot_and_report() {
 # device_add), waits for the guest to be done with it, unplugs it (device_del, answered at
 # once, DEVICE_DELETED following once the guest released the slot; then blockdev-del), and
 # does so ROUNDS times. Each odd round but the last keeps the node (no blockdev-del), and the
-# round after plugs that same node, its backend still connected, with device_add alone. Reports what the guest saw each round, the QMP answers, whether
-# blockdev-del ended the backend, and, once QMP quit ended the VM, how often the file the guest
-# wrote through its file system is found in IMAGE.
+# round after plugs that same node, its backend still connected, with device_add alone.
+# Reports what the guest saw each round, the QMP answers, whether blockdev-del ended the
+# backend, and, once QMP quit ended the VM, how often the file the guest wrote through its
+# file system is found in IMAGE.
 pci_disk_rounds() {
 	vm=$1 image=$2 rounds=$3
 	added=0

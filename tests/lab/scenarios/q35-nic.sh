@@ -7,9 +7,9 @@
 # its backend for a second device_add and device_del, and netdev_del then ends it. Once the
 # guest's first bytes reach L1 (its ping is done), L1 kills the citadel-net with SIGKILL:
 # Citadel starts another on the same tap and hands it the card's rings mid-transfer, and all
-# of the above still holds. The launcher
-# created tap0, and the netdev holds its queue: the very interface (same index, same MAC, the
-# address L1 gave it) outlives the dead backend, untouched by L1.
+# of the above still holds. The launcher created tap0, and the netdev holds its queue: the
+# very interface (same index, same MAC, the address L1 gave it) outlives the dead backend,
+# untouched by L1.
 vm=q35nic
 dd if=/dev/urandom of=/tmp/q35nic.tx bs=1M count=4 2>/dev/null
 result l1-tx-md5 "$(md5sum </tmp/q35nic.tx | cut -d' ' -f1)"

@@ -722,6 +722,7 @@ impl Hotplug {
                 backend,
             },
         );
+        self.pin_for_passthrough(devices);
         Ok(json!({}))
     }
 
@@ -803,12 +804,18 @@ impl Hotplug {
         }
     }
 
-    /// Whether a host PCI function is passed through (a `vfio-pci` card is plugged or on its
-    /// way out).
-    pub fn passes_through(&self) -> bool {
-        self.pci_cards
-            .values()
-            .any(|card| matches!(card.backend, PciBackend::Host(_)))
+    /// Tells the balloon whether guest RAM is pinned for a passed-through function (a
+    /// `vfio-pci` card is plugged or on its way out): what it inflates or reports then stays
+    /// backed. Runs on the event loop, as the balloon's queues are served, so no page is
+    /// discarded between a function's DMA mapping and this.
+    fn pin_for_passthrough(&self, devices: &DeviceManager) {
+        if let Some(balloon) = devices.balloon() {
+            let pinned = self
+                .pci_cards
+                .values()
+                .any(|card| matches!(card.backend, PciBackend::Host(_)));
+            balloon.inhibit_discard(pinned);
+        }
     }
 
     /// `device_del`: a disk leaves its slot and its node and backend process end; a NIC
@@ -880,6 +887,7 @@ impl Hotplug {
             log::info!("{id}: released by the guest, removed from {}", ejected.bus);
             deleted.push(id);
         }
+        self.pin_for_passthrough(devices);
         deleted
     }
 

@@ -633,13 +633,6 @@ fn execute(session: Session<'_>, req: &Request, fd: Option<OwnedFd>) -> Response
         Command::RemoveFd(remove) => Response::reply(hotplug.fds_mut().remove_fd(remove)),
         Command::QueryFdsets => Response::reply(to_value(&hotplug.fds().query_fdsets())),
         Command::Balloon { value } => Response::reply(match machine.virtio().balloon() {
-            // Pages the guest gave back would be released while the function's DMA still
-            // holds them pinned: inflating waits until no host function is passed through.
-            Some(balloon) if *value < balloon.ram_bytes() && hotplug.passes_through() => {
-                Err(QmpError::generic(
-                    "The balloon cannot inflate while a host PCI function is passed through: its DMA pins all guest RAM",
-                ))
-            }
             Some(balloon) => balloon.set_target(*value).map(|()| empty()).map_err(|e| {
                 QmpError::generic(format!("Cannot raise the balloon's interrupt: {e}"))
             }),

@@ -126,6 +126,10 @@ pub struct Balloon {
     outside: OutsideWarning,
     /// Bytes returned to the host since the machine was built.
     returned: u64,
+    /// Guest RAM is pinned for a passed-through function's DMA: inflated and reported pages
+    /// stay backed, since discarding them would leave the device writing pages the guest no
+    /// longer sees.
+    discard_inhibited: bool,
 }
 
 impl Balloon {
@@ -156,6 +160,7 @@ impl Balloon {
             actual_changed,
             outside: OutsideWarning::default(),
             returned: 0,
+            discard_inhibited: false,
         })
     }
 
@@ -188,6 +193,7 @@ impl Balloon {
         };
         let _ = kick.read();
         let memory = &self.memory;
+        let discard = !self.discard_inhibited;
         let mut work = 0;
         let mut used = 0;
         let mut done = Discarded::default();
@@ -201,9 +207,10 @@ impl Balloon {
                 };
                 let head = chain.head_index();
                 let (cost, result) = match index {
-                    INFLATE => inflate(chain),
-                    DEFLATE => (read_pfns(chain).len(), Ok(Discarded::default())),
-                    _ => report(chain),
+                    INFLATE if discard => inflate(chain),
+                    REPORTING if discard => report(chain),
+                    INFLATE | DEFLATE => (read_pfns(chain).len(), Ok(Discarded::default())),
+                    _ => (chain.count(), Ok(Discarded::default())),
                 };
                 work += cost.max(1);
                 match result {
@@ -483,6 +490,14 @@ impl BalloonHandle {
             b.actual = actual;
         });
         Ok(())
+    }
+
+    /// Keeps (`true`) or lets go (`false`) the host pages behind what the guest inflates or
+    /// reports from now on: kept while guest RAM is pinned for a passed-through function,
+    /// as QEMU disables discarding for VFIO.
+    pub fn inhibit_discard(&self, inhibit: bool) {
+        self.transport
+            .with_device(|b| b.discard_inhibited = inhibit);
     }
 
     /// Forgets the target, as a machine reset does: the next boot starts with the balloon

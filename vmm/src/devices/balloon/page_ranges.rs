@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn discarded_pages_of_a_restored_machine_go_back_to_the_snapshot() {
         let path =
-            std::env::temp_dir().join(format!("citadel-balloon-snap-{}", std::process::id()));
+            std::env::temp_dir().join(format!("citadel-discard-snap-{}", std::process::id()));
         let size: u64 = 16 << 20;
         std::fs::write(&path, vec![0x5au8; size as usize]).unwrap();
         let file = std::fs::File::open(&path).unwrap();

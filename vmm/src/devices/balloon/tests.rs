@@ -249,6 +249,36 @@ fn reported_free_ranges_return_to_the_host_only_when_negotiated() {
     assert_eq!(s.balloon.returned, 0);
 }
 
+/// While guest RAM is pinned for a passed-through function, inflated and reported pages are
+/// acknowledged and keep their host pages and contents.
+#[test]
+fn nothing_is_discarded_while_discarding_is_inhibited() {
+    let mut s = started(1 << VIRTIO_BALLOON_F_REPORTING, &options(true));
+    s.balloon.discard_inhibited = true;
+    s.ram
+        .memory
+        .write_slice(&vec![3u8; 4 << 20], GuestAddress(4 << 20))
+        .unwrap();
+    let pfns: Vec<u32> = (1024..1536).collect();
+    s.pfns(&pfns);
+    s.descriptor(0, 0, ARRAY, (pfns.len() * 4) as u32, 0, 0);
+    s.offer(0, 0, 0);
+    s.descriptor(2, 0, 6 << 20, 2 << 20, F_WRITE, 0);
+    s.offer(2, 0, 0);
+    let before = allocated(&s.ram);
+    s.balloon.serve_queue(INFLATE);
+    s.balloon.serve_queue(REPORTING);
+    assert_eq!((s.used_idx(0), s.used_idx(2)), (1, 1));
+    assert_eq!(s.balloon.returned, 0);
+    assert_eq!(allocated(&s.ram), before);
+    let mut bytes = vec![0u8; 4 << 20];
+    s.ram
+        .memory
+        .read_slice(&mut bytes, GuestAddress(4 << 20))
+        .unwrap();
+    assert!(bytes.iter().all(|&b| b == 3));
+}
+
 #[test]
 fn a_flood_of_frames_is_served_in_bounded_slices() {
     let mut s = started(0, &options(false));

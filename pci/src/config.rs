@@ -57,6 +57,8 @@ pub mod reg {
     pub const BRIDGE_CONTROL: u16 = 0x3e;
 }
 
+/// Command register: memory space decoding.
+pub const COMMAND_MEMORY: u16 = 1 << 1;
 /// Status register: the function has a capabilities list.
 pub const STATUS_CAPABILITIES: u16 = 1 << 4;
 /// Header type bit 7: the device has more than one function.

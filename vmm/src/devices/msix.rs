@@ -20,6 +20,13 @@ use super::interrupt::{InterruptStatus, TransportInterrupt, VirtioInterrupt};
 use super::msi_routes::MsiRoutes;
 use crate::snapshot::pci::MsixSnapshot;
 
+/// The MSI-X capability's id.
+pub const CAPABILITY_ID: u8 = 0x11;
+/// MSI-X message control: MSI-X enable.
+pub const CONTROL_ENABLE: u16 = 1 << 15;
+/// MSI-X message control: every vector masked.
+pub const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+
 /// The vector register value meaning "no vector" (virtio 1.2 section 4.1.4.3).
 pub const NO_VECTOR: u16 = 0xffff;
 

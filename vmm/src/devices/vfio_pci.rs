@@ -39,6 +39,11 @@ use std::sync::{Arc, Mutex};
 
 use citadel_launcher::protocol::VfioRegion;
 use citadel_launcher::VfioHandle;
+use citadel_pci::config::reg::{
+    BAR0, BAR_END, CAPABILITIES, COMMAND, HEADER_TYPE, INTERRUPT_LINE, INTERRUPT_PIN, STATUS,
+};
+use citadel_pci::config::COMMAND_MEMORY;
+use citadel_pci::msi::CAPABILITY_ID as MSI_CAPABILITY;
 use citadel_pci::segment::Function;
 use citadel_seccomp::vfio as requests;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -56,31 +61,17 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::mmio_bus::{MmioBus, MmioDevice};
 use super::msi_routes::MsiRoutes;
-use super::msix::{MsixInterrupt, MSIX_ENTRY_SIZE};
+use super::msix::{self, MsixInterrupt, MSIX_ENTRY_SIZE};
 
 /// Bytes of configuration space the guest sees; extended configuration space reads 0.
 const CONFIG_LEN: usize = 256;
-const COMMAND: u16 = 0x04;
-const STATUS: u16 = 0x06;
-const HEADER_TYPE: usize = 0x0e;
-const BAR0: u16 = 0x10;
-const BAR_END: u16 = 0x28;
 const ROM: u16 = 0x30;
-const CAPABILITIES: usize = 0x34;
-const INTERRUPT_LINE: u16 = 0x3c;
-const INTERRUPT_PIN: u16 = 0x3d;
 /// Command register bits the guest may set on the function: memory decoding, bus mastering,
 /// INTx disable. Port I/O decoding stays off (no I/O BAR is offered).
 const COMMAND_WRITABLE: u16 = (1 << 1) | (1 << 2) | (1 << 10);
-const COMMAND_MEMORY: u16 = 1 << 1;
-const CAP_MSI: u8 = 0x05;
-const CAP_MSIX: u8 = 0x11;
-/// MSI message control: enable, 64-bit address, per-vector masking, and the vector counts.
+/// MSI message control: enable, 64-bit address.
 const MSI_ENABLE: u16 = 1;
 const MSI_64BIT: u16 = 1 << 7;
-/// MSI-X message control: enable, function mask.
-const MSIX_ENABLE: u16 = 1 << 15;
-const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 /// Most capabilities a list is followed through: a looping list ends there.
 const MAX_CAPABILITIES: usize = 48;
 /// KVM memory slots for BARs start here, above those of guest RAM.
@@ -366,11 +357,17 @@ unsafe impl Send for MappedBar {}
 impl Drop for MappedBar {
     fn drop(&mut self) {
         if let Err(e) = self.wiring.set_slot(self.slot, 0, 0, 0) {
-            log::warn!("vfio-pci: deleting memory slot {}: {e}", self.slot);
+            // KVM may still map the guest onto these pages: the mapping and the slot number
+            // are left as they are rather than unmapped under it.
+            log::warn!(
+                "vfio-pci: deleting memory slot {}: {e}; its mapping is kept",
+                self.slot
+            );
+            return;
         }
         self.wiring.release_slot(self.slot);
         // SAFETY: `host` and `len` are the mapping made in `PlacedBar::promote`, in no memory
-        // slot any more.
+        // slot any more (deleting the slot succeeded just above).
         unsafe { libc::munmap(self.host, self.len) };
     }
 }
@@ -739,12 +736,12 @@ impl VfioPciCard {
         file.file
             .read_exact_at(&mut shadow[..len], config.offset)
             .map_err(VfioCardError::ReadConfig)?;
-        let header = shadow[HEADER_TYPE];
+        let header = shadow[usize::from(HEADER_TYPE)];
         if header & 0x7f != 0 {
             return Err(VfioCardError::NotEndpoint(header));
         }
         // One function is passed through, whatever the host device has beside it.
-        shadow[HEADER_TYPE] = 0;
+        shadow[usize::from(HEADER_TYPE)] = 0;
         let bars = discover_bars(&file, &shadow);
         let found = capabilities(&shadow);
         let mut kept = Vec::new();
@@ -753,14 +750,14 @@ impl VfioPciCard {
             match id {
                 // VFIO's interrupt counts are what the host can deliver: a capability it
                 // cannot back is unlinked.
-                CAP_MSI | CAP_MSIX
-                    if (id == CAP_MSI && handle.msi_vectors == 0)
-                        || (id == CAP_MSIX && handle.msix_vectors == 0) =>
+                MSI_CAPABILITY | msix::CAPABILITY_ID
+                    if (id == MSI_CAPABILITY && handle.msi_vectors == 0)
+                        || (id == msix::CAPABILITY_ID && handle.msix_vectors == 0) =>
                 {
                     log::warn!("vfio-pci {host}: the host offers no vector for capability {id:#x}; not offered");
                     continue;
                 }
-                CAP_MSI if msi.is_none() && at + 14 <= CONFIG_LEN => {
+                MSI_CAPABILITY if msi.is_none() && at + 14 <= CONFIG_LEN => {
                     let control = u16::from_le_bytes([shadow[at + 2], shadow[at + 3]]);
                     // One vector, no per-vector masking, disabled; the 64-bit flag as the
                     // device has it.
@@ -774,11 +771,12 @@ impl VfioPciCard {
                         gsi: None,
                     });
                 }
-                CAP_MSIX if msix.is_none() => {
+                msix::CAPABILITY_ID if msix.is_none() => {
                     match Msix::parse(&shadow, at, &bars, &routes, handle.msix_vectors) {
                         Ok(parsed) => {
                             // Disabled and not masked, as after a reset.
-                            shadow[at + 3] &= !((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+                            shadow[at + 3] &=
+                                !((msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK) >> 8) as u8;
                             msix = Some(parsed);
                         }
                         Err(why) => {
@@ -1034,7 +1032,7 @@ impl VfioPciCard {
             .position(|at| at == high)
             .and_then(|i| data.get(i))
         {
-            let mask = ((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+            let mask = ((msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK) >> 8) as u8;
             self.shadow[high] = (self.shadow[high] & !mask) | (byte & mask);
         }
         self.sync_msix();
@@ -1043,11 +1041,13 @@ impl VfioPciCard {
 
     fn sync_msix(&mut self) {
         let Some(msix) = self.msix.as_mut() else {
+            // Without MSI-X, INTx still follows MSI (after a reset, too).
+            self.sync_intx();
             return;
         };
         let control =
             u16::from_le_bytes([self.shadow[msix.offset + 2], self.shadow[msix.offset + 3]]);
-        let enabled = control & MSIX_ENABLE != 0;
+        let enabled = control & msix::CONTROL_ENABLE != 0;
         if enabled && !msix.in_device {
             self.intx_off();
         }
@@ -1055,7 +1055,7 @@ impl VfioPciCard {
             return;
         };
         msix.interrupt
-            .set_control(enabled, control & MSIX_FUNCTION_MASK != 0);
+            .set_control(enabled, control & msix::CONTROL_FUNCTION_MASK != 0);
         if enabled != msix.in_device {
             let evts: Vec<&EventFd> = if enabled {
                 msix.interrupt.vector_eventfds().collect()
@@ -1207,7 +1207,7 @@ fn discover_bars(file: &DeviceFile, shadow: &[u8; CONFIG_LEN]) -> [Bar; 6] {
 /// or leaves the header's 256 bytes ends there.
 fn capabilities(shadow: &[u8; CONFIG_LEN]) -> Vec<(usize, u8)> {
     let mut found = Vec::new();
-    let mut next = usize::from(shadow[CAPABILITIES] & 0xfc);
+    let mut next = usize::from(shadow[usize::from(CAPABILITIES)] & 0xfc);
     while next >= 0x40 && next + 1 < CONFIG_LEN && found.len() < MAX_CAPABILITIES {
         if found.iter().any(|&(at, _)| at == next) {
             break;
@@ -1220,7 +1220,7 @@ fn capabilities(shadow: &[u8; CONFIG_LEN]) -> Vec<(usize, u8)> {
 
 /// Makes `kept` (offsets of capabilities, in order) the whole capability list of `shadow`.
 fn relink(shadow: &mut [u8; CONFIG_LEN], kept: &[usize]) {
-    shadow[CAPABILITIES] = kept.first().map_or(0, |&first| first as u8);
+    shadow[usize::from(CAPABILITIES)] = kept.first().map_or(0, |&first| first as u8);
     for (i, &at) in kept.iter().enumerate() {
         shadow[at + 1] = kept.get(i + 1).map_or(0, |&n| n as u8);
     }
@@ -1360,11 +1360,21 @@ impl Function for VfioPciCard {
             data.fill(0);
             return;
         }
+        // One register read per dword touched: a live register is read from the device
+        // once, so a wide read is not torn.
+        let mut dword: Option<(u16, u32)> = None;
         for (i, byte) in data.iter_mut().enumerate() {
             let at = offset + i as u16;
             *byte = match self.msi_read(usize::from(at)) {
                 Some(value) => value,
-                None => (self.register(at & !3) >> ((at & 3) * 8)) as u8,
+                None => {
+                    let value = match dword {
+                        Some((base, value)) if base == at & !3 => value,
+                        _ => self.register(at & !3),
+                    };
+                    dword = Some((at & !3, value));
+                    (value >> ((at & 3) * 8)) as u8
+                }
             };
         }
     }
@@ -1377,7 +1387,6 @@ impl Function for VfioPciCard {
             return;
         }
         let at = offset & !3;
-        let shift = (offset & 3) * 8;
         if usize::from(offset & 3) + data.len() > 4 {
             return;
         }
@@ -1386,9 +1395,14 @@ impl Function for VfioPciCard {
         let start = usize::from(offset & 3);
         bytes[start..start + data.len()].copy_from_slice(data);
         let mut new = u32::from_le_bytes(bytes);
-        if at == COMMAND && shift < 16 && data.len() + start <= 2 {
-            // A write of the command register alone clears no status bit.
-            new &= 0xffff;
+        if at == COMMAND {
+            // Status bits are write-1-to-clear: a status byte the guest did not write is
+            // passed on as 0, which clears nothing.
+            for lane in 2..4 {
+                if !(start..start + data.len()).contains(&lane) {
+                    new &= !(0xff << (lane * 8));
+                }
+            }
         }
         self.write_register(at, old, new);
     }
@@ -1405,7 +1419,7 @@ impl Function for VfioPciCard {
         }
         if let Some(msix) = self.msix.as_ref() {
             let high = msix.offset + 3;
-            self.shadow[high] &= !((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+            self.shadow[high] &= !((msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK) >> 8) as u8;
             msix.interrupt.reset_table();
         }
         self.sync_msix();
@@ -1464,8 +1478,8 @@ mod tests {
         c[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
         c[6] = 0x10;
         c[0x0b] = 0xff;
-        c[HEADER_TYPE] = 0x80;
-        c[CAPABILITIES] = 0x40;
+        c[usize::from(HEADER_TYPE)] = 0x80;
+        c[usize::from(CAPABILITIES)] = 0x40;
         c[0x3d] = 1;
         c[0x40..0x42].copy_from_slice(&[0x01, 0x50]);
         c[0x50..0x54].copy_from_slice(&[0x05, 0x70, 0x86, 0x01]);
@@ -1557,7 +1571,7 @@ mod tests {
     /// The capability list as the guest walks it: (offset, id, message control).
     fn chain(card: &VfioPciCard) -> Vec<(u8, u8, u16)> {
         let mut chain = Vec::new();
-        let mut next = read32(card, CAPABILITIES as u16) as u8;
+        let mut next = read32(card, CAPABILITIES) as u8;
         while next != 0 && chain.len() < 8 {
             let header = read32(card, u16::from(next));
             chain.push((next, header as u8, (header >> 16) as u16));
@@ -1584,8 +1598,8 @@ mod tests {
             chain(&card),
             [
                 (0x40, 0x01, 0),
-                (0x50, CAP_MSI, MSI_64BIT),
-                (0x70, CAP_MSIX, 3),
+                (0x50, MSI_CAPABILITY, MSI_64BIT),
+                (0x70, msix::CAPABILITY_ID, 3),
                 (0x90, 0x10, 0)
             ],
             "MSI: one vector, no masking"
@@ -1598,7 +1612,7 @@ mod tests {
             return;
         };
         let ids: Vec<u8> = chain(&card).iter().map(|c| c.1).collect();
-        assert_eq!(ids, [0x01, CAP_MSI, 0x10]);
+        assert_eq!(ids, [0x01, MSI_CAPABILITY, 0x10]);
     }
 
     #[test]
@@ -1610,7 +1624,7 @@ mod tests {
                 return;
             };
             let ids: Vec<u8> = chain(&card).iter().map(|c| c.1).collect();
-            assert_eq!(ids, [0x01, CAP_MSI, 0x10], "{host_vectors} vectors");
+            assert_eq!(ids, [0x01, MSI_CAPABILITY, 0x10], "{host_vectors} vectors");
         }
     }
 
@@ -1639,8 +1653,11 @@ mod tests {
         assert_eq!(u32::from_le_bytes(data), 0, "nothing pending");
         // Enabling MSI-X: the vector is routed as its entry says; the plain file refuses
         // VFIO_DEVICE_SET_IRQS, which only costs a log line.
-        card.write(0x72, &MSIX_ENABLE.to_le_bytes());
-        assert_eq!(read32(&card, 0x70) >> 16, u32::from(MSIX_ENABLE | 3));
+        card.write(0x72, &msix::CONTROL_ENABLE.to_le_bytes());
+        assert_eq!(
+            read32(&card, 0x70) >> 16,
+            u32::from(msix::CONTROL_ENABLE | 3)
+        );
         let table = routing.last_table().unwrap_or_default();
         assert!(
             table
@@ -1654,6 +1671,30 @@ mod tests {
             .unwrap();
         assert!(mmio.read(0xd000_0010, &mut data));
         assert_eq!(u32::from_le_bytes(data), 7);
+    }
+
+    /// Status bits are write-1-to-clear on the device: a byte of the command/status dword
+    /// the guest did not write reaches the device as 0, never as the value it holds.
+    #[test]
+    fn only_the_status_bytes_the_guest_writes_reach_the_device() {
+        let Some((mut card, file, _mmio)) = card(Arc::default()) else {
+            return;
+        };
+        let status = |file: &File| {
+            let mut bytes = [0; 2];
+            file.read_exact_at(&mut bytes, u64::from(STATUS)).unwrap();
+            bytes
+        };
+        file.write_all_at(&[0x10, 0xf9], u64::from(STATUS)).unwrap();
+        card.write(STATUS + 1, &[0x01]);
+        assert_eq!(status(&file), [0x00, 0x01], "the low byte clears nothing");
+        file.write_all_at(&[0x10, 0xf9], u64::from(STATUS)).unwrap();
+        card.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(
+            status(&file),
+            [0x10, 0xf9],
+            "a command write leaves status alone"
+        );
     }
 
     #[test]

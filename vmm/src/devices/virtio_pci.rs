@@ -20,14 +20,14 @@
 
 use std::sync::Arc;
 
-use citadel_pci::config::{reg, ConfigSpace, Identity};
+use citadel_pci::config::{reg, ConfigSpace, Identity, COMMAND_MEMORY};
 use citadel_pci::segment::Function;
 use virtio_bindings::virtio_mmio::*;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::TransportInterrupt;
 use super::mmio_bus::MmioDevice;
-use super::msix::MsixInterrupt;
+use super::msix::{self, MsixInterrupt};
 use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport, CONFIG_SPACE_OFFSET};
 use crate::snapshot::pci::MsixSnapshot;
 use crate::snapshot::transport::TransportSnapshot;
@@ -40,10 +40,6 @@ const DEVICE_ID_BASE: u16 = 0x1040;
 const SUBSYSTEM_ID: u16 = 0x1100;
 /// Register of the subsystem vendor id, then the subsystem id.
 const SUBSYSTEM_VENDOR_ID: u16 = 0x2c;
-/// BAR 0 register.
-const BAR0: u16 = 0x10;
-/// Command register: memory space decoding.
-const COMMAND_MEMORY: u16 = 1 << 1;
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x4000;
@@ -63,16 +59,12 @@ pub const MAX_VECTORS: u16 = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / 16) as u16
 
 /// Capability ids.
 const CAP_VENDOR: u8 = 0x09;
-const CAP_MSIX: u8 = 0x11;
 const CAP_PCIE: u8 = 0x10;
 /// virtio_pci_cap cfg_type values.
 const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
-/// MSI-X message control: enable, function mask.
-const MSIX_ENABLE: u16 = 1 << 15;
-const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
 /// How a card's BAR reaches the machine: a place on the MMIO bus and KVM ioeventfds on its
 /// notification addresses.
@@ -354,7 +346,7 @@ impl<D: VirtioDevice + 'static> VirtioPciCard<D> {
     /// nowhere.
     fn sync_bar(&mut self) {
         let command = self.space.read_u16(reg::COMMAND);
-        let bar = u64::from(self.space.read_u32(BAR0) & !0xf);
+        let bar = u64::from(self.space.read_u32(reg::BAR0) & !0xf);
         let wanted = (command & COMMAND_MEMORY != 0 && bar != 0).then_some(bar);
         if wanted == self.mapped {
             return;
@@ -384,8 +376,8 @@ impl<D: VirtioDevice + 'static> VirtioPciCard<D> {
     fn sync_msix(&self) {
         let control = self.space.read_u16(self.msix_cap + 2);
         self.region.msix().set_control(
-            control & MSIX_ENABLE != 0,
-            control & MSIX_FUNCTION_MASK != 0,
+            control & msix::CONTROL_ENABLE != 0,
+            control & msix::CONTROL_FUNCTION_MASK != 0,
         );
     }
 }
@@ -397,7 +389,7 @@ fn registers(identity: Identity, vectors: u16) -> (ConfigSpace, u16) {
     space.set_u16(SUBSYSTEM_VENDOR_ID, VENDOR_ID);
     space.set_u16(SUBSYSTEM_VENDOR_ID + 2, SUBSYSTEM_ID);
     // A 32-bit memory BAR: the size is what the guest reads back after writing all-ones.
-    space.writable_u32(BAR0, !(BAR_SIZE as u32 - 1));
+    space.writable_u32(reg::BAR0, !(BAR_SIZE as u32 - 1));
     let structures = [
         (CFG_COMMON, COMMON_OFFSET, COMMON_LEN),
         (CFG_NOTIFY, NOTIFY_OFFSET, MSIX_TABLE_OFFSET - NOTIFY_OFFSET),
@@ -422,9 +414,12 @@ fn registers(identity: Identity, vectors: u16) -> (ConfigSpace, u16) {
     msix.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes());
     msix.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
     let msix_cap = space
-        .add_capability(CAP_MSIX, &msix)
+        .add_capability(msix::CAPABILITY_ID, &msix)
         .expect("MSI-X fits after the virtio capabilities");
-    space.writable_u16(msix_cap + 2, MSIX_ENABLE | MSIX_FUNCTION_MASK);
+    space.writable_u16(
+        msix_cap + 2,
+        msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK,
+    );
     // PCI Express endpoint, version 2, on a 2.5 GT/s x1 link.
     let mut pcie = [0u8; 0x3a];
     pcie[..2].copy_from_slice(&2u16.to_le_bytes());
@@ -451,7 +446,7 @@ impl<D: VirtioDevice + 'static> Function for VirtioPciCard<D> {
         if offset < self.msix_cap + 4 && end > self.msix_cap + 2 {
             self.sync_msix();
         }
-        if offset < BAR0 + 4 && end > reg::COMMAND {
+        if offset < reg::BAR0 + 4 && end > reg::COMMAND {
             self.sync_bar();
         }
     }

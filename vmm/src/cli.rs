@@ -780,14 +780,25 @@ where
     let blk_devices = resolve_blk_devices(&blk_devices, &drives, &disks)?;
     let nic_devices = resolve_nic_devices(&nic_devices, &netdevs, &disks, &blk_devices)?;
     let balloon = resolve_balloon(balloon, &disks, &blk_devices, &nic_devices)?;
-    // A snapshot never holds a vhost-user-blk device (see `Machine::check_snapshot`), so none
-    // may come back with one; disks and NICs plugged into slots need RAM they can share.
+    // A snapshot never holds a vhost-user-blk device or a passed-through host function (see
+    // `Machine::check_snapshot`), so none may come back with one; disks and NICs plugged into
+    // slots need RAM they can share.
     if let Some(incoming) = incoming.as_mut() {
-        if !disks.is_empty() {
-            return Err(invalid(
+        let refuse = |why| {
+            invalid(
                 "-incoming",
                 &format!("file:{}", incoming.dir.display()),
+                why,
+            )
+        };
+        if !disks.is_empty() {
+            return Err(refuse(
                 "snapshots never hold vhost-user-blk devices; restore without them",
+            ));
+        }
+        if pci_devices.iter().any(|d| d.host.is_some()) {
+            return Err(refuse(
+                "snapshots never hold passed-through host functions; restore without vfio-pci",
             ));
         }
         incoming.share |=
@@ -1952,6 +1963,25 @@ mod tests {
                 mac: None,
                 host: Some("0000:00:03.0".into()),
             }]
+        );
+        // No snapshot holds one, so none comes back with one.
+        let err = parse([
+            "-machine",
+            "q35",
+            "-kernel",
+            "/k",
+            "-device",
+            "pcie-root-port,id=pcie.1,port=1,bus=pcie.0,addr=1",
+            "-device",
+            "vfio-pci,host=00:03.0,bus=pcie.1",
+            "-incoming",
+            "file:/s",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value 'file:/s' for '-incoming': snapshots never hold passed-through host \
+             functions; restore without vfio-pci"
         );
     }
 

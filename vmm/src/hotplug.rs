@@ -1231,9 +1231,6 @@ fn reachable(launcher: &Result<Launcher, String>) -> Result<&Launcher, QmpError>
         .map_err(|why| QmpError::generic(format!("Backends cannot be reached: {why}")))
 }
 
-/// Stops backend `pid` (`what` names it in the log). A backend the launcher no longer runs has
-/// exited by itself, as one does when its frontend hangs up, and was reaped already: that is
-/// what stopping it was for, so only the launcher's other failures are worth a warning.
 /// Has the launcher let host function `host` go, once the card using it is dropped.
 fn release_host(launcher: &Launcher, host: &str) {
     if let Err(e) = launcher.close_vfio(host) {
@@ -1241,6 +1238,9 @@ fn release_host(launcher: &Launcher, host: &str) {
     }
 }
 
+/// Stops backend `pid` (`what` names it in the log). A backend the launcher no longer runs has
+/// exited by itself, as one does when its frontend hangs up, and was reaped already: that is
+/// what stopping it was for, so only the launcher's other failures are worth a warning.
 pub(crate) fn stop_backend(launcher: &Launcher, what: &str, pid: i32) {
     match launcher.stop(pid) {
         Ok(()) => {}

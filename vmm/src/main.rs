@@ -19,6 +19,7 @@ use citadel::machine::{Incoming, Machine, MachineSpec, MachineWiring};
 use citadel::monitor::{Channels, Monitor};
 use citadel::vcpu;
 use citadel_launcher::{Launcher, LauncherConfig};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 
 /// Anything that stops the VMM before or while running, as one line for the user.
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +226,14 @@ fn build_and_run(
                 let cards: Vec<(String, u32)> = config
                     .pci_devices
                     .iter()
-                    .map(|d| (d.bus.clone(), if d.netdev.is_some() { 1 } else { 2 }))
+                    .map(|d| {
+                        let kind = if d.netdev.is_some() {
+                            VIRTIO_ID_NET
+                        } else {
+                            VIRTIO_ID_BLOCK
+                        };
+                        (d.bus.clone(), kind)
+                    })
                     .collect();
                 citadel::snapshot::pci::check_cards(&snapshot.state, &cards).map_err(refused)?;
                 Ok::<_, RunError>(snapshot)

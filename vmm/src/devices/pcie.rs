@@ -627,8 +627,9 @@ impl PciDevices {
     }
 
     /// Stops every started card's backend for a snapshot (see [`BlkSlot::quiesce`] and
-    /// [`NetSlot::quiesce`]); on a refusal those stopped so far start again, and one that
-    /// could neither stop nor start again is given up on.
+    /// [`NetSlot::quiesce`]); a card whose backend could not stop is given up on, and on a
+    /// refusal the caller starts those stopped so far again
+    /// ([`PciDevices::unquiesce_backends`]).
     pub fn quiesce_backends(&self) -> Result<(), String> {
         let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
         for bus in buses {
@@ -647,7 +648,6 @@ impl PciDevices {
                 if let Some(fail) = fail {
                     fail(self, &bus);
                 }
-                self.unquiesce_backends();
                 return Err(format!("the card in {bus}: {why}"));
             }
         }

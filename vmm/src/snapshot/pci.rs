@@ -4,6 +4,7 @@
 //! restoring command line plugs, and only guest-changeable register bits are taken from it.
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
 use super::transport::TransportSnapshot;
 
@@ -80,7 +81,12 @@ pub fn check_cards(json: &[u8], cards: &[(String, u32)]) -> Result<(), super::fo
     if saved != cards {
         let list = |l: &[(String, u32)]| {
             l.iter()
-                .map(|(bus, t)| format!("{} in {bus}", if *t == 2 { "disk" } else { "NIC" }))
+                .map(|(bus, t)| {
+                    format!(
+                        "{} in {bus}",
+                        if *t == VIRTIO_ID_BLOCK { "disk" } else { "NIC" }
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };

@@ -3,6 +3,8 @@
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 
+use citadel_pci::address::MAX_HOST_FUNCTIONS;
+
 use crate::error::{Error, Step};
 
 /// Default directory the jails are created under.
@@ -191,6 +193,11 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, Error> {
                     ))
                 })?;
                 if !vfio_devices.contains(&address) {
+                    if vfio_devices.len() == MAX_HOST_FUNCTIONS {
+                        return Err(refused(format!(
+                            "--vfio-device {v:?}: at most {MAX_HOST_FUNCTIONS} host functions"
+                        )));
+                    }
                     vfio_devices.push(address);
                 }
             }
@@ -479,6 +486,15 @@ mod tests {
             assert!(e.contains("expected a PCI address"), "{bad}: {e}");
         }
         assert!(args(&BASIC).unwrap().vfio_devices.is_empty());
+        let mut list = BASIC.to_vec();
+        let addresses: Vec<String> = (0..=MAX_HOST_FUNCTIONS)
+            .map(|d| format!("0000:00:{d:02x}.0"))
+            .collect();
+        for address in &addresses {
+            list.extend(["--vfio-device", address.as_str()]);
+        }
+        let e = args(&list).unwrap_err().to_string();
+        assert!(e.contains("at most 16 host functions"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use citadel_pci::address::MAX_HOST_FUNCTIONS;
+
 use crate::error::{check, Error, Step};
 use crate::vfio::VfioExposure;
 
@@ -635,8 +637,11 @@ fn make_dev(uid: u32, gid: u32) -> Result<(), Error> {
         Ok(meta) if meta.is_dir() => {}
         _ => return Err(Error::refused(step, "/dev in the jail is not a directory")),
     }
+    // Inodes: the root, net/ and the device nodes, vfio/ and its container, and a group node
+    // per passed-through function at most, with room to spare.
     let options = c(&format!(
-        "mode=0700,uid={uid},gid={gid},size=64k,nr_inodes=16"
+        "mode=0700,uid={uid},gid={gid},size=64k,nr_inodes={}",
+        16 + MAX_HOST_FUNCTIONS
     ));
     // SAFETY: NUL-terminated strings that outlive the call.
     let ret = unsafe {

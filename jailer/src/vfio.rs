@@ -88,15 +88,16 @@ impl VfioExposure {
                 })?
                 .to_string();
             let node = Path::new("/dev/vfio").join(&group);
-            let rdev = char_device(&node).map_err(|_| {
-                Error::refused(
+            if !node.exists() {
+                return Err(Error::refused(
                     Step::Mount,
                     format!(
                         "--vfio-device {address}: {} does not exist; bind the function to vfio-pci first",
                         node.display()
                     ),
-                )
-            })?;
+                ));
+            }
+            let rdev = char_device(&node)?;
             if !nodes.iter().any(|(path, _)| *path == node) {
                 nodes.push((node, rdev));
             }

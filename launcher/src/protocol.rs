@@ -27,7 +27,7 @@ pub fn valid_serial(serial: &str) -> bool {
 }
 
 /// Most host PCI functions one VM has passed through at once.
-pub const MAX_VFIO_DEVICES: usize = 16;
+pub const MAX_VFIO_DEVICES: usize = citadel_pci::address::MAX_HOST_FUNCTIONS;
 
 /// One region of a VFIO device, as the kernel describes it (`struct vfio_region_info`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

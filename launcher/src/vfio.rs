@@ -8,7 +8,7 @@
 //! the function for this VM.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -127,17 +127,13 @@ impl VfioDevices {
             .collect();
         let vectors = |index| device.get_irq_info(index).map_or(0, |irq| irq.count);
         let dup = |fd: i32| {
-            // SAFETY: fcntl on a descriptor owned by `container` or `device`, alive here; the
-            // duplicate is a new descriptor owned by the OwnedFd alone.
-            let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-            if new < 0 {
-                return Err(VfioOpenError::Dup {
+            // SAFETY: `fd` is owned by `container` or `device`, both alive for this borrow.
+            unsafe { BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_err(|source| VfioOpenError::Dup {
                     host: host.clone(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            // SAFETY: `new` was just returned by fcntl and nothing else owns it.
-            Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(new) })
+                    source,
+                })
         };
         let fds = vec![dup(container.as_raw_fd())?, dup(device.as_raw_fd())?];
         let opened = Opened {

@@ -91,6 +91,10 @@ pub fn port_cf8(address: u32, data_byte: u8) -> Option<ConfigAccess> {
     })
 }
 
+/// Most host PCI functions one VM passes through: what the launcher opens for it and the
+/// jailer exposes to it.
+pub const MAX_HOST_FUNCTIONS: usize = 16;
+
 /// A host PCI function's address `host` as sysfs names it, `dddd:bb:dd.f` in lower case (the
 /// domain may be left out), or `None` when it is not one.
 pub fn host_function(host: &str) -> Option<String> {

@@ -1,7 +1,11 @@
 //! VFIO ioctl request numbers used as argument filters.
 //!
 //! VFIO's requests carry no size in their number (`_IO(';', 100 + n)`, the kernel's
-//! `include/uapi/linux/vfio.h`), so they are derived from the type and base alone.
+//! `include/uapi/linux/vfio.h`), so they are derived from the type and base alone. Some
+//! numbers mean one request on a container and another on a device (base + 13 is also
+//! `VFIO_DEVICE_PCI_HOT_RESET`, base + 14 `VFIO_DEVICE_QUERY_GFX_PLANE`), and a filter cannot
+//! tell the descriptors apart; hot reset needs the group descriptors, which stay in the
+//! launcher.
 
 use vmm_sys_util::ioctl_io_nr;
 

@@ -122,6 +122,16 @@ l1_function() {
 	done
 }
 
+# l1_driver ADDRESS: the driver L1's PCI function ADDRESS is bound to (empty if none).
+l1_driver() {
+	basename "$(readlink /sys/bus/pci/devices/$1/driver)"
+}
+
+# qmp_desc FILE: the desc of the last error reply in a citadel-qmp transcript.
+qmp_desc() {
+	grep -o '"desc":"[^"]*"' "$1" | tail -n1 | sed 's/^"desc":"//; s/"$//'
+}
+
 # boot_guest NAME KERNEL SMP MEMORY_MIB MODE [EXTRA CITADEL ARGS...]: boots the guest
 # initramfs (or $INITRD) under Citadel, on the $MACHINE machine type (microvm unless set);
 # MODE selects what the guest's test script does (see guest-test.sh).
@@ -208,9 +218,10 @@ pci_disk_rounds() {
 				'{"execute":"device_add","arguments":{"id":"drive-0","driver":"virtio-blk-pci","drive":"drive-0","bus":"pcie.1","addr":"0x0"}}' \
 				>/tmp/$vm.add.$r
 			[ "$(sed '1,/"return":{}/d' /tmp/$vm.add.$r | grep -c '"return":{}')" = $returns ] && added=$((added + 1))
+			# The backend of the node this round plugs, to be ended by its blockdev-del.
+			[ -n "$node" ] && backend=$(pidof citadel-blk)
 			if [ $r = 1 ]; then
 				cat /tmp/$vm.add.1
-				backend=$(pidof citadel-blk)
 				result backend-count "$(echo $backend | wc -w)"
 			fi
 			l2_wait $vm "guest: pci-hotplug unplug-ready $r" 120 || break

@@ -624,6 +624,7 @@ fn vfio_variant_offers_a_pci_device_bound_to_vfio_pci() {
         assert_eq!(value(outcome, "container-node"), "yes", "{}", t());
         // The two-function device shares one group, half of it vfio-pci's.
         let shared = value(outcome, "shared-address");
+        assert!(shared.ends_with(".0"), "{}", t());
         let sibling = format!("{}1", &shared[..shared.len() - 1]);
         assert_eq!(
             value(outcome, "shared-group"),
@@ -721,6 +722,7 @@ fn a_passed_through_virtio_disk_interrupts_the_guest_with_msi_x() {
         assert_eq!(v("deleted"), "1", "{}", t());
         assert_eq!(v("guest-done"), "yes", "{}", t());
         assert_eq!(v("hotplug-errors"), "0", "{}", t());
+        assert_eq!(v("vfiomsix.exit-code"), "0", "{}", t());
         assert_eq!(v("l1-driver-after"), "vfio-pci", "{}", t());
     });
 }
@@ -734,6 +736,7 @@ fn a_passed_through_disk_interrupts_a_guest_without_msi_through_intx() {
         assert_eq!(v("round1-size"), "32768", "{}", t());
         assert_eq!(v("round1-marker"), "citadel-lab-hotplug-marker!", "{}", t());
         assert_eq!(v("mkfs"), "0", "{}", t());
+        assert_eq!(v("mount"), "0", "{}", t());
         assert_eq!(v("file-write"), "0", "{}", t());
         assert_eq!(v("round1-msix-vectors"), "0", "{}", t());
         assert_eq!(v("round1-intx-chip"), "IO-APIC", "{}", t());
@@ -929,7 +932,12 @@ fn linux_on_q35_moves_data_through_a_pci_nic_hot_plugged_into_a_root_port() {
         // Killed while the guest's bytes were on their way to L1, the backend was replaced by
         // another on the same tap: the interface the launcher created (index, MAC, L1's
         // address) outlived it.
-        assert_eq!(v("killed-mid-transfer"), "yes", "{}", t());
+        let at_kill: u64 = v("rx-at-kill").parse().unwrap_or(0);
+        assert!(
+            at_kill > 0 && at_kill < 4 << 20,
+            "L1 had {at_kill} bytes when the backend was killed\n{}",
+            t()
+        );
         assert_eq!(v("backend-restarted"), "yes", "{}", t());
         assert_eq!(v("takeovers"), "1", "{}", t());
         assert_eq!(v("tap-kept"), "yes", "{}", t());
@@ -1333,6 +1341,8 @@ fn a_q35_linux_pinging_through_a_pci_nic_carries_on_in_a_vm_restored_from_its_sn
         let v = |key| value(outcome, key);
         assert_eq!(v("answered-before"), "yes", "{}", t());
         assert_eq!(v("migrate"), "ok", "{}", t());
+        assert_eq!(v("stop-event"), "yes", "{}", t());
+        assert_eq!(v("status"), "completed", "{}", t());
         assert_eq!(v("nicsnap.exit-code"), "0", "{}", t());
         // The restored guest's first whole line is its next ping (or the one whose line the
         // snapshot cut short): its count carried on, through its new backend, with no boot.
@@ -1343,7 +1353,12 @@ fn a_q35_linux_pinging_through_a_pci_nic_carries_on_in_a_vm_restored_from_its_sn
             "carried on at {first} after {last}\n{}",
             t()
         );
-        assert_eq!(v("answered-after"), "3", "{}", t());
+        let answered: u32 = v("answered-after").parse().unwrap_or(0);
+        assert!(
+            answered >= 3,
+            "{answered} pings answered after the restore\n{}",
+            t()
+        );
         assert_eq!(v("boots"), "0", "{}", t());
         assert_eq!(v("backends"), "1", "{}", t());
         assert_eq!(v("nicsnap-restored.exit-code"), "0", "{}", t());

@@ -228,7 +228,7 @@ pub struct Machine {
     entry: EntryPoint,
     chips: ChipState,
     /// A restored q35 machine's PCI segment, put back once its cards are plugged.
-    pending_pci: std::sync::Mutex<Option<PciSnapshot>>,
+    pending_pci: Option<PciSnapshot>,
 }
 
 /// The in-kernel PICs, IOAPIC and PIT as they were when the machine was built.
@@ -415,7 +415,7 @@ impl Machine {
             boot_files,
             entry,
             chips,
-            pending_pci: std::sync::Mutex::new(restored.and_then(|state| state.pci)),
+            pending_pci: restored.and_then(|state| state.pci),
         })
     }
 
@@ -593,13 +593,8 @@ impl Machine {
     /// Puts a restored q35 machine's PCI segment back, once the command line's cards are
     /// plugged (they are, when the snapshot was checked against it) and before its vCPUs
     /// first run; nothing for any other machine.
-    pub fn restore_pci(&self) -> Result<(), MachineError> {
-        let saved = self
-            .pending_pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match (saved, self.virtio.pci()) {
+    pub fn restore_pci(&mut self) -> Result<(), MachineError> {
+        match (self.pending_pci.take(), self.virtio.pci()) {
             (Some(saved), Some(pci)) => pci.restore(&saved).map_err(MachineError::SnapshotRefused),
             (Some(_), None) => Err(MachineError::SnapshotRefused(
                 "the snapshot has a PCI segment, the machine none".into(),

@@ -348,7 +348,7 @@ fn build_and_run(
             }),
             disks,
         };
-        let machine = Machine::create(&spec, wiring)?;
+        let mut machine = Machine::create(&spec, wiring)?;
         hotplug.cold_plug(machine.virtio(), &config.blk_devices, &config.nic_devices)?;
         hotplug.cold_plug_pci(machine.virtio(), &config.pci_devices)?;
         machine.restore_pci()?;

@@ -40,10 +40,18 @@ MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 nic-pings $port \
 configure_tap
 if wait_pings $vm -1 3; then
 	result answered-before yes
-	qmp $vm "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"file:$dir\"}}" >/tmp/$vm.migrate
+	qmp $vm "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"file:$dir\"}}" \
+		'{"execute":"query-migrate"}' >/tmp/$vm.migrate
+	grep -q '"event":"STOP"' /tmp/$vm.migrate && result stop-event yes
 	grep -q '"return":{}' /tmp/$vm.migrate && result migrate ok
+	result status "$(grep -o '"status":"[a-z-]*"' /tmp/$vm.migrate | tail -n1 | cut -d'"' -f4)"
 fi
 stop_guest $vm
+# The first VM's tap goes with its netdev; the restored VM's launcher makes another.
+for i in $(seq 100); do
+	[ -d /sys/class/net/tap0 ] || break
+	usleep 100000
+done
 last=$(sed -n 's/^guest: ping \([0-9]*\) rc=.*$/\1/p' /tmp/$vm.log | tail -n1)
 result last-ping "$last"
 
@@ -57,7 +65,7 @@ configure_tap
 if [ -n "$last" ] && wait_pings $vm "$last" 3; then
 	result answered-after-restore-ms $(($(now_ms) - start))
 	result first-ping "$(sed -n 's/^guest: ping \([0-9]*\) rc=.*$/\1/p' /tmp/$vm.log | head -n1)"
-	result answered-after 3
+	result answered-after "$(pings_after $vm "$last")"
 fi
 result boots "$(l2_count $vm 'guest: user space up')"
 result backends "$(pidof citadel-net | wc -w)"

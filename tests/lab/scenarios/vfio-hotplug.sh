@@ -14,18 +14,10 @@ edu=$(l1_function 0x1234:0x11e8)
 result edu-address "$edu"
 [ -n "$edu" ] || exit 1
 group=$(basename "$(readlink /sys/bus/pci/devices/$edu/iommu_group)")
-# l1_driver: the driver the edu is bound to in L1.
-l1_driver() {
-	basename "$(readlink /sys/bus/pci/devices/$edu/driver)"
-}
 # group_users [GROUP]: how many open files of all processes are VFIO group GROUP (the edu's
 # when not given).
 group_users() {
 	ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c " -> /dev/vfio/${1:-$group}\$"
-}
-# desc FILE: the desc of the error reply in a citadel-qmp transcript.
-desc() {
-	grep -o '"desc":"[^"]*"' "$1" | tail -n1 | sed 's/^"desc":"//; s/"$//'
 }
 # edu_add ARGUMENTS FILE: device_add of vfio-pci with the JSON members ARGUMENTS.
 edu_add() {
@@ -33,26 +25,26 @@ edu_add() {
 	cat "$2"
 }
 
-result l1-driver "$(l1_driver)"
+result l1-driver "$(l1_driver $edu)"
 MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 "vfio-edu lab.rounds=$rounds" \
 	-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1 \
 	-device pcie-root-port,id=pcie.2,port=0x2,bus=pcie.0,addr=0x2
 if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 	edu_add '"bus":"pcie.1","addr":"0x0","host":"0000:00:1f.7"' /tmp/$vm.err1
-	result err-unknown-host "$(desc /tmp/$vm.err1)"
+	result err-unknown-host "$(qmp_desc /tmp/$vm.err1)"
 	edu_add '"bus":"pcie.1","addr":"0x0","host":"0000:00:00.0"' /tmp/$vm.err2
-	result err-not-vfio "$(desc /tmp/$vm.err2)"
+	result err-not-vfio "$(qmp_desc /tmp/$vm.err2)"
 	# Function 0 of L1's two-function virtio-rng device is vfio-pci's, its sibling in the
 	# same IOMMU group is not.
 	shared=$(l1_function 0x1af4:0x1044)
 	edu_add '"bus":"pcie.1","addr":"0x0","host":"'$shared'"' /tmp/$vm.err8
-	result err-not-viable "$(desc /tmp/$vm.err8)"
+	result err-not-viable "$(qmp_desc /tmp/$vm.err8)"
 	shared_group=$(basename "$(readlink /sys/bus/pci/devices/$shared/iommu_group)")
 	result shared-group-users "$(group_users $shared_group)"
 	edu_add '"bus":"pcie.1","addr":"0x1","host":"'$edu'"' /tmp/$vm.err3
-	result err-addr "$(desc /tmp/$vm.err3)"
+	result err-addr "$(qmp_desc /tmp/$vm.err3)"
 	edu_add '"bus":"pcie.0","addr":"0x0","host":"'$edu'"' /tmp/$vm.err4
-	result err-bus "$(desc /tmp/$vm.err4)"
+	result err-bus "$(qmp_desc /tmp/$vm.err4)"
 	result group-users-refused "$(group_users)"
 
 	added=0 deleted=0 after=
@@ -61,7 +53,7 @@ if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 		edu_add '"bus":"pcie.1","addr":"0x0","host":"'$edu'"' /tmp/$vm.add.$r
 		# The first `"return":{}` answers qmp_capabilities.
 		if [ "$(sed '1,/"return":{}/d' /tmp/$vm.add.$r | grep -c '"return":{}')" != 1 ]; then
-			result round$r-add-error "$(desc /tmp/$vm.add.$r)"
+			result round$r-add-error "$(qmp_desc /tmp/$vm.add.$r)"
 			break
 		fi
 		added=$((added + 1))
@@ -70,12 +62,12 @@ if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 		if [ $r = 1 ]; then
 			# While plugged: its slot is occupied, and the function cannot go in twice.
 			qmp $vm '{"execute":"device_add","arguments":{"driver":"vfio-pci","id":"edu1","bus":"pcie.1","addr":"0x0","host":"'$edu'"}}' >/tmp/$vm.err5
-			result err-occupied "$(desc /tmp/$vm.err5)"
+			result err-occupied "$(qmp_desc /tmp/$vm.err5)"
 			qmp $vm '{"execute":"device_add","arguments":{"driver":"vfio-pci","id":"edu1","bus":"pcie.2","addr":"0x0","host":"'$edu'"}}' >/tmp/$vm.err6
-			result err-twice "$(desc /tmp/$vm.err6)"
+			result err-twice "$(qmp_desc /tmp/$vm.err6)"
 			# A passed-through function's state is the hardware's: no snapshot while it is in.
 			qmp $vm '{"execute":"migrate","arguments":{"uri":"file:/tmp/vfio-snap"}}' >/tmp/$vm.err7
-			result err-migrate "$(desc /tmp/$vm.err7)"
+			result err-migrate "$(qmp_desc /tmp/$vm.err7)"
 			result snapshot-written "$([ -e /tmp/vfio-snap/state ] && echo yes || echo no)"
 		fi
 		# device_del answers at once; the event follows once the guest let the device go.
@@ -87,7 +79,7 @@ if l2_wait $vm "guest: vfio-edu waiting 1" 90; then
 			result del-data "$(grep -F DEVICE_DELETED /tmp/$vm.del.1 | grep -o '"data":{[^}]*}')"
 		fi
 		grep -q DEVICE_DELETED /tmp/$vm.del.$r && deleted=$((deleted + 1))
-		after="$after $(l1_driver)"
+		after="$after $(l1_driver $edu)"
 		l2_wait $vm "guest: round$r-after=" 60 || break
 		r=$((r + 1))
 	done

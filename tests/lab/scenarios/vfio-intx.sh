@@ -18,4 +18,4 @@ if l2_wait $vm "guest: pci-hotplug unplug-ready 1" 120; then
 	done
 fi
 stop_guest $vm
-result l1-driver-after "$(basename "$(readlink /sys/bus/pci/devices/$disk/driver)")"
+result l1-driver-after "$(l1_driver $disk)"

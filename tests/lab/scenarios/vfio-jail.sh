@@ -31,7 +31,7 @@ if l2_wait vfio-closed "guest: vfio-edu waiting 1" 90; then
 	citadel-qmp --tag "qmp vfio-closed" /srv/jailer/citadel/vfio-closed/root/qmp.sock "$add" "$quit" \
 		>/tmp/vfio-closed.qmp
 	cat /tmp/vfio-closed.qmp
-	result closed-refused "$(grep -o '"desc":"[^"]*"' /tmp/vfio-closed.qmp | head -n1)"
+	result closed-refused "$(qmp_desc /tmp/vfio-closed.qmp)"
 fi
 exited "$L2_PID" 10 || kill -9 "$L2_PID"
 
@@ -55,4 +55,4 @@ if l2_wait vfio-open "guest: vfio-edu waiting 1" 90; then
 	citadel-qmp --tag "qmp vfio-open" /srv/jailer/citadel/vfio-open/root/qmp.sock "$quit" >/dev/null
 	exited "$pid" 10 && result exited yes
 fi
-result l1-driver-after "$(basename "$(readlink /sys/bus/pci/devices/$edu/driver)")"
+result l1-driver-after "$(l1_driver $edu)"

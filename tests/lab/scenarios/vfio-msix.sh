@@ -9,7 +9,7 @@ vm=vfiomsix
 disk=$(l1_function 0x1af4:0x1042)
 result disk-address "$disk"
 [ -n "$disk" ] || exit 1
-result l1-driver "$(basename "$(readlink /sys/bus/pci/devices/$disk/driver)")"
+result l1-driver "$(l1_driver $disk)"
 MACHINE=q35 boot_guest $vm $GUEST/vmlinux 1 256 "pci-hotplug lab.rounds=1" \
 	-device pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x1
 if l2_wait $vm "guest: pci-hotplug waiting 1" 90; then
@@ -30,5 +30,5 @@ if l2_wait $vm "guest: pci-hotplug waiting 1" 90; then
 		l2_wait $vm "guest: hotplug-errors=" 30 && result hotplug-errors "$(l2_value $vm hotplug-errors)"
 	fi
 fi
-result l1-driver-after "$(basename "$(readlink /sys/bus/pci/devices/$disk/driver)")"
+result l1-driver-after "$(l1_driver $disk)"
 stop_guest $vm

@@ -207,8 +207,9 @@ impl DeviceFile {
             .checked_add(data.len() as u64)
             .is_some_and(|end| end <= region.size);
         if inside {
+            // The guest drives these writes, as often as it likes: not worth a warning each.
             if let Err(e) = self.file.write_all_at(data, region.offset + offset) {
-                log::warn!("vfio-pci: writing region {index} at {offset:#x}: {e}");
+                log::debug!("vfio-pci: writing region {index} at {offset:#x}: {e}");
             }
         }
     }
@@ -974,7 +975,8 @@ impl VfioPciCard {
         });
         match self.wiring.mmio.insert(base, placed.size, placed.clone()) {
             Ok(()) => self.bars[index].placed = Some(placed),
-            Err(e) => log::warn!(
+            // Where a BAR goes is the guest's choice, made as often as it likes.
+            Err(e) => log::debug!(
                 "vfio-pci {}: BAR {index} cannot be placed at {base:#x}: {e}",
                 self.host
             ),

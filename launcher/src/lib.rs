@@ -44,12 +44,8 @@ pub struct VfioHandle {
     pub container: OwnedFd,
     /// The VFIO device.
     pub device: OwnedFd,
-    /// Its BARs, expansion ROM and configuration space.
-    pub regions: Vec<protocol::VfioRegion>,
-    /// MSI vectors it has.
-    pub msi_vectors: u32,
-    /// MSI-X vectors it has.
-    pub msix_vectors: u32,
+    /// Its regions and interrupt counts.
+    pub info: protocol::VfioInfo,
 }
 
 /// What the launcher may start and how it confines itself.
@@ -345,26 +341,14 @@ impl Launcher {
             host: host.to_string(),
         };
         match self.call(&request, &[])? {
-            (
-                Reply::VfioOpened {
-                    regions,
-                    msi_vectors,
-                    msix_vectors,
-                },
-                fds,
-            ) if fds.len() == 2 => {
-                let mut fds = fds.into_iter();
-                match (fds.next(), fds.next()) {
-                    (Some(container), Some(device)) => Ok(VfioHandle {
-                        container,
-                        device,
-                        regions,
-                        msi_vectors,
-                        msix_vectors,
-                    }),
-                    _ => Err(LauncherError::Protocol("open-vfio: descriptors".into())),
-                }
-            }
+            (Reply::VfioOpened(info), fds) => match <[OwnedFd; 2]>::try_from(fds) {
+                Ok([container, device]) => Ok(VfioHandle {
+                    container,
+                    device,
+                    info,
+                }),
+                Err(_) => Err(LauncherError::Protocol("open-vfio: descriptors".into())),
+            },
             (other, _) => Err(unexpected(other)),
         }
     }

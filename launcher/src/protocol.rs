@@ -43,6 +43,18 @@ pub struct VfioRegion {
     pub offset: u64,
 }
 
+/// What the VMM is told of a function opened for passthrough.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VfioInfo {
+    /// Its BARs (indexes 0 to 5), expansion ROM (6) and configuration space (7).
+    pub regions: Vec<VfioRegion>,
+    /// MSI vectors it has.
+    pub msi_vectors: u32,
+    /// MSI-X vectors it has.
+    pub msix_vectors: u32,
+}
+
 /// A request from the VMM.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
@@ -138,14 +150,7 @@ pub enum Reply {
     SnapshotRemoved,
     /// The function is open for passthrough; the container's and the device's descriptors
     /// come along, in that order.
-    VfioOpened {
-        /// Its BARs (indexes 0 to 5), expansion ROM (6) and configuration space (7).
-        regions: Vec<VfioRegion>,
-        /// MSI vectors it has.
-        msi_vectors: u32,
-        /// MSI-X vectors it has.
-        msix_vectors: u32,
-    },
+    VfioOpened(VfioInfo),
     /// The function is released.
     VfioClosed,
     /// The tap queue asked for is attached; it comes along.

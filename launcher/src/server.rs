@@ -277,12 +277,7 @@ impl Server<'_> {
                     ));
                 }
                 let opened = self.vfio.open(&host)?;
-                let reply = Reply::VfioOpened {
-                    regions: opened.regions,
-                    msi_vectors: opened.msi_vectors,
-                    msix_vectors: opened.msix_vectors,
-                };
-                Ok((reply, opened.fds))
+                Ok((Reply::VfioOpened(opened.info), opened.fds))
             }
             Request::CloseVfio { host } => {
                 if !fds.is_empty() {

@@ -19,7 +19,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
 
 use citadel_pci::address::host_function;
 
-use crate::protocol::{VfioRegion, MAX_VFIO_DEVICES};
+use crate::protocol::{VfioInfo, VfioRegion, MAX_VFIO_DEVICES};
 
 /// Where the kernel lists PCI functions.
 const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
@@ -75,12 +75,8 @@ pub enum VfioOpenError {
 pub(crate) struct Opened {
     /// The container (for DMA mappings) and the device, in that order.
     pub fds: Vec<OwnedFd>,
-    /// Its BARs and configuration space.
-    pub regions: Vec<VfioRegion>,
-    /// MSI vectors it has.
-    pub msi_vectors: u32,
-    /// MSI-X vectors it has.
-    pub msix_vectors: u32,
+    /// Its regions and interrupt counts.
+    pub info: VfioInfo,
 }
 
 /// The functions passed through, by canonical address.
@@ -138,9 +134,11 @@ impl VfioDevices {
         let fds = vec![dup(container.as_raw_fd())?, dup(device.as_raw_fd())?];
         let opened = Opened {
             fds,
-            regions,
-            msi_vectors: vectors(VFIO_PCI_MSI_IRQ_INDEX),
-            msix_vectors: vectors(VFIO_PCI_MSIX_IRQ_INDEX),
+            info: VfioInfo {
+                regions,
+                msi_vectors: vectors(VFIO_PCI_MSI_IRQ_INDEX),
+                msix_vectors: vectors(VFIO_PCI_MSIX_IRQ_INDEX),
+            },
         };
         log::info!("launcher: {host} opened for passthrough");
         self.open.insert(host, device);

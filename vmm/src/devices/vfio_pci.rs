@@ -727,7 +727,7 @@ impl VfioPciCard {
     ) -> Result<Self, VfioCardError> {
         let file = Arc::new(DeviceFile {
             file: handle.device.into(),
-            regions: handle.regions,
+            regions: handle.info.regions,
         });
         let config = file
             .region(VFIO_PCI_CONFIG_REGION_INDEX)
@@ -752,8 +752,8 @@ impl VfioPciCard {
                 // VFIO's interrupt counts are what the host can deliver: a capability it
                 // cannot back is unlinked.
                 MSI_CAPABILITY | msix::CAPABILITY_ID
-                    if (id == MSI_CAPABILITY && handle.msi_vectors == 0)
-                        || (id == msix::CAPABILITY_ID && handle.msix_vectors == 0) =>
+                    if (id == MSI_CAPABILITY && handle.info.msi_vectors == 0)
+                        || (id == msix::CAPABILITY_ID && handle.info.msix_vectors == 0) =>
                 {
                     log::warn!("vfio-pci {host}: the host offers no vector for capability {id:#x}; not offered");
                     continue;
@@ -773,7 +773,7 @@ impl VfioPciCard {
                     });
                 }
                 msix::CAPABILITY_ID if msix.is_none() => {
-                    match Msix::parse(&shadow, at, &bars, &routes, handle.msix_vectors) {
+                    match Msix::parse(&shadow, at, &bars, &routes, handle.info.msix_vectors) {
                         Ok(parsed) => {
                             // Disabled and not masked, as after a reset.
                             shadow[at + 3] &=
@@ -1466,6 +1466,7 @@ mod tests {
 
     use super::*;
     use crate::devices::msi_routes::fake::FakeRouting;
+    use citadel_launcher::protocol::VfioInfo;
 
     /// Where the fake device file keeps BAR 0.
     const BAR0_AT: u64 = 0x10000;
@@ -1513,22 +1514,24 @@ mod tests {
         let handle = VfioHandle {
             container,
             device,
-            regions: vec![
-                VfioRegion {
-                    index: 0,
-                    flags: rw,
-                    size: 0x1000,
-                    offset: BAR0_AT,
-                },
-                VfioRegion {
-                    index: VFIO_PCI_CONFIG_REGION_INDEX,
-                    flags: rw,
-                    size: CONFIG_LEN as u64,
-                    offset: 0,
-                },
-            ],
-            msi_vectors: 1,
-            msix_vectors,
+            info: VfioInfo {
+                regions: vec![
+                    VfioRegion {
+                        index: 0,
+                        flags: rw,
+                        size: 0x1000,
+                        offset: BAR0_AT,
+                    },
+                    VfioRegion {
+                        index: VFIO_PCI_CONFIG_REGION_INDEX,
+                        flags: rw,
+                        size: CONFIG_LEN as u64,
+                        offset: 0,
+                    },
+                ],
+                msi_vectors: 1,
+                msix_vectors,
+            },
         };
         let mmio = Arc::new(MmioBus::new());
         let wiring = Arc::new(PassthroughWiring::new(mmio.clone(), vm));

@@ -13,6 +13,24 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::interrupt::TransportInterrupt;
+use super::virtio_mmio::{VirtioDevice, VirtioMmioTransport};
+
+/// A device whose backend can be replaced when it hangs up, or given up on: a disk or NIC
+/// slot, or the PCI card built on one.
+pub trait Replaceable: VirtioDevice {
+    /// The frontend of one backend.
+    type Backend;
+    /// The socket `backend` is reached through.
+    fn socket_of(backend: &Self::Backend) -> RawFd;
+    /// The socket of the backend serving the device now, if one does.
+    fn backend_socket(&self) -> Option<RawFd>;
+    /// Hands the device to `backend`; on a refusal the old one stays.
+    fn replace(&mut self, backend: Self::Backend) -> Result<(), String>;
+    /// Gives up on the device's backend.
+    fn fail(&mut self);
+}
+
 /// The epoll set of the backend sockets of plugged slots, each under its slot's token. Only
 /// the event loop changes it (plug, unplug and restart run there).
 #[derive(Debug)]
@@ -55,6 +73,38 @@ impl BackendHangups {
                 log::warn!("slot {token:#x}: unwatching its backend's socket: {e}");
             }
         }
+    }
+
+    /// Replaces the backend of the device in `transport`, watched under `token`, with
+    /// `backend`; the watch moves to the new socket.
+    pub fn replace<D: Replaceable, I: TransportInterrupt>(
+        &self,
+        token: u64,
+        transport: &VirtioMmioTransport<D, I>,
+        backend: D::Backend,
+    ) -> Result<(), String> {
+        let new_socket = D::socket_of(&backend);
+        // Unwatched while it is still open: a successful replacement closes it.
+        if let Some(old) = transport.with_device(|d| d.backend_socket()) {
+            self.unwatch(token, old);
+        }
+        transport.with_device(|d| d.replace(backend))?;
+        self.watch(token, new_socket);
+        Ok(())
+    }
+
+    /// Gives up on the backend of the device in `transport`, watched under `token`: the
+    /// device fails (see [`VirtioMmioTransport::fail_device`]) and its socket is no longer
+    /// watched.
+    pub fn fail<D: Replaceable, I: TransportInterrupt>(
+        &self,
+        token: u64,
+        transport: &VirtioMmioTransport<D, I>,
+    ) {
+        if let Some(socket) = transport.with_device(|d| d.backend_socket()) {
+            self.unwatch(token, socket);
+        }
+        transport.fail_device(D::fail);
     }
 
     /// The tokens of the slots whose backend hung up. A hang-up is reported until its socket

@@ -25,6 +25,7 @@
 //! `device_del` to take out, the slot answers every request with an I/O error from the used
 //! index on, and the caller tells the driver the device needs a reset.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -36,6 +37,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::backend_hangups::Replaceable;
 use super::slot_ring::{
     answer_chains, empty_ring, restart_index, start_index, used_index, KickWatch, SlotKicks,
 };
@@ -572,6 +574,26 @@ impl VirtioDevice for BlkSlot {
         }
         self.running = None;
         self.quiesced = false;
+    }
+}
+
+impl Replaceable for BlkSlot {
+    type Backend = VhostUserBlk;
+
+    fn socket_of(disk: &VhostUserBlk) -> RawFd {
+        disk.socket()
+    }
+
+    fn backend_socket(&self) -> Option<RawFd> {
+        self.disk().map(|plugged| plugged.disk.socket())
+    }
+
+    fn replace(&mut self, disk: VhostUserBlk) -> Result<(), String> {
+        self.replace_backend(disk)
+    }
+
+    fn fail(&mut self) {
+        self.fail_backend();
     }
 }
 

@@ -491,32 +491,17 @@ impl DeviceManager {
     /// [`NetSlot::replace_backend`]); the slot's hang-up watch moves to the new socket.
     pub fn replace_nic_backend(&self, addr: u64, conn: VhostUserConnection) -> Result<(), String> {
         let slot = self.nic_slot(addr)?;
-        let new_socket = conn.socket();
-        let old_socket = slot
-            .transport
-            .with_device(|s| s.nic().map(|n| n.conn.socket()));
-        if let Some(old) = old_socket {
-            self.hangups.unwatch(NIC_TOKEN | addr, old);
-        }
-        slot.transport.with_device(|s| s.replace_backend(conn))?;
-        self.hangups.watch(NIC_TOKEN | addr, new_socket);
-        Ok(())
+        self.hangups
+            .replace(NIC_TOKEN | addr, &slot.transport, conn)
     }
 
     /// Gives up on the backend of the NIC in NIC slot `addr`: its link goes down, the slot
     /// drops what the guest sends, and the driver is told the device needs a reset (see
     /// [`NetSlot::fail_backend`]).
     pub fn fail_nic_backend(&self, addr: u64) {
-        let Ok(slot) = self.nic_slot(addr) else {
-            return;
-        };
-        let socket = slot
-            .transport
-            .with_device(|s| s.nic().map(|n| n.conn.socket()));
-        if let Some(socket) = socket {
-            self.hangups.unwatch(NIC_TOKEN | addr, socket);
+        if let Ok(slot) = self.nic_slot(addr) {
+            self.hangups.fail(NIC_TOKEN | addr, &slot.transport);
         }
-        slot.transport.fail_device(NetSlot::fail_backend);
     }
 
     fn nic_slot(&self, addr: u64) -> Result<&NicSlot, String> {
@@ -530,33 +515,16 @@ impl DeviceManager {
     /// [`BlkSlot::replace_backend`]); the slot's hang-up watch moves to the new socket.
     pub fn replace_disk_backend(&self, addr: u64, disk: VhostUserBlk) -> Result<(), String> {
         let slot = self.disk_slot(addr)?;
-        let new_socket = disk.socket();
-        let old_socket = slot
-            .transport
-            .with_device(|s| s.disk().map(|d| d.disk.socket()));
-        // Unwatched while it is still open: a successful replacement closes it.
-        if let Some(old) = old_socket {
-            self.hangups.unwatch(addr, old);
-        }
-        slot.transport.with_device(|s| s.replace_backend(disk))?;
-        self.hangups.watch(addr, new_socket);
-        Ok(())
+        self.hangups.replace(addr, &slot.transport, disk)
     }
 
     /// Gives up on the backend of the disk in slot `addr`: the slot answers the driver's
     /// requests with I/O errors, and the driver is told the device needs a reset (see
     /// [`BlkSlot::fail_backend`]).
     pub fn fail_disk_backend(&self, addr: u64) {
-        let Ok(slot) = self.disk_slot(addr) else {
-            return;
-        };
-        let socket = slot
-            .transport
-            .with_device(|s| s.disk().map(|d| d.disk.socket()));
-        if let Some(socket) = socket {
-            self.hangups.unwatch(addr, socket);
+        if let Ok(slot) = self.disk_slot(addr) {
+            self.hangups.fail(addr, &slot.transport);
         }
-        slot.transport.fail_device(BlkSlot::fail_backend);
     }
 
     fn disk_slot(&self, addr: u64) -> Result<&DiskSlot, String> {

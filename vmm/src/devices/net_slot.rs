@@ -17,6 +17,7 @@
 //! and drops them (the event loop learns of TX kicks through [`SlotKicks`]), so the driver's
 //! TX ring never fills up; the RX ring is left as the driver filled it, for the next backend.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -30,6 +31,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::backend_hangups::Replaceable;
 use super::slot_ring::{
     answer_chains, empty_ring, restart_index, start_index, used_index, KickWatch, SlotKicks,
 };
@@ -510,6 +512,26 @@ impl VirtioDevice for NetSlot {
         }
         self.running = None;
         self.quiesced = None;
+    }
+}
+
+impl Replaceable for NetSlot {
+    type Backend = VhostUserConnection;
+
+    fn socket_of(conn: &VhostUserConnection) -> RawFd {
+        conn.socket()
+    }
+
+    fn backend_socket(&self) -> Option<RawFd> {
+        self.nic().map(|nic| nic.conn.socket())
+    }
+
+    fn replace(&mut self, conn: VhostUserConnection) -> Result<(), String> {
+        self.replace_backend(conn)
+    }
+
+    fn fail(&mut self) {
+        self.fail_backend();
     }
 }
 

@@ -485,64 +485,42 @@ impl PciDevices {
     /// Replaces the backend of the NIC card in root port `bus` with `conn` (see
     /// [`NetSlot::replace_backend`]); the hang-up watch moves to the new socket.
     pub fn replace_nic_backend(&self, bus: &str, conn: VhostUserConnection) -> Result<(), String> {
-        let token = card_token(self.port_index(bus));
-        let new_socket = conn.socket();
-        let cards = self.cards_lock();
-        let Some(PluggedCard::Nic(card)) = cards.get(bus) else {
-            return Err(format!("no NIC card in {bus}"));
-        };
-        if let Some(old) = card.with_device(|s| s.nic().map(|n| n.conn.socket())) {
-            self.hangups.unwatch(token, old);
+        match self.cards_lock().get(bus) {
+            Some(PluggedCard::Nic(card)) => {
+                self.hangups
+                    .replace(self.token_of(bus), card.transport(), conn)
+            }
+            _ => Err(format!("no NIC card in {bus}")),
         }
-        card.with_device(|s| s.replace_backend(conn))?;
-        self.hangups.watch(token, new_socket);
-        Ok(())
     }
 
     /// Gives up on the backend of the NIC card in root port `bus`: its link goes down and the
     /// driver is told the device needs a reset (see [`NetSlot::fail_backend`]).
     pub fn fail_nic_backend(&self, bus: &str) {
-        let token = card_token(self.port_index(bus));
-        let cards = self.cards_lock();
-        let Some(PluggedCard::Nic(card)) = cards.get(bus) else {
-            return;
-        };
-        if let Some(socket) = card.with_device(|s| s.nic().map(|n| n.conn.socket())) {
-            self.hangups.unwatch(token, socket);
+        if let Some(PluggedCard::Nic(card)) = self.cards_lock().get(bus) {
+            self.hangups.fail(self.token_of(bus), card.transport());
         }
-        card.fail_device(NetSlot::fail_backend);
     }
 
     /// Replaces the backend of the disk card in root port `bus` with `disk` (see
     /// [`BlkSlot::replace_backend`]); the hang-up watch moves to the new socket.
     pub fn replace_disk_backend(&self, bus: &str, disk: VhostUserBlk) -> Result<(), String> {
-        let token = card_token(self.port_index(bus));
-        let new_socket = disk.socket();
-        let cards = self.cards_lock();
-        let Some(PluggedCard::Disk(card)) = cards.get(bus) else {
-            return Err(format!("no disk card in {bus}"));
-        };
-        if let Some(old) = card.with_device(|s| s.disk().map(|d| d.disk.socket())) {
-            self.hangups.unwatch(token, old);
+        match self.cards_lock().get(bus) {
+            Some(PluggedCard::Disk(card)) => {
+                self.hangups
+                    .replace(self.token_of(bus), card.transport(), disk)
+            }
+            _ => Err(format!("no disk card in {bus}")),
         }
-        card.with_device(|s| s.replace_backend(disk))?;
-        self.hangups.watch(token, new_socket);
-        Ok(())
     }
 
     /// Gives up on the backend of the disk card in root port `bus`: the card answers the
     /// driver's requests with I/O errors and the driver is told the device needs a reset (see
     /// [`BlkSlot::fail_backend`]).
     pub fn fail_disk_backend(&self, bus: &str) {
-        let token = card_token(self.port_index(bus));
-        let cards = self.cards_lock();
-        let Some(PluggedCard::Disk(card)) = cards.get(bus) else {
-            return;
-        };
-        if let Some(socket) = card.with_device(|s| s.disk().map(|d| d.disk.socket())) {
-            self.hangups.unwatch(token, socket);
+        if let Some(PluggedCard::Disk(card)) = self.cards_lock().get(bus) {
+            self.hangups.fail(self.token_of(bus), card.transport());
         }
-        card.fail_device(BlkSlot::fail_backend);
     }
 
     /// Refuses a snapshot while a host function is passed through: a root port holds a card
@@ -631,25 +609,20 @@ impl PciDevices {
     /// refusal the caller starts those stopped so far again
     /// ([`PciDevices::unquiesce_backends`]).
     pub fn quiesce_backends(&self) -> Result<(), String> {
-        let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
-        for bus in buses {
-            let stopped = match self.cards_lock().get(&bus) {
-                Some(PluggedCard::Disk(card)) => card.with_device(BlkSlot::quiesce).map_err(|e| {
-                    let fail: Option<fn(&Self, &str)> =
-                        matches!(e, QuiesceError::Failed(_)).then_some(Self::fail_disk_backend);
-                    (fail, e.to_string())
+        for (bus, card) in self.cards_lock().iter() {
+            let token = self.token_of(bus);
+            let stopped = match card {
+                PluggedCard::Disk(card) => card.with_device(BlkSlot::quiesce).map_err(|e| {
+                    if matches!(e, QuiesceError::Failed(_)) {
+                        self.hangups.fail(token, card.transport());
+                    }
+                    e.to_string()
                 }),
-                Some(PluggedCard::Nic(card)) => card
-                    .with_device(NetSlot::quiesce)
-                    .map_err(|e| (Some(Self::fail_nic_backend as fn(&Self, &str)), e)),
-                None => Ok(()),
+                PluggedCard::Nic(card) => card.with_device(NetSlot::quiesce).inspect_err(|_| {
+                    self.hangups.fail(token, card.transport());
+                }),
             };
-            if let Err((fail, why)) = stopped {
-                if let Some(fail) = fail {
-                    fail(self, &bus);
-                }
-                return Err(format!("the card in {bus}: {why}"));
-            }
+            stopped.map_err(|why| format!("the card in {bus}: {why}"))?;
         }
         Ok(())
     }
@@ -657,20 +630,18 @@ impl PciDevices {
     /// Starts the backends [`PciDevices::quiesce_backends`] stopped again; one that cannot
     /// start is given up on.
     pub fn unquiesce_backends(&self) {
-        let buses: Vec<String> = self.cards_lock().keys().cloned().collect();
-        for bus in buses {
-            let started = match self.cards_lock().get(&bus) {
-                Some(PluggedCard::Disk(card)) => card
+        for (bus, card) in self.cards_lock().iter() {
+            let token = self.token_of(bus);
+            let started = match card {
+                PluggedCard::Disk(card) => card
                     .with_device(BlkSlot::unquiesce)
-                    .map_err(|e| (Self::fail_disk_backend as fn(&Self, &str), e)),
-                Some(PluggedCard::Nic(card)) => card
+                    .inspect_err(|_| self.hangups.fail(token, card.transport())),
+                PluggedCard::Nic(card) => card
                     .with_device(NetSlot::unquiesce)
-                    .map_err(|e| (Self::fail_nic_backend as fn(&Self, &str), e)),
-                None => Ok(()),
+                    .inspect_err(|_| self.hangups.fail(token, card.transport())),
             };
-            if let Err((fail, e)) = started {
+            if let Err(e) = started {
                 log::warn!("the card in {bus}: {e}; it fails from now on");
-                fail(self, &bus);
             }
         }
     }
@@ -723,6 +694,11 @@ impl PciDevices {
             .map_err(|why| PlugRefused { why, disk: None })?;
         self.hangups.watch(card_token(port), socket);
         Ok(())
+    }
+
+    /// The token root port `bus`'s card reports kicks and hang-ups under.
+    fn token_of(&self, bus: &str) -> u64 {
+        card_token(self.port_index(bus))
     }
 
     /// Root port `bus`'s position among the command line's ports (its cards' token).
@@ -873,7 +849,7 @@ impl PciDevices {
                         let plugged = disk.with_device(BlkSlot::unplug);
                         if let Some(plugged) = &plugged {
                             self.hangups
-                                .unwatch(card_token(self.port_index(&bus)), plugged.disk.socket());
+                                .unwatch(self.token_of(&bus), plugged.disk.socket());
                         }
                         (plugged.map(|p| p.disk), None)
                     }
@@ -881,7 +857,7 @@ impl PciDevices {
                         let plugged = nic.with_device(NetSlot::unplug);
                         if let Some(plugged) = &plugged {
                             self.hangups
-                                .unwatch(card_token(self.port_index(&bus)), plugged.conn.socket());
+                                .unwatch(self.token_of(&bus), plugged.conn.socket());
                         }
                         (None, plugged)
                     }

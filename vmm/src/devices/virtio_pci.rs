@@ -104,6 +104,11 @@ impl<D: VirtioDevice> CardHandle<D> {
         self.0.transport.with_device(f)
     }
 
+    /// The card's transport.
+    pub fn transport(&self) -> &VirtioMmioTransport<D, MsixInterrupt> {
+        &self.0.transport
+    }
+
     /// The transport and MSI-X state, for a snapshot.
     pub fn save(&self) -> (TransportSnapshot, MsixSnapshot) {
         (self.0.transport.save(), self.0.msix().save_table())
@@ -118,11 +123,6 @@ impl<D: VirtioDevice> CardHandle<D> {
     ) -> Result<(), String> {
         self.0.msix().restore_table(msix)?;
         self.0.transport.restore(transport)
-    }
-
-    /// Runs `f` on the device, then tells a started driver the device needs a reset.
-    pub fn fail_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
-        self.0.transport.fail_device(f)
     }
 }
 
